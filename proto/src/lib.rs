@@ -1,0 +1,11 @@
+//! The dagmesh v1 contract, generated from `proto/dagmesh/v1`. The `.proto` files are the source
+//! of truth; this crate only compiles them (plus JSON <-> `Struct` helpers).
+
+pub mod json;
+
+pub mod v1 {
+    tonic::include_proto!("dagmesh.v1");
+}
+
+/// Encoded `FileDescriptorSet` of all dagmesh protos (and their imports), for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dagmesh_descriptor");
