@@ -1,0 +1,1 @@
+//! Server plumbing shared by the dagmesh services: serving, health, reflection, shutdown, telemetry

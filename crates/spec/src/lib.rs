@@ -1,0 +1,1 @@
+//! Workflow specs: parsing, validation and compilation of DAGs, CEL expressions

@@ -1,0 +1,1 @@
+//! Example: a room-scan reconstruction workflow and its workers

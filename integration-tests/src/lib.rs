@@ -1,0 +1,1 @@
+//! End-to-end tests: the mesh over real gRPC sockets

@@ -1,0 +1,1 @@
+//! Rust SDK for dagmesh: step workers and a client for backends

@@ -1,0 +1,1 @@
+//! The dagmesh run-executor: advances runs and dispatches steps to workers

@@ -1,0 +1,1 @@
+//! The dagmesh metadata store: the system of record (sqlx: SQLite or PostgreSQL)
