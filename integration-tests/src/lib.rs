@@ -1,1 +1,389 @@
-//! End-to-end tests: the mesh over real gRPC sockets
+//! The test sandbox: the whole mesh on real sockets, plus helpers to drive it.
+//!
+//! [`Sandbox`] starts store + executor in-process (as `dagmesh up` does) on an ephemeral port
+//! with a short lease, on a SQLite file (or a fresh PostgreSQL database, see [`Database`]).
+//! [`RawWorker`] speaks the worker protocol message by message, for tests that need to send
+//! exactly what a misbehaving worker would; the SDK's `Worker` covers the well-behaved cases.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use dagmesh::mesh::{Mesh, MeshOptions};
+use dagmesh_executor::ExecutorConfig;
+use dagmesh_proto::v1::{
+    self as pb, Run, RunEvent, RunState, ServerMessage, StepSpec, WatchRunRequest,
+    WorkerMessage, WorkflowSpec, run_event, run_service_client::RunServiceClient,
+    server_message, watch_run_response, worker_message,
+    worker_service_client::WorkerServiceClient,
+};
+use dagmesh_sdk::Client;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+/// How long a test waits for something that should happen quickly before it fails.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Test timings: a worker that goes silent is noticed within a second.
+pub fn fast_config() -> ExecutorConfig {
+    ExecutorConfig {
+        lease: Duration::from_millis(1000),
+        heartbeat_interval: Duration::from_millis(200),
+        drain_timeout: Duration::from_secs(5),
+        ..ExecutorConfig::default()
+    }
+}
+
+/// Where a sandbox keeps its data.
+pub enum Database {
+    /// A SQLite file in a temporary directory (kept for the sandbox's life).
+    Sqlite(tempfile::TempDir),
+    /// A database created on the PostgreSQL server of `DAGMESH_TEST_DATABASE_URL`, dropped at
+    /// the end.
+    Postgres { admin_url: String, name: String },
+}
+
+impl Database {
+    pub fn sqlite() -> anyhow::Result<Self> {
+        Ok(Self::Sqlite(tempfile::tempdir()?))
+    }
+
+    /// A fresh PostgreSQL database, or None when `DAGMESH_TEST_DATABASE_URL` is unset outside
+    /// CI. Under CI (env `CI` set) a missing URL is an error: the suite must cover PostgreSQL.
+    pub async fn postgres() -> anyhow::Result<Option<Self>> {
+        let Ok(admin_url) = std::env::var("DAGMESH_TEST_DATABASE_URL") else {
+            if std::env::var_os("CI").is_some() {
+                bail!("DAGMESH_TEST_DATABASE_URL is not set, and CI must test PostgreSQL");
+            }
+            eprintln!("skipping PostgreSQL: DAGMESH_TEST_DATABASE_URL is not set");
+            return Ok(None);
+        };
+        let name = format!("dagmesh_it_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = sqlx_connect(&admin_url).await?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .with_context(|| format!("creating database {name}"))?;
+        Ok(Some(Self::Postgres { admin_url, name }))
+    }
+
+    pub fn url(&self) -> String {
+        match self {
+            Self::Sqlite(dir) => format!("sqlite://{}", dir.path().join("dagmesh.db").display()),
+            Self::Postgres { admin_url, name } => replace_database(admin_url, name),
+        }
+    }
+
+    /// Drops a PostgreSQL database (SQLite directories go with the TempDir).
+    pub async fn cleanup(self) -> anyhow::Result<()> {
+        if let Self::Postgres { admin_url, name } = self {
+            let mut admin = sqlx_connect(&admin_url).await?;
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&mut admin)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+async fn sqlx_connect(url: &str) -> anyhow::Result<sqlx::PgConnection> {
+    use sqlx::Connection as _;
+    sqlx::PgConnection::connect(url)
+        .await
+        .with_context(|| format!("connecting to PostgreSQL at {url}"))
+}
+
+/// `postgres://u@h:p/db?x` with `db` replaced.
+fn replace_database(url: &str, name: &str) -> String {
+    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let authority_end = base.find("://").map_or(0, |i| i + 3);
+    let path_start = base[authority_end..]
+        .find('/')
+        .map_or(base.len(), |i| authority_end + i);
+    let mut out = format!("{}/{name}", &base[..path_start]);
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    out
+}
+
+pub struct Sandbox {
+    pub mesh: Mesh,
+    pub database: Database,
+}
+
+impl Sandbox {
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(Database::sqlite()?, fast_config()).await
+    }
+
+    pub async fn start_with(database: Database, config: ExecutorConfig) -> anyhow::Result<Self> {
+        let mesh = Mesh::start(MeshOptions {
+            listen: "127.0.0.1:0".into(),
+            database_url: database.url(),
+            executor: config,
+        })
+        .await?;
+        Ok(Self { mesh, database })
+    }
+
+    pub fn url(&self) -> String {
+        self.mesh.url()
+    }
+
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        Ok(Client::connect(self.url()).await?)
+    }
+
+    pub async fn channel(&self) -> anyhow::Result<Channel> {
+        channel(&self.url()).await
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.mesh.shutdown().await?;
+        self.database.cleanup().await
+    }
+}
+
+pub async fn channel(url: &str) -> anyhow::Result<Channel> {
+    Ok(tonic::transport::Endpoint::from_shared(url.to_owned())?
+        .connect()
+        .await?)
+}
+
+/// A step running `task` with the given needs and input expressions.
+pub fn step(id: &str, task: &str, needs: &[&str], inputs: &[(&str, &str)]) -> StepSpec {
+    StepSpec {
+        id: id.into(),
+        task: task.into(),
+        needs: needs.iter().map(|s| (*s).to_owned()).collect(),
+        inputs: inputs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        ..StepSpec::default()
+    }
+}
+
+pub fn workflow(name: &str, steps: Vec<StepSpec>) -> WorkflowSpec {
+    WorkflowSpec {
+        name: name.into(),
+        steps,
+        ..WorkflowSpec::default()
+    }
+}
+
+/// Every event of a run from the first, replayed and then followed through WatchRun until the
+/// run ends.
+pub async fn all_events(channel: Channel, run_id: &str) -> anyhow::Result<Vec<RunEvent>> {
+    let mut client = RunServiceClient::new(channel);
+    let request = WatchRunRequest {
+        run_id: run_id.into(),
+        after_seq: Some(0),
+    };
+    let mut stream = tokio::time::timeout(PATIENCE, client.watch_run(request))
+        .await??
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(item) = tokio::time::timeout(PATIENCE, stream.next())
+        .await
+        .context("watch stalled")?
+    {
+        if let Some(watch_run_response::Message::Event(event)) = item?.message {
+            events.push(event);
+        }
+    }
+    Ok(events)
+}
+
+/// The step state changes of `step_id`, in order, as names like "RUNNING".
+pub fn step_states(events: &[RunEvent], step_id: &str) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|event| match &event.event {
+            Some(run_event::Event::StepState(change)) if change.step_id == step_id => Some(
+                change
+                    .state()
+                    .as_str_name()
+                    .trim_start_matches("STEP_STATE_")
+                    .to_owned(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+pub fn assert_succeeded(run: &Run) {
+    assert_eq!(
+        run.state(),
+        RunState::Succeeded,
+        "run {} ended {:?}: {}",
+        run.run_id,
+        run.state(),
+        run.error
+    );
+}
+
+/// A worker driven message by message.
+pub struct RawWorker {
+    pub instance_id: String,
+    tx: mpsc::Sender<WorkerMessage>,
+    rx: tonic::Streaming<ServerMessage>,
+}
+
+impl RawWorker {
+    /// Connects and says Hello; returns the worker and the server's Welcome.
+    pub async fn connect(url: &str, hello: pb::Hello) -> anyhow::Result<(Self, pb::Welcome)> {
+        let mut client = WorkerServiceClient::new(channel(url).await?);
+        let (tx, rx) = mpsc::channel(64);
+        let instance_id = hello.instance_id.clone();
+        tx.send(msg(worker_message::Message::Hello(hello))).await?;
+        let mut rx = client.connect(ReceiverStream::new(rx)).await?.into_inner();
+        let welcome = match next(&mut rx).await? {
+            server_message::Message::Welcome(welcome) => welcome,
+            other => bail!("expected Welcome, got {other:?}"),
+        };
+        Ok((
+            Self {
+                instance_id,
+                tx,
+                rx,
+            },
+            welcome,
+        ))
+    }
+
+    pub fn hello(instance_id: &str, task: &str, version: &str, slots: u32) -> pb::Hello {
+        pb::Hello {
+            worker_name: "raw".into(),
+            instance_id: instance_id.into(),
+            task_types: vec![pb::TaskTypeVersion {
+                name: task.into(),
+                version: version.into(),
+            }],
+            slots,
+            sdk_language: "test".into(),
+            ..pb::Hello::default()
+        }
+    }
+
+    pub async fn send(&self, message: worker_message::Message) -> anyhow::Result<()> {
+        self.tx.send(msg(message)).await?;
+        Ok(())
+    }
+
+    pub async fn next(&mut self) -> anyhow::Result<server_message::Message> {
+        next(&mut self.rx).await
+    }
+
+    /// Waits for the next message and requires it to be an Assign (heartbeating meanwhile).
+    pub async fn expect_assign(&mut self) -> anyhow::Result<pb::Assign> {
+        match self.next().await? {
+            server_message::Message::Assign(assign) => Ok(assign),
+            other => bail!("expected Assign, got {other:?}"),
+        }
+    }
+
+    pub async fn expect_recorded(&mut self) -> anyhow::Result<pb::Recorded> {
+        match self.next().await? {
+            server_message::Message::Recorded(recorded) => Ok(recorded),
+            other => bail!("expected Recorded, got {other:?}"),
+        }
+    }
+
+    pub async fn start(&self, assign: &pb::Assign) -> anyhow::Result<()> {
+        self.send(worker_message::Message::Started(pb::TaskStarted {
+            task_id: assign.task_id.clone(),
+            attempt: assign.attempt,
+        }))
+        .await
+    }
+
+    pub async fn complete(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        outputs: serde_json::Value,
+    ) -> anyhow::Result<()> {
+        self.send(worker_message::Message::Completed(pb::TaskCompleted {
+            task_id: task_id.into(),
+            attempt,
+            outputs: Some(dagmesh_proto::json::to_struct(&outputs)),
+        }))
+        .await
+    }
+
+    pub async fn heartbeat(&self) -> anyhow::Result<()> {
+        self.send(worker_message::Message::Heartbeat(pb::Heartbeat {}))
+            .await
+    }
+
+    /// Ends the stream abruptly, like a crashed worker (no Draining, nothing more).
+    pub fn crash(self) {
+        drop(self);
+    }
+}
+
+fn msg(message: worker_message::Message) -> WorkerMessage {
+    WorkerMessage {
+        message: Some(message),
+    }
+}
+
+async fn next(rx: &mut tonic::Streaming<ServerMessage>) -> anyhow::Result<server_message::Message> {
+    let message = tokio::time::timeout(PATIENCE, rx.message())
+        .await
+        .context("no message from the server in time")??
+        .context("the server closed the stream")?;
+    message.message.context("empty server message")
+}
+
+/// The `dagmesh` binary built next to this test (cargo builds it for `cargo test --workspace`;
+/// built here on demand when a single package is tested).
+pub fn dagmesh_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .context("test binary has no target directory")?;
+    let binary = profile_dir.join("dagmesh");
+    if !binary.exists() {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "-p", "dagmesh", "--bin", "dagmesh"])
+            .status()?;
+        anyhow::ensure!(status.success(), "cargo build of the dagmesh binary failed");
+    }
+    Ok(binary)
+}
+
+/// A free TCP port on 127.0.0.1 (for child processes that must be told their port).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Waits until a server at `url` reports SERVING on grpc.health.v1 (no sleeps for readiness).
+pub async fn wait_healthy(url: &str) -> anyhow::Result<()> {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let attempt = async {
+            let mut client = HealthClient::new(channel(url).await?);
+            let response = client
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await?;
+            anyhow::Ok(response.into_inner().status == 1)
+        };
+        if let Ok(true) = attempt.await {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{url} did not become healthy in time");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,1 +1,133 @@
-//! Server plumbing shared by the dagmesh services: serving, health, reflection, shutdown, telemetry
+//! Server plumbing shared by every dagmesh service, so that each one serves the same way:
+//!
+//! - [`serve`] runs a set of tonic services on a listener with `grpc.health.v1.Health` and
+//!   server reflection (v1 *and* v1alpha, because grpcurl 1.8 only speaks v1alpha).
+//! - [`shutdown_signal`] resolves on the first SIGINT/SIGTERM (drain); a second one exits.
+//! - [`telemetry`] sets up logs and, when configured, OpenTelemetry export.
+
+pub mod telemetry;
+
+use std::convert::Infallible;
+use std::future::Future;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::server::NamedService;
+use tonic::service::{Routes, RoutesBuilder};
+use tonic_health::ServingStatus;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// The services one server exposes; health and reflection are added by [`serve`].
+#[derive(Default)]
+pub struct ServiceSet {
+    routes: RoutesBuilder,
+    names: Vec<&'static str>,
+}
+
+impl ServiceSet {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn add<S>(mut self, service: S) -> Self
+    where
+        S: tower_service::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<tonic::body::Body>,
+                Error = Infallible,
+            > + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.routes.add_service(service);
+        self.names.push(S::NAME);
+        self
+    }
+
+    /// Names of the services added, e.g. `dagmesh.v1.RunService`.
+    pub fn names(&self) -> &[&'static str] {
+        &self.names
+    }
+}
+
+/// Serves `services` on `listener` until `shutdown` resolves. Health reports SERVING for every
+/// service (and for "") until shutdown begins, then NOT_SERVING while in-flight calls finish.
+pub async fn serve(
+    listener: TcpListener,
+    services: ServiceSet,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for name in services.names.iter().copied().chain([""]) {
+        health
+            .set_service_status(name, ServingStatus::Serving)
+            .await;
+    }
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(dagmesh_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    let names = services.names.clone();
+    let mut routes: Routes = services.routes.routes();
+    routes = routes
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+
+    let shutdown = async move {
+        shutdown.await;
+        for name in names.into_iter().chain([""]) {
+            health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+    };
+    tonic::transport::Server::builder()
+        .trace_fn(|request| tracing::debug_span!("grpc", path = %request.uri().path()))
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Resolves on the first SIGINT or SIGTERM so the caller can drain. A second signal exits the
+/// process at once (status 130), for an operator who does not want to wait.
+pub async fn shutdown_signal() {
+    wait_for_signal().await;
+    tracing::info!("shutdown signal received, draining (send it again to exit now)");
+    tokio::spawn(async {
+        wait_for_signal().await;
+        tracing::warn!("second shutdown signal, exiting");
+        std::process::exit(130);
+    });
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGTERM; only ctrl-c stops this process");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

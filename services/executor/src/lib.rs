@@ -1,1 +1,212 @@
-//! The dagmesh run-executor: advances runs and dispatches steps to workers
+//! The run-executor: advances runs and hands their steps to workers.
+//!
+//! It owns the run lifecycle: it validates and compiles workflows ([`dagmesh_spec`]), resolves
+//! step inputs from upstream outputs, dispatches ready steps to connected workers over their
+//! `WorkerService.Connect` streams, and handles leases, retries, timeouts and cancellation. All of
+//! that happens in one engine task (see [`engine`]) that writes every transition to the
+//! [`MetadataStore`] before it acts on it, so a killed executor loses nothing: on start it reloads
+//! every active run and carries on. Workers that held tasks get the lease to reconnect and keep
+//! them.
+//!
+//! It is push-driven: a result arriving moves its run on in the same batch; timers exist only for
+//! backoffs, step timeouts and worker leases, never as a polling tick.
+//!
+//! The gRPC services (`RunService`, `WorkflowService`, `WorkerService`, `ClusterService`) are thin
+//! adapters in [`grpc`] over [`Executor`].
+
+mod config;
+mod engine;
+mod error;
+pub mod grpc;
+mod plans;
+
+use std::sync::Arc;
+
+use dagmesh_metastore::MetadataStore;
+use dagmesh_proto::v1::{Run, SubmitRunRequest, WorkerInfo, Workflow, WorkflowSpec, submit_run_request};
+use prost::Message as _;
+use tokio::task::JoinHandle;
+
+pub use config::ExecutorConfig;
+use engine::{Command, Engine, EngineHandle, Submitted};
+pub use error::ExecError;
+use plans::PlanCache;
+
+/// A running executor. Cheap to clone; all clones talk to the same engine task.
+#[derive(Clone)]
+pub struct Executor {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: EngineHandle,
+    store: Arc<dyn MetadataStore>,
+    plans: PlanCache,
+    config: ExecutorConfig,
+}
+
+impl Executor {
+    /// Recovers active runs from `store` and starts the engine. The returned task ends when the
+    /// engine stops: after [`Executor::drain`], or with an error if a commit failed.
+    pub async fn start(
+        store: Arc<dyn MetadataStore>,
+        config: ExecutorConfig,
+    ) -> Result<(Self, JoinHandle<Result<(), ExecError>>), ExecError> {
+        let plans = PlanCache::new(store.clone());
+        let (engine, task) = Engine::start(store.clone(), &plans, config.clone()).await?;
+        let inner = Inner {
+            engine,
+            store,
+            plans,
+            config,
+        };
+        Ok((
+            Self {
+                inner: Arc::new(inner),
+            },
+            task,
+        ))
+    }
+
+    pub fn config(&self) -> &ExecutorConfig {
+        &self.inner.config
+    }
+
+    pub fn store(&self) -> &Arc<dyn MetadataStore> {
+        &self.inner.store
+    }
+
+    /// Validates and registers a workflow version (a no-op when the content is unchanged).
+    pub async fn apply_workflow(&self, spec: WorkflowSpec) -> Result<(Workflow, bool), ExecError> {
+        let (plan, created) = self.inner.plans.apply(spec).await?;
+        Ok((plan.workflow.clone(), created))
+    }
+
+    /// Starts a run, or returns the run an earlier submit with the same idempotency key made.
+    pub async fn submit(&self, request: SubmitRunRequest) -> Result<(Run, bool), ExecError> {
+        let plan = match request.workflow_ref {
+            Some(submit_run_request::WorkflowRef::Workflow(reference)) => {
+                if reference.name.is_empty() {
+                    return Err(ExecError::InvalidArgument(
+                        "workflow.name: required".into(),
+                    ));
+                }
+                let version = (reference.version != 0).then_some(reference.version);
+                self.inner.plans.get(&reference.name, version).await?
+            }
+            Some(submit_run_request::WorkflowRef::Spec(spec)) => self.inner.plans.apply(spec).await?.0,
+            None => {
+                return Err(ExecError::InvalidArgument(
+                    "workflow_ref: set `workflow` (a registered name) or `spec` (inline)".into(),
+                ));
+            }
+        };
+        let inputs = request.inputs.unwrap_or_default();
+        let size = inputs.encoded_len();
+        let limit = self.inner.config.max_payload_bytes;
+        if size > limit {
+            return Err(ExecError::InvalidArgument(format!(
+                "inputs: {size} bytes, over the {limit}-byte payload limit"
+            )));
+        }
+        let key = request.idempotency_key;
+        if !key.is_empty()
+            && let Some(run_id) = self.inner.store.find_run_by_idempotency_key(&key).await?
+        {
+            return Ok((self.inner.store.get_run(&run_id).await?, false));
+        }
+        let submitted = self
+            .inner
+            .engine
+            .call(|reply| Command::Submit {
+                plan,
+                inputs: dagmesh_proto::json::from_struct(Some(&inputs)),
+                idempotency_key: key,
+                tags: request.tags,
+                reply,
+            })
+            .await?;
+        match submitted {
+            Submitted::Created(run) => Ok((run, true)),
+            Submitted::Existing(run_id) => Ok((self.inner.store.get_run(&run_id).await?, false)),
+        }
+    }
+
+    /// Cancels a run that has not ended.
+    pub async fn cancel(&self, run_id: &str, reason: &str) -> Result<Run, ExecError> {
+        let cancelled = self
+            .inner
+            .engine
+            .call(|reply| Command::Cancel {
+                run_id: run_id.to_owned(),
+                reason: reason.to_owned(),
+                reply,
+            })
+            .await?;
+        match cancelled {
+            Some(run) => Ok(run),
+            None => {
+                let run = self.inner.store.get_run(run_id).await?;
+                Err(ExecError::FailedPrecondition(format!(
+                    "run {run_id} already ended ({})",
+                    run.state().as_str_name().trim_start_matches("RUN_STATE_")
+                )))
+            }
+        }
+    }
+
+    /// Re-runs the steps of a failed or cancelled run that did not succeed.
+    pub async fn retry(&self, run_id: &str) -> Result<Run, ExecError> {
+        let run = self.inner.store.get_run(run_id).await?;
+        use dagmesh_proto::v1::RunState;
+        if !matches!(run.state(), RunState::Failed | RunState::Cancelled) {
+            return Err(ExecError::FailedPrecondition(format!(
+                "run {run_id} is {}; only FAILED or CANCELLED runs can be retried",
+                run.state().as_str_name().trim_start_matches("RUN_STATE_")
+            )));
+        }
+        let plan = self
+            .inner
+            .plans
+            .get(&run.workflow, Some(run.workflow_version))
+            .await?;
+        self.inner
+            .engine
+            .call(|reply| Command::Retry { run, plan, reply })
+            .await?
+    }
+
+    /// Waits until the run has ended and returns it.
+    pub async fn wait_for_run(&self, run_id: &str) -> Result<Run, ExecError> {
+        let finished = self
+            .inner
+            .engine
+            .call(|reply| Command::AwaitRun {
+                run_id: run_id.to_owned(),
+                reply,
+            })
+            .await?;
+        match finished {
+            Some(run) => Ok(run),
+            // Not active here: it has ended (or never existed; the store says which).
+            None => Ok(self.inner.store.get_run(run_id).await?),
+        }
+    }
+
+    pub async fn list_workers(&self) -> Result<Vec<WorkerInfo>, ExecError> {
+        self.inner
+            .engine
+            .call(|reply| Command::ListWorkers { reply })
+            .await
+    }
+
+    /// Stops taking work: workers get Drain, and this returns once in-flight tasks have finished
+    /// or the drain timeout passed (unfinished tasks stay assigned for the next executor).
+    pub async fn drain(&self) {
+        let _ = self
+            .inner
+            .engine
+            .call(|reply| Command::Drain { reply })
+            .await;
+    }
+}

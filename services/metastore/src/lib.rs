@@ -1,1 +1,32 @@
-//! The dagmesh metadata store: the system of record (sqlx: SQLite or PostgreSQL)
+//! The dagmesh metadata store: the system of record.
+//!
+//! **What it owns.** Everything that must survive a restart: workflow versions (immutable,
+//! numbered 1, 2, 3... per name), runs, their steps, and each run's append-only event log. No
+//! other component touches the database; they call the [`MetadataStore`] trait, in-process
+//! ([`SqlStore`]) or over gRPC ([`grpc::MetadataGrpcClient`] talking to a
+//! [`grpc::MetadataGrpcServer`]). Records are the proto messages themselves: each row stores
+//! the prost-encoded message plus indexed copies of the fields that queries filter on.
+//!
+//! **Lifecycle.** [`SqlStore::connect`] opens the database named by a URL (`sqlite://PATH`,
+//! `sqlite::memory:`, `postgres://...`), creating a SQLite file if needed, and applies the
+//! embedded schema migrations. The executor then writes with [`MetadataStore::commit`], its
+//! group commit: one transaction per batch of run, step and event mutations, all or nothing.
+//! On start it recovers with [`MetadataStore::read_active_runs`]. [`SqlStore::close`] (or
+//! dropping the store) closes the connections.
+//!
+//! **How it fails.** Every operation returns a [`StoreError`] whose variant says what the caller
+//! can do: `NotFound`, `AlreadyExists` (an idempotency key or event sequence number is taken;
+//! the commit was rolled back), `InvalidArgument` (fix the request), `Unavailable` (the
+//! database or metastore is unreachable or busy; nothing happened, retry) and `Internal` (a
+//! bug or a corrupt row). The variants map one to one onto gRPC status codes, so a remote store
+//! fails exactly like a local one. SQLite runs in WAL mode with `synchronous = NORMAL`: a
+//! commit survives a killed process, but a power loss may lose the last commits.
+
+mod error;
+pub mod grpc;
+mod sql;
+mod store;
+
+pub use error::StoreError;
+pub use sql::SqlStore;
+pub use store::{DEFAULT_EVENT_LIMIT, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, MetadataStore};

@@ -1,0 +1,317 @@
+//! `dagmesh bench`: the goals of BRIEF.md, measured. The mesh runs in-process on durable SQLite
+//! (a file, WAL) with no-op Rust workers on real gRPC streams over loopback, so the numbers
+//! include the store, the protocol and the engine, and nothing of step code.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use dagmesh_proto::v1::{RunState, StepSpec, SubmitRunRequest, WorkflowSpec, submit_run_request};
+use dagmesh_runtime::telemetry;
+use dagmesh_sdk::{TaskContext, TaskError, Worker, WorkerHandle};
+use serde::Serialize;
+
+use crate::commands::{Global, OutputFormat};
+use crate::mesh::{Mesh, MeshOptions};
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    /// A chain of dependent no-op steps: overhead per step.
+    Chain,
+    /// Many independent no-op steps plus a join: throughput.
+    Fanout,
+    /// Many concurrent short runs: submit-to-done latency.
+    Runs,
+    /// Cold start to first dispatch, and resident memory at rest.
+    Idle,
+    /// All of the above.
+    All,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+    /// Repetitions of chain/fanout; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Steps in the chain (default 200) or fan-out (default 10000); runs in `runs` (default 1000).
+    #[arg(long)]
+    pub size: Option<usize>,
+    /// Database URL; default: a fresh SQLite file in a temporary directory.
+    #[arg(long, env = "DAGMESH_BENCH_DATABASE_URL")]
+    pub database: Option<String>,
+}
+
+/// One result line; fields that do not apply to a scenario are null.
+#[derive(Debug, Serialize, Default)]
+pub struct Report {
+    pub scenario: &'static str,
+    pub steps: usize,
+    pub wall_s: f64,
+    pub per_step_ms: Option<f64>,
+    pub steps_per_s: Option<f64>,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub rss_mb: Option<f64>,
+    /// `idle` only: process start of the mesh to the first Assign reaching a worker.
+    pub cold_start_ms: Option<f64>,
+}
+
+pub async fn bench(global: &Global, args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let _telemetry = telemetry::init_with("dagmesh-bench", "warn");
+    let scenarios = match args.scenario {
+        Scenario::All => vec![Scenario::Idle, Scenario::Chain, Scenario::Fanout, Scenario::Runs],
+        one => vec![one],
+    };
+    for scenario in scenarios {
+        let report = match scenario {
+            Scenario::Chain => chain(&args).await?,
+            Scenario::Fanout => fanout(&args).await?,
+            Scenario::Runs => runs(&args).await?,
+            Scenario::Idle => idle(&args).await?,
+            Scenario::All => unreachable!("expanded above"),
+        };
+        print_report(global.output, &report)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_report(output: OutputFormat, report: &Report) -> anyhow::Result<()> {
+    if output == OutputFormat::Json {
+        println!("{}", serde_json::to_string(report)?);
+        return Ok(());
+    }
+    let opt = |value: Option<f64>, unit: &str| {
+        value.map_or(String::new(), |v| format!(" {v:.3}{unit}"))
+    };
+    println!(
+        "{:<7} steps={:<6} wall={:.3}s{}{}{}{}{}{}",
+        report.scenario,
+        report.steps,
+        report.wall_s,
+        opt(report.per_step_ms, "ms/step"),
+        opt(report.steps_per_s.map(f64::round), " steps/s"),
+        opt(report.p50_ms, "ms p50"),
+        opt(report.p99_ms, "ms p99"),
+        opt(report.rss_mb, "MB rss"),
+        opt(report.cold_start_ms, "ms cold-start"),
+    );
+    Ok(())
+}
+
+/// A mesh on a fresh durable SQLite file with `workers` no-op workers of `slots` slots each.
+struct Bench {
+    mesh: Mesh,
+    workers: Vec<WorkerHandle>,
+    tasks: Vec<tokio::task::JoinHandle<Result<(), dagmesh_sdk::WorkerError>>>,
+    _scratch: tempfile::TempDir,
+}
+
+async fn noop(_: TaskContext, _: serde_json::Value) -> Result<serde_json::Value, TaskError> {
+    Ok(serde_json::json!({}))
+}
+
+impl Bench {
+    async fn start(args: &BenchArgs, workers: usize, slots: u32) -> anyhow::Result<Self> {
+        let scratch = tempfile::tempdir()?;
+        let database_url = args.database.clone().unwrap_or_else(|| {
+            format!("sqlite://{}", scratch.path().join("bench.db").display())
+        });
+        let mesh = Mesh::start(MeshOptions {
+            listen: "127.0.0.1:0".into(),
+            database_url,
+            executor: Default::default(),
+        })
+        .await?;
+        let mut handles = Vec::new();
+        let mut tasks = Vec::new();
+        for index in 0..workers {
+            let worker = Worker::builder(mesh.url())
+                .name(format!("bench-{index}"))
+                .slots(slots)
+                .task("noop", "1.0.0", noop)
+                .build()?;
+            handles.push(worker.handle());
+            tasks.push(tokio::spawn(worker.run_until(std::future::pending())));
+        }
+        for handle in &handles {
+            handle.wait_for(|state| state.connected).await;
+        }
+        Ok(Self {
+            mesh,
+            workers: handles,
+            tasks,
+            _scratch: scratch,
+        })
+    }
+
+    /// Submits an inline spec and waits for the run; returns submit-to-done time.
+    async fn run(&self, spec: WorkflowSpec) -> anyhow::Result<Duration> {
+        let executor = self.mesh.executor();
+        let started = Instant::now();
+        let (run, _) = executor
+            .submit(SubmitRunRequest {
+                workflow_ref: Some(submit_run_request::WorkflowRef::Spec(spec)),
+                ..Default::default()
+            })
+            .await?;
+        let run = executor.wait_for_run(&run.run_id).await?;
+        let elapsed = started.elapsed();
+        anyhow::ensure!(
+            run.state() == RunState::Succeeded,
+            "benchmark run {} ended {:?}: {}",
+            run.run_id,
+            run.state(),
+            run.error
+        );
+        Ok(elapsed)
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        for worker in &self.workers {
+            worker.drain();
+        }
+        for task in self.tasks {
+            task.await??;
+        }
+        self.mesh.shutdown().await
+    }
+}
+
+fn noop_step(id: String, needs: Vec<String>) -> StepSpec {
+    StepSpec {
+        id,
+        task: "noop@^1".into(),
+        needs,
+        ..Default::default()
+    }
+}
+
+fn median(mut values: Vec<Duration>) -> Duration {
+    values.sort();
+    values[values.len() / 2]
+}
+
+async fn chain(args: &BenchArgs) -> anyhow::Result<Report> {
+    let length = args.size.unwrap_or(200);
+    let steps = (0..length)
+        .map(|i| {
+            let needs = if i == 0 { vec![] } else { vec![format!("s{}", i - 1)] };
+            noop_step(format!("s{i}"), needs)
+        })
+        .collect();
+    let spec = WorkflowSpec {
+        name: "bench-chain".into(),
+        steps,
+        ..Default::default()
+    };
+    let bench = Bench::start(args, 1, 1).await?;
+    bench.run(spec.clone()).await?; // warm-up: workflow registered, caches hot
+    let mut walls = Vec::new();
+    for _ in 0..args.repeat.max(1) {
+        walls.push(bench.run(spec.clone()).await?);
+    }
+    bench.stop().await?;
+    let wall = median(walls);
+    Ok(Report {
+        scenario: "chain",
+        steps: length,
+        wall_s: wall.as_secs_f64(),
+        per_step_ms: Some(wall.as_secs_f64() * 1000.0 / length as f64),
+        steps_per_s: Some(length as f64 / wall.as_secs_f64()),
+        ..Default::default()
+    })
+}
+
+async fn fanout(args: &BenchArgs) -> anyhow::Result<Report> {
+    let width = args.size.unwrap_or(10_000);
+    let mut steps: Vec<StepSpec> = (0..width)
+        .map(|i| noop_step(format!("f{i}"), vec![]))
+        .collect();
+    steps.push(noop_step("join".into(), (0..width).map(|i| format!("f{i}")).collect()));
+    let spec = WorkflowSpec {
+        name: "bench-fanout".into(),
+        steps,
+        ..Default::default()
+    };
+    let bench = Bench::start(args, 2, 128).await?;
+    let mut walls = Vec::new();
+    for _ in 0..args.repeat.max(1) {
+        walls.push(bench.run(spec.clone()).await?);
+    }
+    bench.stop().await?;
+    let wall = median(walls);
+    Ok(Report {
+        scenario: "fanout",
+        steps: width + 1,
+        wall_s: wall.as_secs_f64(),
+        per_step_ms: Some(wall.as_secs_f64() * 1000.0 / (width + 1) as f64),
+        steps_per_s: Some((width + 1) as f64 / wall.as_secs_f64()),
+        ..Default::default()
+    })
+}
+
+async fn runs(args: &BenchArgs) -> anyhow::Result<Report> {
+    let count = args.size.unwrap_or(1000);
+    let steps = (0..5)
+        .map(|i| {
+            let needs = if i == 0 { vec![] } else { vec![format!("s{}", i - 1)] };
+            noop_step(format!("s{i}"), needs)
+        })
+        .collect();
+    let spec = WorkflowSpec {
+        name: "bench-runs".into(),
+        steps,
+        ..Default::default()
+    };
+    let bench = Bench::start(args, 2, 128).await?;
+    bench.run(spec.clone()).await?; // warm-up
+    let started = Instant::now();
+    let latencies = futures::future::try_join_all((0..count).map(|_| bench.run(spec.clone()))).await?;
+    let wall = started.elapsed();
+    bench.stop().await?;
+    let mut millis: Vec<f64> = latencies.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+    millis.sort_by(f64::total_cmp);
+    let percentile = |p: f64| millis[((millis.len() as f64 * p).ceil() as usize).clamp(1, millis.len()) - 1];
+    Ok(Report {
+        scenario: "runs",
+        steps: count * 5,
+        wall_s: wall.as_secs_f64(),
+        steps_per_s: Some((count * 5) as f64 / wall.as_secs_f64()),
+        p50_ms: Some(percentile(0.50)),
+        p99_ms: Some(percentile(0.99)),
+        ..Default::default()
+    })
+}
+
+async fn idle(args: &BenchArgs) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    let bench = Bench::start(args, 1, 1).await?;
+    let spec = WorkflowSpec {
+        name: "bench-idle".into(),
+        steps: vec![noop_step("only".into(), vec![])],
+        ..Default::default()
+    };
+    bench.run(spec).await?;
+    let cold_start = started.elapsed();
+    // At rest: let allocators and buffers settle, then read resident memory.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_mb = resident_mb();
+    bench.stop().await?;
+    Ok(Report {
+        scenario: "idle",
+        steps: 1,
+        wall_s: cold_start.as_secs_f64(),
+        rss_mb,
+        cold_start_ms: Some(cold_start.as_secs_f64() * 1000.0),
+        ..Default::default()
+    })
+}
+
+/// VmRSS of this process (store, executor, one worker and the benchmark itself), in MB.
+fn resident_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}

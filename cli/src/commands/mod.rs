@@ -1,0 +1,189 @@
+//! The client side of the `dagmesh` command line: commands that talk to a running server over
+//! gRPC (`submit`, `runs`, `workflows`, `workers`).
+//!
+//! Every command prints readable text by default and the proto messages as JSON with `-o json`
+//! (see [`json`] for the mapping). Errors go to stderr; the exit code tells scripts what
+//! happened:
+//!
+//! | code | meaning                                                                 |
+//! |------|-------------------------------------------------------------------------|
+//! | 0    | done (for `--watch`/`--wait`: the run succeeded)                         |
+//! | 1    | the run failed or was cancelled, the server refused, or it is unreachable |
+//! | 2    | the request was invalid: a bad workflow file, an unknown run or workflow |
+//! | 130  | interrupted (Ctrl-C) while watching; the run goes on                     |
+
+mod format;
+pub mod json;
+mod runs;
+mod submit;
+pub mod watch;
+mod workers;
+mod workflows;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tonic::transport::{Channel, Endpoint};
+
+pub use runs::RunsCommand;
+pub use submit::SubmitArgs;
+pub use workers::WorkersCommand;
+pub use workflows::WorkflowsCommand;
+
+/// How commands print their results.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OutputFormat {
+    /// Human-readable text: tables, trees and one-line summaries.
+    #[default]
+    Text,
+    /// The proto messages as JSON (snake_case field names, enums by name, RFC 3339 timestamps);
+    /// streams print one JSON object per line.
+    Json,
+}
+
+/// Flags shared by every client command (defined on the root command).
+#[derive(Clone, Debug)]
+pub struct Global {
+    /// Server address, e.g. `http://127.0.0.1:7070`.
+    pub server: String,
+    pub output: OutputFormat,
+}
+
+/// The commands that talk to a dagmesh server.
+#[derive(clap::Subcommand, Debug)]
+pub enum ClientCommand {
+    /// Submit a run of a workflow file (or of a registered workflow) and optionally follow it.
+    Submit(SubmitArgs),
+    /// List, inspect, follow, cancel and retry runs.
+    #[command(subcommand)]
+    Runs(RunsCommand),
+    /// Register and read workflow definitions.
+    #[command(subcommand)]
+    Workflows(WorkflowsCommand),
+    /// Inspect the workers connected to the executor.
+    #[command(subcommand)]
+    Workers(WorkersCommand),
+}
+
+/// Runs one client command. Server and connection errors are printed to stderr here and turned
+/// into exit codes; only unexpected errors come back as `Err`.
+pub async fn run(global: &Global, command: ClientCommand) -> anyhow::Result<ExitCode> {
+    let result = match command {
+        ClientCommand::Submit(args) => submit::run(global, args).await,
+        ClientCommand::Runs(command) => runs::run(global, command).await,
+        ClientCommand::Workflows(command) => workflows::run(global, command).await,
+        ClientCommand::Workers(command) => workers::run(global, command).await,
+    };
+    result.or_else(|err| report(&global.server, err))
+}
+
+/// Opens a channel to the server. HTTP/2 keep-alives make a watch notice a vanished server
+/// within seconds instead of waiting on a dead connection forever.
+pub async fn connect(server: &str) -> anyhow::Result<Channel> {
+    let endpoint = Endpoint::from_shared(server.to_owned())
+        .with_context(|| format!("invalid server address {server:?}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
+    endpoint
+        .connect()
+        .await
+        .map_err(|err| anyhow::Error::new(Unreachable(format!("{server}: {}", error_chain(&err)))))
+}
+
+/// The server could not be reached at all.
+#[derive(Debug)]
+struct Unreachable(String);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot reach dagmesh server at {}", self.0)
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
+/// A watch was stopped with Ctrl-C; the run itself goes on.
+#[derive(Debug)]
+pub struct Interrupted {
+    pub run_id: String,
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "stopped watching run {id}; it keeps going (resume with `dagmesh runs watch {id}`)",
+            id = self.run_id
+        )
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// Exit code for a Status: 2 when the request itself was wrong, 1 otherwise.
+fn status_exit_code(status: &tonic::Status) -> ExitCode {
+    match status.code() {
+        tonic::Code::InvalidArgument | tonic::Code::NotFound => ExitCode::from(2),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+fn report(server: &str, err: anyhow::Error) -> anyhow::Result<ExitCode> {
+    if let Some(status) = err.downcast_ref::<tonic::Status>() {
+        match status.code() {
+            // The message lists every problem as `path: message`, one per line, like a local
+            // spec error; printed as is so that both read the same.
+            tonic::Code::InvalidArgument => eprintln!("{}", status.message()),
+            tonic::Code::Unavailable => eprintln!(
+                "error: dagmesh server at {server} is unavailable: {}",
+                status.message()
+            ),
+            _ => eprintln!("error: {}", status.message()),
+        }
+        return Ok(status_exit_code(status));
+    }
+    if let Some(unreachable) = err.downcast_ref::<Unreachable>() {
+        eprintln!("error: {unreachable}");
+        return Ok(ExitCode::FAILURE);
+    }
+    if let Some(interrupted) = err.downcast_ref::<Interrupted>() {
+        eprintln!("{interrupted}");
+        return Ok(ExitCode::from(130));
+    }
+    Err(err)
+}
+
+/// `err: cause: cause`, because tonic's transport errors say only "transport error" at the top.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Exit code of a command that waited for a run: 0 only when it succeeded.
+fn run_exit_code(run: &dagmesh_proto::v1::Run) -> ExitCode {
+    if run.state == dagmesh_proto::v1::RunState::Succeeded as i32 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Prints one JSON document (pretty) to stdout.
+fn print_json(value: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("a serde_json::Value always serializes")
+    );
+}

@@ -1,0 +1,315 @@
+//! `dagmesh runs ...`: list, inspect, follow, cancel and retry runs.
+
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use dagmesh_proto::v1::run_service_client::RunServiceClient;
+use dagmesh_proto::v1::{
+    CancelRunRequest, GetRunRequest, ListRunsRequest, RetryRunRequest, Run, RunState, StepState,
+};
+use serde_json::Value;
+
+use super::format::{self, Table};
+use super::submit::parse_tag;
+use super::{Global, OutputFormat, connect, json, print_json, run_exit_code, watch};
+
+#[derive(clap::Subcommand, Debug)]
+pub enum RunsCommand {
+    /// List runs, newest first.
+    List(ListArgs),
+    /// Show a run and a table of its steps.
+    Get { run_id: String },
+    /// Follow a run live until it ends; exit 0 only if it succeeded.
+    Watch {
+        run_id: String,
+        /// Replay the events after this sequence number instead of starting from a snapshot.
+        #[arg(long, value_name = "SEQ", default_value_t = 0)]
+        after_seq: u64,
+    },
+    /// Cancel a run that has not ended.
+    Cancel {
+        run_id: String,
+        /// Why; recorded as the run's error.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Re-run the failed and cancelled steps of an ended run (succeeded steps keep their
+    /// outputs).
+    Retry {
+        run_id: String,
+        /// Follow the retried run live; exit 0 only if it succeeded.
+        #[arg(long)]
+        watch: bool,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ListArgs {
+    /// Only runs of this workflow (any version).
+    #[arg(long, value_name = "NAME")]
+    pub workflow: Option<String>,
+    /// Only runs in this state.
+    #[arg(long, value_enum, ignore_case = true)]
+    pub state: Option<StateFilter>,
+    /// Only runs carrying this tag, KEY=VALUE (repeatable: all must match).
+    #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
+    pub tags: Vec<(String, String)>,
+    /// At most this many runs (server default 50, max 1000).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u32>,
+    /// Continue a previous listing (the token it printed).
+    #[arg(long, value_name = "TOKEN")]
+    pub page_token: Option<String>,
+}
+
+/// Run states for `runs list --state`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum StateFilter {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl From<StateFilter> for RunState {
+    fn from(state: StateFilter) -> RunState {
+        match state {
+            StateFilter::Queued => RunState::Queued,
+            StateFilter::Running => RunState::Running,
+            StateFilter::Succeeded => RunState::Succeeded,
+            StateFilter::Failed => RunState::Failed,
+            StateFilter::Cancelled => RunState::Cancelled,
+        }
+    }
+}
+
+pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<ExitCode> {
+    let channel = connect(&global.server).await?;
+    let mut client = RunServiceClient::new(channel.clone());
+    match command {
+        RunsCommand::List(args) => {
+            let request = ListRunsRequest {
+                workflow: args.workflow.unwrap_or_default(),
+                state: args.state.map_or(RunState::Unspecified, RunState::from) as i32,
+                tags: args.tags.into_iter().collect(),
+                page_size: args.limit.unwrap_or(0),
+                page_token: args.page_token.unwrap_or_default(),
+            };
+            let response = client.list_runs(request).await?.into_inner();
+            match global.output {
+                OutputFormat::Json => print_json(&json::list_runs_response(&response)),
+                OutputFormat::Text => {
+                    print!("{}", runs_table(&response.runs, SystemTime::now()));
+                    if !response.next_page_token.is_empty() {
+                        eprintln!("more: --page-token {}", response.next_page_token);
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RunsCommand::Get { run_id } => {
+            let run = client.get_run(GetRunRequest { run_id }).await?.into_inner();
+            match global.output {
+                OutputFormat::Json => print_json(&json::run(&run)),
+                OutputFormat::Text => print!("{}", describe_run(&run, SystemTime::now())),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RunsCommand::Watch { run_id, after_seq } => {
+            let run = watch::follow_after(channel, &run_id, after_seq, global.output).await?;
+            Ok(run_exit_code(&run))
+        }
+        RunsCommand::Cancel { run_id, reason } => {
+            let run = client
+                .cancel_run(CancelRunRequest {
+                    run_id,
+                    reason: reason.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            match global.output {
+                OutputFormat::Json => print_json(&json::run(&run)),
+                OutputFormat::Text => println!(
+                    "run {} {}",
+                    run.run_id,
+                    format::run_state(run.state).to_lowercase()
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RunsCommand::Retry { run_id, watch } => {
+            let run = client
+                .retry_run(RetryRunRequest { run_id })
+                .await?
+                .into_inner();
+            if watch {
+                let last = watch::follow(channel, &run.run_id, global.output).await?;
+                return Ok(run_exit_code(&last));
+            }
+            match global.output {
+                OutputFormat::Json => print_json(&json::run(&run)),
+                OutputFormat::Text => {
+                    let retried = run
+                        .steps
+                        .iter()
+                        .filter(|s| {
+                            !matches!(StepState::try_from(s.state), Ok(StepState::Succeeded))
+                        })
+                        .count();
+                    println!(
+                        "run {} {} ({retried} step(s) to run again)",
+                        run.run_id,
+                        format::run_state(run.state)
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// RUN ID, WORKFLOW, STATE, CREATED, DURATION, TAGS; one row per run.
+pub(crate) fn runs_table(runs: &[Run], now: SystemTime) -> String {
+    let mut table = Table::new(&["RUN ID", "WORKFLOW", "STATE", "CREATED", "DURATION", "TAGS"]);
+    for run in runs {
+        table.row(vec![
+            run.run_id.clone(),
+            format!("{}@{}", run.workflow, run.workflow_version),
+            format::run_state(run.state),
+            format::datetime(run.created_at.as_ref()),
+            format::span(run.created_at.as_ref(), run.finished_at.as_ref(), now)
+                .map_or_else(|| "-".to_owned(), format::duration),
+            format::pairs(&run.tags),
+        ]);
+    }
+    table.render()
+}
+
+/// The run's fields, then a table of its steps.
+pub(crate) fn describe_run(run: &Run, now: SystemTime) -> String {
+    let mut out = String::new();
+    let mut field = |name: &str, value: String| {
+        out.push_str(&format!("{:<16}{value}\n", format!("{name}:")));
+    };
+    field("Run", run.run_id.clone());
+    field(
+        "Workflow",
+        format!("{}@{}", run.workflow, run.workflow_version),
+    );
+    field("State", format::run_state(run.state));
+    if !run.error.is_empty() {
+        field("Error", run.error.clone());
+    }
+    field("Created", format::datetime(run.created_at.as_ref()));
+    if run.finished_at.is_some() {
+        field("Finished", format::datetime(run.finished_at.as_ref()));
+    }
+    if let Some(took) = format::span(run.created_at.as_ref(), run.finished_at.as_ref(), now) {
+        field("Duration", format::duration(took));
+    }
+    field(
+        "Inputs",
+        Value::Object(dagmesh_proto::json::from_struct(run.inputs.as_ref())).to_string(),
+    );
+    if !run.tags.is_empty() {
+        field("Tags", format::pairs(&run.tags));
+    }
+    if !run.idempotency_key.is_empty() {
+        field("Idempotency key", run.idempotency_key.clone());
+    }
+    out.push('\n');
+
+    let mut table = Table::new(&["STEP", "STATE", "ATTEMPT", "WORKER", "DURATION", "ERROR"]);
+    for step in &run.steps {
+        let mut state = format::step_state(step.state);
+        if step.state == StepState::Running as i32 {
+            state.push_str(&format!(" {}%", format::percent(step.progress)));
+        }
+        let mut attempt = step.attempt.to_string();
+        if step.lost_attempts > 0 {
+            attempt.push_str(&format!(" (+{} lost)", step.lost_attempts));
+        }
+        table.row(vec![
+            step.step_id.clone(),
+            state,
+            attempt,
+            if step.worker.is_empty() {
+                "-".to_owned()
+            } else {
+                step.worker.clone()
+            },
+            format::span(step.started_at.as_ref(), step.finished_at.as_ref(), now)
+                .map_or_else(|| "-".to_owned(), format::duration),
+            format::one_line(&step.error, 100),
+        ]);
+    }
+    out.push_str(&table.render());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dagmesh_proto::v1::Step;
+    use prost_types::Timestamp;
+
+    fn ts(seconds: i64) -> Option<Timestamp> {
+        Some(Timestamp { seconds, nanos: 0 })
+    }
+
+    #[test]
+    fn get_shows_the_run_then_its_steps() {
+        let run = Run {
+            run_id: "r1".into(),
+            workflow: "room-scan".into(),
+            workflow_version: 2,
+            state: RunState::Failed as i32,
+            error: "step mesh failed".into(),
+            inputs: Some(dagmesh_proto::json::to_struct(
+                &serde_json::json!({"room": "hall"}),
+            )),
+            created_at: ts(1_700_000_000),
+            finished_at: ts(1_700_000_065),
+            steps: vec![
+                Step {
+                    step_id: "fetch".into(),
+                    state: StepState::Succeeded as i32,
+                    attempt: 1,
+                    worker: "cpu-1".into(),
+                    started_at: ts(1_700_000_001),
+                    finished_at: ts(1_700_000_003),
+                    ..Step::default()
+                },
+                Step {
+                    step_id: "mesh".into(),
+                    state: StepState::Failed as i32,
+                    attempt: 3,
+                    lost_attempts: 1,
+                    worker: "gpu-1".into(),
+                    error: "out of memory\ntrace...".into(),
+                    started_at: ts(1_700_000_004),
+                    finished_at: ts(1_700_000_064),
+                    ..Step::default()
+                },
+            ],
+            ..Run::default()
+        };
+        let text = describe_run(&run, SystemTime::now());
+        assert_eq!(
+            text,
+            "Run:            r1\n\
+             Workflow:       room-scan@2\n\
+             State:          FAILED\n\
+             Error:          step mesh failed\n\
+             Created:        2023-11-14T22:13:20Z\n\
+             Finished:       2023-11-14T22:14:25Z\n\
+             Duration:       1m05s\n\
+             Inputs:         {\"room\":\"hall\"}\n\
+             \n\
+             STEP   STATE      ATTEMPT       WORKER  DURATION  ERROR\n\
+             fetch  SUCCEEDED  1             cpu-1   2.00s\n\
+             mesh   FAILED     3 (+1 lost)   gpu-1   1m00s     out of memory …\n"
+        );
+    }
+}

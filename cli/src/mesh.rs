@@ -1,0 +1,102 @@
+//! The whole mesh in one process: metadata store (SQLite or PostgreSQL) and executor, wired
+//! in-process through the `MetadataStore` trait and served on one port. `dagmesh up`, the demo,
+//! the benchmarks and the integration tests all start it this way.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use dagmesh_executor::{ExecError, Executor, ExecutorConfig};
+use dagmesh_metastore::{MetadataStore, SqlStore, grpc::MetadataGrpcServer};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub struct MeshOptions {
+    /// Address to listen on; port 0 picks a free one.
+    pub listen: String,
+    /// `sqlite://PATH`, `sqlite::memory:` or `postgres://...`.
+    pub database_url: String,
+    pub executor: ExecutorConfig,
+}
+
+pub struct Mesh {
+    addr: SocketAddr,
+    executor: Executor,
+    stop_server: Option<oneshot::Sender<()>>,
+    server: JoinHandle<Result<(), dagmesh_runtime::ServeError>>,
+    engine: JoinHandle<Result<(), ExecError>>,
+}
+
+impl Mesh {
+    pub async fn start(options: MeshOptions) -> anyhow::Result<Self> {
+        let store = SqlStore::connect(&options.database_url)
+            .await
+            .with_context(|| format!("opening database {}", options.database_url))?;
+        let store: Arc<dyn MetadataStore> = Arc::new(store);
+        let (executor, engine) = Executor::start(store.clone(), options.executor).await?;
+        let listener = TcpListener::bind(&options.listen)
+            .await
+            .with_context(|| format!("binding {}", options.listen))?;
+        let addr = listener.local_addr()?;
+        // One port serves everything, the metadata API included, so grpcurl sees all of it.
+        let services = executor
+            .services()
+            .add(MetadataGrpcServer::new(store).into_service());
+        let (stop_server, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(dagmesh_runtime::serve(listener, services, async {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            addr,
+            executor,
+            stop_server: Some(stop_server),
+            server,
+            engine,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`, what workers and clients dial.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn executor(&self) -> &Executor {
+        &self.executor
+    }
+
+    /// Resolves if the engine stops on its own (a failed commit): the process should exit.
+    pub async fn engine_stopped(&mut self) -> anyhow::Error {
+        match (&mut self.engine).await {
+            Ok(Ok(())) => anyhow::anyhow!("executor engine stopped"),
+            Ok(Err(error)) => anyhow::Error::new(error).context("executor engine stopped"),
+            Err(join) => anyhow::anyhow!("executor engine panicked: {join}"),
+        }
+    }
+
+    /// Drains the executor (workers finish what they hold), then stops the server.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.executor.drain().await;
+        if let Some(stop) = self.stop_server.take() {
+            let _ = stop.send(());
+        }
+        self.server.await??;
+        if !self.engine.is_finished() {
+            self.engine.abort();
+        }
+        Ok(())
+    }
+
+    /// Stops at once without draining, like a crash; for tests.
+    pub fn abort(mut self) {
+        if let Some(stop) = self.stop_server.take() {
+            drop(stop);
+        }
+        self.server.abort();
+        self.engine.abort();
+    }
+}

@@ -1,0 +1,214 @@
+//! The server commands: `up` (everything in one process), `metastore` and `executor` (the split
+//! mode, talking gRPC to each other).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use dagmesh_executor::{Executor, ExecutorConfig};
+use dagmesh_metastore::grpc::{MetadataGrpcClient, MetadataGrpcServer};
+use dagmesh_metastore::{MetadataStore, SqlStore};
+use dagmesh_runtime::{ServiceSet, serve, shutdown_signal, telemetry};
+use tokio::net::TcpListener;
+
+use crate::mesh::{Mesh, MeshOptions};
+
+/// Tunables of the executor's engine.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EngineFlags {
+    /// Silence after which a worker is considered lost and its tasks are requeued.
+    #[arg(long, env = "DAGMESH_LEASE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub lease: Duration,
+    /// How often workers send heartbeats.
+    #[arg(long, env = "DAGMESH_HEARTBEAT_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// Limit of inline payloads (run inputs, step inputs and outputs), in bytes.
+    #[arg(long, env = "DAGMESH_MAX_PAYLOAD_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_payload_bytes: usize,
+    /// How long shutdown waits for in-flight tasks before handing them back.
+    #[arg(long, env = "DAGMESH_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+impl EngineFlags {
+    pub fn config(&self) -> ExecutorConfig {
+        ExecutorConfig {
+            lease: self.lease,
+            heartbeat_interval: self.heartbeat_interval,
+            max_payload_bytes: self.max_payload_bytes,
+            drain_timeout: self.drain_timeout,
+            ..ExecutorConfig::default()
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct UpArgs {
+    /// Address for all services (gRPC).
+    #[arg(long, env = "DAGMESH_LISTEN", default_value = "127.0.0.1:7070")]
+    pub listen: String,
+    /// Database URL; default: SQLite at DATA_DIR/dagmesh.db.
+    #[arg(long, env = "DAGMESH_DATABASE_URL")]
+    pub database: Option<String>,
+    /// Where the default SQLite database lives.
+    #[arg(long, env = "DAGMESH_DATA_DIR", default_value = ".dagmesh")]
+    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub engine: EngineFlags,
+}
+
+pub async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let _telemetry = telemetry::init("dagmesh");
+    let database_url = args.database.unwrap_or_else(|| {
+        format!("sqlite://{}", args.data_dir.join("dagmesh.db").display())
+    });
+    let mut mesh = Mesh::start(MeshOptions {
+        listen: args.listen,
+        database_url: database_url.clone(),
+        executor: args.engine.config(),
+    })
+    .await?;
+    tracing::info!(
+        addr = %mesh.addr(),
+        database = %redact(&database_url),
+        "dagmesh up: metadata store and executor in one process"
+    );
+    tokio::select! {
+        () = shutdown_signal() => mesh.shutdown().await,
+        error = mesh.engine_stopped() => Err(error),
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct MetastoreArgs {
+    #[arg(long, env = "DAGMESH_LISTEN", default_value = "127.0.0.1:7071")]
+    pub listen: String,
+    /// Database URL (`sqlite://PATH` or `postgres://...`).
+    #[arg(long, env = "DAGMESH_DATABASE_URL", default_value = "sqlite://.dagmesh/dagmesh.db")]
+    pub database: String,
+}
+
+pub async fn metastore(args: MetastoreArgs) -> anyhow::Result<()> {
+    let _telemetry = telemetry::init("dagmesh-metastore");
+    let store = SqlStore::connect(&args.database)
+        .await
+        .with_context(|| format!("opening database {}", redact(&args.database)))?;
+    let listener = bind(&args.listen).await?;
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        database = %redact(&args.database),
+        "metastore serving"
+    );
+    let store: Arc<dyn MetadataStore> = Arc::new(store);
+    let services = ServiceSet::new().add(MetadataGrpcServer::new(store).into_service());
+    serve(listener, services, shutdown_signal()).await?;
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ExecutorArgs {
+    #[arg(long, env = "DAGMESH_LISTEN", default_value = "127.0.0.1:7070")]
+    pub listen: String,
+    /// Address of the metastore.
+    #[arg(long, env = "DAGMESH_METASTORE", default_value = "http://127.0.0.1:7071")]
+    pub metastore: String,
+    /// How long to keep trying to reach the metastore at start.
+    #[arg(long, env = "DAGMESH_STARTUP_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub startup_timeout: Duration,
+    #[command(flatten)]
+    pub engine: EngineFlags,
+}
+
+pub async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
+    let _telemetry = telemetry::init("dagmesh-executor");
+    let (executor, mut engine) = start_remote_executor(&args).await?;
+    let listener = bind(&args.listen).await?;
+    tracing::info!(addr = %listener.local_addr()?, metastore = %args.metastore, "executor serving");
+    let (engine_failed_tx, engine_failed) = tokio::sync::oneshot::channel();
+    let drainer = executor.clone();
+    let shutdown = async move {
+        tokio::select! {
+            () = shutdown_signal() => drainer.drain().await,
+            result = &mut engine => {
+                let _ = engine_failed_tx.send(result);
+            }
+        }
+    };
+    serve(listener, executor.services(), shutdown).await?;
+    match engine_failed.await {
+        Ok(Ok(Ok(()))) | Err(_) => Ok(()),
+        Ok(Ok(Err(error))) => Err(anyhow::Error::new(error).context("executor engine stopped")),
+        Ok(Err(join)) => Err(anyhow::anyhow!("executor engine panicked: {join}")),
+    }
+}
+
+/// Connects to the metastore and recovers, retrying while it is not reachable yet (in a
+/// cluster the two start in any order).
+async fn start_remote_executor(
+    args: &ExecutorArgs,
+) -> anyhow::Result<(
+    Executor,
+    tokio::task::JoinHandle<Result<(), dagmesh_executor::ExecError>>,
+)> {
+    let deadline = tokio::time::Instant::now() + args.startup_timeout;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let attempt = async {
+            let store = MetadataGrpcClient::connect(&args.metastore).await?;
+            let store: Arc<dyn MetadataStore> = Arc::new(store);
+            anyhow::Ok(Executor::start(store, args.engine.config()).await?)
+        };
+        match attempt.await {
+            Ok(started) => return Ok(started),
+            Err(error) if tokio::time::Instant::now() + delay < deadline => {
+                tracing::warn!(%error, metastore = %args.metastore, "metastore not reachable yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(error) => {
+                return Err(error.context(format!(
+                    "cannot start: metastore {} not reachable within {}",
+                    args.metastore,
+                    humantime::format_duration(args.startup_timeout)
+                )));
+            }
+        }
+    }
+}
+
+async fn bind(listen: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))
+}
+
+/// A database URL without its password, for logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redacts_passwords_only() {
+        assert_eq!(
+            super::redact("postgres://app:s3cret@db:5432/dagmesh"),
+            "postgres://app:***@db:5432/dagmesh"
+        );
+        assert_eq!(
+            super::redact("postgres://app@db/dagmesh"),
+            "postgres://app@db/dagmesh"
+        );
+        assert_eq!(super::redact("sqlite://.dagmesh/x.db"), "sqlite://.dagmesh/x.db");
+    }
+}

@@ -1,0 +1,855 @@
+"""Offline checks for the Kubernetes manifests in deploy/k8s.
+
+Run:  python -m pytest -q deploy/test_manifests.py
+(needs the pins in deploy/requirements-test.txt; no cluster, no network,
+no kustomize binary).
+
+Three layers:
+
+(a) ``render()`` builds the kustomize base in pure Python, for exactly the
+    kustomize features the base uses (resources, namespace, labels, images),
+    following kustomize v5's own rules (cited per function). Anything else in
+    a kustomization is refused, so the renderer can never silently ignore a
+    feature someone adds later. Where a ``kubectl`` with built-in kustomize is
+    on PATH, the output is also compared with the real thing.
+(b) Every rendered object is validated against the Kubernetes OpenAPI schemas
+    shipped by ``kubernetes-validate`` (strict: unknown fields are errors), and
+    a deliberately broken copy must be rejected, so the validator is known to
+    be able to fail.
+(c) What an operator would trip over: ports, selectors, probes, the wiring
+    between the services, the database Secret, the GPU pool, hardening.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import kubernetes_validate
+import pytest
+import yaml
+
+HERE = Path(__file__).resolve().parent
+BASE = HERE / "k8s"
+
+IMAGE = "ghcr.io/dagmesh/dagmesh"
+NAMESPACE = "dagmesh"
+PART_OF = ("app.kubernetes.io/part-of", "dagmesh")
+
+# Oldest Kubernetes the manifests claim to support (native gRPC probes are GA
+# since 1.27; 1.30 is a version every managed offering still runs) and the
+# newest schema set the pinned kubernetes-validate ships.
+K8S_VERSIONS = ("1.30", ".".join(kubernetes_validate.latest_version().split(".")[:2]))
+
+
+# --------------------------------------------------------------------------
+# (a) a small kustomize renderer
+# --------------------------------------------------------------------------
+
+
+class UnsupportedKustomization(Exception):
+    """The kustomization uses a feature this renderer does not implement."""
+
+
+SUPPORTED_KUSTOMIZATION_KEYS = {
+    "apiVersion",
+    "kind",
+    "namespace",
+    "labels",
+    "resources",
+    "images",
+}
+
+# Kinds the renderer knows the scope of. kustomize decides scope from its
+# built-in OpenAPI data; we keep an explicit list and refuse anything else
+# (a RoleBinding, for instance, would also need its subjects re-namespaced).
+CLUSTER_SCOPED_KINDS = {"Namespace"}
+NAMESPACED_KINDS = {"ConfigMap", "Secret", "Service", "Deployment"}
+
+# kustomize's "templateLabels" field specs that apply to these kinds
+# (api/konfig/builtinpluginconsts/metadatalabels.go).
+TEMPLATE_LABEL_KINDS = {"Deployment"}
+
+# Legacy sort order, the default of `kustomize build` / `kubectl kustomize`
+# (api/internal/builtins/SortOrderTransformer.go: defaultOrderFirst/Last).
+ORDER_FIRST = [
+    "Namespace", "ResourceQuota", "StorageClass", "CustomResourceDefinition",
+    "ServiceAccount", "PodSecurityPolicy", "Role", "ClusterRole", "RoleBinding",
+    "ClusterRoleBinding", "ConfigMap", "Secret", "Endpoints", "Service",
+    "LimitRange", "PriorityClass", "PersistentVolume", "PersistentVolumeClaim",
+    "Deployment", "StatefulSet", "CronJob", "PodDisruptionBudget",
+]
+ORDER_LAST = ["MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"]
+TYPE_ORDERS = {
+    **{k: -len(ORDER_FIRST) + i for i, k in enumerate(ORDER_FIRST)},
+    **{k: 1 + i for i, k in enumerate(ORDER_LAST)},
+}
+
+
+def _group_version(api_version: str) -> tuple[str, str]:
+    if "/" in api_version:
+        group, version = api_version.split("/", 1)
+        return group, version
+    return "", api_version
+
+
+def _legacy_sort_key(obj: dict) -> tuple:
+    """kustomize's legacyIDSorter: kind rank, then group_version_kind, then
+    "Kind.version.group|namespace|name"."""
+    group, version = _group_version(obj["apiVersion"])
+    kind = obj["kind"]
+    gvk_sort = "_".join([group or "~G", version or "~V", kind or "~K"])
+    gvk_string = ".".join([kind or "[noKind]", version or "[noVer]", group or "[noGrp]"])
+    meta = obj.get("metadata", {})
+    id_string = "|".join([gvk_string, meta.get("namespace") or "~X", meta.get("name") or "~N"])
+    return (TYPE_ORDERS.get(kind, 0), gvk_sort, id_string)
+
+
+def split_image(image: str) -> tuple[str, str, str]:
+    """(name, tag, digest), as kustomize's api/image.Split: a ':' before the
+    first '/' belongs to a registry host:port, not to a tag."""
+    slash = image.find("/")
+    offset = slash if slash > 0 else 0
+    search = image[offset:]
+    at = search.find("@")
+    colon = search.find(":")
+    if colon < 0 and at < 0:
+        return image, "", ""
+    if at >= 0 and (colon < 0 or at < colon):
+        return image[: offset + at], "", image[offset + at + 1 :]
+    if at >= 0:
+        return image[: offset + colon], image[offset + colon + 1 : offset + at], image[offset + at + 1 :]
+    return image[: offset + colon], image[offset + colon + 1 :], ""
+
+
+def image_matches(image: str, name: str) -> bool:
+    """kustomize's api/image.IsImageMatched: the same name, with any tag and
+    digest (kustomize does not escape the name; no name here has regex
+    metacharacters other than '.', which matches itself either way)."""
+    pattern = "^" + re.escape(name) + r"(:[a-zA-Z0-9_.{}-]*)?(@sha256:[a-zA-Z0-9_.{}-]*)?$"
+    return re.match(pattern, image) is not None
+
+
+def transform_image(image: str, rule: dict) -> str:
+    """kustomize's imageTagUpdater.SetImageValue."""
+    if not image_matches(image, rule["name"]):
+        return image
+    name, tag, digest = split_image(image)
+    if rule.get("newName"):
+        name = rule["newName"]
+    new_tag = str(rule["newTag"]) if rule.get("newTag") not in (None, "") else ""
+    new_digest = rule.get("digest") or ""
+    if new_tag and new_digest:
+        tag, digest = new_tag, new_digest
+    elif new_tag:
+        tag, digest = new_tag, ""
+    elif new_digest:
+        tag, digest = "", new_digest
+    if tag:
+        name += ":" + tag
+    if digest:
+        name += "@" + digest
+    return name
+
+
+def _walk_containers(node, rule: dict) -> None:
+    """kustomize's imagetag.LegacyFilter: every `image` of every element of
+    any sequence named `containers` or `initContainers`, at any depth."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _walk_containers(value, rule)
+            if key in ("containers", "initContainers") and isinstance(value, list):
+                for container in value:
+                    if isinstance(container, dict) and isinstance(container.get("image"), str):
+                        container["image"] = transform_image(container["image"], rule)
+    elif isinstance(node, list):
+        for item in node:
+            _walk_containers(item, rule)
+
+
+def _load_resource_file(path: Path) -> list[dict]:
+    with path.open() as f:
+        docs = [d for d in yaml.safe_load_all(f) if d is not None]
+    for doc in docs:
+        if not isinstance(doc, dict) or "apiVersion" not in doc or "kind" not in doc:
+            raise UnsupportedKustomization(f"{path}: not a Kubernetes object: {doc!r:.80}")
+    return docs
+
+
+def render(directory: Path) -> list[dict]:
+    """Build the kustomization in `directory` the way `kustomize build` would,
+    for the supported subset; raise UnsupportedKustomization otherwise."""
+    kfile = directory / "kustomization.yaml"
+    kust = yaml.safe_load(kfile.read_text())
+    unknown = set(kust) - SUPPORTED_KUSTOMIZATION_KEYS
+    if unknown:
+        raise UnsupportedKustomization(f"{kfile}: fields not supported by this renderer: {sorted(unknown)}")
+    if kust.get("kind", "Kustomization") != "Kustomization":
+        raise UnsupportedKustomization(f"{kfile}: kind {kust.get('kind')!r}")
+
+    objects: list[dict] = []
+    for entry in kust.get("resources", []):
+        path = directory / entry
+        if "://" in entry or not path.is_file():
+            raise UnsupportedKustomization(f"{kfile}: resource {entry!r} is not a local file")
+        objects.extend(_load_resource_file(path))
+
+    for obj in objects:
+        kind = obj["kind"]
+        if kind not in CLUSTER_SCOPED_KINDS | NAMESPACED_KINDS:
+            raise UnsupportedKustomization(f"kind {kind} is not supported by this renderer")
+        obj.setdefault("metadata", {})
+
+    # namespace: api/filters/namespace. metadata.namespace on namespaced
+    # objects (overwriting any value), and a v1 Namespace is renamed.
+    namespace = kust.get("namespace")
+    if namespace:
+        for obj in objects:
+            if obj["kind"] == "Namespace":
+                if obj["apiVersion"] == "v1":
+                    obj["metadata"]["name"] = namespace
+            else:
+                obj["metadata"]["namespace"] = namespace
+
+    # labels: kusttarget_configplugin.go. Without includeSelectors the pairs
+    # go to metadata.labels of every object and, with includeTemplates, to
+    # the pod template labels; selectors are never touched.
+    for entry in kust.get("labels", []):
+        extra = set(entry) - {"pairs", "includeSelectors", "includeTemplates"}
+        if extra or entry.get("includeSelectors"):
+            raise UnsupportedKustomization(
+                f"labels entry {entry!r}: only pairs/includeTemplates are supported")
+        pairs = {str(k): str(v) for k, v in entry.get("pairs", {}).items()}
+        for obj in objects:
+            labels = obj["metadata"].get("labels") or {}
+            labels.update(pairs)
+            obj["metadata"]["labels"] = labels
+            if entry.get("includeTemplates") and obj["kind"] in TEMPLATE_LABEL_KINDS:
+                template_meta = obj.setdefault("spec", {}).setdefault("template", {}).setdefault("metadata", {})
+                template_labels = template_meta.get("labels") or {}
+                template_labels.update(pairs)
+                template_meta["labels"] = template_labels
+
+    # images: api/filters/imagetag (the legacy walk; for Deployments the
+    # field-spec pass that follows it touches the same fields).
+    for rule in kust.get("images", []):
+        extra = set(rule) - {"name", "newName", "newTag", "digest"}
+        if extra:
+            raise UnsupportedKustomization(f"images entry {rule!r}: fields {sorted(extra)} not supported")
+        for obj in objects:
+            _walk_containers(obj, rule)
+
+    # kustomize refuses two objects with the same id.
+    seen = set()
+    for obj in objects:
+        ident = (obj["apiVersion"], obj["kind"], obj["metadata"].get("namespace"), obj["metadata"].get("name"))
+        if ident in seen:
+            raise ValueError(f"duplicate resource id {ident}")
+        seen.add(ident)
+
+    return sorted(objects, key=_legacy_sort_key)
+
+
+# --- renderer tests --------------------------------------------------------
+
+FIXTURE_KUSTOMIZATION = """\
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+namespace: prod
+labels:
+  - pairs: {team: mesh}
+    includeTemplates: true
+resources:
+  - app.yaml
+  - ns.yaml
+images:
+  - name: registry.local:5000/tools/app
+    newTag: "2.0"
+  - name: busybox
+    digest: sha256:abcd
+"""
+
+FIXTURE_APP = """\
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: b-app
+  namespace: ignored
+  labels: {team: old}
+spec:
+  selector: {matchLabels: {app: b}}
+  template:
+    metadata: {labels: {app: b}}
+    spec:
+      initContainers:
+        - {name: init, image: "busybox:1.36"}
+      containers:
+        - {name: app, image: "registry.local:5000/tools/app:1.0@sha256:ffff"}
+        - {name: other, image: "registry.local:5000/tools/app-sidecar:1.0"}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: z-svc}
+spec:
+  selector: {app: b}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: a-app}
+spec:
+  selector: {matchLabels: {app: a}}
+  template:
+    spec:
+      containers: [{name: app, image: registry.local:5000/tools/app}]
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: cfg}
+data: {k: v}
+"""
+
+FIXTURE_NS = """\
+apiVersion: v1
+kind: Namespace
+metadata: {name: whatever}
+"""
+
+# What kustomize v5 produces for the fixture: legacy order, namespace set
+# (and the Namespace renamed), labels on metadata and templates only, images
+# rewritten (a registry port is not a tag; a different repository with the
+# same prefix is left alone; a new tag drops an old digest).
+FIXTURE_EXPECTED = [
+    {"apiVersion": "v1", "kind": "Namespace",
+     "metadata": {"name": "prod", "labels": {"team": "mesh"}}},
+    {"apiVersion": "v1", "kind": "ConfigMap",
+     "metadata": {"name": "cfg", "namespace": "prod", "labels": {"team": "mesh"}},
+     "data": {"k": "v"}},
+    {"apiVersion": "v1", "kind": "Service",
+     "metadata": {"name": "z-svc", "namespace": "prod", "labels": {"team": "mesh"}},
+     "spec": {"selector": {"app": "b"}, "ports": [{"port": 80, "targetPort": 8080}]}},
+    {"apiVersion": "apps/v1", "kind": "Deployment",
+     "metadata": {"name": "a-app", "namespace": "prod", "labels": {"team": "mesh"}},
+     "spec": {"selector": {"matchLabels": {"app": "a"}},
+              "template": {"metadata": {"labels": {"team": "mesh"}},
+                           "spec": {"containers": [
+                               {"name": "app", "image": "registry.local:5000/tools/app:2.0"}]}}}},
+    {"apiVersion": "apps/v1", "kind": "Deployment",
+     "metadata": {"name": "b-app", "namespace": "prod", "labels": {"team": "mesh"}},
+     "spec": {"selector": {"matchLabels": {"app": "b"}},
+              "template": {"metadata": {"labels": {"app": "b", "team": "mesh"}},
+                           "spec": {
+                               "initContainers": [{"name": "init", "image": "busybox@sha256:abcd"}],
+                               "containers": [
+                                   {"name": "app", "image": "registry.local:5000/tools/app:2.0"},
+                                   {"name": "other", "image": "registry.local:5000/tools/app-sidecar:1.0"}]}}}},
+]
+
+
+@pytest.fixture
+def fixture_dir(tmp_path: Path) -> Path:
+    (tmp_path / "kustomization.yaml").write_text(FIXTURE_KUSTOMIZATION)
+    (tmp_path / "app.yaml").write_text(FIXTURE_APP)
+    (tmp_path / "ns.yaml").write_text(FIXTURE_NS)
+    return tmp_path
+
+
+def test_renderer_matches_kustomize_on_fixture(fixture_dir: Path) -> None:
+    assert render(fixture_dir) == FIXTURE_EXPECTED
+
+
+@pytest.mark.parametrize(
+    ("image", "expected"),
+    [
+        ("nginx", ("nginx", "", "")),
+        ("nginx:1.2", ("nginx", "1.2", "")),
+        ("nginx@sha256:ab", ("nginx", "", "sha256:ab")),
+        ("nginx:1.2@sha256:ab", ("nginx", "1.2", "sha256:ab")),
+        ("host:5000/a/b", ("host:5000/a/b", "", "")),
+        ("host:5000/a/b:v1", ("host:5000/a/b", "v1", "")),
+        ("ghcr.io/dagmesh/dagmesh:0.1.0", ("ghcr.io/dagmesh/dagmesh", "0.1.0", "")),
+    ],
+)
+def test_split_image(image: str, expected: tuple) -> None:
+    assert split_image(image) == expected
+
+
+def test_renderer_refuses_unknown_features(tmp_path: Path) -> None:
+    (tmp_path / "kustomization.yaml").write_text(
+        "resources: []\npatches:\n  - path: p.yaml\n")
+    with pytest.raises(UnsupportedKustomization, match="patches"):
+        render(tmp_path)
+    (tmp_path / "kustomization.yaml").write_text("commonLabels: {a: b}\n")
+    with pytest.raises(UnsupportedKustomization, match="commonLabels"):
+        render(tmp_path)
+
+
+def _kubectl_kustomize(directory: Path) -> list[dict] | None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        return None
+    try:
+        # A kubectl that cannot even report its own version is a broken
+        # install, not a finding about the manifests.
+        probe = subprocess.run([kubectl, "version", "--client"],
+                               capture_output=True, text=True, timeout=60, check=False)
+        if probe.returncode != 0 or "Kustomize" not in probe.stdout:
+            return None
+        proc = subprocess.run(
+            [kubectl, "kustomize", str(directory)],
+            capture_output=True, text=True, timeout=120, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0 and "unknown command" in proc.stderr:
+        return None
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d is not None]
+
+
+@pytest.mark.parametrize("which", ["fixture", "base"])
+def test_renderer_agrees_with_kubectl_kustomize(which: str, fixture_dir: Path) -> None:
+    """Cross-check against the real kustomize where a kubectl is installed.
+    Not required: the rest of the suite runs on the Python renderer alone."""
+    directory = fixture_dir if which == "fixture" else BASE
+    real = _kubectl_kustomize(directory)
+    if real is None:
+        pytest.skip("no kubectl with built-in kustomize on PATH")
+    assert render(directory) == real
+
+
+# --------------------------------------------------------------------------
+# the rendered base
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rendered() -> list[dict]:
+    return render(BASE)
+
+
+def _by_kind(objs: list[dict], kind: str) -> list[dict]:
+    return [o for o in objs if o["kind"] == kind]
+
+
+def _one(objs: list[dict], kind: str, name: str) -> dict:
+    found = [o for o in objs if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected exactly one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+def _containers(deploy: dict) -> list[dict]:
+    pod = deploy["spec"]["template"]["spec"]
+    return pod.get("initContainers", []) + pod["containers"]
+
+
+def _env(container: dict, name: str) -> dict | None:
+    for var in container.get("env", []):
+        if var["name"] == name:
+            return var
+    return None
+
+
+def _setting(container: dict, flag: str, env: str) -> str | None:
+    """A setting given either as `--flag value` / `--flag=value` in args or
+    as a literal env var; the flag wins, as with clap."""
+    argv = list(container.get("command", [])) + list(container.get("args", []))
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    var = _env(container, env)
+    if var is not None:
+        assert "value" in var, f"{env} must be a literal value"
+        return var["value"]
+    return None
+
+
+def _service_url_target(url: str, services: list[dict]) -> tuple[dict, int]:
+    """Which Service (and port) a gRPC URL like http://svc:port points at,
+    accepting the short name and the namespaced DNS forms."""
+    parts = urlsplit(url)
+    assert parts.scheme in ("http", "https"), f"{url}: scheme must be http(s)"
+    assert parts.port is not None, f"{url}: give the port explicitly"
+    host = parts.hostname
+    for svc in services:
+        name, ns = svc["metadata"]["name"], svc["metadata"]["namespace"]
+        forms = {name, f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.svc.cluster.local"}
+        if host in forms:
+            return svc, parts.port
+    raise AssertionError(f"{url}: host {host!r} is not a Service in the rendered base")
+
+
+def test_base_contains_the_split_mode_objects(rendered: list[dict]) -> None:
+    names = {(o["kind"], o["metadata"]["name"]) for o in rendered}
+    assert names == {
+        ("Namespace", NAMESPACE),
+        ("ConfigMap", "dagmesh-telemetry"),
+        ("Secret", "dagmesh-database"),
+        ("Service", "dagmesh-metastore"),
+        ("Deployment", "dagmesh-metastore"),
+        ("Service", "dagmesh-executor"),
+        ("Deployment", "dagmesh-executor"),
+        ("Deployment", "room-scan-worker-cpu"),
+        ("Deployment", "room-scan-worker-gpu"),
+    }
+
+
+def test_base_kustomize_transforms_applied(rendered: list[dict]) -> None:
+    kust = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    tag = str(kust["images"][0]["newTag"])
+    assert rendered == sorted(rendered, key=_legacy_sort_key)
+    assert rendered[0]["kind"] == "Namespace"
+    for obj in rendered:
+        meta = obj["metadata"]
+        assert meta["labels"][PART_OF[0]] == PART_OF[1], meta["name"]
+        if obj["kind"] != "Namespace":
+            assert meta["namespace"] == NAMESPACE
+    for deploy in _by_kind(rendered, "Deployment"):
+        assert deploy["spec"]["template"]["metadata"]["labels"][PART_OF[0]] == PART_OF[1]
+        # The part-of label must stay out of selectors (immutable once applied).
+        assert PART_OF[0] not in deploy["spec"]["selector"]["matchLabels"]
+        for c in _containers(deploy):
+            assert c["image"] == f"{IMAGE}:{tag}", deploy["metadata"]["name"]
+    for svc in _by_kind(rendered, "Service"):
+        assert PART_OF[0] not in svc["spec"]["selector"]
+
+
+# --------------------------------------------------------------------------
+# (b) schema validation
+# --------------------------------------------------------------------------
+
+
+def _ids(objs: list[dict]) -> list[str]:
+    return [f"{o['kind']}/{o['metadata']['name']}" for o in objs]
+
+
+_RENDERED_FOR_PARAMS = render(BASE)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("obj", _RENDERED_FOR_PARAMS, ids=_ids(_RENDERED_FOR_PARAMS))
+def test_object_validates_against_kubernetes_schema(obj: dict, version: str) -> None:
+    # strict=True: unknown fields (typos) are errors, as `kubectl apply
+    # --validate=strict` would make them. A kind without a schema raises
+    # SchemaNotFoundError, which fails the test too.
+    kubernetes_validate.validate(obj, version, strict=True)
+
+
+def _deployment(objs: list[dict], name: str) -> dict:
+    return copy.deepcopy(_one(objs, "Deployment", name))
+
+
+def _break_port_type(objs):
+    d = _deployment(objs, "dagmesh-metastore")
+    d["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "7071"
+    return d, "containerPort"
+
+
+def _break_field_name(objs):
+    d = _deployment(objs, "dagmesh-executor")
+    c = d["spec"]["template"]["spec"]["containers"][0]
+    c["readinesProbe"] = c.pop("readinessProbe")
+    return d, "readinesProbe"
+
+
+def _break_probe_shape(objs):
+    d = _deployment(objs, "dagmesh-metastore")
+    d["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["grpc"] = {"port": "grpc"}
+    return d, "port"
+
+
+def _break_missing_required(objs):
+    d = _deployment(objs, "room-scan-worker-cpu")
+    del d["spec"]["template"]["spec"]["containers"][0]["name"]
+    return d, "name"
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize(
+    "breaker",
+    [_break_port_type, _break_field_name, _break_probe_shape, _break_missing_required],
+    ids=["wrong-type", "misspelled-field", "grpc-probe-named-port", "missing-required"],
+)
+def test_validator_rejects_broken_copy(rendered: list[dict], breaker, version: str) -> None:
+    broken, culprit = breaker(rendered)
+    with pytest.raises(kubernetes_validate.ValidationError) as err:
+        kubernetes_validate.validate(broken, version, strict=True)
+    assert culprit in str(err.value.message) or culprit in [str(p) for p in err.value.path]
+
+
+# --------------------------------------------------------------------------
+# (c) what an operator would notice
+# --------------------------------------------------------------------------
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def _services_for(deploy: dict, services: list[dict]) -> list[dict]:
+    pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
+    return [
+        s for s in services
+        if s["metadata"]["namespace"] == deploy["metadata"]["namespace"]
+        and _selects(s["spec"]["selector"], pod_labels)
+    ]
+
+
+def _port_matches(target, port: dict) -> bool:
+    return target == port.get("name") or target == port["containerPort"]
+
+
+def test_deployment_selector_matches_its_pod_template(rendered: list[dict]) -> None:
+    for d in _by_kind(rendered, "Deployment"):
+        assert _selects(d["spec"]["selector"]["matchLabels"], d["spec"]["template"]["metadata"]["labels"])
+
+
+def test_deployment_selectors_do_not_overlap(rendered: list[dict]) -> None:
+    deployments = _by_kind(rendered, "Deployment")
+    for d in deployments:
+        for other in deployments:
+            if other is not d:
+                assert not _selects(d["spec"]["selector"]["matchLabels"],
+                                    other["spec"]["template"]["metadata"]["labels"]), (
+                    f"{d['metadata']['name']} would adopt pods of {other['metadata']['name']}")
+
+
+def test_every_service_selects_exactly_one_deployment(rendered: list[dict]) -> None:
+    deployments = _by_kind(rendered, "Deployment")
+    for svc in _by_kind(rendered, "Service"):
+        matched = [d for d in deployments if svc in _services_for(d, [svc])]
+        assert len(matched) == 1, f"Service {svc['metadata']['name']} selects {len(matched)} Deployments"
+
+
+def test_every_service_target_port_is_a_container_port(rendered: list[dict]) -> None:
+    deployments = _by_kind(rendered, "Deployment")
+    for svc in _by_kind(rendered, "Service"):
+        backends = [d for d in deployments if svc in _services_for(d, [svc])]
+        for sp in svc["spec"]["ports"]:
+            target = sp.get("targetPort", sp["port"])
+            for d in backends:
+                ports = [p for c in d["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])]
+                assert any(_port_matches(target, p) for p in ports), (
+                    f"Service {svc['metadata']['name']} targets {target!r}, "
+                    f"which {d['metadata']['name']} does not expose")
+
+
+def test_every_container_port_is_served_by_a_service(rendered: list[dict]) -> None:
+    services = _by_kind(rendered, "Service")
+    for d in _by_kind(rendered, "Deployment"):
+        mine = _services_for(d, services)
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            for p in c.get("ports", []):
+                assert any(
+                    _port_matches(sp.get("targetPort", sp["port"]), p)
+                    for s in mine for sp in s["spec"]["ports"]
+                ), f"{d['metadata']['name']}/{c['name']} port {p} has no Service"
+
+
+def test_listen_address_matches_the_container_port(rendered: list[dict]) -> None:
+    for d in _by_kind(rendered, "Deployment"):
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            listen = _setting(c, "--listen", "DAGMESH_LISTEN")
+            if listen is None:
+                continue
+            port = int(listen.rsplit(":", 1)[1])
+            assert port in [p["containerPort"] for p in c.get("ports", [])], d["metadata"]["name"]
+            # 0.0.0.0, not 127.0.0.1: kubelet probes and Services come from outside the pod.
+            assert listen.rsplit(":", 1)[0] in ("0.0.0.0", "[::]"), listen
+
+
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+
+
+def _probe_port(probe: dict):
+    for handler in ("grpc", "httpGet", "tcpSocket"):
+        if handler in probe:
+            return handler, probe[handler]["port"]
+    return None, None
+
+
+def test_probes_target_an_exposed_port(rendered: list[dict]) -> None:
+    checked = 0
+    for d in _by_kind(rendered, "Deployment"):
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            for name in PROBES:
+                if name not in c:
+                    continue
+                handler, port = _probe_port(c[name])
+                assert handler is not None, f"{d['metadata']['name']}: {name} is not a network probe"
+                assert any(_port_matches(port, p) for p in c.get("ports", [])), (
+                    f"{d['metadata']['name']}/{c['name']} {name} targets {port!r}, not exposed")
+                checked += 1
+    assert checked >= 6
+
+
+def test_grpc_services_use_native_grpc_probes(rendered: list[dict]) -> None:
+    for name in ("dagmesh-metastore", "dagmesh-executor"):
+        c = _one(rendered, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
+        for probe in PROBES:
+            assert "grpc" in c[probe], f"{name}: {probe} should be a grpc probe"
+            # No `service:` means the overall health "" that the binaries serve.
+            assert c[probe]["grpc"].get("service", "") == ""
+        # The liveness probe must not fire before the startup window is over
+        # and should tolerate more than one missed check.
+        assert c["livenessProbe"].get("failureThreshold", 3) >= 3
+
+
+def test_metastore_reads_database_url_from_secret(rendered: list[dict]) -> None:
+    d = _one(rendered, "Deployment", "dagmesh-metastore")
+    c = d["spec"]["template"]["spec"]["containers"][0]
+    var = _env(c, "DAGMESH_DATABASE_URL")
+    assert var is not None and "value" not in var
+    ref = var["valueFrom"]["secretKeyRef"]
+    assert not ref.get("optional", False), "the metastore must not start without its database"
+    assert not any(a.startswith("--database") for a in c.get("args", [])), \
+        "a --database flag would put the password in the pod spec"
+    secret = _one(rendered, "Secret", ref["name"])
+    assert secret["metadata"]["namespace"] == d["metadata"]["namespace"]
+    values = {**secret.get("stringData", {}), **secret.get("data", {})}
+    assert ref["key"] in values
+    url = secret["stringData"][ref["key"]]
+    assert urlsplit(url).scheme in ("postgres", "postgresql")
+    # The base must only ever carry a placeholder: a host under .invalid
+    # (RFC 2606) cannot resolve, so a forgotten replacement fails loudly.
+    assert urlsplit(url).hostname.endswith(".invalid"), "real credentials do not belong in the base"
+
+
+def test_metastore_runs_exactly_one_replica(rendered: list[dict]) -> None:
+    d = _one(rendered, "Deployment", "dagmesh-metastore")
+    assert d["spec"]["replicas"] == 1
+    assert d["spec"]["strategy"]["type"] == "Recreate"
+
+
+def test_executor_points_at_the_metastore_service(rendered: list[dict]) -> None:
+    c = _one(rendered, "Deployment", "dagmesh-executor")["spec"]["template"]["spec"]["containers"][0]
+    url = _setting(c, "--metastore", "DAGMESH_METASTORE")
+    assert url is not None, "the executor needs --metastore / DAGMESH_METASTORE"
+    svc, port = _service_url_target(url, _by_kind(rendered, "Service"))
+    assert svc["metadata"]["name"] == "dagmesh-metastore"
+    assert port in [p["port"] for p in svc["spec"]["ports"]]
+
+
+@pytest.mark.parametrize("name", ["room-scan-worker-cpu", "room-scan-worker-gpu"])
+def test_workers_point_at_the_executor_service(rendered: list[dict], name: str) -> None:
+    c = _one(rendered, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
+    assert c["args"][0] == "room-scan-worker"
+    url = _setting(c, "--server", "DAGMESH_SERVER")
+    assert url is not None, f"{name} needs --server / DAGMESH_SERVER"
+    svc, port = _service_url_target(url, _by_kind(rendered, "Service"))
+    assert svc["metadata"]["name"] == "dagmesh-executor"
+    assert port in [p["port"] for p in svc["spec"]["ports"]]
+
+
+def test_worker_roles(rendered: list[dict]) -> None:
+    for name, role in (("room-scan-worker-cpu", "cpu"), ("room-scan-worker-gpu", "gpu")):
+        c = _one(rendered, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
+        assert _setting(c, "--role", "DAGMESH_ROLE") == role
+
+
+def test_gpu_pool_lands_on_gpu_nodes(rendered: list[dict]) -> None:
+    pod = _one(rendered, "Deployment", "room-scan-worker-gpu")["spec"]["template"]["spec"]
+    requests_gpu = any(
+        int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0)) >= 1
+        for c in pod["containers"]
+    )
+    selects_gpu_nodes = any("gpu" in k or "accelerator" in k for k in pod.get("nodeSelector", {}))
+    assert requests_gpu or selects_gpu_nodes
+    cpu_pod = _one(rendered, "Deployment", "room-scan-worker-cpu")["spec"]["template"]["spec"]
+    assert not any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {}) for c in cpu_pod["containers"])
+
+
+def test_references_resolve(rendered: list[dict]) -> None:
+    """Every ConfigMap/Secret a pod reads is part of the base."""
+    present = {(o["kind"], o["metadata"]["name"]) for o in rendered}
+    for d in _by_kind(rendered, "Deployment"):
+        for c in _containers(d):
+            for src in c.get("envFrom", []):
+                if "configMapRef" in src:
+                    assert ("ConfigMap", src["configMapRef"]["name"]) in present
+                if "secretRef" in src:
+                    assert ("Secret", src["secretRef"]["name"]) in present
+            for var in c.get("env", []):
+                ref = var.get("valueFrom", {})
+                if "configMapKeyRef" in ref:
+                    assert ("ConfigMap", ref["configMapKeyRef"]["name"]) in present
+                if "secretKeyRef" in ref:
+                    assert ("Secret", ref["secretKeyRef"]["name"]) in present
+
+
+def test_telemetry_is_configurable_and_off_by_default(rendered: list[dict]) -> None:
+    cm = _one(rendered, "ConfigMap", "dagmesh-telemetry")
+    assert cm["data"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == ""
+    assert "RUST_LOG" in cm["data"]
+    for d in _by_kind(rendered, "Deployment"):
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            refs = [s["configMapRef"]["name"] for s in c.get("envFrom", []) if "configMapRef" in s]
+            assert "dagmesh-telemetry" in refs, d["metadata"]["name"]
+            assert _env(c, "OTEL_EXPORTER_OTLP_ENDPOINT") is None, "would shadow the ConfigMap"
+
+
+def test_containers_are_hardened_and_sized(rendered: list[dict]) -> None:
+    for d in _by_kind(rendered, "Deployment"):
+        name = d["metadata"]["name"]
+        pod = d["spec"]["template"]["spec"]
+        pod_sc = pod.get("securityContext", {})
+        # Service env links would inject DAGMESH_*_PORT variables into the
+        # same DAGMESH_ namespace the binaries read their flags from.
+        assert pod.get("enableServiceLinks") is False, name
+        assert pod.get("automountServiceAccountToken") is False, name
+        for c in _containers(d):
+            sc = c.get("securityContext", {})
+            assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True, name
+            assert isinstance(sc.get("runAsUser", pod_sc.get("runAsUser")), int), name
+            assert sc.get("readOnlyRootFilesystem") is True, name
+            assert sc.get("allowPrivilegeEscalation") is False, name
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], name
+            assert not sc.get("capabilities", {}).get("add"), name
+            res = c.get("resources", {})
+            assert {"cpu", "memory"} <= set(res.get("requests", {})), name
+            assert "memory" in res.get("limits", {}), name
+            # A read-only root needs somewhere to write temporary files.
+            assert any(m["mountPath"] == "/tmp" for m in c.get("volumeMounts", [])), name
+
+
+def test_graceful_shutdown_windows(rendered: list[dict]) -> None:
+    grace = {d["metadata"]["name"]: d["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+             for d in _by_kind(rendered, "Deployment")}
+    assert grace["room-scan-worker-cpu"] >= 60
+    assert grace["room-scan-worker-gpu"] >= 60
+    assert grace["dagmesh-executor"] >= 30
+    assert grace["dagmesh-metastore"] >= 30
+
+
+# --------------------------------------------------------------------------
+# the image the manifests run
+# --------------------------------------------------------------------------
+
+DOCKERFILE = HERE.parent / "Dockerfile"
+
+
+def test_dockerfile_agrees_with_the_manifests(rendered: list[dict]) -> None:
+    text = DOCKERFILE.read_text()
+    runtime = text.split("FROM ")[-1]  # the final stage
+    user = re.search(r"^USER\s+(\d+)(?::(\d+))?\s*$", runtime, re.M)
+    assert user, "the runtime stage must switch to a numeric non-root user"
+    uid = int(user.group(1))
+    assert uid != 0
+    installed = set(re.findall(r"/usr/local/bin/([\w-]+)", runtime)) | set(
+        re.findall(r"/out/([\w-]+)", runtime))
+    entrypoint_is_tini = re.search(r'^ENTRYPOINT\s+\["/usr/bin/tini"', runtime, re.M) is not None
+    for d in _by_kind(rendered, "Deployment"):
+        pod = d["spec"]["template"]["spec"]
+        for c in _containers(d):
+            assert c.get("securityContext", {}).get("runAsUser", pod["securityContext"]["runAsUser"]) == uid
+            if entrypoint_is_tini:
+                # `command` would replace tini and lose signal forwarding.
+                assert "command" not in c, d["metadata"]["name"]
+            program = (c.get("command") or c["args"])[0]
+            assert program in installed, f"{d['metadata']['name']} runs {program}, not in the image"

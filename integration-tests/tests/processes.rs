@@ -1,0 +1,674 @@
+//! The real `dagmesh` binary as child processes: killed mid-run, split into metastore and
+//! executor, probed with grpcurl's protocols, and stopped with SIGTERM.
+//!
+//! Every child is a [`ChildGuard`]: it is SIGKILLed and reaped when the test ends, pass or fail,
+//! and its log is printed when the test fails.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use dagmesh_integration_tests::{
+    PATIENCE, all_events, assert_succeeded, channel, dagmesh_binary, free_port, step,
+    step_states, wait_healthy, workflow,
+};
+use dagmesh_proto::v1::{ReadRunRequest, Run, metadata_service_client::MetadataServiceClient};
+use dagmesh_sdk::{Client, SubmitRun, TaskContext, TaskError, Worker, WorkerHandle};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// A `dagmesh` child process. Dropping it SIGKILLs and reaps the process, so a failing test
+/// leaves nothing behind; while a test panics, the drop also prints the end of its log.
+struct ChildGuard {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl ChildGuard {
+    /// Starts `dagmesh ARGS` with stdout and stderr appended to `DIR/NAME.log`, and with no
+    /// `DAGMESH_*` variable inherited from the test's environment.
+    fn spawn(name: &str, args: &[&str], log_dir: &Path) -> anyhow::Result<Self> {
+        let log = log_dir.join(format!("{name}.log"));
+        let file = OpenOptions::new().create(true).append(true).open(&log)?;
+        let mut command = Command::new(dagmesh_binary()?);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("DAGMESH_") {
+                command.env_remove(key);
+            }
+        }
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting dagmesh {}", args.join(" ")))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child: Some(child),
+            log,
+        })
+    }
+
+    fn pid(&self) -> anyhow::Result<u32> {
+        Ok(self.child.as_ref().context("process already reaped")?.id())
+    }
+
+    /// Waits until `url` reports SERVING, failing at once (with the log) if the process exits.
+    async fn wait_ready(&mut self, url: &str) -> anyhow::Result<()> {
+        tokio::select! {
+            result = wait_healthy(url) => result.with_context(|| self.context()),
+            status = self.exited() => {
+                bail!("{} exited before it was healthy ({:?}){}", self.name, status, self.context())
+            }
+        }
+    }
+
+    /// Resolves when the process has exited, reaping it.
+    async fn exited(&mut self) -> anyhow::Result<ExitStatus> {
+        loop {
+            let child = self.child.as_mut().context("process already reaped")?;
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits at most `within` for the process to exit on its own.
+    async fn wait_exit(&mut self, within: Duration) -> anyhow::Result<ExitStatus> {
+        match tokio::time::timeout(within, self.exited()).await {
+            Ok(status) => status,
+            Err(_) => bail!("{} still running after {within:?}{}", self.name, self.context()),
+        }
+    }
+
+    /// SIGKILL, like a crash or an OOM kill: nothing is drained or flushed.
+    fn sigkill(&mut self) -> anyhow::Result<()> {
+        let mut child = self.child.take().context("process already reaped")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
+    /// SIGTERM, what Kubernetes and systemd send first.
+    fn sigterm(&self) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid()?.to_string()])
+            .status()
+            .context("running kill -TERM")?;
+        ensure!(status.success(), "kill -TERM {} failed", self.name);
+        Ok(())
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    fn context(&self) -> String {
+        format!("\n--- last lines of {} ---\n{}", self.log.display(), self.log_tail())
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.context());
+        }
+    }
+}
+
+/// `dagmesh up` on `port` and the SQLite file in `dir`, with test timings; healthy on return.
+async fn start_up(name: &str, dir: &Path, port: u16, extra: &[&str]) -> anyhow::Result<ChildGuard> {
+    let listen = format!("127.0.0.1:{port}");
+    let database = sqlite_url(dir);
+    let mut args = vec![
+        "up",
+        "--listen",
+        &listen,
+        "--database",
+        &database,
+        "--lease",
+        "1s",
+        "--heartbeat-interval",
+        "200ms",
+    ];
+    args.extend_from_slice(extra);
+    let mut child = ChildGuard::spawn(name, &args, dir)?;
+    child.wait_ready(&format!("http://{listen}")).await?;
+    Ok(child)
+}
+
+fn sqlite_url(dir: &Path) -> String {
+    format!("sqlite://{}", dir.join("db.sqlite").display())
+}
+
+/// Runs `worker` in the background until the test ends (the runtime drops it then).
+fn spawn_worker(worker: Worker) -> (WorkerHandle, JoinHandle<Result<(), dagmesh_sdk::WorkerError>>) {
+    let handle = worker.handle();
+    (handle, tokio::spawn(worker.run_until(std::future::pending())))
+}
+
+async fn connected(handle: &WorkerHandle) -> anyhow::Result<()> {
+    tokio::time::timeout(PATIENCE, handle.wait_for(|state| state.connected))
+        .await
+        .with_context(|| format!("worker {} never connected", handle.instance_id()))?;
+    Ok(())
+}
+
+async fn wait_for_run(client: &Client, run_id: &str) -> anyhow::Result<Run> {
+    tokio::time::timeout(PATIENCE, client.wait_for_run(run_id))
+        .await
+        .with_context(|| format!("run {run_id} did not end in time"))?
+        .with_context(|| format!("waiting for run {run_id}"))
+}
+
+fn outputs(run: &Run, step_id: &str) -> serde_json::Map<String, Value> {
+    let step = run
+        .steps
+        .iter()
+        .find(|s| s.step_id == step_id)
+        .unwrap_or_else(|| panic!("run {} has no step {step_id}", run.run_id));
+    dagmesh_proto::json::from_struct(step.outputs.as_ref())
+}
+
+#[derive(Deserialize)]
+struct CountInput {
+    #[serde(default)]
+    x: Option<f64>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn executor_sigkill_mid_run_recovers_every_run() -> anyhow::Result<()> {
+    const RUNS: usize = 5;
+    const STEPS: [&str; 6] = ["a", "b", "c", "d", "e", "f"];
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let url = format!("http://127.0.0.1:{port}");
+    let mut up = start_up("up-1", dir.path(), port, &[]).await?;
+
+    // Every handler execution, as (task id, attempt), in the order they finished.
+    let (done_tx, mut done_rx) = watch::channel(Vec::<(String, u32)>::new());
+    let done_tx = Arc::new(done_tx);
+    let mut workers = Vec::new();
+    for i in 0..2 {
+        let done = done_tx.clone();
+        let worker = Worker::builder(&url)
+            .name("chaos")
+            .instance_id(format!("chaos-{i}"))
+            .slots(2)
+            .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(300))
+            .task("chaos.step", "1.0.0", move |ctx: TaskContext, input: CountInput| {
+                let done = done.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                    done.send_modify(|d| d.push((ctx.task_id().to_owned(), ctx.attempt())));
+                    Ok::<_, TaskError>(json!({ "n": input.x.unwrap_or(0.0) + 1.0 }))
+                }
+            })
+            .build()?;
+        workers.push(spawn_worker(worker));
+    }
+    for (handle, _) in &workers {
+        connected(handle).await?;
+    }
+
+    // a -> (b, c) -> d -> e -> f; each step outputs n = x + 1, so f.n is 7 in every run.
+    let task = "chaos.step@^1";
+    let spec = workflow(
+        "chaos-diamond",
+        vec![
+            step("a", task, &[], &[]),
+            step("b", task, &["a"], &[("x", "a.n")]),
+            step("c", task, &["a"], &[("x", "a.n")]),
+            step("d", task, &["b", "c"], &[("x", "b.n + c.n")]),
+            step("e", task, &["d"], &[("x", "d.n")]),
+            step("f", task, &["e"], &[("x", "e.n")]),
+        ],
+    );
+    let client = Client::connect(&url).await?;
+    let mut run_ids = Vec::new();
+    for i in 0..RUNS {
+        let run = client
+            .submit(SubmitRun::inline(spec.clone()).idempotency_key(format!("chaos-{i}")))
+            .await?;
+        run_ids.push(run.run_id);
+    }
+
+    // Kill once a fair share of the work is done, with most of it still to go.
+    tokio::time::timeout(PATIENCE, done_rx.wait_for(|d| d.len() >= 8))
+        .await
+        .context("workers never finished 8 steps")??;
+    up.sigkill()?;
+    let finished_before_kill = done_rx.borrow().len();
+    assert!(
+        finished_before_kill < RUNS * STEPS.len(),
+        "every step had finished before the kill; nothing was tested"
+    );
+
+    let _up = start_up("up-2", dir.path(), port, &[]).await?;
+    let client = Client::connect(&url).await?;
+    let channel = channel(&url).await?;
+    for run_id in &run_ids {
+        let run = wait_for_run(&client, run_id).await?;
+        assert_succeeded(&run);
+        let events = all_events(channel.clone(), run_id).await?;
+        for step_id in STEPS {
+            let states = step_states(&events, step_id);
+            let succeeded = states.iter().filter(|s| *s == "SUCCEEDED").count();
+            assert_eq!(
+                succeeded, 1,
+                "run {run_id} step {step_id}: SUCCEEDED recorded {succeeded} times: {states:?}"
+            );
+            assert!(
+                !outputs(&run, step_id).is_empty(),
+                "run {run_id} step {step_id} has no outputs"
+            );
+        }
+        assert_eq!(
+            outputs(&run, "f").get("n").and_then(Value::as_f64),
+            Some(7.0),
+            "run {run_id}: wrong data reached the last step"
+        );
+        // The recorded attempt of every step is one that a worker really ran.
+        let done = done_rx.borrow().clone();
+        for step in &run.steps {
+            assert!(
+                done.contains(&(step.task_id.clone(), step.attempt)),
+                "run {run_id} step {} records attempt {} that no worker finished",
+                step.step_id,
+                step.attempt
+            );
+        }
+    }
+    let done = done_rx.borrow().clone();
+    let distinct: BTreeSet<_> = done.iter().collect();
+    eprintln!(
+        "{} executions before the kill, {} in all for {} steps ({} repeated)",
+        finished_before_kill,
+        done.len(),
+        RUNS * STEPS.len(),
+        done.len() - distinct.len()
+    );
+    for (handle, task) in workers {
+        handle.abort();
+        let _ = task.await;
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct TextInput {
+    text: String,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_mode_metastore_and_executor_processes() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (store_port, exec_port) = (free_port()?, free_port()?);
+    let store_url = format!("http://127.0.0.1:{store_port}");
+    let exec_url = format!("http://127.0.0.1:{exec_port}");
+
+    let mut metastore = ChildGuard::spawn(
+        "metastore",
+        &[
+            "metastore",
+            "--listen",
+            &format!("127.0.0.1:{store_port}"),
+            "--database",
+            &sqlite_url(dir.path()),
+        ],
+        dir.path(),
+    )?;
+    let mut executor = ChildGuard::spawn(
+        "executor",
+        &[
+            "executor",
+            "--listen",
+            &format!("127.0.0.1:{exec_port}"),
+            "--metastore",
+            &store_url,
+            "--lease",
+            "1s",
+            "--heartbeat-interval",
+            "200ms",
+            "--drain-timeout",
+            "5s",
+        ],
+        dir.path(),
+    )?;
+    metastore.wait_ready(&store_url).await?;
+    executor.wait_ready(&exec_url).await?;
+
+    let worker = Worker::builder(&exec_url)
+        .name("split")
+        .task("split.upper", "1.0.0", |_ctx: TaskContext, input: TextInput| async move {
+            Ok::<_, TaskError>(json!({ "text": input.text.to_uppercase() }))
+        })
+        .build()?;
+    let (handle, worker_task) = spawn_worker(worker);
+    connected(&handle).await?;
+
+    let spec = workflow(
+        "split-upper",
+        vec![
+            step("greet", "split.upper@^1", &[], &[("text", "inputs.name")]),
+            step(
+                "shout",
+                "split.upper@^1",
+                &["greet"],
+                &[("text", "greet.text + ' world'")],
+            ),
+        ],
+    );
+    let client = Client::connect(&exec_url).await?;
+    let submitted = client
+        .submit(SubmitRun::inline(spec).inputs(json!({ "name": "alice" })))
+        .await?;
+    let run = wait_for_run(&client, &submitted.run_id).await?;
+    assert_succeeded(&run);
+    assert_eq!(outputs(&run, "shout").get("text"), Some(&json!("ALICE WORLD")));
+
+    // What the executor reports is what the metastore holds.
+    let stored = MetadataServiceClient::new(channel(&store_url).await?)
+        .read_run(ReadRunRequest {
+            run_id: run.run_id.clone(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(stored.state(), run.state());
+    assert_eq!(
+        (&stored.workflow, stored.workflow_version, stored.last_seq),
+        (&run.workflow, run.workflow_version, run.last_seq)
+    );
+    let by_id = |r: &Run| -> HashMap<String, (i32, u32, serde_json::Map<String, Value>)> {
+        r.steps
+            .iter()
+            .map(|s| {
+                (
+                    s.step_id.clone(),
+                    (
+                        s.state,
+                        s.attempt,
+                        dagmesh_proto::json::from_struct(s.outputs.as_ref()),
+                    ),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(by_id(&stored), by_id(&run), "steps differ between executor and metastore");
+
+    // SIGTERM drains each process and exits cleanly, the executor first (it tells the worker).
+    executor.sigterm()?;
+    let status = executor.wait_exit(Duration::from_secs(15)).await?;
+    assert!(status.success(), "executor exited with {status}{}", executor.context());
+    tokio::time::timeout(PATIENCE, worker_task)
+        .await
+        .context("worker did not stop after the executor's drain")???;
+    metastore.sigterm()?;
+    let status = metastore.wait_exit(Duration::from_secs(15)).await?;
+    assert!(status.success(), "metastore exited with {status}{}", metastore.context());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_serves_health_and_reflection_for_grpcurl() -> anyhow::Result<()> {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let url = format!("http://127.0.0.1:{port}");
+    let _up = start_up("up", dir.path(), port, &[]).await?;
+    let channel = channel(&url).await?;
+
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["", "dagmesh.v1.RunService", "dagmesh.v1.WorkerService"] {
+        let response = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .with_context(|| format!("health check {service:?}"))?
+            .into_inner();
+        assert_eq!(response.status, 1, "health of {service:?} is not SERVING");
+    }
+    let unknown = health
+        .check(HealthCheckRequest {
+            service: "dagmesh.v1.NoSuchService".into(),
+        })
+        .await
+        .expect_err("an unknown service has no health");
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+
+    let expected = [
+        "dagmesh.v1.RunService",
+        "dagmesh.v1.WorkflowService",
+        "dagmesh.v1.WorkerService",
+        "dagmesh.v1.ClusterService",
+        "dagmesh.v1.MetadataService",
+        "grpc.health.v1.Health",
+    ];
+    let v1alpha = reflection_v1alpha(channel.clone()).await?;
+    let v1 = reflection_v1(channel.clone()).await?;
+    for (version, listed) in [("v1alpha", &v1alpha), ("v1", &v1)] {
+        for service in expected {
+            assert!(
+                listed.services.contains(service),
+                "reflection {version} does not list {service}: {:?}",
+                listed.services
+            );
+        }
+        // What `grpcurl describe` and every grpcurl call need: the file defining a service.
+        assert!(
+            listed.run_service_file.contains(&"dagmesh/v1/run.proto".to_owned()),
+            "reflection {version} did not send run.proto for dagmesh.v1.RunService: {:?}",
+            listed.run_service_file
+        );
+    }
+
+    match Command::new("grpcurl").arg("-version").output() {
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("skipping the grpcurl part: no grpcurl on PATH");
+        }
+        Err(error) => return Err(error).context("running grpcurl -version"),
+        Ok(_) => {
+            let target = format!("127.0.0.1:{port}");
+            let list = run_grpcurl(&["-plaintext", &target, "list"]).await?;
+            for service in expected {
+                assert!(list.contains(service), "grpcurl list lacks {service}:\n{list}");
+            }
+            let workers = run_grpcurl(&[
+                "-plaintext",
+                "-d",
+                "{}",
+                &target,
+                "dagmesh.v1.ClusterService/ListWorkers",
+            ])
+            .await?;
+            assert!(workers.trim_start().starts_with('{'), "grpcurl call printed {workers}");
+        }
+    }
+    Ok(())
+}
+
+async fn run_grpcurl(args: &[&str]) -> anyhow::Result<String> {
+    let output = tokio::time::timeout(
+        PATIENCE,
+        tokio::process::Command::new("grpcurl")
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .with_context(|| format!("grpcurl {args:?} hung"))??;
+    ensure!(
+        output.status.success(),
+        "grpcurl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+struct Reflected {
+    services: Vec<String>,
+    /// Names of the files sent for the symbol `dagmesh.v1.RunService`.
+    run_service_file: Vec<String>,
+}
+
+async fn reflection_v1alpha(channel: tonic::transport::Channel) -> anyhow::Result<Reflected> {
+    use tonic_reflection::pb::v1alpha::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let requests = [
+        MessageRequest::ListServices(String::new()),
+        MessageRequest::FileContainingSymbol("dagmesh.v1.RunService".into()),
+    ]
+    .map(|message| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(message),
+    });
+    let mut stream = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter(requests))
+        .await?
+        .into_inner();
+    let mut reflected = Reflected {
+        services: Vec::new(),
+        run_service_file: Vec::new(),
+    };
+    for _ in 0..2 {
+        let response = tokio::time::timeout(PATIENCE, stream.message())
+            .await
+            .context("reflection v1alpha stalled")??
+            .context("reflection v1alpha stream ended early")?;
+        match response.message_response {
+            Some(MessageResponse::ListServicesResponse(list)) => {
+                reflected.services = list.service.into_iter().map(|s| s.name).collect();
+            }
+            Some(MessageResponse::FileDescriptorResponse(files)) => {
+                reflected.run_service_file = file_names(&files.file_descriptor_proto)?;
+            }
+            other => bail!("unexpected reflection v1alpha response {other:?}"),
+        }
+    }
+    Ok(reflected)
+}
+
+async fn reflection_v1(channel: tonic::transport::Channel) -> anyhow::Result<Reflected> {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let requests = [
+        MessageRequest::ListServices(String::new()),
+        MessageRequest::FileContainingSymbol("dagmesh.v1.RunService".into()),
+    ]
+    .map(|message| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(message),
+    });
+    let mut stream = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter(requests))
+        .await?
+        .into_inner();
+    let mut reflected = Reflected {
+        services: Vec::new(),
+        run_service_file: Vec::new(),
+    };
+    for _ in 0..2 {
+        let response = tokio::time::timeout(PATIENCE, stream.message())
+            .await
+            .context("reflection v1 stalled")??
+            .context("reflection v1 stream ended early")?;
+        match response.message_response {
+            Some(MessageResponse::ListServicesResponse(list)) => {
+                reflected.services = list.service.into_iter().map(|s| s.name).collect();
+            }
+            Some(MessageResponse::FileDescriptorResponse(files)) => {
+                reflected.run_service_file = file_names(&files.file_descriptor_proto)?;
+            }
+            other => bail!("unexpected reflection v1 response {other:?}"),
+        }
+    }
+    Ok(reflected)
+}
+
+fn file_names(encoded: &[Vec<u8>]) -> anyhow::Result<Vec<String>> {
+    use prost::Message as _;
+    encoded
+        .iter()
+        .map(|bytes| Ok(prost_types::FileDescriptorProto::decode(bytes.as_slice())?.name().to_owned()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_then_exits_zero() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let url = format!("http://127.0.0.1:{port}");
+    let mut up = start_up("up-1", dir.path(), port, &["--drain-timeout", "10s"]).await?;
+
+    let worker = Worker::builder(&url)
+        .name("slow")
+        .task("slow.step", "1.0.0", |_ctx: TaskContext, _input: Value| async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok::<_, TaskError>(json!({ "slept_ms": 1000 }))
+        })
+        .build()?;
+    let (handle, worker_task) = spawn_worker(worker);
+    connected(&handle).await?;
+
+    let client = Client::connect(&url).await?;
+    let run = client
+        .submit(SubmitRun::inline(workflow(
+            "sigterm-drain",
+            vec![step("nap", "slow.step@^1", &[], &[])],
+        )))
+        .await?;
+    tokio::time::timeout(PATIENCE, handle.wait_for(|state| state.running == 1))
+        .await
+        .context("the worker never started the task")?;
+
+    let signalled = Instant::now();
+    up.sigterm()?;
+    let status = up.wait_exit(Duration::from_secs(15)).await?;
+    let took = signalled.elapsed();
+    assert!(status.success(), "dagmesh up exited with {status} after SIGTERM{}", up.context());
+    eprintln!("dagmesh up drained and exited in {took:?}");
+
+    // The executor told the worker to drain; it stops once its result was recorded.
+    tokio::time::timeout(PATIENCE, worker_task)
+        .await
+        .context("worker did not stop after the executor's drain")???;
+    let state = handle.state();
+    assert_eq!(
+        (state.running, state.unacknowledged),
+        (0, 0),
+        "the worker stopped with work not recorded: {state:?}"
+    );
+
+    // The next process on the same database finds the run done, by the first attempt.
+    let port = free_port()?;
+    let _up = start_up("up-2", dir.path(), port, &[]).await?;
+    let client = Client::connect(format!("http://127.0.0.1:{port}")).await?;
+    let run = client.get_run(&run.run_id).await?;
+    assert_succeeded(&run);
+    assert_eq!(run.steps[0].attempt, 1, "the task ran again: {:?}", run.steps[0]);
+    assert_eq!(outputs(&run, "nap").get("slept_ms").and_then(Value::as_f64), Some(1000.0));
+    Ok(())
+}

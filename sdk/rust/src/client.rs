@@ -1,0 +1,380 @@
+//! A client for backends: register workflows, start runs, follow them to the end.
+//!
+//! A thin, typed layer over `RunService` and `WorkflowService`. Every error carries the gRPC
+//! status code, so callers can tell "no such run" (`NotFound`) from "try again"
+//! (`Unavailable`).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use dagmesh_proto::json::map_to_struct;
+use dagmesh_proto::v1::run_service_client::RunServiceClient;
+use dagmesh_proto::v1::workflow_service_client::WorkflowServiceClient;
+use dagmesh_proto::v1::{
+    ApplyWorkflowRequest, CancelRunRequest, GetRunRequest, GetWorkflowRequest, ListRunsRequest,
+    ListRunsResponse, RetryRunRequest, Run, RunState, SubmitRunRequest, WatchRunRequest,
+    WatchRunResponse, Workflow, WorkflowRef, WorkflowSpec, run_event, submit_run_request,
+    watch_run_response,
+};
+use futures::{Stream, StreamExt, TryStreamExt};
+use serde::Serialize;
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::backoff::Backoff;
+
+/// A failed call. [`ClientError::code`] is the gRPC status code for every variant.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid server url {url:?}: {source}")]
+    InvalidUrl {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The server answered with a non-OK status.
+    #[error("{code:?}: {message}")]
+    Status { code: Code, message: String },
+    /// Run inputs that are not a JSON object, or that do not serialize.
+    #[error("invalid run inputs: {0}")]
+    InvalidInputs(String),
+    /// The server's answer lacked a field the API promises.
+    #[error("server response has no {0}")]
+    MissingField(&'static str),
+}
+
+impl ClientError {
+    pub fn code(&self) -> Code {
+        match self {
+            ClientError::Status { code, .. } => *code,
+            ClientError::InvalidUrl { .. } | ClientError::InvalidInputs(_) => Code::InvalidArgument,
+            ClientError::Connect { .. } => Code::Unavailable,
+            ClientError::MissingField(_) => Code::Internal,
+        }
+    }
+
+    /// The server's message, or this error's text.
+    pub fn message(&self) -> String {
+        match self {
+            ClientError::Status { message, .. } => message.clone(),
+            other => other.to_string(),
+        }
+    }
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(status: tonic::Status) -> Self {
+        ClientError::Status {
+            code: status.code(),
+            message: status.message().to_owned(),
+        }
+    }
+}
+
+/// What [`Client::submit`] starts: a workflow (by name, or inline), inputs, and options.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct SubmitRun {
+    workflow: submit_run_request::WorkflowRef,
+    inputs: Result<serde_json::Map<String, serde_json::Value>, String>,
+    idempotency_key: String,
+    tags: HashMap<String, String>,
+}
+
+impl SubmitRun {
+    /// The latest version of the registered workflow `name`.
+    pub fn workflow(name: impl Into<String>) -> Self {
+        Self::new(submit_run_request::WorkflowRef::Workflow(WorkflowRef {
+            name: name.into(),
+            version: 0,
+        }))
+    }
+
+    /// An inline definition; the server registers it (or matches an identical version) first.
+    pub fn inline(spec: WorkflowSpec) -> Self {
+        Self::new(submit_run_request::WorkflowRef::Spec(spec))
+    }
+
+    fn new(workflow: submit_run_request::WorkflowRef) -> Self {
+        Self {
+            workflow,
+            inputs: Ok(serde_json::Map::new()),
+            idempotency_key: String::new(),
+            tags: HashMap::new(),
+        }
+    }
+
+    /// Pins a version of a named workflow (no effect on an inline spec).
+    pub fn version(mut self, version: u32) -> Self {
+        if let submit_run_request::WorkflowRef::Workflow(r) = &mut self.workflow {
+            r.version = version;
+        }
+        self
+    }
+
+    /// The run's inputs; must serialize to a JSON object. A serialization error is reported
+    /// by [`Client::submit`].
+    pub fn inputs(mut self, inputs: impl Serialize) -> Self {
+        self.inputs = match serde_json::to_value(inputs) {
+            Ok(serde_json::Value::Object(map)) => Ok(map),
+            Ok(other) => Err(format!("expected a JSON object, got {other}")),
+            Err(err) => Err(err.to_string()),
+        };
+        self
+    }
+
+    /// A second submit with the same key returns the first run instead of starting another.
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = key.into();
+        self
+    }
+
+    pub fn tag(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.tags.insert(key.into(), value.into());
+        self
+    }
+
+    /// The request as sent, for callers that use the generated client directly.
+    pub fn into_request(self) -> Result<SubmitRunRequest, ClientError> {
+        let inputs = self.inputs.map_err(ClientError::InvalidInputs)?;
+        Ok(SubmitRunRequest {
+            workflow_ref: Some(self.workflow),
+            inputs: Some(map_to_struct(&inputs)),
+            idempotency_key: self.idempotency_key,
+            tags: self.tags,
+        })
+    }
+}
+
+/// Terminal run states: the run will not change again (until a RetryRun).
+pub fn is_terminal(state: RunState) -> bool {
+    matches!(
+        state,
+        RunState::Succeeded | RunState::Failed | RunState::Cancelled
+    )
+}
+
+/// Calls `RunService` and `WorkflowService` on one connection. Cheap to clone; clones share
+/// the connection.
+#[derive(Debug, Clone)]
+pub struct Client {
+    runs: RunServiceClient<Channel>,
+    workflows: WorkflowServiceClient<Channel>,
+}
+
+impl Client {
+    /// Connects to `url`, e.g. `http://127.0.0.1:7070`; fails if the server is unreachable.
+    pub async fn connect(url: impl Into<String>) -> Result<Self, ClientError> {
+        let url = url.into();
+        let endpoint = endpoint(&url)?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|source| ClientError::Connect { url, source })?;
+        Ok(Self::from_channel(channel))
+    }
+
+    /// Like [`Client::connect`], but connects on the first call (and reconnects as needed).
+    pub fn connect_lazy(url: impl Into<String>) -> Result<Self, ClientError> {
+        Ok(Self::from_channel(endpoint(&url.into())?.connect_lazy()))
+    }
+
+    /// Uses a channel configured by the caller (TLS, interceptors, timeouts).
+    pub fn from_channel(channel: Channel) -> Self {
+        Self {
+            runs: RunServiceClient::new(channel.clone()),
+            workflows: WorkflowServiceClient::new(channel),
+        }
+    }
+
+    /// Registers a workflow definition; identical content returns the existing version.
+    pub async fn apply_workflow(&self, spec: WorkflowSpec) -> Result<Workflow, ClientError> {
+        let response = self
+            .workflows
+            .clone()
+            .apply_workflow(ApplyWorkflowRequest { spec: Some(spec) })
+            .await?
+            .into_inner();
+        response
+            .workflow
+            .ok_or(ClientError::MissingField("workflow"))
+    }
+
+    /// A workflow version; 0 means the latest.
+    pub async fn get_workflow(
+        &self,
+        name: impl Into<String>,
+        version: u32,
+    ) -> Result<Workflow, ClientError> {
+        let request = GetWorkflowRequest {
+            name: name.into(),
+            version,
+        };
+        Ok(self
+            .workflows
+            .clone()
+            .get_workflow(request)
+            .await?
+            .into_inner())
+    }
+
+    /// Starts a run (or, with a known idempotency key, returns the run it started before).
+    pub async fn submit(&self, run: SubmitRun) -> Result<Run, ClientError> {
+        let response = self
+            .runs
+            .clone()
+            .submit_run(run.into_request()?)
+            .await?
+            .into_inner();
+        response.run.ok_or(ClientError::MissingField("run"))
+    }
+
+    /// The run with all its steps; `NotFound` for an unknown id.
+    pub async fn get_run(&self, run_id: impl Into<String>) -> Result<Run, ClientError> {
+        let request = GetRunRequest {
+            run_id: run_id.into(),
+        };
+        Ok(self.runs.clone().get_run(request).await?.into_inner())
+    }
+
+    pub async fn list_runs(
+        &self,
+        request: ListRunsRequest,
+    ) -> Result<ListRunsResponse, ClientError> {
+        Ok(self.runs.clone().list_runs(request).await?.into_inner())
+    }
+
+    /// Follows a run: a snapshot then live events (`after_seq` 0), or the events after
+    /// `after_seq`. The stream ends after the run's final event. The call is made when the
+    /// stream is first polled; its failure is the first item.
+    pub fn watch_run(
+        &self,
+        run_id: impl Into<String>,
+        after_seq: u64,
+    ) -> impl Stream<Item = Result<WatchRunResponse, ClientError>> + Send + 'static {
+        let mut runs = self.runs.clone();
+        let request = WatchRunRequest {
+            run_id: run_id.into(),
+            after_seq,
+        };
+        futures::stream::once(async move {
+            let stream = runs.watch_run(request).await?.into_inner();
+            Ok::<_, ClientError>(stream.map_err(ClientError::from))
+        })
+        .try_flatten()
+    }
+
+    /// Cancels a run that has not ended; `FailedPrecondition` if it has.
+    pub async fn cancel_run(
+        &self,
+        run_id: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Result<Run, ClientError> {
+        let request = CancelRunRequest {
+            run_id: run_id.into(),
+            reason: reason.into(),
+        };
+        Ok(self.runs.clone().cancel_run(request).await?.into_inner())
+    }
+
+    /// Re-runs the failed and cancelled steps of an ended run.
+    pub async fn retry_run(&self, run_id: impl Into<String>) -> Result<Run, ClientError> {
+        let request = RetryRunRequest {
+            run_id: run_id.into(),
+        };
+        Ok(self.runs.clone().retry_run(request).await?.into_inner())
+    }
+
+    /// Waits until the run ends (succeeded, failed or cancelled) and returns it with all its
+    /// steps. Watches rather than polls; a watch that breaks (`Unavailable`, or a stream that
+    /// ends early) is resumed after the last event seen, with backoff.
+    pub async fn wait_for_run(&self, run_id: impl Into<String>) -> Result<Run, ClientError> {
+        let run_id = run_id.into();
+        let mut after_seq = 0;
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            let mut watch = std::pin::pin!(self.watch_run(run_id.clone(), after_seq));
+            let mut ended = false;
+            while let Some(item) = watch.next().await {
+                let message = match item {
+                    Ok(response) => response.message,
+                    Err(err) if err.code() == Code::Unavailable => break,
+                    Err(err) => return Err(err),
+                };
+                match message {
+                    Some(watch_run_response::Message::Snapshot(run)) => {
+                        after_seq = after_seq.max(run.last_seq);
+                        ended = is_terminal(run.state());
+                    }
+                    Some(watch_run_response::Message::Event(event)) => {
+                        after_seq = after_seq.max(event.seq);
+                        if let Some(run_event::Event::RunState(change)) = &event.event {
+                            ended = is_terminal(change.state());
+                        }
+                    }
+                    None => {}
+                }
+                if ended {
+                    break;
+                }
+            }
+            // The watch ended one way or another: the run itself says whether it is over.
+            let run = self.get_run(run_id.clone()).await?;
+            if is_terminal(run.state()) {
+                return Ok(run);
+            }
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+    }
+}
+
+fn endpoint(url: &str) -> Result<Endpoint, ClientError> {
+    Endpoint::from_shared(url.to_owned())
+        .map(|e| e.connect_timeout(Duration::from_secs(5)))
+        .map_err(|source| ClientError::InvalidUrl {
+            url: url.to_owned(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn submit_builds_the_request() {
+        let request = SubmitRun::workflow("room-scan")
+            .version(3)
+            .inputs(serde_json::json!({"room": "kitchen"}))
+            .idempotency_key("upload-42")
+            .tag("customer", "acme")
+            .into_request()
+            .unwrap();
+        assert_eq!(
+            request.workflow_ref,
+            Some(submit_run_request::WorkflowRef::Workflow(WorkflowRef {
+                name: "room-scan".into(),
+                version: 3
+            }))
+        );
+        assert_eq!(request.idempotency_key, "upload-42");
+        assert_eq!(request.tags["customer"], "acme");
+        assert!(request.inputs.unwrap().fields.contains_key("room"));
+    }
+
+    #[test]
+    fn non_object_inputs_are_refused() {
+        let err = SubmitRun::workflow("w")
+            .inputs([1, 2])
+            .into_request()
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.to_string().contains("JSON object"), "{err}");
+    }
+}

@@ -1,0 +1,737 @@
+//! The engine: one task that owns every active run and every worker session.
+//!
+//! It is the only writer of run state. Commands arrive on a bounded channel; the loop takes all
+//! that are waiting (up to `max_batch`), applies them to memory, dispatches ready tasks, commits
+//! everything those commands changed in **one** store transaction (group commit), and only then
+//! acts: replies to callers, sends Assign/Recorded/Cancel to workers, wakes watchers. So nothing
+//! is acknowledged or acted upon before it is durable, and one commit serves many messages.
+//!
+//! A failed commit stops the engine (the process exits and a restart recovers from the store);
+//! memory is never trusted past a write that did not happen.
+
+mod run;
+mod timers;
+mod workers;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use dagmesh_metastore::MetadataStore;
+use dagmesh_proto::v1::{self as pb, Hello, Run, WorkerInfo, server_message, worker_message};
+use serde_json::{Map, Value as Json};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::plans::{Plan, PlanCache};
+use crate::{ExecError, ExecutorConfig};
+pub(crate) use run::RunEntry;
+use timers::{Timer, Timers};
+pub(crate) use workers::{Outbound, Route};
+use workers::{QueuedTask, ReadyQueues, Session, Workers};
+
+pub(crate) enum Command {
+    Submit {
+        plan: Arc<Plan>,
+        inputs: Map<String, Json>,
+        idempotency_key: String,
+        tags: HashMap<String, String>,
+        reply: oneshot::Sender<Submitted>,
+    },
+    Cancel {
+        run_id: String,
+        reason: String,
+        reply: oneshot::Sender<Option<Run>>,
+    },
+    Retry {
+        run: Run,
+        plan: Arc<Plan>,
+        reply: oneshot::Sender<Result<Run, ExecError>>,
+    },
+    Watch {
+        run_id: String,
+        reply: oneshot::Sender<Option<watch::Receiver<u64>>>,
+    },
+    AwaitRun {
+        run_id: String,
+        reply: oneshot::Sender<Option<Run>>,
+    },
+    Connect {
+        hello: Hello,
+        generation: u64,
+        outbound: Outbound,
+    },
+    FromWorker {
+        instance: Arc<str>,
+        message: worker_message::Message,
+    },
+    Disconnect {
+        instance: Arc<str>,
+        generation: u64,
+    },
+    ListWorkers {
+        reply: oneshot::Sender<Vec<WorkerInfo>>,
+    },
+    Drain {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+pub(crate) enum Submitted {
+    Created(Run),
+    /// The idempotency key matched this run.
+    Existing(String),
+}
+
+/// Cloneable handle to the engine task.
+#[derive(Clone)]
+pub(crate) struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl EngineHandle {
+    pub async fn send(&self, command: Command) -> Result<(), ExecError> {
+        self.tx
+            .send(command)
+            .await
+            .map_err(|_| crate::error::engine_gone())
+    }
+
+    pub async fn call<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, ExecError> {
+        let (reply, response) = oneshot::channel();
+        self.send(command(reply)).await?;
+        response.await.map_err(|_| crate::error::engine_gone())
+    }
+}
+
+/// Something to do once the current batch is durable.
+enum Effect {
+    Send {
+        instance: Arc<str>,
+        message: server_message::Message,
+    },
+    Reply(Box<dyn FnOnce() + Send>),
+}
+
+/// Everything the engine owns except the runs, so run logic can borrow both at once.
+pub(crate) struct Ctx {
+    config: ExecutorConfig,
+    queues: ReadyQueues,
+    workers: Workers,
+    timers: Timers,
+    effects: Vec<Effect>,
+    /// Runs changed in this batch, in first-touched order.
+    dirty_runs: Vec<Arc<str>>,
+    dirty_set: HashSet<Arc<str>>,
+    now: Instant,
+}
+
+impl Ctx {
+    fn touch(&mut self, run_id: &Arc<str>) {
+        if self.dirty_set.insert(run_id.clone()) {
+            self.dirty_runs.push(run_id.clone());
+        }
+    }
+
+    fn send(&mut self, instance: Arc<str>, message: server_message::Message) {
+        self.effects.push(Effect::Send { instance, message });
+    }
+
+    fn reply<T: Send + 'static>(&mut self, reply: oneshot::Sender<T>, value: T) {
+        self.effects.push(Effect::Reply(Box::new(move || {
+            let _ = reply.send(value);
+        })));
+    }
+}
+
+pub(crate) struct Engine {
+    store: Arc<dyn MetadataStore>,
+    runs: HashMap<Arc<str>, RunEntry>,
+    ctx: Ctx,
+    /// Idempotency key -> run id of runs created by this process (bounded, oldest dropped);
+    /// older keys are found in the store before a submit reaches the engine.
+    idempotency: HashMap<String, Arc<str>>,
+    idempotency_order: VecDeque<String>,
+    watchers: HashMap<Arc<str>, watch::Sender<u64>>,
+    waiters: HashMap<Arc<str>, Vec<oneshot::Sender<Option<Run>>>>,
+    drain: Option<Vec<oneshot::Sender<()>>>,
+    drain_expired: bool,
+}
+
+const IDEMPOTENCY_MEMORY: usize = 100_000;
+
+impl Engine {
+    /// Loads every active run from the store and spawns the engine task.
+    pub async fn start(
+        store: Arc<dyn MetadataStore>,
+        plans: &PlanCache,
+        config: ExecutorConfig,
+    ) -> Result<(EngineHandle, tokio::task::JoinHandle<Result<(), ExecError>>), ExecError> {
+        let now = Instant::now();
+        let mut engine = Engine {
+            store: store.clone(),
+            runs: HashMap::new(),
+            ctx: Ctx {
+                config,
+                queues: ReadyQueues::default(),
+                workers: Workers::default(),
+                timers: Timers::default(),
+                effects: Vec::new(),
+                dirty_runs: Vec::new(),
+                dirty_set: HashSet::new(),
+                now,
+            },
+            idempotency: HashMap::new(),
+            idempotency_order: VecDeque::new(),
+            watchers: HashMap::new(),
+            waiters: HashMap::new(),
+            drain: None,
+            drain_expired: false,
+        };
+        engine.recover(plans).await?;
+        let (tx, rx) = mpsc::channel(engine.ctx.config.max_batch * 2);
+        let task = tokio::spawn(engine.run(rx));
+        Ok((EngineHandle { tx }, task))
+    }
+
+    async fn recover(&mut self, plans: &PlanCache) -> Result<(), ExecError> {
+        let active = self.store.read_active_runs().await?;
+        let count = active.len();
+        for mut run in active {
+            let plan = plans
+                .get(&run.workflow, Some(run.workflow_version))
+                .await?;
+            // Events may have been appended after the run row's last_seq was read; find the end.
+            loop {
+                let events = self.store.read_events(&run.run_id, run.last_seq, 1000).await?;
+                match events.last() {
+                    Some(last) => run.last_seq = last.seq,
+                    None => break,
+                }
+            }
+            let entry = RunEntry::recover(run, plan, &mut self.ctx);
+            if let Some(key) = non_empty(&entry.run.idempotency_key) {
+                self.remember_key(key.to_owned(), entry.id.clone());
+            }
+            self.runs.insert(entry.id.clone(), entry);
+        }
+        if count > 0 {
+            tracing::info!(runs = count, "recovered active runs");
+        }
+        self.dispatch();
+        self.flush().await
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) -> Result<(), ExecError> {
+        let mut batch = Vec::with_capacity(self.ctx.config.max_batch);
+        loop {
+            let deadline = self.ctx.timers.next_deadline();
+            let sleep = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                received = rx.recv_many(&mut batch, self.ctx.config.max_batch) => {
+                    if received == 0 {
+                        break;
+                    }
+                }
+                () = sleep => {}
+            }
+            self.ctx.now = Instant::now();
+            for command in batch.drain(..) {
+                self.handle(command);
+            }
+            while let Some(timer) = self.ctx.timers.pop_due(self.ctx.now) {
+                self.fire(timer);
+            }
+            self.dispatch();
+            if let Err(error) = self.flush().await {
+                tracing::error!(%error, "commit failed; stopping the engine");
+                return Err(error);
+            }
+            if self.drain_done() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Submit {
+                plan,
+                inputs,
+                idempotency_key,
+                tags,
+                reply,
+            } => {
+                if let Some(run_id) = self.idempotency.get(&idempotency_key) {
+                    let existing = Submitted::Existing(run_id.to_string());
+                    self.ctx.reply(reply, existing);
+                    return;
+                }
+                let entry = RunEntry::create(plan, inputs, idempotency_key.clone(), tags, &mut self.ctx);
+                let id = entry.id.clone();
+                self.runs.insert(id.clone(), entry);
+                if !idempotency_key.is_empty() {
+                    self.remember_key(idempotency_key, id.clone());
+                }
+                let entry = self.runs.get_mut(&id).expect("just inserted");
+                entry.start(&mut self.ctx);
+                let snapshot = entry.snapshot();
+                self.ctx.reply(reply, Submitted::Created(snapshot));
+            }
+            Command::Cancel {
+                run_id,
+                reason,
+                reply,
+            } => {
+                let result = self.runs.get_mut(run_id.as_str()).map(|entry| {
+                    entry.cancel(&reason, &mut self.ctx);
+                    entry.snapshot()
+                });
+                self.ctx.reply(reply, result);
+            }
+            Command::Retry { run, plan, reply } => {
+                if self.runs.contains_key(run.run_id.as_str()) {
+                    let error = ExecError::FailedPrecondition(format!(
+                        "run {} is still running; cancel it first",
+                        run.run_id
+                    ));
+                    self.ctx.reply(reply, Err(error));
+                    return;
+                }
+                let mut entry = RunEntry::recover(run, plan, &mut self.ctx);
+                entry.retry(&mut self.ctx);
+                let snapshot = entry.snapshot();
+                self.runs.insert(entry.id.clone(), entry);
+                self.ctx.reply(reply, Ok(snapshot));
+            }
+            Command::Watch { run_id, reply } => {
+                let receiver = self.runs.get_key_value(run_id.as_str()).map(|(id, entry)| {
+                    self.watchers
+                        .entry(id.clone())
+                        .or_insert_with(|| watch::channel(entry.run.last_seq).0)
+                        .subscribe()
+                });
+                let _ = reply.send(receiver);
+            }
+            Command::AwaitRun { run_id, reply } => match self.runs.get_key_value(run_id.as_str()) {
+                Some((id, _)) => self.waiters.entry(id.clone()).or_default().push(reply),
+                None => {
+                    let _ = reply.send(None);
+                }
+            },
+            Command::Connect {
+                hello,
+                generation,
+                outbound,
+            } => self.connect(hello, generation, outbound),
+            Command::FromWorker { instance, message } => self.from_worker(instance, message),
+            Command::Disconnect {
+                instance,
+                generation,
+            } => {
+                if let Some(session) = self.ctx.workers.sessions.get_mut(&instance)
+                    && session.generation == generation
+                {
+                    session.outbound = None;
+                    if session.held.is_empty() {
+                        self.ctx.workers.sessions.remove(&instance);
+                        tracing::info!(worker = %instance, "worker disconnected");
+                    } else {
+                        tracing::warn!(
+                            worker = %instance,
+                            tasks = session.held.len(),
+                            "worker stream broke; its tasks wait for the lease"
+                        );
+                    }
+                }
+            }
+            Command::ListWorkers { reply } => {
+                let mut workers: Vec<WorkerInfo> =
+                    self.ctx.workers.sessions.values().map(Session::info).collect();
+                workers.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+                let _ = reply.send(workers);
+            }
+            Command::Drain { reply } => {
+                if self.drain.is_none() {
+                    tracing::info!(
+                        tasks = self.ctx.workers.total_held(),
+                        "draining: no new assignments"
+                    );
+                    for session in self.ctx.workers.sessions.values() {
+                        session.send(server_message::Message::Drain(pb::Drain {
+                            reason: "executor is shutting down".into(),
+                        }));
+                    }
+                    let deadline = self.ctx.now + self.ctx.config.drain_timeout;
+                    self.ctx.timers.schedule(deadline, Timer::DrainDeadline);
+                }
+                self.drain.get_or_insert_with(Vec::new).push(reply);
+            }
+        }
+    }
+
+    fn remember_key(&mut self, key: String, run_id: Arc<str>) {
+        self.idempotency.insert(key.clone(), run_id);
+        self.idempotency_order.push_back(key);
+        if self.idempotency_order.len() > IDEMPOTENCY_MEMORY
+            && let Some(oldest) = self.idempotency_order.pop_front()
+        {
+            self.idempotency.remove(&oldest);
+        }
+    }
+
+    fn connect(&mut self, hello: Hello, generation: u64, outbound: Outbound) {
+        let instance: Arc<str> = Arc::from(hello.instance_id.as_str());
+        let now = self.ctx.now;
+        let session = self
+            .ctx
+            .workers
+            .sessions
+            .entry(instance.clone())
+            .or_insert_with(|| Session::new(instance.clone(), now));
+        session.generation = generation;
+        session.task_types = hello
+            .task_types
+            .iter()
+            .filter_map(|t| Some((t.name.clone(), semver::Version::parse(&t.version).ok()?)))
+            .collect();
+        session.outbound = Some(outbound);
+        session.last_seen = now;
+        session.last_seen_wall = SystemTime::now();
+        session.draining = false;
+
+        // Reconcile what the worker says it holds with what this executor assigned to it.
+        let claimed: HashSet<(String, u32)> = hello
+            .in_flight
+            .iter()
+            .map(|t| (t.task_id.clone(), t.attempt))
+            .collect();
+        session.hello = hello;
+        let held: Vec<(String, u32)> = session.held.keys().cloned().collect();
+        let mut resumed = Vec::new();
+        let mut lost = Vec::new();
+        for key in held {
+            if claimed.contains(&key) {
+                resumed.push(key);
+            } else {
+                lost.push(key);
+            }
+        }
+        let unknown: Vec<(String, u32)> = claimed
+            .into_iter()
+            .filter(|key| !resumed.contains(key))
+            .collect();
+
+        session.send(server_message::Message::Welcome(pb::Welcome {
+            session_id: format!("{instance}/{generation}"),
+            heartbeat_interval_ms: self.ctx.config.heartbeat_interval.as_millis() as u32,
+            lease_ms: self.ctx.config.lease.as_millis() as u32,
+            max_payload_bytes: self.ctx.config.max_payload_bytes as u64,
+            resumed: resumed
+                .iter()
+                .map(|(task_id, attempt)| pb::TaskRef {
+                    task_id: task_id.clone(),
+                    attempt: *attempt,
+                })
+                .collect(),
+        }));
+        tracing::info!(
+            worker = %instance,
+            name = %session.hello.worker_name,
+            slots = session.hello.slots,
+            resumed = resumed.len(),
+            "worker connected"
+        );
+        let lease_check = now + self.ctx.config.lease;
+        self.ctx.timers.schedule(
+            lease_check,
+            Timer::Lease {
+                instance: instance.clone(),
+            },
+        );
+
+        for (task_id, attempt) in resumed {
+            // Still held, but the step may have moved on (cancelled while disconnected).
+            if !self.is_current(&task_id, attempt) {
+                self.ctx.send(
+                    instance.clone(),
+                    cancel_message(&task_id, attempt, "the task was cancelled while you were away"),
+                );
+            }
+        }
+        for (task_id, attempt) in lost {
+            self.ctx.workers.release(&instance, &task_id, attempt);
+            self.requeue_lost(&task_id, attempt, &format!("worker {instance} reconnected without the task"));
+        }
+        for (task_id, attempt) in unknown {
+            self.ctx.send(
+                instance.clone(),
+                cancel_message(&task_id, attempt, "the task is not assigned to this worker"),
+            );
+        }
+    }
+
+    fn is_current(&self, task_id: &str, attempt: u32) -> bool {
+        self.current(task_id, attempt).is_some()
+    }
+
+    /// (run id key, step index) of a task id "<run_id>/<step_id>" of an active run.
+    fn locate(&self, task_id: &str) -> Option<(&Arc<str>, usize)> {
+        let (run_id, step_id) = task_id.split_once('/')?;
+        let (key, entry) = self.runs.get_key_value(run_id)?;
+        Some((key, *entry.plan.index.get(step_id)?))
+    }
+
+    fn requeue_lost(&mut self, task_id: &str, attempt: u32, reason: &str) {
+        let Some((run_id, step)) = self.locate(task_id).map(|(id, step)| (id.clone(), step)) else {
+            return;
+        };
+        let entry = self.runs.get_mut(&run_id).expect("located");
+        entry.attempt_lost(step, attempt, reason, &mut self.ctx);
+    }
+
+    fn from_worker(&mut self, instance: Arc<str>, message: worker_message::Message) {
+        use worker_message::Message;
+        let Some(session) = self.ctx.workers.sessions.get_mut(&instance) else {
+            return;
+        };
+        session.last_seen = self.ctx.now;
+        session.last_seen_wall = SystemTime::now();
+        match message {
+            Message::Hello(_) | Message::Heartbeat(_) => {}
+            Message::Draining(_) => {
+                session.draining = true;
+                tracing::info!(worker = %instance, "worker draining");
+            }
+            Message::Started(started) => {
+                if let Some((run_id, step)) = self.current(&started.task_id, started.attempt) {
+                    self.runs.get_mut(&run_id).expect("current").started(step, &mut self.ctx);
+                }
+            }
+            Message::Progress(progress) => {
+                if let Some((run_id, step)) = self.current(&progress.task_id, progress.attempt) {
+                    let entry = self.runs.get_mut(&run_id).expect("current");
+                    entry.progress(step, progress, &mut self.ctx);
+                }
+            }
+            Message::Log(log) => {
+                if let Some((run_id, step)) = self.current(&log.task_id, log.attempt) {
+                    let entry = self.runs.get_mut(&run_id).expect("current");
+                    entry.log(step, log, &mut self.ctx);
+                }
+            }
+            Message::Completed(completed) => {
+                let outputs = completed.outputs.unwrap_or_default();
+                self.result(&instance, &completed.task_id, completed.attempt, Ok(outputs));
+            }
+            Message::Failed(failed) => {
+                let error = (failed.error, failed.retryable);
+                self.result(&instance, &failed.task_id, failed.attempt, Err(error));
+            }
+        }
+    }
+
+    /// The run and step of a task message, if (task id, attempt) is the step's current attempt
+    /// and it is assigned or running.
+    fn current(&self, task_id: &str, attempt: u32) -> Option<(Arc<str>, usize)> {
+        let (run_id, step) = self.locate(task_id)?;
+        let record = &self.runs[run_id].steps[step];
+        (record.attempt == attempt && run::is_active(record.state()))
+            .then(|| (run_id.clone(), step))
+    }
+
+    fn result(
+        &mut self,
+        instance: &Arc<str>,
+        task_id: &str,
+        attempt: u32,
+        result: Result<prost_types::Struct, (String, bool)>,
+    ) {
+        self.ctx.workers.release(instance, task_id, attempt);
+        let located = self.locate(task_id).map(|(id, step)| (id.clone(), step));
+        let (outcome, detail) = match located {
+            None => (
+                pb::RecordOutcome::Stale,
+                "the run is not active (it ended or does not exist)".to_owned(),
+            ),
+            Some((run_id, step)) => {
+                let entry = self.runs.get_mut(&run_id).expect("located");
+                entry.record_result(step, attempt, result, &mut self.ctx)
+            }
+        };
+        self.ctx.send(
+            instance.clone(),
+            server_message::Message::Recorded(pb::Recorded {
+                task_id: task_id.to_owned(),
+                attempt,
+                outcome: outcome as i32,
+                detail,
+            }),
+        );
+    }
+
+    fn fire(&mut self, timer: Timer) {
+        match timer {
+            Timer::RetryDue {
+                run_id,
+                step,
+                attempt,
+            } => {
+                if let Some(entry) = self.runs.get_mut(&run_id) {
+                    entry.retry_due(step, attempt, &mut self.ctx);
+                }
+            }
+            Timer::AttemptTimeout {
+                run_id,
+                step,
+                attempt,
+            } => {
+                if let Some(entry) = self.runs.get_mut(&run_id) {
+                    entry.timed_out(step, attempt, &mut self.ctx);
+                }
+            }
+            Timer::Lease { instance } => self.check_lease(instance),
+            Timer::DrainDeadline => self.drain_expired = true,
+        }
+    }
+
+    fn check_lease(&mut self, instance: Arc<str>) {
+        let lease = self.ctx.config.lease;
+        let Some(session) = self.ctx.workers.sessions.get(&instance) else {
+            return;
+        };
+        let expires = session.last_seen + lease;
+        if expires > self.ctx.now {
+            self.ctx.timers.schedule(expires, Timer::Lease { instance });
+            return;
+        }
+        let session = self
+            .ctx
+            .workers
+            .sessions
+            .remove(&instance)
+            .expect("checked above");
+        tracing::warn!(
+            worker = %instance,
+            tasks = session.held.len(),
+            "worker lease expired; requeueing its tasks"
+        );
+        // Dropping the session drops its outbound sender, which ends a stream that is open but
+        // silent: the worker notices and reconnects as a new session.
+        let reason = format!(
+            "worker {instance} was lost (no message for {})",
+            humanize(lease)
+        );
+        for (task_id, attempt) in session.held.into_keys() {
+            self.requeue_lost(&task_id, attempt, &reason);
+        }
+    }
+
+    /// Hands ready tasks to workers with free slots: highest priority first, then FIFO.
+    fn dispatch(&mut self) {
+        if self.drain.is_some() {
+            return;
+        }
+        let mut blocked = HashSet::new();
+        while self.ctx.workers.any_free() {
+            let Some(route) = self.ctx.queues.best_head(|route| !blocked.contains(route)) else {
+                break;
+            };
+            let Some((instance, version)) = self.ctx.workers.pick(&route) else {
+                blocked.insert(route);
+                continue;
+            };
+            let Some(task) = self.ctx.queues.pop(&route) else {
+                continue;
+            };
+            if let Some(entry) = self.runs.get_mut(&task.run_id) {
+                entry.assign(task.step, task.attempt, &instance, &version, &mut self.ctx);
+            }
+        }
+    }
+
+    /// Commits what this batch changed, then performs its effects.
+    async fn flush(&mut self) -> Result<(), ExecError> {
+        let mut mutations = Vec::new();
+        let dirty: Vec<Arc<str>> = self.ctx.dirty_runs.drain(..).collect();
+        self.ctx.dirty_set.clear();
+        for run_id in &dirty {
+            if let Some(entry) = self.runs.get_mut(run_id) {
+                entry.drain_mutations(&mut mutations);
+            }
+        }
+        if !mutations.is_empty() {
+            self.store.commit(mutations).await?;
+        }
+        for effect in self.ctx.effects.drain(..) {
+            match effect {
+                Effect::Send { instance, message } => self.ctx.workers.send(&instance, message),
+                Effect::Reply(reply) => reply(),
+            }
+        }
+        for run_id in dirty {
+            let Some(entry) = self.runs.get(&run_id) else {
+                continue;
+            };
+            let finished = run::is_finished(entry.run.state());
+            if let Some(watcher) = self.watchers.get(&run_id) {
+                watcher.send_replace(entry.run.last_seq);
+            }
+            if finished {
+                let entry = self.runs.remove(&run_id).expect("present");
+                self.watchers.remove(&run_id);
+                for waiter in self.waiters.remove(&run_id).unwrap_or_default() {
+                    let _ = waiter.send(Some(entry.snapshot()));
+                }
+                tracing::info!(run_id = %run_id, state = ?entry.run.state(), "run finished");
+            }
+        }
+        Ok(())
+    }
+
+    fn drain_done(&mut self) -> bool {
+        let Some(replies) = &mut self.drain else {
+            return false;
+        };
+        let held = self.ctx.workers.total_held();
+        if held > 0 && !self.drain_expired {
+            return false;
+        }
+        if held > 0 {
+            tracing::warn!(tasks = held, "drain timeout; tasks stay assigned for the next executor");
+        }
+        for reply in replies.drain(..) {
+            let _ = reply.send(());
+        }
+        true
+    }
+}
+
+fn non_empty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn cancel_message(task_id: &str, attempt: u32, reason: &str) -> server_message::Message {
+    server_message::Message::Cancel(pb::Cancel {
+        task_id: task_id.to_owned(),
+        attempt,
+        reason: reason.to_owned(),
+    })
+}
+
+pub(crate) fn humanize(duration: std::time::Duration) -> String {
+    if duration.subsec_millis() == 0 {
+        format!("{}s", duration.as_secs())
+    } else {
+        format!("{}ms", duration.as_millis())
+    }
+}

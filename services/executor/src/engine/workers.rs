@@ -1,0 +1,207 @@
+//! Connected workers (sessions) and the ready queues they are fed from.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use dagmesh_proto::v1::{Hello, ServerMessage, WorkerInfo, server_message};
+use semver::{Version, VersionReq};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+pub(crate) type Outbound = mpsc::UnboundedSender<Result<ServerMessage, tonic::Status>>;
+
+/// What a task needs from a worker. Steps with equal routes share one queue, so dispatch looks
+/// at one head per route instead of scanning every ready task.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Route {
+    pub task_name: String,
+    pub version_req: VersionReq,
+    pub labels: BTreeMap<String, String>,
+    pub slots: u32,
+}
+
+/// A ready task in a queue. The entry may be stale (the run was cancelled meanwhile); dispatch
+/// checks the step's state and attempt before it assigns.
+#[derive(Debug, Clone)]
+pub(crate) struct QueuedTask {
+    pub run_id: Arc<str>,
+    pub step: usize,
+    pub attempt: u32,
+}
+
+/// Queue order: higher priority first, then first-in-first-out.
+pub(crate) type QueueKey = (Reverse<i32>, u64);
+
+#[derive(Default)]
+pub(crate) struct ReadyQueues {
+    queues: HashMap<Arc<Route>, BTreeMap<QueueKey, QueuedTask>>,
+    fifo: u64,
+}
+
+impl ReadyQueues {
+    pub fn push(&mut self, route: &Arc<Route>, priority: i32, task: QueuedTask) {
+        self.fifo += 1;
+        self.queues
+            .entry(route.clone())
+            .or_default()
+            .insert((Reverse(priority), self.fifo), task);
+    }
+
+    /// The route whose head comes first, among routes for which `eligible` holds.
+    pub fn best_head(&self, mut eligible: impl FnMut(&Route) -> bool) -> Option<Arc<Route>> {
+        self.queues
+            .iter()
+            .filter_map(|(route, queue)| Some((route, *queue.first_key_value()?.0)))
+            .filter(|(route, _)| eligible(route))
+            .min_by_key(|(_, key)| *key)
+            .map(|(route, _)| route.clone())
+    }
+
+    pub fn pop(&mut self, route: &Route) -> Option<QueuedTask> {
+        let queue = self.queues.get_mut(route)?;
+        let task = queue.pop_first().map(|(_, task)| task);
+        if queue.is_empty() {
+            self.queues.remove(route);
+        }
+        task
+    }
+}
+
+pub(crate) struct Session {
+    pub instance_id: Arc<str>,
+    /// Which stream of this instance is current; messages about an older stream's end are
+    /// ignored.
+    pub generation: u64,
+    pub hello: Hello,
+    pub task_types: Vec<(String, Version)>,
+    /// None while the stream is broken and the lease still runs.
+    pub outbound: Option<Outbound>,
+    pub last_seen: Instant,
+    pub last_seen_wall: SystemTime,
+    pub used_slots: u32,
+    pub draining: bool,
+    /// (task id, attempt) -> slots, for every task assigned and not yet answered by a result.
+    pub held: HashMap<(String, u32), u32>,
+}
+
+impl Session {
+    pub fn new(instance_id: Arc<str>, now: Instant) -> Self {
+        Self {
+            instance_id,
+            generation: 0,
+            hello: Hello::default(),
+            task_types: Vec::new(),
+            outbound: None,
+            last_seen: now,
+            last_seen_wall: SystemTime::now(),
+            used_slots: 0,
+            draining: false,
+            held: HashMap::new(),
+        }
+    }
+
+    fn free_slots(&self) -> u32 {
+        self.hello.slots.saturating_sub(self.used_slots)
+    }
+
+    /// The version of `route`'s task type this worker runs, if it can take the task now.
+    fn accepts(&self, route: &Route) -> Option<&Version> {
+        if self.outbound.is_none() || self.draining || self.free_slots() < route.slots {
+            return None;
+        }
+        let labels_match = route
+            .labels
+            .iter()
+            .all(|(key, value)| self.hello.labels.get(key) == Some(value));
+        if !labels_match {
+            return None;
+        }
+        self.task_types
+            .iter()
+            .filter(|(name, version)| *name == route.task_name && route.version_req.matches(version))
+            .map(|(_, version)| version)
+            .max()
+    }
+
+    pub fn send(&self, message: server_message::Message) {
+        if let Some(outbound) = &self.outbound {
+            // A failed send means the stream just ended; its disconnect is on its way.
+            let _ = outbound.send(Ok(ServerMessage {
+                message: Some(message),
+            }));
+        }
+    }
+
+    pub fn info(&self) -> WorkerInfo {
+        let mut tasks: Vec<String> = self
+            .held
+            .keys()
+            .map(|(task_id, attempt)| format!("{task_id}#{attempt}"))
+            .collect();
+        tasks.sort();
+        WorkerInfo {
+            instance_id: self.instance_id.to_string(),
+            worker_name: self.hello.worker_name.clone(),
+            task_types: self.hello.task_types.clone(),
+            labels: self.hello.labels.clone(),
+            slots: self.hello.slots,
+            used_slots: self.used_slots,
+            connected: self.outbound.is_some(),
+            draining: self.draining,
+            sdk_language: self.hello.sdk_language.clone(),
+            sdk_version: self.hello.sdk_version.clone(),
+            last_seen: Some(self.last_seen_wall.into()),
+            tasks,
+        }
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Workers {
+    pub sessions: HashMap<Arc<str>, Session>,
+}
+
+impl Workers {
+    /// The worker with the most free slots that can run `route` now, and the version it runs.
+    pub fn pick(&self, route: &Route) -> Option<(Arc<str>, String)> {
+        self.sessions
+            .values()
+            .filter_map(|session| Some((session, session.accepts(route)?)))
+            .max_by_key(|(session, _)| session.free_slots())
+            .map(|(session, version)| (session.instance_id.clone(), version.to_string()))
+    }
+
+    pub fn any_free(&self) -> bool {
+        self.sessions
+            .values()
+            .any(|s| s.outbound.is_some() && !s.draining && s.free_slots() > 0)
+    }
+
+    pub fn hold(&mut self, instance: &str, task_id: String, attempt: u32, slots: u32) {
+        if let Some(session) = self.sessions.get_mut(instance) {
+            session.held.insert((task_id, attempt), slots);
+            session.used_slots += slots;
+        }
+    }
+
+    /// Frees the slots of a task once its worker answered it (any result, even a stale one).
+    pub fn release(&mut self, instance: &str, task_id: &str, attempt: u32) {
+        if let Some(session) = self.sessions.get_mut(instance)
+            && let Some(slots) = session.held.remove(&(task_id.to_owned(), attempt))
+        {
+            session.used_slots = session.used_slots.saturating_sub(slots);
+        }
+    }
+
+    pub fn send(&self, instance: &str, message: server_message::Message) {
+        if let Some(session) = self.sessions.get(instance) {
+            session.send(message);
+        }
+    }
+
+    pub fn total_held(&self) -> usize {
+        self.sessions.values().map(|s| s.held.len()).sum()
+    }
+}

@@ -1,0 +1,33 @@
+use dagmesh_metastore::StoreError;
+
+/// Errors of the executor's API; each maps to the gRPC code a caller can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<ExecError> for tonic::Status {
+    fn from(error: ExecError) -> Self {
+        match error {
+            ExecError::InvalidArgument(m) => tonic::Status::invalid_argument(m),
+            ExecError::NotFound(m) => tonic::Status::not_found(m),
+            ExecError::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
+            ExecError::Unavailable(m) => tonic::Status::unavailable(m),
+            ExecError::Store(e) => e.into(),
+        }
+    }
+}
+
+/// The engine task has stopped (shutdown or a failed commit); callers should retry elsewhere.
+pub(crate) fn engine_gone() -> ExecError {
+    ExecError::Unavailable("executor is shutting down".into())
+}

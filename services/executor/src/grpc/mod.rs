@@ -1,0 +1,41 @@
+//! Thin gRPC adapters over [`Executor`]: decode, call, encode. Errors become statuses through
+//! `From<ExecError> for Status`.
+
+mod cluster;
+mod runs;
+mod workers;
+mod workflows;
+
+use dagmesh_proto::v1::{
+    cluster_service_server::ClusterServiceServer, run_service_server::RunServiceServer,
+    worker_service_server::WorkerServiceServer, workflow_service_server::WorkflowServiceServer,
+};
+use dagmesh_runtime::ServiceSet;
+
+use crate::Executor;
+
+impl Executor {
+    /// The executor's public gRPC services, ready for [`dagmesh_runtime::serve`].
+    pub fn services(&self) -> ServiceSet {
+        // Messages may carry a payload up to the limit plus envelope; accept somewhat more so an
+        // oversized payload reaches the executor and fails its step with a clear error instead
+        // of breaking the stream.
+        let max_message = self.config().max_payload_bytes * 2 + (1 << 20);
+        ServiceSet::new()
+            .add(
+                RunServiceServer::new(runs::Runs(self.clone()))
+                    .max_decoding_message_size(max_message)
+                    .max_encoding_message_size(usize::MAX),
+            )
+            .add(
+                WorkflowServiceServer::new(workflows::Workflows(self.clone()))
+                    .max_decoding_message_size(max_message),
+            )
+            .add(
+                WorkerServiceServer::new(workers::Workers::new(self.clone()))
+                    .max_decoding_message_size(max_message)
+                    .max_encoding_message_size(usize::MAX),
+            )
+            .add(ClusterServiceServer::new(cluster::Cluster(self.clone())))
+    }
+}

@@ -1,0 +1,179 @@
+use std::time::Duration;
+
+use dagmesh_proto::v1::{
+    CancelRunRequest, GetRunRequest, ListRunsRequest, ListRunsResponse, RetryRunRequest, Run,
+    RunState, SubmitRunRequest, SubmitRunResponse, WatchRunRequest, WatchRunResponse,
+    run_event, run_service_server::RunService, watch_run_response,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::engine::Command;
+use crate::{ExecError, Executor};
+
+pub(super) struct Runs(pub Executor);
+
+type WatchItem = Result<WatchRunResponse, Status>;
+
+#[tonic::async_trait]
+impl RunService for Runs {
+    async fn submit_run(
+        &self,
+        request: Request<SubmitRunRequest>,
+    ) -> Result<Response<SubmitRunResponse>, Status> {
+        let (run, created) = self.0.submit(request.into_inner()).await?;
+        Ok(Response::new(SubmitRunResponse {
+            run: Some(run),
+            created,
+        }))
+    }
+
+    async fn get_run(&self, request: Request<GetRunRequest>) -> Result<Response<Run>, Status> {
+        let run_id = request.into_inner().run_id;
+        let run = self.0.store().get_run(&run_id).await.map_err(ExecError::from)?;
+        Ok(Response::new(run))
+    }
+
+    async fn list_runs(
+        &self,
+        request: Request<ListRunsRequest>,
+    ) -> Result<Response<ListRunsResponse>, Status> {
+        let request = request.into_inner();
+        if request.page_size > 1000 {
+            return Err(Status::invalid_argument(format!(
+                "page_size: {} is over the maximum of 1000",
+                request.page_size
+            )));
+        }
+        let runs = self.0.store().list_runs(&request).await.map_err(ExecError::from)?;
+        Ok(Response::new(runs))
+    }
+
+    type WatchRunStream = ReceiverStream<WatchItem>;
+
+    async fn watch_run(
+        &self,
+        request: Request<WatchRunRequest>,
+    ) -> Result<Response<Self::WatchRunStream>, Status> {
+        let request = request.into_inner();
+        // Fail unknown runs before the stream opens, so the caller gets NOT_FOUND directly.
+        let run = self
+            .0
+            .store()
+            .get_run(&request.run_id)
+            .await
+            .map_err(ExecError::from)?;
+        let (tx, rx) = mpsc::channel(256);
+        let executor = self.0.clone();
+        tokio::spawn(async move {
+            if let Err(status) = watch(executor, run, request.after_seq, &tx).await {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn cancel_run(&self, request: Request<CancelRunRequest>) -> Result<Response<Run>, Status> {
+        let request = request.into_inner();
+        let run = self.0.cancel(&request.run_id, &request.reason).await?;
+        Ok(Response::new(run))
+    }
+
+    async fn retry_run(&self, request: Request<RetryRunRequest>) -> Result<Response<Run>, Status> {
+        let run = self.0.retry(&request.into_inner().run_id).await?;
+        Ok(Response::new(run))
+    }
+}
+
+fn is_finished(state: RunState) -> bool {
+    matches!(
+        state,
+        RunState::Succeeded | RunState::Failed | RunState::Cancelled
+    )
+}
+
+/// Streams a run: snapshot (unless resuming), then events from the store each time the engine
+/// says the run's log grew, until the run's final event. Reading from the log, not from a live
+/// feed, means a slow watcher skips nothing and a resumed one sees exactly what it missed.
+async fn watch(
+    executor: Executor,
+    run: Run,
+    after_seq: u64,
+    tx: &mpsc::Sender<WatchItem>,
+) -> Result<(), Status> {
+    let run_id = run.run_id.clone();
+    let store = executor.store().clone();
+    let subscribe = || async {
+        executor
+            .inner
+            .engine
+            .call(|reply| Command::Watch {
+                run_id: run_id.clone(),
+                reply,
+            })
+            .await
+    };
+    let mut updates = subscribe().await?;
+    let mut cursor = after_seq;
+    if after_seq == 0 {
+        // Re-read after subscribing so no commit falls between the snapshot and the updates.
+        let run = store.get_run(&run_id).await.map_err(ExecError::from)?;
+        cursor = run.last_seq;
+        let finished = is_finished(run.state());
+        let snapshot = WatchRunResponse {
+            message: Some(watch_run_response::Message::Snapshot(run)),
+        };
+        if tx.send(Ok(snapshot)).await.is_err() || finished {
+            return Ok(());
+        }
+    }
+    loop {
+        let events = store
+            .read_events(&run_id, cursor, 1000)
+            .await
+            .map_err(ExecError::from)?;
+        let full_page = events.len() == 1000;
+        let mut finished = false;
+        for event in events {
+            cursor = event.seq;
+            if let Some(run_event::Event::RunState(change)) = &event.event {
+                finished = is_finished(change.state());
+            }
+            let item = WatchRunResponse {
+                message: Some(watch_run_response::Message::Event(event)),
+            };
+            if tx.send(Ok(item)).await.is_err() {
+                return Ok(()); // the watcher left
+            }
+        }
+        if full_page {
+            continue;
+        }
+        if finished {
+            return Ok(());
+        }
+        match &mut updates {
+            Some(receiver) => {
+                tokio::select! {
+                    changed = receiver.changed() => {
+                        if changed.is_err() {
+                            updates = None; // the run ended; one more read gets its last events
+                        }
+                    }
+                    () = tx.closed() => return Ok(()),
+                }
+            }
+            None => {
+                let run = store.get_run(&run_id).await.map_err(ExecError::from)?;
+                if is_finished(run.state()) && run.last_seq <= cursor {
+                    return Ok(());
+                }
+                // Not active in this executor right now (it is recovering, or the run is
+                // between owners): look again shortly.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                updates = subscribe().await?;
+            }
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! The store over gRPC: [`MetadataGrpcServer`] serves any [`MetadataStore`] as the
+//! `dagmesh.v1.MetadataService`, and [`MetadataGrpcClient`] is a [`MetadataStore`] that calls
+//! one. Both are thin: requests map one to one onto trait methods, errors onto status codes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dagmesh_proto::v1::metadata_service_client::MetadataServiceClient;
+use dagmesh_proto::v1::metadata_service_server::{MetadataService, MetadataServiceServer};
+use dagmesh_proto::v1::{
+    CommitRequest, CommitResponse, FindRunByIdempotencyKeyRequest, FindRunByIdempotencyKeyResponse,
+    ListRunsRequest, ListRunsResponse, Mutation, PutWorkflowRequest, PutWorkflowResponse,
+    ReadActiveRunsRequest, ReadActiveRunsResponse, ReadEventsRequest, ReadEventsResponse,
+    ReadRunRequest, ReadWorkflowRequest, ReadWorkflowsRequest, ReadWorkflowsResponse, Run,
+    RunEvent, Workflow, WorkflowSpec,
+};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::{MetadataStore, StoreError};
+
+/// Largest gRPC message either side accepts or sends. Commit batches and recovery reads
+/// (`ReadActiveRuns`) carry whole runs with their payloads, far beyond tonic's 4 MiB default.
+pub const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
+
+/// How long the client waits for a TCP connection to the metastore.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `MetadataService` backed by a [`MetadataStore`].
+#[derive(Clone)]
+pub struct MetadataGrpcServer {
+    store: Arc<dyn MetadataStore>,
+}
+
+impl MetadataGrpcServer {
+    pub fn new(store: Arc<dyn MetadataStore>) -> Self {
+        MetadataGrpcServer { store }
+    }
+
+    /// The tonic service, ready for `Server::builder().add_service(...)`.
+    pub fn into_service(self) -> MetadataServiceServer<Self> {
+        MetadataServiceServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE)
+    }
+}
+
+/// proto `version` 0 means "the latest".
+fn version_from_proto(version: u32) -> Option<u32> {
+    (version != 0).then_some(version)
+}
+
+#[tonic::async_trait]
+impl MetadataService for MetadataGrpcServer {
+    async fn put_workflow(
+        &self,
+        request: Request<PutWorkflowRequest>,
+    ) -> Result<Response<PutWorkflowResponse>, Status> {
+        let req = request.into_inner();
+        let spec = req
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec: required"))?;
+        let (workflow, created) = self.store.put_workflow(spec, req.content_hash).await?;
+        Ok(Response::new(PutWorkflowResponse {
+            workflow: Some(workflow),
+            created,
+        }))
+    }
+
+    async fn read_workflow(
+        &self,
+        request: Request<ReadWorkflowRequest>,
+    ) -> Result<Response<Workflow>, Status> {
+        let req = request.into_inner();
+        let workflow = self
+            .store
+            .get_workflow(&req.name, version_from_proto(req.version))
+            .await?;
+        Ok(Response::new(workflow))
+    }
+
+    async fn read_workflows(
+        &self,
+        _request: Request<ReadWorkflowsRequest>,
+    ) -> Result<Response<ReadWorkflowsResponse>, Status> {
+        let workflows = self.store.list_workflows().await?;
+        Ok(Response::new(ReadWorkflowsResponse { workflows }))
+    }
+
+    async fn commit(
+        &self,
+        request: Request<CommitRequest>,
+    ) -> Result<Response<CommitResponse>, Status> {
+        self.store.commit(request.into_inner().mutations).await?;
+        Ok(Response::new(CommitResponse {}))
+    }
+
+    async fn read_run(&self, request: Request<ReadRunRequest>) -> Result<Response<Run>, Status> {
+        let run = self.store.get_run(&request.into_inner().run_id).await?;
+        Ok(Response::new(run))
+    }
+
+    async fn query_runs(
+        &self,
+        request: Request<ListRunsRequest>,
+    ) -> Result<Response<ListRunsResponse>, Status> {
+        let page = self.store.list_runs(&request.into_inner()).await?;
+        Ok(Response::new(page))
+    }
+
+    async fn find_run_by_idempotency_key(
+        &self,
+        request: Request<FindRunByIdempotencyKeyRequest>,
+    ) -> Result<Response<FindRunByIdempotencyKeyResponse>, Status> {
+        let key = request.into_inner().idempotency_key;
+        let run_id = self.store.find_run_by_idempotency_key(&key).await?;
+        Ok(Response::new(FindRunByIdempotencyKeyResponse {
+            run_id: run_id.unwrap_or_default(),
+        }))
+    }
+
+    async fn read_events(
+        &self,
+        request: Request<ReadEventsRequest>,
+    ) -> Result<Response<ReadEventsResponse>, Status> {
+        let req = request.into_inner();
+        let events = self
+            .store
+            .read_events(&req.run_id, req.after_seq, req.limit)
+            .await?;
+        Ok(Response::new(ReadEventsResponse { events }))
+    }
+
+    async fn read_active_runs(
+        &self,
+        _request: Request<ReadActiveRunsRequest>,
+    ) -> Result<Response<ReadActiveRunsResponse>, Status> {
+        let runs = self.store.read_active_runs().await?;
+        Ok(Response::new(ReadActiveRunsResponse { runs }))
+    }
+}
+
+/// A [`MetadataStore`] that is a remote metastore. Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct MetadataGrpcClient {
+    client: MetadataServiceClient<Channel>,
+}
+
+impl MetadataGrpcClient {
+    /// A client for the metastore at `url` (e.g. `http://127.0.0.1:7233`). The connection is
+    /// made on first use and re-made after failures, so the metastore may start later; until
+    /// it is reachable, calls fail with [`StoreError::Unavailable`].
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let endpoint = Endpoint::from_shared(url.to_owned())
+            .map_err(|err| {
+                StoreError::InvalidArgument(format!("invalid metastore URL {url:?}: {err}"))
+            })?
+            .connect_timeout(CONNECT_TIMEOUT);
+        Ok(Self::from_channel(endpoint.connect_lazy()))
+    }
+
+    /// A client over an existing channel (tests, custom TLS or load balancing).
+    pub fn from_channel(channel: Channel) -> Self {
+        let client = MetadataServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE);
+        MetadataGrpcClient { client }
+    }
+
+    /// The generated client takes `&mut self`; a clone per call shares the channel.
+    fn client(&self) -> MetadataServiceClient<Channel> {
+        self.client.clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl MetadataStore for MetadataGrpcClient {
+    async fn put_workflow(
+        &self,
+        spec: WorkflowSpec,
+        content_hash: String,
+    ) -> Result<(Workflow, bool), StoreError> {
+        let resp = self
+            .client()
+            .put_workflow(PutWorkflowRequest {
+                spec: Some(spec),
+                content_hash,
+            })
+            .await?
+            .into_inner();
+        let workflow = resp.workflow.ok_or_else(|| {
+            StoreError::Internal("metastore answered PutWorkflow without a workflow".to_owned())
+        })?;
+        Ok((workflow, resp.created))
+    }
+
+    async fn get_workflow(&self, name: &str, version: Option<u32>) -> Result<Workflow, StoreError> {
+        let req = ReadWorkflowRequest {
+            name: name.to_owned(),
+            version: version.unwrap_or(0),
+        };
+        Ok(self.client().read_workflow(req).await?.into_inner())
+    }
+
+    async fn list_workflows(&self) -> Result<Vec<Workflow>, StoreError> {
+        let resp = self
+            .client()
+            .read_workflows(ReadWorkflowsRequest {})
+            .await?;
+        Ok(resp.into_inner().workflows)
+    }
+
+    async fn commit(&self, mutations: Vec<Mutation>) -> Result<(), StoreError> {
+        self.client().commit(CommitRequest { mutations }).await?;
+        Ok(())
+    }
+
+    async fn get_run(&self, run_id: &str) -> Result<Run, StoreError> {
+        let req = ReadRunRequest {
+            run_id: run_id.to_owned(),
+        };
+        Ok(self.client().read_run(req).await?.into_inner())
+    }
+
+    async fn list_runs(&self, req: &ListRunsRequest) -> Result<ListRunsResponse, StoreError> {
+        Ok(self.client().query_runs(req.clone()).await?.into_inner())
+    }
+
+    async fn find_run_by_idempotency_key(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let req = FindRunByIdempotencyKeyRequest {
+            idempotency_key: key.to_owned(),
+        };
+        let run_id = self
+            .client()
+            .find_run_by_idempotency_key(req)
+            .await?
+            .into_inner()
+            .run_id;
+        Ok((!run_id.is_empty()).then_some(run_id))
+    }
+
+    async fn read_events(
+        &self,
+        run_id: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<RunEvent>, StoreError> {
+        let req = ReadEventsRequest {
+            run_id: run_id.to_owned(),
+            after_seq,
+            limit,
+        };
+        Ok(self.client().read_events(req).await?.into_inner().events)
+    }
+
+    async fn read_active_runs(&self) -> Result<Vec<Run>, StoreError> {
+        let resp = self
+            .client()
+            .read_active_runs(ReadActiveRunsRequest {})
+            .await?;
+        Ok(resp.into_inner().runs)
+    }
+}

@@ -1,0 +1,409 @@
+//! PostgreSQL backend.
+//!
+//! Every statement is a network round trip, so a commit batch is written with one statement per
+//! table, whatever its size: the batch goes as arrays that `UNNEST` turns into rows. A commit is
+//! thus BEGIN, at most four prepared statements, COMMIT.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use dagmesh_proto::v1::{
+    ListRunsRequest, ListRunsResponse, Mutation, Run, RunEvent, RunState, Step, Workflow,
+    WorkflowSpec, mutation,
+};
+use prost::Message;
+use sqlx::postgres::{PgConnection, PgDatabaseError, PgPool, PgPoolOptions};
+
+use super::{
+    KIND_RUN, PUT_WORKFLOW_ATTEMPTS, UnionRow, assemble_runs, decode, encode_run, list_runs_query,
+    new_workflow, runs_page, seq_bound, validate_spec,
+};
+use crate::StoreError;
+use crate::error::is_unique_violation;
+use crate::store::{
+    MetadataStore, event_limit, run_not_found, validate_mutations, workflow_not_found,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+const MAX_CONNECTIONS: u32 = 16;
+/// How long a caller waits for a free connection before getting `Unavailable`.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(super) struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    pub(super) async fn connect(url: &str) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect(url)
+            .await?;
+        // The migrator holds an advisory lock, so replicas starting together migrate once.
+        MIGRATOR.run(&pool).await?;
+        Ok(PgStore { pool })
+    }
+
+    pub(super) async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// One attempt of `put_workflow`. Two writers may both read version N and insert N+1; the
+    /// loser gets a unique violation (`AlreadyExists`) and retries.
+    async fn try_put_workflow(
+        &self,
+        spec: &WorkflowSpec,
+        content_hash: &str,
+    ) -> Result<(Workflow, bool), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let latest: Option<(i64, String, Vec<u8>)> = sqlx::query_as(
+            "SELECT version, content_hash, body FROM workflows WHERE name = $1 \
+             ORDER BY version DESC LIMIT 1",
+        )
+        .bind(&spec.name)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let next = match latest {
+            Some((_, hash, body)) if hash == content_hash => {
+                let wf = decode(&body, || format!("workflow {:?}", spec.name))?;
+                return Ok((wf, false));
+            }
+            Some((version, _, _)) => u32::try_from(version + 1).map_err(|_| {
+                StoreError::Internal(format!("workflow {:?} has too many versions", spec.name))
+            })?,
+            None => 1,
+        };
+        let wf = new_workflow(spec.clone(), content_hash.to_owned(), next);
+        sqlx::query(
+            "INSERT INTO workflows (name, version, content_hash, body) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&wf.name)
+        .bind(i64::from(next))
+        .bind(&wf.content_hash)
+        .bind(wf.encode_to_vec())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok((wf, true))
+    }
+}
+
+/// A commit batch split by table. Repeated writes of one row keep the last value (and the
+/// first one's place), which is what applying them one by one would leave, and is required:
+/// one upsert statement may not touch the same row twice.
+#[derive(Default)]
+struct Batch<'a> {
+    runs: Vec<&'a Run>,
+    steps: Vec<&'a Step>,
+    events: Vec<&'a RunEvent>,
+}
+
+impl<'a> Batch<'a> {
+    fn new(mutations: &'a [Mutation]) -> Self {
+        let mut batch = Batch::default();
+        let mut run_index: HashMap<&str, usize> = HashMap::new();
+        let mut step_index: HashMap<(&str, &str), usize> = HashMap::new();
+        for m in mutations {
+            match &m.mutation {
+                Some(mutation::Mutation::PutRun(run)) => match run_index.get(run.run_id.as_str()) {
+                    Some(&i) => batch.runs[i] = run,
+                    None => {
+                        run_index.insert(&run.run_id, batch.runs.len());
+                        batch.runs.push(run);
+                    }
+                },
+                Some(mutation::Mutation::PutStep(step)) => {
+                    let key = (step.run_id.as_str(), step.step_id.as_str());
+                    match step_index.get(&key) {
+                        Some(&i) => batch.steps[i] = step,
+                        None => {
+                            step_index.insert(key, batch.steps.len());
+                            batch.steps.push(step);
+                        }
+                    }
+                }
+                // Duplicates stay: the insert must fail on them.
+                Some(mutation::Mutation::AppendEvent(event)) => batch.events.push(event),
+                None => {}
+            }
+        }
+        batch
+    }
+}
+
+async fn put_runs(conn: &mut PgConnection, runs: &[&Run]) -> Result<(), StoreError> {
+    if runs.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = runs.iter().map(|r| r.run_id.as_str()).collect();
+    let workflows: Vec<&str> = runs.iter().map(|r| r.workflow.as_str()).collect();
+    let states: Vec<i32> = runs.iter().map(|r| r.state).collect();
+    let keys: Vec<&str> = runs.iter().map(|r| r.idempotency_key.as_str()).collect();
+    let bodies: Vec<Vec<u8>> = runs.iter().map(|r| encode_run(r)).collect();
+    // The idempotency key is fixed at creation, so the update leaves it alone; on insert, a
+    // key used by another run violates the unique index (only `run_id` is the arbiter).
+    sqlx::query(
+        "INSERT INTO runs (run_id, workflow, state, idempotency_key, body) \
+         SELECT run_id, workflow, state, NULLIF(idempotency_key, ''), body \
+         FROM UNNEST($1::text[], $2::text[], $3::int4[], $4::text[], $5::bytea[]) \
+             AS t(run_id, workflow, state, idempotency_key, body) \
+         ON CONFLICT (run_id) DO UPDATE \
+         SET workflow = EXCLUDED.workflow, state = EXCLUDED.state, body = EXCLUDED.body",
+    )
+    .bind(ids)
+    .bind(workflows)
+    .bind(states)
+    .bind(keys)
+    .bind(bodies)
+    .execute(&mut *conn)
+    .await
+    .map_err(|err| {
+        if is_unique_violation(&err) {
+            let key = duplicate_value(&err).unwrap_or_default();
+            StoreError::AlreadyExists(format!(
+                "idempotency key {key:?} is already used by another run"
+            ))
+        } else {
+            err.into()
+        }
+    })?;
+
+    // Tags never change, so rows already there are kept; the statement costs one round trip.
+    let mut tag_runs = Vec::new();
+    let mut tag_keys = Vec::new();
+    let mut tag_values = Vec::new();
+    for run in runs {
+        for (key, value) in &run.tags {
+            tag_runs.push(run.run_id.as_str());
+            tag_keys.push(key.as_str());
+            tag_values.push(value.as_str());
+        }
+    }
+    if !tag_runs.is_empty() {
+        sqlx::query(
+            "INSERT INTO run_tags (run_id, key, value) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[]) \
+             ON CONFLICT (run_id, key) DO NOTHING",
+        )
+        .bind(tag_runs)
+        .bind(tag_keys)
+        .bind(tag_values)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+async fn put_steps(conn: &mut PgConnection, steps: &[&Step]) -> Result<(), StoreError> {
+    if steps.is_empty() {
+        return Ok(());
+    }
+    let run_ids: Vec<&str> = steps.iter().map(|s| s.run_id.as_str()).collect();
+    let step_ids: Vec<&str> = steps.iter().map(|s| s.step_id.as_str()).collect();
+    let bodies: Vec<Vec<u8>> = steps.iter().map(|s| s.encode_to_vec()).collect();
+    // ORDER BY ord: new steps take identity values (their `position`) in batch order.
+    sqlx::query(
+        "INSERT INTO steps (run_id, step_id, body) \
+         SELECT run_id, step_id, body \
+         FROM UNNEST($1::text[], $2::text[], $3::bytea[]) WITH ORDINALITY \
+             AS t(run_id, step_id, body, ord) \
+         ORDER BY ord \
+         ON CONFLICT (run_id, step_id) DO UPDATE SET body = EXCLUDED.body",
+    )
+    .bind(run_ids)
+    .bind(step_ids)
+    .bind(bodies)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn append_events(conn: &mut PgConnection, events: &[&RunEvent]) -> Result<(), StoreError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let run_ids: Vec<&str> = events.iter().map(|e| e.run_id.as_str()).collect();
+    let seqs: Vec<i64> = events.iter().map(|e| seq_bound(e.seq)).collect();
+    let bodies: Vec<Vec<u8>> = events.iter().map(|e| e.encode_to_vec()).collect();
+    sqlx::query(
+        "INSERT INTO events (run_id, seq, body) \
+         SELECT * FROM UNNEST($1::text[], $2::int8[], $3::bytea[])",
+    )
+    .bind(run_ids)
+    .bind(seqs)
+    .bind(bodies)
+    .execute(conn)
+    .await
+    .map_err(|err| {
+        if !is_unique_violation(&err) {
+            return err.into();
+        }
+        // The detail reads "Key (run_id, seq)=(<run>, <seq>) already exists."
+        match duplicate_value(&err)
+            .as_deref()
+            .and_then(|v| v.rsplit_once(", "))
+        {
+            Some((run_id, seq)) => {
+                StoreError::AlreadyExists(format!("event {seq} of run {run_id:?} already exists"))
+            }
+            None => StoreError::AlreadyExists("event already exists".to_owned()),
+        }
+    })?;
+    Ok(())
+}
+
+/// The key value of a PostgreSQL unique violation, from its detail
+/// `Key (<columns>)=(<value>) already exists.`
+fn duplicate_value(err: &sqlx::Error) -> Option<String> {
+    let detail = err
+        .as_database_error()?
+        .try_downcast_ref::<PgDatabaseError>()?
+        .detail()?;
+    let (_, rest) = detail.split_once(")=(")?;
+    let value = rest.strip_suffix(") already exists.")?;
+    Some(value.to_owned())
+}
+
+#[async_trait::async_trait]
+impl MetadataStore for PgStore {
+    async fn put_workflow(
+        &self,
+        spec: WorkflowSpec,
+        content_hash: String,
+    ) -> Result<(Workflow, bool), StoreError> {
+        validate_spec(&spec)?;
+        let mut attempt = 0;
+        loop {
+            match self.try_put_workflow(&spec, &content_hash).await {
+                Err(StoreError::AlreadyExists(_)) if attempt + 1 < PUT_WORKFLOW_ATTEMPTS => {
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn get_workflow(&self, name: &str, version: Option<u32>) -> Result<Workflow, StoreError> {
+        let body: Option<Vec<u8>> = match version {
+            Some(v) => {
+                sqlx::query_scalar("SELECT body FROM workflows WHERE name = $1 AND version = $2")
+                    .bind(name)
+                    .bind(i64::from(v))
+                    .fetch_optional(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query_scalar(
+                    "SELECT body FROM workflows WHERE name = $1 ORDER BY version DESC LIMIT 1",
+                )
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?
+            }
+        };
+        let body = body.ok_or_else(|| workflow_not_found(name, version))?;
+        decode(&body, || format!("workflow {name:?}"))
+    }
+
+    async fn list_workflows(&self) -> Result<Vec<Workflow>, StoreError> {
+        let rows: Vec<(String, Vec<u8>)> = sqlx::query_as(
+            "SELECT DISTINCT ON (name) name, body FROM workflows ORDER BY name, version DESC",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|(name, body)| decode(body, || format!("workflow {name:?}")))
+            .collect()
+    }
+
+    async fn commit(&self, mutations: Vec<Mutation>) -> Result<(), StoreError> {
+        validate_mutations(&mutations)?;
+        if mutations.is_empty() {
+            return Ok(());
+        }
+        let batch = Batch::new(&mutations);
+        // Dropping `tx` on an error rolls the whole batch back.
+        let mut tx = self.pool.begin().await?;
+        put_runs(&mut tx, &batch.runs).await?;
+        put_steps(&mut tx, &batch.steps).await?;
+        append_events(&mut tx, &batch.events).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_run(&self, run_id: &str) -> Result<Run, StoreError> {
+        // One statement, so the run and its steps come from the same snapshot.
+        let rows: Vec<UnionRow> = sqlx::query_as(
+            "SELECT run_id, 0 AS kind, 0::int8 AS position, body FROM runs WHERE run_id = $1 \
+             UNION ALL \
+             SELECT run_id, 1, position, body FROM steps WHERE run_id = $1 \
+             ORDER BY kind, position",
+        )
+        .bind(run_id)
+        .fetch_all(&self.pool)
+        .await?;
+        if rows.first().is_none_or(|(_, kind, _, _)| *kind != KIND_RUN) {
+            return Err(run_not_found(run_id));
+        }
+        assemble_runs(rows)?
+            .pop()
+            .ok_or_else(|| run_not_found(run_id))
+    }
+
+    async fn list_runs(&self, req: &ListRunsRequest) -> Result<ListRunsResponse, StoreError> {
+        let rows: Vec<(String, Vec<u8>)> = list_runs_query::<sqlx::Postgres>(req)
+            .build_query_as()
+            .fetch_all(&self.pool)
+            .await?;
+        runs_page(req, rows)
+    }
+
+    async fn find_run_by_idempotency_key(&self, key: &str) -> Result<Option<String>, StoreError> {
+        if key.is_empty() {
+            return Ok(None);
+        }
+        Ok(
+            sqlx::query_scalar("SELECT run_id FROM runs WHERE idempotency_key = $1")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn read_events(
+        &self,
+        run_id: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<RunEvent>, StoreError> {
+        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT seq, body FROM events WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(run_id)
+        .bind(seq_bound(after_seq))
+        .bind(i64::from(event_limit(limit)))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|(seq, body)| decode(body, || format!("event {seq} of run {run_id:?}")))
+            .collect()
+    }
+
+    async fn read_active_runs(&self) -> Result<Vec<Run>, StoreError> {
+        let rows: Vec<UnionRow> = sqlx::query_as(
+            "SELECT run_id, 0 AS kind, 0::int8 AS position, body FROM runs \
+             WHERE state IN ($1, $2) \
+             UNION ALL \
+             SELECT s.run_id, 1, s.position, s.body FROM steps s \
+             JOIN runs r ON r.run_id = s.run_id WHERE r.state IN ($1, $2) \
+             ORDER BY run_id, kind, position",
+        )
+        .bind(RunState::Queued as i32)
+        .bind(RunState::Running as i32)
+        .fetch_all(&self.pool)
+        .await?;
+        assemble_runs(rows)
+    }
+}

@@ -1,0 +1,374 @@
+//! SQLite backend.
+//!
+//! SQLite allows one writer at a time. All writes go through a pool of exactly one connection,
+//! so they queue in the pool instead of failing with SQLITE_BUSY; reads use a separate pool and,
+//! in WAL mode, never wait for the writer. Statements are prepared once per connection (sqlx
+//! caches them), and SQLite runs in-process, so a commit is one cheap call per mutation.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use dagmesh_proto::v1::{
+    ListRunsRequest, ListRunsResponse, Mutation, Run, RunEvent, RunState, Step, Workflow,
+    WorkflowSpec, mutation,
+};
+use prost::Message;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
+};
+
+use super::{
+    KIND_RUN, PUT_WORKFLOW_ATTEMPTS, UnionRow, assemble_runs, decode, encode_run, list_runs_query,
+    new_workflow, runs_page, seq_bound, validate_spec,
+};
+use crate::StoreError;
+use crate::error::is_unique_violation;
+use crate::store::{
+    MetadataStore, event_limit, run_not_found, validate_mutations, workflow_not_found,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+
+/// How long a statement waits for a lock held by another process before failing as busy.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Concurrent readers. Small: SQLite reads are fast and the machine may be small.
+const READERS: u32 = 4;
+
+pub(super) struct SqliteStore {
+    /// One connection: the only writer.
+    write: SqlitePool,
+    /// Readers; the same pool as `write` for an in-memory database, which lives and dies with
+    /// its one connection.
+    read: SqlitePool,
+}
+
+impl SqliteStore {
+    pub(super) async fn connect(url: &str) -> Result<Self, StoreError> {
+        let in_memory = is_in_memory(url);
+        let mut options = SqliteConnectOptions::from_str(url)
+            .map_err(|err| StoreError::InvalidArgument(format!("invalid SQLite URL: {err}")))?
+            .create_if_missing(true)
+            .busy_timeout(BUSY_TIMEOUT)
+            .foreign_keys(false);
+        if !in_memory {
+            // WAL: readers do not block the writer nor the reverse. synchronous = NORMAL: a
+            // commit survives a process kill, but a power loss or OS crash may lose the last
+            // commits (never corrupts the file). The executor's group commit makes FULL's
+            // per-commit fsync affordable, but NORMAL keeps `dagmesh up` snappy on laptops.
+            options = options
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal);
+            if let Some(parent) = options.get_filename().parent()
+                && !parent.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(parent).map_err(|err| {
+                    StoreError::Unavailable(format!(
+                        "cannot create directory {} for the SQLite database: {err}",
+                        parent.display()
+                    ))
+                })?;
+            }
+        }
+
+        // The writer connection is never recycled: an in-memory database would vanish with it.
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options.clone())
+            .await?;
+        MIGRATOR.run(&write).await?;
+        let read = if in_memory {
+            write.clone()
+        } else {
+            SqlitePoolOptions::new()
+                .max_connections(READERS)
+                .connect_with(options)
+                .await?
+        };
+        Ok(SqliteStore { write, read })
+    }
+
+    pub(super) async fn close(&self) {
+        self.read.close().await;
+        self.write.close().await;
+    }
+
+    /// One attempt of `put_workflow`, in one write transaction.
+    async fn try_put_workflow(
+        &self,
+        spec: &WorkflowSpec,
+        content_hash: &str,
+    ) -> Result<(Workflow, bool), StoreError> {
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        let latest: Option<(i64, String, Vec<u8>)> = sqlx::query_as(
+            "SELECT version, content_hash, body FROM workflows WHERE name = ?1 \
+             ORDER BY version DESC LIMIT 1",
+        )
+        .bind(&spec.name)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let next = match latest {
+            Some((_, hash, body)) if hash == content_hash => {
+                let wf = decode(&body, || format!("workflow {:?}", spec.name))?;
+                return Ok((wf, false));
+            }
+            Some((version, _, _)) => version_after(version, &spec.name)?,
+            None => 1,
+        };
+        let wf = new_workflow(spec.clone(), content_hash.to_owned(), next);
+        sqlx::query(
+            "INSERT INTO workflows (name, version, content_hash, body) VALUES (?1, ?2, ?3, ?4)",
+        )
+        .bind(&wf.name)
+        .bind(i64::from(next))
+        .bind(&wf.content_hash)
+        .bind(wf.encode_to_vec())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok((wf, true))
+    }
+}
+
+fn is_in_memory(url: &str) -> bool {
+    let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
+    rest.starts_with(":memory:") || rest.contains("mode=memory")
+}
+
+fn version_after(version: i64, name: &str) -> Result<u32, StoreError> {
+    u32::try_from(version + 1)
+        .map_err(|_| StoreError::Internal(format!("workflow {name:?} has too many versions")))
+}
+
+async fn put_run(conn: &mut SqliteConnection, run: &Run) -> Result<(), StoreError> {
+    let body = encode_run(run);
+    // Updates are the common case (state changes), inserts happen once per run; trying the
+    // update first keeps the common case at one statement and tells us when to write tags.
+    // The idempotency key and tags are fixed at creation, so the update leaves them alone.
+    let updated =
+        sqlx::query("UPDATE runs SET workflow = ?1, state = ?2, body = ?3 WHERE run_id = ?4")
+            .bind(&run.workflow)
+            .bind(run.state)
+            .bind(&body)
+            .bind(&run.run_id)
+            .execute(&mut *conn)
+            .await?;
+    if updated.rows_affected() > 0 {
+        return Ok(());
+    }
+    let key = (!run.idempotency_key.is_empty()).then_some(run.idempotency_key.as_str());
+    sqlx::query(
+        "INSERT INTO runs (run_id, workflow, state, idempotency_key, body) \
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .bind(&run.run_id)
+    .bind(&run.workflow)
+    .bind(run.state)
+    .bind(key)
+    .bind(body)
+    .execute(&mut *conn)
+    .await
+    .map_err(|err| match key {
+        Some(key) if is_unique_violation(&err) => StoreError::AlreadyExists(format!(
+            "idempotency key {key:?} is already used by another run"
+        )),
+        _ => err.into(),
+    })?;
+    for (key, value) in &run.tags {
+        sqlx::query("INSERT INTO run_tags (run_id, key, value) VALUES (?1, ?2, ?3)")
+            .bind(&run.run_id)
+            .bind(key)
+            .bind(value)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn put_step(conn: &mut SqliteConnection, step: &Step) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO steps (run_id, step_id, body) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (run_id, step_id) DO UPDATE SET body = excluded.body",
+    )
+    .bind(&step.run_id)
+    .bind(&step.step_id)
+    .bind(step.encode_to_vec())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn append_event(conn: &mut SqliteConnection, event: &RunEvent) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO events (run_id, seq, body) VALUES (?1, ?2, ?3)")
+        .bind(&event.run_id)
+        .bind(seq_bound(event.seq))
+        .bind(event.encode_to_vec())
+        .execute(conn)
+        .await
+        .map_err(|err| {
+            if is_unique_violation(&err) {
+                StoreError::AlreadyExists(format!(
+                    "event {} of run {:?} already exists",
+                    event.seq, event.run_id
+                ))
+            } else {
+                err.into()
+            }
+        })?;
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl MetadataStore for SqliteStore {
+    async fn put_workflow(
+        &self,
+        spec: WorkflowSpec,
+        content_hash: String,
+    ) -> Result<(Workflow, bool), StoreError> {
+        validate_spec(&spec)?;
+        // With a single writer connection the race cannot happen in-process; the retry covers
+        // another process writing the same file.
+        let mut attempt = 0;
+        loop {
+            match self.try_put_workflow(&spec, &content_hash).await {
+                Err(StoreError::AlreadyExists(_)) if attempt + 1 < PUT_WORKFLOW_ATTEMPTS => {
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn get_workflow(&self, name: &str, version: Option<u32>) -> Result<Workflow, StoreError> {
+        let body: Option<Vec<u8>> = match version {
+            Some(v) => {
+                sqlx::query_scalar("SELECT body FROM workflows WHERE name = ?1 AND version = ?2")
+                    .bind(name)
+                    .bind(i64::from(v))
+                    .fetch_optional(&self.read)
+                    .await?
+            }
+            None => {
+                sqlx::query_scalar(
+                    "SELECT body FROM workflows WHERE name = ?1 ORDER BY version DESC LIMIT 1",
+                )
+                .bind(name)
+                .fetch_optional(&self.read)
+                .await?
+            }
+        };
+        let body = body.ok_or_else(|| workflow_not_found(name, version))?;
+        decode(&body, || format!("workflow {name:?}"))
+    }
+
+    async fn list_workflows(&self) -> Result<Vec<Workflow>, StoreError> {
+        let rows: Vec<(String, Vec<u8>)> = sqlx::query_as(
+            "SELECT w.name, w.body FROM workflows w \
+             WHERE w.version = (SELECT MAX(version) FROM workflows WHERE name = w.name) \
+             ORDER BY w.name",
+        )
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter()
+            .map(|(name, body)| decode(body, || format!("workflow {name:?}")))
+            .collect()
+    }
+
+    async fn commit(&self, mutations: Vec<Mutation>) -> Result<(), StoreError> {
+        validate_mutations(&mutations)?;
+        if mutations.is_empty() {
+            return Ok(());
+        }
+        // IMMEDIATE takes the write lock up front, so the transaction cannot fail half-way
+        // because another process started writing; dropping `tx` on error rolls back.
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        for m in &mutations {
+            match &m.mutation {
+                Some(mutation::Mutation::PutRun(run)) => put_run(&mut tx, run).await?,
+                Some(mutation::Mutation::PutStep(step)) => put_step(&mut tx, step).await?,
+                Some(mutation::Mutation::AppendEvent(event)) => {
+                    append_event(&mut tx, event).await?
+                }
+                None => {} // rejected by validate_mutations
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_run(&self, run_id: &str) -> Result<Run, StoreError> {
+        // One statement, so the run and its steps come from the same snapshot.
+        let rows: Vec<UnionRow> = sqlx::query_as(
+            "SELECT run_id, 0 AS kind, 0 AS position, body FROM runs WHERE run_id = ?1 \
+             UNION ALL \
+             SELECT run_id, 1, position, body FROM steps WHERE run_id = ?1 \
+             ORDER BY kind, position",
+        )
+        .bind(run_id)
+        .fetch_all(&self.read)
+        .await?;
+        if rows.first().is_none_or(|(_, kind, _, _)| *kind != KIND_RUN) {
+            return Err(run_not_found(run_id));
+        }
+        assemble_runs(rows)?
+            .pop()
+            .ok_or_else(|| run_not_found(run_id))
+    }
+
+    async fn list_runs(&self, req: &ListRunsRequest) -> Result<ListRunsResponse, StoreError> {
+        let rows: Vec<(String, Vec<u8>)> = list_runs_query::<sqlx::Sqlite>(req)
+            .build_query_as()
+            .fetch_all(&self.read)
+            .await?;
+        runs_page(req, rows)
+    }
+
+    async fn find_run_by_idempotency_key(&self, key: &str) -> Result<Option<String>, StoreError> {
+        if key.is_empty() {
+            return Ok(None);
+        }
+        Ok(
+            sqlx::query_scalar("SELECT run_id FROM runs WHERE idempotency_key = ?1")
+                .bind(key)
+                .fetch_optional(&self.read)
+                .await?,
+        )
+    }
+
+    async fn read_events(
+        &self,
+        run_id: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<RunEvent>, StoreError> {
+        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT seq, body FROM events WHERE run_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        )
+        .bind(run_id)
+        .bind(seq_bound(after_seq))
+        .bind(i64::from(event_limit(limit)))
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter()
+            .map(|(seq, body)| decode(body, || format!("event {seq} of run {run_id:?}")))
+            .collect()
+    }
+
+    async fn read_active_runs(&self) -> Result<Vec<Run>, StoreError> {
+        let rows: Vec<UnionRow> = sqlx::query_as(
+            "SELECT run_id, 0 AS kind, 0 AS position, body FROM runs WHERE state IN (?1, ?2) \
+             UNION ALL \
+             SELECT s.run_id, 1, s.position, s.body FROM steps s \
+             JOIN runs r ON r.run_id = s.run_id WHERE r.state IN (?1, ?2) \
+             ORDER BY run_id, kind, position",
+        )
+        .bind(RunState::Queued as i32)
+        .bind(RunState::Running as i32)
+        .fetch_all(&self.read)
+        .await?;
+        assemble_runs(rows)
+    }
+}

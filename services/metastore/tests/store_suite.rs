@@ -1,0 +1,978 @@
+//! One behavioural suite for every `MetadataStore`: SQLite in a temporary directory, PostgreSQL
+//! (a fresh database per test, from `DAGMESH_TEST_DATABASE_URL`), and the gRPC client talking to
+//! a `MetadataGrpcServer` over a real socket (backed by SQLite).
+
+use std::sync::Arc;
+
+use dagmesh_metastore::grpc::{MetadataGrpcClient, MetadataGrpcServer};
+use dagmesh_metastore::{MetadataStore, SqlStore, StoreError};
+use dagmesh_proto::v1::{
+    ListRunsRequest, LogLine, Mutation, Run, RunEvent, RunState, Step, StepLog, StepSpec,
+    StepState, WorkflowSpec, mutation, run_event,
+};
+
+/// Instantiates every case once per backend: `sqlite::case`, `postgres::case`, `grpc::case`.
+macro_rules! suite {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() -> anyhow::Result<()> {
+                    crate::harness::with_sqlite(crate::cases::$case).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() -> anyhow::Result<()> {
+                    crate::harness::with_postgres(crate::cases::$case).await
+                }
+            )*
+        }
+        mod grpc {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() -> anyhow::Result<()> {
+                    crate::harness::with_grpc(crate::cases::$case).await
+                }
+            )*
+        }
+    };
+}
+
+suite!(
+    workflow_versioning,
+    concurrent_put_workflow,
+    commit_is_atomic,
+    steps_keep_insertion_order_and_upsert,
+    events_append_and_page,
+    list_runs_filters_and_pages,
+    list_runs_default_page_size,
+    idempotency_keys,
+    active_runs_with_steps,
+    concurrent_commits,
+    large_batches,
+);
+
+mod harness {
+    use std::future::Future;
+    use std::panic::AssertUnwindSafe;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use anyhow::Context;
+    use futures::FutureExt;
+    use sqlx::Connection;
+    use tokio::net::TcpListener;
+    use tokio::sync::oneshot;
+    use tokio_stream::wrappers::TcpListenerStream;
+
+    use super::*;
+
+    pub fn sqlite_url(dir: &Path) -> String {
+        format!("sqlite://{}", dir.join("meta.db").display())
+    }
+
+    pub async fn with_sqlite<F, Fut>(case: F) -> anyhow::Result<()>
+    where
+        F: FnOnce(Arc<dyn MetadataStore>) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>>,
+    {
+        let dir = tempfile::tempdir()?;
+        let store = Arc::new(SqlStore::connect(&sqlite_url(dir.path())).await?);
+        assert_eq!(store.backend_name(), "sqlite");
+        let result = case(store.clone()).await;
+        store.close().await;
+        result
+    }
+
+    /// The admin URL of the test PostgreSQL server, or `None` to skip (never on CI).
+    fn postgres_admin_url() -> Option<String> {
+        match std::env::var("DAGMESH_TEST_DATABASE_URL") {
+            Ok(url) if !url.is_empty() => Some(url),
+            _ if std::env::var_os("CI").is_some() => panic!(
+                "DAGMESH_TEST_DATABASE_URL is not set, and CI must run the PostgreSQL suite: \
+                 set it to an admin URL such as postgres://postgres@127.0.0.1:5432/postgres"
+            ),
+            _ => {
+                eprintln!("skipping PostgreSQL test: DAGMESH_TEST_DATABASE_URL is not set");
+                None
+            }
+        }
+    }
+
+    /// `admin` with its database name replaced by `db` (query parameters kept).
+    fn database_url(admin: &str, db: &str) -> String {
+        let (base, query) = match admin.split_once('?') {
+            Some((base, query)) => (base, Some(query)),
+            None => (admin, None),
+        };
+        let authority = base.find("://").map_or(0, |i| i + 3);
+        let base = match base[authority..].find('/') {
+            Some(slash) => &base[..authority + slash],
+            None => base,
+        };
+        match query {
+            Some(query) => format!("{base}/{db}?{query}"),
+            None => format!("{base}/{db}"),
+        }
+    }
+
+    pub async fn with_postgres<F, Fut>(case: F) -> anyhow::Result<()>
+    where
+        F: FnOnce(Arc<dyn MetadataStore>) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>>,
+    {
+        let Some(admin) = postgres_admin_url() else {
+            return Ok(());
+        };
+        let db = format!("dagmesh_test_{:016x}", rand::random::<u64>());
+        let mut admin_conn = sqlx::PgConnection::connect(&admin)
+            .await
+            .context("connecting to DAGMESH_TEST_DATABASE_URL")?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+            .execute(&mut admin_conn)
+            .await?;
+
+        // Catch a failed assertion too, so the database is dropped either way.
+        let outcome = AssertUnwindSafe(async {
+            let store = Arc::new(SqlStore::connect(&database_url(&admin, &db)).await?);
+            assert_eq!(store.backend_name(), "postgres");
+            let result = case(store.clone()).await;
+            store.close().await;
+            result
+        })
+        .catch_unwind()
+        .await;
+
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+        )))
+        .execute(&mut admin_conn)
+        .await?;
+        match outcome {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+
+    pub async fn with_grpc<F, Fut>(case: F) -> anyhow::Result<()>
+    where
+        F: FnOnce(Arc<dyn MetadataStore>) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>>,
+    {
+        let dir = tempfile::tempdir()?;
+        let backing = Arc::new(SqlStore::connect(&sqlite_url(dir.path())).await?);
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(MetadataGrpcServer::new(backing.clone()).into_service())
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                    stopped.await.ok();
+                }),
+        );
+        // The listener is bound already, so the first call connects; no readiness wait needed.
+        let client = MetadataGrpcClient::connect(&format!("http://{addr}")).await?;
+        let result = case(Arc::new(client)).await;
+        let _ = stop.send(());
+        server.await??;
+        backing.close().await;
+        result
+    }
+
+    #[test]
+    fn database_url_replaces_only_the_database() {
+        assert_eq!(
+            database_url("postgres://postgres@127.0.0.1:5432/postgres", "t1"),
+            "postgres://postgres@127.0.0.1:5432/t1"
+        );
+        assert_eq!(
+            database_url("postgres://u:p@h/postgres?sslmode=disable", "t1"),
+            "postgres://u:p@h/t1?sslmode=disable"
+        );
+        assert_eq!(
+            database_url("postgresql://h:5432", "t1"),
+            "postgresql://h:5432/t1"
+        );
+    }
+}
+
+/// Record builders shared by the cases.
+mod fixtures {
+    use super::*;
+
+    /// A UUID-shaped run id; ids sort like the UUIDv7s the executor assigns (creation order).
+    pub fn run_id(n: u32) -> String {
+        format!("{n:08x}-0000-7000-8000-000000000000")
+    }
+
+    pub fn spec(name: &str, description: &str) -> WorkflowSpec {
+        WorkflowSpec {
+            name: name.to_owned(),
+            description: description.to_owned(),
+            steps: vec![StepSpec {
+                id: "fetch".to_owned(),
+                task: "fetch@^1".to_owned(),
+                ..Default::default()
+            }],
+            continue_on_failure: false,
+        }
+    }
+
+    pub fn run(id: &str, workflow: &str, state: RunState) -> Run {
+        Run {
+            run_id: id.to_owned(),
+            workflow: workflow.to_owned(),
+            workflow_version: 1,
+            state: state as i32,
+            inputs: Some(dagmesh_proto::json::to_struct(
+                &serde_json::json!({"scene": id, "frames": [1, 2, 3]}),
+            )),
+            created_at: Some(prost_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 0,
+            }),
+            ..Default::default()
+        }
+    }
+
+    pub fn tagged(mut run: Run, tags: &[(&str, &str)]) -> Run {
+        run.tags = tags
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        run
+    }
+
+    pub fn keyed(mut run: Run, key: &str) -> Run {
+        run.idempotency_key = key.to_owned();
+        run
+    }
+
+    pub fn step(run_id: &str, step_id: &str, state: StepState) -> Step {
+        Step {
+            run_id: run_id.to_owned(),
+            step_id: step_id.to_owned(),
+            task_id: format!("{run_id}/{step_id}"),
+            state: state as i32,
+            task: "fetch@^1".to_owned(),
+            ..Default::default()
+        }
+    }
+
+    pub fn event(run_id: &str, seq: u64) -> RunEvent {
+        event_with_text(run_id, seq, format!("line {seq}"))
+    }
+
+    pub fn event_with_text(run_id: &str, seq: u64, text: String) -> RunEvent {
+        RunEvent {
+            run_id: run_id.to_owned(),
+            seq,
+            at: Some(prost_types::Timestamp {
+                seconds: 1_700_000_000 + seq as i64,
+                nanos: 0,
+            }),
+            event: Some(run_event::Event::StepLog(StepLog {
+                step_id: "fetch".to_owned(),
+                attempt: 1,
+                lines: vec![LogLine {
+                    at: None,
+                    level: "info".to_owned(),
+                    text,
+                }],
+            })),
+        }
+    }
+
+    pub fn put_run(run: Run) -> Mutation {
+        Mutation {
+            mutation: Some(mutation::Mutation::PutRun(run)),
+        }
+    }
+
+    pub fn put_step(step: Step) -> Mutation {
+        Mutation {
+            mutation: Some(mutation::Mutation::PutStep(step)),
+        }
+    }
+
+    pub fn append(event: RunEvent) -> Mutation {
+        Mutation {
+            mutation: Some(mutation::Mutation::AppendEvent(event)),
+        }
+    }
+
+    pub fn step_ids(run: &Run) -> Vec<&str> {
+        run.steps.iter().map(|s| s.step_id.as_str()).collect()
+    }
+
+    pub fn run_ids(runs: &[Run]) -> Vec<String> {
+        runs.iter().map(|r| r.run_id.clone()).collect()
+    }
+
+    pub fn seqs(events: &[RunEvent]) -> Vec<u64> {
+        events.iter().map(|e| e.seq).collect()
+    }
+}
+
+mod cases {
+    use std::collections::HashSet;
+
+    use anyhow::Result;
+
+    use super::fixtures::*;
+    use super::*;
+
+    pub async fn workflow_versioning(store: Arc<dyn MetadataStore>) -> Result<()> {
+        let (v1, created) = store
+            .put_workflow(spec("build", "one"), "h1".into())
+            .await?;
+        assert!(created);
+        assert_eq!((v1.name.as_str(), v1.version), ("build", 1));
+        assert_eq!(v1.content_hash, "h1");
+        assert!(v1.created_at.is_some());
+
+        // Applying identical content again is a no-op that returns the existing version.
+        let (again, created) = store
+            .put_workflow(spec("build", "one"), "h1".into())
+            .await?;
+        assert!(!created, "identical content must not create a version");
+        assert_eq!(again, v1);
+
+        let (v2, created) = store
+            .put_workflow(spec("build", "two"), "h2".into())
+            .await?;
+        assert!(created);
+        assert_eq!(v2.version, 2);
+
+        assert_eq!(store.get_workflow("build", None).await?, v2);
+        assert_eq!(store.get_workflow("build", Some(1)).await?, v1);
+        assert_eq!(
+            store
+                .get_workflow("build", Some(1))
+                .await?
+                .spec
+                .unwrap()
+                .description,
+            "one"
+        );
+
+        // Only the latest version is compared: going back to old content is a new version.
+        let (v3, created) = store
+            .put_workflow(spec("build", "one"), "h1".into())
+            .await?;
+        assert!(created);
+        assert_eq!(v3.version, 3);
+
+        let err = store.get_workflow("build", Some(9)).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::NotFound(m) if m.contains("\"build\"") && m.contains('9')),
+            "{err:?}"
+        );
+        let err = store.get_workflow("nope", None).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::NotFound(m) if m.contains("\"nope\"")),
+            "{err:?}"
+        );
+
+        store.put_workflow(spec("alpha", "a"), "ha".into()).await?;
+        let listed: Vec<_> = store
+            .list_workflows()
+            .await?
+            .into_iter()
+            .map(|w| (w.name, w.version))
+            .collect();
+        assert_eq!(listed, [("alpha".to_owned(), 1), ("build".to_owned(), 3)]);
+
+        let err = store
+            .put_workflow(spec("", "x"), "h".into())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::InvalidArgument(_)), "{err:?}");
+        Ok(())
+    }
+
+    pub async fn concurrent_put_workflow(store: Arc<dyn MetadataStore>) -> Result<()> {
+        // Distinct content from 8 writers at once: 8 distinct versions, none lost.
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .put_workflow(spec("race", &format!("d{i}")), format!("h{i}"))
+                        .await
+                })
+            })
+            .collect();
+        let mut versions = Vec::new();
+        for task in tasks {
+            let (wf, created) = task.await??;
+            assert!(created);
+            versions.push(wf.version);
+        }
+        versions.sort();
+        assert_eq!(versions, (1..=8).collect::<Vec<u32>>());
+
+        // Identical content from 6 writers at once: exactly one version.
+        let tasks: Vec<_> = (0..6)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(
+                    async move { store.put_workflow(spec("same", "x"), "hx".into()).await },
+                )
+            })
+            .collect();
+        let mut created_count = 0;
+        for task in tasks {
+            let (wf, created) = task.await??;
+            assert_eq!(wf.version, 1);
+            created_count += usize::from(created);
+        }
+        assert_eq!(created_count, 1);
+        Ok(())
+    }
+
+    pub async fn commit_is_atomic(store: Arc<dyn MetadataStore>) -> Result<()> {
+        let (r1, r2, r3) = (run_id(1), run_id(2), run_id(3));
+        store
+            .commit(vec![put_run(keyed(
+                run(&r1, "build", RunState::Queued),
+                "k1",
+            ))])
+            .await?;
+
+        // The last mutation reuses r1's key: nothing of the batch may stay.
+        let err = store
+            .commit(vec![
+                put_run(keyed(run(&r2, "build", RunState::Queued), "k2")),
+                put_step(step(&r2, "fetch", StepState::Pending)),
+                append(event(&r2, 1)),
+                put_run(keyed(run(&r3, "build", RunState::Queued), "k1")),
+            ])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::AlreadyExists(m) if m.contains("\"k1\"")),
+            "{err:?}"
+        );
+        let err = store.get_run(&r2).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::NotFound(m) if m.contains(&r2)),
+            "{err:?}"
+        );
+        assert!(store.read_events(&r2, 0, 0).await?.is_empty());
+        assert_eq!(store.find_run_by_idempotency_key("k2").await?, None);
+        assert_eq!(
+            store.find_run_by_idempotency_key("k1").await?,
+            Some(r1.clone())
+        );
+        let all = store.list_runs(&ListRunsRequest::default()).await?;
+        assert_eq!(run_ids(&all.runs), [r1.as_str()]);
+
+        // A malformed mutation rejects the batch before anything is written.
+        let r4 = run_id(4);
+        let err = store
+            .commit(vec![
+                put_run(run(&r4, "build", RunState::Queued)),
+                Mutation { mutation: None },
+            ])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::InvalidArgument(m) if m.contains("mutations[1]")),
+            "{err:?}"
+        );
+        assert!(matches!(
+            store.get_run(&r4).await,
+            Err(StoreError::NotFound(_))
+        ));
+
+        store.commit(Vec::new()).await?;
+        Ok(())
+    }
+
+    pub async fn steps_keep_insertion_order_and_upsert(
+        store: Arc<dyn MetadataStore>,
+    ) -> Result<()> {
+        let id = run_id(1);
+        let other = run_id(2);
+        let mut first = run(&id, "build", RunState::Running);
+        // A run's own `steps` field is not stored: steps are written with put_step.
+        first.steps = vec![step(&id, "ghost", StepState::Pending)];
+        store
+            .commit(vec![
+                put_run(first),
+                put_step(step(&id, "compile", StepState::Pending)),
+                put_step(step(&id, "assemble", StepState::Pending)),
+                put_step(step(&id, "bundle", StepState::Pending)),
+                put_run(run(&other, "build", RunState::Running)),
+                put_step(step(&other, "aaa", StepState::Pending)),
+            ])
+            .await?;
+        let got = store.get_run(&id).await?;
+        assert_eq!(step_ids(&got), ["compile", "assemble", "bundle"]);
+        assert_eq!(got.inputs, run(&id, "build", RunState::Running).inputs);
+
+        // Two writes of one step in one batch: the last one wins, the position stays.
+        let mut running = step(&id, "assemble", StepState::Running);
+        running.attempt = 1;
+        running.worker = "w-1".to_owned();
+        let mut done = running.clone();
+        done.state = StepState::Succeeded as i32;
+        done.outputs = Some(dagmesh_proto::json::to_struct(
+            &serde_json::json!({"mesh": "s3://bucket/mesh.glb"}),
+        ));
+        store
+            .commit(vec![put_step(running), put_step(done.clone())])
+            .await?;
+        store
+            .commit(vec![put_step(step(&id, "publish", StepState::Pending))])
+            .await?;
+
+        let got = store.get_run(&id).await?;
+        assert_eq!(step_ids(&got), ["compile", "assemble", "bundle", "publish"]);
+        assert_eq!(got.steps[1], done);
+
+        // Updating the run keeps its steps.
+        let mut finished = run(&id, "build", RunState::Succeeded);
+        finished.last_seq = 7;
+        store.commit(vec![put_run(finished)]).await?;
+        let got = store.get_run(&id).await?;
+        assert_eq!(got.state, RunState::Succeeded as i32);
+        assert_eq!(got.last_seq, 7);
+        assert_eq!(got.steps.len(), 4);
+
+        let err = store.get_run("no-such-run").await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::NotFound(m) if m.contains("\"no-such-run\"")),
+            "{err:?}"
+        );
+        Ok(())
+    }
+
+    pub async fn events_append_and_page(store: Arc<dyn MetadataStore>) -> Result<()> {
+        let id = run_id(1);
+        store
+            .commit(vec![
+                put_run(run(&id, "build", RunState::Running)),
+                append(event(&id, 1)),
+                append(event(&id, 2)),
+                append(event(&id, 3)),
+            ])
+            .await?;
+        store
+            .commit(vec![append(event(&id, 4)), append(event(&id, 5))])
+            .await?;
+
+        let all = store.read_events(&id, 0, 0).await?;
+        assert_eq!(seqs(&all), [1, 2, 3, 4, 5]);
+        assert_eq!(all[2], event(&id, 3), "the event payload must round-trip");
+        assert_eq!(seqs(&store.read_events(&id, 2, 2).await?), [3, 4]);
+        assert!(store.read_events(&id, 5, 0).await?.is_empty());
+        assert!(store.read_events(&run_id(9), 0, 0).await?.is_empty());
+
+        // Paging with a small limit visits every event once.
+        let mut paged = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = store.read_events(&id, after, 2).await?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            paged.extend(seqs(&page));
+        }
+        assert_eq!(paged, [1, 2, 3, 4, 5]);
+
+        // A sequence number that exists fails the batch; seq 6 is not written either.
+        let err = store
+            .commit(vec![append(event(&id, 6)), append(event(&id, 3))])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::AlreadyExists(m) if m.contains('3') && m.contains(&id)),
+            "{err:?}"
+        );
+        assert!(store.read_events(&id, 5, 0).await?.is_empty());
+
+        // So does a duplicate within one batch.
+        let err = store
+            .commit(vec![append(event(&id, 7)), append(event(&id, 7))])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::AlreadyExists(_)), "{err:?}");
+        assert!(store.read_events(&id, 5, 0).await?.is_empty());
+
+        let err = store.commit(vec![append(event(&id, 0))]).await.unwrap_err();
+        assert!(matches!(err, StoreError::InvalidArgument(_)), "{err:?}");
+        Ok(())
+    }
+
+    pub async fn list_runs_filters_and_pages(store: Arc<dyn MetadataStore>) -> Result<()> {
+        use RunState::*;
+        let runs = [
+            tagged(
+                run(&run_id(1), "build", Succeeded),
+                &[("team", "a"), ("env", "prod")],
+            ),
+            tagged(run(&run_id(2), "build", Failed), &[("team", "b")]),
+            tagged(run(&run_id(3), "scan", Running), &[("team", "a")]),
+            tagged(
+                run(&run_id(4), "build", Running),
+                &[("team", "a"), ("env", "dev")],
+            ),
+            run(&run_id(5), "scan", Succeeded),
+            tagged(
+                run(&run_id(6), "build", Succeeded),
+                &[("team", "a"), ("env", "prod")],
+            ),
+        ];
+        let mut batch: Vec<_> = runs.iter().cloned().map(put_run).collect();
+        batch.push(put_step(step(&run_id(4), "fetch", StepState::Running)));
+        store.commit(batch).await?;
+
+        let ids = |ns: &[u32]| ns.iter().map(|&n| run_id(n)).collect::<Vec<_>>();
+        let list = |req: ListRunsRequest| {
+            let store = store.clone();
+            async move { store.list_runs(&req).await }
+        };
+        let tags = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+
+        let all = list(ListRunsRequest::default()).await?;
+        assert_eq!(run_ids(&all.runs), ids(&[6, 5, 4, 3, 2, 1]), "newest first");
+        assert!(all.next_page_token.is_empty());
+        assert!(all.runs.iter().all(|r| r.steps.is_empty()));
+        assert_eq!(all.runs[5], runs[0], "runs round-trip with their tags");
+
+        let by_workflow = list(ListRunsRequest {
+            workflow: "build".into(),
+            ..Default::default()
+        })
+        .await?;
+        assert_eq!(run_ids(&by_workflow.runs), ids(&[6, 4, 2, 1]));
+
+        let by_state = list(ListRunsRequest {
+            state: Succeeded as i32,
+            ..Default::default()
+        })
+        .await?;
+        assert_eq!(run_ids(&by_state.runs), ids(&[6, 5, 1]));
+
+        let by_tag = list(ListRunsRequest {
+            tags: tags(&[("team", "a")]),
+            ..Default::default()
+        })
+        .await?;
+        assert_eq!(run_ids(&by_tag.runs), ids(&[6, 4, 3, 1]));
+
+        let by_tags = list(ListRunsRequest {
+            tags: tags(&[("team", "a"), ("env", "prod")]),
+            ..Default::default()
+        })
+        .await?;
+        assert_eq!(run_ids(&by_tags.runs), ids(&[6, 1]), "all tags must match");
+
+        let combined = list(ListRunsRequest {
+            workflow: "build".into(),
+            state: Running as i32,
+            tags: tags(&[("team", "a")]),
+            ..Default::default()
+        })
+        .await?;
+        assert_eq!(run_ids(&combined.runs), ids(&[4]));
+
+        let none = list(ListRunsRequest {
+            tags: tags(&[("team", "z")]),
+            ..Default::default()
+        })
+        .await?;
+        assert!(none.runs.is_empty() && none.next_page_token.is_empty());
+
+        // Pages: no run twice, none skipped, the last page has no token.
+        let page1 = list(ListRunsRequest {
+            page_size: 4,
+            ..Default::default()
+        })
+        .await?;
+        assert_eq!(run_ids(&page1.runs), ids(&[6, 5, 4, 3]));
+        assert!(!page1.next_page_token.is_empty());
+        let page2 = list(ListRunsRequest {
+            page_size: 4,
+            page_token: page1.next_page_token.clone(),
+            ..Default::default()
+        })
+        .await?;
+        assert_eq!(run_ids(&page2.runs), ids(&[2, 1]));
+        assert!(page2.next_page_token.is_empty());
+
+        // A page that ends exactly at the last match has no token either.
+        let filtered = ListRunsRequest {
+            workflow: "build".into(),
+            page_size: 2,
+            ..Default::default()
+        };
+        let p1 = list(filtered.clone()).await?;
+        assert_eq!(run_ids(&p1.runs), ids(&[6, 4]));
+        let p2 = list(ListRunsRequest {
+            page_token: p1.next_page_token,
+            ..filtered
+        })
+        .await?;
+        assert_eq!(run_ids(&p2.runs), ids(&[2, 1]));
+        assert!(p2.next_page_token.is_empty());
+        Ok(())
+    }
+
+    pub async fn list_runs_default_page_size(store: Arc<dyn MetadataStore>) -> Result<()> {
+        let batch = (1..=60)
+            .map(|n| put_run(run(&run_id(n), "bulk", RunState::Succeeded)))
+            .collect();
+        store.commit(batch).await?;
+        let first = store.list_runs(&ListRunsRequest::default()).await?;
+        assert_eq!(first.runs.len(), 50, "default page size");
+        assert_eq!(first.runs[0].run_id, run_id(60));
+        let rest = store
+            .list_runs(&ListRunsRequest {
+                page_token: first.next_page_token,
+                ..Default::default()
+            })
+            .await?;
+        assert_eq!(
+            run_ids(&rest.runs),
+            (1..=10).rev().map(run_id).collect::<Vec<_>>()
+        );
+        assert!(rest.next_page_token.is_empty());
+
+        let huge = store
+            .list_runs(&ListRunsRequest {
+                page_size: 1_000_000,
+                ..Default::default()
+            })
+            .await?;
+        assert_eq!(huge.runs.len(), 60);
+        Ok(())
+    }
+
+    pub async fn idempotency_keys(store: Arc<dyn MetadataStore>) -> Result<()> {
+        let (r1, r2, r3, r4) = (run_id(1), run_id(2), run_id(3), run_id(4));
+        // Runs without a key never collide with each other.
+        store
+            .commit(vec![
+                put_run(keyed(run(&r1, "build", RunState::Queued), "order-42")),
+                put_run(run(&r2, "build", RunState::Queued)),
+                put_run(run(&r3, "build", RunState::Queued)),
+            ])
+            .await?;
+        assert_eq!(
+            store.find_run_by_idempotency_key("order-42").await?,
+            Some(r1.clone())
+        );
+        assert_eq!(store.find_run_by_idempotency_key("order-43").await?, None);
+        assert_eq!(store.find_run_by_idempotency_key("").await?, None);
+
+        // Updating the run keeps its key.
+        store
+            .commit(vec![put_run(keyed(
+                run(&r1, "build", RunState::Succeeded),
+                "order-42",
+            ))])
+            .await?;
+        assert_eq!(
+            store.find_run_by_idempotency_key("order-42").await?,
+            Some(r1.clone())
+        );
+        assert_eq!(store.get_run(&r1).await?.state, RunState::Succeeded as i32);
+
+        // A later run with the same key is refused.
+        let err = store
+            .commit(vec![put_run(keyed(
+                run(&r4, "build", RunState::Queued),
+                "order-42",
+            ))])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::AlreadyExists(m) if m.contains("order-42")),
+            "{err:?}"
+        );
+        assert!(matches!(
+            store.get_run(&r4).await,
+            Err(StoreError::NotFound(_))
+        ));
+        Ok(())
+    }
+
+    pub async fn active_runs_with_steps(store: Arc<dyn MetadataStore>) -> Result<()> {
+        use RunState::*;
+        store
+            .commit(vec![
+                put_run(run(&run_id(1), "w", Queued)),
+                put_run(run(&run_id(2), "w", Running)),
+                put_step(step(&run_id(2), "second", StepState::Running)),
+                put_step(step(&run_id(2), "first", StepState::Pending)),
+                put_run(run(&run_id(3), "w", Succeeded)),
+                put_step(step(&run_id(3), "done", StepState::Succeeded)),
+                put_run(run(&run_id(4), "w", Failed)),
+                put_run(run(&run_id(5), "w", Cancelled)),
+                put_run(run(&run_id(6), "w", Running)),
+                put_step(step(&run_id(6), "only", StepState::Ready)),
+            ])
+            .await?;
+        let active = store.read_active_runs().await?;
+        assert_eq!(
+            run_ids(&active),
+            [run_id(1), run_id(2), run_id(6)],
+            "queued and running runs, oldest first"
+        );
+        assert!(active[0].steps.is_empty());
+        assert_eq!(step_ids(&active[1]), ["second", "first"]);
+        assert_eq!(step_ids(&active[2]), ["only"]);
+
+        store
+            .commit(vec![put_run(run(&run_id(2), "w", Succeeded))])
+            .await?;
+        let active = store.read_active_runs().await?;
+        assert_eq!(run_ids(&active), [run_id(1), run_id(6)]);
+        Ok(())
+    }
+
+    pub async fn concurrent_commits(store: Arc<dyn MetadataStore>) -> Result<()> {
+        // Many writers at once must neither fail (SQLITE_BUSY) nor lose writes.
+        let tasks: Vec<_> = (1..=12)
+            .map(|n| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let id = run_id(n);
+                    store
+                        .commit(vec![put_run(run(&id, "w", RunState::Running))])
+                        .await?;
+                    for seq in 1..=10 {
+                        store
+                            .commit(vec![
+                                put_step(step(&id, &format!("s{seq}"), StepState::Running)),
+                                append(event(&id, seq)),
+                            ])
+                            .await?;
+                    }
+                    Ok::<_, StoreError>(())
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await??;
+        }
+        let mut seen = HashSet::new();
+        for n in 1..=12 {
+            let id = run_id(n);
+            assert_eq!(
+                seqs(&store.read_events(&id, 0, 0).await?),
+                (1..=10).collect::<Vec<_>>()
+            );
+            let got = store.get_run(&id).await?;
+            let expected: Vec<String> = (1..=10).map(|s| format!("s{s}")).collect();
+            assert_eq!(step_ids(&got), expected);
+            seen.insert(id);
+        }
+        assert_eq!(store.read_active_runs().await?.len(), seen.len());
+        Ok(())
+    }
+
+    pub async fn large_batches(store: Arc<dyn MetadataStore>) -> Result<()> {
+        // ~6 MB in one commit and ~5 MB in one read: beyond gRPC's 4 MiB default.
+        let id = run_id(1);
+        let text = "x".repeat(5000);
+        let mut batch = vec![put_run(run(&id, "w", RunState::Running))];
+        batch.extend((1..=1200).map(|seq| append(event_with_text(&id, seq, text.clone()))));
+        store.commit(batch).await?;
+        let first = store.read_events(&id, 0, 0).await?;
+        assert_eq!(first.len(), 1000, "default limit");
+        assert_eq!(first[999].seq, 1000);
+        let rest = store.read_events(&id, 1000, 0).await?;
+        assert_eq!(seqs(&rest), (1001..=1200).collect::<Vec<_>>());
+        Ok(())
+    }
+}
+
+/// Data written through one `SqlStore` is there after closing it and opening the file again.
+#[tokio::test]
+async fn sqlite_data_survives_reopen() -> anyhow::Result<()> {
+    use fixtures::*;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("nested/state/meta.db");
+    let url = format!("sqlite://{}", path.display());
+
+    let store = SqlStore::connect(&url).await?;
+    assert!(
+        path.exists(),
+        "connect creates the file and its directories"
+    );
+    let (wf, _) = store
+        .put_workflow(spec("build", "one"), "h1".into())
+        .await?;
+    let id = run_id(1);
+    store
+        .commit(vec![
+            put_run(keyed(
+                tagged(run(&id, "build", RunState::Running), &[("team", "a")]),
+                "key-1",
+            )),
+            put_step(step(&id, "b", StepState::Running)),
+            put_step(step(&id, "a", StepState::Pending)),
+            append(event(&id, 1)),
+            append(event(&id, 2)),
+        ])
+        .await?;
+    let before = store.get_run(&id).await?;
+    store.close().await;
+    drop(store);
+
+    let store = SqlStore::connect(&url).await?;
+    assert_eq!(store.get_workflow("build", None).await?, wf);
+    assert_eq!(store.get_run(&id).await?, before);
+    assert_eq!(seqs(&store.read_events(&id, 0, 0).await?), [1, 2]);
+    assert_eq!(
+        store.find_run_by_idempotency_key("key-1").await?,
+        Some(id.clone())
+    );
+    let tagged_runs = store
+        .list_runs(&ListRunsRequest {
+            tags: [("team".to_owned(), "a".to_owned())].into(),
+            ..Default::default()
+        })
+        .await?;
+    assert_eq!(run_ids(&tagged_runs.runs), [id.as_str()]);
+    assert_eq!(run_ids(&store.read_active_runs().await?), [id.as_str()]);
+
+    // New steps still go after the ones written before the restart.
+    store
+        .commit(vec![put_step(step(&id, "c", StepState::Pending))])
+        .await?;
+    assert_eq!(step_ids(&store.get_run(&id).await?), ["b", "a", "c"]);
+    store.close().await;
+    Ok(())
+}
+
+/// A metastore that cannot be reached is `Unavailable` (retryable), not an internal error.
+#[tokio::test]
+async fn grpc_client_reports_unreachable_metastore_as_unavailable() -> anyhow::Result<()> {
+    // Bind then drop: the port is (almost certainly) closed now.
+    let addr = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await?
+        .local_addr()?;
+    let client = MetadataGrpcClient::connect(&format!("http://{addr}")).await?;
+    let err = client.get_run("r").await.unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+
+    let err = MetadataGrpcClient::connect("not a url")
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, StoreError::InvalidArgument(_)), "{err:?}");
+    Ok(())
+}
