@@ -60,7 +60,12 @@ pub struct Report {
 pub async fn bench(global: &Global, args: BenchArgs) -> anyhow::Result<ExitCode> {
     let _telemetry = telemetry::init_with("dagmesh-bench", "warn");
     let scenarios = match args.scenario {
-        Scenario::All => vec![Scenario::Idle, Scenario::Chain, Scenario::Fanout, Scenario::Runs],
+        Scenario::All => vec![
+            Scenario::Idle,
+            Scenario::Chain,
+            Scenario::Fanout,
+            Scenario::Runs,
+        ],
         one => vec![one],
     };
     for scenario in scenarios {
@@ -81,9 +86,8 @@ fn print_report(output: OutputFormat, report: &Report) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(report)?);
         return Ok(());
     }
-    let opt = |value: Option<f64>, unit: &str| {
-        value.map_or(String::new(), |v| format!(" {v:.3}{unit}"))
-    };
+    let opt =
+        |value: Option<f64>, unit: &str| value.map_or(String::new(), |v| format!(" {v:.3}{unit}"));
     println!(
         "{:<7} steps={:<6} wall={:.3}s{}{}{}{}{}{}",
         report.scenario,
@@ -114,9 +118,10 @@ async fn noop(_: TaskContext, _: serde_json::Value) -> Result<serde_json::Value,
 impl Bench {
     async fn start(args: &BenchArgs, workers: usize, slots: u32) -> anyhow::Result<Self> {
         let scratch = tempfile::tempdir()?;
-        let database_url = args.database.clone().unwrap_or_else(|| {
-            format!("sqlite://{}", scratch.path().join("bench.db").display())
-        });
+        let database_url = args
+            .database
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", scratch.path().join("bench.db").display()));
         let mesh = Mesh::start(MeshOptions {
             listen: "127.0.0.1:0".into(),
             database_url,
@@ -196,7 +201,11 @@ async fn chain(args: &BenchArgs) -> anyhow::Result<Report> {
     let length = args.size.unwrap_or(200);
     let steps = (0..length)
         .map(|i| {
-            let needs = if i == 0 { vec![] } else { vec![format!("s{}", i - 1)] };
+            let needs = if i == 0 {
+                vec![]
+            } else {
+                vec![format!("s{}", i - 1)]
+            };
             noop_step(format!("s{i}"), needs)
         })
         .collect();
@@ -228,7 +237,10 @@ async fn fanout(args: &BenchArgs) -> anyhow::Result<Report> {
     let mut steps: Vec<StepSpec> = (0..width)
         .map(|i| noop_step(format!("f{i}"), vec![]))
         .collect();
-    steps.push(noop_step("join".into(), (0..width).map(|i| format!("f{i}")).collect()));
+    steps.push(noop_step(
+        "join".into(),
+        (0..width).map(|i| format!("f{i}")).collect(),
+    ));
     let spec = WorkflowSpec {
         name: "bench-fanout".into(),
         steps,
@@ -255,7 +267,11 @@ async fn runs(args: &BenchArgs) -> anyhow::Result<Report> {
     let count = args.size.unwrap_or(1000);
     let steps = (0..5)
         .map(|i| {
-            let needs = if i == 0 { vec![] } else { vec![format!("s{}", i - 1)] };
+            let needs = if i == 0 {
+                vec![]
+            } else {
+                vec![format!("s{}", i - 1)]
+            };
             noop_step(format!("s{i}"), needs)
         })
         .collect();
@@ -267,12 +283,14 @@ async fn runs(args: &BenchArgs) -> anyhow::Result<Report> {
     let bench = Bench::start(args, 2, 128).await?;
     bench.run(spec.clone()).await?; // warm-up
     let started = Instant::now();
-    let latencies = futures::future::try_join_all((0..count).map(|_| bench.run(spec.clone()))).await?;
+    let latencies =
+        futures::future::try_join_all((0..count).map(|_| bench.run(spec.clone()))).await?;
     let wall = started.elapsed();
     bench.stop().await?;
     let mut millis: Vec<f64> = latencies.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
     millis.sort_by(f64::total_cmp);
-    let percentile = |p: f64| millis[((millis.len() as f64 * p).ceil() as usize).clamp(1, millis.len()) - 1];
+    let percentile =
+        |p: f64| millis[((millis.len() as f64 * p).ceil() as usize).clamp(1, millis.len()) - 1];
     Ok(Report {
         scenario: "runs",
         steps: count * 5,

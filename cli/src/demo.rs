@@ -62,7 +62,9 @@ pub async fn demo(global: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
     .map_err(|errors| anyhow::anyhow!("example workflow is invalid:\n{errors}"))?;
     let client = Client::connect(&url).await?;
     let run = client
-        .submit(SubmitRun::inline(spec).inputs(dagmesh_example_room_scan::demo_inputs(args.pace_ms)))
+        .submit(
+            SubmitRun::inline(spec).inputs(dagmesh_example_room_scan::demo_inputs(args.pace_ms)),
+        )
         .await?;
     let channel = commands::connect(&url).await?;
     let finished = commands::watch::follow(channel, &run.run_id, global.output).await?;
@@ -76,9 +78,13 @@ pub async fn demo(global: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
     mesh.shutdown().await?;
 
     if let Some(notify) = finished.steps.iter().find(|step| step.step_id == "notify")
-        && let Some(message) = dagmesh_proto::json::from_struct(notify.outputs.as_ref()).get("message")
+        && let Some(message) =
+            dagmesh_proto::json::from_struct(notify.outputs.as_ref()).get("message")
     {
-        eprintln!("dagmesh demo: notify said: {}", message.as_str().unwrap_or_default());
+        eprintln!(
+            "dagmesh demo: notify said: {}",
+            message.as_str().unwrap_or_default()
+        );
     }
     Ok(if finished.state() == RunState::Succeeded {
         ExitCode::SUCCESS

@@ -9,10 +9,22 @@ use dagmesh::{bench, demo, serve};
 #[command(name = "dagmesh", version)]
 struct Cli {
     /// Executor address for client commands.
-    #[arg(long, global = true, env = "DAGMESH_SERVER", default_value = "http://127.0.0.1:7070")]
+    #[arg(
+        long,
+        global = true,
+        env = "DAGMESH_SERVER",
+        default_value = "http://127.0.0.1:7070"
+    )]
     server: String,
     /// Output format.
-    #[arg(short = 'o', long, global = true, env = "DAGMESH_OUTPUT", value_enum, default_value = "text")]
+    #[arg(
+        short = 'o',
+        long,
+        global = true,
+        env = "DAGMESH_OUTPUT",
+        value_enum,
+        default_value = "text"
+    )]
     output: OutputFormat,
     #[command(subcommand)]
     command: Command,

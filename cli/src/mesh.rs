@@ -34,10 +34,11 @@ impl Mesh {
             .await
             .with_context(|| format!("opening database {}", options.database_url))?;
         let store: Arc<dyn MetadataStore> = Arc::new(store);
-        let (executor, engine) = Executor::start(store.clone(), options.executor).await?;
+        // Bind first: a taken port must not leave an engine running against the store.
         let listener = TcpListener::bind(&options.listen)
             .await
             .with_context(|| format!("binding {}", options.listen))?;
+        let (executor, engine) = Executor::start(store.clone(), options.executor).await?;
         let addr = listener.local_addr()?;
         // One port serves everything, the metadata API included, so grpcurl sees all of it.
         let services = executor

@@ -60,9 +60,9 @@ pub struct UpArgs {
 
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let _telemetry = telemetry::init("dagmesh");
-    let database_url = args.database.unwrap_or_else(|| {
-        format!("sqlite://{}", args.data_dir.join("dagmesh.db").display())
-    });
+    let database_url = args
+        .database
+        .unwrap_or_else(|| format!("sqlite://{}", args.data_dir.join("dagmesh.db").display()));
     let mut mesh = Mesh::start(MeshOptions {
         listen: args.listen,
         database_url: database_url.clone(),
@@ -85,7 +85,11 @@ pub struct MetastoreArgs {
     #[arg(long, env = "DAGMESH_LISTEN", default_value = "127.0.0.1:7071")]
     pub listen: String,
     /// Database URL (`sqlite://PATH` or `postgres://...`).
-    #[arg(long, env = "DAGMESH_DATABASE_URL", default_value = "sqlite://.dagmesh/dagmesh.db")]
+    #[arg(
+        long,
+        env = "DAGMESH_DATABASE_URL",
+        default_value = "sqlite://.dagmesh/dagmesh.db"
+    )]
     pub database: String,
 }
 
@@ -111,7 +115,11 @@ pub struct ExecutorArgs {
     #[arg(long, env = "DAGMESH_LISTEN", default_value = "127.0.0.1:7070")]
     pub listen: String,
     /// Address of the metastore.
-    #[arg(long, env = "DAGMESH_METASTORE", default_value = "http://127.0.0.1:7071")]
+    #[arg(
+        long,
+        env = "DAGMESH_METASTORE",
+        default_value = "http://127.0.0.1:7071"
+    )]
     pub metastore: String,
     /// How long to keep trying to reach the metastore at start.
     #[arg(long, env = "DAGMESH_STARTUP_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
@@ -209,6 +217,9 @@ mod tests {
             super::redact("postgres://app@db/dagmesh"),
             "postgres://app@db/dagmesh"
         );
-        assert_eq!(super::redact("sqlite://.dagmesh/x.db"), "sqlite://.dagmesh/x.db");
+        assert_eq!(
+            super::redact("sqlite://.dagmesh/x.db"),
+            "sqlite://.dagmesh/x.db"
+        );
     }
 }

@@ -12,10 +12,9 @@ use anyhow::{Context as _, bail};
 use dagmesh::mesh::{Mesh, MeshOptions};
 use dagmesh_executor::ExecutorConfig;
 use dagmesh_proto::v1::{
-    self as pb, Run, RunEvent, RunState, ServerMessage, StepSpec, WatchRunRequest,
-    WorkerMessage, WorkflowSpec, run_event, run_service_client::RunServiceClient,
-    server_message, watch_run_response, worker_message,
-    worker_service_client::WorkerServiceClient,
+    self as pb, Run, RunEvent, RunState, ServerMessage, StepSpec, WatchRunRequest, WorkerMessage,
+    WorkflowSpec, run_event, run_service_client::RunServiceClient, server_message,
+    watch_run_response, worker_message, worker_service_client::WorkerServiceClient,
 };
 use dagmesh_sdk::Client;
 use tokio::sync::mpsc;
@@ -62,7 +61,8 @@ impl Database {
         };
         let name = format!("dagmesh_it_{}", uuid::Uuid::new_v4().simple());
         let mut admin = sqlx_connect(&admin_url).await?;
-        sqlx::query(&format!("CREATE DATABASE {name}"))
+        // `name` is generated above from a UUID: safe to splice.
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(&mut admin)
             .await
             .with_context(|| format!("creating database {name}"))?;
@@ -80,9 +80,11 @@ impl Database {
     pub async fn cleanup(self) -> anyhow::Result<()> {
         if let Self::Postgres { admin_url, name } = self {
             let mut admin = sqlx_connect(&admin_url).await?;
-            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .execute(&mut admin)
-                .await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
+            .execute(&mut admin)
+            .await?;
         }
         Ok(())
     }
@@ -97,7 +99,9 @@ async fn sqlx_connect(url: &str) -> anyhow::Result<sqlx::PgConnection> {
 
 /// `postgres://u@h:p/db?x` with `db` replaced.
 fn replace_database(url: &str, name: &str) -> String {
-    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
     let authority_end = base.find("://").map_or(0, |i| i + 3);
     let path_start = base[authority_end..]
         .find('/')
@@ -341,27 +345,38 @@ async fn next(rx: &mut tonic::Streaming<ServerMessage>) -> anyhow::Result<server
     message.message.context("empty server message")
 }
 
-/// The `dagmesh` binary built next to this test (cargo builds it for `cargo test --workspace`;
-/// built here on demand when a single package is tested).
+/// The `dagmesh` binary built next to this test. It is (re)built here once per test process:
+/// cargo does not rebuild other packages' binaries for `cargo test -p`, and a stale binary would
+/// test old code. When it is up to date this takes a fraction of a second.
 pub fn dagmesh_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let profile_dir = exe
         .parent()
         .and_then(|deps| deps.parent())
         .context("test binary has no target directory")?;
-    let binary = profile_dir.join("dagmesh");
-    if !binary.exists() {
-        let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "-p", "dagmesh", "--bin", "dagmesh"])
-            .status()?;
-        anyhow::ensure!(status.success(), "cargo build of the dagmesh binary failed");
-    }
-    Ok(binary)
+    static BUILT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let status = std::process::Command::new(env!("CARGO"))
+                .args(["build", "-p", "dagmesh", "--bin", "dagmesh"])
+                .status()
+                .map_err(|e| e.to_string())?;
+            if status.success() {
+                Ok(())
+            } else {
+                Err("cargo build of the dagmesh binary failed".into())
+            }
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)?;
+    Ok(profile_dir.join("dagmesh"))
 }
 
 /// A free TCP port on 127.0.0.1 (for child processes that must be told their port).
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// Waits until a server at `url` reports SERVING on grpc.health.v1 (no sleeps for readiness).

@@ -13,7 +13,8 @@ use dagmesh_integration_tests::{
     workflow,
 };
 use dagmesh_proto::v1::{
-    ListRunsRequest, RetryPolicy, Run, StepState, SubmitRunRequest, run_service_client::RunServiceClient,
+    ListRunsRequest, RetryPolicy, Run, StepState, SubmitRunRequest,
+    run_service_client::RunServiceClient,
 };
 use dagmesh_sdk::{Client, SubmitRun, TaskContext, TaskError, Worker, WorkerHandle};
 use serde::Deserialize;
@@ -70,21 +71,35 @@ struct TextInput {
 }
 
 /// `pg.upper` upper-cases text; `pg.flaky` fails its first attempt (retryably) and appends "!".
-fn worker(url: &str, instance: &str) -> anyhow::Result<(WorkerHandle, JoinHandle<Result<(), dagmesh_sdk::WorkerError>>)> {
+fn worker(
+    url: &str,
+    instance: &str,
+) -> anyhow::Result<(
+    WorkerHandle,
+    JoinHandle<Result<(), dagmesh_sdk::WorkerError>>,
+)> {
     let worker = Worker::builder(url)
         .name("pg")
         .instance_id(instance)
         .slots(4)
         .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(300))
-        .task("pg.upper", "1.0.0", |_ctx: TaskContext, input: TextInput| async move {
-            Ok::<_, TaskError>(json!({ "text": input.text.to_uppercase() }))
-        })
-        .task("pg.flaky", "1.0.0", |ctx: TaskContext, input: TextInput| async move {
-            if ctx.attempt() == 1 {
-                return Err(TaskError::retryable("warehouse busy"));
-            }
-            Ok(json!({ "text": format!("{}!", input.text), "attempt": ctx.attempt() }))
-        })
+        .task(
+            "pg.upper",
+            "1.0.0",
+            |_ctx: TaskContext, input: TextInput| async move {
+                Ok::<_, TaskError>(json!({ "text": input.text.to_uppercase() }))
+            },
+        )
+        .task(
+            "pg.flaky",
+            "1.0.0",
+            |ctx: TaskContext, input: TextInput| async move {
+                if ctx.attempt() == 1 {
+                    return Err(TaskError::retryable("warehouse busy"));
+                }
+                Ok(json!({ "text": format!("{}!", input.text), "attempt": ctx.attempt() }))
+            },
+        )
         .build()?;
     let handle = worker.handle();
     let task = tokio::spawn(worker.run_until(std::future::pending()));
@@ -129,7 +144,12 @@ async fn postgres_runs_pass_data_retry_and_dedupe_submits() -> anyhow::Result<()
     connected(&handle).await?;
 
     // upper -> flaky (one retry) -> upper: the text goes through all three.
-    let mut flaky = step("exclaim", "pg.flaky@^1", &["shout"], &[("text", "shout.text")]);
+    let mut flaky = step(
+        "exclaim",
+        "pg.flaky@^1",
+        &["shout"],
+        &[("text", "shout.text")],
+    );
     flaky.retry = Some(RetryPolicy {
         max_attempts: 3,
         initial_backoff: "50ms".into(),
@@ -154,17 +174,25 @@ async fn postgres_runs_pass_data_retry_and_dedupe_submits() -> anyhow::Result<()
         .inputs(json!({ "name": "alice" }))
         .idempotency_key("upload-42")
         .into_request()?;
+    let channel = sandbox.channel().await?;
     let submits = (0..5).map(|_| {
-        let mut runs = RunServiceClient::new(sandbox.mesh_channel());
+        let mut runs = RunServiceClient::new(channel.clone());
         let request: SubmitRunRequest = request.clone();
-        async move { runs.submit_run(request).await.map(tonic::Response::into_inner) }
+        async move {
+            runs.submit_run(request)
+                .await
+                .map(tonic::Response::into_inner)
+        }
     });
     let responses = futures::future::try_join_all(submits).await?;
     let created = responses.iter().filter(|r| r.created).count();
     assert_eq!(created, 1, "one submit creates the run, the others find it");
     let run_id = responses[0].run.as_ref().context("no run")?.run_id.clone();
     for response in &responses {
-        assert_eq!(response.run.as_ref().map(|r| r.run_id.as_str()), Some(run_id.as_str()));
+        assert_eq!(
+            response.run.as_ref().map(|r| r.run_id.as_str()),
+            Some(run_id.as_str())
+        );
     }
 
     let client = sandbox.client().await?;
@@ -172,12 +200,16 @@ async fn postgres_runs_pass_data_retry_and_dedupe_submits() -> anyhow::Result<()
     assert_succeeded(&run);
     assert_eq!(output(&run, "finish", "text"), json!("ALICE! DONE"));
     let exclaim = step_of(&run, "exclaim");
-    assert_eq!(exclaim.attempt, 2, "exclaim should succeed on its second attempt");
+    assert_eq!(
+        exclaim.attempt, 2,
+        "exclaim should succeed on its second attempt"
+    );
     assert_eq!(exclaim.state(), StepState::Succeeded);
     let events = all_events(sandbox.channel().await?, &run_id).await?;
     let states = step_states(&events, "exclaim");
     assert!(
-        states.contains(&"RETRY_WAIT".to_owned()) && states.last().map(String::as_str) == Some("SUCCEEDED"),
+        states.contains(&"RETRY_WAIT".to_owned())
+            && states.last().map(String::as_str) == Some("SUCCEEDED"),
         "exclaim went through {states:?}"
     );
 
@@ -213,10 +245,14 @@ async fn postgres_run_survives_a_mesh_restart() -> anyhow::Result<()> {
     let (upper, upper_task) = worker(&url, "pg-before")?;
     let hanging = Worker::builder(&url)
         .name("pg-hang")
-        .task("pg.slow", "1.0.0", |_ctx: TaskContext, _input: Value| async move {
-            std::future::pending::<()>().await;
-            Ok::<_, TaskError>(json!({}))
-        })
+        .task(
+            "pg.slow",
+            "1.0.0",
+            |_ctx: TaskContext, _input: Value| async move {
+                std::future::pending::<()>().await;
+                Ok::<_, TaskError>(json!({}))
+            },
+        )
         .build()?;
     let hanging_handle = hanging.handle();
     let hanging_task = tokio::spawn(hanging.run_until(std::future::pending()));
@@ -234,9 +270,12 @@ async fn postgres_run_survives_a_mesh_restart() -> anyhow::Result<()> {
     let run = client
         .submit(SubmitRun::inline(spec).inputs(json!({ "name": "bob" })))
         .await?;
-    tokio::time::timeout(PATIENCE, hanging_handle.wait_for(|state| state.running == 1))
-        .await
-        .context("the second step never reached its worker")?;
+    tokio::time::timeout(
+        PATIENCE,
+        hanging_handle.wait_for(|state| state.running == 1),
+    )
+    .await
+    .context("the second step never reached its worker")?;
 
     mesh.abort();
     upper.abort();
@@ -254,9 +293,13 @@ async fn postgres_run_survives_a_mesh_restart() -> anyhow::Result<()> {
     let url = mesh.url();
     let finisher = Worker::builder(&url)
         .name("pg-after")
-        .task("pg.slow", "1.0.0", |_ctx: TaskContext, input: TextInput| async move {
-            Ok::<_, TaskError>(json!({ "text": format!("{} waited", input.text) }))
-        })
+        .task(
+            "pg.slow",
+            "1.0.0",
+            |_ctx: TaskContext, input: TextInput| async move {
+                Ok::<_, TaskError>(json!({ "text": format!("{} waited", input.text) }))
+            },
+        )
         .build()?;
     let finisher_handle = finisher.handle();
     let finisher_task = tokio::spawn(finisher.run_until(std::future::pending()));

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use dagmesh_integration_tests::{
-    PATIENCE, all_events, assert_succeeded, channel, dagmesh_binary, free_port, step,
-    step_states, wait_healthy, workflow,
+    PATIENCE, all_events, assert_succeeded, channel, dagmesh_binary, free_port, step, step_states,
+    wait_healthy, workflow,
 };
 use dagmesh_proto::v1::{ReadRunRequest, Run, metadata_service_client::MetadataServiceClient};
 use dagmesh_sdk::{Client, SubmitRun, TaskContext, TaskError, Worker, WorkerHandle};
@@ -88,7 +88,11 @@ impl ChildGuard {
     async fn wait_exit(&mut self, within: Duration) -> anyhow::Result<ExitStatus> {
         match tokio::time::timeout(within, self.exited()).await {
             Ok(status) => status,
-            Err(_) => bail!("{} still running after {within:?}{}", self.name, self.context()),
+            Err(_) => bail!(
+                "{} still running after {within:?}{}",
+                self.name,
+                self.context()
+            ),
         }
     }
 
@@ -117,7 +121,11 @@ impl ChildGuard {
     }
 
     fn context(&self) -> String {
-        format!("\n--- last lines of {} ---\n{}", self.log.display(), self.log_tail())
+        format!(
+            "\n--- last lines of {} ---\n{}",
+            self.log.display(),
+            self.log_tail()
+        )
     }
 }
 
@@ -159,9 +167,17 @@ fn sqlite_url(dir: &Path) -> String {
 }
 
 /// Runs `worker` in the background until the test ends (the runtime drops it then).
-fn spawn_worker(worker: Worker) -> (WorkerHandle, JoinHandle<Result<(), dagmesh_sdk::WorkerError>>) {
+fn spawn_worker(
+    worker: Worker,
+) -> (
+    WorkerHandle,
+    JoinHandle<Result<(), dagmesh_sdk::WorkerError>>,
+) {
     let handle = worker.handle();
-    (handle, tokio::spawn(worker.run_until(std::future::pending())))
+    (
+        handle,
+        tokio::spawn(worker.run_until(std::future::pending())),
+    )
 }
 
 async fn connected(handle: &WorkerHandle) -> anyhow::Result<()> {
@@ -213,14 +229,18 @@ async fn executor_sigkill_mid_run_recovers_every_run() -> anyhow::Result<()> {
             .instance_id(format!("chaos-{i}"))
             .slots(2)
             .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(300))
-            .task("chaos.step", "1.0.0", move |ctx: TaskContext, input: CountInput| {
-                let done = done.clone();
-                async move {
-                    tokio::time::sleep(Duration::from_millis(150)).await;
-                    done.send_modify(|d| d.push((ctx.task_id().to_owned(), ctx.attempt())));
-                    Ok::<_, TaskError>(json!({ "n": input.x.unwrap_or(0.0) + 1.0 }))
-                }
-            })
+            .task(
+                "chaos.step",
+                "1.0.0",
+                move |ctx: TaskContext, input: CountInput| {
+                    let done = done.clone();
+                    async move {
+                        tokio::time::sleep(Duration::from_millis(150)).await;
+                        done.send_modify(|d| d.push((ctx.task_id().to_owned(), ctx.attempt())));
+                        Ok::<_, TaskError>(json!({ "n": input.x.unwrap_or(0.0) + 1.0 }))
+                    }
+                },
+            )
             .build()?;
         workers.push(spawn_worker(worker));
     }
@@ -250,18 +270,24 @@ async fn executor_sigkill_mid_run_recovers_every_run() -> anyhow::Result<()> {
         run_ids.push(run.run_id);
     }
 
-    // Kill once a fair share of the work is done, with most of it still to go.
-    tokio::time::timeout(PATIENCE, done_rx.wait_for(|d| d.len() >= 8))
-        .await
-        .context("workers never finished 8 steps")??;
-    up.sigkill()?;
-    let finished_before_kill = done_rx.borrow().len();
-    assert!(
-        finished_before_kill < RUNS * STEPS.len(),
-        "every step had finished before the kill; nothing was tested"
-    );
-
-    let _up = start_up("up-2", dir.path(), port, &[]).await?;
+    // Kill once a fair share of the work is done, with most of it still to go; then kill the
+    // next process too, soon after it has recovered, while workers are still reconnecting.
+    let mut kills = Vec::new();
+    for (next_process, more) in [(2, 8), (3, 4)] {
+        let target = done_rx.borrow().len() + more;
+        tokio::time::timeout(PATIENCE, done_rx.wait_for(|d| d.len() >= target))
+            .await
+            .with_context(|| format!("workers never finished {target} steps"))??;
+        up.sigkill()?;
+        let finished = done_rx.borrow().len();
+        assert!(
+            finished < RUNS * STEPS.len(),
+            "every step had finished before kill {}; nothing was tested",
+            kills.len() + 1
+        );
+        kills.push(finished);
+        up = start_up(&format!("up-{next_process}"), dir.path(), port, &[]).await?;
+    }
     let client = Client::connect(&url).await?;
     let channel = channel(&url).await?;
     for run_id in &run_ids {
@@ -299,8 +325,8 @@ async fn executor_sigkill_mid_run_recovers_every_run() -> anyhow::Result<()> {
     let done = done_rx.borrow().clone();
     let distinct: BTreeSet<_> = done.iter().collect();
     eprintln!(
-        "{} executions before the kill, {} in all for {} steps ({} repeated)",
-        finished_before_kill,
+        "steps finished at the kills: {:?}; {} executions in all for {} steps ({} repeated)",
+        kills,
         done.len(),
         RUNS * STEPS.len(),
         done.len() - distinct.len()
@@ -335,31 +361,34 @@ async fn split_mode_metastore_and_executor_processes() -> anyhow::Result<()> {
         ],
         dir.path(),
     )?;
-    let mut executor = ChildGuard::spawn(
+    let executor_args = [
         "executor",
-        &[
-            "executor",
-            "--listen",
-            &format!("127.0.0.1:{exec_port}"),
-            "--metastore",
-            &store_url,
-            "--lease",
-            "1s",
-            "--heartbeat-interval",
-            "200ms",
-            "--drain-timeout",
-            "5s",
-        ],
-        dir.path(),
-    )?;
+        "--listen",
+        &format!("127.0.0.1:{exec_port}"),
+        "--metastore",
+        &store_url,
+        "--lease",
+        "1s",
+        "--heartbeat-interval",
+        "200ms",
+        "--drain-timeout",
+        "5s",
+    ];
+    let mut executor = ChildGuard::spawn("executor-1", &executor_args, dir.path())?;
     metastore.wait_ready(&store_url).await?;
     executor.wait_ready(&exec_url).await?;
 
     let worker = Worker::builder(&exec_url)
         .name("split")
-        .task("split.upper", "1.0.0", |_ctx: TaskContext, input: TextInput| async move {
-            Ok::<_, TaskError>(json!({ "text": input.text.to_uppercase() }))
-        })
+        .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(300))
+        .task(
+            "split.upper",
+            "1.0.0",
+            |_ctx: TaskContext, input: TextInput| async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Ok::<_, TaskError>(json!({ "text": input.text.to_uppercase() }))
+            },
+        )
         .build()?;
     let (handle, worker_task) = spawn_worker(worker);
     connected(&handle).await?;
@@ -378,11 +407,14 @@ async fn split_mode_metastore_and_executor_processes() -> anyhow::Result<()> {
     );
     let client = Client::connect(&exec_url).await?;
     let submitted = client
-        .submit(SubmitRun::inline(spec).inputs(json!({ "name": "alice" })))
+        .submit(SubmitRun::inline(spec.clone()).inputs(json!({ "name": "alice" })))
         .await?;
     let run = wait_for_run(&client, &submitted.run_id).await?;
     assert_succeeded(&run);
-    assert_eq!(outputs(&run, "shout").get("text"), Some(&json!("ALICE WORLD")));
+    assert_eq!(
+        outputs(&run, "shout").get("text"),
+        Some(&json!("ALICE WORLD"))
+    );
 
     // What the executor reports is what the metastore holds.
     let stored = MetadataServiceClient::new(channel(&store_url).await?)
@@ -411,18 +443,63 @@ async fn split_mode_metastore_and_executor_processes() -> anyhow::Result<()> {
             })
             .collect()
     };
-    assert_eq!(by_id(&stored), by_id(&run), "steps differ between executor and metastore");
+    assert_eq!(
+        by_id(&stored),
+        by_id(&run),
+        "steps differ between executor and metastore"
+    );
+
+    // The executor crashes while a step runs; a new one, on the same metastore, finishes the run.
+    let second = client
+        .submit(SubmitRun::inline(spec).inputs(json!({ "name": "bob" })))
+        .await?;
+    tokio::time::timeout(PATIENCE, handle.wait_for(|state| state.running == 1))
+        .await
+        .context("the second run never reached the worker")?;
+    executor.sigkill()?;
+    executor = ChildGuard::spawn("executor-2", &executor_args, dir.path())?;
+    executor.wait_ready(&exec_url).await?;
+    let client = Client::connect(&exec_url).await?;
+    let second = wait_for_run(&client, &second.run_id).await?;
+    assert_succeeded(&second);
+    assert_eq!(
+        outputs(&second, "shout").get("text"),
+        Some(&json!("BOB WORLD"))
+    );
+    let events = all_events(channel(&exec_url).await?, &second.run_id).await?;
+    for step_id in ["greet", "shout"] {
+        let states = step_states(&events, step_id);
+        assert_eq!(
+            states.iter().filter(|s| *s == "SUCCEEDED").count(),
+            1,
+            "{step_id} went through {states:?}"
+        );
+    }
+    let first = client.get_run(&run.run_id).await?;
+    assert_eq!(
+        first.state(),
+        run.state(),
+        "the new executor lost the first run"
+    );
 
     // SIGTERM drains each process and exits cleanly, the executor first (it tells the worker).
     executor.sigterm()?;
     let status = executor.wait_exit(Duration::from_secs(15)).await?;
-    assert!(status.success(), "executor exited with {status}{}", executor.context());
+    assert!(
+        status.success(),
+        "executor exited with {status}{}",
+        executor.context()
+    );
     tokio::time::timeout(PATIENCE, worker_task)
         .await
         .context("worker did not stop after the executor's drain")???;
     metastore.sigterm()?;
     let status = metastore.wait_exit(Duration::from_secs(15)).await?;
-    assert!(status.success(), "metastore exited with {status}{}", metastore.context());
+    assert!(
+        status.success(),
+        "metastore exited with {status}{}",
+        metastore.context()
+    );
     Ok(())
 }
 
@@ -468,14 +545,16 @@ async fn up_serves_health_and_reflection_for_grpcurl() -> anyhow::Result<()> {
     for (version, listed) in [("v1alpha", &v1alpha), ("v1", &v1)] {
         for service in expected {
             assert!(
-                listed.services.contains(service),
+                listed.services.iter().any(|s| s == service),
                 "reflection {version} does not list {service}: {:?}",
                 listed.services
             );
         }
         // What `grpcurl describe` and every grpcurl call need: the file defining a service.
         assert!(
-            listed.run_service_file.contains(&"dagmesh/v1/run.proto".to_owned()),
+            listed
+                .run_service_file
+                .contains(&"dagmesh/v1/run.proto".to_owned()),
             "reflection {version} did not send run.proto for dagmesh.v1.RunService: {:?}",
             listed.run_service_file
         );
@@ -490,7 +569,10 @@ async fn up_serves_health_and_reflection_for_grpcurl() -> anyhow::Result<()> {
             let target = format!("127.0.0.1:{port}");
             let list = run_grpcurl(&["-plaintext", &target, "list"]).await?;
             for service in expected {
-                assert!(list.contains(service), "grpcurl list lacks {service}:\n{list}");
+                assert!(
+                    list.contains(service),
+                    "grpcurl list lacks {service}:\n{list}"
+                );
             }
             let workers = run_grpcurl(&[
                 "-plaintext",
@@ -500,7 +582,10 @@ async fn up_serves_health_and_reflection_for_grpcurl() -> anyhow::Result<()> {
                 "dagmesh.v1.ClusterService/ListWorkers",
             ])
             .await?;
-            assert!(workers.trim_start().starts_with('{'), "grpcurl call printed {workers}");
+            assert!(
+                workers.trim_start().starts_with('{'),
+                "grpcurl call printed {workers}"
+            );
         }
     }
     Ok(())
@@ -612,7 +697,11 @@ fn file_names(encoded: &[Vec<u8>]) -> anyhow::Result<Vec<String>> {
     use prost::Message as _;
     encoded
         .iter()
-        .map(|bytes| Ok(prost_types::FileDescriptorProto::decode(bytes.as_slice())?.name().to_owned()))
+        .map(|bytes| {
+            Ok(prost_types::FileDescriptorProto::decode(bytes.as_slice())?
+                .name()
+                .to_owned())
+        })
         .collect()
 }
 
@@ -625,10 +714,14 @@ async fn sigterm_drains_then_exits_zero() -> anyhow::Result<()> {
 
     let worker = Worker::builder(&url)
         .name("slow")
-        .task("slow.step", "1.0.0", |_ctx: TaskContext, _input: Value| async move {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            Ok::<_, TaskError>(json!({ "slept_ms": 1000 }))
-        })
+        .task(
+            "slow.step",
+            "1.0.0",
+            |_ctx: TaskContext, _input: Value| async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                Ok::<_, TaskError>(json!({ "slept_ms": 1000 }))
+            },
+        )
         .build()?;
     let (handle, worker_task) = spawn_worker(worker);
     connected(&handle).await?;
@@ -648,7 +741,11 @@ async fn sigterm_drains_then_exits_zero() -> anyhow::Result<()> {
     up.sigterm()?;
     let status = up.wait_exit(Duration::from_secs(15)).await?;
     let took = signalled.elapsed();
-    assert!(status.success(), "dagmesh up exited with {status} after SIGTERM{}", up.context());
+    assert!(
+        status.success(),
+        "dagmesh up exited with {status} after SIGTERM{}",
+        up.context()
+    );
     eprintln!("dagmesh up drained and exited in {took:?}");
 
     // The executor told the worker to drain; it stops once its result was recorded.
@@ -668,7 +765,14 @@ async fn sigterm_drains_then_exits_zero() -> anyhow::Result<()> {
     let client = Client::connect(format!("http://127.0.0.1:{port}")).await?;
     let run = client.get_run(&run.run_id).await?;
     assert_succeeded(&run);
-    assert_eq!(run.steps[0].attempt, 1, "the task ran again: {:?}", run.steps[0]);
-    assert_eq!(outputs(&run, "nap").get("slept_ms").and_then(Value::as_f64), Some(1000.0));
+    assert_eq!(
+        run.steps[0].attempt, 1,
+        "the task ran again: {:?}",
+        run.steps[0]
+    );
+    assert_eq!(
+        outputs(&run, "nap").get("slept_ms").and_then(Value::as_f64),
+        Some(1000.0)
+    );
     Ok(())
 }

@@ -68,10 +68,20 @@ async fn outputs_flow_downstream_in_dependency_order() -> anyhow::Result<()> {
     let spec = workflow(
         "data-passing",
         vec![
-            step("a", "echo@^1", &[], &[("n", "inputs.n"), ("label", "'first'")]),
+            step(
+                "a",
+                "echo@^1",
+                &[],
+                &[("n", "inputs.n"), ("label", "'first'")],
+            ),
             step("b", "echo@^1", &["a"], &[("n", "a.n * 10")]),
             step("c", "echo@^1", &["a"], &[("n", "a.n + 1")]),
-            step("total", "sum@^1", &["b", "c"], &[("values", "[a.n, b.n, c.n]")]),
+            step(
+                "total",
+                "sum@^1",
+                &["b", "c"],
+                &[("values", "[a.n, b.n, c.n]")],
+            ),
         ],
     );
     let client = sandbox.client().await?;
@@ -101,7 +111,11 @@ async fn outputs_flow_downstream_in_dependency_order() -> anyhow::Result<()> {
     assert!(position("b", "SUCCEEDED") < position("total", "ASSIGNED"));
     assert!(position("c", "SUCCEEDED") < position("total", "ASSIGNED"));
     let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
-    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "the event log has no gaps");
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "the event log has no gaps"
+    );
     sandbox.stop().await
 }
 
@@ -128,7 +142,11 @@ async fn false_when_skips_the_step_and_its_dependants() -> anyhow::Result<()> {
     assert_succeeded(&run);
     assert_eq!(step_of(&run, "notify").state(), StepState::Skipped);
     assert_eq!(step_of(&run, "audit").state(), StepState::Skipped);
-    assert!(step_of(&run, "audit").error.contains("needs skipped step \"notify\""));
+    assert!(
+        step_of(&run, "audit")
+            .error
+            .contains("needs skipped step \"notify\"")
+    );
     assert_eq!(step_of(&run, "report").state(), StepState::Succeeded);
 
     let run = client
@@ -187,11 +205,18 @@ async fn failed_attempts_are_retried_with_backoff_until_they_succeed() -> anyhow
     // Exhausted retries fail the run and say why.
     flaky.retry.as_mut().expect("set").max_attempts = 2;
     let run = client
-        .submit(SubmitRun::inline(workflow("retries-exhausted", vec![flaky])))
+        .submit(SubmitRun::inline(workflow(
+            "retries-exhausted",
+            vec![flaky],
+        )))
         .await?;
     let run = wait(&client, &run.run_id).await;
     assert_eq!(run.state(), RunState::Failed);
-    assert!(run.error.contains("step \"flaky\" failed: flake #2"), "{}", run.error);
+    assert!(
+        run.error.contains("step \"flaky\" failed: flake #2"),
+        "{}",
+        run.error
+    );
     sandbox.stop().await
 }
 
@@ -232,13 +257,25 @@ async fn fatal_errors_are_not_retried_and_fail_the_run_fast() -> anyhow::Result<
     let run = client.submit(SubmitRun::inline(spec)).await?;
     let run = wait(&client, &run.run_id).await;
     assert_eq!(run.state(), RunState::Failed);
-    assert_eq!(step_of(&run, "bad").attempt, 1, "fatal errors are not retried");
+    assert_eq!(
+        step_of(&run, "bad").attempt,
+        1,
+        "fatal errors are not retried"
+    );
     assert_eq!(step_of(&run, "bad").state(), StepState::Failed);
     assert_eq!(step_of(&run, "after").state(), StepState::Cancelled);
     assert_eq!(step_of(&run, "other").state(), StepState::Cancelled);
-    assert!(run.error.contains("step \"bad\" failed: corrupt input"), "{}", run.error);
+    assert!(
+        run.error.contains("step \"bad\" failed: corrupt input"),
+        "{}",
+        run.error
+    );
     let cancelled_step = tokio::time::timeout(PATIENCE, cancelled.recv()).await?;
-    assert_eq!(cancelled_step.as_deref(), Some("other"), "the running step got Cancel");
+    assert_eq!(
+        cancelled_step.as_deref(),
+        Some("other"),
+        "the running step got Cancel"
+    );
     sandbox.stop().await
 }
 
@@ -280,7 +317,9 @@ async fn an_attempt_past_its_timeout_is_cancelled_and_retried() -> anyhow::Resul
     assert_eq!(first, Some(1), "the timed-out attempt's handler saw Cancel");
     let events = all_events(sandbox.channel().await?, &run.run_id).await?;
     let timed_out = events.iter().any(|e| match &e.event {
-        Some(dagmesh_proto::v1::run_event::Event::StepState(c)) => c.error.contains("timed out after 300ms"),
+        Some(dagmesh_proto::v1::run_event::Event::StepState(c)) => {
+            c.error.contains("timed out after 300ms")
+        }
         _ => false,
     });
     assert!(timed_out, "an event says the attempt timed out");
@@ -308,21 +347,37 @@ async fn cancelling_a_run_cancels_its_running_steps() -> anyhow::Result<()> {
     let client = sandbox.client().await?;
     let spec = workflow(
         "cancel",
-        vec![step("block", "block", &[], &[]), step("next", "block", &["block"], &[])],
+        vec![
+            step("block", "block", &[], &[]),
+            step("next", "block", &["block"], &[]),
+        ],
     );
     let run = client.submit(SubmitRun::inline(spec)).await?;
-    assert_eq!(tokio::time::timeout(PATIENCE, events.recv()).await?, Some("started"));
+    assert_eq!(
+        tokio::time::timeout(PATIENCE, events.recv()).await?,
+        Some("started")
+    );
     let cancelled = client.cancel_run(&run.run_id, "customer left").await?;
     assert_eq!(cancelled.state(), RunState::Cancelled);
-    assert_eq!(tokio::time::timeout(PATIENCE, events.recv()).await?, Some("cancelled"));
+    assert_eq!(
+        tokio::time::timeout(PATIENCE, events.recv()).await?,
+        Some("cancelled")
+    );
     let run = wait(&client, &run.run_id).await;
     assert_eq!(run.state(), RunState::Cancelled);
     assert_eq!(run.error, "cancelled: customer left");
     assert!(run.steps.iter().all(|s| s.state() == StepState::Cancelled));
 
-    let again = client.cancel_run(&run.run_id, "").await.expect_err("already ended");
+    let again = client
+        .cancel_run(&run.run_id, "")
+        .await
+        .expect_err("already ended");
     assert_eq!(again.code(), tonic::Code::FailedPrecondition);
-    assert!(again.message().contains("already ended (CANCELLED)"), "{}", again.message());
+    assert!(
+        again.message().contains("already ended (CANCELLED)"),
+        "{}",
+        again.message()
+    );
     sandbox.stop().await
 }
 
@@ -338,16 +393,20 @@ async fn retry_run_reruns_only_what_did_not_succeed() -> anyhow::Result<()> {
                 calls.fetch_add(1, Ordering::SeqCst);
                 async { Ok::<_, TaskError>(json!({"value": 7})) }
             })
-            .task("downstream", "1.0.0", move |_: TaskContext, input: Value| {
-                let ok = *flag.lock().expect("flag");
-                async move {
-                    if ok {
-                        Ok(json!({"doubled": input["value"].as_i64().unwrap_or_default() * 2}))
-                    } else {
-                        Err(TaskError::fatal("dependency offline"))
+            .task(
+                "downstream",
+                "1.0.0",
+                move |_: TaskContext, input: Value| {
+                    let ok = *flag.lock().expect("flag");
+                    async move {
+                        if ok {
+                            Ok(json!({"doubled": input["value"].as_i64().unwrap_or_default() * 2}))
+                        } else {
+                            Err(TaskError::fatal("dependency offline"))
+                        }
                     }
-                }
-            }),
+                },
+            ),
     )
     .await;
     let client = sandbox.client().await?;
@@ -368,7 +427,11 @@ async fn retry_run_reruns_only_what_did_not_succeed() -> anyhow::Result<()> {
     let run = wait(&client, &run.run_id).await;
     assert_succeeded(&run);
     assert_eq!(outputs(&run, "down"), json!({"doubled": 14}));
-    assert_eq!(upstream_calls.load(Ordering::SeqCst), 1, "succeeded steps are not re-run");
+    assert_eq!(
+        upstream_calls.load(Ordering::SeqCst),
+        1,
+        "succeeded steps are not re-run"
+    );
     assert_eq!(step_of(&run, "down").attempt, 2);
 
     let again = client.retry_run(&run.run_id).await.expect_err("succeeded");
@@ -377,7 +440,8 @@ async fn retry_run_reruns_only_what_did_not_succeed() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn a_retried_submit_with_the_same_idempotency_key_returns_the_first_run() -> anyhow::Result<()> {
+async fn a_retried_submit_with_the_same_idempotency_key_returns_the_first_run() -> anyhow::Result<()>
+{
     let sandbox = Sandbox::start().await?;
     let client = sandbox.client().await?;
     client
@@ -414,7 +478,10 @@ async fn invalid_specs_are_rejected_with_field_paths() -> anyhow::Result<()> {
     let client = sandbox.client().await?;
     let unknown_need = workflow(
         "bad",
-        vec![step("a", "echo", &[], &[]), step("b", "echo", &["nope"], &[])],
+        vec![
+            step("a", "echo", &[], &[]),
+            step("b", "echo", &["nope"], &[]),
+        ],
     );
     let error = client
         .submit(SubmitRun::inline(unknown_need))
@@ -422,7 +489,9 @@ async fn invalid_specs_are_rejected_with_field_paths() -> anyhow::Result<()> {
         .expect_err("invalid");
     assert_eq!(error.code(), tonic::Code::InvalidArgument);
     assert!(
-        error.message().contains("steps[1].needs[0]: unknown step \"nope\""),
+        error
+            .message()
+            .contains("steps[1].needs[0]: unknown step \"nope\""),
         "{}",
         error.message()
     );
@@ -449,8 +518,15 @@ async fn invalid_specs_are_rejected_with_field_paths() -> anyhow::Result<()> {
             step("b", "echo", &[], &[("x", "a.value")]),
         ],
     );
-    let error = client.apply_workflow(not_upstream).await.expect_err("scope");
-    assert!(error.message().contains("steps[1].inputs"), "{}", error.message());
+    let error = client
+        .apply_workflow(not_upstream)
+        .await
+        .expect_err("scope");
+    assert!(
+        error.message().contains("steps[1].inputs"),
+        "{}",
+        error.message()
+    );
 
     let missing = client
         .submit(SubmitRun::workflow("never-applied"))
@@ -473,7 +549,10 @@ async fn payloads_over_the_limit_fail_clearly() -> anyhow::Result<()> {
     .await;
     let client = sandbox.client().await?;
     let run = client
-        .submit(SubmitRun::inline(workflow("big", vec![step("big", "big", &[], &[])])))
+        .submit(SubmitRun::inline(workflow(
+            "big",
+            vec![step("big", "big", &[], &[])],
+        )))
         .await?;
     let run = wait(&client, &run.run_id).await;
     assert_eq!(run.state(), RunState::Failed);
@@ -488,7 +567,11 @@ async fn payloads_over_the_limit_fail_clearly() -> anyhow::Result<()> {
         .await
         .expect_err("inputs over the limit");
     assert_eq!(error.code(), tonic::Code::InvalidArgument);
-    assert!(error.message().contains("over the 1024-byte payload limit"), "{}", error.message());
+    assert!(
+        error.message().contains("over the 1024-byte payload limit"),
+        "{}",
+        error.message()
+    );
     sandbox.stop().await
 }
 
@@ -502,9 +585,10 @@ async fn steps_go_to_workers_with_matching_labels_and_versions() -> anyhow::Resu
             "render",
             version,
             move |ctx: TaskContext, _: Value| {
-                seen.lock()
-                    .expect("seen")
-                    .insert(ctx.step_id().to_owned(), (name, ctx.task_version().to_owned()));
+                seen.lock().expect("seen").insert(
+                    ctx.step_id().to_owned(),
+                    (name, ctx.task_version().to_owned()),
+                );
                 async { Ok::<_, TaskError>(json!({})) }
             },
         )
@@ -533,7 +617,8 @@ async fn steps_go_to_workers_with_matching_labels_and_versions() -> anyhow::Resu
 }
 
 #[tokio::test]
-async fn watch_streams_progress_in_order_and_resumes_from_a_sequence_number() -> anyhow::Result<()> {
+async fn watch_streams_progress_in_order_and_resumes_from_a_sequence_number() -> anyhow::Result<()>
+{
     use dagmesh_proto::v1::run_event::Event;
     let sandbox = Sandbox::start().await?;
     spawn_worker(Worker::builder(sandbox.url()).task(
@@ -551,7 +636,10 @@ async fn watch_streams_progress_in_order_and_resumes_from_a_sequence_number() ->
     .await;
     let client = sandbox.client().await?;
     let run = client
-        .submit(SubmitRun::inline(workflow("watch", vec![step("mesh", "mesh", &[], &[])])))
+        .submit(SubmitRun::inline(workflow(
+            "watch",
+            vec![step("mesh", "mesh", &[], &[])],
+        )))
         .await?;
     let events = all_events(sandbox.channel().await?, &run.run_id).await?;
     let fractions: Vec<f32> = events
@@ -562,7 +650,10 @@ async fn watch_streams_progress_in_order_and_resumes_from_a_sequence_number() ->
         })
         .collect();
     assert!(!fractions.is_empty(), "progress reached the watcher");
-    assert!(fractions.windows(2).all(|w| w[0] <= w[1]), "in order: {fractions:?}");
+    assert!(
+        fractions.windows(2).all(|w| w[0] <= w[1]),
+        "in order: {fractions:?}"
+    );
     assert_eq!(fractions.last(), Some(&1.0));
     assert!(events.iter().any(|e| matches!(&e.event, Some(Event::StepLog(l)) if l.lines.iter().any(|line| line.text == "mesh done"))));
     assert!(matches!(

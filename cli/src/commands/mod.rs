@@ -5,12 +5,27 @@
 //! (see [`json`] for the mapping). Errors go to stderr; the exit code tells scripts what
 //! happened:
 //!
-//! | code | meaning                                                                 |
-//! |------|-------------------------------------------------------------------------|
-//! | 0    | done (for `--watch`/`--wait`: the run succeeded)                         |
-//! | 1    | the run failed or was cancelled, the server refused, or it is unreachable |
-//! | 2    | the request was invalid: a bad workflow file, an unknown run or workflow |
-//! | 130  | interrupted (Ctrl-C) while watching; the run goes on                     |
+//! | code | meaning                                                                    |
+//! |------|----------------------------------------------------------------------------|
+//! | 0    | done (for `--watch`/`--wait`: the run succeeded)                           |
+//! | 1    | the run failed or was cancelled, the server refused, or it is unreachable  |
+//! | 2    | the request was invalid: a bad workflow file, an unknown run or workflow   |
+//! | 130  | interrupted (Ctrl-C) while watching; the run goes on                       |
+
+/// `print!` that ends the process quietly when stdout is a closed pipe (`dagmesh runs list |
+/// head`), as a tool killed by SIGPIPE would, instead of panicking like `print!`.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::commands::write_stdout(format_args!($($arg)*))
+    };
+}
+
+/// `println!` with [`out!`]'s handling of closed pipes.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::commands::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
 
 mod format;
 pub mod json;
@@ -94,34 +109,18 @@ pub async fn connect(server: &str) -> anyhow::Result<Channel> {
 }
 
 /// The server could not be reached at all.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("cannot reach dagmesh server at {0}")]
 struct Unreachable(String);
 
-impl std::fmt::Display for Unreachable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "cannot reach dagmesh server at {}", self.0)
-    }
-}
-
-impl std::error::Error for Unreachable {}
-
 /// A watch was stopped with Ctrl-C; the run itself goes on.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "stopped watching run {run_id}; it keeps going (resume with `dagmesh runs watch {run_id}`)"
+)]
 pub struct Interrupted {
     pub run_id: String,
 }
-
-impl std::fmt::Display for Interrupted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "stopped watching run {id}; it keeps going (resume with `dagmesh runs watch {id}`)",
-            id = self.run_id
-        )
-    }
-}
-
-impl std::error::Error for Interrupted {}
 
 /// Exit code for a Status: 2 when the request itself was wrong, 1 otherwise.
 fn status_exit_code(status: &tonic::Status) -> ExitCode {
@@ -182,8 +181,19 @@ fn run_exit_code(run: &dagmesh_proto::v1::Run) -> ExitCode {
 
 /// Prints one JSON document (pretty) to stdout.
 fn print_json(value: &serde_json::Value) {
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(value).expect("a serde_json::Value always serializes")
     );
+}
+
+pub(crate) fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(err) = stdout.write_fmt(args).and_then(|()| stdout.flush())
+        && err.kind() == std::io::ErrorKind::BrokenPipe
+    {
+        // 128 + SIGPIPE: what the shell reports for a tool the signal ended.
+        std::process::exit(141);
+    }
 }

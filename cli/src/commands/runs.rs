@@ -22,9 +22,10 @@ pub enum RunsCommand {
     /// Follow a run live until it ends; exit 0 only if it succeeded.
     Watch {
         run_id: String,
-        /// Replay the events after this sequence number instead of starting from a snapshot.
-        #[arg(long, value_name = "SEQ", default_value_t = 0)]
-        after_seq: u64,
+        /// Replay the run's events after this sequence number (0: all of them) instead of
+        /// starting from a snapshot.
+        #[arg(long, value_name = "SEQ")]
+        after_seq: Option<u64>,
     },
     /// Cancel a run that has not ended.
     Cancel {
@@ -100,7 +101,7 @@ pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<ExitCo
             match global.output {
                 OutputFormat::Json => print_json(&json::list_runs_response(&response)),
                 OutputFormat::Text => {
-                    print!("{}", runs_table(&response.runs, SystemTime::now()));
+                    out!("{}", runs_table(&response.runs, SystemTime::now()));
                     if !response.next_page_token.is_empty() {
                         eprintln!("more: --page-token {}", response.next_page_token);
                     }
@@ -112,7 +113,7 @@ pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<ExitCo
             let run = client.get_run(GetRunRequest { run_id }).await?.into_inner();
             match global.output {
                 OutputFormat::Json => print_json(&json::run(&run)),
-                OutputFormat::Text => print!("{}", describe_run(&run, SystemTime::now())),
+                OutputFormat::Text => out!("{}", describe_run(&run, SystemTime::now())),
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -130,7 +131,7 @@ pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<ExitCo
                 .into_inner();
             match global.output {
                 OutputFormat::Json => print_json(&json::run(&run)),
-                OutputFormat::Text => println!(
+                OutputFormat::Text => outln!(
                     "run {} {}",
                     run.run_id,
                     format::run_state(run.state).to_lowercase()
@@ -157,7 +158,7 @@ pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<ExitCo
                             !matches!(StepState::try_from(s.state), Ok(StepState::Succeeded))
                         })
                         .count();
-                    println!(
+                    outln!(
                         "run {} {} ({retried} step(s) to run again)",
                         run.run_id,
                         format::run_state(run.state)
@@ -307,9 +308,9 @@ mod tests {
              Duration:       1m05s\n\
              Inputs:         {\"room\":\"hall\"}\n\
              \n\
-             STEP   STATE      ATTEMPT       WORKER  DURATION  ERROR\n\
-             fetch  SUCCEEDED  1             cpu-1   2.00s\n\
-             mesh   FAILED     3 (+1 lost)   gpu-1   1m00s     out of memory …\n"
+             STEP   STATE      ATTEMPT      WORKER  DURATION  ERROR\n\
+             fetch  SUCCEEDED  1            cpu-1   2.00s\n\
+             mesh   FAILED     3 (+1 lost)  gpu-1   1m00s     out of memory …\n"
         );
     }
 }

@@ -166,13 +166,13 @@ pub async fn run(global: &Global, args: SubmitArgs) -> anyhow::Result<ExitCode> 
         let last = watch::wait(channel, &run.run_id).await?;
         match global.output {
             OutputFormat::Json => print_json(&json::run(&last)),
-            OutputFormat::Text => println!("{}", watch::summary(&last)),
+            OutputFormat::Text => outln!("{}", watch::summary(&last)),
         }
         return Ok(run_exit_code(&last));
     }
     match global.output {
         OutputFormat::Json => print_json(&json::submit_response(&response)),
-        OutputFormat::Text => println!("{}", run.run_id),
+        OutputFormat::Text => outln!("{}", run.run_id),
     }
     Ok(ExitCode::SUCCESS)
 }

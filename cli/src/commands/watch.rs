@@ -14,7 +14,7 @@
 //! resumes with `after_seq` = the last event seen, so no event is lost or shown twice. It gives
 //! up after [`GIVE_UP_AFTER`] without a message from the server.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::IsTerminal as _;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -42,15 +42,15 @@ const FRAME: Duration = Duration::from_millis(100);
 /// allow, and returns the final run (from GetRun). Ctrl-C stops the watch with
 /// [`Interrupted`](super::Interrupted); the run goes on.
 pub async fn follow(channel: Channel, run_id: &str, output: OutputFormat) -> anyhow::Result<Run> {
-    follow_after(channel, run_id, 0, output).await
+    follow_after(channel, run_id, None, output).await
 }
 
-/// Like [`follow`], but replays the events after `after_seq` instead of starting from a
-/// snapshot (0: snapshot).
+/// Like [`follow`], but with `Some(n)` replays the run's events after seq `n` (0: all of them)
+/// instead of starting from a snapshot.
 pub async fn follow_after(
     channel: Channel,
     run_id: &str,
-    after_seq: u64,
+    after_seq: Option<u64>,
     output: OutputFormat,
 ) -> anyhow::Result<Run> {
     let mode = match output {
@@ -63,7 +63,7 @@ pub async fn follow_after(
 
 /// Waits for a run to end without printing anything, and returns the final run.
 pub async fn wait(channel: Channel, run_id: &str) -> anyhow::Result<Run> {
-    Watcher::new(channel, run_id, Mode::Quiet).run(0).await
+    Watcher::new(channel, run_id, Mode::Quiet).run(None).await
 }
 
 /// `run <id> SUCCEEDED in 1.23s`, plus `: <error>` when the run has one.
@@ -183,11 +183,12 @@ impl RunView {
                     step.error = e.error.clone();
                 }
                 match StepState::try_from(e.state) {
-                    Ok(StepState::Running) => {
-                        if step.started_at.is_none() || step.finished_at.is_some() {
-                            step.started_at = at;
-                            step.finished_at = None;
-                        }
+                    // A new attempt, or the same one after a retry wait: its clock restarts.
+                    Ok(StepState::Running)
+                        if step.started_at.is_none() || step.finished_at.is_some() =>
+                    {
+                        step.started_at = at;
+                        step.finished_at = None;
                     }
                     Ok(StepState::Pending | StepState::Ready) => {
                         step.started_at = None;
@@ -358,84 +359,122 @@ pub(crate) struct TreeRow {
     pub also_needs: Vec<String>,
 }
 
-/// Orders the steps as a tree: each step under the first step it needs (that exists), children
-/// in the workflow's order. Steps whose needs are unknown are roots.
+/// Orders the steps as a tree in which every step comes after all the steps it needs: a step
+/// hangs under the need that is drawn last (the one that completes its needs), children in the
+/// workflow's order. A chain reads as a staircase, a fan-out as siblings, and a fan-in under its
+/// last branch with "(also needs ...)" naming the others. Steps without known needs are roots.
 pub(crate) fn tree_rows(steps: &[Step], needs: &HashMap<String, Vec<String>>) -> Vec<TreeRow> {
     let index: HashMap<&str, usize> = steps
         .iter()
         .enumerate()
         .map(|(i, s)| (s.step_id.as_str(), i))
         .collect();
-    let parent = |i: usize| -> Option<usize> {
-        let id = steps[i].step_id.as_str();
-        needs
-            .get(id)?
-            .iter()
-            .filter_map(|n| index.get(n.as_str()).copied())
-            .find(|&p| p != i)
-    };
-    let mut children: Vec<Vec<usize>> = vec![Vec::new(); steps.len()];
-    let mut roots = Vec::new();
-    for i in 0..steps.len() {
-        match parent(i) {
-            Some(p) => children[p].push(i),
-            None => roots.push(i),
+    // Needs as indexes; unknown ids (and self-references) are ignored.
+    let needs_of: Vec<Vec<usize>> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, step)| {
+            needs
+                .get(&step.step_id)
+                .into_iter()
+                .flatten()
+                .filter_map(|n| index.get(n.as_str()).copied())
+                .filter(|&n| n != i)
+                .collect()
+        })
+        .collect();
+    let mut needed_by: Vec<Vec<usize>> = vec![Vec::new(); steps.len()];
+    for (i, needs) in needs_of.iter().enumerate() {
+        for &n in needs {
+            needed_by[n].push(i);
         }
     }
 
-    let mut rows = Vec::with_capacity(steps.len());
-    let mut visited = HashSet::new();
-    // (step, indentation of its children, prefix of its own line)
-    let mut stack: Vec<(usize, String, String)> = roots
-        .iter()
-        .rev()
-        .map(|&r| (r, String::new(), String::new()))
+    let mut tree = TreeBuilder {
+        steps,
+        needs_of: &needs_of,
+        needed_by: &needed_by,
+        drawn: vec![false; steps.len()],
+        rows: Vec::with_capacity(steps.len()),
+    };
+    let roots: Vec<usize> = (0..steps.len())
+        .filter(|&i| needs_of[i].is_empty())
         .collect();
-    while let Some((i, indent, prefix)) = stack.pop() {
-        if !visited.insert(i) {
-            continue;
-        }
-        let also_needs = needs
-            .get(&steps[i].step_id)
-            .map(|all| {
-                let drawn_under = parent(i).map(|p| steps[p].step_id.as_str());
-                all.iter()
-                    .filter(|n| Some(n.as_str()) != drawn_under)
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default();
-        rows.push(TreeRow {
-            step: i,
-            prefix,
-            also_needs,
-        });
-        let kids = &children[i];
-        for (k, &child) in kids.iter().enumerate().rev() {
-            let last = k + 1 == kids.len();
-            let (branch, rest) = if last {
-                ("└─ ", "   ")
-            } else {
-                ("├─ ", "│  ")
-            };
-            stack.push((
-                child,
-                format!("{indent}{rest}"),
-                format!("{indent}{branch}"),
-            ));
-        }
+    for root in roots {
+        tree.draw(root, None, "", "");
     }
     // A cycle (which a validated workflow never has) would leave steps out; show them anyway.
     for i in 0..steps.len() {
-        if !visited.contains(&i) {
-            rows.push(TreeRow {
-                step: i,
-                prefix: String::new(),
-                also_needs: Vec::new(),
-            });
+        if !tree.drawn[i] {
+            tree.draw(i, None, "", "");
         }
     }
-    rows
+    tree.rows
+}
+
+/// Indentation levels drawn before the prefix is shortened with an ellipsis.
+const MAX_TREE_DEPTH: usize = 8;
+
+struct TreeBuilder<'a> {
+    steps: &'a [Step],
+    needs_of: &'a [Vec<usize>],
+    needed_by: &'a [Vec<usize>],
+    drawn: Vec<bool>,
+    rows: Vec<TreeRow>,
+}
+
+impl TreeBuilder<'_> {
+    /// Draws step `i` (under `parent`) and then, depth first, the steps it completes.
+    fn draw(&mut self, i: usize, parent: Option<usize>, indent: &str, branch: &str) {
+        if self.drawn[i] {
+            return;
+        }
+        self.drawn[i] = true;
+        let also_needs = self.needs_of[i]
+            .iter()
+            .filter(|&&n| Some(n) != parent)
+            .map(|&n| self.steps[n].step_id.clone())
+            .collect();
+        self.rows.push(TreeRow {
+            step: i,
+            prefix: shorten(&format!("{indent}{branch}")),
+            also_needs,
+        });
+        // Children: the steps whose last missing need this one was. Collected before drawing
+        // any of them, so that each child's branch knows whether it is the last.
+        let children: Vec<usize> = self.needed_by[i]
+            .iter()
+            .copied()
+            .filter(|&c| !self.drawn[c] && self.needs_of[c].iter().all(|&n| self.drawn[n]))
+            .collect();
+        let child_indent = if branch.is_empty() {
+            indent.to_owned()
+        } else if branch.starts_with('└') {
+            format!("{indent}   ")
+        } else {
+            format!("{indent}│  ")
+        };
+        for (k, &child) in children.iter().enumerate() {
+            let branch = if k + 1 == children.len() {
+                "└─ "
+            } else {
+                "├─ "
+            };
+            self.draw(child, Some(i), &child_indent, branch);
+        }
+    }
+}
+
+/// Deep chains would push every line off the screen: past [`MAX_TREE_DEPTH`] levels, the
+/// outer part of the prefix becomes `…`.
+fn shorten(prefix: &str) -> String {
+    let max = MAX_TREE_DEPTH * 3;
+    let chars = prefix.chars().count();
+    if chars <= max {
+        return prefix.to_owned();
+    }
+    let kept: String = prefix.chars().skip(chars - (max - 1)).collect();
+    format!("…{kept}")
 }
 
 const SPINNER: [&str; 10] = ["⠋", "⠙", "⠹", "⠸", "⠼", "⠴", "⠦", "⠧", "⠇", "⠏"];
@@ -559,6 +598,8 @@ pub(crate) fn tree_lines(
                 "retrying after: {}",
                 format::one_line(&step.error, 200)
             )),
+            // Steps cancelled because the run failed repeat the header's error: leave it there.
+            Some(StepState::Cancelled) if step.error == run.error => String::new(),
             Some(StepState::Skipped | StepState::Cancelled) => {
                 paint.dim(&format::one_line(&step.error, 200))
             }
@@ -589,7 +630,8 @@ struct TreeScreen {
     multi: MultiProgress,
     bars: Vec<ProgressBar>,
     rows: Vec<TreeRow>,
-    row_steps: usize,
+    /// (steps, needs) the rows were computed for.
+    shape: Option<(usize, usize)>,
     frame: usize,
     paint: Paint,
     status: Option<String>,
@@ -601,7 +643,7 @@ impl TreeScreen {
             multi: MultiProgress::with_draw_target(ProgressDrawTarget::stdout_with_hz(10)),
             bars: Vec::new(),
             rows: Vec::new(),
-            row_steps: usize::MAX,
+            shape: None,
             frame: 0,
             paint: Paint::for_terminal(),
             status: None,
@@ -615,9 +657,10 @@ impl TreeScreen {
     }
 
     fn draw(&mut self, view: &RunView) {
-        if self.row_steps != view.run.steps.len() {
+        let shape = (view.run.steps.len(), view.needs.len());
+        if self.shape != Some(shape) {
             self.rows = tree_rows(&view.run.steps, &view.needs);
-            self.row_steps = view.run.steps.len();
+            self.shape = Some(shape);
         }
         let mut lines = tree_lines(view, &self.rows, SystemTime::now(), self.frame, self.paint);
         if let Some(status) = &self.status {
@@ -672,7 +715,7 @@ impl Printer {
 
     fn response(&mut self, view: &RunView, response: &WatchRunResponse) {
         match self {
-            Printer::Json => println!(
+            Printer::Json => outln!(
                 "{}",
                 serde_json::to_string(&json::watch_response(response))
                     .expect("a serde_json::Value always serializes")
@@ -685,7 +728,7 @@ impl Printer {
                     None => Vec::new(),
                 };
                 for line in printed {
-                    println!("{line}");
+                    outln!("{line}");
                 }
             }
             Printer::Tree(screen) => {
@@ -747,9 +790,9 @@ impl Printer {
         match self {
             Printer::Tree(screen) => {
                 screen.finish(view);
-                println!("{}", summary(run));
+                outln!("{}", summary(run));
             }
-            Printer::Lines(_) => println!("{}", summary(run)),
+            Printer::Lines(_) => outln!("{}", summary(run)),
             Printer::Json | Printer::Quiet => {}
         }
     }
@@ -788,7 +831,7 @@ struct Watcher {
 /// How one stream ended.
 enum StreamEnd {
     /// The run is over; here is its final state if we already fetched it.
-    Done(Option<Run>),
+    Done(Option<Box<Run>>),
     /// Reconnect after this error.
     Broken(tonic::Status),
 }
@@ -806,7 +849,7 @@ impl Watcher {
         }
     }
 
-    async fn run(mut self, after_seq: u64) -> anyhow::Result<Run> {
+    async fn run(mut self, after_seq: Option<u64>) -> anyhow::Result<Run> {
         let ctrl_c = tokio::signal::ctrl_c();
         tokio::pin!(ctrl_c);
         let finished = tokio::select! {
@@ -825,8 +868,10 @@ impl Watcher {
         }
     }
 
-    async fn watch(&mut self, after_seq: u64) -> anyhow::Result<Run> {
-        if after_seq > 0 && self.mode == Mode::Tree {
+    async fn watch(&mut self, after_seq: Option<u64>) -> anyhow::Result<Run> {
+        if let Some(after_seq) = after_seq
+            && self.mode == Mode::Tree
+        {
             // No snapshot comes when replaying: take the run's shape (workflow, steps) from
             // GetRun; the replayed events then move it forward.
             let run = self.get_run().await?;
@@ -834,6 +879,8 @@ impl Watcher {
             self.view.last_seq = after_seq;
             self.load_spec().await;
         }
+        // What to ask for: the caller's choice until the first message arrives, then always
+        // the events after the last one applied (or contained in the snapshot).
         let mut after = after_seq;
         let mut backoff = FIRST_BACKOFF;
         let mut last_heard = Instant::now();
@@ -848,7 +895,8 @@ impl Watcher {
             {
                 Ok(response) => {
                     let mut stream = response.into_inner();
-                    self.read(&mut stream, &mut last_heard, &mut backoff).await
+                    self.read(&mut stream, &mut last_heard, &mut backoff, &mut after)
+                        .await
                 }
                 Err(status) => StreamEnd::Broken(status),
             };
@@ -862,12 +910,11 @@ impl Watcher {
                         .reconnecting(&self.view, status.message(), backoff);
                     self.sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
-                    after = self.view.last_seq.max(after);
                 }
             }
         };
         let run = match final_run {
-            Some(run) => run,
+            Some(run) => *run,
             None => match self.get_run().await {
                 Ok(run) => run,
                 // The events already told how it ended; GetRun only adds the last details.
@@ -885,6 +932,7 @@ impl Watcher {
         stream: &mut tonic::Streaming<WatchRunResponse>,
         last_heard: &mut Instant,
         backoff: &mut Duration,
+        resume_after: &mut Option<u64>,
     ) -> StreamEnd {
         let mut ticker = tokio::time::interval(FRAME);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -901,13 +949,16 @@ impl Watcher {
                     *last_heard = Instant::now();
                     *backoff = FIRST_BACKOFF;
                     self.handle(response).await;
+                    *resume_after = Some(self.view.last_seq);
                 }
                 Ok(None) if self.view.is_final() => return StreamEnd::Done(None),
                 Ok(None) => {
                     // Closed before the run's final event: the server is going away, or we
                     // replayed past the end. GetRun tells which.
                     return match self.get_run().await {
-                        Ok(run) if format::run_is_final(run.state) => StreamEnd::Done(Some(run)),
+                        Ok(run) if format::run_is_final(run.state) => {
+                            StreamEnd::Done(Some(Box::new(run)))
+                        }
                         Ok(_) => StreamEnd::Broken(tonic::Status::unavailable(
                             "stream closed before the run ended",
                         )),
@@ -950,14 +1001,14 @@ impl Watcher {
             name: self.view.run.workflow.clone(),
             version: self.view.run.workflow_version,
         };
-        if let Ok(workflow) = self.workflows.get_workflow(request).await {
-            if let Some(spec) = workflow.into_inner().spec {
-                self.view.needs = spec
-                    .steps
-                    .into_iter()
-                    .map(|step| (step.id, step.needs))
-                    .collect();
-            }
+        if let Ok(workflow) = self.workflows.get_workflow(request).await
+            && let Some(spec) = workflow.into_inner().spec
+        {
+            self.view.needs = spec
+                .steps
+                .into_iter()
+                .map(|step| (step.id, step.needs))
+                .collect();
         }
     }
 
@@ -1020,10 +1071,10 @@ mod tests {
         })
     }
 
-    fn progress(step: &str, fraction: f32, message: &str) -> run_event::Event {
+    fn progress(step: &str, attempt: u32, fraction: f32, message: &str) -> run_event::Event {
         run_event::Event::StepProgress(StepProgress {
             step_id: step.into(),
-            attempt: 1,
+            attempt,
             fraction,
             message: message.into(),
             metrics: HashMap::new(),
@@ -1062,9 +1113,9 @@ mod tests {
                 1234,
                 step_state("fetch_images", StepState::Running, 1, "cpu-1"),
             ),
-            event(2, 1500, progress("fetch_images", 0.4, "meshing")),
+            event(2, 1500, progress("fetch_images", 1, 0.4, "meshing")),
             // Same percent and message: nothing new to say.
-            event(3, 1600, progress("fetch_images", 0.401, "meshing")),
+            event(3, 1600, progress("fetch_images", 1, 0.401, "meshing")),
             event(
                 4,
                 1700,
@@ -1156,15 +1207,20 @@ mod tests {
     }
 
     #[test]
-    fn tree_puts_each_step_under_its_first_need() {
-        // fetch -> mesh -> texture; fetch -> thumbs; report needs mesh and thumbs; lone root.
-        let steps = steps(&["report", "thumbs", "texture", "mesh", "fetch", "lone"]);
+    fn tree_draws_every_step_after_all_its_needs() {
+        // room-scan: fetch fans out to four feature shards and thumbnails; mesh needs the
+        // shards; notify needs mesh and thumbnails; a lone root is listed in run order.
+        let steps = steps(&[
+            "lone", "fetch", "f0", "f1", "f2", "mesh", "thumbs", "notify",
+        ]);
         let needs = needs(&[
             ("fetch", &[]),
-            ("mesh", &["fetch"]),
-            ("texture", &["mesh"]),
+            ("f0", &["fetch"]),
+            ("f1", &["fetch"]),
+            ("f2", &["fetch"]),
+            ("mesh", &["f0", "f1", "f2"]),
             ("thumbs", &["fetch"]),
-            ("report", &["mesh", "thumbs"]),
+            ("notify", &["mesh", "thumbs"]),
             ("lone", &[]),
         ]);
         let rows = tree_rows(&steps, &needs);
@@ -1175,19 +1231,42 @@ mod tests {
         assert_eq!(
             drawn,
             [
-                "fetch",
-                "├─ mesh",
-                "│  ├─ report",
-                "│  └─ texture",
-                "└─ thumbs",
                 "lone",
+                "fetch",
+                "├─ f0",
+                "├─ f1",
+                "├─ f2",
+                "│  └─ mesh",
+                "└─ thumbs",
+                "   └─ notify",
             ]
         );
-        let report = rows
-            .iter()
-            .find(|r| steps[r.step].step_id == "report")
-            .unwrap();
-        assert_eq!(report.also_needs, ["thumbs"]);
+        let also = |id: &str| {
+            rows.iter()
+                .find(|r| steps[r.step].step_id == id)
+                .unwrap()
+                .also_needs
+                .clone()
+        };
+        assert_eq!(also("mesh"), ["f0", "f1"]);
+        assert_eq!(also("notify"), ["mesh"]);
+        assert!(also("f1").is_empty());
+    }
+
+    #[test]
+    fn deep_chains_are_shortened_on_the_left() {
+        let ids: Vec<String> = (0..12).map(|i| format!("s{i}")).collect();
+        let steps = steps(&ids.iter().map(String::as_str).collect::<Vec<_>>());
+        let needs: HashMap<String, Vec<String>> = (1..12)
+            .map(|i| (format!("s{i}"), vec![format!("s{}", i - 1)]))
+            .collect();
+        let rows = tree_rows(&steps, &needs);
+        assert_eq!(rows.len(), 12);
+        assert_eq!(rows[1].prefix, "└─ ");
+        assert_eq!(rows[2].prefix, "   └─ ");
+        let last = &rows[11].prefix;
+        assert!(last.starts_with('…') && last.ends_with("└─ "), "{last:?}");
+        assert_eq!(last.chars().count(), MAX_TREE_DEPTH * 3);
     }
 
     #[test]
@@ -1215,7 +1294,7 @@ mod tests {
             event(1, 0, step_state("fetch", StepState::Running, 1, "cpu-1")),
             event(2, 1000, step_state("fetch", StepState::Succeeded, 1, "")),
             event(3, 1000, step_state("mesh", StepState::Running, 2, "gpu-1")),
-            event(4, 1500, progress("mesh", 0.4, "meshing")),
+            event(4, 1500, progress("mesh", 2, 0.4, "meshing")),
             event(
                 5,
                 2000,
@@ -1231,7 +1310,7 @@ mod tests {
             assert!(view.apply(&e));
         }
         // Replayed after a reconnect: ignored.
-        assert!(!view.apply(&event(4, 1500, progress("mesh", 0.9, "late"))));
+        assert!(!view.apply(&event(4, 1500, progress("mesh", 2, 0.9, "late"))));
 
         let rows = tree_rows(&view.run.steps, &view.needs);
         let now = format::to_system_time(&at(3000).unwrap()).unwrap();
@@ -1240,9 +1319,9 @@ mod tests {
             lines,
             [
                 "Run r1  room-scan@2  RUNNING  3.00s  1/3 steps",
-                "✔ fetch          1.00s                         cpu-1",
-                "├─ ⠋ mesh #2     2.00s  ██████░░░░░░░░░░  40%  gpu-1  meshing",
-                "└─ ✖ thumbs          -                         cpu-2  boom",
+                "✔ fetch         1.00s                         cpu-1",
+                "├─ ⠋ mesh #2    2.00s  ███████░░░░░░░░░  40%  gpu-1  meshing",
+                "└─ ✖ thumbs         -                         cpu-2  boom",
             ]
         );
     }
@@ -1255,7 +1334,7 @@ mod tests {
             0,
             step_state("mesh", StepState::Running, 1, "gpu-1"),
         ));
-        view.apply(&event(2, 10, progress("mesh", 0.7, "half")));
+        view.apply(&event(2, 10, progress("mesh", 1, 0.7, "half")));
         view.apply(&event(
             3,
             20,

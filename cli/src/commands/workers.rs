@@ -26,7 +26,7 @@ pub async fn run(global: &Global, command: WorkersCommand) -> anyhow::Result<Exi
             match global.output {
                 OutputFormat::Json => print_json(&json::list_workers_response(&response)),
                 OutputFormat::Text => {
-                    print!("{}", workers_table(&response.workers, SystemTime::now()))
+                    out!("{}", workers_table(&response.workers, SystemTime::now()))
                 }
             }
         }
@@ -130,7 +130,7 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_003);
         assert_eq!(
             workers_table(&[worker], now),
-            "INSTANCE  NAME     TASK TYPES                       LABELS    SLOTS  CONNECTED  DRAINING  LAST SEEN  TASKS\n\
+            "INSTANCE  NAME     TASK TYPES                        LABELS    SLOTS  CONNECTED  DRAINING  LAST SEEN  TASKS\n\
              w-7f3a    gpu-box  mesh.build@1.3.0,thumbnail@2.0.0  gpu=true  1/4    yes        no        3s ago     0190a1b2…/mesh#2\n"
         );
     }

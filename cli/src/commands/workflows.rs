@@ -51,9 +51,10 @@ pub async fn run(global: &Global, command: WorkflowsCommand) -> anyhow::Result<E
                     } else {
                         "unchanged"
                     };
-                    println!(
+                    outln!(
                         "workflow {} version {} {what}",
-                        workflow.name, workflow.version
+                        workflow.name,
+                        workflow.version
                     );
                 }
             }
@@ -66,7 +67,7 @@ pub async fn run(global: &Global, command: WorkflowsCommand) -> anyhow::Result<E
                 .into_inner();
             match global.output {
                 OutputFormat::Json => print_json(&json::list_workflows_response(&response)),
-                OutputFormat::Text => print!("{}", workflows_table(&response.workflows)),
+                OutputFormat::Text => out!("{}", workflows_table(&response.workflows)),
             }
         }
         WorkflowsCommand::Get { name, version } => {
@@ -84,7 +85,7 @@ pub async fn run(global: &Global, command: WorkflowsCommand) -> anyhow::Result<E
                 .into_inner();
             match global.output {
                 OutputFormat::Json => print_json(&json::workflow(&workflow)),
-                OutputFormat::Text => print!("{}", workflow_yaml(&workflow)),
+                OutputFormat::Text => out!("{}", workflow_yaml(&workflow)),
             }
         }
     }

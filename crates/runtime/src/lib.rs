@@ -60,8 +60,14 @@ impl ServiceSet {
     }
 }
 
+/// How long in-flight calls and open streams get after shutdown begins before they are cut.
+/// Streams whose client never closes its side (a worker that ignores Drain) would otherwise
+/// keep the process alive forever.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Serves `services` on `listener` until `shutdown` resolves. Health reports SERVING for every
-/// service (and for "") until shutdown begins, then NOT_SERVING while in-flight calls finish.
+/// service (and for "") until shutdown begins, then NOT_SERVING while in-flight calls finish,
+/// for at most [`SHUTDOWN_GRACE`].
 pub async fn serve(
     listener: TcpListener,
     services: ServiceSet,
@@ -88,19 +94,33 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
 
+    let (began_tx, began) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         shutdown.await;
+        let _ = began_tx.send(());
         for name in names.into_iter().chain([""]) {
             health
                 .set_service_status(name, ServingStatus::NotServing)
                 .await;
         }
     };
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .trace_fn(|request| tracing::debug_span!("grpc", path = %request.uri().path()))
         .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+    let deadline = async {
+        if began.await.is_ok() {
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        served = server => served?,
+        () = deadline => {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "connections still open after shutdown; closing them");
+        }
+    }
     Ok(())
 }
 

@@ -42,8 +42,9 @@
 //!     Format::Yaml,
 //! )?;
 //! let thumbs = wf.step("thumbs").unwrap();
-//! let outputs = HashMap::from([("fetch".to_owned(), json!({"images": ["a.jpg"]}).as_object().unwrap().clone())]);
-//! let inputs = thumbs.evaluate_inputs(&serde_json::Map::new(), &outputs)?;
+//! let fetch_outputs = json!({"images": ["a.jpg"]}).as_object().unwrap().clone();
+//! let upstream = HashMap::from([("fetch".to_owned(), fetch_outputs)]);
+//! let inputs = thumbs.evaluate_inputs(&serde_json::Map::new(), &upstream)?;
 //! assert_eq!(inputs["first"], "a.jpg");
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```

@@ -157,7 +157,9 @@ async fn build_mesh(ctx: TaskContext, input: MeshInput) -> Result<MeshOutput, Ta
     let (max_x, max_y) = input
         .keypoints
         .iter()
-        .fold((1.0f64, 1.0f64), |(mx, my), [x, y, _]| (mx.max(*x), my.max(*y)));
+        .fold((1.0f64, 1.0f64), |(mx, my), [x, y, _]| {
+            (mx.max(*x), my.max(*y))
+        });
     let mut height = vec![0.0f64; n * n];
     for [x, y, strength] in &input.keypoints {
         let gx = ((x / max_x) * (n - 1) as f64) as usize;
@@ -168,7 +170,12 @@ async fn build_mesh(ctx: TaskContext, input: MeshInput) -> Result<MeshOutput, Ta
     for row in 0..n - 1 {
         for col in 0..n - 1 {
             let p = |r: usize, c: usize| [c as f64, r as f64, height[r * n + c]];
-            let (a, b, c, d) = (p(row, col), p(row, col + 1), p(row + 1, col), p(row + 1, col + 1));
+            let (a, b, c, d) = (
+                p(row, col),
+                p(row, col + 1),
+                p(row + 1, col),
+                p(row + 1, col + 1),
+            );
             area += triangle_area(a, b, c) + triangle_area(b, d, c);
         }
         if row % 4 == 0 {
@@ -302,7 +309,11 @@ fn corners(pixels: &[u8]) -> Vec<[f64; 3]> {
             let gy = at(x, y + 1) - at(x, y - 1);
             let strength = (gx.abs() * gy.abs()).sqrt();
             if strength > 40.0 && (x + y) % 3 == 0 {
-                found.push([x as f64, y as f64, (strength / 255.0 * 100.0).round() / 100.0]);
+                found.push([
+                    x as f64,
+                    y as f64,
+                    (strength / 255.0 * 100.0).round() / 100.0,
+                ]);
             }
         }
     }

@@ -261,7 +261,7 @@ impl Client {
         let mut runs = self.runs.clone();
         let request = WatchRunRequest {
             run_id: run_id.into(),
-            after_seq,
+            after_seq: (after_seq > 0).then_some(after_seq),
         };
         futures::stream::once(async move {
             let stream = runs.watch_run(request).await?.into_inner();

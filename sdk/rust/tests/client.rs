@@ -104,7 +104,7 @@ impl RunService for Fake {
         &self,
         request: Request<WatchRunRequest>,
     ) -> Result<Response<Self::WatchRunStream>, Status> {
-        let after_seq = request.get_ref().after_seq;
+        let after_seq = request.get_ref().after_seq.unwrap_or_default();
         let first = {
             let mut watches = self.watches.lock().unwrap();
             watches.push(after_seq);

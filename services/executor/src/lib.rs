@@ -23,7 +23,9 @@ mod plans;
 use std::sync::Arc;
 
 use dagmesh_metastore::MetadataStore;
-use dagmesh_proto::v1::{Run, SubmitRunRequest, WorkerInfo, Workflow, WorkflowSpec, submit_run_request};
+use dagmesh_proto::v1::{
+    Run, SubmitRunRequest, WorkerInfo, Workflow, WorkflowSpec, submit_run_request,
+};
 use prost::Message as _;
 use tokio::task::JoinHandle;
 
@@ -87,14 +89,14 @@ impl Executor {
         let plan = match request.workflow_ref {
             Some(submit_run_request::WorkflowRef::Workflow(reference)) => {
                 if reference.name.is_empty() {
-                    return Err(ExecError::InvalidArgument(
-                        "workflow.name: required".into(),
-                    ));
+                    return Err(ExecError::InvalidArgument("workflow.name: required".into()));
                 }
                 let version = (reference.version != 0).then_some(reference.version);
                 self.inner.plans.get(&reference.name, version).await?
             }
-            Some(submit_run_request::WorkflowRef::Spec(spec)) => self.inner.plans.apply(spec).await?.0,
+            Some(submit_run_request::WorkflowRef::Spec(spec)) => {
+                self.inner.plans.apply(spec).await?.0
+            }
             None => {
                 return Err(ExecError::InvalidArgument(
                     "workflow_ref: set `workflow` (a registered name) or `spec` (inline)".into(),

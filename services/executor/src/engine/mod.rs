@@ -97,6 +97,11 @@ impl EngineHandle {
             .map_err(|_| crate::error::engine_gone())
     }
 
+    /// Resolves once the engine task has stopped.
+    pub async fn closed(&self) {
+        self.tx.closed().await;
+    }
+
     pub async fn call<T>(
         &self,
         command: impl FnOnce(oneshot::Sender<T>) -> Command,
@@ -201,12 +206,13 @@ impl Engine {
         let active = self.store.read_active_runs().await?;
         let count = active.len();
         for mut run in active {
-            let plan = plans
-                .get(&run.workflow, Some(run.workflow_version))
-                .await?;
+            let plan = plans.get(&run.workflow, Some(run.workflow_version)).await?;
             // Events may have been appended after the run row's last_seq was read; find the end.
             loop {
-                let events = self.store.read_events(&run.run_id, run.last_seq, 1000).await?;
+                let events = self
+                    .store
+                    .read_events(&run.run_id, run.last_seq, 1000)
+                    .await?;
                 match events.last() {
                     Some(last) => run.last_seq = last.seq,
                     None => break,
@@ -276,7 +282,8 @@ impl Engine {
                     self.ctx.reply(reply, existing);
                     return;
                 }
-                let entry = RunEntry::create(plan, inputs, idempotency_key.clone(), tags, &mut self.ctx);
+                let entry =
+                    RunEntry::create(plan, inputs, idempotency_key.clone(), tags, &mut self.ctx);
                 let id = entry.id.clone();
                 self.runs.insert(id.clone(), entry);
                 if !idempotency_key.is_empty() {
@@ -355,8 +362,13 @@ impl Engine {
                 }
             }
             Command::ListWorkers { reply } => {
-                let mut workers: Vec<WorkerInfo> =
-                    self.ctx.workers.sessions.values().map(Session::info).collect();
+                let mut workers: Vec<WorkerInfo> = self
+                    .ctx
+                    .workers
+                    .sessions
+                    .values()
+                    .map(Session::info)
+                    .collect();
                 workers.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
                 let _ = reply.send(workers);
             }
@@ -464,13 +476,21 @@ impl Engine {
             if !self.is_current(&task_id, attempt) {
                 self.ctx.send(
                     instance.clone(),
-                    cancel_message(&task_id, attempt, "the task was cancelled while you were away"),
+                    cancel_message(
+                        &task_id,
+                        attempt,
+                        "the task was cancelled while you were away",
+                    ),
                 );
             }
         }
         for (task_id, attempt) in lost {
             self.ctx.workers.release(&instance, &task_id, attempt);
-            self.requeue_lost(&task_id, attempt, &format!("worker {instance} reconnected without the task"));
+            self.requeue_lost(
+                &task_id,
+                attempt,
+                &format!("worker {instance} reconnected without the task"),
+            );
         }
         for (task_id, attempt) in unknown {
             self.ctx.send(
@@ -514,7 +534,10 @@ impl Engine {
             }
             Message::Started(started) => {
                 if let Some((run_id, step)) = self.current(&started.task_id, started.attempt) {
-                    self.runs.get_mut(&run_id).expect("current").started(step, &mut self.ctx);
+                    self.runs
+                        .get_mut(&run_id)
+                        .expect("current")
+                        .started(step, &mut self.ctx);
                 }
             }
             Message::Progress(progress) => {
@@ -531,7 +554,12 @@ impl Engine {
             }
             Message::Completed(completed) => {
                 let outputs = completed.outputs.unwrap_or_default();
-                self.result(&instance, &completed.task_id, completed.attempt, Ok(outputs));
+                self.result(
+                    &instance,
+                    &completed.task_id,
+                    completed.attempt,
+                    Ok(outputs),
+                );
             }
             Message::Failed(failed) => {
                 let error = (failed.error, failed.retryable);
@@ -707,7 +735,10 @@ impl Engine {
             return false;
         }
         if held > 0 {
-            tracing::warn!(tasks = held, "drain timeout; tasks stay assigned for the next executor");
+            tracing::warn!(
+                tasks = held,
+                "drain timeout; tasks stay assigned for the next executor"
+            );
         }
         for reply in replies.drain(..) {
             let _ = reply.send(());

@@ -322,7 +322,11 @@ impl RunEntry {
             .upstream_ids
             .iter()
             .map(|id| {
-                let outputs = self.plan.index.get(id).and_then(|&i| self.outputs[i].clone());
+                let outputs = self
+                    .plan
+                    .index
+                    .get(id)
+                    .and_then(|&i| self.outputs[i].clone());
                 (id.clone(), outputs.unwrap_or_default())
             })
             .collect()
@@ -611,9 +615,10 @@ impl RunEntry {
         {
             return;
         }
-        let failed = self.steps.iter().find(|step| {
-            matches!(step.state(), StepState::Failed | StepState::Cancelled)
-        });
+        let failed = self
+            .steps
+            .iter()
+            .find(|step| matches!(step.state(), StepState::Failed | StepState::Cancelled));
         match failed {
             Some(step) => {
                 let error = format!("step \"{}\" failed: {}", step.step_id, step.error);

@@ -10,9 +10,17 @@ use tokio::time::Instant;
 #[derive(Debug, Clone)]
 pub(crate) enum Timer {
     /// A step's backoff after a failed attempt is over.
-    RetryDue { run_id: Arc<str>, step: usize, attempt: u32 },
+    RetryDue {
+        run_id: Arc<str>,
+        step: usize,
+        attempt: u32,
+    },
     /// An attempt's deadline (StepSpec.timeout) has passed.
-    AttemptTimeout { run_id: Arc<str>, step: usize, attempt: u32 },
+    AttemptTimeout {
+        run_id: Arc<str>,
+        step: usize,
+        attempt: u32,
+    },
     /// Check whether a worker has been silent for a whole lease.
     Lease { instance: Arc<str> },
     /// Stop waiting for in-flight tasks during a drain.

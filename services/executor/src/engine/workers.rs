@@ -120,7 +120,9 @@ impl Session {
         }
         self.task_types
             .iter()
-            .filter(|(name, version)| *name == route.task_name && route.version_req.matches(version))
+            .filter(|(name, version)| {
+                *name == route.task_name && route.version_req.matches(version)
+            })
             .map(|(_, version)| version)
             .max()
     }

@@ -1,4 +1,6 @@
-use dagmesh_proto::v1::{ListWorkersRequest, ListWorkersResponse, cluster_service_server::ClusterService};
+use dagmesh_proto::v1::{
+    ListWorkersRequest, ListWorkersResponse, cluster_service_server::ClusterService,
+};
 use tonic::{Request, Response, Status};
 
 use crate::Executor;

@@ -2,8 +2,8 @@ use std::time::Duration;
 
 use dagmesh_proto::v1::{
     CancelRunRequest, GetRunRequest, ListRunsRequest, ListRunsResponse, RetryRunRequest, Run,
-    RunState, SubmitRunRequest, SubmitRunResponse, WatchRunRequest, WatchRunResponse,
-    run_event, run_service_server::RunService, watch_run_response,
+    RunState, SubmitRunRequest, SubmitRunResponse, WatchRunRequest, WatchRunResponse, run_event,
+    run_service_server::RunService, watch_run_response,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -31,7 +31,12 @@ impl RunService for Runs {
 
     async fn get_run(&self, request: Request<GetRunRequest>) -> Result<Response<Run>, Status> {
         let run_id = request.into_inner().run_id;
-        let run = self.0.store().get_run(&run_id).await.map_err(ExecError::from)?;
+        let run = self
+            .0
+            .store()
+            .get_run(&run_id)
+            .await
+            .map_err(ExecError::from)?;
         Ok(Response::new(run))
     }
 
@@ -46,7 +51,12 @@ impl RunService for Runs {
                 request.page_size
             )));
         }
-        let runs = self.0.store().list_runs(&request).await.map_err(ExecError::from)?;
+        let runs = self
+            .0
+            .store()
+            .list_runs(&request)
+            .await
+            .map_err(ExecError::from)?;
         Ok(Response::new(runs))
     }
 
@@ -74,7 +84,10 @@ impl RunService for Runs {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn cancel_run(&self, request: Request<CancelRunRequest>) -> Result<Response<Run>, Status> {
+    async fn cancel_run(
+        &self,
+        request: Request<CancelRunRequest>,
+    ) -> Result<Response<Run>, Status> {
         let request = request.into_inner();
         let run = self.0.cancel(&request.run_id, &request.reason).await?;
         Ok(Response::new(run))
@@ -99,7 +112,7 @@ fn is_finished(state: RunState) -> bool {
 async fn watch(
     executor: Executor,
     run: Run,
-    after_seq: u64,
+    after_seq: Option<u64>,
     tx: &mpsc::Sender<WatchItem>,
 ) -> Result<(), Status> {
     let run_id = run.run_id.clone();
@@ -115,8 +128,8 @@ async fn watch(
             .await
     };
     let mut updates = subscribe().await?;
-    let mut cursor = after_seq;
-    if after_seq == 0 {
+    let mut cursor = after_seq.unwrap_or_default();
+    if after_seq.is_none() {
         // Re-read after subscribing so no commit falls between the snapshot and the updates.
         let run = store.get_run(&run_id).await.map_err(ExecError::from)?;
         cursor = run.last_seq;

@@ -40,7 +40,9 @@ impl WorkerService for Workers {
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
-            .map_err(|_| Status::deadline_exceeded("no Hello within 10s of opening the stream"))??;
+            .map_err(|_| {
+                Status::deadline_exceeded("no Hello within 10s of opening the stream")
+            })??;
         let hello = match first.and_then(|m| m.message) {
             Some(worker_message::Message::Hello(hello)) => hello,
             _ => {
@@ -66,7 +68,13 @@ impl WorkerService for Workers {
             .await?;
         tokio::spawn(async move {
             loop {
-                match inbound.message().await {
+                // Stop reading when the engine has stopped (drained): dropping the inbound half
+                // lets the connection close even if the worker keeps its side open.
+                let received = tokio::select! {
+                    received = inbound.message() => received,
+                    () = engine.closed() => return,
+                };
+                match received {
                     Ok(Some(WorkerMessage {
                         message: Some(message),
                     })) => {

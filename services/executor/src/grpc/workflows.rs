@@ -31,7 +31,12 @@ impl WorkflowService for Workflows {
     ) -> Result<Response<Workflow>, Status> {
         let request = request.into_inner();
         let version = (request.version != 0).then_some(request.version);
-        let workflow = self.0.store().get_workflow(&request.name, version).await.map_err(ExecError::from)?;
+        let workflow = self
+            .0
+            .store()
+            .get_workflow(&request.name, version)
+            .await
+            .map_err(ExecError::from)?;
         Ok(Response::new(workflow))
     }
 
@@ -39,7 +44,12 @@ impl WorkflowService for Workflows {
         &self,
         _: Request<ListWorkflowsRequest>,
     ) -> Result<Response<ListWorkflowsResponse>, Status> {
-        let workflows = self.0.store().list_workflows().await.map_err(ExecError::from)?;
+        let workflows = self
+            .0
+            .store()
+            .list_workflows()
+            .await
+            .map_err(ExecError::from)?;
         Ok(Response::new(ListWorkflowsResponse { workflows }))
     }
 }

@@ -52,10 +52,9 @@ impl SqliteStore {
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(false);
         if !in_memory {
-            // WAL: readers do not block the writer nor the reverse. synchronous = NORMAL: a
-            // commit survives a process kill, but a power loss or OS crash may lose the last
-            // commits (never corrupts the file). The executor's group commit makes FULL's
-            // per-commit fsync affordable, but NORMAL keeps `dagmesh up` snappy on laptops.
+            // WAL: readers and the writer do not block each other. synchronous = NORMAL: no
+            // fsync per commit, so a commit survives a killed process but a power loss or OS
+            // crash may lose the last commits (the file itself stays consistent).
             options = options
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal);

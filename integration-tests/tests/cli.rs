@@ -1,0 +1,358 @@
+//! The `dagmesh` command line end to end: the real binary against a `dagmesh up` process and a
+//! worker in this test, as a user types it in a shell or a script runs it.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{Context as _, bail};
+use dagmesh_integration_tests::{PATIENCE, dagmesh_binary, free_port, wait_healthy};
+use dagmesh_sdk::{TaskContext, TaskError, Worker};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// A `dagmesh up` child process, SIGKILLed and reaped on drop so a failing test leaves nothing
+/// behind; its log is printed when the test fails.
+struct UpProcess {
+    child: Child,
+    log: PathBuf,
+    url: String,
+}
+
+impl UpProcess {
+    async fn start(dir: &Path) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let listen = format!("127.0.0.1:{port}");
+        let database = format!("sqlite://{}", dir.join("db.sqlite").display());
+        let log = dir.join("up.log");
+        let file = OpenOptions::new().create(true).append(true).open(&log)?;
+        let mut command = Command::new(dagmesh_binary()?);
+        command
+            .args(["up", "--listen", &listen, "--database", &database])
+            .args(["--lease", "1s", "--heartbeat-interval", "200ms"])
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        clear_dagmesh_env(&mut command);
+        let child = command.spawn().context("starting dagmesh up")?;
+        let mut up = Self {
+            child,
+            log,
+            url: format!("http://{listen}"),
+        };
+        if let Err(error) = wait_healthy(&up.url).await {
+            let status = up.child.try_wait()?;
+            bail!(
+                "dagmesh up not healthy ({error}; exit status {status:?}){}",
+                up.log_tail()
+            );
+        }
+        Ok(up)
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        format!(
+            "\n--- last lines of {} ---\n{}",
+            self.log.display(),
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        )
+    }
+}
+
+impl Drop for UpProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("{}", self.log_tail());
+        }
+    }
+}
+
+/// The test's environment must not steer the command (`DAGMESH_SERVER`, `DAGMESH_OUTPUT`...).
+fn clear_dagmesh_env(command: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("DAGMESH_") {
+            command.env_remove(key);
+        }
+    }
+}
+
+/// What one `dagmesh` command did.
+#[derive(Debug)]
+struct Ran {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Ran {
+    fn ok(self) -> Self {
+        assert_eq!(self.code, Some(0), "command failed: {self:#?}");
+        self
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}): {self:#?}"))
+    }
+}
+
+/// Runs `dagmesh ARGS` with stdout and stderr piped (not a terminal), killed if it hangs.
+async fn dagmesh(args: &[&str]) -> anyhow::Result<Ran> {
+    let mut command = Command::new(dagmesh_binary()?);
+    command.args(args).stdin(Stdio::null());
+    clear_dagmesh_env(&mut command);
+    let mut command = tokio::process::Command::from(command);
+    command.kill_on_drop(true);
+    let output = tokio::time::timeout(PATIENCE, command.output())
+        .await
+        .with_context(|| format!("dagmesh {} did not finish in time", args.join(" ")))??;
+    Ok(Ran {
+        code: output.status.code(),
+        stdout: String::from_utf8(output.stdout)?,
+        stderr: String::from_utf8(output.stderr)?,
+    })
+}
+
+const OK_WORKFLOW: &str = r#"
+name: cli-ok
+description: Two steps passing text along.
+steps:
+  - id: first
+    task: cli.echo@^1
+    inputs:
+      text: "'hello'"
+  - id: second
+    task: cli.echo@^1
+    needs: [first]
+    inputs:
+      text: first.text + ' again'
+"#;
+
+const FAILING_WORKFLOW: &str = r#"
+name: cli-fail
+steps:
+  - id: boom
+    task: cli.fail@^1
+"#;
+
+const INVALID_WORKFLOW: &str = r#"
+name: cli-bad
+steps:
+  - id: first
+    task: cli.echo@^1
+  - id: second
+    task: cli.echo@^1
+    needs: [nope]
+"#;
+
+#[derive(Deserialize)]
+struct TextInput {
+    text: String,
+}
+
+/// `run <id> SUCCEEDED in 1.23s` -> (id, state).
+fn summary_line(stdout: &str) -> (String, String) {
+    let last = stdout.lines().last().unwrap_or_default();
+    let words: Vec<&str> = last.split_whitespace().collect();
+    assert!(
+        words.len() >= 3 && words[0] == "run",
+        "the last line should name the run and its state: {stdout:?}"
+    );
+    (words[1].to_owned(), words[2].to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_applies_submits_inspects_and_watches() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = UpProcess::start(dir.path()).await?;
+    let server = up.url.as_str();
+
+    let worker = Worker::builder(server)
+        .name("cli-worker")
+        .instance_id("cli-worker-1")
+        .slots(2)
+        .task(
+            "cli.echo",
+            "1.0.0",
+            |_ctx: TaskContext, input: TextInput| async move {
+                Ok::<_, TaskError>(json!({ "text": input.text }))
+            },
+        )
+        .task(
+            "cli.fail",
+            "1.0.0",
+            |_ctx: TaskContext, _input: Value| async move {
+                Err::<Value, _>(TaskError::fatal("disk full"))
+            },
+        )
+        .build()?;
+    let handle = worker.handle();
+    let worker_task = tokio::spawn(worker.run_until(std::future::pending()));
+    tokio::time::timeout(PATIENCE, handle.wait_for(|s| s.connected))
+        .await
+        .context("worker never connected")?;
+
+    let file = |name: &str, text: &str| -> anyhow::Result<String> {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text)?;
+        Ok(path.display().to_string())
+    };
+    let ok = file("ok.yaml", OK_WORKFLOW)?;
+    let failing = file("fail.yaml", FAILING_WORKFLOW)?;
+    let invalid = file("bad.yaml", INVALID_WORKFLOW)?;
+
+    // Applying the same file twice keeps version 1.
+    let applied = dagmesh(&["--server", server, "workflows", "apply", &ok])
+        .await?
+        .ok();
+    assert_eq!(applied.stdout.trim(), "workflow cli-ok version 1 created");
+    let again = dagmesh(&["--server", server, "workflows", "apply", &ok])
+        .await?
+        .ok();
+    assert_eq!(again.stdout.trim(), "workflow cli-ok version 1 unchanged");
+
+    // --wait: exit 0 and a summary for a run that succeeds...
+    let waited = dagmesh(&["--server", server, "submit", &ok, "--wait"])
+        .await?
+        .ok();
+    let (ok_run, state) = summary_line(&waited.stdout);
+    assert_eq!(state, "SUCCEEDED", "{waited:#?}");
+
+    // ...non-zero and the step's error for one that fails.
+    let failed = dagmesh(&["--server", server, "submit", &failing, "--wait"]).await?;
+    assert_eq!(failed.code, Some(1), "a failed run exits 1: {failed:#?}");
+    let (failed_run, state) = summary_line(&failed.stdout);
+    assert_eq!(state, "FAILED", "{failed:#?}");
+    assert!(
+        failed.stdout.contains("disk full"),
+        "the summary should say why: {failed:#?}"
+    );
+
+    // An invalid file is refused before anything runs, naming the field.
+    let refused = dagmesh(&["--server", server, "submit", &invalid]).await?;
+    assert_eq!(
+        refused.code,
+        Some(2),
+        "an invalid workflow exits 2: {refused:#?}"
+    );
+    assert!(
+        refused
+            .stderr
+            .contains(r#"steps[1].needs[0]: unknown step "nope""#),
+        "the error should name the field path: {refused:#?}"
+    );
+
+    // runs get -o json: the run, its state and every step's outputs.
+    let got = dagmesh(&["--server", server, "runs", "get", &ok_run, "-o", "json"])
+        .await?
+        .ok();
+    let run = got.json();
+    assert_eq!(run["run_id"], json!(ok_run));
+    assert_eq!(run["state"], json!("RUN_STATE_SUCCEEDED"));
+    assert_eq!(run["workflow"], json!("cli-ok"));
+    let second = run["steps"]
+        .as_array()
+        .and_then(|steps| steps.iter().find(|s| s["step_id"] == json!("second")))
+        .unwrap_or_else(|| panic!("no step second in {run:#}"));
+    assert_eq!(second["outputs"]["text"], json!("hello again"));
+    assert_eq!(second["worker"], json!("cli-worker-1"));
+
+    // runs list -o json: both runs, newest first, with their states.
+    let listed = dagmesh(&["--server", server, "runs", "list", "-o", "json"])
+        .await?
+        .ok();
+    let runs = listed.json();
+    let states: Vec<(String, String)> = runs["runs"]
+        .as_array()
+        .context("runs list -o json has no runs array")?
+        .iter()
+        .map(|r| {
+            (
+                r["run_id"].as_str().unwrap_or_default().to_owned(),
+                r["state"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            (failed_run.clone(), "RUN_STATE_FAILED".to_owned()),
+            (ok_run.clone(), "RUN_STATE_SUCCEEDED".to_owned()),
+        ],
+        "{listed:#?}"
+    );
+
+    // workers list: the on-call engineer sees the worker by its instance id.
+    let workers = dagmesh(&["--server", server, "workers", "list"])
+        .await?
+        .ok();
+    let row = workers
+        .stdout
+        .lines()
+        .find(|line| line.starts_with("cli-worker-1 "))
+        .unwrap_or_else(|| panic!("no row for cli-worker-1: {workers:#?}"));
+    assert!(
+        row.contains("cli.echo@1.0.0") && row.contains("yes"),
+        "row: {row}"
+    );
+
+    // --watch into a pipe: plain lines, one per change, and a final summary line.
+    let watched = dagmesh(&["--server", server, "submit", &ok, "--watch"])
+        .await?
+        .ok();
+    assert!(
+        !watched.stdout.contains('\u{1b}'),
+        "no terminal codes in a pipe: {watched:#?}"
+    );
+    let (watched_run, state) = summary_line(&watched.stdout);
+    assert_eq!(state, "SUCCEEDED", "{watched:#?}");
+    assert_ne!(
+        watched_run, ok_run,
+        "a second submit without a key is a new run"
+    );
+    for step_id in ["first", "second"] {
+        assert!(
+            watched
+                .stdout
+                .lines()
+                .any(|line| line.contains(&format!(" {step_id} SUCCEEDED"))),
+            "no line says {step_id} succeeded: {watched:#?}"
+        );
+    }
+
+    handle.drain();
+    tokio::time::timeout(PATIENCE, worker_task).await???;
+    drop(up);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_demo_runs_room_scan_to_success() -> anyhow::Result<()> {
+    let demo = dagmesh(&["demo", "--pace-ms", "0"]).await?;
+    assert_eq!(demo.code, Some(0), "dagmesh demo failed: {demo:#?}");
+    let (_, state) = summary_line(&demo.stdout);
+    assert_eq!(state, "SUCCEEDED", "{demo:#?}");
+    let steps = [
+        "fetch",
+        "features_0",
+        "features_1",
+        "features_2",
+        "features_3",
+        "mesh",
+        "thumbnails",
+        "notify",
+    ];
+    for step_id in steps {
+        assert!(
+            demo.stdout
+                .lines()
+                .any(|line| line.contains(&format!(" {step_id} SUCCEEDED"))),
+            "the demo never showed {step_id} succeed: {demo:#?}"
+        );
+    }
+    Ok(())
+}
