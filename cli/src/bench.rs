@@ -192,13 +192,8 @@ fn noop_step(id: String, needs: Vec<String>) -> StepSpec {
     }
 }
 
-fn median(mut values: Vec<Duration>) -> Duration {
-    values.sort();
-    values[values.len() / 2]
-}
-
-async fn chain(args: &BenchArgs) -> anyhow::Result<Report> {
-    let length = args.size.unwrap_or(200);
+/// `length` no-op steps, each needing the one before.
+fn chain_spec(name: &str, length: usize) -> WorkflowSpec {
     let steps = (0..length)
         .map(|i| {
             let needs = if i == 0 {
@@ -209,11 +204,21 @@ async fn chain(args: &BenchArgs) -> anyhow::Result<Report> {
             noop_step(format!("s{i}"), needs)
         })
         .collect();
-    let spec = WorkflowSpec {
-        name: "bench-chain".into(),
+    WorkflowSpec {
+        name: name.into(),
         steps,
         ..Default::default()
-    };
+    }
+}
+
+fn median(mut values: Vec<Duration>) -> Duration {
+    values.sort();
+    values[values.len() / 2]
+}
+
+async fn chain(args: &BenchArgs) -> anyhow::Result<Report> {
+    let length = args.size.unwrap_or(200);
+    let spec = chain_spec("bench-chain", length);
     let bench = Bench::start(args, 1, 1).await?;
     bench.run(spec.clone()).await?; // warm-up: workflow registered, caches hot
     let mut walls = Vec::new();
@@ -265,21 +270,7 @@ async fn fanout(args: &BenchArgs) -> anyhow::Result<Report> {
 
 async fn runs(args: &BenchArgs) -> anyhow::Result<Report> {
     let count = args.size.unwrap_or(1000);
-    let steps = (0..5)
-        .map(|i| {
-            let needs = if i == 0 {
-                vec![]
-            } else {
-                vec![format!("s{}", i - 1)]
-            };
-            noop_step(format!("s{i}"), needs)
-        })
-        .collect();
-    let spec = WorkflowSpec {
-        name: "bench-runs".into(),
-        steps,
-        ..Default::default()
-    };
+    let spec = chain_spec("bench-runs", 5);
     let bench = Bench::start(args, 2, 128).await?;
     bench.run(spec.clone()).await?; // warm-up
     let started = Instant::now();

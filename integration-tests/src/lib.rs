@@ -16,7 +16,7 @@ use dagmesh_proto::v1::{
     WorkflowSpec, run_event, run_service_client::RunServiceClient, server_message,
     watch_run_response, worker_message, worker_service_client::WorkerServiceClient,
 };
-use dagmesh_sdk::Client;
+use dagmesh_sdk::{Client, WorkerBuilder, WorkerHandle};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
@@ -156,6 +156,31 @@ pub async fn channel(url: &str) -> anyhow::Result<Channel> {
     Ok(tonic::transport::Endpoint::from_shared(url.to_owned())?
         .connect()
         .await?)
+}
+
+/// Waits until a worker has a welcomed stream.
+pub async fn connected(handle: &WorkerHandle) -> anyhow::Result<()> {
+    tokio::time::timeout(PATIENCE, handle.wait_for(|state| state.connected))
+        .await
+        .with_context(|| format!("worker {} never connected", handle.instance_id()))?;
+    Ok(())
+}
+
+/// Runs `builder`'s worker in the background for the rest of the test; returns once connected.
+pub async fn spawn_worker(builder: WorkerBuilder) -> anyhow::Result<WorkerHandle> {
+    let worker = builder.build()?;
+    let handle = worker.handle();
+    tokio::spawn(worker.run_until(std::future::pending()));
+    connected(&handle).await?;
+    Ok(handle)
+}
+
+/// Waits for a run to end and returns it.
+pub async fn wait_for_run(client: &Client, run_id: &str) -> anyhow::Result<Run> {
+    tokio::time::timeout(PATIENCE, client.wait_for_run(run_id))
+        .await
+        .with_context(|| format!("run {run_id} did not end in time"))?
+        .with_context(|| format!("waiting for run {run_id}"))
 }
 
 /// A step running `task` with the given needs and input expressions.

@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use dagmesh::mesh::{Mesh, MeshOptions};
 use dagmesh_integration_tests::{
-    Database, PATIENCE, Sandbox, all_events, assert_succeeded, fast_config, step, step_states,
-    workflow,
+    Database, PATIENCE, Sandbox, all_events, assert_succeeded, connected, fast_config, step,
+    step_states, wait_for_run, workflow,
 };
 use dagmesh_proto::v1::{
     ListRunsRequest, RetryPolicy, Run, StepState, SubmitRunRequest,
@@ -104,20 +104,6 @@ fn worker(
     let handle = worker.handle();
     let task = tokio::spawn(worker.run_until(std::future::pending()));
     Ok((handle, task))
-}
-
-async fn connected(handle: &WorkerHandle) -> anyhow::Result<()> {
-    tokio::time::timeout(PATIENCE, handle.wait_for(|state| state.connected))
-        .await
-        .with_context(|| format!("worker {} never connected", handle.instance_id()))?;
-    Ok(())
-}
-
-async fn wait_for_run(client: &Client, run_id: &str) -> anyhow::Result<Run> {
-    tokio::time::timeout(PATIENCE, client.wait_for_run(run_id))
-        .await
-        .with_context(|| format!("run {run_id} did not end in time"))?
-        .with_context(|| format!("waiting for run {run_id}"))
 }
 
 fn step_of<'a>(run: &'a Run, step_id: &str) -> &'a dagmesh_proto::v1::Step {

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use dagmesh_integration_tests::{
-    PATIENCE, all_events, assert_succeeded, channel, dagmesh_binary, free_port, step, step_states,
-    wait_healthy, workflow,
+    PATIENCE, all_events, assert_succeeded, channel, connected, dagmesh_binary, free_port, step,
+    step_states, wait_for_run, wait_healthy, workflow,
 };
 use dagmesh_proto::v1::{ReadRunRequest, Run, metadata_service_client::MetadataServiceClient};
 use dagmesh_sdk::{Client, SubmitRun, TaskContext, TaskError, Worker, WorkerHandle};
@@ -178,20 +178,6 @@ fn spawn_worker(
         handle,
         tokio::spawn(worker.run_until(std::future::pending())),
     )
-}
-
-async fn connected(handle: &WorkerHandle) -> anyhow::Result<()> {
-    tokio::time::timeout(PATIENCE, handle.wait_for(|state| state.connected))
-        .await
-        .with_context(|| format!("worker {} never connected", handle.instance_id()))?;
-    Ok(())
-}
-
-async fn wait_for_run(client: &Client, run_id: &str) -> anyhow::Result<Run> {
-    tokio::time::timeout(PATIENCE, client.wait_for_run(run_id))
-        .await
-        .with_context(|| format!("run {run_id} did not end in time"))?
-        .with_context(|| format!("waiting for run {run_id}"))
 }
 
 fn outputs(run: &Run, step_id: &str) -> serde_json::Map<String, Value> {

@@ -19,8 +19,7 @@ async fn submit(sandbox: &Sandbox, spec: pb::WorkflowSpec) -> anyhow::Result<Str
 }
 
 async fn wait(sandbox: &Sandbox, run_id: &str) -> anyhow::Result<pb::Run> {
-    let client = sandbox.client().await?;
-    Ok(tokio::time::timeout(PATIENCE, client.wait_for_run(run_id)).await??)
+    wait_for_run(&sandbox.client().await?, run_id).await
 }
 
 #[tokio::test]

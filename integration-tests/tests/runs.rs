@@ -10,26 +10,12 @@ use dagmesh_proto::v1::{
     RetryPolicy, RunState, StepState, SubmitRunRequest, WorkflowRef,
     run_service_client::RunServiceClient, submit_run_request,
 };
-use dagmesh_sdk::{Client, SubmitRun, TaskContext, TaskError, Worker, WorkerBuilder, WorkerHandle};
+use dagmesh_sdk::{Client, SubmitRun, TaskContext, TaskError, Worker};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-/// Runs `builder`'s worker in the background until the test ends; returns once connected.
-async fn spawn_worker(builder: WorkerBuilder) -> WorkerHandle {
-    let worker = builder.build().expect("valid worker");
-    let handle = worker.handle();
-    tokio::spawn(worker.run_until(std::future::pending()));
-    tokio::time::timeout(PATIENCE, handle.wait_for(|s| s.connected))
-        .await
-        .expect("worker connected");
-    handle
-}
-
 async fn wait(client: &Client, run_id: &str) -> dagmesh_proto::v1::Run {
-    tokio::time::timeout(PATIENCE, client.wait_for_run(run_id))
-        .await
-        .expect("run ended in time")
-        .expect("wait_for_run")
+    wait_for_run(client, run_id).await.expect("run ended")
 }
 
 fn outputs(run: &dagmesh_proto::v1::Run, step: &str) -> Value {
@@ -64,7 +50,7 @@ async fn outputs_flow_downstream_in_dependency_order() -> anyhow::Result<()> {
                 Ok::<_, TaskError>(json!({ "total": total }))
             }),
     )
-    .await;
+    .await?;
     let spec = workflow(
         "data-passing",
         vec![
@@ -122,7 +108,7 @@ async fn outputs_flow_downstream_in_dependency_order() -> anyhow::Result<()> {
 #[tokio::test]
 async fn false_when_skips_the_step_and_its_dependants() -> anyhow::Result<()> {
     let sandbox = Sandbox::start().await?;
-    spawn_worker(Worker::builder(sandbox.url()).task("echo", "1.0.0", echo)).await;
+    spawn_worker(Worker::builder(sandbox.url()).task("echo", "1.0.0", echo)).await?;
     let mut gated = step("notify", "echo@^1", &["build"], &[]);
     gated.when = "inputs.email != ''".into();
     let spec = workflow(
@@ -177,7 +163,7 @@ async fn failed_attempts_are_retried_with_backoff_until_they_succeed() -> anyhow
             }
         },
     ))
-    .await;
+    .await?;
     let mut flaky = step("flaky", "flaky", &[], &[]);
     flaky.retry = Some(RetryPolicy {
         max_attempts: 3,
@@ -239,7 +225,7 @@ async fn fatal_errors_are_not_retried_and_fail_the_run_fast() -> anyhow::Result<
                 }
             }),
     )
-    .await;
+    .await?;
     let mut bad = step("bad", "bad", &[], &[]);
     bad.retry = Some(RetryPolicy {
         max_attempts: 5,
@@ -298,7 +284,7 @@ async fn an_attempt_past_its_timeout_is_cancelled_and_retried() -> anyhow::Resul
             }
         },
     ))
-    .await;
+    .await?;
     let mut slow = step("slow", "slow", &[], &[]);
     slow.timeout = "300ms".into();
     slow.retry = Some(RetryPolicy {
@@ -343,7 +329,7 @@ async fn cancelling_a_run_cancels_its_running_steps() -> anyhow::Result<()> {
             }
         },
     ))
-    .await;
+    .await?;
     let client = sandbox.client().await?;
     let spec = workflow(
         "cancel",
@@ -408,7 +394,7 @@ async fn retry_run_reruns_only_what_did_not_succeed() -> anyhow::Result<()> {
                 },
             ),
     )
-    .await;
+    .await?;
     let client = sandbox.client().await?;
     let spec = workflow(
         "retry-run",
@@ -546,7 +532,7 @@ async fn payloads_over_the_limit_fail_clearly() -> anyhow::Result<()> {
         "1.0.0",
         |_: TaskContext, _: Value| async { Ok::<_, TaskError>(json!({"blob": "x".repeat(4096)})) },
     ))
-    .await;
+    .await?;
     let client = sandbox.client().await?;
     let run = client
         .submit(SubmitRun::inline(workflow(
@@ -593,9 +579,9 @@ async fn steps_go_to_workers_with_matching_labels_and_versions() -> anyhow::Resu
             },
         )
     };
-    spawn_worker(worker("cpu-v1", "1.4.0")).await;
-    spawn_worker(worker("cpu-v2", "2.1.0")).await;
-    spawn_worker(worker("gpu-v2", "2.0.0").label("gpu", "true")).await;
+    spawn_worker(worker("cpu-v1", "1.4.0")).await?;
+    spawn_worker(worker("cpu-v2", "2.1.0")).await?;
+    spawn_worker(worker("gpu-v2", "2.0.0").label("gpu", "true")).await?;
     let mut on_gpu = step("on_gpu", "render@^2", &[], &[]);
     on_gpu.labels.insert("gpu".into(), "true".into());
     let spec = workflow(
@@ -633,7 +619,7 @@ async fn watch_streams_progress_in_order_and_resumes_from_a_sequence_number() ->
             Ok::<_, TaskError>(json!({"triangles": 12}))
         },
     ))
-    .await;
+    .await?;
     let client = sandbox.client().await?;
     let run = client
         .submit(SubmitRun::inline(workflow(
@@ -691,7 +677,7 @@ async fn workers_list_shows_connected_workers_and_their_load() -> anyhow::Result
             .slots(3)
             .task("thumb", "1.2.0", echo),
     )
-    .await;
+    .await?;
     let mut cluster = dagmesh_proto::v1::cluster_service_client::ClusterServiceClient::new(
         sandbox.channel().await?,
     );
