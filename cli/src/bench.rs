@@ -5,7 +5,9 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use dagmesh_proto::v1::{RunState, StepSpec, SubmitRunRequest, WorkflowSpec, submit_run_request};
+use dagmesh_proto::v1::{
+    RunState, StepSpec, SubmitRunRequest, WorkflowRef, WorkflowSpec, submit_run_request,
+};
 use dagmesh_runtime::telemetry;
 use dagmesh_sdk::{TaskContext, TaskError, Worker, WorkerHandle};
 use serde::Serialize;
@@ -150,16 +152,23 @@ impl Bench {
         })
     }
 
-    /// Submits an inline spec and waits for the run; returns submit-to-done time.
-    async fn run(&self, spec: WorkflowSpec) -> anyhow::Result<Duration> {
+    /// Registers `spec` (as a backend would, once) and returns a submit request for it.
+    async fn register(&self, spec: WorkflowSpec) -> anyhow::Result<SubmitRunRequest> {
+        let (workflow, _) = self.mesh.executor().apply_workflow(spec).await?;
+        Ok(SubmitRunRequest {
+            workflow_ref: Some(submit_run_request::WorkflowRef::Workflow(WorkflowRef {
+                name: workflow.name,
+                version: workflow.version,
+            })),
+            ..Default::default()
+        })
+    }
+
+    /// Submits a run and waits for it; returns submit-to-done time.
+    async fn run(&self, request: SubmitRunRequest) -> anyhow::Result<Duration> {
         let executor = self.mesh.executor();
         let started = Instant::now();
-        let (run, _) = executor
-            .submit(SubmitRunRequest {
-                workflow_ref: Some(submit_run_request::WorkflowRef::Spec(spec)),
-                ..Default::default()
-            })
-            .await?;
+        let (run, _) = executor.submit(request).await?;
         let run = executor.wait_for_run(&run.run_id).await?;
         let elapsed = started.elapsed();
         anyhow::ensure!(
@@ -220,7 +229,8 @@ async fn chain(args: &BenchArgs) -> anyhow::Result<Report> {
     let length = args.size.unwrap_or(200);
     let spec = chain_spec("bench-chain", length);
     let bench = Bench::start(args, 1, 1).await?;
-    bench.run(spec.clone()).await?; // warm-up: workflow registered, caches hot
+    let spec = bench.register(spec).await?;
+    bench.run(spec.clone()).await?; // warm-up: caches hot
     let mut walls = Vec::new();
     for _ in 0..args.repeat.max(1) {
         walls.push(bench.run(spec.clone()).await?);
@@ -252,6 +262,7 @@ async fn fanout(args: &BenchArgs) -> anyhow::Result<Report> {
         ..Default::default()
     };
     let bench = Bench::start(args, 2, 128).await?;
+    let spec = bench.register(spec).await?;
     let mut walls = Vec::new();
     for _ in 0..args.repeat.max(1) {
         walls.push(bench.run(spec.clone()).await?);
@@ -272,6 +283,7 @@ async fn runs(args: &BenchArgs) -> anyhow::Result<Report> {
     let count = args.size.unwrap_or(1000);
     let spec = chain_spec("bench-runs", 5);
     let bench = Bench::start(args, 2, 128).await?;
+    let spec = bench.register(spec).await?;
     bench.run(spec.clone()).await?; // warm-up
     let started = Instant::now();
     let latencies =
@@ -301,7 +313,8 @@ async fn idle(args: &BenchArgs) -> anyhow::Result<Report> {
         steps: vec![noop_step("only".into(), vec![])],
         ..Default::default()
     };
-    bench.run(spec).await?;
+    let request = bench.register(spec).await?;
+    bench.run(request).await?;
     let cold_start = started.elapsed();
     // At rest: let allocators and buffers settle, then read resident memory.
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -59,7 +59,7 @@ pub struct UpArgs {
 }
 
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
-    let _telemetry = telemetry::init("dagmesh");
+    let telemetry = telemetry::init("dagmesh");
     let database_url = args
         .database
         .unwrap_or_else(|| format!("sqlite://{}", args.data_dir.join("dagmesh.db").display()));
@@ -74,10 +74,13 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         database = %redact(&database_url),
         "dagmesh up: metadata store and executor in one process"
     );
-    tokio::select! {
+    let stopped = tokio::select! {
         () = shutdown_signal() => mesh.shutdown().await,
         error = mesh.engine_stopped() => Err(error),
-    }
+    };
+    // Last, so the spans of the drain go out too.
+    telemetry.shutdown();
+    stopped
 }
 
 #[derive(clap::Args, Debug)]
@@ -94,7 +97,7 @@ pub struct MetastoreArgs {
 }
 
 pub async fn metastore(args: MetastoreArgs) -> anyhow::Result<()> {
-    let _telemetry = telemetry::init("dagmesh-metastore");
+    let telemetry = telemetry::init("dagmesh-metastore");
     let store = SqlStore::connect(&args.database)
         .await
         .with_context(|| format!("opening database {}", redact(&args.database)))?;
@@ -106,8 +109,9 @@ pub async fn metastore(args: MetastoreArgs) -> anyhow::Result<()> {
     );
     let store: Arc<dyn MetadataStore> = Arc::new(store);
     let services = ServiceSet::new().add(MetadataGrpcServer::new(store).into_service());
-    serve(listener, services, shutdown_signal()).await?;
-    Ok(())
+    let served = serve(listener, services, shutdown_signal()).await;
+    telemetry.shutdown();
+    Ok(served?)
 }
 
 #[derive(clap::Args, Debug)]
@@ -129,7 +133,7 @@ pub struct ExecutorArgs {
 }
 
 pub async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
-    let _telemetry = telemetry::init("dagmesh-executor");
+    let telemetry = telemetry::init("dagmesh-executor");
     let (executor, mut engine) = start_remote_executor(&args).await?;
     let listener = bind(&args.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, metastore = %args.metastore, "executor serving");
@@ -143,7 +147,9 @@ pub async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
             }
         }
     };
-    serve(listener, executor.services(), shutdown).await?;
+    let served = serve(listener, executor.services(), shutdown).await;
+    telemetry.shutdown();
+    served?;
     match engine_failed.await {
         Ok(Ok(Ok(()))) | Err(_) => Ok(()),
         Ok(Ok(Err(error))) => Err(anyhow::Error::new(error).context("executor engine stopped")),

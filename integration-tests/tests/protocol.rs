@@ -357,3 +357,46 @@ async fn a_draining_worker_gets_no_new_tasks() -> anyhow::Result<()> {
     assert_succeeded(&wait(&sandbox, &run_id).await?);
     sandbox.stop().await
 }
+
+#[tokio::test]
+async fn a_silent_worker_loses_its_task_and_its_stream_after_the_lease() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start().await?;
+    let (mut silent, _) = RawWorker::connect(
+        &sandbox.url(),
+        RawWorker::hello("silent", "work", "1.0.0", 1),
+    )
+    .await?;
+    let run_id = submit(
+        &sandbox,
+        workflow("silent", vec![step("work", "work", &[], &[])]),
+    )
+    .await?;
+    let assign = silent.expect_assign().await?;
+    silent.start(&assign).await?;
+    // The stream stays open but no heartbeat follows: after the lease (1 s here) the executor
+    // ends the session, closes the stream, and gives the task to someone else.
+    let closed = silent.next().await;
+    assert!(
+        closed.is_err(),
+        "the executor closes a silent worker's stream, got {closed:?}"
+    );
+    let (mut healthy, _) = RawWorker::connect(
+        &sandbox.url(),
+        RawWorker::hello("healthy", "work", "1.0.0", 1),
+    )
+    .await?;
+    let again = healthy.expect_assign().await?;
+    assert_eq!(
+        (again.task_id.as_str(), again.attempt),
+        (assign.task_id.as_str(), 2)
+    );
+    healthy.complete(&again.task_id, 2, json!({})).await?;
+    assert_eq!(
+        healthy.expect_recorded().await?.outcome(),
+        RecordOutcome::Accepted
+    );
+    let run = wait(&sandbox, &run_id).await?;
+    assert_succeeded(&run);
+    assert_eq!(run.steps[0].worker, "healthy");
+    sandbox.stop().await
+}

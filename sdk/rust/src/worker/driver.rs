@@ -435,6 +435,7 @@ impl Driver {
             task_version = %registered.version,
             traceparent = %assign.traceparent,
         );
+        super::trace_context::continue_trace(&span, &assign.traceparent);
         let ctx = TaskContext::from_assign(&assign, Default::default());
         let input = Value::Object(from_struct(assign.inputs.as_ref()));
         let handler = registered.handler.clone();

@@ -11,6 +11,9 @@
 //! - a result is kept until the executor answers Recorded for it, and sent again after a
 //!   reconnect, so a result is never lost when the stream breaks;
 //! - Cancel fires the attempt's [`TaskContext::cancelled`];
+//! - each attempt runs in a `task` span whose OpenTelemetry parent is the Assign's
+//!   `traceparent`, so a process that exports its `tracing` spans (a `tracing-opentelemetry`
+//!   layer) continues the executor's trace in step code;
 //! - a drain (Drain from the executor, SIGTERM/SIGINT for [`Worker::run`], or the future given to
 //!   [`Worker::run_until`]) sends Draining, takes no new work, waits until every result is
 //!   Recorded, closes the stream and returns `Ok(())`.
@@ -24,6 +27,7 @@
 mod context;
 mod driver;
 mod task;
+mod trace_context;
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;

@@ -11,6 +11,7 @@
 
 mod run;
 mod timers;
+mod traces;
 mod workers;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -168,6 +169,10 @@ pub(crate) struct Engine {
 
 const IDEMPOTENCY_MEMORY: usize = 100_000;
 
+/// How long changes that nobody waits for may stay uncommitted. They are still written before
+/// anything depends on them: any batch with a reply or a worker message commits at once.
+const LAZY_COMMIT: std::time::Duration = std::time::Duration::from_millis(2);
+
 impl Engine {
     /// Loads every active run from the store and spawns the engine task.
     pub async fn start(
@@ -233,8 +238,13 @@ impl Engine {
 
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) -> Result<(), ExecError> {
         let mut batch = Vec::with_capacity(self.ctx.config.max_batch);
+        // Set while changes wait for a lazy commit (see `LAZY_COMMIT`).
+        let mut commit_due: Option<Instant> = None;
         loop {
-            let deadline = self.ctx.timers.next_deadline();
+            let deadline = match (self.ctx.timers.next_deadline(), commit_due) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let sleep = async {
                 match deadline {
                     Some(at) => tokio::time::sleep_until(at).await,
@@ -257,6 +267,18 @@ impl Engine {
                 self.fire(timer);
             }
             self.dispatch();
+            // Nothing waits on this batch (no reply, no message to a worker: only Started,
+            // progress or logs): let it share the next commit instead of paying for its own.
+            if self.ctx.effects.is_empty() && self.drain.is_none() {
+                if self.ctx.dirty_runs.is_empty() {
+                    continue; // heartbeats only
+                }
+                let due = *commit_due.get_or_insert(self.ctx.now + LAZY_COMMIT);
+                if self.ctx.now < due {
+                    continue;
+                }
+            }
+            commit_due = None;
             if let Err(error) = self.flush().await {
                 tracing::error!(%error, "commit failed; stopping the engine");
                 return Err(error);

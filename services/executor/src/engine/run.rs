@@ -15,6 +15,7 @@ use prost::Message as _;
 use serde_json::{Map, Value as Json};
 
 use super::timers::Timer;
+use super::traces::{self, AttemptEnd, Timeline};
 use super::{Ctx, QueuedTask, cancel_message, humanize};
 use crate::plans::Plan;
 
@@ -53,10 +54,13 @@ pub(crate) struct RunEntry {
     waiting_on: Vec<u32>,
     /// Per step: the attempt whose result was recorded, to tell a duplicate from a stale result.
     recorded_attempt: Vec<u32>,
+    /// Steps not in a terminal state; the run is done when it reaches 0.
+    unfinished: usize,
     dirty_steps: Vec<usize>,
     step_dirty: Vec<bool>,
     run_dirty: bool,
     events: Vec<RunEvent>,
+    trace: Timeline,
 }
 
 impl RunEntry {
@@ -183,6 +187,7 @@ impl RunEntry {
             .iter()
             .map(|step| step.needs.len() as u32)
             .collect();
+        let unfinished = steps_unfinished(&steps);
         Self {
             id: Arc::from(run.run_id.as_str()),
             run,
@@ -192,10 +197,12 @@ impl RunEntry {
             outputs: vec![None; count],
             waiting_on,
             recorded_attempt: vec![0; count],
+            unfinished,
             dirty_steps: Vec::new(),
             step_dirty: vec![false; count],
             run_dirty: false,
             events: Vec::new(),
+            trace: Timeline::default(),
         }
     }
 
@@ -346,6 +353,7 @@ impl RunEntry {
 
     /// A new attempt: READY and queued for a worker.
     fn make_ready(&mut self, index: usize, ctx: &mut Ctx) {
+        self.trace.step_ready(index);
         let step = &mut self.steps[index];
         step.attempt += 1;
         step.worker.clear();
@@ -377,6 +385,7 @@ impl RunEntry {
         if step.state() != StepState::Ready || step.attempt != attempt {
             return; // a stale queue entry: the step was cancelled or requeued meanwhile
         }
+        self.trace.attempt_assigned(index);
         step.worker = instance.to_string();
         step.task_version = version.to_owned();
         self.set_step_state(index, StepState::Assigned, ctx);
@@ -406,7 +415,7 @@ impl RunEntry {
             }),
             inputs: step.inputs.clone(),
             deadline,
-            traceparent: traceparent(&self.run.run_id),
+            traceparent: traces::traceparent(&self.run.run_id, &step.step_id, attempt),
             slots: spec.slots,
         };
         ctx.send(instance.clone(), server_message::Message::Assign(assign));
@@ -494,6 +503,8 @@ impl RunEntry {
         let step = &mut self.steps[index];
         step.outputs = Some(outputs);
         step.progress = 1.0;
+        self.trace
+            .attempt_ended(&self.run, &self.steps[index], index, AttemptEnd::Succeeded);
         self.finish(index, StepState::Succeeded, String::new(), ctx);
         let released = self.release_dependants(index);
         self.advance(released, ctx);
@@ -501,6 +512,9 @@ impl RunEntry {
 
     /// A failed attempt that counts against the retry policy.
     fn attempt_failed(&mut self, index: usize, error: String, retryable: bool, ctx: &mut Ctx) {
+        let failed = AttemptEnd::Failed(&error);
+        self.trace
+            .attempt_ended(&self.run, &self.steps[index], index, failed);
         let spec = &self.plan.compiled.steps[index];
         let step = &self.steps[index];
         let counted = step.attempt.saturating_sub(step.lost_attempts);
@@ -533,6 +547,9 @@ impl RunEntry {
         }
         step.lost_attempts += 1;
         step.error = format!("attempt {attempt}: {reason}");
+        let lost = AttemptEnd::Lost(reason);
+        self.trace
+            .attempt_ended(&self.run, &self.steps[index], index, lost);
         self.make_ready(index, ctx);
     }
 
@@ -603,6 +620,8 @@ impl RunEntry {
                     Arc::from(step.worker.as_str()),
                     cancel_message(&step.task_id, step.attempt, reason),
                 );
+                let cancelled = AttemptEnd::Cancelled(reason);
+                self.trace.attempt_ended(&self.run, step, index, cancelled);
             }
             self.finish(index, StepState::Cancelled, reason.to_owned(), ctx);
         }
@@ -610,9 +629,7 @@ impl RunEntry {
     }
 
     fn check_done(&mut self, ctx: &mut Ctx) {
-        if self.run.state() != RunState::Running
-            || !self.steps.iter().all(|step| is_terminal(step.state()))
-        {
+        if self.run.state() != RunState::Running || self.unfinished > 0 {
             return;
         }
         let failed = self
@@ -633,10 +650,16 @@ impl RunEntry {
         step.error = error;
         step.finished_at = Some(now());
         self.set_step_state(index, state, ctx);
+        self.trace.step_ended(&self.run, &self.steps[index], index);
     }
 
     fn set_step_state(&mut self, index: usize, state: StepState, ctx: &mut Ctx) {
         let step = &mut self.steps[index];
+        match (is_terminal(step.state()), is_terminal(state)) {
+            (false, true) => self.unfinished -= 1,
+            (true, false) => self.unfinished += 1,
+            _ => {}
+        }
         step.state = state as i32;
         let event = run_event::Event::StepState(pb::StepStateChanged {
             step_id: step.step_id.clone(),
@@ -658,6 +681,7 @@ impl RunEntry {
         self.run.error = error.clone();
         if is_finished(state) {
             self.run.finished_at = Some(now());
+            traces::run_ended(&self.run);
         }
         self.emit(
             run_event::Event::RunState(pb::RunStateChanged {
@@ -708,16 +732,13 @@ impl RunEntry {
     }
 }
 
-fn state_name(state: StepState) -> &'static str {
-    state.as_str_name().trim_start_matches("STEP_STATE_")
+fn steps_unfinished(steps: &[Step]) -> usize {
+    steps
+        .iter()
+        .filter(|step| !is_terminal(step.state()))
+        .count()
 }
 
-/// W3C trace context for one attempt. The trace id is the run id (a UUID is 16 bytes, as a
-/// trace id is), so every attempt of a run lands in one trace.
-fn traceparent(run_id: &str) -> String {
-    format!(
-        "00-{}-{:016x}-01",
-        run_id.replace('-', ""),
-        rand::random::<u64>() | 1
-    )
+fn state_name(state: StepState) -> &'static str {
+    state.as_str_name().trim_start_matches("STEP_STATE_")
 }

@@ -187,37 +187,60 @@ async fn put_run(conn: &mut SqliteConnection, run: &Run) -> Result<(), StoreErro
     Ok(())
 }
 
-async fn put_step(conn: &mut SqliteConnection, step: &Step) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO steps (run_id, step_id, body) VALUES (?1, ?2, ?3) \
-         ON CONFLICT (run_id, step_id) DO UPDATE SET body = excluded.body",
-    )
-    .bind(&step.run_id)
-    .bind(&step.step_id)
-    .bind(step.encode_to_vec())
-    .execute(conn)
-    .await?;
+/// Rows per multi-row statement: 3 parameters each stays far below SQLite's variable limit.
+const ROWS_PER_STATEMENT: usize = 500;
+
+/// Inserts or replaces step rows, keyed by (run_id, step_id); a step's position is kept.
+async fn put_steps(conn: &mut SqliteConnection, steps: &[&Step]) -> Result<(), StoreError> {
+    let mut query =
+        sqlx::QueryBuilder::<sqlx::Sqlite>::new("INSERT INTO steps (run_id, step_id, body) ");
+    query.push_values(steps, |mut row, step| {
+        row.push_bind(&step.run_id)
+            .push_bind(&step.step_id)
+            .push_bind(step.encode_to_vec());
+    });
+    query.push(" ON CONFLICT (run_id, step_id) DO UPDATE SET body = excluded.body");
+    query.build().execute(conn).await?;
     Ok(())
 }
 
-async fn append_event(conn: &mut SqliteConnection, event: &RunEvent) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO events (run_id, seq, body) VALUES (?1, ?2, ?3)")
-        .bind(&event.run_id)
-        .bind(seq_bound(event.seq))
-        .bind(event.encode_to_vec())
-        .execute(conn)
-        .await
-        .map_err(|err| {
-            if is_unique_violation(&err) {
-                StoreError::AlreadyExists(format!(
-                    "event {} of run {:?} already exists",
-                    event.seq, event.run_id
-                ))
-            } else {
-                err.into()
-            }
-        })?;
-    Ok(())
+async fn append_events(
+    conn: &mut SqliteConnection,
+    events: &[&RunEvent],
+) -> Result<(), StoreError> {
+    let mut query =
+        sqlx::QueryBuilder::<sqlx::Sqlite>::new("INSERT INTO events (run_id, seq, body) ");
+    query.push_values(events, |mut row, event| {
+        row.push_bind(&event.run_id)
+            .push_bind(seq_bound(event.seq))
+            .push_bind(event.encode_to_vec());
+    });
+    match query.build().execute(&mut *conn).await {
+        Ok(_) => Ok(()),
+        Err(err) if is_unique_violation(&err) => Err(duplicate_event(conn, events).await),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Names the event that broke uniqueness (the error path only; the transaction rolls back).
+async fn duplicate_event(conn: &mut SqliteConnection, events: &[&RunEvent]) -> StoreError {
+    let mut seen = std::collections::HashSet::new();
+    for event in events {
+        let stored: Option<i64> =
+            sqlx::query_scalar("SELECT seq FROM events WHERE run_id = ?1 AND seq = ?2")
+                .bind(&event.run_id)
+                .bind(seq_bound(event.seq))
+                .fetch_optional(&mut *conn)
+                .await
+                .unwrap_or(None);
+        if stored.is_some() || !seen.insert((event.run_id.as_str(), event.seq)) {
+            return StoreError::AlreadyExists(format!(
+                "event {} of run {:?} already exists",
+                event.seq, event.run_id
+            ));
+        }
+    }
+    StoreError::AlreadyExists("an event of this batch already exists".into())
 }
 
 #[async_trait::async_trait]
@@ -284,15 +307,24 @@ impl MetadataStore for SqliteStore {
         // IMMEDIATE takes the write lock up front, so the transaction cannot fail half-way
         // because another process started writing; dropping `tx` on error rolls back.
         let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        // Runs first (they carry the idempotency check), then steps and events in multi-row
+        // statements: each statement is a round trip to sqlx's SQLite thread, and a batch of a
+        // busy executor holds thousands of rows.
+        let mut steps = Vec::new();
+        let mut events = Vec::new();
         for m in &mutations {
             match &m.mutation {
                 Some(mutation::Mutation::PutRun(run)) => put_run(&mut tx, run).await?,
-                Some(mutation::Mutation::PutStep(step)) => put_step(&mut tx, step).await?,
-                Some(mutation::Mutation::AppendEvent(event)) => {
-                    append_event(&mut tx, event).await?
-                }
+                Some(mutation::Mutation::PutStep(step)) => steps.push(step),
+                Some(mutation::Mutation::AppendEvent(event)) => events.push(event),
                 None => {} // rejected by validate_mutations
             }
+        }
+        for chunk in steps.chunks(ROWS_PER_STATEMENT) {
+            put_steps(&mut tx, chunk).await?;
+        }
+        for chunk in events.chunks(ROWS_PER_STATEMENT) {
+            append_events(&mut tx, chunk).await?;
         }
         tx.commit().await?;
         Ok(())

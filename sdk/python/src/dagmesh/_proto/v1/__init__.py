@@ -1,0 +1,1 @@
+"""Generated from proto/dagmesh/v1 by scripts/generate.py. Do not edit."""

@@ -1,0 +1,1014 @@
+"""Step workers: register task handlers, dial the run-executor, run what it assigns.
+
+A `Worker` holds one `WorkerService.Connect` stream at a time (grpc.aio) and implements the
+protocol described at the top of `proto/dagmesh/v1/worker.proto`:
+
+- Hello (task types, labels, slots, tasks in flight), then a heartbeat every
+  `Welcome.heartbeat_interval_ms`;
+- each Assign runs its handler: an `async def` on the event loop, a plain function in the
+  worker's thread pool (so CPU-bound code never holds up heartbeats on the stream); Started,
+  progress, logs, then exactly one Completed or Failed, all naming (task_id, attempt);
+- a result is kept until the executor answers Recorded for it (whatever the outcome) and sent
+  again after a reconnect, so a result is never lost when the stream breaks;
+- Cancel sets the attempt's `TaskContext.cancelled`;
+- a drain (Drain from the executor, SIGTERM/SIGINT for `Worker.run`, the `stop_event` of
+  `Worker.run_async`, or `Worker.drain()`) sends Draining, takes no new work, waits until every
+  result is Recorded, closes the stream and returns.
+
+When the stream breaks, or the executor is unreachable, the worker reconnects with exponential
+backoff and jitter (100 ms to 5 s) under the same `instance_id`, listing in `Hello.in_flight`
+the tasks it still runs and the results not yet recorded. The only error it does not retry is
+an executor that refuses the Hello (INVALID_ARGUMENT): a configuration mistake, raised as
+`WorkerRejected`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import contextvars
+import dataclasses
+import inspect
+import json
+import logging
+import random
+import re
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar, Union
+
+import grpc
+import grpc.aio
+
+from dagmesh import _tracing
+from dagmesh._channel import channel_options, parse_server
+from dagmesh._proto.v1 import types_pb2, worker_pb2, worker_pb2_grpc
+from dagmesh.context import TaskContext
+from dagmesh.errors import TaskError, WorkerAborted, WorkerRejected
+from dagmesh.payload import to_dict, to_struct
+
+__all__ = ["Handler", "Worker", "WorkerState"]
+
+SDK_VERSION = "0.1.0"  # keep in step with pyproject.toml
+
+log = logging.getLogger("dagmesh.worker")
+
+Handler = Callable[[TaskContext, dict[str, Any]], Union[Mapping[str, Any], None, Awaitable[Any]]]
+H = TypeVar("H", bound=Callable[..., Any])
+
+DEFAULT_BACKOFF = (0.1, 5.0)
+# Hello to Welcome. An executor that accepts the connection but never answers is as good as down.
+HANDSHAKE_TIMEOUT = 15.0
+# After a drain, how long to wait for the executor to close its side of the stream.
+CLOSE_GRACE = 2.0
+DEFAULT_HEARTBEAT = 5.0
+# Progress is for people watching; more often than this only costs the executor writes.
+PROGRESS_MIN_INTERVAL = 0.05
+LOG_FLUSH_INTERVAL = 0.1
+# Progress and log messages queued towards the executor before task pumps wait for the stream.
+OUTBOX_CAPACITY = 1024
+
+_SEMVER = re.compile(
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?(?:\+[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?$"
+)
+
+_Key = tuple[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerState:
+    """A snapshot of the worker, replaced after every change."""
+
+    connected: bool = False
+    """A stream is open and welcomed."""
+    session_id: str | None = None
+    """`Welcome.session_id` of the current stream, if connected."""
+    draining: bool = False
+    """A drain has begun: no new work is taken."""
+    running: int = 0
+    """Handlers still running."""
+    unacknowledged: int = 0
+    """Finished tasks whose results the executor has not yet Recorded."""
+    sessions: int = 0
+    """Streams that got a Welcome so far, the current one included."""
+
+    @property
+    def in_flight(self) -> int:
+        """Tasks the worker still answers for (what the next Hello lists in `in_flight`)."""
+        return self.running + self.unacknowledged
+
+
+@dataclasses.dataclass(frozen=True)
+class _Registered:
+    name: str
+    version: str
+    fn: Callable[..., Any]
+    is_async: bool
+
+
+class Worker:
+    """A worker process's connection to the run-executor; see the module doc.
+
+    ```python
+    worker = Worker(server="http://127.0.0.1:7070", name="thumbnailer", labels={"gpu": "true"}, slots=4)
+
+    @worker.task("thumbnail", version="1.2.0")
+    def thumbnail(ctx: TaskContext, inputs: dict) -> dict:
+        ctx.progress(0.5, "resizing")
+        return {"url": "..."}
+
+    worker.run()  # until SIGTERM/SIGINT, then drains
+    ```
+    """
+
+    def __init__(
+        self,
+        server: str = "http://127.0.0.1:7070",
+        name: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        slots: int = 1,
+        instance_id: str | None = None,
+        *,
+        max_threads: int | None = None,
+        reconnect_backoff: tuple[float, float] = DEFAULT_BACKOFF,
+    ) -> None:
+        """
+        server: the executor's URL, `http://host:port` (or `https://` for TLS).
+        name: logical worker name (the pool), `Hello.worker_name`; defaults to the script's name.
+        labels: matched against `StepSpec.labels`, e.g. `{"gpu": "true"}`.
+        slots: how many task slots this worker holds at once (at least 1).
+        instance_id: unique per process, kept across reconnects so the executor hands back the
+            tasks it held; defaults to the name plus a random suffix.
+        max_threads: size of the thread pool for sync handlers (default: `slots`).
+        reconnect_backoff: first and largest delay between reconnect attempts, in seconds.
+        """
+        self._target, self._secure = parse_server(server)
+        self._server = server
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise ValueError("slots must be an integer of at least 1")
+        name = name if name is not None else _default_name()
+        if not name:
+            raise ValueError("worker name is empty")
+        self._name = name
+        self._instance_id = instance_id or f"{name}-{uuid.uuid4().hex[:12]}"
+        self._labels = {str(k): str(v) for k, v in (labels or {}).items()}
+        self._slots = slots
+        self._max_threads = max_threads or slots
+        initial, largest = reconnect_backoff
+        self._backoff = (max(initial, 0.001), max(largest, initial))
+        self._tasks: list[_Registered] = []
+        self._state = WorkerState()
+        self._driver: _Driver | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending_drain = False
+        self._pending_abort = False
+
+    def __repr__(self) -> str:
+        return (
+            f"Worker(server={self._server!r}, name={self._name!r}, "
+            f"instance_id={self._instance_id!r}, slots={self._slots})"
+        )
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def instance_id(self) -> str:
+        return self._instance_id
+
+    @property
+    def slots(self) -> int:
+        return self._slots
+
+    @property
+    def state(self) -> WorkerState:
+        """The latest snapshot; safe to read from any thread."""
+        return self._state
+
+    @property
+    def task_types(self) -> list[tuple[str, str]]:
+        """The registered (name, version) pairs."""
+        return [(t.name, t.version) for t in self._tasks]
+
+    def task(self, name: str, version: str) -> Callable[[H], H]:
+        """Registers the decorated function as the handler of task type `name` at `version`
+        (semver, e.g. "1.2.0"). It is called as `handler(ctx, inputs)` with the step's inputs
+        as a dict and returns a dict (None means `{}`; any other value is sent as
+        `{"value": ...}`). `async def` handlers run on the event loop, plain functions in the
+        worker's thread pool. Raise `TaskError` to fail the attempt; any other exception fails
+        it as retryable."""
+
+        def register(fn: H) -> H:
+            self.register(name, version, fn)
+            return fn
+
+        return register
+
+    def register(self, name: str, version: str, fn: Handler) -> None:
+        """The non-decorator form of `task`."""
+        if not name:
+            raise ValueError("task type name is empty")
+        if not _SEMVER.match(version or ""):
+            raise ValueError(f"task type {name!r} has an invalid version {version!r}: expected semver, e.g. 1.2.0")
+        if any(t.name == name and t.version == version for t in self._tasks):
+            raise ValueError(f"task type {name!r} version {version} is registered twice")
+        if not callable(fn):
+            raise TypeError(f"handler of {name!r} is not callable")
+        self._tasks.append(_Registered(name, version, fn, _is_async(fn)))
+
+    def _override(
+        self,
+        *,
+        server: str | None = None,
+        name: str | None = None,
+        instance_id: str | None = None,
+        slots: int | None = None,
+    ) -> None:
+        """Command-line overrides, applied before the worker runs."""
+        if self._driver is not None:
+            raise RuntimeError("cannot reconfigure a running worker")
+        if server:
+            self._target, self._secure = parse_server(server)
+            self._server = server
+        if name:
+            if self._instance_id.startswith(f"{self._name}-") and not instance_id:
+                self._instance_id = f"{name}-{uuid.uuid4().hex[:12]}"
+            self._name = name
+        if instance_id:
+            self._instance_id = instance_id
+        if slots is not None:
+            if slots < 1:
+                raise ValueError("slots must be at least 1")
+            if self._max_threads == self._slots:
+                self._max_threads = slots
+            self._slots = slots
+
+    def _handler(self, name: str, version: str) -> _Registered | None:
+        """The handler for an Assign's task type. An empty version (an executor that does not
+        say) matches the one registered version of that name."""
+        if not version:
+            by_name = [t for t in self._tasks if t.name == name]
+            return by_name[0] if len(by_name) == 1 else None
+        return next((t for t in self._tasks if t.name == name and t.version == version), None)
+
+    def drain(self) -> None:
+        """Starts a drain: Draining is sent, no new work is taken, and `run` returns once every
+        running task has finished and its result is recorded. Safe from any thread."""
+        self._pending_drain = True
+        self._in_loop(lambda driver: driver.begin_drain("drain requested"))
+
+    def abort(self) -> None:
+        """Stops at once: running async handlers are cancelled, results not yet recorded are
+        lost to this worker (the executor re-runs those tasks after the lease), and `run`
+        raises `WorkerAborted`. Sync handlers already running cannot be interrupted: their
+        threads finish on their own. Safe from any thread."""
+        self._pending_abort = True
+        self._in_loop(lambda driver: driver.abort())
+
+    def _in_loop(self, fn: Callable[[_Driver], None]) -> None:
+        """Calls `fn` with the running driver, on its loop; a worker not running yet picks the
+        request up from the pending flags when it starts."""
+        loop = self._loop
+
+        def call() -> None:
+            if self._driver is not None:
+                fn(self._driver)
+
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(call)
+        except RuntimeError:
+            pass  # the loop just closed: the worker is done
+
+    def run(self) -> None:
+        """Runs until drained, in a new event loop. The first SIGTERM or SIGINT starts a drain;
+        a second one aborts. Raises `WorkerRejected` if the executor refuses the Hello and
+        `WorkerAborted` after an abort."""
+        asyncio.run(self._run_with_signals())
+
+    async def _run_with_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        installed: list[signal.Signals] = []
+        signals_seen = 0
+
+        def on_signal(signum: signal.Signals) -> None:
+            nonlocal signals_seen
+            signals_seen += 1
+            if signals_seen == 1:
+                log.info("%s received, draining (signal again to abort)", signum.name)
+                self.drain()
+            else:
+                log.warning("second signal, aborting")
+                self.abort()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, on_signal, sig)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or Windows
+                log.warning("cannot listen for %s; drain through Worker.drain()", sig.name)
+        try:
+            await self.run_async()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    async def run_async(self, stop_event: asyncio.Event | threading.Event | None = None) -> None:
+        """Runs until drained, on the running event loop; for embedding. `stop_event` being set
+        starts a drain (an `asyncio.Event` of this loop, or a `threading.Event`); so do the
+        executor's Drain and `drain()`. Installs no signal handlers."""
+        if not self._tasks:
+            raise ValueError("a worker needs at least one task type (use @worker.task)")
+        if self._driver is not None:
+            raise RuntimeError("this worker is already running")
+        self._loop = asyncio.get_running_loop()
+        driver = _Driver(self)
+        self._driver = driver
+        watcher = asyncio.create_task(_watch_stop(stop_event, self.drain)) if stop_event is not None else None
+        if self._pending_drain:
+            driver.begin_drain("drain requested")
+        if self._pending_abort:
+            driver.abort()
+        try:
+            await driver.run()
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            self._driver = None
+            self._loop = None
+            self._pending_drain = self._pending_abort = False
+
+    async def wait_for_state(
+        self, predicate: Callable[[WorkerState], bool], timeout: float | None = None
+    ) -> WorkerState:
+        """Waits (on the worker's loop) until the state satisfies `predicate`; for tests and
+        readiness probes. Raises `TimeoutError` after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not predicate(self._state):
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"worker state still {self._state}")
+            await asyncio.sleep(0.01)
+        return self._state
+
+
+async def _watch_stop(stop_event: asyncio.Event | threading.Event, drain: Callable[[], None]) -> None:
+    if isinstance(stop_event, asyncio.Event):
+        await stop_event.wait()
+    else:
+        while not stop_event.is_set():
+            await asyncio.sleep(0.05)
+    drain()
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+
+
+def _default_name() -> str:
+    stem = Path(sys.argv[0] if sys.argv and sys.argv[0] else "").stem
+    return stem if stem and stem not in ("__main__", "-c") else "worker"
+
+
+class _Backoff:
+    """Doubles from `initial` up to `largest`; each delay is drawn from [d/2, d] so that a fleet
+    of workers cut off by the same executor restart does not reconnect in lockstep."""
+
+    def __init__(self, initial: float, largest: float) -> None:
+        self._initial = initial
+        self._largest = largest
+        self._next = initial
+
+    def next_delay(self) -> float:
+        base = self._next
+        self._next = min(base * 2, self._largest)
+        return base * (0.5 + 0.5 * random.random())
+
+    def reset(self) -> None:
+        self._next = self._initial
+
+
+# --- the driver -----------------------------------------------------------------------------
+
+
+class _OutboxClosed(Exception):
+    pass
+
+
+class _Outbox:
+    """Messages towards the executor, in order. Protocol messages (Started, results, heartbeats,
+    Draining) are pushed without waiting; task pumps `send` progress and logs, waiting while
+    the queue is full, so a slow stream holds back pumps (whose progress coalesces in the
+    context), never the driver."""
+
+    def __init__(self) -> None:
+        self._queue: collections.deque[worker_pb2.WorkerMessage] = collections.deque()
+        self._ready = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self.closed = False
+
+    def push(self, message: worker_pb2.WorkerMessage) -> None:
+        if self.closed:
+            return
+        self._queue.append(message)
+        self._ready.set()
+        if len(self._queue) >= OUTBOX_CAPACITY:
+            self._room.clear()
+
+    async def send(self, message: worker_pb2.WorkerMessage) -> None:
+        while not self.closed and len(self._queue) >= OUTBOX_CAPACITY:
+            self._room.clear()
+            await self._room.wait()
+        self.push(message)
+
+    async def pop(self) -> worker_pb2.WorkerMessage:
+        """The next message; after `close`, what is left, then `_OutboxClosed`."""
+        while not self._queue:
+            if self.closed:
+                raise _OutboxClosed
+            self._ready.clear()
+            await self._ready.wait()
+        message = self._queue.popleft()
+        if len(self._queue) < OUTBOX_CAPACITY:
+            self._room.set()
+        return message
+
+    def close(self) -> None:
+        self.closed = True
+        self._ready.set()
+        self._room.set()
+
+
+class _Session:
+    """One welcomed stream."""
+
+    def __init__(self, channel: grpc.aio.Channel, call: Any, welcome: worker_pb2.Welcome) -> None:
+        self.channel = channel
+        self.call = call
+        self.welcome = welcome
+        self.outbox = _Outbox()
+        self.broken: str | None = None
+
+    async def close(self) -> None:
+        self.outbox.close()
+        with contextlib.suppress(Exception):
+            self.call.cancel()
+        with contextlib.suppress(Exception):
+            await self.channel.close()
+
+
+@dataclasses.dataclass
+class _Running:
+    slots: int
+    ctx: TaskContext
+    pump: asyncio.Task[None]
+
+
+@dataclasses.dataclass
+class _Finished:
+    """The result (Completed or Failed) waits here until Recorded."""
+
+    result: worker_pb2.WorkerMessage
+
+
+class _Stop(Exception):
+    def __init__(self, aborted: bool) -> None:
+        self.aborted = aborted
+
+
+_DRAINED = "drained"
+_ABORTED = "aborted"
+_HEARTBEAT = worker_pb2.WorkerMessage(heartbeat=worker_pb2.Heartbeat())
+_DRAINING = worker_pb2.WorkerMessage(draining=worker_pb2.Draining())
+
+
+class _Driver:
+    """Owns a running worker's state: the task table, the current stream, the drain. Everything
+    runs on one event loop, so the table needs no locks; only `TaskContext` buffers are shared
+    with handler threads."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.w = worker
+        self.loop = asyncio.get_running_loop()
+        # Ordered by arrival, so Hello.in_flight and re-sent results come out in a stable order.
+        self.tasks: dict[_Key, _Running | _Finished] = {}
+        self.draining = False
+        self.aborting = False
+        self.session: _Session | None = None
+        self.sessions = 0
+        self.max_payload = 0
+        self.wakeup = asyncio.Event()
+        self.executor = ThreadPoolExecutor(
+            max_workers=worker._max_threads, thread_name_prefix=f"dagmesh-{worker.name}"
+        )
+
+    def poke(self) -> None:
+        self.wakeup.set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        backoff = _Backoff(*self.w._backoff)
+        log.info(
+            "worker starting: name=%s instance=%s server=%s slots=%d tasks=%s",
+            self.w.name,
+            self.w.instance_id,
+            self.w._server,
+            self.w.slots,
+            ", ".join(f"{n}@{v}" for n, v in self.w.task_types),
+        )
+        try:
+            while True:
+                if self.draining and not self.tasks:
+                    log.info("drained")
+                    return
+                try:
+                    opened = await self._offline(self._open())
+                except _Stop as stop:
+                    return self._stopped(stop)
+                if isinstance(opened, _Session):
+                    backoff.reset()
+                    end = await self._serve(opened)
+                    if end == _DRAINED:
+                        log.info("drained")
+                        return
+                    if end == _ABORTED:
+                        raise self._aborted()
+                    log.warning("stream broken, reconnecting: %s", end)
+                else:
+                    log.warning("cannot open a stream, retrying: %s", opened)
+                try:
+                    await self._offline(asyncio.sleep(backoff.next_delay()))
+                except _Stop as stop:
+                    return self._stopped(stop)
+        finally:
+            for entry in self.tasks.values():
+                if isinstance(entry, _Running):
+                    entry.pump.cancel()
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.session = None
+            self.publish()
+
+    def _stopped(self, stop: _Stop) -> None:
+        if stop.aborted:
+            raise self._aborted()
+        log.info("drained")
+
+    def _aborted(self) -> WorkerAborted:
+        state = self.state()
+        log.warning("aborted: running=%d unacknowledged=%d", state.running, state.unacknowledged)
+        return WorkerAborted(state.running, state.unacknowledged)
+
+    async def _offline(self, awaitable: Awaitable[Any]) -> Any:
+        """Awaits `awaitable` (connecting, or waiting to retry) while keeping up with what
+        happens without a stream: handlers finishing, a drain, an abort."""
+        task = asyncio.ensure_future(awaitable)
+        try:
+            while True:
+                self.wakeup.clear()
+                if self.aborting:
+                    raise _Stop(aborted=True)
+                if self.draining and not self.tasks:
+                    raise _Stop(aborted=False)
+                waiter = asyncio.ensure_future(self.wakeup.wait())
+                try:
+                    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+                if task.done():
+                    return task.result()
+        except _Stop:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                opened = task.result()
+                if isinstance(opened, _Session):  # opened just as the worker stopped; never served
+                    await opened.close()
+            raise
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+    async def _open(self) -> _Session | str:
+        """Dials the executor, sends Hello and waits for Welcome. Returns the session, or why it
+        failed (to retry); raises WorkerRejected for INVALID_ARGUMENT."""
+        if self.w._secure:
+            channel = grpc.aio.secure_channel(self.w._target, grpc.ssl_channel_credentials(), options=channel_options())
+        else:
+            channel = grpc.aio.insecure_channel(self.w._target, options=channel_options())
+        try:
+            stub = worker_pb2_grpc.WorkerServiceStub(channel)
+            call = stub.Connect()
+            await call.write(worker_pb2.WorkerMessage(hello=self.hello()))
+            first = await asyncio.wait_for(call.read(), HANDSHAKE_TIMEOUT)
+        except asyncio.TimeoutError:
+            await channel.close()
+            return f"no welcome within {HANDSHAKE_TIMEOUT:g}s"
+        except grpc.aio.AioRpcError as err:
+            await channel.close()
+            if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                log.error("executor rejected the hello: %s", err.details())
+                raise WorkerRejected(err.details() or "") from None
+            return f"{err.code().name}: {err.details()}"
+        except asyncio.CancelledError:
+            await channel.close()
+            raise
+        except Exception as err:  # e.g. a write on a call that already failed
+            await channel.close()
+            return f"cannot connect to {self.w._server}: {err!r}"
+        if first is grpc.aio.EOF:
+            await channel.close()
+            return "stream closed before welcome"
+        if first.WhichOneof("message") != "welcome":
+            await channel.close()
+            return "first server message is not welcome"
+        return _Session(channel, call, first.welcome)
+
+    async def _serve(self, session: _Session) -> str:
+        """Serves one welcomed stream; returns _DRAINED, _ABORTED or why the stream broke."""
+        welcome = session.welcome
+        self.max_payload = welcome.max_payload_bytes
+        self.sessions += 1
+        self.session = session
+        resumed = {(r.task_id, r.attempt) for r in welcome.resumed}
+        log.info(
+            "connected: session=%s resumed=%d in_flight=%d", welcome.session_id, len(resumed), len(self.tasks)
+        )
+        # Tasks missing from `resumed` are stopped by the Cancel the executor sends for each
+        # (protocol point 8), not by this list; it is only logged.
+        for key in self.tasks:
+            if key not in resumed:
+                log.debug("task not resumed by the executor: %s#%d", *key)
+        self.publish()
+        # Results the executor has not recorded go again: it records a duplicate once and
+        # answers Recorded either way.
+        for entry in self.tasks.values():
+            if isinstance(entry, _Finished):
+                session.outbox.push(entry.result)
+
+        interval = welcome.heartbeat_interval_ms / 1000 if welcome.heartbeat_interval_ms else DEFAULT_HEARTBEAT
+        writer = asyncio.create_task(self._writer(session), name="dagmesh-writer")
+        reader = asyncio.create_task(self._reader(session), name="dagmesh-reader")
+        heartbeat = asyncio.create_task(self._heartbeats(session.outbox, interval), name="dagmesh-heartbeat")
+        sent_draining = False
+        end: str
+        try:
+            while True:
+                self.wakeup.clear()
+                if self.aborting:
+                    end = _ABORTED
+                    break
+                if session.broken is not None:
+                    end = session.broken
+                    break
+                if self.draining and not sent_draining:
+                    session.outbox.push(_DRAINING)
+                    sent_draining = True
+                if self.draining and not self.tasks:
+                    end = _DRAINED
+                    break
+                await self.wakeup.wait()
+        finally:
+            self.session = None
+            heartbeat.cancel()
+            session.outbox.close()
+            self.publish()
+        if end == _DRAINED:
+            # Let the writer flush what is queued and half-close our side, then give the
+            # executor a moment to end its side, so it sees a clean end of stream rather than a
+            # reset. Anything it still sends is ignored: it got Draining, and an Assign racing
+            # it comes back to the queue after the lease.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(writer), CLOSE_GRACE)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(reader), CLOSE_GRACE)
+        for task in (writer, reader):
+            task.cancel()
+        await asyncio.gather(writer, reader, heartbeat, return_exceptions=True)
+        await session.close()
+        return end
+
+    def _broken(self, session: _Session, reason: str) -> None:
+        if session.broken is None:
+            session.broken = reason
+        self.poke()
+
+    async def _writer(self, session: _Session) -> None:
+        try:
+            while True:
+                try:
+                    message = await session.outbox.pop()
+                except _OutboxClosed:
+                    await session.call.done_writing()
+                    return
+                await session.call.write(message)
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AioRpcError as err:
+            self._broken(session, f"{err.code().name}: {err.details()}")
+        except Exception as err:
+            self._broken(session, f"stream closed while sending: {err!r}")
+
+    async def _reader(self, session: _Session) -> None:
+        try:
+            while True:
+                message = await session.call.read()
+                if message is grpc.aio.EOF:
+                    self._broken(session, "executor closed the stream")
+                    return
+                if self.session is session:
+                    self.on_server_message(message, session.outbox)
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AioRpcError as err:
+            self._broken(session, f"{err.code().name}: {err.details()}")
+        except Exception as err:
+            log.exception("error while handling a server message")
+            self._broken(session, f"error while reading: {err!r}")
+
+    async def _heartbeats(self, outbox: _Outbox, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            outbox.push(_HEARTBEAT)
+
+    # -- server messages ----------------------------------------------------------------------
+
+    def on_server_message(self, message: worker_pb2.ServerMessage, outbox: _Outbox) -> None:
+        kind = message.WhichOneof("message")
+        if kind == "assign":
+            self.on_assign(message.assign, outbox)
+        elif kind == "recorded":
+            self.on_recorded(message.recorded)
+        elif kind == "cancel":
+            self.on_cancel(message.cancel)
+        elif kind == "drain":
+            self.begin_drain(f"executor asked: {message.drain.reason}")
+        elif kind == "welcome":
+            log.warning("second welcome ignored")
+        else:  # a message kind from a newer executor
+            log.debug("unknown server message ignored")
+
+    def on_assign(self, assign: worker_pb2.Assign, outbox: _Outbox) -> None:
+        key: _Key = (assign.task_id, assign.attempt)
+        # The same attempt twice (the executor lost our Started): answer from what we hold.
+        entry = self.tasks.get(key)
+        if isinstance(entry, _Running):
+            outbox.push(_started(key))
+            return
+        if isinstance(entry, _Finished):
+            outbox.push(entry.result)
+            return
+        outbox.push(_started(key))
+
+        slots = max(assign.slots, 1)
+        used = sum(e.slots for e in self.tasks.values() if isinstance(e, _Running))
+        task_type = assign.task_type
+        registered = self.w._handler(task_type.name, task_type.version)
+        refusal = None
+        if self.draining:
+            refusal = "worker is draining"
+        elif used + slots > self.w.slots:
+            refusal = (
+                f"worker {self.w.instance_id} has no room: task needs {slots} slot(s), "
+                f"{used} of {self.w.slots} in use"
+            )
+        elif registered is None:
+            refusal = (
+                f"worker {self.w.instance_id} has no handler for "
+                f"{json.dumps(task_type.name)} version {json.dumps(task_type.version)}"
+            )
+        if refusal is not None or registered is None:
+            refusal = refusal or "refused"
+            log.warning("assignment refused: %s#%d: %s", key[0], key[1], refusal)
+            result = _failed(key, refusal, retryable=True)
+            self.tasks[key] = _Finished(result)
+            self.publish()
+            outbox.push(result)
+            return
+        ctx = TaskContext._from_assign(assign, self.loop)
+        inputs = to_dict(assign.inputs)
+        pump = self.loop.create_task(
+            self._pump(key, ctx, registered, inputs), name=f"dagmesh-task-{key[0]}#{key[1]}"
+        )
+        self.tasks[key] = _Running(slots, ctx, pump)
+        self.publish()
+
+    def on_recorded(self, recorded: worker_pb2.Recorded) -> None:
+        key: _Key = (recorded.task_id, recorded.attempt)
+        entry = self.tasks.get(key)
+        if isinstance(entry, _Finished):
+            del self.tasks[key]
+            if recorded.outcome == worker_pb2.RECORD_OUTCOME_STALE:
+                log.warning("result refused as stale: %s#%d: %s", key[0], key[1], recorded.detail)
+            else:
+                log.debug(
+                    "result recorded: %s#%d %s", key[0], key[1], worker_pb2.RecordOutcome.Name(recorded.outcome)
+                )
+            self.publish()
+            self.poke()
+        elif isinstance(entry, _Running):
+            log.warning("recorded before any result; ignored: %s#%d", *key)
+        else:
+            log.debug("recorded for an unknown task: %s#%d", *key)
+
+    def on_cancel(self, cancel: worker_pb2.Cancel) -> None:
+        key: _Key = (cancel.task_id, cancel.attempt)
+        entry = self.tasks.get(key)
+        if isinstance(entry, _Running):
+            log.info("task cancelled: %s#%d: %s", key[0], key[1], cancel.reason)
+            entry.ctx.cancel()
+        else:
+            # A result already on its way is answered with Recorded anyway.
+            log.debug("cancel for a task that is not running: %s#%d", *key)
+
+    def begin_drain(self, why: str) -> None:
+        if not self.draining:
+            log.info("draining (%s), in flight: %d", why, len(self.tasks))
+            self.draining = True
+            self.publish()
+            self.poke()
+
+    def abort(self) -> None:
+        self.aborting = True
+        self.poke()
+
+    # -- tasks -------------------------------------------------------------------------------
+
+    async def _pump(self, key: _Key, ctx: TaskContext, registered: _Registered, inputs: dict[str, Any]) -> None:
+        """Runs a task's handler, forwards its progress and logs while it runs, then reports
+        the result."""
+        log.info("task started: %s#%d %s@%s", key[0], key[1], registered.name, registered.version)
+        handler = self._start_handler(ctx, registered, inputs)
+        wake = ctx._wake_async
+        assert wake is not None
+        waker: asyncio.Future[Any] | None = None
+        last_progress = float("-inf")
+        next_flush = time.monotonic() + LOG_FLUSH_INTERVAL
+        try:
+            while True:
+                if waker is None:
+                    waker = asyncio.ensure_future(wake.wait())
+                timeout = max(0.0, next_flush - time.monotonic())
+                done, _ = await asyncio.wait({handler, waker}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if handler in done:
+                    break
+                now = time.monotonic()
+                progress_due = now >= next_flush
+                if waker in done:
+                    wake.clear()
+                    waker = None
+                    progress_due = progress_due or now - last_progress >= PROGRESS_MIN_INTERVAL
+                if now >= next_flush:
+                    next_flush = now + LOG_FLUSH_INTERVAL
+                if progress_due and await self._forward_progress(ctx):
+                    last_progress = now
+                await self._forward_logs(ctx)
+            # Whatever the handler reported last goes out before its result.
+            await self._forward_progress(ctx)
+            await self._forward_logs(ctx)
+            result = self._result(key, registered.name, handler)
+        finally:
+            if waker is not None:
+                waker.cancel()
+            if not handler.done():
+                handler.cancel()
+        self._finish(key, result)
+
+    def _start_handler(self, ctx: TaskContext, registered: _Registered, inputs: dict[str, Any]) -> asyncio.Future[Any]:
+        if registered.is_async:
+
+            async def call_async() -> Any:
+                with _tracing.task_span(ctx):
+                    result = registered.fn(ctx, inputs)
+                    if inspect.isawaitable(result):
+                        result = await result
+                    return result
+
+            return self.loop.create_task(call_async())
+
+        def call_sync() -> Any:
+            with _tracing.task_span(ctx):
+                return registered.fn(ctx, inputs)
+
+        return self.loop.run_in_executor(self.executor, contextvars.copy_context().run, call_sync)
+
+    def _result(self, key: _Key, task_type: str, handler: asyncio.Future[Any]) -> worker_pb2.WorkerMessage:
+        if handler.cancelled():
+            return self._log_failure(key, "task handler was cancelled", retryable=True)
+        error = handler.exception()
+        if error is None:
+            return self._completed(key, task_type, handler.result())
+        if isinstance(error, TaskError):
+            return self._log_failure(key, error.message, error.retryable)
+        log.warning("task handler raised: %s#%d", *key, exc_info=error)
+        text = str(error)
+        return self._log_failure(key, f"{type(error).__name__}: {text}" if text else type(error).__name__, True)
+
+    def _log_failure(self, key: _Key, message: str, retryable: bool) -> worker_pb2.WorkerMessage:
+        log.warning("task failed: %s#%d (retryable=%s): %s", key[0], key[1], retryable, message)
+        return _failed(key, message, retryable)
+
+    def _completed(self, key: _Key, task_type: str, output: Any) -> worker_pb2.WorkerMessage:
+        if output is None:
+            output = {}
+        elif not isinstance(output, Mapping):
+            output = {"value": output}
+        try:
+            outputs = to_struct(output)
+        except (TypeError, ValueError) as err:
+            return self._log_failure(key, f"cannot serialize output of {json.dumps(task_type)}: {err}", False)
+        size = outputs.ByteSize()
+        limit = self.max_payload
+        if limit > 0 and size > limit:
+            return self._log_failure(
+                key,
+                f"output of {json.dumps(task_type)} is {size} bytes, over the {limit}-byte payload limit",
+                False,
+            )
+        log.info("task completed: %s#%d, output %d bytes", key[0], key[1], size)
+        return worker_pb2.WorkerMessage(
+            completed=worker_pb2.TaskCompleted(task_id=key[0], attempt=key[1], outputs=outputs)
+        )
+
+    def _finish(self, key: _Key, result: worker_pb2.WorkerMessage) -> None:
+        """Moves a running task to Finished and sends its result if a stream is open."""
+        if not isinstance(self.tasks.get(key), _Running):
+            return
+        self.tasks[key] = _Finished(result)
+        if self.session is not None:
+            self.session.outbox.push(result)
+        self.publish()
+        self.poke()
+
+    async def _forward_progress(self, ctx: TaskContext) -> bool:
+        """Best effort: dropped while disconnected. True if a report went out."""
+        progress = ctx._take_progress()
+        session = self.session
+        if progress is None or session is None:
+            return False
+        await session.outbox.send(worker_pb2.WorkerMessage(progress=progress))
+        return True
+
+    async def _forward_logs(self, ctx: TaskContext) -> None:
+        lines, dropped = ctx._take_logs()
+        if dropped:
+            line = types_pb2.LogLine(
+                level="warn", text=f"{dropped} log line(s) dropped: logged faster than the stream carried"
+            )
+            line.at.GetCurrentTime()
+            lines.append(line)
+        session = self.session
+        if not lines or session is None:
+            return
+        await session.outbox.send(
+            worker_pb2.WorkerMessage(log=worker_pb2.TaskLog(task_id=ctx.task_id, attempt=ctx.attempt, lines=lines))
+        )
+
+    # -- state -------------------------------------------------------------------------------
+
+    def hello(self) -> worker_pb2.Hello:
+        return worker_pb2.Hello(
+            worker_name=self.w.name,
+            instance_id=self.w.instance_id,
+            task_types=[worker_pb2.TaskTypeVersion(name=n, version=v) for n, v in self.w.task_types],
+            labels=self.w._labels,
+            slots=self.w.slots,
+            sdk_language="python",
+            sdk_version=SDK_VERSION,
+            in_flight=[worker_pb2.TaskRef(task_id=t, attempt=a) for t, a in self.tasks],
+        )
+
+    def state(self) -> WorkerState:
+        running = sum(1 for e in self.tasks.values() if isinstance(e, _Running))
+        session = self.session
+        return WorkerState(
+            connected=session is not None,
+            session_id=session.welcome.session_id if session is not None else None,
+            draining=self.draining,
+            running=running,
+            unacknowledged=len(self.tasks) - running,
+            sessions=self.sessions,
+        )
+
+    def publish(self) -> None:
+        self.w._state = self.state()
+
+
+def _started(key: _Key) -> worker_pb2.WorkerMessage:
+    return worker_pb2.WorkerMessage(started=worker_pb2.TaskStarted(task_id=key[0], attempt=key[1]))
+
+
+def _failed(key: _Key, message: str, retryable: bool) -> worker_pb2.WorkerMessage:
+    return worker_pb2.WorkerMessage(
+        failed=worker_pb2.TaskFailed(task_id=key[0], attempt=key[1], error=message, retryable=retryable)
+    )

@@ -1,0 +1,193 @@
+"""Fixtures: a real `dagmesh up` child process, and workers running in background threads.
+
+The server binary is $DAGMESH_BIN (default: target/debug/dagmesh of this repository). It listens
+on a free port of 127.0.0.1 and is ready once gRPC health answers SERVING: no fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dagmesh import Client, Worker
+
+REPO = Path(__file__).resolve().parents[3]
+DAGMESH_BIN = Path(os.environ.get("DAGMESH_BIN", REPO / "target" / "debug" / "dagmesh"))
+# Long enough for a loaded 2-core CI machine; a test that hits it has hung.
+STEP_TIMEOUT = 30.0
+
+# The lease is short so that a worker that stops heartbeating loses its tasks within the test
+# (see test_cpu_bound_sync_handler_keeps_its_lease); the payload limit is small enough to hit.
+LEASE = "1s"
+HEARTBEAT_INTERVAL = "200ms"
+MAX_PAYLOAD_BYTES = 65536
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    max_payload_bytes: int
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def wait_serving(port: int, process: subprocess.Popen[bytes], log_path: Path, timeout: float = STEP_TIMEOUT) -> None:
+    """Polls grpc.health.v1 until the server says SERVING."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"dagmesh up exited with {process.returncode}:\n{log_path.read_text()}")
+            try:
+                response = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"dagmesh up not serving within {timeout}s:\n{log_path.read_text()}")
+            time.sleep(0.05)
+
+
+def start_server(data: Path, port: int | None = None, lease: str = LEASE, log_name: str = "server.log") -> Server:
+    """Starts `dagmesh up` on SQLite in `data` and waits until it serves."""
+    port = port or free_port()
+    log_path = data / log_name
+    command = [
+        str(DAGMESH_BIN),
+        "up",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--database",
+        f"sqlite://{data / 'db.sqlite'}",
+        "--lease",
+        lease,
+        "--heartbeat-interval",
+        HEARTBEAT_INTERVAL,
+        "--max-payload-bytes",
+        str(MAX_PAYLOAD_BYTES),
+    ]
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=data)
+    try:
+        wait_serving(port, process, log_path)
+    except BaseException:
+        stop_server(process)
+        raise
+    return Server(f"http://127.0.0.1:{port}", port, process, log_path, MAX_PAYLOAD_BYTES)
+
+
+def stop_server(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    if not DAGMESH_BIN.is_file():
+        pytest.fail(f"dagmesh binary not found at {DAGMESH_BIN}: run `cargo build -p dagmesh` or set DAGMESH_BIN")
+    started = start_server(tmp_path_factory.mktemp("dagmesh"))
+    try:
+        yield started
+    finally:
+        stop_server(started.process)
+
+
+@pytest.fixture
+def client(server: Server) -> Iterator[Client]:
+    with Client(server.url, timeout=STEP_TIMEOUT) as c:
+        yield c
+
+
+@pytest.fixture
+def unique() -> str:
+    """A suffix that keeps task types and workflow names of one test apart from the others'."""
+    return uuid.uuid4().hex[:8]
+
+
+class WorkerThread:
+    """Runs `worker.run_async` on its own event loop in a background thread."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._main, name=f"worker-{worker.instance_id}", daemon=True)
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self.worker.run_async(stop_event=self.stop))
+        except BaseException as err:  # reported by join()
+            self.error = err
+
+    def start(self) -> WorkerThread:
+        self.thread.start()
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while not self.worker.state.connected:
+            if not self.thread.is_alive():
+                raise RuntimeError(f"worker stopped before connecting: {self.error!r}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("worker did not connect")
+            time.sleep(0.01)
+        return self
+
+    def join(self, timeout: float = STEP_TIMEOUT) -> None:
+        """Drains the worker and waits for it to return."""
+        self.stop.set()
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"worker still running: {self.worker.state}"
+        if self.error is not None:
+            raise self.error
+
+
+@pytest.fixture
+def run_worker() -> Iterator[Callable[[Worker], WorkerThread]]:
+    """`run_worker(worker)` starts it in a thread and waits until connected; every worker is
+    drained at the end of the test."""
+    started: list[WorkerThread] = []
+
+    def start(worker: Worker) -> WorkerThread:
+        running = WorkerThread(worker)
+        started.append(running)
+        return running.start()
+
+    yield start
+    errors = []
+    for running in started:
+        try:
+            running.join()
+        except BaseException as err:
+            errors.append(err)
+    if errors:
+        raise errors[0]

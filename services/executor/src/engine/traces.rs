@@ -1,0 +1,352 @@
+//! OpenTelemetry spans of the run lifecycle: one span per run, per step and per attempt.
+//!
+//! The engine is one task that advances thousands of runs at once, so these spans are not tied
+//! to tokio tasks or to `tracing` spans: each is built when it ends, with the start and end
+//! times the engine saw. Their ids are derived, not random, so every piece can be named
+//! without remembering it, across executor restarts too:
+//!
+//! - trace id: the run id (a UUID is 16 bytes, as a trace id is), so a run is one trace;
+//! - run span: derived from the run id; it is the root;
+//! - step span: derived from (run id, step id); its parent is the run span;
+//! - attempt span: derived from (run id, step id, attempt); its parent is the step span. It is
+//!   the span id of the attempt's `Assign.traceparent`, so the spans that step code makes on
+//!   the worker are its children.
+//!
+//! An attempt spans Assign to result (or loss, timeout, cancel); a step spans its first READY
+//! to its end, retries and backoffs included; a run spans creation to its end. Nothing here
+//! runs unless [`traces_enabled`]: without an exporter the hooks cost an atomic load.
+//!
+//! After an executor restart the start of steps and attempts in flight is not known any more;
+//! their spans then start when the current attempt started. A run retried with RetryRun emits
+//! its run span (and the spans of re-run steps) again with the same ids.
+
+use std::sync::OnceLock;
+use std::time::SystemTime;
+
+use dagmesh_proto::v1::{Run, RunState, Step, StepState};
+use dagmesh_runtime::telemetry::{traces_enabled, with_span_ids};
+use opentelemetry::global::{self, BoxedTracer};
+use opentelemetry::trace::{
+    Span as _, SpanBuilder, SpanContext, SpanId, SpanKind, Status, TraceContextExt as _,
+    TraceFlags, TraceId, TraceState, Tracer as _,
+};
+use opentelemetry::{Context, InstrumentationScope, KeyValue};
+
+/// The W3C `traceparent` of an attempt: the run's trace, the attempt's span, sampled.
+pub(crate) fn traceparent(run_id: &str, step_id: &str, attempt: u32) -> String {
+    format!(
+        "00-{:032x}-{:016x}-01",
+        u128::from_be_bytes(trace_id_bytes(run_id)),
+        attempt_span_id(run_id, step_id, attempt)
+    )
+}
+
+/// How an attempt ended.
+pub(crate) enum AttemptEnd<'a> {
+    Succeeded,
+    Failed(&'a str),
+    /// Its worker was lost; the step goes on with a new attempt.
+    Lost(&'a str),
+    Cancelled(&'a str),
+}
+
+/// When each step of one run became ready and when its current attempt was assigned: what the
+/// spans need that the step rows do not keep. Empty (no allocation) while traces are off.
+#[derive(Default)]
+pub(crate) struct Timeline {
+    step_start: Vec<Option<SystemTime>>,
+    attempt_start: Vec<Option<SystemTime>>,
+}
+
+impl Timeline {
+    /// A new attempt of step `index` is READY; the first one starts the step span.
+    pub fn step_ready(&mut self, index: usize) {
+        if traces_enabled() {
+            slot(&mut self.step_start, index).get_or_insert_with(SystemTime::now);
+        }
+    }
+
+    /// The current attempt of step `index` was sent to a worker: its span starts.
+    pub fn attempt_assigned(&mut self, index: usize) {
+        if traces_enabled() {
+            *slot(&mut self.attempt_start, index) = Some(SystemTime::now());
+        }
+    }
+
+    /// The current attempt of `step` (still naming its worker) ended.
+    pub fn attempt_ended(&mut self, run: &Run, step: &Step, index: usize, end: AttemptEnd<'_>) {
+        if !traces_enabled() {
+            return;
+        }
+        let now = SystemTime::now();
+        let start = slot(&mut self.attempt_start, index)
+            .take()
+            .or_else(|| started_at(step))
+            .unwrap_or(now);
+        let (state, status) = match end {
+            AttemptEnd::Succeeded => ("succeeded", Status::Unset),
+            AttemptEnd::Failed(error) => ("failed", Status::error(error.to_owned())),
+            AttemptEnd::Lost(error) => ("lost", Status::error(error.to_owned())),
+            AttemptEnd::Cancelled(_) => ("cancelled", Status::Unset),
+        };
+        let mut attributes = common(run, step);
+        let task_name = step
+            .task
+            .split_once('@')
+            .map_or(step.task.as_str(), |t| t.0);
+        attributes.extend([
+            KeyValue::new("dagmesh.attempt", i64::from(step.attempt)),
+            KeyValue::new("dagmesh.worker", step.worker.clone()),
+            KeyValue::new("dagmesh.task", format!("{task_name}@{}", step.task_version)),
+            KeyValue::new("dagmesh.state", state),
+        ]);
+        if let AttemptEnd::Cancelled(reason) = end {
+            attributes.push(KeyValue::new("dagmesh.error", reason.to_owned()));
+        }
+        emit(Emit {
+            name: format!("attempt {} #{}", step.step_id, step.attempt),
+            kind: SpanKind::Client,
+            run_id: &run.run_id,
+            span_id: attempt_span_id(&run.run_id, &step.step_id, step.attempt),
+            parent: Some(step_span_id(&run.run_id, &step.step_id)),
+            start,
+            end: now,
+            attributes,
+            status,
+        });
+    }
+
+    /// Step `index` reached a terminal state (its attempts, if any, ended before).
+    pub fn step_ended(&mut self, run: &Run, step: &Step, index: usize) {
+        if !traces_enabled() {
+            return;
+        }
+        let now = SystemTime::now();
+        let start = slot(&mut self.step_start, index)
+            .take()
+            .or_else(|| started_at(step))
+            .unwrap_or(now);
+        let state = step.state();
+        let mut attributes = common(run, step);
+        attributes.extend([
+            KeyValue::new("dagmesh.task", step.task.clone()),
+            KeyValue::new("dagmesh.attempts", i64::from(step.attempt)),
+            KeyValue::new(
+                "dagmesh.state",
+                state_name(state.as_str_name(), "STEP_STATE_"),
+            ),
+        ]);
+        if !step.worker.is_empty() {
+            attributes.push(KeyValue::new("dagmesh.worker", step.worker.clone()));
+        }
+        let status = if state == StepState::Failed {
+            Status::error(step.error.clone())
+        } else {
+            if !step.error.is_empty() {
+                attributes.push(KeyValue::new("dagmesh.error", step.error.clone()));
+            }
+            Status::Unset
+        };
+        emit(Emit {
+            name: format!("step {}", step.step_id),
+            kind: SpanKind::Internal,
+            run_id: &run.run_id,
+            span_id: step_span_id(&run.run_id, &step.step_id),
+            parent: Some(run_span_id(&run.run_id)),
+            start,
+            end: now,
+            attributes,
+            status,
+        });
+    }
+}
+
+/// `run` reached a terminal state.
+pub(crate) fn run_ended(run: &Run) {
+    if !traces_enabled() {
+        return;
+    }
+    let now = SystemTime::now();
+    let start = run
+        .created_at
+        .and_then(|at| SystemTime::try_from(at).ok())
+        .unwrap_or(now);
+    let state = run.state();
+    let mut attributes = vec![
+        KeyValue::new("dagmesh.run_id", run.run_id.clone()),
+        KeyValue::new("dagmesh.workflow", run.workflow.clone()),
+        KeyValue::new("dagmesh.workflow_version", i64::from(run.workflow_version)),
+        KeyValue::new(
+            "dagmesh.state",
+            state_name(state.as_str_name(), "RUN_STATE_"),
+        ),
+    ];
+    let status = if state == RunState::Failed {
+        Status::error(run.error.clone())
+    } else {
+        if !run.error.is_empty() {
+            attributes.push(KeyValue::new("dagmesh.error", run.error.clone()));
+        }
+        Status::Unset
+    };
+    emit(Emit {
+        name: format!("run {}", run.workflow),
+        kind: SpanKind::Internal,
+        run_id: &run.run_id,
+        span_id: run_span_id(&run.run_id),
+        parent: None,
+        start,
+        end: now,
+        attributes,
+        status,
+    });
+}
+
+struct Emit<'a> {
+    name: String,
+    kind: SpanKind,
+    run_id: &'a str,
+    span_id: u64,
+    parent: Option<u64>,
+    start: SystemTime,
+    end: SystemTime,
+    attributes: Vec<KeyValue>,
+    status: Status,
+}
+
+fn emit(span: Emit<'_>) {
+    static TRACER: OnceLock<BoxedTracer> = OnceLock::new();
+    let tracer = TRACER.get_or_init(|| {
+        global::tracer_with_scope(
+            InstrumentationScope::builder("dagmesh-executor")
+                .with_version(env!("CARGO_PKG_VERSION"))
+                .build(),
+        )
+    });
+    let trace_id = TraceId::from_bytes(trace_id_bytes(span.run_id));
+    let parent = match span.parent {
+        Some(parent) => Context::new().with_remote_span_context(SpanContext::new(
+            trace_id,
+            SpanId::from(parent),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        )),
+        None => Context::new(),
+    };
+    let builder = SpanBuilder::from_name(span.name)
+        .with_kind(span.kind)
+        .with_start_time(span.start.min(span.end))
+        .with_attributes(span.attributes);
+    let mut otel = with_span_ids(trace_id, SpanId::from(span.span_id), || {
+        tracer.build_with_context(builder, &parent)
+    });
+    otel.set_status(span.status);
+    otel.end_with_timestamp(span.end);
+}
+
+fn common(run: &Run, step: &Step) -> Vec<KeyValue> {
+    let mut attributes = Vec::with_capacity(10);
+    attributes.extend([
+        KeyValue::new("dagmesh.run_id", run.run_id.clone()),
+        KeyValue::new("dagmesh.workflow", run.workflow.clone()),
+        KeyValue::new("dagmesh.step_id", step.step_id.clone()),
+    ]);
+    attributes
+}
+
+fn started_at(step: &Step) -> Option<SystemTime> {
+    step.started_at.and_then(|at| SystemTime::try_from(at).ok())
+}
+
+fn state_name(name: &'static str, prefix: &str) -> String {
+    name.trim_start_matches(prefix).to_ascii_lowercase()
+}
+
+fn slot(times: &mut Vec<Option<SystemTime>>, index: usize) -> &mut Option<SystemTime> {
+    if times.len() <= index {
+        times.resize(index + 1, None);
+    }
+    &mut times[index]
+}
+
+/// The run id's 16 UUID bytes (run ids are UUIDv7); any other id is hashed to 16 bytes.
+fn trace_id_bytes(run_id: &str) -> [u8; 16] {
+    match uuid::Uuid::parse_str(run_id) {
+        Ok(uuid) if !uuid.is_nil() => *uuid.as_bytes(),
+        _ => {
+            let high = hash(&[b"trace-high", run_id.as_bytes()]);
+            let low = hash(&[b"trace-low", run_id.as_bytes()]);
+            ((u128::from(high) << 64) | u128::from(low)).to_be_bytes()
+        }
+    }
+}
+
+fn run_span_id(run_id: &str) -> u64 {
+    hash(&[b"run", run_id.as_bytes()])
+}
+
+fn step_span_id(run_id: &str, step_id: &str) -> u64 {
+    hash(&[b"step", run_id.as_bytes(), step_id.as_bytes()])
+}
+
+fn attempt_span_id(run_id: &str, step_id: &str, attempt: u32) -> u64 {
+    hash(&[
+        b"attempt",
+        run_id.as_bytes(),
+        step_id.as_bytes(),
+        &attempt.to_be_bytes(),
+    ])
+}
+
+/// A stable 64-bit hash (FNV-1a, then a SplitMix64 finish to spread it), never 0: span ids
+/// must stay the same across builds and restarts, which `std`'s hasher does not promise.
+fn hash(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        // The length keeps ("ab", "c") apart from ("a", "bc").
+        for byte in (part.len() as u64).to_le_bytes().iter().chain(part.iter()) {
+            h ^= u64::from(*byte);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    h.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_names_the_run_trace_and_the_attempt_span() {
+        let run_id = "01890a5d-ac96-774b-bcce-b302099a8057";
+        let parent = traceparent(run_id, "mesh", 2);
+        let parts: Vec<&str> = parent.split('-').collect();
+        assert_eq!(parts.len(), 4, "{parent}");
+        assert_eq!(parts[0], "00");
+        assert_eq!(parts[1], "01890a5dac96774bbcceb302099a8057");
+        assert_eq!(
+            parts[2],
+            format!("{:016x}", attempt_span_id(run_id, "mesh", 2))
+        );
+        assert_eq!(parts[3], "01");
+        // Deterministic, and distinct per attempt, step and kind of span.
+        assert_eq!(parent, traceparent(run_id, "mesh", 2));
+        let ids = [
+            attempt_span_id(run_id, "mesh", 1),
+            attempt_span_id(run_id, "mesh", 2),
+            attempt_span_id(run_id, "mesh2", 1),
+            step_span_id(run_id, "mesh"),
+            run_span_id(run_id),
+        ];
+        for (i, a) in ids.iter().enumerate() {
+            assert_ne!(*a, 0);
+            for b in &ids[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+    }
+}
