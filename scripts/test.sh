@@ -54,11 +54,15 @@ if ! $quick; then
     rm -rf sdk/python/build
     export DAGMESH_PYTHON="$pyvenv/bin/python"
   fi
-  if [[ -x sdk/cpp/scripts/build.sh ]]; then
-    step "C++ SDK (system gRPC, CMake)"
-    sdk/cpp/scripts/build.sh
-    export DAGMESH_CPP_CONFORMANCE_WORKER="$root/sdk/cpp/build/dagmesh_conformance_worker"
-  fi
+fi
+
+# --- Rust build, then the C++ SDK (its end-to-end tests run the dagmesh binary) ---------------
+step "cargo build --workspace"
+cargo build --workspace --locked
+if ! $quick && [[ -x sdk/cpp/scripts/test.sh ]]; then
+  step "C++ SDK: apt packages, CMake build, ctest"
+  DAGMESH_BIN="$root/target/debug/dagmesh" sdk/cpp/scripts/test.sh
+  export DAGMESH_CPP_CONFORMANCE_WORKER="$root/sdk/cpp/build/dagmesh_conformance_worker"
 fi
 
 # --- Rust -----------------------------------------------------------------------------------
@@ -75,10 +79,6 @@ step "deploy/ manifests (rendered and validated offline)"
 if [[ -x sdk/python/scripts/test.sh ]]; then
   step "Python SDK tests"
   DAGMESH_BIN="$root/target/debug/dagmesh" VENV="$root/.venv-python" sdk/python/scripts/test.sh
-fi
-if [[ -x sdk/cpp/scripts/test.sh ]]; then
-  step "C++ SDK tests"
-  DAGMESH_BIN="$root/target/debug/dagmesh" sdk/cpp/scripts/test.sh
 fi
 
 step "all tests passed"

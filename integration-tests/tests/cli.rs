@@ -356,3 +356,46 @@ async fn cli_demo_runs_room_scan_to_success() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `dagmesh demo polyglot` with workers prepared by `scripts/test.sh` (the Python venv and the
+/// C++ build); without them the demo would first install and compile them, too slow for a test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_polyglot_demo_runs_across_three_languages() -> anyhow::Result<()> {
+    let prepared = ["DAGMESH_PYTHON", "DAGMESH_CPP_CONFORMANCE_WORKER"]
+        .iter()
+        .all(|var| std::env::var_os(var).is_some());
+    if !prepared {
+        anyhow::ensure!(
+            std::env::var_os("CI").is_none(),
+            "CI must prepare the Python and C++ workers (scripts/test.sh)"
+        );
+        eprintln!("skipping: the Python and C++ workers are not prepared (run scripts/test.sh)");
+        return Ok(());
+    }
+    let demo = dagmesh(&["demo", "polyglot"]).await?;
+    assert_eq!(
+        demo.code,
+        Some(0),
+        "dagmesh demo polyglot failed: {demo:#?}"
+    );
+    let (_, state) = summary_line(&demo.stdout);
+    assert_eq!(state, "SUCCEEDED", "{demo:#?}");
+    for (step_id, worker) in [
+        ("plan", "polyglot-rust"),
+        ("smooth", "polyglot-cpp"),
+        ("report", "polyglot-python"),
+        ("publish", "polyglot-rust"),
+    ] {
+        assert!(
+            demo.stdout
+                .lines()
+                .any(|line| line.contains(&format!(" {step_id} ")) && line.contains(worker)),
+            "{step_id} did not run on {worker}: {demo:#?}"
+        );
+    }
+    assert!(
+        demo.stderr.contains("(written in Python) (by Rust)"),
+        "the published line went through all three languages: {demo:#?}"
+    );
+    Ok(())
+}

@@ -1,5 +1,8 @@
 //! `dagmesh demo`: the room-scan example end to end in one process — the mesh on SQLite, the
 //! example's CPU and GPU workers (real gRPC streams over loopback), one run, the live tree.
+//! `dagmesh demo polyglot` runs one DAG across Rust, Python and C++ worker processes.
+
+mod polyglot;
 
 use std::process::ExitCode;
 
@@ -24,9 +27,28 @@ pub struct DemoArgs {
     pub listen: String,
     #[command(flatten)]
     pub engine: EngineFlags,
+    #[command(subcommand)]
+    pub kind: Option<DemoKind>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum DemoKind {
+    /// One run across Rust, Python and C++ workers, each a child process.
+    Polyglot(polyglot::PolyglotArgs),
+    /// The Rust worker of the polyglot demo (started by `demo polyglot`).
+    #[command(hide = true)]
+    PolyglotWorker {
+        #[arg(long)]
+        server: String,
+    },
 }
 
 pub async fn demo(global: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
+    match args.kind {
+        Some(DemoKind::Polyglot(polyglot)) => return polyglot::run(global, polyglot).await,
+        Some(DemoKind::PolyglotWorker { server }) => return polyglot::rust_worker(server).await,
+        None => {}
+    }
     let _telemetry = telemetry::init_with("dagmesh-demo", "warn");
     let scratch = tempfile::tempdir()?;
     let database_url = args
