@@ -32,12 +32,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the metadata store and the executor in one process (SQLite under ./.dagmesh by default).
+    /// Run the metadata store, the executor and the scheduler in one process (SQLite under
+    /// ./.dagmesh by default).
     Up(serve::UpArgs),
     /// Run the metadata store alone (split mode).
     Metastore(serve::MetastoreArgs),
     /// Run the executor alone, against a metastore (split mode).
     Executor(serve::ExecutorArgs),
+    /// Run the scheduler alone, against a metastore and an executor (split mode).
+    Scheduler(serve::SchedulerArgs),
     /// Run the room-scan example end to end and watch it.
     Demo(demo::DemoArgs),
     /// Measure the performance goals (chain, fanout, runs, idle).
@@ -57,6 +60,7 @@ async fn main() -> ExitCode {
         Command::Up(args) => serve::up(args).await.map(|()| ExitCode::SUCCESS),
         Command::Metastore(args) => serve::metastore(args).await.map(|()| ExitCode::SUCCESS),
         Command::Executor(args) => serve::executor(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Scheduler(args) => serve::scheduler(args).await.map(|()| ExitCode::SUCCESS),
         Command::Demo(args) => demo::demo(&global, args).await,
         Command::Bench(args) => bench::bench(&global, args).await,
         Command::Client(command) => commands::run(&global, command).await,

@@ -1,5 +1,5 @@
-//! The whole mesh in one process: metadata store (SQLite or PostgreSQL) and executor, wired
-//! in-process through the `MetadataStore` trait and served on one port. `dagmesh up`, the demo,
+//! The whole mesh in one process: metadata store (SQLite or PostgreSQL), executor and scheduler,
+//! wired in-process through the `MetadataStore` and `RunStarter` traits and served on one port. `dagmesh up`, the demo,
 //! the benchmarks and the integration tests all start it this way.
 
 use std::net::SocketAddr;
@@ -8,6 +8,8 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use dagmesh_executor::{ExecError, Executor, ExecutorConfig};
 use dagmesh_metastore::{MetadataStore, SqlStore, grpc::MetadataGrpcServer};
+use dagmesh_scheduler::grpc::SchedulerGrpcServer;
+use dagmesh_scheduler::{Scheduler, SchedulerConfig, SystemClock};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -23,6 +25,8 @@ pub struct MeshOptions {
 pub struct Mesh {
     addr: SocketAddr,
     executor: Executor,
+    scheduler: Scheduler,
+    scheduler_task: JoinHandle<()>,
     stop_server: Option<oneshot::Sender<()>>,
     server: JoinHandle<Result<(), dagmesh_runtime::ServeError>>,
     engine: JoinHandle<Result<(), ExecError>>,
@@ -40,10 +44,18 @@ impl Mesh {
             .with_context(|| format!("binding {}", options.listen))?;
         let (executor, engine) = Executor::start(store.clone(), options.executor).await?;
         let addr = listener.local_addr()?;
+        let scheduler = Scheduler::new(
+            store.clone(),
+            Arc::new(executor.clone()),
+            Arc::new(SystemClock),
+            SchedulerConfig::default(),
+        );
+        let scheduler_task = scheduler.spawn();
         // One port serves everything, the metadata API included, so grpcurl sees all of it.
         let services = executor
             .services()
-            .add(MetadataGrpcServer::new(store).into_service());
+            .with(MetadataGrpcServer::new(store).into_service())
+            .with(SchedulerGrpcServer::new(scheduler.clone()).into_service());
         let (stop_server, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(dagmesh_runtime::serve(listener, services, async {
             let _ = stopped.await;
@@ -51,6 +63,8 @@ impl Mesh {
         Ok(Self {
             addr,
             executor,
+            scheduler,
+            scheduler_task,
             stop_server: Some(stop_server),
             server,
             engine,
@@ -70,6 +84,10 @@ impl Mesh {
         &self.executor
     }
 
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
+    }
+
     /// Resolves if the engine stops on its own (a failed commit): the process should exit.
     pub async fn engine_stopped(&mut self) -> anyhow::Error {
         match (&mut self.engine).await {
@@ -81,6 +99,8 @@ impl Mesh {
 
     /// Drains the executor (workers finish what they hold), then stops the server.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        // No new runs from schedules while draining; the loop keeps nothing in memory.
+        self.scheduler_task.abort();
         self.executor.drain().await;
         if let Some(stop) = self.stop_server.take() {
             let _ = stop.send(());
@@ -97,6 +117,7 @@ impl Mesh {
         if let Some(stop) = self.stop_server.take() {
             drop(stop);
         }
+        self.scheduler_task.abort();
         self.server.abort();
         self.engine.abort();
     }

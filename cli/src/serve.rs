@@ -1,5 +1,5 @@
-//! The server commands: `up` (everything in one process), `metastore` and `executor` (the split
-//! mode, talking gRPC to each other).
+//! The server commands: `up` (everything in one process), `metastore`, `executor` and
+//! `scheduler` (the split mode, talking gRPC to each other).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,6 +10,8 @@ use dagmesh_executor::{Executor, ExecutorConfig};
 use dagmesh_metastore::grpc::{MetadataGrpcClient, MetadataGrpcServer};
 use dagmesh_metastore::{MetadataStore, SqlStore};
 use dagmesh_runtime::{ServiceSet, serve, shutdown_signal, telemetry};
+use dagmesh_scheduler::grpc::SchedulerGrpcServer;
+use dagmesh_scheduler::{RunServiceStarter, Scheduler, SchedulerConfig, SystemClock};
 use tokio::net::TcpListener;
 
 use crate::mesh::{Mesh, MeshOptions};
@@ -72,7 +74,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     tracing::info!(
         addr = %mesh.addr(),
         database = %redact(&database_url),
-        "dagmesh up: metadata store and executor in one process"
+        "dagmesh up: metadata store, executor and scheduler in one process"
     );
     let stopped = tokio::select! {
         () = shutdown_signal() => mesh.shutdown().await,
@@ -108,7 +110,7 @@ pub async fn metastore(args: MetastoreArgs) -> anyhow::Result<()> {
         "metastore serving"
     );
     let store: Arc<dyn MetadataStore> = Arc::new(store);
-    let services = ServiceSet::new().add(MetadataGrpcServer::new(store).into_service());
+    let services = ServiceSet::new().with(MetadataGrpcServer::new(store).into_service());
     let served = serve(listener, services, shutdown_signal()).await;
     telemetry.shutdown();
     Ok(served?)
@@ -189,6 +191,54 @@ async fn start_remote_executor(
             }
         }
     }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SchedulerArgs {
+    #[arg(long, env = "DAGMESH_LISTEN", default_value = "127.0.0.1:7072")]
+    pub listen: String,
+    /// Address of the metastore (where schedules, triggers and backfills live).
+    #[arg(
+        long,
+        env = "DAGMESH_METASTORE",
+        default_value = "http://127.0.0.1:7071"
+    )]
+    pub metastore: String,
+    /// Address of the executor (its RunService starts the runs).
+    #[arg(
+        long,
+        env = "DAGMESH_EXECUTOR",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    pub executor: String,
+}
+
+/// The scheduler alone. Both clients connect lazily, so it starts in any order with the others;
+/// until they are reachable its passes fail and are retried.
+pub async fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
+    let telemetry = telemetry::init("dagmesh-scheduler");
+    let store: Arc<dyn MetadataStore> =
+        Arc::new(MetadataGrpcClient::connect(&args.metastore).await?);
+    let starter = Arc::new(RunServiceStarter::connect(&args.executor)?);
+    let scheduler = Scheduler::new(
+        store,
+        starter,
+        Arc::new(SystemClock),
+        SchedulerConfig::default(),
+    );
+    let task = scheduler.spawn();
+    let listener = bind(&args.listen).await?;
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        metastore = %args.metastore,
+        executor = %args.executor,
+        "scheduler serving"
+    );
+    let services = ServiceSet::new().with(SchedulerGrpcServer::new(scheduler).into_service());
+    let served = serve(listener, services, shutdown_signal()).await;
+    task.abort();
+    telemetry.shutdown();
+    Ok(served?)
 }
 
 async fn bind(listen: &str) -> anyhow::Result<TcpListener> {

@@ -524,6 +524,7 @@ async fn up_serves_health_and_reflection_for_grpcurl() -> anyhow::Result<()> {
         "dagmesh.v1.WorkerService",
         "dagmesh.v1.ClusterService",
         "dagmesh.v1.MetadataService",
+        "dagmesh.v1.SchedulerService",
         "grpc.health.v1.Health",
     ];
     let v1alpha = reflection_v1alpha(channel.clone()).await?;

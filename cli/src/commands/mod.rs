@@ -1,5 +1,6 @@
 //! The client side of the `dagmesh` command line: commands that talk to a running server over
-//! gRPC (`submit`, `runs`, `workflows`, `workers`).
+//! gRPC (`submit`, `runs`, `workflows`, `workers`, and the scheduler's `schedules`, `triggers`,
+//! `events`, `backfill`).
 //!
 //! Every command prints readable text by default and the proto messages as JSON with `-o json`
 //! (see [`json`] for the mapping). Errors go to stderr; the exit code tells scripts what
@@ -30,6 +31,7 @@ macro_rules! outln {
 mod format;
 pub mod json;
 mod runs;
+mod schedules;
 mod submit;
 pub mod watch;
 mod workers;
@@ -42,6 +44,7 @@ use anyhow::Context as _;
 use tonic::transport::{Channel, Endpoint};
 
 pub use runs::RunsCommand;
+pub use schedules::{BackfillCommand, EventsCommand, SchedulesCommand, TriggersCommand};
 pub use submit::SubmitArgs;
 pub use workers::WorkersCommand;
 pub use workflows::WorkflowsCommand;
@@ -79,6 +82,18 @@ pub enum ClientCommand {
     /// Inspect the workers connected to the executor.
     #[command(subcommand)]
     Workers(WorkersCommand),
+    /// Cron schedules of workflows (the scheduler).
+    #[command(subcommand)]
+    Schedules(SchedulesCommand),
+    /// Subscriptions of workflows to event topics.
+    #[command(subcommand)]
+    Triggers(TriggersCommand),
+    /// Publish events to triggers.
+    #[command(subcommand)]
+    Events(EventsCommand),
+    /// Run a workflow once per hourly or daily partition of a time range.
+    #[command(subcommand)]
+    Backfill(BackfillCommand),
 }
 
 /// Runs one client command. Server and connection errors are printed to stderr here and turned
@@ -89,6 +104,10 @@ pub async fn run(global: &Global, command: ClientCommand) -> anyhow::Result<Exit
         ClientCommand::Runs(command) => runs::run(global, command).await,
         ClientCommand::Workflows(command) => workflows::run(global, command).await,
         ClientCommand::Workers(command) => workers::run(global, command).await,
+        ClientCommand::Schedules(command) => schedules::run_schedules(global, command).await,
+        ClientCommand::Triggers(command) => schedules::run_triggers(global, command).await,
+        ClientCommand::Events(command) => schedules::run_events(global, command).await,
+        ClientCommand::Backfill(command) => schedules::run_backfill(global, command).await,
     };
     result.or_else(|err| report(&global.server, err))
 }

@@ -36,7 +36,7 @@ impl ServiceSet {
         Self::default()
     }
 
-    pub fn add<S>(mut self, service: S) -> Self
+    pub fn with<S>(mut self, service: S) -> Self
     where
         S: tower_service::Service<
                 http::Request<tonic::body::Body>,

@@ -129,7 +129,7 @@ impl Executor {
             })
             .await?;
         match submitted {
-            Submitted::Created(run) => Ok((run, true)),
+            Submitted::Created(run) => Ok((*run, true)),
             Submitted::Existing(run_id) => Ok((self.inner.store.get_run(&run_id).await?, false)),
         }
     }

@@ -8,6 +8,12 @@ use std::time::Duration;
 use dagmesh_proto::v1::metadata_service_client::MetadataServiceClient;
 use dagmesh_proto::v1::metadata_service_server::{MetadataService, MetadataServiceServer};
 use dagmesh_proto::v1::{
+    AdvanceScheduleRequest, AdvanceScheduleResponse, Backfill, DeleteScheduleResponse,
+    DeleteTriggerRequest, DeleteTriggerResponse, GetBackfillRequest, ListBackfillsRequest,
+    ListBackfillsResponse, ListSchedulesRequest, ListSchedulesResponse, ListTriggersRequest,
+    ListTriggersResponse, ReadScheduleRequest, Schedule, SetSchedulePausedRequest, Trigger,
+};
+use dagmesh_proto::v1::{
     CommitRequest, CommitResponse, FindRunByIdempotencyKeyRequest, FindRunByIdempotencyKeyResponse,
     ListRunsRequest, ListRunsResponse, Mutation, PutWorkflowRequest, PutWorkflowResponse,
     ReadActiveRunsRequest, ReadActiveRunsResponse, ReadEventsRequest, ReadEventsResponse,
@@ -138,6 +144,115 @@ impl MetadataService for MetadataGrpcServer {
         let runs = self.store.read_active_runs().await?;
         Ok(Response::new(ReadActiveRunsResponse { runs }))
     }
+
+    async fn put_schedule(&self, request: Request<Schedule>) -> Result<Response<Schedule>, Status> {
+        let schedule = self.store.create_schedule(request.into_inner()).await?;
+        Ok(Response::new(schedule))
+    }
+
+    async fn read_schedule(
+        &self,
+        request: Request<ReadScheduleRequest>,
+    ) -> Result<Response<Schedule>, Status> {
+        let schedule = self
+            .store
+            .get_schedule(&request.into_inner().schedule)
+            .await?;
+        Ok(Response::new(schedule))
+    }
+
+    async fn read_schedules(
+        &self,
+        _request: Request<ListSchedulesRequest>,
+    ) -> Result<Response<ListSchedulesResponse>, Status> {
+        let schedules = self.store.list_schedules().await?;
+        Ok(Response::new(ListSchedulesResponse { schedules }))
+    }
+
+    async fn remove_schedule(
+        &self,
+        request: Request<ReadScheduleRequest>,
+    ) -> Result<Response<DeleteScheduleResponse>, Status> {
+        self.store
+            .delete_schedule(&request.into_inner().schedule)
+            .await?;
+        Ok(Response::new(DeleteScheduleResponse {}))
+    }
+
+    async fn set_schedule_paused(
+        &self,
+        request: Request<SetSchedulePausedRequest>,
+    ) -> Result<Response<Schedule>, Status> {
+        let req = request.into_inner();
+        let schedule = self
+            .store
+            .set_schedule_paused(&req.schedule, req.paused)
+            .await?;
+        Ok(Response::new(schedule))
+    }
+
+    async fn advance_schedule(
+        &self,
+        request: Request<AdvanceScheduleRequest>,
+    ) -> Result<Response<AdvanceScheduleResponse>, Status> {
+        let req = request.into_inner();
+        let to = req
+            .to
+            .ok_or_else(|| Status::invalid_argument("to: required"))?;
+        let advanced = self
+            .store
+            .advance_schedule(&req.id, req.expected, to)
+            .await?;
+        Ok(Response::new(AdvanceScheduleResponse { advanced }))
+    }
+
+    async fn put_trigger(&self, request: Request<Trigger>) -> Result<Response<Trigger>, Status> {
+        let trigger = self.store.create_trigger(request.into_inner()).await?;
+        Ok(Response::new(trigger))
+    }
+
+    async fn read_triggers(
+        &self,
+        request: Request<ListTriggersRequest>,
+    ) -> Result<Response<ListTriggersResponse>, Status> {
+        let triggers = self
+            .store
+            .list_triggers(&request.into_inner().topic)
+            .await?;
+        Ok(Response::new(ListTriggersResponse { triggers }))
+    }
+
+    async fn remove_trigger(
+        &self,
+        request: Request<DeleteTriggerRequest>,
+    ) -> Result<Response<DeleteTriggerResponse>, Status> {
+        self.store
+            .delete_trigger(&request.into_inner().trigger)
+            .await?;
+        Ok(Response::new(DeleteTriggerResponse {}))
+    }
+
+    async fn put_backfill(&self, request: Request<Backfill>) -> Result<Response<Backfill>, Status> {
+        let backfill = request.into_inner();
+        self.store.put_backfill(backfill.clone()).await?;
+        Ok(Response::new(backfill))
+    }
+
+    async fn read_backfill(
+        &self,
+        request: Request<GetBackfillRequest>,
+    ) -> Result<Response<Backfill>, Status> {
+        let backfill = self.store.get_backfill(&request.into_inner().id).await?;
+        Ok(Response::new(backfill))
+    }
+
+    async fn read_backfills(
+        &self,
+        _request: Request<ListBackfillsRequest>,
+    ) -> Result<Response<ListBackfillsResponse>, Status> {
+        let backfills = self.store.list_backfills().await?;
+        Ok(Response::new(ListBackfillsResponse { backfills }))
+    }
 }
 
 /// A [`MetadataStore`] that is a remote metastore. Cheap to clone; clones share the connection.
@@ -259,5 +374,105 @@ impl MetadataStore for MetadataGrpcClient {
             .read_active_runs(ReadActiveRunsRequest {})
             .await?;
         Ok(resp.into_inner().runs)
+    }
+
+    async fn create_schedule(&self, schedule: Schedule) -> Result<Schedule, StoreError> {
+        Ok(self.client().put_schedule(schedule).await?.into_inner())
+    }
+
+    async fn get_schedule(&self, id_or_name: &str) -> Result<Schedule, StoreError> {
+        let req = ReadScheduleRequest {
+            schedule: id_or_name.to_owned(),
+        };
+        Ok(self.client().read_schedule(req).await?.into_inner())
+    }
+
+    async fn list_schedules(&self) -> Result<Vec<Schedule>, StoreError> {
+        let resp = self
+            .client()
+            .read_schedules(ListSchedulesRequest {})
+            .await?;
+        Ok(resp.into_inner().schedules)
+    }
+
+    async fn delete_schedule(&self, id_or_name: &str) -> Result<(), StoreError> {
+        let req = ReadScheduleRequest {
+            schedule: id_or_name.to_owned(),
+        };
+        self.client().remove_schedule(req).await?;
+        Ok(())
+    }
+
+    async fn set_schedule_paused(
+        &self,
+        id_or_name: &str,
+        paused: bool,
+    ) -> Result<Schedule, StoreError> {
+        let req = SetSchedulePausedRequest {
+            schedule: id_or_name.to_owned(),
+            paused,
+        };
+        Ok(self.client().set_schedule_paused(req).await?.into_inner())
+    }
+
+    async fn advance_schedule(
+        &self,
+        id: &str,
+        expected: Option<prost_types::Timestamp>,
+        to: prost_types::Timestamp,
+    ) -> Result<bool, StoreError> {
+        let req = AdvanceScheduleRequest {
+            id: id.to_owned(),
+            expected,
+            to: Some(to),
+        };
+        Ok(self
+            .client()
+            .advance_schedule(req)
+            .await?
+            .into_inner()
+            .advanced)
+    }
+
+    async fn create_trigger(&self, trigger: Trigger) -> Result<Trigger, StoreError> {
+        Ok(self.client().put_trigger(trigger).await?.into_inner())
+    }
+
+    async fn list_triggers(&self, topic: &str) -> Result<Vec<Trigger>, StoreError> {
+        let req = ListTriggersRequest {
+            topic: topic.to_owned(),
+        };
+        Ok(self
+            .client()
+            .read_triggers(req)
+            .await?
+            .into_inner()
+            .triggers)
+    }
+
+    async fn delete_trigger(&self, id_or_name: &str) -> Result<(), StoreError> {
+        let req = DeleteTriggerRequest {
+            trigger: id_or_name.to_owned(),
+        };
+        self.client().remove_trigger(req).await?;
+        Ok(())
+    }
+
+    async fn put_backfill(&self, backfill: Backfill) -> Result<(), StoreError> {
+        self.client().put_backfill(backfill).await?;
+        Ok(())
+    }
+
+    async fn get_backfill(&self, id: &str) -> Result<Backfill, StoreError> {
+        let req = GetBackfillRequest { id: id.to_owned() };
+        Ok(self.client().read_backfill(req).await?.into_inner())
+    }
+
+    async fn list_backfills(&self) -> Result<Vec<Backfill>, StoreError> {
+        let resp = self
+            .client()
+            .read_backfills(ListBackfillsRequest {})
+            .await?;
+        Ok(resp.into_inner().backfills)
     }
 }

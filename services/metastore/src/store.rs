@@ -1,8 +1,10 @@
 //! The `MetadataStore` trait: the operations of the system of record, on proto records.
 
 use dagmesh_proto::v1::{
-    ListRunsRequest, ListRunsResponse, Mutation, Run, RunEvent, Workflow, WorkflowSpec, mutation,
+    Backfill, ListRunsRequest, ListRunsResponse, Mutation, Run, RunEvent, Schedule, Trigger,
+    Workflow, WorkflowSpec, mutation,
 };
+use prost_types::Timestamp;
 
 use crate::StoreError;
 
@@ -57,6 +59,118 @@ pub trait MetadataStore: Send + Sync + 'static {
 
     /// Every QUEUED or RUNNING run with its steps, oldest first: what an executor recovers.
     async fn read_active_runs(&self) -> Result<Vec<Run>, StoreError>;
+
+    // The scheduler's state.
+
+    /// Stores a new schedule (`id` and `name` set by the caller). `AlreadyExists` when the id or
+    /// the name is taken. `last_tick` and `next_tick` are not stored; `paused` is.
+    async fn create_schedule(&self, schedule: Schedule) -> Result<Schedule, StoreError>;
+
+    /// A schedule by id or name, with `paused` and `last_tick` filled in.
+    async fn get_schedule(&self, id_or_name: &str) -> Result<Schedule, StoreError>;
+
+    /// Every schedule, sorted by name.
+    async fn list_schedules(&self) -> Result<Vec<Schedule>, StoreError>;
+
+    /// Deletes a schedule by id or name; `NotFound` when absent.
+    async fn delete_schedule(&self, id_or_name: &str) -> Result<(), StoreError>;
+
+    /// Sets `paused` (and nothing else) of a schedule by id or name; returns it.
+    async fn set_schedule_paused(
+        &self,
+        id_or_name: &str,
+        paused: bool,
+    ) -> Result<Schedule, StoreError>;
+
+    /// Compare-and-set of a schedule's `last_tick`: moves it to `to` only if it still is
+    /// `expected` (`None`: no tick yet). Returns whether it moved; `false` means another
+    /// scheduler advanced it first (or the schedule was deleted).
+    async fn advance_schedule(
+        &self,
+        id: &str,
+        expected: Option<Timestamp>,
+        to: Timestamp,
+    ) -> Result<bool, StoreError>;
+
+    /// Stores a new trigger; `AlreadyExists` when the id or the name is taken.
+    async fn create_trigger(&self, trigger: Trigger) -> Result<Trigger, StoreError>;
+
+    /// Triggers of `topic` (every trigger when empty), sorted by name.
+    async fn list_triggers(&self, topic: &str) -> Result<Vec<Trigger>, StoreError>;
+
+    /// Deletes a trigger by id or name; `NotFound` when absent.
+    async fn delete_trigger(&self, id_or_name: &str) -> Result<(), StoreError>;
+
+    /// Inserts or replaces a backfill, keyed by id.
+    async fn put_backfill(&self, backfill: Backfill) -> Result<(), StoreError>;
+
+    /// `NotFound` when absent.
+    async fn get_backfill(&self, id: &str) -> Result<Backfill, StoreError>;
+
+    /// Every backfill, newest first.
+    async fn list_backfills(&self) -> Result<Vec<Backfill>, StoreError>;
+}
+
+/// A timestamp as the microseconds column that compare-and-set compares.
+pub(crate) fn micros(ts: &Timestamp) -> i64 {
+    ts.seconds
+        .saturating_mul(1_000_000)
+        .saturating_add(i64::from(ts.nanos / 1000))
+}
+
+pub(crate) fn from_micros(micros: i64) -> Timestamp {
+    Timestamp {
+        seconds: micros.div_euclid(1_000_000),
+        nanos: (micros.rem_euclid(1_000_000) * 1000) as i32,
+    }
+}
+
+pub(crate) fn validate_named(kind: &str, id: &str, name: &str) -> Result<(), StoreError> {
+    if id.is_empty() {
+        return Err(StoreError::InvalidArgument(format!(
+            "{kind}.id: must not be empty"
+        )));
+    }
+    if name.is_empty() {
+        return Err(StoreError::InvalidArgument(format!(
+            "{kind}.name: must not be empty"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn not_found(kind: &str, id_or_name: &str) -> StoreError {
+    StoreError::NotFound(format!("{kind} {id_or_name:?} not found"))
+}
+
+pub(crate) fn name_taken(kind: &str, name: &str) -> StoreError {
+    StoreError::AlreadyExists(format!("{kind} {name:?} already exists"))
+}
+
+/// The stored form of a schedule: `paused` and `last_tick` have columns of their own and
+/// `next_tick` is computed, so none is in the body.
+pub(crate) fn schedule_body(schedule: &Schedule) -> Vec<u8> {
+    use prost::Message as _;
+    Schedule {
+        paused: false,
+        last_tick: None,
+        next_tick: None,
+        ..schedule.clone()
+    }
+    .encode_to_vec()
+}
+
+/// A schedule from its row.
+pub(crate) fn schedule_from_row(
+    body: &[u8],
+    paused: bool,
+    last_tick: Option<i64>,
+) -> Result<Schedule, StoreError> {
+    use prost::Message as _;
+    let mut schedule = Schedule::decode(body)?;
+    schedule.paused = paused;
+    schedule.last_tick = last_tick.map(from_micros);
+    Ok(schedule)
 }
 
 /// Checks a commit batch before any database work, so a malformed batch never half-applies and

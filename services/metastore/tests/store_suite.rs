@@ -53,6 +53,8 @@ suite!(
     active_runs_with_steps,
     concurrent_commits,
     large_batches,
+    schedules_crud_and_compare_and_set,
+    triggers_and_backfills,
 );
 
 mod harness {
@@ -897,9 +899,172 @@ mod cases {
         assert_eq!(seqs(&rest), (1001..=1200).collect::<Vec<_>>());
         Ok(())
     }
+
+    pub async fn schedules_crud_and_compare_and_set(store: Arc<dyn MetadataStore>) -> Result<()> {
+        use dagmesh_proto::v1::{CatchUp, Schedule};
+        let ts = |seconds| prost_types::Timestamp { seconds, nanos: 0 };
+        let nightly = Schedule {
+            id: "0000-s1".into(),
+            name: "nightly".into(),
+            cron: "0 2 * * *".into(),
+            time_zone: "Europe/Berlin".into(),
+            workflow: "build".into(),
+            inputs: [("day".to_owned(), "tick".to_owned())].into(),
+            catch_up: CatchUp::All as i32,
+            catch_up_limit: 5,
+            created_at: Some(ts(1_700_000_000)),
+            ..Default::default()
+        };
+        let created = store.create_schedule(nightly.clone()).await?;
+        assert_eq!(created, nightly);
+        assert_eq!(store.get_schedule("nightly").await?, nightly);
+        assert_eq!(store.get_schedule("0000-s1").await?, nightly);
+
+        let err = store
+            .create_schedule(Schedule {
+                id: "0000-s2".into(),
+                ..nightly.clone()
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::AlreadyExists(m) if m.contains("\"nightly\"")),
+            "{err:?}"
+        );
+        let hourly = Schedule {
+            id: "0000-s3".into(),
+            name: "hourly".into(),
+            ..nightly.clone()
+        };
+        store.create_schedule(hourly).await?;
+        let names: Vec<_> = store
+            .list_schedules()
+            .await?
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(names, ["hourly", "nightly"]);
+
+        // Compare-and-set: only the writer that saw the current value moves it.
+        assert!(store.advance_schedule("0000-s1", None, ts(100)).await?);
+        assert!(!store.advance_schedule("0000-s1", None, ts(200)).await?);
+        assert!(
+            !store
+                .advance_schedule("0000-s1", Some(ts(99)), ts(200))
+                .await?
+        );
+        assert!(
+            store
+                .advance_schedule("0000-s1", Some(ts(100)), ts(200))
+                .await?
+        );
+        assert_eq!(
+            store.get_schedule("nightly").await?.last_tick,
+            Some(ts(200))
+        );
+
+        // Racing advances from the same value: exactly one wins.
+        let racers: Vec<_> = (0..8)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .advance_schedule("0000-s1", Some(ts(200)), ts(300 + i))
+                        .await
+                })
+            })
+            .collect();
+        let mut won = 0;
+        for racer in racers {
+            won += usize::from(racer.await??);
+        }
+        assert_eq!(won, 1);
+
+        // Pausing touches `paused` only: the advanced tick stays.
+        let paused = store.set_schedule_paused("nightly", true).await?;
+        assert!(paused.paused);
+        assert!(paused.last_tick.is_some_and(|t| t.seconds >= 300));
+        assert_eq!(paused.inputs, nightly.inputs);
+        assert!(!store.set_schedule_paused("0000-s1", false).await?.paused);
+
+        store.delete_schedule("nightly").await?;
+        let err = store.get_schedule("nightly").await.unwrap_err();
+        assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+        let err = store.delete_schedule("nightly").await.unwrap_err();
+        assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+        assert!(!store.advance_schedule("0000-s1", None, ts(1)).await?);
+        Ok(())
+    }
+
+    pub async fn triggers_and_backfills(store: Arc<dyn MetadataStore>) -> Result<()> {
+        use dagmesh_proto::v1::{Backfill, BackfillState, Trigger};
+        let trigger = |id: &str, name: &str, topic: &str| Trigger {
+            id: id.into(),
+            name: name.into(),
+            topic: topic.into(),
+            workflow: "ingest".into(),
+            filter: "event.size > 10".into(),
+            ..Default::default()
+        };
+        store
+            .create_trigger(trigger("t1", "b-upload", "uploads"))
+            .await?;
+        store
+            .create_trigger(trigger("t2", "a-upload", "uploads"))
+            .await?;
+        store
+            .create_trigger(trigger("t3", "other", "deletes"))
+            .await?;
+        let err = store
+            .create_trigger(trigger("t4", "other", "x"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::AlreadyExists(_)), "{err:?}");
+        let names = |ts: Vec<Trigger>| ts.into_iter().map(|t| t.name).collect::<Vec<_>>();
+        assert_eq!(
+            names(store.list_triggers("uploads").await?),
+            ["a-upload", "b-upload"]
+        );
+        assert_eq!(names(store.list_triggers("").await?).len(), 3);
+        store.delete_trigger("a-upload").await?;
+        store.delete_trigger("t3").await?;
+        assert_eq!(names(store.list_triggers("").await?), ["b-upload"]);
+        let err = store.delete_trigger("t3").await.unwrap_err();
+        assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+
+        let mut backfill = Backfill {
+            id: run_id(1),
+            workflow: "ingest".into(),
+            max_concurrency: 3,
+            state: BackfillState::Running as i32,
+            total: 10,
+            queued: 10,
+            ..Default::default()
+        };
+        store.put_backfill(backfill.clone()).await?;
+        store
+            .put_backfill(Backfill {
+                id: run_id(2),
+                ..backfill.clone()
+            })
+            .await?;
+        backfill.done = 4;
+        backfill.queued = 6;
+        store.put_backfill(backfill.clone()).await?;
+        assert_eq!(store.get_backfill(&run_id(1)).await?, backfill);
+        let ids: Vec<_> = store
+            .list_backfills()
+            .await?
+            .into_iter()
+            .map(|b| b.id)
+            .collect();
+        assert_eq!(ids, [run_id(2), run_id(1)]);
+        let err = store.get_backfill("nope").await.unwrap_err();
+        assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+        Ok(())
+    }
 }
 
-/// Data written through one `SqlStore` is there after closing it and opening the file again.
 #[tokio::test]
 async fn sqlite_data_survives_reopen() -> anyhow::Result<()> {
     use fixtures::*;

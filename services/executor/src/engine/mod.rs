@@ -79,7 +79,7 @@ pub(crate) enum Command {
 }
 
 pub(crate) enum Submitted {
-    Created(Run),
+    Created(Box<Run>),
     /// The idempotency key matched this run.
     Existing(String),
 }
@@ -114,6 +114,8 @@ impl EngineHandle {
 }
 
 /// Something to do once the current batch is durable.
+// `Send` is almost every effect; boxing it would cost an allocation per worker message.
+#[allow(clippy::large_enum_variant)]
 enum Effect {
     Send {
         instance: Arc<str>,
@@ -314,7 +316,8 @@ impl Engine {
                 let entry = self.runs.get_mut(&id).expect("just inserted");
                 entry.start(&mut self.ctx);
                 let snapshot = entry.snapshot();
-                self.ctx.reply(reply, Submitted::Created(snapshot));
+                self.ctx
+                    .reply(reply, Submitted::Created(Box::new(snapshot)));
             }
             Command::Cancel {
                 run_id,
@@ -362,7 +365,7 @@ impl Engine {
                 generation,
                 outbound,
             } => self.connect(hello, generation, outbound),
-            Command::FromWorker { instance, message } => self.from_worker(instance, message),
+            Command::FromWorker { instance, message } => self.on_worker_message(instance, message),
             Command::Disconnect {
                 instance,
                 generation,
@@ -541,7 +544,7 @@ impl Engine {
         entry.attempt_lost(step, attempt, reason, &mut self.ctx);
     }
 
-    fn from_worker(&mut self, instance: Arc<str>, message: worker_message::Message) {
+    fn on_worker_message(&mut self, instance: Arc<str>, message: worker_message::Message) {
         use worker_message::Message;
         let Some(session) = self.ctx.workers.sessions.get_mut(&instance) else {
             return;

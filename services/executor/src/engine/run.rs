@@ -255,6 +255,7 @@ impl RunEntry {
             self.mark(index, ctx);
         }
         self.recount_waiting();
+        self.unfinished = steps_unfinished(&self.steps);
         self.set_run_state(RunState::Running, String::new(), ctx);
         self.run.finished_at = None;
         self.start(ctx);
@@ -324,10 +325,13 @@ impl RunEntry {
         self.check_done(ctx);
     }
 
+    /// Outputs of the upstream steps this step's expressions read (not every ancestor's: a
+    /// join after a wide fan-out would clone them all for each evaluation).
     fn upstream_outputs(&self, index: usize) -> HashMap<String, Map<String, Json>> {
         self.plan.compiled.steps[index]
-            .upstream_ids
+            .variables
             .iter()
+            .filter(|name| name.as_str() != dagmesh_spec::INPUTS_VAR)
             .map(|id| {
                 let outputs = self
                     .plan

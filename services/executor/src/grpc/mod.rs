@@ -22,20 +22,20 @@ impl Executor {
         // of breaking the stream.
         let max_message = self.config().max_payload_bytes * 2 + (1 << 20);
         ServiceSet::new()
-            .add(
+            .with(
                 RunServiceServer::new(runs::Runs(self.clone()))
                     .max_decoding_message_size(max_message)
                     .max_encoding_message_size(usize::MAX),
             )
-            .add(
+            .with(
                 WorkflowServiceServer::new(workflows::Workflows(self.clone()))
                     .max_decoding_message_size(max_message),
             )
-            .add(
+            .with(
                 WorkerServiceServer::new(workers::Workers::new(self.clone()))
                     .max_decoding_message_size(max_message)
                     .max_encoding_message_size(usize::MAX),
             )
-            .add(ClusterServiceServer::new(cluster::Cluster(self.clone())))
+            .with(ClusterServiceServer::new(cluster::Cluster(self.clone())))
     }
 }

@@ -8,9 +8,11 @@ mod postgres;
 mod sqlite;
 
 use dagmesh_proto::v1::{
-    ListRunsRequest, ListRunsResponse, Mutation, Run, RunEvent, Step, Workflow, WorkflowSpec,
+    Backfill, ListRunsRequest, ListRunsResponse, Mutation, Run, RunEvent, Schedule, Step, Trigger,
+    Workflow, WorkflowSpec,
 };
 use prost::Message;
+use prost_types::Timestamp;
 use sqlx::QueryBuilder;
 
 use crate::StoreError;
@@ -133,6 +135,63 @@ impl MetadataStore for SqlStore {
 
     async fn read_active_runs(&self) -> Result<Vec<Run>, StoreError> {
         self.inner().read_active_runs().await
+    }
+
+    async fn create_schedule(&self, schedule: Schedule) -> Result<Schedule, StoreError> {
+        self.inner().create_schedule(schedule).await
+    }
+
+    async fn get_schedule(&self, id_or_name: &str) -> Result<Schedule, StoreError> {
+        self.inner().get_schedule(id_or_name).await
+    }
+
+    async fn list_schedules(&self) -> Result<Vec<Schedule>, StoreError> {
+        self.inner().list_schedules().await
+    }
+
+    async fn delete_schedule(&self, id_or_name: &str) -> Result<(), StoreError> {
+        self.inner().delete_schedule(id_or_name).await
+    }
+
+    async fn set_schedule_paused(
+        &self,
+        id_or_name: &str,
+        paused: bool,
+    ) -> Result<Schedule, StoreError> {
+        self.inner().set_schedule_paused(id_or_name, paused).await
+    }
+
+    async fn advance_schedule(
+        &self,
+        id: &str,
+        expected: Option<Timestamp>,
+        to: Timestamp,
+    ) -> Result<bool, StoreError> {
+        self.inner().advance_schedule(id, expected, to).await
+    }
+
+    async fn create_trigger(&self, trigger: Trigger) -> Result<Trigger, StoreError> {
+        self.inner().create_trigger(trigger).await
+    }
+
+    async fn list_triggers(&self, topic: &str) -> Result<Vec<Trigger>, StoreError> {
+        self.inner().list_triggers(topic).await
+    }
+
+    async fn delete_trigger(&self, id_or_name: &str) -> Result<(), StoreError> {
+        self.inner().delete_trigger(id_or_name).await
+    }
+
+    async fn put_backfill(&self, backfill: Backfill) -> Result<(), StoreError> {
+        self.inner().put_backfill(backfill).await
+    }
+
+    async fn get_backfill(&self, id: &str) -> Result<Backfill, StoreError> {
+        self.inner().get_backfill(id).await
+    }
+
+    async fn list_backfills(&self) -> Result<Vec<Backfill>, StoreError> {
+        self.inner().list_backfills().await
     }
 }
 

@@ -9,10 +9,11 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use dagmesh_proto::v1::{
-    ListRunsRequest, ListRunsResponse, Mutation, Run, RunEvent, RunState, Step, Workflow,
-    WorkflowSpec, mutation,
+    Backfill, ListRunsRequest, ListRunsResponse, Mutation, Run, RunEvent, RunState, Schedule, Step,
+    Trigger, Workflow, WorkflowSpec, mutation,
 };
 use prost::Message;
+use prost_types::Timestamp;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
@@ -26,6 +27,9 @@ use crate::StoreError;
 use crate::error::is_unique_violation;
 use crate::store::{
     MetadataStore, event_limit, run_not_found, validate_mutations, workflow_not_found,
+};
+use crate::store::{
+    micros, name_taken, not_found, schedule_body, schedule_from_row, validate_named,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -401,5 +405,174 @@ impl MetadataStore for SqliteStore {
         .fetch_all(&self.read)
         .await?;
         assemble_runs(rows)
+    }
+
+    async fn create_schedule(&self, schedule: Schedule) -> Result<Schedule, StoreError> {
+        validate_named("schedule", &schedule.id, &schedule.name)?;
+        let last_tick = schedule.last_tick.as_ref().map(micros);
+        sqlx::query(
+            "INSERT INTO schedules (id, name, paused, last_tick, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .bind(&schedule.id)
+        .bind(&schedule.name)
+        .bind(schedule.paused)
+        .bind(last_tick)
+        .bind(schedule_body(&schedule))
+        .execute(&self.write)
+        .await
+        .map_err(|err| {
+            if is_unique_violation(&err) {
+                name_taken("schedule", &schedule.name)
+            } else {
+                err.into()
+            }
+        })?;
+        Ok(Schedule {
+            next_tick: None,
+            ..schedule
+        })
+    }
+
+    async fn get_schedule(&self, id_or_name: &str) -> Result<Schedule, StoreError> {
+        let row: Option<(Vec<u8>, bool, Option<i64>)> = sqlx::query_as(
+            "SELECT body, paused, last_tick FROM schedules WHERE id = ?1 OR name = ?1 \
+             ORDER BY id = ?1 DESC LIMIT 1",
+        )
+        .bind(id_or_name)
+        .fetch_optional(&self.read)
+        .await?;
+        let (body, paused, last_tick) = row.ok_or_else(|| not_found("schedule", id_or_name))?;
+        schedule_from_row(&body, paused, last_tick)
+    }
+
+    async fn list_schedules(&self) -> Result<Vec<Schedule>, StoreError> {
+        let rows: Vec<(Vec<u8>, bool, Option<i64>)> =
+            sqlx::query_as("SELECT body, paused, last_tick FROM schedules ORDER BY name")
+                .fetch_all(&self.read)
+                .await?;
+        rows.iter()
+            .map(|(body, paused, last_tick)| schedule_from_row(body, *paused, *last_tick))
+            .collect()
+    }
+
+    async fn delete_schedule(&self, id_or_name: &str) -> Result<(), StoreError> {
+        let deleted = sqlx::query("DELETE FROM schedules WHERE id = ?1 OR name = ?1")
+            .bind(id_or_name)
+            .execute(&self.write)
+            .await?;
+        if deleted.rows_affected() == 0 {
+            return Err(not_found("schedule", id_or_name));
+        }
+        Ok(())
+    }
+
+    async fn set_schedule_paused(
+        &self,
+        id_or_name: &str,
+        paused: bool,
+    ) -> Result<Schedule, StoreError> {
+        let updated = sqlx::query("UPDATE schedules SET paused = ?2 WHERE id = ?1 OR name = ?1")
+            .bind(id_or_name)
+            .bind(paused)
+            .execute(&self.write)
+            .await?;
+        if updated.rows_affected() == 0 {
+            return Err(not_found("schedule", id_or_name));
+        }
+        self.get_schedule(id_or_name).await
+    }
+
+    async fn advance_schedule(
+        &self,
+        id: &str,
+        expected: Option<Timestamp>,
+        to: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let updated =
+            sqlx::query("UPDATE schedules SET last_tick = ?2 WHERE id = ?1 AND last_tick IS ?3")
+                .bind(id)
+                .bind(micros(&to))
+                .bind(expected.as_ref().map(micros))
+                .execute(&self.write)
+                .await?;
+        Ok(updated.rows_affected() == 1)
+    }
+
+    async fn create_trigger(&self, trigger: Trigger) -> Result<Trigger, StoreError> {
+        validate_named("trigger", &trigger.id, &trigger.name)?;
+        sqlx::query("INSERT INTO triggers (id, name, topic, body) VALUES (?1, ?2, ?3, ?4)")
+            .bind(&trigger.id)
+            .bind(&trigger.name)
+            .bind(&trigger.topic)
+            .bind(trigger.encode_to_vec())
+            .execute(&self.write)
+            .await
+            .map_err(|err| {
+                if is_unique_violation(&err) {
+                    name_taken("trigger", &trigger.name)
+                } else {
+                    err.into()
+                }
+            })?;
+        Ok(trigger)
+    }
+
+    async fn list_triggers(&self, topic: &str) -> Result<Vec<Trigger>, StoreError> {
+        let rows: Vec<(String, Vec<u8>)> = sqlx::query_as(
+            "SELECT name, body FROM triggers WHERE ?1 = '' OR topic = ?1 ORDER BY name",
+        )
+        .bind(topic)
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter()
+            .map(|(name, body)| decode(body, || format!("trigger {name:?}")))
+            .collect()
+    }
+
+    async fn delete_trigger(&self, id_or_name: &str) -> Result<(), StoreError> {
+        let deleted = sqlx::query("DELETE FROM triggers WHERE id = ?1 OR name = ?1")
+            .bind(id_or_name)
+            .execute(&self.write)
+            .await?;
+        if deleted.rows_affected() == 0 {
+            return Err(not_found("trigger", id_or_name));
+        }
+        Ok(())
+    }
+
+    async fn put_backfill(&self, backfill: Backfill) -> Result<(), StoreError> {
+        if backfill.id.is_empty() {
+            return Err(StoreError::InvalidArgument(
+                "backfill.id: must not be empty".to_owned(),
+            ));
+        }
+        sqlx::query(
+            "INSERT INTO backfills (id, body) VALUES (?1, ?2) \
+             ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+        )
+        .bind(&backfill.id)
+        .bind(backfill.encode_to_vec())
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_backfill(&self, id: &str) -> Result<Backfill, StoreError> {
+        let body: Option<Vec<u8>> = sqlx::query_scalar("SELECT body FROM backfills WHERE id = ?1")
+            .bind(id)
+            .fetch_optional(&self.read)
+            .await?;
+        let body = body.ok_or_else(|| not_found("backfill", id))?;
+        decode(&body, || format!("backfill {id:?}"))
+    }
+
+    async fn list_backfills(&self) -> Result<Vec<Backfill>, StoreError> {
+        let rows: Vec<(String, Vec<u8>)> =
+            sqlx::query_as("SELECT id, body FROM backfills ORDER BY id DESC")
+                .fetch_all(&self.read)
+                .await?;
+        rows.iter()
+            .map(|(id, body)| decode(body, || format!("backfill {id:?}")))
+            .collect()
     }
 }

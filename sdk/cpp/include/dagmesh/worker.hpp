@@ -1,0 +1,125 @@
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "dagmesh/task_context.hpp"
+#include "dagmesh/task_error.hpp"
+
+namespace dagmesh {
+
+/// SDK version, sent as Hello.sdk_version.
+const char* sdk_version() noexcept;
+
+/// A task handler: gets the attempt's context and its inputs (a JSON object), returns its
+/// outputs (a JSON object; anything else is wrapped as {"value": ...}). Throw TaskError to
+/// fail the attempt; any other exception fails it as retryable with `what()`.
+using Handler = std::function<nlohmann::json(TaskContext& ctx, const nlohmann::json& inputs)>;
+
+struct WorkerOptions {
+  /// Executor address: "http://host:port", "https://host:port" (TLS with the system roots) or
+  /// "host:port".
+  std::string server = "http://127.0.0.1:7070";
+  /// Logical worker name (the pool), Hello.worker_name. Default: the executable's name.
+  std::string name;
+  /// Unique id of this process, kept across reconnects so the executor hands back the tasks it
+  /// held. Default: name + "-" + 12 random hex digits.
+  std::string instance_id;
+  /// Labels matched against StepSpec.labels, e.g. {"gpu", "true"}.
+  std::map<std::string, std::string> labels;
+  /// Task slots held at once (Hello.slots); handlers run on a pool of this many threads.
+  std::uint32_t slots = 1;
+  /// Bounds of the reconnect backoff (exponential, each delay jittered down to half).
+  std::chrono::milliseconds reconnect_initial{100};
+  std::chrono::milliseconds reconnect_max{5000};
+};
+
+/// A snapshot of the worker's state.
+struct WorkerState {
+  /// A stream is open and welcomed.
+  bool connected = false;
+  /// Welcome.session_id of the current stream; empty when not connected.
+  std::string session_id;
+  /// A drain has begun: no new work is taken.
+  bool draining = false;
+  /// Handlers still running.
+  std::size_t running = 0;
+  /// Finished tasks whose results the executor has not yet Recorded.
+  std::size_t unacknowledged = 0;
+  /// Streams that got a Welcome so far, the current one included.
+  std::uint64_t sessions = 0;
+  /// Welcome.max_payload_bytes of the last session (0 before the first).
+  std::uint64_t max_payload_bytes = 0;
+};
+
+/// Exit codes of Worker::run().
+enum RunResult : int {
+  /// Drained: every result was recorded (or the drain began with nothing in flight).
+  kDrained = 0,
+  /// abort() (or a second SIGTERM/SIGINT) stopped the worker before every result was recorded.
+  kAborted = 1,
+  /// The executor refused the Hello (INVALID_ARGUMENT), or the worker is misconfigured.
+  kRejected = 2,
+};
+
+/// A worker: registers task handlers, dials the run-executor over WorkerService.Connect and
+/// runs what it assigns, following the protocol at the top of proto/dagmesh/v1/worker.proto.
+///
+///   dagmesh::WorkerOptions options;
+///   options.server = "http://127.0.0.1:7070";
+///   options.name = "mesher";
+///   dagmesh::Worker worker(options);
+///   worker.task("mesh.smooth", "1.0.0", [](dagmesh::TaskContext& ctx, const nlohmann::json& in) {
+///     ctx.progress(0.5, "halfway");
+///     return nlohmann::json{{"ok", true}};
+///   });
+///   return worker.run();  // until SIGTERM/SIGINT (drain) or the executor's Drain
+class Worker {
+ public:
+  explicit Worker(WorkerOptions options = {});
+  ~Worker();
+  Worker(const Worker&) = delete;
+  Worker& operator=(const Worker&) = delete;
+
+  /// Registers the handler of task type `name` at `version` (semver, e.g. "1.3.0"). Throws
+  /// std::invalid_argument for an empty name, a bad version or a duplicate, and
+  /// std::logic_error once run() has started.
+  Worker& task(const std::string& name, const std::string& version, Handler handler);
+
+  /// Runs until drained and returns a RunResult. With `handle_signals`, the first SIGTERM or
+  /// SIGINT starts a drain and a second one aborts (previous handlers are restored on return).
+  /// Reconnects with exponential backoff and jitter whenever the stream breaks; only an
+  /// INVALID_ARGUMENT answer to the Hello stops it (kRejected). Call it once.
+  int run(bool handle_signals = true);
+
+  /// Starts a drain (thread-safe, any time, even before run()): Draining is sent, new
+  /// assignments are refused, running tasks finish, run() returns once every result is Recorded.
+  void drain();
+  /// Stops at once: running handlers are told cancelled(), unrecorded results are dropped
+  /// (the executor re-runs those tasks after the lease), run() returns kAborted. Handlers
+  /// still running are joined by the destructor.
+  void abort();
+
+  WorkerState state() const;
+  /// Waits until `predicate(state())` holds or `timeout` passes; returns whether it held.
+  bool wait_for(const std::function<bool(const WorkerState&)>& predicate,
+                std::chrono::milliseconds timeout) const;
+
+  const std::string& name() const noexcept;
+  const std::string& instance_id() const noexcept;
+  /// Why run() returned kRejected or kAborted; empty otherwise.
+  std::string last_error() const;
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace dagmesh

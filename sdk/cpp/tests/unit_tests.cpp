@@ -1,0 +1,275 @@
+// Unit tests of the dagmesh C++ SDK: Struct <-> JSON, the payload size check, TaskContext,
+// Worker registration. Run one group: dagmesh_unit_tests json|payload|context|worker.
+
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "dagmesh/dagmesh.hpp"
+
+namespace {
+
+int failures = 0;
+
+#define CHECK(cond)                                                         \
+  do {                                                                      \
+    if (!(cond)) {                                                          \
+      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, \
+                   #cond);                                                  \
+      ++failures;                                                           \
+    }                                                                       \
+  } while (0)
+
+#define CHECK_EQ(a, b)                                                                        \
+  do {                                                                                        \
+    const auto va_ = (a);                                                                     \
+    const auto vb_ = (b);                                                                     \
+    if (!(va_ == vb_)) {                                                                      \
+      std::fprintf(stderr, "%s:%d: CHECK_EQ failed: %s == %s\n", __FILE__, __LINE__, #a, #b); \
+      ++failures;                                                                             \
+    }                                                                                         \
+  } while (0)
+
+template <typename E, typename F>
+bool throws(F&& f) {
+  try {
+    f();
+  } catch (const E&) {
+    return true;
+  } catch (...) {
+    return false;
+  }
+  return false;
+}
+
+using nlohmann::json;
+
+void test_json() {
+  // Round trip of nested JSON, numbers as in the Rust SDK: whole numbers stay integers.
+  const json doc = {{"room", "kitchen"},
+                    {"count", 3},
+                    {"negative", -17},
+                    {"ratio", 0.25},
+                    {"ok", true},
+                    {"none", nullptr},
+                    {"images", {"a.jpg", "b.jpg"}},
+                    {"meta", {{"depth", {1, 2.5}}, {"empty", json::object()}, {"list", json::array()}}}};
+  const auto s = dagmesh::json_to_struct(doc);
+  CHECK_EQ(s.fields().size(), 8u);
+  CHECK(s.fields().at("count").has_number_value() || s.fields().at("count").kind_case() ==
+                                                          google::protobuf::Value::kNumberValue);
+  CHECK_EQ(s.fields().at("count").number_value(), 3.0);
+  CHECK_EQ(s.fields().at("none").kind_case(), google::protobuf::Value::kNullValue);
+  CHECK_EQ(s.fields().at("images").list_value().values_size(), 2);
+  const json back = dagmesh::struct_to_json(s);
+  CHECK_EQ(back, doc);
+  CHECK(back["count"].is_number_integer());
+  CHECK(back["ratio"].is_number_float());
+
+  // Wire round trip (serialize, parse) keeps it too.
+  google::protobuf::Struct parsed;
+  CHECK(parsed.ParseFromString(s.SerializeAsString()));
+  CHECK_EQ(dagmesh::struct_to_json(parsed), doc);
+
+  // Non-objects are wrapped as {"value": ...}; null is the empty object.
+  CHECK_EQ(dagmesh::struct_to_json(dagmesh::json_to_struct(json(5))), (json{{"value", 5}}));
+  CHECK_EQ(dagmesh::struct_to_json(dagmesh::json_to_struct(json::array({1, "a"}))),
+           (json{{"value", {1, "a"}}}));
+  CHECK_EQ(dagmesh::struct_to_json(dagmesh::json_to_struct(json(nullptr))), json::object());
+  CHECK_EQ(dagmesh::struct_to_json(google::protobuf::Struct()), json::object());
+
+  // Numbers: 2^53 boundary, unsigned, floats that are whole, non-finite.
+  google::protobuf::Value v;
+  v.set_number_value(9007199254740991.0);
+  CHECK(dagmesh::value_to_json(v).is_number_integer());
+  v.set_number_value(9007199254740992.0 * 4);
+  CHECK(dagmesh::value_to_json(v).is_number_float());
+  v.set_number_value(2.0);
+  CHECK_EQ(dagmesh::value_to_json(v), json(2));
+  v.set_number_value(std::nan(""));
+  CHECK(dagmesh::value_to_json(v).is_null());
+  v.set_number_value(INFINITY);
+  CHECK(dagmesh::value_to_json(v).is_null());
+  CHECK_EQ(dagmesh::json_to_value(json(std::uint64_t{18446744073709551615ull})).number_value(),
+           18446744073709551615.0);
+  CHECK_EQ(dagmesh::json_to_value(json(1.5)).number_value(), 1.5);
+  // An unset Value reads as null.
+  CHECK(dagmesh::value_to_json(google::protobuf::Value()).is_null());
+  // Unicode strings survive.
+  CHECK_EQ(dagmesh::struct_to_json(dagmesh::json_to_struct(json{{"k", "h\xC3\xA9llo \xE2\x9C\x93"}})),
+           (json{{"k", "h\xC3\xA9llo \xE2\x9C\x93"}}));
+}
+
+void test_payload() {
+  const json small = {{"blob", std::string(100, 'x')}};
+  const auto s = dagmesh::json_to_struct(small);
+  const std::size_t size = dagmesh::payload_size(s);
+  CHECK_EQ(size, s.SerializeAsString().size());
+  CHECK(size > 100 && size < 120);
+  CHECK(!dagmesh::check_payload_size("t", size, 0).has_value());  // no limit known
+  CHECK(!dagmesh::check_payload_size("t", size, size).has_value());  // exactly at the limit
+  const auto error = dagmesh::check_payload_size("conformance.big", size, size - 1);
+  CHECK(error.has_value());
+  CHECK_EQ(*error, "output of \"conformance.big\" is " + std::to_string(size) +
+                       " bytes, over the " + std::to_string(size - 1) + "-byte payload limit");
+  // A large blob: the encoded size is the string plus a few bytes of framing.
+  const auto big = dagmesh::json_to_struct(json{{"blob", std::string(5'000'000, 'x')}});
+  CHECK(dagmesh::payload_size(big) > 5'000'000 && dagmesh::payload_size(big) < 5'000'100);
+  CHECK(dagmesh::check_payload_size("x", dagmesh::payload_size(big), 4194304).has_value());
+}
+
+void test_context() {
+  auto ctx = dagmesh::TaskContext::detached("run/step", 2);
+  CHECK_EQ(ctx->task_id(), "run/step");
+  CHECK_EQ(ctx->attempt(), 2u);
+  CHECK(ctx->traceparent().empty());
+  CHECK(!ctx->deadline().has_value());
+
+  // Progress keeps only the latest report, clamped.
+  ctx->progress(0.2, "first");
+  ctx->progress(1.7, "second", {{"triangles", 3.0}});
+  auto p = ctx->take_progress();
+  CHECK(p.has_value());
+  CHECK_EQ(p->message, "second");
+  CHECK_EQ(p->fraction, 1.0f);
+  CHECK_EQ(p->metrics.at("triangles"), 3.0);
+  CHECK(!ctx->take_progress().has_value());
+  ctx->progress(-1, "neg");
+  CHECK_EQ(ctx->take_progress()->fraction, 0.0f);
+  ctx->progress(std::nan(""), "nan");
+  CHECK_EQ(ctx->take_progress()->fraction, 0.0f);
+
+  // Progress from many threads at once: safe, and one report remains.
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 8; ++t) {
+    threads.emplace_back([&ctx, t] {
+      for (int i = 0; i < 1000; ++i) ctx->progress(i / 1000.0, "thread " + std::to_string(t));
+    });
+  }
+  for (auto& t : threads) t.join();
+  CHECK(ctx->take_progress().has_value());
+  CHECK(!ctx->take_progress().has_value());
+
+  // Logs are capped at 1000 lines and the rest counted.
+  for (int i = 0; i < 1005; ++i) ctx->debug("line " + std::to_string(i));
+  std::uint64_t dropped = 0;
+  auto lines = ctx->take_logs(&dropped);
+  CHECK_EQ(lines.size(), 1000u);
+  CHECK_EQ(dropped, 5u);
+  CHECK_EQ(std::string(dagmesh::to_string(lines[0].level)), "debug");
+  CHECK_EQ(lines[0].text, "line 0");
+  CHECK(ctx->take_logs(&dropped).empty());
+  CHECK_EQ(dropped, 0u);
+
+  // Cancellation: flag and wait.
+  CHECK(!ctx->cancelled());
+  CHECK(!ctx->wait_cancelled(std::chrono::milliseconds(10)));
+  std::thread canceller([&ctx] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    ctx->cancel();
+  });
+  CHECK(ctx->wait_cancelled(std::chrono::seconds(5)));
+  canceller.join();
+  CHECK(ctx->cancelled());
+  CHECK(ctx->cancel_flag().load());
+
+  // TaskError carries retryable.
+  dagmesh::TaskError fatal("bad input", false);
+  CHECK(!fatal.retryable());
+  CHECK_EQ(std::string(fatal.what()), "bad input");
+  CHECK(dagmesh::TaskError("busy").retryable());
+}
+
+void test_worker() {
+  auto noop = [](dagmesh::TaskContext&, const json&) { return json::object(); };
+  dagmesh::WorkerOptions options;
+  options.name = "mesher";
+  dagmesh::Worker worker(options);
+  const std::string id = worker.instance_id();
+  CHECK(id.rfind("mesher-", 0) == 0);
+  CHECK_EQ(id.size(), std::string("mesher-").size() + 12);
+  CHECK_EQ(worker.name(), "mesher");
+
+  CHECK(throws<std::invalid_argument>([&] { worker.task("t", "1.x", noop); }));
+  CHECK(throws<std::invalid_argument>([&] { worker.task("", "1.0.0", noop); }));
+  CHECK(throws<std::invalid_argument>([&] { worker.task("t", "1.0.0", nullptr); }));
+  worker.task("t", "1.0.0", noop).task("t", "2.0.0-rc.1+build.5", noop);
+  CHECK(throws<std::invalid_argument>([&] { worker.task("t", "1.0.0", noop); }));
+
+  // Explicit instance ids are kept; an unnamed worker is named after the executable.
+  dagmesh::WorkerOptions explicit_id;
+  explicit_id.instance_id = "fixed-1";
+  dagmesh::Worker named(explicit_id);
+  CHECK_EQ(named.instance_id(), "fixed-1");
+  CHECK_EQ(named.name(), "dagmesh_unit_tests");
+
+  // No task types: run() refuses without dialing.
+  dagmesh::Worker empty(options);
+  CHECK_EQ(empty.run(false), dagmesh::kRejected);
+  CHECK(!empty.last_error().empty());
+
+  // A drain before run() returns at once, without a server.
+  dagmesh::WorkerOptions unreachable;
+  unreachable.server = "http://127.0.0.1:1";
+  dagmesh::Worker drained(unreachable);
+  drained.task("t", "1.0.0", noop);
+  drained.drain();
+  CHECK_EQ(drained.run(false), dagmesh::kDrained);
+  CHECK(throws<std::logic_error>([&] { drained.task("u", "1.0.0", noop); }));
+  CHECK(throws<std::logic_error>([&] { drained.run(false); }));
+
+  // Unreachable executor: keeps retrying (never connected) until drained.
+  dagmesh::Worker retrying(unreachable);
+  retrying.task("t", "1.0.0", noop);
+  std::thread stopper([&retrying] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    retrying.drain();
+  });
+  const auto start = std::chrono::steady_clock::now();
+  CHECK_EQ(retrying.run(false), dagmesh::kDrained);
+  stopper.join();
+  CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(5));
+  CHECK(!retrying.state().connected);
+  CHECK_EQ(retrying.state().sessions, 0u);
+
+  // abort() stops it too, with kAborted.
+  dagmesh::Worker aborted(unreachable);
+  aborted.task("t", "1.0.0", noop);
+  std::thread aborter([&aborted] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    aborted.abort();
+  });
+  CHECK_EQ(aborted.run(false), dagmesh::kAborted);
+  aborter.join();
+  CHECK(!aborted.last_error().empty());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::map<std::string, std::function<void()>> groups = {
+      {"json", test_json}, {"payload", test_payload}, {"context", test_context},
+      {"worker", test_worker}};
+  int ran = 0;
+  for (const auto& [name, fn] : groups) {
+    if (argc > 1 && name != argv[1]) continue;
+    std::fprintf(stderr, "== %s\n", name.c_str());
+    fn();
+    ++ran;
+  }
+  if (ran == 0) {
+    std::fprintf(stderr, "no test group named %s\n", argc > 1 ? argv[1] : "");
+    return 2;
+  }
+  if (failures > 0) {
+    std::fprintf(stderr, "%d check(s) failed\n", failures);
+    return 1;
+  }
+  std::fprintf(stderr, "all checks passed\n");
+  return 0;
+}

@@ -1,0 +1,101 @@
+//! [`RunStarter`]: how the scheduler starts, cancels and reads runs. In `dagmesh up` it is the
+//! in-process [`Executor`]; standalone (`dagmesh scheduler --executor URL`) it is
+//! [`RunServiceStarter`], a `RunService` client.
+
+use std::time::Duration;
+
+use dagmesh_executor::Executor;
+use dagmesh_proto::v1::run_service_client::RunServiceClient;
+use dagmesh_proto::v1::{
+    CancelRunRequest, GetRunRequest, ListRunsRequest, ListRunsResponse, Run, SubmitRunRequest,
+};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::SchedError;
+
+#[async_trait::async_trait]
+pub trait RunStarter: Send + Sync + 'static {
+    /// Starts a run, or returns the run an earlier submit with the same idempotency key made
+    /// (`false`).
+    async fn submit(&self, request: SubmitRunRequest) -> Result<(Run, bool), SchedError>;
+    /// Cancels a run that has not ended (`FailedPrecondition` if it has).
+    async fn cancel(&self, run_id: &str, reason: &str) -> Result<(), SchedError>;
+    async fn get_run(&self, run_id: &str) -> Result<Run, SchedError>;
+    /// Runs matching the request's filters (tags), newest first, paginated.
+    async fn list_runs(&self, request: ListRunsRequest) -> Result<ListRunsResponse, SchedError>;
+}
+
+#[async_trait::async_trait]
+impl RunStarter for Executor {
+    async fn submit(&self, request: SubmitRunRequest) -> Result<(Run, bool), SchedError> {
+        Ok(Executor::submit(self, request).await?)
+    }
+
+    async fn cancel(&self, run_id: &str, reason: &str) -> Result<(), SchedError> {
+        Executor::cancel(self, run_id, reason).await?;
+        Ok(())
+    }
+
+    async fn get_run(&self, run_id: &str) -> Result<Run, SchedError> {
+        Ok(self.store().get_run(run_id).await?)
+    }
+
+    async fn list_runs(&self, request: ListRunsRequest) -> Result<ListRunsResponse, SchedError> {
+        Ok(self.store().list_runs(&request).await?)
+    }
+}
+
+/// A [`RunStarter`] that is a remote executor's `RunService`.
+#[derive(Clone)]
+pub struct RunServiceStarter {
+    client: RunServiceClient<Channel>,
+}
+
+impl RunServiceStarter {
+    /// Connects lazily: the executor may start later; calls fail `Unavailable` until it does.
+    pub fn connect(url: &str) -> Result<Self, SchedError> {
+        let endpoint = Endpoint::from_shared(url.to_owned())
+            .map_err(|err| {
+                SchedError::InvalidArgument(format!("invalid executor URL {url:?}: {err}"))
+            })?
+            .connect_timeout(Duration::from_secs(5));
+        Ok(Self::from_channel(endpoint.connect_lazy()))
+    }
+
+    pub fn from_channel(channel: Channel) -> Self {
+        RunServiceStarter {
+            client: RunServiceClient::new(channel),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl RunStarter for RunServiceStarter {
+    async fn submit(&self, request: SubmitRunRequest) -> Result<(Run, bool), SchedError> {
+        let resp = self.client.clone().submit_run(request).await?.into_inner();
+        let run = resp
+            .run
+            .ok_or_else(|| SchedError::Internal("SubmitRun answered without a run".into()))?;
+        Ok((run, resp.created))
+    }
+
+    async fn cancel(&self, run_id: &str, reason: &str) -> Result<(), SchedError> {
+        let request = CancelRunRequest {
+            run_id: run_id.to_owned(),
+            reason: reason.to_owned(),
+        };
+        self.client.clone().cancel_run(request).await?;
+        Ok(())
+    }
+
+    async fn get_run(&self, run_id: &str) -> Result<Run, SchedError> {
+        let request = GetRunRequest {
+            run_id: run_id.to_owned(),
+        };
+        Ok(self.client.clone().get_run(request).await?.into_inner())
+    }
+
+    async fn list_runs(&self, request: ListRunsRequest) -> Result<ListRunsResponse, SchedError> {
+        Ok(self.client.clone().list_runs(request).await?.into_inner())
+    }
+}

@@ -1,0 +1,272 @@
+//! Cron ticks in a time zone, and backfill partitions: pure functions of time.
+//!
+//! Cron expressions are read by `croner` in the schedule's IANA zone (`chrono-tz`), so
+//! daylight-saving changes follow croner's rules: a fixed-time job whose wall-clock time falls
+//! in a spring-forward gap runs at the first instant after the gap (02:30 -> 03:00); one whose
+//! time occurs twice on a fall-back day runs once, at the first occurrence; interval jobs run at
+//! every real instant that matches.
+
+use std::str::FromStr;
+
+use chrono::{DateTime, Duration, NaiveDate, NaiveTime, TimeZone, Timelike, Utc};
+use chrono_tz::Tz;
+use croner::Cron;
+
+/// Parses an IANA zone name; empty means UTC. The error is the field message.
+pub(crate) fn parse_zone(name: &str) -> Result<Tz, String> {
+    if name.is_empty() {
+        return Ok(Tz::UTC);
+    }
+    Tz::from_str(name).map_err(|_| format!("time_zone: unknown zone {name:?}"))
+}
+
+/// Parses a cron expression (5 fields, or 6 with seconds first). The error is the field message.
+pub(crate) fn parse_cron(text: &str) -> Result<Cron, String> {
+    if text.trim().is_empty() {
+        return Err("cron: required".to_owned());
+    }
+    Cron::from_str(text).map_err(|err| format!("cron: {err}"))
+}
+
+/// The ticks of `cron` in `zone` that are due at `now` and come after `after`: at most `limit`
+/// of them, the most recent ones, oldest first.
+pub(crate) fn due_ticks(
+    cron: &Cron,
+    zone: Tz,
+    after: DateTime<Utc>,
+    now: DateTime<Utc>,
+    limit: usize,
+) -> Vec<DateTime<Utc>> {
+    let mut due = Vec::new();
+    if now <= after || limit == 0 {
+        return due;
+    }
+    // Walking back from `now` costs at most `limit` steps, however long the scheduler was down.
+    let Ok(latest) = cron.find_previous_occurrence(&now.with_timezone(&zone), true) else {
+        return due;
+    };
+    let latest = latest.with_timezone(&Utc);
+    if latest <= after {
+        return due;
+    }
+    due.push(latest);
+    for tick in cron.iter_before(latest.with_timezone(&zone)) {
+        let tick = tick.with_timezone(&Utc);
+        if tick <= after || due.len() >= limit {
+            break;
+        }
+        due.push(tick);
+    }
+    due.reverse();
+    due
+}
+
+/// The first tick of `cron` in `zone` strictly after `after`.
+pub(crate) fn next_tick(cron: &Cron, zone: Tz, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    cron.find_next_occurrence(&after.with_timezone(&zone), false)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// How long a backfill's partitions are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Grain {
+    Hourly,
+    Daily,
+}
+
+/// One partition: `[start, end)`.
+pub(crate) type Span = (DateTime<Utc>, DateTime<Utc>);
+
+/// Most partitions one backfill may have.
+pub(crate) const MAX_PARTITIONS: usize = 100_000;
+
+/// The partitions `[start, end)` covering `[from, to)`: hours, or calendar days in `zone`.
+pub(crate) fn partitions(
+    grain: Grain,
+    zone: Tz,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Vec<Span> {
+    let mut out = Vec::new();
+    match grain {
+        Grain::Hourly => {
+            let local = from.with_timezone(&zone);
+            // Round down to the hour in the zone (the same instant as in UTC for whole-hour
+            // offsets; zones with half-hour offsets get their own hour boundaries).
+            let floor = local - Duration::seconds(i64::from(local.minute() * 60 + local.second()));
+            let mut start =
+                floor.with_timezone(&Utc) - Duration::nanoseconds(i64::from(floor.nanosecond()));
+            while start < to && out.len() < MAX_PARTITIONS {
+                let end = start + Duration::hours(1);
+                out.push((start, end));
+                start = end;
+            }
+        }
+        Grain::Daily => {
+            let mut day = from.with_timezone(&zone).date_naive();
+            loop {
+                let start = midnight(zone, day);
+                if start >= to || out.len() >= MAX_PARTITIONS {
+                    break;
+                }
+                let Some(next) = day.succ_opt() else { break };
+                out.push((start, midnight(zone, next)));
+                day = next;
+            }
+        }
+    }
+    out
+}
+
+/// The first instant of `day` in `zone` (midnight, or the end of a gap that swallows it).
+fn midnight(zone: Tz, day: NaiveDate) -> DateTime<Utc> {
+    let mut time = day.and_time(NaiveTime::MIN);
+    for _ in 0..=24 * 4 {
+        if let Some(t) = zone.from_local_datetime(&time).earliest() {
+            return t.with_timezone(&Utc);
+        }
+        time += Duration::minutes(15);
+    }
+    Utc.from_utc_datetime(&day.and_time(NaiveTime::MIN))
+}
+
+/// RFC 3339 in `zone`, whole seconds: what expressions see as `tick` and partition bounds.
+pub(crate) fn local_rfc3339(at: DateTime<Utc>, zone: Tz) -> String {
+    at.with_timezone(&zone)
+        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false)
+}
+
+/// RFC 3339 in UTC (`...Z`): the form used in idempotency keys.
+pub(crate) fn utc_rfc3339(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn utc(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text)
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    fn all_between(cron: &str, zone: &str, from: &str, to: &str) -> Vec<String> {
+        let zone = parse_zone(zone).unwrap();
+        due_ticks(&parse_cron(cron).unwrap(), zone, utc(from), utc(to), 1000)
+            .into_iter()
+            .map(|t| local_rfc3339(t, zone))
+            .collect()
+    }
+
+    #[test]
+    fn spring_forward_runs_a_skipped_time_right_after_the_gap() {
+        // Europe/Berlin jumps from 02:00 to 03:00 on 2025-03-30.
+        assert_eq!(
+            all_between(
+                "30 2 * * *",
+                "Europe/Berlin",
+                "2025-03-28T12:00:00Z",
+                "2025-03-31T12:00:00Z"
+            ),
+            [
+                "2025-03-29T02:30:00+01:00",
+                "2025-03-30T03:00:00+02:00",
+                "2025-03-31T02:30:00+02:00",
+            ]
+        );
+    }
+
+    #[test]
+    fn fall_back_runs_a_repeated_time_once() {
+        // Europe/Berlin goes from 03:00 back to 02:00 on 2025-10-26; 02:30 happens twice.
+        assert_eq!(
+            all_between(
+                "30 2 * * *",
+                "Europe/Berlin",
+                "2025-10-24T12:00:00Z",
+                "2025-10-27T12:00:00Z"
+            ),
+            [
+                "2025-10-25T02:30:00+02:00",
+                "2025-10-26T02:30:00+02:00",
+                "2025-10-27T02:30:00+01:00",
+            ]
+        );
+        // An hourly job runs in both copies of the repeated hour: 25 ticks that day.
+        let ticks = all_between(
+            "0 * * * *",
+            "Europe/Berlin",
+            "2025-10-25T21:59:00Z",
+            "2025-10-26T22:59:00Z",
+        );
+        assert_eq!(ticks.len(), 25, "{ticks:?}");
+    }
+
+    #[test]
+    fn seconds_field_and_limits() {
+        let ticks = all_between(
+            "*/20 * * * * *",
+            "",
+            "2025-01-01T00:00:00Z",
+            "2025-01-01T00:01:00Z",
+        );
+        assert_eq!(
+            ticks,
+            [
+                "2025-01-01T00:00:20+00:00",
+                "2025-01-01T00:00:40+00:00",
+                "2025-01-01T00:01:00+00:00",
+            ]
+        );
+        let cron = parse_cron("* * * * * *").unwrap();
+        let limited = due_ticks(
+            &cron,
+            Tz::UTC,
+            utc("2020-01-01T00:00:00Z"),
+            utc("2025-01-01T00:00:00Z"),
+            3,
+        );
+        assert_eq!(
+            limited,
+            [
+                utc("2024-12-31T23:59:58Z"),
+                utc("2024-12-31T23:59:59Z"),
+                utc("2025-01-01T00:00:00Z")
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_cron_and_zone_name_the_field() {
+        assert!(parse_cron("61 * * * *").unwrap_err().starts_with("cron: "));
+        assert_eq!(
+            parse_zone("Mars/Base").unwrap_err(),
+            "time_zone: unknown zone \"Mars/Base\""
+        );
+    }
+
+    #[test]
+    fn daily_partitions_follow_the_zone() {
+        let zone = parse_zone("Europe/Berlin").unwrap();
+        let parts = partitions(
+            Grain::Daily,
+            zone,
+            utc("2025-03-29T10:00:00Z"),
+            utc("2025-03-31T00:00:00Z"),
+        );
+        let lengths: Vec<i64> = parts.iter().map(|(s, e)| (*e - *s).num_hours()).collect();
+        // 29th (24 h), 30th (23 h: spring forward), 31st starts at 22:00Z on the 30th.
+        assert_eq!(lengths, [24, 23, 24]);
+        assert_eq!(local_rfc3339(parts[1].0, zone), "2025-03-30T00:00:00+01:00");
+        let hours = partitions(
+            Grain::Hourly,
+            Tz::UTC,
+            utc("2025-01-01T00:30:00Z"),
+            utc("2025-01-01T03:00:00Z"),
+        );
+        assert_eq!(hours.len(), 3);
+        assert_eq!(hours[0].0, utc("2025-01-01T00:00:00Z"));
+    }
+}
