@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use dagmesh_executor::{Executor, ExecutorConfig};
+use dagmesh_executor::{Executor, ExecutorConfig, Limits};
 use dagmesh_metastore::grpc::{MetadataGrpcClient, MetadataGrpcServer};
 use dagmesh_metastore::{MetadataStore, SqlStore};
 use dagmesh_runtime::{ServiceSet, serve, shutdown_signal, telemetry};
@@ -31,6 +31,13 @@ pub struct EngineFlags {
     /// How long shutdown waits for in-flight tasks before handing them back.
     #[arg(long, env = "DAGMESH_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// Concurrency limits (YAML: run admission limits and step resource limits).
+    #[arg(long, env = "DAGMESH_LIMITS", value_parser = parse_limits)]
+    pub limits: Option<Arc<Limits>>,
+}
+
+fn parse_limits(path: &str) -> Result<Arc<Limits>, String> {
+    Limits::load(std::path::Path::new(path)).map(Arc::new)
 }
 
 impl EngineFlags {
@@ -40,6 +47,7 @@ impl EngineFlags {
             heartbeat_interval: self.heartbeat_interval,
             max_payload_bytes: self.max_payload_bytes,
             drain_timeout: self.drain_timeout,
+            limits: self.limits.clone().unwrap_or_default(),
             ..ExecutorConfig::default()
         }
     }

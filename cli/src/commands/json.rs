@@ -60,6 +60,8 @@ pub fn run(run: &Run) -> Value {
         "created_at": timestamp(run.created_at.as_ref()),
         "finished_at": timestamp(run.finished_at.as_ref()),
         "last_seq": run.last_seq,
+        "priority": run.priority,
+        "queue_position": run.queue_position,
     })
 }
 
@@ -197,6 +199,7 @@ fn step_spec(step: &StepSpec) -> Value {
         "labels": string_map(&step.labels),
         "slots": step.slots,
         "priority": step.priority,
+        "concurrency_key": step.concurrency_key,
     })
 }
 

@@ -33,6 +33,9 @@ pub struct SubmitArgs {
     /// A tag on the run, KEY=VALUE (repeatable), for `runs list --tag`.
     #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
     pub tags: Vec<(String, String)>,
+    /// Admission priority when the run has to queue behind a concurrency limit (higher first).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub priority: i32,
     /// Follow the run live (a tree of steps) until it ends; exit 0 only if it succeeded.
     #[arg(long, conflicts_with = "wait")]
     pub watch: bool,
@@ -142,6 +145,7 @@ pub async fn run(global: &Global, args: SubmitArgs) -> anyhow::Result<ExitCode> 
         inputs: Some(dagmesh_proto::json::map_to_struct(&inputs)),
         idempotency_key: args.idempotency_key.unwrap_or_default(),
         tags: args.tags.into_iter().collect(),
+        priority: args.priority,
     };
 
     let channel = connect(&global.server).await?;

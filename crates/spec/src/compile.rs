@@ -72,6 +72,8 @@ pub struct CompiledStep {
     /// At least 1.
     pub slots: u32,
     pub priority: i32,
+    /// Shared resource held while an attempt runs (empty: none); see `StepSpec.concurrency_key`.
+    pub concurrency_key: String,
     /// The variables the step's expressions read (`inputs` and upstream ids), sorted. Only these
     /// are bound at evaluation, so a step does not pay for converting outputs it never reads.
     pub variables: Vec<String>,
@@ -477,6 +479,16 @@ fn compile_step(
             "empty label key",
         ));
     }
+    let key = &step.concurrency_key;
+    if !key
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+    {
+        errors.push(SpecError::new(
+            format!("steps[{i}].concurrency_key"),
+            format!("invalid resource name {key:?}: use [A-Za-z0-9_.-]+"),
+        ));
+    }
 
     CompiledStep {
         index: i,
@@ -498,6 +510,7 @@ fn compile_step(
             .collect(),
         slots: step.slots.max(1),
         priority: step.priority,
+        concurrency_key: step.concurrency_key.clone(),
         variables: variables.into_iter().collect(),
     }
 }

@@ -188,3 +188,16 @@ pub(crate) fn lowercase_first(message: String) -> String {
         _ => message,
     }
 }
+
+/// Evaluates `program` with JSON variables, for expressions that live outside workflow specs
+/// (e.g. the key of a concurrency limit). Same conversions as step inputs.
+pub fn evaluate_json(program: &cel::Program, variables: &[(&str, &Json)]) -> Result<Json, String> {
+    let mut ctx = Context::with_env(Arc::clone(&ENV));
+    for (name, value) in variables {
+        ctx.add_variable_from_value(*name, to_cel(value));
+    }
+    let value = program
+        .execute(&ctx)
+        .map_err(|e| lowercase_first(e.to_string()))?;
+    to_json(&value)
+}

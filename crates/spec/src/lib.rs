@@ -83,7 +83,7 @@ mod retry;
 
 pub use compile::{CompiledStep, CompiledWorkflow, RESERVED_STEP_IDS, compile};
 pub use error::{EvalError, SpecError, SpecErrors};
-pub use expr::INPUTS_VAR;
+pub use expr::{INPUTS_VAR, evaluate_json};
 pub use parse::{Format, parse_workflow, render_workflow};
 pub use retry::{
     DEFAULT_INITIAL_BACKOFF, DEFAULT_JITTER, DEFAULT_MAX_BACKOFF, DEFAULT_MULTIPLIER, Retry,

@@ -120,6 +120,8 @@ struct StepFile {
     slots: u32,
     #[serde(skip_serializing_if = "is_zero")]
     priority: i32,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    concurrency_key: String,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -233,6 +235,7 @@ impl StepFile {
             labels: self.labels.into_iter().map(|(k, v)| (k, v.0)).collect(),
             slots: self.slots,
             priority: self.priority,
+            concurrency_key: self.concurrency_key,
         }
     }
 
@@ -265,6 +268,7 @@ impl StepFile {
                 .collect(),
             slots: step.slots,
             priority: step.priority,
+            concurrency_key: step.concurrency_key.clone(),
         }
     }
 }

@@ -268,9 +268,10 @@ fn any_step() -> impl Strategy<Value = StepSpec> {
         prop::collection::hash_map("[a-z]{1,6}", text, 0..3),
         any::<u32>(),
         any::<i32>(),
+        "[a-z_.-]{0,8}",
     )
         .prop_map(
-            |(id, task, needs, inputs, when, retry, timeout, labels, slots, priority)| StepSpec {
+            |(
                 id,
                 task,
                 needs,
@@ -281,6 +282,19 @@ fn any_step() -> impl Strategy<Value = StepSpec> {
                 labels,
                 slots,
                 priority,
+                concurrency_key,
+            )| StepSpec {
+                id,
+                task,
+                needs,
+                inputs,
+                when,
+                retry,
+                timeout,
+                labels,
+                slots,
+                priority,
+                concurrency_key,
             },
         )
 }

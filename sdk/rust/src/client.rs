@@ -85,6 +85,7 @@ pub struct SubmitRun {
     inputs: Result<serde_json::Map<String, serde_json::Value>, String>,
     idempotency_key: String,
     tags: HashMap<String, String>,
+    priority: i32,
 }
 
 impl SubmitRun {
@@ -107,6 +108,7 @@ impl SubmitRun {
             inputs: Ok(serde_json::Map::new()),
             idempotency_key: String::new(),
             tags: HashMap::new(),
+            priority: 0,
         }
     }
 
@@ -140,6 +142,12 @@ impl SubmitRun {
         self
     }
 
+    /// Admission priority when the run queues behind a concurrency limit (higher first).
+    pub fn priority(mut self, priority: i32) -> Self {
+        self.priority = priority;
+        self
+    }
+
     /// The request as sent, for callers that use the generated client directly.
     pub fn into_request(self) -> Result<SubmitRunRequest, ClientError> {
         let inputs = self.inputs.map_err(ClientError::InvalidInputs)?;
@@ -148,6 +156,7 @@ impl SubmitRun {
             inputs: Some(map_to_struct(&inputs)),
             idempotency_key: self.idempotency_key,
             tags: self.tags,
+            priority: self.priority,
         })
     }
 }

@@ -1,4 +1,7 @@
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::Limits;
 
 /// Tunables of one executor. The defaults suit a laptop and a cluster alike; tests shorten the
 /// lease so that lost workers are noticed quickly.
@@ -15,6 +18,8 @@ pub struct ExecutorConfig {
     /// How long a drain waits for in-flight tasks before it hands them back (they stay assigned
     /// in the store and are recovered, or requeued after the lease, by the next executor).
     pub drain_timeout: Duration,
+    /// Run admission and step concurrency limits (none by default).
+    pub limits: Arc<Limits>,
 }
 
 impl Default for ExecutorConfig {
@@ -25,6 +30,7 @@ impl Default for ExecutorConfig {
             max_payload_bytes: 4 * 1024 * 1024,
             max_batch: 4096,
             drain_timeout: Duration::from_secs(30),
+            limits: Arc::default(),
         }
     }
 }

@@ -18,6 +18,7 @@ mod config;
 mod engine;
 mod error;
 pub mod grpc;
+mod limits;
 mod plans;
 
 use std::sync::Arc;
@@ -32,6 +33,7 @@ use tokio::task::JoinHandle;
 pub use config::ExecutorConfig;
 use engine::{Command, Engine, EngineHandle, Submitted};
 pub use error::ExecError;
+pub use limits::Limits;
 use plans::PlanCache;
 
 /// A running executor. Cheap to clone; all clones talk to the same engine task.
@@ -117,14 +119,22 @@ impl Executor {
         {
             return Ok((self.inner.store.get_run(&run_id).await?, false));
         }
+        let inputs = dagmesh_proto::json::from_struct(Some(&inputs));
+        let buckets =
+            self.inner
+                .config
+                .limits
+                .buckets(&plan.workflow.name, &inputs, &request.tags)?;
         let submitted = self
             .inner
             .engine
             .call(|reply| Command::Submit {
                 plan,
-                inputs: dagmesh_proto::json::from_struct(Some(&inputs)),
+                inputs,
                 idempotency_key: key,
                 tags: request.tags,
+                priority: request.priority,
+                buckets,
                 reply,
             })
             .await?;
@@ -193,6 +203,28 @@ impl Executor {
             // Not active here: it has ended (or never existed; the store says which).
             None => Ok(self.inner.store.get_run(run_id).await?),
         }
+    }
+
+    /// Fills `queue_position` of the QUEUED runs among `runs`.
+    pub async fn fill_queue_positions(&self, runs: &mut [Run]) -> Result<(), ExecError> {
+        use dagmesh_proto::v1::RunState;
+        let queued: Vec<String> = runs
+            .iter()
+            .filter(|run| run.state() == RunState::Queued)
+            .map(|run| run.run_id.clone())
+            .collect();
+        if queued.is_empty() {
+            return Ok(());
+        }
+        let positions = self
+            .inner
+            .engine
+            .call(|reply| Command::QueuePositions { reply })
+            .await?;
+        for run in runs.iter_mut() {
+            run.queue_position = positions.get(run.run_id.as_str()).copied().unwrap_or(0);
+        }
+        Ok(())
     }
 
     pub async fn list_workers(&self) -> Result<Vec<WorkerInfo>, ExecError> {

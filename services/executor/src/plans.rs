@@ -36,6 +36,7 @@ impl Plan {
                     version_req: step.version_req.clone(),
                     labels: step.labels.clone(),
                     slots: step.slots,
+                    concurrency_key: step.concurrency_key.clone(),
                 })
             })
             .collect();

@@ -244,6 +244,7 @@ impl Scheduler {
             inputs: Some(dagmesh_proto::json::to_struct(&Json::Object(inputs))),
             idempotency_key: format!("schedule/{}/{}", schedule.id, ticks::utc_rfc3339(tick)),
             tags,
+            ..SubmitRunRequest::default()
         };
         match self.inner.starter.submit(request).await {
             Ok((run, created)) => {
@@ -431,6 +432,7 @@ impl Scheduler {
                 inputs: Some(dagmesh_proto::json::to_struct(&Json::Object(inputs))),
                 idempotency_key,
                 tags,
+                ..SubmitRunRequest::default()
             };
             requests.push((trigger.name, request));
         }
@@ -604,6 +606,7 @@ impl Scheduler {
                 inputs: Some(dagmesh_proto::json::to_struct(&Json::Object(inputs))),
                 idempotency_key: key,
                 tags,
+                ..SubmitRunRequest::default()
             };
             match self.inner.starter.submit(request).await {
                 Ok((run, _)) => {

@@ -9,6 +9,7 @@
 //! A failed commit stops the engine (the process exits and a restart recovers from the store);
 //! memory is never trusted past a write that did not happen.
 
+mod admission;
 mod run;
 mod timers;
 mod traces;
@@ -19,13 +20,16 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use dagmesh_metastore::MetadataStore;
-use dagmesh_proto::v1::{self as pb, Hello, Run, WorkerInfo, server_message, worker_message};
+use dagmesh_proto::v1::{
+    self as pb, Hello, Run, RunState, WorkerInfo, server_message, worker_message,
+};
 use serde_json::{Map, Value as Json};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::plans::{Plan, PlanCache};
 use crate::{ExecError, ExecutorConfig};
+use admission::Admission;
 pub(crate) use run::RunEntry;
 use timers::{Timer, Timers};
 pub(crate) use workers::{Outbound, Route};
@@ -37,6 +41,9 @@ pub(crate) enum Command {
         inputs: Map<String, Json>,
         idempotency_key: String,
         tags: HashMap<String, String>,
+        priority: i32,
+        /// Admission buckets (see `Limits::buckets`), computed by the caller.
+        buckets: Vec<String>,
         reply: oneshot::Sender<Submitted>,
     },
     Cancel {
@@ -72,6 +79,10 @@ pub(crate) enum Command {
     },
     ListWorkers {
         reply: oneshot::Sender<Vec<WorkerInfo>>,
+    },
+    /// Admission queue positions (1 = next) of the QUEUED runs.
+    QueuePositions {
+        reply: oneshot::Sender<HashMap<String, u32>>,
     },
     Drain {
         reply: oneshot::Sender<()>,
@@ -130,6 +141,7 @@ pub(crate) struct Ctx {
     queues: ReadyQueues,
     workers: Workers,
     timers: Timers,
+    admission: Admission,
     effects: Vec<Effect>,
     /// Runs changed in this batch, in first-touched order.
     dirty_runs: Vec<Arc<str>>,
@@ -187,6 +199,7 @@ impl Engine {
             store: store.clone(),
             runs: HashMap::new(),
             ctx: Ctx {
+                admission: Admission::new(config.limits.clone()),
                 config,
                 queues: ReadyQueues::default(),
                 workers: Workers::default(),
@@ -225,15 +238,28 @@ impl Engine {
                     None => break,
                 }
             }
-            let entry = RunEntry::recover(run, plan, &mut self.ctx);
+            let mut entry = RunEntry::recover(run, plan, &mut self.ctx);
             if let Some(key) = non_empty(&entry.run.idempotency_key) {
                 self.remember_key(key.to_owned(), entry.id.clone());
+            }
+            entry.buckets = self.buckets_of(&entry);
+            match entry.run.state() {
+                RunState::Running => {
+                    self.ctx.admission.acquire(&entry.buckets);
+                    entry.admitted = true;
+                }
+                RunState::Queued => self
+                    .ctx
+                    .admission
+                    .enqueue(entry.run.priority, entry.id.clone()),
+                _ => {}
             }
             self.runs.insert(entry.id.clone(), entry);
         }
         if count > 0 {
             tracing::info!(runs = count, "recovered active runs");
         }
+        self.admit_queued();
         self.dispatch();
         self.flush().await
     }
@@ -268,6 +294,7 @@ impl Engine {
             while let Some(timer) = self.ctx.timers.pop_due(self.ctx.now) {
                 self.fire(timer);
             }
+            self.admit_queued();
             self.dispatch();
             // Nothing waits on this batch (no reply, no message to a worker: only Started,
             // progress or logs): let it share the next commit instead of paying for its own.
@@ -299,6 +326,8 @@ impl Engine {
                 inputs,
                 idempotency_key,
                 tags,
+                priority,
+                buckets,
                 reply,
             } => {
                 if let Some(run_id) = self.idempotency.get(&idempotency_key) {
@@ -306,15 +335,32 @@ impl Engine {
                     self.ctx.reply(reply, existing);
                     return;
                 }
-                let entry =
-                    RunEntry::create(plan, inputs, idempotency_key.clone(), tags, &mut self.ctx);
+                // Straight in when nothing waits and there is room; otherwise behind the queue.
+                let admit =
+                    self.ctx.admission.queue_is_empty() && self.ctx.admission.fits(&buckets);
+                let mut entry = RunEntry::create(
+                    plan,
+                    inputs,
+                    idempotency_key.clone(),
+                    tags,
+                    priority,
+                    admit,
+                    &mut self.ctx,
+                );
+                entry.buckets = buckets;
                 let id = entry.id.clone();
-                self.runs.insert(id.clone(), entry);
                 if !idempotency_key.is_empty() {
                     self.remember_key(idempotency_key, id.clone());
                 }
+                if admit {
+                    self.ctx.admission.acquire(&entry.buckets);
+                    entry.admitted = true;
+                    entry.start(&mut self.ctx);
+                } else {
+                    self.ctx.admission.enqueue(priority, id.clone());
+                }
+                self.runs.insert(id.clone(), entry);
                 let entry = self.runs.get_mut(&id).expect("just inserted");
-                entry.start(&mut self.ctx);
                 let snapshot = entry.snapshot();
                 self.ctx
                     .reply(reply, Submitted::Created(Box::new(snapshot)));
@@ -340,9 +386,13 @@ impl Engine {
                     return;
                 }
                 let mut entry = RunEntry::recover(run, plan, &mut self.ctx);
+                entry.buckets = self.buckets_of(&entry);
                 entry.retry(&mut self.ctx);
-                let snapshot = entry.snapshot();
-                self.runs.insert(entry.id.clone(), entry);
+                let id = entry.id.clone();
+                self.ctx.admission.enqueue(entry.run.priority, id.clone());
+                self.runs.insert(id.clone(), entry);
+                self.admit_queued();
+                let snapshot = self.runs[&id].snapshot();
                 self.ctx.reply(reply, Ok(snapshot));
             }
             Command::Watch { run_id, reply } => {
@@ -397,6 +447,20 @@ impl Engine {
                 workers.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
                 let _ = reply.send(workers);
             }
+            Command::QueuePositions { reply } => {
+                let mut positions = HashMap::new();
+                for (_, run_id) in self.ctx.admission.queued() {
+                    if self
+                        .runs
+                        .get(&run_id)
+                        .is_some_and(|e| e.run.state() == RunState::Queued)
+                    {
+                        let position = positions.len() as u32 + 1;
+                        positions.insert(run_id.to_string(), position);
+                    }
+                }
+                let _ = reply.send(positions);
+            }
             Command::Drain { reply } => {
                 if self.drain.is_none() {
                     tracing::info!(
@@ -414,6 +478,42 @@ impl Engine {
                 self.drain.get_or_insert_with(Vec::new).push(reply);
             }
         }
+    }
+
+    /// Admits queued runs that fit, in priority then FIFO order.
+    fn admit_queued(&mut self) {
+        if !std::mem::take(&mut self.ctx.admission.dirty) {
+            return;
+        }
+        for (key, run_id) in self.ctx.admission.queued() {
+            let Some(entry) = self.runs.get_mut(&run_id) else {
+                self.ctx.admission.dequeue(&key);
+                continue;
+            };
+            if entry.run.state() != RunState::Queued {
+                self.ctx.admission.dequeue(&key); // cancelled while queued
+                continue;
+            }
+            if !self.ctx.admission.fits(&entry.buckets) {
+                continue;
+            }
+            self.ctx.admission.dequeue(&key);
+            self.ctx.admission.acquire(&entry.buckets);
+            entry.admit(&mut self.ctx);
+        }
+    }
+
+    /// The admission buckets of a run read back from the store.
+    fn buckets_of(&self, entry: &RunEntry) -> Vec<String> {
+        let inputs = dagmesh_proto::json::from_struct(entry.run.inputs.as_ref());
+        self.ctx
+            .admission
+            .limits()
+            .buckets(&entry.run.workflow, &inputs, &entry.run.tags)
+            .unwrap_or_else(|error| {
+                tracing::warn!(run_id = %entry.id, %error, "run limits do not apply to this run");
+                Vec::new()
+            })
     }
 
     fn remember_key(&mut self, key: String, run_id: Arc<str>) {
@@ -696,7 +796,10 @@ impl Engine {
         }
         let mut blocked = HashSet::new();
         while self.ctx.workers.any_free() {
-            let Some(route) = self.ctx.queues.best_head(|route| !blocked.contains(route)) else {
+            let admission = &self.ctx.admission;
+            let Some(route) = self.ctx.queues.best_head(|route| {
+                !blocked.contains(route) && admission.resource_available(&route.concurrency_key)
+            }) else {
                 break;
             };
             let Some((instance, version)) = self.ctx.workers.pick(&route) else {

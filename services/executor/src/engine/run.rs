@@ -56,6 +56,10 @@ pub(crate) struct RunEntry {
     recorded_attempt: Vec<u32>,
     /// Steps not in a terminal state; the run is done when it reaches 0.
     unfinished: usize,
+    /// Admission buckets this run occupies while admitted (see `Limits::buckets`).
+    pub buckets: Vec<String>,
+    /// Whether it holds its buckets (admitted and not yet ended).
+    pub admitted: bool,
     dirty_steps: Vec<usize>,
     step_dirty: Vec<bool>,
     run_dirty: bool,
@@ -64,13 +68,21 @@ pub(crate) struct RunEntry {
 }
 
 impl RunEntry {
+    /// A new run, RUNNING when `admitted` (the caller then starts it), else QUEUED.
     pub fn create(
         plan: Arc<Plan>,
         inputs: Map<String, Json>,
         idempotency_key: String,
         tags: HashMap<String, String>,
+        priority: i32,
+        admitted: bool,
         ctx: &mut Ctx,
     ) -> Self {
+        let state = if admitted {
+            RunState::Running
+        } else {
+            RunState::Queued
+        };
         let run_id = uuid::Uuid::now_v7().to_string();
         let steps = plan
             .compiled
@@ -89,7 +101,8 @@ impl RunEntry {
             run_id: run_id.clone(),
             workflow: plan.workflow.name.clone(),
             workflow_version: plan.workflow.version,
-            state: RunState::Running as i32,
+            state: state as i32,
+            priority,
             inputs: Some(map_to_struct(&inputs)),
             tags,
             idempotency_key,
@@ -102,12 +115,19 @@ impl RunEntry {
         }
         entry.emit(
             run_event::Event::RunState(pb::RunStateChanged {
-                state: RunState::Running as i32,
+                state: state as i32,
                 error: String::new(),
             }),
             ctx,
         );
         entry
+    }
+
+    /// Admission: QUEUED -> RUNNING, and the first steps become ready.
+    pub fn admit(&mut self, ctx: &mut Ctx) {
+        self.admitted = true;
+        self.set_run_state(RunState::Running, String::new(), ctx);
+        self.start(ctx);
     }
 
     /// Rebuilds a run read from the store. Assigned tasks are held for their worker, which
@@ -165,6 +185,8 @@ impl RunEntry {
                         .entry(instance.clone())
                         .or_insert_with(|| super::Session::new(instance.clone(), now));
                     ctx.workers.hold(&instance, task_id, attempt, slots);
+                    let resource = &entry.plan.compiled.steps[index].concurrency_key;
+                    ctx.admission.hold_resource(resource);
                     ctx.timers
                         .schedule(now + ctx.config.lease, Timer::Lease { instance });
                 }
@@ -198,6 +220,8 @@ impl RunEntry {
             waiting_on,
             recorded_attempt: vec![0; count],
             unfinished,
+            buckets: Vec::new(),
+            admitted: false,
             dirty_steps: Vec::new(),
             step_dirty: vec![false; count],
             run_dirty: false,
@@ -237,7 +261,7 @@ impl RunEntry {
     }
 
     /// RetryRun: every step that did not succeed starts over; earlier attempts no longer count
-    /// against the retry policy.
+    /// against the retry policy. The run goes back to QUEUED for admission.
     pub fn retry(&mut self, ctx: &mut Ctx) {
         for index in 0..self.steps.len() {
             let step = &mut self.steps[index];
@@ -256,9 +280,9 @@ impl RunEntry {
         }
         self.recount_waiting();
         self.unfinished = steps_unfinished(&self.steps);
-        self.set_run_state(RunState::Running, String::new(), ctx);
+        // Back through admission like a new run; the engine queues it.
+        self.set_run_state(RunState::Queued, String::new(), ctx);
         self.run.finished_at = None;
-        self.start(ctx);
     }
 
     /// Takes the steps in `work` whose needs are all done and decides: skip, fail or ready.
@@ -664,6 +688,15 @@ impl RunEntry {
             (true, false) => self.unfinished += 1,
             _ => {}
         }
+        // A step holds its shared resource while an attempt is assigned or running.
+        if is_active(step.state()) != is_active(state) {
+            let resource = &self.plan.compiled.steps[index].concurrency_key;
+            if is_active(state) {
+                ctx.admission.hold_resource(resource);
+            } else {
+                ctx.admission.release_resource(resource);
+            }
+        }
         step.state = state as i32;
         let event = run_event::Event::StepState(pb::StepStateChanged {
             step_id: step.step_id.clone(),
@@ -686,6 +719,9 @@ impl RunEntry {
         if is_finished(state) {
             self.run.finished_at = Some(now());
             traces::run_ended(&self.run);
+            if std::mem::take(&mut self.admitted) {
+                ctx.admission.release(&self.buckets);
+            }
         }
         self.emit(
             run_event::Event::RunState(pb::RunStateChanged {

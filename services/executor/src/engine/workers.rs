@@ -20,6 +20,8 @@ pub(crate) struct Route {
     pub version_req: VersionReq,
     pub labels: BTreeMap<String, String>,
     pub slots: u32,
+    /// Shared resource held while running (StepSpec.concurrency_key); empty: none.
+    pub concurrency_key: String,
 }
 
 /// A ready task in a queue. The entry may be stale (the run was cancelled meanwhile); dispatch

@@ -37,6 +37,9 @@ impl RunService for Runs {
             .get_run(&run_id)
             .await
             .map_err(ExecError::from)?;
+        let mut runs = [run];
+        self.0.fill_queue_positions(&mut runs).await?;
+        let [run] = runs;
         Ok(Response::new(run))
     }
 
@@ -51,12 +54,13 @@ impl RunService for Runs {
                 request.page_size
             )));
         }
-        let runs = self
+        let mut runs = self
             .0
             .store()
             .list_runs(&request)
             .await
             .map_err(ExecError::from)?;
+        self.0.fill_queue_positions(&mut runs.runs).await?;
         Ok(Response::new(runs))
     }
 
