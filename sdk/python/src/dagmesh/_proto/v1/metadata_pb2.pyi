@@ -1,5 +1,9 @@
+import datetime
+
 from dagmesh._proto.v1 import types_pb2 as _types_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from dagmesh._proto.v1 import run_pb2 as _run_pb2
+from dagmesh._proto.v1 import scheduler_pb2 as _scheduler_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -105,3 +109,33 @@ class ReadActiveRunsResponse(_message.Message):
     RUNS_FIELD_NUMBER: _ClassVar[int]
     runs: _containers.RepeatedCompositeFieldContainer[_types_pb2.Run]
     def __init__(self, runs: _Optional[_Iterable[_Union[_types_pb2.Run, _Mapping]]] = ...) -> None: ...
+
+class ReadScheduleRequest(_message.Message):
+    __slots__ = ("schedule",)
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    schedule: str
+    def __init__(self, schedule: _Optional[str] = ...) -> None: ...
+
+class SetSchedulePausedRequest(_message.Message):
+    __slots__ = ("schedule", "paused")
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    schedule: str
+    paused: bool
+    def __init__(self, schedule: _Optional[str] = ..., paused: bool = ...) -> None: ...
+
+class AdvanceScheduleRequest(_message.Message):
+    __slots__ = ("id", "expected", "to")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    expected: _timestamp_pb2.Timestamp
+    to: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., expected: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., to: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class AdvanceScheduleResponse(_message.Message):
+    __slots__ = ("advanced",)
+    ADVANCED_FIELD_NUMBER: _ClassVar[int]
+    advanced: bool
+    def __init__(self, advanced: bool = ...) -> None: ...

@@ -5,6 +5,7 @@ import warnings
 
 from dagmesh._proto.v1 import metadata_pb2 as dagmesh_dot_v1_dot_metadata__pb2
 from dagmesh._proto.v1 import run_pb2 as dagmesh_dot_v1_dot_run__pb2
+from dagmesh._proto.v1 import scheduler_pb2 as dagmesh_dot_v1_dot_scheduler__pb2
 from dagmesh._proto.v1 import types_pb2 as dagmesh_dot_v1_dot_types__pb2
 
 GRPC_GENERATED_VERSION = '1.80.0'
@@ -81,6 +82,66 @@ class MetadataServiceStub(object):
                 request_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReadActiveRunsRequest.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ReadActiveRunsResponse.FromString,
                 _registered_method=True)
+        self.PutSchedule = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/PutSchedule',
+                request_serializer=dagmesh_dot_v1_dot_scheduler__pb2.Schedule.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.Schedule.FromString,
+                _registered_method=True)
+        self.ReadSchedule = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/ReadSchedule',
+                request_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReadScheduleRequest.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.Schedule.FromString,
+                _registered_method=True)
+        self.ReadSchedules = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/ReadSchedules',
+                request_serializer=dagmesh_dot_v1_dot_scheduler__pb2.ListSchedulesRequest.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.ListSchedulesResponse.FromString,
+                _registered_method=True)
+        self.RemoveSchedule = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/RemoveSchedule',
+                request_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReadScheduleRequest.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.DeleteScheduleResponse.FromString,
+                _registered_method=True)
+        self.SetSchedulePaused = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/SetSchedulePaused',
+                request_serializer=dagmesh_dot_v1_dot_metadata__pb2.SetSchedulePausedRequest.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.Schedule.FromString,
+                _registered_method=True)
+        self.AdvanceSchedule = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/AdvanceSchedule',
+                request_serializer=dagmesh_dot_v1_dot_metadata__pb2.AdvanceScheduleRequest.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.AdvanceScheduleResponse.FromString,
+                _registered_method=True)
+        self.PutTrigger = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/PutTrigger',
+                request_serializer=dagmesh_dot_v1_dot_scheduler__pb2.Trigger.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.Trigger.FromString,
+                _registered_method=True)
+        self.ReadTriggers = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/ReadTriggers',
+                request_serializer=dagmesh_dot_v1_dot_scheduler__pb2.ListTriggersRequest.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.ListTriggersResponse.FromString,
+                _registered_method=True)
+        self.RemoveTrigger = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/RemoveTrigger',
+                request_serializer=dagmesh_dot_v1_dot_scheduler__pb2.DeleteTriggerRequest.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.DeleteTriggerResponse.FromString,
+                _registered_method=True)
+        self.PutBackfill = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/PutBackfill',
+                request_serializer=dagmesh_dot_v1_dot_scheduler__pb2.Backfill.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.Backfill.FromString,
+                _registered_method=True)
+        self.ReadBackfill = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/ReadBackfill',
+                request_serializer=dagmesh_dot_v1_dot_scheduler__pb2.GetBackfillRequest.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.Backfill.FromString,
+                _registered_method=True)
+        self.ReadBackfills = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/ReadBackfills',
+                request_serializer=dagmesh_dot_v1_dot_scheduler__pb2.ListBackfillsRequest.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.ListBackfillsResponse.FromString,
+                _registered_method=True)
 
 
 class MetadataServiceServicer(object):
@@ -149,6 +210,89 @@ class MetadataServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutSchedule(self, request, context):
+        """The scheduler's state. Schedules: ALREADY_EXISTS when the name is taken.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadSchedule(self, request, context):
+        """By id or name; NOT_FOUND when absent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadSchedules(self, request, context):
+        """Every schedule, by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveSchedule(self, request, context):
+        """By id or name; NOT_FOUND when absent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetSchedulePaused(self, request, context):
+        """Sets `paused` only; the rest of the schedule is untouched.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AdvanceSchedule(self, request, context):
+        """Compare-and-set of `last_tick`: succeeds only if it still equals `expected`, so two
+        schedulers can never both advance a schedule past the same tick.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutTrigger(self, request, context):
+        """Triggers: ALREADY_EXISTS when the name is taken.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadTriggers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveTrigger(self, request, context):
+        """By id or name; NOT_FOUND when absent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutBackfill(self, request, context):
+        """Inserts or replaces a backfill, keyed by id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadBackfill(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadBackfills(self, request, context):
+        """Newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MetadataServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -196,6 +340,66 @@ def add_MetadataServiceServicer_to_server(servicer, server):
                     servicer.ReadActiveRuns,
                     request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ReadActiveRunsRequest.FromString,
                     response_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReadActiveRunsResponse.SerializeToString,
+            ),
+            'PutSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutSchedule,
+                    request_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.Schedule.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_scheduler__pb2.Schedule.SerializeToString,
+            ),
+            'ReadSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadSchedule,
+                    request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ReadScheduleRequest.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_scheduler__pb2.Schedule.SerializeToString,
+            ),
+            'ReadSchedules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadSchedules,
+                    request_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.ListSchedulesRequest.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_scheduler__pb2.ListSchedulesResponse.SerializeToString,
+            ),
+            'RemoveSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveSchedule,
+                    request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ReadScheduleRequest.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_scheduler__pb2.DeleteScheduleResponse.SerializeToString,
+            ),
+            'SetSchedulePaused': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSchedulePaused,
+                    request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.SetSchedulePausedRequest.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_scheduler__pb2.Schedule.SerializeToString,
+            ),
+            'AdvanceSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdvanceSchedule,
+                    request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.AdvanceScheduleRequest.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_metadata__pb2.AdvanceScheduleResponse.SerializeToString,
+            ),
+            'PutTrigger': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutTrigger,
+                    request_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.Trigger.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_scheduler__pb2.Trigger.SerializeToString,
+            ),
+            'ReadTriggers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadTriggers,
+                    request_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.ListTriggersRequest.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_scheduler__pb2.ListTriggersResponse.SerializeToString,
+            ),
+            'RemoveTrigger': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveTrigger,
+                    request_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.DeleteTriggerRequest.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_scheduler__pb2.DeleteTriggerResponse.SerializeToString,
+            ),
+            'PutBackfill': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutBackfill,
+                    request_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.Backfill.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_scheduler__pb2.Backfill.SerializeToString,
+            ),
+            'ReadBackfill': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadBackfill,
+                    request_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.GetBackfillRequest.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_scheduler__pb2.Backfill.SerializeToString,
+            ),
+            'ReadBackfills': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadBackfills,
+                    request_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.ListBackfillsRequest.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_scheduler__pb2.ListBackfillsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -441,6 +645,330 @@ class MetadataService(object):
             '/dagmesh.v1.MetadataService/ReadActiveRuns',
             dagmesh_dot_v1_dot_metadata__pb2.ReadActiveRunsRequest.SerializeToString,
             dagmesh_dot_v1_dot_metadata__pb2.ReadActiveRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.MetadataService/PutSchedule',
+            dagmesh_dot_v1_dot_scheduler__pb2.Schedule.SerializeToString,
+            dagmesh_dot_v1_dot_scheduler__pb2.Schedule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.MetadataService/ReadSchedule',
+            dagmesh_dot_v1_dot_metadata__pb2.ReadScheduleRequest.SerializeToString,
+            dagmesh_dot_v1_dot_scheduler__pb2.Schedule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadSchedules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.MetadataService/ReadSchedules',
+            dagmesh_dot_v1_dot_scheduler__pb2.ListSchedulesRequest.SerializeToString,
+            dagmesh_dot_v1_dot_scheduler__pb2.ListSchedulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.MetadataService/RemoveSchedule',
+            dagmesh_dot_v1_dot_metadata__pb2.ReadScheduleRequest.SerializeToString,
+            dagmesh_dot_v1_dot_scheduler__pb2.DeleteScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSchedulePaused(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.MetadataService/SetSchedulePaused',
+            dagmesh_dot_v1_dot_metadata__pb2.SetSchedulePausedRequest.SerializeToString,
+            dagmesh_dot_v1_dot_scheduler__pb2.Schedule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdvanceSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.MetadataService/AdvanceSchedule',
+            dagmesh_dot_v1_dot_metadata__pb2.AdvanceScheduleRequest.SerializeToString,
+            dagmesh_dot_v1_dot_metadata__pb2.AdvanceScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutTrigger(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.MetadataService/PutTrigger',
+            dagmesh_dot_v1_dot_scheduler__pb2.Trigger.SerializeToString,
+            dagmesh_dot_v1_dot_scheduler__pb2.Trigger.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadTriggers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.MetadataService/ReadTriggers',
+            dagmesh_dot_v1_dot_scheduler__pb2.ListTriggersRequest.SerializeToString,
+            dagmesh_dot_v1_dot_scheduler__pb2.ListTriggersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveTrigger(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.MetadataService/RemoveTrigger',
+            dagmesh_dot_v1_dot_scheduler__pb2.DeleteTriggerRequest.SerializeToString,
+            dagmesh_dot_v1_dot_scheduler__pb2.DeleteTriggerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutBackfill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.MetadataService/PutBackfill',
+            dagmesh_dot_v1_dot_scheduler__pb2.Backfill.SerializeToString,
+            dagmesh_dot_v1_dot_scheduler__pb2.Backfill.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadBackfill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.MetadataService/ReadBackfill',
+            dagmesh_dot_v1_dot_scheduler__pb2.GetBackfillRequest.SerializeToString,
+            dagmesh_dot_v1_dot_scheduler__pb2.Backfill.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadBackfills(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.MetadataService/ReadBackfills',
+            dagmesh_dot_v1_dot_scheduler__pb2.ListBackfillsRequest.SerializeToString,
+            dagmesh_dot_v1_dot_scheduler__pb2.ListBackfillsResponse.FromString,
             options,
             channel_credentials,
             insecure,
