@@ -5,16 +5,15 @@
 //! and its log is printed when the test fails.
 
 use std::collections::{BTreeSet, HashMap};
-use std::fs::OpenOptions;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use dagmesh_integration_tests::{
-    PATIENCE, all_events, assert_succeeded, channel, connected, dagmesh_binary, free_port, step,
-    step_states, wait_for_run, wait_healthy, workflow,
+    ChildGuard, PATIENCE, all_events, assert_succeeded, channel, connected, free_port, step,
+    step_states, wait_for_run, workflow,
 };
 use dagmesh_proto::v1::{ReadRunRequest, Run, metadata_service_client::MetadataServiceClient};
 use dagmesh_sdk::{Client, SubmitRun, TaskContext, TaskError, Worker, WorkerHandle};
@@ -22,124 +21,6 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-
-/// A `dagmesh` child process. Dropping it SIGKILLs and reaps the process, so a failing test
-/// leaves nothing behind; while a test panics, the drop also prints the end of its log.
-struct ChildGuard {
-    name: String,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl ChildGuard {
-    /// Starts `dagmesh ARGS` with stdout and stderr appended to `DIR/NAME.log`, and with no
-    /// `DAGMESH_*` variable inherited from the test's environment.
-    fn spawn(name: &str, args: &[&str], log_dir: &Path) -> anyhow::Result<Self> {
-        let log = log_dir.join(format!("{name}.log"));
-        let file = OpenOptions::new().create(true).append(true).open(&log)?;
-        let mut command = Command::new(dagmesh_binary()?);
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("DAGMESH_") {
-                command.env_remove(key);
-            }
-        }
-        let child = command
-            .spawn()
-            .with_context(|| format!("starting dagmesh {}", args.join(" ")))?;
-        Ok(Self {
-            name: name.to_owned(),
-            child: Some(child),
-            log,
-        })
-    }
-
-    fn pid(&self) -> anyhow::Result<u32> {
-        Ok(self.child.as_ref().context("process already reaped")?.id())
-    }
-
-    /// Waits until `url` reports SERVING, failing at once (with the log) if the process exits.
-    async fn wait_ready(&mut self, url: &str) -> anyhow::Result<()> {
-        tokio::select! {
-            result = wait_healthy(url) => result.with_context(|| self.context()),
-            status = self.exited() => {
-                bail!("{} exited before it was healthy ({:?}){}", self.name, status, self.context())
-            }
-        }
-    }
-
-    /// Resolves when the process has exited, reaping it.
-    async fn exited(&mut self) -> anyhow::Result<ExitStatus> {
-        loop {
-            let child = self.child.as_mut().context("process already reaped")?;
-            if let Some(status) = child.try_wait()? {
-                self.child = None;
-                return Ok(status);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Waits at most `within` for the process to exit on its own.
-    async fn wait_exit(&mut self, within: Duration) -> anyhow::Result<ExitStatus> {
-        match tokio::time::timeout(within, self.exited()).await {
-            Ok(status) => status,
-            Err(_) => bail!(
-                "{} still running after {within:?}{}",
-                self.name,
-                self.context()
-            ),
-        }
-    }
-
-    /// SIGKILL, like a crash or an OOM kill: nothing is drained or flushed.
-    fn sigkill(&mut self) -> anyhow::Result<()> {
-        let mut child = self.child.take().context("process already reaped")?;
-        child.kill()?;
-        child.wait()?;
-        Ok(())
-    }
-
-    /// SIGTERM, what Kubernetes and systemd send first.
-    fn sigterm(&self) -> anyhow::Result<()> {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.pid()?.to_string()])
-            .status()
-            .context("running kill -TERM")?;
-        ensure!(status.success(), "kill -TERM {} failed", self.name);
-        Ok(())
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-
-    fn context(&self) -> String {
-        format!(
-            "\n--- last lines of {} ---\n{}",
-            self.log.display(),
-            self.log_tail()
-        )
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("{}", self.context());
-        }
-    }
-}
 
 /// `dagmesh up` on `port` and the SQLite file in `dir`, with test timings; healthy on return.
 async fn start_up(name: &str, dir: &Path, port: u16, extra: &[&str]) -> anyhow::Result<ChildGuard> {

@@ -3,15 +3,12 @@
 //! worker's own span for each attempt continues the trace through the Assign's `traceparent`.
 
 use std::collections::HashMap;
-use std::fs::OpenOptions;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, bail};
 use dagmesh_integration_tests::{
-    PATIENCE, assert_succeeded, dagmesh_binary, free_port, step, wait_healthy, workflow,
+    ChildGuard, PATIENCE, assert_succeeded, free_port, step, workflow,
 };
 use dagmesh_proto::v1::RetryPolicy;
 use dagmesh_sdk::{Client, SubmitRun, TaskContext, TaskError, Worker};
@@ -49,7 +46,7 @@ async fn up_exports_run_step_and_attempt_spans_and_workers_continue_the_trace() 
     let url = format!("http://127.0.0.1:{port}");
     let listen = format!("127.0.0.1:{port}");
     let database = format!("sqlite://{}", dir.path().join("db.sqlite").display());
-    let mut up = ChildGuard::spawn(
+    let mut up = ChildGuard::spawn_with_env(
         "up",
         &["up", "--listen", &listen, "--database", &database],
         &[
@@ -423,105 +420,4 @@ fn names(spans: &[&Span]) -> Vec<String> {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// A `dagmesh` child process, SIGKILLed and reaped when dropped; its log is printed when the
-/// test panics.
-struct ChildGuard {
-    name: String,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl ChildGuard {
-    /// Starts `dagmesh ARGS` with `env`, and with no `DAGMESH_*` or `OTEL_*` variable inherited
-    /// from the test's environment.
-    fn spawn(name: &str, args: &[&str], env: &[(&str, &str)], dir: &Path) -> anyhow::Result<Self> {
-        let log = dir.join(format!("{name}.log"));
-        let file = OpenOptions::new().create(true).append(true).open(&log)?;
-        let mut command = Command::new(dagmesh_binary()?);
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file);
-        for (key, _) in std::env::vars_os() {
-            let key_text = key.to_string_lossy();
-            if key_text.starts_with("DAGMESH_") || key_text.starts_with("OTEL_") {
-                command.env_remove(key);
-            }
-        }
-        command.envs(env.iter().copied());
-        let child = command
-            .spawn()
-            .with_context(|| format!("starting dagmesh {}", args.join(" ")))?;
-        Ok(Self {
-            name: name.to_owned(),
-            child: Some(child),
-            log,
-        })
-    }
-
-    async fn wait_ready(&mut self, url: &str) -> anyhow::Result<()> {
-        tokio::select! {
-            result = wait_healthy(url) => result.with_context(|| self.context()),
-            status = self.exited() => {
-                bail!("{} exited before it was healthy ({:?}){}", self.name, status, self.context())
-            }
-        }
-    }
-
-    async fn exited(&mut self) -> anyhow::Result<ExitStatus> {
-        loop {
-            let child = self.child.as_mut().context("process already reaped")?;
-            if let Some(status) = child.try_wait()? {
-                self.child = None;
-                return Ok(status);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn wait_exit(&mut self, within: Duration) -> anyhow::Result<ExitStatus> {
-        match tokio::time::timeout(within, self.exited()).await {
-            Ok(status) => status,
-            Err(_) => bail!(
-                "{} still running after {within:?}{}",
-                self.name,
-                self.context()
-            ),
-        }
-    }
-
-    fn sigterm(&self) -> anyhow::Result<()> {
-        let pid = self.child.as_ref().context("process already reaped")?.id();
-        let status = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .context("running kill -TERM")?;
-        ensure!(status.success(), "kill -TERM {} failed", self.name);
-        Ok(())
-    }
-
-    fn context(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        format!(
-            "\n--- last lines of {} ---\n{}",
-            self.log.display(),
-            lines[lines.len().saturating_sub(40)..].join("\n")
-        )
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("{}", self.context());
-        }
-    }
 }
