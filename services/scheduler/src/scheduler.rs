@@ -262,6 +262,20 @@ impl Scheduler {
     // --- schedules ---
 
     /// Validates and stores a schedule; the loop picks it up at once.
+    /// Nothing may be set up to start a workflow (version) that is not registered: it would only
+    /// fail later, at 3 a.m., with the reason buried in a log.
+    async fn check_workflow(&self, name: &str, version: u32) -> Result<(), SchedError> {
+        let pinned = (version != 0).then_some(version);
+        match self.inner.store.get_workflow(name, pinned).await {
+            Ok(_) => Ok(()),
+            Err(dagmesh_metastore::StoreError::NotFound(_)) => Err(SchedError::NotFound(format!(
+                "workflow: {name:?}{} is not registered (apply it first)",
+                pinned.map(|v| format!(" version {v}")).unwrap_or_default()
+            ))),
+            Err(error) => Err(error.into()),
+        }
+    }
+
     pub async fn create_schedule(&self, schedule: Schedule) -> Result<Schedule, SchedError> {
         if schedule.name.is_empty() {
             return Err(invalid("name: required".into()));
@@ -269,6 +283,8 @@ impl Scheduler {
         if schedule.workflow.is_empty() {
             return Err(invalid("workflow: required".into()));
         }
+        self.check_workflow(&schedule.workflow, schedule.workflow_version)
+            .await?;
         let zone = ticks::parse_zone(&schedule.time_zone).map_err(invalid)?;
         let cron = ticks::parse_cron(&schedule.cron).map_err(invalid)?;
         let now = self.inner.clock.now();
@@ -355,6 +371,8 @@ impl Scheduler {
         if trigger.workflow.is_empty() {
             return Err(invalid("workflow: required".into()));
         }
+        self.check_workflow(&trigger.workflow, trigger.workflow_version)
+            .await?;
         if !trigger.filter.is_empty() {
             expr::compile(&trigger.filter).map_err(|e| invalid(format!("filter: {e}")))?;
         }
@@ -453,6 +471,8 @@ impl Scheduler {
         if backfill.workflow.is_empty() {
             return Err(invalid("workflow: required".into()));
         }
+        self.check_workflow(&backfill.workflow, backfill.workflow_version)
+            .await?;
         let (Some(start), Some(end)) = (&backfill.start, &backfill.end) else {
             return Err(invalid("start, end: required".into()));
         };

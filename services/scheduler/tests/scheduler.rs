@@ -106,6 +106,22 @@ impl Harness {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("meta.db").display());
         let store: Arc<dyn MetadataStore> = Arc::new(SqlStore::connect(&url).await.unwrap());
+        // The workflows these tests schedule must be registered, as they would be in production.
+        for name in ["report", "ingest", "audit", "w", "daily-load"] {
+            let spec = dagmesh_proto::v1::WorkflowSpec {
+                name: name.into(),
+                steps: vec![dagmesh_proto::v1::StepSpec {
+                    id: "only".into(),
+                    task: "noop".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            store
+                .put_workflow(spec, format!("hash-{name}"))
+                .await
+                .unwrap();
+        }
         Harness {
             _dir: dir,
             store,
@@ -394,6 +410,21 @@ async fn invalid_schedules_name_the_field() {
         matches!(&err, SchedError::Store(e) if tonic::Status::from(e.clone()).code() == tonic::Code::AlreadyExists),
         "{err:?}"
     );
+
+    // Nothing is set up to start a workflow that does not exist.
+    let unknown = Schedule {
+        workflow: "nope".into(),
+        ..schedule("b", "0 * * * *", "", CatchUp::Skip, 0)
+    };
+    match scheduler.create_schedule(unknown).await {
+        Err(SchedError::NotFound(message)) => {
+            assert_eq!(
+                message,
+                "workflow: \"nope\" is not registered (apply it first)"
+            )
+        }
+        other => panic!("expected NotFound, got {other:?}"),
+    }
 }
 
 #[tokio::test]
