@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use dagmesh_integration_tests::{
-    ChildGuard, PATIENCE, all_events, assert_succeeded, channel, connected, free_port, step,
-    step_states, wait_for_run, workflow,
+    ChildGuard, Database, PATIENCE, all_events, assert_succeeded, channel, connected, free_port,
+    step, step_states, wait_for_run, workflow,
 };
 use dagmesh_proto::v1::{ReadRunRequest, Run, metadata_service_client::MetadataServiceClient};
 use dagmesh_sdk::{Client, SubmitRun, TaskContext, TaskError, Worker, WorkerHandle};
@@ -643,4 +643,134 @@ async fn sigterm_drains_then_exits_zero() -> anyhow::Result<()> {
         Some(1000.0)
     );
     Ok(())
+}
+
+/// Two `dagmesh scheduler` processes against one metastore on one PostgreSQL database, one of
+/// them SIGKILLed half-way: every tick of a per-second schedule becomes exactly one run, and
+/// no tick between the first and the last is missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_scheduler_processes_on_one_postgres_database_run_each_tick_once() -> anyhow::Result<()>
+{
+    use dagmesh_proto::v1::{
+        CreateScheduleRequest, ListRunsRequest, PauseScheduleRequest, Schedule,
+        run_service_client::RunServiceClient, scheduler_service_client::SchedulerServiceClient,
+    };
+    let Some(database) = Database::postgres().await? else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let addr = |port: u16| format!("127.0.0.1:{port}");
+    let (metastore_addr, executor_addr) = (addr(free_port()?), addr(free_port()?));
+    let (first_addr, second_addr) = (addr(free_port()?), addr(free_port()?));
+    let url = |a: &str| format!("http://{a}");
+    let database_url = database.url();
+
+    let mut metastore = ChildGuard::spawn(
+        "metastore",
+        &[
+            "metastore",
+            "--listen",
+            &metastore_addr,
+            "--database",
+            &database_url,
+        ],
+        dir.path(),
+    )?;
+    metastore.wait_ready(&url(&metastore_addr)).await?;
+    let mut executor = ChildGuard::spawn(
+        "executor",
+        &[
+            "executor",
+            "--listen",
+            &executor_addr,
+            "--metastore",
+            &url(&metastore_addr),
+        ],
+        dir.path(),
+    )?;
+    executor.wait_ready(&url(&executor_addr)).await?;
+    let scheduler_args = |listen: &str| {
+        [
+            "scheduler".to_owned(),
+            "--listen".into(),
+            listen.to_owned(),
+            "--metastore".into(),
+            url(&metastore_addr),
+            "--executor".into(),
+            url(&executor_addr),
+        ]
+    };
+    let first_args = scheduler_args(&first_addr);
+    let first_args: Vec<&str> = first_args.iter().map(String::as_str).collect();
+    let mut first = ChildGuard::spawn("scheduler-1", &first_args, dir.path())?;
+    first.wait_ready(&url(&first_addr)).await?;
+
+    Client::connect(url(&executor_addr))
+        .await?
+        .apply_workflow(workflow("ticking", vec![step("only", "echo", &[], &[])]))
+        .await?;
+    let schedule = Schedule {
+        name: "every-second".into(),
+        cron: "* * * * * *".into(),
+        workflow: "ticking".into(),
+        ..Schedule::default()
+    };
+    SchedulerServiceClient::new(channel(&url(&first_addr)).await?)
+        .create_schedule(CreateScheduleRequest {
+            schedule: Some(schedule),
+        })
+        .await?;
+    // The second process loads the schedule at start; from then on both fire every tick.
+    let second_args = scheduler_args(&second_addr);
+    let second_args: Vec<&str> = second_args.iter().map(String::as_str).collect();
+    let mut second = ChildGuard::spawn("scheduler-2", &second_args, dir.path())?;
+    second.wait_ready(&url(&second_addr)).await?;
+
+    // Real cron ticks need real time: let both run, then lose one without warning.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    first.sigkill()?;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    SchedulerServiceClient::new(channel(&url(&second_addr)).await?)
+        .pause_schedule(PauseScheduleRequest {
+            schedule: "every-second".into(),
+        })
+        .await?;
+
+    let runs = RunServiceClient::new(channel(&url(&executor_addr)).await?)
+        .list_runs(ListRunsRequest {
+            workflow: "ticking".into(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .runs;
+    let mut ticks: Vec<i64> = runs
+        .iter()
+        .map(|run| {
+            let tick = run.idempotency_key.rsplit('/').next().unwrap_or_default();
+            tick.parse::<prost_types::Timestamp>()
+                .map(|t| t.seconds)
+                .map_err(|e| {
+                    anyhow::anyhow!("run {} key {:?}: {e}", run.run_id, run.idempotency_key)
+                })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    ticks.sort_unstable();
+    let distinct = {
+        let mut d = ticks.clone();
+        d.dedup();
+        d
+    };
+    assert_eq!(distinct, ticks, "a tick started two runs");
+    assert!(ticks.len() >= 3, "ticks fired: {ticks:?}");
+    let first_tick = ticks[0];
+    let expected: Vec<i64> = (first_tick..first_tick + ticks.len() as i64).collect();
+    assert_eq!(
+        ticks, expected,
+        "a tick between the first and the last was missed"
+    );
+
+    drop((second, executor, metastore));
+    database.cleanup().await
 }
