@@ -2,6 +2,7 @@
 //! of truth; this crate only compiles them (plus JSON <-> `Struct` helpers).
 
 pub mod json;
+pub mod limits;
 
 pub mod v1 {
     tonic::include_proto!("dagmesh.v1");
