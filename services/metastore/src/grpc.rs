@@ -8,6 +8,10 @@ use std::time::Duration;
 use dagmesh_proto::v1::metadata_service_client::MetadataServiceClient;
 use dagmesh_proto::v1::metadata_service_server::{MetadataService, MetadataServiceServer};
 use dagmesh_proto::v1::{
+    AcquireLeaseRequest, ActiveRuns, CommitFencedRequest, QuarantineRunRequest,
+    ReleaseLeaseRequest, ReleaseLeaseResponse, RenewLeaseRequest,
+};
+use dagmesh_proto::v1::{
     AdvanceScheduleRequest, AdvanceScheduleResponse, Backfill, DeleteScheduleResponse,
     DeleteTriggerRequest, DeleteTriggerResponse, GetBackfillRequest, ListBackfillsRequest,
     ListBackfillsResponse, ListSchedulesRequest, ListSchedulesResponse, ListTriggersRequest,
@@ -23,6 +27,7 @@ use dagmesh_proto::v1::{
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
+use crate::store::Lease;
 use crate::{MetadataStore, StoreError};
 
 /// Largest gRPC message either side accepts or sends. Commit batches and recovery reads
@@ -49,6 +54,50 @@ impl MetadataGrpcServer {
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE)
     }
+}
+
+/// A lease for the wire.
+fn lease_to_proto(lease: Lease) -> dagmesh_proto::v1::Lease {
+    dagmesh_proto::v1::Lease {
+        name: lease.name,
+        holder: lease.holder,
+        epoch: lease.epoch,
+        expires_at: Some(lease.expires_at.into()),
+    }
+}
+
+/// A lease from the wire; `field` names it in the error.
+fn lease_from_proto(
+    lease: Option<dagmesh_proto::v1::Lease>,
+    field: &str,
+) -> Result<Lease, StoreError> {
+    let lease = lease.ok_or_else(|| StoreError::InvalidArgument(format!("{field}: required")))?;
+    let expires_at = match lease.expires_at {
+        Some(ts) => std::time::SystemTime::try_from(ts)
+            .map_err(|err| StoreError::InvalidArgument(format!("{field}.expires_at: {err}")))?,
+        // Only name, holder and epoch are checked; the expiry is informative.
+        None => std::time::SystemTime::UNIX_EPOCH,
+    };
+    Ok(Lease {
+        name: lease.name,
+        holder: lease.holder,
+        epoch: lease.epoch,
+        expires_at,
+    })
+}
+
+/// A TTL from the wire.
+fn ttl_from_proto(ttl: Option<prost_types::Duration>) -> Result<Duration, StoreError> {
+    let ttl = ttl.ok_or_else(|| StoreError::InvalidArgument("ttl: required".to_owned()))?;
+    Duration::try_from(ttl).map_err(|err| StoreError::InvalidArgument(format!("ttl: {err}")))
+}
+
+/// A TTL for the wire (the store checks its range).
+fn ttl_to_proto(ttl: Duration) -> prost_types::Duration {
+    prost_types::Duration::try_from(ttl).unwrap_or(prost_types::Duration {
+        seconds: i64::MAX,
+        nanos: 0,
+    })
 }
 
 /// proto `version` 0 means "the latest".
@@ -143,6 +192,65 @@ impl MetadataService for MetadataGrpcServer {
     ) -> Result<Response<ReadActiveRunsResponse>, Status> {
         let runs = self.store.read_active_runs().await?;
         Ok(Response::new(ReadActiveRunsResponse { runs }))
+    }
+
+    async fn read_active_runs_checked(
+        &self,
+        _request: Request<ReadActiveRunsRequest>,
+    ) -> Result<Response<ActiveRuns>, Status> {
+        Ok(Response::new(self.store.read_active_runs_checked().await?))
+    }
+
+    async fn quarantine_run(
+        &self,
+        request: Request<QuarantineRunRequest>,
+    ) -> Result<Response<Run>, Status> {
+        let req = request.into_inner();
+        let run = self.store.quarantine_run(&req.run_id, &req.reason).await?;
+        Ok(Response::new(run))
+    }
+
+    async fn acquire_lease(
+        &self,
+        request: Request<AcquireLeaseRequest>,
+    ) -> Result<Response<dagmesh_proto::v1::Lease>, Status> {
+        let req = request.into_inner();
+        let ttl = ttl_from_proto(req.ttl)?;
+        let lease = self
+            .store
+            .acquire_lease(&req.name, &req.holder, ttl)
+            .await?;
+        Ok(Response::new(lease_to_proto(lease)))
+    }
+
+    async fn renew_lease(
+        &self,
+        request: Request<RenewLeaseRequest>,
+    ) -> Result<Response<dagmesh_proto::v1::Lease>, Status> {
+        let req = request.into_inner();
+        let lease = lease_from_proto(req.lease, "lease")?;
+        let ttl = ttl_from_proto(req.ttl)?;
+        let lease = self.store.renew_lease(&lease, ttl).await?;
+        Ok(Response::new(lease_to_proto(lease)))
+    }
+
+    async fn release_lease(
+        &self,
+        request: Request<ReleaseLeaseRequest>,
+    ) -> Result<Response<ReleaseLeaseResponse>, Status> {
+        let lease = lease_from_proto(request.into_inner().lease, "lease")?;
+        self.store.release_lease(&lease).await?;
+        Ok(Response::new(ReleaseLeaseResponse {}))
+    }
+
+    async fn commit_fenced(
+        &self,
+        request: Request<CommitFencedRequest>,
+    ) -> Result<Response<CommitResponse>, Status> {
+        let req = request.into_inner();
+        let fence = lease_from_proto(req.fence, "fence")?;
+        self.store.commit_fenced(&fence, req.mutations).await?;
+        Ok(Response::new(CommitResponse {}))
     }
 
     async fn put_schedule(&self, request: Request<Schedule>) -> Result<Response<Schedule>, Status> {
@@ -374,6 +482,67 @@ impl MetadataStore for MetadataGrpcClient {
             .read_active_runs(ReadActiveRunsRequest {})
             .await?;
         Ok(resp.into_inner().runs)
+    }
+
+    async fn read_active_runs_checked(&self) -> Result<ActiveRuns, StoreError> {
+        let resp = self
+            .client()
+            .read_active_runs_checked(ReadActiveRunsRequest {})
+            .await?;
+        Ok(resp.into_inner())
+    }
+
+    async fn quarantine_run(&self, run_id: &str, reason: &str) -> Result<Run, StoreError> {
+        let req = QuarantineRunRequest {
+            run_id: run_id.to_owned(),
+            reason: reason.to_owned(),
+        };
+        Ok(self.client().quarantine_run(req).await?.into_inner())
+    }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Lease, StoreError> {
+        let req = AcquireLeaseRequest {
+            name: name.to_owned(),
+            holder: holder.to_owned(),
+            ttl: Some(ttl_to_proto(ttl)),
+        };
+        let lease = self.client().acquire_lease(req).await?.into_inner();
+        lease_from_proto(Some(lease), "AcquireLease response")
+    }
+
+    async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<Lease, StoreError> {
+        let req = RenewLeaseRequest {
+            lease: Some(lease_to_proto(lease.clone())),
+            ttl: Some(ttl_to_proto(ttl)),
+        };
+        let lease = self.client().renew_lease(req).await?.into_inner();
+        lease_from_proto(Some(lease), "RenewLease response")
+    }
+
+    async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+        let req = ReleaseLeaseRequest {
+            lease: Some(lease_to_proto(lease.clone())),
+        };
+        self.client().release_lease(req).await?;
+        Ok(())
+    }
+
+    async fn commit_fenced(
+        &self,
+        fence: &Lease,
+        mutations: Vec<Mutation>,
+    ) -> Result<(), StoreError> {
+        let req = CommitFencedRequest {
+            fence: Some(lease_to_proto(fence.clone())),
+            mutations,
+        };
+        self.client().commit_fenced(req).await?;
+        Ok(())
     }
 
     async fn create_schedule(&self, schedule: Schedule) -> Result<Schedule, StoreError> {

@@ -11,15 +11,24 @@
 //! `sqlite::memory:`, `postgres://...`), creating a SQLite file if needed, and applies the
 //! embedded schema migrations. The executor then writes with [`MetadataStore::commit`], its
 //! group commit: one transaction per batch of run, step and event mutations, all or nothing.
-//! On start it recovers with [`MetadataStore::read_active_runs`]. [`SqlStore::close`] (or
-//! dropping the store) closes the connections.
+//! On start it takes the named lease `"executor"` ([`MetadataStore::acquire_lease`]), renews it
+//! while it runs, and commits with [`MetadataStore::commit_fenced`], which refuses a batch once
+//! another holder has taken the lease (its epoch went up). It recovers with
+//! [`MetadataStore::read_active_runs_checked`], which lists runs whose records do not decode
+//! apart instead of failing, and ends those with [`MetadataStore::quarantine_run`].
+//! [`SqlStore::close`] (or dropping the store) closes the connections.
 //!
 //! **How it fails.** Every operation returns a [`StoreError`] whose variant says what the caller
-//! can do: `NotFound`, `AlreadyExists` (an idempotency key or event sequence number is taken;
-//! the commit was rolled back), `InvalidArgument` (fix the request), `Unavailable` (the
-//! database or metastore is unreachable or busy; nothing happened, retry) and `Internal` (a
-//! bug or a corrupt row). The variants map one to one onto gRPC status codes, so a remote store
-//! fails exactly like a local one. SQLite runs in WAL mode with `synchronous = NORMAL`: a
+//! can do: `NotFound`, `AlreadyExists` (a unique key is taken: an idempotency key or an event
+//! sequence number; the commit was rolled back), `InvalidArgument` (fix the request; includes
+//! values the database refuses), `DataLoss` (a stored record does not decode), `LeaseHeld` and
+//! `Fenced` (another holder has the lease), `Unavailable` (the database or metastore is
+//! unreachable or busy; nothing happened, retry) and `Internal` (a bug or an unexpected database
+//! error). [`StoreError::is_outage`] separates the store failing (`Unavailable`, `Internal`)
+//! from the request failing (everything else). The variants map one to one onto gRPC status
+//! codes, so a remote store fails exactly like a local one. A record that does not decode
+//! never fails a whole read: `get_run` and `list_runs` answer with a stand-in that says what was
+//! unreadable, and `read_events` keeps the event's place with `unreadable` set. SQLite runs in WAL mode with `synchronous = NORMAL`: a
 //! commit survives a killed process, but a power loss may lose the last commits.
 
 mod error;
@@ -27,6 +36,9 @@ pub mod grpc;
 mod sql;
 mod store;
 
+pub use dagmesh_proto::v1::{ActiveRuns, UnreadableRun};
 pub use error::StoreError;
 pub use sql::SqlStore;
-pub use store::{DEFAULT_EVENT_LIMIT, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, MetadataStore};
+pub use store::{
+    DEFAULT_EVENT_LIMIT, DEFAULT_PAGE_SIZE, Lease, MAX_LEASE_TTL, MAX_PAGE_SIZE, MetadataStore,
+};

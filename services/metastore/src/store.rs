@@ -1,12 +1,36 @@
 //! The `MetadataStore` trait: the operations of the system of record, on proto records.
 
+use std::time::{Duration, SystemTime};
+
+use dagmesh_proto::limits::{MAX_NAME_LEN, MAX_VALUE_LEN};
 use dagmesh_proto::v1::{
-    Backfill, ListRunsRequest, ListRunsResponse, Mutation, Run, RunEvent, Schedule, Trigger,
-    Workflow, WorkflowSpec, mutation,
+    ActiveRuns, Backfill, ListRunsRequest, ListRunsResponse, Mutation, Run, RunEvent, Schedule,
+    Trigger, Workflow, WorkflowSpec, mutation,
 };
 use prost_types::Timestamp;
 
 use crate::StoreError;
+
+/// The longest lease a holder may ask for: a holder that dies is replaced within this time at
+/// worst, and a longer lease would only hide a holder that stopped renewing.
+pub const MAX_LEASE_TTL: Duration = Duration::from_secs(3600);
+
+/// A named lease and its fencing epoch (e.g. `"executor"`, later `"executor/partition-3"`).
+///
+/// The epoch goes up by one each time the lease is taken while free or expired, so a writer
+/// that passes its lease to [`MetadataStore::commit_fenced`] is refused as soon as someone else
+/// has taken over, even if it does not know yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub name: String,
+    /// Unique per process: a restarted process that reused its predecessor's holder name
+    /// would refresh the lease instead of taking it, and share its epoch.
+    pub holder: String,
+    pub epoch: u64,
+    /// When the lease expires, by the database's clock. Renew on a timer of your own (e.g. every
+    /// third of the TTL) rather than by comparing this with the local clock.
+    pub expires_at: SystemTime,
+}
 
 /// Runs per `list_runs` page when the request says 0.
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
@@ -58,7 +82,56 @@ pub trait MetadataStore: Send + Sync + 'static {
     ) -> Result<Vec<RunEvent>, StoreError>;
 
     /// Every QUEUED or RUNNING run with its steps, oldest first: what an executor recovers.
+    /// Fails with `DataLoss` naming the run when a record of any of them does not decode; see
+    /// [`MetadataStore::read_active_runs_checked`].
     async fn read_active_runs(&self) -> Result<Vec<Run>, StoreError>;
+
+    // Recovery that never bricks.
+
+    /// Like [`MetadataStore::read_active_runs`], but a run whose run record or any step record
+    /// does not decode goes to `unreadable` (with the reason naming the record) instead of
+    /// failing the call.
+    async fn read_active_runs_checked(&self) -> Result<ActiveRuns, StoreError>;
+
+    /// Ends the run FAILED with `error = reason`, in one transaction, whatever its records hold:
+    /// an undecodable run record is rebuilt from its indexed columns (and what of its header
+    /// still decodes), undecodable step records become FAILED steps whose error says why,
+    /// unfinished steps are CANCELLED with `reason`, each step change is appended as a
+    /// StepStateChanged event and a RunStateChanged{FAILED, reason} event closes the log (after
+    /// the highest stored seq). Returns the run as `get_run` now reads it. Unfenced, like
+    /// `commit`. `NotFound` when the run does not exist.
+    async fn quarantine_run(&self, run_id: &str, reason: &str) -> Result<Run, StoreError>;
+
+    // Leases and fencing.
+
+    /// Takes the lease `name` for `holder` until now + `ttl` (the database's now) when it is
+    /// free or expired (the epoch goes up by one), or refreshes it when `holder` already holds
+    /// it unexpired (same epoch). `LeaseHeld` when another holder holds it. Atomic under
+    /// concurrent callers. `ttl` must be more than 0 and at most [`MAX_LEASE_TTL`].
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Lease, StoreError>;
+
+    /// Extends the lease to now + `ttl` if its stored holder and epoch still match `lease`
+    /// (even if it expired meanwhile: nobody took it, so the epoch still fences). `Fenced`
+    /// otherwise.
+    async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<Lease, StoreError>;
+
+    /// Marks the lease free (expired now) if holder and epoch match, so that a standby can take
+    /// it at once. `Fenced` otherwise (someone else holds it; nothing changed).
+    async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError>;
+
+    /// [`MetadataStore::commit`], fenced: in the same transaction, checks that the stored epoch
+    /// of `fence.name` still equals `fence.epoch` (expiry is not checked: the epoch is the
+    /// fence). `Fenced`, with nothing applied, when it does not. One extra indexed read.
+    async fn commit_fenced(
+        &self,
+        fence: &Lease,
+        mutations: Vec<Mutation>,
+    ) -> Result<(), StoreError>;
 
     // The scheduler's state.
 
@@ -137,6 +210,123 @@ pub(crate) fn validate_named(kind: &str, id: &str, name: &str) -> Result<(), Sto
         )));
     }
     Ok(())
+}
+
+/// Checks the name and holder of a lease request against the limits of the contract.
+pub(crate) fn validate_lease(name: &str, holder: &str) -> Result<(), StoreError> {
+    check_text("lease.name", name, MAX_NAME_LEN)?;
+    check_text("lease.holder", holder, MAX_VALUE_LEN)
+}
+
+fn check_text(field: &str, value: &str, limit: usize) -> Result<(), StoreError> {
+    if value.is_empty() {
+        return Err(StoreError::InvalidArgument(format!(
+            "{field}: must not be empty"
+        )));
+    }
+    if value.len() > limit {
+        return Err(StoreError::InvalidArgument(format!(
+            "{field}: {} bytes, over the limit of {limit}",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+/// A lease TTL in microseconds, checked against (0, [`MAX_LEASE_TTL`]].
+pub(crate) fn ttl_micros(ttl: Duration) -> Result<i64, StoreError> {
+    if ttl.is_zero() || ttl > MAX_LEASE_TTL {
+        return Err(StoreError::InvalidArgument(format!(
+            "ttl: {ttl:?} is out of range (more than 0, at most {MAX_LEASE_TTL:?})"
+        )));
+    }
+    // At most an hour: always fits.
+    Ok(i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// A lease epoch as stored (BIGINT) for comparisons; epochs beyond `i64::MAX` are never stored,
+/// so a larger one matches nothing.
+pub(crate) fn epoch_bound(epoch: u64) -> i64 {
+    i64::try_from(epoch).unwrap_or(i64::MAX)
+}
+
+/// A stored lease row: `(holder, epoch, expires_at)`, times in microseconds since the epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LeaseRow {
+    pub holder: String,
+    pub epoch: i64,
+    pub expires_at: i64,
+}
+
+/// The decision of `acquire_lease`, shared by both dialects: what the lease row becomes, given
+/// what it is (`None`: never taken) and the database's `now`.
+pub(crate) fn acquire_decision(
+    name: &str,
+    row: Option<&LeaseRow>,
+    holder: &str,
+    now: i64,
+    ttl: i64,
+) -> Result<LeaseRow, StoreError> {
+    let expires_at = now.saturating_add(ttl);
+    let epoch = match row {
+        None => 1,
+        Some(row) if row.expires_at <= now => row.epoch.saturating_add(1),
+        Some(row) if row.holder == holder => row.epoch,
+        Some(row) => {
+            return Err(StoreError::LeaseHeld {
+                name: name.to_owned(),
+                holder: row.holder.clone(),
+                expires_in: Duration::from_micros(
+                    u64::try_from(row.expires_at.saturating_sub(now)).unwrap_or(0),
+                ),
+            });
+        }
+    };
+    Ok(LeaseRow {
+        holder: holder.to_owned(),
+        epoch,
+        expires_at,
+    })
+}
+
+/// The [`Lease`] of a stored row.
+pub(crate) fn lease_from_row(name: &str, row: &LeaseRow) -> Lease {
+    Lease {
+        name: name.to_owned(),
+        holder: row.holder.clone(),
+        epoch: u64::try_from(row.epoch).unwrap_or(0),
+        expires_at: system_time_from_micros(row.expires_at),
+    }
+}
+
+/// Microseconds since the Unix epoch as a `SystemTime`, clamped to what the platform holds.
+pub(crate) fn system_time_from_micros(micros: i64) -> SystemTime {
+    let offset = Duration::from_micros(micros.unsigned_abs());
+    let time = if micros >= 0 {
+        SystemTime::UNIX_EPOCH.checked_add(offset)
+    } else {
+        SystemTime::UNIX_EPOCH.checked_sub(offset)
+    };
+    time.unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+/// The process clock in microseconds since the Unix epoch (SQLite has no clock of its own
+/// that other processes share any better).
+pub(crate) fn now_micros() -> i64 {
+    match SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+        Err(before) => i64::try_from(before.duration().as_micros()).map_or(i64::MIN, |m| -m),
+    }
+}
+
+/// The error for a lease whose stored epoch (`current`, `None` when never taken) is not the
+/// caller's.
+pub(crate) fn fenced(lease: &Lease, current: Option<i64>) -> StoreError {
+    StoreError::Fenced {
+        name: lease.name.clone(),
+        epoch: lease.epoch,
+        current_epoch: current.and_then(|c| u64::try_from(c).ok()).unwrap_or(0),
+    }
 }
 
 pub(crate) fn not_found(kind: &str, id_or_name: &str) -> StoreError {

@@ -12,29 +12,26 @@ use dagmesh_proto::v1::{
 };
 
 /// Instantiates every case once per backend: `sqlite::case`, `postgres::case`, `grpc::case`.
+/// `plain` cases see only the store; `raw` cases also get a [`harness::Raw`] handle on the
+/// database behind it, to plant records the store would never write.
 macro_rules! suite {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
+    (plain: [$($case:ident),* $(,)?], raw: [$($raw:ident),* $(,)?] $(,)?) => {
+        suite!(@backend sqlite, with_sqlite, [$($case),*], [$($raw),*]);
+        suite!(@backend postgres, with_postgres, [$($case),*], [$($raw),*]);
+        suite!(@backend grpc, with_grpc, [$($case),*], [$($raw),*]);
+    };
+    (@backend $backend:ident, $with:ident, [$($case:ident),*], [$($raw:ident),*]) => {
+        mod $backend {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() -> anyhow::Result<()> {
-                    crate::harness::with_sqlite(crate::cases::$case).await
+                    crate::harness::$with(|store, _raw| crate::cases::$case(store)).await
                 }
             )*
-        }
-        mod postgres {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() -> anyhow::Result<()> {
-                    crate::harness::with_postgres(crate::cases::$case).await
-                }
-            )*
-        }
-        mod grpc {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() -> anyhow::Result<()> {
-                    crate::harness::with_grpc(crate::cases::$case).await
+                async fn $raw() -> anyhow::Result<()> {
+                    crate::harness::$with(crate::cases::$raw).await
                 }
             )*
         }
@@ -42,19 +39,31 @@ macro_rules! suite {
 }
 
 suite!(
-    workflow_versioning,
-    concurrent_put_workflow,
-    commit_is_atomic,
-    steps_keep_insertion_order_and_upsert,
-    events_append_and_page,
-    list_runs_filters_and_pages,
-    list_runs_default_page_size,
-    idempotency_keys,
-    active_runs_with_steps,
-    concurrent_commits,
-    large_batches,
-    schedules_crud_and_compare_and_set,
-    triggers_and_backfills,
+    plain: [
+        workflow_versioning,
+        concurrent_put_workflow,
+        commit_is_atomic,
+        steps_keep_insertion_order_and_upsert,
+        events_append_and_page,
+        list_runs_filters_and_pages,
+        list_runs_default_page_size,
+        idempotency_keys,
+        active_runs_with_steps,
+        concurrent_commits,
+        large_batches,
+        schedules_crud_and_compare_and_set,
+        triggers_and_backfills,
+        lease_is_taken_refreshed_and_handed_over,
+        lease_fences_commits_renewals_and_releases,
+        lease_expires_by_the_clock,
+        concurrent_acquirers_exactly_one_wins,
+        lease_requests_are_checked,
+        conflicts_are_request_errors_not_outages,
+    ],
+    raw: [
+        unreadable_records_never_fail_reads,
+        quarantine_ends_unreadable_runs,
+    ],
 );
 
 mod harness {
@@ -76,15 +85,100 @@ mod harness {
         format!("sqlite://{}", dir.join("meta.db").display())
     }
 
+    /// Direct access to the database behind a store, bypassing it: to damage records the way
+    /// an old version, a bug or a disk could, and see that readers survive them.
+    pub enum Raw {
+        Sqlite(String),
+        Postgres(String),
+    }
+
+    impl Raw {
+        /// Replaces the stored body of a run.
+        pub async fn set_run_body(&self, run_id: &str, body: Vec<u8>) -> anyhow::Result<()> {
+            self.execute(
+                "UPDATE runs SET body = ?1 WHERE run_id = ?2",
+                "UPDATE runs SET body = $1 WHERE run_id = $2",
+                body,
+                &[run_id],
+            )
+            .await
+        }
+
+        /// Replaces the stored body of a step.
+        pub async fn set_step_body(
+            &self,
+            run_id: &str,
+            step_id: &str,
+            body: Vec<u8>,
+        ) -> anyhow::Result<()> {
+            self.execute(
+                "UPDATE steps SET body = ?1 WHERE run_id = ?2 AND step_id = ?3",
+                "UPDATE steps SET body = $1 WHERE run_id = $2 AND step_id = $3",
+                body,
+                &[run_id, step_id],
+            )
+            .await
+        }
+
+        /// Replaces the stored body of an event.
+        pub async fn set_event_body(
+            &self,
+            run_id: &str,
+            seq: i64,
+            body: Vec<u8>,
+        ) -> anyhow::Result<()> {
+            let seq = seq.to_string();
+            self.execute(
+                "UPDATE events SET body = ?1 WHERE run_id = ?2 AND seq = CAST(?3 AS INTEGER)",
+                "UPDATE events SET body = $1 WHERE run_id = $2 AND seq = CAST($3 AS BIGINT)",
+                body,
+                &[run_id, &seq],
+            )
+            .await
+        }
+
+        /// Runs one UPDATE binding `body` then `keys`; exactly one row must change, so that a
+        /// typo in a test cannot silently damage nothing.
+        async fn execute(
+            &self,
+            sqlite: &'static str,
+            postgres: &'static str,
+            body: Vec<u8>,
+            keys: &[&str],
+        ) -> anyhow::Result<()> {
+            let changed = match self {
+                Raw::Sqlite(url) => {
+                    let mut conn = sqlx::SqliteConnection::connect(url).await?;
+                    let mut query = sqlx::query(sqlite).bind(body);
+                    for key in keys {
+                        query = query.bind(key.to_string());
+                    }
+                    query.execute(&mut conn).await?.rows_affected()
+                }
+                Raw::Postgres(url) => {
+                    let mut conn = sqlx::PgConnection::connect(url).await?;
+                    let mut query = sqlx::query(postgres).bind(body);
+                    for key in keys {
+                        query = query.bind(key.to_string());
+                    }
+                    query.execute(&mut conn).await?.rows_affected()
+                }
+            };
+            anyhow::ensure!(changed == 1, "{changed} rows changed by {sqlite}");
+            Ok(())
+        }
+    }
+
     pub async fn with_sqlite<F, Fut>(case: F) -> anyhow::Result<()>
     where
-        F: FnOnce(Arc<dyn MetadataStore>) -> Fut,
+        F: FnOnce(Arc<dyn MetadataStore>, Raw) -> Fut,
         Fut: Future<Output = anyhow::Result<()>>,
     {
         let dir = tempfile::tempdir()?;
-        let store = Arc::new(SqlStore::connect(&sqlite_url(dir.path())).await?);
+        let url = sqlite_url(dir.path());
+        let store = Arc::new(SqlStore::connect(&url).await?);
         assert_eq!(store.backend_name(), "sqlite");
-        let result = case(store.clone()).await;
+        let result = case(store.clone(), Raw::Sqlite(url)).await;
         store.close().await;
         result
     }
@@ -123,7 +217,7 @@ mod harness {
 
     pub async fn with_postgres<F, Fut>(case: F) -> anyhow::Result<()>
     where
-        F: FnOnce(Arc<dyn MetadataStore>) -> Fut,
+        F: FnOnce(Arc<dyn MetadataStore>, Raw) -> Fut,
         Fut: Future<Output = anyhow::Result<()>>,
     {
         let Some(admin) = postgres_admin_url() else {
@@ -139,9 +233,10 @@ mod harness {
 
         // Catch a failed assertion too, so the database is dropped either way.
         let outcome = AssertUnwindSafe(async {
-            let store = Arc::new(SqlStore::connect(&database_url(&admin, &db)).await?);
+            let url = database_url(&admin, &db);
+            let store = Arc::new(SqlStore::connect(&url).await?);
             assert_eq!(store.backend_name(), "postgres");
-            let result = case(store.clone()).await;
+            let result = case(store.clone(), Raw::Postgres(url)).await;
             store.close().await;
             result
         })
@@ -161,11 +256,12 @@ mod harness {
 
     pub async fn with_grpc<F, Fut>(case: F) -> anyhow::Result<()>
     where
-        F: FnOnce(Arc<dyn MetadataStore>) -> Fut,
+        F: FnOnce(Arc<dyn MetadataStore>, Raw) -> Fut,
         Fut: Future<Output = anyhow::Result<()>>,
     {
         let dir = tempfile::tempdir()?;
-        let backing = Arc::new(SqlStore::connect(&sqlite_url(dir.path())).await?);
+        let url = sqlite_url(dir.path());
+        let backing = Arc::new(SqlStore::connect(&url).await?);
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
@@ -178,7 +274,7 @@ mod harness {
         );
         // The listener is bound already, so the first call connects; no readiness wait needed.
         let client = MetadataGrpcClient::connect(&format!("http://{addr}")).await?;
-        let result = case(Arc::new(client)).await;
+        let result = case(Arc::new(client), Raw::Sqlite(url)).await;
         let _ = stop.send(());
         server.await??;
         backing.close().await;
@@ -322,8 +418,12 @@ mod fixtures {
 
 mod cases {
     use std::collections::HashSet;
+    use std::time::{Duration, SystemTime};
 
     use anyhow::Result;
+    use prost::Message as _;
+
+    use super::harness::Raw;
 
     use super::fixtures::*;
     use super::*;
@@ -1060,6 +1160,553 @@ mod cases {
             .collect();
         assert_eq!(ids, [run_id(2), run_id(1)]);
         let err = store.get_backfill("nope").await.unwrap_err();
+        assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+        Ok(())
+    }
+
+    // Leases and fencing.
+
+    const TTL: Duration = Duration::from_secs(30);
+
+    pub async fn lease_is_taken_refreshed_and_handed_over(
+        store: Arc<dyn MetadataStore>,
+    ) -> Result<()> {
+        let before = SystemTime::now();
+        let a = store.acquire_lease("executor", "host-a/1", TTL).await?;
+        assert_eq!(
+            (a.name.as_str(), a.holder.as_str(), a.epoch),
+            ("executor", "host-a/1", 1)
+        );
+        // Judged by the database's clock, which is this machine's here: about now + TTL.
+        let lasts = a.expires_at.duration_since(before)?;
+        assert!(
+            lasts > TTL - Duration::from_secs(5) && lasts <= TTL + Duration::from_secs(5),
+            "{lasts:?}"
+        );
+
+        // The holder asking again refreshes it: same epoch.
+        let again = store.acquire_lease("executor", "host-a/1", TTL).await?;
+        assert_eq!(again.epoch, 1);
+        assert!(again.expires_at >= a.expires_at);
+
+        // Someone else is told who holds it and for how long.
+        let err = store
+            .acquire_lease("executor", "host-b/2", TTL)
+            .await
+            .unwrap_err();
+        match &err {
+            StoreError::LeaseHeld {
+                name,
+                holder,
+                expires_in,
+            } => {
+                assert_eq!((name.as_str(), holder.as_str()), ("executor", "host-a/1"));
+                assert!(
+                    *expires_in > Duration::ZERO && *expires_in <= TTL,
+                    "{expires_in:?}"
+                );
+            }
+            other => panic!("expected LeaseHeld, got {other:?}"),
+        }
+        assert!(err.to_string().contains("\"host-a/1\""), "{err}");
+        assert!(!err.is_outage());
+
+        // Leases are named: another partition's lease is independent.
+        let p3 = store
+            .acquire_lease("executor/partition-3", "host-b/2", TTL)
+            .await?;
+        assert_eq!((p3.holder.as_str(), p3.epoch), ("host-b/2", 1));
+
+        // Renewing keeps the epoch and pushes the expiry.
+        let renewed = store.renew_lease(&again, TTL).await?;
+        assert_eq!(renewed.epoch, 1);
+        assert!(renewed.expires_at >= again.expires_at);
+
+        // Released: a standby takes it at once, with the next epoch.
+        store.release_lease(&renewed).await?;
+        let b = store.acquire_lease("executor", "host-b/2", TTL).await?;
+        assert_eq!((b.holder.as_str(), b.epoch), ("host-b/2", 2));
+        Ok(())
+    }
+
+    pub async fn lease_fences_commits_renewals_and_releases(
+        store: Arc<dyn MetadataStore>,
+    ) -> Result<()> {
+        let (r1, r2, r3) = (run_id(1), run_id(2), run_id(3));
+        let a = store.acquire_lease("executor", "a", TTL).await?;
+        store
+            .commit_fenced(&a, vec![put_run(run(&r1, "build", RunState::Running))])
+            .await?;
+        assert_eq!(store.get_run(&r1).await?.state(), RunState::Running);
+
+        store.release_lease(&a).await?;
+        let b = store.acquire_lease("executor", "b", TTL).await?;
+        assert_eq!(b.epoch, 2);
+
+        // The old holder does not know yet: its next batch is refused whole.
+        let err = store
+            .commit_fenced(
+                &a,
+                vec![
+                    put_run(run(&r2, "build", RunState::Running)),
+                    put_step(step(&r1, "fetch", StepState::Running)),
+                    append(event(&r1, 1)),
+                ],
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            StoreError::Fenced {
+                name: "executor".into(),
+                epoch: 1,
+                current_epoch: 2
+            }
+        );
+        assert!(
+            err.to_string().contains("epoch 1") && err.to_string().contains("epoch is 2"),
+            "{err}"
+        );
+        assert!(!err.is_outage());
+        assert!(matches!(
+            store.get_run(&r2).await,
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(store.get_run(&r1).await?.steps.is_empty());
+        assert!(store.read_events(&r1, 0, 0).await?.is_empty());
+
+        // Nor can it renew or release what it lost; the new holder keeps it.
+        let err = store.renew_lease(&a, TTL).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::Fenced {
+                    epoch: 1,
+                    current_epoch: 2,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let err = store.release_lease(&a).await.unwrap_err();
+        assert!(matches!(err, StoreError::Fenced { .. }), "{err:?}");
+        let err = store.acquire_lease("executor", "a", TTL).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::LeaseHeld { holder, .. } if holder == "b"),
+            "{err:?}"
+        );
+
+        // A lease that was never taken fences everything.
+        let never = dagmesh_metastore::Lease {
+            name: "never".into(),
+            ..b.clone()
+        };
+        let err = store
+            .commit_fenced(&never, vec![put_run(run(&r3, "build", RunState::Running))])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::Fenced {
+                    current_epoch: 0,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+
+        // The new holder commits; the expiry is not part of the fence, only the epoch.
+        store
+            .commit_fenced(
+                &b,
+                vec![
+                    put_run(run(&r3, "build", RunState::Running)),
+                    append(event(&r3, 1)),
+                ],
+            )
+            .await?;
+        assert_eq!(seqs(&store.read_events(&r3, 0, 0).await?), [1]);
+        // A conflict inside a fenced commit is still a conflict (and nothing half-applies).
+        let err = store
+            .commit_fenced(
+                &b,
+                vec![
+                    put_step(step(&r3, "fetch", StepState::Ready)),
+                    append(event(&r3, 1)),
+                ],
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::AlreadyExists(_)), "{err:?}");
+        assert!(store.get_run(&r3).await?.steps.is_empty());
+        Ok(())
+    }
+
+    pub async fn lease_expires_by_the_clock(store: Arc<dyn MetadataStore>) -> Result<()> {
+        let short = Duration::from_millis(100);
+        let a = store.acquire_lease("executor", "a", short).await?;
+        assert!(matches!(
+            store.acquire_lease("executor", "b", TTL).await,
+            Err(StoreError::LeaseHeld { .. })
+        ));
+        // Waiting for the lease's time to pass (not for readiness): the database's clock
+        // decides, so virtual time cannot stand in.
+        tokio::time::sleep(short * 3).await;
+        let b = store.acquire_lease("executor", "b", TTL).await?;
+        assert_eq!((b.holder.as_str(), b.epoch), ("b", 2));
+        let err = store.renew_lease(&a, TTL).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::Fenced {
+                    epoch: 1,
+                    current_epoch: 2,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+
+        // The same holder taking its own expired lease again gets a new epoch: the lease may
+        // have been used by a predecessor under the same name.
+        let c = store.acquire_lease("other", "c", short).await?;
+        tokio::time::sleep(short * 3).await;
+        let c2 = store.acquire_lease("other", "c", TTL).await?;
+        assert_eq!((c.epoch, c2.epoch), (1, 2));
+        // An expired lease nobody took is still fenced by its epoch only: renewing revives it.
+        let d = store.acquire_lease("third", "d", short).await?;
+        tokio::time::sleep(short * 3).await;
+        assert_eq!(store.renew_lease(&d, TTL).await?.epoch, 1);
+        Ok(())
+    }
+
+    pub async fn concurrent_acquirers_exactly_one_wins(
+        store: Arc<dyn MetadataStore>,
+    ) -> Result<()> {
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .acquire_lease("executor", &format!("holder-{i}"), TTL)
+                        .await
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        let mut refusals = Vec::new();
+        for task in tasks {
+            match task.await? {
+                Ok(lease) => winners.push(lease),
+                Err(StoreError::LeaseHeld { holder, .. }) => refusals.push(holder),
+                Err(other) => panic!("unexpected error {other:?}"),
+            }
+        }
+        assert_eq!(winners.len(), 1, "{winners:?}");
+        assert_eq!(winners[0].epoch, 1);
+        assert_eq!(refusals.len(), 7);
+        assert!(
+            refusals.iter().all(|h| *h == winners[0].holder),
+            "{refusals:?}"
+        );
+        Ok(())
+    }
+
+    pub async fn lease_requests_are_checked(store: Arc<dyn MetadataStore>) -> Result<()> {
+        let err = store
+            .acquire_lease("executor", "a", Duration::ZERO)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::InvalidArgument(m) if m.starts_with("ttl")),
+            "{err:?}"
+        );
+        let err = store
+            .acquire_lease("executor", "a", Duration::from_secs(u64::MAX))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::InvalidArgument(m) if m.starts_with("ttl")),
+            "{err:?}"
+        );
+        let long = "n".repeat(300);
+        let err = store.acquire_lease(&long, "a", TTL).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::InvalidArgument(m)
+                if m.contains("lease.name") && m.contains("300 bytes") && m.contains("128")),
+            "{err:?}"
+        );
+        let err = store.acquire_lease("executor", "", TTL).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::InvalidArgument(m) if m.contains("lease.holder")),
+            "{err:?}"
+        );
+        // Nothing was taken by the refused requests.
+        assert_eq!(store.acquire_lease("executor", "a", TTL).await?.epoch, 1);
+        Ok(())
+    }
+
+    pub async fn conflicts_are_request_errors_not_outages(
+        store: Arc<dyn MetadataStore>,
+    ) -> Result<()> {
+        let r1 = run_id(1);
+        store
+            .commit(vec![
+                put_run(run(&r1, "build", RunState::Running)),
+                append(event(&r1, 5)),
+            ])
+            .await?;
+        // What two executors on one database ran into: the second write of event 5.
+        let err = store
+            .commit(vec![
+                put_step(step(&r1, "fetch", StepState::Running)),
+                append(event(&r1, 5)),
+            ])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::AlreadyExists(m)
+                if m.contains("event 5") && m.contains(&r1)),
+            "{err:?}"
+        );
+        assert!(!err.is_outage(), "{err:?}");
+        // The store is fine: the next batch goes through.
+        store
+            .commit(vec![
+                put_step(step(&r1, "fetch", StepState::Running)),
+                append(event(&r1, 6)),
+            ])
+            .await?;
+        assert_eq!(seqs(&store.read_events(&r1, 0, 0).await?), [5, 6]);
+
+        // A value the database cannot store (PostgreSQL refuses NUL in text; SQLite keeps it)
+        // is the request's fault either way.
+        let nul = format!("{}\0x", run_id(2));
+        match store
+            .commit(vec![put_run(run(&nul, "build", RunState::Running))])
+            .await
+        {
+            Ok(()) => {}
+            Err(err) => assert!(
+                matches!(err, StoreError::InvalidArgument(_)) && !err.is_outage(),
+                "{err:?}"
+            ),
+        }
+        store.commit(vec![append(event(&r1, 7))]).await?;
+        Ok(())
+    }
+
+    // Unreadable records.
+
+    /// A payload nested `levels` deep: encodes fine, but prost refuses to decode it (its
+    /// recursion limit is 100), like a record written before the depth limit existed.
+    fn deep_struct(levels: usize) -> prost_types::Struct {
+        use prost_types::{Struct, Value, value::Kind};
+        let mut inner = Struct::default();
+        for _ in 0..levels {
+            inner = Struct {
+                fields: [(
+                    "a".to_owned(),
+                    Value {
+                        kind: Some(Kind::StructValue(inner)),
+                    },
+                )]
+                .into(),
+            };
+        }
+        inner
+    }
+
+    /// Garbage: a field header promising more bytes than there are.
+    const GARBAGE: &[u8] = &[0x0a, 0xff, 0xff, 0x03, 0x01];
+
+    /// Runs with damaged records: returns (good, bad step, deep run record, garbage run record).
+    async fn plant_damage(
+        store: &Arc<dyn MetadataStore>,
+        raw: &Raw,
+    ) -> Result<(String, String, String, String)> {
+        let (good, bad_step, deep_run, garbage_run) = (run_id(1), run_id(2), run_id(3), run_id(4));
+        let mut mutations = Vec::new();
+        for id in [&good, &bad_step, &deep_run, &garbage_run] {
+            mutations.push(put_run(tagged(
+                keyed(run(id, "build", RunState::Running), &format!("key-{id}")),
+                &[("team", "a")],
+            )));
+            mutations.push(put_step(step(id, "fetch", StepState::Succeeded)));
+            mutations.push(put_step(step(id, "render", StepState::Running)));
+            for seq in 1..=3 {
+                mutations.push(append(event(id, seq)));
+            }
+        }
+        store.commit(mutations).await?;
+
+        let mut render = step(&bad_step, "render", StepState::Running);
+        render.outputs = Some(deep_struct(200));
+        raw.set_step_body(&bad_step, "render", render.encode_to_vec())
+            .await?;
+        raw.set_event_body(&bad_step, 2, GARBAGE.to_vec()).await?;
+        let mut deep = tagged(
+            keyed(
+                run(&deep_run, "build", RunState::Running),
+                &format!("key-{deep_run}"),
+            ),
+            &[("team", "a")],
+        );
+        deep.workflow_version = 4;
+        deep.inputs = Some(deep_struct(200));
+        raw.set_run_body(&deep_run, deep.encode_to_vec()).await?;
+        raw.set_run_body(&garbage_run, GARBAGE.to_vec()).await?;
+        Ok((good, bad_step, deep_run, garbage_run))
+    }
+
+    pub async fn unreadable_records_never_fail_reads(
+        store: Arc<dyn MetadataStore>,
+        raw: Raw,
+    ) -> Result<()> {
+        let (good, bad_step, deep_run, garbage_run) = plant_damage(&store, &raw).await?;
+
+        // Recovery: the readable run comes back whole, each damaged one is named with why.
+        let active = store.read_active_runs_checked().await?;
+        assert_eq!(run_ids(&active.runs), [good.as_str()]);
+        assert_eq!(step_ids(&active.runs[0]), ["fetch", "render"]);
+        let unreadable: Vec<_> = active
+            .unreadable
+            .iter()
+            .map(|u| (u.run_id.as_str(), u.workflow.as_str(), u.workflow_version))
+            .collect();
+        assert_eq!(
+            unreadable,
+            [
+                (bad_step.as_str(), "build", 1),
+                (deep_run.as_str(), "build", 4),
+                // Not even the header decodes: the version is unknown.
+                (garbage_run.as_str(), "build", 0),
+            ]
+        );
+        let reason = &active.unreadable[0].reason;
+        assert!(
+            reason.contains("step \"render\"") && reason.contains(&bad_step),
+            "{reason}"
+        );
+        let reason = &active.unreadable[1].reason;
+        assert!(reason.contains(&format!("run {deep_run:?}")), "{reason}");
+
+        // The old all-or-nothing read names a damaged run instead of a bare decode error.
+        let err = store.read_active_runs().await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::DataLoss(m) if m.contains(&bad_step)),
+            "{err:?}"
+        );
+        assert!(!err.is_outage());
+
+        // GetRun answers: the unreadable step is a placeholder that says so.
+        let run = store.get_run(&bad_step).await?;
+        assert_eq!(step_ids(&run), ["fetch", "render"]);
+        assert_eq!(run.steps[0].state(), StepState::Succeeded);
+        let render = &run.steps[1];
+        assert_eq!(render.state(), StepState::Unspecified);
+        assert_eq!(render.task_id, format!("{bad_step}/render"));
+        assert!(render.error.contains("does not decode"), "{}", render.error);
+
+        // An unreadable run record: a stand-in from the columns and what of the header decodes.
+        let run = store.get_run(&deep_run).await?;
+        assert_eq!(
+            (run.workflow.as_str(), run.workflow_version, run.state()),
+            ("build", 4, RunState::Running)
+        );
+        assert_eq!(run.idempotency_key, format!("key-{deep_run}"));
+        assert!(run.error.contains("does not decode"), "{}", run.error);
+        assert!(run.inputs.is_none());
+        let run = store.get_run(&garbage_run).await?;
+        assert_eq!(run.state(), RunState::Running);
+        assert!(run.error.contains("does not decode"), "{}", run.error);
+
+        // ListRuns lists every run.
+        let page = store.list_runs(&ListRunsRequest::default()).await?;
+        assert_eq!(page.runs.len(), 4);
+
+        // The event log keeps its order; the damaged event says what it was.
+        let events = store.read_events(&bad_step, 0, 0).await?;
+        assert_eq!(seqs(&events), [1, 2, 3]);
+        assert!(matches!(
+            events[0].event,
+            Some(run_event::Event::StepLog(_))
+        ));
+        match &events[1].event {
+            Some(run_event::Event::Unreadable(u)) => {
+                assert!(u.reason.contains("event 2"), "{}", u.reason);
+            }
+            other => panic!("expected unreadable, got {other:?}"),
+        }
+        assert_eq!(events[1].run_id, bad_step);
+        assert!(matches!(
+            events[2].event,
+            Some(run_event::Event::StepLog(_))
+        ));
+        Ok(())
+    }
+
+    pub async fn quarantine_ends_unreadable_runs(
+        store: Arc<dyn MetadataStore>,
+        raw: Raw,
+    ) -> Result<()> {
+        let (good, bad_step, deep_run, garbage_run) = plant_damage(&store, &raw).await?;
+        let reason = "quarantined: unreadable records";
+
+        let run = store.quarantine_run(&bad_step, reason).await?;
+        assert_eq!(
+            (run.state(), run.error.as_str()),
+            (RunState::Failed, reason)
+        );
+        assert!(run.finished_at.is_some());
+        assert_eq!(step_ids(&run), ["fetch", "render"]);
+        // The readable, finished step is left alone; the unreadable one is FAILED with why.
+        assert_eq!(run.steps[0].state(), StepState::Succeeded);
+        assert_eq!(run.steps[1].state(), StepState::Failed);
+        assert!(
+            run.steps[1].error.contains("does not decode"),
+            "{}",
+            run.steps[1].error
+        );
+        assert_eq!(store.get_run(&bad_step).await?, run);
+
+        // The log goes on after the highest stored seq and ends with the run's failure.
+        let events = store.read_events(&bad_step, 3, 0).await?;
+        assert_eq!(seqs(&events), [4, 5]);
+        assert!(matches!(
+            &events[0].event,
+            Some(run_event::Event::StepState(s))
+                if s.step_id == "render" && s.state() == StepState::Failed
+        ));
+        match &events[1].event {
+            Some(run_event::Event::RunState(s)) => {
+                assert_eq!((s.state(), s.error.as_str()), (RunState::Failed, reason));
+            }
+            other => panic!("expected RunStateChanged, got {other:?}"),
+        }
+        assert_eq!(run.last_seq, 5);
+
+        // A run whose own record is unreadable is rebuilt from its columns; its unfinished
+        // step is cancelled like any failed run's.
+        let run = store.quarantine_run(&deep_run, reason).await?;
+        assert_eq!(
+            (run.state(), run.workflow_version, run.error.as_str()),
+            (RunState::Failed, 4, reason)
+        );
+        assert_eq!(run.tags.get("team").map(String::as_str), Some("a"));
+        assert_eq!(run.steps[1].state(), StepState::Cancelled);
+        assert_eq!(run.steps[1].error, reason);
+        store.quarantine_run(&garbage_run, reason).await?;
+        assert_eq!(store.get_run(&garbage_run).await?.state(), RunState::Failed);
+
+        // Recovery now sees only the good run, and nothing unreadable.
+        let active = store.read_active_runs_checked().await?;
+        assert_eq!(run_ids(&active.runs), [good.as_str()]);
+        assert!(active.unreadable.is_empty(), "{:?}", active.unreadable);
+        assert_eq!(run_ids(&store.read_active_runs().await?), [good.as_str()]);
+
+        let err = store.quarantine_run(&run_id(99), reason).await.unwrap_err();
         assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
         Ok(())
     }

@@ -8,21 +8,24 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use dagmesh_proto::v1::{
-    Backfill, ListRunsRequest, ListRunsResponse, Mutation, Run, RunEvent, RunState, Schedule, Step,
-    Trigger, Workflow, WorkflowSpec, mutation,
+    ActiveRuns, Backfill, ListRunsRequest, ListRunsResponse, Mutation, Run, RunEvent, RunState,
+    Schedule, Step, Trigger, Workflow, WorkflowSpec, mutation,
 };
 use prost::Message;
 use prost_types::Timestamp;
 use sqlx::postgres::{PgConnection, PgDatabaseError, PgPool, PgPoolOptions};
 
 use super::{
-    KIND_RUN, PUT_WORKFLOW_ATTEMPTS, UnionRow, assemble_runs, decode, encode_run, list_runs_query,
-    new_workflow, runs_page, seq_bound, validate_spec,
+    ListRow, PUT_WORKFLOW_ATTEMPTS, UnionRow, active_runs, active_runs_strict, decode, encode_run,
+    event_from_row, group_runs, list_runs_query, new_workflow, one_run, quarantine_mutations,
+    runs_page, seq_bound, validate_spec,
 };
 use crate::StoreError;
 use crate::error::is_unique_violation;
 use crate::store::{
-    MetadataStore, event_limit, run_not_found, validate_mutations, workflow_not_found,
+    Lease, LeaseRow, MetadataStore, acquire_decision, epoch_bound, event_limit, fenced,
+    lease_from_row, run_not_found, system_time_from_micros, ttl_micros, validate_lease,
+    validate_mutations, workflow_not_found,
 };
 use crate::store::{
     micros, name_taken, not_found, schedule_body, schedule_from_row, validate_named,
@@ -52,6 +55,33 @@ impl PgStore {
 
     pub(super) async fn close(&self) {
         self.pool.close().await;
+    }
+
+    /// The union rows of every QUEUED or RUNNING run, by run, then run row first, then steps
+    /// in position order.
+    async fn active_rows(&self) -> Result<Vec<UnionRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT run_id, 0 AS kind, 0::int8 AS position, ''::text AS step_id, workflow, \
+             state, body FROM runs WHERE state IN ($1, $2) \
+             UNION ALL \
+             SELECT s.run_id, 1, s.position, s.step_id, '', 0, s.body FROM steps s \
+             JOIN runs r ON r.run_id = s.run_id WHERE r.state IN ($1, $2) \
+             ORDER BY run_id, kind, position",
+        )
+        .bind(RunState::Queued as i32)
+        .bind(RunState::Running as i32)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// The stored epoch of a lease, `None` when it was never taken.
+    async fn stored_epoch(&self, name: &str) -> Result<Option<i64>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT epoch FROM leases WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
     /// One attempt of `put_workflow`. Two writers may both read version N and insert N+1; the
@@ -270,6 +300,32 @@ fn duplicate_value(err: &sqlx::Error) -> Option<String> {
     Some(value.to_owned())
 }
 
+/// The database's clock, in microseconds since the Unix epoch, as a SQL fragment (a macro so
+/// that statements stay `&'static str`). `clock_timestamp()` rather than `now()`: a lease's
+/// expiry is judged when the statement runs, not when its transaction began.
+macro_rules! now_micros {
+    () => {
+        "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::int8"
+    };
+}
+
+/// The union rows of one run (see [`UnionRow`]), from one statement so that the run and its
+/// steps come from the same snapshot.
+const RUN_ROWS: &str = "SELECT run_id, 0 AS kind, 0::int8 AS position, ''::text AS step_id, \
+                        workflow, state, body FROM runs WHERE run_id = $1 \
+                        UNION ALL \
+                        SELECT run_id, 1, position, step_id, '', 0, body FROM steps \
+                        WHERE run_id = $1 \
+                        ORDER BY kind, position";
+
+/// Applies a validated commit batch inside the caller's transaction: at most four statements.
+async fn apply(conn: &mut PgConnection, mutations: &[Mutation]) -> Result<(), StoreError> {
+    let batch = Batch::new(mutations);
+    put_runs(conn, &batch.runs).await?;
+    put_steps(conn, &batch.steps).await?;
+    append_events(conn, &batch.events).await
+}
+
 #[async_trait::async_trait]
 impl MetadataStore for PgStore {
     async fn put_workflow(
@@ -327,37 +383,23 @@ impl MetadataStore for PgStore {
         if mutations.is_empty() {
             return Ok(());
         }
-        let batch = Batch::new(&mutations);
         // Dropping `tx` on an error rolls the whole batch back.
         let mut tx = self.pool.begin().await?;
-        put_runs(&mut tx, &batch.runs).await?;
-        put_steps(&mut tx, &batch.steps).await?;
-        append_events(&mut tx, &batch.events).await?;
+        apply(&mut tx, &mutations).await?;
         tx.commit().await?;
         Ok(())
     }
 
     async fn get_run(&self, run_id: &str) -> Result<Run, StoreError> {
-        // One statement, so the run and its steps come from the same snapshot.
-        let rows: Vec<UnionRow> = sqlx::query_as(
-            "SELECT run_id, 0 AS kind, 0::int8 AS position, body FROM runs WHERE run_id = $1 \
-             UNION ALL \
-             SELECT run_id, 1, position, body FROM steps WHERE run_id = $1 \
-             ORDER BY kind, position",
-        )
-        .bind(run_id)
-        .fetch_all(&self.pool)
-        .await?;
-        if rows.first().is_none_or(|(_, kind, _, _)| *kind != KIND_RUN) {
-            return Err(run_not_found(run_id));
-        }
-        assemble_runs(rows)?
-            .pop()
-            .ok_or_else(|| run_not_found(run_id))
+        let rows: Vec<UnionRow> = sqlx::query_as(RUN_ROWS)
+            .bind(run_id)
+            .fetch_all(&self.pool)
+            .await?;
+        one_run(run_id, rows)
     }
 
     async fn list_runs(&self, req: &ListRunsRequest) -> Result<ListRunsResponse, StoreError> {
-        let rows: Vec<(String, Vec<u8>)> = list_runs_query::<sqlx::Postgres>(req)
+        let rows: Vec<ListRow> = list_runs_query::<sqlx::Postgres>(req)
             .build_query_as()
             .fetch_all(&self.pool)
             .await?;
@@ -390,25 +432,159 @@ impl MetadataStore for PgStore {
         .bind(i64::from(event_limit(limit)))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|(seq, body)| decode(body, || format!("event {seq} of run {run_id:?}")))
-            .collect()
+        Ok(rows
+            .iter()
+            .map(|(seq, body)| event_from_row(run_id, *seq, body))
+            .collect())
     }
 
     async fn read_active_runs(&self) -> Result<Vec<Run>, StoreError> {
-        let rows: Vec<UnionRow> = sqlx::query_as(
-            "SELECT run_id, 0 AS kind, 0::int8 AS position, body FROM runs \
-             WHERE state IN ($1, $2) \
-             UNION ALL \
-             SELECT s.run_id, 1, s.position, s.body FROM steps s \
-             JOIN runs r ON r.run_id = s.run_id WHERE r.state IN ($1, $2) \
-             ORDER BY run_id, kind, position",
+        active_runs_strict(self.active_rows().await?)
+    }
+
+    async fn read_active_runs_checked(&self) -> Result<ActiveRuns, StoreError> {
+        Ok(active_runs(self.active_rows().await?))
+    }
+
+    async fn quarantine_run(&self, run_id: &str, reason: &str) -> Result<Run, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Locks the run row first, so that two quarantines of one run do not both number
+        // their events after the same seq.
+        let exists: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM runs WHERE run_id = $1 FOR UPDATE")
+                .bind(run_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if exists.is_none() {
+            return Err(run_not_found(run_id));
+        }
+        let rows: Vec<UnionRow> = sqlx::query_as(RUN_ROWS)
+            .bind(run_id)
+            .fetch_all(&mut *tx)
+            .await?;
+        let stored = group_runs(rows)
+            .pop()
+            .ok_or_else(|| run_not_found(run_id))?;
+        let max_seq: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(seq) FROM events WHERE run_id = $1")
+                .bind(run_id)
+                .fetch_one(&mut *tx)
+                .await?;
+        let mutations = quarantine_mutations(stored, max_seq.unwrap_or(0), reason)?;
+        apply(&mut tx, &mutations).await?;
+        tx.commit().await?;
+        self.get_run(run_id).await
+    }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Lease, StoreError> {
+        validate_lease(name, holder)?;
+        let ttl = ttl_micros(ttl)?;
+        let mut tx = self.pool.begin().await?;
+        // A free row to lock, so that concurrent first acquirers queue on it like later ones
+        // (an acquirer that finds another's uncommitted insert waits for it, then does nothing).
+        sqlx::query(
+            "INSERT INTO leases (name, holder, epoch, expires_at) VALUES ($1, '', 0, 0) \
+             ON CONFLICT (name) DO NOTHING",
         )
-        .bind(RunState::Queued as i32)
-        .bind(RunState::Running as i32)
-        .fetch_all(&self.pool)
+        .bind(name)
+        .execute(&mut *tx)
         .await?;
-        assemble_runs(rows)
+        // FOR UPDATE also waits for fenced commits in flight (they hold FOR KEY SHARE), so a
+        // commit checked against the old epoch never lands after the new holder took over.
+        let (holder_now, epoch, expires_at, now): (String, i64, i64, i64) =
+            sqlx::query_as(concat!(
+                "SELECT holder, epoch, expires_at, ",
+                now_micros!(),
+                " FROM leases WHERE name = $1 FOR UPDATE"
+            ))
+            .bind(name)
+            .fetch_one(&mut *tx)
+            .await?;
+        let row = LeaseRow {
+            holder: holder_now,
+            epoch,
+            expires_at,
+        };
+        let next = acquire_decision(name, Some(&row), holder, now, ttl)?;
+        sqlx::query("UPDATE leases SET holder = $2, epoch = $3, expires_at = $4 WHERE name = $1")
+            .bind(name)
+            .bind(&next.holder)
+            .bind(next.epoch)
+            .bind(next.expires_at)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(lease_from_row(name, &next))
+    }
+
+    async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<Lease, StoreError> {
+        validate_lease(&lease.name, &lease.holder)?;
+        let ttl = ttl_micros(ttl)?;
+        let renewed: Option<i64> = sqlx::query_scalar(concat!(
+            "UPDATE leases SET expires_at = ",
+            now_micros!(),
+            " + $4 WHERE name = $1 AND holder = $2 AND epoch = $3 RETURNING expires_at"
+        ))
+        .bind(&lease.name)
+        .bind(&lease.holder)
+        .bind(epoch_bound(lease.epoch))
+        .bind(ttl)
+        .fetch_optional(&self.pool)
+        .await?;
+        match renewed {
+            Some(expires_at) => Ok(Lease {
+                expires_at: system_time_from_micros(expires_at),
+                ..lease.clone()
+            }),
+            None => Err(fenced(lease, self.stored_epoch(&lease.name).await?)),
+        }
+    }
+
+    async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+        validate_lease(&lease.name, &lease.holder)?;
+        // Expired as of now (not deleted: the epoch must keep counting up).
+        let released = sqlx::query(concat!(
+            "UPDATE leases SET expires_at = LEAST(expires_at, ",
+            now_micros!(),
+            ") WHERE name = $1 AND holder = $2 AND epoch = $3"
+        ))
+        .bind(&lease.name)
+        .bind(&lease.holder)
+        .bind(epoch_bound(lease.epoch))
+        .execute(&self.pool)
+        .await?;
+        if released.rows_affected() == 0 {
+            return Err(fenced(lease, self.stored_epoch(&lease.name).await?));
+        }
+        Ok(())
+    }
+
+    async fn commit_fenced(
+        &self,
+        fence: &Lease,
+        mutations: Vec<Mutation>,
+    ) -> Result<(), StoreError> {
+        validate_mutations(&mutations)?;
+        let mut tx = self.pool.begin().await?;
+        // FOR KEY SHARE: concurrent commits and renewals do not wait for each other, but an
+        // acquire (FOR UPDATE) waits for this transaction, and this check waits for an acquire
+        // in flight and then reads the epoch it wrote.
+        let current: Option<i64> =
+            sqlx::query_scalar("SELECT epoch FROM leases WHERE name = $1 FOR KEY SHARE")
+                .bind(&fence.name)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if current != Some(epoch_bound(fence.epoch)) {
+            return Err(fenced(fence, current));
+        }
+        apply(&mut tx, &mutations).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn create_schedule(&self, schedule: Schedule) -> Result<Schedule, StoreError> {

@@ -9,8 +9,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use dagmesh_proto::v1::{
-    Backfill, ListRunsRequest, ListRunsResponse, Mutation, Run, RunEvent, RunState, Schedule, Step,
-    Trigger, Workflow, WorkflowSpec, mutation,
+    ActiveRuns, Backfill, ListRunsRequest, ListRunsResponse, Mutation, Run, RunEvent, RunState,
+    Schedule, Step, Trigger, Workflow, WorkflowSpec, mutation,
 };
 use prost::Message;
 use prost_types::Timestamp;
@@ -20,13 +20,16 @@ use sqlx::sqlite::{
 };
 
 use super::{
-    KIND_RUN, PUT_WORKFLOW_ATTEMPTS, UnionRow, assemble_runs, decode, encode_run, list_runs_query,
-    new_workflow, runs_page, seq_bound, validate_spec,
+    ListRow, PUT_WORKFLOW_ATTEMPTS, UnionRow, active_runs, active_runs_strict, decode, encode_run,
+    event_from_row, list_runs_query, new_workflow, one_run, quarantine_mutations, runs_page,
+    seq_bound, validate_spec,
 };
 use crate::StoreError;
 use crate::error::is_unique_violation;
 use crate::store::{
-    MetadataStore, event_limit, run_not_found, validate_mutations, workflow_not_found,
+    Lease, LeaseRow, MetadataStore, acquire_decision, epoch_bound, event_limit, fenced,
+    lease_from_row, now_micros, run_not_found, ttl_micros, validate_lease, validate_mutations,
+    workflow_not_found,
 };
 use crate::store::{
     micros, name_taken, not_found, schedule_body, schedule_from_row, validate_named,
@@ -97,6 +100,23 @@ impl SqliteStore {
     pub(super) async fn close(&self) {
         self.read.close().await;
         self.write.close().await;
+    }
+
+    /// The union rows of every QUEUED or RUNNING run, by run, then run row first, then steps
+    /// in position order.
+    async fn active_rows(&self) -> Result<Vec<UnionRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT run_id, 0 AS kind, 0 AS position, '' AS step_id, workflow, state, body \
+             FROM runs WHERE state IN (?1, ?2) \
+             UNION ALL \
+             SELECT s.run_id, 1, s.position, s.step_id, '', 0, s.body FROM steps s \
+             JOIN runs r ON r.run_id = s.run_id WHERE r.state IN (?1, ?2) \
+             ORDER BY run_id, kind, position",
+        )
+        .bind(RunState::Queued as i32)
+        .bind(RunState::Running as i32)
+        .fetch_all(&self.read)
+        .await?)
     }
 
     /// One attempt of `put_workflow`, in one write transaction.
@@ -247,6 +267,49 @@ async fn duplicate_event(conn: &mut SqliteConnection, events: &[&RunEvent]) -> S
     StoreError::AlreadyExists("an event of this batch already exists".into())
 }
 
+/// Applies a validated commit batch inside the caller's transaction.
+async fn apply(conn: &mut SqliteConnection, mutations: &[Mutation]) -> Result<(), StoreError> {
+    // Runs first (they carry the idempotency check), then steps and events in multi-row
+    // statements: each statement is a round trip to sqlx's SQLite thread, and a batch of a
+    // busy executor holds thousands of rows.
+    let mut steps = Vec::new();
+    let mut events = Vec::new();
+    for m in mutations {
+        match &m.mutation {
+            Some(mutation::Mutation::PutRun(run)) => put_run(conn, run).await?,
+            Some(mutation::Mutation::PutStep(step)) => steps.push(step),
+            Some(mutation::Mutation::AppendEvent(event)) => events.push(event),
+            None => {} // rejected by validate_mutations
+        }
+    }
+    for chunk in steps.chunks(ROWS_PER_STATEMENT) {
+        put_steps(conn, chunk).await?;
+    }
+    for chunk in events.chunks(ROWS_PER_STATEMENT) {
+        append_events(conn, chunk).await?;
+    }
+    Ok(())
+}
+
+/// The stored epoch of a lease, `None` when it was never taken.
+async fn stored_epoch(conn: &mut SqliteConnection, name: &str) -> Result<Option<i64>, StoreError> {
+    Ok(
+        sqlx::query_scalar("SELECT epoch FROM leases WHERE name = ?1")
+            .bind(name)
+            .fetch_optional(conn)
+            .await?,
+    )
+}
+
+/// The union rows of one run (see [`UnionRow`]), from one statement so that the run and its
+/// steps come from the same snapshot.
+const RUN_ROWS: &str = "SELECT run_id, 0 AS kind, 0 AS position, '' AS step_id, workflow, state, \
+                        body FROM runs WHERE run_id = ?1 \
+                        UNION ALL \
+                        SELECT run_id, 1, position, step_id, '', 0, body FROM steps \
+                        WHERE run_id = ?1 \
+                        ORDER BY kind, position";
+
 #[async_trait::async_trait]
 impl MetadataStore for SqliteStore {
     async fn put_workflow(
@@ -311,50 +374,21 @@ impl MetadataStore for SqliteStore {
         // IMMEDIATE takes the write lock up front, so the transaction cannot fail half-way
         // because another process started writing; dropping `tx` on error rolls back.
         let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
-        // Runs first (they carry the idempotency check), then steps and events in multi-row
-        // statements: each statement is a round trip to sqlx's SQLite thread, and a batch of a
-        // busy executor holds thousands of rows.
-        let mut steps = Vec::new();
-        let mut events = Vec::new();
-        for m in &mutations {
-            match &m.mutation {
-                Some(mutation::Mutation::PutRun(run)) => put_run(&mut tx, run).await?,
-                Some(mutation::Mutation::PutStep(step)) => steps.push(step),
-                Some(mutation::Mutation::AppendEvent(event)) => events.push(event),
-                None => {} // rejected by validate_mutations
-            }
-        }
-        for chunk in steps.chunks(ROWS_PER_STATEMENT) {
-            put_steps(&mut tx, chunk).await?;
-        }
-        for chunk in events.chunks(ROWS_PER_STATEMENT) {
-            append_events(&mut tx, chunk).await?;
-        }
+        apply(&mut tx, &mutations).await?;
         tx.commit().await?;
         Ok(())
     }
 
     async fn get_run(&self, run_id: &str) -> Result<Run, StoreError> {
-        // One statement, so the run and its steps come from the same snapshot.
-        let rows: Vec<UnionRow> = sqlx::query_as(
-            "SELECT run_id, 0 AS kind, 0 AS position, body FROM runs WHERE run_id = ?1 \
-             UNION ALL \
-             SELECT run_id, 1, position, body FROM steps WHERE run_id = ?1 \
-             ORDER BY kind, position",
-        )
-        .bind(run_id)
-        .fetch_all(&self.read)
-        .await?;
-        if rows.first().is_none_or(|(_, kind, _, _)| *kind != KIND_RUN) {
-            return Err(run_not_found(run_id));
-        }
-        assemble_runs(rows)?
-            .pop()
-            .ok_or_else(|| run_not_found(run_id))
+        let rows: Vec<UnionRow> = sqlx::query_as(RUN_ROWS)
+            .bind(run_id)
+            .fetch_all(&self.read)
+            .await?;
+        one_run(run_id, rows)
     }
 
     async fn list_runs(&self, req: &ListRunsRequest) -> Result<ListRunsResponse, StoreError> {
-        let rows: Vec<(String, Vec<u8>)> = list_runs_query::<sqlx::Sqlite>(req)
+        let rows: Vec<ListRow> = list_runs_query::<sqlx::Sqlite>(req)
             .build_query_as()
             .fetch_all(&self.read)
             .await?;
@@ -387,24 +421,136 @@ impl MetadataStore for SqliteStore {
         .bind(i64::from(event_limit(limit)))
         .fetch_all(&self.read)
         .await?;
-        rows.iter()
-            .map(|(seq, body)| decode(body, || format!("event {seq} of run {run_id:?}")))
-            .collect()
+        Ok(rows
+            .iter()
+            .map(|(seq, body)| event_from_row(run_id, *seq, body))
+            .collect())
     }
 
     async fn read_active_runs(&self) -> Result<Vec<Run>, StoreError> {
-        let rows: Vec<UnionRow> = sqlx::query_as(
-            "SELECT run_id, 0 AS kind, 0 AS position, body FROM runs WHERE state IN (?1, ?2) \
-             UNION ALL \
-             SELECT s.run_id, 1, s.position, s.body FROM steps s \
-             JOIN runs r ON r.run_id = s.run_id WHERE r.state IN (?1, ?2) \
-             ORDER BY run_id, kind, position",
+        active_runs_strict(self.active_rows().await?)
+    }
+
+    async fn read_active_runs_checked(&self) -> Result<ActiveRuns, StoreError> {
+        Ok(active_runs(self.active_rows().await?))
+    }
+
+    async fn quarantine_run(&self, run_id: &str, reason: &str) -> Result<Run, StoreError> {
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        let rows: Vec<UnionRow> = sqlx::query_as(RUN_ROWS)
+            .bind(run_id)
+            .fetch_all(&mut *tx)
+            .await?;
+        let stored = super::group_runs(rows)
+            .pop()
+            .ok_or_else(|| run_not_found(run_id))?;
+        let max_seq: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(seq) FROM events WHERE run_id = ?1")
+                .bind(run_id)
+                .fetch_one(&mut *tx)
+                .await?;
+        let mutations = quarantine_mutations(stored, max_seq.unwrap_or(0), reason)?;
+        apply(&mut tx, &mutations).await?;
+        tx.commit().await?;
+        self.get_run(run_id).await
+    }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Lease, StoreError> {
+        validate_lease(name, holder)?;
+        let ttl = ttl_micros(ttl)?;
+        // The write lock (IMMEDIATE) makes read-decide-write atomic, across processes too.
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        let row: Option<(String, i64, i64)> =
+            sqlx::query_as("SELECT holder, epoch, expires_at FROM leases WHERE name = ?1")
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let row = row.map(|(holder, epoch, expires_at)| LeaseRow {
+            holder,
+            epoch,
+            expires_at,
+        });
+        let next = acquire_decision(name, row.as_ref(), holder, now_micros(), ttl)?;
+        sqlx::query(
+            "INSERT INTO leases (name, holder, epoch, expires_at) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, epoch = excluded.epoch, \
+             expires_at = excluded.expires_at",
         )
-        .bind(RunState::Queued as i32)
-        .bind(RunState::Running as i32)
-        .fetch_all(&self.read)
+        .bind(name)
+        .bind(&next.holder)
+        .bind(next.epoch)
+        .bind(next.expires_at)
+        .execute(&mut *tx)
         .await?;
-        assemble_runs(rows)
+        tx.commit().await?;
+        Ok(lease_from_row(name, &next))
+    }
+
+    async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<Lease, StoreError> {
+        validate_lease(&lease.name, &lease.holder)?;
+        let expires_at = now_micros().saturating_add(ttl_micros(ttl)?);
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        let updated = sqlx::query(
+            "UPDATE leases SET expires_at = ?4 WHERE name = ?1 AND holder = ?2 AND epoch = ?3",
+        )
+        .bind(&lease.name)
+        .bind(&lease.holder)
+        .bind(epoch_bound(lease.epoch))
+        .bind(expires_at)
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() == 0 {
+            return Err(fenced(lease, stored_epoch(&mut tx, &lease.name).await?));
+        }
+        tx.commit().await?;
+        Ok(Lease {
+            expires_at: crate::store::system_time_from_micros(expires_at),
+            ..lease.clone()
+        })
+    }
+
+    async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+        validate_lease(&lease.name, &lease.holder)?;
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        // Expired as of now (not deleted: the epoch must keep counting up).
+        let updated = sqlx::query(
+            "UPDATE leases SET expires_at = MIN(expires_at, ?4) \
+             WHERE name = ?1 AND holder = ?2 AND epoch = ?3",
+        )
+        .bind(&lease.name)
+        .bind(&lease.holder)
+        .bind(epoch_bound(lease.epoch))
+        .bind(now_micros())
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() == 0 {
+            return Err(fenced(lease, stored_epoch(&mut tx, &lease.name).await?));
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn commit_fenced(
+        &self,
+        fence: &Lease,
+        mutations: Vec<Mutation>,
+    ) -> Result<(), StoreError> {
+        validate_mutations(&mutations)?;
+        // Writers queue for the one write connection and IMMEDIATE holds the database's write
+        // lock, so no acquire can slip between this check and the commit.
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        let current = stored_epoch(&mut tx, &fence.name).await?;
+        if current != Some(epoch_bound(fence.epoch)) {
+            return Err(fenced(fence, current));
+        }
+        apply(&mut tx, &mutations).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn create_schedule(&self, schedule: Schedule) -> Result<Schedule, StoreError> {
