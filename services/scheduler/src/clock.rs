@@ -44,8 +44,18 @@ impl ManualClock {
         }
     }
 
+    /// Moves time forward (or back, with a negative `by`); it stops at the ends of time
+    /// rather than overflow.
     pub fn advance(&self, by: chrono::Duration) {
-        self.now.send_modify(|now| *now += by);
+        self.now.send_modify(|now| {
+            *now = now
+                .checked_add_signed(by)
+                .unwrap_or(if by < chrono::Duration::zero() {
+                    DateTime::<Utc>::MIN_UTC
+                } else {
+                    DateTime::<Utc>::MAX_UTC
+                });
+        });
     }
 
     pub fn set(&self, to: DateTime<Utc>) {

@@ -56,6 +56,8 @@ impl From<ExecError> for SchedError {
             ExecError::NotFound(m) => SchedError::NotFound(m),
             ExecError::FailedPrecondition(m) => SchedError::FailedPrecondition(m),
             ExecError::Unavailable(m) => SchedError::Unavailable(m),
+            // Both are worth retrying: the request was not applied.
+            ExecError::Aborted(m) | ExecError::Fenced(m) => SchedError::Unavailable(m),
             ExecError::Store(e) => SchedError::Store(e),
         }
     }

@@ -26,6 +26,16 @@
 //! run, and the compare-and-set keeps `last_tick` monotonic. A backfill driven by two processes
 //! at once may briefly exceed its `max_concurrency` (each counts the other's runs only on its
 //! next pass).
+//!
+//! **Bounds.** Definitions are checked against `dagmesh_proto::limits` when created (names,
+//! cron and zone lengths, expressions, entries, timestamps within the protobuf range, at most
+//! `MAX_BACKFILL_PARTITIONS` partitions, `max_concurrency` in 1..=`MAX_BACKFILL_CONCURRENCY`,
+//! `catch_up_limit` up to `MAX_CATCH_UP_TICKS`), and again when read back: a stored schedule or
+//! trigger that fails is logged and skipped, a backfill is marked FAILED with the reason, and
+//! everything else keeps running. A backfill costs the same whatever its range: partition `k`
+//! is computed when it is submitted, the record holds a cursor, the active run ids and counters,
+//! and each pass asks only about the active runs. Evaluated inputs and event payloads are held
+//! to the payload limits (size and depth) before anything is submitted.
 
 mod clock;
 mod error;
@@ -34,6 +44,7 @@ pub mod grpc;
 mod scheduler;
 mod starter;
 mod ticks;
+mod validate;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::SchedError;

@@ -1,23 +1,25 @@
 //! [`Scheduler`]: the API (schedules, triggers, events, backfills) and the loop that fires ticks
 //! and drives backfills.
 
-use std::collections::HashMap;
+mod backfills;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use dagmesh_metastore::MetadataStore;
+use dagmesh_proto::limits::{self, DEFAULT_MAX_PAYLOAD_BYTES, MAX_NAME_LEN};
 use dagmesh_proto::v1::{
-    Backfill, BackfillState, CatchUp, ListRunsRequest, Partition, PublishEventResponse, Run,
-    RunState, Schedule, SubmitRunRequest, Trigger, TriggeredRun, WorkflowRef, submit_run_request,
+    CatchUp, PublishEventResponse, Schedule, SubmitRunRequest, Trigger, TriggeredRun, WorkflowRef,
+    submit_run_request,
 };
-use prost_types::Timestamp;
+use prost_types::{Struct, Timestamp};
 use serde_json::Value as Json;
 use tokio::sync::{Mutex, Notify};
 use tokio::task::JoinHandle;
 
-use crate::ticks::{self, Grain};
-use crate::{Clock, RunStarter, SchedError, expr};
+use crate::validate::{self, ScheduleDef};
+use crate::{Clock, RunStarter, SchedError, expr, ticks};
 
 /// Tag on every run a schedule starts; the value is the schedule's name.
 pub const SCHEDULE_TAG: &str = "dagmesh.schedule";
@@ -25,8 +27,7 @@ pub const SCHEDULE_TAG: &str = "dagmesh.schedule";
 pub const TRIGGER_TAG: &str = "dagmesh.trigger";
 /// Tag on every partition run of a backfill; the value is the backfill's id.
 pub const BACKFILL_TAG: &str = "dagmesh.backfill";
-/// `catch_up_limit` when the schedule says 0.
-pub const DEFAULT_CATCH_UP_LIMIT: u32 = 100;
+pub use crate::validate::DEFAULT_CATCH_UP_LIMIT;
 
 /// Tunables of the loop.
 #[derive(Clone, Debug)]
@@ -74,12 +75,26 @@ struct Inner {
 fn to_ts(at: DateTime<Utc>) -> Timestamp {
     Timestamp {
         seconds: at.timestamp(),
-        nanos: at.timestamp_subsec_nanos() as i32,
+        // Below 2e9 (a leap second at most), so it always fits.
+        nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(999_999_999),
     }
 }
 
-fn from_ts(ts: &Timestamp) -> DateTime<Utc> {
-    DateTime::from_timestamp(ts.seconds, ts.nanos.max(0) as u32).unwrap_or_default()
+/// `at + by`, or the end of time: a wake-up time never overflows.
+fn later(at: DateTime<Utc>, by: Duration) -> DateTime<Utc> {
+    TimeDelta::from_std(by)
+        .ok()
+        .and_then(|by| at.checked_add_signed(by))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// Run inputs evaluated from expressions, checked like the executor checks a submit's inputs
+/// (depth and size), so that the refusal says which schedule, trigger or backfill made them.
+fn inputs_struct(inputs: serde_json::Map<String, Json>) -> Result<Struct, String> {
+    let inputs = dagmesh_proto::json::to_struct(&Json::Object(inputs));
+    limits::check_payload("inputs", &inputs, DEFAULT_MAX_PAYLOAD_BYTES)
+        .map_err(|e| e.to_string())?;
+    Ok(inputs)
 }
 
 fn invalid(message: String) -> SchedError {
@@ -130,7 +145,7 @@ impl Scheduler {
                 Ok(next) => next,
                 Err(error) => {
                     tracing::warn!(%error, "scheduler pass failed; retrying");
-                    now + self.inner.config.retry_delay
+                    later(now, self.inner.config.retry_delay)
                 }
             };
             let sleep = self.inner.clock.sleep_until(wake_at);
@@ -146,22 +161,31 @@ impl Scheduler {
     /// moving a manual clock.
     pub async fn run_due(&self) -> Result<DateTime<Utc>, SchedError> {
         let now = self.inner.clock.now();
-        let mut next = now + self.inner.config.recheck_interval;
+        let mut next = later(now, self.inner.config.recheck_interval);
         for schedule in self.inner.store.list_schedules().await? {
             if schedule.paused {
                 continue;
             }
-            match self.fire(&schedule, now).await {
+            // A record that breaks a limit (written by another version, or edited in the
+            // database) is skipped, not retried: it cannot start to pass by itself.
+            let def = match validate::schedule(&schedule) {
+                Ok(def) => def,
+                Err(error) => {
+                    tracing::warn!(schedule = %schedule.id, %error, "invalid schedule skipped");
+                    continue;
+                }
+            };
+            match self.fire(&schedule, &def, now).await {
                 Ok(Some(at)) => next = next.min(at),
                 Ok(None) => {}
                 Err(error) => {
                     tracing::warn!(schedule = %schedule.name, %error, "schedule tick failed; retrying");
-                    next = next.min(now + self.inner.config.retry_delay);
+                    next = next.min(later(now, self.inner.config.retry_delay));
                 }
             }
         }
         if self.drive_backfills().await? {
-            next = next.min(now + self.inner.config.backfill_poll);
+            next = next.min(later(now, self.inner.config.backfill_poll));
         }
         Ok(next)
     }
@@ -171,25 +195,17 @@ impl Scheduler {
     async fn fire(
         &self,
         schedule: &Schedule,
+        def: &ScheduleDef,
         now: DateTime<Utc>,
     ) -> Result<Option<DateTime<Utc>>, SchedError> {
-        let zone = ticks::parse_zone(&schedule.time_zone).map_err(invalid)?;
-        let cron = ticks::parse_cron(&schedule.cron).map_err(invalid)?;
-        let after = schedule
-            .last_tick
-            .as_ref()
-            .or(schedule.created_at.as_ref())
-            .map(from_ts)
-            .unwrap_or(now);
+        let ScheduleDef {
+            zone,
+            ref cron,
+            catch_up_limit,
+        } = *def;
+        let after = last_handled(schedule).unwrap_or(now);
         let catch_up = schedule.catch_up();
-        let limit = match catch_up {
-            CatchUp::All => match schedule.catch_up_limit {
-                0 => DEFAULT_CATCH_UP_LIMIT as usize,
-                n => n as usize,
-            },
-            _ => 1,
-        };
-        let due = ticks::due_ticks(&cron, zone, after, now, limit);
+        let due = ticks::due_ticks(cron, zone, after, now, catch_up_limit);
         if let Some(&latest) = due.last() {
             let grace = chrono::Duration::from_std(self.inner.config.misfire_grace)
                 .unwrap_or(chrono::Duration::MAX);
@@ -214,7 +230,7 @@ impl Scheduler {
             }
         }
         let from = due.last().copied().unwrap_or(after).max(now);
-        Ok(ticks::next_tick(&cron, zone, from))
+        Ok(ticks::next_tick(cron, zone, from))
     }
 
     /// Starts the run of one tick. Permanent errors (the workflow was deleted, an input
@@ -237,11 +253,18 @@ impl Scheduler {
                 return Ok(());
             }
         };
+        let inputs = match inputs_struct(inputs) {
+            Ok(inputs) => inputs,
+            Err(error) => {
+                tracing::warn!(schedule = %schedule.name, %tick, %error, "tick not run: inputs too big");
+                return Ok(());
+            }
+        };
         let mut tags = schedule.tags.clone();
         tags.insert(SCHEDULE_TAG.to_owned(), schedule.name.clone());
         let request = SubmitRunRequest {
             workflow_ref: workflow_ref(&schedule.workflow, schedule.workflow_version),
-            inputs: Some(dagmesh_proto::json::to_struct(&Json::Object(inputs))),
+            inputs: Some(inputs),
             idempotency_key: format!("schedule/{}/{}", schedule.id, ticks::utc_rfc3339(tick)),
             tags,
             ..SubmitRunRequest::default()
@@ -277,16 +300,17 @@ impl Scheduler {
     }
 
     pub async fn create_schedule(&self, schedule: Schedule) -> Result<Schedule, SchedError> {
-        if schedule.name.is_empty() {
-            return Err(invalid("name: required".into()));
-        }
-        if schedule.workflow.is_empty() {
-            return Err(invalid("workflow: required".into()));
-        }
+        // The output-only fields are ignored, so they cannot fail the checks either.
+        let schedule = Schedule {
+            id: String::new(),
+            last_tick: None,
+            next_tick: None,
+            created_at: None,
+            ..schedule
+        };
+        let ScheduleDef { zone, cron, .. } = validate::schedule(&schedule).map_err(invalid)?;
         self.check_workflow(&schedule.workflow, schedule.workflow_version)
             .await?;
-        let zone = ticks::parse_zone(&schedule.time_zone).map_err(invalid)?;
-        let cron = ticks::parse_cron(&schedule.cron).map_err(invalid)?;
         let now = self.inner.clock.now();
         let first = ticks::next_tick(&cron, zone, now)
             .ok_or_else(|| invalid("cron: never matches".into()))?;
@@ -343,18 +367,10 @@ impl Scheduler {
         Ok(self.inner.store.delete_schedule(id_or_name).await?)
     }
 
+    /// Fills `next_tick`; a record that fails its checks has none.
     fn with_next_tick(&self, mut schedule: Schedule) -> Schedule {
-        let after = schedule
-            .last_tick
-            .as_ref()
-            .or(schedule.created_at.as_ref())
-            .map(from_ts);
-        if let (Ok(zone), Ok(cron), Some(after)) = (
-            ticks::parse_zone(&schedule.time_zone),
-            ticks::parse_cron(&schedule.cron),
-            after,
-        ) {
-            schedule.next_tick = ticks::next_tick(&cron, zone, after).map(to_ts);
+        if let (Ok(def), Some(after)) = (validate::schedule(&schedule), last_handled(&schedule)) {
+            schedule.next_tick = ticks::next_tick(&def.cron, def.zone, after).map(to_ts);
         }
         schedule
     }
@@ -362,15 +378,12 @@ impl Scheduler {
     // --- triggers and events ---
 
     pub async fn create_trigger(&self, trigger: Trigger) -> Result<Trigger, SchedError> {
-        if trigger.name.is_empty() {
-            return Err(invalid("name: required".into()));
-        }
-        if trigger.topic.is_empty() {
-            return Err(invalid("topic: required".into()));
-        }
-        if trigger.workflow.is_empty() {
-            return Err(invalid("workflow: required".into()));
-        }
+        let trigger = Trigger {
+            id: String::new(),
+            created_at: None,
+            ..trigger
+        };
+        validate::trigger(&trigger).map_err(invalid)?;
         self.check_workflow(&trigger.workflow, trigger.workflow_version)
             .await?;
         if !trigger.filter.is_empty() {
@@ -405,12 +418,27 @@ impl Scheduler {
         if topic.is_empty() {
             return Err(invalid("topic: required".into()));
         }
+        limits::check_len("topic", topic, MAX_NAME_LEN).map_err(invalid)?;
+        limits::check_len("event_id", event_id, MAX_NAME_LEN).map_err(invalid)?;
         let event = Json::Object(payload);
+        // The payload is what the default mapping passes on as run inputs: same limits.
+        limits::check_payload(
+            "payload",
+            &dagmesh_proto::json::to_struct(&event),
+            DEFAULT_MAX_PAYLOAD_BYTES,
+        )
+        .map_err(|e| invalid(e.to_string()))?;
         let topic_value = Json::String(topic.to_owned());
         let variables = [("event", &event), ("topic", &topic_value)];
         let mut response = PublishEventResponse::default();
         let mut requests = Vec::new();
         for trigger in self.inner.store.list_triggers(topic).await? {
+            if let Err(error) = validate::trigger(&trigger) {
+                // A bad record must not keep the topic's other triggers from firing.
+                tracing::warn!(trigger = %trigger.id, %error, "invalid trigger skipped");
+                response.skipped_triggers.push(trigger.name);
+                continue;
+            }
             if !trigger.filter.is_empty() {
                 let accepted = expr::compile(&trigger.filter)
                     .and_then(|program| expr::eval(&program, &variables));
@@ -438,6 +466,8 @@ impl Scheduler {
                 expr::eval_inputs(&trigger.inputs, &variables)
                     .map_err(|e| invalid(format!("trigger {:?}: {e}", trigger.name)))?
             };
+            let inputs = inputs_struct(inputs)
+                .map_err(|e| invalid(format!("trigger {:?}: {e}", trigger.name)))?;
             let mut tags = trigger.tags.clone();
             tags.insert(TRIGGER_TAG.to_owned(), trigger.name.clone());
             let idempotency_key = if event_id.is_empty() {
@@ -447,7 +477,7 @@ impl Scheduler {
             };
             let request = SubmitRunRequest {
                 workflow_ref: workflow_ref(&trigger.workflow, trigger.workflow_version),
-                inputs: Some(dagmesh_proto::json::to_struct(&Json::Object(inputs))),
+                inputs: Some(inputs),
                 idempotency_key,
                 tags,
                 ..SubmitRunRequest::default()
@@ -464,269 +494,14 @@ impl Scheduler {
         }
         Ok(response)
     }
-
-    // --- backfills ---
-
-    pub async fn create_backfill(&self, backfill: Backfill) -> Result<Backfill, SchedError> {
-        if backfill.workflow.is_empty() {
-            return Err(invalid("workflow: required".into()));
-        }
-        self.check_workflow(&backfill.workflow, backfill.workflow_version)
-            .await?;
-        let (Some(start), Some(end)) = (&backfill.start, &backfill.end) else {
-            return Err(invalid("start, end: required".into()));
-        };
-        if from_ts(end) <= from_ts(start) {
-            return Err(invalid("end: must be after start".into()));
-        }
-        grain(&backfill)?;
-        ticks::parse_zone(&backfill.time_zone).map_err(invalid)?;
-        expr::check_inputs(&backfill.inputs).map_err(invalid)?;
-        let mut backfill = Backfill {
-            id: new_id(),
-            max_concurrency: backfill.max_concurrency.max(1),
-            state: BackfillState::Running as i32,
-            done: 0,
-            running: 0,
-            failed: 0,
-            created_at: Some(to_ts(self.inner.clock.now())),
-            ..backfill
-        };
-        let total = partitions_of(&backfill)?.len();
-        if total >= ticks::MAX_PARTITIONS {
-            return Err(invalid(format!(
-                "end: more than {} partitions",
-                ticks::MAX_PARTITIONS
-            )));
-        }
-        backfill.total = total as u32;
-        backfill.queued = total as u32;
-        self.inner.store.put_backfill(backfill.clone()).await?;
-        self.inner.wake.notify_one();
-        Ok(backfill)
-    }
-
-    /// The backfill with its progress counted from its runs now.
-    pub async fn get_backfill(&self, id: &str) -> Result<Backfill, SchedError> {
-        let mut backfill = self.inner.store.get_backfill(id).await?;
-        let runs = self.partition_runs(&backfill.id).await?;
-        count(&mut backfill, &runs);
-        Ok(backfill)
-    }
-
-    pub async fn list_backfills(&self) -> Result<Vec<Backfill>, SchedError> {
-        Ok(self.inner.store.list_backfills().await?)
-    }
-
-    /// Stops submitting and cancels the partition runs that have not ended.
-    pub async fn cancel_backfill(&self, id: &str) -> Result<Backfill, SchedError> {
-        let _guard = self.inner.backfills.lock().await;
-        let mut backfill = self.inner.store.get_backfill(id).await?;
-        if backfill.state() != BackfillState::Running {
-            return Err(SchedError::FailedPrecondition(format!(
-                "backfill {id} already ended ({})",
-                state_name(backfill.state())
-            )));
-        }
-        backfill.state = BackfillState::Cancelled as i32;
-        self.inner.store.put_backfill(backfill.clone()).await?;
-        for run in self.partition_runs(id).await?.values() {
-            if is_active(run) {
-                match self
-                    .inner
-                    .starter
-                    .cancel(&run.run_id, "backfill cancelled")
-                    .await
-                {
-                    Ok(()) | Err(SchedError::FailedPrecondition(_)) => {}
-                    Err(error) => return Err(error),
-                }
-            }
-        }
-        let runs = self.partition_runs(id).await?;
-        count(&mut backfill, &runs);
-        self.inner.store.put_backfill(backfill.clone()).await?;
-        Ok(backfill)
-    }
-
-    /// Continues a cancelled or failed backfill with the partitions that have no run yet.
-    pub async fn resume_backfill(&self, id: &str) -> Result<Backfill, SchedError> {
-        let backfill = {
-            let _guard = self.inner.backfills.lock().await;
-            let mut backfill = self.inner.store.get_backfill(id).await?;
-            match backfill.state() {
-                BackfillState::Cancelled | BackfillState::Failed => {}
-                state => {
-                    return Err(SchedError::FailedPrecondition(format!(
-                        "backfill {id} is {}; only CANCELLED or FAILED backfills resume",
-                        state_name(state)
-                    )));
-                }
-            }
-            backfill.state = BackfillState::Running as i32;
-            self.inner.store.put_backfill(backfill.clone()).await?;
-            backfill
-        };
-        self.inner.wake.notify_one();
-        Ok(backfill)
-    }
-
-    /// Drives every running backfill once; true while any is still running.
-    async fn drive_backfills(&self) -> Result<bool, SchedError> {
-        let _guard = self.inner.backfills.lock().await;
-        let mut any_running = false;
-        for backfill in self.inner.store.list_backfills().await? {
-            if backfill.state() != BackfillState::Running {
-                continue;
-            }
-            match self.drive(backfill).await {
-                Ok(running) => any_running |= running,
-                Err(error) if error.is_transient() => return Err(error),
-                Err(error) => tracing::warn!(%error, "backfill step failed"),
-            }
-        }
-        Ok(any_running)
-    }
-
-    /// Submits partitions in order up to `max_concurrency` active runs, counts progress and
-    /// ends the backfill once every partition's run ended. The partition runs themselves are
-    /// the state: a restarted scheduler carries on from what exists.
-    async fn drive(&self, mut backfill: Backfill) -> Result<bool, SchedError> {
-        let zone = ticks::parse_zone(&backfill.time_zone).map_err(invalid)?;
-        let partitions = partitions_of(&backfill)?;
-        let runs = self.partition_runs(&backfill.id).await?;
-        count(&mut backfill, &runs);
-        let mut running = backfill.running;
-        for (index, (start, end)) in partitions.iter().enumerate() {
-            if running >= backfill.max_concurrency.max(1) {
-                break;
-            }
-            let key = partition_key(&backfill.id, *start);
-            if runs.contains_key(&key) {
-                continue;
-            }
-            let partition = serde_json::json!({
-                "start": ticks::local_rfc3339(*start, zone),
-                "end": ticks::local_rfc3339(*end, zone),
-                "index": index,
-            });
-            let inputs = match expr::eval_inputs(&backfill.inputs, &[("partition", &partition)]) {
-                Ok(inputs) => inputs,
-                Err(error) => {
-                    tracing::warn!(backfill = %backfill.id, %error, "backfill failed: inputs");
-                    backfill.state = BackfillState::Failed as i32;
-                    self.inner.store.put_backfill(backfill).await?;
-                    return Ok(false);
-                }
-            };
-            let mut tags = backfill.tags.clone();
-            tags.insert(BACKFILL_TAG.to_owned(), backfill.id.clone());
-            let request = SubmitRunRequest {
-                workflow_ref: workflow_ref(&backfill.workflow, backfill.workflow_version),
-                inputs: Some(dagmesh_proto::json::to_struct(&Json::Object(inputs))),
-                idempotency_key: key,
-                tags,
-                ..SubmitRunRequest::default()
-            };
-            match self.inner.starter.submit(request).await {
-                Ok((run, _)) => {
-                    tracing::info!(backfill = %backfill.id, partition = index, run_id = %run.run_id, "partition started");
-                    running += 1;
-                }
-                Err(error) if error.is_transient() => return Err(error),
-                Err(error) => {
-                    tracing::warn!(backfill = %backfill.id, %error, "backfill failed: submit");
-                    backfill.state = BackfillState::Failed as i32;
-                    self.inner.store.put_backfill(backfill).await?;
-                    return Ok(false);
-                }
-            }
-        }
-        let runs = self.partition_runs(&backfill.id).await?;
-        count(&mut backfill, &runs);
-        if backfill.queued == 0 && backfill.running == 0 {
-            backfill.state = if backfill.failed == 0 {
-                BackfillState::Succeeded
-            } else {
-                BackfillState::Failed
-            } as i32;
-        }
-        let still_running = backfill.state() == BackfillState::Running;
-        self.inner.store.put_backfill(backfill).await?;
-        Ok(still_running)
-    }
-
-    /// The runs of a backfill by idempotency key.
-    async fn partition_runs(&self, id: &str) -> Result<HashMap<String, Run>, SchedError> {
-        let mut runs = HashMap::new();
-        let mut page_token = String::new();
-        loop {
-            let page = self
-                .inner
-                .starter
-                .list_runs(ListRunsRequest {
-                    tags: [(BACKFILL_TAG.to_owned(), id.to_owned())].into(),
-                    page_size: 1000,
-                    page_token,
-                    ..Default::default()
-                })
-                .await?;
-            for run in page.runs {
-                runs.insert(run.idempotency_key.clone(), run);
-            }
-            if page.next_page_token.is_empty() {
-                return Ok(runs);
-            }
-            page_token = page.next_page_token;
-        }
-    }
 }
 
-fn grain(backfill: &Backfill) -> Result<Grain, SchedError> {
-    match backfill.partition() {
-        Partition::Hourly => Ok(Grain::Hourly),
-        Partition::Daily => Ok(Grain::Daily),
-        Partition::Unspecified => Err(invalid("partition: HOURLY or DAILY required".into())),
-    }
-}
-
-fn partitions_of(backfill: &Backfill) -> Result<Vec<ticks::Span>, SchedError> {
-    let zone = ticks::parse_zone(&backfill.time_zone).map_err(invalid)?;
-    let (Some(start), Some(end)) = (&backfill.start, &backfill.end) else {
-        return Err(invalid("start, end: required".into()));
-    };
-    Ok(ticks::partitions(
-        grain(backfill)?,
-        zone,
-        from_ts(start),
-        from_ts(end),
-    ))
-}
-
-fn partition_key(id: &str, start: DateTime<Utc>) -> String {
-    format!("backfill/{id}/{}", ticks::utc_rfc3339(start))
-}
-
-fn is_active(run: &Run) -> bool {
-    matches!(run.state(), RunState::Queued | RunState::Running)
-}
-
-/// Progress counts from the partition runs.
-fn count(backfill: &mut Backfill, runs: &HashMap<String, Run>) {
-    let (mut done, mut running, mut failed) = (0, 0, 0);
-    for run in runs.values() {
-        match run.state() {
-            RunState::Succeeded => done += 1,
-            RunState::Failed | RunState::Cancelled => failed += 1,
-            _ => running += 1,
-        }
-    }
-    backfill.done = done;
-    backfill.running = running;
-    backfill.failed = failed;
-    backfill.queued = backfill.total.saturating_sub(done + running + failed);
-}
-
-fn state_name(state: BackfillState) -> &'static str {
-    state.as_str_name().trim_start_matches("BACKFILL_STATE_")
+/// The last tick a schedule handled, or its creation: ticks after this are due. `None` when
+/// neither is set or valid.
+fn last_handled(schedule: &Schedule) -> Option<DateTime<Utc>> {
+    let ts = schedule
+        .last_tick
+        .as_ref()
+        .or(schedule.created_at.as_ref())?;
+    validate::timestamp("last_tick", ts).ok()
 }

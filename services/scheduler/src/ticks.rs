@@ -78,57 +78,122 @@ pub(crate) enum Grain {
 /// One partition: `[start, end)`.
 pub(crate) type Span = (DateTime<Utc>, DateTime<Utc>);
 
-/// Most partitions one backfill may have.
-pub(crate) const MAX_PARTITIONS: usize = 100_000;
-
 /// The partitions `[start, end)` covering `[from, to)`: hours, or calendar days in `zone`.
-pub(crate) fn partitions(
+/// Partition `k` is computed from the first one and `k`, so a range of millions of partitions
+/// costs nothing until its partitions are asked for, one at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Partitions {
     grain: Grain,
     zone: Tz,
-    from: DateTime<Utc>,
-    to: DateTime<Utc>,
-) -> Vec<Span> {
-    let mut out = Vec::new();
-    match grain {
-        Grain::Hourly => {
-            let local = from.with_timezone(&zone);
-            // Round down to the hour in the zone (the same instant as in UTC for whole-hour
-            // offsets; zones with half-hour offsets get their own hour boundaries).
-            let floor = local - Duration::seconds(i64::from(local.minute() * 60 + local.second()));
-            let mut start =
-                floor.with_timezone(&Utc) - Duration::nanoseconds(i64::from(floor.nanosecond()));
-            while start < to && out.len() < MAX_PARTITIONS {
-                let end = start + Duration::hours(1);
-                out.push((start, end));
-                start = end;
-            }
+    /// Hourly: the start of the first partition.
+    first_hour: DateTime<Utc>,
+    /// Daily: the first partition's day in `zone`.
+    first_day: NaiveDate,
+    total: u32,
+}
+
+impl Partitions {
+    /// The partitions of `[from, to)`; the error is the field message. Fails when the range is
+    /// empty or holds more than `max` partitions.
+    pub(crate) fn new(
+        grain: Grain,
+        zone: Tz,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        max: u32,
+    ) -> Result<Partitions, String> {
+        if to <= from {
+            return Err(format!(
+                "end: {} is not after start {}",
+                utc_rfc3339(to),
+                utc_rfc3339(from)
+            ));
         }
-        Grain::Daily => {
-            let mut day = from.with_timezone(&zone).date_naive();
-            loop {
-                let start = midnight(zone, day);
-                if start >= to || out.len() >= MAX_PARTITIONS {
-                    break;
-                }
-                let Some(next) = day.succ_opt() else { break };
-                out.push((start, midnight(zone, next)));
-                day = next;
+        let out_of_range = || "start: out of the supported time range".to_owned();
+        let local = from.with_timezone(&zone);
+        // Round down to the hour in the zone (the same instant as in UTC for whole-hour offsets;
+        // zones with half-hour offsets get their own hour boundaries).
+        let into_hour = Duration::seconds(i64::from(local.minute() * 60 + local.second()))
+            + Duration::nanoseconds(i64::from(local.nanosecond()));
+        let first_hour = from
+            .checked_sub_signed(into_hour)
+            .ok_or_else(out_of_range)?;
+        let first_day = local.date_naive();
+        let count: i64 = match grain {
+            Grain::Hourly => {
+                let span = to.signed_duration_since(first_hour);
+                let whole = span.num_seconds() / 3600;
+                let partial = span.num_seconds() % 3600 != 0 || span.subsec_nanos() != 0;
+                whole + i64::from(partial)
+            }
+            Grain::Daily => {
+                // The last partition is the day holding the instant just before `to`.
+                let last = to
+                    .checked_sub_signed(Duration::nanoseconds(1))
+                    .ok_or_else(out_of_range)?
+                    .with_timezone(&zone)
+                    .date_naive();
+                last.signed_duration_since(first_day).num_days() + 1
+            }
+        };
+        let unit = match grain {
+            Grain::Hourly => "hourly",
+            Grain::Daily => "daily",
+        };
+        let total = u32::try_from(count)
+            .ok()
+            .filter(|n| *n <= max)
+            .ok_or_else(|| {
+                format!("end: the range holds {count} {unit} partitions, over the limit of {max}")
+            })?;
+        Ok(Partitions {
+            grain,
+            zone,
+            first_hour,
+            first_day,
+            total,
+        })
+    }
+
+    pub(crate) fn total(&self) -> u32 {
+        self.total
+    }
+
+    /// Partition `index` (0-based), or `None` past the end.
+    pub(crate) fn get(&self, index: u32) -> Option<Span> {
+        if index >= self.total {
+            return None;
+        }
+        match self.grain {
+            Grain::Hourly => {
+                let start = self
+                    .first_hour
+                    .checked_add_signed(Duration::hours(i64::from(index)))?;
+                Some((start, start.checked_add_signed(Duration::hours(1))?))
+            }
+            Grain::Daily => {
+                let day = self
+                    .first_day
+                    .checked_add_days(chrono::Days::new(u64::from(index)))?;
+                Some((
+                    midnight(self.zone, day)?,
+                    midnight(self.zone, day.succ_opt()?)?,
+                ))
             }
         }
     }
-    out
 }
 
 /// The first instant of `day` in `zone` (midnight, or the end of a gap that swallows it).
-fn midnight(zone: Tz, day: NaiveDate) -> DateTime<Utc> {
+fn midnight(zone: Tz, day: NaiveDate) -> Option<DateTime<Utc>> {
     let mut time = day.and_time(NaiveTime::MIN);
     for _ in 0..=24 * 4 {
         if let Some(t) = zone.from_local_datetime(&time).earliest() {
-            return t.with_timezone(&Utc);
+            return Some(t.with_timezone(&Utc));
         }
-        time += Duration::minutes(15);
+        time = time.checked_add_signed(Duration::minutes(15))?;
     }
-    Utc.from_utc_datetime(&day.and_time(NaiveTime::MIN))
+    Some(Utc.from_utc_datetime(&day.and_time(NaiveTime::MIN)))
 }
 
 /// RFC 3339 in `zone`, whole seconds: what expressions see as `tick` and partition bounds.
@@ -250,23 +315,95 @@ mod tests {
     #[test]
     fn daily_partitions_follow_the_zone() {
         let zone = parse_zone("Europe/Berlin").unwrap();
-        let parts = partitions(
+        let days = Partitions::new(
             Grain::Daily,
             zone,
             utc("2025-03-29T10:00:00Z"),
             utc("2025-03-31T00:00:00Z"),
-        );
+            100,
+        )
+        .unwrap();
+        let parts: Vec<Span> = (0..days.total()).filter_map(|k| days.get(k)).collect();
         let lengths: Vec<i64> = parts.iter().map(|(s, e)| (*e - *s).num_hours()).collect();
         // 29th (24 h), 30th (23 h: spring forward), 31st starts at 22:00Z on the 30th.
         assert_eq!(lengths, [24, 23, 24]);
         assert_eq!(local_rfc3339(parts[1].0, zone), "2025-03-30T00:00:00+01:00");
-        let hours = partitions(
+        assert_eq!(days.get(3), None);
+        let hours = Partitions::new(
             Grain::Hourly,
             Tz::UTC,
             utc("2025-01-01T00:30:00Z"),
             utc("2025-01-01T03:00:00Z"),
+            100,
+        )
+        .unwrap();
+        assert_eq!(hours.total(), 3);
+        assert_eq!(hours.get(0).unwrap().0, utc("2025-01-01T00:00:00Z"));
+        assert_eq!(hours.get(2).unwrap().1, utc("2025-01-01T03:00:00Z"));
+    }
+
+    #[test]
+    fn a_partial_last_hour_is_a_partition_and_the_count_is_bounded() {
+        let hours = |from: &str, to: &str, max: u32| {
+            Partitions::new(Grain::Hourly, Tz::UTC, utc(from), utc(to), max).map(|p| p.total())
+        };
+        assert_eq!(
+            hours("2025-01-01T00:00:00Z", "2025-01-01T02:00:00.5Z", 10),
+            Ok(3)
         );
-        assert_eq!(hours.len(), 3);
-        assert_eq!(hours[0].0, utc("2025-01-01T00:00:00Z"));
+        assert_eq!(
+            hours("2025-01-01T00:00:00Z", "2025-01-01T00:00:01Z", 10),
+            Ok(1)
+        );
+        assert_eq!(
+            hours("2025-01-01T00:00:00Z", "2025-01-01T11:00:00Z", 10).unwrap_err(),
+            "end: the range holds 11 hourly partitions, over the limit of 10"
+        );
+        assert!(
+            hours("2025-01-01T00:00:00Z", "2025-01-01T00:00:00Z", 10)
+                .unwrap_err()
+                .starts_with("end: 2025-01-01T00:00:00Z is not after start")
+        );
+    }
+
+    #[test]
+    fn partition_k_is_computed_not_listed() {
+        // A million hourly partitions: the millionth is found in one step.
+        let plan = Partitions::new(
+            Grain::Hourly,
+            Tz::UTC,
+            utc("2000-01-01T00:00:00Z"),
+            utc("2114-01-29T16:00:00Z"),
+            10_000_000,
+        )
+        .unwrap();
+        assert_eq!(plan.total(), 1_000_000);
+        let (start, end) = plan.get(999_999).unwrap();
+        assert_eq!(start, utc("2114-01-29T15:00:00Z"));
+        assert_eq!(end, utc("2114-01-29T16:00:00Z"));
+        // Daily partitions agree with walking day by day, across DST changes.
+        let zone = parse_zone("America/New_York").unwrap();
+        let days = Partitions::new(
+            Grain::Daily,
+            zone,
+            utc("2024-01-01T12:00:00Z"),
+            utc("2026-01-01T05:00:00Z"),
+            10_000,
+        )
+        .unwrap();
+        assert_eq!(days.total(), 731);
+        let mut previous_end = None;
+        for k in 0..days.total() {
+            let (start, end) = days.get(k).unwrap();
+            assert!(start < end);
+            if let Some(prev) = previous_end {
+                assert_eq!(prev, start, "partition {k} follows the previous one");
+            }
+            previous_end = Some(end);
+        }
+        assert_eq!(
+            local_rfc3339(days.get(730).unwrap().0, zone),
+            "2025-12-31T00:00:00-05:00"
+        );
     }
 }

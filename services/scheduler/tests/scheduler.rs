@@ -1,145 +1,14 @@
 //! The scheduler under a manual clock: no sleeps, every tick decided by moving time.
 
+mod common;
+
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Duration, Utc};
-use dagmesh_metastore::{MetadataStore, SqlStore};
-use dagmesh_proto::v1::{
-    CatchUp, ListRunsRequest, ListRunsResponse, Run, RunState, Schedule, SubmitRunRequest, Trigger,
-};
-use dagmesh_scheduler::{ManualClock, RunStarter, SchedError, Scheduler, SchedulerConfig};
+use common::{Harness, utc};
+use dagmesh_proto::v1::{CatchUp, RunState, Schedule, Trigger};
+use dagmesh_scheduler::{ManualClock, SchedError, Scheduler};
 use serde_json::{Value, json};
-
-/// An executor stand-in: keeps runs in memory and honours idempotency keys like the real one.
-#[derive(Default)]
-struct FakeStarter {
-    runs: Mutex<Vec<Run>>,
-    submits: Mutex<usize>,
-    changed: tokio::sync::Notify,
-}
-
-impl FakeStarter {
-    fn runs(&self) -> Vec<Run> {
-        self.runs.lock().unwrap().clone()
-    }
-
-    /// `input` of every run, in submit order.
-    fn inputs(&self, input: &str) -> Vec<Value> {
-        self.runs()
-            .iter()
-            .map(|r| dagmesh_proto::json::from_struct(r.inputs.as_ref())[input].clone())
-            .collect()
-    }
-}
-
-#[async_trait::async_trait]
-impl RunStarter for FakeStarter {
-    async fn submit(&self, request: SubmitRunRequest) -> Result<(Run, bool), SchedError> {
-        *self.submits.lock().unwrap() += 1;
-        let mut runs = self.runs.lock().unwrap();
-        if !request.idempotency_key.is_empty()
-            && let Some(run) = runs
-                .iter()
-                .find(|r| r.idempotency_key == request.idempotency_key)
-        {
-            return Ok((run.clone(), false));
-        }
-        let run = Run {
-            run_id: uuid::Uuid::now_v7().to_string(),
-            state: RunState::Running as i32,
-            inputs: request.inputs,
-            tags: request.tags,
-            idempotency_key: request.idempotency_key,
-            ..Default::default()
-        };
-        runs.push(run.clone());
-        drop(runs);
-        self.changed.notify_waiters();
-        Ok((run, true))
-    }
-
-    async fn cancel(&self, run_id: &str, _reason: &str) -> Result<(), SchedError> {
-        for run in self.runs.lock().unwrap().iter_mut() {
-            if run.run_id == run_id {
-                run.state = RunState::Cancelled as i32;
-            }
-        }
-        Ok(())
-    }
-
-    async fn get_run(&self, run_id: &str) -> Result<Run, SchedError> {
-        self.runs()
-            .into_iter()
-            .find(|r| r.run_id == run_id)
-            .ok_or_else(|| SchedError::NotFound(run_id.to_owned()))
-    }
-
-    async fn list_runs(&self, request: ListRunsRequest) -> Result<ListRunsResponse, SchedError> {
-        let runs = self
-            .runs()
-            .into_iter()
-            .filter(|r| request.tags.iter().all(|(k, v)| r.tags.get(k) == Some(v)))
-            .collect();
-        Ok(ListRunsResponse {
-            runs,
-            next_page_token: String::new(),
-        })
-    }
-}
-
-fn utc(text: &str) -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339(text)
-        .unwrap()
-        .with_timezone(&Utc)
-}
-
-struct Harness {
-    _dir: tempfile::TempDir,
-    store: Arc<dyn MetadataStore>,
-    starter: Arc<FakeStarter>,
-    clock: ManualClock,
-}
-
-impl Harness {
-    async fn new(start: &str) -> Harness {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("meta.db").display());
-        let store: Arc<dyn MetadataStore> = Arc::new(SqlStore::connect(&url).await.unwrap());
-        // The workflows these tests schedule must be registered, as they would be in production.
-        for name in ["report", "ingest", "audit", "w", "daily-load"] {
-            let spec = dagmesh_proto::v1::WorkflowSpec {
-                name: name.into(),
-                steps: vec![dagmesh_proto::v1::StepSpec {
-                    id: "only".into(),
-                    task: "noop".into(),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            };
-            store
-                .put_workflow(spec, format!("hash-{name}"))
-                .await
-                .unwrap();
-        }
-        Harness {
-            _dir: dir,
-            store,
-            starter: Arc::new(FakeStarter::default()),
-            clock: ManualClock::new(utc(start)),
-        }
-    }
-
-    /// A scheduler process over the shared store, starter and clock.
-    fn scheduler(&self) -> Scheduler {
-        Scheduler::new(
-            self.store.clone(),
-            self.starter.clone(),
-            Arc::new(self.clock.clone()),
-            SchedulerConfig::default(),
-        )
-    }
-}
 
 fn schedule(name: &str, cron: &str, zone: &str, catch_up: CatchUp, limit: u32) -> Schedule {
     Schedule {
@@ -642,4 +511,400 @@ async fn backfill_respects_concurrency_and_reports_progress() {
     let progress = scheduler.get_backfill(&second.id).await.unwrap();
     assert_eq!((progress.running, progress.queued), (2, 1));
     let _ = HashMap::<(), ()>::new();
+}
+
+fn hourly(start: &str, end: &str, max_concurrency: u32) -> dagmesh_proto::v1::Backfill {
+    dagmesh_proto::v1::Backfill {
+        workflow: "daily-load".into(),
+        start: Some(common::ts(start)),
+        end: Some(common::ts(end)),
+        partition: dagmesh_proto::v1::Partition::Hourly as i32,
+        max_concurrency,
+        inputs: [
+            ("hour".to_owned(), "partition.start".to_owned()),
+            ("index".to_owned(), "partition.index".to_owned()),
+        ]
+        .into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_million_hourly_partitions_start_without_being_listed() {
+    use dagmesh_proto::v1::BackfillState;
+    use prost::Message as _;
+    let h = Harness::new("2025-01-01T00:00:00Z").await;
+    let scheduler = h.scheduler();
+    // 1,000,000 hours from 2000-01-01.
+    let backfill = scheduler
+        .create_backfill(hourly("2000-01-01T00:00:00Z", "2114-01-29T16:00:00Z", 2))
+        .await
+        .unwrap();
+    assert_eq!((backfill.total, backfill.queued), (1_000_000, 1_000_000));
+    for _ in 0..3 {
+        scheduler.run_due().await.unwrap();
+        h.starter.end_running(2, RunState::Succeeded);
+    }
+    scheduler.run_due().await.unwrap();
+    let now = scheduler.get_backfill(&backfill.id).await.unwrap();
+    assert_eq!(now.state(), BackfillState::Running);
+    assert_eq!(
+        (now.done, now.running, now.failed, now.queued),
+        (6, 2, 0, 999_992)
+    );
+    assert_eq!(h.starter.runs().len(), 8, "one run per partition started");
+    assert_eq!(
+        h.starter.inputs("hour")[7],
+        json!("2000-01-01T07:00:00+00:00")
+    );
+    assert_eq!(h.starter.inputs("index")[7], json!(7));
+    // What the scheduler keeps and reads does not grow with the range: the stored record holds
+    // a cursor and the active runs, and each look lists only the active runs.
+    assert!(
+        now.encoded_len() < 1024,
+        "{} bytes stored",
+        now.encoded_len()
+    );
+    assert!(*h.starter.largest_listing.lock().unwrap() <= 2);
+}
+
+#[tokio::test]
+async fn a_lost_record_write_and_a_second_scheduler_start_each_partition_once() {
+    use dagmesh_proto::v1::BackfillState;
+    let h = Harness::new("2025-01-01T00:00:00Z").await;
+    let (a, b) = (h.scheduler(), h.scheduler());
+    let backfill = a
+        .create_backfill(hourly("2024-12-01T00:00:00Z", "2024-12-01T20:00:00Z", 3))
+        .await
+        .unwrap();
+    a.run_due().await.unwrap();
+    let before = h.store.get_backfill(&backfill.id).await.unwrap();
+    h.starter.end_running(2, RunState::Succeeded);
+    a.run_due().await.unwrap();
+    // A crash after the second pass's submits but before its record write: the store still
+    // holds the first pass's record.
+    h.store.put_backfill(before).await.unwrap();
+    let mut passes = 0;
+    loop {
+        let (ra, rb) = tokio::join!(a.run_due(), b.run_due());
+        ra.unwrap();
+        rb.unwrap();
+        let now = a.get_backfill(&backfill.id).await.unwrap();
+        assert_eq!(
+            now.done + now.running + now.failed + now.queued,
+            20,
+            "{now:?}"
+        );
+        if now.state() != BackfillState::Running {
+            assert_eq!(now.state(), BackfillState::Succeeded);
+            assert_eq!(
+                (now.done, now.failed, now.running, now.queued),
+                (20, 0, 0, 0)
+            );
+            break;
+        }
+        h.starter.end_running(3, RunState::Succeeded);
+        passes += 1;
+        assert!(passes < 40, "backfill never ended");
+    }
+    let mut keys: Vec<String> = h
+        .starter
+        .runs()
+        .into_iter()
+        .map(|r| r.idempotency_key)
+        .collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), 20);
+    assert_eq!(h.starter.runs().len(), 20, "one run per partition");
+}
+
+#[tokio::test]
+async fn bad_records_in_the_store_are_skipped_and_everything_else_keeps_running() {
+    use dagmesh_proto::v1::{Backfill, BackfillState};
+    let h = Harness::new("2025-01-01T00:00:30Z").await;
+    let scheduler = h.scheduler();
+    // Written straight into the store, as another version (or a hand edit) could have.
+    for (id, name, cron, zone) in [
+        ("bad-1", "bad-cron", "every now and then", ""),
+        ("bad-2", "bad-zone", "0 * * * * *", "Mars/Base"),
+    ] {
+        h.store
+            .create_schedule(Schedule {
+                id: id.into(),
+                name: name.into(),
+                cron: cron.into(),
+                time_zone: zone.into(),
+                workflow: "report".into(),
+                created_at: Some(common::ts("2025-01-01T00:00:00Z")),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    h.store
+        .create_trigger(Trigger {
+            id: "bad-3".into(),
+            name: "huge-filter".into(),
+            topic: "uploads".into(),
+            workflow: "ingest".into(),
+            filter: format!("true{}", " && true".repeat(1000)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let bad_backfill = Backfill {
+        id: "bad-4".into(),
+        state: BackfillState::Running as i32,
+        time_zone: "Mars/Base".into(),
+        max_concurrency: 1,
+        ..hourly("2024-12-01T00:00:00Z", "2024-12-01T02:00:00Z", 1)
+    };
+    h.store.put_backfill(bad_backfill).await.unwrap();
+
+    scheduler
+        .create_schedule(schedule("good", "0 * * * * *", "", CatchUp::Skip, 0))
+        .await
+        .unwrap();
+    scheduler
+        .create_trigger(Trigger {
+            name: "good-trigger".into(),
+            topic: "uploads".into(),
+            workflow: "ingest".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let good_backfill = scheduler
+        .create_backfill(hourly("2024-12-01T00:00:00Z", "2024-12-01T02:00:00Z", 2))
+        .await
+        .unwrap();
+
+    h.clock.advance(Duration::minutes(1));
+    scheduler.run_due().await.unwrap();
+    let ticks: Vec<_> = h
+        .starter
+        .runs()
+        .into_iter()
+        .filter_map(|r| r.tags.get("dagmesh.schedule").cloned())
+        .collect();
+    assert_eq!(ticks, ["good"], "only the valid schedule fired");
+    let failed = scheduler.get_backfill("bad-4").await.unwrap();
+    assert_eq!(failed.state(), BackfillState::Failed);
+    assert_eq!(
+        failed.error,
+        "invalid backfill record: time_zone: unknown zone \"Mars/Base\""
+    );
+    let good = scheduler.get_backfill(&good_backfill.id).await.unwrap();
+    assert_eq!((good.running, good.queued), (2, 0));
+    // The listing shows the bad records too, so that they can be found and deleted.
+    let listed = scheduler.get_schedule("bad-cron").await.unwrap();
+    assert_eq!(listed.next_tick, None);
+
+    let event = json!({"size": 1}).as_object().unwrap().clone();
+    let published = scheduler
+        .publish_event("uploads", event, "e-1")
+        .await
+        .unwrap();
+    assert_eq!(published.skipped_triggers, ["huge-filter"]);
+    assert_eq!(published.runs.len(), 1);
+    assert_eq!(published.runs[0].trigger, "good-trigger");
+}
+
+#[tokio::test]
+async fn definitions_over_a_limit_are_refused_with_field_size_and_limit() {
+    use dagmesh_proto::v1::{Backfill, Partition};
+    let h = Harness::new("2025-01-01T00:00:00Z").await;
+    let scheduler = h.scheduler();
+    let long = |n: usize| "x".repeat(n);
+    let base = || schedule("s", "0 * * * *", "", CatchUp::Skip, 0);
+    let schedules = [
+        (
+            Schedule {
+                name: long(129),
+                ..base()
+            },
+            "name: 129 bytes, over the limit of 128".to_owned(),
+        ),
+        (
+            Schedule {
+                cron: format!("0 * * * *{}", " ".repeat(300)),
+                ..base()
+            },
+            "cron: 309 bytes, over the limit of 256".to_owned(),
+        ),
+        (
+            Schedule {
+                time_zone: long(200),
+                ..base()
+            },
+            "time_zone: 200 bytes, over the limit of 128".to_owned(),
+        ),
+        (
+            Schedule {
+                inputs: [("day".to_owned(), format!("'{}'", long(5000)))].into(),
+                ..base()
+            },
+            "inputs.day: 5002 bytes, over the limit of 4096".to_owned(),
+        ),
+        (
+            Schedule {
+                inputs: (0..65).map(|i| (format!("i{i}"), "1".to_owned())).collect(),
+                ..base()
+            },
+            "inputs: 65 entries, over the limit of 64".to_owned(),
+        ),
+        (
+            Schedule {
+                tags: [(long(129), "v".to_owned())].into(),
+                ..base()
+            },
+            "tags: a key of 129 bytes, over the limit of 128".to_owned(),
+        ),
+        (
+            Schedule {
+                catch_up: CatchUp::All as i32,
+                catch_up_limit: 5000,
+                ..base()
+            },
+            "catch_up_limit: 5000 ticks, over the limit of 1000".to_owned(),
+        ),
+    ];
+    for (bad, expected) in schedules {
+        match scheduler.create_schedule(bad).await {
+            Err(SchedError::InvalidArgument(message)) => assert_eq!(message, expected),
+            other => panic!("expected {expected:?}, got {other:?}"),
+        }
+    }
+    match scheduler
+        .create_trigger(Trigger {
+            name: "t".into(),
+            topic: "uploads".into(),
+            workflow: "ingest".into(),
+            filter: format!("true{}", " && true".repeat(1000)),
+            ..Default::default()
+        })
+        .await
+    {
+        Err(SchedError::InvalidArgument(message)) => {
+            assert_eq!(message, "filter: 8004 bytes, over the limit of 4096")
+        }
+        other => panic!("{other:?}"),
+    }
+    let day = |start: &str, end: &str| Backfill {
+        workflow: "daily-load".into(),
+        start: Some(common::ts(start)),
+        end: Some(common::ts(end)),
+        partition: Partition::Daily as i32,
+        ..Default::default()
+    };
+    let backfills = [
+        (
+            day("2025-01-02T00:00:00Z", "2025-01-01T00:00:00Z"),
+            "end: 2025-01-01T00:00:00Z is not after start 2025-01-02T00:00:00Z",
+        ),
+        (
+            Backfill {
+                start: Some(prost_types::Timestamp {
+                    seconds: i64::MIN,
+                    nanos: 0,
+                }),
+                ..day("2025-01-01T00:00:00Z", "2025-01-02T00:00:00Z")
+            },
+            "start: -9223372036854775808 seconds is outside 0001-01-01T00:00:00Z..=9999-12-31T23:59:59Z",
+        ),
+        (
+            Backfill {
+                end: Some(prost_types::Timestamp {
+                    seconds: 0,
+                    nanos: -1,
+                }),
+                ..day("2025-01-01T00:00:00Z", "2025-01-02T00:00:00Z")
+            },
+            "end: nanos -1 outside 0..=999999999",
+        ),
+        (
+            Backfill {
+                partition: Partition::Hourly as i32,
+                ..day("0001-01-01T00:00:00Z", "9999-12-31T00:00:00Z")
+            },
+            "end: the range holds 87649392 hourly partitions, over the limit of 10000000",
+        ),
+        (
+            Backfill {
+                max_concurrency: 10_001,
+                ..day("2025-01-01T00:00:00Z", "2025-01-02T00:00:00Z")
+            },
+            "max_concurrency: 10001 is outside 1..=10000",
+        ),
+        (
+            Backfill {
+                start: None,
+                ..day("2025-01-01T00:00:00Z", "2025-01-02T00:00:00Z")
+            },
+            "start: required",
+        ),
+    ];
+    for (bad, expected) in backfills {
+        match scheduler.create_backfill(bad).await {
+            Err(SchedError::InvalidArgument(message)) => assert_eq!(message, expected),
+            other => panic!("expected {expected:?}, got {other:?}"),
+        }
+    }
+    // The longest range that is allowed is accepted, and costs nothing to create.
+    let widest = scheduler
+        .create_backfill(day("0001-01-01T00:00:00Z", "9999-12-31T23:59:59Z"))
+        .await
+        .unwrap();
+    assert_eq!(widest.total, 3_652_059);
+
+    // Event payloads deeper than the payload limit are refused before any trigger sees them.
+    let mut deep = json!(1);
+    for _ in 0..25 {
+        deep = json!({ "a": deep });
+    }
+    match scheduler
+        .publish_event("uploads", deep.as_object().unwrap().clone(), "")
+        .await
+    {
+        Err(SchedError::InvalidArgument(message)) => {
+            assert!(message.starts_with("payload.a.a."), "{message}");
+            assert!(message.contains("limit of 20 levels"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_partition_whose_inputs_fail_fails_the_backfill_with_the_reason() {
+    use dagmesh_proto::v1::BackfillState;
+    let h = Harness::new("2025-01-01T00:00:00Z").await;
+    let scheduler = h.scheduler();
+    let backfill = scheduler
+        .create_backfill(dagmesh_proto::v1::Backfill {
+            // Fails on the third partition only: 1 / (index - 2).
+            inputs: [("x".to_owned(), "1 / (partition.index - 2)".to_owned())].into(),
+            ..hourly("2024-12-01T00:00:00Z", "2024-12-01T05:00:00Z", 5)
+        })
+        .await
+        .unwrap();
+    scheduler.run_due().await.unwrap();
+    let failed = scheduler.get_backfill(&backfill.id).await.unwrap();
+    assert_eq!(failed.state(), BackfillState::Failed);
+    assert!(
+        failed
+            .error
+            .starts_with("partition 2 (2024-12-01T02:00:00Z): inputs.x: "),
+        "{}",
+        failed.error
+    );
+    // The partitions before it ran and are still counted as they end.
+    assert_eq!((failed.running, failed.queued), (2, 3));
+    h.starter.end_running(2, RunState::Succeeded);
+    scheduler.run_due().await.unwrap();
+    let later = scheduler.get_backfill(&backfill.id).await.unwrap();
+    assert_eq!(
+        (later.done, later.running, later.state()),
+        (2, 0, BackfillState::Failed)
+    );
 }
