@@ -1,6 +1,7 @@
 #include "dagmesh/json.hpp"
 
 #include <cmath>
+#include <vector>
 
 namespace dagmesh {
 
@@ -104,6 +105,65 @@ std::optional<std::string> check_payload_size(const std::string& task_type, std:
   if (limit == 0 || static_cast<std::uint64_t>(size) <= limit) return std::nullopt;
   return "output of " + nlohmann::json(task_type).dump() + " is " + std::to_string(size) +
          " bytes, over the " + std::to_string(limit) + "-byte payload limit";
+}
+
+std::optional<std::string> check_depth(const std::string& field,
+                                       const google::protobuf::Struct& payload,
+                                       std::size_t limit) {
+  // Iterative, so that no depth can overflow the stack here.
+  struct Item {
+    const google::protobuf::Struct* object;
+    const google::protobuf::ListValue* list;
+    std::size_t depth;
+    std::string path;
+  };
+  std::vector<Item> stack{{&payload, nullptr, 1, field}};
+  while (!stack.empty()) {
+    Item item = std::move(stack.back());
+    stack.pop_back();
+    if (item.depth > limit) {
+      return item.path + ": nested deeper than the limit of " + std::to_string(limit) + " levels";
+    }
+    auto push = [&](const google::protobuf::Value& value, std::string path) {
+      if (value.has_struct_value()) {
+        stack.push_back({&value.struct_value(), nullptr, item.depth + 1, std::move(path)});
+      } else if (value.has_list_value()) {
+        stack.push_back({nullptr, &value.list_value(), item.depth + 1, std::move(path)});
+      }
+    };
+    if (item.object != nullptr) {
+      for (const auto& [key, value] : item.object->fields()) push(value, item.path + "." + key);
+    } else {
+      for (int i = 0; i < item.list->values_size(); ++i) {
+        push(item.list->values(i), item.path + "[" + std::to_string(i) + "]");
+      }
+    }
+  }
+  return std::nullopt;
+}
+
+std::optional<std::string> check_outputs(const std::string& task_type,
+                                         const google::protobuf::Struct& outputs,
+                                         std::uint64_t limit) {
+  if (auto error = check_payload_size(task_type, payload_size(outputs), limit)) return error;
+  if (auto error = check_depth("outputs", outputs)) {
+    return "output of " + nlohmann::json(task_type).dump() + ": " + *error;
+  }
+  return std::nullopt;
+}
+
+std::optional<std::string> check_inputs(const std::string& task_type,
+                                        const google::protobuf::Struct& inputs,
+                                        std::uint64_t limit) {
+  const std::size_t size = payload_size(inputs);
+  if (limit != 0 && static_cast<std::uint64_t>(size) > limit) {
+    return "inputs of " + nlohmann::json(task_type).dump() + " are " + std::to_string(size) +
+           " bytes, over the " + std::to_string(limit) + "-byte payload limit";
+  }
+  if (auto error = check_depth("inputs", inputs)) {
+    return "inputs of " + nlohmann::json(task_type).dump() + ": " + *error;
+  }
+  return std::nullopt;
 }
 
 }  // namespace dagmesh

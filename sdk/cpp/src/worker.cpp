@@ -443,6 +443,8 @@ class Driver {
   void broken(std::string reason) {
     if (!broken_) broken_ = std::move(reason);
   }
+  /// Half-closes the stream and waits (briefly) for the executor to end its side.
+  void close_stream();
   int close_drained();
 
   // Events.
@@ -471,7 +473,14 @@ class Driver {
 
   /// Ordered so that Hello.in_flight and re-sent results come out in a stable order.
   std::map<TaskKey, Entry> tasks_;
+  /// The worker itself was told to stop: it drains and run() returns.
   bool draining_ = false;
+  /// The executor of the current stream sent Drain (it is going away): no new work from it;
+  /// once nothing is in flight the stream is closed and the worker reconnects.
+  bool executor_draining_ = false;
+  /// After a stream the executor drained, the next Welcome does not reset the backoff: an
+  /// executor that drains every stream at once is then dialled ever more slowly, not in a loop.
+  bool reset_backoff_on_welcome_ = true;
 
   Phase phase_ = Phase::Offline;
   std::unique_ptr<Session> session_;
@@ -527,6 +536,14 @@ int Driver::run() {
       DAGMESH_INFO("drained");
       publish();
       return kDrained;
+    }
+    if (executor_draining_ && tasks_.empty() && phase_ == Phase::Connected && !broken_) {
+      close_stream();
+      reset_backoff_on_welcome_ = false;
+      DAGMESH_INFO("executor drained this stream; reconnecting");
+      retry_at_ = Clock::now() + backoff_.next_delay();
+      publish();
+      continue;
     }
 
     auto now = Clock::now();
@@ -602,6 +619,7 @@ void Driver::on_broken() {
   teardown_session();
   phase_ = Phase::Offline;
   session_id_.clear();
+  executor_draining_ = false;
   retry_at_ = Clock::now() + backoff_.next_delay();
   publish();
 }
@@ -659,9 +677,16 @@ int Driver::close_drained() {
     write(draining);
     sent_draining_ = true;
   }
+  close_stream();
+  DAGMESH_INFO("drained");
+  publish();
+  return kDrained;
+}
+
+void Driver::close_stream() {
   // Half-close our side, then give the executor a moment to end its side, so it sees a clean
-  // end of stream rather than a reset. Anything it still sends is ignored: it got Draining, and
-  // an Assign racing it comes back to the queue after the lease.
+  // end of stream rather than a reset. Anything it still sends is ignored: nothing is in
+  // flight, and an Assign racing the close comes back to the queue after the lease.
   bool ended = session_ended_;
   if (session_ && !ended) {
     {
@@ -680,9 +705,7 @@ int Driver::close_drained() {
   teardown_session();
   phase_ = Phase::Offline;
   session_id_.clear();
-  DAGMESH_INFO("drained");
-  publish();
-  return kDrained;
+  executor_draining_ = false;
 }
 
 void Driver::handle(Event& event) {
@@ -724,7 +747,9 @@ void Driver::handle(Event& event) {
 
 void Driver::on_welcome(const v1::Welcome& welcome) {
   phase_ = Phase::Connected;
-  backoff_.reset();
+  if (reset_backoff_on_welcome_) backoff_.reset();
+  reset_backoff_on_welcome_ = true;
+  executor_draining_ = false;
   max_payload_ = welcome.max_payload_bytes();
   impl_.max_payload->store(max_payload_);
   ++sessions_;
@@ -765,7 +790,15 @@ void Driver::on_server_message(const v1::ServerMessage& message) {
       on_cancel(message.cancel());
       break;
     case v1::ServerMessage::kDrain:
-      begin_drain("executor asked: " + message.drain().reason());
+      // The executor is going away (a restart, a rollout): finish here, then resume with
+      // whichever executor answers next. Only the worker's own stop ends the worker.
+      if (!executor_draining_) {
+        executor_draining_ = true;
+        DAGMESH_INFO("executor is draining (" << message.drain().reason() << "); finishing "
+                                              << tasks_.size()
+                                              << " task(s) in flight, then reconnecting");
+        publish();
+      }
       break;
     case v1::ServerMessage::kWelcome:
       DAGMESH_WARN("second Welcome ignored");
@@ -791,15 +824,19 @@ void Driver::on_assign(const v1::Assign& assign) {
   if (!write(started_message(key))) return;
 
   const std::uint32_t slots = std::max<std::uint32_t>(assign.slots(), 1);
-  std::uint32_t used = 0;
+  // 64 bits: a broken executor may send any `slots`, and the sum must not wrap.
+  std::uint64_t used = 0;
   for (const auto& [k, entry] : tasks_) {
     if (entry.running) used += entry.slots;
   }
   const auto& task_type = assign.task_type();
   const Registered* registered = impl_.handler(task_type.name(), task_type.version());
   std::string refusal;
+  bool retryable = true;
   if (draining_) {
     refusal = "worker is draining";
+  } else if (executor_draining_) {
+    refusal = "worker is draining: the executor asked it to (assigned after Drain)";
   } else if (used + slots > impl_.options.slots) {
     refusal = "worker " + impl_.options.instance_id + " has no room: task needs " +
               std::to_string(slots) + " slot(s), " + std::to_string(used) + " of " +
@@ -808,12 +845,17 @@ void Driver::on_assign(const v1::Assign& assign) {
     refusal = "worker " + impl_.options.instance_id + " has no handler for " +
               nlohmann::json(task_type.name()).dump() + " version " +
               nlohmann::json(task_type.version()).dump();
+  } else if (auto error = check_inputs(task_type.name(), assign.inputs(), max_payload_)) {
+    // The executor checks step inputs against the limits it announced; inputs past them mean
+    // a broken executor. Not retryable: the same inputs would come again.
+    refusal = *error;
+    retryable = false;
   }
   if (!refusal.empty()) {
     DAGMESH_WARN("assignment " << key_text(key) << " refused: " << refusal);
     Entry entry;
     entry.running = false;
-    entry.result = failed_message(key, refusal, true);
+    entry.result = failed_message(key, refusal, retryable);
     auto result = entry.result;
     tasks_.emplace(key, std::move(entry));
     publish();
@@ -867,7 +909,7 @@ void Driver::spawn(const TaskKey& key, const v1::Assign& assign, std::uint32_t s
       nlohmann::json output = handler(*ctx, *inputs);
       google::protobuf::Struct outputs = json_to_struct(output);
       const std::size_t size = payload_size(outputs);
-      if (auto error = check_payload_size(task_type, size, max_payload->load())) {
+      if (auto error = check_outputs(task_type, outputs, max_payload->load())) {
         DAGMESH_WARN("task " << key_text(key) << " failed: " << *error);
         result = failed_message(key, *error, false);
       } else {
@@ -1047,6 +1089,7 @@ void Driver::publish() {
   state.connected = phase_ == Phase::Connected;
   state.session_id = state.connected ? session_id_ : std::string();
   state.draining = draining_;
+  state.executor_draining = executor_draining_;
   for (const auto& [key, entry] : tasks_) {
     if (entry.running) {
       ++state.running;

@@ -1,6 +1,7 @@
 // End-to-end tests of the C++ SDK against a real `dagmesh up`.
 //
-//   dagmesh_e2e_test workflow|payload_limit|cancel|drain|reconnect|rejected|executor_drain
+//   dagmesh_e2e_test workflow|payload_limit|cancel|drain|reconnect|rejected|executor_drain|
+//                    stop_during_executor_drain
 //
 // Each scenario starts its own server (SQLite in a temporary directory, a free port, readiness
 // polled through the CLI, never a fixed sleep), runs the C++ workers as child processes and
@@ -653,26 +654,78 @@ steps:
   expect(code && *code == 0, "worker did not drain after the reconnects\n" + env.diagnostics());
 }
 
-/// The executor shuts down (SIGTERM): it sends Drain, the worker drains and exits 0 without
-/// trying to reconnect.
+/// Starts a 1.5 s sleep step and SIGTERMs the server while it runs: the executor drains (sends
+/// Drain, waits for the task). Returns the run id once the worker logged the Drain.
+std::string drain_server_during_a_task(Env& env, Child& worker, const std::string& name) {
+  const auto id = env.submit(name, "name: cpp-e2e-" + name + R"(
+steps:
+  - id: nap
+    task: conformance.sleep@^1
+    inputs: { ms: "1500" }
+)");
+  expect(eventually([&] { return env.has_line(worker, "EVENT started " + id + "/nap 1"); }, seconds(30)),
+         "sleep did not start\n" + env.diagnostics());
+  kill_child(env.server, SIGTERM);
+  expect(eventually([&] { return read_file(worker.err).find("executor is draining") != std::string::npos; },
+                    seconds(20)),
+         "the worker never heard the executor's Drain\n" + env.diagnostics());
+  return id;
+}
+
+/// The executor shuts down (SIGTERM) while a task runs and comes back on the same port and
+/// database: the worker finishes the task (recorded before the executor exits), stays up,
+/// reconnects and runs a new step.
 void scenario_executor_drain(Env& env) {
   env.start_server();
   auto& worker = env.start_conformance("cpp-conf-exec-drain", 1);
   env.wait_workers({"cpp-conf-exec-drain"});
-  const auto id = env.submit("before-shutdown", R"(name: cpp-e2e-before-shutdown
+  const auto first = drain_server_during_a_task(env, worker, "before-restart");
+  const auto server_code = wait_exit(env.server, seconds(30));
+  expect(server_code && *server_code == 0, "dagmesh up did not drain and exit 0\n" + env.diagnostics());
+  expect(alive(worker), "the worker exited with its executor\n" + env.diagnostics());
+
+  env.start_server();
+  env.wait_workers({"cpp-conf-exec-drain"});
+  const auto run = env.get_run(first);
+  expect_state(run, "RUN_STATE_SUCCEEDED", env);
+  expect(Env::step(run, "nap").value("attempt", 0) == 1, "the drained task ran again: " + run.dump());
+  const auto second = env.submit("after-restart", R"(name: cpp-e2e-after-restart
 steps:
   - id: echo
     task: conformance.echo@^1
     inputs: { x: "1" }
 )");
-  expect_state(env.wait_run(id, milliseconds(30000)), "RUN_STATE_SUCCEEDED", env);
-  kill_child(env.server, SIGTERM);
+  expect_state(env.wait_run(second, milliseconds(30000)), "RUN_STATE_SUCCEEDED", env);
+  expect(env.has_line(worker, "EVENT started " + second + "/echo 1"), "the new step ran elsewhere");
+
+  kill_child(worker, SIGTERM);
   const auto code = wait_exit(worker, seconds(30));
-  expect(code.has_value(), "worker still running after the executor's Drain\n" + env.diagnostics());
+  expect(code && *code == 0, "worker did not drain after the restart\n" + env.diagnostics());
+}
+
+/// The worker is itself told to stop (SIGTERM) while its executor drains: it finishes the task,
+/// waits for Recorded, and exits 0 instead of reconnecting.
+void scenario_stop_during_executor_drain(Env& env) {
+  env.start_server();
+  auto& worker = env.start_conformance("cpp-conf-stop-drain", 1);
+  env.wait_workers({"cpp-conf-stop-drain"});
+  const auto id = drain_server_during_a_task(env, worker, "stop-during-drain");
+  kill_child(worker, SIGTERM);
+  const auto code = wait_exit(worker, seconds(30));
+  expect(code.has_value(), "worker still running after its own SIGTERM\n" + env.diagnostics());
   expect(*code == 0, "exit code " + std::to_string(*code) + "\n" + env.diagnostics());
   const auto err = read_file(worker.err);
-  expect(err.find("executor asked") != std::string::npos, "no Drain seen:\n" + err);
-  expect(err.find("reconnecting") == std::string::npos, "tried to reconnect after the Drain:\n" + err);
+  const auto first_session = err.find("connected: session");
+  expect(first_session != std::string::npos &&
+             err.find("connected: session", first_session + 1) == std::string::npos &&
+             err.find("cannot open a stream") == std::string::npos,
+         "reconnected after its own stop:\n" + err);
+  const auto server_code = wait_exit(env.server, seconds(30));
+  expect(server_code && *server_code == 0, "dagmesh up did not drain and exit 0\n" + env.diagnostics());
+
+  // The result was recorded before the executor went.
+  env.start_server();
+  expect_state(env.get_run(id), "RUN_STATE_SUCCEEDED", env);
 }
 
 /// An executor that refuses the Hello (INVALID_ARGUMENT) stops the worker: exit code 2, no
@@ -697,9 +750,11 @@ int main(int argc, char** argv) {
       {"workflow", scenario_workflow},     {"payload_limit", scenario_payload_limit},
       {"cancel", scenario_cancel},         {"drain", scenario_drain},
       {"reconnect", scenario_reconnect},   {"rejected", scenario_rejected},
-      {"executor_drain", scenario_executor_drain}};
+      {"executor_drain", scenario_executor_drain},
+      {"stop_during_executor_drain", scenario_stop_during_executor_drain}};
   if (argc != 2 || scenarios.count(argv[1]) == 0) {
-    std::cerr << "usage: dagmesh_e2e_test workflow|payload_limit|cancel|drain|reconnect|rejected|executor_drain\n";
+    std::cerr << "usage: dagmesh_e2e_test workflow|payload_limit|cancel|drain|reconnect|rejected|"
+                 "executor_drain|stop_during_executor_drain\n";
     return 2;
   }
   const std::string name = argv[1];

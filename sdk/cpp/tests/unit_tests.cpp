@@ -1,5 +1,6 @@
 // Unit tests of the dagmesh C++ SDK: Struct <-> JSON, the payload size check, TaskContext,
-// Worker registration. Run one group: dagmesh_unit_tests json|payload|context|worker.
+// Worker registration, bounds on what an executor sends. Run one group:
+// dagmesh_unit_tests json|payload|bounds|context|worker.
 
 #include <cmath>
 #include <cstdio>
@@ -121,6 +122,46 @@ void test_payload() {
   const auto big = dagmesh::json_to_struct(json{{"blob", std::string(5'000'000, 'x')}});
   CHECK(dagmesh::payload_size(big) > 5'000'000 && dagmesh::payload_size(big) < 5'000'100);
   CHECK(dagmesh::check_payload_size("x", dagmesh::payload_size(big), 4194304).has_value());
+}
+
+json nested(std::size_t levels) {
+  json value = 1;
+  for (std::size_t i = 0; i < levels; ++i) value = json{{"a", value}};
+  return value;
+}
+
+// What a broken executor sends is bounded: inputs past the limit it announced, or nested past
+// the contract's depth, are refused with the size (or the path) and the limit.
+void test_bounds() {
+  const auto inputs = dagmesh::json_to_struct(json{{"text", std::string(5000, 'x')}});
+  const std::size_t size = dagmesh::payload_size(inputs);
+  const auto too_big = dagmesh::check_inputs("echo", inputs, 1024);
+  CHECK(too_big.has_value());
+  if (too_big) {
+    CHECK_EQ(*too_big, "inputs of \"echo\" are " + std::to_string(size) +
+                           " bytes, over the 1024-byte payload limit");
+  }
+  CHECK(!dagmesh::check_inputs("echo", inputs, 0).has_value());  // no limit announced
+  CHECK(!dagmesh::check_inputs("echo", inputs, size).has_value());
+
+  const auto at_limit = dagmesh::json_to_struct(nested(dagmesh::kMaxPayloadDepth - 1));
+  CHECK(!dagmesh::check_depth("inputs", at_limit).has_value());
+  const auto deep = dagmesh::json_to_struct(json{{"d", nested(dagmesh::kMaxPayloadDepth)}});
+  const auto too_deep = dagmesh::check_inputs("echo", deep, 0);
+  CHECK(too_deep.has_value());
+  if (too_deep) {
+    CHECK(too_deep->rfind("inputs of \"echo\": inputs.d.a.a", 0) == 0);
+    CHECK(too_deep->find("nested deeper than the limit of 20 levels") != std::string::npos);
+  }
+  const auto lists = dagmesh::json_to_struct(json{{"l", json::array({json::array({1})})}});
+  const auto in_list = dagmesh::check_depth("p", lists, 2);
+  CHECK(in_list.has_value());
+  if (in_list) CHECK_EQ(*in_list, std::string("p.l[0]: nested deeper than the limit of 2 levels"));
+
+  const auto deep_out = dagmesh::check_outputs("t", deep, 1 << 20);
+  CHECK(deep_out.has_value());
+  if (deep_out) CHECK(deep_out->rfind("output of \"t\": outputs.d.a", 0) == 0);
+  CHECK(!dagmesh::check_outputs("t", at_limit, 1 << 20).has_value());
 }
 
 void test_context() {
@@ -253,8 +294,8 @@ void test_worker() {
 
 int main(int argc, char** argv) {
   const std::map<std::string, std::function<void()>> groups = {
-      {"json", test_json}, {"payload", test_payload}, {"context", test_context},
-      {"worker", test_worker}};
+      {"json", test_json},       {"payload", test_payload}, {"bounds", test_bounds},
+      {"context", test_context}, {"worker", test_worker}};
   int ran = 0;
   for (const auto& [name, fn] : groups) {
     if (argc > 1 && name != argv[1]) continue;

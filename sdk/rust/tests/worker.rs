@@ -304,7 +304,7 @@ async fn reconnect_lists_in_flight_tasks_and_resends_unrecorded_results() {
     let state = handle.wait_for(|s| s.in_flight() == 0).await;
     assert_eq!(state.sessions, 2);
 
-    session.drain().await;
+    handle.drain();
     assert!(matches!(session.recv().await, W::Draining(_)));
     expect_closed(session, run).await;
 }
@@ -330,7 +330,7 @@ async fn cancel_fires_the_tasks_token_and_its_result_is_still_sent() {
 }
 
 #[tokio::test]
-async fn drain_takes_no_new_work_and_closes_once_results_are_recorded() {
+async fn own_drain_takes_no_new_work_and_closes_once_results_are_recorded() {
     let mut server = FakeServer::start().await;
     let gate = Arc::new(Semaphore::new(0));
     let (handle, run) = start(worker(&server.url, 2, gate.clone()));
@@ -339,7 +339,7 @@ async fn drain_takes_no_new_work_and_closes_once_results_are_recorded() {
 
     session.assign("r/long", 1, "block", json!({})).await;
     assert_eq!(session.recv().await, started("r/long", 1));
-    session.drain().await;
+    handle.drain();
     assert!(matches!(session.recv().await, W::Draining(_)));
     assert!(handle.state().draining);
 
@@ -363,6 +363,210 @@ async fn drain_takes_no_new_work_and_closes_once_results_are_recorded() {
         "an unrecorded result holds the drain open"
     );
     session.recorded("r/long", 1).await;
+    expect_closed(session, run).await;
+}
+
+#[tokio::test]
+async fn executor_drain_finishes_the_work_then_reconnects_and_takes_new_work() {
+    let mut server = FakeServer::start().await;
+    let gate = Arc::new(Semaphore::new(0));
+    let (handle, run) = start(worker(&server.url, 2, gate.clone()));
+    let mut session = server.session().await;
+    session.handshake(1 << 20).await;
+
+    session.assign("r/long", 1, "block", json!({})).await;
+    assert_eq!(session.recv().await, started("r/long", 1));
+    session.drain().await;
+    let state = handle.wait_for(|s| s.executor_draining).await;
+    assert!(!state.draining, "the worker itself was not told to stop");
+
+    // The executor takes no more work from this stream; an Assign racing the Drain is refused
+    // retryably, so that the next executor can give it to anyone.
+    session
+        .assign("r/late", 1, "echo", json!({"text": "x"}))
+        .await;
+    assert_eq!(session.recv().await, started("r/late", 1));
+    let refused = expect_failed(&mut session, "r/late").await;
+    assert!(
+        refused.retryable && refused.error.contains("draining"),
+        "{refused:?}"
+    );
+    session.recorded("r/late", 1).await;
+
+    gate.add_permits(1);
+    assert_eq!(expect_completed(&mut session).await.task_id, "r/long");
+    session.recorded("r/long", 1).await;
+    // Nothing in flight: the worker closes this stream (sending no Draining: it is not
+    // stopping) ...
+    assert!(session.next().await.is_none(), "worker closes the stream");
+    drop(session);
+
+    // ... and comes back, with nothing to resume, and runs new work.
+    let mut session = server.session().await;
+    let hello = session.handshake(1 << 20).await;
+    assert_eq!(hello.instance_id, "mesher-1");
+    assert!(hello.in_flight.is_empty(), "{:?}", hello.in_flight);
+    let state = handle.wait_for(|s| s.sessions == 2 && s.connected).await;
+    assert!(!state.executor_draining && !state.draining, "{state:?}");
+    session
+        .assign("r2/echo", 1, "echo", json!({"text": "again"}))
+        .await;
+    assert_eq!(session.recv().await, started("r2/echo", 1));
+    let completed = expect_completed(&mut session).await;
+    assert_eq!(
+        Value::Object(from_struct(completed.outputs.as_ref()))["text"],
+        "again"
+    );
+    session.recorded("r2/echo", 1).await;
+    handle.wait_for(|s| s.in_flight() == 0).await;
+    assert!(!run.is_finished());
+
+    handle.drain();
+    assert!(matches!(session.recv().await, W::Draining(_)));
+    expect_closed(session, run).await;
+}
+
+#[tokio::test]
+async fn results_unrecorded_when_a_draining_executor_leaves_go_to_the_next_one() {
+    let mut server = FakeServer::start().await;
+    let gate = Arc::new(Semaphore::new(0));
+    let (handle, run) = start(worker(&server.url, 1, gate.clone()));
+    let mut session = server.session().await;
+    session.handshake(1 << 20).await;
+
+    session.assign("r/long", 1, "block", json!({})).await;
+    assert_eq!(session.recv().await, started("r/long", 1));
+    session.drain().await;
+    handle.wait_for(|s| s.executor_draining).await;
+    gate.add_permits(1);
+    assert_eq!(expect_completed(&mut session).await.task_id, "r/long");
+    // The executor's drain timed out: it goes away without recording the result.
+    drop(session);
+
+    let mut session = server.session().await;
+    let hello = session.handshake(1 << 20).await;
+    assert_eq!(hello.in_flight, [task_ref("r/long", 1)]);
+    let resent = expect_completed(&mut session).await;
+    assert_eq!((resent.task_id.as_str(), resent.attempt), ("r/long", 1));
+    session.recorded("r/long", 1).await;
+    handle.wait_for(|s| s.in_flight() == 0).await;
+
+    handle.drain();
+    assert!(matches!(session.recv().await, W::Draining(_)));
+    expect_closed(session, run).await;
+}
+
+#[tokio::test]
+async fn a_worker_stopped_during_an_executor_drain_exits_once_recorded() {
+    let mut server = FakeServer::start().await;
+    let gate = Arc::new(Semaphore::new(0));
+    let (handle, run) = start(worker(&server.url, 1, gate.clone()));
+    let mut session = server.session().await;
+    session.handshake(1 << 20).await;
+
+    session.assign("r/long", 1, "block", json!({})).await;
+    assert_eq!(session.recv().await, started("r/long", 1));
+    session.drain().await;
+    handle.wait_for(|s| s.executor_draining).await;
+    handle.drain();
+    assert!(matches!(session.recv().await, W::Draining(_)));
+
+    gate.add_permits(1);
+    assert_eq!(expect_completed(&mut session).await.task_id, "r/long");
+    assert!(
+        !run.is_finished(),
+        "an unrecorded result holds the drain open"
+    );
+    session.recorded("r/long", 1).await;
+    // Exits instead of reconnecting: `run` returns Ok.
+    expect_closed(session, run).await;
+}
+
+#[tokio::test]
+async fn a_worker_stopped_while_reconnecting_after_an_executor_drain_exits() {
+    let mut server = FakeServer::start().await;
+    let (handle, run) = start(worker(&server.url, 1, Arc::new(Semaphore::new(0))));
+    let mut session = server.session().await;
+    session.handshake(1 << 20).await;
+    session.drain().await;
+    assert!(session.next().await.is_none(), "nothing in flight: closed");
+    drop(session);
+
+    // The next executor is not answering yet: the worker dials and waits.
+    let mut session = server.session().await;
+    assert!(matches!(session.recv().await, W::Hello(_)));
+    handle.drain();
+    finished(run)
+        .await
+        .expect("a stop while offline ends with Ok");
+    assert!(!handle.is_connected());
+}
+
+#[tokio::test]
+async fn assigns_over_the_announced_limits_fail_the_attempt_not_the_worker() {
+    let mut server = FakeServer::start().await;
+    let (handle, run) = start(worker(&server.url, 2, Arc::new(Semaphore::new(0))));
+    let mut session = server.session().await;
+    session.handshake(1024).await;
+
+    // Inputs larger than the Welcome's limit.
+    let inputs = json!({"text": "x".repeat(5000)});
+    let size = to_struct(&inputs).encoded_len();
+    session.assign("r/huge", 1, "echo", inputs).await;
+    assert_eq!(session.recv().await, started("r/huge", 1));
+    let failed = expect_failed(&mut session, "r/huge").await;
+    assert_eq!(
+        failed.error,
+        format!("inputs of \"echo\" are {size} bytes, over the 1024-byte payload limit")
+    );
+    assert!(!failed.retryable, "the same inputs would come again");
+
+    // Inputs nested deeper than the contract allows.
+    let mut deep = json!(1);
+    for _ in 0..dagmesh_proto::limits::MAX_PAYLOAD_DEPTH {
+        deep = json!({ "a": deep });
+    }
+    session
+        .assign("r/deep", 1, "echo", json!({ "text": "x", "d": deep }))
+        .await;
+    assert_eq!(session.recv().await, started("r/deep", 1));
+    let failed = expect_failed(&mut session, "r/deep").await;
+    assert!(
+        failed.error.starts_with("inputs of \"echo\": inputs.d.a.a")
+            && failed.error.contains("limit of 20 levels"),
+        "{}",
+        failed.error
+    );
+
+    // More slots than the worker has, up to the largest number the field holds.
+    session
+        .send(S::Assign(dagmesh_proto::v1::Assign {
+            slots: u32::MAX,
+            ..common::assign("r/wide", 1, "echo", json!({"text": "x"}))
+        }))
+        .await;
+    assert_eq!(session.recv().await, started("r/wide", 1));
+    let failed = expect_failed(&mut session, "r/wide").await;
+    assert!(
+        failed.retryable
+            && failed
+                .error
+                .contains(&format!("task needs {} slot(s), 0 of 2 in use", u32::MAX)),
+        "{failed:?}"
+    );
+
+    // The worker still runs what fits.
+    session
+        .assign("r/fine", 1, "echo", json!({"text": "ok"}))
+        .await;
+    assert_eq!(session.recv().await, started("r/fine", 1));
+    assert_eq!(expect_completed(&mut session).await.task_id, "r/fine");
+    for task in ["r/huge", "r/deep", "r/wide", "r/fine"] {
+        session.recorded(task, 1).await;
+    }
+    handle.wait_for(|s| s.in_flight() == 0).await;
+    handle.drain();
+    assert!(matches!(session.recv().await, W::Draining(_)));
     expect_closed(session, run).await;
 }
 

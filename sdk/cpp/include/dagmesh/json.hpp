@@ -31,4 +31,25 @@ std::size_t payload_size(const google::protobuf::Struct& s);
 std::optional<std::string> check_payload_size(const std::string& task_type, std::size_t size,
                                               std::uint64_t limit);
 
+/// Nesting depth of a payload, in JSON levels ({"a": {"b": 1}} has depth 2): the contract's
+/// limit (proto/src/limits.rs), well below what protobuf decoders accept.
+constexpr std::size_t kMaxPayloadDepth = 20;
+
+/// Nothing when `payload` is nested at most `limit` levels deep, else an error naming where:
+///   outputs.a.b[3].c: nested deeper than the limit of 20 levels
+std::optional<std::string> check_depth(const std::string& field,
+                                       const google::protobuf::Struct& payload,
+                                       std::size_t limit = kMaxPayloadDepth);
+
+/// A handler's outputs against the limit (size, as check_payload_size) and the depth limit.
+std::optional<std::string> check_outputs(const std::string& task_type,
+                                         const google::protobuf::Struct& outputs,
+                                         std::uint64_t limit);
+
+/// An Assign's inputs against the limit its executor announced (0: none) and the depth limit:
+///   inputs of "mesh.smooth" are 5000123 bytes, over the 4194304-byte payload limit
+std::optional<std::string> check_inputs(const std::string& task_type,
+                                        const google::protobuf::Struct& inputs,
+                                        std::uint64_t limit);
+
 }  // namespace dagmesh

@@ -46,8 +46,12 @@ struct WorkerState {
   bool connected = false;
   /// Welcome.session_id of the current stream; empty when not connected.
   std::string session_id;
-  /// A drain has begun: no new work is taken.
+  /// The worker was told to stop (drain(), a signal): it takes no new work and run() returns
+  /// once every result is recorded.
   bool draining = false;
+  /// The executor of the current stream sent Drain (it is going away): no new work is taken
+  /// from it, and once nothing is in flight the worker reconnects and resumes.
+  bool executor_draining = false;
   /// Handlers still running.
   std::size_t running = 0;
   /// Finished tasks whose results the executor has not yet Recorded.
@@ -79,7 +83,13 @@ enum RunResult : int {
 ///     ctx.progress(0.5, "halfway");
 ///     return nlohmann::json{{"ok", true}};
 ///   });
-///   return worker.run();  // until SIGTERM/SIGINT (drain) or the executor's Drain
+///   return worker.run();  // until SIGTERM/SIGINT (drain)
+///
+/// Drain from the executor means the executor is going away (a restart, a rollout): the worker
+/// takes no new work from that stream, finishes what runs, and once every result is Recorded
+/// (or the executor closed the stream first, leaving results to send again) closes the stream
+/// and reconnects, to resume with the next executor. Only the worker's own stop (drain(),
+/// SIGTERM/SIGINT, abort()) makes run() return.
 class Worker {
  public:
   explicit Worker(WorkerOptions options = {});
@@ -94,8 +104,9 @@ class Worker {
 
   /// Runs until drained and returns a RunResult. With `handle_signals`, the first SIGTERM or
   /// SIGINT starts a drain and a second one aborts (previous handlers are restored on return).
-  /// Reconnects with exponential backoff and jitter whenever the stream breaks; only an
-  /// INVALID_ARGUMENT answer to the Hello stops it (kRejected). Call it once.
+  /// Reconnects with exponential backoff and jitter whenever the stream breaks or the executor
+  /// drained it; only an INVALID_ARGUMENT answer to the Hello stops it (kRejected). Call it
+  /// once.
   int run(bool handle_signals = true);
 
   /// Starts a drain (thread-safe, any time, even before run()): Draining is sent, new

@@ -11,15 +11,19 @@ protocol described at the top of `proto/dagmesh/v1/worker.proto`:
 - a result is kept until the executor answers Recorded for it (whatever the outcome) and sent
   again after a reconnect, so a result is never lost when the stream breaks;
 - Cancel sets the attempt's `TaskContext.cancelled`;
-- a drain (Drain from the executor, SIGTERM/SIGINT for `Worker.run`, the `stop_event` of
+- the worker's own stop (SIGTERM/SIGINT for `Worker.run`, the `stop_event` of
   `Worker.run_async`, or `Worker.drain()`) sends Draining, takes no new work, waits until every
-  result is Recorded, closes the stream and returns.
+  result is Recorded, closes the stream and returns;
+- Drain from the executor means the *executor* is going away (a restart, a rollout): the worker
+  takes no new work from that stream, finishes what runs, and once every result is Recorded (or
+  the executor closed the stream first, leaving results to send again) closes the stream and
+  reconnects, to resume with the next executor. It does not return.
 
-When the stream breaks, or the executor is unreachable, the worker reconnects with exponential
-backoff and jitter (100 ms to 5 s) under the same `instance_id`, listing in `Hello.in_flight`
-the tasks it still runs and the results not yet recorded. The only error it does not retry is
-an executor that refuses the Hello (INVALID_ARGUMENT): a configuration mistake, raised as
-`WorkerRejected`.
+When the stream breaks, the executor drained it, or the executor is unreachable, the worker
+reconnects with exponential backoff and jitter (100 ms to 5 s) under the same `instance_id`,
+listing in `Hello.in_flight` the tasks it still runs and the results not yet recorded. The
+only error it does not retry is an executor that refuses the Hello (INVALID_ARGUMENT): a
+configuration mistake, raised as `WorkerRejected`.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from dagmesh._channel import channel_options, parse_server
 from dagmesh._proto.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from dagmesh.context import TaskContext
 from dagmesh.errors import TaskError, WorkerAborted, WorkerRejected
-from dagmesh.payload import to_dict, to_struct
+from dagmesh.payload import check_depth, to_dict, to_struct
 
 __all__ = ["Handler", "Worker", "WorkerState"]
 
@@ -92,7 +96,11 @@ class WorkerState:
     session_id: str | None = None
     """`Welcome.session_id` of the current stream, if connected."""
     draining: bool = False
-    """A drain has begun: no new work is taken."""
+    """The worker was told to stop (`drain()`, a signal, `stop_event`): it takes no new work and
+    returns once every result is recorded."""
+    executor_draining: bool = False
+    """The executor of the current stream sent Drain (it is going away): no new work is taken
+    from it, and once nothing is in flight the worker reconnects and resumes."""
     running: int = 0
     """Handlers still running."""
     unacknowledged: int = 0
@@ -487,6 +495,7 @@ class _Stop(Exception):
 
 
 _DRAINED = "drained"
+_EXECUTOR_DRAINED = "executor drained"
 _ABORTED = "aborted"
 _HEARTBEAT = worker_pb2.WorkerMessage(heartbeat=worker_pb2.Heartbeat())
 _DRAINING = worker_pb2.WorkerMessage(draining=worker_pb2.Draining())
@@ -502,7 +511,11 @@ class _Driver:
         self.loop = asyncio.get_running_loop()
         # Ordered by arrival, so Hello.in_flight and re-sent results come out in a stable order.
         self.tasks: dict[_Key, _Running | _Finished] = {}
+        # The worker itself was told to stop: it drains and exits.
         self.draining = False
+        # The executor of the current stream sent Drain: no new work from it; once nothing is
+        # in flight the worker closes it and reconnects.
+        self.executor_draining = False
         self.aborting = False
         self.session: _Session | None = None
         self.sessions = 0
@@ -519,6 +532,10 @@ class _Driver:
 
     async def run(self) -> None:
         backoff = _Backoff(*self.w._backoff)
+        # After a stream the executor drained, the next Welcome does not reset the backoff: an
+        # executor that drains every stream at once is then dialled ever more slowly, not in a
+        # loop.
+        reset_on_welcome = True
         log.info(
             "worker starting: name=%s instance=%s server=%s slots=%d tasks=%s",
             self.w.name,
@@ -537,14 +554,20 @@ class _Driver:
                 except _Stop as stop:
                     return self._stopped(stop)
                 if isinstance(opened, _Session):
-                    backoff.reset()
+                    if reset_on_welcome:
+                        backoff.reset()
+                    reset_on_welcome = True
                     end = await self._serve(opened)
                     if end == _DRAINED:
                         log.info("drained")
                         return
                     if end == _ABORTED:
                         raise self._aborted()
-                    log.warning("stream broken, reconnecting: %s", end)
+                    if end == _EXECUTOR_DRAINED:
+                        reset_on_welcome = False
+                        log.info("executor drained this stream; reconnecting")
+                    else:
+                        log.warning("stream broken, reconnecting: %s", end)
                 else:
                     log.warning("cannot open a stream, retrying: %s", opened)
                 try:
@@ -640,6 +663,7 @@ class _Driver:
         self.max_payload = welcome.max_payload_bytes
         self.sessions += 1
         self.session = session
+        self.executor_draining = False
         resumed = {(r.task_id, r.attempt) for r in welcome.resumed}
         log.info(
             "connected: session=%s resumed=%d in_flight=%d", welcome.session_id, len(resumed), len(self.tasks)
@@ -677,17 +701,21 @@ class _Driver:
                 if self.draining and not self.tasks:
                     end = _DRAINED
                     break
+                if self.executor_draining and not self.tasks:
+                    end = _EXECUTOR_DRAINED
+                    break
                 await self.wakeup.wait()
         finally:
             self.session = None
+            self.executor_draining = False
             heartbeat.cancel()
             session.outbox.close()
             self.publish()
-        if end == _DRAINED:
+        if end in (_DRAINED, _EXECUTOR_DRAINED):
             # Let the writer flush what is queued and half-close our side, then give the
             # executor a moment to end its side, so it sees a clean end of stream rather than a
-            # reset. Anything it still sends is ignored: it got Draining, and an Assign racing
-            # it comes back to the queue after the lease.
+            # reset. Anything it still sends is ignored: nothing is in flight, and an Assign
+            # racing the close comes back to the queue after the lease.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(writer), CLOSE_GRACE)
             with contextlib.suppress(Exception):
@@ -752,7 +780,17 @@ class _Driver:
         elif kind == "cancel":
             self.on_cancel(message.cancel)
         elif kind == "drain":
-            self.begin_drain(f"executor asked: {message.drain.reason}")
+            # The executor is going away (a restart, a rollout): finish here, then resume with
+            # whichever executor answers next. Only the worker's own stop ends the worker.
+            if not self.executor_draining:
+                log.info(
+                    "executor is draining (%s); finishing %d in flight, then reconnecting",
+                    message.drain.reason,
+                    len(self.tasks),
+                )
+                self.executor_draining = True
+                self.publish()
+                self.poke()
         elif kind == "welcome":
             log.warning("second welcome ignored")
         else:  # a message kind from a newer executor
@@ -777,6 +815,8 @@ class _Driver:
         refusal = None
         if self.draining:
             refusal = "worker is draining"
+        elif self.executor_draining:
+            refusal = "worker is draining: the executor asked it to (assigned after Drain)"
         elif used + slots > self.w.slots:
             refusal = (
                 f"worker {self.w.instance_id} has no room: task needs {slots} slot(s), "
@@ -787,10 +827,16 @@ class _Driver:
                 f"worker {self.w.instance_id} has no handler for "
                 f"{json.dumps(task_type.name)} version {json.dumps(task_type.version)}"
             )
+        retryable = True
+        if refusal is None and registered is not None:
+            # The executor checks step inputs against the limits it announced; inputs past them
+            # mean a broken executor. Not retryable: the same inputs would come again.
+            refusal = self._check_inputs(assign, task_type.name)
+            retryable = refusal is None
         if refusal is not None or registered is None:
             refusal = refusal or "refused"
             log.warning("assignment refused: %s#%d: %s", key[0], key[1], refusal)
-            result = _failed(key, refusal, retryable=True)
+            result = _failed(key, refusal, retryable=retryable)
             self.tasks[key] = _Finished(result)
             self.publish()
             outbox.push(result)
@@ -802,6 +848,16 @@ class _Driver:
         )
         self.tasks[key] = _Running(slots, ctx, pump)
         self.publish()
+
+    def _check_inputs(self, assign: worker_pb2.Assign, task_type: str) -> str | None:
+        if not assign.HasField("inputs"):
+            return None
+        size = assign.inputs.ByteSize()
+        limit = self.max_payload
+        if limit > 0 and size > limit:
+            return f"inputs of {json.dumps(task_type)} are {size} bytes, over the {limit}-byte payload limit"
+        deep = check_depth("inputs", assign.inputs)
+        return None if deep is None else f"inputs of {json.dumps(task_type)}: {deep}"
 
     def on_recorded(self, recorded: worker_pb2.Recorded) -> None:
         key: _Key = (recorded.task_id, recorded.attempt)
@@ -925,8 +981,13 @@ class _Driver:
             output = {"value": output}
         try:
             outputs = to_struct(output)
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, RecursionError) as err:
+            # RecursionError: an output nested past Python's stack; it must fail the attempt,
+            # not the task's pump (which would leave the task running forever).
             return self._log_failure(key, f"cannot serialize output of {json.dumps(task_type)}: {err}", False)
+        deep = check_depth("outputs", outputs)
+        if deep is not None:
+            return self._log_failure(key, f"output of {json.dumps(task_type)}: {deep}", False)
         size = outputs.ByteSize()
         limit = self.max_payload
         if limit > 0 and size > limit:
@@ -995,6 +1056,7 @@ class _Driver:
             connected=session is not None,
             session_id=session.welcome.session_id if session is not None else None,
             draining=self.draining,
+            executor_draining=self.executor_draining,
             running=running,
             unacknowledged=len(self.tasks) - running,
             sessions=self.sessions,

@@ -16,9 +16,35 @@ from typing import Any
 
 from google.protobuf import struct_pb2
 
-__all__ = ["from_value", "to_dict", "to_struct", "to_value"]
+__all__ = ["MAX_PAYLOAD_DEPTH", "check_depth", "from_value", "to_dict", "to_struct", "to_value"]
 
 _MAX_EXACT = 2**53
+
+MAX_PAYLOAD_DEPTH = 20
+"""Nesting depth of a payload, in JSON levels (`{"a": {"b": 1}}` has depth 2): the contract's
+limit (`proto/src/limits.rs`, keep in step), well below what protobuf decoders accept."""
+
+
+def check_depth(field: str, struct: struct_pb2.Struct, limit: int = MAX_PAYLOAD_DEPTH) -> str | None:
+    """None if `struct` is nested at most `limit` levels deep, else an error naming where, e.g.
+    `outputs.a.b[3].c: nested deeper than the limit of 20 levels`. Iterative, so that no depth
+    can overflow the stack here."""
+    stack: list[tuple[Any, int, str]] = [(struct, 1, field)]
+    while stack:
+        item, depth, path = stack.pop()
+        if depth > limit:
+            return f"{path}: nested deeper than the limit of {limit} levels"
+        if isinstance(item, struct_pb2.Struct):
+            children = ((f"{path}.{key}", value) for key, value in item.fields.items())
+        else:
+            children = ((f"{path}[{i}]", value) for i, value in enumerate(item.values))
+        for child_path, value in children:
+            kind = value.WhichOneof("kind")
+            if kind == "struct_value":
+                stack.append((value.struct_value, depth + 1, child_path))
+            elif kind == "list_value":
+                stack.append((value.list_value, depth + 1, child_path))
+    return None
 
 
 def to_struct(data: Mapping[str, Any] | None) -> struct_pb2.Struct:

@@ -16,6 +16,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use dagmesh_proto::json::{from_struct, to_struct};
+use dagmesh_proto::limits::{PayloadError, check_payload};
 use dagmesh_proto::v1::worker_service_client::WorkerServiceClient;
 use dagmesh_proto::v1::{
     Assign, Cancel, Draining, Heartbeat, Hello, RecordOutcome, Recorded, ServerMessage, TaskFailed,
@@ -74,6 +75,9 @@ enum Event {
 enum SessionEnd {
     /// Drained: every result recorded; the worker is done.
     Drained,
+    /// The executor asked this stream to drain (it is going away) and nothing is in flight any
+    /// more: reconnect, to the next executor, and resume.
+    ExecutorDrained,
     Aborted,
     /// Reconnect.
     Broken(String),
@@ -104,7 +108,11 @@ pub(crate) struct Driver {
     tasks: BTreeMap<TaskKey, Entry>,
     events_tx: mpsc::Sender<Event>,
     events_rx: mpsc::Receiver<Event>,
+    /// The worker itself was told to stop: it drains and exits.
     draining: bool,
+    /// The executor of the current stream sent Drain: this stream takes no new work, and once
+    /// nothing is in flight the worker closes it and reconnects.
+    executor_draining: bool,
     session_id: Option<String>,
     sessions: u64,
 }
@@ -130,6 +138,7 @@ impl Driver {
             events_tx,
             events_rx,
             draining: false,
+            executor_draining: false,
             session_id: None,
             sessions: 0,
         }
@@ -149,6 +158,10 @@ impl Driver {
 
     async fn run_sessions(&mut self) -> Result<(), WorkerError> {
         let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
+        // After a stream the executor drained, the next Welcome does not reset the backoff: an
+        // executor that drains every stream at once is then dialled ever more slowly, not in a
+        // loop.
+        let mut reset_on_welcome = true;
         loop {
             if self.draining && self.tasks.is_empty() {
                 info!("drained");
@@ -157,11 +170,18 @@ impl Driver {
             let opening = open_session(self.config.clone(), self.hello());
             match self.offline(opening).await {
                 Ok(Ok(session)) => {
-                    backoff.reset();
+                    if reset_on_welcome {
+                        backoff.reset();
+                    }
+                    reset_on_welcome = true;
                     match self.serve(session).await {
                         SessionEnd::Drained => {
                             info!("drained");
                             return Ok(());
+                        }
+                        SessionEnd::ExecutorDrained => {
+                            reset_on_welcome = false;
+                            info!("executor drained this stream; reconnecting");
                         }
                         SessionEnd::Aborted => return Err(self.aborted()),
                         SessionEnd::Broken(reason) => warn!(%reason, "stream broken, reconnecting"),
@@ -237,6 +257,7 @@ impl Driver {
             .store(welcome.max_payload_bytes, Ordering::Relaxed);
         self.sessions += 1;
         self.session_id = Some(welcome.session_id.clone());
+        self.executor_draining = false;
         info!(
             session = %welcome.session_id,
             resumed = welcome.resumed.len(),
@@ -263,11 +284,13 @@ impl Driver {
         let end = self.serve_stream(&out, &mut inbound, heartbeat).await;
 
         self.session_id = None;
+        self.executor_draining = false;
         self.publish();
-        if let SessionEnd::Drained = end {
+        if let SessionEnd::Drained | SessionEnd::ExecutorDrained = end {
             // Half-close our side, then give the executor a moment to end its side, so it sees
-            // a clean end of stream rather than a reset. Anything it still sends is ignored: it
-            // got Draining, and an Assign racing it comes back to the queue after the lease.
+            // a clean end of stream rather than a reset. Anything it still sends is ignored:
+            // nothing is in flight, and an Assign racing the close comes back to the queue
+            // after the lease.
             drop(out);
             let closed = async { while let Ok(Some(_)) = inbound.message().await {} };
             if tokio::time::timeout(CLOSE_GRACE, closed).await.is_err() {
@@ -315,6 +338,9 @@ impl Driver {
             if self.draining && self.tasks.is_empty() {
                 return SessionEnd::Drained;
             }
+            if self.executor_draining && self.tasks.is_empty() {
+                return SessionEnd::ExecutorDrained;
+            }
             // Biased so that a flood of progress cannot starve the rarer branches; those are
             // ready at most once per tick or message.
             let step = tokio::select! {
@@ -351,8 +377,18 @@ impl Driver {
             Some(server_message::Message::Assign(assign)) => self.on_assign(assign, out).await?,
             Some(server_message::Message::Recorded(recorded)) => self.on_recorded(recorded),
             Some(server_message::Message::Cancel(cancel)) => self.on_cancel(cancel),
+            // The executor is going away (a restart, a rollout): finish here, then resume with
+            // whichever executor answers next. Only the worker's own stop ends the worker.
             Some(server_message::Message::Drain(drain)) => {
-                self.begin_drain(&format!("executor asked: {}", drain.reason));
+                if !self.executor_draining {
+                    info!(
+                        reason = %drain.reason,
+                        in_flight = self.tasks.len(),
+                        "executor is draining; finishing in-flight work, then reconnecting"
+                    );
+                    self.executor_draining = true;
+                    self.publish();
+                }
             }
             Some(server_message::Message::Welcome(_)) => warn!("second welcome ignored"),
             // A message kind from a newer executor.
@@ -378,18 +414,23 @@ impl Driver {
         let config = self.config.clone();
         let task_type = assign.task_type.clone().unwrap_or_default();
         let slots = assign.slots.max(1);
-        let used: u32 = self
+        // u64: a broken executor may send any `slots`, and the sum must not overflow.
+        let used: u64 = self
             .tasks
             .values()
             .map(|entry| match entry {
-                Entry::Running { slots, .. } => *slots,
+                Entry::Running { slots, .. } => u64::from(*slots),
                 Entry::Finished { .. } => 0,
             })
             .sum();
         let registered = config.handler(&task_type.name, &task_type.version);
         let refusal = if self.draining {
             Some(TaskError::retryable("worker is draining"))
-        } else if used + slots > config.slots {
+        } else if self.executor_draining {
+            Some(TaskError::retryable(
+                "worker is draining: the executor asked it to (assigned after Drain)",
+            ))
+        } else if used + u64::from(slots) > u64::from(config.slots) {
             Some(TaskError::retryable(format!(
                 "worker {} has no room: task needs {slots} slot(s), {used} of {} in use",
                 config.instance_id, config.slots
@@ -400,7 +441,7 @@ impl Driver {
                 config.instance_id, task_type.name, task_type.version
             )))
         } else {
-            None
+            self.check_inputs(&assign, &task_type.name).err()
         };
         match (refusal, registered) {
             (None, Some(registered)) => {
@@ -422,6 +463,23 @@ impl Driver {
                 send(out, result).await
             }
         }
+    }
+
+    /// The executor checks step inputs against the limits it announced; inputs past them mean
+    /// a broken executor, and are refused here rather than handed to the handler. Not
+    /// retryable: the same inputs would come again.
+    fn check_inputs(&self, assign: &Assign, task_type: &str) -> Result<(), TaskError> {
+        let Some(inputs) = &assign.inputs else {
+            return Ok(());
+        };
+        check_payload("inputs", inputs, payload_limit(&self.shared)).map_err(|err| {
+            TaskError::fatal(match err {
+                PayloadError::TooLarge { size, limit, .. } => format!(
+                    "inputs of {task_type:?} are {size} bytes, over the {limit}-byte payload limit"
+                ),
+                PayloadError::TooDeep { .. } => format!("inputs of {task_type:?}: {err}"),
+            })
+        })
     }
 
     fn spawn(&mut self, key: TaskKey, assign: Assign, slots: u32, registered: &Registered) {
@@ -586,6 +644,7 @@ impl Driver {
             connected: self.session_id.is_some(),
             session_id: self.session_id.clone(),
             draining: self.draining,
+            executor_draining: self.executor_draining,
             running,
             unacknowledged: self.tasks.len() - running,
             sessions: self.sessions,
@@ -744,11 +803,13 @@ async fn pump(
 fn completed(key: &TaskKey, task_type: &str, output: &Value, shared: &Shared) -> Message {
     let outputs = to_struct(output);
     let size = outputs.encoded_len();
-    let limit = shared.max_payload.load(Ordering::Relaxed);
-    if limit > 0 && size as u64 > limit {
-        let error = TaskError::fatal(format!(
-            "output of {task_type:?} is {size} bytes, over the {limit}-byte payload limit"
-        ));
+    if let Err(err) = check_payload("outputs", &outputs, payload_limit(shared)) {
+        let error = TaskError::fatal(match err {
+            PayloadError::TooLarge { size, limit, .. } => format!(
+                "output of {task_type:?} is {size} bytes, over the {limit}-byte payload limit"
+            ),
+            PayloadError::TooDeep { .. } => format!("output of {task_type:?}: {err}"),
+        });
         warn!(error = %error.message, "task failed");
         return failed(key, error);
     }
@@ -758,6 +819,15 @@ fn completed(key: &TaskKey, task_type: &str, output: &Value, shared: &Shared) ->
         attempt: key.1,
         outputs: Some(outputs),
     })
+}
+
+/// `Welcome.max_payload_bytes`; 0 (an executor that announced none) checks only the depth.
+fn payload_limit(shared: &Shared) -> usize {
+    let limit = shared.max_payload.load(Ordering::Relaxed);
+    usize::try_from(limit)
+        .ok()
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX)
 }
 
 /// False when the driver is gone.

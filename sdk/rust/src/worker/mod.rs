@@ -14,12 +14,17 @@
 //! - each attempt runs in a `task` span whose OpenTelemetry parent is the Assign's
 //!   `traceparent`, so a process that exports its `tracing` spans (a `tracing-opentelemetry`
 //!   layer) continues the executor's trace in step code;
-//! - a drain (Drain from the executor, SIGTERM/SIGINT for [`Worker::run`], or the future given to
-//!   [`Worker::run_until`]) sends Draining, takes no new work, waits until every result is
-//!   Recorded, closes the stream and returns `Ok(())`.
+//! - the worker's own stop (SIGTERM/SIGINT for [`Worker::run`], the future given to
+//!   [`Worker::run_until`], or [`WorkerHandle::drain`]) sends Draining, takes no new work, waits
+//!   until every result is Recorded, closes the stream and returns `Ok(())`;
+//! - Drain from the executor means the *executor* is going away (a restart, a rollout): the
+//!   worker takes no new work from that stream, finishes what runs, and once every result is
+//!   Recorded (or the executor closed the stream first, leaving results to send again) it
+//!   closes the stream and reconnects, to resume with the next executor. It does not return.
 //!
-//! When the stream breaks, or the executor is unreachable, the worker reconnects with
-//! exponential backoff and jitter (100 ms to 5 s by default) under the same `instance_id`.
+//! When the stream breaks, the executor drained it, or the executor is unreachable, the worker
+//! reconnects with exponential backoff and jitter (100 ms to 5 s by default) under the same
+//! `instance_id`.
 //! The only error it does not retry is an executor that refuses the Hello
 //! (`INVALID_ARGUMENT`): that is a configuration mistake, reported as
 //! [`WorkerError::Rejected`].
@@ -103,8 +108,12 @@ pub struct WorkerState {
     pub connected: bool,
     /// `Welcome.session_id` of the current stream, if connected.
     pub session_id: Option<String>,
-    /// A drain has begun: no new work is taken.
+    /// The worker was told to stop (its handle, a signal, `run_until`'s future): it takes no
+    /// new work and returns once every result is recorded.
     pub draining: bool,
+    /// The executor of the current stream sent Drain (it is going away): no new work is taken
+    /// from it, and once nothing is in flight the worker reconnects and resumes.
+    pub executor_draining: bool,
     /// Handlers still running.
     pub running: usize,
     /// Finished tasks whose results the executor has not yet Recorded.
@@ -222,8 +231,9 @@ impl Worker {
         self.run_until(signals).await
     }
 
-    /// Runs until drained; `shutdown` resolving starts a drain. The executor's Drain and
-    /// [`WorkerHandle::drain`] start one too.
+    /// Runs until drained; `shutdown` resolving starts a drain, and so does
+    /// [`WorkerHandle::drain`]. The executor's Drain does not: the worker finishes its work on
+    /// that stream and reconnects (see the [module docs](self)).
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
         let drain = self.shared.drain.clone();
         // Polled in this task, not spawned, so `shutdown` needs to be neither Send nor 'static.
