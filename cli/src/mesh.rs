@@ -106,7 +106,12 @@ impl Mesh {
             let _ = stop.send(());
         }
         self.server.await??;
-        if !self.engine.is_finished() {
+        // The engine ends right after the drain and hands the executor lease back on its way
+        // out, so a successor starts at once; give it a moment to do so.
+        if tokio::time::timeout(std::time::Duration::from_secs(5), &mut self.engine)
+            .await
+            .is_err()
+        {
             self.engine.abort();
         }
         Ok(())

@@ -22,6 +22,21 @@ pub struct EngineFlags {
     /// Silence after which a worker is considered lost and its tasks are requeued.
     #[arg(long, env = "DAGMESH_LEASE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub lease: Duration,
+    /// How long a worker whose stream ended keeps its tasks to reconnect and resume them (a
+    /// silent worker keeps them for the whole lease).
+    #[arg(long, env = "DAGMESH_RECONNECT_GRACE", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub reconnect_grace: Duration,
+    /// Attempts of one step that may be lost to vanished workers before the step fails.
+    #[arg(long, env = "DAGMESH_MAX_LOST_ATTEMPTS", default_value_t = 5)]
+    pub max_lost_attempts: u32,
+    /// TTL of the executor lease in the store: a standby executor takes over this long after
+    /// the active one died (a clean shutdown hands over at once).
+    #[arg(long, env = "DAGMESH_EXECUTOR_LEASE_TTL", default_value = "6s", value_parser = humantime::parse_duration)]
+    pub executor_lease_ttl: Duration,
+    /// Refuse to start while another executor drives the database, instead of waiting as a
+    /// standby.
+    #[arg(long, env = "DAGMESH_NO_STANDBY")]
+    pub no_standby: bool,
     /// How often workers send heartbeats.
     #[arg(long, env = "DAGMESH_HEARTBEAT_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,
@@ -44,6 +59,10 @@ impl EngineFlags {
     pub fn config(&self) -> ExecutorConfig {
         ExecutorConfig {
             lease: self.lease,
+            reconnect_grace: self.reconnect_grace,
+            max_lost_attempts: self.max_lost_attempts,
+            executor_lease_ttl: self.executor_lease_ttl,
+            standby: !self.no_standby,
             heartbeat_interval: self.heartbeat_interval,
             max_payload_bytes: self.max_payload_bytes,
             drain_timeout: self.drain_timeout,

@@ -33,6 +33,8 @@ pub fn fast_config() -> ExecutorConfig {
         lease: Duration::from_millis(1000),
         heartbeat_interval: Duration::from_millis(200),
         drain_timeout: Duration::from_secs(5),
+        // A sandbox restarted on the same database after a crash takes over within this.
+        executor_lease_ttl: Duration::from_secs(2),
         ..ExecutorConfig::default()
     }
 }
@@ -266,8 +268,32 @@ pub struct RawWorker {
 }
 
 impl RawWorker {
-    /// Connects and says Hello; returns the worker and the server's Welcome.
+    /// Connects and says Hello; returns the worker and the server's Welcome. A reconnect with
+    /// the instance id of a stream the server has not yet seen end is refused (ALREADY_EXISTS),
+    /// so this tries again for a while, as SDKs do with backoff.
     pub async fn connect(url: &str, hello: pb::Hello) -> anyhow::Result<(Self, pb::Welcome)> {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            match Self::connect_once(url, hello.clone()).await {
+                Err(error)
+                    if tokio::time::Instant::now() < deadline
+                        && error
+                            .downcast_ref::<tonic::Status>()
+                            .is_some_and(|s| s.code() == tonic::Code::AlreadyExists) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// One try of [`RawWorker::connect`]: the server's refusal comes back as the error (a
+    /// `tonic::Status` inside the `anyhow::Error`).
+    pub async fn connect_once(
+        url: &str,
+        hello: pb::Hello,
+    ) -> anyhow::Result<(Self, pb::Welcome)> {
         let mut client = WorkerServiceClient::new(channel(url).await?);
         let (tx, rx) = mpsc::channel(64);
         let instance_id = hello.instance_id.clone();
@@ -367,7 +393,8 @@ fn msg(message: worker_message::Message) -> WorkerMessage {
 async fn next(rx: &mut tonic::Streaming<ServerMessage>) -> anyhow::Result<server_message::Message> {
     let message = tokio::time::timeout(PATIENCE, rx.message())
         .await
-        .context("no message from the server in time")??
+        .context("no message from the server in time")?
+        .map_err(anyhow::Error::new)?
         .context("the server closed the stream")?;
     message.message.context("empty server message")
 }

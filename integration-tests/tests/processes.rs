@@ -357,9 +357,18 @@ async fn split_mode_metastore_and_executor_processes() -> anyhow::Result<()> {
         "executor exited with {status}{}",
         executor.context()
     );
+    // The worker finished its work and, the executor having gone away, tries to reconnect
+    // (an SDK worker only exits when it is itself told to stop): stop it.
+    tokio::time::timeout(
+        PATIENCE,
+        handle.wait_for(|s| !s.connected && s.in_flight() == 0),
+    )
+    .await
+    .context("worker did not finish its work after the executor's drain")?;
+    handle.drain();
     tokio::time::timeout(PATIENCE, worker_task)
         .await
-        .context("worker did not stop after the executor's drain")???;
+        .context("worker did not stop when told to")???;
     metastore.sigterm()?;
     let status = metastore.wait_exit(Duration::from_secs(15)).await?;
     assert!(
@@ -616,10 +625,18 @@ async fn sigterm_drains_then_exits_zero() -> anyhow::Result<()> {
     );
     eprintln!("dagmesh up drained and exited in {took:?}");
 
-    // The executor told the worker to drain; it stops once its result was recorded.
+    // The executor told the worker to drain: it finished its task, got the result recorded
+    // and now waits to reconnect to a restarted executor; it exits only when told to.
+    tokio::time::timeout(
+        PATIENCE,
+        handle.wait_for(|s| !s.connected && s.in_flight() == 0),
+    )
+    .await
+    .context("worker did not finish its work after the executor's drain")?;
+    handle.drain();
     tokio::time::timeout(PATIENCE, worker_task)
         .await
-        .context("worker did not stop after the executor's drain")???;
+        .context("worker did not stop when told to")???;
     let state = handle.state();
     assert_eq!(
         (state.running, state.unacknowledged),

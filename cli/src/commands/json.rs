@@ -137,6 +137,7 @@ pub fn event(event: &RunEvent) -> Value {
                 "lines": e.lines.iter().map(log_line).collect::<Vec<_>>(),
             }),
         ),
+        Some(run_event::Event::Unreadable(e)) => ("unreadable", json!({ "reason": e.reason })),
         None => return object,
     };
     object

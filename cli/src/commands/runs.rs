@@ -242,7 +242,11 @@ pub(crate) fn describe_run(run: &Run, now: SystemTime) -> String {
             },
             format::span(step.started_at.as_ref(), step.finished_at.as_ref(), now)
                 .map_or_else(|| "-".to_owned(), format::duration),
-            format::one_line(&step.error, 100),
+            if step.state == StepState::Ready as i32 && !step.waiting_reason.is_empty() {
+                format::one_line(&step.waiting_reason, 100)
+            } else {
+                format::one_line(&step.error, 100)
+            },
         ]);
     }
     out.push_str(&table.render());

@@ -179,7 +179,13 @@ impl RunView {
                 if !e.worker.is_empty() {
                     step.worker = e.worker.clone();
                 }
-                if !e.error.is_empty() {
+                // A READY event's text is why the step waits (see StepStateChanged.error).
+                step.waiting_reason = if e.state == StepState::Ready as i32 {
+                    e.error.clone()
+                } else {
+                    String::new()
+                };
+                if !e.error.is_empty() && e.state != StepState::Ready as i32 {
                     step.error = e.error.clone();
                 }
                 match StepState::try_from(e.state) {
@@ -209,7 +215,7 @@ impl RunView {
                     step.progress_message = e.message.clone();
                 }
             }
-            Some(run_event::Event::StepLog(_)) | None => {}
+            Some(run_event::Event::StepLog(_) | run_event::Event::Unreadable(_)) | None => {}
         }
         true
     }
@@ -307,6 +313,9 @@ impl PlainLines {
                         .collect::<Vec<_>>()
                 })
                 .collect(),
+            Some(run_event::Event::Unreadable(e)) => {
+                vec![format!("{time} event {} unreadable: {}", event.seq, e.reason)]
+            }
             None => Vec::new(),
         }
     }
@@ -593,6 +602,9 @@ pub(crate) fn tree_lines(
         };
         let note = match state {
             Some(StepState::Running | StepState::Assigned) => step.progress_message.clone(),
+            Some(StepState::Ready) if !step.waiting_reason.is_empty() => {
+                paint.yellow(&format::one_line(&step.waiting_reason, 200))
+            }
             Some(StepState::Failed) => paint.red(&format::one_line(&step.error, 200)),
             Some(StepState::RetryWait) => paint.yellow(&format!(
                 "retrying after: {}",

@@ -11,6 +11,12 @@ pub struct ExecutorConfig {
     pub heartbeat_interval: Duration,
     /// Silence after which a worker is considered gone and its tasks are requeued.
     pub lease: Duration,
+    /// How long a worker whose stream *ended* keeps its tasks, to reconnect and resume them; a
+    /// silent worker keeps them for the whole `lease`.
+    pub reconnect_grace: Duration,
+    /// Attempts of one step that may be lost (its worker vanished) before the step fails with
+    /// the history of losses, so that a task that kills its workers cannot loop forever.
+    pub max_lost_attempts: u32,
     /// Limit of inline payloads (run inputs, step inputs and outputs), protobuf-encoded bytes.
     pub max_payload_bytes: usize,
     /// Most commands folded into one group commit.
@@ -20,6 +26,11 @@ pub struct ExecutorConfig {
     pub drain_timeout: Duration,
     /// Run admission and step concurrency limits (none by default).
     pub limits: Arc<Limits>,
+    /// TTL of the executor lease in the store (renewed every third of it): how long a standby
+    /// waits after an executor died before it takes over.
+    pub executor_lease_ttl: Duration,
+    /// When another executor holds the lease: wait and take over (true), or refuse to start.
+    pub standby: bool,
 }
 
 impl Default for ExecutorConfig {
@@ -27,10 +38,66 @@ impl Default for ExecutorConfig {
         Self {
             heartbeat_interval: Duration::from_secs(2),
             lease: Duration::from_secs(10),
-            max_payload_bytes: 4 * 1024 * 1024,
+            reconnect_grace: Duration::from_secs(1),
+            max_lost_attempts: 5,
+            max_payload_bytes: dagmesh_proto::limits::DEFAULT_MAX_PAYLOAD_BYTES,
             max_batch: 4096,
             drain_timeout: Duration::from_secs(30),
             limits: Arc::default(),
+            executor_lease_ttl: Duration::from_secs(6),
+            standby: true,
         }
+    }
+}
+
+impl ExecutorConfig {
+    /// Checks the tunables against their documented ranges, so that a typo in a flag is a clear
+    /// error at start rather than an overflow later.
+    pub fn validate(&self) -> Result<(), String> {
+        let in_range = |name: &str, value: Duration, min: Duration, max: Duration| {
+            if value < min || value > max {
+                return Err(format!(
+                    "{name}: {} is out of range ({} to {})",
+                    humantime::format_duration(value),
+                    humantime::format_duration(min),
+                    humantime::format_duration(max)
+                ));
+            }
+            Ok(())
+        };
+        let hour = Duration::from_secs(3600);
+        in_range("lease", self.lease, Duration::from_millis(100), hour)?;
+        in_range(
+            "heartbeat_interval",
+            self.heartbeat_interval,
+            Duration::from_millis(10),
+            self.lease,
+        )?;
+        in_range("reconnect_grace", self.reconnect_grace, Duration::ZERO, self.lease)?;
+        in_range("drain_timeout", self.drain_timeout, Duration::ZERO, hour)?;
+        in_range(
+            "executor_lease_ttl",
+            self.executor_lease_ttl,
+            Duration::from_millis(300),
+            hour,
+        )?;
+        const MIB: usize = 1024 * 1024;
+        if !(1024..=64 * MIB).contains(&self.max_payload_bytes) {
+            return Err(format!(
+                "max_payload_bytes: {} is out of range (1024 to {})",
+                self.max_payload_bytes,
+                64 * MIB
+            ));
+        }
+        if self.max_lost_attempts == 0 || self.max_lost_attempts > 1000 {
+            return Err(format!(
+                "max_lost_attempts: {} is out of range (1 to 1000)",
+                self.max_lost_attempts
+            ));
+        }
+        if self.max_batch == 0 {
+            return Err("max_batch: must be at least 1".into());
+        }
+        Ok(())
     }
 }

@@ -11,6 +11,12 @@ pub enum ExecError {
     FailedPrecondition(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The request conflicted with stored state and was not applied; it may be retried.
+    #[error("{0}")]
+    Aborted(String),
+    /// Another executor took over the database (this one's lease epoch is stale).
+    #[error("{0}")]
+    Fenced(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -22,6 +28,8 @@ impl From<ExecError> for tonic::Status {
             ExecError::NotFound(m) => tonic::Status::not_found(m),
             ExecError::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
             ExecError::Unavailable(m) => tonic::Status::unavailable(m),
+            ExecError::Aborted(m) => tonic::Status::aborted(m),
+            ExecError::Fenced(m) => tonic::Status::unavailable(m),
             ExecError::Store(e) => e.into(),
         }
     }

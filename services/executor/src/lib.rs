@@ -18,6 +18,7 @@ mod config;
 mod engine;
 mod error;
 pub mod grpc;
+mod lease;
 mod limits;
 mod plans;
 
@@ -27,7 +28,6 @@ use dagmesh_metastore::MetadataStore;
 use dagmesh_proto::v1::{
     Run, SubmitRunRequest, WorkerInfo, Workflow, WorkflowSpec, submit_run_request,
 };
-use prost::Message as _;
 use tokio::task::JoinHandle;
 
 pub use config::ExecutorConfig;
@@ -56,8 +56,21 @@ impl Executor {
         store: Arc<dyn MetadataStore>,
         config: ExecutorConfig,
     ) -> Result<(Self, JoinHandle<Result<(), ExecError>>), ExecError> {
+        config.validate().map_err(ExecError::InvalidArgument)?;
+        let holder = lease::holder_name();
+        let ttl = config.executor_lease_ttl;
+        let fence = lease::acquire(&store, &holder, ttl, config.standby).await?;
+        let (lost_tx, lost) = tokio::sync::oneshot::channel();
+        let (stop_renewal, stop_rx) = tokio::sync::oneshot::channel();
+        let renewal = lease::spawn_renewal(store.clone(), fence.clone(), ttl, lost_tx, stop_rx);
         let plans = PlanCache::new(store.clone());
-        let (engine, task) = Engine::start(store.clone(), &plans, config.clone()).await?;
+        let ownership = engine::Ownership {
+            fence,
+            lost,
+            stop_renewal,
+            renewal,
+        };
+        let (engine, task) = Engine::start(store.clone(), &plans, config.clone(), ownership).await?;
         let inner = Inner {
             engine,
             store,
@@ -106,13 +119,9 @@ impl Executor {
             }
         };
         let inputs = request.inputs.unwrap_or_default();
-        let size = inputs.encoded_len();
-        let limit = self.inner.config.max_payload_bytes;
-        if size > limit {
-            return Err(ExecError::InvalidArgument(format!(
-                "inputs: {size} bytes, over the {limit}-byte payload limit"
-            )));
-        }
+        dagmesh_proto::limits::check_payload("inputs", &inputs, self.inner.config.max_payload_bytes)
+            .map_err(|error| ExecError::InvalidArgument(error.to_string()))?;
+        validate_submit_fields(&request.idempotency_key, &request.tags)?;
         let key = request.idempotency_key;
         if !key.is_empty()
             && let Some(run_id) = self.inner.store.find_run_by_idempotency_key(&key).await?
@@ -146,6 +155,9 @@ impl Executor {
 
     /// Cancels a run that has not ended.
     pub async fn cancel(&self, run_id: &str, reason: &str) -> Result<Run, ExecError> {
+        use dagmesh_proto::limits::{MAX_MESSAGE_LEN, MAX_VALUE_LEN, check_len};
+        check_len("run_id", run_id, MAX_VALUE_LEN).map_err(ExecError::InvalidArgument)?;
+        check_len("reason", reason, MAX_MESSAGE_LEN).map_err(ExecError::InvalidArgument)?;
         let cancelled = self
             .inner
             .engine
@@ -175,6 +187,17 @@ impl Executor {
             return Err(ExecError::FailedPrecondition(format!(
                 "run {run_id} is {}; only FAILED or CANCELLED runs can be retried",
                 run.state().as_str_name().trim_start_matches("RUN_STATE_")
+            )));
+        }
+        if let Some(step) = run
+            .steps
+            .iter()
+            .find(|s| s.state() == dagmesh_proto::v1::StepState::Unspecified)
+        {
+            // A placeholder for a record that does not decode: writing it back would lose it.
+            return Err(ExecError::FailedPrecondition(format!(
+                "run {run_id} cannot be retried: the stored record of step {:?} cannot be read",
+                step.step_id
             )));
         }
         let plan = self
@@ -227,6 +250,28 @@ impl Executor {
         Ok(())
     }
 
+    /// Fills `waiting_reason` of the READY steps of `run` that no connected worker can take.
+    pub async fn fill_waiting_reasons(&self, run: &mut Run) -> Result<(), ExecError> {
+        use dagmesh_proto::v1::StepState;
+        if !run.steps.iter().any(|s| s.state() == StepState::Ready) {
+            return Ok(());
+        }
+        let reasons = self
+            .inner
+            .engine
+            .call(|reply| Command::WaitingReasons {
+                run_id: run.run_id.clone(),
+                reply,
+            })
+            .await?;
+        for step in &mut run.steps {
+            if step.state() == StepState::Ready {
+                step.waiting_reason = reasons.get(&step.step_id).cloned().unwrap_or_default();
+            }
+        }
+        Ok(())
+    }
+
     pub async fn list_workers(&self) -> Result<Vec<WorkerInfo>, ExecError> {
         self.inner
             .engine
@@ -243,4 +288,25 @@ impl Executor {
             .call(|reply| Command::Drain { reply })
             .await;
     }
+}
+
+fn validate_submit_fields(
+    idempotency_key: &str,
+    tags: &std::collections::HashMap<String, String>,
+) -> Result<(), ExecError> {
+    use dagmesh_proto::limits::{MAX_ENTRIES, MAX_NAME_LEN, MAX_VALUE_LEN, check_len};
+    check_len("idempotency_key", idempotency_key, MAX_VALUE_LEN)
+        .map_err(ExecError::InvalidArgument)?;
+    if tags.len() > MAX_ENTRIES {
+        return Err(ExecError::InvalidArgument(format!(
+            "tags: {} entries, over the limit of {MAX_ENTRIES}",
+            tags.len()
+        )));
+    }
+    for (key, value) in tags {
+        check_len("tags key", key, MAX_NAME_LEN).map_err(ExecError::InvalidArgument)?;
+        check_len(&format!("tags.{key}"), value, MAX_VALUE_LEN)
+            .map_err(ExecError::InvalidArgument)?;
+    }
+    Ok(())
 }

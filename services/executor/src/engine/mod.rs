@@ -19,7 +19,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use dagmesh_metastore::MetadataStore;
+use dagmesh_metastore::{Lease, MetadataStore, StoreError};
 use dagmesh_proto::v1::{
     self as pb, Hello, Run, RunState, WorkerInfo, server_message, worker_message,
 };
@@ -69,13 +69,23 @@ pub(crate) enum Command {
         generation: u64,
         outbound: Outbound,
     },
+    /// A message from the stream `generation` of `instance`; ignored unless that stream is the
+    /// session's current one (a refused second stream cannot speak for the session).
     FromWorker {
         instance: Arc<str>,
+        generation: u64,
         message: worker_message::Message,
     },
     Disconnect {
         instance: Arc<str>,
         generation: u64,
+        /// Why the stream ended, e.g. "stream closed by the worker".
+        reason: String,
+    },
+    /// Why each READY step of a run waits, for the steps no connected worker can take.
+    WaitingReasons {
+        run_id: String,
+        reply: oneshot::Sender<HashMap<String, String>>,
     },
     ListWorkers {
         reply: oneshot::Sender<Vec<WorkerInfo>>,
@@ -120,7 +130,19 @@ impl EngineHandle {
     ) -> Result<T, ExecError> {
         let (reply, response) = oneshot::channel();
         self.send(command(reply)).await?;
-        response.await.map_err(|_| crate::error::engine_gone())
+        response.await.map_err(|_| {
+            if self.tx.is_closed() {
+                crate::error::engine_gone()
+            } else {
+                // The engine is up but dropped the reply: the store refused what this request
+                // changed (see `Engine::flush`), and nothing of it was kept.
+                ExecError::Aborted(
+                    "the request conflicted with the stored state of its run and was not \
+                     applied; the run was reloaded from the store — retry the request"
+                        .into(),
+                )
+            }
+        })
     }
 }
 
@@ -132,7 +154,40 @@ enum Effect {
         instance: Arc<str>,
         message: server_message::Message,
     },
-    Reply(Box<dyn FnOnce() + Send>),
+    /// `run`: the run the reply is about, if any; dropped with that run's changes when the
+    /// store refuses them.
+    Reply {
+        run: Option<Arc<str>>,
+        reply: Box<dyn FnOnce() + Send>,
+    },
+}
+
+impl Effect {
+    /// The run this effect depends on, if any.
+    fn run_id(&self) -> Option<&str> {
+        match self {
+            Effect::Reply { run, .. } => run.as_deref(),
+            Effect::Send { message, .. } => {
+                let task_id = match message {
+                    server_message::Message::Assign(m) => &m.task_id,
+                    server_message::Message::Recorded(m) => &m.task_id,
+                    server_message::Message::Cancel(m) => &m.task_id,
+                    _ => return None,
+                };
+                task_id.split_once('/').map(|(run_id, _)| run_id)
+            }
+        }
+    }
+}
+
+/// The executor's hold on the database: the lease whose epoch fences every commit, and the
+/// signal that it was lost (see `crate::lease`).
+pub(crate) struct Ownership {
+    pub fence: Lease,
+    pub lost: oneshot::Receiver<String>,
+    /// Fired when the engine stops; the engine then waits for `renewal` and releases the lease.
+    pub stop_renewal: oneshot::Sender<()>,
+    pub renewal: tokio::task::JoinHandle<()>,
 }
 
 /// Everything the engine owns except the runs, so run logic can borrow both at once.
@@ -160,10 +215,32 @@ impl Ctx {
         self.effects.push(Effect::Send { instance, message });
     }
 
+    /// `now + delay`, saturating far in the future instead of overflowing: delays are bounded
+    /// at the boundary, but time arithmetic must never be what panics.
+    fn after(&self, delay: std::time::Duration) -> Instant {
+        self.now
+            .checked_add(delay)
+            .or_else(|| self.now.checked_add(dagmesh_proto::limits::MAX_TIMEOUT))
+            .unwrap_or(self.now)
+    }
+
     fn reply<T: Send + 'static>(&mut self, reply: oneshot::Sender<T>, value: T) {
-        self.effects.push(Effect::Reply(Box::new(move || {
-            let _ = reply.send(value);
-        })));
+        self.reply_about(None, reply, value);
+    }
+
+    /// A reply that only makes sense if `run`'s changes in this batch are committed.
+    fn reply_about<T: Send + 'static>(
+        &mut self,
+        run: Option<Arc<str>>,
+        reply: oneshot::Sender<T>,
+        value: T,
+    ) {
+        self.effects.push(Effect::Reply {
+            run,
+            reply: Box::new(move || {
+                let _ = reply.send(value);
+            }),
+        });
     }
 }
 
@@ -179,7 +256,14 @@ pub(crate) struct Engine {
     waiters: HashMap<Arc<str>, Vec<oneshot::Sender<Option<Run>>>>,
     drain: Option<Vec<oneshot::Sender<()>>>,
     drain_expired: bool,
+    fence: Lease,
+    /// Bounds the store look-ups answering results for runs that are not active, so a worker
+    /// spraying results for made-up tasks cannot queue up unbounded reads.
+    lookups: Arc<tokio::sync::Semaphore>,
 }
+
+/// Store look-ups for results of inactive runs that may be in flight at once.
+const MAX_RESULT_LOOKUPS: usize = 16;
 
 const IDEMPOTENCY_MEMORY: usize = 100_000;
 
@@ -193,6 +277,7 @@ impl Engine {
         store: Arc<dyn MetadataStore>,
         plans: &PlanCache,
         config: ExecutorConfig,
+        ownership: Ownership,
     ) -> Result<(EngineHandle, tokio::task::JoinHandle<Result<(), ExecError>>), ExecError> {
         let now = Instant::now();
         let mut engine = Engine {
@@ -215,18 +300,56 @@ impl Engine {
             waiters: HashMap::new(),
             drain: None,
             drain_expired: false,
+            fence: ownership.fence,
+            lookups: Arc::new(tokio::sync::Semaphore::new(MAX_RESULT_LOOKUPS)),
         };
         engine.recover(plans).await?;
         let (tx, rx) = mpsc::channel(engine.ctx.config.max_batch * 2);
-        let task = tokio::spawn(engine.run(rx));
+        let Ownership {
+            lost,
+            stop_renewal,
+            renewal,
+            ..
+        } = ownership;
+        let task = tokio::spawn(async move {
+            let store = engine.store.clone();
+            let fence = engine.fence.clone();
+            let result = engine.run(rx, lost).await;
+            let _ = stop_renewal.send(());
+            let _ = renewal.await;
+            if result.is_ok() {
+                crate::lease::release(&store, &fence).await;
+            }
+            result
+        });
         Ok((EngineHandle { tx }, task))
     }
 
     async fn recover(&mut self, plans: &PlanCache) -> Result<(), ExecError> {
-        let active = self.store.read_active_runs().await?;
-        let count = active.len();
-        for mut run in active {
-            let plan = plans.get(&run.workflow, Some(run.workflow_version)).await?;
+        let active = self.store.read_active_runs_checked().await?;
+        for unreadable in active.unreadable {
+            let reason = format!("quarantined at recovery: {}", unreadable.reason);
+            quarantine(&self.store, &unreadable.run_id, &reason).await?;
+        }
+        let count = active.runs.len();
+        for mut run in active.runs {
+            let plan = match plans.get(&run.workflow, Some(run.workflow_version)).await {
+                Ok(plan) => plan,
+                Err(ExecError::Store(error)) if error.is_outage() => return Err(error.into()),
+                Err(error) => {
+                    let reason = format!(
+                        "quarantined at recovery: workflow {} version {} cannot be run: {error}",
+                        run.workflow, run.workflow_version
+                    );
+                    quarantine(&self.store, &run.run_id, &reason).await?;
+                    continue;
+                }
+            };
+            if let Err(problem) = check_recovered(&run) {
+                let reason = format!("quarantined at recovery: {problem}");
+                quarantine(&self.store, &run.run_id, &reason).await?;
+                continue;
+            }
             // Events may have been appended after the run row's last_seq was read; find the end.
             loop {
                 let events = self
@@ -264,7 +387,11 @@ impl Engine {
         self.flush().await
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<Command>) -> Result<(), ExecError> {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Command>,
+        mut lost: oneshot::Receiver<String>,
+    ) -> Result<(), ExecError> {
         let mut batch = Vec::with_capacity(self.ctx.config.max_batch);
         // Set while changes wait for a lazy commit (see `LAZY_COMMIT`).
         let mut commit_due: Option<Instant> = None;
@@ -286,6 +413,11 @@ impl Engine {
                     }
                 }
                 () = sleep => {}
+                reason = &mut lost => {
+                    let reason = reason.unwrap_or_else(|_| "the lease renewal stopped".into());
+                    tracing::error!(%reason, "stopping the engine");
+                    return Err(ExecError::Fenced(reason));
+                }
             }
             self.ctx.now = Instant::now();
             for command in batch.drain(..) {
@@ -363,18 +495,20 @@ impl Engine {
                 let entry = self.runs.get_mut(&id).expect("just inserted");
                 let snapshot = entry.snapshot();
                 self.ctx
-                    .reply(reply, Submitted::Created(Box::new(snapshot)));
+                    .reply_about(Some(id), reply, Submitted::Created(Box::new(snapshot)));
             }
             Command::Cancel {
                 run_id,
                 reason,
                 reply,
             } => {
+                let mut about = None;
                 let result = self.runs.get_mut(run_id.as_str()).map(|entry| {
                     entry.cancel(&reason, &mut self.ctx);
+                    about = Some(entry.id.clone());
                     entry.snapshot()
                 });
-                self.ctx.reply(reply, result);
+                self.ctx.reply_about(about, reply, result);
             }
             Command::Retry { run, plan, reply } => {
                 if self.runs.contains_key(run.run_id.as_str()) {
@@ -393,7 +527,7 @@ impl Engine {
                 self.runs.insert(id.clone(), entry);
                 self.admit_queued();
                 let snapshot = self.runs[&id].snapshot();
-                self.ctx.reply(reply, Ok(snapshot));
+                self.ctx.reply_about(Some(id), reply, Ok(snapshot));
             }
             Command::Watch { run_id, reply } => {
                 let receiver = self.runs.get_key_value(run_id.as_str()).map(|(id, entry)| {
@@ -415,15 +549,33 @@ impl Engine {
                 generation,
                 outbound,
             } => self.connect(hello, generation, outbound),
-            Command::FromWorker { instance, message } => self.on_worker_message(instance, message),
+            Command::FromWorker {
+                instance,
+                generation,
+                message,
+            } => {
+                let current = self
+                    .ctx
+                    .workers
+                    .sessions
+                    .get(&instance)
+                    .is_some_and(|s| s.generation == generation && s.outbound.is_some());
+                if current {
+                    self.on_worker_message(instance, message);
+                }
+            }
             Command::Disconnect {
                 instance,
                 generation,
+                reason,
             } => {
+                let grace = self.ctx.after(self.ctx.config.reconnect_grace);
                 if let Some(session) = self.ctx.workers.sessions.get_mut(&instance)
                     && session.generation == generation
                 {
                     session.outbound = None;
+                    session.disconnected_at = Some(self.ctx.now);
+                    session.disconnect_reason = reason;
                     if session.held.is_empty() {
                         self.ctx.workers.sessions.remove(&instance);
                         tracing::info!(worker = %instance, "worker disconnected");
@@ -431,10 +583,27 @@ impl Engine {
                         tracing::warn!(
                             worker = %instance,
                             tasks = session.held.len(),
-                            "worker stream broke; its tasks wait for the lease"
+                            reason = %session.disconnect_reason,
+                            "worker stream ended; its tasks wait for it to reconnect"
                         );
+                        self.ctx.timers.schedule(grace, Timer::Lease { instance });
                     }
                 }
+            }
+            Command::WaitingReasons { run_id, reply } => {
+                let mut reasons = HashMap::new();
+                if let Some(entry) = self.runs.get(run_id.as_str()) {
+                    for (index, step) in entry.steps.iter().enumerate() {
+                        if step.state() != pb::StepState::Ready {
+                            continue;
+                        }
+                        let route = &entry.plan.routes[index];
+                        if let Some(reason) = self.ctx.workers.waiting_reason(route) {
+                            reasons.insert(step.step_id.clone(), reason);
+                        }
+                    }
+                }
+                let _ = reply.send(reasons);
             }
             Command::ListWorkers { reply } => {
                 let mut workers: Vec<WorkerInfo> = self
@@ -472,7 +641,7 @@ impl Engine {
                             reason: "executor is shutting down".into(),
                         }));
                     }
-                    let deadline = self.ctx.now + self.ctx.config.drain_timeout;
+                    let deadline = self.ctx.after(self.ctx.config.drain_timeout);
                     self.ctx.timers.schedule(deadline, Timer::DrainDeadline);
                 }
                 self.drain.get_or_insert_with(Vec::new).push(reply);
@@ -529,6 +698,20 @@ impl Engine {
     fn connect(&mut self, hello: Hello, generation: u64, outbound: Outbound) {
         let instance: Arc<str> = Arc::from(hello.instance_id.as_str());
         let now = self.ctx.now;
+        if let Some(existing) = self.ctx.workers.sessions.get(&instance)
+            && existing.is_live()
+        {
+            // Another stream is live for this instance: taking over would hand its tasks (and
+            // the results it is about to send) to whoever guessed the id. The real worker's
+            // reconnect succeeds once its old stream has ended.
+            tracing::warn!(worker = %instance, "refused a second stream for a connected instance");
+            let _ = outbound.send(Err(tonic::Status::already_exists(format!(
+                "hello.instance_id: {instance:?} is already connected on another stream; a \
+                 worker may resume its session only after its old stream has ended (use a \
+                 unique instance id per process)"
+            ))));
+            return;
+        }
         let session = self
             .ctx
             .workers
@@ -544,6 +727,7 @@ impl Engine {
         session.outbound = Some(outbound);
         session.last_seen = now;
         session.last_seen_wall = SystemTime::now();
+        session.disconnected_at = None;
         session.draining = false;
 
         // Reconcile what the worker says it holds with what this executor assigned to it.
@@ -588,7 +772,7 @@ impl Engine {
             resumed = resumed.len(),
             "worker connected"
         );
-        let lease_check = now + self.ctx.config.lease;
+        let lease_check = self.ctx.after(self.ctx.config.lease);
         self.ctx.timers.schedule(
             lease_check,
             Timer::Lease {
@@ -658,7 +842,9 @@ impl Engine {
                 tracing::info!(worker = %instance, "worker draining");
             }
             Message::Started(started) => {
-                if let Some((run_id, step)) = self.current(&started.task_id, started.attempt) {
+                if let Some((run_id, step)) =
+                    self.held_current(&instance, &started.task_id, started.attempt)
+                {
                     self.runs
                         .get_mut(&run_id)
                         .expect("current")
@@ -666,13 +852,16 @@ impl Engine {
                 }
             }
             Message::Progress(progress) => {
-                if let Some((run_id, step)) = self.current(&progress.task_id, progress.attempt) {
+                if let Some((run_id, step)) =
+                    self.held_current(&instance, &progress.task_id, progress.attempt)
+                {
                     let entry = self.runs.get_mut(&run_id).expect("current");
                     entry.progress(step, progress, &mut self.ctx);
                 }
             }
             Message::Log(log) => {
-                if let Some((run_id, step)) = self.current(&log.task_id, log.attempt) {
+                if let Some((run_id, step)) = self.held_current(&instance, &log.task_id, log.attempt)
+                {
                     let entry = self.runs.get_mut(&run_id).expect("current");
                     entry.log(step, log, &mut self.ctx);
                 }
@@ -686,7 +875,11 @@ impl Engine {
                     Ok(outputs),
                 );
             }
-            Message::Failed(failed) => {
+            Message::Failed(mut failed) => {
+                dagmesh_proto::limits::truncate_marked(
+                    &mut failed.error,
+                    dagmesh_proto::limits::MAX_ERROR_LEN,
+                );
                 let error = (failed.error, failed.retryable);
                 self.result(&instance, &failed.task_id, failed.attempt, Err(error));
             }
@@ -702,6 +895,19 @@ impl Engine {
             .then(|| (run_id.clone(), step))
     }
 
+    /// Like `current`, and the task is held by `instance`: only the holder's reports count.
+    fn held_current(
+        &self,
+        instance: &Arc<str>,
+        task_id: &str,
+        attempt: u32,
+    ) -> Option<(Arc<str>, usize)> {
+        if !self.ctx.workers.holds(instance, task_id, attempt) {
+            return None;
+        }
+        self.current(task_id, attempt)
+    }
+
     fn result(
         &mut self,
         instance: &Arc<str>,
@@ -709,16 +915,22 @@ impl Engine {
         attempt: u32,
         result: Result<prost_types::Struct, (String, bool)>,
     ) {
-        self.ctx.workers.release(instance, task_id, attempt);
+        let held = self.ctx.workers.release(instance, task_id, attempt);
         let located = self.locate(task_id).map(|(id, step)| (id.clone(), step));
         let (outcome, detail) = match located {
-            None => (
-                pb::RecordOutcome::Stale,
-                "the run is not active (it ended or does not exist)".to_owned(),
-            ),
+            None => {
+                // Not active here: the run ended (or never existed). Whether this was the
+                // recorded result is in the store; look it up off the engine task.
+                self.answer_from_store(instance, task_id, attempt, result.is_ok());
+                return;
+            }
             Some((run_id, step)) => {
                 let entry = self.runs.get_mut(&run_id).expect("located");
-                entry.record_result(step, attempt, result, &mut self.ctx)
+                if held {
+                    entry.record_result(step, attempt, result, &mut self.ctx)
+                } else {
+                    entry.unheld_result(step, attempt, instance)
+                }
             }
         };
         self.ctx.send(
@@ -730,6 +942,53 @@ impl Engine {
                 detail,
             }),
         );
+    }
+
+    /// Answers a result for a run that is not active with what the store says: DUPLICATE when
+    /// this worker's attempt ended the way the result says, else STALE.
+    fn answer_from_store(
+        &self,
+        instance: &Arc<str>,
+        task_id: &str,
+        attempt: u32,
+        succeeded: bool,
+    ) {
+        let Some(outbound) = self.ctx.workers.outbound(instance) else {
+            return;
+        };
+        let store = self.store.clone();
+        let instance = instance.clone();
+        let task_id = task_id.to_owned();
+        // Only ids that could name a run are looked up, and only so many at once; anything
+        // else is STALE at once.
+        let permit = task_id
+            .split_once('/')
+            .filter(|(run_id, _)| uuid::Uuid::parse_str(run_id).is_ok())
+            .and_then(|_| self.lookups.clone().try_acquire_owned().ok());
+        tokio::spawn(async move {
+            let looked_up = match permit {
+                Some(_permit) => {
+                    stored_outcome(&*store, &instance, &task_id, attempt, succeeded).await
+                }
+                None => None,
+            };
+            let (outcome, detail) = match looked_up {
+                Some(outcome) => (outcome, String::new()),
+                None => (
+                    pb::RecordOutcome::Stale,
+                    "the run is not active (it ended or does not exist)".to_owned(),
+                ),
+            };
+            let recorded = server_message::Message::Recorded(pb::Recorded {
+                task_id,
+                attempt,
+                outcome: outcome as i32,
+                detail,
+            });
+            let _ = outbound.send(Ok(pb::ServerMessage {
+                message: Some(recorded),
+            }));
+        });
     }
 
     fn fire(&mut self, timer: Timer) {
@@ -752,6 +1011,26 @@ impl Engine {
                     entry.timed_out(step, attempt, &mut self.ctx);
                 }
             }
+            Timer::ScheduleToStart {
+                run_id,
+                step,
+                attempt,
+            } => {
+                if let Some(entry) = self.runs.get_mut(&run_id) {
+                    let route = entry.plan.routes[step].clone();
+                    let reason = self.ctx.workers.waiting_reason(&route);
+                    entry.schedule_to_start_expired(step, attempt, reason, &mut self.ctx);
+                }
+            }
+            Timer::ProgressFlush {
+                run_id,
+                step,
+                attempt,
+            } => {
+                if let Some(entry) = self.runs.get_mut(&run_id) {
+                    entry.flush_progress(step, attempt, &mut self.ctx);
+                }
+            }
             Timer::Lease { instance } => self.check_lease(instance),
             Timer::DrainDeadline => self.drain_expired = true,
         }
@@ -762,7 +1041,16 @@ impl Engine {
         let Some(session) = self.ctx.workers.sessions.get(&instance) else {
             return;
         };
-        let expires = session.last_seen + lease;
+        let silent_until = session.last_seen.checked_add(lease).unwrap_or(self.ctx.now);
+        // A worker whose stream ended gets the short reconnect grace; a silent one (or one held
+        // for since a restart of the executor) the whole lease.
+        let expires = match session.disconnected_at {
+            Some(at) if session.outbound.is_none() => at
+                .checked_add(self.ctx.config.reconnect_grace)
+                .unwrap_or(self.ctx.now)
+                .min(silent_until),
+            _ => silent_until,
+        };
         if expires > self.ctx.now {
             self.ctx.timers.schedule(expires, Timer::Lease { instance });
             return;
@@ -780,10 +1068,17 @@ impl Engine {
         );
         // Dropping the session drops its outbound sender, which ends a stream that is open but
         // silent: the worker notices and reconnects as a new session.
-        let reason = format!(
-            "worker {instance} was lost (no message for {})",
-            humanize(lease)
-        );
+        let reason = match session.disconnected_at {
+            Some(_) if session.outbound.is_none() => format!(
+                "worker {instance} was lost ({}; it did not reconnect within {})",
+                session.disconnect_reason,
+                humanize(self.ctx.config.reconnect_grace)
+            ),
+            _ => format!(
+                "worker {instance} was lost (no message for {})",
+                humanize(lease)
+            ),
+        };
         for (task_id, attempt) in session.held.into_keys() {
             self.requeue_lost(&task_id, attempt, &reason);
         }
@@ -816,6 +1111,12 @@ impl Engine {
     }
 
     /// Commits what this batch changed, then performs its effects.
+    ///
+    /// When the store refuses the batch for a reason that is not an outage (a conflict with
+    /// what is stored, a record it will not take), nothing of it was written: the runs it
+    /// touched are reloaded from the store (or quarantined when that fails too), their effects
+    /// are dropped and their callers get ABORTED, and the engine goes on serving everything
+    /// else. An outage, or a stale lease epoch, stops the engine.
     async fn flush(&mut self) -> Result<(), ExecError> {
         let mut mutations = Vec::new();
         let dirty: Vec<Arc<str>> = self.ctx.dirty_runs.drain(..).collect();
@@ -825,14 +1126,28 @@ impl Engine {
                 entry.drain_mutations(&mut mutations);
             }
         }
+        let mut refused: HashSet<Arc<str>> = HashSet::new();
         if !mutations.is_empty() {
-            self.store.commit(mutations).await?;
+            match self.store.commit_fenced(&self.fence, mutations).await {
+                Ok(()) => {}
+                Err(error) if stops_engine(&error) => return Err(error.into()),
+                Err(error) => {
+                    tracing::error!(%error, runs = dirty.len(), "the store refused a batch; reloading its runs");
+                    refused.extend(dirty.iter().cloned());
+                }
+            }
         }
-        for effect in self.ctx.effects.drain(..) {
+        for effect in std::mem::take(&mut self.ctx.effects) {
+            if !refused.is_empty() && effect.run_id().is_some_and(|id| refused.contains(id)) {
+                continue; // its change was not written: never act on it
+            }
             match effect {
                 Effect::Send { instance, message } => self.ctx.workers.send(&instance, message),
-                Effect::Reply(reply) => reply(),
+                Effect::Reply { reply, .. } => reply(),
             }
+        }
+        for run_id in refused {
+            self.reload(run_id).await?;
         }
         for run_id in dirty {
             let Some(entry) = self.runs.get(&run_id) else {
@@ -854,6 +1169,59 @@ impl Engine {
         Ok(())
     }
 
+    /// Replaces a run's memory by what the store holds (after the store refused its changes);
+    /// a run that cannot be read back is quarantined.
+    async fn reload(&mut self, run_id: Arc<str>) -> Result<(), ExecError> {
+        let Some(entry) = self.runs.remove(&run_id) else {
+            return Ok(());
+        };
+        let plan = entry.plan.clone();
+        let key = entry.run.idempotency_key.clone();
+        entry.abandon(&mut self.ctx);
+        self.watchers.remove(&run_id);
+        let store = self.store.clone();
+        let stored = match store.get_run(&run_id).await {
+            Ok(run) => run,
+            Err(error) if error.is_outage() => return Err(error.into()),
+            Err(StoreError::NotFound(_)) => {
+                // It never reached the store (its creation was refused): nothing to keep.
+                if self.idempotency.get(&key).is_some_and(|id| *id == run_id) {
+                    self.idempotency.remove(&key);
+                }
+                for waiter in self.waiters.remove(&run_id).unwrap_or_default() {
+                    let _ = waiter.send(None);
+                }
+                return Ok(());
+            }
+            Err(error) => {
+                let reason = format!("quarantined: its stored records cannot be read: {error}");
+                return quarantine(&store, &run_id, &reason).await;
+            }
+        };
+        if run::is_finished(stored.state()) {
+            let snapshot = stored.clone();
+            for waiter in self.waiters.remove(&run_id).unwrap_or_default() {
+                let _ = waiter.send(Some(snapshot.clone()));
+            }
+            return Ok(());
+        }
+        let mut entry = RunEntry::recover(stored, plan, &mut self.ctx);
+        entry.buckets = self.buckets_of(&entry);
+        match entry.run.state() {
+            RunState::Running => {
+                self.ctx.admission.acquire(&entry.buckets);
+                entry.admitted = true;
+            }
+            RunState::Queued => self
+                .ctx
+                .admission
+                .enqueue(entry.run.priority, entry.id.clone()),
+            _ => {}
+        }
+        self.runs.insert(entry.id.clone(), entry);
+        Ok(())
+    }
+
     fn drain_done(&mut self) -> bool {
         let Some(replies) = &mut self.drain else {
             return false;
@@ -872,6 +1240,79 @@ impl Engine {
             let _ = reply.send(());
         }
         true
+    }
+}
+
+/// Ends a run that cannot be recovered FAILED with `reason` in the store, so that the executor
+/// serves everything else (recovery never bricks).
+async fn quarantine(
+    store: &Arc<dyn MetadataStore>,
+    run_id: &str,
+    reason: &str,
+) -> Result<(), ExecError> {
+    tracing::error!(run_id, reason, "quarantining a run that cannot be recovered");
+    match store.quarantine_run(run_id, reason).await {
+        Ok(_) => Ok(()),
+        Err(error) if error.is_outage() => Err(error.into()),
+        Err(error) => {
+            tracing::error!(run_id, %error, "could not quarantine the run; skipping it");
+            Ok(())
+        }
+    }
+}
+
+/// Store errors after which the engine must not go on: the store is down, or another executor
+/// took over (our epoch is stale). Anything else is the fault of the batch.
+fn stops_engine(error: &StoreError) -> bool {
+    error.is_outage() || matches!(error, StoreError::Fenced { .. })
+}
+
+/// Checks a run read back from the store against the limits the engine relies on.
+fn check_recovered(run: &Run) -> Result<(), String> {
+    // Depth only: a payload that was under the size limit when it was accepted stays valid if
+    // the limit is lowered later.
+    use dagmesh_proto::limits::check_depth;
+    if let Some(inputs) = &run.inputs {
+        check_depth("run.inputs", inputs).map_err(|e| e.to_string())?;
+    }
+    for step in &run.steps {
+        if step.state() == pb::StepState::Unspecified {
+            return Err(format!("step {:?} has no readable state: {}", step.step_id, step.error));
+        }
+        for (what, payload) in [("inputs", &step.inputs), ("outputs", &step.outputs)] {
+            if let Some(payload) = payload {
+                let field = format!("steps.{}.{what}", step.step_id);
+                check_depth(&field, payload).map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// DUPLICATE when the stored step shows that `instance` ran `attempt` and it ended as the
+/// result says (succeeded for Completed, failed for Failed); None when the store cannot tell.
+async fn stored_outcome(
+    store: &dyn MetadataStore,
+    instance: &str,
+    task_id: &str,
+    attempt: u32,
+    succeeded: bool,
+) -> Option<pb::RecordOutcome> {
+    let (run_id, step_id) = task_id.split_once('/')?;
+    if run_id.len() > dagmesh_proto::limits::MAX_VALUE_LEN {
+        return None;
+    }
+    let run = store.get_run(run_id).await.ok()?;
+    let step = run.steps.iter().find(|s| s.step_id == step_id)?;
+    let ended_as_said = if succeeded {
+        step.state() == pb::StepState::Succeeded
+    } else {
+        step.state() == pb::StepState::Failed
+    };
+    if step.attempt == attempt && step.worker == instance && ended_as_said {
+        Some(pb::RecordOutcome::Duplicate)
+    } else {
+        Some(pb::RecordOutcome::Stale)
     }
 }
 

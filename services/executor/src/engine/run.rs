@@ -11,8 +11,14 @@ use dagmesh_proto::v1::{
     self as pb, Mutation, RecordOutcome, Run, RunEvent, RunState, Step, StepState, mutation,
     run_event, server_message,
 };
-use prost::Message as _;
+
 use serde_json::{Map, Value as Json};
+
+use dagmesh_proto::limits::{
+    self, MAX_ENTRIES, MAX_LOG_BYTES_PER_ATTEMPT, MAX_LOG_LINE_BYTES, MAX_LOG_LINES_PER_MESSAGE,
+    MAX_MESSAGE_LEN, check_payload, truncate_marked,
+};
+use tokio::time::Instant;
 
 use super::timers::Timer;
 use super::traces::{self, AttemptEnd, Timeline};
@@ -41,6 +47,28 @@ fn now() -> prost_types::Timestamp {
     SystemTime::now().into()
 }
 
+/// Progress events of one step are kept at most this often; in between only the latest value
+/// is remembered and written when the interval is over, so a flood of Progress messages costs
+/// a handful of rows and the live view still shows the newest value.
+const PROGRESS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Log lines one attempt may still write before its cap (see `limits::MAX_LOG_BYTES_PER_ATTEMPT`).
+#[derive(Default)]
+struct LogBudget {
+    attempt: u32,
+    bytes: usize,
+    /// Lines dropped after the cap; the marker line is written once.
+    dropped: usize,
+}
+
+#[derive(Default)]
+struct ProgressThrottle {
+    attempt: u32,
+    last_emit: Option<Instant>,
+    pending: Option<pb::StepProgress>,
+    flush_scheduled: bool,
+}
+
 pub(crate) struct RunEntry {
     pub id: Arc<str>,
     /// The run row; its `steps` field stays empty (steps live in `steps`).
@@ -65,6 +93,11 @@ pub(crate) struct RunEntry {
     run_dirty: bool,
     events: Vec<RunEvent>,
     trace: Timeline,
+    /// Per step (only steps that reported): progress rate limiting, log caps, and why recent
+    /// attempts were lost (the history a step fails with at the lost-attempt cap).
+    progress: HashMap<usize, ProgressThrottle>,
+    logs: HashMap<usize, LogBudget>,
+    losses: HashMap<usize, Vec<String>>,
 }
 
 impl RunEntry {
@@ -188,7 +221,7 @@ impl RunEntry {
                     let resource = &entry.plan.compiled.steps[index].concurrency_key;
                     ctx.admission.hold_resource(resource);
                     ctx.timers
-                        .schedule(now + ctx.config.lease, Timer::Lease { instance });
+                        .schedule(ctx.after(ctx.config.lease), Timer::Lease { instance });
                 }
                 StepState::Pending => pending.push(index),
                 _ => {}
@@ -227,6 +260,9 @@ impl RunEntry {
             run_dirty: false,
             events: Vec::new(),
             trace: Timeline::default(),
+            progress: HashMap::new(),
+            logs: HashMap::new(),
+            losses: HashMap::new(),
         }
     }
 
@@ -270,6 +306,7 @@ impl RunEntry {
             }
             step.state = StepState::Pending as i32;
             step.lost_attempts = step.attempt;
+            step.lost_in_a_row = 0;
             step.error.clear();
             step.worker.clear();
             step.outputs = None;
@@ -334,13 +371,9 @@ impl RunEntry {
                     continue;
                 }
             };
-            let size = inputs.encoded_len();
-            if size > ctx.config.max_payload_bytes {
-                let error = format!(
-                    "inputs of step \"{}\" are {size} bytes, over the {}-byte payload limit",
-                    spec.id, ctx.config.max_payload_bytes
-                );
-                self.fail_step(index, error, ctx);
+            let field = format!("steps.{}.inputs", spec.id);
+            if let Err(error) = check_payload(&field, &inputs, ctx.config.max_payload_bytes) {
+                self.fail_step(index, error.to_string(), ctx);
                 continue;
             }
             self.steps[index].inputs = Some(inputs);
@@ -387,8 +420,48 @@ impl RunEntry {
         step.worker.clear();
         step.progress = 0.0;
         step.progress_message.clear();
+        let attempt = step.attempt;
+        // Say at once when no connected worker can take it (GetRun recomputes it live).
+        let route = &self.plan.routes[index];
+        step.waiting_reason = ctx.workers.waiting_reason(route).unwrap_or_default();
         self.set_step_state(index, StepState::Ready, ctx);
         self.enqueue(index, ctx);
+        if let Some(timeout) = self.plan.compiled.steps[index].schedule_to_start_timeout {
+            ctx.timers.schedule(
+                ctx.after(timeout),
+                Timer::ScheduleToStart {
+                    run_id: self.id.clone(),
+                    step: index,
+                    attempt,
+                },
+            );
+        }
+    }
+
+    /// The schedule-to-start timeout of (step, attempt) passed: fail the step if it still
+    /// waits for a worker, naming what no worker offered.
+    pub fn schedule_to_start_expired(
+        &mut self,
+        index: usize,
+        attempt: u32,
+        waiting_reason: Option<String>,
+        ctx: &mut Ctx,
+    ) {
+        let step = &self.steps[index];
+        if step.state() != StepState::Ready || step.attempt != attempt {
+            return;
+        }
+        let timeout = self.plan.compiled.steps[index]
+            .schedule_to_start_timeout
+            .unwrap_or_default();
+        let mut error = format!(
+            "no worker took the step within its schedule_to_start_timeout of {}",
+            humanize(timeout)
+        );
+        if let Some(reason) = waiting_reason {
+            error.push_str(&format!(" ({reason})"));
+        }
+        self.fail_step(index, error, ctx);
     }
 
     fn enqueue(&mut self, index: usize, ctx: &mut Ctx) {
@@ -416,21 +489,22 @@ impl RunEntry {
         self.trace.attempt_assigned(index);
         step.worker = instance.to_string();
         step.task_version = version.to_owned();
+        step.waiting_reason.clear();
         self.set_step_state(index, StepState::Assigned, ctx);
         let spec = &self.plan.compiled.steps[index];
         let step = &self.steps[index];
         ctx.workers
             .hold(instance, step.task_id.clone(), attempt, spec.slots);
-        let deadline = spec.timeout.map(|timeout| {
+        let deadline = spec.timeout.and_then(|timeout| {
             ctx.timers.schedule(
-                ctx.now + timeout,
+                ctx.after(timeout),
                 Timer::AttemptTimeout {
                     run_id: self.id.clone(),
                     step: index,
                     attempt,
                 },
             );
-            (SystemTime::now() + timeout).into()
+            SystemTime::now().checked_add(timeout).map(Into::into)
         });
         let assign = pb::Assign {
             task_id: step.task_id.clone(),
@@ -462,28 +536,173 @@ impl RunEntry {
         } else {
             progress.fraction.clamp(0.0, 1.0)
         };
-        let step = &mut self.steps[index];
-        step.progress = fraction;
-        step.progress_message = progress.message.clone();
-        let event = run_event::Event::StepProgress(pb::StepProgress {
+        let mut message = progress.message;
+        truncate_marked(&mut message, MAX_MESSAGE_LEN);
+        // Bounded: the first metrics by name, and only their finite values.
+        let mut names: Vec<&String> = progress.metrics.keys().collect();
+        names.sort();
+        let metrics = names
+            .into_iter()
+            .filter(|name| name.len() <= limits::MAX_NAME_LEN)
+            .take(MAX_ENTRIES)
+            .filter_map(|name| {
+                let value = progress.metrics[name];
+                value.is_finite().then(|| (name.clone(), value))
+            })
+            .collect();
+        let step = &self.steps[index];
+        let update = pb::StepProgress {
             step_id: step.step_id.clone(),
             attempt: step.attempt,
             fraction,
-            message: progress.message,
-            metrics: progress.metrics,
-        });
+            message,
+            metrics,
+        };
+        let throttle = self.progress.entry(index).or_default();
+        if throttle.attempt != step.attempt {
+            *throttle = ProgressThrottle {
+                attempt: step.attempt,
+                ..ProgressThrottle::default()
+            };
+        }
+        let due = throttle
+            .last_emit
+            .and_then(|at| at.checked_add(PROGRESS_INTERVAL))
+            .filter(|&next| next > ctx.now);
+        match due {
+            None => {
+                throttle.last_emit = Some(ctx.now);
+                throttle.pending = None;
+                self.emit_progress(index, update, ctx);
+            }
+            Some(next) => {
+                throttle.pending = Some(update);
+                if !std::mem::replace(&mut throttle.flush_scheduled, true) {
+                    ctx.timers.schedule(
+                        next,
+                        Timer::ProgressFlush {
+                            run_id: self.id.clone(),
+                            step: index,
+                            attempt: step.attempt,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Writes the latest progress held back by the rate limit, if the attempt is still on.
+    pub fn flush_progress(&mut self, index: usize, attempt: u32, ctx: &mut Ctx) {
+        let Some(throttle) = self.progress.get_mut(&index) else {
+            return;
+        };
+        if throttle.attempt != attempt {
+            return;
+        }
+        throttle.flush_scheduled = false;
+        let Some(update) = throttle.pending.take() else {
+            return;
+        };
+        let step = &self.steps[index];
+        if step.attempt != attempt || !is_active(step.state()) {
+            return;
+        }
+        throttle.last_emit = Some(ctx.now);
+        self.emit_progress(index, update, ctx);
+    }
+
+    fn emit_progress(&mut self, index: usize, update: pb::StepProgress, ctx: &mut Ctx) {
+        let step = &mut self.steps[index];
+        step.progress = update.fraction;
+        step.progress_message = update.message.clone();
         self.mark(index, ctx);
+        self.emit(run_event::Event::StepProgress(update), ctx);
+    }
+
+    /// Task log lines, capped per line, per message and per attempt; every cut is marked.
+    pub fn log(&mut self, index: usize, log: pb::TaskLog, ctx: &mut Ctx) {
+        let step = &self.steps[index];
+        let attempt = step.attempt;
+        let budget = self.logs.entry(index).or_default();
+        if budget.attempt != attempt {
+            *budget = LogBudget {
+                attempt,
+                ..LogBudget::default()
+            };
+        }
+        let offered = log.lines.len();
+        let mut lines = Vec::new();
+        for mut line in log.lines.into_iter().take(MAX_LOG_LINES_PER_MESSAGE) {
+            if budget.dropped > 0 {
+                budget.dropped += 1;
+                continue;
+            }
+            truncate_marked(&mut line.text, MAX_LOG_LINE_BYTES);
+            truncate_marked(&mut line.level, 16);
+            let size = line.text.len() + line.level.len();
+            if budget.bytes + size > MAX_LOG_BYTES_PER_ATTEMPT {
+                budget.dropped = 1;
+                lines.push(marker_line(format!(
+                    "log limit reached: attempt {attempt} wrote {} bytes, the limit is \
+                     {MAX_LOG_BYTES_PER_ATTEMPT}; further lines of this attempt are dropped",
+                    budget.bytes
+                )));
+                continue;
+            }
+            budget.bytes += size;
+            lines.push(line);
+        }
+        if offered > MAX_LOG_LINES_PER_MESSAGE && budget.dropped == 0 {
+            lines.push(marker_line(format!(
+                "{} lines dropped: one log message may carry at most {MAX_LOG_LINES_PER_MESSAGE}",
+                offered - MAX_LOG_LINES_PER_MESSAGE
+            )));
+        }
+        if lines.is_empty() {
+            return;
+        }
+        // Lines of the same step and attempt in this batch share one event.
+        if let Some(RunEvent {
+            event: Some(run_event::Event::StepLog(last)),
+            ..
+        }) = self.events.last_mut()
+            && last.step_id == step.step_id
+            && last.attempt == attempt
+        {
+            last.lines.extend(lines);
+            return;
+        }
+        let event = run_event::Event::StepLog(pb::StepLog {
+            step_id: step.step_id.clone(),
+            attempt,
+            lines,
+        });
         self.emit(event, ctx);
     }
 
-    pub fn log(&mut self, index: usize, log: pb::TaskLog, ctx: &mut Ctx) {
+    /// A result from a worker that does not hold (task, attempt): never recorded. DUPLICATE
+    /// when it is the same worker repeating the result that was recorded for it.
+    pub fn unheld_result(
+        &self,
+        index: usize,
+        attempt: u32,
+        instance: &str,
+    ) -> (RecordOutcome, String) {
         let step = &self.steps[index];
-        let event = run_event::Event::StepLog(pb::StepLog {
-            step_id: step.step_id.clone(),
-            attempt: step.attempt,
-            lines: log.lines,
-        });
-        self.emit(event, ctx);
+        if self.recorded_attempt[index] == attempt
+            && step.attempt == attempt
+            && step.worker == instance
+        {
+            return (RecordOutcome::Duplicate, String::new());
+        }
+        let detail = format!(
+            "attempt {attempt} of step \"{}\" is not held by worker {instance} (the step is at \
+             attempt {}, {})",
+            step.step_id,
+            step.attempt,
+            state_name(step.state())
+        );
+        (RecordOutcome::Stale, detail)
     }
 
     /// A worker's Completed or Failed for (step, attempt).
@@ -508,17 +727,21 @@ impl RunEntry {
             return (RecordOutcome::Stale, detail);
         }
         self.recorded_attempt[index] = attempt;
+        self.steps[index].lost_in_a_row = 0;
+        // The last progress held back by the rate limit goes out before the result, so the
+        // log ends with what the worker last said.
+        if let Some(throttle) = self.progress.get_mut(&index)
+            && throttle.attempt == attempt
+            && let Some(update) = throttle.pending.take()
+        {
+            self.emit_progress(index, update, ctx);
+        }
         match result {
             Ok(outputs) => {
-                let size = outputs.encoded_len();
-                if size > ctx.config.max_payload_bytes {
-                    let error = format!(
-                        "output of step \"{}\" is {size} bytes, over the {}-byte payload limit",
-                        step.step_id, ctx.config.max_payload_bytes
-                    );
-                    self.attempt_failed(index, error, false, ctx);
-                } else {
-                    self.succeed(index, outputs, ctx);
+                let field = format!("steps.{}.outputs", self.steps[index].step_id);
+                match check_payload(&field, &outputs, ctx.config.max_payload_bytes) {
+                    Err(error) => self.attempt_failed(index, error.to_string(), false, ctx),
+                    Ok(()) => self.succeed(index, outputs, ctx),
                 }
             }
             Err((error, retryable)) => self.attempt_failed(index, error, retryable, ctx),
@@ -552,13 +775,14 @@ impl RunEntry {
         }
         let delay = spec.retry.backoff(counted, rand::random::<f64>());
         let attempt = step.attempt;
+        let due = ctx.after(delay);
         self.steps[index].error = format!(
             "attempt {attempt} failed: {error} (next attempt in {})",
             humanize(delay)
         );
         self.set_step_state(index, StepState::RetryWait, ctx);
         ctx.timers.schedule(
-            ctx.now + delay,
+            due,
             Timer::RetryDue {
                 run_id: self.id.clone(),
                 step: index,
@@ -574,10 +798,30 @@ impl RunEntry {
             return;
         }
         step.lost_attempts += 1;
+        step.lost_in_a_row += 1;
         step.error = format!("attempt {attempt}: {reason}");
+        let lost_in_a_row = step.lost_in_a_row;
         let lost = AttemptEnd::Lost(reason);
         self.trace
             .attempt_ended(&self.run, &self.steps[index], index, lost);
+        let history = self.losses.entry(index).or_default();
+        history.push(format!("attempt {attempt}: {reason}"));
+        if history.len() > 5 {
+            history.remove(0);
+        }
+        let cap = ctx.config.max_lost_attempts;
+        if lost_in_a_row >= cap {
+            // A task that takes its worker down every time (or a result that can never be
+            // delivered) must not go round forever.
+            let history = self.losses.remove(&index).unwrap_or_default();
+            let error = format!(
+                "lost {lost_in_a_row} attempts in a row (the limit is {cap}, \
+                 --max-lost-attempts): {}",
+                history.join("; ")
+            );
+            self.fail_step(index, error, ctx);
+            return;
+        }
         self.make_ready(index, ctx);
     }
 
@@ -589,10 +833,12 @@ impl RunEntry {
     }
 
     pub fn timed_out(&mut self, index: usize, attempt: u32, ctx: &mut Ctx) {
-        let step = &self.steps[index];
+        let step = &mut self.steps[index];
         if step.attempt != attempt || !is_active(step.state()) {
             return;
         }
+        step.lost_in_a_row = 0;
+        let step = &self.steps[index];
         let timeout = self.plan.compiled.steps[index].timeout.unwrap_or_default();
         let reason = format!("timed out after {}", humanize(timeout));
         // The worker keeps the slot until it answers the Cancel with a (stale) result.
@@ -707,7 +953,12 @@ impl RunEntry {
             } else {
                 String::new()
             },
-            error: step.error.clone(),
+            // A READY step says why it waits (if no worker can take it), so a watcher sees it live.
+            error: if state == StepState::Ready {
+                step.waiting_reason.clone()
+            } else {
+                step.error.clone()
+            },
         });
         self.mark(index, ctx);
         self.emit(event, ctx);
@@ -752,6 +1003,21 @@ impl RunEntry {
         ctx.touch(&self.id);
     }
 
+    /// Lets go of what this run holds in the engine (worker slots, resources, admission),
+    /// without writing anything: its memory is about to be replaced by what the store holds.
+    pub fn abandon(self, ctx: &mut Ctx) {
+        for (index, step) in self.steps.iter().enumerate() {
+            if is_active(step.state()) {
+                ctx.workers.release(&step.worker, &step.task_id, step.attempt);
+                let resource = &self.plan.compiled.steps[index].concurrency_key;
+                ctx.admission.release_resource(resource);
+            }
+        }
+        if self.admitted {
+            ctx.admission.release(&self.buckets);
+        }
+    }
+
     /// Moves this batch's changes into `out`: run row, then steps, then events.
     pub fn drain_mutations(&mut self, out: &mut Vec<Mutation>) {
         let put = |mutation| Mutation {
@@ -769,6 +1035,14 @@ impl RunEntry {
                 .drain(..)
                 .map(|event| put(mutation::Mutation::AppendEvent(event))),
         );
+    }
+}
+
+fn marker_line(text: String) -> pb::LogLine {
+    pb::LogLine {
+        at: Some(now()),
+        level: "warn".into(),
+        text,
     }
 }
 

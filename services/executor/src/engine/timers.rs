@@ -21,6 +21,18 @@ pub(crate) enum Timer {
         step: usize,
         attempt: u32,
     },
+    /// A READY attempt's schedule-to-start timeout (StepSpec.schedule_to_start_timeout).
+    ScheduleToStart {
+        run_id: Arc<str>,
+        step: usize,
+        attempt: u32,
+    },
+    /// Write the latest progress of a step that reported faster than events are kept.
+    ProgressFlush {
+        run_id: Arc<str>,
+        step: usize,
+        attempt: u32,
+    },
     /// Check whether a worker has been silent for a whole lease.
     Lease { instance: Arc<str> },
     /// Stop waiting for in-flight tasks during a drain.

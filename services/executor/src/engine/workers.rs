@@ -82,6 +82,11 @@ pub(crate) struct Session {
     pub outbound: Option<Outbound>,
     pub last_seen: Instant,
     pub last_seen_wall: SystemTime,
+    /// When the stream ended (None while connected, and for sessions recovered from the store,
+    /// which get the whole lease to reconnect).
+    pub disconnected_at: Option<Instant>,
+    /// Why the last stream ended, for the reason of tasks lost with it.
+    pub disconnect_reason: String,
     pub used_slots: u32,
     pub draining: bool,
     /// (task id, attempt) -> slots, for every task assigned and not yet answered by a result.
@@ -98,6 +103,8 @@ impl Session {
             outbound: None,
             last_seen: now,
             last_seen_wall: SystemTime::now(),
+            disconnected_at: None,
+            disconnect_reason: String::new(),
             used_slots: 0,
             draining: false,
             held: HashMap::new(),
@@ -108,9 +115,24 @@ impl Session {
         self.hello.slots.saturating_sub(self.used_slots)
     }
 
+    /// Whether the stream is open (the worker is connected and the server has not noticed it
+    /// leave).
+    pub fn is_live(&self) -> bool {
+        self.outbound.as_ref().is_some_and(|o| !o.is_closed())
+    }
+
     /// The version of `route`'s task type this worker runs, if it can take the task now.
     fn accepts(&self, route: &Route) -> Option<&Version> {
         if self.outbound.is_none() || self.draining || self.free_slots() < route.slots {
+            return None;
+        }
+        self.could_run(route)
+    }
+
+    /// The version of `route`'s task type this worker runs, if it could take the task once it
+    /// has room (task type, version, labels, total slots).
+    fn could_run(&self, route: &Route) -> Option<&Version> {
+        if self.hello.slots < route.slots {
             return None;
         }
         let labels_match = route
@@ -177,6 +199,32 @@ impl Workers {
             .map(|(session, version)| (session.instance_id.clone(), version.to_string()))
     }
 
+    /// Why no connected worker can ever take `route` as things stand, or None when one can
+    /// (even if it is busy now).
+    pub fn waiting_reason(&self, route: &Route) -> Option<String> {
+        let connected = || {
+            self.sessions
+                .values()
+                .filter(|s| s.outbound.is_some() && !s.draining)
+        };
+        if connected().any(|s| s.could_run(route).is_some()) {
+            return None;
+        }
+        let mut wanted = format!("{}@{}", route.task_name, route.version_req);
+        if !route.labels.is_empty() {
+            let labels: Vec<String> = route
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            wanted.push_str(&format!(" with {}", labels.join(",")));
+        }
+        if route.slots > 1 {
+            wanted.push_str(&format!(" and {} free slots", route.slots));
+        }
+        Some(format!("waiting: no connected worker offers {wanted}"))
+    }
+
     pub fn any_free(&self) -> bool {
         self.sessions
             .values()
@@ -191,12 +239,26 @@ impl Workers {
     }
 
     /// Frees the slots of a task once its worker answered it (any result, even a stale one).
-    pub fn release(&mut self, instance: &str, task_id: &str, attempt: u32) {
+    /// Returns whether the worker held it.
+    pub fn release(&mut self, instance: &str, task_id: &str, attempt: u32) -> bool {
         if let Some(session) = self.sessions.get_mut(instance)
             && let Some(slots) = session.held.remove(&(task_id.to_owned(), attempt))
         {
             session.used_slots = session.used_slots.saturating_sub(slots);
+            return true;
         }
+        false
+    }
+
+    /// Whether `instance` holds (task, attempt): only the holder's messages about a task count.
+    pub fn holds(&self, instance: &str, task_id: &str, attempt: u32) -> bool {
+        self.sessions
+            .get(instance)
+            .is_some_and(|s| s.held.contains_key(&(task_id.to_owned(), attempt)))
+    }
+
+    pub fn outbound(&self, instance: &str) -> Option<Outbound> {
+        self.sessions.get(instance)?.outbound.clone()
     }
 
     pub fn send(&self, instance: &str, message: server_message::Message) {

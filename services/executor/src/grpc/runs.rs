@@ -39,7 +39,8 @@ impl RunService for Runs {
             .map_err(ExecError::from)?;
         let mut runs = [run];
         self.0.fill_queue_positions(&mut runs).await?;
-        let [run] = runs;
+        let [mut run] = runs;
+        self.0.fill_waiting_reasons(&mut run).await?;
         Ok(Response::new(run))
     }
 
@@ -135,7 +136,8 @@ async fn watch(
     let mut cursor = after_seq.unwrap_or_default();
     if after_seq.is_none() {
         // Re-read after subscribing so no commit falls between the snapshot and the updates.
-        let run = store.get_run(&run_id).await.map_err(ExecError::from)?;
+        let mut run = store.get_run(&run_id).await.map_err(ExecError::from)?;
+        executor.fill_waiting_reasons(&mut run).await?;
         cursor = run.last_seq;
         let finished = is_finished(run.state());
         let snapshot = WatchRunResponse {

@@ -59,6 +59,9 @@ impl WorkerService for Workers {
         // Unbounded is safe here: credit flow bounds Assigns to the worker's slots, and every
         // other server message answers one the worker sent.
         let (outbound, stream) = mpsc::unbounded_channel();
+        // The reader ends the stream itself when the worker breaks a limit.
+        let closer = outbound.clone();
+        let max_payload = self.executor.config().max_payload_bytes;
         engine
             .send(Command::Connect {
                 hello,
@@ -67,7 +70,7 @@ impl WorkerService for Workers {
             })
             .await?;
         tokio::spawn(async move {
-            loop {
+            let reason = loop {
                 // Stop reading when the engine has stopped (drained): dropping the inbound half
                 // lets the connection close even if the worker keeps its side open.
                 let received = tokio::select! {
@@ -80,6 +83,7 @@ impl WorkerService for Workers {
                     })) => {
                         let command = Command::FromWorker {
                             instance: instance.clone(),
+                            generation,
                             message,
                         };
                         if engine.send(command).await.is_err() {
@@ -87,17 +91,32 @@ impl WorkerService for Workers {
                         }
                     }
                     Ok(Some(_)) => {}
-                    Ok(None) => break,
+                    Ok(None) => break "the worker closed its stream".to_owned(),
+                    Err(status) if is_too_large(&status) => {
+                        // Say why before closing, so the worker is not left guessing at a stream
+                        // that ended with OK; the task it was about goes back through the
+                        // lost-attempt cap, so a result that never fits cannot loop forever.
+                        let reason = format!(
+                            "a message from the worker is over the size limit ({}); payloads \
+                             may be at most {max_payload} bytes (Welcome.max_payload_bytes)",
+                            status.message()
+                        );
+                        tracing::warn!(worker = %instance, %reason, "closing worker stream");
+                        let _ = closer.send(Err(Status::resource_exhausted(reason.clone())));
+                        break reason;
+                    }
                     Err(status) => {
                         tracing::debug!(worker = %instance, %status, "worker stream error");
-                        break;
+                        break format!("its stream broke: {}", status.message());
                     }
                 }
-            }
+            };
+            drop(closer);
             let _ = engine
                 .send(Command::Disconnect {
                     instance,
                     generation,
+                    reason,
                 })
                 .await;
         });
@@ -105,9 +124,53 @@ impl WorkerService for Workers {
     }
 }
 
+/// tonic reports a message over `max_decoding_message_size` as OUT_OF_RANGE (older versions as
+/// RESOURCE_EXHAUSTED).
+fn is_too_large(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+    ) || status.message().contains("too large")
+}
+
 fn validate_hello(hello: &Hello) -> Result<(), String> {
+    use dagmesh_proto::limits::{
+        MAX_ENTRIES, MAX_IN_FLIGHT, MAX_MESSAGE_LEN, MAX_NAME_LEN, MAX_SLOTS, MAX_TASK_TYPES,
+        MAX_VALUE_LEN, check_len,
+    };
     if hello.instance_id.is_empty() {
         return Err("hello.instance_id: required".into());
+    }
+    check_len("hello.instance_id", &hello.instance_id, MAX_NAME_LEN)?;
+    check_len("hello.worker_name", &hello.worker_name, MAX_NAME_LEN)?;
+    check_len("hello.sdk_language", &hello.sdk_language, MAX_MESSAGE_LEN)?;
+    check_len("hello.sdk_version", &hello.sdk_version, MAX_MESSAGE_LEN)?;
+    if hello.slots > MAX_SLOTS {
+        return Err(format!(
+            "hello.slots: {} is over the limit of {MAX_SLOTS}",
+            hello.slots
+        ));
+    }
+    let counts = [
+        ("hello.task_types", hello.task_types.len(), MAX_TASK_TYPES),
+        ("hello.labels", hello.labels.len(), MAX_ENTRIES),
+        ("hello.in_flight", hello.in_flight.len(), MAX_IN_FLIGHT),
+    ];
+    for (field, count, limit) in counts {
+        if count > limit {
+            return Err(format!("{field}: {count} entries, over the limit of {limit}"));
+        }
+    }
+    for (key, value) in &hello.labels {
+        check_len("hello.labels key", key, MAX_NAME_LEN)?;
+        check_len(&format!("hello.labels.{key}"), value, MAX_VALUE_LEN)?;
+    }
+    for (index, task) in hello.in_flight.iter().enumerate() {
+        check_len(
+            &format!("hello.in_flight[{index}].task_id"),
+            &task.task_id,
+            MAX_VALUE_LEN,
+        )?;
     }
     if hello.instance_id.contains('/') {
         return Err(format!(
@@ -125,6 +188,16 @@ fn validate_hello(hello: &Hello) -> Result<(), String> {
         if task_type.name.is_empty() {
             return Err(format!("hello.task_types[{index}].name: required"));
         }
+        check_len(
+            &format!("hello.task_types[{index}].name"),
+            &task_type.name,
+            MAX_NAME_LEN,
+        )?;
+        check_len(
+            &format!("hello.task_types[{index}].version"),
+            &task_type.version,
+            MAX_NAME_LEN,
+        )?;
         if let Err(error) = semver::Version::parse(&task_type.version) {
             return Err(format!(
                 "hello.task_types[{index}].version: \"{}\" is not a semantic version ({error})",
