@@ -23,56 +23,81 @@ _sym_db = _symbol_database.Default()
 
 
 from dagmesh._proto.v1 import types_pb2 as dagmesh_dot_v1_dot_types__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from dagmesh._proto.v1 import run_pb2 as dagmesh_dot_v1_dot_run__pb2
 from dagmesh._proto.v1 import scheduler_pb2 as dagmesh_dot_v1_dot_scheduler__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64\x61gmesh/v1/metadata.proto\x12\ndagmesh.v1\x1a\x16\x64\x61gmesh/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14\x64\x61gmesh/v1/run.proto\x1a\x1a\x64\x61gmesh/v1/scheduler.proto\"R\n\x12PutWorkflowRequest\x12&\n\x04spec\x18\x01 \x01(\x0b\x32\x18.dagmesh.v1.WorkflowSpec\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\"N\n\x13PutWorkflowResponse\x12&\n\x08workflow\x18\x01 \x01(\x0b\x32\x14.dagmesh.v1.Workflow\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"4\n\x13ReadWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"\x16\n\x14ReadWorkflowsRequest\"@\n\x15ReadWorkflowsResponse\x12\'\n\tworkflows\x18\x01 \x03(\x0b\x32\x14.dagmesh.v1.Workflow\"8\n\rCommitRequest\x12\'\n\tmutations\x18\x01 \x03(\x0b\x32\x14.dagmesh.v1.Mutation\"\x8e\x01\n\x08Mutation\x12\"\n\x07put_run\x18\x01 \x01(\x0b\x32\x0f.dagmesh.v1.RunH\x00\x12$\n\x08put_step\x18\x02 \x01(\x0b\x32\x10.dagmesh.v1.StepH\x00\x12,\n\x0c\x61ppend_event\x18\x03 \x01(\x0b\x32\x14.dagmesh.v1.RunEventH\x00\x42\n\n\x08mutation\"\x10\n\x0e\x43ommitResponse\" \n\x0eReadRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"9\n\x1e\x46indRunByIdempotencyKeyRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\"1\n\x1f\x46indRunByIdempotencyKeyResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"E\n\x11ReadEventsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\x12\r\n\x05limit\x18\x03 \x01(\r\":\n\x12ReadEventsResponse\x12$\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x14.dagmesh.v1.RunEvent\"\x17\n\x15ReadActiveRunsRequest\"7\n\x16ReadActiveRunsResponse\x12\x1d\n\x04runs\x18\x01 \x03(\x0b\x32\x0f.dagmesh.v1.Run\"\'\n\x13ReadScheduleRequest\x12\x10\n\x08schedule\x18\x01 \x01(\t\"<\n\x18SetSchedulePausedRequest\x12\x10\n\x08schedule\x18\x01 \x01(\t\x12\x0e\n\x06paused\x18\x02 \x01(\x08\"z\n\x16\x41\x64vanceScheduleRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12,\n\x08\x65xpected\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x02to\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"+\n\x17\x41\x64vanceScheduleResponse\x12\x10\n\x08\x61\x64vanced\x18\x01 \x01(\x08\x32\xed\x0c\n\x0fMetadataService\x12N\n\x0bPutWorkflow\x12\x1e.dagmesh.v1.PutWorkflowRequest\x1a\x1f.dagmesh.v1.PutWorkflowResponse\x12\x45\n\x0cReadWorkflow\x12\x1f.dagmesh.v1.ReadWorkflowRequest\x1a\x14.dagmesh.v1.Workflow\x12T\n\rReadWorkflows\x12 .dagmesh.v1.ReadWorkflowsRequest\x1a!.dagmesh.v1.ReadWorkflowsResponse\x12?\n\x06\x43ommit\x12\x19.dagmesh.v1.CommitRequest\x1a\x1a.dagmesh.v1.CommitResponse\x12\x36\n\x07ReadRun\x12\x1a.dagmesh.v1.ReadRunRequest\x1a\x0f.dagmesh.v1.Run\x12\x46\n\tQueryRuns\x12\x1b.dagmesh.v1.ListRunsRequest\x1a\x1c.dagmesh.v1.ListRunsResponse\x12r\n\x17\x46indRunByIdempotencyKey\x12*.dagmesh.v1.FindRunByIdempotencyKeyRequest\x1a+.dagmesh.v1.FindRunByIdempotencyKeyResponse\x12K\n\nReadEvents\x12\x1d.dagmesh.v1.ReadEventsRequest\x1a\x1e.dagmesh.v1.ReadEventsResponse\x12W\n\x0eReadActiveRuns\x12!.dagmesh.v1.ReadActiveRunsRequest\x1a\".dagmesh.v1.ReadActiveRunsResponse\x12\x39\n\x0bPutSchedule\x12\x14.dagmesh.v1.Schedule\x1a\x14.dagmesh.v1.Schedule\x12\x45\n\x0cReadSchedule\x12\x1f.dagmesh.v1.ReadScheduleRequest\x1a\x14.dagmesh.v1.Schedule\x12T\n\rReadSchedules\x12 .dagmesh.v1.ListSchedulesRequest\x1a!.dagmesh.v1.ListSchedulesResponse\x12U\n\x0eRemoveSchedule\x12\x1f.dagmesh.v1.ReadScheduleRequest\x1a\".dagmesh.v1.DeleteScheduleResponse\x12O\n\x11SetSchedulePaused\x12$.dagmesh.v1.SetSchedulePausedRequest\x1a\x14.dagmesh.v1.Schedule\x12Z\n\x0f\x41\x64vanceSchedule\x12\".dagmesh.v1.AdvanceScheduleRequest\x1a#.dagmesh.v1.AdvanceScheduleResponse\x12\x36\n\nPutTrigger\x12\x13.dagmesh.v1.Trigger\x1a\x13.dagmesh.v1.Trigger\x12Q\n\x0cReadTriggers\x12\x1f.dagmesh.v1.ListTriggersRequest\x1a .dagmesh.v1.ListTriggersResponse\x12T\n\rRemoveTrigger\x12 .dagmesh.v1.DeleteTriggerRequest\x1a!.dagmesh.v1.DeleteTriggerResponse\x12\x39\n\x0bPutBackfill\x12\x14.dagmesh.v1.Backfill\x1a\x14.dagmesh.v1.Backfill\x12\x44\n\x0cReadBackfill\x12\x1e.dagmesh.v1.GetBackfillRequest\x1a\x14.dagmesh.v1.Backfill\x12T\n\rReadBackfills\x12 .dagmesh.v1.ListBackfillsRequest\x1a!.dagmesh.v1.ListBackfillsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64\x61gmesh/v1/metadata.proto\x12\ndagmesh.v1\x1a\x16\x64\x61gmesh/v1/types.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14\x64\x61gmesh/v1/run.proto\x1a\x1a\x64\x61gmesh/v1/scheduler.proto\"R\n\x12PutWorkflowRequest\x12&\n\x04spec\x18\x01 \x01(\x0b\x32\x18.dagmesh.v1.WorkflowSpec\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\"N\n\x13PutWorkflowResponse\x12&\n\x08workflow\x18\x01 \x01(\x0b\x32\x14.dagmesh.v1.Workflow\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"4\n\x13ReadWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"\x16\n\x14ReadWorkflowsRequest\"@\n\x15ReadWorkflowsResponse\x12\'\n\tworkflows\x18\x01 \x03(\x0b\x32\x14.dagmesh.v1.Workflow\"8\n\rCommitRequest\x12\'\n\tmutations\x18\x01 \x03(\x0b\x32\x14.dagmesh.v1.Mutation\"`\n\x13\x43ommitFencedRequest\x12 \n\x05\x66\x65nce\x18\x01 \x01(\x0b\x32\x11.dagmesh.v1.Lease\x12\'\n\tmutations\x18\x02 \x03(\x0b\x32\x14.dagmesh.v1.Mutation\"\x8e\x01\n\x08Mutation\x12\"\n\x07put_run\x18\x01 \x01(\x0b\x32\x0f.dagmesh.v1.RunH\x00\x12$\n\x08put_step\x18\x02 \x01(\x0b\x32\x10.dagmesh.v1.StepH\x00\x12,\n\x0c\x61ppend_event\x18\x03 \x01(\x0b\x32\x14.dagmesh.v1.RunEventH\x00\x42\n\n\x08mutation\"\x10\n\x0e\x43ommitResponse\" \n\x0eReadRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"9\n\x1e\x46indRunByIdempotencyKeyRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\"1\n\x1f\x46indRunByIdempotencyKeyResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"E\n\x11ReadEventsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\x12\r\n\x05limit\x18\x03 \x01(\r\":\n\x12ReadEventsResponse\x12$\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x14.dagmesh.v1.RunEvent\"\x17\n\x15ReadActiveRunsRequest\"7\n\x16ReadActiveRunsResponse\x12\x1d\n\x04runs\x18\x01 \x03(\x0b\x32\x0f.dagmesh.v1.Run\"Z\n\nActiveRuns\x12\x1d\n\x04runs\x18\x01 \x03(\x0b\x32\x0f.dagmesh.v1.Run\x12-\n\nunreadable\x18\x02 \x03(\x0b\x32\x19.dagmesh.v1.UnreadableRun\"[\n\rUnreadableRun\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08workflow\x18\x02 \x01(\t\x12\x18\n\x10workflow_version\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\"6\n\x14QuarantineRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"d\n\x05Lease\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"[\n\x13\x41\x63quireLeaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\t\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"]\n\x11RenewLeaseRequest\x12 \n\x05lease\x18\x01 \x01(\x0b\x32\x11.dagmesh.v1.Lease\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"7\n\x13ReleaseLeaseRequest\x12 \n\x05lease\x18\x01 \x01(\x0b\x32\x11.dagmesh.v1.Lease\"\x16\n\x14ReleaseLeaseResponse\"o\n\x10StoreErrorDetail\x12+\n\nlease_held\x18\x01 \x01(\x0b\x32\x15.dagmesh.v1.LeaseHeldH\x00\x12$\n\x06\x66\x65nced\x18\x02 \x01(\x0b\x32\x12.dagmesh.v1.FencedH\x00\x42\x08\n\x06\x64\x65tail\"@\n\tLeaseHeld\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\t\x12\x15\n\rexpires_in_ms\x18\x03 \x01(\x04\"<\n\x06\x46\x65nced\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x15\n\rcurrent_epoch\x18\x03 \x01(\x04\"\'\n\x13ReadScheduleRequest\x12\x10\n\x08schedule\x18\x01 \x01(\t\"<\n\x18SetSchedulePausedRequest\x12\x10\n\x08schedule\x18\x01 \x01(\t\x12\x0e\n\x06paused\x18\x02 \x01(\x08\"z\n\x16\x41\x64vanceScheduleRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12,\n\x08\x65xpected\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x02to\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"+\n\x17\x41\x64vanceScheduleResponse\x12\x10\n\x08\x61\x64vanced\x18\x01 \x01(\x08\x32\xa9\x10\n\x0fMetadataService\x12N\n\x0bPutWorkflow\x12\x1e.dagmesh.v1.PutWorkflowRequest\x1a\x1f.dagmesh.v1.PutWorkflowResponse\x12\x45\n\x0cReadWorkflow\x12\x1f.dagmesh.v1.ReadWorkflowRequest\x1a\x14.dagmesh.v1.Workflow\x12T\n\rReadWorkflows\x12 .dagmesh.v1.ReadWorkflowsRequest\x1a!.dagmesh.v1.ReadWorkflowsResponse\x12?\n\x06\x43ommit\x12\x19.dagmesh.v1.CommitRequest\x1a\x1a.dagmesh.v1.CommitResponse\x12\x36\n\x07ReadRun\x12\x1a.dagmesh.v1.ReadRunRequest\x1a\x0f.dagmesh.v1.Run\x12\x46\n\tQueryRuns\x12\x1b.dagmesh.v1.ListRunsRequest\x1a\x1c.dagmesh.v1.ListRunsResponse\x12r\n\x17\x46indRunByIdempotencyKey\x12*.dagmesh.v1.FindRunByIdempotencyKeyRequest\x1a+.dagmesh.v1.FindRunByIdempotencyKeyResponse\x12K\n\nReadEvents\x12\x1d.dagmesh.v1.ReadEventsRequest\x1a\x1e.dagmesh.v1.ReadEventsResponse\x12W\n\x0eReadActiveRuns\x12!.dagmesh.v1.ReadActiveRunsRequest\x1a\".dagmesh.v1.ReadActiveRunsResponse\x12R\n\x15ReadActiveRunsChecked\x12!.dagmesh.v1.ReadActiveRunsRequest\x1a\x16.dagmesh.v1.ActiveRuns\x12\x42\n\rQuarantineRun\x12 .dagmesh.v1.QuarantineRunRequest\x1a\x0f.dagmesh.v1.Run\x12\x42\n\x0c\x41\x63quireLease\x12\x1f.dagmesh.v1.AcquireLeaseRequest\x1a\x11.dagmesh.v1.Lease\x12>\n\nRenewLease\x12\x1d.dagmesh.v1.RenewLeaseRequest\x1a\x11.dagmesh.v1.Lease\x12Q\n\x0cReleaseLease\x12\x1f.dagmesh.v1.ReleaseLeaseRequest\x1a .dagmesh.v1.ReleaseLeaseResponse\x12K\n\x0c\x43ommitFenced\x12\x1f.dagmesh.v1.CommitFencedRequest\x1a\x1a.dagmesh.v1.CommitResponse\x12\x39\n\x0bPutSchedule\x12\x14.dagmesh.v1.Schedule\x1a\x14.dagmesh.v1.Schedule\x12\x45\n\x0cReadSchedule\x12\x1f.dagmesh.v1.ReadScheduleRequest\x1a\x14.dagmesh.v1.Schedule\x12T\n\rReadSchedules\x12 .dagmesh.v1.ListSchedulesRequest\x1a!.dagmesh.v1.ListSchedulesResponse\x12U\n\x0eRemoveSchedule\x12\x1f.dagmesh.v1.ReadScheduleRequest\x1a\".dagmesh.v1.DeleteScheduleResponse\x12O\n\x11SetSchedulePaused\x12$.dagmesh.v1.SetSchedulePausedRequest\x1a\x14.dagmesh.v1.Schedule\x12Z\n\x0f\x41\x64vanceSchedule\x12\".dagmesh.v1.AdvanceScheduleRequest\x1a#.dagmesh.v1.AdvanceScheduleResponse\x12\x36\n\nPutTrigger\x12\x13.dagmesh.v1.Trigger\x1a\x13.dagmesh.v1.Trigger\x12Q\n\x0cReadTriggers\x12\x1f.dagmesh.v1.ListTriggersRequest\x1a .dagmesh.v1.ListTriggersResponse\x12T\n\rRemoveTrigger\x12 .dagmesh.v1.DeleteTriggerRequest\x1a!.dagmesh.v1.DeleteTriggerResponse\x12\x39\n\x0bPutBackfill\x12\x14.dagmesh.v1.Backfill\x1a\x14.dagmesh.v1.Backfill\x12\x44\n\x0cReadBackfill\x12\x1e.dagmesh.v1.GetBackfillRequest\x1a\x14.dagmesh.v1.Backfill\x12T\n\rReadBackfills\x12 .dagmesh.v1.ListBackfillsRequest\x1a!.dagmesh.v1.ListBackfillsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dagmesh.v1.metadata_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PUTWORKFLOWREQUEST']._serialized_start=148
-  _globals['_PUTWORKFLOWREQUEST']._serialized_end=230
-  _globals['_PUTWORKFLOWRESPONSE']._serialized_start=232
-  _globals['_PUTWORKFLOWRESPONSE']._serialized_end=310
-  _globals['_READWORKFLOWREQUEST']._serialized_start=312
-  _globals['_READWORKFLOWREQUEST']._serialized_end=364
-  _globals['_READWORKFLOWSREQUEST']._serialized_start=366
-  _globals['_READWORKFLOWSREQUEST']._serialized_end=388
-  _globals['_READWORKFLOWSRESPONSE']._serialized_start=390
-  _globals['_READWORKFLOWSRESPONSE']._serialized_end=454
-  _globals['_COMMITREQUEST']._serialized_start=456
-  _globals['_COMMITREQUEST']._serialized_end=512
-  _globals['_MUTATION']._serialized_start=515
-  _globals['_MUTATION']._serialized_end=657
-  _globals['_COMMITRESPONSE']._serialized_start=659
-  _globals['_COMMITRESPONSE']._serialized_end=675
-  _globals['_READRUNREQUEST']._serialized_start=677
-  _globals['_READRUNREQUEST']._serialized_end=709
-  _globals['_FINDRUNBYIDEMPOTENCYKEYREQUEST']._serialized_start=711
-  _globals['_FINDRUNBYIDEMPOTENCYKEYREQUEST']._serialized_end=768
-  _globals['_FINDRUNBYIDEMPOTENCYKEYRESPONSE']._serialized_start=770
-  _globals['_FINDRUNBYIDEMPOTENCYKEYRESPONSE']._serialized_end=819
-  _globals['_READEVENTSREQUEST']._serialized_start=821
-  _globals['_READEVENTSREQUEST']._serialized_end=890
-  _globals['_READEVENTSRESPONSE']._serialized_start=892
-  _globals['_READEVENTSRESPONSE']._serialized_end=950
-  _globals['_READACTIVERUNSREQUEST']._serialized_start=952
-  _globals['_READACTIVERUNSREQUEST']._serialized_end=975
-  _globals['_READACTIVERUNSRESPONSE']._serialized_start=977
-  _globals['_READACTIVERUNSRESPONSE']._serialized_end=1032
-  _globals['_READSCHEDULEREQUEST']._serialized_start=1034
-  _globals['_READSCHEDULEREQUEST']._serialized_end=1073
-  _globals['_SETSCHEDULEPAUSEDREQUEST']._serialized_start=1075
-  _globals['_SETSCHEDULEPAUSEDREQUEST']._serialized_end=1135
-  _globals['_ADVANCESCHEDULEREQUEST']._serialized_start=1137
-  _globals['_ADVANCESCHEDULEREQUEST']._serialized_end=1259
-  _globals['_ADVANCESCHEDULERESPONSE']._serialized_start=1261
-  _globals['_ADVANCESCHEDULERESPONSE']._serialized_end=1304
-  _globals['_METADATASERVICE']._serialized_start=1307
-  _globals['_METADATASERVICE']._serialized_end=2952
+  _globals['_PUTWORKFLOWREQUEST']._serialized_start=180
+  _globals['_PUTWORKFLOWREQUEST']._serialized_end=262
+  _globals['_PUTWORKFLOWRESPONSE']._serialized_start=264
+  _globals['_PUTWORKFLOWRESPONSE']._serialized_end=342
+  _globals['_READWORKFLOWREQUEST']._serialized_start=344
+  _globals['_READWORKFLOWREQUEST']._serialized_end=396
+  _globals['_READWORKFLOWSREQUEST']._serialized_start=398
+  _globals['_READWORKFLOWSREQUEST']._serialized_end=420
+  _globals['_READWORKFLOWSRESPONSE']._serialized_start=422
+  _globals['_READWORKFLOWSRESPONSE']._serialized_end=486
+  _globals['_COMMITREQUEST']._serialized_start=488
+  _globals['_COMMITREQUEST']._serialized_end=544
+  _globals['_COMMITFENCEDREQUEST']._serialized_start=546
+  _globals['_COMMITFENCEDREQUEST']._serialized_end=642
+  _globals['_MUTATION']._serialized_start=645
+  _globals['_MUTATION']._serialized_end=787
+  _globals['_COMMITRESPONSE']._serialized_start=789
+  _globals['_COMMITRESPONSE']._serialized_end=805
+  _globals['_READRUNREQUEST']._serialized_start=807
+  _globals['_READRUNREQUEST']._serialized_end=839
+  _globals['_FINDRUNBYIDEMPOTENCYKEYREQUEST']._serialized_start=841
+  _globals['_FINDRUNBYIDEMPOTENCYKEYREQUEST']._serialized_end=898
+  _globals['_FINDRUNBYIDEMPOTENCYKEYRESPONSE']._serialized_start=900
+  _globals['_FINDRUNBYIDEMPOTENCYKEYRESPONSE']._serialized_end=949
+  _globals['_READEVENTSREQUEST']._serialized_start=951
+  _globals['_READEVENTSREQUEST']._serialized_end=1020
+  _globals['_READEVENTSRESPONSE']._serialized_start=1022
+  _globals['_READEVENTSRESPONSE']._serialized_end=1080
+  _globals['_READACTIVERUNSREQUEST']._serialized_start=1082
+  _globals['_READACTIVERUNSREQUEST']._serialized_end=1105
+  _globals['_READACTIVERUNSRESPONSE']._serialized_start=1107
+  _globals['_READACTIVERUNSRESPONSE']._serialized_end=1162
+  _globals['_ACTIVERUNS']._serialized_start=1164
+  _globals['_ACTIVERUNS']._serialized_end=1254
+  _globals['_UNREADABLERUN']._serialized_start=1256
+  _globals['_UNREADABLERUN']._serialized_end=1347
+  _globals['_QUARANTINERUNREQUEST']._serialized_start=1349
+  _globals['_QUARANTINERUNREQUEST']._serialized_end=1403
+  _globals['_LEASE']._serialized_start=1405
+  _globals['_LEASE']._serialized_end=1505
+  _globals['_ACQUIRELEASEREQUEST']._serialized_start=1507
+  _globals['_ACQUIRELEASEREQUEST']._serialized_end=1598
+  _globals['_RENEWLEASEREQUEST']._serialized_start=1600
+  _globals['_RENEWLEASEREQUEST']._serialized_end=1693
+  _globals['_RELEASELEASEREQUEST']._serialized_start=1695
+  _globals['_RELEASELEASEREQUEST']._serialized_end=1750
+  _globals['_RELEASELEASERESPONSE']._serialized_start=1752
+  _globals['_RELEASELEASERESPONSE']._serialized_end=1774
+  _globals['_STOREERRORDETAIL']._serialized_start=1776
+  _globals['_STOREERRORDETAIL']._serialized_end=1887
+  _globals['_LEASEHELD']._serialized_start=1889
+  _globals['_LEASEHELD']._serialized_end=1953
+  _globals['_FENCED']._serialized_start=1955
+  _globals['_FENCED']._serialized_end=2015
+  _globals['_READSCHEDULEREQUEST']._serialized_start=2017
+  _globals['_READSCHEDULEREQUEST']._serialized_end=2056
+  _globals['_SETSCHEDULEPAUSEDREQUEST']._serialized_start=2058
+  _globals['_SETSCHEDULEPAUSEDREQUEST']._serialized_end=2118
+  _globals['_ADVANCESCHEDULEREQUEST']._serialized_start=2120
+  _globals['_ADVANCESCHEDULEREQUEST']._serialized_end=2242
+  _globals['_ADVANCESCHEDULERESPONSE']._serialized_start=2244
+  _globals['_ADVANCESCHEDULERESPONSE']._serialized_end=2287
+  _globals['_METADATASERVICE']._serialized_start=2290
+  _globals['_METADATASERVICE']._serialized_end=4379
 # @@protoc_insertion_point(module_scope)

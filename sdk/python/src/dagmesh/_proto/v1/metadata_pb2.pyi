@@ -1,6 +1,7 @@
 import datetime
 
 from dagmesh._proto.v1 import types_pb2 as _types_pb2
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from dagmesh._proto.v1 import run_pb2 as _run_pb2
 from dagmesh._proto.v1 import scheduler_pb2 as _scheduler_pb2
@@ -51,6 +52,14 @@ class CommitRequest(_message.Message):
     MUTATIONS_FIELD_NUMBER: _ClassVar[int]
     mutations: _containers.RepeatedCompositeFieldContainer[Mutation]
     def __init__(self, mutations: _Optional[_Iterable[_Union[Mutation, _Mapping]]] = ...) -> None: ...
+
+class CommitFencedRequest(_message.Message):
+    __slots__ = ("fence", "mutations")
+    FENCE_FIELD_NUMBER: _ClassVar[int]
+    MUTATIONS_FIELD_NUMBER: _ClassVar[int]
+    fence: Lease
+    mutations: _containers.RepeatedCompositeFieldContainer[Mutation]
+    def __init__(self, fence: _Optional[_Union[Lease, _Mapping]] = ..., mutations: _Optional[_Iterable[_Union[Mutation, _Mapping]]] = ...) -> None: ...
 
 class Mutation(_message.Message):
     __slots__ = ("put_run", "put_step", "append_event")
@@ -109,6 +118,102 @@ class ReadActiveRunsResponse(_message.Message):
     RUNS_FIELD_NUMBER: _ClassVar[int]
     runs: _containers.RepeatedCompositeFieldContainer[_types_pb2.Run]
     def __init__(self, runs: _Optional[_Iterable[_Union[_types_pb2.Run, _Mapping]]] = ...) -> None: ...
+
+class ActiveRuns(_message.Message):
+    __slots__ = ("runs", "unreadable")
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    UNREADABLE_FIELD_NUMBER: _ClassVar[int]
+    runs: _containers.RepeatedCompositeFieldContainer[_types_pb2.Run]
+    unreadable: _containers.RepeatedCompositeFieldContainer[UnreadableRun]
+    def __init__(self, runs: _Optional[_Iterable[_Union[_types_pb2.Run, _Mapping]]] = ..., unreadable: _Optional[_Iterable[_Union[UnreadableRun, _Mapping]]] = ...) -> None: ...
+
+class UnreadableRun(_message.Message):
+    __slots__ = ("run_id", "workflow", "workflow_version", "reason")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKFLOW_FIELD_NUMBER: _ClassVar[int]
+    WORKFLOW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    workflow: str
+    workflow_version: int
+    reason: str
+    def __init__(self, run_id: _Optional[str] = ..., workflow: _Optional[str] = ..., workflow_version: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class QuarantineRunRequest(_message.Message):
+    __slots__ = ("run_id", "reason")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    reason: str
+    def __init__(self, run_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Lease(_message.Message):
+    __slots__ = ("name", "holder", "epoch", "expires_at")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    holder: str
+    epoch: int
+    expires_at: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., holder: _Optional[str] = ..., epoch: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class AcquireLeaseRequest(_message.Message):
+    __slots__ = ("name", "holder", "ttl")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    TTL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    holder: str
+    ttl: _duration_pb2.Duration
+    def __init__(self, name: _Optional[str] = ..., holder: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class RenewLeaseRequest(_message.Message):
+    __slots__ = ("lease", "ttl")
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    TTL_FIELD_NUMBER: _ClassVar[int]
+    lease: Lease
+    ttl: _duration_pb2.Duration
+    def __init__(self, lease: _Optional[_Union[Lease, _Mapping]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class ReleaseLeaseRequest(_message.Message):
+    __slots__ = ("lease",)
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    lease: Lease
+    def __init__(self, lease: _Optional[_Union[Lease, _Mapping]] = ...) -> None: ...
+
+class ReleaseLeaseResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StoreErrorDetail(_message.Message):
+    __slots__ = ("lease_held", "fenced")
+    LEASE_HELD_FIELD_NUMBER: _ClassVar[int]
+    FENCED_FIELD_NUMBER: _ClassVar[int]
+    lease_held: LeaseHeld
+    fenced: Fenced
+    def __init__(self, lease_held: _Optional[_Union[LeaseHeld, _Mapping]] = ..., fenced: _Optional[_Union[Fenced, _Mapping]] = ...) -> None: ...
+
+class LeaseHeld(_message.Message):
+    __slots__ = ("name", "holder", "expires_in_ms")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_MS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    holder: str
+    expires_in_ms: int
+    def __init__(self, name: _Optional[str] = ..., holder: _Optional[str] = ..., expires_in_ms: _Optional[int] = ...) -> None: ...
+
+class Fenced(_message.Message):
+    __slots__ = ("name", "epoch", "current_epoch")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    epoch: int
+    current_epoch: int
+    def __init__(self, name: _Optional[str] = ..., epoch: _Optional[int] = ..., current_epoch: _Optional[int] = ...) -> None: ...
 
 class ReadScheduleRequest(_message.Message):
     __slots__ = ("schedule",)

@@ -82,6 +82,36 @@ class MetadataServiceStub(object):
                 request_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReadActiveRunsRequest.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ReadActiveRunsResponse.FromString,
                 _registered_method=True)
+        self.ReadActiveRunsChecked = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/ReadActiveRunsChecked',
+                request_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReadActiveRunsRequest.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ActiveRuns.FromString,
+                _registered_method=True)
+        self.QuarantineRun = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/QuarantineRun',
+                request_serializer=dagmesh_dot_v1_dot_metadata__pb2.QuarantineRunRequest.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_types__pb2.Run.FromString,
+                _registered_method=True)
+        self.AcquireLease = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/AcquireLease',
+                request_serializer=dagmesh_dot_v1_dot_metadata__pb2.AcquireLeaseRequest.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.Lease.FromString,
+                _registered_method=True)
+        self.RenewLease = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/RenewLease',
+                request_serializer=dagmesh_dot_v1_dot_metadata__pb2.RenewLeaseRequest.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.Lease.FromString,
+                _registered_method=True)
+        self.ReleaseLease = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/ReleaseLease',
+                request_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReleaseLeaseRequest.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ReleaseLeaseResponse.FromString,
+                _registered_method=True)
+        self.CommitFenced = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/CommitFenced',
+                request_serializer=dagmesh_dot_v1_dot_metadata__pb2.CommitFencedRequest.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.CommitResponse.FromString,
+                _registered_method=True)
         self.PutSchedule = channel.unary_unary(
                 '/dagmesh.v1.MetadataService/PutSchedule',
                 request_serializer=dagmesh_dot_v1_dot_scheduler__pb2.Schedule.SerializeToString,
@@ -204,7 +234,67 @@ class MetadataServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def ReadActiveRuns(self, request, context):
-        """Every run that has not ended, with its steps: what an executor recovers on start.
+        """Every run that has not ended, with its steps: what an executor recovers on start. Fails
+        with DATA_LOSS, naming the run, when any of their records cannot be decoded; executors use
+        ReadActiveRunsChecked instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadActiveRunsChecked(self, request, context):
+        """Like ReadActiveRuns, but a run whose run or step record cannot be decoded is listed in
+        `unreadable` instead of failing the call, so that one damaged run never stops a recovery.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def QuarantineRun(self, request, context):
+        """Ends a run FAILED with `reason`, in one transaction, whatever its records hold: an
+        undecodable run record is rebuilt from its indexed columns, undecodable step records are
+        replaced by FAILED steps and unfinished steps are CANCELLED, each change is appended as an
+        event, and a final RunStateChanged{FAILED, reason} closes the log. Afterwards ReadRun
+        answers normally. NOT_FOUND when the run does not exist.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AcquireLease(self, request, context):
+        """Leases: one holder at a time per name (e.g. "executor"; later "executor/partition-3"),
+        fenced by an epoch that goes up by one each time the lease changes hands. Expiry is judged
+        by the database's clock.
+
+        Takes the lease when it is free or expired (epoch + 1), or refreshes it when `holder`
+        already holds it (same epoch). FAILED_PRECONDITION when another holder holds it; the
+        `dagmesh-store-error-bin` trailer then carries a StoreErrorDetail.lease_held naming the
+        holder and when the lease expires.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewLease(self, request, context):
+        """Extends the lease if its stored holder and epoch still match. ABORTED (with a
+        StoreErrorDetail.fenced trailer) when another holder has taken it since: stop writing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseLease(self, request, context):
+        """Marks the lease free (expired now) if holder and epoch match, so a standby can take it at
+        once; ABORTED (fenced) otherwise.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitFenced(self, request, context):
+        """Commit, fenced: applies the mutations only if, inside the same transaction, the lease's
+        stored epoch still equals `fence.epoch` (expiry is not checked: the epoch is the fence).
+        ABORTED (fenced) otherwise, with nothing applied.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -340,6 +430,36 @@ def add_MetadataServiceServicer_to_server(servicer, server):
                     servicer.ReadActiveRuns,
                     request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ReadActiveRunsRequest.FromString,
                     response_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReadActiveRunsResponse.SerializeToString,
+            ),
+            'ReadActiveRunsChecked': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadActiveRunsChecked,
+                    request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ReadActiveRunsRequest.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_metadata__pb2.ActiveRuns.SerializeToString,
+            ),
+            'QuarantineRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.QuarantineRun,
+                    request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.QuarantineRunRequest.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_types__pb2.Run.SerializeToString,
+            ),
+            'AcquireLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcquireLease,
+                    request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.AcquireLeaseRequest.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_metadata__pb2.Lease.SerializeToString,
+            ),
+            'RenewLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewLease,
+                    request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.RenewLeaseRequest.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_metadata__pb2.Lease.SerializeToString,
+            ),
+            'ReleaseLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseLease,
+                    request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ReleaseLeaseRequest.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReleaseLeaseResponse.SerializeToString,
+            ),
+            'CommitFenced': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitFenced,
+                    request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.CommitFencedRequest.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_metadata__pb2.CommitResponse.SerializeToString,
             ),
             'PutSchedule': grpc.unary_unary_rpc_method_handler(
                     servicer.PutSchedule,
@@ -645,6 +765,168 @@ class MetadataService(object):
             '/dagmesh.v1.MetadataService/ReadActiveRuns',
             dagmesh_dot_v1_dot_metadata__pb2.ReadActiveRunsRequest.SerializeToString,
             dagmesh_dot_v1_dot_metadata__pb2.ReadActiveRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadActiveRunsChecked(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.MetadataService/ReadActiveRunsChecked',
+            dagmesh_dot_v1_dot_metadata__pb2.ReadActiveRunsRequest.SerializeToString,
+            dagmesh_dot_v1_dot_metadata__pb2.ActiveRuns.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QuarantineRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.MetadataService/QuarantineRun',
+            dagmesh_dot_v1_dot_metadata__pb2.QuarantineRunRequest.SerializeToString,
+            dagmesh_dot_v1_dot_types__pb2.Run.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcquireLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.MetadataService/AcquireLease',
+            dagmesh_dot_v1_dot_metadata__pb2.AcquireLeaseRequest.SerializeToString,
+            dagmesh_dot_v1_dot_metadata__pb2.Lease.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.MetadataService/RenewLease',
+            dagmesh_dot_v1_dot_metadata__pb2.RenewLeaseRequest.SerializeToString,
+            dagmesh_dot_v1_dot_metadata__pb2.Lease.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.MetadataService/ReleaseLease',
+            dagmesh_dot_v1_dot_metadata__pb2.ReleaseLeaseRequest.SerializeToString,
+            dagmesh_dot_v1_dot_metadata__pb2.ReleaseLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitFenced(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.MetadataService/CommitFenced',
+            dagmesh_dot_v1_dot_metadata__pb2.CommitFencedRequest.SerializeToString,
+            dagmesh_dot_v1_dot_metadata__pb2.CommitResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -193,7 +193,7 @@ class SchedulerServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def GetBackfill(self, request, context):
-        """With its progress counts.
+        """With its progress counts as of the scheduler's last look (every second while it runs).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

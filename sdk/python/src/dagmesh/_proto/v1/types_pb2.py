@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64\x61gmesh/v1/types.proto\x12\ndagmesh.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"s\n\x0cWorkflowSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12#\n\x05steps\x18\x03 \x03(\x0b\x32\x14.dagmesh.v1.StepSpec\x12\x1b\n\x13\x63ontinue_on_failure\x18\x04 \x01(\x08\"\xf6\x02\n\x08StepSpec\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\r\n\x05needs\x18\x03 \x03(\t\x12\x30\n\x06inputs\x18\x04 \x03(\x0b\x32 .dagmesh.v1.StepSpec.InputsEntry\x12\x0c\n\x04when\x18\x05 \x01(\t\x12&\n\x05retry\x18\x06 \x01(\x0b\x32\x17.dagmesh.v1.RetryPolicy\x12\x0f\n\x07timeout\x18\x07 \x01(\t\x12\x30\n\x06labels\x18\x08 \x03(\x0b\x32 .dagmesh.v1.StepSpec.LabelsEntry\x12\r\n\x05slots\x18\t \x01(\r\x12\x10\n\x08priority\x18\n \x01(\x05\x12\x17\n\x0f\x63oncurrency_key\x18\x0b \x01(\t\x1a-\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x92\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\r\x12\x17\n\x0finitial_backoff\x18\x02 \x01(\t\x12\x13\n\x0bmax_backoff\x18\x03 \x01(\t\x12\x12\n\nmultiplier\x18\x04 \x01(\x01\x12\x0e\n\x06jitter\x18\x05 \x01(\x01\x12\x1b\n\x13retry_non_retryable\x18\x06 \x01(\x08\"\x97\x01\n\x08Workflow\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12&\n\x04spec\x18\x03 \x01(\x0b\x32\x18.dagmesh.v1.WorkflowSpec\x12\x14\n\x0c\x63ontent_hash\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xcb\x03\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08workflow\x18\x02 \x01(\t\x12\x18\n\x10workflow_version\x18\x03 \x01(\r\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.dagmesh.v1.RunState\x12\'\n\x06inputs\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x04tags\x18\x06 \x03(\x0b\x32\x19.dagmesh.v1.Run.TagsEntry\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12\x1f\n\x05steps\x18\x08 \x03(\x0b\x32\x10.dagmesh.v1.Step\x12\r\n\x05\x65rror\x18\t \x01(\t\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08last_seq\x18\x0c \x01(\x04\x12\x10\n\x08priority\x18\r \x01(\x05\x12\x16\n\x0equeue_position\x18\x0e \x01(\r\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa9\x03\n\x04Step\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12$\n\x05state\x18\x04 \x01(\x0e\x32\x15.dagmesh.v1.StepState\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\r\x12\x0c\n\x04task\x18\x06 \x01(\t\x12\'\n\x06inputs\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12(\n\x07outputs\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x0e\n\x06worker\x18\n \x01(\t\x12\x10\n\x08progress\x18\x0b \x01(\x02\x12\x18\n\x10progress_message\x18\x0c \x01(\t\x12.\n\nstarted_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0ctask_version\x18\x0f \x01(\t\x12\x15\n\rlost_attempts\x18\x10 \x01(\r\"\x9a\x02\n\x08RunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\trun_state\x18\n \x01(\x0b\x32\x1b.dagmesh.v1.RunStateChangedH\x00\x12\x32\n\nstep_state\x18\x0b \x01(\x0b\x32\x1c.dagmesh.v1.StepStateChangedH\x00\x12\x31\n\rstep_progress\x18\x0c \x01(\x0b\x32\x18.dagmesh.v1.StepProgressH\x00\x12\'\n\x08step_log\x18\r \x01(\x0b\x32\x13.dagmesh.v1.StepLogH\x00\x42\x07\n\x05\x65vent\"E\n\x0fRunStateChanged\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.dagmesh.v1.RunState\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"y\n\x10StepStateChanged\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.dagmesh.v1.StepState\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x0e\n\x06worker\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\xbb\x01\n\x0cStepProgress\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x10\n\x08\x66raction\x18\x03 \x01(\x02\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.dagmesh.v1.StepProgress.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"O\n\x07StepLog\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\"\n\x05lines\x18\x03 \x03(\x0b\x32\x13.dagmesh.v1.LogLine\"N\n\x07LogLine\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05level\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t*\x9a\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10RUN_STATE_QUEUED\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x17\n\x13RUN_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04\x12\x17\n\x13RUN_STATE_CANCELLED\x10\x05*\x84\x02\n\tStepState\x12\x1a\n\x16STEP_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12STEP_STATE_PENDING\x10\x01\x12\x14\n\x10STEP_STATE_READY\x10\x02\x12\x17\n\x13STEP_STATE_ASSIGNED\x10\x03\x12\x16\n\x12STEP_STATE_RUNNING\x10\x04\x12\x19\n\x15STEP_STATE_RETRY_WAIT\x10\x05\x12\x18\n\x14STEP_STATE_SUCCEEDED\x10\x06\x12\x15\n\x11STEP_STATE_FAILED\x10\x07\x12\x16\n\x12STEP_STATE_SKIPPED\x10\x08\x12\x18\n\x14STEP_STATE_CANCELLED\x10\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64\x61gmesh/v1/types.proto\x12\ndagmesh.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"s\n\x0cWorkflowSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12#\n\x05steps\x18\x03 \x03(\x0b\x32\x14.dagmesh.v1.StepSpec\x12\x1b\n\x13\x63ontinue_on_failure\x18\x04 \x01(\x08\"\x99\x03\n\x08StepSpec\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\r\n\x05needs\x18\x03 \x03(\t\x12\x30\n\x06inputs\x18\x04 \x03(\x0b\x32 .dagmesh.v1.StepSpec.InputsEntry\x12\x0c\n\x04when\x18\x05 \x01(\t\x12&\n\x05retry\x18\x06 \x01(\x0b\x32\x17.dagmesh.v1.RetryPolicy\x12\x0f\n\x07timeout\x18\x07 \x01(\t\x12\x30\n\x06labels\x18\x08 \x03(\x0b\x32 .dagmesh.v1.StepSpec.LabelsEntry\x12\r\n\x05slots\x18\t \x01(\r\x12\x10\n\x08priority\x18\n \x01(\x05\x12\x17\n\x0f\x63oncurrency_key\x18\x0b \x01(\t\x12!\n\x19schedule_to_start_timeout\x18\x0c \x01(\t\x1a-\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x92\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\r\x12\x17\n\x0finitial_backoff\x18\x02 \x01(\t\x12\x13\n\x0bmax_backoff\x18\x03 \x01(\t\x12\x12\n\nmultiplier\x18\x04 \x01(\x01\x12\x0e\n\x06jitter\x18\x05 \x01(\x01\x12\x1b\n\x13retry_non_retryable\x18\x06 \x01(\x08\"\x97\x01\n\x08Workflow\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12&\n\x04spec\x18\x03 \x01(\x0b\x32\x18.dagmesh.v1.WorkflowSpec\x12\x14\n\x0c\x63ontent_hash\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xcb\x03\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08workflow\x18\x02 \x01(\t\x12\x18\n\x10workflow_version\x18\x03 \x01(\r\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.dagmesh.v1.RunState\x12\'\n\x06inputs\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x04tags\x18\x06 \x03(\x0b\x32\x19.dagmesh.v1.Run.TagsEntry\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12\x1f\n\x05steps\x18\x08 \x03(\x0b\x32\x10.dagmesh.v1.Step\x12\r\n\x05\x65rror\x18\t \x01(\t\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08last_seq\x18\x0c \x01(\x04\x12\x10\n\x08priority\x18\r \x01(\x05\x12\x16\n\x0equeue_position\x18\x0e \x01(\r\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd8\x03\n\x04Step\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12$\n\x05state\x18\x04 \x01(\x0e\x32\x15.dagmesh.v1.StepState\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\r\x12\x0c\n\x04task\x18\x06 \x01(\t\x12\'\n\x06inputs\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12(\n\x07outputs\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x0e\n\x06worker\x18\n \x01(\t\x12\x10\n\x08progress\x18\x0b \x01(\x02\x12\x18\n\x10progress_message\x18\x0c \x01(\t\x12.\n\nstarted_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0ctask_version\x18\x0f \x01(\t\x12\x15\n\rlost_attempts\x18\x10 \x01(\r\x12\x16\n\x0ewaiting_reason\x18\x11 \x01(\t\x12\x15\n\rlost_in_a_row\x18\x12 \x01(\r\"\xcd\x02\n\x08RunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\trun_state\x18\n \x01(\x0b\x32\x1b.dagmesh.v1.RunStateChangedH\x00\x12\x32\n\nstep_state\x18\x0b \x01(\x0b\x32\x1c.dagmesh.v1.StepStateChangedH\x00\x12\x31\n\rstep_progress\x18\x0c \x01(\x0b\x32\x18.dagmesh.v1.StepProgressH\x00\x12\'\n\x08step_log\x18\r \x01(\x0b\x32\x13.dagmesh.v1.StepLogH\x00\x12\x31\n\nunreadable\x18\x0e \x01(\x0b\x32\x1b.dagmesh.v1.EventUnreadableH\x00\x42\x07\n\x05\x65vent\"!\n\x0f\x45ventUnreadable\x12\x0e\n\x06reason\x18\x01 \x01(\t\"E\n\x0fRunStateChanged\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.dagmesh.v1.RunState\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"y\n\x10StepStateChanged\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.dagmesh.v1.StepState\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x0e\n\x06worker\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\xbb\x01\n\x0cStepProgress\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x10\n\x08\x66raction\x18\x03 \x01(\x02\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.dagmesh.v1.StepProgress.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"O\n\x07StepLog\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\"\n\x05lines\x18\x03 \x03(\x0b\x32\x13.dagmesh.v1.LogLine\"N\n\x07LogLine\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05level\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t*\x9a\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10RUN_STATE_QUEUED\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x17\n\x13RUN_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04\x12\x17\n\x13RUN_STATE_CANCELLED\x10\x05*\x84\x02\n\tStepState\x12\x1a\n\x16STEP_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12STEP_STATE_PENDING\x10\x01\x12\x14\n\x10STEP_STATE_READY\x10\x02\x12\x17\n\x13STEP_STATE_ASSIGNED\x10\x03\x12\x16\n\x12STEP_STATE_RUNNING\x10\x04\x12\x19\n\x15STEP_STATE_RETRY_WAIT\x10\x05\x12\x18\n\x14STEP_STATE_SUCCEEDED\x10\x06\x12\x15\n\x11STEP_STATE_FAILED\x10\x07\x12\x16\n\x12STEP_STATE_SKIPPED\x10\x08\x12\x18\n\x14STEP_STATE_CANCELLED\x10\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,40 +41,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUN_TAGSENTRY']._serialized_options = b'8\001'
   _globals['_STEPPROGRESS_METRICSENTRY']._loaded_options = None
   _globals['_STEPPROGRESS_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_RUNSTATE']._serialized_start=2619
-  _globals['_RUNSTATE']._serialized_end=2773
-  _globals['_STEPSTATE']._serialized_start=2776
-  _globals['_STEPSTATE']._serialized_end=3036
+  _globals['_RUNSTATE']._serialized_start=2787
+  _globals['_RUNSTATE']._serialized_end=2941
+  _globals['_STEPSTATE']._serialized_start=2944
+  _globals['_STEPSTATE']._serialized_end=3204
   _globals['_WORKFLOWSPEC']._serialized_start=101
   _globals['_WORKFLOWSPEC']._serialized_end=216
   _globals['_STEPSPEC']._serialized_start=219
-  _globals['_STEPSPEC']._serialized_end=593
-  _globals['_STEPSPEC_INPUTSENTRY']._serialized_start=501
-  _globals['_STEPSPEC_INPUTSENTRY']._serialized_end=546
-  _globals['_STEPSPEC_LABELSENTRY']._serialized_start=548
-  _globals['_STEPSPEC_LABELSENTRY']._serialized_end=593
-  _globals['_RETRYPOLICY']._serialized_start=596
-  _globals['_RETRYPOLICY']._serialized_end=742
-  _globals['_WORKFLOW']._serialized_start=745
-  _globals['_WORKFLOW']._serialized_end=896
-  _globals['_RUN']._serialized_start=899
-  _globals['_RUN']._serialized_end=1358
-  _globals['_RUN_TAGSENTRY']._serialized_start=1315
-  _globals['_RUN_TAGSENTRY']._serialized_end=1358
-  _globals['_STEP']._serialized_start=1361
-  _globals['_STEP']._serialized_end=1786
-  _globals['_RUNEVENT']._serialized_start=1789
-  _globals['_RUNEVENT']._serialized_end=2071
-  _globals['_RUNSTATECHANGED']._serialized_start=2073
-  _globals['_RUNSTATECHANGED']._serialized_end=2142
-  _globals['_STEPSTATECHANGED']._serialized_start=2144
-  _globals['_STEPSTATECHANGED']._serialized_end=2265
-  _globals['_STEPPROGRESS']._serialized_start=2268
-  _globals['_STEPPROGRESS']._serialized_end=2455
-  _globals['_STEPPROGRESS_METRICSENTRY']._serialized_start=2409
-  _globals['_STEPPROGRESS_METRICSENTRY']._serialized_end=2455
-  _globals['_STEPLOG']._serialized_start=2457
-  _globals['_STEPLOG']._serialized_end=2536
-  _globals['_LOGLINE']._serialized_start=2538
-  _globals['_LOGLINE']._serialized_end=2616
+  _globals['_STEPSPEC']._serialized_end=628
+  _globals['_STEPSPEC_INPUTSENTRY']._serialized_start=536
+  _globals['_STEPSPEC_INPUTSENTRY']._serialized_end=581
+  _globals['_STEPSPEC_LABELSENTRY']._serialized_start=583
+  _globals['_STEPSPEC_LABELSENTRY']._serialized_end=628
+  _globals['_RETRYPOLICY']._serialized_start=631
+  _globals['_RETRYPOLICY']._serialized_end=777
+  _globals['_WORKFLOW']._serialized_start=780
+  _globals['_WORKFLOW']._serialized_end=931
+  _globals['_RUN']._serialized_start=934
+  _globals['_RUN']._serialized_end=1393
+  _globals['_RUN_TAGSENTRY']._serialized_start=1350
+  _globals['_RUN_TAGSENTRY']._serialized_end=1393
+  _globals['_STEP']._serialized_start=1396
+  _globals['_STEP']._serialized_end=1868
+  _globals['_RUNEVENT']._serialized_start=1871
+  _globals['_RUNEVENT']._serialized_end=2204
+  _globals['_EVENTUNREADABLE']._serialized_start=2206
+  _globals['_EVENTUNREADABLE']._serialized_end=2239
+  _globals['_RUNSTATECHANGED']._serialized_start=2241
+  _globals['_RUNSTATECHANGED']._serialized_end=2310
+  _globals['_STEPSTATECHANGED']._serialized_start=2312
+  _globals['_STEPSTATECHANGED']._serialized_end=2433
+  _globals['_STEPPROGRESS']._serialized_start=2436
+  _globals['_STEPPROGRESS']._serialized_end=2623
+  _globals['_STEPPROGRESS_METRICSENTRY']._serialized_start=2577
+  _globals['_STEPPROGRESS_METRICSENTRY']._serialized_end=2623
+  _globals['_STEPLOG']._serialized_start=2625
+  _globals['_STEPLOG']._serialized_end=2704
+  _globals['_LOGLINE']._serialized_start=2706
+  _globals['_LOGLINE']._serialized_end=2784
 # @@protoc_insertion_point(module_scope)

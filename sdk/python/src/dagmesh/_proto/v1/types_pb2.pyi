@@ -62,7 +62,7 @@ class WorkflowSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[StepSpec, _Mapping]]] = ..., continue_on_failure: bool = ...) -> None: ...
 
 class StepSpec(_message.Message):
-    __slots__ = ("id", "task", "needs", "inputs", "when", "retry", "timeout", "labels", "slots", "priority", "concurrency_key")
+    __slots__ = ("id", "task", "needs", "inputs", "when", "retry", "timeout", "labels", "slots", "priority", "concurrency_key", "schedule_to_start_timeout")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,7 @@ class StepSpec(_message.Message):
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     CONCURRENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_TO_START_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     id: str
     task: str
     needs: _containers.RepeatedScalarFieldContainer[str]
@@ -99,7 +100,8 @@ class StepSpec(_message.Message):
     slots: int
     priority: int
     concurrency_key: str
-    def __init__(self, id: _Optional[str] = ..., task: _Optional[str] = ..., needs: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Mapping[str, str]] = ..., when: _Optional[str] = ..., retry: _Optional[_Union[RetryPolicy, _Mapping]] = ..., timeout: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., slots: _Optional[int] = ..., priority: _Optional[int] = ..., concurrency_key: _Optional[str] = ...) -> None: ...
+    schedule_to_start_timeout: str
+    def __init__(self, id: _Optional[str] = ..., task: _Optional[str] = ..., needs: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Mapping[str, str]] = ..., when: _Optional[str] = ..., retry: _Optional[_Union[RetryPolicy, _Mapping]] = ..., timeout: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., slots: _Optional[int] = ..., priority: _Optional[int] = ..., concurrency_key: _Optional[str] = ..., schedule_to_start_timeout: _Optional[str] = ...) -> None: ...
 
 class RetryPolicy(_message.Message):
     __slots__ = ("max_attempts", "initial_backoff", "max_backoff", "multiplier", "jitter", "retry_non_retryable")
@@ -171,7 +173,7 @@ class Run(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., workflow: _Optional[str] = ..., workflow_version: _Optional[int] = ..., state: _Optional[_Union[RunState, str]] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., tags: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[Step, _Mapping]]] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., priority: _Optional[int] = ..., queue_position: _Optional[int] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("run_id", "step_id", "task_id", "state", "attempt", "task", "inputs", "outputs", "error", "worker", "progress", "progress_message", "started_at", "finished_at", "task_version", "lost_attempts")
+    __slots__ = ("run_id", "step_id", "task_id", "state", "attempt", "task", "inputs", "outputs", "error", "worker", "progress", "progress_message", "started_at", "finished_at", "task_version", "lost_attempts", "waiting_reason", "lost_in_a_row")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +190,8 @@ class Step(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     TASK_VERSION_FIELD_NUMBER: _ClassVar[int]
     LOST_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_REASON_FIELD_NUMBER: _ClassVar[int]
+    LOST_IN_A_ROW_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     step_id: str
     task_id: str
@@ -204,10 +208,12 @@ class Step(_message.Message):
     finished_at: _timestamp_pb2.Timestamp
     task_version: str
     lost_attempts: int
-    def __init__(self, run_id: _Optional[str] = ..., step_id: _Optional[str] = ..., task_id: _Optional[str] = ..., state: _Optional[_Union[StepState, str]] = ..., attempt: _Optional[int] = ..., task: _Optional[str] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., outputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., error: _Optional[str] = ..., worker: _Optional[str] = ..., progress: _Optional[float] = ..., progress_message: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., task_version: _Optional[str] = ..., lost_attempts: _Optional[int] = ...) -> None: ...
+    waiting_reason: str
+    lost_in_a_row: int
+    def __init__(self, run_id: _Optional[str] = ..., step_id: _Optional[str] = ..., task_id: _Optional[str] = ..., state: _Optional[_Union[StepState, str]] = ..., attempt: _Optional[int] = ..., task: _Optional[str] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., outputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., error: _Optional[str] = ..., worker: _Optional[str] = ..., progress: _Optional[float] = ..., progress_message: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., task_version: _Optional[str] = ..., lost_attempts: _Optional[int] = ..., waiting_reason: _Optional[str] = ..., lost_in_a_row: _Optional[int] = ...) -> None: ...
 
 class RunEvent(_message.Message):
-    __slots__ = ("run_id", "seq", "at", "run_state", "step_state", "step_progress", "step_log")
+    __slots__ = ("run_id", "seq", "at", "run_state", "step_state", "step_progress", "step_log", "unreadable")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +221,7 @@ class RunEvent(_message.Message):
     STEP_STATE_FIELD_NUMBER: _ClassVar[int]
     STEP_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     STEP_LOG_FIELD_NUMBER: _ClassVar[int]
+    UNREADABLE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     seq: int
     at: _timestamp_pb2.Timestamp
@@ -222,7 +229,14 @@ class RunEvent(_message.Message):
     step_state: StepStateChanged
     step_progress: StepProgress
     step_log: StepLog
-    def __init__(self, run_id: _Optional[str] = ..., seq: _Optional[int] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., run_state: _Optional[_Union[RunStateChanged, _Mapping]] = ..., step_state: _Optional[_Union[StepStateChanged, _Mapping]] = ..., step_progress: _Optional[_Union[StepProgress, _Mapping]] = ..., step_log: _Optional[_Union[StepLog, _Mapping]] = ...) -> None: ...
+    unreadable: EventUnreadable
+    def __init__(self, run_id: _Optional[str] = ..., seq: _Optional[int] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., run_state: _Optional[_Union[RunStateChanged, _Mapping]] = ..., step_state: _Optional[_Union[StepStateChanged, _Mapping]] = ..., step_progress: _Optional[_Union[StepProgress, _Mapping]] = ..., step_log: _Optional[_Union[StepLog, _Mapping]] = ..., unreadable: _Optional[_Union[EventUnreadable, _Mapping]] = ...) -> None: ...
+
+class EventUnreadable(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class RunStateChanged(_message.Message):
     __slots__ = ("state", "error")
