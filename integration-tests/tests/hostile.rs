@@ -721,3 +721,64 @@ async fn an_unknown_or_unheld_task_message_is_answered_and_the_stream_stays_up()
     assert_succeeded(&wait(&sandbox, &run_id).await?);
     sandbox.stop().await
 }
+
+#[tokio::test]
+async fn a_commit_the_store_refuses_fails_that_request_and_the_engine_goes_on()
+-> anyhow::Result<()> {
+    let sandbox = Sandbox::start().await?;
+    let (mut worker, _) =
+        RawWorker::connect(&sandbox.url(), RawWorker::hello("w", "echo", "1.0.0", 1)).await?;
+    let run_id = submit(&sandbox, workflow("clash", vec![step("only", "echo", &[], &[])])).await?;
+    let assign = worker.expect_assign().await?;
+    let run = poll_run(&sandbox, &run_id, |run| {
+        run.steps[0].state() == StepState::Assigned
+    })
+    .await?;
+
+    // Someone else writes the run's next event behind the executor's back (as a second writer
+    // or a bug would): the executor's next commit for this run now conflicts.
+    let pool = sqlx::SqlitePool::connect(&sandbox.database.url()).await?;
+    let clash = pb::RunEvent {
+        run_id: run_id.clone(),
+        seq: run.last_seq + 1,
+        at: None,
+        event: Some(run_event::Event::RunState(pb::RunStateChanged {
+            state: RunState::Running as i32,
+            error: "written behind the executor's back".into(),
+        })),
+    };
+    sqlx::query("INSERT INTO events (run_id, seq, body) VALUES (?, ?, ?)")
+        .bind(&run_id)
+        .bind(clash.seq as i64)
+        .bind(prost::Message::encode_to_vec(&clash))
+        .execute(&pool)
+        .await?;
+    pool.close().await;
+
+    // The result that would have been written is refused with its batch: never acknowledged.
+    worker
+        .complete(&assign.task_id, assign.attempt, json!({"v": 1}))
+        .await?;
+    let nothing = tokio::time::timeout(Duration::from_millis(500), worker.next()).await;
+    assert!(nothing.is_err(), "a refused result must not be acknowledged: {nothing:?}");
+
+    // The run was reloaded from the store and the worker still holds its task: sending the
+    // result again (as every SDK does with unacknowledged results) records it.
+    worker
+        .complete(&assign.task_id, assign.attempt, json!({"v": 1}))
+        .await?;
+    assert_eq!(
+        worker.expect_recorded().await?.outcome(),
+        RecordOutcome::Accepted
+    );
+    assert_succeeded(&wait(&sandbox, &run_id).await?);
+
+    // And the engine serves everyone else as before.
+    let other = submit(&sandbox, workflow("after-clash", vec![step("only", "echo", &[], &[])])).await?;
+    let assign = worker.expect_assign().await?;
+    worker
+        .complete(&assign.task_id, assign.attempt, json!({}))
+        .await?;
+    assert_succeeded(&wait(&sandbox, &other).await?);
+    sandbox.stop().await
+}

@@ -350,17 +350,7 @@ impl Engine {
                 quarantine(&self.store, &run.run_id, &reason).await?;
                 continue;
             }
-            // Events may have been appended after the run row's last_seq was read; find the end.
-            loop {
-                let events = self
-                    .store
-                    .read_events(&run.run_id, run.last_seq, 1000)
-                    .await?;
-                match events.last() {
-                    Some(last) => run.last_seq = last.seq,
-                    None => break,
-                }
-            }
+            find_log_end(&self.store, &mut run).await?;
             let mut entry = RunEntry::recover(run, plan, &mut self.ctx);
             if let Some(key) = non_empty(&entry.run.idempotency_key) {
                 self.remember_key(key.to_owned(), entry.id.clone());
@@ -1181,7 +1171,10 @@ impl Engine {
         self.watchers.remove(&run_id);
         let store = self.store.clone();
         let stored = match store.get_run(&run_id).await {
-            Ok(run) => run,
+            Ok(mut run) => {
+                find_log_end(&store, &mut run).await?;
+                run
+            }
             Err(error) if error.is_outage() => return Err(error.into()),
             Err(StoreError::NotFound(_)) => {
                 // It never reached the store (its creation was refused): nothing to keep.
@@ -1240,6 +1233,18 @@ impl Engine {
             let _ = reply.send(());
         }
         true
+    }
+}
+
+/// Events may have been appended after the run row's `last_seq` was written (the commit of a
+/// crashed executor, or a writer behind its back): move `last_seq` to the end of the log.
+async fn find_log_end(store: &Arc<dyn MetadataStore>, run: &mut Run) -> Result<(), ExecError> {
+    loop {
+        let events = store.read_events(&run.run_id, run.last_seq, 1000).await?;
+        match events.last() {
+            Some(last) => run.last_seq = last.seq,
+            None => return Ok(()),
+        }
     }
 }
 
