@@ -106,6 +106,12 @@ impl Executor {
                 if reference.name.is_empty() {
                     return Err(ExecError::InvalidArgument("workflow.name: required".into()));
                 }
+                dagmesh_proto::limits::check_len(
+                    "workflow.name",
+                    &reference.name,
+                    dagmesh_proto::limits::MAX_NAME_LEN,
+                )
+                .map_err(ExecError::InvalidArgument)?;
                 let version = (reference.version != 0).then_some(reference.version);
                 self.inner.plans.get(&reference.name, version).await?
             }

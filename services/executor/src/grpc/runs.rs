@@ -31,6 +31,7 @@ impl RunService for Runs {
 
     async fn get_run(&self, request: Request<GetRunRequest>) -> Result<Response<Run>, Status> {
         let run_id = request.into_inner().run_id;
+        check_run_id(&run_id)?;
         let run = self
             .0
             .store()
@@ -49,6 +50,7 @@ impl RunService for Runs {
         request: Request<ListRunsRequest>,
     ) -> Result<Response<ListRunsResponse>, Status> {
         let request = request.into_inner();
+        check_list_request(&request)?;
         if request.page_size > 1000 {
             return Err(Status::invalid_argument(format!(
                 "page_size: {} is over the maximum of 1000",
@@ -72,6 +74,7 @@ impl RunService for Runs {
         request: Request<WatchRunRequest>,
     ) -> Result<Response<Self::WatchRunStream>, Status> {
         let request = request.into_inner();
+        check_run_id(&request.run_id)?;
         // Fail unknown runs before the stream opens, so the caller gets NOT_FOUND directly.
         let run = self
             .0
@@ -99,9 +102,34 @@ impl RunService for Runs {
     }
 
     async fn retry_run(&self, request: Request<RetryRunRequest>) -> Result<Response<Run>, Status> {
-        let run = self.0.retry(&request.into_inner().run_id).await?;
+        let run_id = request.into_inner().run_id;
+        check_run_id(&run_id)?;
+        let run = self.0.retry(&run_id).await?;
         Ok(Response::new(run))
     }
+}
+
+fn check_run_id(run_id: &str) -> Result<(), Status> {
+    dagmesh_proto::limits::check_len("run_id", run_id, dagmesh_proto::limits::MAX_VALUE_LEN)
+        .map_err(Status::invalid_argument)
+}
+
+fn check_list_request(request: &ListRunsRequest) -> Result<(), Status> {
+    use dagmesh_proto::limits::{MAX_ENTRIES, MAX_NAME_LEN, MAX_VALUE_LEN, check_len};
+    let invalid = Status::invalid_argument;
+    check_len("workflow", &request.workflow, MAX_NAME_LEN).map_err(invalid)?;
+    check_len("page_token", &request.page_token, MAX_VALUE_LEN).map_err(invalid)?;
+    if request.tags.len() > MAX_ENTRIES {
+        return Err(invalid(format!(
+            "tags: {} entries, over the limit of {MAX_ENTRIES}",
+            request.tags.len()
+        )));
+    }
+    for (key, value) in &request.tags {
+        check_len("tags key", key, MAX_NAME_LEN).map_err(invalid)?;
+        check_len(&format!("tags.{key}"), value, MAX_VALUE_LEN).map_err(invalid)?;
+    }
+    Ok(())
 }
 
 fn is_finished(state: RunState) -> bool {
