@@ -107,10 +107,9 @@ pub enum PayloadError {
 impl fmt::Display for PayloadError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            PayloadError::TooDeep { path, limit } => write!(
-                f,
-                "{path}: nested deeper than the limit of {limit} levels"
-            ),
+            PayloadError::TooDeep { path, limit } => {
+                write!(f, "{path}: nested deeper than the limit of {limit} levels")
+            }
             PayloadError::TooLarge { field, size, limit } => write!(
                 f,
                 "{field}: {size} bytes, over the {limit}-byte payload limit"
@@ -141,7 +140,8 @@ pub fn check_payload(field: &str, payload: &Struct, max_bytes: usize) -> Result<
 pub fn check_depth(field: &str, payload: &Struct) -> Result<(), PayloadError> {
     // Iterative, so that a payload decoded by something more lenient than prost cannot overflow
     // the stack here.
-    let mut stack: Vec<(Item<'_>, usize, String)> = vec![(Item::Struct(payload), 1, field.to_owned())];
+    let mut stack: Vec<(Item<'_>, usize, String)> =
+        vec![(Item::Struct(payload), 1, field.to_owned())];
     while let Some((item, depth, path)) = stack.pop() {
         if depth > MAX_PAYLOAD_DEPTH {
             return Err(PayloadError::TooDeep {
@@ -247,7 +247,10 @@ mod tests {
     fn size_is_checked_after_depth() {
         let big = to_struct(&json!({ "s": "x".repeat(100) }));
         let err = check_payload("outputs", &big, 50).unwrap_err();
-        assert!(matches!(err, PayloadError::TooLarge { limit: 50, .. }), "{err}");
+        assert!(
+            matches!(err, PayloadError::TooLarge { limit: 50, .. }),
+            "{err}"
+        );
     }
 
     #[test]

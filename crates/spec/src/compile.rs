@@ -8,8 +8,14 @@ use dagmesh_proto::v1::{StepSpec, WorkflowSpec};
 use petgraph::graph::{DiGraph, NodeIndex};
 use serde_json::{Map, Value as Json};
 
+use dagmesh_proto::limits::{
+    MAX_DURATION_LEN, MAX_EDGES, MAX_ENTRIES, MAX_NAME_LEN, MAX_PAYLOAD_DEPTH, MAX_SLOTS,
+    MAX_STEPS, MAX_TIMEOUT, MAX_VALUE_LEN, truncate_marked,
+};
+
+use crate::cost::{self, Binding, Bindings};
 use crate::error::{EvalError, SpecError, SpecErrors};
-use crate::expr::{self, INPUTS_VAR};
+use crate::expr::{self, EvalBudget, INPUTS_VAR};
 use crate::retry::Retry;
 
 /// Step ids that cannot be used: `inputs` is the run-inputs variable, `run` is kept for run
@@ -60,14 +66,13 @@ pub struct CompiledStep {
     pub needs: Vec<usize>,
     /// Indexes of the steps that need this one, ascending.
     pub dependants: Vec<usize>,
-    /// Ids of every transitive ancestor, in spec order: the step variables its expressions may
-    /// read.
-    pub upstream_ids: Vec<String>,
     /// Input name -> compiled expression, sorted by name.
     pub inputs: Vec<(String, cel::Program)>,
     pub when: Option<cel::Program>,
     pub retry: Retry,
     pub timeout: Option<Duration>,
+    /// How long the step may wait READY for a worker before it fails; `None`: for ever.
+    pub schedule_to_start_timeout: Option<Duration>,
     pub labels: BTreeMap<String, String>,
     /// At least 1.
     pub slots: u32,
@@ -81,45 +86,145 @@ pub struct CompiledStep {
 
 impl CompiledStep {
     /// Evaluates every input expression. `upstream_outputs` maps step ids to their outputs; an
-    /// upstream id that is absent (e.g. a skipped step) is bound to null.
+    /// upstream id that is absent (e.g. a skipped step) is bound to null. Under the default
+    /// [`EvalBudget`].
     pub fn evaluate_inputs(
         &self,
         run_inputs: &Map<String, Json>,
         upstream_outputs: &HashMap<String, Map<String, Json>>,
     ) -> Result<Map<String, Json>, EvalError> {
-        let ctx = expr::context(&self.variables, run_inputs, upstream_outputs);
-        self.inputs_in(&ctx)
+        self.evaluate_inputs_with(run_inputs, upstream_outputs, &EvalBudget::default())
     }
 
-    /// Evaluates `when`; a step without one always runs.
+    /// [`evaluate_inputs`](Self::evaluate_inputs) under `budget`.
+    pub fn evaluate_inputs_with(
+        &self,
+        run_inputs: &Map<String, Json>,
+        upstream_outputs: &HashMap<String, Map<String, Json>>,
+        budget: &EvalBudget,
+    ) -> Result<Map<String, Json>, EvalError> {
+        let bindings = self.bindings(run_inputs, upstream_outputs);
+        let mut meter = Meter::new(budget);
+        self.inputs_estimated(&bindings, &mut meter)?;
+        let ctx = expr::context(&self.variables, run_inputs, upstream_outputs);
+        self.inputs_in(&ctx, budget)
+    }
+
+    /// Evaluates `when`; a step without one always runs. Under the default [`EvalBudget`].
     pub fn evaluate_when(
         &self,
         run_inputs: &Map<String, Json>,
         upstream_outputs: &HashMap<String, Map<String, Json>>,
     ) -> Result<bool, EvalError> {
+        self.evaluate_when_with(run_inputs, upstream_outputs, &EvalBudget::default())
+    }
+
+    /// [`evaluate_when`](Self::evaluate_when) under `budget`.
+    pub fn evaluate_when_with(
+        &self,
+        run_inputs: &Map<String, Json>,
+        upstream_outputs: &HashMap<String, Map<String, Json>>,
+        budget: &EvalBudget,
+    ) -> Result<bool, EvalError> {
         if self.when.is_none() {
             return Ok(true);
         }
+        let bindings = self.bindings(run_inputs, upstream_outputs);
+        self.when_estimated(&bindings, &mut Meter::new(budget))?;
         let ctx = expr::context(&self.variables, run_inputs, upstream_outputs);
         self.when_in(&ctx)
     }
 
     /// `when`, then the inputs if it holds: `Ok(None)` means the step is skipped. Binds the
-    /// variables once for both.
+    /// variables once for both. Under the default [`EvalBudget`].
     pub fn evaluate(
         &self,
         run_inputs: &Map<String, Json>,
         upstream_outputs: &HashMap<String, Map<String, Json>>,
     ) -> Result<Option<Map<String, Json>>, EvalError> {
+        self.evaluate_with(run_inputs, upstream_outputs, &EvalBudget::default())
+    }
+
+    /// [`evaluate`](Self::evaluate) under `budget`, which `when` and the inputs share.
+    pub fn evaluate_with(
+        &self,
+        run_inputs: &Map<String, Json>,
+        upstream_outputs: &HashMap<String, Map<String, Json>>,
+        budget: &EvalBudget,
+    ) -> Result<Option<Map<String, Json>>, EvalError> {
+        let bindings = self.bindings(run_inputs, upstream_outputs);
+        let mut meter = Meter::new(budget);
+        // Each expression is estimated before anything runs: the point is to refuse the
+        // expensive ones without paying for them.
+        self.when_estimated(&bindings, &mut meter)?;
+        self.inputs_estimated(&bindings, &mut meter)?;
         let ctx = expr::context(&self.variables, run_inputs, upstream_outputs);
         if !self.when_in(&ctx)? {
             return Ok(None);
         }
-        self.inputs_in(&ctx).map(Some)
+        self.inputs_in(&ctx, budget).map(Some)
     }
 
-    fn inputs_in(&self, ctx: &cel::Context<'_, '_>) -> Result<Map<String, Json>, EvalError> {
+    fn bindings<'j>(
+        &'j self,
+        run_inputs: &'j Map<String, Json>,
+        upstream_outputs: &'j HashMap<String, Map<String, Json>>,
+    ) -> Bindings<'j> {
+        Bindings {
+            vars: self
+                .variables
+                .iter()
+                .map(|name| {
+                    let binding = if name == INPUTS_VAR {
+                        Binding::Object(run_inputs)
+                    } else {
+                        upstream_outputs
+                            .get(name)
+                            .map_or(Binding::Null, Binding::Object)
+                    };
+                    (name.as_str(), binding)
+                })
+                .collect(),
+        }
+    }
+
+    fn inputs_estimated(
+        &self,
+        bindings: &Bindings<'_>,
+        meter: &mut Meter,
+    ) -> Result<(), EvalError> {
+        for (name, program) in &self.inputs {
+            meter
+                .charge(program, bindings)
+                .map_err(|message| EvalError::Input {
+                    step: self.id.clone(),
+                    input: name.clone(),
+                    message,
+                })?;
+        }
+        Ok(())
+    }
+
+    fn when_estimated(&self, bindings: &Bindings<'_>, meter: &mut Meter) -> Result<(), EvalError> {
+        let Some(program) = &self.when else {
+            return Ok(());
+        };
+        meter
+            .charge(program, bindings)
+            .map_err(|message| EvalError::When {
+                step: self.id.clone(),
+                message,
+            })
+    }
+
+    fn inputs_in(
+        &self,
+        ctx: &cel::Context<'_, '_>,
+        budget: &EvalBudget,
+    ) -> Result<Map<String, Json>, EvalError> {
         let mut resolved = Map::new();
+        // The inputs together become one payload: one size limit for all of them.
+        let mut left = budget.max_payload_bytes;
         for (name, program) in &self.inputs {
             let error = |message: String| EvalError::Input {
                 step: self.id.clone(),
@@ -129,7 +234,21 @@ impl CompiledStep {
             let value = program
                 .execute(ctx)
                 .map_err(|e| error(expr::lowercase_first(e.to_string())))?;
-            resolved.insert(name.clone(), expr::to_json(&value).map_err(error)?);
+            // One level is taken by the inputs object the value sits in.
+            let json = expr::to_json(&value, left, MAX_PAYLOAD_DEPTH.saturating_sub(1)).map_err(
+                |message| {
+                    if left < budget.max_payload_bytes {
+                        error(format!(
+                            "{message} (the step's inputs share a payload limit of {} bytes)",
+                            budget.max_payload_bytes
+                        ))
+                    } else {
+                        error(message)
+                    }
+                },
+            )?;
+            left = left.saturating_sub(cost::weight(&json).min(usize::MAX as u64) as usize);
+            resolved.insert(name.clone(), json);
         }
         Ok(resolved)
     }
@@ -153,8 +272,59 @@ impl CompiledStep {
     }
 }
 
+/// Work left of a step's [`EvalBudget`] while its expressions are estimated.
+struct Meter {
+    left: u64,
+    budget: u64,
+}
+
+impl Meter {
+    fn new(budget: &EvalBudget) -> Self {
+        Meter {
+            left: budget.cost,
+            budget: budget.cost,
+        }
+    }
+
+    fn charge(&mut self, program: &cel::Program, bindings: &Bindings<'_>) -> Result<(), String> {
+        let estimate = cost::estimate(program.expression(), bindings, self.budget);
+        let cost = expr::check_cost(estimate, self.left, self.budget)?;
+        self.left = self.left.saturating_sub(cost);
+        Ok(())
+    }
+}
+
 /// Validates a spec and compiles it. Every problem is reported, in spec order, not just the first.
+///
+/// The cost is linear in steps + needs + expression size for every usual shape: nothing per step
+/// holds more than its own needs, dependants and variables (see [`Reach`]).
 pub fn compile(spec: &WorkflowSpec) -> Result<CompiledWorkflow, SpecErrors> {
+    // cel's parser recurses through a dozen grammar rules per nesting level of an expression
+    // and stops only at about 100 levels: an unoptimised build needs more than a default
+    // thread's 2 MiB for 12 levels of brackets. A thread of its own with room for the parser's
+    // whole limit costs a few microseconds per workflow (the stack is reserved, not used).
+    let compiled = std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("dagmesh-spec-compile".to_owned())
+            .stack_size(COMPILE_STACK_BYTES)
+            .spawn_scoped(scope, || compile_here(spec))
+            .map(|thread| thread.join())
+    });
+    match compiled {
+        Ok(Ok(result)) => result,
+        // A panic in there is a bug of this crate or of cel: let it surface as one.
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Err(error) => Err(SpecErrors::single(
+            "steps",
+            format!("cannot start the thread that compiles expressions: {error}"),
+        )),
+    }
+}
+
+/// Stack of the thread that compiles a workflow (see [`compile`]).
+const COMPILE_STACK_BYTES: usize = 64 * 1024 * 1024;
+
+fn compile_here(spec: &WorkflowSpec) -> Result<CompiledWorkflow, SpecErrors> {
     let mut top_errors = Vec::new();
     check_workflow_name(&spec.name, &mut top_errors);
     if spec.steps.is_empty() {
@@ -163,17 +333,36 @@ pub fn compile(spec: &WorkflowSpec) -> Result<CompiledWorkflow, SpecErrors> {
             "a workflow needs at least one step",
         ));
     }
-
+    // Past these counts nothing else is looked at: the work below grows with them.
     let n = spec.steps.len();
+    if n > MAX_STEPS {
+        top_errors.push(SpecError::new(
+            "steps",
+            format!("{n} steps, over the limit of {MAX_STEPS}"),
+        ));
+    }
+    let edges = spec
+        .steps
+        .iter()
+        .fold(0usize, |sum, step| sum.saturating_add(step.needs.len()));
+    if edges > MAX_EDGES {
+        top_errors.push(SpecError::new(
+            "steps",
+            format!("{edges} needs in all, over the limit of {MAX_EDGES}"),
+        ));
+    }
+    if n > MAX_STEPS || edges > MAX_EDGES {
+        return Err(SpecErrors(top_errors));
+    }
+
     let mut step_errors: Vec<Vec<SpecError>> = vec![Vec::new(); n];
 
     // Ids first: `needs` and expressions refer to them. Even an invalid id is indexed, so that
     // a step needing it gets no second, misleading "unknown step" error.
     let mut by_id: HashMap<String, usize> = HashMap::new();
-    for (i, step) in spec.steps.iter().enumerate() {
-        let errors = &mut step_errors[i];
+    for (i, (step, errors)) in spec.steps.iter().zip(&mut step_errors).enumerate() {
         check_step_id(&step.id, &format!("steps[{i}].id"), errors);
-        if step.id.is_empty() {
+        if step.id.is_empty() || step.id.len() > MAX_NAME_LEN {
             continue;
         }
         if let Some(&first) = by_id.get(&step.id) {
@@ -188,41 +377,68 @@ pub fn compile(spec: &WorkflowSpec) -> Result<CompiledWorkflow, SpecErrors> {
 
     let mut needs: Vec<Vec<usize>> = vec![Vec::new(); n];
     let mut tasks = Vec::with_capacity(n);
-    for (i, step) in spec.steps.iter().enumerate() {
-        tasks.push(parse_task(
-            &step.task,
-            &format!("steps[{i}].task"),
-            &mut step_errors[i],
-        ));
+    for (i, ((step, errors), step_needs)) in spec
+        .steps
+        .iter()
+        .zip(&mut step_errors)
+        .zip(&mut needs)
+        .enumerate()
+    {
+        tasks.push(parse_task(&step.task, &format!("steps[{i}].task"), errors));
+        // A set beside the list: a step may need thousands of others (a fan-in).
+        let mut listed = HashSet::with_capacity(step.needs.len());
         for (j, need) in step.needs.iter().enumerate() {
             let path = format!("steps[{i}].needs[{j}]");
             if *need == step.id {
-                step_errors[i].push(SpecError::new(path, format!("step {need:?} needs itself")));
+                errors.push(SpecError::new(
+                    path,
+                    format!("step {:?} needs itself", shorten(need)),
+                ));
             } else if let Some(&k) = by_id.get(need) {
-                if needs[i].contains(&k) {
-                    step_errors[i].push(SpecError::new(path, format!("{need:?} is listed twice")));
+                if listed.insert(k) {
+                    step_needs.push(k);
                 } else {
-                    needs[i].push(k);
+                    errors.push(SpecError::new(path, format!("{need:?} is listed twice")));
                 }
             } else {
-                step_errors[i].push(SpecError::new(path, format!("unknown step {need:?}")));
+                errors.push(SpecError::new(
+                    path,
+                    format!("unknown step {:?}", shorten(need)),
+                ));
             }
         }
     }
 
     let cycle_errors = find_cycles(spec, &needs);
-    let ancestors: Vec<Vec<usize>> = (0..n).map(|i| ancestors(i, &needs)).collect();
+    // Without a cycle, steps are compiled in running order, which lets `Reach` reuse what it
+    // proved for the steps before; with one, in spec order (the spec is refused anyway).
+    let order = if cycle_errors.is_empty() {
+        topo_order(&needs)
+    } else {
+        (0..n).collect()
+    };
+    let mut reach = Reach::new(&needs, cycle_errors.is_empty().then_some(order.as_slice()));
 
-    let mut steps = Vec::with_capacity(n);
-    for (i, task) in tasks.into_iter().enumerate() {
-        steps.push(compile_step(
+    let mut compiled: Vec<Option<CompiledStep>> = (0..n).map(|_| None).collect();
+    let mut tasks: Vec<Option<(String, semver::VersionReq)>> =
+        tasks.into_iter().map(Some).collect();
+    for &i in &order {
+        let (Some(slot), Some(task), Some(errors)) = (
+            compiled.get_mut(i),
+            tasks.get_mut(i),
+            step_errors.get_mut(i),
+        ) else {
+            continue;
+        };
+        let Some(task) = task.take() else { continue };
+        *slot = Some(compile_step(
             i,
             task,
             &spec.steps,
             &needs,
-            &ancestors[i],
+            &mut reach,
             &by_id,
-            &mut step_errors[i],
+            errors,
         ));
     }
 
@@ -235,18 +451,157 @@ pub fn compile(spec: &WorkflowSpec) -> Result<CompiledWorkflow, SpecErrors> {
         return Err(SpecErrors(errors));
     }
 
+    let mut steps: Vec<CompiledStep> = compiled.into_iter().flatten().collect();
     for (i, step_needs) in needs.iter().enumerate() {
         for &k in step_needs {
-            steps[k].dependants.push(i);
+            if let Some(step) = steps.get_mut(k) {
+                step.dependants.push(i);
+            }
         }
     }
-    let topo_order = topo_order(&needs);
     Ok(CompiledWorkflow {
         spec: spec.clone(),
         steps,
-        topo_order,
+        topo_order: order,
         by_id,
     })
+}
+
+/// A name as it is quoted back in an error: cut when it is over the name limit, so that an
+/// error about a 1 MB name is not itself 1 MB.
+fn shorten(name: &str) -> String {
+    let mut text = name.to_owned();
+    truncate_marked(&mut text, MAX_NAME_LEN + 48);
+    text
+}
+
+/// Answers "is step `k` upstream of step `i`" without storing anyone's ancestors (that is
+/// quadratic: a 10,000-step chain held 50 million ids).
+///
+/// One backward search from `i` per step answers all of its questions at once and stops when
+/// the last one is answered. With a running order it skips steps that run before every step
+/// asked about (nothing above them can be one of those), and it remembers for each step one
+/// ancestor it proved, so that a long chain whose every step reads the first is linear too.
+/// A wide DAG whose steps each read a different far-away ancestor can still cost
+/// steps x edges, which the limits on steps and needs bound.
+struct Reach<'a> {
+    needs: &'a [Vec<usize>],
+    /// Position in the running order; `None` with a cycle (no pruning then).
+    rank: Option<Vec<usize>>,
+    /// `visited[j] == generation`: seen by the current search.
+    visited: Vec<u32>,
+    /// `wanted[k] == generation`: asked about and not found yet by the current search.
+    wanted: Vec<u32>,
+    generation: u32,
+    /// One ancestor proved for each searched step (`usize::MAX`: none).
+    proved: Vec<usize>,
+    stack: Vec<usize>,
+}
+
+impl<'a> Reach<'a> {
+    fn new(needs: &'a [Vec<usize>], order: Option<&[usize]>) -> Self {
+        let n = needs.len();
+        let rank = order.map(|order| {
+            let mut rank = vec![0; n];
+            for (r, &i) in order.iter().enumerate() {
+                if let Some(slot) = rank.get_mut(i) {
+                    *slot = r;
+                }
+            }
+            rank
+        });
+        Reach {
+            needs,
+            rank,
+            visited: vec![0; n],
+            wanted: vec![0; n],
+            generation: 0,
+            proved: vec![usize::MAX; n],
+            stack: Vec::new(),
+        }
+    }
+
+    /// Which of `targets` are upstream of step `from`, as a flag per target.
+    fn upstream(&mut self, from: usize, targets: &[usize]) -> Vec<bool> {
+        let mut found = vec![false; targets.len()];
+        if targets.is_empty() {
+            return found;
+        }
+        self.generation = self.generation.wrapping_add(1);
+        if self.generation == 0 {
+            // After 4 billion searches the stamps start over.
+            self.visited.fill(0);
+            self.wanted.fill(0);
+            self.generation = 1;
+        }
+        let generation = self.generation;
+        let mut missing = 0usize;
+        for &k in targets {
+            if k != from
+                && let Some(w) = self.wanted.get_mut(k)
+                && *w != generation
+            {
+                *w = generation;
+                missing += 1;
+            }
+        }
+        let floor = match &self.rank {
+            Some(rank) => targets
+                .iter()
+                .filter_map(|&k| rank.get(k).copied())
+                .min()
+                .unwrap_or(0),
+            None => 0,
+        };
+        let mut first_proved: Option<usize> = None;
+        self.stack.clear();
+        if let Some(visited) = self.visited.get_mut(from) {
+            *visited = generation;
+        }
+        self.stack
+            .extend(self.needs.get(from).into_iter().flatten());
+        while missing > 0
+            && let Some(j) = self.stack.pop()
+        {
+            match self.visited.get_mut(j) {
+                Some(v) if *v != generation => *v = generation,
+                _ => continue,
+            }
+            if let Some(rank) = &self.rank
+                && rank.get(j).is_some_and(|&r| r < floor)
+            {
+                continue;
+            }
+            for k in [Some(j), self.proved.get(j).copied()].into_iter().flatten() {
+                if let Some(w) = self.wanted.get_mut(k)
+                    && *w == generation
+                {
+                    // Anything but the generation: no longer wanted.
+                    *w = generation.wrapping_sub(1);
+                    missing -= 1;
+                    // Remember the farthest one: the steps below are the likeliest to ask
+                    // about it again (every step of a chain reading the first).
+                    let farther = match (&self.rank, first_proved) {
+                        (_, None) => true,
+                        (Some(rank), Some(best)) => rank.get(k) < rank.get(best),
+                        (None, Some(_)) => false,
+                    };
+                    if farther {
+                        first_proved = Some(k);
+                    }
+                }
+            }
+            self.stack.extend(self.needs.get(j).into_iter().flatten());
+        }
+        for (flag, &k) in found.iter_mut().zip(targets) {
+            // Found targets were taken off the wanted list; `from` itself is never upstream.
+            *flag = k != from && self.wanted.get(k).is_some_and(|&w| w != generation);
+        }
+        if let (Some(k), Some(slot)) = (first_proved, self.proved.get_mut(from)) {
+            *slot = k;
+        }
+        found
+    }
 }
 
 fn check_workflow_name(name: &str, errors: &mut Vec<SpecError>) {
@@ -274,6 +629,11 @@ fn check_step_id(id: &str, path: &str, errors: &mut Vec<SpecError>) {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     if id.is_empty() {
         errors.push(SpecError::new(path, "step id is empty"));
+    } else if id.len() > MAX_NAME_LEN {
+        errors.push(SpecError::new(
+            path,
+            too_long("step id of ", id.len(), MAX_NAME_LEN),
+        ));
     } else if !valid {
         errors.push(SpecError::new(
             path,
@@ -298,10 +658,12 @@ fn find_cycles(spec: &WorkflowSpec, needs: &[Vec<usize>]) -> Vec<SpecError> {
             graph.add_edge(nodes[k], nodes[i], ());
         }
     }
+    // Kosaraju, not Tarjan: petgraph's Tarjan recurses once per step of a path, which a long
+    // chain with a cycle turns into a stack overflow.
     if petgraph::algo::toposort(&graph, None).is_ok() {
         return Vec::new();
     }
-    let mut components: Vec<Vec<usize>> = petgraph::algo::tarjan_scc(&graph)
+    let mut components: Vec<Vec<usize>> = petgraph::algo::kosaraju_scc(&graph)
         .into_iter()
         .filter(|c| c.len() > 1)
         .map(|c| {
@@ -317,7 +679,7 @@ fn find_cycles(spec: &WorkflowSpec, needs: &[Vec<usize>]) -> Vec<SpecError> {
             let cycle = cycle_through(&graph, &nodes, &component);
             let names: Vec<String> = cycle
                 .iter()
-                .map(|&i| format!("{:?}", spec.steps[i].id))
+                .map(|&i| format!("{:?}", spec.steps.get(i).map_or("", |s| s.id.as_str())))
                 .collect();
             SpecError::new(
                 "steps",
@@ -335,7 +697,9 @@ fn cycle_through(
     nodes: &[NodeIndex],
     component: &[usize],
 ) -> Vec<usize> {
-    let start = component[0];
+    let Some(&start) = component.first() else {
+        return Vec::new();
+    };
     let members: HashSet<usize> = component.iter().copied().collect();
     let mut parent: HashMap<usize, usize> = HashMap::new();
     let mut queue = VecDeque::from([start]);
@@ -349,7 +713,10 @@ fn cycle_through(
                 let mut at = current;
                 while at != start {
                     path.push(at);
-                    at = parent[&at];
+                    match parent.get(&at) {
+                        Some(&up) => at = up,
+                        None => break,
+                    }
                 }
                 path.push(start);
                 path.reverse();
@@ -361,20 +728,11 @@ fn cycle_through(
             }
         }
     }
-    unreachable!("a strongly connected component of several steps has a cycle through each")
-}
-
-/// Transitive ancestors of step `i`, ascending; never `i` itself, even inside a cycle.
-fn ancestors(i: usize, needs: &[Vec<usize>]) -> Vec<usize> {
-    let mut seen = vec![false; needs.len()];
-    let mut stack = needs[i].clone();
-    while let Some(k) = stack.pop() {
-        if !std::mem::replace(&mut seen[k], true) {
-            stack.extend(&needs[k]);
-        }
-    }
-    seen[i] = false;
-    (0..needs.len()).filter(|&k| seen[k]).collect()
+    // Not reached: a strongly connected component of several steps has a cycle through each.
+    // Naming its steps still helps more than nothing.
+    let mut steps = component.to_vec();
+    steps.push(start);
+    steps
 }
 
 /// Kahn's algorithm with the lowest ready index first: any order would be valid, this one keeps
@@ -408,85 +766,120 @@ fn compile_step(
     (task_name, version_req): (String, semver::VersionReq),
     all_steps: &[StepSpec],
     needs: &[Vec<usize>],
-    ancestors: &[usize],
+    reach: &mut Reach<'_>,
     by_id: &HashMap<String, usize>,
     errors: &mut Vec<SpecError>,
 ) -> CompiledStep {
     let step = &all_steps[i];
-
-    let upstream_ids: Vec<String> = ancestors.iter().map(|&k| all_steps[k].id.clone()).collect();
-    let scope = Scope {
+    let mut scope = Scope {
         step_id: &step.id,
-        upstream_ids: &upstream_ids,
+        index: i,
         by_id,
+        variables: BTreeSet::new(),
+        references: Vec::new(),
     };
-    let mut variables = BTreeSet::new();
 
-    let mut input_names: Vec<&String> = step.inputs.keys().collect();
-    input_names.sort();
-    let mut inputs = Vec::with_capacity(input_names.len());
-    for name in input_names {
-        let path = format!("steps[{i}].inputs.{name}");
-        if name.is_empty() {
+    let entries = |field: &str, count: usize, errors: &mut Vec<SpecError>| {
+        if count > MAX_ENTRIES {
             errors.push(SpecError::new(
-                format!("steps[{i}].inputs"),
-                "empty input name",
+                format!("steps[{i}].{field}"),
+                format!("{count} entries, over the limit of {MAX_ENTRIES}"),
             ));
-            continue;
+            false
+        } else {
+            true
         }
-        if let Some(program) = scope.compile(path, &step.inputs[name], &mut variables, errors) {
-            inputs.push((name.clone(), program));
+    };
+
+    let mut inputs = Vec::new();
+    if entries("inputs", step.inputs.len(), errors) {
+        let mut input_names: Vec<(&String, &String)> = step.inputs.iter().collect();
+        input_names.sort();
+        inputs.reserve(input_names.len());
+        for (name, text) in input_names {
+            if name.is_empty() {
+                errors.push(SpecError::new(
+                    format!("steps[{i}].inputs"),
+                    "empty input name",
+                ));
+                continue;
+            }
+            if name.len() > MAX_NAME_LEN {
+                errors.push(SpecError::new(
+                    format!("steps[{i}].inputs"),
+                    too_long("input name of ", name.len(), MAX_NAME_LEN),
+                ));
+                continue;
+            }
+            let path = format!("steps[{i}].inputs.{name}");
+            if let Some(program) = scope.compile(path, text, errors) {
+                inputs.push((name.clone(), program));
+            }
         }
     }
     let when = if step.when.trim().is_empty() {
         None
     } else {
-        scope.compile(
-            format!("steps[{i}].when"),
-            &step.when,
-            &mut variables,
-            errors,
-        )
+        scope.compile(format!("steps[{i}].when"), &step.when, errors)
     };
+    scope.check_references(reach, errors);
 
     let retry = step.retry.as_ref().map_or_else(Retry::default, |policy| {
         Retry::from_proto(policy, &format!("steps[{i}].retry"), errors)
     });
 
-    let timeout = if step.timeout.is_empty() {
-        None
-    } else {
-        let path = format!("steps[{i}].timeout");
-        match humantime::parse_duration(&step.timeout) {
-            Ok(d) if d.is_zero() => {
-                errors.push(SpecError::new(path, "must be longer than zero"));
-                None
-            }
-            Ok(d) => Some(d),
-            Err(err) => {
+    let timeout = optional_timeout(&step.timeout, &format!("steps[{i}].timeout"), errors);
+    let schedule_to_start_timeout = optional_timeout(
+        &step.schedule_to_start_timeout,
+        &format!("steps[{i}].schedule_to_start_timeout"),
+        errors,
+    );
+
+    let mut labels = BTreeMap::new();
+    if entries("labels", step.labels.len(), errors) {
+        let mut sorted: Vec<(&String, &String)> = step.labels.iter().collect();
+        sorted.sort();
+        for (key, value) in sorted {
+            let path = format!("steps[{i}].labels");
+            if key.is_empty() {
+                errors.push(SpecError::new(path, "empty label key"));
+            } else if key.len() > MAX_NAME_LEN {
                 errors.push(SpecError::new(
                     path,
-                    format!("invalid duration {:?}: {err}", step.timeout),
+                    too_long("label key of ", key.len(), MAX_NAME_LEN),
                 ));
-                None
+            } else if value.len() > MAX_VALUE_LEN {
+                errors.push(SpecError::new(
+                    format!("{path}.{key}"),
+                    too_long("", value.len(), MAX_VALUE_LEN),
+                ));
+            } else {
+                labels.insert(key.clone(), value.clone());
             }
         }
-    };
-
-    if step.labels.keys().any(String::is_empty) {
-        errors.push(SpecError::new(
-            format!("steps[{i}].labels"),
-            "empty label key",
-        ));
     }
+
     let key = &step.concurrency_key;
-    if !key
+    let key_path = format!("steps[{i}].concurrency_key");
+    if key.len() > MAX_NAME_LEN {
+        errors.push(SpecError::new(
+            key_path,
+            too_long("", key.len(), MAX_NAME_LEN),
+        ));
+    } else if !key
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
     {
         errors.push(SpecError::new(
-            format!("steps[{i}].concurrency_key"),
+            key_path,
             format!("invalid resource name {key:?}: use [A-Za-z0-9_.-]+"),
+        ));
+    }
+
+    if step.slots > MAX_SLOTS {
+        errors.push(SpecError::new(
+            format!("steps[{i}].slots"),
+            format!("{} slots, over the limit of {MAX_SLOTS}", step.slots),
         ));
     }
 
@@ -496,40 +889,97 @@ fn compile_step(
         task_name,
         version_req,
         task: step.task.clone(),
-        needs: needs[i].clone(),
+        needs: needs.get(i).cloned().unwrap_or_default(),
         dependants: Vec::new(),
-        upstream_ids,
         inputs,
         when,
         retry,
         timeout,
-        labels: step
-            .labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        slots: step.slots.max(1),
+        schedule_to_start_timeout,
+        labels,
+        slots: step.slots.clamp(1, MAX_SLOTS),
         priority: step.priority,
         concurrency_key: step.concurrency_key.clone(),
-        variables: variables.into_iter().collect(),
+        variables: scope.variables.into_iter().collect(),
     }
 }
 
-/// What the expressions of one step may read.
+/// `what` is empty or ends with a space: `input name of 300 bytes, over the limit of 128`.
+pub(crate) fn too_long(what: &str, len: usize, max: usize) -> String {
+    format!("{what}{len} bytes, over the limit of {max}")
+}
+
+/// An optional timeout: empty is `None`; otherwise in (0, [`MAX_TIMEOUT`]].
+fn optional_timeout(text: &str, path: &str, errors: &mut Vec<SpecError>) -> Option<Duration> {
+    if text.is_empty() {
+        return None;
+    }
+    match parse_duration(text) {
+        Ok(d) if d.is_zero() => {
+            errors.push(SpecError::new(path, "must be longer than zero"));
+            None
+        }
+        Ok(d) if d > MAX_TIMEOUT => {
+            errors.push(SpecError::new(
+                path,
+                format!(
+                    "{text:?} is over the limit of {}",
+                    humantime::format_duration(MAX_TIMEOUT)
+                ),
+            ));
+            None
+        }
+        Ok(d) => Some(d),
+        Err(message) => {
+            errors.push(SpecError::new(path, message));
+            None
+        }
+    }
+}
+
+/// Parses a duration text, refusing before humantime sees it anything that could overflow it
+/// (humantime 2.4 panics on a sum that lands exactly on `u64::MAX` seconds): at most
+/// [`MAX_DURATION_LEN`] bytes and numbers of at most 12 digits, which keeps any sum below
+/// 10^13 years. The error is the message, without the path.
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+    if text.len() > MAX_DURATION_LEN {
+        return Err(format!(
+            "duration text of {} bytes, over the limit of {MAX_DURATION_LEN}",
+            text.len()
+        ));
+    }
+    let longest_number = text
+        .split(|c: char| !c.is_ascii_digit())
+        .map(str::len)
+        .max()
+        .unwrap_or(0);
+    if longest_number > 12 {
+        return Err(format!(
+            "invalid duration {text:?}: a number of {longest_number} digits, over the limit of 12"
+        ));
+    }
+    humantime::parse_duration(text).map_err(|err| format!("invalid duration {text:?}: {err}"))
+}
+
+/// What the expressions of one step may read, and the step variables they read, checked
+/// together once all of the step's expressions are compiled.
 struct Scope<'a> {
     step_id: &'a str,
-    upstream_ids: &'a [String],
+    index: usize,
     by_id: &'a HashMap<String, usize>,
+    /// `inputs` and step ids read, sorted.
+    variables: BTreeSet<String>,
+    /// Every step variable read, as (position of its provisional "not upstream" error in the
+    /// step's errors, step index); [`Scope::check_references`] drops the errors that are wrong.
+    references: Vec<(usize, usize)>,
 }
 
 impl Scope<'_> {
-    /// Compiles an expression and checks every variable it reads; the good ones are added to
-    /// `variables`.
+    /// Compiles an expression and checks the names it reads.
     fn compile(
-        &self,
+        &mut self,
         path: String,
         text: &str,
-        variables: &mut BTreeSet<String>,
         errors: &mut Vec<SpecError>,
     ) -> Option<cel::Program> {
         let program = match expr::compile(text) {
@@ -540,28 +990,46 @@ impl Scope<'_> {
             }
         };
         for name in expr::free_variables(&program) {
-            let problem = if name == INPUTS_VAR || self.upstream_ids.contains(&name) {
-                None
+            let message = if name == INPUTS_VAR {
+                self.variables.insert(name);
+                continue;
             } else if name == self.step_id {
-                Some(format!(
-                    "references its own step {name:?} (only upstream steps can be read)"
-                ))
-            } else if self.by_id.contains_key(&name) {
-                Some(format!(
+                format!("references its own step {name:?} (only upstream steps can be read)")
+            } else if let Some(&k) = self.by_id.get(&name) {
+                // Provisional, so that the error lands in spec order if it stands.
+                self.references.push((errors.len(), k));
+                let message = format!(
                     "references step {name:?} which is not upstream of {:?} (add it to needs)",
                     self.step_id
-                ))
+                );
+                self.variables.insert(name);
+                message
             } else {
-                Some(format!("unknown variable {name:?}"))
+                format!("unknown variable {name:?}")
             };
-            match problem {
-                Some(message) => errors.push(SpecError::new(path.clone(), message)),
-                None => {
-                    variables.insert(name);
-                }
-            }
+            errors.push(SpecError::new(path.clone(), message));
         }
         Some(program)
+    }
+
+    /// Drops the provisional errors of the step variables that are upstream after all.
+    fn check_references(&mut self, reach: &mut Reach<'_>, errors: &mut Vec<SpecError>) {
+        let targets: Vec<usize> = self.references.iter().map(|&(_, k)| k).collect();
+        let upstream = reach.upstream(self.index, &targets);
+        let fine: HashSet<usize> = self
+            .references
+            .iter()
+            .zip(upstream)
+            .filter(|(_, upstream)| *upstream)
+            .map(|(&(position, _), _)| position)
+            .collect();
+        let mut position = 0;
+        errors.retain(|_| {
+            let keep = !fine.contains(&position);
+            position += 1;
+            keep
+        });
+        self.references.clear();
     }
 }
 
@@ -571,11 +1039,23 @@ fn parse_task(task: &str, path: &str, errors: &mut Vec<SpecError>) -> (String, s
         errors.push(SpecError::new(path, "task is empty"));
         return (String::new(), semver::VersionReq::STAR);
     }
+    if task.len() > MAX_VALUE_LEN {
+        errors.push(SpecError::new(
+            path,
+            too_long("task of ", task.len(), MAX_VALUE_LEN),
+        ));
+        return (String::new(), semver::VersionReq::STAR);
+    }
     let (name, requirement) = match task.split_once('@') {
         Some((name, requirement)) => (name, Some(requirement)),
         None => (task, None),
     };
-    if name.is_empty()
+    if name.len() > MAX_NAME_LEN {
+        errors.push(SpecError::new(
+            path,
+            too_long("task name of ", name.len(), MAX_NAME_LEN),
+        ));
+    } else if name.is_empty()
         || !name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))

@@ -76,14 +76,16 @@
 //! are [`EvalError`]s: `step "thumbs": input "size": no such key: width`.
 
 mod compile;
+mod cost;
 mod error;
+mod expansion;
 mod expr;
 mod parse;
 mod retry;
 
 pub use compile::{CompiledStep, CompiledWorkflow, RESERVED_STEP_IDS, compile};
 pub use error::{EvalError, SpecError, SpecErrors};
-pub use expr::{INPUTS_VAR, evaluate_json};
+pub use expr::{EvalBudget, INPUTS_VAR, MAX_EXPRESSION_TREE_DEPTH, evaluate_json};
 pub use parse::{Format, parse_workflow, render_workflow};
 pub use retry::{
     DEFAULT_INITIAL_BACKOFF, DEFAULT_JITTER, DEFAULT_MAX_BACKOFF, DEFAULT_MULTIPLIER, Retry,

@@ -11,7 +11,10 @@ use std::path::Path;
 use dagmesh_proto::v1::{RetryPolicy, StepSpec, WorkflowSpec};
 use serde::{Deserialize, Serialize};
 
+use dagmesh_proto::limits::{MAX_WORKFLOW_FILE_BYTES, MAX_WORKFLOW_FILE_EXPANSION};
+
 use crate::error::SpecErrors;
+use crate::expansion::{Budget, Counted};
 
 /// The syntax of a workflow file. JSON is also valid YAML, but parsing it as JSON gives error
 /// messages that match what the author wrote.
@@ -39,18 +42,90 @@ impl Format {
 /// anything else (numbers, bools, null, lists, maps) becomes its JSON text, which is valid CEL,
 /// so `count: 3` is the expression `3`. Label values may be bools or numbers (`gpu: true` is
 /// the label value `"true"`).
+///
+/// Files are bounded: at most [`MAX_WORKFLOW_FILE_BYTES`], nested at most 128 levels (both
+/// parsers' recursion limit), and expanding (YAML aliases) to at most
+/// [`MAX_WORKFLOW_FILE_EXPANSION`] values and string bytes.
 pub fn parse_workflow(text: &str, format: Format) -> Result<WorkflowSpec, SpecErrors> {
+    if text.len() > MAX_WORKFLOW_FILE_BYTES {
+        return Err(SpecErrors::single(
+            "file",
+            format!(
+                "{} bytes, over the limit of {MAX_WORKFLOW_FILE_BYTES}",
+                text.len()
+            ),
+        ));
+    }
     let file: WorkflowFile = match format {
-        Format::Yaml => serde_yaml_ng::from_str(text).map_err(|err| {
-            let location = err.location().map(|l| (l.line(), l.column()));
-            located_error(err.to_string(), location)
-        })?,
+        Format::Yaml => {
+            check_flow_depth(text)?;
+            let budget = Budget::new(MAX_WORKFLOW_FILE_EXPANSION);
+            WorkflowFile::deserialize(Counted {
+                inner: serde_yaml_ng::Deserializer::from_str(text),
+                budget: &budget,
+            })
+            .map_err(|err| {
+                let location = err.location().map(|l| (l.line(), l.column()));
+                located_error(err.to_string(), location)
+            })?
+        }
         Format::Json => serde_json::from_str(text).map_err(|err| {
             let location = (err.line() > 0).then(|| (err.line(), err.column()));
             located_error(err.to_string(), location)
         })?,
     };
     Ok(file.into_spec())
+}
+
+/// Brackets (`[`, `{`) a YAML file may nest, as counted by [`check_flow_depth`]; the same as
+/// the parsers' recursion limit.
+const MAX_FLOW_DEPTH: usize = 128;
+
+/// Refuses YAML whose flow collections nest deeper than [`MAX_FLOW_DEPTH`] before libyaml sees
+/// it: libyaml rescans every open level at each token, so 100,000 levels take minutes before
+/// serde_yaml_ng's recursion limit can refuse them. The count skips quoted strings and
+/// comments; brackets in a block scalar are counted too, which can only refuse a file that
+/// nests strings of brackets over 128 deep.
+fn check_flow_depth(text: &str) -> Result<(), SpecErrors> {
+    let mut depth = 0usize;
+    let mut quote: Option<char> = None;
+    let mut comment = false;
+    let mut previous = '\n';
+    let (mut line, mut column) = (1usize, 0usize);
+    for c in text.chars() {
+        column += 1;
+        if c == '\n' {
+            line += 1;
+            column = 0;
+            comment = false;
+            if quote == Some('#') {
+                quote = None;
+            }
+        }
+        if comment {
+            previous = c;
+            continue;
+        }
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '\'' | '"') => quote = Some(c),
+            (None, '#') if previous.is_whitespace() => comment = true,
+            (None, '[' | '{') => {
+                depth += 1;
+                if depth > MAX_FLOW_DEPTH {
+                    return Err(SpecErrors::single(
+                        format!("line {line}, column {column}"),
+                        format!("nested deeper than the limit of {MAX_FLOW_DEPTH} levels"),
+                    ));
+                }
+            }
+            (None, ']' | '}') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        previous = c;
+    }
+    Ok(())
 }
 
 /// Writes a spec as a workflow file that [`parse_workflow`] reads back to an equal spec. Maps are
@@ -114,6 +189,8 @@ struct StepFile {
     retry: Option<RetryFile>,
     #[serde(skip_serializing_if = "String::is_empty")]
     timeout: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    schedule_to_start_timeout: String,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     labels: BTreeMap<String, LabelValue>,
     #[serde(skip_serializing_if = "is_zero")]
@@ -232,6 +309,7 @@ impl StepFile {
                 retry_non_retryable: r.retry_non_retryable,
             }),
             timeout: self.timeout,
+            schedule_to_start_timeout: self.schedule_to_start_timeout,
             labels: self.labels.into_iter().map(|(k, v)| (k, v.0)).collect(),
             slots: self.slots,
             priority: self.priority,
@@ -261,6 +339,7 @@ impl StepFile {
                 retry_non_retryable: r.retry_non_retryable,
             }),
             timeout: step.timeout.clone(),
+            schedule_to_start_timeout: step.schedule_to_start_timeout.clone(),
             labels: step
                 .labels
                 .iter()

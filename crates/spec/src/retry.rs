@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use dagmesh_proto::limits::{MAX_ATTEMPTS, MAX_BACKOFF};
 use dagmesh_proto::v1::RetryPolicy;
 
 use crate::error::SpecError;
@@ -73,17 +74,33 @@ impl Retry {
         path: &str,
         errors: &mut Vec<SpecError>,
     ) -> Self {
+        if policy.max_attempts > MAX_ATTEMPTS {
+            errors.push(SpecError::new(
+                format!("{path}.max_attempts"),
+                format!(
+                    "{} attempts, over the limit of {MAX_ATTEMPTS}",
+                    policy.max_attempts
+                ),
+            ));
+        }
         let mut duration = |field: &str, text: &str, default: Duration| {
             if text.is_empty() {
                 return default;
             }
-            match humantime::parse_duration(text) {
-                Ok(d) => d,
-                Err(err) => {
+            match crate::compile::parse_duration(text) {
+                Ok(d) if d > MAX_BACKOFF => {
                     errors.push(SpecError::new(
                         format!("{path}.{field}"),
-                        format!("invalid duration {text:?}: {err}"),
+                        format!(
+                            "{text:?} is over the limit of {}",
+                            humantime::format_duration(MAX_BACKOFF)
+                        ),
                     ));
+                    default
+                }
+                Ok(d) => d,
+                Err(message) => {
+                    errors.push(SpecError::new(format!("{path}.{field}"), message));
                     default
                 }
             }
@@ -131,7 +148,7 @@ impl Retry {
         }
 
         Retry {
-            max_attempts: policy.max_attempts.max(1),
+            max_attempts: policy.max_attempts.clamp(1, MAX_ATTEMPTS),
             initial_backoff,
             max_backoff,
             multiplier,

@@ -104,17 +104,37 @@ proptest! {
         for (r, &i) in wf.topo_order.iter().enumerate() {
             rank[i] = r;
         }
-        let reach = dag.reachability();
         for step in &wf.steps {
             for &need in &step.needs {
                 prop_assert!(rank[need] < rank[step.index]);
                 prop_assert!(wf.steps[need].dependants.contains(&step.index));
             }
-            let k: usize = step.id[1..].parse().unwrap();
-            let expected: BTreeSet<String> =
-                (0..dag.n).filter(|&a| reach[a][k]).map(|a| format!("s{a}")).collect();
-            let actual: BTreeSet<String> = step.upstream_ids.iter().cloned().collect();
-            prop_assert_eq!(actual, expected);
+        }
+    }
+
+    #[test]
+    fn a_step_may_read_exactly_its_transitive_upstream_steps(
+        dag in dag(2),
+        reader in any::<Index>(),
+        read in any::<Index>(),
+    ) {
+        let k = reader.index(dag.n);
+        let a = read.index(dag.n);
+        let mut spec = dag.spec();
+        spec.steps[dag.position[k]]
+            .inputs
+            .insert("probe".to_owned(), format!("s{a}.out"));
+        let upstream = dag.reachability()[a][k];
+        match compile(&spec) {
+            Ok(_) => prop_assert!(upstream, "s{} read s{} which is not upstream", k, a),
+            Err(errors) => {
+                prop_assert!(!upstream, "s{} may read s{}: {}", k, a, errors);
+                prop_assert_eq!(errors.len(), 1, "{}", errors);
+                prop_assert_eq!(
+                    &errors.0[0].path,
+                    &format!("steps[{}].inputs.probe", dag.position[k])
+                );
+            }
         }
     }
 
@@ -227,9 +247,9 @@ proptest! {
 
 fn any_retry() -> impl Strategy<Value = RetryPolicy> {
     (
-        0u32..10,
-        prop_oneof![Just(String::new()), "[0-9]{1,3}(ms|s|m)"],
-        prop_oneof![Just(String::new()), "[0-9]{1,3}(s|m|h)"],
+        prop_oneof![0u32..10, any::<u32>()],
+        prop_oneof![Just(String::new()), "[0-9]{1,3}(ms|s|m)", any_duration()],
+        prop_oneof![Just(String::new()), "[0-9]{1,3}(s|m|h)", any_duration()],
         prop_oneof![Just(0.0), 0.5f64..4.0],
         prop_oneof![Just(0.0), -0.5f64..1.5],
         any::<bool>(),
@@ -264,11 +284,12 @@ fn any_step() -> impl Strategy<Value = StepSpec> {
         prop::collection::hash_map("[a-z_]{1,6}", text, 0..4),
         prop_oneof![Just(String::new()), text],
         prop::option::of(any_retry()),
-        prop_oneof![Just(String::new()), "[0-9]{1,2}(s|m)", text],
+        prop_oneof![Just(String::new()), "[0-9]{1,2}(s|m)", any_duration(), text],
         prop::collection::hash_map("[a-z]{1,6}", text, 0..3),
         any::<u32>(),
         any::<i32>(),
         "[a-z_.-]{0,8}",
+        any_duration(),
     )
         .prop_map(
             |(
@@ -283,6 +304,7 @@ fn any_step() -> impl Strategy<Value = StepSpec> {
                 slots,
                 priority,
                 concurrency_key,
+                schedule_to_start_timeout,
             )| StepSpec {
                 id,
                 task,
@@ -295,8 +317,20 @@ fn any_step() -> impl Strategy<Value = StepSpec> {
                 slots,
                 priority,
                 concurrency_key,
+                schedule_to_start_timeout,
             },
         )
+}
+
+/// Durations from empty and plain to absurd: huge numbers, many parts, fractions, unicode.
+fn any_duration() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just(String::new()),
+        "[0-9]{1,3}(ns|ms|s|m|h|d)",
+        "[0-9]{15,25}(ns|s|y)",
+        "([0-9]{1,12}\\.?[0-9]{0,12}(ns|us|ms|s|m|h|d|w|M|y) ?){1,8}",
+        ".{0,20}",
+    ]
 }
 
 fn any_spec() -> impl Strategy<Value = WorkflowSpec> {

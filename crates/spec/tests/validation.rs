@@ -77,7 +77,6 @@ steps:
     assert_eq!(mesh.slots, 2);
     assert_eq!(mesh.priority, -1);
     assert!(mesh.when.is_some());
-    assert_eq!(report.upstream_ids, ["fetch", "mesh"]);
     assert_eq!(report.variables, ["fetch", "mesh"]);
     assert_eq!(wf.step("mesh").unwrap().index, 1);
     assert_eq!(
@@ -329,7 +328,6 @@ steps:
     when: "has(inputs.report) && mesh.ok"
 "#;
     let wf = compile_text(yaml, Format::Yaml).unwrap();
-    assert_eq!(wf.steps[2].upstream_ids, ["fetch", "mesh"]);
     assert_eq!(wf.steps[2].variables, ["fetch", "inputs", "mesh"]);
 }
 
