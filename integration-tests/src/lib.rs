@@ -290,10 +290,7 @@ impl RawWorker {
 
     /// One try of [`RawWorker::connect`]: the server's refusal comes back as the error (a
     /// `tonic::Status` inside the `anyhow::Error`).
-    pub async fn connect_once(
-        url: &str,
-        hello: pb::Hello,
-    ) -> anyhow::Result<(Self, pb::Welcome)> {
+    pub async fn connect_once(url: &str, hello: pb::Hello) -> anyhow::Result<(Self, pb::Welcome)> {
         let mut client = WorkerServiceClient::new(channel(url).await?);
         let (tx, rx) = mpsc::channel(64);
         let instance_id = hello.instance_id.clone();

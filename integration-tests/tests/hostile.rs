@@ -112,8 +112,11 @@ fn log(task_id: &str, attempt: u32, lines: Vec<String>) -> worker_message::Messa
 async fn a_result_from_a_worker_that_does_not_hold_the_task_is_stale_and_changes_nothing()
 -> anyhow::Result<()> {
     let sandbox = Sandbox::start().await?;
-    let (mut holder, _) =
-        RawWorker::connect(&sandbox.url(), RawWorker::hello("holder", "echo", "1.0.0", 1)).await?;
+    let (mut holder, _) = RawWorker::connect(
+        &sandbox.url(),
+        RawWorker::hello("holder", "echo", "1.0.0", 1),
+    )
+    .await?;
     let run_id = submit(
         &sandbox,
         workflow(
@@ -130,13 +133,25 @@ async fn a_result_from_a_worker_that_does_not_hold_the_task_is_stale_and_changes
 
     // The forger connects after the task was assigned, so it holds nothing, and tries
     // everything a worker could say about the task.
-    let (mut forger, _) =
-        RawWorker::connect(&sandbox.url(), RawWorker::hello("forger", "echo", "1.0.0", 1)).await?;
+    let (mut forger, _) = RawWorker::connect(
+        &sandbox.url(),
+        RawWorker::hello("forger", "echo", "1.0.0", 1),
+    )
+    .await?;
     forger
-        .send(progress(&assign.task_id, assign.attempt, 0.99, "forged progress"))
+        .send(progress(
+            &assign.task_id,
+            assign.attempt,
+            0.99,
+            "forged progress",
+        ))
         .await?;
     forger
-        .send(log(&assign.task_id, assign.attempt, vec!["forged log".into()]))
+        .send(log(
+            &assign.task_id,
+            assign.attempt,
+            vec!["forged log".into()],
+        ))
         .await?;
     forger
         .send(worker_message::Message::Failed(pb::TaskFailed {
@@ -178,7 +193,9 @@ async fn a_result_from_a_worker_that_does_not_hold_the_task_is_stale_and_changes
     let inputs = dagmesh_proto::json::from_struct(second.inputs.as_ref());
     assert_eq!(inputs["got"], json!("holder"), "forged outputs never flow");
     let worker = if by_holder { &holder } else { &forger };
-    worker.complete(&second.task_id, second.attempt, json!({})).await?;
+    worker
+        .complete(&second.task_id, second.attempt, json!({}))
+        .await?;
 
     let run = wait(&sandbox, &run_id).await?;
     assert_succeeded(&run);
@@ -186,7 +203,10 @@ async fn a_result_from_a_worker_that_does_not_hold_the_task_is_stale_and_changes
     for event in &events {
         match &event.event {
             Some(run_event::Event::StepProgress(p)) => {
-                assert_ne!(p.message, "forged progress", "a non-holder's progress was kept")
+                assert_ne!(
+                    p.message, "forged progress",
+                    "a non-holder's progress was kept"
+                )
             }
             Some(run_event::Event::StepLog(l)) => assert!(
                 l.lines.iter().all(|line| line.text != "forged log"),
@@ -201,14 +221,23 @@ async fn a_result_from_a_worker_that_does_not_hold_the_task_is_stale_and_changes
 #[tokio::test]
 async fn a_second_stream_for_a_connected_instance_is_refused() -> anyhow::Result<()> {
     let sandbox = Sandbox::start().await?;
-    let (mut victim, _) =
-        RawWorker::connect(&sandbox.url(), RawWorker::hello("victim", "echo", "1.0.0", 1)).await?;
-    let run_id = submit(&sandbox, workflow("takeover", vec![step("only", "echo", &[], &[])])).await?;
+    let (mut victim, _) = RawWorker::connect(
+        &sandbox.url(),
+        RawWorker::hello("victim", "echo", "1.0.0", 1),
+    )
+    .await?;
+    let run_id = submit(
+        &sandbox,
+        workflow("takeover", vec![step("only", "echo", &[], &[])]),
+    )
+    .await?;
     let assign = victim.expect_assign().await?;
 
-    let refused =
-        RawWorker::connect_once(&sandbox.url(), RawWorker::hello("victim", "echo", "9.0.0", 50))
-            .await;
+    let refused = RawWorker::connect_once(
+        &sandbox.url(),
+        RawWorker::hello("victim", "echo", "9.0.0", 50),
+    )
+    .await;
     let error = refused.err().expect("the takeover must be refused");
     let status = error
         .downcast_ref::<tonic::Status>()
@@ -271,7 +300,11 @@ async fn an_oversized_message_ends_the_stream_with_resource_exhausted_and_never_
         ..fast_config()
     };
     let sandbox = Sandbox::start_with(Database::sqlite()?, config).await?;
-    let run_id = submit(&sandbox, workflow("huge", vec![step("only", "echo", &[], &[])])).await?;
+    let run_id = submit(
+        &sandbox,
+        workflow("huge", vec![step("only", "echo", &[], &[])]),
+    )
+    .await?;
     // Bigger than the stream accepts at all (payload limit twice plus 1 MiB of envelope).
     let huge = json!({ "blob": "x".repeat(3 * 1024 * 1024) });
     for attempt in 1..=2 {
@@ -320,8 +353,11 @@ async fn deep_payloads_are_refused_at_submit_and_fail_the_step_as_outputs() -> a
         "{refused}"
     );
 
-    let (mut worker, _) =
-        RawWorker::connect(&sandbox.url(), RawWorker::hello("deep-w", "echo", "1.0.0", 1)).await?;
+    let (mut worker, _) = RawWorker::connect(
+        &sandbox.url(),
+        RawWorker::hello("deep-w", "echo", "1.0.0", 1),
+    )
+    .await?;
     let run_id = submit(&sandbox, spec).await?;
     let assign = worker.expect_assign().await?;
     worker
@@ -350,20 +386,35 @@ async fn deep_payloads_are_refused_at_submit_and_fail_the_step_as_outputs() -> a
 #[tokio::test]
 async fn a_progress_flood_is_coalesced_and_the_latest_value_is_kept() -> anyhow::Result<()> {
     let sandbox = Sandbox::start().await?;
-    let (mut worker, _) =
-        RawWorker::connect(&sandbox.url(), RawWorker::hello("chatty", "echo", "1.0.0", 1)).await?;
-    let run_id = submit(&sandbox, workflow("flood", vec![step("only", "echo", &[], &[])])).await?;
+    let (mut worker, _) = RawWorker::connect(
+        &sandbox.url(),
+        RawWorker::hello("chatty", "echo", "1.0.0", 1),
+    )
+    .await?;
+    let run_id = submit(
+        &sandbox,
+        workflow("flood", vec![step("only", "echo", &[], &[])]),
+    )
+    .await?;
     let assign = worker.expect_assign().await?;
     worker.start(&assign).await?;
     const MESSAGES: usize = 5000;
     for i in 1..=MESSAGES {
         let fraction = i as f32 / MESSAGES as f32;
         worker
-            .send(progress(&assign.task_id, assign.attempt, fraction, &format!("p{i}")))
+            .send(progress(
+                &assign.task_id,
+                assign.attempt,
+                fraction,
+                &format!("p{i}"),
+            ))
             .await?;
     }
     let last = format!("p{MESSAGES}");
-    let run = poll_run(&sandbox, &run_id, |run| run.steps[0].progress_message == last).await?;
+    let run = poll_run(&sandbox, &run_id, |run| {
+        run.steps[0].progress_message == last
+    })
+    .await?;
     assert!((run.steps[0].progress - 1.0).abs() < 1e-6);
     worker
         .complete(&assign.task_id, assign.attempt, json!({}))
@@ -386,7 +437,11 @@ async fn log_floods_are_cut_per_line_and_per_attempt_and_say_so() -> anyhow::Res
     let sandbox = Sandbox::start().await?;
     let (mut worker, _) =
         RawWorker::connect(&sandbox.url(), RawWorker::hello("loud", "echo", "1.0.0", 1)).await?;
-    let run_id = submit(&sandbox, workflow("logs", vec![step("only", "echo", &[], &[])])).await?;
+    let run_id = submit(
+        &sandbox,
+        workflow("logs", vec![step("only", "echo", &[], &[])]),
+    )
+    .await?;
     let assign = worker.expect_assign().await?;
     worker.start(&assign).await?;
     // 3 messages of 30 lines of 40 KiB: each line is cut to 16 KiB, and the attempt's 1 MiB
@@ -417,7 +472,9 @@ async fn log_floods_are_cut_per_line_and_per_attempt_and_say_so() -> anyhow::Res
         "every line is cut to 16 KiB"
     );
     assert!(
-        lines.iter().any(|l| l.text.contains("[truncated: 40960 bytes")),
+        lines
+            .iter()
+            .any(|l| l.text.contains("[truncated: 40960 bytes")),
         "a cut line says so"
     );
     assert!(
@@ -464,7 +521,9 @@ async fn a_step_no_worker_can_take_says_why_and_its_schedule_to_start_timeout_fa
     let run = wait(&sandbox, &run_id).await?;
     assert_eq!(run.state(), RunState::Failed);
     assert!(
-        run.steps[0].error.contains("schedule_to_start_timeout of 300ms")
+        run.steps[0]
+            .error
+            .contains("schedule_to_start_timeout of 300ms")
             && run.steps[0].error.contains(expected),
         "{}",
         run.steps[0].error
@@ -483,15 +542,28 @@ async fn a_worker_whose_stream_ended_loses_its_task_after_the_grace_not_the_leas
         ..fast_config()
     };
     let sandbox = Sandbox::start_with(Database::sqlite()?, config).await?;
-    let (mut doomed, _) =
-        RawWorker::connect(&sandbox.url(), RawWorker::hello("doomed", "echo", "1.0.0", 1)).await?;
-    let run_id = submit(&sandbox, workflow("grace", vec![step("only", "echo", &[], &[])])).await?;
+    let (mut doomed, _) = RawWorker::connect(
+        &sandbox.url(),
+        RawWorker::hello("doomed", "echo", "1.0.0", 1),
+    )
+    .await?;
+    let run_id = submit(
+        &sandbox,
+        workflow("grace", vec![step("only", "echo", &[], &[])]),
+    )
+    .await?;
     let first = doomed.expect_assign().await?;
-    let (mut spare, _) =
-        RawWorker::connect(&sandbox.url(), RawWorker::hello("spare", "echo", "1.0.0", 1)).await?;
+    let (mut spare, _) = RawWorker::connect(
+        &sandbox.url(),
+        RawWorker::hello("spare", "echo", "1.0.0", 1),
+    )
+    .await?;
     doomed.crash();
     let second = spare.expect_assign().await?;
-    assert_eq!((second.task_id.as_str(), second.attempt), (first.task_id.as_str(), 2));
+    assert_eq!(
+        (second.task_id.as_str(), second.attempt),
+        (first.task_id.as_str(), 2)
+    );
     spare
         .complete(&second.task_id, second.attempt, json!({}))
         .await?;
@@ -508,10 +580,16 @@ async fn a_worker_whose_stream_ended_loses_its_task_after_the_grace_not_the_leas
 async fn a_result_resent_after_the_run_ended_is_duplicate_for_its_worker_and_stale_for_others()
 -> anyhow::Result<()> {
     let sandbox = Sandbox::start().await?;
-    let (mut worker, _) =
-        RawWorker::connect(&sandbox.url(), RawWorker::hello("resender", "echo", "1.0.0", 1))
-            .await?;
-    let run_id = submit(&sandbox, workflow("ended", vec![step("only", "echo", &[], &[])])).await?;
+    let (mut worker, _) = RawWorker::connect(
+        &sandbox.url(),
+        RawWorker::hello("resender", "echo", "1.0.0", 1),
+    )
+    .await?;
+    let run_id = submit(
+        &sandbox,
+        workflow("ended", vec![step("only", "echo", &[], &[])]),
+    )
+    .await?;
     let assign = worker.expect_assign().await?;
     worker
         .complete(&assign.task_id, assign.attempt, json!({"v": 1}))
@@ -523,9 +601,11 @@ async fn a_result_resent_after_the_run_ended_is_duplicate_for_its_worker_and_sta
     assert_succeeded(&wait(&sandbox, &run_id).await?);
     // Resent on a new stream (as after a reconnect that lost the acknowledgement).
     worker.crash();
-    let (mut worker, _) =
-        RawWorker::connect(&sandbox.url(), RawWorker::hello("resender", "echo", "1.0.0", 1))
-            .await?;
+    let (mut worker, _) = RawWorker::connect(
+        &sandbox.url(),
+        RawWorker::hello("resender", "echo", "1.0.0", 1),
+    )
+    .await?;
     worker
         .complete(&assign.task_id, assign.attempt, json!({"v": 1}))
         .await?;
@@ -533,12 +613,18 @@ async fn a_result_resent_after_the_run_ended_is_duplicate_for_its_worker_and_sta
         worker.expect_recorded().await?.outcome(),
         RecordOutcome::Duplicate
     );
-    let (mut other, _) =
-        RawWorker::connect(&sandbox.url(), RawWorker::hello("other", "echo", "1.0.0", 1)).await?;
+    let (mut other, _) = RawWorker::connect(
+        &sandbox.url(),
+        RawWorker::hello("other", "echo", "1.0.0", 1),
+    )
+    .await?;
     other
         .complete(&assign.task_id, assign.attempt, json!({"v": 2}))
         .await?;
-    assert_eq!(other.expect_recorded().await?.outcome(), RecordOutcome::Stale);
+    assert_eq!(
+        other.expect_recorded().await?.outcome(),
+        RecordOutcome::Stale
+    );
     sandbox.stop().await
 }
 
@@ -549,7 +635,9 @@ async fn garbage_on_the_port_does_not_hurt_anyone() -> anyhow::Result<()> {
     let garbage: Vec<Vec<u8>> = vec![
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
         b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xff\xff\xff\xff\xff\xff\xff\xff\xff".to_vec(),
-        (0..65536u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect(),
+        (0..65536u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+            .collect(),
     ];
     for bytes in garbage {
         let mut stream = tokio::net::TcpStream::connect(&addr).await?;
@@ -561,9 +649,16 @@ async fn garbage_on_the_port_does_not_hurt_anyone() -> anyhow::Result<()> {
         (0..20).map(|_| tokio::net::TcpStream::connect(addr.clone())),
     )
     .await?;
-    let (mut worker, _) =
-        RawWorker::connect(&sandbox.url(), RawWorker::hello("after", "echo", "1.0.0", 1)).await?;
-    let run_id = submit(&sandbox, workflow("after", vec![step("only", "echo", &[], &[])])).await?;
+    let (mut worker, _) = RawWorker::connect(
+        &sandbox.url(),
+        RawWorker::hello("after", "echo", "1.0.0", 1),
+    )
+    .await?;
+    let run_id = submit(
+        &sandbox,
+        workflow("after", vec![step("only", "echo", &[], &[])]),
+    )
+    .await?;
     let assign = worker.expect_assign().await?;
     worker
         .complete(&assign.task_id, assign.attempt, json!({}))
@@ -599,14 +694,21 @@ async fn a_second_executor_on_the_same_database_waits_or_refuses_naming_the_hold
         executor: fast_config(),
     }));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!standby.is_finished(), "the standby waits while the lease is held");
+    assert!(
+        !standby.is_finished(),
+        "the standby waits while the lease is held"
+    );
     let database = first.database;
     first.mesh.shutdown().await?;
     let mesh = tokio::time::timeout(PATIENCE, standby).await???;
     let second = Sandbox { mesh, database };
     let (mut worker, _) =
         RawWorker::connect(&second.url(), RawWorker::hello("w", "echo", "1.0.0", 1)).await?;
-    let run_id = submit(&second, workflow("takeover", vec![step("only", "echo", &[], &[])])).await?;
+    let run_id = submit(
+        &second,
+        workflow("takeover", vec![step("only", "echo", &[], &[])]),
+    )
+    .await?;
     let assign = worker.expect_assign().await?;
     worker
         .complete(&assign.task_id, assign.attempt, json!({}))
@@ -681,7 +783,11 @@ async fn workflows_with_out_of_range_values_are_refused_naming_the_field() -> an
     // The server is still fine.
     let (mut worker, _) =
         RawWorker::connect(&sandbox.url(), RawWorker::hello("w", "echo", "1.0.0", 1)).await?;
-    let run_id = submit(&sandbox, workflow("fine", vec![step("only", "echo", &[], &[])])).await?;
+    let run_id = submit(
+        &sandbox,
+        workflow("fine", vec![step("only", "echo", &[], &[])]),
+    )
+    .await?;
     let assign = worker.expect_assign().await?;
     worker
         .complete(&assign.task_id, assign.attempt, json!({}))
@@ -696,7 +802,12 @@ async fn an_unknown_or_unheld_task_message_is_answered_and_the_stream_stays_up()
     let sandbox = Sandbox::start().await?;
     let (mut worker, _) =
         RawWorker::connect(&sandbox.url(), RawWorker::hello("lost", "echo", "1.0.0", 1)).await?;
-    for task_id in ["no-slash", "nope/nope", &format!("{}/x", "r".repeat(10_000)), ""] {
+    for task_id in [
+        "no-slash",
+        "nope/nope",
+        &format!("{}/x", "r".repeat(10_000)),
+        "",
+    ] {
         worker
             .send(worker_message::Message::Started(pb::TaskStarted {
                 task_id: task_id.into(),
@@ -708,7 +819,11 @@ async fn an_unknown_or_unheld_task_message_is_answered_and_the_stream_stays_up()
         assert_eq!(recorded.outcome(), RecordOutcome::Stale, "{task_id:.20}");
     }
     // Still a working session.
-    let run_id = submit(&sandbox, workflow("still", vec![step("only", "echo", &[], &[])])).await?;
+    let run_id = submit(
+        &sandbox,
+        workflow("still", vec![step("only", "echo", &[], &[])]),
+    )
+    .await?;
     let assign = loop {
         match worker.next().await? {
             server_message::Message::Assign(assign) => break assign,
@@ -723,12 +838,16 @@ async fn an_unknown_or_unheld_task_message_is_answered_and_the_stream_stays_up()
 }
 
 #[tokio::test]
-async fn a_commit_the_store_refuses_fails_that_request_and_the_engine_goes_on()
--> anyhow::Result<()> {
+async fn a_commit_the_store_refuses_fails_that_request_and_the_engine_goes_on() -> anyhow::Result<()>
+{
     let sandbox = Sandbox::start().await?;
     let (mut worker, _) =
         RawWorker::connect(&sandbox.url(), RawWorker::hello("w", "echo", "1.0.0", 1)).await?;
-    let run_id = submit(&sandbox, workflow("clash", vec![step("only", "echo", &[], &[])])).await?;
+    let run_id = submit(
+        &sandbox,
+        workflow("clash", vec![step("only", "echo", &[], &[])]),
+    )
+    .await?;
     let assign = worker.expect_assign().await?;
     let run = poll_run(&sandbox, &run_id, |run| {
         run.steps[0].state() == StepState::Assigned
@@ -760,7 +879,10 @@ async fn a_commit_the_store_refuses_fails_that_request_and_the_engine_goes_on()
         .complete(&assign.task_id, assign.attempt, json!({"v": 1}))
         .await?;
     let nothing = tokio::time::timeout(Duration::from_millis(500), worker.next()).await;
-    assert!(nothing.is_err(), "a refused result must not be acknowledged: {nothing:?}");
+    assert!(
+        nothing.is_err(),
+        "a refused result must not be acknowledged: {nothing:?}"
+    );
 
     // The run was reloaded from the store and the worker still holds its task: sending the
     // result again (as every SDK does with unacknowledged results) records it.
@@ -774,11 +896,93 @@ async fn a_commit_the_store_refuses_fails_that_request_and_the_engine_goes_on()
     assert_succeeded(&wait(&sandbox, &run_id).await?);
 
     // And the engine serves everyone else as before.
-    let other = submit(&sandbox, workflow("after-clash", vec![step("only", "echo", &[], &[])])).await?;
+    let other = submit(
+        &sandbox,
+        workflow("after-clash", vec![step("only", "echo", &[], &[])]),
+    )
+    .await?;
     let assign = worker.expect_assign().await?;
     worker
         .complete(&assign.task_id, assign.attempt, json!({}))
         .await?;
     assert_succeeded(&wait(&sandbox, &other).await?);
+    sandbox.stop().await
+}
+
+#[tokio::test]
+async fn an_expression_that_would_build_a_huge_value_fails_its_step_before_it_runs()
+-> anyhow::Result<()> {
+    let sandbox = Sandbox::start().await?;
+    let (mut worker, _) =
+        RawWorker::connect(&sandbox.url(), RawWorker::hello("w", "echo", "1.0.0", 1)).await?;
+    let bomb = workflow(
+        "bomb",
+        vec![step(
+            "boom",
+            "echo",
+            &[],
+            &[("xs", "inputs.xs.map(a, inputs.xs.map(b, inputs.xs))")],
+        )],
+    );
+    let xs: Vec<u32> = (0..2000).collect();
+    let submitted = submit_status(&sandbox, bomb, json!({ "xs": xs })).await?;
+    let bomb_id = submitted.run.expect("run").run_id;
+    let run = wait(&sandbox, &bomb_id).await?;
+    assert_eq!(run.state(), RunState::Failed);
+    let error = &run.steps[0].error;
+    assert!(
+        error.contains("boom") && error.contains("over the budget"),
+        "{error}"
+    );
+    // Nobody else noticed: a normal run goes through right after.
+    let run_id = submit(
+        &sandbox,
+        workflow("fine", vec![step("only", "echo", &[], &[])]),
+    )
+    .await?;
+    let assign = worker.expect_assign().await?;
+    assert_eq!(assign.run_id, run_id, "the bomb never reached a worker");
+    worker
+        .complete(&assign.task_id, assign.attempt, json!({}))
+        .await?;
+    assert_succeeded(&wait(&sandbox, &run_id).await?);
+    sandbox.stop().await
+}
+
+#[tokio::test]
+async fn a_ten_thousand_step_chain_is_accepted_and_starts() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start().await?;
+    let steps: Vec<pb::StepSpec> = (0..10_000)
+        .map(|i| {
+            if i == 0 {
+                step("s0", "echo", &[], &[])
+            } else {
+                let previous = format!("s{}", i - 1);
+                step(
+                    &format!("s{i}"),
+                    "echo",
+                    &[&previous],
+                    &[("n", &format!("{previous}.n"))],
+                )
+            }
+        })
+        .collect();
+    let run_id = submit(&sandbox, workflow("long-chain", steps)).await?;
+    let run = poll_run(&sandbox, &run_id, |run| {
+        run.steps
+            .first()
+            .is_some_and(|s| s.state() == StepState::Ready)
+    })
+    .await?;
+    assert_eq!(run.steps.len(), 10_000);
+    assert_eq!(run.steps[9_999].state(), StepState::Pending);
+    let mut client = pb::run_service_client::RunServiceClient::new(sandbox.channel().await?);
+    client
+        .cancel_run(pb::CancelRunRequest {
+            run_id: run_id.clone(),
+            reason: "done looking".into(),
+        })
+        .await?;
+    assert_eq!(wait(&sandbox, &run_id).await?.state(), RunState::Cancelled);
     sandbox.stop().await
 }

@@ -375,7 +375,10 @@ async fn a_silent_worker_loses_its_task_and_its_stream_after_the_lease() -> anyh
     silent.start(&assign).await?;
     // The stream stays open but no heartbeat follows: after the lease (1 s here) the executor
     // ends the session, closes the stream, and gives the task to someone else.
-    let closed = silent.next().await;
+    // Within a few leases, not the sandbox's patience: the stream must really end.
+    let closed = tokio::time::timeout(Duration::from_secs(5), silent.next())
+        .await
+        .map_err(|_| anyhow::anyhow!("the silent worker's stream is still open"))?;
     assert!(
         closed.is_err(),
         "the executor closes a silent worker's stream, got {closed:?}"

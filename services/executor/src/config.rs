@@ -73,7 +73,12 @@ impl ExecutorConfig {
             Duration::from_millis(10),
             self.lease,
         )?;
-        in_range("reconnect_grace", self.reconnect_grace, Duration::ZERO, self.lease)?;
+        in_range(
+            "reconnect_grace",
+            self.reconnect_grace,
+            Duration::ZERO,
+            self.lease,
+        )?;
         in_range("drain_timeout", self.drain_timeout, Duration::ZERO, hour)?;
         in_range(
             "executor_lease_ttl",

@@ -70,7 +70,8 @@ impl Executor {
             stop_renewal,
             renewal,
         };
-        let (engine, task) = Engine::start(store.clone(), &plans, config.clone(), ownership).await?;
+        let (engine, task) =
+            Engine::start(store.clone(), &plans, config.clone(), ownership).await?;
         let inner = Inner {
             engine,
             store,
@@ -125,8 +126,12 @@ impl Executor {
             }
         };
         let inputs = request.inputs.unwrap_or_default();
-        dagmesh_proto::limits::check_payload("inputs", &inputs, self.inner.config.max_payload_bytes)
-            .map_err(|error| ExecError::InvalidArgument(error.to_string()))?;
+        dagmesh_proto::limits::check_payload(
+            "inputs",
+            &inputs,
+            self.inner.config.max_payload_bytes,
+        )
+        .map_err(|error| ExecError::InvalidArgument(error.to_string()))?;
         validate_submit_fields(&request.idempotency_key, &request.tags)?;
         let key = request.idempotency_key;
         if !key.is_empty()

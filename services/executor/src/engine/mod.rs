@@ -850,7 +850,8 @@ impl Engine {
                 }
             }
             Message::Log(log) => {
-                if let Some((run_id, step)) = self.held_current(&instance, &log.task_id, log.attempt)
+                if let Some((run_id, step)) =
+                    self.held_current(&instance, &log.task_id, log.attempt)
                 {
                     let entry = self.runs.get_mut(&run_id).expect("current");
                     entry.log(step, log, &mut self.ctx);
@@ -915,8 +916,26 @@ impl Engine {
                 return;
             }
             Some((run_id, step)) => {
+                let draining = self
+                    .ctx
+                    .workers
+                    .sessions
+                    .get(instance)
+                    .is_some_and(|s| s.draining);
                 let entry = self.runs.get_mut(&run_id).expect("located");
-                if held {
+                let record = &entry.steps[step];
+                // An Assign that crossed the worker's Draining is refused without Started: the
+                // task was handed back, not attempted, and must not count as a failure.
+                let handed_back = held
+                    && draining
+                    && matches!(&result, Err((_, true)))
+                    && record.attempt == attempt
+                    && record.state() == pb::StepState::Assigned;
+                if handed_back {
+                    let reason = format!("handed back unstarted by draining worker {instance}");
+                    entry.attempt_lost(step, attempt, &reason, &mut self.ctx);
+                    (pb::RecordOutcome::Accepted, String::new())
+                } else if held {
                     entry.record_result(step, attempt, result, &mut self.ctx)
                 } else {
                     entry.unheld_result(step, attempt, instance)
@@ -936,13 +955,7 @@ impl Engine {
 
     /// Answers a result for a run that is not active with what the store says: DUPLICATE when
     /// this worker's attempt ended the way the result says, else STALE.
-    fn answer_from_store(
-        &self,
-        instance: &Arc<str>,
-        task_id: &str,
-        attempt: u32,
-        succeeded: bool,
-    ) {
+    fn answer_from_store(&self, instance: &Arc<str>, task_id: &str, attempt: u32, succeeded: bool) {
         let Some(outbound) = self.ctx.workers.outbound(instance) else {
             return;
         };
@@ -963,7 +976,7 @@ impl Engine {
                 None => None,
             };
             let (outcome, detail) = match looked_up {
-                Some(outcome) => (outcome, String::new()),
+                Some(answer) => answer,
                 None => (
                     pb::RecordOutcome::Stale,
                     "the run is not active (it ended or does not exist)".to_owned(),
@@ -1056,8 +1069,15 @@ impl Engine {
             tasks = session.held.len(),
             "worker lease expired; requeueing its tasks"
         );
-        // Dropping the session drops its outbound sender, which ends a stream that is open but
-        // silent: the worker notices and reconnects as a new session.
+        // Say why, then drop the session's outbound sender, which ends a stream that is open
+        // but silent: the worker notices and reconnects as a new session.
+        if let Some(outbound) = &session.outbound {
+            let _ = outbound.send(Err(tonic::Status::unavailable(format!(
+                "no message from worker {instance} for {}: its session ended and its tasks went \
+                 to other workers; reconnect",
+                humanize(lease)
+            ))));
+        }
         let reason = match session.disconnected_at {
             Some(_) if session.outbound.is_none() => format!(
                 "worker {instance} was lost ({}; it did not reconnect within {})",
@@ -1255,7 +1275,11 @@ async fn quarantine(
     run_id: &str,
     reason: &str,
 ) -> Result<(), ExecError> {
-    tracing::error!(run_id, reason, "quarantining a run that cannot be recovered");
+    tracing::error!(
+        run_id,
+        reason,
+        "quarantining a run that cannot be recovered"
+    );
     match store.quarantine_run(run_id, reason).await {
         Ok(_) => Ok(()),
         Err(error) if error.is_outage() => Err(error.into()),
@@ -1282,7 +1306,10 @@ fn check_recovered(run: &Run) -> Result<(), String> {
     }
     for step in &run.steps {
         if step.state() == pb::StepState::Unspecified {
-            return Err(format!("step {:?} has no readable state: {}", step.step_id, step.error));
+            return Err(format!(
+                "step {:?} has no readable state: {}",
+                step.step_id, step.error
+            ));
         }
         for (what, payload) in [("inputs", &step.inputs), ("outputs", &step.outputs)] {
             if let Some(payload) = payload {
@@ -1295,14 +1322,15 @@ fn check_recovered(run: &Run) -> Result<(), String> {
 }
 
 /// DUPLICATE when the stored step shows that `instance` ran `attempt` and it ended as the
-/// result says (succeeded for Completed, failed for Failed); None when the store cannot tell.
+/// result says (succeeded for Completed, failed for Failed), else STALE with the reason; None
+/// when the store cannot tell.
 async fn stored_outcome(
     store: &dyn MetadataStore,
     instance: &str,
     task_id: &str,
     attempt: u32,
     succeeded: bool,
-) -> Option<pb::RecordOutcome> {
+) -> Option<(pb::RecordOutcome, String)> {
     let (run_id, step_id) = task_id.split_once('/')?;
     if run_id.len() > dagmesh_proto::limits::MAX_VALUE_LEN {
         return None;
@@ -1315,10 +1343,16 @@ async fn stored_outcome(
         step.state() == pb::StepState::Failed
     };
     if step.attempt == attempt && step.worker == instance && ended_as_said {
-        Some(pb::RecordOutcome::Duplicate)
-    } else {
-        Some(pb::RecordOutcome::Stale)
+        return Some((pb::RecordOutcome::Duplicate, String::new()));
     }
+    let detail = format!(
+        "the run has ended ({}); attempt {attempt} of step {step_id:?} is not its recorded result \
+         from worker {instance} (the step ended at attempt {}, {})",
+        run.state().as_str_name().trim_start_matches("RUN_STATE_"),
+        step.attempt,
+        step.state().as_str_name().trim_start_matches("STEP_STATE_")
+    );
+    Some((pb::RecordOutcome::Stale, detail))
 }
 
 fn non_empty(s: &str) -> Option<&str> {

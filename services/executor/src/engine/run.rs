@@ -349,8 +349,14 @@ impl RunEntry {
             } else {
                 HashMap::new()
             };
+            // The payload limit bounds what an expression may build, and its cost estimate what
+            // it may do, before it runs inside this (the only) engine task.
+            let budget = dagmesh_spec::EvalBudget {
+                max_payload_bytes: ctx.config.max_payload_bytes,
+                ..dagmesh_spec::EvalBudget::default()
+            };
             if spec.when.is_some() {
-                match spec.evaluate_when(&self.inputs, &upstream) {
+                match spec.evaluate_when_with(&self.inputs, &upstream, &budget) {
                     Ok(true) => {}
                     Ok(false) => {
                         let reason = "`when` condition is false".to_owned();
@@ -364,7 +370,7 @@ impl RunEntry {
                     }
                 }
             }
-            let inputs = match spec.evaluate_inputs(&self.inputs, &upstream) {
+            let inputs = match spec.evaluate_inputs_with(&self.inputs, &upstream, &budget) {
                 Ok(inputs) => map_to_struct(&inputs),
                 Err(error) => {
                     self.fail_step(index, error.to_string(), ctx);
@@ -1008,7 +1014,8 @@ impl RunEntry {
     pub fn abandon(self, ctx: &mut Ctx) {
         for (index, step) in self.steps.iter().enumerate() {
             if is_active(step.state()) {
-                ctx.workers.release(&step.worker, &step.task_id, step.attempt);
+                ctx.workers
+                    .release(&step.worker, &step.task_id, step.attempt);
                 let resource = &self.plan.compiled.steps[index].concurrency_key;
                 ctx.admission.release_resource(resource);
             }

@@ -59,8 +59,10 @@ impl WorkerService for Workers {
         // Unbounded is safe here: credit flow bounds Assigns to the worker's slots, and every
         // other server message answers one the worker sent.
         let (outbound, stream) = mpsc::unbounded_channel();
-        // The reader ends the stream itself when the worker breaks a limit.
-        let closer = outbound.clone();
+        // The reader ends the stream itself when the worker breaks a limit. Weak: the stream
+        // must end when the engine drops the session (a lease that ran out), so the reader may
+        // not keep it open.
+        let closer = outbound.downgrade();
         let max_payload = self.executor.config().max_payload_bytes;
         engine
             .send(Command::Connect {
@@ -102,7 +104,9 @@ impl WorkerService for Workers {
                             status.message()
                         );
                         tracing::warn!(worker = %instance, %reason, "closing worker stream");
-                        let _ = closer.send(Err(Status::resource_exhausted(reason.clone())));
+                        if let Some(closer) = closer.upgrade() {
+                            let _ = closer.send(Err(Status::resource_exhausted(reason.clone())));
+                        }
                         break reason;
                     }
                     Err(status) => {
@@ -158,7 +162,9 @@ fn validate_hello(hello: &Hello) -> Result<(), String> {
     ];
     for (field, count, limit) in counts {
         if count > limit {
-            return Err(format!("{field}: {count} entries, over the limit of {limit}"));
+            return Err(format!(
+                "{field}: {count} entries, over the limit of {limit}"
+            ));
         }
     }
     for (key, value) in &hello.labels {

@@ -30,8 +30,12 @@ impl WorkflowService for Workflows {
         request: Request<GetWorkflowRequest>,
     ) -> Result<Response<Workflow>, Status> {
         let request = request.into_inner();
-        dagmesh_proto::limits::check_len("name", &request.name, dagmesh_proto::limits::MAX_NAME_LEN)
-            .map_err(Status::invalid_argument)?;
+        dagmesh_proto::limits::check_len(
+            "name",
+            &request.name,
+            dagmesh_proto::limits::MAX_NAME_LEN,
+        )
+        .map_err(Status::invalid_argument)?;
         let version = (request.version != 0).then_some(request.version);
         let workflow = self
             .0
