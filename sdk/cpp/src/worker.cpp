@@ -821,7 +821,6 @@ void Driver::on_assign(const v1::Assign& assign) {
     }
     return;
   }
-  if (!write(started_message(key))) return;
 
   const std::uint32_t slots = std::max<std::uint32_t>(assign.slots(), 1);
   // 64 bits: a broken executor may send any `slots`, and the sum must not wrap.
@@ -862,6 +861,9 @@ void Driver::on_assign(const v1::Assign& assign) {
     write(*result);
     return;
   }
+  // Started only for work taken: a refusal without Started tells a draining worker's executor
+  // that the task was handed back, not attempted.
+  if (!write(started_message(key))) return;
   spawn(key, assign, slots, *registered);
   publish();
 }

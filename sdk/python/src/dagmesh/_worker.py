@@ -806,8 +806,6 @@ class _Driver:
         if isinstance(entry, _Finished):
             outbox.push(entry.result)
             return
-        outbox.push(_started(key))
-
         slots = max(assign.slots, 1)
         used = sum(e.slots for e in self.tasks.values() if isinstance(e, _Running))
         task_type = assign.task_type
@@ -841,6 +839,9 @@ class _Driver:
             self.publish()
             outbox.push(result)
             return
+        # Started only for work taken: a refusal without Started tells a draining worker's
+        # executor that the task was handed back, not attempted.
+        outbox.push(_started(key))
         ctx = TaskContext._from_assign(assign, self.loop)
         inputs = to_dict(assign.inputs)
         pump = self.loop.create_task(

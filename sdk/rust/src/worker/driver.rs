@@ -409,7 +409,6 @@ impl Driver {
             Some(Entry::Finished { result }) => return send(out, result.clone()).await,
             None => {}
         }
-        send(out, started(&key)).await?;
 
         let config = self.config.clone();
         let task_type = assign.task_type.clone().unwrap_or_default();
@@ -445,6 +444,9 @@ impl Driver {
         };
         match (refusal, registered) {
             (None, Some(registered)) => {
+                // Started only for work taken: a refusal without Started tells a draining
+                // worker's executor that the task was handed back, not attempted.
+                send(out, started(&key)).await?;
                 self.spawn(key, assign, slots, registered);
                 self.publish();
                 Ok(())
