@@ -3,9 +3,11 @@
 
 use dagmesh_proto::json::{from_struct, to_struct};
 use dagmesh_proto::limits::{MAX_PAYLOAD_DEPTH, PayloadError, check_depth, check_payload};
-use dagmesh_proto::v1::{ListRunsResponse, Run, Step, WatchRunResponse, WorkerMessage, watch_run_response};
-use prost::Message as _;
+use dagmesh_proto::v1::{
+    ListRunsResponse, Run, Step, WatchRunResponse, WorkerMessage, watch_run_response,
+};
 use proptest::prelude::*;
+use prost::Message as _;
 use serde_json::{Value, json};
 
 /// JSON trees up to ~40 levels deep, mixing objects and lists.

@@ -314,7 +314,10 @@ impl PlainLines {
                 })
                 .collect(),
             Some(run_event::Event::Unreadable(e)) => {
-                vec![format!("{time} event {} unreadable: {}", event.seq, e.reason)]
+                vec![format!(
+                    "{time} event {} unreadable: {}",
+                    event.seq, e.reason
+                )]
             }
             None => Vec::new(),
         }
