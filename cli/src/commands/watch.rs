@@ -1342,6 +1342,44 @@ mod tests {
     }
 
     #[test]
+    fn a_step_no_worker_can_take_says_why_in_the_tree() {
+        let mut view = RunView::new("r1");
+        view.snapshot(Run {
+            run_id: "r1".into(),
+            workflow: "w".into(),
+            workflow_version: 1,
+            state: RunState::Running as i32,
+            steps: steps(&["build"]),
+            created_at: at(0),
+            ..Run::default()
+        });
+        let reason = "waiting: no connected worker offers mesh.build@^1.2 with gpu=true";
+        assert!(view.apply(&event(
+            1,
+            0,
+            run_event::Event::StepState(StepStateChanged {
+                step_id: "build".into(),
+                state: StepState::Ready as i32,
+                attempt: 1,
+                worker: String::new(),
+                error: reason.into(),
+            }),
+        )));
+        let rows = tree_rows(&view.run.steps, &view.needs);
+        let now = format::to_system_time(&at(1000).unwrap()).unwrap();
+        let lines = tree_lines(&view, &rows, now, 0, Paint::PLAIN);
+        assert!(lines[1].ends_with(reason), "{lines:?}");
+        // Once a worker takes it, the reason goes away.
+        assert!(view.apply(&event(
+            2,
+            500,
+            step_state("build", StepState::Running, 1, "gpu-1")
+        )));
+        let lines = tree_lines(&view, &rows, now, 0, Paint::PLAIN);
+        assert!(!lines[1].contains("waiting"), "{lines:?}");
+    }
+
+    #[test]
     fn a_new_attempt_resets_progress_and_a_retried_run_reopens() {
         let mut view = RunView::new("r1");
         view.apply(&event(
