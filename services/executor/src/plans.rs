@@ -1,4 +1,6 @@
 //! Compiled workflow versions, cached: versions are immutable, so a compiled plan never goes stale.
+//! The cache is bounded by the steps it holds (least recently used first out); a plan that is
+//! evicted lives on in the runs that use it and is compiled again when it is needed again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -61,9 +63,55 @@ impl Plan {
     }
 }
 
+/// Steps of all cached plans together: a client applying new 10,000-step versions in a loop
+/// must not grow the executor's memory without bound.
+const MAX_CACHED_STEPS: usize = 50_000;
+
 pub struct PlanCache {
     store: Arc<dyn MetadataStore>,
-    plans: Mutex<HashMap<(String, u32), Arc<Plan>>>,
+    plans: Mutex<Cached>,
+}
+
+#[derive(Default)]
+struct Cached {
+    /// (name, version) -> (plan, last use).
+    plans: HashMap<(String, u32), (Arc<Plan>, u64)>,
+    steps: usize,
+    clock: u64,
+}
+
+impl Cached {
+    fn get(&mut self, key: &(String, u32)) -> Option<Arc<Plan>> {
+        self.clock += 1;
+        let (plan, used) = self.plans.get_mut(key)?;
+        *used = self.clock;
+        Some(plan.clone())
+    }
+
+    /// The cached plan of `key` if there is one (another caller compiled it first), else `plan`,
+    /// now cached; the least recently used plans go until the steps fit again.
+    fn insert(&mut self, key: (String, u32), plan: Arc<Plan>) -> Arc<Plan> {
+        if let Some(cached) = self.get(&key) {
+            return cached;
+        }
+        self.steps += plan.compiled.steps.len();
+        self.plans.insert(key.clone(), (plan.clone(), self.clock));
+        while self.steps > MAX_CACHED_STEPS && self.plans.len() > 1 {
+            let Some(oldest) = self
+                .plans
+                .iter()
+                .filter(|(k, _)| **k != key)
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            if let Some((evicted, _)) = self.plans.remove(&oldest) {
+                self.steps -= evicted.compiled.steps.len();
+            }
+        }
+        plan
+    }
 }
 
 impl PlanCache {
@@ -83,7 +131,7 @@ impl PlanCache {
         let key = (workflow.name.clone(), workflow.version);
         let plan = Arc::new(Plan::from_compiled(workflow, compiled));
         let mut plans = self.plans.lock().expect("plan cache poisoned");
-        Ok((plans.entry(key).or_insert(plan).clone(), created))
+        Ok((plans.insert(key, plan), created))
     }
 
     /// The plan of `name` at `version` (None: the latest).
@@ -93,8 +141,7 @@ impl PlanCache {
                 .plans
                 .lock()
                 .expect("plan cache poisoned")
-                .get(&(name.to_owned(), version))
-                .cloned();
+                .get(&(name.to_owned(), version));
             if let Some(plan) = cached {
                 return Ok(plan);
             }
@@ -102,10 +149,60 @@ impl PlanCache {
         let workflow = self.store.get_workflow(name, version).await?;
         let key = (workflow.name.clone(), workflow.version);
         if let Some(plan) = self.plans.lock().expect("plan cache poisoned").get(&key) {
-            return Ok(plan.clone());
+            return Ok(plan);
         }
         let plan = Arc::new(Plan::new(workflow)?);
         let mut plans = self.plans.lock().expect("plan cache poisoned");
-        Ok(plans.entry(key).or_insert(plan).clone())
+        Ok(plans.insert(key, plan))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dagmesh_proto::v1::StepSpec;
+
+    fn plan(name: &str, steps: usize) -> Arc<Plan> {
+        let spec = WorkflowSpec {
+            name: name.into(),
+            steps: (0..steps)
+                .map(|i| StepSpec {
+                    id: format!("s{i}"),
+                    task: "echo".into(),
+                    ..StepSpec::default()
+                })
+                .collect(),
+            ..WorkflowSpec::default()
+        };
+        let compiled = dagmesh_spec::compile(&spec).expect("valid");
+        let workflow = Workflow {
+            name: name.into(),
+            version: 1,
+            spec: Some(spec),
+            ..Workflow::default()
+        };
+        Arc::new(Plan::from_compiled(workflow, compiled))
+    }
+
+    #[test]
+    fn the_cache_keeps_its_steps_bounded_and_the_recently_used_plans() {
+        let mut cache = Cached::default();
+        // Workflows have at most 10,000 steps: five of these fill the cache.
+        let big = dagmesh_proto::limits::MAX_STEPS;
+        cache.insert(("keep".into(), 1), plan("keep", big));
+        for i in 0..10 {
+            cache.insert((format!("w{i}"), 1), plan(&format!("w{i}"), big));
+            // Used all along, so never the least recently used.
+            assert!(cache.get(&("keep".into(), 1)).is_some(), "round {i}");
+            assert!(cache.steps <= MAX_CACHED_STEPS, "{} steps cached", cache.steps);
+        }
+        assert!(cache.get(&("w9".into(), 1)).is_some(), "the newest stays");
+        assert!(cache.get(&("w0".into(), 1)).is_none(), "the oldest went");
+        let counted: usize = cache
+            .plans
+            .values()
+            .map(|(p, _)| p.compiled.steps.len())
+            .sum();
+        assert_eq!(counted, cache.steps);
     }
 }

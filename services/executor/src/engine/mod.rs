@@ -351,23 +351,11 @@ impl Engine {
                 continue;
             }
             find_log_end(&self.store, &mut run).await?;
-            let mut entry = RunEntry::recover(run, plan, &mut self.ctx);
+            let entry = RunEntry::recover(run, plan, &mut self.ctx);
             if let Some(key) = non_empty(&entry.run.idempotency_key) {
                 self.remember_key(key.to_owned(), entry.id.clone());
             }
-            entry.buckets = self.buckets_of(&entry);
-            match entry.run.state() {
-                RunState::Running => {
-                    self.ctx.admission.acquire(&entry.buckets);
-                    entry.admitted = true;
-                }
-                RunState::Queued => self
-                    .ctx
-                    .admission
-                    .enqueue(entry.run.priority, entry.id.clone()),
-                _ => {}
-            }
-            self.runs.insert(entry.id.clone(), entry);
+            self.adopt(entry);
         }
         if count > 0 {
             tracing::info!(runs = count, "recovered active runs");
@@ -1218,7 +1206,14 @@ impl Engine {
             }
             return Ok(());
         }
-        let mut entry = RunEntry::recover(stored, plan, &mut self.ctx);
+        let entry = RunEntry::recover(stored, plan, &mut self.ctx);
+        self.adopt(entry);
+        Ok(())
+    }
+
+    /// Takes a run read back from the store into the engine: it holds its admission buckets
+    /// again if it was running, or waits in the admission queue if it was queued.
+    fn adopt(&mut self, mut entry: RunEntry) {
         entry.buckets = self.buckets_of(&entry);
         match entry.run.state() {
             RunState::Running => {
@@ -1232,7 +1227,6 @@ impl Engine {
             _ => {}
         }
         self.runs.insert(entry.id.clone(), entry);
-        Ok(())
     }
 
     fn drain_done(&mut self) -> bool {
