@@ -1,7 +1,13 @@
 //! `dagmesh bench`: the goals of BRIEF.md, measured. The mesh runs in-process on durable SQLite
 //! (a file, WAL) with no-op Rust workers on real gRPC streams over loopback, so the numbers
 //! include the store, the protocol and the engine, and nothing of step code.
+//!
+//! `abuse` (not part of `all`) measures the same mesh while hostile clients attack it; see
+//! [`abuse`].
 
+pub mod abuse;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -27,6 +33,9 @@ pub enum Scenario {
     Idle,
     /// All of the above.
     All,
+    /// Victim runs' latency and the process memory while hostile clients attack the mesh, one
+    /// abuse per phase (not part of `all`).
+    Abuse,
 }
 
 #[derive(clap::Args, Debug)]
@@ -42,6 +51,12 @@ pub struct BenchArgs {
     /// Database URL; default: a fresh SQLite file in a temporary directory.
     #[arg(long, env = "DAGMESH_BENCH_DATABASE_URL")]
     pub database: Option<String>,
+    /// `abuse`: seconds of each phase (baseline, each abuse, after).
+    #[arg(long, env = "DAGMESH_BENCH_PHASE_SECONDS", default_value_t = 5)]
+    pub phase_seconds: u64,
+    /// `abuse`: the abuses to run, in this order (default: all of them).
+    #[arg(long, env = "DAGMESH_BENCH_ABUSE", value_enum, value_delimiter = ',')]
+    pub abuse: Vec<abuse::Abuse>,
 }
 
 /// One result line; fields that do not apply to a scenario are null.
@@ -57,6 +72,24 @@ pub struct Report {
     pub rss_mb: Option<f64>,
     /// `idle` only: process start of the mesh to the first Assign reaching a worker.
     pub cold_start_ms: Option<f64>,
+    /// `abuse` only (absent elsewhere): the phase, `baseline`, an abuse, or `after`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phase: Option<&'static str>,
+    /// `abuse`: victim runs submitted in the phase that ended, and how many of them did not
+    /// succeed (failed, refused or timed out).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runs: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_runs: Option<usize>,
+    /// `abuse`: highest resident memory sampled during the phase (every 50 ms), in MB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_peak_mb: Option<f64>,
+    /// `abuse`: size of the SQLite database (with its WAL) at the end of the phase, in MB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub db_mb: Option<f64>,
+    /// `abuse`: what the hostile client did and what it got.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub achieved: Option<String>,
 }
 
 pub async fn bench(global: &Global, args: BenchArgs) -> anyhow::Result<ExitCode> {
@@ -71,12 +104,16 @@ pub async fn bench(global: &Global, args: BenchArgs) -> anyhow::Result<ExitCode>
         one => vec![one],
     };
     for scenario in scenarios {
+        if scenario == Scenario::Abuse {
+            abuse::abuse(&args, global.output).await?;
+            continue;
+        }
         let report = match scenario {
             Scenario::Chain => chain(&args).await?,
             Scenario::Fanout => fanout(&args).await?,
             Scenario::Runs => runs(&args).await?,
             Scenario::Idle => idle(&args).await?,
-            Scenario::All => unreachable!("expanded above"),
+            Scenario::All | Scenario::Abuse => unreachable!("expanded above"),
         };
         print_report(global.output, &report)?;
     }
@@ -86,6 +123,10 @@ pub async fn bench(global: &Global, args: BenchArgs) -> anyhow::Result<ExitCode>
 fn print_report(output: OutputFormat, report: &Report) -> anyhow::Result<()> {
     if output == OutputFormat::Json {
         println!("{}", serde_json::to_string(report)?);
+        return Ok(());
+    }
+    if let Some(phase) = report.phase {
+        println!("{}", abuse::text_line(phase, report));
         return Ok(());
     }
     let opt =
@@ -110,6 +151,8 @@ struct Bench {
     mesh: Mesh,
     workers: Vec<WorkerHandle>,
     tasks: Vec<tokio::task::JoinHandle<Result<(), dagmesh_sdk::WorkerError>>>,
+    /// The SQLite file when the bench made it (no `--database`).
+    db_path: Option<PathBuf>,
     _scratch: tempfile::TempDir,
 }
 
@@ -120,10 +163,14 @@ async fn noop(_: TaskContext, _: serde_json::Value) -> Result<serde_json::Value,
 impl Bench {
     async fn start(args: &BenchArgs, workers: usize, slots: u32) -> anyhow::Result<Self> {
         let scratch = tempfile::tempdir()?;
-        let database_url = args
+        let db_path = args
             .database
-            .clone()
-            .unwrap_or_else(|| format!("sqlite://{}", scratch.path().join("bench.db").display()));
+            .is_none()
+            .then(|| scratch.path().join("bench.db"));
+        let database_url = match &db_path {
+            Some(path) => format!("sqlite://{}", path.display()),
+            None => args.database.clone().unwrap_or_default(),
+        };
         let mesh = Mesh::start(MeshOptions {
             listen: "127.0.0.1:0".into(),
             database_url,
@@ -148,6 +195,7 @@ impl Bench {
             mesh,
             workers: handles,
             tasks,
+            db_path,
             _scratch: scratch,
         })
     }
@@ -292,8 +340,7 @@ async fn runs(args: &BenchArgs) -> anyhow::Result<Report> {
     bench.stop().await?;
     let mut millis: Vec<f64> = latencies.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
     millis.sort_by(f64::total_cmp);
-    let percentile =
-        |p: f64| millis[((millis.len() as f64 * p).ceil() as usize).clamp(1, millis.len()) - 1];
+    let percentile = |p: f64| percentile(&millis, p).unwrap_or_default();
     Ok(Report {
         scenario: "runs",
         steps: count * 5,
@@ -328,6 +375,13 @@ async fn idle(args: &BenchArgs) -> anyhow::Result<Report> {
         cold_start_ms: Some(cold_start.as_secs_f64() * 1000.0),
         ..Default::default()
     })
+}
+
+/// The value at or below which a fraction `p` of `sorted` (ascending) lies (nearest rank);
+/// `None` when empty.
+fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    let rank = (sorted.len() as f64 * p).ceil() as usize;
+    (!sorted.is_empty()).then(|| sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
 /// VmRSS of this process (store, executor, one worker and the benchmark itself), in MB.
