@@ -194,7 +194,11 @@ mod tests {
             cache.insert((format!("w{i}"), 1), plan(&format!("w{i}"), big));
             // Used all along, so never the least recently used.
             assert!(cache.get(&("keep".into(), 1)).is_some(), "round {i}");
-            assert!(cache.steps <= MAX_CACHED_STEPS, "{} steps cached", cache.steps);
+            assert!(
+                cache.steps <= MAX_CACHED_STEPS,
+                "{} steps cached",
+                cache.steps
+            );
         }
         assert!(cache.get(&("w9".into(), 1)).is_some(), "the newest stays");
         assert!(cache.get(&("w0".into(), 1)).is_none(), "the oldest went");
