@@ -215,9 +215,10 @@ mod tests {
     use crate::json::to_struct;
     use serde_json::json;
 
+    /// `levels` objects, one inside the other.
     fn nest(levels: usize) -> serde_json::Value {
         let mut value = json!(1);
-        for _ in 1..levels {
+        for _ in 0..levels {
             value = json!({ "a": value });
         }
         value
