@@ -516,10 +516,7 @@ impl Sim {
     /// Reads whatever the server has sent, without waiting.
     fn pump(&mut self) -> anyhow::Result<()> {
         for i in 0..self.workers.len() {
-            loop {
-                let Some(stream) = self.workers[i].stream.as_mut() else {
-                    break;
-                };
+            while let Some(stream) = self.workers[i].stream.as_mut() {
                 let Some(result) = stream.next().now_or_never() else {
                     break;
                 };

@@ -319,7 +319,7 @@ async fn an_oversized_message_ends_the_stream_with_resource_exhausted_and_never_
         worker
             .complete(&assign.task_id, assign.attempt, huge.clone())
             .await?;
-        let error = worker.next().await.err().expect("the stream must end");
+        let error = worker.next().await.expect_err("the stream must end");
         let status = error
             .downcast_ref::<tonic::Status>()
             .unwrap_or_else(|| panic!("a status, not {error:#}"));

@@ -31,8 +31,8 @@ pub const MAX_MESSAGE_LEN: usize = 1024;
 /// Error texts from workers (TaskFailed.error); longer ones are cut and marked.
 pub const MAX_ERROR_LEN: usize = 16 * 1024;
 
-/// Steps of one workflow.
-pub const MAX_STEPS: usize = 10_000;
+/// Steps of one workflow (a fan-out of 10,000 steps with its join fits, with room to spare).
+pub const MAX_STEPS: usize = 20_000;
 /// `needs` entries summed over all steps of one workflow (edges of the DAG).
 pub const MAX_EDGES: usize = 100_000;
 /// Inputs of one step; labels of one step or worker; tags of one run; metrics of one progress.

@@ -140,14 +140,15 @@ fn a_cycle_through_a_10000_step_chain_is_named_without_overflowing_the_stack() {
 
 #[test]
 fn more_steps_or_needs_than_the_limits_are_refused_with_the_counts() {
+    let max = dagmesh_proto::limits::MAX_STEPS;
     let spec = workflow(
-        (0..=N)
+        (0..=max)
             .map(|i| step(format!("s{i}"), vec![], vec![]))
             .collect(),
     );
     assert_eq!(
         compile(&spec).unwrap_err().to_string(),
-        "steps: 10001 steps, over the limit of 10000"
+        format!("steps: {} steps, over the limit of {max}", max + 1)
     );
 
     // 100,001 needs over 2 steps; the names need not exist, counting comes first.

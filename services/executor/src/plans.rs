@@ -187,7 +187,7 @@ mod tests {
     #[test]
     fn the_cache_keeps_its_steps_bounded_and_the_recently_used_plans() {
         let mut cache = Cached::default();
-        // Workflows have at most 10,000 steps: five of these fill the cache.
+        // The largest workflows allowed: two of them (and a bit) fill the cache.
         let big = dagmesh_proto::limits::MAX_STEPS;
         cache.insert(("keep".into(), 1), plan("keep", big));
         for i in 0..10 {

@@ -288,7 +288,7 @@ async fn forged_results(target: &Target, stop: &Stop) -> anyhow::Result<String> 
             continue;
         }
         for (i, (task_id, attempt)) in targets.into_iter().enumerate() {
-            let forged = if (i as u64 + rounds) % 2 == 0 {
+            let forged = if (i as u64 + rounds).is_multiple_of(2) {
                 worker_message::Message::Completed(pb::TaskCompleted {
                     task_id,
                     attempt,
@@ -637,13 +637,13 @@ async fn garbage(target: &Target, stop: &Stop) -> anyhow::Result<String> {
     let idle = async {
         let mut held = Vec::new();
         while !stopped(stop) {
-            if held.len() < 256 {
-                if let Ok(mut stream) = TcpStream::connect(addr).await {
-                    if held.len() % 2 == 0 {
-                        let _ = stream.write_all(b"PRI * HTTP/2.0\r\n").await;
-                    }
-                    held.push(stream);
+            if held.len() < 256
+                && let Ok(mut stream) = TcpStream::connect(addr).await
+            {
+                if held.len().is_multiple_of(2) {
+                    let _ = stream.write_all(b"PRI * HTTP/2.0\r\n").await;
                 }
+                held.push(stream);
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
