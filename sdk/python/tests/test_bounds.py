@@ -59,16 +59,16 @@ def test_assigns_past_the_limits_fail_the_attempt_not_the_worker() -> None:
         try:
             inputs = {"text": "x" * 5000}
             size = to_struct(inputs).ByteSize()
-            started, failed = await _answers(driver, _assign("r/huge", inputs))
-            assert started.WhichOneof("message") == "started"
+            # A refusal comes without Started: the task was not taken.
+            (failed,) = await _answers(driver, _assign("r/huge", inputs))
             assert failed.failed.error == f'inputs of "echo" are {size} bytes, over the 1024-byte payload limit'
             assert not failed.failed.retryable, "the same inputs would come again"
 
-            _, failed = await _answers(driver, _assign("r/deep", {"d": _nested(MAX_PAYLOAD_DEPTH)}))
+            (failed,) = await _answers(driver, _assign("r/deep", {"d": _nested(MAX_PAYLOAD_DEPTH)}))
             assert failed.failed.error.startswith('inputs of "echo": inputs.d.a.a'), failed.failed.error
             assert "limit of 20 levels" in failed.failed.error
 
-            _, failed = await _answers(driver, _assign("r/wide", {}, slots=2**32 - 1))
+            (failed,) = await _answers(driver, _assign("r/wide", {}, slots=2**32 - 1))
             assert failed.failed.retryable
             assert f"task needs {2**32 - 1} slot(s), 0 of 2 in use" in failed.failed.error
 
