@@ -75,6 +75,21 @@ async fn poll_run(
     }
 }
 
+/// The mesh still serves: a one-step run submitted now goes to `worker` and succeeds.
+async fn still_serves(sandbox: &Sandbox, worker: &mut RawWorker, name: &str) -> anyhow::Result<()> {
+    let run_id = submit(
+        sandbox,
+        workflow(name, vec![step("only", "echo", &[], &[])]),
+    )
+    .await?;
+    let assign = worker.expect_assign().await?;
+    worker
+        .complete(&assign.task_id, assign.attempt, json!({}))
+        .await?;
+    assert_succeeded(&wait(sandbox, &run_id).await?);
+    Ok(())
+}
+
 fn nested(levels: usize) -> Value {
     let mut value = json!("leaf");
     for _ in 1..levels {
@@ -654,16 +669,7 @@ async fn garbage_on_the_port_does_not_hurt_anyone() -> anyhow::Result<()> {
         RawWorker::hello("after", "echo", "1.0.0", 1),
     )
     .await?;
-    let run_id = submit(
-        &sandbox,
-        workflow("after", vec![step("only", "echo", &[], &[])]),
-    )
-    .await?;
-    let assign = worker.expect_assign().await?;
-    worker
-        .complete(&assign.task_id, assign.attempt, json!({}))
-        .await?;
-    assert_succeeded(&wait(&sandbox, &run_id).await?);
+    still_serves(&sandbox, &mut worker, "after").await?;
     sandbox.stop().await
 }
 
@@ -704,16 +710,7 @@ async fn a_second_executor_on_the_same_database_waits_or_refuses_naming_the_hold
     let second = Sandbox { mesh, database };
     let (mut worker, _) =
         RawWorker::connect(&second.url(), RawWorker::hello("w", "echo", "1.0.0", 1)).await?;
-    let run_id = submit(
-        &second,
-        workflow("takeover", vec![step("only", "echo", &[], &[])]),
-    )
-    .await?;
-    let assign = worker.expect_assign().await?;
-    worker
-        .complete(&assign.task_id, assign.attempt, json!({}))
-        .await?;
-    assert_succeeded(&wait(&second, &run_id).await?);
+    still_serves(&second, &mut worker, "takeover").await?;
     second.stop().await
 }
 
@@ -783,16 +780,7 @@ async fn workflows_with_out_of_range_values_are_refused_naming_the_field() -> an
     // The server is still fine.
     let (mut worker, _) =
         RawWorker::connect(&sandbox.url(), RawWorker::hello("w", "echo", "1.0.0", 1)).await?;
-    let run_id = submit(
-        &sandbox,
-        workflow("fine", vec![step("only", "echo", &[], &[])]),
-    )
-    .await?;
-    let assign = worker.expect_assign().await?;
-    worker
-        .complete(&assign.task_id, assign.attempt, json!({}))
-        .await?;
-    assert_succeeded(&wait(&sandbox, &run_id).await?);
+    still_serves(&sandbox, &mut worker, "fine").await?;
     sandbox.stop().await
 }
 
@@ -896,16 +884,7 @@ async fn a_commit_the_store_refuses_fails_that_request_and_the_engine_goes_on() 
     assert_succeeded(&wait(&sandbox, &run_id).await?);
 
     // And the engine serves everyone else as before.
-    let other = submit(
-        &sandbox,
-        workflow("after-clash", vec![step("only", "echo", &[], &[])]),
-    )
-    .await?;
-    let assign = worker.expect_assign().await?;
-    worker
-        .complete(&assign.task_id, assign.attempt, json!({}))
-        .await?;
-    assert_succeeded(&wait(&sandbox, &other).await?);
+    still_serves(&sandbox, &mut worker, "after-clash").await?;
     sandbox.stop().await
 }
 

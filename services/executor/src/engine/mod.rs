@@ -875,16 +875,16 @@ impl Engine {
     }
 
     /// Like `current`, and the task is held by `instance`: only the holder's reports count.
+    /// The current attempt of an assigned or running step is held by exactly the worker its
+    /// record names, so the step says it without a look-up in the session.
     fn held_current(
         &self,
         instance: &Arc<str>,
         task_id: &str,
         attempt: u32,
     ) -> Option<(Arc<str>, usize)> {
-        if !self.ctx.workers.holds(instance, task_id, attempt) {
-            return None;
-        }
-        self.current(task_id, attempt)
+        let (run_id, step) = self.current(task_id, attempt)?;
+        (self.runs[&run_id].steps[step].worker == **instance).then_some((run_id, step))
     }
 
     fn result(

@@ -250,13 +250,6 @@ impl Workers {
         false
     }
 
-    /// Whether `instance` holds (task, attempt): only the holder's messages about a task count.
-    pub fn holds(&self, instance: &str, task_id: &str, attempt: u32) -> bool {
-        self.sessions
-            .get(instance)
-            .is_some_and(|s| s.held.contains_key(&(task_id.to_owned(), attempt)))
-    }
-
     pub fn outbound(&self, instance: &str) -> Option<Outbound> {
         self.sessions.get(instance)?.outbound.clone()
     }
