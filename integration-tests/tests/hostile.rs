@@ -965,3 +965,25 @@ async fn a_ten_thousand_step_chain_is_accepted_and_starts() -> anyhow::Result<()
     assert_eq!(wait(&sandbox, &run_id).await?.state(), RunState::Cancelled);
     sandbox.stop().await
 }
+
+#[tokio::test]
+async fn a_quarantine_reason_is_bounded_like_any_error_echoed_back() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start().await?;
+    let run_id = submit(
+        &sandbox,
+        workflow("quarantined", vec![step("only", "echo", &[], &[])]),
+    )
+    .await?;
+    let store = sandbox.mesh.executor().store().clone();
+    let run = store
+        .quarantine_run(&run_id, &"why ".repeat(256 * 1024))
+        .await?;
+    assert_eq!(run.state(), RunState::Failed);
+    assert!(run.error.len() <= 16 * 1024, "{} bytes", run.error.len());
+    assert!(
+        run.error.contains("[truncated: 1048576 bytes"),
+        "{}",
+        &run.error[run.error.len() - 60..]
+    );
+    sandbox.stop().await
+}

@@ -506,6 +506,11 @@ fn quarantine_mutations(
     max_seq: i64,
     reason: &str,
 ) -> Result<Vec<Mutation>, StoreError> {
+    // The reason becomes the run's error and is echoed back by every read: bounded like a
+    // worker's error text.
+    let mut reason = reason.to_owned();
+    dagmesh_proto::limits::truncate_marked(&mut reason, dagmesh_proto::limits::MAX_ERROR_LEN);
+    let reason = reason.as_str();
     let now = Timestamp::from(std::time::SystemTime::now());
     let run_id = stored.run_id.clone();
     let mut run = match stored.run {
