@@ -24,6 +24,7 @@
 #include <atomic>
 #include <cerrno>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -268,24 +269,92 @@ void session_main(Session* session, v1::WorkerMessage hello, std::shared_ptr<Eve
   queue->push(std::move(event));
 }
 
-/// "http://host:port" -> ("host:port", insecure); "https://..." -> TLS; "host:port" as is.
-std::pair<std::string, std::shared_ptr<grpc::ChannelCredentials>> parse_server(std::string url) {
-  bool tls = false;
-  if (url.rfind("http://", 0) == 0) {
-    url = url.substr(7);
-  } else if (url.rfind("https://", 0) == 0) {
-    url = url.substr(8);
-    tls = true;
-  } else if (url.rfind("grpc://", 0) == 0) {
-    url = url.substr(7);
+/// The URL without scheme and path: "https://host:port/x" -> "host:port".
+std::string target_of(std::string url) {
+  for (const char* scheme : {"http://", "https://", "grpc://"}) {
+    const std::size_t n = std::strlen(scheme);
+    if (url.rfind(scheme, 0) == 0) {
+      url = url.substr(n);
+      break;
+    }
   }
   if (url.rfind("unix:", 0) != 0) {
     const auto slash = url.find('/');
     if (slash != std::string::npos) url = url.substr(0, slash);
   }
-  auto creds = tls ? grpc::SslCredentials(grpc::SslCredentialsOptions())
-                   : grpc::InsecureChannelCredentials();
-  return {url, creds};
+  return url;
+}
+
+/// A setting's value and what to call it in messages: the WorkerOptions field when set there,
+/// else the environment variable it came from.
+struct Setting {
+  std::string value;
+  std::string name;
+  bool set() const { return !value.empty(); }
+};
+
+Setting pick(const std::string& option, const char* field, const char* variable) {
+  if (!option.empty()) return {option, field};
+  const char* value = std::getenv(variable);
+  if (value != nullptr && *value != '\0') return {value, variable};
+  return {};
+}
+
+/// PEM files and tokens are small; a bigger file is a mistake (a wrong path).
+constexpr std::size_t kMaxSettingFile = 1 << 20;
+
+std::string read_setting_file(const Setting& setting) {
+  const std::string where = setting.name + " file " + setting.value;
+  const int fd = ::open(setting.value.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw std::invalid_argument("cannot read " + where + ": " + std::strerror(errno));
+  std::string content;
+  char buf[8192];
+  for (;;) {
+    const ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      const int error = errno;
+      ::close(fd);
+      throw std::invalid_argument("cannot read " + where + ": " + std::strerror(error));
+    }
+    if (n == 0) break;
+    content.append(buf, static_cast<std::size_t>(n));
+    if (content.size() > kMaxSettingFile) {
+      ::close(fd);
+      throw std::invalid_argument("cannot read " + where + ": larger than " +
+                                  std::to_string(kMaxSettingFile) + " bytes");
+    }
+  }
+  ::close(fd);
+  return content;
+}
+
+std::string trim(const std::string& text) {
+  const char* space = " \t\r\n\v\f";
+  const auto first = text.find_first_not_of(space);
+  if (first == std::string::npos) return std::string();
+  const auto last = text.find_last_not_of(space);
+  return text.substr(first, last - first + 1);
+}
+
+std::string read_pem(const Setting& setting, const char* marker, const char* what) {
+  std::string pem = read_setting_file(setting);
+  if (pem.find(marker) == std::string::npos) {
+    throw std::invalid_argument(setting.name + " file " + setting.value + " holds no PEM " + what +
+                                " (no \"" + marker + "\" line)");
+  }
+  return pem;
+}
+
+const char* fatal_stream_code(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::UNAUTHENTICATED:
+      return "the executor refused the worker's token";
+    case grpc::StatusCode::PERMISSION_DENIED:
+      return "the executor denied the worker";
+    default:
+      return nullptr;
+  }
 }
 
 bool valid_semver(const std::string& version) {
@@ -354,6 +423,76 @@ extern "C" void dagmesh_on_signal(int) {
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
+// Security settings: options first, then their environment variables (the contract shared with
+// the CLI and the other SDKs).
+
+ConnectionSettings resolve_connection(const WorkerOptions& options) {
+  ConnectionSettings settings;
+  settings.target = target_of(options.server);
+  settings.tls = options.server.rfind("https://", 0) == 0;
+
+  // The token: an explicit option (token, then token_file) wins over the environment
+  // (DAGMESH_TOKEN, then DAGMESH_TOKEN_FILE).
+  Setting token;
+  Setting token_file;
+  if (!options.token.empty()) {
+    token = {options.token, "token"};
+  } else if (!options.token_file.empty()) {
+    token_file = {options.token_file, "token_file"};
+  } else {
+    token = pick("", "token", "DAGMESH_TOKEN");
+    if (!token.set()) token_file = pick("", "token_file", "DAGMESH_TOKEN_FILE");
+  }
+  if (token.set()) {
+    settings.token = trim(token.value);
+    settings.token_source = token.name;
+    if (settings.token.empty()) throw std::invalid_argument(token.name + " is blank");
+  } else if (token_file.set()) {
+    settings.token = trim(read_setting_file(token_file));
+    settings.token_source = token_file.name + " " + token_file.value;
+    if (settings.token.empty()) {
+      throw std::invalid_argument(token_file.name + " file " + token_file.value +
+                                  " holds no token (it is empty)");
+    }
+  }
+  for (const char c : settings.token) {
+    if (c < 0x20 || c > 0x7e) {
+      throw std::invalid_argument(
+          "the token from " + settings.token_source +
+          " has a character that cannot go in a gRPC header (only printable ASCII)");
+    }
+  }
+
+  const Setting ca = pick(options.tls_ca, "tls_ca", "DAGMESH_TLS_CA");
+  const Setting cert = pick(options.tls_client_cert, "tls_client_cert", "DAGMESH_TLS_CLIENT_CERT");
+  const Setting key = pick(options.tls_client_key, "tls_client_key", "DAGMESH_TLS_CLIENT_KEY");
+  const Setting name = pick(options.tls_server_name, "tls_server_name", "DAGMESH_TLS_SERVER_NAME");
+  if (!settings.tls) {
+    for (const Setting* s : {&ca, &cert, &key, &name}) {
+      if (s->set()) {
+        throw std::invalid_argument(s->name + " is set but the server URL \"" + options.server +
+                                    "\" is not https://: TLS settings need an https:// server URL");
+      }
+    }
+    return settings;
+  }
+  if (cert.set() != key.set()) {
+    const Setting& given = cert.set() ? cert : key;
+    const char* missing = cert.set() ? "tls_client_key (DAGMESH_TLS_CLIENT_KEY)"
+                                     : "tls_client_cert (DAGMESH_TLS_CLIENT_CERT)";
+    throw std::invalid_argument(given.name + " is set without " + missing +
+                                ": a client certificate needs its private key and the reverse");
+  }
+  if (ca.set()) settings.pem_root_certs = read_pem(ca, "-----BEGIN CERTIFICATE-----", "certificate");
+  if (cert.set()) {
+    settings.pem_cert_chain = read_pem(cert, "-----BEGIN CERTIFICATE-----", "certificate");
+    settings.pem_private_key = read_pem(key, "PRIVATE KEY-----", "private key");
+  }
+  settings.tls_server_name = trim(name.value);
+  return settings;
+}
+
+// ---------------------------------------------------------------------------------------------
 
 struct Registered {
   std::string name;
@@ -363,6 +502,7 @@ struct Registered {
 
 struct Worker::Impl {
   WorkerOptions options;
+  ConnectionSettings connection;
   std::vector<Registered> tasks;
 
   std::shared_ptr<EventQueue> queue = std::make_shared<EventQueue>();
@@ -502,9 +642,17 @@ class Driver {
 };
 
 int Driver::run() {
+  const ConnectionSettings& connection = impl_.connection;
+  std::string security = connection.tls ? "TLS" : "plaintext";
+  if (connection.tls) {
+    security += connection.pem_root_certs.empty() ? ", system roots" : ", own CA";
+    if (!connection.pem_cert_chain.empty()) security += ", client certificate";
+    if (!connection.tls_server_name.empty()) security += ", verifying " + connection.tls_server_name;
+  }
+  security += connection.token.empty() ? ", no token" : ", token from " + connection.token_source;
   DAGMESH_INFO("worker " << impl_.options.name << " (instance " << impl_.options.instance_id
                          << ", " << impl_.options.slots << " slot(s)) connecting to "
-                         << impl_.options.server);
+                         << impl_.options.server << " (" << security << ")");
   retry_at_ = Clock::now();
   for (;;) {
     if (impl_.abort_requested.load()) {
@@ -587,6 +735,10 @@ int Driver::run() {
     auto events = queue_->wait_until(deadline);
     for (auto& event : events) handle(event);
     if (rejected_) {
+      // Results can no longer be delivered: running handlers are told cancelled().
+      for (auto& [key, entry] : tasks_) {
+        if (entry.running) entry.ctx->cancel();
+      }
       teardown_session();
       phase_ = Phase::Offline;
       {
@@ -625,8 +777,22 @@ void Driver::on_broken() {
 }
 
 void Driver::start_session() {
-  auto [target, creds] = parse_server(impl_.options.server);
+  const ConnectionSettings& connection = impl_.connection;
+  const std::string& target = connection.target;
+  std::shared_ptr<grpc::ChannelCredentials> creds;
   grpc::ChannelArguments args;
+  if (connection.tls) {
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs = connection.pem_root_certs;  // empty: the system roots
+    ssl.pem_private_key = connection.pem_private_key;
+    ssl.pem_cert_chain = connection.pem_cert_chain;
+    creds = grpc::SslCredentials(ssl);
+    if (!connection.tls_server_name.empty()) {
+      args.SetSslTargetNameOverride(connection.tls_server_name);
+    }
+  } else {
+    creds = grpc::InsecureChannelCredentials();
+  }
   // The executor enforces payload limits (and says which in Welcome); the transport should
   // not cut in first with its 4 MiB default.
   args.SetMaxReceiveMessageSize(-1);
@@ -641,6 +807,9 @@ void Driver::start_session() {
   session_ = std::make_unique<Session>();
   session_->id = ++session_counter_;
   session_ended_ = false;
+  if (!connection.token.empty()) {
+    session_->context.AddMetadata("authorization", "Bearer " + connection.token);
+  }
   session_->channel = grpc::CreateCustomChannel(target, creds, args);
   session_->stub = v1::WorkerService::NewStub(session_->channel);
   session_->reader = std::thread(session_main, session_.get(), hello(), queue_);
@@ -733,6 +902,18 @@ void Driver::handle(Event& event) {
           status.error_code() == grpc::StatusCode::INVALID_ARGUMENT) {
         // The Hello itself is wrong: retrying the same Hello cannot help.
         rejected_ = "executor rejected the worker: " + status.error_message();
+        return;
+      }
+      if (const char* why = fatal_stream_code(status.error_code())) {
+        // A missing, invalid, expired or revoked token, or one without the scope (a task type
+        // outside its patterns): the same credentials would be refused again, for ever.
+        rejected_ = std::string(why) + " (" + code_name(status.error_code()) +
+                    "): " + status.error_message();
+        if (!impl_.connection.token_source.empty()) {
+          *rejected_ += " [token from " + impl_.connection.token_source + "]";
+        } else {
+          *rejected_ += " [no token given: set DAGMESH_TOKEN or DAGMESH_TOKEN_FILE]";
+        }
         return;
       }
       if (status.ok()) {
@@ -1127,6 +1308,7 @@ int Worker::Impl::run() {
 Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
   if (options.name.empty()) options.name = default_name();
   if (options.instance_id.empty()) options.instance_id = options.name + "-" + random_suffix();
+  impl_->connection = resolve_connection(options);
   impl_->options = std::move(options);
 }
 

@@ -1,9 +1,14 @@
 // Unit tests of the dagmesh C++ SDK: Struct <-> JSON, the payload size check, TaskContext,
-// Worker registration, bounds on what an executor sends. Run one group:
-// dagmesh_unit_tests json|payload|bounds|context|worker.
+// Worker registration, bounds on what an executor sends, resolution of the security settings.
+// Run one group: dagmesh_unit_tests json|payload|bounds|context|worker|security.
+
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdio>
+#include <fstream>
 #include <functional>
 #include <map>
 #include <stdexcept>
@@ -290,12 +295,223 @@ void test_worker() {
   CHECK(!aborted.last_error().empty());
 }
 
+// --- security settings ------------------------------------------------------------------------
+
+const char* const kSecurityVariables[] = {"DAGMESH_TOKEN",           "DAGMESH_TOKEN_FILE",
+                                          "DAGMESH_TLS_CA",          "DAGMESH_TLS_CLIENT_CERT",
+                                          "DAGMESH_TLS_CLIENT_KEY", "DAGMESH_TLS_SERVER_NAME"};
+
+void clear_security_env() {
+  for (const char* name : kSecurityVariables) ::unsetenv(name);
+}
+
+/// The message of the std::invalid_argument `f` throws; "<no throw>" or "<other>" otherwise.
+template <typename F>
+std::string invalid_argument_message(F&& f) {
+  try {
+    f();
+  } catch (const std::invalid_argument& e) {
+    return e.what();
+  } catch (...) {
+    return "<other>";
+  }
+  return "<no throw>";
+}
+
+bool contains(const std::string& text, const std::string& part) {
+  if (text.find(part) != std::string::npos) return true;
+  std::fprintf(stderr, "  \"%s\" does not contain \"%s\"\n", text.c_str(), part.c_str());
+  return false;
+}
+
+std::string write_file(const std::string& path, const std::string& content) {
+  std::ofstream(path, std::ios::binary) << content;
+  return path;
+}
+
+void test_security() {
+  clear_security_env();
+  char dir_template[] = "/tmp/dagmesh-unit-XXXXXX";
+  CHECK(::mkdtemp(dir_template) != nullptr);
+  const std::string dir = dir_template;
+  const std::string cert_pem =
+      "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+  const std::string key_pem = "-----BEGIN PRIVATE KEY-----\nMIGH\n-----END PRIVATE KEY-----\n";
+  const std::string ca = write_file(dir + "/ca.pem", cert_pem);
+  const std::string cert = write_file(dir + "/client.pem", cert_pem + cert_pem);
+  const std::string key = write_file(dir + "/client.key", key_pem);
+  const std::string token_file = write_file(dir + "/token", "  dmt_file_secret\n\n");
+  const std::string missing = dir + "/missing.pem";
+  const auto resolve = [](const dagmesh::WorkerOptions& o) { return dagmesh::resolve_connection(o); };
+
+  // Defaults: plaintext, no token; the target is the URL without scheme and path.
+  {
+    dagmesh::WorkerOptions o;
+    const auto c = resolve(o);
+    CHECK_EQ(c.target, "127.0.0.1:7070");
+    CHECK(!c.tls);
+    CHECK(c.token.empty());
+    CHECK(c.token_source.empty());
+    o.server = "https://mesh.example.com:7443/";
+    CHECK_EQ(resolve(o).target, "mesh.example.com:7443");
+    CHECK(resolve(o).tls);
+    CHECK(resolve(o).pem_root_certs.empty());  // the system roots
+    o.server = "localhost:7070";
+    CHECK_EQ(resolve(o).target, "localhost:7070");
+    CHECK(!resolve(o).tls);
+  }
+
+  // The token: an option wins over DAGMESH_TOKEN; the variable is used when the option is
+  // empty; a token may go over plaintext.
+  {
+    dagmesh::WorkerOptions o;
+    ::setenv("DAGMESH_TOKEN", "dmt_env_secret", 1);
+    CHECK_EQ(resolve(o).token, "dmt_env_secret");
+    CHECK_EQ(resolve(o).token_source, "DAGMESH_TOKEN");
+    o.token = "dmt_option_secret";
+    CHECK_EQ(resolve(o).token, "dmt_option_secret");
+    CHECK_EQ(resolve(o).token_source, "token");
+    // DAGMESH_TOKEN beats DAGMESH_TOKEN_FILE; an explicit token_file beats DAGMESH_TOKEN.
+    o.token.clear();
+    ::setenv("DAGMESH_TOKEN_FILE", missing.c_str(), 1);
+    CHECK_EQ(resolve(o).token, "dmt_env_secret");
+    o.token_file = token_file;
+    CHECK_EQ(resolve(o).token, "dmt_file_secret");  // trimmed
+    CHECK_EQ(resolve(o).token_source, "token_file " + token_file);
+    // An explicit token beats an explicit token_file.
+    o.token = "dmt_option_secret";
+    o.token_file = missing;
+    CHECK_EQ(resolve(o).token, "dmt_option_secret");
+    clear_security_env();
+  }
+  {
+    // DAGMESH_TOKEN_FILE when no token is given.
+    dagmesh::WorkerOptions o;
+    ::setenv("DAGMESH_TOKEN_FILE", token_file.c_str(), 1);
+    CHECK_EQ(resolve(o).token, "dmt_file_secret");
+    CHECK_EQ(resolve(o).token_source, "DAGMESH_TOKEN_FILE " + token_file);
+    // Unreadable: the message names the variable and the file.
+    ::setenv("DAGMESH_TOKEN_FILE", missing.c_str(), 1);
+    auto message = invalid_argument_message([&] { resolve(o); });
+    CHECK(contains(message, "DAGMESH_TOKEN_FILE"));
+    CHECK(contains(message, missing));
+    CHECK(contains(message, "No such file"));
+    // The Worker constructor checks the same.
+    CHECK(contains(invalid_argument_message([&] { dagmesh::Worker w(o); }), missing));
+    clear_security_env();
+    o.token_file = dir;  // a directory
+    CHECK(contains(invalid_argument_message([&] { resolve(o); }), "token_file file " + dir));
+    o.token_file = write_file(dir + "/blank", " \n\t\n");
+    message = invalid_argument_message([&] { resolve(o); });
+    CHECK(contains(message, "token_file file " + dir + "/blank"));
+    CHECK(contains(message, "empty"));
+    o.token_file.clear();
+    o.token = "dmt_a\nb";
+    CHECK(contains(invalid_argument_message([&] { resolve(o); }), "gRPC header"));
+    o.token = "  dmt_padded \n";
+    CHECK_EQ(resolve(o).token, "dmt_padded");
+    o.token = " ";
+    CHECK(contains(invalid_argument_message([&] { resolve(o); }), "token is blank"));
+  }
+
+  // TLS settings need an https:// URL, whether from options or the environment.
+  {
+    dagmesh::WorkerOptions o;
+    o.server = "http://127.0.0.1:7070";
+    o.tls_ca = ca;
+    auto message = invalid_argument_message([&] { resolve(o); });
+    CHECK(contains(message, "tls_ca"));
+    CHECK(contains(message, "TLS settings need an https:// server URL"));
+    CHECK(contains(invalid_argument_message([&] { dagmesh::Worker w(o); }),
+                   "TLS settings need an https:// server URL"));
+    o.tls_ca.clear();
+    ::setenv("DAGMESH_TLS_SERVER_NAME", "mesh.internal", 1);
+    message = invalid_argument_message([&] { resolve(o); });
+    CHECK(contains(message, "DAGMESH_TLS_SERVER_NAME"));
+    CHECK(contains(message, "TLS settings need an https:// server URL"));
+    clear_security_env();
+    o.server = "127.0.0.1:7070";  // no scheme: plaintext too
+    o.tls_client_cert = cert;
+    o.tls_client_key = key;
+    CHECK(contains(invalid_argument_message([&] { resolve(o); }), "need an https://"));
+  }
+
+  // https: the files are read; the options win over the variables.
+  {
+    dagmesh::WorkerOptions o;
+    o.server = "https://127.0.0.1:7443";
+    ::setenv("DAGMESH_TLS_CA", ca.c_str(), 1);
+    ::setenv("DAGMESH_TLS_SERVER_NAME", "mesh.internal", 1);
+    ::setenv("DAGMESH_TOKEN", "dmt_env_secret", 1);
+    auto c = resolve(o);
+    CHECK(c.tls);
+    CHECK_EQ(c.target, "127.0.0.1:7443");
+    CHECK_EQ(c.pem_root_certs, cert_pem);
+    CHECK_EQ(c.tls_server_name, "mesh.internal");
+    CHECK_EQ(c.token, "dmt_env_secret");
+    CHECK(c.pem_cert_chain.empty() && c.pem_private_key.empty());
+    o.tls_server_name = "localhost";
+    o.tls_client_cert = cert;
+    ::setenv("DAGMESH_TLS_CLIENT_KEY", key.c_str(), 1);
+    c = resolve(o);
+    CHECK_EQ(c.tls_server_name, "localhost");
+    CHECK_EQ(c.pem_cert_chain, cert_pem + cert_pem);
+    CHECK_EQ(c.pem_private_key, key_pem);
+    // An option naming an unreadable file: the message names the option and the file.
+    o.tls_ca = missing;
+    auto message = invalid_argument_message([&] { resolve(o); });
+    CHECK(contains(message, "tls_ca file " + missing));
+    ::setenv("DAGMESH_TLS_CA", missing.c_str(), 1);
+    o.tls_ca.clear();
+    CHECK(contains(invalid_argument_message([&] { resolve(o); }), "DAGMESH_TLS_CA file " + missing));
+    o.tls_ca = key;  // not a certificate
+    message = invalid_argument_message([&] { resolve(o); });
+    CHECK(contains(message, "tls_ca file " + key));
+    CHECK(contains(message, "no PEM certificate"));
+    o.tls_ca = ca;
+    o.tls_client_key = cert;  // not a key
+    CHECK(contains(invalid_argument_message([&] { resolve(o); }), "tls_client_key file " + cert));
+    clear_security_env();
+  }
+
+  // A client certificate without its key, or the reverse.
+  {
+    dagmesh::WorkerOptions o;
+    o.server = "https://127.0.0.1:7443";
+    o.tls_client_cert = cert;
+    auto message = invalid_argument_message([&] { resolve(o); });
+    CHECK(contains(message, "tls_client_cert is set without tls_client_key"));
+    CHECK(contains(message, "DAGMESH_TLS_CLIENT_KEY"));
+    o.tls_client_cert.clear();
+    ::setenv("DAGMESH_TLS_CLIENT_KEY", key.c_str(), 1);
+    message = invalid_argument_message([&] { resolve(o); });
+    CHECK(contains(message, "DAGMESH_TLS_CLIENT_KEY is set without tls_client_cert"));
+    CHECK(contains(invalid_argument_message([&] { dagmesh::Worker w(o); }), "without"));
+    ::setenv("DAGMESH_TLS_CLIENT_CERT", cert.c_str(), 1);
+    CHECK_EQ(resolve(o).pem_private_key, key_pem);
+    clear_security_env();
+  }
+
+  // Good settings construct a worker; nothing is dialled until run().
+  {
+    dagmesh::WorkerOptions o;
+    o.server = "https://127.0.0.1:1";
+    o.tls_ca = ca;
+    o.token_file = token_file;
+    dagmesh::Worker worker(o);
+    CHECK_EQ(worker.state().sessions, 0u);
+  }
+
+  const std::string rm = "rm -rf '" + dir + "'";
+  CHECK(std::system(rm.c_str()) == 0);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const std::map<std::string, std::function<void()>> groups = {
       {"json", test_json},       {"payload", test_payload}, {"bounds", test_bounds},
-      {"context", test_context}, {"worker", test_worker}};
+      {"context", test_context}, {"worker", test_worker}, {"security", test_security}};
   int ran = 0;
   for (const auto& [name, fn] : groups) {
     if (argc > 1 && name != argv[1]) continue;

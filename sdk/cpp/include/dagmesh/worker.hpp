@@ -23,8 +23,8 @@ const char* sdk_version() noexcept;
 using Handler = std::function<nlohmann::json(TaskContext& ctx, const nlohmann::json& inputs)>;
 
 struct WorkerOptions {
-  /// Executor address: "http://host:port", "https://host:port" (TLS with the system roots) or
-  /// "host:port".
+  /// Executor address: "http://host:port" or "host:port" (plaintext), "https://host:port"
+  /// (TLS: the server certificate is verified against `tls_ca`, default the system roots).
   std::string server = "http://127.0.0.1:7070";
   /// Logical worker name (the pool), Hello.worker_name. Default: the executable's name.
   std::string name;
@@ -38,7 +38,57 @@ struct WorkerOptions {
   /// Bounds of the reconnect backoff (exponential, each delay jittered down to half).
   std::chrono::milliseconds reconnect_initial{100};
   std::chrono::milliseconds reconnect_max{5000};
+
+  // Security (the same settings and environment variables as the CLI and the other SDKs). Each
+  // one left empty falls back to its environment variable; an option set here wins over the
+  // variable. Files are read when the Worker is constructed.
+
+  /// Bearer token, sent as `authorization: Bearer <token>` on every stream. Empty:
+  /// DAGMESH_TOKEN. May go over plaintext (loopback use).
+  std::string token;
+  /// File holding the token (surrounding whitespace trimmed), used when no token is given.
+  /// Empty: DAGMESH_TOKEN_FILE.
+  std::string token_file;
+  /// PEM file of the CA(s) that signed the server certificate. Empty: DAGMESH_TLS_CA, else the
+  /// system roots.
+  std::string tls_ca;
+  /// PEM client certificate chain for mTLS (needs `tls_client_key`). Empty:
+  /// DAGMESH_TLS_CLIENT_CERT.
+  std::string tls_client_cert;
+  /// PEM private key of the client certificate (needs `tls_client_cert`). Empty:
+  /// DAGMESH_TLS_CLIENT_KEY.
+  std::string tls_client_key;
+  /// Name to verify in the server certificate instead of the URL's host. Empty:
+  /// DAGMESH_TLS_SERVER_NAME.
+  std::string tls_server_name;
 };
+
+/// What a worker dials with once the options and their environment variables are resolved
+/// (see resolve_connection()).
+struct ConnectionSettings {
+  /// gRPC target, e.g. "127.0.0.1:7070" (the URL without scheme and path).
+  std::string target;
+  /// The URL is https://.
+  bool tls = false;
+  /// The bearer token; empty: none is sent.
+  std::string token;
+  /// Where the token came from: "token", "DAGMESH_TOKEN", "token_file <path>",
+  /// "DAGMESH_TOKEN_FILE <path>"; empty without a token.
+  std::string token_source;
+  /// PEM contents (not paths); empty root certs mean the system roots.
+  std::string pem_root_certs;
+  std::string pem_cert_chain;
+  std::string pem_private_key;
+  std::string tls_server_name;
+};
+
+/// Resolves `options` against the environment (DAGMESH_TOKEN, DAGMESH_TOKEN_FILE,
+/// DAGMESH_TLS_CA, DAGMESH_TLS_CLIENT_CERT, DAGMESH_TLS_CLIENT_KEY, DAGMESH_TLS_SERVER_NAME) and
+/// reads the files. Throws std::invalid_argument, naming the setting (or variable) and the file,
+/// for a TLS setting with a server URL that is not https://, a client certificate without its
+/// key (or the reverse), an unreadable or empty file, a file without PEM data, or a token that
+/// cannot go in a gRPC header. The Worker constructor calls it.
+ConnectionSettings resolve_connection(const WorkerOptions& options);
 
 /// A snapshot of the worker's state.
 struct WorkerState {
@@ -68,7 +118,9 @@ enum RunResult : int {
   kDrained = 0,
   /// abort() (or a second SIGTERM/SIGINT) stopped the worker before every result was recorded.
   kAborted = 1,
-  /// The executor refused the Hello (INVALID_ARGUMENT), or the worker is misconfigured.
+  /// The executor refused the Hello (INVALID_ARGUMENT) or the worker's credentials
+  /// (UNAUTHENTICATED: missing, invalid, expired or revoked token; PERMISSION_DENIED: the token
+  /// lacks the scope, e.g. a task type outside its patterns), or the worker is misconfigured.
   kRejected = 2,
 };
 
@@ -92,6 +144,7 @@ enum RunResult : int {
 /// SIGTERM/SIGINT, abort()) makes run() return.
 class Worker {
  public:
+  /// Throws std::invalid_argument for bad security settings (see resolve_connection()).
   explicit Worker(WorkerOptions options = {});
   ~Worker();
   Worker(const Worker&) = delete;
@@ -105,8 +158,9 @@ class Worker {
   /// Runs until drained and returns a RunResult. With `handle_signals`, the first SIGTERM or
   /// SIGINT starts a drain and a second one aborts (previous handlers are restored on return).
   /// Reconnects with exponential backoff and jitter whenever the stream breaks or the executor
-  /// drained it; only an INVALID_ARGUMENT answer to the Hello stops it (kRejected). Call it
-  /// once.
+  /// drained it; only an INVALID_ARGUMENT answer to the Hello, or an UNAUTHENTICATED or
+  /// PERMISSION_DENIED end of a stream, stops it (kRejected, the server's message at ERROR and
+  /// in last_error()). Call it once.
   int run(bool handle_signals = true);
 
   /// Starts a drain (thread-safe, any time, even before run()): Draining is sent, new
