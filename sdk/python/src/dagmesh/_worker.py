@@ -22,8 +22,10 @@ protocol described at the top of `proto/dagmesh/v1/worker.proto`:
 When the stream breaks, the executor drained it, or the executor is unreachable, the worker
 reconnects with exponential backoff and jitter (100 ms to 5 s) under the same `instance_id`,
 listing in `Hello.in_flight` the tasks it still runs and the results not yet recorded. The
-only error it does not retry is an executor that refuses the Hello (INVALID_ARGUMENT): a
-configuration mistake, raised as `WorkerRejected`.
+errors it does not retry are refusals that the same stream would get again: an executor that
+refuses the Hello (INVALID_ARGUMENT), a token it does not accept (UNAUTHENTICATED) or one whose
+scope does not cover the worker's task types (PERMISSION_DENIED): configuration mistakes,
+logged at ERROR and raised as `WorkerRejected`.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ import grpc
 import grpc.aio
 
 from dagmesh import _tracing
-from dagmesh._channel import channel_options, parse_server
+from dagmesh._channel import SECURITY_OPTIONS, ChannelSettings, PathLike, aio_channel, resolve
 from dagmesh._proto.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from dagmesh.context import TaskContext
 from dagmesh.errors import TaskError, WorkerAborted, WorkerRejected
@@ -85,6 +87,11 @@ _SEMVER = re.compile(
 )
 
 _Key = tuple[str, int]
+
+# Set by the command line while it imports the worker's module: the settings are resolved once
+# its flags are applied (`Worker._override`), so that e.g. `--server https://...` with
+# DAGMESH_TLS_CA set is not refused for the module's own `http://` default first.
+_defer_settings: contextvars.ContextVar[bool] = contextvars.ContextVar("dagmesh_defer_settings", default=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +154,12 @@ class Worker:
         *,
         max_threads: int | None = None,
         reconnect_backoff: tuple[float, float] = DEFAULT_BACKOFF,
+        token: str | None = None,
+        token_file: PathLike | None = None,
+        tls_ca: PathLike | None = None,
+        tls_client_cert: PathLike | None = None,
+        tls_client_key: PathLike | None = None,
+        tls_server_name: str | None = None,
     ) -> None:
         """
         server: the executor's URL, `http://host:port` (or `https://` for TLS).
@@ -157,8 +170,27 @@ class Worker:
             tasks it held; defaults to the name plus a random suffix.
         max_threads: size of the thread pool for sync handlers (default: `slots`).
         reconnect_backoff: first and largest delay between reconnect attempts, in seconds.
+        token / token_file: the bearer token (or a file holding it) sent on the stream as
+            `authorization: Bearer <token>`; default `DAGMESH_TOKEN` / `DAGMESH_TOKEN_FILE`.
+        tls_ca, tls_client_cert, tls_client_key, tls_server_name: TLS for an `https://`
+            server: the CA file of the server certificate (default: system roots), the client
+            certificate chain and key for mTLS, the name to verify instead of the URL's host;
+            default `DAGMESH_TLS_CA`, `DAGMESH_TLS_CLIENT_CERT`, `DAGMESH_TLS_CLIENT_KEY`,
+            `DAGMESH_TLS_SERVER_NAME`.
+
+        Bad security settings (TLS options with an `http://` URL, a client certificate without
+        its key, a file that cannot be read) raise ValueError naming the setting.
         """
-        self._target, self._secure = parse_server(server)
+        self._security: dict[str, Any] = {
+            "token": token,
+            "token_file": token_file,
+            "tls_ca": tls_ca,
+            "tls_client_cert": tls_client_cert,
+            "tls_client_key": tls_client_key,
+            "tls_server_name": tls_server_name,
+        }
+        self._sources: dict[str, str] = {}
+        self._settings: ChannelSettings | None = None if _defer_settings.get() else resolve(server, **self._security)
         self._server = server
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise ValueError("slots must be an integer of at least 1")
@@ -240,13 +272,29 @@ class Worker:
         name: str | None = None,
         instance_id: str | None = None,
         slots: int | None = None,
+        security: Mapping[str, Any] | None = None,
     ) -> None:
-        """Command-line overrides, applied before the worker runs."""
+        """Command-line overrides, applied before the worker runs. `security` holds the
+        security options given as flags (None or empty: not given, the worker's own option or
+        the environment applies)."""
         if self._driver is not None:
             raise RuntimeError("cannot reconfigure a running worker")
-        if server:
-            self._target, self._secure = parse_server(server)
-            self._server = server
+        given = {k: v for k, v in (security or {}).items() if v}
+        unknown = set(given) - set(SECURITY_OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown security options: {', '.join(sorted(unknown))}")
+        if server or given or self._settings is None:
+            options = dict(self._security)
+            sources = dict(self._sources)
+            if "token" in given or "token_file" in given:
+                # A token flag replaces whichever token the code gave.
+                options["token"] = options["token_file"] = None
+            for name, value in given.items():
+                options[name] = value
+                sources[name] = SECURITY_OPTIONS[name][1]
+            settings = resolve(server or self._server, sources=sources, **options)
+            self._security, self._sources, self._settings = options, sources, settings
+            self._server = settings.server
         if name:
             if self._instance_id.startswith(f"{self._name}-") and not instance_id:
                 self._instance_id = f"{name}-{uuid.uuid4().hex[:12]}"
@@ -339,6 +387,8 @@ class Worker:
             raise ValueError("a worker needs at least one task type (use @worker.task)")
         if self._driver is not None:
             raise RuntimeError("this worker is already running")
+        if self._settings is None:
+            self._settings = resolve(self._server, sources=self._sources, **self._security)
         self._loop = asyncio.get_running_loop()
         driver = _Driver(self)
         self._driver = driver
@@ -624,14 +674,16 @@ class _Driver:
 
     async def _open(self) -> _Session | str:
         """Dials the executor, sends Hello and waits for Welcome. Returns the session, or why it
-        failed (to retry); raises WorkerRejected for INVALID_ARGUMENT."""
-        if self.w._secure:
-            channel = grpc.aio.secure_channel(self.w._target, grpc.ssl_channel_credentials(), options=channel_options())
-        else:
-            channel = grpc.aio.insecure_channel(self.w._target, options=channel_options())
+        failed (to retry); raises WorkerRejected for a refusal that cannot change by retrying:
+        INVALID_ARGUMENT (the Hello), UNAUTHENTICATED (the token), PERMISSION_DENIED (the
+        token's scope)."""
+        settings = self.w._settings
+        assert settings is not None  # resolved by run_async
+        channel = aio_channel(settings)
+        call: Any = None
         try:
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
-            call = stub.Connect()
+            call = stub.Connect(metadata=settings.metadata)
             await call.write(worker_pb2.WorkerMessage(hello=self.hello()))
             first = await asyncio.wait_for(call.read(), HANDSHAKE_TIMEOUT)
         except asyncio.TimeoutError:
@@ -639,15 +691,21 @@ class _Driver:
             return f"no welcome within {HANDSHAKE_TIMEOUT:g}s"
         except grpc.aio.AioRpcError as err:
             await channel.close()
-            if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                log.error("executor rejected the hello: %s", err.details())
-                raise WorkerRejected(err.details() or "") from None
+            _raise_if_fatal(err.code(), err.details())
             return f"{err.code().name}: {err.details()}"
         except asyncio.CancelledError:
             await channel.close()
             raise
         except Exception as err:  # e.g. a write on a call that already failed
+            # The call's own status, if it has one, says more than the write's error.
+            status = None
+            if call is not None and call.done():
+                with contextlib.suppress(Exception):
+                    status = (await call.code(), await call.details())
             await channel.close()
+            if status is not None:
+                _raise_if_fatal(*status)
+                return f"{status[0].name}: {status[1]}"
             return f"cannot connect to {self.w._server}: {err!r}"
         if first is grpc.aio.EOF:
             await channel.close()
@@ -1065,6 +1123,23 @@ class _Driver:
 
     def publish(self) -> None:
         self.w._state = self.state()
+
+
+_FATAL = {
+    grpc.StatusCode.INVALID_ARGUMENT: "executor rejected the hello",
+    grpc.StatusCode.UNAUTHENTICATED: "executor refused the worker's token (check token / DAGMESH_TOKEN)",
+    grpc.StatusCode.PERMISSION_DENIED: "executor refused the worker: its token does not allow it",
+}
+
+
+def _raise_if_fatal(code: grpc.StatusCode | None, details: str | None) -> None:
+    """Refusals that the next stream would get again stop the worker."""
+    what = _FATAL.get(code) if code is not None else None
+    if what is None:
+        return
+    assert code is not None
+    log.error("%s (%s): %s", what, code.name, details)
+    raise WorkerRejected(details or "", code=code) from None
 
 
 def _started(key: _Key) -> worker_pb2.WorkerMessage:

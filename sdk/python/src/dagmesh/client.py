@@ -21,7 +21,7 @@ import grpc
 import grpc.aio
 from google.protobuf import json_format
 
-from dagmesh._channel import channel_options, parse_server
+from dagmesh._channel import ChannelSettings, PathLike, aio_channel, parse_server, resolve, sync_channel
 from dagmesh._proto.v1 import run_pb2, run_pb2_grpc, types_pb2, workflow_pb2, workflow_pb2_grpc
 from dagmesh.errors import ClientError
 from dagmesh.payload import to_struct
@@ -101,11 +101,14 @@ def _delay(attempt: int) -> float:
     return base * (0.5 + 0.5 * random.random())
 
 
-def _channel_args(server: str) -> tuple[str, bool]:
+def _settings(server: str, security: dict[str, Any]) -> ChannelSettings:
+    """A bad URL is a ClientError (INVALID_ARGUMENT), as it always was; bad security settings
+    are a ValueError naming the setting."""
     try:
-        return parse_server(server)
+        parse_server(server)
     except ValueError as err:
         raise ClientError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
+    return resolve(server, **security)
 
 
 class Client:
@@ -118,14 +121,36 @@ class Client:
     ```
     """
 
-    def __init__(self, server: str = "http://127.0.0.1:7070", *, timeout: float | None = 30.0) -> None:
+    def __init__(
+        self,
+        server: str = "http://127.0.0.1:7070",
+        *,
+        timeout: float | None = 30.0,
+        token: str | None = None,
+        token_file: PathLike | None = None,
+        tls_ca: PathLike | None = None,
+        tls_client_cert: PathLike | None = None,
+        tls_client_key: PathLike | None = None,
+        tls_server_name: str | None = None,
+    ) -> None:
         """`timeout` bounds each unary call, in seconds (None: no deadline). Connecting is lazy:
-        an unreachable server fails the first call with UNAVAILABLE."""
-        target, secure = _channel_args(server)
-        if secure:
-            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(), options=channel_options())
-        else:
-            self._channel = grpc.insecure_channel(target, options=channel_options())
+        an unreachable server fails the first call with UNAVAILABLE (a TLS handshake that fails,
+        e.g. an untrusted server certificate, too: the error says so).
+
+        Security (each falls back on its environment variable; see the README): `token`
+        (`DAGMESH_TOKEN`) or `token_file` (`DAGMESH_TOKEN_FILE`), sent as `authorization:
+        Bearer <token>` on every call; for an `https://` server `tls_ca` (`DAGMESH_TLS_CA`),
+        `tls_client_cert` and `tls_client_key` (mTLS), `tls_server_name`. Bad settings raise
+        ValueError."""
+        self._settings = _settings(server, dict(
+            token=token,
+            token_file=token_file,
+            tls_ca=tls_ca,
+            tls_client_cert=tls_client_cert,
+            tls_client_key=tls_client_key,
+            tls_server_name=tls_server_name,
+        ))
+        self._channel = sync_channel(self._settings)
         self._timeout = timeout
         self._runs = run_pb2_grpc.RunServiceStub(self._channel)
         self._workflows = workflow_pb2_grpc.WorkflowServiceStub(self._channel)
@@ -255,12 +280,29 @@ class Client:
 class AsyncClient:
     """`Client` for asyncio (grpc.aio); the same methods, awaited."""
 
-    def __init__(self, server: str = "http://127.0.0.1:7070", *, timeout: float | None = 30.0) -> None:
-        target, secure = _channel_args(server)
-        if secure:
-            self._channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(), options=channel_options())
-        else:
-            self._channel = grpc.aio.insecure_channel(target, options=channel_options())
+    def __init__(
+        self,
+        server: str = "http://127.0.0.1:7070",
+        *,
+        timeout: float | None = 30.0,
+        token: str | None = None,
+        token_file: PathLike | None = None,
+        tls_ca: PathLike | None = None,
+        tls_client_cert: PathLike | None = None,
+        tls_client_key: PathLike | None = None,
+        tls_server_name: str | None = None,
+    ) -> None:
+        """See `Client`: the same options and environment variables."""
+        self._settings = _settings(server, dict(
+            token=token,
+            token_file=token_file,
+            tls_ca=tls_ca,
+            tls_client_cert=tls_client_cert,
+            tls_client_key=tls_client_key,
+            tls_server_name=tls_server_name,
+        ))
+        self._metadata = self._settings.metadata
+        self._channel = aio_channel(self._settings)
         self._timeout = timeout
         self._runs = run_pb2_grpc.RunServiceStub(self._channel)
         self._workflows = workflow_pb2_grpc.WorkflowServiceStub(self._channel)
@@ -276,7 +318,7 @@ class AsyncClient:
 
     async def _call(self, method: Any, request: Any) -> Any:
         try:
-            return await method(request, timeout=self._timeout)
+            return await method(request, timeout=self._timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as err:
             raise ClientError.from_rpc(err) from None
 
@@ -314,7 +356,7 @@ class AsyncClient:
 
     async def watch_run(self, run_id: str, after_seq: int | None = None) -> AsyncIterator[run_pb2.WatchRunResponse]:
         """See `Client.watch_run`."""
-        call = self._runs.WatchRun(_watch_request(run_id, after_seq))
+        call = self._runs.WatchRun(_watch_request(run_id, after_seq), metadata=self._metadata)
         try:
             async for message in call:
                 yield message

@@ -2,6 +2,11 @@
 checks them all against a real executor.
 
     python -m dagmesh.conformance --server URL --instance-id ID [--slots N] [--name NAME]
+        [--token TOKEN | --token-file FILE] [--tls-ca FILE] [--tls-client-cert FILE
+        --tls-client-key FILE] [--tls-server-name NAME]
+
+The security flags default to DAGMESH_TOKEN, DAGMESH_TOKEN_FILE, DAGMESH_TLS_CA,
+DAGMESH_TLS_CLIENT_CERT, DAGMESH_TLS_CLIENT_KEY and DAGMESH_TLS_SERVER_NAME.
 
 Task types, each version "1.0.0":
 
@@ -28,8 +33,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from dagmesh._cli import run_worker, setup_logging
-from dagmesh._worker import Worker
+from dagmesh._cli import add_security_arguments, run_worker, security_arguments, setup_logging
+from dagmesh._worker import Worker, _defer_settings
 from dagmesh.context import TaskContext
 from dagmesh.errors import TaskError
 
@@ -49,8 +54,15 @@ def _event(*fields: object) -> None:
         sys.stdout.flush()
 
 
-def build_worker(server: str, instance_id: str | None = None, slots: int = 1, name: str = "conformance-python") -> Worker:
-    worker = Worker(server=server, name=name, slots=slots, instance_id=instance_id)
+def build_worker(
+    server: str,
+    instance_id: str | None = None,
+    slots: int = 1,
+    name: str = "conformance-python",
+    **security: Any,
+) -> Worker:
+    """`security`: the Worker's token / TLS options (each falls back on its env var)."""
+    worker = Worker(server=server, name=name, slots=slots, instance_id=instance_id, **security)
 
     @worker.task("conformance.echo", version=VERSION)
     async def echo(ctx: TaskContext, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -100,9 +112,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--slots", type=int, default=1, help="task slots (default 1)")
     parser.add_argument("--name", default="conformance-python", help="worker name (default conformance-python)")
     parser.add_argument("--log-level", default=os.environ.get("DAGMESH_LOG_LEVEL", "info"))
+    add_security_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
-    worker = build_worker(args.server, instance_id=args.instance_id, slots=args.slots, name=args.name)
+    # Flags are applied over the environment once parsed, so that errors name the flag.
+    deferred = _defer_settings.set(True)
+    try:
+        worker = build_worker(args.server, instance_id=args.instance_id, slots=args.slots, name=args.name)
+    finally:
+        _defer_settings.reset(deferred)
+    try:
+        worker._override(security=security_arguments(args))
+    except ValueError as err:
+        parser.error(str(err))
     return run_worker(worker)
 
 

@@ -28,14 +28,24 @@ class TaskError(Exception):
 
 
 class WorkerRejected(Exception):
-    """The executor refused the worker's Hello (INVALID_ARGUMENT, naming the bad field).
+    """The executor refused the worker's stream in a way that retrying cannot change, so the
+    worker stops instead of reconnecting. `code` says why:
 
-    Retrying the same Hello cannot help, so the worker stops instead of reconnecting.
+    - `INVALID_ARGUMENT`: the Hello (the details name the bad field);
+    - `UNAUTHENTICATED`: no token, or one the executor does not accept (unknown, expired,
+      revoked);
+    - `PERMISSION_DENIED`: the token is valid but its scope does not allow this worker (e.g. a
+      task type outside the token's patterns).
     """
 
-    def __init__(self, details: str) -> None:
-        super().__init__(f"executor rejected the worker: {details}")
+    def __init__(self, details: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> None:
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            message = f"executor rejected the worker: {details}"
+        else:
+            message = f"executor rejected the worker ({code.name}): {details}"
+        super().__init__(message)
         self.details = details
+        self.code = code
 
 
 class WorkerAborted(Exception):
