@@ -35,6 +35,65 @@ HEARTBEAT_INTERVAL = "200ms"
 MAX_PAYLOAD_BYTES = 65536
 
 
+@dataclass(frozen=True)
+class Certs:
+    """A throwaway PKI made with the openssl CLI (see `make_certs`)."""
+
+    dir: Path
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path
+
+
+def make_certs(directory: Path) -> Certs:
+    """Writes into `directory`: a CA (`ca.pem`), a server certificate it signed for
+    DNS:localhost and IP:127.0.0.1 (`server.pem`/`server.key`), a client certificate it signed
+    for mTLS (`client.pem`/`client.key`), and an unrelated CA (`other-ca.pem`). EC P-256 keys,
+    valid for 2 days."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    def ca(name: str, cn: str) -> None:
+        openssl(
+            "req", "-x509", *ec, "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2", "-subj", f"/CN={cn}",
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        )
+
+    def leaf(name: str, cn: str, extensions: str) -> None:
+        openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}")
+        (directory / f"{name}.ext").write_text(extensions)
+        openssl(
+            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext",
+        )
+        (directory / f"{name}.csr").unlink()
+        (directory / f"{name}.ext").unlink()
+
+    ca("ca", "dagmesh test CA")
+    ca("other-ca", "unrelated test CA")
+    leaf(
+        "server", "localhost",
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    leaf(
+        "client", "dagmesh-test-client",
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
+    )
+    for key in directory.glob("*.key"):
+        key.chmod(0o600)
+    return Certs(
+        directory, directory / "ca.pem", directory / "server.pem", directory / "server.key",
+        directory / "client.pem", directory / "client.key", directory / "other-ca.pem",
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -21,6 +22,8 @@ from dagmesh import AsyncClient, Client, ClientError, Worker, WorkerRejected
 from dagmesh._channel import SECURITY_OPTIONS, resolve
 from dagmesh._cli import load_worker
 from dagmesh._proto.v1 import run_pb2_grpc, types_pb2, worker_pb2, worker_pb2_grpc
+
+from conftest import Certs, make_certs
 
 ENV_VARS = [var for var, _flag, _what in SECURITY_OPTIONS.values()]
 
@@ -341,3 +344,84 @@ def test_a_worker_refused_for_its_credentials_stops(
     assert servicer.seen[0].get("authorization") == "Bearer dmt_worker"
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert errors and "outside the token's patterns" in errors[0].getMessage()
+
+
+# --- TLS against an in-process grpc server ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make test certificates")
+    return make_certs(tmp_path_factory.mktemp("pki"))
+
+
+def _tls_server(certs: Certs, mtls: bool, workers: _Workers | None = None) -> tuple[grpc.Server, str, _Runs]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    runs = _Runs()
+    run_pb2_grpc.add_RunServiceServicer_to_server(runs, server)
+    if workers is not None:
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(workers, server)
+    credentials = grpc.ssl_server_credentials(
+        [(certs.server_key.read_bytes(), certs.server_cert.read_bytes())],
+        root_certificates=certs.ca.read_bytes() if mtls else None,
+        require_client_auth=mtls,
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    return server, f"https://127.0.0.1:{port}", runs
+
+
+def _get_run_error(url: str, **options: Any) -> ClientError:
+    started = time.monotonic()
+    with Client(url, timeout=10, **options) as client, pytest.raises(ClientError) as err:
+        client.get_run("r")
+    assert time.monotonic() - started < 5, "a failed handshake is an error at once, not a wait"
+    return err.value
+
+
+def test_tls_server_certificate_checks(certs: Certs) -> None:
+    server, url, runs = _tls_server(certs, mtls=False)
+    try:
+        with Client(url, timeout=10, token="dmt_tls", tls_ca=certs.ca) as client:
+            assert client.get_run("r1").run_id == "r1"
+        assert runs.seen[-1].get("authorization") == "Bearer dmt_tls"
+        # `localhost` is in the certificate too; a name override is checked instead of the host.
+        with Client(url.replace("127.0.0.1", "localhost"), timeout=10, tls_ca=certs.ca) as client:
+            assert client.get_run("r2").run_id == "r2"
+        with Client(url, timeout=10, tls_ca=certs.ca, tls_server_name="localhost") as client:
+            assert client.get_run("r3").run_id == "r3"
+        for options in ({"tls_ca": certs.other_ca}, {}, {"tls_ca": certs.ca, "tls_server_name": "elsewhere.example"}):
+            err = _get_run_error(url, **options)
+            assert err.code == grpc.StatusCode.UNAVAILABLE
+            assert "server certificate is not trusted" in err.message and "DAGMESH_TLS_CA" in err.message
+    finally:
+        server.stop(None)
+
+
+def test_mtls_needs_the_client_certificate(certs: Certs) -> None:
+    server, url, _ = _tls_server(certs, mtls=True)
+    try:
+        err = _get_run_error(url, tls_ca=certs.ca)
+        assert err.code == grpc.StatusCode.UNAVAILABLE and "tls_client_cert" in err.message
+        with Client(url, timeout=10, tls_ca=certs.ca, tls_client_cert=certs.client_cert, tls_client_key=certs.client_key) as client:
+            assert client.get_run("r").run_id == "r"
+    finally:
+        server.stop(None)
+
+
+def test_worker_stream_over_tls_carries_the_token(certs: Certs) -> None:
+    refusing = _Workers(grpc.StatusCode.UNAUTHENTICATED)
+    server, url, _ = _tls_server(certs, mtls=True, workers=refusing)
+    try:
+        worker = Worker(
+            url, name="tls", token="dmt_tls_worker", tls_ca=certs.ca,
+            tls_client_cert=certs.client_cert, tls_client_key=certs.client_key,
+        )
+        worker.register("t", "1.0.0", lambda ctx, inputs: None)
+        with pytest.raises(WorkerRejected) as err:
+            asyncio.run(asyncio.wait_for(worker.run_async(), 20))
+        assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+        assert [seen.get("authorization") for seen in refusing.seen] == ["Bearer dmt_tls_worker"]
+    finally:
+        server.stop(None)

@@ -121,6 +121,29 @@ class ChannelSettings:
             certificate_chain=self.certificate_chain,
         )
 
+    def hint(self, code: grpc.StatusCode | None, details: str) -> str:
+        """A few words to append to an error's details when the settings likely explain it
+        (grpc says "Socket closed" when a server that requires a client certificate hangs up
+        after the handshake); "" otherwise."""
+        text = details.lower()
+        if code == grpc.StatusCode.UNAUTHENTICATED and not self.token and "handshake" not in text:
+            return " (no token was sent: set token / token_file or DAGMESH_TOKEN / DAGMESH_TOKEN_FILE)"
+        if code != grpc.StatusCode.UNAVAILABLE or not self.secure:
+            return ""
+        if "certificate_verify_failed" in text or "hostname verification" in text:
+            return (
+                " (TLS: the server certificate is not trusted for this name: check tls_ca / DAGMESH_TLS_CA"
+                " and tls_server_name / DAGMESH_TLS_SERVER_NAME)"
+            )
+        if "handshake" in text or "ssl" in text:
+            return " (TLS handshake failed)"
+        if "socket closed" in text and self.certificate_chain is None:
+            return (
+                " (TLS: the server closed the connection; if it requires a client certificate (mTLS),"
+                " set tls_client_cert and tls_client_key)"
+            )
+        return ""
+
     def options(self) -> list[tuple[str, Any]]:
         """`channel_options()`, plus the name to verify in the server certificate when set."""
         options = channel_options()

@@ -692,7 +692,8 @@ class _Driver:
         except grpc.aio.AioRpcError as err:
             await channel.close()
             _raise_if_fatal(err.code(), err.details())
-            return f"{err.code().name}: {err.details()}"
+            details = err.details() or ""
+            return f"{err.code().name}: {details}{settings.hint(err.code(), details)}"
         except asyncio.CancelledError:
             await channel.close()
             raise

@@ -158,6 +158,10 @@ class Client:
     def close(self) -> None:
         self._channel.close()
 
+    def _error(self, err: Any) -> ClientError:
+        error = ClientError.from_rpc(err)
+        return ClientError(error.code, error.message + self._settings.hint(error.code, error.message))
+
     def __enter__(self) -> Client:
         return self
 
@@ -168,7 +172,7 @@ class Client:
         try:
             return method(request, timeout=self._timeout)
         except grpc.RpcError as err:
-            raise ClientError.from_rpc(err) from None
+            raise self._error(err) from None
 
     def apply_workflow(self, spec: WorkflowSpecLike) -> types_pb2.Workflow:
         """Registers a workflow definition; identical content returns the existing version."""
@@ -222,11 +226,11 @@ class Client:
         try:
             call = self._runs.WatchRun(_watch_request(run_id, after_seq))
         except grpc.RpcError as err:
-            raise ClientError.from_rpc(err) from None
+            raise self._error(err) from None
         try:
             yield from call
         except grpc.RpcError as err:
-            raise ClientError.from_rpc(err) from None
+            raise self._error(err) from None
         finally:
             call.cancel()
 
@@ -264,7 +268,7 @@ class Client:
                 if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise TimeoutError(f"run {run_id} did not end within {timeout:g}s") from None
                 if err.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise ClientError.from_rpc(err) from None
+                    raise self._error(err) from None
             # The watch ended one way or another: the run itself says whether it is over.
             try:
                 run = self.get_run(run_id)
@@ -310,6 +314,10 @@ class AsyncClient:
     async def close(self) -> None:
         await self._channel.close()
 
+    def _error(self, err: Any) -> ClientError:
+        error = ClientError.from_rpc(err)
+        return ClientError(error.code, error.message + self._settings.hint(error.code, error.message))
+
     async def __aenter__(self) -> AsyncClient:
         return self
 
@@ -320,7 +328,7 @@ class AsyncClient:
         try:
             return await method(request, timeout=self._timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as err:
-            raise ClientError.from_rpc(err) from None
+            raise self._error(err) from None
 
     async def apply_workflow(self, spec: WorkflowSpecLike) -> types_pb2.Workflow:
         response = await self._call(self._workflows.ApplyWorkflow, workflow_pb2.ApplyWorkflowRequest(spec=_spec(spec)))
@@ -361,7 +369,7 @@ class AsyncClient:
             async for message in call:
                 yield message
         except grpc.aio.AioRpcError as err:
-            raise ClientError.from_rpc(err) from None
+            raise self._error(err) from None
         finally:
             call.cancel()
 
