@@ -346,10 +346,39 @@ std::string read_pem(const Setting& setting, const char* marker, const char* wha
   return pem;
 }
 
+struct ConnectHint {
+  const char* text = nullptr;
+  /// Surely a setting to fix (a failed certificate check), not an executor that is away.
+  bool error = false;
+};
+
+/// What to check when a stream cannot be opened for a reason that looks like the TLS settings
+/// (gRPC's words for a failed handshake).
+ConnectHint connect_hint(const ConnectionSettings& connection, const std::string& reason) {
+  const auto has = [&reason](const char* part) { return reason.find(part) != std::string::npos; };
+  if (!connection.tls) {
+    if (has("Socket closed")) return {"if the server speaks TLS, use an https:// URL", false};
+    return {};
+  }
+  if (has("Peer name") || has("certificate verify failed") || has("andshake") ||
+      has("CERTIFICATE")) {
+    return {"TLS: the server certificate is not trusted or does not hold the server's name; "
+            "check tls_ca (DAGMESH_TLS_CA) and tls_server_name (DAGMESH_TLS_SERVER_NAME)",
+            true};
+  }
+  if (has("Socket closed") && connection.pem_cert_chain.empty()) {
+    return {"a TLS server that requires a client certificate closes the connection like this; "
+            "check tls_client_cert (DAGMESH_TLS_CLIENT_CERT) and tls_client_key "
+            "(DAGMESH_TLS_CLIENT_KEY)",
+            false};
+  }
+  return {};
+}
+
 const char* fatal_stream_code(grpc::StatusCode code) {
   switch (code) {
     case grpc::StatusCode::UNAUTHENTICATED:
-      return "the executor refused the worker's token";
+      return "the executor refused the worker's credentials";
     case grpc::StatusCode::PERMISSION_DENIED:
       return "the executor denied the worker";
     default:
@@ -764,6 +793,16 @@ void Driver::on_broken() {
   const bool was_connected = phase_ == Phase::Connected;
   if (was_connected) {
     DAGMESH_WARN("stream broken, reconnecting: " << *broken_);
+  } else if (const ConnectHint hint = connect_hint(impl_.connection, *broken_); hint.text) {
+    // Retrying may still help (a server whose certificate is being replaced), but a failed
+    // certificate check is a setting to fix rather than an executor that is away.
+    if (hint.error) {
+      DAGMESH_ERROR("cannot open a stream to " << impl_.options.server << ", retrying: "
+                                               << *broken_ << " (" << hint.text << ")");
+    } else {
+      DAGMESH_WARN("cannot open a stream to " << impl_.options.server << ", retrying: "
+                                              << *broken_ << " (" << hint.text << ")");
+    }
   } else {
     DAGMESH_WARN("cannot open a stream to " << impl_.options.server << ", retrying: " << *broken_);
   }
