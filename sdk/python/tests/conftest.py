@@ -2,6 +2,12 @@
 
 The server binary is $DAGMESH_BIN (default: target/debug/dagmesh of this repository). It listens
 on a free port of 127.0.0.1 and is ready once gRPC health answers SERVING: no fixed sleeps.
+
+Authentication is on (the server's default): `dagmesh up` writes an admin token to
+DATA_DIR/admin.token, and each test runs with DAGMESH_TOKEN set to the token of the server it
+uses (the session `server`, or the last one it started with `start_server`), so workers,
+clients and child processes pick it up without being told. The caller's own DAGMESH_TOKEN /
+DAGMESH_TLS_* variables are hidden from the tests.
 """
 
 from __future__ import annotations
@@ -13,15 +19,17 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dagmesh import Client, Worker
+from dagmesh._channel import SECURITY_OPTIONS, resolve, sync_channel
 
 REPO = Path(__file__).resolve().parents[3]
 DAGMESH_BIN = Path(os.environ.get("DAGMESH_BIN", REPO / "target" / "debug" / "dagmesh"))
@@ -100,6 +108,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+SECURITY_ENV = [var for var, _flag, _what in SECURITY_OPTIONS.values()]
+
+
 @dataclass
 class Server:
     url: str
@@ -107,6 +118,12 @@ class Server:
     process: subprocess.Popen[bytes]
     log_path: Path
     max_payload_bytes: int
+    token: str | None = None
+    """The admin token `dagmesh up` wrote (None: a server without authentication)."""
+    certs: Certs | None = None
+    """The PKI of a TLS server (its URL is https://)."""
+    mtls: bool = False
+    """The server requires client certificates signed by `certs.ca`."""
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -114,11 +131,44 @@ class Server:
         except OSError:
             return ""
 
+    def security(self) -> dict[str, Any]:
+        """Worker / Client options that get through: the admin token, and for a TLS server
+        the CA (and the client certificate for mTLS)."""
+        options: dict[str, Any] = {"token": self.token}
+        if self.certs is not None:
+            options["tls_ca"] = self.certs.ca
+            if self.mtls:
+                options["tls_client_cert"] = self.certs.client_cert
+                options["tls_client_key"] = self.certs.client_key
+        return options
 
-def wait_serving(port: int, process: subprocess.Popen[bytes], log_path: Path, timeout: float = STEP_TIMEOUT) -> None:
-    """Polls grpc.health.v1 until the server says SERVING."""
+    def channel(self) -> grpc.Channel:
+        """A channel for raw stubs, with the admin token on every call."""
+        return sync_channel(resolve(self.url, environ={}, **self.security()))
+
+
+def _health_channel(port: int, certs: Certs | None, mtls: bool) -> grpc.Channel:
+    if certs is None:
+        return grpc.insecure_channel(f"127.0.0.1:{port}")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=certs.ca.read_bytes(),
+        private_key=certs.client_key.read_bytes() if mtls else None,
+        certificate_chain=certs.client_cert.read_bytes() if mtls else None,
+    )
+    return grpc.secure_channel(f"127.0.0.1:{port}", credentials)
+
+
+def wait_serving(
+    port: int,
+    process: subprocess.Popen[bytes],
+    log_path: Path,
+    timeout: float = STEP_TIMEOUT,
+    certs: Certs | None = None,
+    mtls: bool = False,
+) -> None:
+    """Polls grpc.health.v1 (which needs no token) until the server says SERVING."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with _health_channel(port, certs, mtls) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         while True:
             if process.poll() is not None:
@@ -134,8 +184,24 @@ def wait_serving(port: int, process: subprocess.Popen[bytes], log_path: Path, ti
             time.sleep(0.05)
 
 
-def start_server(data: Path, port: int | None = None, lease: str = LEASE, log_name: str = "server.log") -> Server:
-    """Starts `dagmesh up` on SQLite in `data` and waits until it serves."""
+def start_server(
+    data: Path,
+    port: int | None = None,
+    lease: str = LEASE,
+    log_name: str = "server.log",
+    *,
+    certs: Certs | None = None,
+    mtls: bool = False,
+    extra_args: Sequence[str] = (),
+    set_env: bool = True,
+) -> Server:
+    """Starts `dagmesh up` on SQLite in `data` (also its data dir: the admin token is
+    `data/admin.token`) and waits until it serves. With `certs` it serves TLS with
+    `certs.server_cert`; `mtls` also requires client certificates signed by `certs.ca`.
+
+    With `set_env` the server's admin token becomes DAGMESH_TOKEN for the rest of the test
+    (restored after it by the `security_env` fixture); fixtures wider than a test pass False
+    (their tests pass `server.security()` or set the variable themselves)."""
     port = port or free_port()
     log_path = data / log_name
     command = [
@@ -143,6 +209,8 @@ def start_server(data: Path, port: int | None = None, lease: str = LEASE, log_na
         "up",
         "--listen",
         f"127.0.0.1:{port}",
+        "--data-dir",
+        str(data),
         "--database",
         f"sqlite://{data / 'db.sqlite'}",
         "--lease",
@@ -152,14 +220,27 @@ def start_server(data: Path, port: int | None = None, lease: str = LEASE, log_na
         "--max-payload-bytes",
         str(MAX_PAYLOAD_BYTES),
     ]
+    if certs is not None:
+        command += ["--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key)]
+        if mtls:
+            command += ["--tls-client-ca", str(certs.ca)]
+    command += list(extra_args)
+    # The server's TLS comes from the flags alone.
+    hidden = {*SECURITY_ENV, "DAGMESH_TLS_CERT", "DAGMESH_TLS_KEY", "DAGMESH_TLS_CLIENT_CA", "DAGMESH_DATA_DIR"}
+    env = {k: v for k, v in os.environ.items() if k not in hidden}
     with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=data)
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=data, env=env)
     try:
-        wait_serving(port, process, log_path)
+        wait_serving(port, process, log_path, certs=certs, mtls=mtls)
     except BaseException:
         stop_server(process)
         raise
-    return Server(f"http://127.0.0.1:{port}", port, process, log_path, MAX_PAYLOAD_BYTES)
+    token_path = data / "admin.token"
+    token = token_path.read_text().strip() if token_path.is_file() else None
+    if token and set_env:
+        os.environ["DAGMESH_TOKEN"] = token
+    scheme = "https" if certs is not None else "http"
+    return Server(f"{scheme}://127.0.0.1:{port}", port, process, log_path, MAX_PAYLOAD_BYTES, token, certs, mtls)
 
 
 def stop_server(process: subprocess.Popen[bytes]) -> None:
@@ -172,11 +253,32 @@ def stop_server(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
+@pytest.fixture(autouse=True)
+def security_env(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Hides the caller's DAGMESH_TOKEN / DAGMESH_TLS_* variables; a test that uses the session
+    `server` gets its admin token as DAGMESH_TOKEN. Restores the variables afterwards."""
+    saved = {var: os.environ.get(var) for var in SECURITY_ENV}
+    for var in SECURITY_ENV:
+        os.environ.pop(var, None)
+    try:
+        if "server" in request.fixturenames:
+            token = request.getfixturevalue("server").token
+            if token:
+                os.environ["DAGMESH_TOKEN"] = token
+        yield
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     if not DAGMESH_BIN.is_file():
         pytest.fail(f"dagmesh binary not found at {DAGMESH_BIN}: run `cargo build -p dagmesh` or set DAGMESH_BIN")
-    started = start_server(tmp_path_factory.mktemp("dagmesh"))
+    started = start_server(tmp_path_factory.mktemp("dagmesh"), set_env=False)
     try:
         yield started
     finally:

@@ -10,7 +10,6 @@ import time
 import uuid
 from pathlib import Path
 
-import grpc
 
 from dagmesh import Client, to_dict
 from dagmesh.v1 import RunState, cluster_pb2, cluster_pb2_grpc
@@ -43,7 +42,7 @@ def test_worker_module_runs_and_drains(server: Server, client: Client, tmp_path:
     )
     try:
         deadline = time.monotonic() + STEP_TIMEOUT
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        with server.channel() as channel:
             cluster = cluster_pb2_grpc.ClusterServiceStub(channel)
             while not any(
                 w.instance_id == instance_id and w.connected and w.worker_name == "thumbnailer"

@@ -13,7 +13,6 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import grpc
 import pytest
 
 from dagmesh import Client, to_dict
@@ -45,7 +44,7 @@ class ConformanceWorker:
             sink(line.rstrip("\n"))
 
     def info(self) -> cluster_pb2.WorkerInfo | None:
-        with grpc.insecure_channel(f"127.0.0.1:{self.server.port}") as channel:
+        with self.server.channel() as channel:
             workers = cluster_pb2_grpc.ClusterServiceStub(channel).ListWorkers(cluster_pb2.ListWorkersRequest(), timeout=5)
         return next((w for w in workers.workers if w.instance_id == self.instance_id), None)
 
