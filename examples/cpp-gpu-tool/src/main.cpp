@@ -2,7 +2,13 @@
 // of a noisy torus mesh), with a CUDA path and a CPU path.
 //
 //   cpp-gpu-tool-worker --server URL [--instance-id ID] [--name NAME] [--slots N] [--cpu-only]
+//       [--token T] [--token-file PATH] [--tls-ca PEM] [--tls-client-cert PEM]
+//       [--tls-client-key PEM] [--tls-server-name NAME]
 //   cpp-gpu-tool-worker --selftest [--rings R] [--segments S] [--iterations N]
+//
+// The security flags default to DAGMESH_TOKEN, DAGMESH_TOKEN_FILE, DAGMESH_TLS_CA,
+// DAGMESH_TLS_CLIENT_CERT, DAGMESH_TLS_CLIENT_KEY and DAGMESH_TLS_SERVER_NAME (TLS for an
+// https:// --server).
 //
 // The worker carries the label gpu=true only when the CUDA path is compiled in and a device is
 // present (and --cpu-only is not given).
@@ -12,6 +18,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
+#include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -241,6 +249,8 @@ int usage(const std::string& error) {
   std::cerr << "error: " << error << "\n"
             << "usage: cpp-gpu-tool-worker --server URL [--instance-id ID] [--name NAME] "
                "[--slots N] [--cpu-only]\n"
+               "           [--token T] [--token-file PATH] [--tls-ca PEM] [--tls-client-cert PEM]\n"
+               "           [--tls-client-key PEM] [--tls-server-name NAME]\n"
             << "       cpp-gpu-tool-worker --selftest [--rings R] [--segments S] [--iterations N]\n";
   return 2;
 }
@@ -274,6 +284,18 @@ int main(int argc, char** argv) {
         options.name = value("--name");
       } else if (arg == "--slots") {
         options.slots = static_cast<std::uint32_t>(std::stoul(value("--slots")));
+      } else if (arg == "--token") {
+        options.token = value("--token");
+      } else if (arg == "--token-file") {
+        options.token_file = value("--token-file");
+      } else if (arg == "--tls-ca") {
+        options.tls_ca = value("--tls-ca");
+      } else if (arg == "--tls-client-cert") {
+        options.tls_client_cert = value("--tls-client-cert");
+      } else if (arg == "--tls-client-key") {
+        options.tls_client_key = value("--tls-client-key");
+      } else if (arg == "--tls-server-name") {
+        options.tls_server_name = value("--tls-server-name");
       } else if (arg == "--rings") {
         rings = std::stoi(value("--rings"));
       } else if (arg == "--segments") {
@@ -303,7 +325,14 @@ int main(int argc, char** argv) {
               << (cpu_only ? std::string("--cpu-only") : device.error) << ")\n";
   }
 
-  dagmesh::Worker worker(options);
+  std::unique_ptr<dagmesh::Worker> built;
+  try {
+    built = std::make_unique<dagmesh::Worker>(options);  // checks the token and TLS settings
+  } catch (const std::invalid_argument& e) {
+    std::cerr << "cpp-gpu-tool-worker: " << e.what() << "\n";
+    return 2;
+  }
+  dagmesh::Worker& worker = *built;
   const std::string device_name = device.name;
   worker.task("mesh.smooth", "1.0.0",
               [cuda_usable, device_name](dagmesh::TaskContext& ctx, const json& inputs) {

@@ -2,6 +2,13 @@
 // Python and C++).
 //
 //   dagmesh_conformance_worker --server URL --instance-id ID [--slots N] [--name NAME]
+//       [--token T] [--token-file PATH] [--tls-ca PEM] [--tls-client-cert PEM]
+//       [--tls-client-key PEM] [--tls-server-name NAME]
+//
+// The security flags default to DAGMESH_TOKEN, DAGMESH_TOKEN_FILE, DAGMESH_TLS_CA,
+// DAGMESH_TLS_CLIENT_CERT, DAGMESH_TLS_CLIENT_KEY and DAGMESH_TLS_SERVER_NAME; TLS is used for
+// an https:// --server. Bad settings exit 2 with the reason; so does a token the executor
+// refuses (UNAUTHENTICATED, PERMISSION_DENIED).
 //
 // Task types, each version 1.0.0:
 //   conformance.echo         returns its inputs
@@ -21,7 +28,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
+#include <map>
+#include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <thread>
 
@@ -49,10 +59,15 @@ std::int64_t int_input(const json& inputs, const char* name) {
   return static_cast<std::int64_t>(value);
 }
 
+const char* const kUsage =
+    "usage: dagmesh_conformance_worker --server URL --instance-id ID [--slots N] [--name NAME]\n"
+    "           [--token T] [--token-file PATH] [--tls-ca PEM] [--tls-client-cert PEM]\n"
+    "           [--tls-client-key PEM] [--tls-server-name NAME]\n"
+    "  (security flags default to DAGMESH_TOKEN, DAGMESH_TOKEN_FILE, DAGMESH_TLS_CA,\n"
+    "   DAGMESH_TLS_CLIENT_CERT, DAGMESH_TLS_CLIENT_KEY, DAGMESH_TLS_SERVER_NAME)\n";
+
 int usage(const char* error) {
-  std::cerr << "error: " << error << "\n"
-            << "usage: dagmesh_conformance_worker --server URL --instance-id ID [--slots N] "
-               "[--name NAME]\n";
+  std::cerr << "error: " << error << "\n" << kUsage;
   return 2;
 }
 
@@ -63,6 +78,13 @@ int main(int argc, char** argv) {
   options.name = "conformance";
   bool have_server = false;
   bool have_instance = false;
+  const std::map<std::string, std::string dagmesh::WorkerOptions::*> security = {
+      {"--token", &dagmesh::WorkerOptions::token},
+      {"--token-file", &dagmesh::WorkerOptions::token_file},
+      {"--tls-ca", &dagmesh::WorkerOptions::tls_ca},
+      {"--tls-client-cert", &dagmesh::WorkerOptions::tls_client_cert},
+      {"--tls-client-key", &dagmesh::WorkerOptions::tls_client_key},
+      {"--tls-server-name", &dagmesh::WorkerOptions::tls_server_name}};
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
     std::string value;
@@ -70,12 +92,12 @@ int main(int argc, char** argv) {
     if (arg.rfind("--", 0) == 0 && eq != std::string::npos) {
       value = arg.substr(eq + 1);
       arg = arg.substr(0, eq);
-    } else if (arg == "--server" || arg == "--instance-id" || arg == "--slots" || arg == "--name") {
+    } else if (arg == "--server" || arg == "--instance-id" || arg == "--slots" || arg == "--name" ||
+               security.count(arg) > 0) {
       if (i + 1 >= argc) return usage((arg + " needs a value").c_str());
       value = argv[++i];
     } else if (arg == "-h" || arg == "--help") {
-      std::cout << "usage: dagmesh_conformance_worker --server URL --instance-id ID [--slots N] "
-                   "[--name NAME]\n";
+      std::cout << kUsage;
       return 0;
     } else {
       return usage(("unknown argument " + arg).c_str());
@@ -93,6 +115,8 @@ int main(int argc, char** argv) {
       options.slots = static_cast<std::uint32_t>(slots);
     } else if (arg == "--name") {
       options.name = value;
+    } else if (auto it = security.find(arg); it != security.end()) {
+      options.*(it->second) = value;
     } else {
       return usage(("unknown argument " + arg).c_str());
     }
@@ -100,7 +124,14 @@ int main(int argc, char** argv) {
   if (!have_server) return usage("--server is required");
   if (!have_instance || options.instance_id.empty()) return usage("--instance-id is required");
 
-  dagmesh::Worker worker(options);
+  std::unique_ptr<dagmesh::Worker> built;
+  try {
+    built = std::make_unique<dagmesh::Worker>(options);
+  } catch (const std::invalid_argument& e) {
+    std::cerr << "dagmesh_conformance_worker: " << e.what() << "\n";
+    return 2;
+  }
+  dagmesh::Worker& worker = *built;
 
   worker.task("conformance.echo", "1.0.0", [](dagmesh::TaskContext& ctx, const json& inputs) {
     event("started", ctx);
