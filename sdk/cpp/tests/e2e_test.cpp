@@ -1,11 +1,14 @@
 // End-to-end tests of the C++ SDK against a real `dagmesh up`.
 //
 //   dagmesh_e2e_test workflow|payload_limit|cancel|drain|reconnect|rejected|executor_drain|
-//                    stop_during_executor_drain
+//                    stop_during_executor_drain|tls|auth_refused|mtls
 //
-// Each scenario starts its own server (SQLite in a temporary directory, a free port, readiness
-// polled through the CLI, never a fixed sleep), runs the C++ workers as child processes and
-// checks the outcome with `dagmesh runs get ID -o json`.
+// Each scenario starts its own server (SQLite and --data-dir in a temporary directory, a free
+// port, readiness polled through the CLI, never a fixed sleep), runs the C++ workers as child
+// processes and checks the outcome with `dagmesh runs get ID -o json`. The server's admin token
+// (DATA_DIR/admin.token, written by `dagmesh up` with auth on) goes to the CLI and the workers as
+// DAGMESH_TOKEN; a server without auth (no such file) is used without one. The TLS scenarios
+// make their certificates with the openssl CLI (tests/make_certs.sh).
 //
 // Environment: DAGMESH_BIN (the dagmesh binary), DAGMESH_GPU_TOOL_WORKER (cpp-gpu-tool-worker),
 // DAGMESH_E2E_REQUIRED=1 (a missing binary fails instead of skipping), DAGMESH_E2E_KEEP=1 (keep
@@ -19,6 +22,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -35,6 +39,8 @@
 #include <vector>
 
 #include <nlohmann/json.hpp>
+
+extern char** environ;
 
 namespace {
 
@@ -81,7 +87,38 @@ struct Child {
 
 std::vector<Child*> g_children;
 
-pid_t spawn(const std::vector<std::string>& argv, const std::string& out, const std::string& err) {
+/// Changes to a child's environment: a value sets the variable, nullopt removes it.
+using EnvChanges = std::map<std::string, std::optional<std::string>>;
+
+/// This process's environment with `changes` applied, as "NAME=value" strings.
+std::vector<std::string> child_environment(const EnvChanges& changes) {
+  std::vector<std::string> entries;
+  for (char** e = environ; e != nullptr && *e != nullptr; ++e) {
+    const std::string entry = *e;
+    const std::string name = entry.substr(0, entry.find('='));
+    if (changes.count(name) == 0) entries.push_back(entry);
+  }
+  for (const auto& [name, value] : changes) {
+    if (value) entries.push_back(name + "=" + *value);
+  }
+  return entries;
+}
+
+[[noreturn]] void exec_child(const std::vector<std::string>& argv, const EnvChanges& changes) {
+  const auto environment = child_environment(changes);
+  std::vector<char*> args;
+  for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  std::vector<char*> envp;
+  for (const auto& e : environment) envp.push_back(const_cast<char*>(e.c_str()));
+  envp.push_back(nullptr);
+  ::execve(args[0], args.data(), envp.data());
+  std::perror("execve");
+  ::_exit(127);
+}
+
+pid_t spawn(const std::vector<std::string>& argv, const std::string& out, const std::string& err,
+            const EnvChanges& changes = {}) {
   const pid_t pid = ::fork();
   if (pid < 0) throw Failure("fork failed");
   if (pid == 0) {
@@ -91,12 +128,7 @@ pid_t spawn(const std::vector<std::string>& argv, const std::string& out, const 
     ::dup2(in, 0);
     ::dup2(o, 1);
     ::dup2(e, 2);
-    std::vector<char*> args;
-    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    ::execv(args[0], args.data());
-    std::perror("execv");
-    ::_exit(127);
+    exec_child(argv, changes);
   }
   return pid;
 }
@@ -145,7 +177,7 @@ struct Captured {
 
 /// Runs a command to completion (at most `timeout`), capturing stdout; stderr goes to `err`.
 Captured capture(const std::vector<std::string>& argv, const std::string& err,
-                 milliseconds timeout = milliseconds(30000)) {
+                 const EnvChanges& changes = {}, milliseconds timeout = milliseconds(30000)) {
   int fds[2];
   if (::pipe(fds) != 0) throw Failure("pipe failed");
   const pid_t pid = ::fork();
@@ -155,11 +187,7 @@ Captured capture(const std::vector<std::string>& argv, const std::string& err,
     ::dup2(fds[1], 1);
     ::dup2(e, 2);
     ::close(fds[0]);
-    std::vector<char*> args;
-    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    ::execv(args[0], args.data());
-    ::_exit(127);
+    exec_child(argv, changes);
   }
   ::close(fds[1]);
   ::fcntl(fds[0], F_SETFL, O_NONBLOCK);
@@ -223,6 +251,10 @@ void expect(bool condition, const std::string& what) {
 
 // --- the environment of one scenario ----------------------------------------------------------
 
+const char* const kSecurityVariables[] = {"DAGMESH_TOKEN",           "DAGMESH_TOKEN_FILE",
+                                          "DAGMESH_TLS_CA",          "DAGMESH_TLS_CLIENT_CERT",
+                                          "DAGMESH_TLS_CLIENT_KEY", "DAGMESH_TLS_SERVER_NAME"};
+
 struct Env {
   std::string dagmesh;
   std::string conformance;
@@ -234,8 +266,46 @@ struct Env {
   std::vector<std::string> server_extra;
   std::string lease = "2s";
   std::vector<std::unique_ptr<Child>> workers;
+  /// The environment of the CLI and the workers: the admin token once the server wrote one,
+  /// TLS settings; every other security variable of the test's own environment removed.
+  EnvChanges client_env;
+  /// The admin token `dagmesh up` wrote (empty: auth is off).
+  std::string admin_token;
 
   std::string cli_err() const { return dir + "/cli.err"; }
+  std::string data_dir() const { return dir + "/data"; }
+
+  void init() {
+    for (const char* name : kSecurityVariables) client_env[name] = std::nullopt;
+    url = "http://127.0.0.1:" + std::to_string(port);
+  }
+
+  /// TLS from now on: the server gets the certificate (and the client CA for mTLS), the URL
+  /// turns https and the clients trust `ca`.
+  void use_tls(const std::string& certs, bool mtls) {
+    url = "https://127.0.0.1:" + std::to_string(port);
+    server_extra.insert(server_extra.end(), {"--tls-cert", certs + "/server.pem", "--tls-key",
+                                             certs + "/server.key"});
+    if (mtls) server_extra.insert(server_extra.end(), {"--tls-client-ca", certs + "/ca.pem"});
+    client_env["DAGMESH_TLS_CA"] = certs + "/ca.pem";
+    if (mtls) {
+      client_env["DAGMESH_TLS_CLIENT_CERT"] = certs + "/client.pem";
+      client_env["DAGMESH_TLS_CLIENT_KEY"] = certs + "/client.key";
+    }
+  }
+
+  /// Picks up DATA_DIR/admin.token once `dagmesh up` wrote it.
+  void read_admin_token() {
+    const std::string path = data_dir() + "/admin.token";
+    if (::access(path.c_str(), R_OK) != 0) return;
+    std::string token = read_file(path);
+    while (!token.empty() && std::isspace(static_cast<unsigned char>(token.back()))) token.pop_back();
+    while (!token.empty() && std::isspace(static_cast<unsigned char>(token.front()))) token.erase(0, 1);
+    if (token.empty() || token == admin_token) return;
+    admin_token = token;
+    client_env["DAGMESH_TOKEN"] = token;
+    log("admin token from " + path);
+  }
 
   void start_server() {
     server = Child{};
@@ -244,9 +314,15 @@ struct Env {
     server.err = dir + "/server.log";
     std::vector<std::string> argv = {dagmesh, "up", "--listen", "127.0.0.1:" + std::to_string(port),
                                      "--database", "sqlite://" + dir + "/db.sqlite",
+                                     "--data-dir", data_dir(),
                                      "--lease", lease, "--heartbeat-interval", "200ms"};
     argv.insert(argv.end(), server_extra.begin(), server_extra.end());
-    server.pid = spawn(argv, server.out, server.err);
+    // The server's own settings come from its flags only.
+    EnvChanges server_env;
+    for (const char* name : {"DAGMESH_TLS_CERT", "DAGMESH_TLS_KEY", "DAGMESH_TLS_CLIENT_CA"}) {
+      server_env[name] = std::nullopt;
+    }
+    server.pid = spawn(argv, server.out, server.err, server_env);
     g_children.push_back(&server);
     // Ready when the CLI gets an answer; polled, no fixed sleep.
     const bool ready = eventually(
@@ -254,17 +330,19 @@ struct Env {
           if (!alive(server)) {
             throw Failure("dagmesh up exited early:\n" + tail(read_file(server.out)));
           }
+          read_admin_token();
           return cli({"workers", "list", "-o", "json"}).code == 0;
         },
         seconds(60), milliseconds(100));
-    expect(ready, "dagmesh up not ready within 60 s:\n" + tail(read_file(server.out)));
-    log("server ready on " + url);
+    expect(ready, "dagmesh up not ready within 60 s:\n" + tail(read_file(server.out)) +
+                      "\n--- cli.err\n" + tail(read_file(cli_err()), 2000));
+    log("server ready on " + url + (admin_token.empty() ? " (no admin token: auth off)" : ""));
   }
 
   Captured cli(std::vector<std::string> args) const {
     std::vector<std::string> argv = {dagmesh, "--server", url};
     argv.insert(argv.end(), args.begin(), args.end());
-    return capture(argv, cli_err());
+    return capture(argv, cli_err(), client_env);
   }
 
   json cli_json(std::vector<std::string> args) const {
@@ -280,20 +358,35 @@ struct Env {
     }
   }
 
-  Child& start_worker(const std::string& name, std::vector<std::string> argv) {
+  /// Starts a worker with the clients' environment, changed by `changes`.
+  Child& start_worker(const std::string& name, std::vector<std::string> argv,
+                      const EnvChanges& changes = {}) {
     auto child = std::make_unique<Child>();
     child->name = name;
     child->out = dir + "/" + name + ".out";
     child->err = dir + "/" + name + ".err";
-    child->pid = spawn(argv, child->out, child->err);
+    EnvChanges environment = client_env;
+    for (const auto& [variable, value] : changes) environment[variable] = value;
+    child->pid = spawn(argv, child->out, child->err, environment);
     g_children.push_back(child.get());
     workers.push_back(std::move(child));
     return *workers.back();
   }
 
-  Child& start_conformance(const std::string& instance, int slots = 2) {
-    return start_worker(instance, {conformance, "--server", url, "--instance-id", instance,
-                                   "--slots", std::to_string(slots)});
+  Child& start_conformance(const std::string& instance, int slots = 2,
+                           const EnvChanges& changes = {}, std::vector<std::string> flags = {}) {
+    std::vector<std::string> argv = {conformance, "--server", url, "--instance-id", instance,
+                                     "--slots", std::to_string(slots)};
+    argv.insert(argv.end(), flags.begin(), flags.end());
+    return start_worker(instance, argv, changes);
+  }
+
+  /// Whether `instance` is listed as connected.
+  bool connected(const std::string& instance) {
+    for (const auto& w : cli_json({"workers", "list", "-o", "json"}).value("workers", json::array())) {
+      if (w.value("instance_id", "") == instance && w.value("connected", false)) return true;
+    }
+    return false;
   }
 
   /// Waits until every instance is connected to the executor.
@@ -315,6 +408,17 @@ struct Env {
         },
         seconds(30), milliseconds(100));
     expect(ok, "workers did not connect:\n" + cli({"workers", "list"}).out);
+  }
+
+  /// Submits a one-step echo run and waits for it; returns the run.
+  json echo_run(const std::string& name) {
+    const auto id = submit(name, "name: cpp-e2e-" + name + R"(
+steps:
+  - id: echo
+    task: conformance.echo@^1
+    inputs: { x: "1" }
+)");
+    return wait_run(id, milliseconds(30000));
   }
 
   std::string submit(const std::string& name, const std::string& yaml) {
@@ -743,6 +847,162 @@ void scenario_rejected(Env& env) {
          "no rejection message naming the field:\n" + err);
 }
 
+// --- security: tokens, TLS, mTLS -----------------------------------------------------------------
+
+struct Skip : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+/// A throwaway PKI (tests/make_certs.sh, the openssl CLI) in DIR/certs; returns that folder.
+std::string make_certs(const Env& env) {
+  if (std::system("command -v openssl >/dev/null 2>&1") != 0) throw Skip("the openssl CLI is missing");
+  const std::string certs = env.dir + "/certs";
+  const std::string command = std::string("bash '") + DAGMESH_MAKE_CERTS + "' '" + certs + "'";
+  expect(std::system(command.c_str()) == 0, "make_certs.sh failed");
+  return certs;
+}
+
+/// `dagmesh tokens create ARGS...`: the token it prints.
+std::string create_token(Env& env, std::vector<std::string> args) {
+  args.insert(args.begin(), {"tokens", "create"});
+  const auto result = env.cli(args);
+  expect(result.code == 0, "dagmesh tokens create failed (" + std::to_string(result.code) + "):\n" +
+                               result.out + tail(read_file(env.cli_err())));
+  const auto at = result.out.find("dmt_");
+  expect(at != std::string::npos, "no dmt_ token in the output of tokens create:\n" + result.out);
+  auto end = at;
+  while (end < result.out.size() && (std::isalnum(static_cast<unsigned char>(result.out[end])) ||
+                                     result.out[end] == '_' || result.out[end] == '-')) {
+    ++end;
+  }
+  return result.out.substr(at, end - at);
+}
+
+/// The worker exits 2 within 20 s (no silent retry loop), its log naming `code` once.
+void expect_refused(Env& env, Child& worker, const std::string& code) {
+  const auto exit_code = wait_exit(worker, seconds(20));
+  expect(exit_code.has_value(), worker.name + " still running: refused credentials were retried\n" +
+                                    env.diagnostics());
+  expect(*exit_code == 2, worker.name + " exit code " + std::to_string(*exit_code) + ", want 2\n" +
+                              env.diagnostics());
+  const auto err = read_file(worker.err);
+  expect(err.find("error dagmesh: the executor ") != std::string::npos &&
+             err.find("(" + code + "): ") != std::string::npos,
+         worker.name + " did not log the refusal (" + code + ") at ERROR:\n" + err);
+  expect(err.find("retrying") == std::string::npos && err.find("reconnecting") == std::string::npos,
+         worker.name + " retried refused credentials:\n" + err);
+  log(worker.name + " refused with " + code + ", exit 2");
+}
+
+/// The worker stays up but never connects for `window`; the log shows the failed attempts.
+/// Then SIGTERM drains it (exit 0).
+void expect_never_connects(Env& env, Child& worker, const std::string& in_log, milliseconds window) {
+  const auto until = Clock::now() + window;
+  while (Clock::now() < until) {
+    expect(alive(worker), worker.name + " exited:\n" + tail(read_file(worker.err)));
+    expect(!env.connected(worker.name), worker.name + " connected\n" + env.diagnostics());
+    std::this_thread::sleep_for(milliseconds(250));
+  }
+  const auto err = read_file(worker.err);
+  expect(err.find("cannot open a stream") != std::string::npos &&
+             err.find(in_log) != std::string::npos,
+         worker.name + " log does not show the failed handshake (\"" + in_log + "\"):\n" + tail(err));
+  kill_child(worker, SIGTERM);
+  const auto code = wait_exit(worker, seconds(20));
+  expect(code && *code == 0, worker.name + " did not drain while offline\n" + env.diagnostics());
+  log(worker.name + " never connected (" + in_log + ")");
+}
+
+/// TLS with the admin token: a worker configured by the environment (DAGMESH_TOKEN,
+/// DAGMESH_TLS_CA) and one by flags (--token, --tls-ca, --tls-server-name localhost) each run a
+/// step over https; a worker that trusts only the system roots never connects and says why.
+void scenario_tls(Env& env) {
+  const auto certs = make_certs(env);
+  env.use_tls(certs, false);
+  env.start_server();
+  expect(!env.admin_token.empty(), "dagmesh up wrote no " + env.data_dir() + "/admin.token");
+  env.start_conformance("cpp-conf-tls-env", 1);
+  env.start_conformance("cpp-conf-tls-flags", 1,
+                        {{"DAGMESH_TOKEN", std::nullopt}, {"DAGMESH_TLS_CA", std::nullopt}},
+                        {"--token", env.admin_token, "--tls-ca", certs + "/ca.pem",
+                         "--tls-server-name", "localhost"});
+  env.wait_workers({"cpp-conf-tls-env", "cpp-conf-tls-flags"});
+  // Two 1.5 s steps at once on two 1-slot workers: one each.
+  const auto id = env.submit("tls", R"(name: cpp-e2e-tls
+steps:
+  - id: a
+    task: conformance.sleep@^1
+    inputs: { ms: "1500" }
+  - id: b
+    task: conformance.sleep@^1
+    inputs: { ms: "1500" }
+)");
+  const auto run = env.wait_run(id);
+  expect_state(run, "RUN_STATE_SUCCEEDED", env);
+  const auto a = Env::step(run, "a").value("worker", "");
+  const auto b = Env::step(run, "b").value("worker", "");
+  expect(a != b && (a == "cpp-conf-tls-env" || a == "cpp-conf-tls-flags") &&
+             (b == "cpp-conf-tls-env" || b == "cpp-conf-tls-flags"),
+         "steps ran on " + a + " and " + b);
+
+  auto& untrusting = env.start_conformance("cpp-conf-tls-system-roots", 1,
+                                           {{"DAGMESH_TLS_CA", std::nullopt}});
+  expect_never_connects(env, untrusting, "certificate verify failed", milliseconds(3000));
+}
+
+/// Refused credentials end the worker (exit 2, the server's message at ERROR, no retry loop):
+/// no token, a bad token (UNAUTHENTICATED), a worker token whose task patterns do not cover
+/// the worker's task types (PERMISSION_DENIED). A token whose patterns do cover them works.
+void scenario_auth_refused(Env& env) {
+  env.start_server();
+  expect(!env.admin_token.empty(), "dagmesh up wrote no " + env.data_dir() + "/admin.token");
+  auto& none = env.start_conformance("cpp-conf-no-token", 1, {{"DAGMESH_TOKEN", std::nullopt}});
+  auto& bad = env.start_conformance("cpp-conf-bad-token", 1,
+                                    {{"DAGMESH_TOKEN", "dmt_bogus_0123456789abcdef"}});
+  expect_refused(env, none, "UNAUTHENTICATED");
+  expect(read_file(none.err).find("no token given") != std::string::npos,
+         "no hint about the missing token:\n" + read_file(none.err));
+  expect_refused(env, bad, "UNAUTHENTICATED");
+
+  const auto narrow = create_token(env, {"--scope", "worker", "--task", "other.*", "--name",
+                                         "cpp-e2e-narrow"});
+  auto& denied = env.start_conformance("cpp-conf-narrow", 1, {{"DAGMESH_TOKEN", narrow}});
+  expect_refused(env, denied, "PERMISSION_DENIED");
+
+  const auto scoped = create_token(env, {"--scope", "worker", "--task", "conformance.*",
+                                         "--name", "cpp-e2e-scoped"});
+  // From a token file this time.
+  const std::string token_file = env.dir + "/scoped.token";
+  std::ofstream(token_file) << scoped << "\n";
+  auto& ok = env.start_conformance("cpp-conf-scoped", 1,
+                                   {{"DAGMESH_TOKEN", std::nullopt}, {"DAGMESH_TOKEN_FILE", token_file}});
+  env.wait_workers({"cpp-conf-scoped"});
+  expect_state(env.echo_run("scoped"), "RUN_STATE_SUCCEEDED", env);
+  expect(read_file(ok.err).find("token from DAGMESH_TOKEN_FILE") != std::string::npos,
+         "the scoped worker did not use the token file");
+}
+
+/// mTLS (`dagmesh up --tls-client-ca`): workers with the client certificate (environment or
+/// flags) connect and run a step; one without never connects.
+void scenario_mtls(Env& env) {
+  const auto certs = make_certs(env);
+  env.use_tls(certs, true);
+  env.start_server();
+  env.start_conformance("cpp-conf-mtls", 1);
+  env.start_conformance("cpp-conf-mtls-flags", 1,
+                        {{"DAGMESH_TLS_CLIENT_CERT", std::nullopt},
+                         {"DAGMESH_TLS_CLIENT_KEY", std::nullopt}},
+                        {"--tls-client-cert", certs + "/client.pem", "--tls-client-key",
+                         certs + "/client.key"});
+  env.wait_workers({"cpp-conf-mtls", "cpp-conf-mtls-flags"});
+  expect_state(env.echo_run("mtls"), "RUN_STATE_SUCCEEDED", env);
+
+  auto& no_cert = env.start_conformance("cpp-conf-mtls-no-cert", 1,
+                                        {{"DAGMESH_TLS_CLIENT_CERT", std::nullopt},
+                                         {"DAGMESH_TLS_CLIENT_KEY", std::nullopt}});
+  expect_never_connects(env, no_cert, "UNAVAILABLE", milliseconds(3000));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -751,10 +1011,12 @@ int main(int argc, char** argv) {
       {"cancel", scenario_cancel},         {"drain", scenario_drain},
       {"reconnect", scenario_reconnect},   {"rejected", scenario_rejected},
       {"executor_drain", scenario_executor_drain},
-      {"stop_during_executor_drain", scenario_stop_during_executor_drain}};
+      {"stop_during_executor_drain", scenario_stop_during_executor_drain},
+      {"tls", scenario_tls},               {"auth_refused", scenario_auth_refused},
+      {"mtls", scenario_mtls}};
   if (argc != 2 || scenarios.count(argv[1]) == 0) {
     std::cerr << "usage: dagmesh_e2e_test workflow|payload_limit|cancel|drain|reconnect|rejected|"
-                 "executor_drain|stop_during_executor_drain\n";
+                 "executor_drain|stop_during_executor_drain|tls|auth_refused|mtls\n";
     return 2;
   }
   const std::string name = argv[1];
@@ -781,13 +1043,16 @@ int main(int argc, char** argv) {
   }
   env.dir = dir_template;
   env.port = free_port();
-  env.url = "http://127.0.0.1:" + std::to_string(env.port);
+  env.init();
   log("scenario " + name + " in " + env.dir);
 
   int code = 0;
   try {
     scenarios.at(name)(env);
     log("PASS " + name);
+  } catch (const Skip& e) {
+    std::cerr << "[e2e] SKIP " << name << ": " << e.what() << "\n";
+    code = required ? 1 : 77;
   } catch (const std::exception& e) {
     std::cerr << "[e2e] FAIL " << name << ": " << e.what() << "\n";
     std::cerr << env.diagnostics() << "\n";
