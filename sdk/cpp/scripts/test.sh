@@ -9,8 +9,8 @@
 #    sdk/cpp/build/install;
 # 3. builds examples/cpp-gpu-tool into examples/cpp-gpu-tool/build (SDK by add_subdirectory) and
 #    into examples/cpp-gpu-tool/build-installed (SDK by find_package from the install);
-# 4. runs ctest --output-on-failure in both: unit tests, end-to-end tests against a real
-#    `dagmesh up`, the example's selftest.
+# 4. runs ctest --output-on-failure in both: unit tests, the fake-executor security tests,
+#    end-to-end tests against a real `dagmesh up`, the example's selftest.
 #
 # Environment:
 #   JOBS=2                     parallel build jobs
@@ -31,8 +31,9 @@ start=$(date +%s)
 step() { printf '\n==> %s\n' "$*"; }
 
 # --- 1. packages ---------------------------------------------------------------------------------
+# openssl: the CLI makes the certificates of the TLS tests (tests/make_certs.sh).
 packages=(g++ make cmake pkg-config libgrpc++-dev libprotobuf-dev protobuf-compiler
-          protobuf-compiler-grpc nlohmann-json3-dev)
+          protobuf-compiler-grpc nlohmann-json3-dev openssl)
 if [[ "${DAGMESH_SKIP_APT:-0}" != 1 ]] && command -v dpkg-query >/dev/null 2>&1; then
   missing=()
   for p in "${packages[@]}"; do
