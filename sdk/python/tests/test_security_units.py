@@ -425,3 +425,26 @@ def test_worker_stream_over_tls_carries_the_token(certs: Certs) -> None:
         assert [seen.get("authorization") for seen in refusing.seen] == ["Bearer dmt_tls_worker"]
     finally:
         server.stop(None)
+
+
+def test_a_worker_logs_a_failed_handshake_at_error_and_keeps_trying(certs: Certs, caplog: pytest.LogCaptureFixture) -> None:
+    server, url, _ = _tls_server(certs, mtls=False)
+    try:
+        worker = Worker(url, name="untrusting", tls_ca=certs.other_ca, reconnect_backoff=(0.01, 0.05))
+        worker.register("t", "1.0.0", lambda ctx, inputs: None)
+
+        async def run_a_while() -> None:
+            stop = asyncio.Event()
+            running = asyncio.create_task(worker.run_async(stop_event=stop))
+            while not any("not trusted" in r.getMessage() for r in caplog.records):
+                await asyncio.sleep(0.02)
+            assert not running.done(), "still trying"
+            stop.set()
+            await asyncio.wait_for(running, 10)
+
+        with caplog.at_level("ERROR", logger="dagmesh.worker"):
+            asyncio.run(asyncio.wait_for(run_a_while(), 20))
+        errors = [r for r in caplog.records if r.levelname == "ERROR" and "not trusted" in r.getMessage()]
+        assert errors and "CERTIFICATE_VERIFY_FAILED" in errors[0].getMessage()
+    finally:
+        server.stop(None)

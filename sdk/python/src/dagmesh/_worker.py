@@ -618,6 +618,10 @@ class _Driver:
                         log.info("executor drained this stream; reconnecting")
                     else:
                         log.warning("stream broken, reconnecting: %s", end)
+                elif " (TLS" in opened:
+                    # A handshake that failed (an untrusted certificate, a name mismatch) is
+                    # retried, as a server may be replacing its certificate, but it is loud.
+                    log.error("cannot open a stream, retrying: %s", opened)
                 else:
                     log.warning("cannot open a stream, retrying: %s", opened)
                 try:
