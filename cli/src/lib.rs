@@ -11,6 +11,7 @@ pub mod bench;
 pub mod commands;
 pub mod demo;
 pub mod mesh;
+pub mod security;
 pub mod serve;
 
 /// The scheduler crate, for tests that start extra scheduler instances beside a mesh.

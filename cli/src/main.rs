@@ -26,6 +26,8 @@ struct Cli {
         default_value = "text"
     )]
     output: OutputFormat,
+    #[command(flatten)]
+    client: commands::ClientFlags,
     #[command(subcommand)]
     command: Command,
 }
@@ -55,6 +57,7 @@ async fn main() -> ExitCode {
     let global = Global {
         server: cli.server,
         output: cli.output,
+        client: cli.client.settings(),
     };
     let result = match cli.command {
         Command::Up(args) => serve::up(args).await.map(|()| ExitCode::SUCCESS),

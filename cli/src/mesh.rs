@@ -1,13 +1,20 @@
 //! The whole mesh in one process: metadata store (SQLite or PostgreSQL), executor and scheduler,
-//! wired in-process through the `MetadataStore` and `RunStarter` traits and served on one port. `dagmesh up`, the demo,
-//! the benchmarks and the integration tests all start it this way.
+//! wired in-process through the `MetadataStore` and `RunStarter` traits and served on one port.
+//! `dagmesh up`, the demo, the benchmarks and the integration tests all start it this way.
+//!
+//! The metadata store API is *not* on that port: the executor and scheduler call the store
+//! in-process, and nobody outside needs (or may have) raw access to the system of record.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
 use dagmesh_executor::{ExecError, Executor, ExecutorConfig};
-use dagmesh_metastore::{MetadataStore, SqlStore, grpc::MetadataGrpcServer};
+use dagmesh_auth::{AuthLayer, Authenticator, TokenApi};
+use dagmesh_metastore::{MetadataStore, SqlStore};
+use dagmesh_runtime::ServeOptions;
+use dagmesh_runtime::tls::ServerTls;
 use dagmesh_scheduler::grpc::SchedulerGrpcServer;
 use dagmesh_scheduler::{Scheduler, SchedulerConfig, SystemClock};
 use tokio::net::TcpListener;
@@ -20,6 +27,20 @@ pub struct MeshOptions {
     /// `sqlite://PATH`, `sqlite::memory:` or `postgres://...`.
     pub database_url: String,
     pub executor: ExecutorConfig,
+    pub security: MeshSecurity,
+}
+
+/// How the mesh's port is protected. The default (no auth, no TLS) is for in-process tests;
+/// `dagmesh up` turns authentication on.
+#[derive(Clone, Default)]
+pub struct MeshSecurity {
+    /// Check tokens on every call (stored in this mesh's database).
+    pub auth: bool,
+    /// A shared secret accepted as the internal principal.
+    pub internal_token: Option<String>,
+    pub tls: Option<Arc<ServerTls>>,
+    /// With `auth`: where the admin token is kept (created on first start).
+    pub admin_token_file: Option<PathBuf>,
 }
 
 pub struct Mesh {
@@ -30,6 +51,9 @@ pub struct Mesh {
     stop_server: Option<oneshot::Sender<()>>,
     server: JoinHandle<Result<(), dagmesh_runtime::ServeError>>,
     engine: JoinHandle<Result<(), ExecError>>,
+    tls: bool,
+    admin_token: Option<String>,
+    authenticator: Option<Arc<Authenticator>>,
 }
 
 impl Mesh {
@@ -51,15 +75,39 @@ impl Mesh {
             SchedulerConfig::default(),
         );
         let scheduler_task = scheduler.spawn();
-        // One port serves everything, the metadata API included, so grpcurl sees all of it.
-        let services = executor
+        let security = options.security;
+        let authenticator = security.auth.then(|| {
+            Arc::new(Authenticator::new(
+                store.clone(),
+                security.internal_token.as_deref(),
+            ))
+        });
+        let admin_token = match (&authenticator, &security.admin_token_file) {
+            (Some(_), Some(file)) => Some(crate::security::admin_token(&store, file).await?),
+            _ => None,
+        };
+        // One port serves every public service; the store API stays in-process.
+        let mut services = executor
             .services()
-            .with(MetadataGrpcServer::new(store).into_service())
             .with(SchedulerGrpcServer::new(scheduler.clone()).into_service());
+        if let Some(authenticator) = &authenticator {
+            services = services.with(TokenApi::new(authenticator.clone()).into_service());
+        }
+        let serve_options = ServeOptions {
+            auth: authenticator
+                .clone()
+                .map_or_else(AuthLayer::disabled, AuthLayer::new),
+            tls: security.tls.clone(),
+        };
         let (stop_server, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(dagmesh_runtime::serve(listener, services, async {
-            let _ = stopped.await;
-        }));
+        let server = tokio::spawn(dagmesh_runtime::serve(
+            listener,
+            services,
+            serve_options,
+            async {
+                let _ = stopped.await;
+            },
+        ));
         Ok(Self {
             addr,
             executor,
@@ -68,16 +116,30 @@ impl Mesh {
             stop_server: Some(stop_server),
             server,
             engine,
+            tls: security.tls.is_some(),
+            admin_token,
+            authenticator,
         })
+    }
+
+    /// The admin token (when authentication is on and an admin token file was given).
+    pub fn admin_token(&self) -> Option<&str> {
+        self.admin_token.as_deref()
+    }
+
+    /// The token checker of this mesh's port (None without authentication).
+    pub fn authenticator(&self) -> Option<&Arc<Authenticator>> {
+        self.authenticator.as_ref()
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
-    /// `http://ADDR`, what workers and clients dial.
+    /// `http://ADDR` (`https://` with TLS), what workers and clients dial.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn executor(&self) -> &Executor {

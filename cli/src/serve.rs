@@ -9,12 +9,14 @@ use anyhow::Context as _;
 use dagmesh_executor::{Executor, ExecutorConfig, Limits};
 use dagmesh_metastore::grpc::{MetadataGrpcClient, MetadataGrpcServer};
 use dagmesh_metastore::{MetadataStore, SqlStore};
+use dagmesh_auth::TokenApi;
 use dagmesh_runtime::{ServiceSet, serve, shutdown_signal, telemetry};
 use dagmesh_scheduler::grpc::SchedulerGrpcServer;
 use dagmesh_scheduler::{RunServiceStarter, Scheduler, SchedulerConfig, SystemClock};
 use tokio::net::TcpListener;
 
-use crate::mesh::{Mesh, MeshOptions};
+use crate::mesh::{Mesh, MeshOptions, MeshSecurity};
+use crate::security::{ADMIN_TOKEN_FILE, SecurityFlags};
 
 /// Tunables of the executor's engine.
 #[derive(clap::Args, Debug, Clone)]
@@ -85,6 +87,8 @@ pub struct UpArgs {
     pub data_dir: PathBuf,
     #[command(flatten)]
     pub engine: EngineFlags,
+    #[command(flatten)]
+    pub security: SecurityFlags,
 }
 
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
@@ -92,17 +96,35 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let database_url = args
         .database
         .unwrap_or_else(|| format!("sqlite://{}", args.data_dir.join("dagmesh.db").display()));
+    check_listen(&args.listen, &args.security).await?;
+    let admin_token_file = args.data_dir.join(ADMIN_TOKEN_FILE);
     let mut mesh = Mesh::start(MeshOptions {
         listen: args.listen,
         database_url: database_url.clone(),
         executor: args.engine.config(),
+        security: MeshSecurity {
+            auth: !args.security.no_auth,
+            internal_token: args.security.internal_token.clone(),
+            tls: args.security.tls()?,
+            admin_token_file: Some(admin_token_file.clone()),
+        },
     })
     .await?;
     tracing::info!(
-        addr = %mesh.addr(),
+        addr = %mesh.url(),
         database = %redact(&database_url),
         "dagmesh up: metadata store, executor and scheduler in one process"
     );
+    if mesh.admin_token().is_some() {
+        tracing::info!(
+            file = %admin_token_file.display(),
+            "authentication on: the dagmesh CLI run from here uses the admin token in this file; \
+             workers need a token too (DAGMESH_TOKEN_FILE={} or `dagmesh tokens create --scope worker`)",
+            admin_token_file.display()
+        );
+    } else {
+        tracing::warn!("authentication is OFF (--no-auth): every caller may do everything");
+    }
     let stopped = tokio::select! {
         () = shutdown_signal() => mesh.shutdown().await,
         error = mesh.engine_stopped() => Err(error),
@@ -123,6 +145,8 @@ pub struct MetastoreArgs {
         default_value = "sqlite://.dagmesh/dagmesh.db"
     )]
     pub database: String,
+    #[command(flatten)]
+    pub security: SecurityFlags,
 }
 
 pub async fn metastore(args: MetastoreArgs) -> anyhow::Result<()> {
@@ -130,15 +154,22 @@ pub async fn metastore(args: MetastoreArgs) -> anyhow::Result<()> {
     let store = SqlStore::connect(&args.database)
         .await
         .with_context(|| format!("opening database {}", redact(&args.database)))?;
-    let listener = bind(&args.listen).await?;
+    let tls = args.security.tls()?;
+    let listener = bind(&args.listen, &args.security).await?;
     tracing::info!(
         addr = %listener.local_addr()?,
         database = %redact(&args.database),
+        tls = tls.is_some(),
         "metastore serving"
     );
+    if !args.security.no_auth && args.security.internal_token.is_none() {
+        tracing::warn!("no --internal-token (DAGMESH_INTERNAL_TOKEN): no executor or scheduler can use this metastore");
+    }
     let store: Arc<dyn MetadataStore> = Arc::new(store);
+    let authenticator = args.security.authenticator(store.clone());
     let services = ServiceSet::new().with(MetadataGrpcServer::new(store).into_service());
-    let served = serve(listener, services, shutdown_signal()).await;
+    let options = args.security.serve_options(authenticator, tls);
+    let served = serve(listener, services, options, shutdown_signal()).await;
     telemetry.shutdown();
     Ok(served?)
 }
@@ -159,13 +190,23 @@ pub struct ExecutorArgs {
     pub startup_timeout: Duration,
     #[command(flatten)]
     pub engine: EngineFlags,
+    #[command(flatten)]
+    pub security: SecurityFlags,
 }
 
 pub async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
     let telemetry = telemetry::init("dagmesh-executor");
+    let tls = args.security.tls()?;
     let (executor, mut engine) = start_remote_executor(&args).await?;
-    let listener = bind(&args.listen).await?;
-    tracing::info!(addr = %listener.local_addr()?, metastore = %args.metastore, "executor serving");
+    let listener = bind(&args.listen, &args.security).await?;
+    tracing::info!(addr = %listener.local_addr()?, metastore = %args.metastore, tls = tls.is_some(), "executor serving");
+    // Tokens live in the metastore; the executor reads them through its (internal) client.
+    let authenticator = args.security.authenticator(executor.store().clone());
+    let mut services = executor.services();
+    if let Some(authenticator) = &authenticator {
+        services = services.with(TokenApi::new(authenticator.clone()).into_service());
+    }
+    let options = args.security.serve_options(authenticator, tls);
     let (engine_failed_tx, engine_failed) = tokio::sync::oneshot::channel();
     let drainer = executor.clone();
     let shutdown = async move {
@@ -176,7 +217,7 @@ pub async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
             }
         }
     };
-    let served = serve(listener, executor.services(), shutdown).await;
+    let served = serve(listener, services, options, shutdown).await;
     telemetry.shutdown();
     served?;
     match engine_failed.await {
@@ -198,7 +239,8 @@ async fn start_remote_executor(
     let mut delay = Duration::from_millis(100);
     loop {
         let attempt = async {
-            let store = MetadataGrpcClient::connect(&args.metastore).await?;
+            let settings = args.security.peer_settings();
+            let store = MetadataGrpcClient::connect(&args.metastore, &settings).await?;
             let store: Arc<dyn MetadataStore> = Arc::new(store);
             anyhow::Ok(Executor::start(store, args.engine.config()).await?)
         };
@@ -238,15 +280,20 @@ pub struct SchedulerArgs {
         default_value = "http://127.0.0.1:7070"
     )]
     pub executor: String,
+    #[command(flatten)]
+    pub security: SecurityFlags,
 }
 
 /// The scheduler alone. Both clients connect lazily, so it starts in any order with the others;
 /// until they are reachable its passes fail and are retried.
 pub async fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
     let telemetry = telemetry::init("dagmesh-scheduler");
+    let tls = args.security.tls()?;
+    let settings = args.security.peer_settings();
     let store: Arc<dyn MetadataStore> =
-        Arc::new(MetadataGrpcClient::connect(&args.metastore).await?);
-    let starter = Arc::new(RunServiceStarter::connect(&args.executor)?);
+        Arc::new(MetadataGrpcClient::connect(&args.metastore, &settings).await?);
+    let starter = Arc::new(RunServiceStarter::connect(&args.executor, &settings)?);
+    let authenticator = args.security.authenticator(store.clone());
     let scheduler = Scheduler::new(
         store,
         starter,
@@ -254,7 +301,7 @@ pub async fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
         SchedulerConfig::default(),
     );
     let task = scheduler.spawn();
-    let listener = bind(&args.listen).await?;
+    let listener = bind(&args.listen, &args.security).await?;
     tracing::info!(
         addr = %listener.local_addr()?,
         metastore = %args.metastore,
@@ -262,16 +309,31 @@ pub async fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
         "scheduler serving"
     );
     let services = ServiceSet::new().with(SchedulerGrpcServer::new(scheduler).into_service());
-    let served = serve(listener, services, shutdown_signal()).await;
+    let options = args.security.serve_options(authenticator, tls);
+    let served = serve(listener, services, options, shutdown_signal()).await;
     task.abort();
     telemetry.shutdown();
     Ok(served?)
 }
 
-async fn bind(listen: &str) -> anyhow::Result<TcpListener> {
+/// Binds `listen`, refusing an unprotected non-loopback address (see
+/// [`SecurityFlags::check_listen`]).
+async fn bind(listen: &str, security: &SecurityFlags) -> anyhow::Result<TcpListener> {
+    check_listen(listen, security).await?;
     TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))
+}
+
+/// Checks every address `listen` resolves to, before anything binds or starts.
+async fn check_listen(listen: &str, security: &SecurityFlags) -> anyhow::Result<()> {
+    let addrs = tokio::net::lookup_host(listen)
+        .await
+        .with_context(|| format!("resolving listen address {listen}"))?;
+    for addr in addrs {
+        security.check_listen(addr)?;
+    }
+    Ok(())
 }
 
 /// A database URL without its password, for logs.

@@ -1,6 +1,7 @@
 //! The dagmesh v1 contract, generated from `proto/dagmesh/v1`. The `.proto` files are the source
 //! of truth; this crate only compiles them (plus JSON <-> `Struct` helpers).
 
+pub mod connect;
 pub mod json;
 pub mod limits;
 

@@ -175,6 +175,7 @@ impl Bench {
             listen: "127.0.0.1:0".into(),
             database_url,
             executor: Default::default(),
+            security: Default::default(),
         })
         .await?;
         let mut handles = Vec::new();

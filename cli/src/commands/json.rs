@@ -55,6 +55,9 @@ pub fn run(run: &Run) -> Value {
         "inputs": payload(run.inputs.as_ref()),
         "tags": string_map(&run.tags),
         "idempotency_key": run.idempotency_key,
+        "submitted_by": run.submitted_by,
+        "cancelled_by": run.cancelled_by,
+        "retried_by": run.retried_by,
         "steps": run.steps.iter().map(step).collect::<Vec<_>>(),
         "error": run.error,
         "created_at": timestamp(run.created_at.as_ref()),
@@ -95,7 +98,7 @@ pub fn event(event: &RunEvent) -> Value {
     let (name, body) = match &event.event {
         Some(run_event::Event::RunState(e)) => (
             "run_state",
-            json!({ "state": run_state(e.state), "error": e.error }),
+            json!({ "state": run_state(e.state), "error": e.error, "actor": e.actor }),
         ),
         Some(run_event::Event::StepState(e)) => (
             "step_state",

@@ -33,6 +33,7 @@ pub mod json;
 mod runs;
 mod schedules;
 mod submit;
+mod tokens;
 pub mod watch;
 mod workers;
 mod workflows;
@@ -40,12 +41,12 @@ mod workflows;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context as _;
-use tonic::transport::{Channel, Endpoint};
+use dagmesh_proto::connect::{AuthChannel, ClientSettings};
 
 pub use runs::RunsCommand;
 pub use schedules::{BackfillCommand, EventsCommand, SchedulesCommand, TriggersCommand};
 pub use submit::SubmitArgs;
+pub use tokens::TokensCommand;
 pub use workers::WorkersCommand;
 pub use workflows::WorkflowsCommand;
 
@@ -66,6 +67,59 @@ pub struct Global {
     /// Server address, e.g. `http://127.0.0.1:7070`.
     pub server: String,
     pub output: OutputFormat,
+    /// Token and TLS settings (flags, else environment, else the admin token of a local
+    /// `dagmesh up`).
+    pub client: ClientSettings,
+}
+
+/// Client flags shared by every client command (defined on the root command, each with its
+/// environment variable, the same names the SDKs read).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ClientFlags {
+    /// Bearer token. Default: DAGMESH_TOKEN_FILE, else the admin token a local `dagmesh up`
+    /// wrote to DAGMESH_DATA_DIR/admin.token.
+    #[arg(long, global = true, env = "DAGMESH_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the bearer token.
+    #[arg(long, global = true, env = "DAGMESH_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+    /// PEM CA certificate(s) to trust for an https:// server (default: the system's roots).
+    #[arg(long, global = true, env = "DAGMESH_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate, for a server that requires mTLS.
+    #[arg(long, global = true, env = "DAGMESH_TLS_CLIENT_CERT")]
+    pub tls_client_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-client-cert.
+    #[arg(long, global = true, env = "DAGMESH_TLS_CLIENT_KEY")]
+    pub tls_client_key: Option<std::path::PathBuf>,
+    /// Name to verify in the server's certificate instead of the URL's host.
+    #[arg(long, global = true, env = "DAGMESH_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
+}
+
+impl ClientFlags {
+    /// The settings; without a token or token file, the admin token of a `dagmesh up` whose
+    /// data directory is DAGMESH_DATA_DIR (default `.dagmesh`), when that file exists.
+    pub fn settings(self) -> ClientSettings {
+        let mut settings = ClientSettings {
+            token: self.token,
+            token_file: self.token_file,
+            tls_ca: self.tls_ca,
+            tls_client_cert: self.tls_client_cert,
+            tls_client_key: self.tls_client_key,
+            tls_server_name: self.tls_server_name,
+        };
+        if settings.token.is_none() && settings.token_file.is_none() {
+            let data_dir = std::env::var_os("DAGMESH_DATA_DIR")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|| ".dagmesh".into());
+            let file = data_dir.join(crate::security::ADMIN_TOKEN_FILE);
+            if file.is_file() {
+                settings.token_file = Some(file);
+            }
+        }
+        settings
+    }
 }
 
 /// The commands that talk to a dagmesh server.
@@ -94,6 +148,9 @@ pub enum ClientCommand {
     /// Run a workflow once per hourly or daily partition of a time range.
     #[command(subcommand)]
     Backfill(BackfillCommand),
+    /// Create, list and revoke API tokens; show who the current token is.
+    #[command(subcommand)]
+    Tokens(TokensCommand),
 }
 
 /// Runs one client command. Server and connection errors are printed to stderr here and turned
@@ -108,23 +165,32 @@ pub async fn run(global: &Global, command: ClientCommand) -> anyhow::Result<Exit
         ClientCommand::Triggers(command) => schedules::run_triggers(global, command).await,
         ClientCommand::Events(command) => schedules::run_events(global, command).await,
         ClientCommand::Backfill(command) => schedules::run_backfill(global, command).await,
+        ClientCommand::Tokens(command) => tokens::run(global, command).await,
     };
     result.or_else(|err| report(&global.server, err))
 }
 
-/// Opens a channel to the server. HTTP/2 keep-alives make a watch notice a vanished server
-/// within seconds instead of waiting on a dead connection forever.
-pub async fn connect(server: &str) -> anyhow::Result<Channel> {
-    let endpoint = Endpoint::from_shared(server.to_owned())
-        .with_context(|| format!("invalid server address {server:?}"))?
+/// Opens a channel to the server of `global`, with its token and TLS settings.
+pub async fn connect(global: &Global) -> anyhow::Result<AuthChannel> {
+    connect_to(&global.server, &global.client).await
+}
+
+/// Opens a channel to `server`. HTTP/2 keep-alives make a watch notice a vanished server
+/// within seconds instead of waiting on a dead connection forever. TLS handshake failures (an
+/// untrusted certificate, a name mismatch, a refused client certificate) surface here.
+pub async fn connect_to(server: &str, settings: &ClientSettings) -> anyhow::Result<AuthChannel> {
+    let credentials = settings.credentials()?;
+    let endpoint = settings
+        .endpoint(server)?
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true);
-    endpoint
+    let channel = endpoint
         .connect()
         .await
-        .map_err(|err| anyhow::Error::new(Unreachable(format!("{server}: {}", error_chain(&err)))))
+        .map_err(|err| anyhow::Error::new(Unreachable(format!("{server}: {}", error_chain(&err)))))?;
+    Ok(credentials.wrap(channel))
 }
 
 /// The server could not be reached at all.

@@ -86,7 +86,7 @@ impl From<StateFilter> for RunState {
 }
 
 pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<ExitCode> {
-    let channel = connect(&global.server).await?;
+    let channel = connect(global).await?;
     let mut client = RunServiceClient::new(channel.clone());
     match command {
         RunsCommand::List(args) => {
@@ -218,6 +218,15 @@ pub(crate) fn describe_run(run: &Run, now: SystemTime) -> String {
     }
     if !run.idempotency_key.is_empty() {
         field("Idempotency key", run.idempotency_key.clone());
+    }
+    for (label, who) in [
+        ("Submitted by", &run.submitted_by),
+        ("Cancelled by", &run.cancelled_by),
+        ("Retried by", &run.retried_by),
+    ] {
+        if !who.is_empty() {
+            field(label, who.clone());
+        }
     }
     out.push('\n');
 

@@ -15,7 +15,7 @@ use dagmesh_proto::v1::{
 };
 use prost_types::Timestamp;
 use serde_json::{Value, json};
-use tonic::transport::Channel;
+use dagmesh_proto::connect::AuthChannel;
 
 use super::format::{self, Table};
 use super::submit::parse_tag;
@@ -167,8 +167,8 @@ pub enum BackfillCommand {
     Resume { id: String },
 }
 
-async fn client(global: &Global) -> anyhow::Result<SchedulerServiceClient<Channel>> {
-    Ok(SchedulerServiceClient::new(connect(&global.server).await?))
+async fn client(global: &Global) -> anyhow::Result<SchedulerServiceClient<AuthChannel>> {
+    Ok(SchedulerServiceClient::new(connect(global).await?))
 }
 
 fn workflow_parts(text: &str) -> anyhow::Result<(String, u32)> {

@@ -148,7 +148,7 @@ pub async fn run(global: &Global, args: SubmitArgs) -> anyhow::Result<ExitCode> 
         priority: args.priority,
     };
 
-    let channel = connect(&global.server).await?;
+    let channel = connect(global).await?;
     let response = RunServiceClient::new(channel.clone())
         .submit_run(request)
         .await?

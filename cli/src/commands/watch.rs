@@ -26,7 +26,7 @@ use dagmesh_proto::v1::{
     WatchRunResponse, run_event, watch_run_response,
 };
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use tonic::transport::Channel;
+use dagmesh_proto::connect::AuthChannel;
 
 use super::format::{self, Paint};
 use super::{Interrupted, OutputFormat, json};
@@ -41,14 +41,14 @@ const FRAME: Duration = Duration::from_millis(100);
 /// Follows a run from its snapshot until it ends, printing it as `output` and the terminal
 /// allow, and returns the final run (from GetRun). Ctrl-C stops the watch with
 /// [`Interrupted`](super::Interrupted); the run goes on.
-pub async fn follow(channel: Channel, run_id: &str, output: OutputFormat) -> anyhow::Result<Run> {
+pub async fn follow(channel: AuthChannel, run_id: &str, output: OutputFormat) -> anyhow::Result<Run> {
     follow_after(channel, run_id, None, output).await
 }
 
 /// Like [`follow`], but with `Some(n)` replays the run's events after seq `n` (0: all of them)
 /// instead of starting from a snapshot.
 pub async fn follow_after(
-    channel: Channel,
+    channel: AuthChannel,
     run_id: &str,
     after_seq: Option<u64>,
     output: OutputFormat,
@@ -62,7 +62,7 @@ pub async fn follow_after(
 }
 
 /// Waits for a run to end without printing anything, and returns the final run.
-pub async fn wait(channel: Channel, run_id: &str) -> anyhow::Result<Run> {
+pub async fn wait(channel: AuthChannel, run_id: &str) -> anyhow::Result<Run> {
     Watcher::new(channel, run_id, Mode::Quiet).run(None).await
 }
 
@@ -281,6 +281,9 @@ impl PlainLines {
                 let mut line = format!("{time} run {}", format::run_state(e.state));
                 if !e.error.is_empty() {
                     line.push_str(&format!(" error={:?}", e.error));
+                }
+                if !e.actor.is_empty() {
+                    line.push_str(&format!(" by={}", e.actor));
                 }
                 vec![line]
             }
@@ -834,8 +837,8 @@ fn retryable(status: &tonic::Status) -> bool {
 }
 
 struct Watcher {
-    runs: RunServiceClient<Channel>,
-    workflows: WorkflowServiceClient<Channel>,
+    runs: RunServiceClient<AuthChannel>,
+    workflows: WorkflowServiceClient<AuthChannel>,
     run_id: String,
     mode: Mode,
     view: RunView,
@@ -852,7 +855,7 @@ enum StreamEnd {
 }
 
 impl Watcher {
-    fn new(channel: Channel, run_id: &str, mode: Mode) -> Self {
+    fn new(channel: AuthChannel, run_id: &str, mode: Mode) -> Self {
         Watcher {
             runs: RunServiceClient::new(channel.clone()),
             workflows: WorkflowServiceClient::new(channel),

@@ -18,7 +18,7 @@ pub enum WorkersCommand {
 pub async fn run(global: &Global, command: WorkersCommand) -> anyhow::Result<ExitCode> {
     match command {
         WorkersCommand::List => {
-            let mut client = ClusterServiceClient::new(connect(&global.server).await?);
+            let mut client = ClusterServiceClient::new(connect(global).await?);
             let response = client
                 .list_workers(ListWorkersRequest {})
                 .await?

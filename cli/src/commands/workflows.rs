@@ -37,7 +37,7 @@ pub async fn run(global: &Global, command: WorkflowsCommand) -> anyhow::Result<E
                 Ok(spec) => spec,
                 Err(code) => return Ok(code),
             };
-            let mut client = WorkflowServiceClient::new(connect(&global.server).await?);
+            let mut client = WorkflowServiceClient::new(connect(global).await?);
             let response = client
                 .apply_workflow(ApplyWorkflowRequest { spec: Some(spec) })
                 .await?
@@ -60,7 +60,7 @@ pub async fn run(global: &Global, command: WorkflowsCommand) -> anyhow::Result<E
             }
         }
         WorkflowsCommand::List => {
-            let mut client = WorkflowServiceClient::new(connect(&global.server).await?);
+            let mut client = WorkflowServiceClient::new(connect(global).await?);
             let response = client
                 .list_workflows(ListWorkflowsRequest {})
                 .await?
@@ -75,7 +75,7 @@ pub async fn run(global: &Global, command: WorkflowsCommand) -> anyhow::Result<E
             if let Some(version) = version {
                 reference.version = version;
             }
-            let mut client = WorkflowServiceClient::new(connect(&global.server).await?);
+            let mut client = WorkflowServiceClient::new(connect(global).await?);
             let workflow = client
                 .get_workflow(GetWorkflowRequest {
                     name: reference.name,

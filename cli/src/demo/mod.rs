@@ -58,6 +58,7 @@ pub async fn demo(global: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
         listen: args.listen,
         database_url: database_url.clone(),
         executor: args.engine.config(),
+        security: Default::default(),
     })
     .await?;
     let url = mesh.url();
@@ -88,7 +89,7 @@ pub async fn demo(global: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
             SubmitRun::inline(spec).inputs(dagmesh_example_room_scan::demo_inputs(args.pace_ms)),
         )
         .await?;
-    let channel = commands::connect(&url).await?;
+    let channel = commands::connect_to(&url, &Default::default()).await?;
     let finished = commands::watch::follow(channel, &run.run_id, global.output).await?;
 
     for handle in &handles {

@@ -59,6 +59,7 @@ pub async fn run(global: &Global, args: PolyglotArgs) -> anyhow::Result<ExitCode
         listen: args.listen,
         database_url,
         executor: args.engine.config(),
+        security: Default::default(),
     })
     .await?;
     let url = mesh.url();
@@ -92,7 +93,7 @@ pub async fn run(global: &Global, args: PolyglotArgs) -> anyhow::Result<ExitCode
     let run = client
         .submit(SubmitRun::inline(spec).inputs(json!({"scan_id": "scan-7", "quality": "high"})))
         .await?;
-    let channel = commands::connect(&url).await?;
+    let channel = commands::connect_to(&url, &Default::default()).await?;
     let finished = commands::watch::follow(channel, &run.run_id, global.output).await;
 
     for (_, child) in &mut children {

@@ -1,14 +1,20 @@
 //! Server plumbing shared by every dagmesh service, so that each one serves the same way:
 //!
 //! - [`serve`] runs a set of tonic services on a listener with `grpc.health.v1.Health` and
-//!   server reflection (v1 *and* v1alpha, because grpcurl 1.8 only speaks v1alpha).
+//!   server reflection (v1 *and* v1alpha, because grpcurl 1.8 only speaks v1alpha), behind the
+//!   authentication layer and, when configured, TLS ([`tls`]).
 //! - [`shutdown_signal`] resolves on the first SIGINT/SIGTERM (drain); a second one exits.
 //! - [`telemetry`] sets up logs and, when configured, OpenTelemetry export.
 
 pub mod telemetry;
+pub mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::Arc;
+
+pub use dagmesh_auth::AuthLayer;
+use tls::ServerTls;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -65,12 +71,32 @@ impl ServiceSet {
 /// keep the process alive forever.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How a server is protected.
+#[derive(Clone)]
+pub struct ServeOptions {
+    /// Checks every call's credentials (or lets everything through when disabled).
+    pub auth: AuthLayer,
+    /// TLS (mTLS with a client CA); None serves plaintext.
+    pub tls: Option<Arc<ServerTls>>,
+}
+
+impl ServeOptions {
+    /// Plaintext, no authentication: in-process tests and `--no-auth` on loopback.
+    pub fn open() -> Self {
+        Self {
+            auth: AuthLayer::disabled(),
+            tls: None,
+        }
+    }
+}
+
 /// Serves `services` on `listener` until `shutdown` resolves. Health reports SERVING for every
 /// service (and for "") until shutdown begins, then NOT_SERVING while in-flight calls finish,
 /// for at most [`SHUTDOWN_GRACE`].
 pub async fn serve(
     listener: TcpListener,
     services: ServiceSet,
+    options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -104,10 +130,24 @@ pub async fn serve(
                 .await;
         }
     };
-    let server = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
+        .layer(options.auth)
         .trace_fn(|request| tracing::debug_span!("grpc", path = %request.uri().path()))
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+        .add_routes(routes);
+    let server = async move {
+        match options.tls {
+            Some(tls) => {
+                router
+                    .serve_with_incoming_shutdown(tls::incoming(listener, tls), shutdown)
+                    .await
+            }
+            None => {
+                router
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                    .await
+            }
+        }
+    };
     let deadline = async {
         if began.await.is_ok() {
             tokio::time::sleep(SHUTDOWN_GRACE).await;

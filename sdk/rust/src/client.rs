@@ -19,7 +19,8 @@ use dagmesh_proto::v1::{
 use futures::{Stream, StreamExt, TryStreamExt};
 use serde::Serialize;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
+use dagmesh_proto::connect::{AuthChannel, ClientSettings, Credentials, error_chain};
+use tonic::transport::Channel;
 
 use crate::backoff::Backoff;
 
@@ -32,7 +33,7 @@ pub enum ClientError {
         #[source]
         source: tonic::transport::Error,
     },
-    #[error("cannot connect to {url}: {source}")]
+    #[error("cannot connect to {url}: {}", error_chain(source))]
     Connect {
         url: String,
         #[source]
@@ -47,13 +48,19 @@ pub enum ClientError {
     /// The server's answer lacked a field the API promises.
     #[error("server response has no {0}")]
     MissingField(&'static str),
+    /// A TLS or token setting that cannot be used (an unreadable file, TLS settings with an
+    /// `http://` URL, a client certificate without its key).
+    #[error("{0}")]
+    Settings(String),
 }
 
 impl ClientError {
     pub fn code(&self) -> Code {
         match self {
             ClientError::Status { code, .. } => *code,
-            ClientError::InvalidUrl { .. } | ClientError::InvalidInputs(_) => Code::InvalidArgument,
+            ClientError::InvalidUrl { .. }
+            | ClientError::InvalidInputs(_)
+            | ClientError::Settings(_) => Code::InvalidArgument,
             ClientError::Connect { .. } => Code::Unavailable,
             ClientError::MissingField(_) => Code::Internal,
         }
@@ -173,29 +180,49 @@ pub fn is_terminal(state: RunState) -> bool {
 /// the connection.
 #[derive(Debug, Clone)]
 pub struct Client {
-    runs: RunServiceClient<Channel>,
-    workflows: WorkflowServiceClient<Channel>,
+    runs: RunServiceClient<AuthChannel>,
+    workflows: WorkflowServiceClient<AuthChannel>,
 }
 
 impl Client {
-    /// Connects to `url`, e.g. `http://127.0.0.1:7070`; fails if the server is unreachable.
+    /// Connects to `url`, e.g. `http://127.0.0.1:7070` or `https://dagmesh:7070`, with the
+    /// token and TLS settings of the environment (`DAGMESH_TOKEN`, `DAGMESH_TLS_CA`, ...);
+    /// fails if the server is unreachable or the TLS handshake fails.
     pub async fn connect(url: impl Into<String>) -> Result<Self, ClientError> {
+        Self::connect_with(url, ClientSettings::from_env()).await
+    }
+
+    /// Like [`Client::connect`], with explicit settings (unset ones are *not* read from the
+    /// environment; call [`ClientSettings::or_env`] for that).
+    pub async fn connect_with(
+        url: impl Into<String>,
+        settings: ClientSettings,
+    ) -> Result<Self, ClientError> {
         let url = url.into();
-        let endpoint = endpoint(&url)?;
+        let (endpoint, credentials) = prepare(&url, &settings)?;
         let channel = endpoint
             .connect()
             .await
             .map_err(|source| ClientError::Connect { url, source })?;
-        Ok(Self::from_channel(channel))
+        Ok(Self::from_auth_channel(credentials.wrap(channel)))
     }
 
     /// Like [`Client::connect`], but connects on the first call (and reconnects as needed).
     pub fn connect_lazy(url: impl Into<String>) -> Result<Self, ClientError> {
-        Ok(Self::from_channel(endpoint(&url.into())?.connect_lazy()))
+        let (endpoint, credentials) = prepare(&url.into(), &ClientSettings::from_env())?;
+        Ok(Self::from_auth_channel(
+            credentials.wrap(endpoint.connect_lazy()),
+        ))
     }
 
-    /// Uses a channel configured by the caller (TLS, interceptors, timeouts).
+    /// Uses a channel configured by the caller (interceptors, timeouts), without a token.
     pub fn from_channel(channel: Channel) -> Self {
+        Self::from_auth_channel(Credentials::none().wrap(channel))
+    }
+
+    /// Uses a channel that carries credentials
+    /// ([`ClientSettings::connect`](dagmesh_proto::connect::ClientSettings::connect)).
+    pub fn from_auth_channel(channel: AuthChannel) -> Self {
         Self {
             runs: RunServiceClient::new(channel.clone()),
             workflows: WorkflowServiceClient::new(channel),
@@ -343,13 +370,19 @@ impl Client {
     }
 }
 
-fn endpoint(url: &str) -> Result<Endpoint, ClientError> {
-    Endpoint::from_shared(url.to_owned())
-        .map(|e| e.connect_timeout(Duration::from_secs(5)))
-        .map_err(|source| ClientError::InvalidUrl {
-            url: url.to_owned(),
-            source,
-        })
+fn prepare(
+    url: &str,
+    settings: &ClientSettings,
+) -> Result<(tonic::transport::Endpoint, Credentials), ClientError> {
+    let settings_error = |error: dagmesh_proto::connect::ConnectError| {
+        ClientError::Settings(error.to_string())
+    };
+    let endpoint = settings
+        .endpoint(url)
+        .map_err(settings_error)?
+        .connect_timeout(Duration::from_secs(5));
+    let credentials = settings.credentials().map_err(settings_error)?;
+    Ok((endpoint, credentials))
 }
 
 #[cfg(test)]

@@ -101,7 +101,17 @@ impl Executor {
     }
 
     /// Starts a run, or returns the run an earlier submit with the same idempotency key made.
+    /// Starts a run as "anonymous" (in-process callers without a principal).
     pub async fn submit(&self, request: SubmitRunRequest) -> Result<(Run, bool), ExecError> {
+        self.submit_as(request, "anonymous").await
+    }
+
+    /// Starts a run on behalf of `actor` (recorded as Run.submitted_by).
+    pub async fn submit_as(
+        &self,
+        request: SubmitRunRequest,
+        actor: &str,
+    ) -> Result<(Run, bool), ExecError> {
         let plan = match request.workflow_ref {
             Some(submit_run_request::WorkflowRef::Workflow(reference)) => {
                 if reference.name.is_empty() {
@@ -155,6 +165,7 @@ impl Executor {
                 tags: request.tags,
                 priority: request.priority,
                 buckets,
+                submitted_by: actor.to_owned(),
                 reply,
             })
             .await?;
@@ -164,8 +175,18 @@ impl Executor {
         }
     }
 
-    /// Cancels a run that has not ended.
+    /// Cancels a run that has not ended, as "anonymous".
     pub async fn cancel(&self, run_id: &str, reason: &str) -> Result<Run, ExecError> {
+        self.cancel_as(run_id, reason, "anonymous").await
+    }
+
+    /// Cancels a run that has not ended, on behalf of `actor`.
+    pub async fn cancel_as(
+        &self,
+        run_id: &str,
+        reason: &str,
+        actor: &str,
+    ) -> Result<Run, ExecError> {
         use dagmesh_proto::limits::{MAX_MESSAGE_LEN, MAX_VALUE_LEN, check_len};
         check_len("run_id", run_id, MAX_VALUE_LEN).map_err(ExecError::InvalidArgument)?;
         check_len("reason", reason, MAX_MESSAGE_LEN).map_err(ExecError::InvalidArgument)?;
@@ -175,6 +196,7 @@ impl Executor {
             .call(|reply| Command::Cancel {
                 run_id: run_id.to_owned(),
                 reason: reason.to_owned(),
+                actor: actor.to_owned(),
                 reply,
             })
             .await?;
@@ -192,6 +214,11 @@ impl Executor {
 
     /// Re-runs the steps of a failed or cancelled run that did not succeed.
     pub async fn retry(&self, run_id: &str) -> Result<Run, ExecError> {
+        self.retry_as(run_id, "anonymous").await
+    }
+
+    /// Re-runs a failed or cancelled run on behalf of `actor`.
+    pub async fn retry_as(&self, run_id: &str, actor: &str) -> Result<Run, ExecError> {
         let run = self.inner.store.get_run(run_id).await?;
         use dagmesh_proto::v1::RunState;
         if !matches!(run.state(), RunState::Failed | RunState::Cancelled) {
@@ -218,7 +245,12 @@ impl Executor {
             .await?;
         self.inner
             .engine
-            .call(|reply| Command::Retry { run, plan, reply })
+            .call(|reply| Command::Retry {
+                run,
+                plan,
+                actor: actor.to_owned(),
+                reply,
+            })
             .await?
     }
 

@@ -24,7 +24,9 @@ use dagmesh_proto::v1::{
     ReadRunRequest, ReadWorkflowRequest, ReadWorkflowsRequest, ReadWorkflowsResponse, Run,
     RunEvent, Workflow, WorkflowSpec,
 };
-use tonic::transport::{Channel, Endpoint};
+use dagmesh_proto::connect::{AuthChannel, ClientSettings, Credentials};
+use dagmesh_proto::v1::{ReadTokenRequest, ReadTokensRequest, ReadTokensResponse, RevokeTokenRequest, StoredToken};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::store::Lease;
@@ -361,29 +363,65 @@ impl MetadataService for MetadataGrpcServer {
         let backfills = self.store.list_backfills().await?;
         Ok(Response::new(ListBackfillsResponse { backfills }))
     }
+
+    async fn put_token(
+        &self,
+        request: Request<StoredToken>,
+    ) -> Result<Response<StoredToken>, Status> {
+        let token = request.into_inner();
+        self.store.put_token(token.clone()).await?;
+        Ok(Response::new(token))
+    }
+
+    async fn read_token(
+        &self,
+        request: Request<ReadTokenRequest>,
+    ) -> Result<Response<StoredToken>, Status> {
+        let token = self.store.get_token(&request.into_inner().token).await?;
+        Ok(Response::new(token))
+    }
+
+    async fn read_tokens(
+        &self,
+        _request: Request<ReadTokensRequest>,
+    ) -> Result<Response<ReadTokensResponse>, Status> {
+        let tokens = self.store.list_tokens().await?;
+        Ok(Response::new(ReadTokensResponse { tokens }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<RevokeTokenRequest>,
+    ) -> Result<Response<StoredToken>, Status> {
+        let token = self.store.revoke_token(&request.into_inner().token).await?;
+        Ok(Response::new(token))
+    }
 }
 
 /// A [`MetadataStore`] that is a remote metastore. Cheap to clone; clones share the connection.
 #[derive(Clone)]
 pub struct MetadataGrpcClient {
-    client: MetadataServiceClient<Channel>,
+    client: MetadataServiceClient<AuthChannel>,
 }
 
 impl MetadataGrpcClient {
-    /// A client for the metastore at `url` (e.g. `http://127.0.0.1:7233`). The connection is
-    /// made on first use and re-made after failures, so the metastore may start later; until
-    /// it is reachable, calls fail with [`StoreError::Unavailable`].
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|err| {
-                StoreError::InvalidArgument(format!("invalid metastore URL {url:?}: {err}"))
-            })?
-            .connect_timeout(CONNECT_TIMEOUT);
-        Ok(Self::from_channel(endpoint.connect_lazy()))
+    /// A client for the metastore at `url` (e.g. `https://metastore:7071`), with the TLS
+    /// settings and the (internal) token of `settings`. The connection is made on first use
+    /// and re-made after failures, so the metastore may start later; until it is reachable,
+    /// calls fail with [`StoreError::Unavailable`].
+    pub async fn connect(url: &str, settings: &ClientSettings) -> Result<Self, StoreError> {
+        let channel = settings
+            .connect_lazy(url, |endpoint| endpoint.connect_timeout(CONNECT_TIMEOUT))
+            .map_err(|err| StoreError::InvalidArgument(format!("metastore {url}: {err}")))?;
+        Ok(Self::from_auth_channel(channel))
     }
 
-    /// A client over an existing channel (tests, custom TLS or load balancing).
+    /// A client over an existing channel without credentials (tests, custom load balancing).
     pub fn from_channel(channel: Channel) -> Self {
+        Self::from_auth_channel(Credentials::none().wrap(channel))
+    }
+
+    pub fn from_auth_channel(channel: AuthChannel) -> Self {
         let client = MetadataServiceClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
@@ -391,7 +429,7 @@ impl MetadataGrpcClient {
     }
 
     /// The generated client takes `&mut self`; a clone per call shares the channel.
-    fn client(&self) -> MetadataServiceClient<Channel> {
+    fn client(&self) -> MetadataServiceClient<AuthChannel> {
         self.client.clone()
     }
 }
@@ -643,5 +681,29 @@ impl MetadataStore for MetadataGrpcClient {
             .read_backfills(ListBackfillsRequest {})
             .await?;
         Ok(resp.into_inner().backfills)
+    }
+
+    async fn put_token(&self, token: StoredToken) -> Result<(), StoreError> {
+        self.client().put_token(token).await?;
+        Ok(())
+    }
+
+    async fn get_token(&self, id_or_name: &str) -> Result<StoredToken, StoreError> {
+        let request = ReadTokenRequest {
+            token: id_or_name.to_owned(),
+        };
+        Ok(self.client().read_token(request).await?.into_inner())
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<StoredToken>, StoreError> {
+        let resp = self.client().read_tokens(ReadTokensRequest {}).await?;
+        Ok(resp.into_inner().tokens)
+    }
+
+    async fn revoke_token(&self, id_or_name: &str) -> Result<StoredToken, StoreError> {
+        let request = RevokeTokenRequest {
+            token: id_or_name.to_owned(),
+        };
+        Ok(self.client().revoke_token(request).await?.into_inner())
     }
 }

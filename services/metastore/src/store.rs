@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 use dagmesh_proto::limits::{MAX_NAME_LEN, MAX_VALUE_LEN};
 use dagmesh_proto::v1::{
     ActiveRuns, Backfill, ListRunsRequest, ListRunsResponse, Mutation, Run, RunEvent, Schedule,
-    Trigger, Workflow, WorkflowSpec, mutation,
+    StoredToken, Trigger, Workflow, WorkflowSpec, mutation,
 };
 use prost_types::Timestamp;
 
@@ -182,6 +182,46 @@ pub trait MetadataStore: Send + Sync + 'static {
 
     /// Every backfill, newest first.
     async fn list_backfills(&self) -> Result<Vec<Backfill>, StoreError>;
+
+    // --- API tokens (only hashes of their secrets) ---
+
+    /// Stores a new token; `AlreadyExists` when its id or name is taken.
+    async fn put_token(&self, token: StoredToken) -> Result<(), StoreError>;
+
+    /// A token by id or name, revoked or not; `NotFound` when absent.
+    async fn get_token(&self, id_or_name: &str) -> Result<StoredToken, StoreError>;
+
+    /// Every token, newest first.
+    async fn list_tokens(&self) -> Result<Vec<StoredToken>, StoreError>;
+
+    /// Marks a token revoked now (an earlier revocation keeps its time) and returns it.
+    async fn revoke_token(&self, id_or_name: &str) -> Result<StoredToken, StoreError>;
+}
+
+/// Checks a token before it is stored; returns its id, name and creation time (micros).
+pub(crate) fn token_key(stored: &StoredToken) -> Result<(&str, &str, i64), StoreError> {
+    let token = stored
+        .token
+        .as_ref()
+        .ok_or_else(|| StoreError::InvalidArgument("token: required".to_owned()))?;
+    check_text("token.token_id", &token.token_id, MAX_NAME_LEN)?;
+    check_text("token.name", &token.name, MAX_NAME_LEN)?;
+    if stored.secret_sha256.len() != 64 {
+        return Err(StoreError::InvalidArgument(
+            "secret_sha256: must be 64 hex digits".to_owned(),
+        ));
+    }
+    let created = token.created_at.as_ref().map(micros).unwrap_or_default();
+    Ok((&token.token_id, &token.name, created))
+}
+
+/// Sets `revoked_at` to now unless the token was revoked before.
+pub(crate) fn mark_revoked(stored: &mut StoredToken) {
+    if let Some(token) = stored.token.as_mut()
+        && token.revoked_at.is_none()
+    {
+        token.revoked_at = Some(from_micros(now_micros()));
+    }
 }
 
 /// A timestamp as the microseconds column that compare-and-set compares.

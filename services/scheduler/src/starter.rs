@@ -9,7 +9,8 @@ use dagmesh_proto::v1::run_service_client::RunServiceClient;
 use dagmesh_proto::v1::{
     CancelRunRequest, GetRunRequest, ListRunsRequest, ListRunsResponse, Run, SubmitRunRequest,
 };
-use tonic::transport::{Channel, Endpoint};
+use dagmesh_proto::connect::{AuthChannel, ClientSettings, Credentials};
+use tonic::transport::Channel;
 
 use crate::SchedError;
 
@@ -25,14 +26,17 @@ pub trait RunStarter: Send + Sync + 'static {
     async fn list_runs(&self, request: ListRunsRequest) -> Result<ListRunsResponse, SchedError>;
 }
 
+/// The actor recorded on runs the in-process scheduler starts or cancels.
+const SCHEDULER: &str = "scheduler";
+
 #[async_trait::async_trait]
 impl RunStarter for Executor {
     async fn submit(&self, request: SubmitRunRequest) -> Result<(Run, bool), SchedError> {
-        Ok(Executor::submit(self, request).await?)
+        Ok(Executor::submit_as(self, request, SCHEDULER).await?)
     }
 
     async fn cancel(&self, run_id: &str, reason: &str) -> Result<(), SchedError> {
-        Executor::cancel(self, run_id, reason).await?;
+        Executor::cancel_as(self, run_id, reason, SCHEDULER).await?;
         Ok(())
     }
 
@@ -48,23 +52,27 @@ impl RunStarter for Executor {
 /// A [`RunStarter`] that is a remote executor's `RunService`.
 #[derive(Clone)]
 pub struct RunServiceStarter {
-    client: RunServiceClient<Channel>,
+    client: RunServiceClient<AuthChannel>,
 }
 
 impl RunServiceStarter {
-    /// Connects lazily: the executor may start later; calls fail `Unavailable` until it does.
-    pub fn connect(url: &str) -> Result<Self, SchedError> {
-        let endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|err| {
-                SchedError::InvalidArgument(format!("invalid executor URL {url:?}: {err}"))
-            })?
-            .connect_timeout(Duration::from_secs(5));
-        Ok(Self::from_channel(endpoint.connect_lazy()))
+    /// Connects lazily, with the TLS settings and (internal) token of `settings`: the
+    /// executor may start later; calls fail `Unavailable` until it does.
+    pub fn connect(url: &str, settings: &ClientSettings) -> Result<Self, SchedError> {
+        let channel = settings
+            .connect_lazy(url, |endpoint| {
+                endpoint.connect_timeout(Duration::from_secs(5))
+            })
+            .map_err(|err| SchedError::InvalidArgument(format!("executor {url}: {err}")))?;
+        Ok(Self {
+            client: RunServiceClient::new(channel),
+        })
     }
 
+    /// Over an existing channel, without credentials.
     pub fn from_channel(channel: Channel) -> Self {
         RunServiceStarter {
-            client: RunServiceClient::new(channel),
+            client: RunServiceClient::new(Credentials::none().wrap(channel)),
         }
     }
 }

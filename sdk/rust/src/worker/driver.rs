@@ -672,7 +672,7 @@ async fn open_session(config: Arc<Config>, hello: Hello) -> Result<Session, Open
     })?;
     // The executor enforces payload limits (and says which in Welcome); the transport should
     // not cut in first with its 4 MiB default.
-    let mut client = WorkerServiceClient::new(channel)
+    let mut client = WorkerServiceClient::new(config.credentials.clone().wrap(channel))
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
     let (out, rx) = mpsc::channel(OUTBOUND_CAPACITY);
@@ -708,9 +708,14 @@ async fn open_session(config: Arc<Config>, hello: Hello) -> Result<Session, Open
     })
 }
 
-/// INVALID_ARGUMENT answers the Hello itself (a bad field); anything else may pass.
+/// INVALID_ARGUMENT answers the Hello itself (a bad field), UNAUTHENTICATED and
+/// PERMISSION_DENIED the credentials (a bad token, a task type outside the token): retrying
+/// cannot help. Anything else may pass.
 fn refused(status: tonic::Status) -> OpenError {
-    if status.code() == tonic::Code::InvalidArgument {
+    if matches!(
+        status.code(),
+        tonic::Code::InvalidArgument | tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+    ) {
         OpenError::Rejected(status)
     } else {
         OpenError::Retry(format!("{:?}: {}", status.code(), status.message()))

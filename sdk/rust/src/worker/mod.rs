@@ -45,6 +45,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use dagmesh_proto::connect::{ClientSettings, Credentials};
 use tonic::transport::Endpoint;
 
 pub use context::{LogLevel, TaskContext};
@@ -64,6 +65,9 @@ pub enum BuildError {
         #[source]
         source: tonic::transport::Error,
     },
+    /// A TLS or token setting that cannot be used.
+    #[error("{0}")]
+    Settings(String),
     #[error("a worker needs at least one task type")]
     NoTasks,
     #[error("task type name is empty")]
@@ -147,6 +151,7 @@ pub(crate) struct Registered {
 pub(crate) struct Config {
     pub(crate) url: String,
     pub(crate) endpoint: Endpoint,
+    pub(crate) credentials: Credentials,
     pub(crate) name: String,
     pub(crate) instance_id: String,
     pub(crate) labels: HashMap<String, String>,
@@ -200,6 +205,7 @@ impl Worker {
             tasks: Vec::new(),
             backoff_initial: DEFAULT_BACKOFF_INITIAL,
             backoff_max: DEFAULT_BACKOFF_MAX,
+            settings: ClientSettings::default(),
         }
     }
 
@@ -341,9 +347,23 @@ pub struct WorkerBuilder {
     tasks: Vec<(String, String, ErasedHandler)>,
     backoff_initial: Duration,
     backoff_max: Duration,
+    settings: ClientSettings,
 }
 
 impl WorkerBuilder {
+    /// The bearer token (default: `DAGMESH_TOKEN`, or the file named by `DAGMESH_TOKEN_FILE`).
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.settings.token = Some(token.into());
+        self
+    }
+
+    /// TLS and token settings; whatever they leave unset still comes from the environment
+    /// (`DAGMESH_TLS_CA`, `DAGMESH_TLS_CLIENT_CERT`, ...). TLS is used for `https://` URLs.
+    pub fn client_settings(mut self, settings: ClientSettings) -> Self {
+        self.settings = settings;
+        self
+    }
+
     /// Logical worker name (the pool), `Hello.worker_name`. Defaults to the executable's name.
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
@@ -401,11 +421,17 @@ impl WorkerBuilder {
     }
 
     pub fn build(self) -> Result<Worker, BuildError> {
-        let endpoint = Endpoint::from_shared(self.url.clone())
-            .map_err(|source| BuildError::InvalidUrl {
-                url: self.url.clone(),
-                source,
-            })?
+        Endpoint::from_shared(self.url.clone()).map_err(|source| BuildError::InvalidUrl {
+            url: self.url.clone(),
+            source,
+        })?;
+        let settings = self.settings.clone().or_env();
+        let credentials = settings
+            .credentials()
+            .map_err(|error| BuildError::Settings(error.to_string()))?;
+        let endpoint = settings
+            .endpoint(&self.url)
+            .map_err(|error| BuildError::Settings(error.to_string()))?
             .connect_timeout(Duration::from_secs(5))
             // The executor never writes to an idle worker, so only pings notice a dead peer.
             .http2_keep_alive_interval(Duration::from_secs(15))
@@ -451,6 +477,7 @@ impl WorkerBuilder {
         });
         let config = Config {
             url: self.url,
+            credentials,
             endpoint,
             name,
             instance_id,

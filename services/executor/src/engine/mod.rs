@@ -44,16 +44,21 @@ pub(crate) enum Command {
         priority: i32,
         /// Admission buckets (see `Limits::buckets`), computed by the caller.
         buckets: Vec<String>,
+        /// The principal submitting (Run.submitted_by).
+        submitted_by: String,
         reply: oneshot::Sender<Submitted>,
     },
     Cancel {
         run_id: String,
         reason: String,
+        /// The principal cancelling, recorded on the run's CANCELLED event.
+        actor: String,
         reply: oneshot::Sender<Option<Run>>,
     },
     Retry {
         run: Run,
         plan: Arc<Plan>,
+        actor: String,
         reply: oneshot::Sender<Result<Run, ExecError>>,
     },
     Watch {
@@ -66,6 +71,8 @@ pub(crate) enum Command {
     },
     Connect {
         hello: Hello,
+        /// Who opened the stream: only the same principal may resume the instance's session.
+        principal: Arc<str>,
         generation: u64,
         outbound: Outbound,
     },
@@ -438,6 +445,7 @@ impl Engine {
                 tags,
                 priority,
                 buckets,
+                submitted_by,
                 reply,
             } => {
                 if let Some(run_id) = self.idempotency.get(&idempotency_key) {
@@ -455,6 +463,7 @@ impl Engine {
                     tags,
                     priority,
                     admit,
+                    submitted_by,
                     &mut self.ctx,
                 );
                 entry.buckets = buckets;
@@ -478,17 +487,23 @@ impl Engine {
             Command::Cancel {
                 run_id,
                 reason,
+                actor,
                 reply,
             } => {
                 let mut about = None;
                 let result = self.runs.get_mut(run_id.as_str()).map(|entry| {
-                    entry.cancel(&reason, &mut self.ctx);
+                    entry.cancel_by(&reason, &actor, &mut self.ctx);
                     about = Some(entry.id.clone());
                     entry.snapshot()
                 });
                 self.ctx.reply_about(about, reply, result);
             }
-            Command::Retry { run, plan, reply } => {
+            Command::Retry {
+                run,
+                plan,
+                actor,
+                reply,
+            } => {
                 if self.runs.contains_key(run.run_id.as_str()) {
                     let error = ExecError::FailedPrecondition(format!(
                         "run {} is still running; cancel it first",
@@ -499,7 +514,7 @@ impl Engine {
                 }
                 let mut entry = RunEntry::recover(run, plan, &mut self.ctx);
                 entry.buckets = self.buckets_of(&entry);
-                entry.retry(&mut self.ctx);
+                entry.retry(&actor, &mut self.ctx);
                 let id = entry.id.clone();
                 self.ctx.admission.enqueue(entry.run.priority, id.clone());
                 self.runs.insert(id.clone(), entry);
@@ -524,9 +539,10 @@ impl Engine {
             },
             Command::Connect {
                 hello,
+                principal,
                 generation,
                 outbound,
-            } => self.connect(hello, generation, outbound),
+            } => self.connect(hello, principal, generation, outbound),
             Command::FromWorker {
                 instance,
                 generation,
@@ -673,9 +689,21 @@ impl Engine {
         }
     }
 
-    fn connect(&mut self, hello: Hello, generation: u64, outbound: Outbound) {
+    fn connect(&mut self, hello: Hello, principal: Arc<str>, generation: u64, outbound: Outbound) {
         let instance: Arc<str> = Arc::from(hello.instance_id.as_str());
         let now = self.ctx.now;
+        if let Some(existing) = self.ctx.workers.sessions.get(&instance)
+            && let Some(owner) = &existing.principal
+            && *owner != principal
+        {
+            // The instance id is visible to anyone who may list workers; resuming it would
+            // hand its tasks (and their inputs) to another principal.
+            tracing::warn!(worker = %instance, %owner, intruder = %principal, "refused a stream for another principal's worker instance");
+            let _ = outbound.send(Err(tonic::Status::permission_denied(format!(
+                "hello.instance_id: {instance:?} belongs to a worker of another principal;                  {principal} may not resume its session (use a unique instance id per process)"
+            ))));
+            return;
+        }
         if let Some(existing) = self.ctx.workers.sessions.get(&instance)
             && existing.is_live()
         {
@@ -697,6 +725,7 @@ impl Engine {
             .entry(instance.clone())
             .or_insert_with(|| Session::new(instance.clone(), now));
         session.generation = generation;
+        session.principal = Some(principal);
         session.task_types = hello
             .task_types
             .iter()

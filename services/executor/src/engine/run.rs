@@ -109,6 +109,7 @@ impl RunEntry {
         tags: HashMap<String, String>,
         priority: i32,
         admitted: bool,
+        submitted_by: String,
         ctx: &mut Ctx,
     ) -> Self {
         let state = if admitted {
@@ -140,6 +141,7 @@ impl RunEntry {
             tags,
             idempotency_key,
             created_at: Some(now()),
+            submitted_by: submitted_by.clone(),
             ..Run::default()
         };
         let mut entry = Self::new(run, plan, steps, inputs);
@@ -150,6 +152,7 @@ impl RunEntry {
             run_event::Event::RunState(pb::RunStateChanged {
                 state: state as i32,
                 error: String::new(),
+                actor: submitted_by,
             }),
             ctx,
         );
@@ -298,7 +301,7 @@ impl RunEntry {
 
     /// RetryRun: every step that did not succeed starts over; earlier attempts no longer count
     /// against the retry policy. The run goes back to QUEUED for admission.
-    pub fn retry(&mut self, ctx: &mut Ctx) {
+    pub fn retry(&mut self, actor: &str, ctx: &mut Ctx) {
         for index in 0..self.steps.len() {
             let step = &mut self.steps[index];
             if step.state() == StepState::Succeeded {
@@ -317,8 +320,10 @@ impl RunEntry {
         }
         self.recount_waiting();
         self.unfinished = steps_unfinished(&self.steps);
+        self.run.retried_by = actor.to_owned();
+        self.run.cancelled_by.clear();
         // Back through admission like a new run; the engine queues it.
-        self.set_run_state(RunState::Queued, String::new(), ctx);
+        self.set_run_state_by(RunState::Queued, String::new(), actor, ctx);
         self.run.finished_at = None;
     }
 
@@ -874,22 +879,23 @@ impl RunEntry {
             self.check_done(ctx);
         } else {
             let reason = format!("step \"{step_id}\" failed: {error}");
-            self.stop(RunState::Failed, &reason, ctx);
+            self.stop(RunState::Failed, &reason, "", ctx);
         }
     }
 
-    /// CancelRun.
-    pub fn cancel(&mut self, reason: &str, ctx: &mut Ctx) {
+    /// CancelRun, by `actor` (recorded on the CANCELLED event).
+    pub fn cancel_by(&mut self, reason: &str, actor: &str, ctx: &mut Ctx) {
         let reason = if reason.is_empty() {
             "cancelled".to_owned()
         } else {
             format!("cancelled: {reason}")
         };
-        self.stop(RunState::Cancelled, &reason, ctx);
+        self.run.cancelled_by = actor.to_owned();
+        self.stop(RunState::Cancelled, &reason, actor, ctx);
     }
 
     /// Ends the run now: every unfinished step is cancelled, running ones get Cancel.
-    fn stop(&mut self, state: RunState, reason: &str, ctx: &mut Ctx) {
+    fn stop(&mut self, state: RunState, reason: &str, actor: &str, ctx: &mut Ctx) {
         for index in 0..self.steps.len() {
             let step = &self.steps[index];
             if is_terminal(step.state()) {
@@ -905,7 +911,7 @@ impl RunEntry {
             }
             self.finish(index, StepState::Cancelled, reason.to_owned(), ctx);
         }
-        self.set_run_state(state, reason.to_owned(), ctx);
+        self.set_run_state_by(state, reason.to_owned(), actor, ctx);
     }
 
     fn check_done(&mut self, ctx: &mut Ctx) {
@@ -971,6 +977,11 @@ impl RunEntry {
     }
 
     fn set_run_state(&mut self, state: RunState, error: String, ctx: &mut Ctx) {
+        self.set_run_state_by(state, error, "", ctx);
+    }
+
+    /// A run-state change made by a principal's call (`actor`), or by the engine ("").
+    fn set_run_state_by(&mut self, state: RunState, error: String, actor: &str, ctx: &mut Ctx) {
         self.run.state = state as i32;
         self.run.error = error.clone();
         if is_finished(state) {
@@ -984,6 +995,7 @@ impl RunEntry {
             run_event::Event::RunState(pb::RunStateChanged {
                 state: state as i32,
                 error,
+                actor: actor.to_owned(),
             }),
             ctx,
         );

@@ -76,6 +76,9 @@ pub(crate) struct Session {
     /// Which stream of this instance is current; messages about an older stream's end are
     /// ignored.
     pub generation: u64,
+    /// The principal whose stream opened this session; None for a session recovered from the
+    /// store (the first principal to reconnect takes it).
+    pub principal: Option<Arc<str>>,
     pub hello: Hello,
     pub task_types: Vec<(String, Version)>,
     /// None while the stream is broken and the lease still runs.
@@ -98,6 +101,7 @@ impl Session {
         Self {
             instance_id,
             generation: 0,
+            principal: None,
             hello: Hello::default(),
             task_types: Vec::new(),
             outbound: None,

@@ -9,6 +9,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use dagmesh_auth::Principal;
+
 use crate::engine::Command;
 use crate::{ExecError, Executor};
 
@@ -22,7 +24,8 @@ impl RunService for Runs {
         &self,
         request: Request<SubmitRunRequest>,
     ) -> Result<Response<SubmitRunResponse>, Status> {
-        let (run, created) = self.0.submit(request.into_inner()).await?;
+        let actor = Principal::of(&request).name;
+        let (run, created) = self.0.submit_as(request.into_inner(), &actor).await?;
         Ok(Response::new(SubmitRunResponse {
             run: Some(run),
             created,
@@ -96,15 +99,20 @@ impl RunService for Runs {
         &self,
         request: Request<CancelRunRequest>,
     ) -> Result<Response<Run>, Status> {
+        let actor = Principal::of(&request).name;
         let request = request.into_inner();
-        let run = self.0.cancel(&request.run_id, &request.reason).await?;
+        let run = self
+            .0
+            .cancel_as(&request.run_id, &request.reason, &actor)
+            .await?;
         Ok(Response::new(run))
     }
 
     async fn retry_run(&self, request: Request<RetryRunRequest>) -> Result<Response<Run>, Status> {
+        let actor = Principal::of(&request).name;
         let run_id = request.into_inner().run_id;
         check_run_id(&run_id)?;
-        let run = self.0.retry(&run_id).await?;
+        let run = self.0.retry_as(&run_id, &actor).await?;
         Ok(Response::new(run))
     }
 }

@@ -9,6 +9,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use dagmesh_auth::Principal;
+
 use crate::Executor;
 use crate::engine::Command;
 
@@ -37,6 +39,7 @@ impl WorkerService for Workers {
         &self,
         request: Request<Streaming<WorkerMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
+        let principal = Principal::of(&request);
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -52,6 +55,7 @@ impl WorkerService for Workers {
             }
         };
         validate_hello(&hello).map_err(Status::invalid_argument)?;
+        authorize_hello(&principal, &hello).map_err(Status::permission_denied)?;
 
         let engine = self.executor.inner.engine.clone();
         let generation = self.generations.fetch_add(1, Ordering::Relaxed);
@@ -67,6 +71,7 @@ impl WorkerService for Workers {
         engine
             .send(Command::Connect {
                 hello,
+                principal: principal.name.clone(),
                 generation,
                 outbound,
             })
@@ -135,6 +140,27 @@ fn is_too_large(status: &Status) -> bool {
         status.code(),
         tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
     ) || status.message().contains("too large")
+}
+
+/// A worker may register only the task types its token allows, and claim only the labels it
+/// allows: otherwise anyone with a worker token could pull (and read) another team's steps.
+fn authorize_hello(principal: &Principal, hello: &Hello) -> Result<(), String> {
+    for (index, task_type) in hello.task_types.iter().enumerate() {
+        if !principal.may_serve(&task_type.name) {
+            let patterns = if principal.task_patterns.is_empty() {
+                "none".to_owned()
+            } else {
+                principal.task_patterns.join(", ")
+            };
+            return Err(format!(
+                "hello.task_types[{index}]: {} may not serve task type {:?} (its token allows:                  {patterns})",
+                principal.name, task_type.name
+            ));
+        }
+    }
+    principal
+        .check_labels(&hello.labels)
+        .map_err(|error| format!("hello.{error}"))
 }
 
 fn validate_hello(hello: &Hello) -> Result<(), String> {

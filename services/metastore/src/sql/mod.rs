@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use dagmesh_proto::v1::{
     ActiveRuns, Backfill, EventUnreadable, ListRunsRequest, ListRunsResponse, Mutation, Run,
-    RunEvent, RunState, RunStateChanged, Schedule, Step, StepState, StepStateChanged, Trigger,
+    RunEvent, RunState, RunStateChanged, Schedule, Step, StepState, StepStateChanged, StoredToken,
+    Trigger,
     UnreadableRun, Workflow, WorkflowSpec, mutation, run_event,
 };
 use prost::Message;
@@ -229,6 +230,22 @@ impl MetadataStore for SqlStore {
 
     async fn list_backfills(&self) -> Result<Vec<Backfill>, StoreError> {
         self.inner().list_backfills().await
+    }
+
+    async fn put_token(&self, token: StoredToken) -> Result<(), StoreError> {
+        self.inner().put_token(token).await
+    }
+
+    async fn get_token(&self, id_or_name: &str) -> Result<StoredToken, StoreError> {
+        self.inner().get_token(id_or_name).await
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<StoredToken>, StoreError> {
+        self.inner().list_tokens().await
+    }
+
+    async fn revoke_token(&self, id_or_name: &str) -> Result<StoredToken, StoreError> {
+        self.inner().revoke_token(id_or_name).await
     }
 }
 
@@ -568,6 +585,7 @@ fn quarantine_mutations(
         event: Some(run_event::Event::RunState(RunStateChanged {
             state: RunState::Failed as i32,
             error: reason.to_owned(),
+            actor: String::new(),
         })),
     }));
     run.state = RunState::Failed as i32;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use dagmesh_proto::v1::{
     ActiveRuns, Backfill, ListRunsRequest, ListRunsResponse, Mutation, Run, RunEvent, RunState,
-    Schedule, Step, Trigger, Workflow, WorkflowSpec, mutation,
+    Schedule, Step, StoredToken, Trigger, Workflow, WorkflowSpec, mutation,
 };
 use prost::Message;
 use prost_types::Timestamp;
@@ -32,7 +32,8 @@ use crate::store::{
     workflow_not_found,
 };
 use crate::store::{
-    micros, name_taken, not_found, schedule_body, schedule_from_row, validate_named,
+    mark_revoked, micros, name_taken, not_found, schedule_body, schedule_from_row, token_key,
+    validate_named,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -720,5 +721,64 @@ impl MetadataStore for SqliteStore {
         rows.iter()
             .map(|(id, body)| decode(body, || format!("backfill {id:?}")))
             .collect()
+    }
+
+    async fn put_token(&self, token: StoredToken) -> Result<(), StoreError> {
+        let (id, name, created) = token_key(&token)?;
+        sqlx::query("INSERT INTO tokens (token_id, name, created_at, body) VALUES (?1, ?2, ?3, ?4)")
+            .bind(id)
+            .bind(name)
+            .bind(created)
+            .bind(token.encode_to_vec())
+            .execute(&self.write)
+            .await
+            .map_err(|err| {
+                if is_unique_violation(&err) {
+                    name_taken("token", name)
+                } else {
+                    err.into()
+                }
+            })?;
+        Ok(())
+    }
+
+    async fn get_token(&self, id_or_name: &str) -> Result<StoredToken, StoreError> {
+        let body: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT body FROM tokens WHERE token_id = ?1 OR name = ?1")
+                .bind(id_or_name)
+                .fetch_optional(&self.read)
+                .await?;
+        let body = body.ok_or_else(|| not_found("token", id_or_name))?;
+        decode(&body, || format!("token {id_or_name:?}"))
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<StoredToken>, StoreError> {
+        let rows: Vec<(String, Vec<u8>)> = sqlx::query_as(
+            "SELECT token_id, body FROM tokens ORDER BY created_at DESC, token_id DESC",
+        )
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter()
+            .map(|(id, body)| decode(body, || format!("token {id:?}")))
+            .collect()
+    }
+
+    async fn revoke_token(&self, id_or_name: &str) -> Result<StoredToken, StoreError> {
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        let row: Option<(String, Vec<u8>)> =
+            sqlx::query_as("SELECT token_id, body FROM tokens WHERE token_id = ?1 OR name = ?1")
+                .bind(id_or_name)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let (id, body) = row.ok_or_else(|| not_found("token", id_or_name))?;
+        let mut token: StoredToken = decode(&body, || format!("token {id:?}"))?;
+        mark_revoked(&mut token);
+        sqlx::query("UPDATE tokens SET body = ?2 WHERE token_id = ?1")
+            .bind(&id)
+            .bind(token.encode_to_vec())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(token)
     }
 }

@@ -1,0 +1,191 @@
+//! The servers' security settings: TLS files, authentication on or off, the services' shared
+//! internal token, the check that refuses an unprotected non-loopback listener, and the admin
+//! token `dagmesh up` leaves in its data directory for a newcomer's CLI.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use dagmesh_auth::{AuthLayer, Authenticator, tokens};
+use dagmesh_metastore::{MetadataStore, StoreError};
+use dagmesh_proto::connect::ClientSettings;
+use dagmesh_proto::v1::{CreateTokenRequest, Scope};
+use dagmesh_runtime::ServeOptions;
+use dagmesh_runtime::tls::{ServerTls, TlsFiles};
+
+/// The name of the admin token file in `dagmesh up`'s data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// Flags every server command takes.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SecurityFlags {
+    /// PEM certificate (chain) this server presents: serve TLS. Reloaded when the file changes.
+    #[arg(long, env = "DAGMESH_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "DAGMESH_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s) that client certificates must chain to: require mTLS.
+    #[arg(long, env = "DAGMESH_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Serve without authentication: every caller may do everything. Allowed on a loopback
+    /// address; elsewhere only with --insecure.
+    #[arg(long, env = "DAGMESH_NO_AUTH")]
+    pub no_auth: bool,
+    /// Allow a non-loopback listen address without TLS or without authentication (when
+    /// something else protects the network, e.g. a service mesh with mTLS).
+    #[arg(long, env = "DAGMESH_INSECURE")]
+    pub insecure: bool,
+    /// The services' shared secret (split mode): calls carrying it act as the internal
+    /// principal (the metadata store API needs it), and the executor and scheduler present it
+    /// to the metastore and the executor.
+    #[arg(long, env = "DAGMESH_INTERNAL_TOKEN", hide_env_values = true)]
+    pub internal_token: Option<String>,
+}
+
+impl SecurityFlags {
+    pub fn tls(&self) -> anyhow::Result<Option<Arc<ServerTls>>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let files = TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: self.tls_client_ca.clone(),
+        };
+        Ok(Some(ServerTls::load(files)?))
+    }
+
+    /// The authenticator for a server whose tokens live in `store`; None with --no-auth.
+    pub fn authenticator(&self, store: Arc<dyn MetadataStore>) -> Option<Arc<Authenticator>> {
+        (!self.no_auth).then(|| {
+            Arc::new(Authenticator::new(store, self.internal_token.as_deref()))
+        })
+    }
+
+    pub fn serve_options(
+        &self,
+        authenticator: Option<Arc<Authenticator>>,
+        tls: Option<Arc<ServerTls>>,
+    ) -> ServeOptions {
+        ServeOptions {
+            auth: authenticator.map_or_else(AuthLayer::disabled, AuthLayer::new),
+            tls,
+        }
+    }
+
+    /// How this service reaches another one (the metastore, the executor): TLS settings from
+    /// the environment (`DAGMESH_TLS_CA`, ...), and the internal token as its credentials.
+    pub fn peer_settings(&self) -> ClientSettings {
+        let settings = ClientSettings::from_env();
+        match &self.internal_token {
+            Some(token) => settings.with_token(token.clone()),
+            None => settings,
+        }
+    }
+
+    /// Refuses to serve an unprotected non-loopback address unless --insecure.
+    pub fn check_listen(&self, addr: SocketAddr) -> anyhow::Result<()> {
+        if addr.ip().is_loopback() || self.insecure {
+            return Ok(());
+        }
+        let missing = match (self.tls_cert.is_some(), !self.no_auth) {
+            (true, true) => return Ok(()),
+            (false, true) => "without TLS (--tls-cert/--tls-key): tokens and run data would cross the network in clear text",
+            (true, false) => "without authentication (--no-auth): anyone who can reach it could read and run everything",
+            (false, false) => "without TLS and without authentication: anyone who can reach it could read and run everything",
+        };
+        anyhow::bail!(
+            "refusing to listen on {addr} {missing}. Serve TLS with authentication on, listen on \
+             127.0.0.1, or pass --insecure if something else protects this network (e.g. a \
+             service mesh with mTLS)"
+        )
+    }
+}
+
+/// The admin token kept in `file`: the stored one if the file names a token of this database,
+/// else a new admin token (written to the file, mode 0600). Returns the token.
+pub async fn admin_token(store: &Arc<dyn MetadataStore>, file: &Path) -> anyhow::Result<String> {
+    if let Ok(text) = std::fs::read_to_string(file) {
+        let token = text.trim().to_owned();
+        if let Some(parsed) = tokens::parse(&token) {
+            match store.get_token(parsed.id).await {
+                Ok(stored) if stored.secret_sha256 == tokens::hash(parsed.secret) => {
+                    return Ok(token);
+                }
+                Ok(_) | Err(StoreError::NotFound(_)) => {}
+                Err(error) => return Err(error).context("reading the admin token"),
+            }
+        }
+    }
+    let mut name = "admin".to_owned();
+    let token = loop {
+        let request = CreateTokenRequest {
+            name: name.clone(),
+            scopes: vec![Scope::Admin as i32],
+            ..Default::default()
+        };
+        let (stored, secret) =
+            tokens::new_token(request, "dagmesh up").map_err(anyhow::Error::msg)?;
+        let id = stored.token.as_ref().map(|t| t.token_id.clone()).unwrap_or_default();
+        match store.put_token(stored).await {
+            Ok(()) => break secret,
+            Err(StoreError::AlreadyExists(_)) if name == "admin" => name = format!("admin-{id}"),
+            Err(error) => return Err(error).context("creating the admin token"),
+        }
+    };
+    write_private(file, &token)
+        .with_context(|| format!("writing the admin token to {}", file.display()))?;
+    tracing::info!(file = %file.display(), name, "created an admin token");
+    Ok(token)
+}
+
+fn write_private(file: &Path, contents: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(file)?;
+    out.write_all(contents.as_bytes())?;
+    out.write_all(b"\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unprotected_public_listeners_are_refused() {
+        let public: SocketAddr = "0.0.0.0:7070".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:7070".parse().unwrap();
+        let flags = SecurityFlags::default();
+        let err = flags.check_listen(public).unwrap_err().to_string();
+        assert!(err.contains("without TLS"), "{err}");
+        assert!(flags.check_listen(local).is_ok());
+        let insecure = SecurityFlags {
+            insecure: true,
+            ..Default::default()
+        };
+        assert!(insecure.check_listen(public).is_ok());
+        let tls_no_auth = SecurityFlags {
+            tls_cert: Some("c".into()),
+            tls_key: Some("k".into()),
+            no_auth: true,
+            ..Default::default()
+        };
+        let err = tls_no_auth.check_listen(public).unwrap_err().to_string();
+        assert!(err.contains("without authentication"), "{err}");
+        let protected = SecurityFlags {
+            no_auth: false,
+            ..tls_no_auth
+        };
+        assert!(protected.check_listen(public).is_ok());
+    }
+}
