@@ -24,6 +24,7 @@ fn global(server: &str) -> Global {
     Global {
         server: server.to_owned(),
         output: OutputFormat::Text,
+        client: Default::default(),
     }
 }
 

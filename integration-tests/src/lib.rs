@@ -133,6 +133,7 @@ impl Sandbox {
             listen: "127.0.0.1:0".into(),
             database_url: database.url(),
             executor: config,
+            security: Default::default(),
         })
         .await?;
         Ok(Self { mesh, database })

@@ -685,6 +685,7 @@ async fn a_second_executor_on_the_same_database_waits_or_refuses_naming_the_hold
             standby: false,
             ..fast_config()
         },
+        security: Default::default(),
     })
     .await;
     let error = format!("{:#}", refused.err().expect("a second executor is refused"));
@@ -698,6 +699,7 @@ async fn a_second_executor_on_the_same_database_waits_or_refuses_naming_the_hold
         listen: "127.0.0.1:0".into(),
         database_url: url,
         executor: fast_config(),
+        security: Default::default(),
     }));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
@@ -852,6 +854,7 @@ async fn a_commit_the_store_refuses_fails_that_request_and_the_engine_goes_on() 
         event: Some(run_event::Event::RunState(pb::RunStateChanged {
             state: RunState::Running as i32,
             error: "written behind the executor's back".into(),
+            actor: String::new(),
         })),
     };
     sqlx::query("INSERT INTO events (run_id, seq, body) VALUES (?, ?, ?)")

@@ -260,6 +260,7 @@ async fn queued_runs_survive_a_restart_and_run_once() -> anyhow::Result<()> {
             listen: listen.clone(),
             database_url: database.url(),
             executor: config_with(limits),
+            security: Default::default(),
         })
     };
     let mesh = start().await?;

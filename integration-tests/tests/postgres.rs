@@ -274,6 +274,7 @@ async fn postgres_run_survives_a_mesh_restart() -> anyhow::Result<()> {
         listen: "127.0.0.1:0".into(),
         database_url,
         executor: fast_config(),
+        security: Default::default(),
     })
     .await?;
     let url = mesh.url();

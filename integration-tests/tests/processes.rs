@@ -36,11 +36,19 @@ async fn start_up(name: &str, dir: &Path, port: u16, extra: &[&str]) -> anyhow::
         "1s",
         "--heartbeat-interval",
         "200ms",
+        // Security has its own tests (security.rs); these are about processes and crashes.
+        "--no-auth",
     ];
     args.extend_from_slice(extra);
-    let mut child = ChildGuard::spawn(name, &args, dir)?;
+    let mut child = spawn_open(name, &args, dir)?;
     child.wait_ready(&format!("http://{listen}")).await?;
     Ok(child)
+}
+
+/// `dagmesh ARGS` without authentication (security.rs tests it; these tests are about
+/// processes and crashes).
+fn spawn_open(name: &str, args: &[&str], dir: &Path) -> anyhow::Result<ChildGuard> {
+    ChildGuard::spawn_with_env(name, args, &[("DAGMESH_NO_AUTH", "true")], dir)
 }
 
 fn sqlite_url(dir: &Path) -> String {
@@ -217,7 +225,7 @@ async fn split_mode_metastore_and_executor_processes() -> anyhow::Result<()> {
     let store_url = format!("http://127.0.0.1:{store_port}");
     let exec_url = format!("http://127.0.0.1:{exec_port}");
 
-    let mut metastore = ChildGuard::spawn(
+    let mut metastore = spawn_open(
         "metastore",
         &[
             "metastore",
@@ -241,7 +249,7 @@ async fn split_mode_metastore_and_executor_processes() -> anyhow::Result<()> {
         "--drain-timeout",
         "5s",
     ];
-    let mut executor = ChildGuard::spawn("executor-1", &executor_args, dir.path())?;
+    let mut executor = spawn_open("executor-1", &executor_args, dir.path())?;
     metastore.wait_ready(&store_url).await?;
     executor.wait_ready(&exec_url).await?;
 
@@ -324,7 +332,7 @@ async fn split_mode_metastore_and_executor_processes() -> anyhow::Result<()> {
         .await
         .context("the second run never reached the worker")?;
     executor.sigkill()?;
-    executor = ChildGuard::spawn("executor-2", &executor_args, dir.path())?;
+    executor = spawn_open("executor-2", &executor_args, dir.path())?;
     executor.wait_ready(&exec_url).await?;
     let client = Client::connect(&exec_url).await?;
     let second = wait_for_run(&client, &second.run_id).await?;
@@ -413,13 +421,21 @@ async fn up_serves_health_and_reflection_for_grpcurl() -> anyhow::Result<()> {
         "dagmesh.v1.WorkflowService",
         "dagmesh.v1.WorkerService",
         "dagmesh.v1.ClusterService",
-        "dagmesh.v1.MetadataService",
         "dagmesh.v1.SchedulerService",
         "grpc.health.v1.Health",
     ];
     let v1alpha = reflection_v1alpha(channel.clone()).await?;
     let v1 = reflection_v1(channel.clone()).await?;
     for (version, listed) in [("v1alpha", &v1alpha), ("v1", &v1)] {
+        // The store API stays in-process: `dagmesh up` does not serve it.
+        assert!(
+            !listed
+                .services
+                .iter()
+                .any(|s| s == "dagmesh.v1.MetadataService"),
+            "reflection {version} lists the store API: {:?}",
+            listed.services
+        );
         for service in expected {
             assert!(
                 listed.services.iter().any(|s| s == service),
@@ -682,7 +698,7 @@ async fn two_scheduler_processes_on_one_postgres_database_run_each_tick_once() -
     let url = |a: &str| format!("http://{a}");
     let database_url = database.url();
 
-    let mut metastore = ChildGuard::spawn(
+    let mut metastore = spawn_open(
         "metastore",
         &[
             "metastore",
@@ -694,7 +710,7 @@ async fn two_scheduler_processes_on_one_postgres_database_run_each_tick_once() -
         dir.path(),
     )?;
     metastore.wait_ready(&url(&metastore_addr)).await?;
-    let mut executor = ChildGuard::spawn(
+    let mut executor = spawn_open(
         "executor",
         &[
             "executor",
@@ -719,7 +735,7 @@ async fn two_scheduler_processes_on_one_postgres_database_run_each_tick_once() -
     };
     let first_args = scheduler_args(&first_addr);
     let first_args: Vec<&str> = first_args.iter().map(String::as_str).collect();
-    let mut first = ChildGuard::spawn("scheduler-1", &first_args, dir.path())?;
+    let mut first = spawn_open("scheduler-1", &first_args, dir.path())?;
     first.wait_ready(&url(&first_addr)).await?;
 
     Client::connect(url(&executor_addr))
@@ -740,7 +756,7 @@ async fn two_scheduler_processes_on_one_postgres_database_run_each_tick_once() -
     // The second process loads the schedule at start; from then on both fire every tick.
     let second_args = scheduler_args(&second_addr);
     let second_args: Vec<&str> = second_args.iter().map(String::as_str).collect();
-    let mut second = ChildGuard::spawn("scheduler-2", &second_args, dir.path())?;
+    let mut second = spawn_open("scheduler-2", &second_args, dir.path())?;
     second.wait_ready(&url(&second_addr)).await?;
 
     // Real cron ticks need real time: let both run, then lose one without warning.

@@ -1164,6 +1164,7 @@ mod tests {
                 run_event::Event::RunState(RunStateChanged {
                     state: RunState::Failed as i32,
                     error: "step fetch_images failed".into(),
+                    actor: String::new(),
                 }),
             ),
         ];
@@ -1414,6 +1415,7 @@ mod tests {
             run_event::Event::RunState(RunStateChanged {
                 state: RunState::Failed as i32,
                 error: "mesh failed".into(),
+                actor: String::new(),
             }),
         ));
         assert!(view.is_final() && view.run.finished_at.is_some());
@@ -1423,6 +1425,7 @@ mod tests {
             run_event::Event::RunState(RunStateChanged {
                 state: RunState::Running as i32,
                 error: String::new(),
+                actor: String::new(),
             }),
         ));
         assert!(!view.is_final());

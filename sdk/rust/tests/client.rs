@@ -134,6 +134,7 @@ impl RunService for Fake {
                     run_event::Event::RunState(RunStateChanged {
                         state: RunState::Succeeded.into(),
                         error: String::new(),
+                        actor: String::new(),
                     }),
                 ),
             ]

@@ -28,6 +28,7 @@ async fn start_mesh(listen: &str, database_url: &str) -> anyhow::Result<Mesh> {
             drain_timeout: Duration::from_secs(20),
             ..ExecutorConfig::default()
         },
+        security: Default::default(),
     })
     .await
 }
