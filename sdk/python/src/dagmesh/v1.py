@@ -5,6 +5,8 @@
 """
 
 from dagmesh._proto.v1 import (
+    auth_pb2,
+    auth_pb2_grpc,
     cluster_pb2,
     cluster_pb2_grpc,
     run_pb2,
@@ -41,6 +43,8 @@ __all__ = [
     "WatchRunResponse",
     "Workflow",
     "WorkflowSpec",
+    "auth_pb2",
+    "auth_pb2_grpc",
     "cluster_pb2",
     "cluster_pb2_grpc",
     "run_pb2",

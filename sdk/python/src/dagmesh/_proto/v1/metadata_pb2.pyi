@@ -5,6 +5,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from dagmesh._proto.v1 import run_pb2 as _run_pb2
 from dagmesh._proto.v1 import scheduler_pb2 as _scheduler_pb2
+from dagmesh._proto.v1 import auth_pb2 as _auth_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -244,3 +245,27 @@ class AdvanceScheduleResponse(_message.Message):
     ADVANCED_FIELD_NUMBER: _ClassVar[int]
     advanced: bool
     def __init__(self, advanced: bool = ...) -> None: ...
+
+class StoredToken(_message.Message):
+    __slots__ = ("token", "secret_sha256")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SECRET_SHA256_FIELD_NUMBER: _ClassVar[int]
+    token: _auth_pb2.ApiToken
+    secret_sha256: str
+    def __init__(self, token: _Optional[_Union[_auth_pb2.ApiToken, _Mapping]] = ..., secret_sha256: _Optional[str] = ...) -> None: ...
+
+class ReadTokenRequest(_message.Message):
+    __slots__ = ("token",)
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    def __init__(self, token: _Optional[str] = ...) -> None: ...
+
+class ReadTokensRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReadTokensResponse(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[StoredToken]
+    def __init__(self, tokens: _Optional[_Iterable[_Union[StoredToken, _Mapping]]] = ...) -> None: ...

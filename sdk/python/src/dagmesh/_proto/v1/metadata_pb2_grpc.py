@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from dagmesh._proto.v1 import auth_pb2 as dagmesh_dot_v1_dot_auth__pb2
 from dagmesh._proto.v1 import metadata_pb2 as dagmesh_dot_v1_dot_metadata__pb2
 from dagmesh._proto.v1 import run_pb2 as dagmesh_dot_v1_dot_run__pb2
 from dagmesh._proto.v1 import scheduler_pb2 as dagmesh_dot_v1_dot_scheduler__pb2
@@ -111,6 +112,26 @@ class MetadataServiceStub(object):
                 '/dagmesh.v1.MetadataService/CommitFenced',
                 request_serializer=dagmesh_dot_v1_dot_metadata__pb2.CommitFencedRequest.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.CommitResponse.FromString,
+                _registered_method=True)
+        self.PutToken = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/PutToken',
+                request_serializer=dagmesh_dot_v1_dot_metadata__pb2.StoredToken.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.StoredToken.FromString,
+                _registered_method=True)
+        self.ReadToken = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/ReadToken',
+                request_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReadTokenRequest.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.StoredToken.FromString,
+                _registered_method=True)
+        self.ReadTokens = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/ReadTokens',
+                request_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReadTokensRequest.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ReadTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/RevokeToken',
+                request_serializer=dagmesh_dot_v1_dot_auth__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.StoredToken.FromString,
                 _registered_method=True)
         self.PutSchedule = channel.unary_unary(
                 '/dagmesh.v1.MetadataService/PutSchedule',
@@ -300,6 +321,35 @@ class MetadataServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutToken(self, request, context):
+        """API tokens (TokenService keeps them here). Stores a new token; ALREADY_EXISTS when its id
+        or name is taken.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadToken(self, request, context):
+        """A token by id or name, revoked or not; NOT_FOUND when there is none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadTokens(self, request, context):
+        """Every token, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Sets revoked_at (once; revoking again keeps the first time) and returns the token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PutSchedule(self, request, context):
         """The scheduler's state. Schedules: ALREADY_EXISTS when the name is taken.
         """
@@ -460,6 +510,26 @@ def add_MetadataServiceServicer_to_server(servicer, server):
                     servicer.CommitFenced,
                     request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.CommitFencedRequest.FromString,
                     response_serializer=dagmesh_dot_v1_dot_metadata__pb2.CommitResponse.SerializeToString,
+            ),
+            'PutToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutToken,
+                    request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.StoredToken.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_metadata__pb2.StoredToken.SerializeToString,
+            ),
+            'ReadToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadToken,
+                    request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ReadTokenRequest.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_metadata__pb2.StoredToken.SerializeToString,
+            ),
+            'ReadTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadTokens,
+                    request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ReadTokensRequest.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReadTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=dagmesh_dot_v1_dot_auth__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_metadata__pb2.StoredToken.SerializeToString,
             ),
             'PutSchedule': grpc.unary_unary_rpc_method_handler(
                     servicer.PutSchedule,
@@ -927,6 +997,114 @@ class MetadataService(object):
             '/dagmesh.v1.MetadataService/CommitFenced',
             dagmesh_dot_v1_dot_metadata__pb2.CommitFencedRequest.SerializeToString,
             dagmesh_dot_v1_dot_metadata__pb2.CommitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.MetadataService/PutToken',
+            dagmesh_dot_v1_dot_metadata__pb2.StoredToken.SerializeToString,
+            dagmesh_dot_v1_dot_metadata__pb2.StoredToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.MetadataService/ReadToken',
+            dagmesh_dot_v1_dot_metadata__pb2.ReadTokenRequest.SerializeToString,
+            dagmesh_dot_v1_dot_metadata__pb2.StoredToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.MetadataService/ReadTokens',
+            dagmesh_dot_v1_dot_metadata__pb2.ReadTokensRequest.SerializeToString,
+            dagmesh_dot_v1_dot_metadata__pb2.ReadTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.MetadataService/RevokeToken',
+            dagmesh_dot_v1_dot_auth__pb2.RevokeTokenRequest.SerializeToString,
+            dagmesh_dot_v1_dot_metadata__pb2.StoredToken.FromString,
             options,
             channel_credentials,
             insecure,
