@@ -22,6 +22,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cctype>
 #include <chrono>
 #include <cstdio>
@@ -394,6 +395,7 @@ struct Env {
     const bool ok = eventually(
         [&] {
           for (auto& w : workers) {
+            if (std::find(instances.begin(), instances.end(), w->name) == instances.end()) continue;
             if (!alive(*w)) throw Failure(w->name + " exited early:\n" + tail(read_file(w->err)));
           }
           const auto list = cli_json({"workers", "list", "-o", "json"});
@@ -957,12 +959,17 @@ void scenario_auth_refused(Env& env) {
   env.start_server();
   expect(!env.admin_token.empty(), "dagmesh up wrote no " + env.data_dir() + "/admin.token");
   auto& none = env.start_conformance("cpp-conf-no-token", 1, {{"DAGMESH_TOKEN", std::nullopt}});
-  auto& bad = env.start_conformance("cpp-conf-bad-token", 1,
-                                    {{"DAGMESH_TOKEN", "dmt_bogus_0123456789abcdef"}});
+  // The admin token with its last character changed: well formed, wrong secret.
+  std::string wrong = env.admin_token;
+  wrong.back() = wrong.back() == 'a' ? 'b' : 'a';
+  auto& bad = env.start_conformance("cpp-conf-bad-token", 1, {{"DAGMESH_TOKEN", wrong}});
+  auto& garbage = env.start_conformance("cpp-conf-garbage-token", 1,
+                                        {{"DAGMESH_TOKEN", "not-a-dagmesh-token"}});
   expect_refused(env, none, "UNAUTHENTICATED");
   expect(read_file(none.err).find("no token given") != std::string::npos,
          "no hint about the missing token:\n" + read_file(none.err));
   expect_refused(env, bad, "UNAUTHENTICATED");
+  expect_refused(env, garbage, "UNAUTHENTICATED");
 
   const auto narrow = create_token(env, {"--scope", "worker", "--task", "other.*", "--name",
                                          "cpp-e2e-narrow"});
