@@ -356,8 +356,11 @@ struct ConnectHint {
 /// (gRPC's words for a failed handshake).
 ConnectHint connect_hint(const ConnectionSettings& connection, const std::string& reason) {
   const auto has = [&reason](const char* part) { return reason.find(part) != std::string::npos; };
+  // A peer that hangs up during the handshake (gRPC's C++ server says "Socket closed", a
+  // rustls one "Endpoint read failed").
+  const bool hung_up = has("Socket closed") || has("Endpoint read failed");
   if (!connection.tls) {
-    if (has("Socket closed")) return {"if the server speaks TLS, use an https:// URL", false};
+    if (hung_up) return {"if the server speaks TLS, use an https:// URL", false};
     return {};
   }
   if (has("Peer name") || has("certificate verify failed") || has("andshake") ||
@@ -366,7 +369,7 @@ ConnectHint connect_hint(const ConnectionSettings& connection, const std::string
             "check tls_ca (DAGMESH_TLS_CA) and tls_server_name (DAGMESH_TLS_SERVER_NAME)",
             true};
   }
-  if (has("Socket closed") && connection.pem_cert_chain.empty()) {
+  if (hung_up && connection.pem_cert_chain.empty()) {
     return {"a TLS server that requires a client certificate closes the connection like this; "
             "check tls_client_cert (DAGMESH_TLS_CLIENT_CERT) and tls_client_key "
             "(DAGMESH_TLS_CLIENT_KEY)",

@@ -950,6 +950,22 @@ steps:
   auto& untrusting = env.start_conformance("cpp-conf-tls-system-roots", 1,
                                            {{"DAGMESH_TLS_CA", std::nullopt}});
   expect_never_connects(env, untrusting, "certificate verify failed", milliseconds(3000));
+
+  // http:// to the TLS port: with DAGMESH_TLS_CA still set, a settings error before dialling;
+  // without, plaintext that never connects and a hint.
+  const std::string plain_url = "http://127.0.0.1:" + std::to_string(env.port);
+  auto& mixed = env.start_worker("cpp-conf-tls-http-url", {env.conformance, "--server", plain_url,
+                                                          "--instance-id", "cpp-conf-tls-http-url"});
+  const auto mixed_code = wait_exit(mixed, seconds(20));
+  expect(mixed_code && *mixed_code == 2 &&
+             read_file(mixed.err).find("DAGMESH_TLS_CA is set but the server URL") != std::string::npos &&
+             read_file(mixed.err).find("TLS settings need an https:// server URL") != std::string::npos,
+         "a TLS setting with an http:// URL was not refused:\n" + read_file(mixed.err));
+  auto& plain = env.start_worker("cpp-conf-tls-plaintext",
+                                 {env.conformance, "--server", plain_url, "--instance-id",
+                                  "cpp-conf-tls-plaintext"},
+                                 {{"DAGMESH_TLS_CA", std::nullopt}});
+  expect_never_connects(env, plain, "use an https:// URL", milliseconds(2000));
 }
 
 /// Refused credentials end the worker (exit 2, the server's message at ERROR, no retry loop):
@@ -1007,7 +1023,8 @@ void scenario_mtls(Env& env) {
   auto& no_cert = env.start_conformance("cpp-conf-mtls-no-cert", 1,
                                         {{"DAGMESH_TLS_CLIENT_CERT", std::nullopt},
                                          {"DAGMESH_TLS_CLIENT_KEY", std::nullopt}});
-  expect_never_connects(env, no_cert, "UNAVAILABLE", milliseconds(3000));
+  // The log points at the missing client certificate.
+  expect_never_connects(env, no_cert, "check tls_client_cert", milliseconds(3000));
 }
 
 }  // namespace
