@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use dagmesh_executor::{ExecError, Executor, ExecutorConfig};
 use dagmesh_auth::{AuthLayer, Authenticator, TokenApi};
+use dagmesh_executor::{ExecError, Executor, ExecutorConfig};
 use dagmesh_metastore::{MetadataStore, SqlStore};
 use dagmesh_runtime::ServeOptions;
 use dagmesh_runtime::tls::ServerTls;

@@ -60,9 +60,7 @@ impl SecurityFlags {
 
     /// The authenticator for a server whose tokens live in `store`; None with --no-auth.
     pub fn authenticator(&self, store: Arc<dyn MetadataStore>) -> Option<Arc<Authenticator>> {
-        (!self.no_auth).then(|| {
-            Arc::new(Authenticator::new(store, self.internal_token.as_deref()))
-        })
+        (!self.no_auth).then(|| Arc::new(Authenticator::new(store, self.internal_token.as_deref())))
     }
 
     pub fn serve_options(
@@ -93,9 +91,15 @@ impl SecurityFlags {
         }
         let missing = match (self.tls_cert.is_some(), !self.no_auth) {
             (true, true) => return Ok(()),
-            (false, true) => "without TLS (--tls-cert/--tls-key): tokens and run data would cross the network in clear text",
-            (true, false) => "without authentication (--no-auth): anyone who can reach it could read and run everything",
-            (false, false) => "without TLS and without authentication: anyone who can reach it could read and run everything",
+            (false, true) => {
+                "without TLS (--tls-cert/--tls-key): tokens and run data would cross the network in clear text"
+            }
+            (true, false) => {
+                "without authentication (--no-auth): anyone who can reach it could read and run everything"
+            }
+            (false, false) => {
+                "without TLS and without authentication: anyone who can reach it could read and run everything"
+            }
         };
         anyhow::bail!(
             "refusing to listen on {addr} {missing}. Serve TLS with authentication on, listen on \
@@ -129,7 +133,11 @@ pub async fn admin_token(store: &Arc<dyn MetadataStore>, file: &Path) -> anyhow:
         };
         let (stored, secret) =
             tokens::new_token(request, "dagmesh up").map_err(anyhow::Error::msg)?;
-        let id = stored.token.as_ref().map(|t| t.token_id.clone()).unwrap_or_default();
+        let id = stored
+            .token
+            .as_ref()
+            .map(|t| t.token_id.clone())
+            .unwrap_or_default();
         match store.put_token(stored).await {
             Ok(()) => break secret,
             Err(StoreError::AlreadyExists(_)) if name == "admin" => name = format!("admin-{id}"),

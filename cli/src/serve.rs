@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use dagmesh_auth::TokenApi;
 use dagmesh_executor::{Executor, ExecutorConfig, Limits};
 use dagmesh_metastore::grpc::{MetadataGrpcClient, MetadataGrpcServer};
 use dagmesh_metastore::{MetadataStore, SqlStore};
-use dagmesh_auth::TokenApi;
 use dagmesh_runtime::{ServiceSet, serve, shutdown_signal, telemetry};
 use dagmesh_scheduler::grpc::SchedulerGrpcServer;
 use dagmesh_scheduler::{RunServiceStarter, Scheduler, SchedulerConfig, SystemClock};
@@ -163,7 +163,9 @@ pub async fn metastore(args: MetastoreArgs) -> anyhow::Result<()> {
         "metastore serving"
     );
     if !args.security.no_auth && args.security.internal_token.is_none() {
-        tracing::warn!("no --internal-token (DAGMESH_INTERNAL_TOKEN): no executor or scheduler can use this metastore");
+        tracing::warn!(
+            "no --internal-token (DAGMESH_INTERNAL_TOKEN): no executor or scheduler can use this metastore"
+        );
     }
     let store: Arc<dyn MetadataStore> = Arc::new(store);
     let authenticator = args.security.authenticator(store.clone());

@@ -5,6 +5,8 @@
 //! [`RawWorker`] speaks the worker protocol message by message, for tests that need to send
 //! exactly what a misbehaving worker would; the SDK's `Worker` covers the well-behaved cases.
 
+pub mod pki;
+
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -13,6 +15,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use dagmesh::mesh::{Mesh, MeshOptions};
 use dagmesh_executor::ExecutorConfig;
+use dagmesh_proto::connect::{AuthChannel, ClientSettings};
 use dagmesh_proto::v1::{
     self as pb, Run, RunEvent, RunState, ServerMessage, StepSpec, WatchRunRequest, WorkerMessage,
     WorkflowSpec, run_event, run_service_client::RunServiceClient, server_message,
@@ -22,7 +25,6 @@ use dagmesh_sdk::{Client, WorkerBuilder, WorkerHandle};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 /// How long a test waits for something that should happen quickly before it fails.
 pub const PATIENCE: Duration = Duration::from_secs(20);
@@ -121,6 +123,12 @@ fn replace_database(url: &str, name: &str) -> String {
 pub struct Sandbox {
     pub mesh: Mesh,
     pub database: Database,
+    /// What [`Sandbox::client`] and [`Sandbox::channel`] connect with (a token, a CA).
+    pub settings: ClientSettings,
+    /// Environment for worker processes (their token and CA), when the mesh is secured.
+    pub worker_env: Vec<(String, String)>,
+    /// Files that must live as long as the mesh (certificates).
+    pub keep: Option<tempfile::TempDir>,
 }
 
 impl Sandbox {
@@ -129,14 +137,33 @@ impl Sandbox {
     }
 
     pub async fn start_with(database: Database, config: ExecutorConfig) -> anyhow::Result<Self> {
+        Self::start_full(database, config, Default::default()).await
+    }
+
+    /// With authentication and/or TLS.
+    pub async fn start_secure(security: dagmesh::mesh::MeshSecurity) -> anyhow::Result<Self> {
+        Self::start_full(Database::sqlite()?, fast_config(), security).await
+    }
+
+    pub async fn start_full(
+        database: Database,
+        config: ExecutorConfig,
+        security: dagmesh::mesh::MeshSecurity,
+    ) -> anyhow::Result<Self> {
         let mesh = Mesh::start(MeshOptions {
             listen: "127.0.0.1:0".into(),
             database_url: database.url(),
             executor: config,
-            security: Default::default(),
+            security,
         })
         .await?;
-        Ok(Self { mesh, database })
+        Ok(Self {
+            mesh,
+            database,
+            settings: ClientSettings::default(),
+            worker_env: Vec::new(),
+            keep: None,
+        })
     }
 
     pub fn url(&self) -> String {
@@ -144,11 +171,16 @@ impl Sandbox {
     }
 
     pub async fn client(&self) -> anyhow::Result<Client> {
-        Ok(Client::connect(self.url()).await?)
+        Ok(Client::connect_with(self.url(), self.settings.clone()).await?)
     }
 
-    pub async fn channel(&self) -> anyhow::Result<Channel> {
-        channel(&self.url()).await
+    pub async fn channel(&self) -> anyhow::Result<AuthChannel> {
+        self.channel_with(&self.settings).await
+    }
+
+    /// A channel with a token and TLS settings.
+    pub async fn channel_with(&self, settings: &ClientSettings) -> anyhow::Result<AuthChannel> {
+        Ok(settings.connect(&self.url(), |endpoint| endpoint).await?)
     }
 
     pub async fn stop(self) -> anyhow::Result<()> {
@@ -157,9 +189,10 @@ impl Sandbox {
     }
 }
 
-pub async fn channel(url: &str) -> anyhow::Result<Channel> {
-    Ok(tonic::transport::Endpoint::from_shared(url.to_owned())?
-        .connect()
+/// A channel without credentials (for servers without authentication).
+pub async fn channel(url: &str) -> anyhow::Result<AuthChannel> {
+    Ok(ClientSettings::default()
+        .connect(url, |endpoint| endpoint)
         .await?)
 }
 
@@ -212,7 +245,7 @@ pub fn workflow(name: &str, steps: Vec<StepSpec>) -> WorkflowSpec {
 
 /// Every event of a run from the first, replayed and then followed through WatchRun until the
 /// run ends.
-pub async fn all_events(channel: Channel, run_id: &str) -> anyhow::Result<Vec<RunEvent>> {
+pub async fn all_events(channel: AuthChannel, run_id: &str) -> anyhow::Result<Vec<RunEvent>> {
     let mut client = RunServiceClient::new(channel);
     let request = WatchRunRequest {
         run_id: run_id.into(),
@@ -292,7 +325,17 @@ impl RawWorker {
     /// One try of [`RawWorker::connect`]: the server's refusal comes back as the error (a
     /// `tonic::Status` inside the `anyhow::Error`).
     pub async fn connect_once(url: &str, hello: pb::Hello) -> anyhow::Result<(Self, pb::Welcome)> {
-        let mut client = WorkerServiceClient::new(channel(url).await?);
+        Self::connect_once_with(url, &ClientSettings::default(), hello).await
+    }
+
+    /// One try, with a token and TLS settings; the refusal comes back as a `tonic::Status`.
+    pub async fn connect_once_with(
+        url: &str,
+        settings: &ClientSettings,
+        hello: pb::Hello,
+    ) -> anyhow::Result<(Self, pb::Welcome)> {
+        let channel = settings.connect(url, |endpoint| endpoint).await?;
+        let mut client = WorkerServiceClient::new(channel);
         let (tx, rx) = mpsc::channel(64);
         let instance_id = hello.instance_id.clone();
         tx.send(msg(worker_message::Message::Hello(hello))).await?;

@@ -28,7 +28,14 @@ impl UpProcess {
         let file = OpenOptions::new().create(true).append(true).open(&log)?;
         let mut command = Command::new(dagmesh_binary()?);
         command
-            .args(["up", "--listen", &listen, "--database", &database, "--no-auth"])
+            .args([
+                "up",
+                "--listen",
+                &listen,
+                "--database",
+                &database,
+                "--no-auth",
+            ])
             .args(["--lease", "1s", "--heartbeat-interval", "200ms"])
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)

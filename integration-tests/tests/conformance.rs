@@ -16,8 +16,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use dagmesh::mesh::MeshSecurity;
+use dagmesh_integration_tests::pki::TestPki;
 use dagmesh_integration_tests::*;
+use dagmesh_proto::connect::ClientSettings;
+use dagmesh_proto::v1::token_service_client::TokenServiceClient;
 use dagmesh_proto::v1::{self as pb, RetryPolicy, RunState, StepState, run_event};
+use dagmesh_runtime::tls::{ServerTls, TlsFiles};
 use dagmesh_sdk::{Client, SubmitRun};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt as _, BufReader};
@@ -72,6 +77,7 @@ struct WorkerProcess {
 impl WorkerProcess {
     async fn start(
         language: Language,
+        env: &[(String, String)],
         server: &str,
         instance_id: &str,
         slots: u32,
@@ -79,6 +85,7 @@ impl WorkerProcess {
         let Some(mut command) = language.command()? else {
             return Ok(None);
         };
+        command.envs(env.iter().map(|(k, v)| (k, v)));
         command
             .args(["--server", server, "--instance-id", instance_id])
             .args(["--slots", &slots.to_string()])
@@ -180,8 +187,9 @@ impl Proxy {
         })
     }
 
+    /// TLS passes through the proxy; the test certificate names 127.0.0.1.
     fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("https://{}", self.addr)
     }
 
     /// Drops every open connection; new ones are still accepted.
@@ -197,6 +205,56 @@ impl Drop for Proxy {
         self.cut();
         self.acceptor.abort();
     }
+}
+
+/// Every scenario runs the way production does: over TLS, with a worker token that allows
+/// only `conformance.*`, given to the worker process through the environment
+/// (`DAGMESH_TOKEN`, `DAGMESH_TLS_CA`) as every SDK documents.
+async fn secure_sandbox(config: dagmesh_executor::ExecutorConfig) -> anyhow::Result<Sandbox> {
+    let dir = tempfile::tempdir()?;
+    let pki = TestPki::create(dir.path(), "")?;
+    let tls = ServerTls::load(TlsFiles {
+        cert: pki.server_cert.clone(),
+        key: pki.server_key.clone(),
+        client_ca: None,
+    })?;
+    let mut sandbox = Sandbox::start_full(
+        Database::sqlite()?,
+        config,
+        MeshSecurity {
+            auth: true,
+            internal_token: None,
+            tls: Some(tls),
+            admin_token_file: Some(dir.path().join("admin.token")),
+        },
+    )
+    .await?;
+    let admin = sandbox
+        .mesh
+        .admin_token()
+        .context("admin token")?
+        .to_owned();
+    sandbox.settings = ClientSettings {
+        tls_ca: Some(pki.ca.clone()),
+        ..ClientSettings::default().with_token(admin)
+    };
+    let mut tokens = TokenServiceClient::new(sandbox.channel().await?);
+    let worker_token = tokens
+        .create_token(pb::CreateTokenRequest {
+            name: "conformance-workers".into(),
+            scopes: vec![pb::Scope::Worker as i32],
+            task_patterns: vec!["conformance.*".into()],
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .secret;
+    sandbox.worker_env = vec![
+        ("DAGMESH_TOKEN".into(), worker_token),
+        ("DAGMESH_TLS_CA".into(), pki.ca.display().to_string()),
+    ];
+    sandbox.keep = Some(dir);
+    Ok(sandbox)
 }
 
 fn conformance_step(id: &str, task: &str, inputs: &[(&str, &str)]) -> pb::StepSpec {
@@ -233,8 +291,15 @@ scenario_tests!(
 );
 
 async fn progress_reaches_watchers_in_order(language: Language) -> anyhow::Result<()> {
-    let sandbox = Sandbox::start().await?;
-    let Some(_worker) = WorkerProcess::start(language, &sandbox.url(), "progress-1", 1).await?
+    let sandbox = secure_sandbox(fast_config()).await?;
+    let Some(_worker) = WorkerProcess::start(
+        language,
+        &sandbox.worker_env,
+        &sandbox.url(),
+        "progress-1",
+        1,
+    )
+    .await?
     else {
         return sandbox.stop().await;
     };
@@ -280,8 +345,9 @@ async fn progress_reaches_watchers_in_order(language: Language) -> anyhow::Resul
 }
 
 async fn cancel_reaches_the_handler(language: Language) -> anyhow::Result<()> {
-    let sandbox = Sandbox::start().await?;
-    let Some(mut worker) = WorkerProcess::start(language, &sandbox.url(), "cancel-1", 1).await?
+    let sandbox = secure_sandbox(fast_config()).await?;
+    let Some(mut worker) =
+        WorkerProcess::start(language, &sandbox.worker_env, &sandbox.url(), "cancel-1", 1).await?
     else {
         return sandbox.stop().await;
     };
@@ -299,8 +365,9 @@ async fn cancel_reaches_the_handler(language: Language) -> anyhow::Result<()> {
 }
 
 async fn a_task_on_a_killed_worker_runs_elsewhere(language: Language) -> anyhow::Result<()> {
-    let sandbox = Sandbox::start().await?;
-    let Some(mut doomed) = WorkerProcess::start(language, &sandbox.url(), "doomed-1", 1).await?
+    let sandbox = secure_sandbox(fast_config()).await?;
+    let Some(mut doomed) =
+        WorkerProcess::start(language, &sandbox.worker_env, &sandbox.url(), "doomed-1", 1).await?
     else {
         return sandbox.stop().await;
     };
@@ -316,8 +383,14 @@ async fn a_task_on_a_killed_worker_runs_elsewhere(language: Language) -> anyhow:
     let (run_id, task_id) = submit_one(&client, spec).await?;
     doomed.event("started", &task_id, 1).await?;
     doomed.signal("-KILL")?;
-    let Some(mut survivor) =
-        WorkerProcess::start(language, &sandbox.url(), "survivor-1", 1).await?
+    let Some(mut survivor) = WorkerProcess::start(
+        language,
+        &sandbox.worker_env,
+        &sandbox.url(),
+        "survivor-1",
+        1,
+    )
+    .await?
     else {
         unreachable!("the language was available a moment ago");
     };
@@ -335,8 +408,9 @@ async fn a_task_on_a_killed_worker_runs_elsewhere(language: Language) -> anyhow:
 async fn a_stale_result_is_refused_and_the_worker_carries_on(
     language: Language,
 ) -> anyhow::Result<()> {
-    let sandbox = Sandbox::start().await?;
-    let Some(mut worker) = WorkerProcess::start(language, &sandbox.url(), "stale-1", 2).await?
+    let sandbox = secure_sandbox(fast_config()).await?;
+    let Some(mut worker) =
+        WorkerProcess::start(language, &sandbox.worker_env, &sandbox.url(), "stale-1", 2).await?
     else {
         return sandbox.stop().await;
     };
@@ -387,8 +461,9 @@ async fn a_stale_result_is_refused_and_the_worker_carries_on(
 }
 
 async fn sigterm_drains_in_flight_work_and_takes_no_more(language: Language) -> anyhow::Result<()> {
-    let sandbox = Sandbox::start().await?;
-    let Some(mut worker) = WorkerProcess::start(language, &sandbox.url(), "drain-1", 2).await?
+    let sandbox = secure_sandbox(fast_config()).await?;
+    let Some(mut worker) =
+        WorkerProcess::start(language, &sandbox.worker_env, &sandbox.url(), "drain-1", 2).await?
     else {
         return sandbox.stop().await;
     };
@@ -441,8 +516,10 @@ async fn sigterm_drains_in_flight_work_and_takes_no_more(language: Language) -> 
 async fn an_output_over_the_payload_limit_fails_clearly(language: Language) -> anyhow::Result<()> {
     let mut config = fast_config();
     config.max_payload_bytes = 4096;
-    let sandbox = Sandbox::start_with(Database::sqlite()?, config).await?;
-    let Some(_worker) = WorkerProcess::start(language, &sandbox.url(), "big-1", 1).await? else {
+    let sandbox = secure_sandbox(config).await?;
+    let Some(_worker) =
+        WorkerProcess::start(language, &sandbox.worker_env, &sandbox.url(), "big-1", 1).await?
+    else {
         return sandbox.stop().await;
     };
     let client = sandbox.client().await?;
@@ -469,9 +546,16 @@ async fn an_output_over_the_payload_limit_fails_clearly(language: Language) -> a
 async fn reconnecting_within_the_lease_keeps_the_task(language: Language) -> anyhow::Result<()> {
     let mut config = fast_config();
     config.lease = Duration::from_secs(10);
-    let sandbox = Sandbox::start_with(Database::sqlite()?, config).await?;
+    let sandbox = secure_sandbox(config).await?;
     let proxy = Proxy::start(sandbox.mesh.addr()).await?;
-    let Some(mut worker) = WorkerProcess::start(language, &proxy.url(), "flaky-net-1", 1).await?
+    let Some(mut worker) = WorkerProcess::start(
+        language,
+        &sandbox.worker_env,
+        &proxy.url(),
+        "flaky-net-1",
+        1,
+    )
+    .await?
     else {
         return sandbox.stop().await;
     };

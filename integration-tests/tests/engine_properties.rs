@@ -978,7 +978,7 @@ impl Sim {
         let was_connected: Vec<usize> = (0..self.workers.len())
             .filter(|&i| self.workers[i].stream.is_some())
             .collect();
-        let Sandbox { mesh, database } = self.sandbox.take().expect("sandbox running");
+        let Sandbox { mesh, database, .. } = self.sandbox.take().expect("sandbox running");
         if crash {
             mesh.abort();
         } else {

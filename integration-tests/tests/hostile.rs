@@ -709,7 +709,13 @@ async fn a_second_executor_on_the_same_database_waits_or_refuses_naming_the_hold
     let database = first.database;
     first.mesh.shutdown().await?;
     let mesh = tokio::time::timeout(PATIENCE, standby).await???;
-    let second = Sandbox { mesh, database };
+    let second = Sandbox {
+        mesh,
+        database,
+        settings: Default::default(),
+        worker_env: Vec::new(),
+        keep: None,
+    };
     let (mut worker, _) =
         RawWorker::connect(&second.url(), RawWorker::hello("w", "echo", "1.0.0", 1)).await?;
     still_serves(&second, &mut worker, "takeover").await?;

@@ -224,7 +224,7 @@ async fn postgres_run_survives_a_mesh_restart() -> anyhow::Result<()> {
     };
     let database_url = database.url();
     let sandbox = Sandbox::start_with(database, fast_config()).await?;
-    let Sandbox { mesh, database } = sandbox;
+    let Sandbox { mesh, database, .. } = sandbox;
     let url = mesh.url();
 
     // The first step runs; the second is taken by a worker that hangs, and the mesh dies.

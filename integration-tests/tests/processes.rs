@@ -508,7 +508,9 @@ struct Reflected {
     run_service_file: Vec<String>,
 }
 
-async fn reflection_v1alpha(channel: tonic::transport::Channel) -> anyhow::Result<Reflected> {
+async fn reflection_v1alpha(
+    channel: dagmesh_proto::connect::AuthChannel,
+) -> anyhow::Result<Reflected> {
     use tonic_reflection::pb::v1alpha::{
         ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
@@ -547,7 +549,7 @@ async fn reflection_v1alpha(channel: tonic::transport::Channel) -> anyhow::Resul
     Ok(reflected)
 }
 
-async fn reflection_v1(channel: tonic::transport::Channel) -> anyhow::Result<Reflected> {
+async fn reflection_v1(channel: dagmesh_proto::connect::AuthChannel) -> anyhow::Result<Reflected> {
     use tonic_reflection::pb::v1::{
         ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,

@@ -48,7 +48,14 @@ async fn up_exports_run_step_and_attempt_spans_and_workers_continue_the_trace() 
     let database = format!("sqlite://{}", dir.path().join("db.sqlite").display());
     let mut up = ChildGuard::spawn_with_env(
         "up",
-        &["up", "--listen", &listen, "--database", &database, "--no-auth"],
+        &[
+            "up",
+            "--listen",
+            &listen,
+            "--database",
+            &database,
+            "--no-auth",
+        ],
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver_url.as_str()),
             // Longer than the test: every span has to come out through the shutdown flush.

@@ -79,8 +79,13 @@ impl ClientSettings {
 
     /// Fills each unset field from its environment variable.
     pub fn or_env(mut self) -> Self {
-        self.token = self.token.or_else(|| env(ENV_TOKEN));
-        self.token_file = self.token_file.or_else(|| env(ENV_TOKEN_FILE).map(PathBuf::from));
+        // An explicit token or token file wins over both variables.
+        if self.token.is_none() && self.token_file.is_none() {
+            self.token = env(ENV_TOKEN);
+            if self.token.is_none() {
+                self.token_file = env(ENV_TOKEN_FILE).map(PathBuf::from);
+            }
+        }
         self.tls_ca = self.tls_ca.or_else(|| env(ENV_TLS_CA).map(PathBuf::from));
         self.tls_client_cert = self
             .tls_client_cert
@@ -88,9 +93,7 @@ impl ClientSettings {
         self.tls_client_key = self
             .tls_client_key
             .or_else(|| env(ENV_TLS_CLIENT_KEY).map(PathBuf::from));
-        self.tls_server_name = self
-            .tls_server_name
-            .or_else(|| env(ENV_TLS_SERVER_NAME));
+        self.tls_server_name = self.tls_server_name.or_else(|| env(ENV_TLS_SERVER_NAME));
         self
     }
 
@@ -126,8 +129,7 @@ impl ClientSettings {
         let value: AsciiMetadataValue = MetadataValue::try_from(format!("Bearer {token}"))
             .map_err(|_| {
                 ConnectError(
-                    "token: must be printable ASCII (as printed by `dagmesh tokens create`)"
-                        .into(),
+                    "token: must be printable ASCII (as printed by `dagmesh tokens create`)".into(),
                 )
             })?;
         Ok(Credentials(Some(value)))
@@ -172,9 +174,7 @@ impl ClientSettings {
         let mut config = ClientTlsConfig::new();
         config = match &self.tls_ca {
             Some(path) => config.ca_certificate(Certificate::from_pem(read_file(
-                "tls_ca",
-                ENV_TLS_CA,
-                path,
+                "tls_ca", ENV_TLS_CA, path,
             )?)),
             None => config.with_native_roots(),
         };
@@ -202,10 +202,7 @@ impl ClientSettings {
             config = config.domain_name(name.clone());
         }
         endpoint.tls_config(config).map_err(|error| {
-            ConnectError(format!(
-                "TLS settings for {url}: {}",
-                error_chain(&error)
-            ))
+            ConnectError(format!("TLS settings for {url}: {}", error_chain(&error)))
         })
     }
 
@@ -217,7 +214,10 @@ impl ClientSettings {
     ) -> Result<AuthChannel, ConnectError> {
         let credentials = self.credentials()?;
         let endpoint = configure(self.endpoint(url)?);
-        Ok(InterceptedService::new(endpoint.connect_lazy(), credentials))
+        Ok(InterceptedService::new(
+            endpoint.connect_lazy(),
+            credentials,
+        ))
     }
 
     /// A channel to `url`, connected now: handshake failures (an untrusted certificate, a
@@ -229,10 +229,9 @@ impl ClientSettings {
     ) -> Result<AuthChannel, ConnectError> {
         let credentials = self.credentials()?;
         let endpoint = configure(self.endpoint(url)?);
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|error| ConnectError(format!("cannot connect to {url}: {}", error_chain(&error))))?;
+        let channel = endpoint.connect().await.map_err(|error| {
+            ConnectError(format!("cannot connect to {url}: {}", error_chain(&error)))
+        })?;
         Ok(InterceptedService::new(channel, credentials))
     }
 }
@@ -254,7 +253,10 @@ impl Credentials {
 }
 
 impl Interceptor for Credentials {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(value) = &self.0 {
             request
                 .metadata_mut()
@@ -324,7 +326,10 @@ mod tests {
             token_file: Some(file.clone()),
             ..Default::default()
         };
-        assert_eq!(settings.resolve_token().unwrap().as_deref(), Some("dmt_abc"));
+        assert_eq!(
+            settings.resolve_token().unwrap().as_deref(),
+            Some("dmt_abc")
+        );
         let settings = settings.with_token("other");
         assert_eq!(settings.resolve_token().unwrap().as_deref(), Some("other"));
         let missing = ClientSettings {

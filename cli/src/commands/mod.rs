@@ -186,10 +186,9 @@ pub async fn connect_to(server: &str, settings: &ClientSettings) -> anyhow::Resu
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|err| anyhow::Error::new(Unreachable(format!("{server}: {}", error_chain(&err)))))?;
+    let channel = endpoint.connect().await.map_err(|err| {
+        anyhow::Error::new(Unreachable(format!("{server}: {}", error_chain(&err))))
+    })?;
     Ok(credentials.wrap(channel))
 }
 

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
+use dagmesh_proto::connect::AuthChannel;
 use dagmesh_proto::v1::scheduler_service_client::SchedulerServiceClient;
 use dagmesh_proto::v1::{
     Backfill, BackfillState, CancelBackfillRequest, CatchUp, CreateBackfillRequest,
@@ -15,7 +16,6 @@ use dagmesh_proto::v1::{
 };
 use prost_types::Timestamp;
 use serde_json::{Value, json};
-use dagmesh_proto::connect::AuthChannel;
 
 use super::format::{self, Table};
 use super::submit::parse_tag;

@@ -116,12 +116,18 @@ pub async fn run(global: &Global, command: TokensCommand) -> anyhow::Result<Exit
                 .into_inner()
                 .tokens;
             match global.output {
-                OutputFormat::Json => {
-                    print_json(&json!({ "tokens": tokens.iter().map(token_json).collect::<Vec<_>>() }))
-                }
+                OutputFormat::Json => print_json(
+                    &json!({ "tokens": tokens.iter().map(token_json).collect::<Vec<_>>() }),
+                ),
                 OutputFormat::Text => {
                     let mut table = Table::new(&[
-                        "ID", "NAME", "SCOPES", "TASKS", "CREATED BY", "EXPIRES", "REVOKED",
+                        "ID",
+                        "NAME",
+                        "SCOPES",
+                        "TASKS",
+                        "CREATED BY",
+                        "EXPIRES",
+                        "REVOKED",
                     ]);
                     for token in &tokens {
                         table.row(vec![

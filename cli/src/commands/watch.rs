@@ -19,6 +19,7 @@ use std::io::IsTerminal as _;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
+use dagmesh_proto::connect::AuthChannel;
 use dagmesh_proto::v1::run_service_client::RunServiceClient;
 use dagmesh_proto::v1::workflow_service_client::WorkflowServiceClient;
 use dagmesh_proto::v1::{
@@ -26,7 +27,6 @@ use dagmesh_proto::v1::{
     WatchRunResponse, run_event, watch_run_response,
 };
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use dagmesh_proto::connect::AuthChannel;
 
 use super::format::{self, Paint};
 use super::{Interrupted, OutputFormat, json};
@@ -41,7 +41,11 @@ const FRAME: Duration = Duration::from_millis(100);
 /// Follows a run from its snapshot until it ends, printing it as `output` and the terminal
 /// allow, and returns the final run (from GetRun). Ctrl-C stops the watch with
 /// [`Interrupted`](super::Interrupted); the run goes on.
-pub async fn follow(channel: AuthChannel, run_id: &str, output: OutputFormat) -> anyhow::Result<Run> {
+pub async fn follow(
+    channel: AuthChannel,
+    run_id: &str,
+    output: OutputFormat,
+) -> anyhow::Result<Run> {
     follow_after(channel, run_id, None, output).await
 }
 

@@ -55,10 +55,7 @@ pub struct AuthService<S> {
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for AuthService<S>
 where
-    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>
-        + Clone
-        + Send
-        + 'static,
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     ReqBody: Send + 'static,
     ResBody: Default + Send + 'static,
@@ -128,7 +125,9 @@ fn bearer(headers: &http::HeaderMap) -> Result<&str, Status> {
              (CLI and SDKs: --token or DAGMESH_TOKEN; create one with `dagmesh tokens create`)",
         )
     };
-    let value = headers.get(http::header::AUTHORIZATION).ok_or_else(missing)?;
+    let value = headers
+        .get(http::header::AUTHORIZATION)
+        .ok_or_else(missing)?;
     let value = value.to_str().map_err(|_| {
         Status::unauthenticated("invalid credentials: the authorization header is not ASCII")
     })?;

@@ -34,9 +34,21 @@ const RULES: &[(&str, &str, Access)] = &[
         "SubmitRun",
         Access::Scope(Scope::Submit),
     ),
-    ("dagmesh.v1.RunService", "GetRun", Access::Scope(Scope::Read)),
-    ("dagmesh.v1.RunService", "ListRuns", Access::Scope(Scope::Read)),
-    ("dagmesh.v1.RunService", "WatchRun", Access::Scope(Scope::Read)),
+    (
+        "dagmesh.v1.RunService",
+        "GetRun",
+        Access::Scope(Scope::Read),
+    ),
+    (
+        "dagmesh.v1.RunService",
+        "ListRuns",
+        Access::Scope(Scope::Read),
+    ),
+    (
+        "dagmesh.v1.RunService",
+        "WatchRun",
+        Access::Scope(Scope::Read),
+    ),
     (
         "dagmesh.v1.RunService",
         "CancelRun",
@@ -109,11 +121,7 @@ const RULES: &[(&str, &str, Access)] = &[
         "*",
         Access::Scope(Scope::Admin),
     ),
-    (
-        "dagmesh.v1.TokenService",
-        "WhoAmI",
-        Access::Authenticated,
-    ),
+    ("dagmesh.v1.TokenService", "WhoAmI", Access::Authenticated),
     ("dagmesh.v1.TokenService", "*", Access::Scope(Scope::Admin)),
     // The store API: only the services themselves.
     (
@@ -128,9 +136,7 @@ pub fn access(path: &str) -> Access {
     let Some((service, method)) = path.trim_start_matches('/').split_once('/') else {
         return Access::Scope(Scope::Internal);
     };
-    let exact = RULES
-        .iter()
-        .find(|(s, m, _)| *s == service && *m == method);
+    let exact = RULES.iter().find(|(s, m, _)| *s == service && *m == method);
     let any = || RULES.iter().find(|(s, m, _)| *s == service && *m == "*");
     match exact.or_else(any) {
         Some((_, _, access)) => *access,

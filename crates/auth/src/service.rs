@@ -83,11 +83,7 @@ impl TokenService for TokenApi {
         let principal = Principal::of(&request);
         Ok(Response::new(WhoAmIResponse {
             principal: principal.name.to_string(),
-            scopes: principal
-                .scopes
-                .iter()
-                .map(|&s: &Scope| s as i32)
-                .collect(),
+            scopes: principal.scopes.iter().map(|&s: &Scope| s as i32).collect(),
             task_patterns: principal.task_patterns,
             labels: principal.labels,
             token_id: principal.token_id,

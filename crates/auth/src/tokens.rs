@@ -116,8 +116,8 @@ pub fn new_token(
         None => None,
         Some(ttl) if ttl.seconds == 0 && ttl.nanos == 0 => None,
         Some(ttl) => {
-            let ttl = Duration::try_from(ttl)
-                .map_err(|_| "ttl: must not be negative".to_string())?;
+            let ttl =
+                Duration::try_from(ttl).map_err(|_| "ttl: must not be negative".to_string())?;
             if ttl > MAX_TTL {
                 return Err(format!("ttl: {ttl:?} is over the limit of 10 years"));
             }

@@ -92,14 +92,18 @@ impl ServerTls {
 }
 
 fn stamp(files: &TlsFiles) -> Vec<Option<(SystemTime, u64)>> {
-    [Some(&files.cert), Some(&files.key), files.client_ca.as_ref()]
-        .into_iter()
-        .flatten()
-        .map(|path| {
-            let meta = std::fs::metadata(path).ok()?;
-            Some((meta.modified().ok()?, meta.len()))
-        })
-        .collect()
+    [
+        Some(&files.cert),
+        Some(&files.key),
+        files.client_ca.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|path| {
+        let meta = std::fs::metadata(path).ok()?;
+        Some((meta.modified().ok()?, meta.len()))
+    })
+    .collect()
 }
 
 fn build_config(files: &TlsFiles) -> Result<ServerConfig, TlsError> {

@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from dagmesh import Client, ClientError, TaskContext, Worker, WorkerRejected, to_dict
-from dagmesh.v1 import RunState
+from dagmesh.v1 import RunState, auth_pb2, auth_pb2_grpc
 
 from conftest import STEP_TIMEOUT, Certs, Server, WorkerThread, make_certs, start_server, stop_server
 from test_conformance import ConformanceWorker
@@ -167,6 +167,36 @@ def test_a_worker_without_a_valid_token_stops(server: Server, unique: str) -> No
             asyncio.run(asyncio.wait_for(worker.run_async(), STEP_TIMEOUT))
         assert time.monotonic() - started < PROMPT
         assert err.value.code == grpc.StatusCode.UNAUTHENTICATED, err.value
+
+
+def test_a_token_outside_its_scope_is_permission_denied(
+    server: Server, unique: str, run_worker: Callable[[Worker], WorkerThread]
+) -> None:
+    needs_auth(server)
+    with server.channel() as channel:
+        created = auth_pb2_grpc.TokenServiceStub(channel).CreateToken(
+            auth_pb2.CreateTokenRequest(
+                name=f"py-pool-{unique}", scopes=[auth_pb2.SCOPE_WORKER], task_patterns=[f"mesh.{unique}.*"]
+            ),
+            timeout=STEP_TIMEOUT,
+        )
+    pool_token = created.secret
+    # A task type outside the token's patterns: refused once, the worker stops with the reason.
+    outsider = Worker(server=server.url, name=f"py-outsider-{unique}", token=pool_token, reconnect_backoff=(0.01, 0.05))
+    outsider.register(f"other.{unique}", "1.0.0", lambda ctx, inputs: None)
+    started = time.monotonic()
+    with pytest.raises(WorkerRejected) as err:
+        asyncio.run(asyncio.wait_for(outsider.run_async(), STEP_TIMEOUT))
+    assert time.monotonic() - started < PROMPT
+    assert err.value.code == grpc.StatusCode.PERMISSION_DENIED, err.value
+    assert f"other.{unique}" in err.value.details and f"mesh.{unique}.*" in err.value.details
+    # Inside them it connects; the same token cannot read runs.
+    insider = Worker(server=server.url, name=f"py-insider-{unique}", token=pool_token)
+    insider.register(f"mesh.{unique}.build", "1.0.0", lambda ctx, inputs: None)
+    run_worker(insider)
+    with Client(server.url, timeout=STEP_TIMEOUT, token=pool_token) as client:
+        denied = refused(lambda: client.list_runs())
+    assert denied.code == grpc.StatusCode.PERMISSION_DENIED, denied
 
 
 # --- (c) an untrusted server certificate -------------------------------------------------------

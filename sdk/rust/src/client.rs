@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use dagmesh_proto::connect::{AuthChannel, ClientSettings, Credentials, error_chain};
 use dagmesh_proto::json::map_to_struct;
 use dagmesh_proto::v1::run_service_client::RunServiceClient;
 use dagmesh_proto::v1::workflow_service_client::WorkflowServiceClient;
@@ -19,7 +20,6 @@ use dagmesh_proto::v1::{
 use futures::{Stream, StreamExt, TryStreamExt};
 use serde::Serialize;
 use tonic::Code;
-use dagmesh_proto::connect::{AuthChannel, ClientSettings, Credentials, error_chain};
 use tonic::transport::Channel;
 
 use crate::backoff::Backoff;
@@ -374,9 +374,8 @@ fn prepare(
     url: &str,
     settings: &ClientSettings,
 ) -> Result<(tonic::transport::Endpoint, Credentials), ClientError> {
-    let settings_error = |error: dagmesh_proto::connect::ConnectError| {
-        ClientError::Settings(error.to_string())
-    };
+    let settings_error =
+        |error: dagmesh_proto::connect::ConnectError| ClientError::Settings(error.to_string());
     let endpoint = settings
         .endpoint(url)
         .map_err(settings_error)?

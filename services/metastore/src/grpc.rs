@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use dagmesh_proto::connect::{AuthChannel, ClientSettings, Credentials};
 use dagmesh_proto::v1::metadata_service_client::MetadataServiceClient;
 use dagmesh_proto::v1::metadata_service_server::{MetadataService, MetadataServiceServer};
 use dagmesh_proto::v1::{
@@ -24,8 +25,9 @@ use dagmesh_proto::v1::{
     ReadRunRequest, ReadWorkflowRequest, ReadWorkflowsRequest, ReadWorkflowsResponse, Run,
     RunEvent, Workflow, WorkflowSpec,
 };
-use dagmesh_proto::connect::{AuthChannel, ClientSettings, Credentials};
-use dagmesh_proto::v1::{ReadTokenRequest, ReadTokensRequest, ReadTokensResponse, RevokeTokenRequest, StoredToken};
+use dagmesh_proto::v1::{
+    ReadTokenRequest, ReadTokensRequest, ReadTokensResponse, RevokeTokenRequest, StoredToken,
+};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 

@@ -273,7 +273,8 @@ mod harness {
                 }),
         );
         // The listener is bound already, so the first call connects; no readiness wait needed.
-        let client = MetadataGrpcClient::connect(&format!("http://{addr}"), &Default::default()).await?;
+        let client =
+            MetadataGrpcClient::connect(&format!("http://{addr}"), &Default::default()).await?;
         let result = case(Arc::new(client), Raw::Sqlite(url)).await;
         let _ = stop.send(());
         server.await??;
@@ -1777,7 +1778,8 @@ async fn grpc_client_reports_unreachable_metastore_as_unavailable() -> anyhow::R
     let addr = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await?
         .local_addr()?;
-    let client = MetadataGrpcClient::connect(&format!("http://{addr}"), &Default::default()).await?;
+    let client =
+        MetadataGrpcClient::connect(&format!("http://{addr}"), &Default::default()).await?;
     let err = client.get_run("r").await.unwrap_err();
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
 

@@ -5,11 +5,11 @@
 use std::time::Duration;
 
 use dagmesh_executor::Executor;
+use dagmesh_proto::connect::{AuthChannel, ClientSettings, Credentials};
 use dagmesh_proto::v1::run_service_client::RunServiceClient;
 use dagmesh_proto::v1::{
     CancelRunRequest, GetRunRequest, ListRunsRequest, ListRunsResponse, Run, SubmitRunRequest,
 };
-use dagmesh_proto::connect::{AuthChannel, ClientSettings, Credentials};
 use tonic::transport::Channel;
 
 use crate::SchedError;

@@ -41,11 +41,11 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+use dagmesh_proto::connect::{ClientSettings, Credentials};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use dagmesh_proto::connect::{ClientSettings, Credentials};
 use tonic::transport::Endpoint;
 
 pub use context::{LogLevel, TaskContext};

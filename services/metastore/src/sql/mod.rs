@@ -13,8 +13,7 @@ use std::time::Duration;
 use dagmesh_proto::v1::{
     ActiveRuns, Backfill, EventUnreadable, ListRunsRequest, ListRunsResponse, Mutation, Run,
     RunEvent, RunState, RunStateChanged, Schedule, Step, StepState, StepStateChanged, StoredToken,
-    Trigger,
-    UnreadableRun, Workflow, WorkflowSpec, mutation, run_event,
+    Trigger, UnreadableRun, Workflow, WorkflowSpec, mutation, run_event,
 };
 use prost::Message;
 use prost_types::Timestamp;

@@ -760,20 +760,22 @@ impl MetadataStore for PgStore {
 
     async fn put_token(&self, token: StoredToken) -> Result<(), StoreError> {
         let (id, name, created) = token_key(&token)?;
-        sqlx::query("INSERT INTO tokens (token_id, name, created_at, body) VALUES ($1, $2, $3, $4)")
-            .bind(id)
-            .bind(name)
-            .bind(created)
-            .bind(token.encode_to_vec())
-            .execute(&self.pool)
-            .await
-            .map_err(|err| {
-                if is_unique_violation(&err) {
-                    name_taken("token", name)
-                } else {
-                    err.into()
-                }
-            })?;
+        sqlx::query(
+            "INSERT INTO tokens (token_id, name, created_at, body) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id)
+        .bind(name)
+        .bind(created)
+        .bind(token.encode_to_vec())
+        .execute(&self.pool)
+        .await
+        .map_err(|err| {
+            if is_unique_violation(&err) {
+                name_taken("token", name)
+            } else {
+                err.into()
+            }
+        })?;
         Ok(())
     }
 

@@ -1,0 +1,748 @@
+//! Security as an attacker on the same network would try it: every RPC with each scope (and
+//! none), expired and revoked tokens, workers outside their token, session takeover, the store
+//! API, TLS and mTLS handshakes, certificate reload, and who did what on a run.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use dagmesh::mesh::MeshSecurity;
+use dagmesh_integration_tests::pki::TestPki;
+use dagmesh_integration_tests::*;
+use dagmesh_proto::connect::{AuthChannel, ClientSettings};
+use dagmesh_proto::v1::cluster_service_client::ClusterServiceClient;
+use dagmesh_proto::v1::metadata_service_client::MetadataServiceClient;
+use dagmesh_proto::v1::run_service_client::RunServiceClient;
+use dagmesh_proto::v1::scheduler_service_client::SchedulerServiceClient;
+use dagmesh_proto::v1::token_service_client::TokenServiceClient;
+use dagmesh_proto::v1::workflow_service_client::WorkflowServiceClient;
+use dagmesh_proto::v1::{
+    self as pb, CancelRunRequest, CreateTokenRequest, GetRunRequest, ListRunsRequest,
+    ListSchedulesRequest, ListTokensRequest, ListWorkersRequest, ListWorkflowsRequest,
+    PublishEventRequest, ReadRunRequest, RetryRunRequest, RevokeTokenRequest, Scope,
+    SubmitRunRequest, WhoAmIRequest, WorkflowRef, submit_run_request,
+};
+use dagmesh_runtime::tls::{ServerTls, TlsFiles};
+use dagmesh_sdk::{Client, SubmitRun, TaskContext, TaskError, Worker};
+use serde_json::{Value, json};
+use tonic::Code;
+
+struct Secured {
+    sandbox: Sandbox,
+    admin: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn secured(tls: Option<TlsFiles>) -> anyhow::Result<Secured> {
+    let dir = tempfile::tempdir()?;
+    let tls = tls.map(ServerTls::load).transpose()?;
+    let sandbox = Sandbox::start_secure(MeshSecurity {
+        auth: true,
+        internal_token: None,
+        tls,
+        admin_token_file: Some(dir.path().join("admin.token")),
+    })
+    .await?;
+    let admin = sandbox
+        .mesh
+        .admin_token()
+        .expect("an admin token")
+        .to_owned();
+    Ok(Secured {
+        sandbox,
+        admin,
+        _dir: dir,
+    })
+}
+
+fn with_token(token: &str) -> ClientSettings {
+    ClientSettings::default().with_token(token)
+}
+
+async fn channel_as(url: &str, settings: &ClientSettings) -> anyhow::Result<AuthChannel> {
+    Ok(settings.connect(url, |endpoint| endpoint).await?)
+}
+
+async fn create_token(
+    url: &str,
+    admin: &str,
+    name: &str,
+    scopes: &[Scope],
+    patterns: &[&str],
+    labels: &[(&str, &str)],
+    ttl: Option<Duration>,
+) -> anyhow::Result<String> {
+    let mut tokens = TokenServiceClient::new(channel_as(url, &with_token(admin)).await?);
+    let response = tokens
+        .create_token(CreateTokenRequest {
+            name: name.into(),
+            scopes: scopes.iter().map(|&s| s as i32).collect(),
+            task_patterns: patterns.iter().map(|p| p.to_string()).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ttl: ttl.map(|ttl| prost_types::Duration {
+                seconds: ttl.as_secs() as i64,
+                nanos: ttl.subsec_nanos() as i32,
+            }),
+        })
+        .await?
+        .into_inner();
+    Ok(response.secret)
+}
+
+fn echo_spec(task: &str) -> pb::WorkflowSpec {
+    workflow(
+        "secured",
+        vec![step("only", task, &[], &[("text", "'hi'")])],
+    )
+}
+
+/// One call per kind of rule; the code it ends with.
+async fn call(url: &str, settings: &ClientSettings, rpc: &str) -> anyhow::Result<Code> {
+    let channel = channel_as(url, settings).await?;
+    let mut runs = RunServiceClient::new(channel.clone());
+    let code = |result: Result<(), tonic::Status>| match result {
+        Ok(()) => Code::Ok,
+        Err(status) => status.code(),
+    };
+    let no_run = "01900000-0000-7000-8000-000000000000".to_owned();
+    Ok(match rpc {
+        "SubmitRun" => code(
+            runs.submit_run(SubmitRunRequest {
+                workflow_ref: Some(submit_run_request::WorkflowRef::Workflow(WorkflowRef {
+                    name: "no-such-workflow".into(),
+                    version: 0,
+                })),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        ),
+        "GetRun" => code(
+            runs.get_run(GetRunRequest {
+                run_id: no_run.clone(),
+            })
+            .await
+            .map(drop),
+        ),
+        "ListRuns" => code(runs.list_runs(ListRunsRequest::default()).await.map(drop)),
+        "CancelRun" => code(
+            runs.cancel_run(CancelRunRequest {
+                run_id: no_run.clone(),
+                reason: String::new(),
+            })
+            .await
+            .map(drop),
+        ),
+        "RetryRun" => code(
+            runs.retry_run(RetryRunRequest { run_id: no_run })
+                .await
+                .map(drop),
+        ),
+        "ApplyWorkflow" => code(
+            WorkflowServiceClient::new(channel)
+                .apply_workflow(pb::ApplyWorkflowRequest {
+                    spec: Some(echo_spec("sec.echo@^1")),
+                })
+                .await
+                .map(drop),
+        ),
+        "ListWorkflows" => code(
+            WorkflowServiceClient::new(channel)
+                .list_workflows(ListWorkflowsRequest {})
+                .await
+                .map(drop),
+        ),
+        "ListWorkers" => code(
+            ClusterServiceClient::new(channel)
+                .list_workers(ListWorkersRequest {})
+                .await
+                .map(drop),
+        ),
+        "ListSchedules" => code(
+            SchedulerServiceClient::new(channel)
+                .list_schedules(ListSchedulesRequest::default())
+                .await
+                .map(drop),
+        ),
+        "PublishEvent" => code(
+            SchedulerServiceClient::new(channel)
+                .publish_event(PublishEventRequest {
+                    topic: "nobody.listens".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        "DeleteSchedule" => code(
+            SchedulerServiceClient::new(channel)
+                .delete_schedule(pb::DeleteScheduleRequest {
+                    schedule: "no-such-schedule".into(),
+                })
+                .await
+                .map(drop),
+        ),
+        "ListTokens" => code(
+            TokenServiceClient::new(channel)
+                .list_tokens(ListTokensRequest::default())
+                .await
+                .map(drop),
+        ),
+        "WhoAmI" => code(
+            TokenServiceClient::new(channel)
+                .who_am_i(WhoAmIRequest {})
+                .await
+                .map(drop),
+        ),
+        "ReadRun (store API)" => code(
+            MetadataServiceClient::new(channel)
+                .read_run(ReadRunRequest { run_id: "x".into() })
+                .await
+                .map(drop),
+        ),
+        other => anyhow::bail!("unknown rpc {other}"),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_needs_its_scope() -> anyhow::Result<()> {
+    let secured = secured(None).await?;
+    let url = secured.sandbox.url();
+    let mut tokens = HashMap::new();
+    for (name, scope) in [
+        ("worker", Scope::Worker),
+        ("submit", Scope::Submit),
+        ("read", Scope::Read),
+        ("operate", Scope::Operate),
+        ("admin", Scope::Admin),
+    ] {
+        let patterns: &[&str] = if scope == Scope::Worker { &["*"] } else { &[] };
+        let token = create_token(
+            &url,
+            &secured.admin,
+            &format!("matrix-{name}"),
+            &[scope],
+            patterns,
+            &[],
+            None,
+        )
+        .await?;
+        tokens.insert(name, token);
+    }
+    // rpc -> the scopes that may call it (admin may call everything a person may).
+    let matrix: &[(&str, &[&str])] = &[
+        ("SubmitRun", &["submit", "admin"]),
+        ("GetRun", &["read", "admin"]),
+        ("ListRuns", &["read", "admin"]),
+        ("CancelRun", &["operate", "admin"]),
+        ("RetryRun", &["operate", "admin"]),
+        ("ApplyWorkflow", &["admin"]),
+        ("ListWorkflows", &["read", "admin"]),
+        ("ListWorkers", &["read", "admin"]),
+        ("ListSchedules", &["read", "admin"]),
+        ("PublishEvent", &["submit", "admin"]),
+        ("DeleteSchedule", &["admin"]),
+        ("ListTokens", &["admin"]),
+        ("WhoAmI", &["worker", "submit", "read", "operate", "admin"]),
+    ];
+    let mut failures = Vec::new();
+    for (rpc, allowed) in matrix {
+        let anonymous = call(&url, &ClientSettings::default(), rpc).await?;
+        if anonymous != Code::Unauthenticated {
+            failures.push(format!("{rpc} without a token: {anonymous:?}"));
+        }
+        let forged = format!("dmt_000000000000_{}", "0".repeat(64));
+        let forged = call(&url, &with_token(&forged), rpc).await?;
+        if forged != Code::Unauthenticated {
+            failures.push(format!("{rpc} with a forged token: {forged:?}"));
+        }
+        for (name, token) in &tokens {
+            let got = call(&url, &with_token(token), rpc).await?;
+            let should = allowed.contains(name);
+            let refused = matches!(got, Code::PermissionDenied | Code::Unauthenticated);
+            if should && refused {
+                failures.push(format!("{rpc} with a {name} token was refused: {got:?}"));
+            }
+            if !should && got != Code::PermissionDenied {
+                failures.push(format!(
+                    "{rpc} with a {name} token: {got:?}, expected PermissionDenied"
+                ));
+            }
+        }
+    }
+    // The store API needs the internal scope (and is not even served on this port).
+    let store = call(&url, &with_token(&secured.admin), "ReadRun (store API)").await?;
+    if !matches!(store, Code::PermissionDenied | Code::Unimplemented) {
+        failures.push(format!(
+            "the store API answered {store:?} on the public port"
+        ));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // Health stays open for load balancers and kubelets.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        channel_as(&url, &ClientSettings::default()).await?,
+    );
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await?;
+    secured.sandbox.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_and_revoked_tokens_are_refused() -> anyhow::Result<()> {
+    let secured = secured(None).await?;
+    let url = secured.sandbox.url();
+    let short = create_token(
+        &url,
+        &secured.admin,
+        "short-lived",
+        &[Scope::Read],
+        &[],
+        &[],
+        Some(Duration::from_secs(1)),
+    )
+    .await?;
+    assert_eq!(call(&url, &with_token(&short), "ListRuns").await?, Code::Ok);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let mut runs = RunServiceClient::new(channel_as(&url, &with_token(&short)).await?);
+    let err = runs
+        .list_runs(ListRunsRequest::default())
+        .await
+        .expect_err("an expired token is refused");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("expired"), "{}", err.message());
+
+    let revoked = create_token(
+        &url,
+        &secured.admin,
+        "soon-revoked",
+        &[Scope::Read],
+        &[],
+        &[],
+        None,
+    )
+    .await?;
+    assert_eq!(
+        call(&url, &with_token(&revoked), "ListRuns").await?,
+        Code::Ok
+    );
+    TokenServiceClient::new(channel_as(&url, &with_token(&secured.admin)).await?)
+        .revoke_token(RevokeTokenRequest {
+            token: "soon-revoked".into(),
+        })
+        .await?;
+    let mut runs = RunServiceClient::new(channel_as(&url, &with_token(&revoked)).await?);
+    let err = runs
+        .list_runs(ListRunsRequest::default())
+        .await
+        .expect_err("a revoked token is refused at once on the server that revoked it");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("revoked"), "{}", err.message());
+
+    // A right id with a wrong secret is not the token.
+    let id = revoked.split('_').nth(1).unwrap();
+    let wrong = format!("dmt_{id}_{}", "0".repeat(64));
+    assert_eq!(
+        call(&url, &with_token(&wrong), "ListRuns").await?,
+        Code::Unauthenticated
+    );
+
+    // Tokens are listed without secrets; the store keeps only hashes.
+    let listed = TokenServiceClient::new(channel_as(&url, &with_token(&secured.admin)).await?)
+        .list_tokens(ListTokensRequest {
+            include_revoked: true,
+        })
+        .await?
+        .into_inner();
+    let text = format!("{listed:?}");
+    assert!(!text.contains(&short[17..]) && !text.contains(&revoked[17..]));
+    assert!(
+        listed
+            .tokens
+            .iter()
+            .any(|t| t.name == "soon-revoked" && t.revoked_at.is_some())
+    );
+    secured.sandbox.stop().await
+}
+
+async fn echo(_ctx: TaskContext, inputs: Value) -> Result<Value, TaskError> {
+    Ok(inputs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_serve_only_what_their_token_allows() -> anyhow::Result<()> {
+    let secured = secured(None).await?;
+    let url = secured.sandbox.url();
+    let billing = create_token(
+        &url,
+        &secured.admin,
+        "billing-pool",
+        &[Scope::Worker],
+        &["billing.*"],
+        &[],
+        None,
+    )
+    .await?;
+    let mesh_pool = create_token(
+        &url,
+        &secured.admin,
+        "mesh-pool",
+        &[Scope::Worker],
+        &["mesh.*"],
+        &[("pool", "cpu")],
+        None,
+    )
+    .await?;
+
+    // The attack: another team's worker registers a higher version of the victim's task type
+    // to be preferred by dispatch and receive its inputs.
+    let intruder = Worker::builder(&url)
+        .token(billing.clone())
+        .instance_id("intruder")
+        .slots(100)
+        .task("mesh.charge", "9.0.0", echo)
+        .build()?;
+    let err = tokio::time::timeout(PATIENCE, intruder.run())
+        .await?
+        .expect_err("a task type outside the token is refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("mesh.charge") && text.contains("billing.*"),
+        "the refusal names the task type and what the token allows: {text}"
+    );
+
+    // Without any token, not even the stream opens.
+    let anonymous = Worker::builder(&url)
+        .client_settings(ClientSettings::default())
+        .instance_id("anonymous")
+        .task("mesh.charge", "9.0.0", echo)
+        .build()?;
+    let err = tokio::time::timeout(PATIENCE, anonymous.run())
+        .await?
+        .expect_err("no token, no worker");
+    assert!(err.to_string().contains("credentials"), "{err}");
+
+    // A label the token does not allow (claiming a GPU to pull GPU steps) is refused too.
+    let liar = Worker::builder(&url)
+        .token(mesh_pool.clone())
+        .instance_id("liar")
+        .label("gpu", "true")
+        .task("mesh.charge", "1.0.0", echo)
+        .build()?;
+    let err = tokio::time::timeout(PATIENCE, liar.run())
+        .await?
+        .expect_err("a label outside the token is refused");
+    assert!(err.to_string().contains("labels.gpu"), "{err}");
+
+    // The rightful worker runs the step.
+    let worker = spawn_worker(
+        Worker::builder(&url)
+            .token(mesh_pool)
+            .instance_id("rightful")
+            .label("pool", "cpu")
+            .task("mesh.charge", "1.0.0", echo),
+    )
+    .await?;
+    let client = Client::connect_with(&url, with_token(&secured.admin)).await?;
+    let run = client
+        .submit(SubmitRun::inline(echo_spec("mesh.charge@^1")).inputs(json!({"card": "4111"})))
+        .await?;
+    let run = wait_for_run(&client, &run.run_id).await?;
+    assert_succeeded(&run);
+    assert_eq!(run.steps[0].worker, "rightful");
+    worker.abort();
+    secured.sandbox.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_session_is_resumed_only_by_its_principal() -> anyhow::Result<()> {
+    let secured = secured(None).await?;
+    let url = secured.sandbox.url();
+    let victim = create_token(
+        &url,
+        &secured.admin,
+        "victim",
+        &[Scope::Worker],
+        &["*"],
+        &[],
+        None,
+    )
+    .await?;
+    let attacker = create_token(
+        &url,
+        &secured.admin,
+        "attacker",
+        &[Scope::Worker],
+        &["*"],
+        &[],
+        None,
+    )
+    .await?;
+    let worker = spawn_worker(
+        Worker::builder(&url)
+            .token(victim.clone())
+            .instance_id("gpu-7")
+            .task("mesh.render", "1.0.0", echo),
+    )
+    .await?;
+    // ListWorkers shows the instance id to anyone who may read; reusing it must not take over.
+    let refused = RawWorker::connect_once_with(
+        &url,
+        &with_token(&attacker),
+        pb::Hello {
+            instance_id: "gpu-7".into(),
+            worker_name: "evil".into(),
+            task_types: vec![pb::TaskTypeVersion {
+                name: "mesh.render".into(),
+                version: "1.0.0".into(),
+            }],
+            slots: 1,
+            ..Default::default()
+        },
+    )
+    .await
+    .err()
+    .expect("the attacker's stream is refused");
+    let status = refused
+        .downcast_ref::<tonic::Status>()
+        .unwrap_or_else(|| panic!("not a gRPC refusal: {refused:#}"));
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains("another principal"),
+        "{}",
+        status.message()
+    );
+    // The victim's session is untouched.
+    assert!(worker.state().connected);
+    worker.abort();
+    secured.sandbox.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_record_who_submitted_cancelled_and_retried() -> anyhow::Result<()> {
+    let secured = secured(None).await?;
+    let url = secured.sandbox.url();
+    let backend = create_token(
+        &url,
+        &secured.admin,
+        "backend",
+        &[Scope::Submit, Scope::Read],
+        &[],
+        &[],
+        None,
+    )
+    .await?;
+    let ops = create_token(
+        &url,
+        &secured.admin,
+        "ops",
+        &[Scope::Operate, Scope::Read],
+        &[],
+        &[],
+        None,
+    )
+    .await?;
+    // No worker: the run waits, so it can be cancelled.
+    let client = Client::connect_with(&url, with_token(&backend)).await?;
+    let run = client
+        .submit(SubmitRun::inline(echo_spec("nobody.serves@^1")))
+        .await?;
+    assert_eq!(run.submitted_by, "token:backend");
+    let operator = Client::connect_with(&url, with_token(&ops)).await?;
+    operator.cancel_run(&run.run_id, "wrong inputs").await?;
+    let cancelled = operator.get_run(&run.run_id).await?;
+    assert_eq!(cancelled.cancelled_by, "token:ops");
+    operator.retry_run(&run.run_id).await?;
+    let retried = operator.get_run(&run.run_id).await?;
+    assert_eq!(retried.retried_by, "token:ops");
+    assert_eq!(retried.submitted_by, "token:backend");
+    // Still no worker: cancel again so the run's log ends.
+    operator.cancel_run(&run.run_id, "").await?;
+    let events = all_events(
+        secured.sandbox.channel_with(&with_token(&ops)).await?,
+        &run.run_id,
+    )
+    .await?;
+    let actors: Vec<(i32, String)> = events
+        .iter()
+        .filter_map(|event| match &event.event {
+            Some(pb::run_event::Event::RunState(change)) if !change.actor.is_empty() => {
+                Some((change.state, change.actor.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        actors,
+        vec![
+            (pb::RunState::Running as i32, "token:backend".to_owned()),
+            (pb::RunState::Cancelled as i32, "token:ops".to_owned()),
+            (pb::RunState::Queued as i32, "token:ops".to_owned()),
+            (pb::RunState::Cancelled as i32, "token:ops".to_owned()),
+        ]
+    );
+    secured.sandbox.stop().await
+}
+
+fn tls_files(pki: &TestPki, mutual: bool) -> TlsFiles {
+    TlsFiles {
+        cert: pki.server_cert.clone(),
+        key: pki.server_key.clone(),
+        client_ca: mutual.then(|| pki.ca.clone()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_handshakes_fail_clearly_and_work_with_the_right_ca() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = TestPki::create(dir.path(), "")?;
+    let other = TestPki::create(dir.path(), "other-")?;
+    let secured = secured(Some(tls_files(&pki, false))).await?;
+    let url = secured.sandbox.url();
+    assert!(url.starts_with("https://"));
+    let port = secured.sandbox.mesh.addr().port();
+
+    let trusted = with_token(&secured.admin);
+    let trusted = ClientSettings {
+        tls_ca: Some(pki.ca.clone()),
+        ..trusted
+    };
+    assert_eq!(call(&url, &trusted, "ListRuns").await?, Code::Ok);
+    // By name, as in a cluster.
+    let by_name = format!("https://localhost:{port}");
+    assert_eq!(call(&by_name, &trusted, "ListRuns").await?, Code::Ok);
+
+    // Not trusting the server's CA: the system roots do not know it, nor does another CA.
+    for (what, settings) in [
+        ("system roots", with_token(&secured.admin)),
+        (
+            "another CA",
+            ClientSettings {
+                tls_ca: Some(other.ca.clone()),
+                ..with_token(&secured.admin)
+            },
+        ),
+    ] {
+        let err = channel_as(&url, &settings)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{what}: the handshake must fail"));
+        let text = err.to_string();
+        assert!(
+            text.contains("certificate") || text.contains("UnknownIssuer"),
+            "{what}: the error says what is wrong: {text}"
+        );
+    }
+    // A name the certificate does not carry.
+    let wrong_name = ClientSettings {
+        tls_server_name: Some("dagmesh.example.com".into()),
+        ..trusted.clone()
+    };
+    let err = channel_as(&url, &wrong_name)
+        .await
+        .err()
+        .expect("name mismatch");
+    assert!(err.to_string().contains("certificate"), "{err}");
+    // Plaintext to a TLS port fails, and does not hang.
+    let plain = format!("http://127.0.0.1:{port}");
+    let result = tokio::time::timeout(
+        PATIENCE,
+        call(&plain, &with_token(&secured.admin), "ListRuns"),
+    )
+    .await?;
+    assert!(
+        !matches!(result, Ok(Code::Ok)),
+        "plaintext reached a TLS server: {result:?}"
+    );
+
+    // A worker over TLS with a token runs a step.
+    let worker = spawn_worker(
+        Worker::builder(&url)
+            .client_settings(ClientSettings {
+                tls_ca: Some(pki.ca.clone()),
+                ..with_token(&secured.admin)
+            })
+            .instance_id("tls-worker")
+            .task("sec.echo", "1.0.0", echo),
+    )
+    .await?;
+    let client = Client::connect_with(&url, trusted).await?;
+    let run = client
+        .submit(SubmitRun::inline(echo_spec("sec.echo@^1")))
+        .await?;
+    assert_succeeded(&wait_for_run(&client, &run.run_id).await?);
+    worker.abort();
+
+    // The certificate is rotated on disk: new connections get the new one without a restart.
+    std::fs::copy(&other.server_cert, &pki.server_cert)?;
+    std::fs::copy(&other.server_key, &pki.server_key)?;
+    let rotated = ClientSettings {
+        tls_ca: Some(other.ca.clone()),
+        ..with_token(&secured.admin)
+    };
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Ok(Code::Ok) = call(&url, &rotated, "ListRuns").await {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the rotated certificate was never served"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    secured.sandbox.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_requires_a_client_certificate_from_the_ca() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = TestPki::create(dir.path(), "")?;
+    let secured = secured(Some(tls_files(&pki, true))).await?;
+    let url = secured.sandbox.url();
+    let base = ClientSettings {
+        tls_ca: Some(pki.ca.clone()),
+        ..with_token(&secured.admin)
+    };
+    // Without a client certificate, or with one from another CA: refused in the handshake
+    // (TLS 1.3 reports it on the first call rather than at connect).
+    for (what, settings) in [
+        ("no client certificate", base.clone()),
+        (
+            "a stranger's certificate",
+            ClientSettings {
+                tls_client_cert: Some(pki.stranger_cert.clone()),
+                tls_client_key: Some(pki.stranger_key.clone()),
+                ..base.clone()
+            },
+        ),
+    ] {
+        let outcome = match channel_as(&url, &settings).await {
+            Err(error) => Err(error.to_string()),
+            Ok(channel) => RunServiceClient::new(channel)
+                .list_runs(ListRunsRequest::default())
+                .await
+                .map(drop)
+                .map_err(|status| status.to_string()),
+        };
+        assert!(outcome.is_err(), "{what}: the server let it in");
+    }
+    let with_cert = ClientSettings {
+        tls_client_cert: Some(pki.client_cert.clone()),
+        tls_client_key: Some(pki.client_key.clone()),
+        ..base
+    };
+    assert_eq!(call(&url, &with_cert, "ListRuns").await?, Code::Ok);
+    // mTLS proves the machine, the token still decides what it may do.
+    let no_token = ClientSettings {
+        token: None,
+        ..with_cert
+    };
+    assert_eq!(
+        call(&url, &no_token, "ListRuns").await?,
+        Code::Unauthenticated
+    );
+    secured.sandbox.stop().await
+}
