@@ -123,8 +123,8 @@ class ChannelSettings:
 
     def hint(self, code: grpc.StatusCode | None, details: str) -> str:
         """A few words to append to an error's details when the settings likely explain it
-        (grpc says "Socket closed" when a server that requires a client certificate hangs up
-        after the handshake); "" otherwise."""
+        (grpc says "Socket closed" or "Unwrap failed" when a server that requires a client
+        certificate hangs up after the handshake); "" otherwise."""
         text = details.lower()
         if code == grpc.StatusCode.UNAUTHENTICATED and not self.token and "handshake" not in text:
             return " (no token was sent: set token / token_file or DAGMESH_TOKEN / DAGMESH_TOKEN_FILE)"
@@ -135,13 +135,16 @@ class ChannelSettings:
                 " (TLS: the server certificate is not trusted for this name: check tls_ca / DAGMESH_TLS_CA"
                 " and tls_server_name / DAGMESH_TLS_SERVER_NAME)"
             )
-        if "handshake" in text or "ssl" in text:
-            return " (TLS handshake failed)"
-        if "socket closed" in text and self.certificate_chain is None:
+        # A server that requires a client certificate alerts right after the handshake (TLS
+        # 1.3), which grpc reports as the first read failing.
+        closed = ("socket closed", "tsi_data_corrupted", "unwrap failed", "certificate_required")
+        if self.certificate_chain is None and any(words in text for words in closed):
             return (
-                " (TLS: the server closed the connection; if it requires a client certificate (mTLS),"
+                " (TLS: the server ended the connection; if it requires a client certificate (mTLS),"
                 " set tls_client_cert and tls_client_key)"
             )
+        if "handshake" in text or "ssl" in text:
+            return " (TLS handshake failed)"
         return ""
 
     def options(self) -> list[tuple[str, Any]]:
