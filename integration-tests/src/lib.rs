@@ -476,11 +476,16 @@ pub fn free_port() -> anyhow::Result<u16> {
 
 /// Waits until a server at `url` reports SERVING on grpc.health.v1 (no sleeps for readiness).
 pub async fn wait_healthy(url: &str) -> anyhow::Result<()> {
+    wait_healthy_with(url, &ClientSettings::default()).await
+}
+
+/// [`wait_healthy`] with TLS settings (health needs no token).
+pub async fn wait_healthy_with(url: &str, settings: &ClientSettings) -> anyhow::Result<()> {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         let attempt = async {
-            let mut client = HealthClient::new(channel(url).await?);
+            let mut client = HealthClient::new(settings.connect(url, |e| e).await?);
             let response = client
                 .check(HealthCheckRequest {
                     service: String::new(),
@@ -550,8 +555,17 @@ impl ChildGuard {
 
     /// Waits until `url` reports SERVING, failing at once (with the log) if the process exits.
     pub async fn wait_ready(&mut self, url: &str) -> anyhow::Result<()> {
+        self.wait_ready_with(url, &ClientSettings::default()).await
+    }
+
+    /// [`ChildGuard::wait_ready`] over TLS.
+    pub async fn wait_ready_with(
+        &mut self,
+        url: &str,
+        settings: &ClientSettings,
+    ) -> anyhow::Result<()> {
         tokio::select! {
-            result = wait_healthy(url) => result.with_context(|| self.context()),
+            result = wait_healthy_with(url, settings) => result.with_context(|| self.context()),
             status = self.exited() => {
                 bail!("{} exited before it was healthy ({:?}){}", self.name, status, self.context())
             }

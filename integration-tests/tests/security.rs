@@ -746,3 +746,226 @@ async fn mtls_requires_a_client_certificate_from_the_ca() -> anyhow::Result<()> 
     );
     secured.sandbox.stop().await
 }
+
+/// The split mode as Kubernetes runs it: metastore and executor as processes, TLS between
+/// everything, the services' internal token between them. The store API answers only to that
+/// token, so none of the store attacks (reading inputs, writing a fake SUCCEEDED step, storing
+/// an unvalidated workflow) is open to an API token, even an admin's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_mode_over_tls_with_the_internal_token() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = TestPki::create(dir.path(), "")?;
+    let internal = "f0e1d2c3b4a5968778695a4b3c2d1e0ff0e1d2c3b4a5968778695a4b3c2d1e0f";
+    let (store_port, exec_port) = (free_port()?, free_port()?);
+    let store_url = format!("https://localhost:{store_port}");
+    let exec_url = format!("https://localhost:{exec_port}");
+    let (cert, key, ca) = (
+        pki.server_cert.display().to_string(),
+        pki.server_key.display().to_string(),
+        pki.ca.display().to_string(),
+    );
+    let env = [
+        ("DAGMESH_TLS_CERT", cert.as_str()),
+        ("DAGMESH_TLS_KEY", key.as_str()),
+        ("DAGMESH_TLS_CA", ca.as_str()),
+        ("DAGMESH_INTERNAL_TOKEN", internal),
+    ];
+    let database = format!("sqlite://{}", dir.path().join("db.sqlite").display());
+    let mut metastore = ChildGuard::spawn_with_env(
+        "metastore",
+        &[
+            "metastore",
+            "--listen",
+            &format!("127.0.0.1:{store_port}"),
+            "--database",
+            &database,
+        ],
+        &env,
+        dir.path(),
+    )?;
+    let mut executor = ChildGuard::spawn_with_env(
+        "executor",
+        &[
+            "executor",
+            "--listen",
+            &format!("127.0.0.1:{exec_port}"),
+            "--metastore",
+            &store_url,
+            "--lease",
+            "2s",
+        ],
+        &env,
+        dir.path(),
+    )?;
+    let tls = ClientSettings {
+        tls_ca: Some(pki.ca.clone()),
+        ..ClientSettings::default()
+    };
+    metastore.wait_ready_with(&store_url, &tls).await?;
+    executor.wait_ready_with(&exec_url, &tls).await?;
+
+    let as_internal = ClientSettings {
+        token: Some(internal.into()),
+        ..tls.clone()
+    };
+    let mut tokens = TokenServiceClient::new(channel_as(&exec_url, &as_internal).await?);
+    let create = |name: &str, scopes: Vec<Scope>, patterns: Vec<String>| CreateTokenRequest {
+        name: name.into(),
+        scopes: scopes.into_iter().map(|s| s as i32).collect(),
+        task_patterns: patterns,
+        ..Default::default()
+    };
+    let admin = tokens
+        .create_token(create("ops-admin", vec![Scope::Admin], vec![]))
+        .await?
+        .into_inner()
+        .secret;
+    let worker_token = tokens
+        .create_token(create(
+            "split-workers",
+            vec![Scope::Worker],
+            vec!["split.*".into()],
+        ))
+        .await?
+        .into_inner()
+        .secret;
+    let as_admin = ClientSettings {
+        token: Some(admin.clone()),
+        ..tls.clone()
+    };
+
+    // The store API: no token, a made-up token, an admin token — all refused.
+    let fake_success = pb::CommitRequest {
+        mutations: vec![pb::Mutation {
+            mutation: Some(pb::mutation::Mutation::PutStep(pb::Step {
+                run_id: "victim".into(),
+                step_id: "charge".into(),
+                state: pb::StepState::Succeeded as i32,
+                ..Default::default()
+            })),
+        }],
+    };
+    for (who, settings, expected) in [
+        ("no token", tls.clone(), Code::Unauthenticated),
+        (
+            "a made-up token",
+            ClientSettings {
+                token: Some("not-the-internal-token".into()),
+                ..tls.clone()
+            },
+            Code::Unauthenticated,
+        ),
+        ("an admin token", as_admin.clone(), Code::PermissionDenied),
+    ] {
+        let mut store = MetadataServiceClient::new(channel_as(&store_url, &settings).await?);
+        let read = store
+            .read_run(ReadRunRequest { run_id: "x".into() })
+            .await
+            .expect_err("reading the store is refused");
+        assert_eq!(read.code(), expected, "{who}: {read:?}");
+        let write = store
+            .commit(fake_success.clone())
+            .await
+            .expect_err("writing the store is refused");
+        assert_eq!(write.code(), expected, "{who}: {write:?}");
+    }
+
+    // Work flows over TLS with tokens: a worker, a backend, the CLI.
+    let worker = spawn_worker(
+        Worker::builder(&exec_url)
+            .client_settings(ClientSettings {
+                token: Some(worker_token),
+                ..tls.clone()
+            })
+            .instance_id("split-worker")
+            .task("split.echo", "1.0.0", echo),
+    )
+    .await?;
+    let client = Client::connect_with(&exec_url, as_admin).await?;
+    let run = client
+        .submit(SubmitRun::inline(echo_spec("split.echo@^1")))
+        .await?;
+    let run = wait_for_run(&client, &run.run_id).await?;
+    assert_succeeded(&run);
+    assert_eq!(run.submitted_by, "token:ops-admin");
+    worker.abort();
+
+    let whoami = std::process::Command::new(dagmesh_binary()?)
+        .args(["--server", &exec_url, "tokens", "whoami"])
+        .env("DAGMESH_TOKEN", &admin)
+        .env("DAGMESH_TLS_CA", &ca)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&whoami.stdout);
+    assert!(
+        whoami.status.success() && stdout.contains("token:ops-admin"),
+        "dagmesh tokens whoami over TLS: {stdout} {}",
+        String::from_utf8_lossy(&whoami.stderr)
+    );
+    Ok(())
+}
+
+/// A newcomer's first minutes: `dagmesh up` on loopback needs no flags, and the CLI run from the
+/// same directory finds the admin token it wrote. On any other address it refuses to start
+/// without TLS and authentication, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_is_zero_config_on_loopback_and_refuses_an_open_network() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let listen = format!("127.0.0.1:{port}");
+    let data_dir = dir.path().join("data").display().to_string();
+    let mut up = ChildGuard::spawn(
+        "up",
+        &["up", "--listen", &listen, "--data-dir", &data_dir],
+        dir.path(),
+    )?;
+    let url = format!("http://{listen}");
+    up.wait_ready(&url).await?;
+    let token_file = dir.path().join("data").join("admin.token");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&token_file)?.permissions());
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "the admin token is readable only by its owner"
+    );
+
+    let cli = |data_dir: Option<&str>| -> anyhow::Result<std::process::Output> {
+        let mut command = std::process::Command::new(dagmesh_binary()?);
+        command.args(["--server", &url, "runs", "list"]);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("DAGMESH_") {
+                command.env_remove(key);
+            }
+        }
+        if let Some(dir) = data_dir {
+            command.env("DAGMESH_DATA_DIR", dir);
+        }
+        Ok(command.current_dir(std::env::temp_dir()).output()?)
+    };
+    let with_token = cli(Some(&data_dir))?;
+    assert!(with_token.status.success(), "{with_token:?}");
+    let without = cli(None)?;
+    assert!(!without.status.success());
+    let stderr = String::from_utf8_lossy(&without.stderr);
+    assert!(stderr.contains("missing credentials"), "{stderr}");
+    up.sigterm()?;
+    up.wait_exit(Duration::from_secs(20)).await?;
+
+    let mut open = ChildGuard::spawn(
+        "open",
+        &[
+            "up",
+            "--listen",
+            &format!("0.0.0.0:{}", free_port()?),
+            "--data-dir",
+            &data_dir,
+        ],
+        dir.path(),
+    )?;
+    let status = open.wait_exit(Duration::from_secs(20)).await?;
+    assert!(!status.success());
+    let log = open.log_tail();
+    assert!(log.contains("refusing to listen on 0.0.0.0"), "{log}");
+    assert!(log.contains("--insecure"), "{log}");
+    Ok(())
+}

@@ -700,7 +700,8 @@ impl Engine {
             // hand its tasks (and their inputs) to another principal.
             tracing::warn!(worker = %instance, %owner, intruder = %principal, "refused a stream for another principal's worker instance");
             let _ = outbound.send(Err(tonic::Status::permission_denied(format!(
-                "hello.instance_id: {instance:?} belongs to a worker of another principal;                  {principal} may not resume its session (use a unique instance id per process)"
+                "hello.instance_id: {instance:?} belongs to a worker of another principal; \
+                 {principal} may not resume its session (use a unique instance id per process)"
             ))));
             return;
         }

@@ -153,7 +153,8 @@ fn authorize_hello(principal: &Principal, hello: &Hello) -> Result<(), String> {
                 principal.task_patterns.join(", ")
             };
             return Err(format!(
-                "hello.task_types[{index}]: {} may not serve task type {:?} (its token allows:                  {patterns})",
+                "hello.task_types[{index}]: {} may not serve task type {:?} (its token allows: \
+                 {patterns})",
                 principal.name, task_type.name
             ));
         }
