@@ -61,6 +61,7 @@ impl Mesh {
         let store = SqlStore::connect(&options.database_url)
             .await
             .with_context(|| format!("opening database {}", options.database_url))?;
+        crate::security::log_database_tls(&store).await;
         let store: Arc<dyn MetadataStore> = Arc::new(store);
         // Bind first: a taken port must not leave an engine running against the store.
         let listener = TcpListener::bind(&options.listen)

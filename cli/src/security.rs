@@ -109,6 +109,23 @@ impl SecurityFlags {
     }
 }
 
+/// Says in the log whether the PostgreSQL connection is encrypted (`sslmode=require` or
+/// `verify-full` in the URL), so an operator can see it without reading the URL.
+pub async fn log_database_tls(store: &dagmesh_metastore::SqlStore) {
+    match store.postgres_tls().await {
+        Ok(Some(tls)) if tls.connection_encrypted => {
+            tracing::info!("PostgreSQL connection is encrypted (TLS)");
+        }
+        Ok(Some(tls)) => tracing::warn!(
+            server_offers_tls = tls.server_enabled,
+            "PostgreSQL connection is NOT encrypted; add sslmode=require (or verify-full with \
+             sslrootcert=CA.pem) to the database URL"
+        ),
+        Ok(None) => {}
+        Err(error) => tracing::debug!(%error, "cannot tell whether the database connection is encrypted"),
+    }
+}
+
 /// The admin token kept in `file`: the stored one if the file names a token of this database,
 /// else a new admin token (written to the file, mode 0600). Returns the token.
 pub async fn admin_token(store: &Arc<dyn MetadataStore>, file: &Path) -> anyhow::Result<String> {

@@ -154,6 +154,7 @@ pub async fn metastore(args: MetastoreArgs) -> anyhow::Result<()> {
     let store = SqlStore::connect(&args.database)
         .await
         .with_context(|| format!("opening database {}", redact(&args.database)))?;
+    crate::security::log_database_tls(&store).await;
     let tls = args.security.tls()?;
     let listener = bind(&args.listen, &args.security).await?;
     tracing::info!(

@@ -318,3 +318,51 @@ async fn postgres_run_survives_a_mesh_restart() -> anyhow::Result<()> {
     mesh.shutdown().await?;
     database.cleanup().await
 }
+
+/// The store over TLS to PostgreSQL (`sslmode` in the URL, as libpq spells it): `require`
+/// encrypts; `verify-full` with a CA that did not sign the server's certificate refuses to
+/// connect, with the reason. Skipped (with a message) when the server has TLS off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_reaches_postgresql_over_tls() -> anyhow::Result<()> {
+    use dagmesh_metastore::{MetadataStore as _, SqlStore};
+    let Some(database) = Database::postgres().await? else {
+        return Ok(());
+    };
+    let _drop = DropDatabase::of(&database);
+    let url = database.url();
+    let with = |params: &str| {
+        let separator = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{separator}{params}")
+    };
+    let plain = SqlStore::connect(&url).await?;
+    let tls = plain.postgres_tls().await?.context("a PostgreSQL store")?;
+    if !tls.server_enabled {
+        eprintln!("skipping: the PostgreSQL server has ssl=off");
+        return Ok(());
+    }
+    let store = SqlStore::connect(&with("sslmode=require"))
+        .await
+        .context("sslmode=require")?;
+    let tls = store.postgres_tls().await?.context("a PostgreSQL store")?;
+    assert!(
+        tls.connection_encrypted,
+        "sslmode=require gave an unencrypted connection"
+    );
+    store.list_workflows().await?;
+
+    let dir = tempfile::tempdir()?;
+    let pki = dagmesh_integration_tests::pki::TestPki::create(dir.path(), "")?;
+    let refused = SqlStore::connect(&with(&format!(
+        "sslmode=verify-full&sslrootcert={}",
+        pki.ca.display()
+    )))
+    .await
+    .err()
+    .expect("a server certificate from another CA is refused");
+    let text = refused.to_string();
+    assert!(
+        text.to_lowercase().contains("certificate") || text.contains("UnknownIssuer"),
+        "the refusal says why: {text}"
+    );
+    Ok(())
+}

@@ -38,7 +38,7 @@ mod store;
 
 pub use dagmesh_proto::v1::{ActiveRuns, UnreadableRun};
 pub use error::StoreError;
-pub use sql::SqlStore;
+pub use sql::{PgTls, SqlStore};
 pub use store::{
     DEFAULT_EVENT_LIMIT, DEFAULT_PAGE_SIZE, Lease, MAX_LEASE_TTL, MAX_PAGE_SIZE, MetadataStore,
 };

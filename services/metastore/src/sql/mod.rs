@@ -44,7 +44,26 @@ enum Backend {
     Postgres(postgres::PgStore),
 }
 
+/// How a PostgreSQL connection is protected (see [`SqlStore::postgres_tls`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PgTls {
+    /// The server has `ssl = on`.
+    pub server_enabled: bool,
+    /// This store's connection is encrypted (`sslmode=require` or stricter in the URL, or a
+    /// server that insisted).
+    pub connection_encrypted: bool,
+}
+
 impl SqlStore {
+    /// For PostgreSQL: whether the server offers TLS and this store's connection uses it
+    /// (logged at start, so an operator sees it). None for SQLite.
+    pub async fn postgres_tls(&self) -> Result<Option<PgTls>, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(None),
+            Backend::Postgres(store) => store.tls().await.map(Some),
+        }
+    }
+
     /// Opens (and migrates) the database at `url`.
     pub async fn connect(url: &str) -> Result<SqlStore, StoreError> {
         let Some((scheme, _)) = url.split_once(':') else {

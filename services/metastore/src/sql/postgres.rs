@@ -54,6 +54,19 @@ impl PgStore {
         Ok(PgStore { pool })
     }
 
+    pub(super) async fn tls(&self) -> Result<super::PgTls, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let server: String = sqlx::query_scalar("SHOW ssl").fetch_one(&mut *conn).await?;
+        let encrypted: Option<bool> =
+            sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                .fetch_optional(&mut *conn)
+                .await?;
+        Ok(super::PgTls {
+            server_enabled: server == "on",
+            connection_encrypted: encrypted.unwrap_or(false),
+        })
+    }
+
     pub(super) async fn close(&self) {
         self.pool.close().await;
     }
