@@ -562,8 +562,11 @@ def _break_field_name(objs):
 
 
 def _break_probe_shape(objs):
+    # A gRPC probe, unlike a TCP one, takes only a port number, not a name.
     d = _deployment(objs, "dagmesh-metastore")
-    d["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["grpc"] = {"port": "grpc"}
+    probe = d["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]
+    probe.pop("tcpSocket")
+    probe["grpc"] = {"port": "grpc"}
     return d, "port"
 
 
@@ -692,13 +695,21 @@ def test_probes_target_an_exposed_port(rendered: list[dict]) -> None:
     assert checked >= 6
 
 
-def test_grpc_services_use_native_grpc_probes(rendered: list[dict]) -> None:
+def test_tls_servers_use_probes_that_work_with_tls(rendered: list[dict]) -> None:
+    """The servers serve TLS, and the kubelet's native gRPC probe has no TLS
+    option (it would fail every handshake), nor can a plain-HTTP httpGet
+    probe talk to them; the image has no gRPC client for an exec probe. So
+    TCP probes: each server opens its port only once it is ready and reports
+    Health SERVING from then until shutdown (see metastore.yaml)."""
     for name in ("dagmesh-metastore", "dagmesh-executor"):
         c = _one(rendered, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
         for probe in PROBES:
-            assert "grpc" in c[probe], f"{name}: {probe} should be a grpc probe"
-            # No `service:` means the overall health "" that the binaries serve.
-            assert c[probe]["grpc"].get("service", "") == ""
+            assert probe in c, f"{name}: no {probe}"
+            assert "grpc" not in c[probe], f"{name}: a native gRPC {probe} cannot speak TLS"
+            if "httpGet" in c[probe]:
+                assert c[probe]["httpGet"].get("scheme") == "HTTPS", f"{name}: {probe} is plain HTTP"
+            else:
+                assert "tcpSocket" in c[probe], f"{name}: {probe} should be a tcpSocket probe"
         # The liveness probe must not fire before the startup window is over
         # and should tolerate more than one missed check.
         assert c["livenessProbe"].get("failureThreshold", 3) >= 3
