@@ -17,7 +17,10 @@ Three layers:
     a deliberately broken copy must be rejected, so the validator is known to
     be able to fail.
 (c) What an operator would trip over: ports, selectors, probes, the wiring
-    between the services, the database Secret, the GPU pool, hardening.
+    between the services, the database Secret, the GPU pool, hardening, and
+    security: TLS on every server from a mounted Secret, https:// between the
+    services with the right CA, the internal token and the worker tokens from
+    Secrets, no --insecure/--no-auth, and placeholders that cannot be used.
 """
 
 from __future__ import annotations
@@ -839,6 +842,237 @@ def test_graceful_shutdown_windows(rendered: list[dict]) -> None:
     assert grace["room-scan-worker-gpu"] >= 60
     assert grace["dagmesh-executor"] >= 30
     assert grace["dagmesh-metastore"] >= 30
+
+
+# --------------------------------------------------------------------------
+# TLS and tokens (issue 8): every server serves TLS and requires tokens
+# --------------------------------------------------------------------------
+
+# `dagmesh <command>` that runs a server; each takes --tls-cert/--tls-key,
+# --internal-token, --insecure and --no-auth.
+SERVER_COMMANDS = {"metastore", "executor", "scheduler", "up"}
+# Client-side settings that name another dagmesh service: (flag, env var).
+PEER_URL_SETTINGS = (("--metastore", "DAGMESH_METASTORE"), ("--executor", "DAGMESH_EXECUTOR"),
+                     ("--server", "DAGMESH_SERVER"))
+INSECURE_FLAGS = {"--insecure": "DAGMESH_INSECURE", "--no-auth": "DAGMESH_NO_AUTH"}
+TLS_SECRET_TYPE = "kubernetes.io/tls"
+
+
+def _server_containers(objs: list[dict]) -> list[tuple[dict, dict]]:
+    """(Deployment, container) for every container that runs a dagmesh server."""
+    found = []
+    for d in _by_kind(objs, "Deployment"):
+        for c in _containers(d):
+            argv = list(c.get("command", [])) + list(c.get("args", []))
+            if len(argv) >= 2 and argv[0] == "dagmesh" and argv[1] in SERVER_COMMANDS:
+                found.append((d, c))
+    return found
+
+
+def _worker_containers(objs: list[dict]) -> list[tuple[dict, dict]]:
+    servers = {id(c) for _, c in _server_containers(objs)}
+    return [(d, c) for d in _by_kind(objs, "Deployment") for c in _containers(d)
+            if id(c) not in servers and _setting(c, "--server", "DAGMESH_SERVER") is not None]
+
+
+def _secret_values(objs: list[dict], name: str) -> dict:
+    secret = _one(objs, "Secret", name)
+    return {**secret.get("data", {}), **secret.get("stringData", {})}
+
+
+def _secret_env(objs: list[dict], container: dict, name: str) -> tuple[str, str]:
+    """(Secret, key) an env var is read from; fails unless it is a required
+    secretKeyRef to a key the base's Secret has."""
+    var = _env(container, name)
+    assert var is not None, f"{container['name']}: {name} is not set"
+    assert "value" not in var, f"{name} must come from a Secret, not a literal in the pod spec"
+    ref = var.get("valueFrom", {}).get("secretKeyRef")
+    assert ref is not None, f"{name} must be a secretKeyRef"
+    assert not ref.get("optional", False), f"{name}: a missing Secret must stop the pod"
+    assert ref["key"] in _secret_values(objs, ref["name"]), f"{name}: Secret {ref['name']} has no key {ref['key']}"
+    return ref["name"], ref["key"]
+
+
+def _mounted_secret_file(deploy: dict, container: dict, path: str) -> tuple[str, str]:
+    """(Secret, key) behind a file path in the container: a read-only
+    whole-volume mount of a secret volume. A subPath mount is refused: the
+    kubelet never updates it, so a renewed certificate would not arrive."""
+    volumes = {v["name"]: v for v in deploy["spec"]["template"]["spec"].get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        prefix = mount["mountPath"].rstrip("/") + "/"
+        if not path.startswith(prefix):
+            continue
+        rel = path[len(prefix):]
+        where = f"{deploy['metadata']['name']}/{container['name']} {path}"
+        assert "subPath" not in mount and "subPathExpr" not in mount, f"{where}: subPath mounts are never updated"
+        assert mount.get("readOnly") is True, f"{where}: mount it readOnly"
+        source = volumes[mount["name"]].get("secret")
+        assert source is not None, f"{where}: not from a Secret volume"
+        items = source.get("items")
+        if items is None:
+            return source["secretName"], rel
+        keys = [i["key"] for i in items if i["path"] == rel]
+        assert keys, f"{where}: the volume's items do not project {rel}"
+        return source["secretName"], keys[0]
+    raise AssertionError(f"{deploy['metadata']['name']}/{container['name']}: nothing is mounted at {path}")
+
+
+def _server_tls(objs: list[dict], deploy: dict, container: dict) -> tuple[str, str, str]:
+    """(Secret, cert key, key key) a server's certificate and key come from."""
+    cert = _setting(container, "--tls-cert", "DAGMESH_TLS_CERT")
+    key = _setting(container, "--tls-key", "DAGMESH_TLS_KEY")
+    name = deploy["metadata"]["name"]
+    assert cert and key, f"{name}: a server on 0.0.0.0 needs DAGMESH_TLS_CERT and DAGMESH_TLS_KEY"
+    cert_secret, cert_key = _mounted_secret_file(deploy, container, cert)
+    key_secret, key_key = _mounted_secret_file(deploy, container, key)
+    assert cert_secret == key_secret, f"{name}: certificate and key from different Secrets"
+    assert cert_key in _secret_values(objs, cert_secret) and key_key in _secret_values(objs, key_secret)
+    return cert_secret, cert_key, key_key
+
+
+def test_all_servers_are_found(rendered: list[dict]) -> None:
+    commands = {c["args"][1] for _, c in _server_containers(rendered)}
+    assert {"metastore", "executor"} <= commands
+    assert {d["metadata"]["name"] for d, _ in _worker_containers(rendered)} == {
+        "room-scan-worker-cpu", "room-scan-worker-gpu"}
+
+
+def test_servers_serve_tls_from_a_mounted_tls_secret(rendered: list[dict]) -> None:
+    for d, c in _server_containers(rendered):
+        secret, cert_key, key_key = _server_tls(rendered, d, c)
+        assert _one(rendered, "Secret", secret)["type"] == TLS_SECRET_TYPE
+        assert (cert_key, key_key) == ("tls.crt", "tls.key")
+        assert "ca.crt" in _secret_values(rendered, secret), "clients need the CA next to the certificate"
+
+
+def test_server_private_key_is_readable_by_the_server_only(rendered: list[dict]) -> None:
+    """Secret files default to 0644; the key is group-readable for the pod's
+    fsGroup (the server's own group) and closed to everyone else."""
+    for d, c in _server_containers(rendered):
+        pod = d["spec"]["template"]["spec"]
+        key_path = _setting(c, "--tls-key", "DAGMESH_TLS_KEY")
+        mount = next(m for m in c["volumeMounts"] if key_path.startswith(m["mountPath"].rstrip("/") + "/"))
+        source = next(v for v in pod["volumes"] if v["name"] == mount["name"])["secret"]
+        mode = source.get("defaultMode", 0o644)
+        assert mode & 0o007 == 0, f"{d['metadata']['name']}: tls.key readable by others ({mode:o})"
+        assert mode & 0o040 and pod["securityContext"].get("fsGroup") == pod["securityContext"]["runAsGroup"], (
+            f"{d['metadata']['name']}: user {pod['securityContext']['runAsUser']} could not read tls.key")
+
+
+def test_nothing_runs_insecure_or_without_auth(rendered: list[dict]) -> None:
+    config = {name: value for cm in _by_kind(rendered, "ConfigMap") for name, value in cm.get("data", {}).items()}
+    for d in _by_kind(rendered, "Deployment"):
+        for c in _containers(d):
+            argv = list(c.get("command", [])) + list(c.get("args", []))
+            for flag, env in INSECURE_FLAGS.items():
+                assert not any(a == flag or a.startswith(flag + "=") for a in argv), f"{d['metadata']['name']}: {flag}"
+                assert _env(c, env) is None, f"{d['metadata']['name']}: {env}"
+    for env in INSECURE_FLAGS.values():
+        assert env not in config, f"{env} in a ConfigMap would reach every pod through envFrom"
+
+
+def test_inter_service_urls_use_https(rendered: list[dict]) -> None:
+    services = _by_kind(rendered, "Service")
+    checked = 0
+    for d in _by_kind(rendered, "Deployment"):
+        for c in _containers(d):
+            for flag, env in PEER_URL_SETTINGS:
+                url = _setting(c, flag, env)
+                if url is None:
+                    continue
+                _service_url_target(url, services)
+                assert urlsplit(url).scheme == "https", f"{d['metadata']['name']}: {env}={url} must be https://"
+                checked += 1
+            # Any other literal that points at one of the services, too.
+            for var in c.get("env", []):
+                value = var.get("value", "")
+                if "://" in value and any(
+                        (urlsplit(value).hostname or "").split(".")[0] == s["metadata"]["name"] for s in services):
+                    assert urlsplit(value).scheme == "https", f"{d['metadata']['name']}: {var['name']}={value}"
+    # executor -> metastore, and both worker pools -> executor
+    assert checked >= 3
+
+
+def test_clients_trust_the_ca_of_the_server_they_call(rendered: list[dict]) -> None:
+    """Whoever calls a service over https:// has DAGMESH_TLS_CA pointing at
+    the ca.crt stored with that service's own certificate."""
+    services = _by_kind(rendered, "Service")
+    deployments = _by_kind(rendered, "Deployment")
+    servers = _server_containers(rendered)
+    checked = 0
+    for d in deployments:
+        for c in _containers(d):
+            for flag, env in PEER_URL_SETTINGS:
+                url = _setting(c, flag, env)
+                if url is None:
+                    continue
+                svc, _ = _service_url_target(url, services)
+                backend = [(sd, sc) for sd, sc in servers if svc in _services_for(sd, [svc])]
+                assert len(backend) == 1, f"{url}: no single dagmesh server behind it"
+                server_secret, _, _ = _server_tls(rendered, *backend[0])
+                ca = _setting(c, "--tls-ca", "DAGMESH_TLS_CA")
+                assert ca, f"{d['metadata']['name']}: calls {url} without DAGMESH_TLS_CA"
+                assert _mounted_secret_file(d, c, ca) == (server_secret, "ca.crt"), (
+                    f"{d['metadata']['name']}: DAGMESH_TLS_CA is not the CA of {svc['metadata']['name']}")
+                checked += 1
+    assert checked >= 3
+
+
+def test_servers_share_the_internal_token_from_a_secret(rendered: list[dict]) -> None:
+    refs = set()
+    for d, c in _server_containers(rendered):
+        argv = list(c.get("command", [])) + list(c.get("args", []))
+        assert not any(a.startswith("--internal-token") for a in argv), \
+            "a --internal-token flag would put the secret in the pod spec"
+        refs.add(_secret_env(rendered, c, "DAGMESH_INTERNAL_TOKEN"))
+    # The metastore accepts exactly the token the executor presents.
+    assert len(refs) == 1, f"the servers read different internal tokens: {sorted(refs)}"
+    (secret, _), = refs
+    assert _one(rendered, "Secret", secret)["type"] == "Opaque"
+
+
+def test_workers_have_their_own_tokens_and_the_ca(rendered: list[dict]) -> None:
+    internal = {_secret_env(rendered, c, "DAGMESH_INTERNAL_TOKEN") for _, c in _server_containers(rendered)}
+    tls_secrets = {_server_tls(rendered, d, c)[0] for d, c in _server_containers(rendered)}
+    tokens = {}
+    for d, c in _worker_containers(rendered):
+        name = d["metadata"]["name"]
+        ref = _secret_env(rendered, c, "DAGMESH_TOKEN")
+        assert ref not in internal, f"{name}: workers must not hold the internal token"
+        assert _env(c, "DAGMESH_INTERNAL_TOKEN") is None, name
+        tokens[name] = ref
+        assert _setting(c, "--tls-ca", "DAGMESH_TLS_CA"), f"{name}: no DAGMESH_TLS_CA"
+        # Workers get the CA, never the servers' private key.
+        for v in d["spec"]["template"]["spec"].get("volumes", []):
+            if v.get("secret", {}).get("secretName") in tls_secrets:
+                keys = {i["key"] for i in v["secret"].get("items", [{"key": "<all>"}])}
+                assert keys == {"ca.crt"}, f"{name}: mounts {sorted(keys)} of the servers' TLS Secret"
+    # One token per pool, each limited to that pool's task types.
+    assert len(set(tokens.values())) == len(tokens), tokens
+
+
+def test_services_do_not_claim_cleartext_http2(rendered: list[dict]) -> None:
+    cleartext = {"kubernetes.io/h2c", "h2c", "http", "http2", "grpc"}
+    for svc in _by_kind(rendered, "Service"):
+        for port in svc["spec"]["ports"]:
+            assert port.get("appProtocol") not in cleartext, (
+                f"Service {svc['metadata']['name']}: appProtocol {port.get('appProtocol')} but the server is TLS")
+
+
+def test_placeholder_secrets_carry_no_usable_credentials(rendered: list[dict]) -> None:
+    """The base ships placeholders only, each one unusable, so that a
+    forgotten replacement fails loudly instead of running on a secret that
+    is published in this repository."""
+    tls = _secret_values(rendered, "dagmesh-tls")
+    for key, value in tls.items():
+        assert "REPLACE-ME" in value and "-----BEGIN" not in value, f"dagmesh-tls {key}: a real key or certificate"
+    internal = _secret_values(rendered, "dagmesh-internal-token")["token"]
+    assert "REPLACE-ME" in internal
+    # Clients trim the token; a control character left inside it cannot go
+    # into a gRPC header, so nobody can ever present this value.
+    assert re.search(r"[\x00-\x08\x0a-\x1f\x7f]", internal.strip()), "the placeholder internal token is usable"
+    for key, value in _secret_values(rendered, "room-scan-worker-tokens").items():
+        assert "REPLACE-ME" in value and not value.startswith("dmt_"), f"room-scan-worker-tokens {key}"
 
 
 # --------------------------------------------------------------------------
