@@ -122,7 +122,9 @@ pub async fn log_database_tls(store: &dagmesh_metastore::SqlStore) {
              sslrootcert=CA.pem) to the database URL"
         ),
         Ok(None) => {}
-        Err(error) => tracing::debug!(%error, "cannot tell whether the database connection is encrypted"),
+        Err(error) => {
+            tracing::debug!(%error, "cannot tell whether the database connection is encrypted")
+        }
     }
 }
 

@@ -428,3 +428,70 @@ fn names(spans: &[&Span]) -> Vec<String> {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// Traces leave over TLS when the endpoint is https://, trusting the CA named by the standard
+/// `OTEL_EXPORTER_OTLP_CERTIFICATE` (a collector behind a private CA, as in most clusters).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_go_to_an_https_collector() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = dagmesh_integration_tests::pki::TestPki::create(dir.path(), "")?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let receiver_url = format!("https://localhost:{}", listener.local_addr()?.port());
+    let (tx, mut received) = mpsc::unbounded_channel();
+    let identity = tonic::transport::Identity::from_pem(
+        std::fs::read(&pki.server_cert)?,
+        std::fs::read(&pki.server_key)?,
+    );
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?
+            .add_service(TraceServiceServer::new(Receiver { tx }))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+
+    let port = free_port()?;
+    let url = format!("http://127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{port}");
+    let database = format!("sqlite://{}", dir.path().join("db.sqlite").display());
+    let ca = pki.ca.display().to_string();
+    let mut up = ChildGuard::spawn_with_env(
+        "up",
+        &[
+            "up",
+            "--listen",
+            &listen,
+            "--database",
+            &database,
+            "--no-auth",
+        ],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver_url.as_str()),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", ca.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+        dir.path(),
+    )?;
+    up.wait_ready(&url).await?;
+    // No worker serves it: cancelling ends the run, and with it the run's span.
+    let client = Client::connect(&url).await?;
+    let spec = dagmesh_integration_tests::workflow(
+        "tls-traced",
+        vec![dagmesh_integration_tests::step(
+            "only",
+            "nobody.serves@^1",
+            &[],
+            &[],
+        )],
+    );
+    let run = client.submit(SubmitRun::inline(spec)).await?;
+    client.cancel_run(&run.run_id, "done").await?;
+    let spans = wait_for(&mut received, "dagmesh", 1).await?;
+    assert!(
+        by_service(&spans, "dagmesh")
+            .iter()
+            .any(|span| text(span, "dagmesh.run_id").as_deref() == Some(run.run_id.as_str())),
+        "the run's span arrived over TLS: {:?}",
+        names(&by_service(&spans, "dagmesh"))
+    );
+    Ok(())
+}

@@ -152,12 +152,60 @@ fn otlp_endpoint() -> Option<String> {
     var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| var(OTLP_ENDPOINT))
 }
 
+/// TLS for an https:// OTLP endpoint, from the standard OpenTelemetry variables:
+/// `OTEL_EXPORTER_OTLP_CERTIFICATE` (CA, PEM; default: the system roots) and
+/// `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE` / `OTEL_EXPORTER_OTLP_CLIENT_KEY` (mTLS); the
+/// `_TRACES_` variants win.
+fn otlp_tls() -> Result<tonic::transport::ClientTlsConfig, String> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let setting = |name: &str| {
+        let traces = name.replace("OTEL_EXPORTER_OTLP_", "OTEL_EXPORTER_OTLP_TRACES_");
+        [traces, name.to_owned()].into_iter().find_map(|var| {
+            std::env::var(&var)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .map(|v| (var, v))
+        })
+    };
+    let read = |(var, path): (String, String)| {
+        std::fs::read(&path).map_err(|error| format!("{var}: cannot read {path}: {error}"))
+    };
+    let mut config = ClientTlsConfig::new();
+    config = match setting("OTEL_EXPORTER_OTLP_CERTIFICATE") {
+        Some(ca) => config.ca_certificate(Certificate::from_pem(read(ca)?)),
+        None => config.with_native_roots(),
+    };
+    match (
+        setting("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"),
+        setting("OTEL_EXPORTER_OTLP_CLIENT_KEY"),
+    ) {
+        (Some(cert), Some(key)) => {
+            config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        (None, None) => {}
+        _ => {
+            return Err(
+                "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and OTEL_EXPORTER_OTLP_CLIENT_KEY \
+                        go together"
+                    .to_owned(),
+            );
+        }
+    }
+    Ok(config)
+}
+
 fn tracer_provider(
     service: &'static str,
 ) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .build()?;
+    use opentelemetry_otlp::WithTonicConfig as _;
+    let mut builder = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+    if otlp_endpoint().is_some_and(|endpoint| endpoint.starts_with("https://")) {
+        builder = builder.with_tls_config(
+            otlp_tls()
+                .map_err(|error| opentelemetry_otlp::ExporterBuildError::InternalFailure(error))?,
+        );
+    }
+    let exporter = builder.build()?;
     // The SDK's detectors read OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; our name is
     // only the default, where neither names the service.
     let named = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|name| !name.is_empty())
