@@ -43,9 +43,9 @@ IMAGE = "ghcr.io/dagmesh/dagmesh"
 NAMESPACE = "dagmesh"
 PART_OF = ("app.kubernetes.io/part-of", "dagmesh")
 
-# Oldest Kubernetes the manifests claim to support (native gRPC probes are GA
-# since 1.27; 1.30 is a version every managed offering still runs) and the
-# newest schema set the pinned kubernetes-validate ships.
+# Oldest Kubernetes the manifests claim to support (1.30, a version every
+# managed offering still runs) and the newest schema set the pinned
+# kubernetes-validate ships.
 K8S_VERSIONS = ("1.30", ".".join(kubernetes_validate.latest_version().split(".")[:2]))
 
 
