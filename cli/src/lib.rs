@@ -11,6 +11,7 @@ pub mod bench;
 pub mod commands;
 pub mod demo;
 pub mod mesh;
+pub mod pki;
 pub mod security;
 pub mod serve;
 

@@ -5,7 +5,7 @@
 //! [`RawWorker`] speaks the worker protocol message by message, for tests that need to send
 //! exactly what a misbehaving worker would; the SDK's `Worker` covers the well-behaved cases.
 
-pub mod pki;
+pub use dagmesh::pki;
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};

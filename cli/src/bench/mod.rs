@@ -19,7 +19,8 @@ use dagmesh_sdk::{TaskContext, TaskError, Worker, WorkerHandle};
 use serde::Serialize;
 
 use crate::commands::{Global, OutputFormat};
-use crate::mesh::{Mesh, MeshOptions};
+use crate::mesh::{Mesh, MeshOptions, MeshSecurity};
+use dagmesh_proto::connect::ClientSettings;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scenario {
@@ -31,6 +32,9 @@ pub enum Scenario {
     Runs,
     /// Cold start to first dispatch, and resident memory at rest.
     Idle,
+    /// Sequential unary calls (ListRuns) from a gRPC client: the cost of one request, which
+    /// `--secure` shows with TLS and the token check.
+    Rpc,
     /// All of the above.
     All,
     /// Victim runs' latency and the process memory while hostile clients attack the mesh, one
@@ -57,12 +61,18 @@ pub struct BenchArgs {
     /// `abuse`: the abuses to run, in this order (default: all of them).
     #[arg(long, env = "DAGMESH_BENCH_ABUSE", value_enum, value_delimiter = ',')]
     pub abuse: Vec<abuse::Abuse>,
+    /// Serve TLS (throw-away certificates) with authentication on, workers connecting with a
+    /// token: what production pays per step, to compare with the plaintext default.
+    #[arg(long)]
+    pub secure: bool,
 }
 
 /// One result line; fields that do not apply to a scenario are null.
 #[derive(Debug, Serialize, Default)]
 pub struct Report {
     pub scenario: &'static str,
+    /// Served over TLS with authentication (`--secure`).
+    pub secure: bool,
     pub steps: usize,
     pub wall_s: f64,
     pub per_step_ms: Option<f64>,
@@ -113,7 +123,12 @@ pub async fn bench(global: &Global, args: BenchArgs) -> anyhow::Result<ExitCode>
             Scenario::Fanout => fanout(&args).await?,
             Scenario::Runs => runs(&args).await?,
             Scenario::Idle => idle(&args).await?,
+            Scenario::Rpc => rpc(&args).await?,
             Scenario::All | Scenario::Abuse => unreachable!("expanded above"),
+        };
+        let report = Report {
+            secure: args.secure,
+            ..report
         };
         print_report(global.output, &report)?;
     }
@@ -132,8 +147,9 @@ fn print_report(output: OutputFormat, report: &Report) -> anyhow::Result<()> {
     let opt =
         |value: Option<f64>, unit: &str| value.map_or(String::new(), |v| format!(" {v:.3}{unit}"));
     println!(
-        "{:<7} steps={:<6} wall={:.3}s{}{}{}{}{}{}",
+        "{:<7}{} steps={:<6} wall={:.3}s{}{}{}{}{}{}",
         report.scenario,
+        if report.secure { " [tls+auth]" } else { "" },
         report.steps,
         report.wall_s,
         opt(report.per_step_ms, "ms/step"),
@@ -149,6 +165,8 @@ fn print_report(output: OutputFormat, report: &Report) -> anyhow::Result<()> {
 /// A mesh on a fresh durable SQLite file with `workers` no-op workers of `slots` slots each.
 struct Bench {
     mesh: Mesh,
+    /// How clients and workers connect (a token and the CA with `--secure`).
+    settings: ClientSettings,
     workers: Vec<WorkerHandle>,
     tasks: Vec<tokio::task::JoinHandle<Result<(), dagmesh_sdk::WorkerError>>>,
     /// The SQLite file when the bench made it (no `--database`).
@@ -171,17 +189,40 @@ impl Bench {
             Some(path) => format!("sqlite://{}", path.display()),
             None => args.database.clone().unwrap_or_default(),
         };
+        let (security, pki) = if args.secure {
+            let pki = crate::pki::TestPki::create(scratch.path(), "")?;
+            let tls = dagmesh_runtime::tls::ServerTls::load(dagmesh_runtime::tls::TlsFiles {
+                cert: pki.server_cert.clone(),
+                key: pki.server_key.clone(),
+                client_ca: None,
+            })?;
+            let security = MeshSecurity {
+                auth: true,
+                internal_token: None,
+                tls: Some(tls),
+                admin_token_file: Some(scratch.path().join("admin.token")),
+            };
+            (security, Some(pki))
+        } else {
+            (MeshSecurity::default(), None)
+        };
         let mesh = Mesh::start(MeshOptions {
             listen: "127.0.0.1:0".into(),
             database_url,
             executor: Default::default(),
-            security: Default::default(),
+            security,
         })
         .await?;
+        let settings = ClientSettings {
+            token: mesh.admin_token().map(str::to_owned),
+            tls_ca: pki.map(|pki| pki.ca),
+            ..ClientSettings::default()
+        };
         let mut handles = Vec::new();
         let mut tasks = Vec::new();
         for index in 0..workers {
             let worker = Worker::builder(mesh.url())
+                .client_settings(settings.clone())
                 .name(format!("bench-{index}"))
                 .slots(slots)
                 .task("noop", "1.0.0", noop)
@@ -194,6 +235,7 @@ impl Bench {
         }
         Ok(Self {
             mesh,
+            settings,
             workers: handles,
             tasks,
             db_path,
@@ -292,6 +334,40 @@ async fn chain(args: &BenchArgs) -> anyhow::Result<Report> {
         wall_s: wall.as_secs_f64(),
         per_step_ms: Some(wall.as_secs_f64() * 1000.0 / length as f64),
         steps_per_s: Some(length as f64 / wall.as_secs_f64()),
+        ..Default::default()
+    })
+}
+
+async fn rpc(args: &BenchArgs) -> anyhow::Result<Report> {
+    use dagmesh_proto::v1::ListRunsRequest;
+    use dagmesh_proto::v1::run_service_client::RunServiceClient;
+    let calls = args.size.unwrap_or(2000).max(1);
+    let bench = Bench::start(args, 0, 1).await?;
+    let channel = bench.settings.connect(&bench.mesh.url(), |e| e).await?;
+    let mut client = RunServiceClient::new(channel);
+    let request = ListRunsRequest {
+        page_size: 1,
+        ..Default::default()
+    };
+    for _ in 0..100 {
+        client.list_runs(request.clone()).await?; // warm-up
+    }
+    let mut latencies = Vec::with_capacity(calls);
+    let started = Instant::now();
+    for _ in 0..calls {
+        let call = Instant::now();
+        client.list_runs(request.clone()).await?;
+        latencies.push(call.elapsed().as_secs_f64() * 1000.0);
+    }
+    let wall = started.elapsed();
+    bench.stop().await?;
+    latencies.sort_by(f64::total_cmp);
+    Ok(Report {
+        scenario: "rpc",
+        steps: calls,
+        wall_s: wall.as_secs_f64(),
+        p50_ms: percentile(&latencies, 0.5),
+        p99_ms: percentile(&latencies, 0.99),
         ..Default::default()
     })
 }

@@ -29,7 +29,12 @@ impl Authenticator {
     pub fn new(store: Arc<dyn MetadataStore>, internal_token: Option<&str>) -> Self {
         Self {
             store,
-            internal: internal_token.map(tokens::hash),
+            // Trimmed like every client trims it: a secret file's trailing newline must not
+            // lock the services out of each other.
+            internal: internal_token
+                .map(str::trim)
+                .filter(|token| !token.is_empty())
+                .map(tokens::hash),
             cache: Mutex::new(HashMap::new()),
         }
     }
@@ -42,7 +47,7 @@ impl Authenticator {
     /// revoked token, UNAVAILABLE when the store cannot be asked.
     pub async fn authenticate(&self, bearer: &str) -> Result<Principal, Status> {
         if let Some(internal) = &self.internal
-            && tokens::hash(bearer) == *internal
+            && tokens::hash(bearer.trim()) == *internal
         {
             return Ok(Principal::internal());
         }

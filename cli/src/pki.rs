@@ -1,6 +1,7 @@
-//! Certificates for TLS tests, made fresh per test with rcgen: a CA, a server certificate for
-//! `localhost` and 127.0.0.1 signed by it, a client certificate signed by it (mTLS), and a
-//! client certificate from another CA (that a server must refuse).
+//! Throw-away certificates, made with rcgen, for benchmarks and tests of TLS: a CA, a server
+//! certificate for `localhost` and 127.0.0.1 signed by it, a client certificate signed by it
+//! (mTLS), and a client certificate from another CA (that a server must refuse). Not for
+//! production: real deployments bring their own (cert-manager, a company CA).
 
 use std::path::{Path, PathBuf};
 
