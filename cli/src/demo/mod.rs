@@ -11,7 +11,8 @@ use dagmesh_runtime::telemetry;
 use dagmesh_sdk::{Client, SubmitRun};
 
 use crate::commands::{self, Global};
-use crate::mesh::{Mesh, MeshOptions};
+use crate::mesh::{Mesh, MeshOptions, MeshSecurity};
+use dagmesh_proto::connect::ClientSettings;
 use crate::serve::EngineFlags;
 
 #[derive(clap::Args, Debug)]
@@ -54,19 +55,31 @@ pub async fn demo(global: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
     let database_url = args
         .database
         .unwrap_or_else(|| format!("sqlite://{}", scratch.path().join("demo.db").display()));
+    // Authentication on, as with `dagmesh up`: the demo's workers and its watcher use the admin
+    // token it creates in its scratch directory.
     let mesh = Mesh::start(MeshOptions {
         listen: args.listen,
         database_url: database_url.clone(),
         executor: args.engine.config(),
-        security: Default::default(),
+        security: MeshSecurity {
+            auth: true,
+            admin_token_file: Some(scratch.path().join(crate::security::ADMIN_TOKEN_FILE)),
+            ..MeshSecurity::default()
+        },
     })
     .await?;
     let url = mesh.url();
+    let token = mesh.admin_token().unwrap_or_default().to_owned();
+    let settings = ClientSettings::default().with_token(token.clone());
     eprintln!("dagmesh demo: mesh serving on {url} (database {database_url})");
 
     let workers = [
-        dagmesh_example_room_scan::cpu_worker(&url).build()?,
-        dagmesh_example_room_scan::gpu_worker(&url).build()?,
+        dagmesh_example_room_scan::cpu_worker(&url)
+            .token(token.clone())
+            .build()?,
+        dagmesh_example_room_scan::gpu_worker(&url)
+            .token(token.clone())
+            .build()?,
     ];
     let handles: Vec<_> = workers.iter().map(|worker| worker.handle()).collect();
     let tasks: Vec<_> = workers
@@ -83,13 +96,13 @@ pub async fn demo(global: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
         dagmesh_spec::Format::Yaml,
     )
     .map_err(|errors| anyhow::anyhow!("example workflow is invalid:\n{errors}"))?;
-    let client = Client::connect(&url).await?;
+    let client = Client::connect_with(&url, settings.clone()).await?;
     let run = client
         .submit(
             SubmitRun::inline(spec).inputs(dagmesh_example_room_scan::demo_inputs(args.pace_ms)),
         )
         .await?;
-    let channel = commands::connect_to(&url, &Default::default()).await?;
+    let channel = commands::connect_to(&url, &settings).await?;
     let finished = commands::watch::follow(channel, &run.run_id, global.output).await?;
 
     for handle in &handles {

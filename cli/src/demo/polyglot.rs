@@ -20,7 +20,8 @@ use serde_json::json;
 use tokio::process::{Child, Command};
 
 use crate::commands::{self, Global};
-use crate::mesh::{Mesh, MeshOptions};
+use crate::mesh::{Mesh, MeshOptions, MeshSecurity};
+use dagmesh_proto::connect::ClientSettings;
 use crate::serve::EngineFlags;
 
 const WORKFLOW: &str = include_str!("../../../examples/polyglot/workflow.yaml");
@@ -59,27 +60,39 @@ pub async fn run(global: &Global, args: PolyglotArgs) -> anyhow::Result<ExitCode
         listen: args.listen,
         database_url,
         executor: args.engine.config(),
-        security: Default::default(),
+        security: MeshSecurity {
+            auth: true,
+            admin_token_file: Some(scratch.path().join(crate::security::ADMIN_TOKEN_FILE)),
+            ..MeshSecurity::default()
+        },
     })
     .await?;
     let url = mesh.url();
     eprintln!("polyglot: mesh serving on {url}");
+    // Every worker process gets the token the way the SDKs document it: DAGMESH_TOKEN.
+    let token = mesh.admin_token().unwrap_or_default().to_owned();
+    let settings = ClientSettings::default().with_token(token.clone());
 
     let rust = std::env::current_exe()?;
     let mut children = vec![
         spawn(
             "rust",
-            Command::new(rust).args(["demo", "polyglot-worker", "--server", &url]),
+            Command::new(rust)
+                .args(["demo", "polyglot-worker", "--server", &url])
+                .env("DAGMESH_TOKEN", &token),
         )?,
         spawn(
             "python",
             Command::new(&python)
                 .arg(repo.join("examples/polyglot/report_worker.py"))
-                .args(["--server", &url]),
+                .args(["--server", &url])
+                .env("DAGMESH_TOKEN", &token),
         )?,
         spawn(
             "c++",
-            Command::new(&cpp_worker).args(["--server", &url, "--name", "polyglot-cpp"]),
+            Command::new(&cpp_worker)
+                .args(["--server", &url, "--name", "polyglot-cpp"])
+                .env("DAGMESH_TOKEN", &token),
         )?,
     ];
     wait_for_workers(&mesh, &mut children).await?;
@@ -89,11 +102,11 @@ pub async fn run(global: &Global, args: PolyglotArgs) -> anyhow::Result<ExitCode
 
     let spec = dagmesh_spec::parse_workflow(WORKFLOW, dagmesh_spec::Format::Yaml)
         .map_err(|errors| anyhow::anyhow!("polyglot workflow is invalid:\n{errors}"))?;
-    let client = Client::connect(&url).await?;
+    let client = Client::connect_with(&url, settings.clone()).await?;
     let run = client
         .submit(SubmitRun::inline(spec).inputs(json!({"scan_id": "scan-7", "quality": "high"})))
         .await?;
-    let channel = commands::connect_to(&url, &Default::default()).await?;
+    let channel = commands::connect_to(&url, &settings).await?;
     let finished = commands::watch::follow(channel, &run.run_id, global.output).await;
 
     for (_, child) in &mut children {
