@@ -38,6 +38,8 @@ pub struct MeshSecurity {
     pub auth: bool,
     /// A shared secret accepted as the internal principal.
     pub internal_token: Option<String>,
+    /// Also accept JWTs of an identity provider.
+    pub jwt: Option<dagmesh_auth::jwt::JwtConfig>,
     pub tls: Option<Arc<ServerTls>>,
     /// With `auth`: where the admin token is kept (created on first start).
     pub admin_token_file: Option<PathBuf>,
@@ -77,12 +79,14 @@ impl Mesh {
         );
         let scheduler_task = scheduler.spawn();
         let security = options.security;
-        let authenticator = security.auth.then(|| {
-            Arc::new(Authenticator::new(
+        let authenticator = match security.auth {
+            true => Some(Arc::new(crate::security::build_authenticator(
                 store.clone(),
                 security.internal_token.as_deref(),
-            ))
-        });
+                security.jwt.clone(),
+            )?)),
+            false => None,
+        };
         let admin_token = match (&authenticator, &security.admin_token_file) {
             (Some(_), Some(file)) => Some(crate::security::admin_token(&store, file).await?),
             _ => None,

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use dagmesh_auth::jwt::{JwtConfig, JwtVerifier};
 use dagmesh_auth::{AuthLayer, Authenticator, tokens};
 use dagmesh_metastore::{MetadataStore, StoreError};
 use dagmesh_proto::connect::ClientSettings;
@@ -43,6 +44,23 @@ pub struct SecurityFlags {
     /// to the metastore and the executor.
     #[arg(long, env = "DAGMESH_INTERNAL_TOKEN", hide_env_values = true)]
     pub internal_token: Option<String>,
+    /// Also accept JWTs of an identity provider whose keys are in this JWKS file (re-read when
+    /// it changes). Needs --jwt-issuer and --jwt-audience.
+    #[arg(long, env = "DAGMESH_JWT_JWKS", requires_all = ["jwt_issuer", "jwt_audience"])]
+    pub jwt_jwks: Option<PathBuf>,
+    /// Required `iss` of JWTs.
+    #[arg(long, env = "DAGMESH_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` of JWTs.
+    #[arg(long, env = "DAGMESH_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// The JWT claim that holds the scopes (space-separated or an array: worker, submit, read,
+    /// operate, admin).
+    #[arg(long, env = "DAGMESH_JWT_SCOPES_CLAIM", default_value = "scope")]
+    pub jwt_scopes_claim: String,
+    /// The JWT claim that holds a worker's task-type patterns.
+    #[arg(long, env = "DAGMESH_JWT_TASKS_CLAIM", default_value = "dagmesh_tasks")]
+    pub jwt_tasks_claim: String,
 }
 
 impl SecurityFlags {
@@ -58,9 +76,30 @@ impl SecurityFlags {
         Ok(Some(ServerTls::load(files)?))
     }
 
+    /// JWT verification, when a JWKS is configured.
+    pub fn jwt(&self) -> Option<JwtConfig> {
+        Some(JwtConfig {
+            jwks: self.jwt_jwks.clone()?,
+            issuer: self.jwt_issuer.clone().unwrap_or_default(),
+            audience: self.jwt_audience.clone().unwrap_or_default(),
+            scopes_claim: self.jwt_scopes_claim.clone(),
+            tasks_claim: self.jwt_tasks_claim.clone(),
+        })
+    }
+
     /// The authenticator for a server whose tokens live in `store`; None with --no-auth.
-    pub fn authenticator(&self, store: Arc<dyn MetadataStore>) -> Option<Arc<Authenticator>> {
-        (!self.no_auth).then(|| Arc::new(Authenticator::new(store, self.internal_token.as_deref())))
+    pub fn authenticator(
+        &self,
+        store: Arc<dyn MetadataStore>,
+    ) -> anyhow::Result<Option<Arc<Authenticator>>> {
+        if self.no_auth {
+            return Ok(None);
+        }
+        Ok(Some(Arc::new(build_authenticator(
+            store,
+            self.internal_token.as_deref(),
+            self.jwt(),
+        )?)))
     }
 
     pub fn serve_options(
@@ -126,6 +165,21 @@ pub async fn log_database_tls(store: &dagmesh_metastore::SqlStore) {
             tracing::debug!(%error, "cannot tell whether the database connection is encrypted")
         }
     }
+}
+
+/// An authenticator for API tokens in `store`, the internal token and, optionally, JWTs.
+pub fn build_authenticator(
+    store: Arc<dyn MetadataStore>,
+    internal_token: Option<&str>,
+    jwt: Option<JwtConfig>,
+) -> anyhow::Result<Authenticator> {
+    let authenticator = Authenticator::new(store, internal_token);
+    Ok(match jwt {
+        Some(config) => {
+            authenticator.with_jwt(JwtVerifier::new(config).map_err(anyhow::Error::msg)?)
+        }
+        None => authenticator,
+    })
 }
 
 /// The admin token kept in `file`: the stored one if the file names a token of this database,

@@ -105,6 +105,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         security: MeshSecurity {
             auth: !args.security.no_auth,
             internal_token: args.security.internal_token.clone(),
+            jwt: args.security.jwt(),
             tls: args.security.tls()?,
             admin_token_file: Some(admin_token_file.clone()),
         },
@@ -169,7 +170,7 @@ pub async fn metastore(args: MetastoreArgs) -> anyhow::Result<()> {
         );
     }
     let store: Arc<dyn MetadataStore> = Arc::new(store);
-    let authenticator = args.security.authenticator(store.clone());
+    let authenticator = args.security.authenticator(store.clone())?;
     let services = ServiceSet::new().with(MetadataGrpcServer::new(store).into_service());
     let options = args.security.serve_options(authenticator, tls);
     let served = serve(listener, services, options, shutdown_signal()).await;
@@ -204,7 +205,7 @@ pub async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
     let listener = bind(&args.listen, &args.security).await?;
     tracing::info!(addr = %listener.local_addr()?, metastore = %args.metastore, tls = tls.is_some(), "executor serving");
     // Tokens live in the metastore; the executor reads them through its (internal) client.
-    let authenticator = args.security.authenticator(executor.store().clone());
+    let authenticator = args.security.authenticator(executor.store().clone())?;
     let mut services = executor.services();
     if let Some(authenticator) = &authenticator {
         services = services.with(TokenApi::new(authenticator.clone()).into_service());
@@ -296,7 +297,7 @@ pub async fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
     let store: Arc<dyn MetadataStore> =
         Arc::new(MetadataGrpcClient::connect(&args.metastore, &settings).await?);
     let starter = Arc::new(RunServiceStarter::connect(&args.executor, &settings)?);
-    let authenticator = args.security.authenticator(store.clone());
+    let authenticator = args.security.authenticator(store.clone())?;
     let scheduler = Scheduler::new(
         store,
         starter,

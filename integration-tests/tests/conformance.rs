@@ -224,6 +224,7 @@ async fn secure_sandbox(config: dagmesh_executor::ExecutorConfig) -> anyhow::Res
         MeshSecurity {
             auth: true,
             internal_token: None,
+            jwt: None,
             tls: Some(tls),
             admin_token_file: Some(dir.path().join("admin.token")),
         },

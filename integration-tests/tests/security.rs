@@ -38,6 +38,7 @@ async fn secured(tls: Option<TlsFiles>) -> anyhow::Result<Secured> {
     let sandbox = Sandbox::start_secure(MeshSecurity {
         auth: true,
         internal_token: None,
+        jwt: None,
         tls,
         admin_token_file: Some(dir.path().join("admin.token")),
     })
@@ -968,4 +969,140 @@ async fn up_is_zero_config_on_loopback_and_refuses_an_open_network() -> anyhow::
     assert!(log.contains("refusing to listen on 0.0.0.0"), "{log}");
     assert!(log.contains("--insecure"), "{log}");
     Ok(())
+}
+
+/// An identity provider's JWTs: verified against its JWKS (issuer, audience, expiry), scopes and
+/// a worker's task types from claims; a token signed by another key, for another audience or
+/// expired is refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwts_from_an_identity_provider() -> anyhow::Result<()> {
+    use base64::Engine as _;
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    let dir = tempfile::tempdir()?;
+    let signing = rcgen::KeyPair::generate()?;
+    let stranger = rcgen::KeyPair::generate()?;
+    let point = signing.public_key_raw();
+    anyhow::ensure!(
+        point.len() == 65 && point[0] == 4,
+        "an uncompressed P-256 point"
+    );
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let jwks = json!({"keys": [{
+        "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": "idp-1",
+        "x": b64(&point[1..33]), "y": b64(&point[33..65]),
+    }]});
+    let jwks_path = dir.path().join("jwks.json");
+    std::fs::write(&jwks_path, jwks.to_string())?;
+    let sandbox = Sandbox::start_secure(MeshSecurity {
+        auth: true,
+        jwt: Some(dagmesh_auth::jwt::JwtConfig {
+            jwks: jwks_path,
+            issuer: "https://idp.example.com".into(),
+            audience: "dagmesh".into(),
+            scopes_claim: "scope".into(),
+            tasks_claim: "dagmesh_tasks".into(),
+        }),
+        ..MeshSecurity::default()
+    })
+    .await?;
+    let url = sandbox.url();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let sign = |key: &rcgen::KeyPair, claims: Value| -> anyhow::Result<String> {
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some("idp-1".into());
+        Ok(jsonwebtoken::encode(
+            &header,
+            &claims,
+            &EncodingKey::from_ec_pem(key.serialize_pem().as_bytes())?,
+        )?)
+    };
+    let claims = |sub: &str, scope: &str, aud: &str, exp: u64| {
+        json!({"sub": sub, "iss": "https://idp.example.com", "aud": aud, "exp": exp,
+               "scope": scope, "dagmesh_tasks": ["jwt.*"]})
+    };
+
+    let reader = sign(
+        &signing,
+        claims("alice", "openid read", "dagmesh", now + 600),
+    )?;
+    assert_eq!(
+        call(&url, &with_token(&reader), "ListRuns").await?,
+        Code::Ok
+    );
+    assert_eq!(
+        call(&url, &with_token(&reader), "CancelRun").await?,
+        Code::PermissionDenied
+    );
+    let me = TokenServiceClient::new(channel_as(&url, &with_token(&reader)).await?)
+        .who_am_i(WhoAmIRequest {})
+        .await?
+        .into_inner();
+    assert_eq!(me.principal, "jwt:alice");
+
+    for (what, token, expected) in [
+        (
+            "another key",
+            sign(&stranger, claims("mallory", "admin", "dagmesh", now + 600))?,
+            "InvalidSignature",
+        ),
+        (
+            "another audience",
+            sign(&signing, claims("bob", "admin", "billing", now + 600))?,
+            "InvalidAudience",
+        ),
+        (
+            "expired",
+            sign(&signing, claims("carol", "admin", "dagmesh", now - 600))?,
+            "ExpiredSignature",
+        ),
+    ] {
+        let mut runs = RunServiceClient::new(channel_as(&url, &with_token(&token)).await?);
+        let err = runs
+            .list_runs(ListRunsRequest::default())
+            .await
+            .expect_err(what);
+        assert_eq!(err.code(), Code::Unauthenticated, "{what}");
+        assert!(
+            err.message().contains(expected),
+            "{what}: {}",
+            err.message()
+        );
+    }
+
+    // A worker identified by the provider serves only the task types of its claim.
+    let worker_jwt = sign(
+        &signing,
+        claims("gpu-node-3", "worker", "dagmesh", now + 600),
+    )?;
+    let refused = Worker::builder(&url)
+        .token(worker_jwt.clone())
+        .instance_id("jwt-intruder")
+        .task("billing.charge", "1.0.0", echo)
+        .build()?;
+    let err = tokio::time::timeout(PATIENCE, refused.run())
+        .await?
+        .expect_err("outside the claim");
+    assert!(err.to_string().contains("jwt.*"), "{err}");
+    let worker = spawn_worker(
+        Worker::builder(&url)
+            .token(worker_jwt)
+            .instance_id("jwt-worker")
+            .task("jwt.echo", "1.0.0", echo),
+    )
+    .await?;
+    let submitter = sign(
+        &signing,
+        claims("backend", "submit read", "dagmesh", now + 600),
+    )?;
+    let client = Client::connect_with(&url, with_token(&submitter)).await?;
+    let run = client
+        .submit(SubmitRun::inline(echo_spec("jwt.echo@^1")))
+        .await?;
+    let run = wait_for_run(&client, &run.run_id).await?;
+    assert_succeeded(&run);
+    assert_eq!(run.submitted_by, "jwt:backend");
+    worker.abort();
+    sandbox.stop().await
 }

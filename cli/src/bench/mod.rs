@@ -199,6 +199,7 @@ impl Bench {
             let security = MeshSecurity {
                 auth: true,
                 internal_token: None,
+                jwt: None,
                 tls: Some(tls),
                 admin_token_file: Some(scratch.path().join("admin.token")),
             };

@@ -12,8 +12,8 @@ use dagmesh_sdk::{Client, SubmitRun};
 
 use crate::commands::{self, Global};
 use crate::mesh::{Mesh, MeshOptions, MeshSecurity};
-use dagmesh_proto::connect::ClientSettings;
 use crate::serve::EngineFlags;
+use dagmesh_proto::connect::ClientSettings;
 
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {

@@ -21,8 +21,8 @@ use tokio::process::{Child, Command};
 
 use crate::commands::{self, Global};
 use crate::mesh::{Mesh, MeshOptions, MeshSecurity};
-use dagmesh_proto::connect::ClientSettings;
 use crate::serve::EngineFlags;
+use dagmesh_proto::connect::ClientSettings;
 
 const WORKFLOW: &str = include_str!("../../../examples/polyglot/workflow.yaml");
 const APT_PACKAGES: &[&str] = &[

@@ -7,6 +7,7 @@ use dagmesh_proto::v1::{Scope, StoredToken};
 use tonic::Status;
 
 use crate::Principal;
+use crate::jwt::JwtVerifier;
 use crate::tokens;
 
 /// How long a looked-up token is trusted before it is read again: a token revoked through
@@ -21,6 +22,8 @@ pub struct Authenticator {
     /// SHA-256 of the services' shared internal token, when one is configured.
     internal: Option<String>,
     cache: Mutex<HashMap<String, (Instant, Option<Arc<StoredToken>>)>>,
+    /// JWTs of an identity provider, when configured.
+    jwt: Option<JwtVerifier>,
 }
 
 impl Authenticator {
@@ -36,7 +39,14 @@ impl Authenticator {
                 .filter(|token| !token.is_empty())
                 .map(tokens::hash),
             cache: Mutex::new(HashMap::new()),
+            jwt: None,
         }
+    }
+
+    /// Also accept JWTs verified by `verifier`.
+    pub fn with_jwt(mut self, verifier: JwtVerifier) -> Self {
+        self.jwt = Some(verifier);
+        self
     }
 
     pub fn store(&self) -> &Arc<dyn MetadataStore> {
@@ -50,6 +60,11 @@ impl Authenticator {
             && tokens::hash(bearer.trim()) == *internal
         {
             return Ok(Principal::internal());
+        }
+        if let Some(jwt) = &self.jwt
+            && crate::jwt::looks_like_jwt(bearer)
+        {
+            return jwt.verify(bearer);
         }
         let Some(parsed) = tokens::parse(bearer) else {
             return Err(Status::unauthenticated(

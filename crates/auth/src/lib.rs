@@ -10,8 +10,10 @@
 //! - [`AuthLayer`]: the tower layer in front of every server: UNAUTHENTICATED without valid
 //!   credentials, PERMISSION_DENIED without the scope.
 //! - [`TokenApi`]: the `TokenService` (create, list, revoke, who-am-I).
+//! - [`jwt`]: JWTs from an identity provider (JWKS file, issuer, audience, scopes from a claim).
 
 mod authenticator;
+pub mod jwt;
 mod layer;
 mod principal;
 pub mod rules;
