@@ -62,8 +62,12 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Up(args) => serve::up(args).await.map(|()| ExitCode::SUCCESS),
         Command::Metastore(args) => serve::metastore(args).await.map(|()| ExitCode::SUCCESS),
-        Command::Executor(args) => serve::executor(args).await.map(|()| ExitCode::SUCCESS),
-        Command::Scheduler(args) => serve::scheduler(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Executor(args) => serve::executor(args, &global.client)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Scheduler(args) => serve::scheduler(args, &global.client)
+            .await
+            .map(|()| ExitCode::SUCCESS),
         Command::Demo(args) => demo::demo(&global, args).await,
         Command::Bench(args) => bench::bench(&global, args).await,
         Command::Client(command) => commands::run(&global, command).await,

@@ -113,13 +113,17 @@ impl SecurityFlags {
         }
     }
 
-    /// How this service reaches another one (the metastore, the executor): TLS settings from
-    /// the environment (`DAGMESH_TLS_CA`, ...), and the internal token as its credentials.
-    pub fn peer_settings(&self) -> ClientSettings {
-        let settings = ClientSettings::from_env();
+    /// How this service reaches another one (the metastore, the executor): the client TLS
+    /// settings (`--tls-ca`, `--tls-client-cert`/`--tls-client-key`, `--tls-server-name` or
+    /// their `DAGMESH_TLS_*` variables), and the internal token as its credentials.
+    pub fn peer_settings(&self, client: &ClientSettings) -> ClientSettings {
         match &self.internal_token {
-            Some(token) => settings.with_token(token.clone()),
-            None => settings,
+            Some(token) => ClientSettings {
+                token: Some(token.clone()),
+                token_file: None,
+                ..client.clone()
+            },
+            None => client.clone(),
         }
     }
 

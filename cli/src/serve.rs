@@ -10,6 +10,7 @@ use dagmesh_auth::TokenApi;
 use dagmesh_executor::{Executor, ExecutorConfig, Limits};
 use dagmesh_metastore::grpc::{MetadataGrpcClient, MetadataGrpcServer};
 use dagmesh_metastore::{MetadataStore, SqlStore};
+use dagmesh_proto::connect::ClientSettings;
 use dagmesh_runtime::{ServiceSet, serve, shutdown_signal, telemetry};
 use dagmesh_scheduler::grpc::SchedulerGrpcServer;
 use dagmesh_scheduler::{RunServiceStarter, Scheduler, SchedulerConfig, SystemClock};
@@ -198,10 +199,10 @@ pub struct ExecutorArgs {
     pub security: SecurityFlags,
 }
 
-pub async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
+pub async fn executor(args: ExecutorArgs, client: &ClientSettings) -> anyhow::Result<()> {
     let telemetry = telemetry::init("dagmesh-executor");
     let tls = args.security.tls()?;
-    let (executor, mut engine) = start_remote_executor(&args).await?;
+    let (executor, mut engine) = start_remote_executor(&args, client).await?;
     let listener = bind(&args.listen, &args.security).await?;
     tracing::info!(addr = %listener.local_addr()?, metastore = %args.metastore, tls = tls.is_some(), "executor serving");
     // Tokens live in the metastore; the executor reads them through its (internal) client.
@@ -235,6 +236,7 @@ pub async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
 /// cluster the two start in any order).
 async fn start_remote_executor(
     args: &ExecutorArgs,
+    client: &ClientSettings,
 ) -> anyhow::Result<(
     Executor,
     tokio::task::JoinHandle<Result<(), dagmesh_executor::ExecError>>,
@@ -243,7 +245,7 @@ async fn start_remote_executor(
     let mut delay = Duration::from_millis(100);
     loop {
         let attempt = async {
-            let settings = args.security.peer_settings();
+            let settings = args.security.peer_settings(client);
             let store = MetadataGrpcClient::connect(&args.metastore, &settings).await?;
             let store: Arc<dyn MetadataStore> = Arc::new(store);
             anyhow::Ok(Executor::start(store, args.engine.config()).await?)
@@ -290,10 +292,10 @@ pub struct SchedulerArgs {
 
 /// The scheduler alone. Both clients connect lazily, so it starts in any order with the others;
 /// until they are reachable its passes fail and are retried.
-pub async fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
+pub async fn scheduler(args: SchedulerArgs, client: &ClientSettings) -> anyhow::Result<()> {
     let telemetry = telemetry::init("dagmesh-scheduler");
     let tls = args.security.tls()?;
-    let settings = args.security.peer_settings();
+    let settings = args.security.peer_settings(client);
     let store: Arc<dyn MetadataStore> =
         Arc::new(MetadataGrpcClient::connect(&args.metastore, &settings).await?);
     let starter = Arc::new(RunServiceStarter::connect(&args.executor, &settings)?);

@@ -891,6 +891,49 @@ async fn split_mode_over_tls_with_the_internal_token() -> anyhow::Result<()> {
     assert_eq!(run.submitted_by, "token:ops-admin");
     worker.abort();
 
+    // The scheduler too: its client TLS settings by flag this time, its own port over TLS, and
+    // an admin token checked through the metastore.
+    let sched_port = free_port()?;
+    let sched_url = format!("https://localhost:{sched_port}");
+    let mut scheduler = ChildGuard::spawn_with_env(
+        "scheduler",
+        &[
+            "scheduler",
+            "--listen",
+            &format!("127.0.0.1:{sched_port}"),
+            "--metastore",
+            &store_url,
+            "--executor",
+            &exec_url,
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--tls-ca",
+            &ca,
+        ],
+        &[("DAGMESH_INTERNAL_TOKEN", internal)],
+        dir.path(),
+    )?;
+    scheduler.wait_ready_with(&sched_url, &tls).await?;
+    let schedules = std::process::Command::new(dagmesh_binary()?)
+        .args(["--server", &sched_url, "--tls-ca", &ca, "schedules", "list"])
+        .env("DAGMESH_TOKEN", &admin)
+        .output()?;
+    assert!(
+        schedules.status.success(),
+        "dagmesh schedules list against the scheduler over TLS: {}",
+        String::from_utf8_lossy(&schedules.stderr)
+    );
+    let anonymous = std::process::Command::new(dagmesh_binary()?)
+        .args(["--server", &sched_url, "--tls-ca", &ca, "schedules", "list"])
+        .env(
+            "DAGMESH_TOKEN",
+            "dmt_000000000000_0000000000000000000000000000000000000000000000000000000000000000",
+        )
+        .output()?;
+    assert!(!anonymous.status.success());
+
     let whoami = std::process::Command::new(dagmesh_binary()?)
         .args(["--server", &exec_url, "tokens", "whoami"])
         .env("DAGMESH_TOKEN", &admin)
