@@ -16,12 +16,15 @@ pub const CACHE_TTL: Duration = Duration::from_secs(5);
 /// Entries kept at most; a flood of made-up token ids empties the cache rather than growing it.
 const CACHE_CAPACITY: usize = 10_000;
 
+/// A looked-up token (None: no such token) and when it was read.
+type Cached = (Instant, Option<Arc<StoredToken>>);
+
 /// Turns bearer tokens into principals.
 pub struct Authenticator {
     store: Arc<dyn MetadataStore>,
     /// SHA-256 of the services' shared internal token, when one is configured.
     internal: Option<String>,
-    cache: Mutex<HashMap<String, (Instant, Option<Arc<StoredToken>>)>>,
+    cache: Mutex<HashMap<String, Cached>>,
     /// JWTs of an identity provider, when configured.
     jwt: Option<JwtVerifier>,
 }

@@ -201,8 +201,7 @@ fn tracer_provider(
     let mut builder = opentelemetry_otlp::SpanExporter::builder().with_tonic();
     if otlp_endpoint().is_some_and(|endpoint| endpoint.starts_with("https://")) {
         builder = builder.with_tls_config(
-            otlp_tls()
-                .map_err(|error| opentelemetry_otlp::ExporterBuildError::InternalFailure(error))?,
+            otlp_tls().map_err(opentelemetry_otlp::ExporterBuildError::InternalFailure)?,
         );
     }
     let exporter = builder.build()?;

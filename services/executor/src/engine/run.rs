@@ -102,6 +102,10 @@ pub(crate) struct RunEntry {
 
 impl RunEntry {
     /// A new run, RUNNING when `admitted` (the caller then starts it), else QUEUED.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the fields of a SubmitRun, each used once to build the run"
+    )]
     pub fn create(
         plan: Arc<Plan>,
         inputs: Map<String, Json>,
