@@ -1148,3 +1148,94 @@ async fn jwts_from_an_identity_provider() -> anyhow::Result<()> {
     worker.abort();
     sandbox.stop().await
 }
+
+/// After an executor crash, a session recovered from the store belongs to the principal whose
+/// worker held its tasks: another principal claiming the instance id (and the task, to forge
+/// its result) is refused, the rightful worker resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_a_session_is_resumed_only_by_its_principal() -> anyhow::Result<()> {
+    let secured = secured(None).await?;
+    let url = secured.sandbox.url();
+    let victim = create_token(
+        &url,
+        &secured.admin,
+        "render-pool",
+        &[Scope::Worker],
+        &["mesh.*"],
+        &[],
+        None,
+    )
+    .await?;
+    let attacker = create_token(
+        &url,
+        &secured.admin,
+        "other-pool",
+        &[Scope::Worker],
+        &["*"],
+        &[],
+        None,
+    )
+    .await?;
+    let hello = RawWorker::hello("render-9", "mesh.render", "1.0.0", 1);
+    let (mut worker, _) =
+        RawWorker::connect_once_with(&url, &with_token(&victim), hello.clone()).await?;
+    let client = Client::connect_with(&url, with_token(&secured.admin)).await?;
+    let run = client
+        .submit(SubmitRun::inline(echo_spec("mesh.render@^1")))
+        .await?;
+    let assign = worker.expect_assign().await?;
+    worker.start(&assign).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await; // RUNNING is committed
+    worker.crash();
+
+    // The executor dies and comes back on the same database.
+    let Secured {
+        sandbox,
+        admin,
+        _dir: dir,
+    } = secured;
+    let Sandbox { mesh, database, .. } = sandbox;
+    mesh.abort();
+    let mesh = dagmesh::mesh::Mesh::start(dagmesh::mesh::MeshOptions {
+        listen: "127.0.0.1:0".into(),
+        database_url: database.url(),
+        executor: fast_config(),
+        security: MeshSecurity {
+            auth: true,
+            admin_token_file: Some(dir.path().join("admin.token")),
+            ..MeshSecurity::default()
+        },
+    })
+    .await?;
+    let url = mesh.url();
+    let held = pb::TaskRef {
+        task_id: assign.task_id.clone(),
+        attempt: assign.attempt,
+    };
+    let claim = pb::Hello {
+        in_flight: vec![held.clone()],
+        ..hello.clone()
+    };
+    let refused = RawWorker::connect_once_with(&url, &with_token(&attacker), claim.clone())
+        .await
+        .err()
+        .expect("another principal cannot resume the recovered session");
+    let status = refused
+        .downcast_ref::<tonic::Status>()
+        .unwrap_or_else(|| panic!("not a gRPC refusal: {refused:#}"));
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    let (_worker, welcome) =
+        RawWorker::connect_once_with(&url, &with_token(&victim), claim).await?;
+    assert_eq!(
+        welcome.resumed,
+        vec![held],
+        "the rightful worker keeps its task"
+    );
+    let run = Client::connect_with(&url, with_token(&admin))
+        .await?
+        .get_run(&run.run_id)
+        .await?;
+    assert_eq!(run.steps[0].worker_principal, "token:render-pool");
+    mesh.abort();
+    database.cleanup().await
+}

@@ -220,10 +220,15 @@ impl RunEntry {
                     let slots = entry.plan.compiled.steps[index].slots;
                     let (task_id, attempt) = (step.task_id.clone(), step.attempt);
                     let now = ctx.now;
-                    ctx.workers
+                    let session = ctx
+                        .workers
                         .sessions
                         .entry(instance.clone())
                         .or_insert_with(|| super::Session::new(instance.clone(), now));
+                    // Only the principal that held the attempt may resume the session.
+                    if session.principal.is_none() && !step.worker_principal.is_empty() {
+                        session.principal = Some(Arc::from(step.worker_principal.as_str()));
+                    }
                     ctx.workers.hold(&instance, task_id, attempt, slots);
                     let resource = &entry.plan.compiled.steps[index].concurrency_key;
                     ctx.admission.hold_resource(resource);
@@ -316,6 +321,7 @@ impl RunEntry {
             step.lost_in_a_row = 0;
             step.error.clear();
             step.worker.clear();
+            step.worker_principal.clear();
             step.outputs = None;
             step.progress = 0.0;
             step.progress_message.clear();
@@ -433,6 +439,7 @@ impl RunEntry {
         let step = &mut self.steps[index];
         step.attempt += 1;
         step.worker.clear();
+        step.worker_principal.clear();
         step.progress = 0.0;
         step.progress_message.clear();
         let attempt = step.attempt;
@@ -503,6 +510,13 @@ impl RunEntry {
         }
         self.trace.attempt_assigned(index);
         step.worker = instance.to_string();
+        step.worker_principal = ctx
+            .workers
+            .sessions
+            .get(instance)
+            .and_then(|session| session.principal.as_deref())
+            .unwrap_or_default()
+            .to_owned();
         step.task_version = version.to_owned();
         step.waiting_reason.clear();
         self.set_step_state(index, StepState::Assigned, ctx);

@@ -179,7 +179,7 @@ class Run(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., workflow: _Optional[str] = ..., workflow_version: _Optional[int] = ..., state: _Optional[_Union[RunState, str]] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., tags: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[Step, _Mapping]]] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., priority: _Optional[int] = ..., queue_position: _Optional[int] = ..., submitted_by: _Optional[str] = ..., cancelled_by: _Optional[str] = ..., retried_by: _Optional[str] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("run_id", "step_id", "task_id", "state", "attempt", "task", "inputs", "outputs", "error", "worker", "progress", "progress_message", "started_at", "finished_at", "task_version", "lost_attempts", "waiting_reason", "lost_in_a_row")
+    __slots__ = ("run_id", "step_id", "task_id", "state", "attempt", "task", "inputs", "outputs", "error", "worker", "progress", "progress_message", "started_at", "finished_at", "task_version", "lost_attempts", "waiting_reason", "lost_in_a_row", "worker_principal")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +198,7 @@ class Step(_message.Message):
     LOST_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     WAITING_REASON_FIELD_NUMBER: _ClassVar[int]
     LOST_IN_A_ROW_FIELD_NUMBER: _ClassVar[int]
+    WORKER_PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     step_id: str
     task_id: str
@@ -216,7 +217,8 @@ class Step(_message.Message):
     lost_attempts: int
     waiting_reason: str
     lost_in_a_row: int
-    def __init__(self, run_id: _Optional[str] = ..., step_id: _Optional[str] = ..., task_id: _Optional[str] = ..., state: _Optional[_Union[StepState, str]] = ..., attempt: _Optional[int] = ..., task: _Optional[str] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., outputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., error: _Optional[str] = ..., worker: _Optional[str] = ..., progress: _Optional[float] = ..., progress_message: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., task_version: _Optional[str] = ..., lost_attempts: _Optional[int] = ..., waiting_reason: _Optional[str] = ..., lost_in_a_row: _Optional[int] = ...) -> None: ...
+    worker_principal: str
+    def __init__(self, run_id: _Optional[str] = ..., step_id: _Optional[str] = ..., task_id: _Optional[str] = ..., state: _Optional[_Union[StepState, str]] = ..., attempt: _Optional[int] = ..., task: _Optional[str] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., outputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., error: _Optional[str] = ..., worker: _Optional[str] = ..., progress: _Optional[float] = ..., progress_message: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., task_version: _Optional[str] = ..., lost_attempts: _Optional[int] = ..., waiting_reason: _Optional[str] = ..., lost_in_a_row: _Optional[int] = ..., worker_principal: _Optional[str] = ...) -> None: ...
 
 class RunEvent(_message.Message):
     __slots__ = ("run_id", "seq", "at", "run_state", "step_state", "step_progress", "step_log", "unreadable")
