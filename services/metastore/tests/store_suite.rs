@@ -1345,7 +1345,9 @@ mod cases {
     }
 
     pub async fn lease_expires_by_the_clock(store: Arc<dyn MetadataStore>) -> Result<()> {
-        let short = Duration::from_millis(100);
+        // Long enough that the second acquire below lands before expiry on a loaded machine
+        // (100 ms was not: a busy CI box took longer between the two statements).
+        let short = Duration::from_secs(1);
         let a = store.acquire_lease("executor", "a", short).await?;
         assert!(matches!(
             store.acquire_lease("executor", "b", TTL).await,
@@ -1353,7 +1355,7 @@ mod cases {
         ));
         // Waiting for the lease's time to pass (not for readiness): the database's clock
         // decides, so virtual time cannot stand in.
-        tokio::time::sleep(short * 3).await;
+        tokio::time::sleep(short * 2).await;
         let b = store.acquire_lease("executor", "b", TTL).await?;
         assert_eq!((b.holder.as_str(), b.epoch), ("b", 2));
         let err = store.renew_lease(&a, TTL).await.unwrap_err();
