@@ -57,7 +57,7 @@ async fn main() -> ExitCode {
     let global = Global {
         server: cli.server,
         output: cli.output,
-        client: cli.client.settings(),
+        client: commands::client_settings(cli.client),
     };
     let result = match cli.command {
         Command::Up(args) => serve::up(args).await.map(|()| ExitCode::SUCCESS),

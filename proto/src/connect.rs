@@ -236,6 +236,46 @@ impl ClientSettings {
     }
 }
 
+/// The client settings as command-line flags, each with its environment variable (the CLI,
+/// the example and conformance workers). `global`: on a command with subcommands they may be
+/// given after any of them.
+#[cfg(feature = "clap")]
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ClientFlags {
+    /// Bearer token. Default: the file of --token-file / DAGMESH_TOKEN_FILE.
+    #[arg(long, global = true, env = ENV_TOKEN, hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the bearer token.
+    #[arg(long, global = true, env = ENV_TOKEN_FILE)]
+    pub token_file: Option<PathBuf>,
+    /// PEM CA certificate(s) to trust for an https:// server (default: the system's roots).
+    #[arg(long, global = true, env = ENV_TLS_CA)]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for a server that requires mTLS.
+    #[arg(long, global = true, env = ENV_TLS_CLIENT_CERT)]
+    pub tls_client_cert: Option<PathBuf>,
+    /// PEM private key of --tls-client-cert.
+    #[arg(long, global = true, env = ENV_TLS_CLIENT_KEY)]
+    pub tls_client_key: Option<PathBuf>,
+    /// Name to verify in the server's certificate instead of the URL's host.
+    #[arg(long, global = true, env = ENV_TLS_SERVER_NAME)]
+    pub tls_server_name: Option<String>,
+}
+
+#[cfg(feature = "clap")]
+impl ClientFlags {
+    pub fn settings(self) -> ClientSettings {
+        ClientSettings {
+            token: self.token,
+            token_file: self.token_file,
+            tls_ca: self.tls_ca,
+            tls_client_cert: self.tls_client_cert,
+            tls_client_key: self.tls_client_key,
+            tls_server_name: self.tls_server_name,
+        }
+    }
+}
+
 /// Adds the bearer token to each call; cheap to clone.
 #[derive(Clone, Debug, Default)]
 pub struct Credentials(Option<AsciiMetadataValue>);

@@ -72,54 +72,25 @@ pub struct Global {
     pub client: ClientSettings,
 }
 
-/// Client flags shared by every client command (defined on the root command, each with its
-/// environment variable, the same names the SDKs read).
-#[derive(clap::Args, Debug, Clone, Default)]
-pub struct ClientFlags {
-    /// Bearer token. Default: DAGMESH_TOKEN_FILE, else the admin token a local `dagmesh up`
-    /// wrote to DAGMESH_DATA_DIR/admin.token.
-    #[arg(long, global = true, env = "DAGMESH_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// File holding the bearer token.
-    #[arg(long, global = true, env = "DAGMESH_TOKEN_FILE")]
-    pub token_file: Option<std::path::PathBuf>,
-    /// PEM CA certificate(s) to trust for an https:// server (default: the system's roots).
-    #[arg(long, global = true, env = "DAGMESH_TLS_CA")]
-    pub tls_ca: Option<std::path::PathBuf>,
-    /// PEM client certificate, for a server that requires mTLS.
-    #[arg(long, global = true, env = "DAGMESH_TLS_CLIENT_CERT")]
-    pub tls_client_cert: Option<std::path::PathBuf>,
-    /// PEM private key of --tls-client-cert.
-    #[arg(long, global = true, env = "DAGMESH_TLS_CLIENT_KEY")]
-    pub tls_client_key: Option<std::path::PathBuf>,
-    /// Name to verify in the server's certificate instead of the URL's host.
-    #[arg(long, global = true, env = "DAGMESH_TLS_SERVER_NAME")]
-    pub tls_server_name: Option<String>,
-}
+/// The client flags (`--token`, `--tls-ca`, ...), shared with the example and conformance
+/// workers; defined on the root command.
+pub use dagmesh_proto::connect::ClientFlags;
 
-impl ClientFlags {
-    /// The settings; without a token or token file, the admin token of a `dagmesh up` whose
-    /// data directory is DAGMESH_DATA_DIR (default `.dagmesh`), when that file exists.
-    pub fn settings(self) -> ClientSettings {
-        let mut settings = ClientSettings {
-            token: self.token,
-            token_file: self.token_file,
-            tls_ca: self.tls_ca,
-            tls_client_cert: self.tls_client_cert,
-            tls_client_key: self.tls_client_key,
-            tls_server_name: self.tls_server_name,
-        };
-        if settings.token.is_none() && settings.token_file.is_none() {
-            let data_dir = std::env::var_os("DAGMESH_DATA_DIR")
-                .map(std::path::PathBuf::from)
-                .unwrap_or_else(|| ".dagmesh".into());
-            let file = data_dir.join(crate::security::ADMIN_TOKEN_FILE);
-            if file.is_file() {
-                settings.token_file = Some(file);
-            }
+/// The client settings of the flags; without a token or token file, the admin token of a
+/// `dagmesh up` whose data directory is DAGMESH_DATA_DIR (default `.dagmesh`), when that file
+/// exists.
+pub fn client_settings(flags: ClientFlags) -> ClientSettings {
+    let mut settings = flags.settings();
+    if settings.token.is_none() && settings.token_file.is_none() {
+        let data_dir = std::env::var_os("DAGMESH_DATA_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| ".dagmesh".into());
+        let file = data_dir.join(crate::security::ADMIN_TOKEN_FILE);
+        if file.is_file() {
+            settings.token_file = Some(file);
         }
-        settings
     }
+    settings
 }
 
 /// The commands that talk to a dagmesh server.

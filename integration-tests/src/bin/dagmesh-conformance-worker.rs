@@ -22,6 +22,9 @@ struct Args {
     slots: u32,
     #[arg(long, default_value = "conformance-rust")]
     name: String,
+    /// Token and TLS (`--token`, `--tls-ca`, ...; or their DAGMESH_* variables).
+    #[command(flatten)]
+    client: dagmesh_proto::connect::ClientFlags,
 }
 
 fn event(what: &str, ctx: &TaskContext) {
@@ -91,6 +94,7 @@ async fn big(ctx: TaskContext, input: BigInput) -> Result<Value, TaskError> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let worker = Worker::builder(args.server)
+        .client_settings(args.client.settings())
         .name(args.name)
         .instance_id(args.instance_id)
         .slots(args.slots)

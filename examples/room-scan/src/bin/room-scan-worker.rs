@@ -20,6 +20,9 @@ struct Args {
     server: String,
     #[arg(long, env = "DAGMESH_WORKER_ROLE", value_enum, default_value = "all")]
     role: Role,
+    /// Token and TLS (`--token`, `--tls-ca`, ...; or their DAGMESH_* variables).
+    #[command(flatten)]
+    client: dagmesh_proto::connect::ClientFlags,
 }
 
 #[tokio::main]
@@ -31,12 +34,21 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let settings = args.client.settings();
     let mut workers = Vec::new();
     if matches!(args.role, Role::Cpu | Role::All) {
-        workers.push(dagmesh_example_room_scan::cpu_worker(&args.server).build()?);
+        workers.push(
+            dagmesh_example_room_scan::cpu_worker(&args.server)
+                .client_settings(settings.clone())
+                .build()?,
+        );
     }
     if matches!(args.role, Role::Gpu | Role::All) {
-        workers.push(dagmesh_example_room_scan::gpu_worker(&args.server).build()?);
+        workers.push(
+            dagmesh_example_room_scan::gpu_worker(&args.server)
+                .client_settings(settings)
+                .build()?,
+        );
     }
     let results = futures_join(workers).await;
     for result in results {
