@@ -567,8 +567,10 @@ steps:
         progress_messages.push_back(p.value("message", ""));
         if (fraction <= last_fraction) monotonic = false;
         last_fraction = fraction;
-      } else if (p.value("step_id", "") == "smooth" && fraction > 0 && fraction < 1 &&
+      } else if (p.value("step_id", "") == "smooth" && fraction > 0 &&
                  p.value("message", "").rfind("iteration ", 0) == 0) {
+        // Any report of the loop (the executor keeps at most ~5 a second per step, the latest
+        // winning, so a loop shorter than 200 ms may leave only its last one, at 1.0).
         ++smooth_midway;
       }
     }
