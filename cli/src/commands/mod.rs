@@ -41,7 +41,7 @@ mod workflows;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use dagmesh_proto::connect::{AuthChannel, ClientSettings};
+use dagmesh_proto::connect::{AuthChannel, ClientSettings, error_chain};
 
 pub use runs::RunsCommand;
 pub use schedules::{BackfillCommand, EventsCommand, SchedulesCommand, TriggersCommand};
@@ -208,21 +208,6 @@ fn report(server: &str, err: anyhow::Error) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(130));
     }
     Err(err)
-}
-
-/// `err: cause: cause`, because tonic's transport errors say only "transport error" at the top.
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// Exit code of a command that waited for a run: 0 only when it succeeded.

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use dagmesh_proto::connect::error_chain;
 use dagmesh_proto::json::{from_struct, to_struct};
 use dagmesh_proto::limits::{PayloadError, check_payload};
 use dagmesh_proto::v1::worker_service_client::WorkerServiceClient;
@@ -668,7 +669,11 @@ impl Driver {
 /// Dials the executor, sends Hello and waits for Welcome.
 async fn open_session(config: Arc<Config>, hello: Hello) -> Result<Session, OpenError> {
     let channel = config.endpoint.connect().await.map_err(|err| {
-        OpenError::Retry(format!("cannot connect to {}: {}", config.url, chain(&err)))
+        OpenError::Retry(format!(
+            "cannot connect to {}: {}",
+            config.url,
+            error_chain(&err)
+        ))
     })?;
     // The executor enforces payload limits (and says which in Welcome); the transport should
     // not cut in first with its 4 MiB default.
@@ -882,16 +887,4 @@ fn panic_text(err: JoinError) -> String {
     } else {
         "non-string panic payload".to_owned()
     }
-}
-
-/// `transport error` alone says nothing; the sources say "connection refused".
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(err) = source {
-        text.push_str(": ");
-        text.push_str(&err.to_string());
-        source = err.source();
-    }
-    text
 }
