@@ -1113,6 +1113,28 @@ async fn jwts_from_an_identity_provider() -> anyhow::Result<()> {
         );
     }
 
+    // Hostile JWTs: garbage in three parts, a subject too long to record.
+    let long_subject = sign(
+        &signing,
+        claims(&"s".repeat(300), "read", "dagmesh", now + 600),
+    )?;
+    for (what, token, expected) in [
+        ("garbage", "aaa.bbb.ccc".to_owned(), "invalid JWT"),
+        ("a long subject", long_subject, "sub"),
+    ] {
+        let mut runs = RunServiceClient::new(channel_as(&url, &with_token(&token)).await?);
+        let err = runs
+            .list_runs(ListRunsRequest::default())
+            .await
+            .expect_err(what);
+        assert_eq!(err.code(), Code::Unauthenticated, "{what}");
+        assert!(
+            err.message().contains(expected),
+            "{what}: {}",
+            err.message()
+        );
+    }
+
     // A worker identified by the provider serves only the task types of its claim.
     let worker_jwt = sign(
         &signing,
@@ -1238,4 +1260,156 @@ async fn after_a_restart_a_session_is_resumed_only_by_its_principal() -> anyhow:
     assert_eq!(run.steps[0].worker_principal, "token:render-pool");
     mesh.abort();
     database.cleanup().await
+}
+
+/// Every field of the token API is bounded and checked; each refusal names the field, and the
+/// server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_token_requests_are_refused_naming_the_field() -> anyhow::Result<()> {
+    let secured = secured(None).await?;
+    let url = secured.sandbox.url();
+    let mut tokens = TokenServiceClient::new(channel_as(&url, &with_token(&secured.admin)).await?);
+    let base = || CreateTokenRequest {
+        name: "hostile".into(),
+        scopes: vec![Scope::Read as i32],
+        ..Default::default()
+    };
+    let duration = |seconds: i64| Some(prost_types::Duration { seconds, nanos: 0 });
+    let cases: Vec<(&str, CreateTokenRequest, &str)> = vec![
+        (
+            "a name with a space",
+            CreateTokenRequest {
+                name: "a b".into(),
+                ..base()
+            },
+            "name",
+        ),
+        (
+            "an empty name",
+            CreateTokenRequest {
+                name: String::new(),
+                ..base()
+            },
+            "name",
+        ),
+        (
+            "a long name",
+            CreateTokenRequest {
+                name: "n".repeat(129),
+                ..base()
+            },
+            "name",
+        ),
+        (
+            "no scope",
+            CreateTokenRequest {
+                scopes: vec![],
+                ..base()
+            },
+            "scopes",
+        ),
+        (
+            "an unknown scope",
+            CreateTokenRequest {
+                scopes: vec![99],
+                ..base()
+            },
+            "scopes[0]",
+        ),
+        (
+            "the internal scope",
+            CreateTokenRequest {
+                scopes: vec![Scope::Internal as i32],
+                ..base()
+            },
+            "internal",
+        ),
+        (
+            "a worker token without patterns",
+            CreateTokenRequest {
+                scopes: vec![Scope::Worker as i32],
+                ..base()
+            },
+            "task_patterns",
+        ),
+        (
+            "too many patterns",
+            CreateTokenRequest {
+                scopes: vec![Scope::Worker as i32],
+                task_patterns: (0..65).map(|i| format!("t{i}.*")).collect(),
+                ..base()
+            },
+            "task_patterns",
+        ),
+        (
+            "a long pattern",
+            CreateTokenRequest {
+                scopes: vec![Scope::Worker as i32],
+                task_patterns: vec!["p".repeat(200)],
+                ..base()
+            },
+            "task_patterns[0]",
+        ),
+        (
+            "too many labels",
+            CreateTokenRequest {
+                labels: (0..65).map(|i| (format!("k{i}"), "v".into())).collect(),
+                ..base()
+            },
+            "labels",
+        ),
+        (
+            "a negative ttl",
+            CreateTokenRequest {
+                ttl: duration(-5),
+                ..base()
+            },
+            "ttl",
+        ),
+        (
+            "a ttl over ten years",
+            CreateTokenRequest {
+                ttl: duration(20 * 365 * 24 * 3600),
+                ..base()
+            },
+            "ttl",
+        ),
+    ];
+    for (what, request, field) in cases {
+        let err = tokens.create_token(request).await.expect_err(what);
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
+        assert!(err.message().contains(field), "{what}: {}", err.message());
+    }
+    tokens.create_token(base()).await?;
+    let again = tokens.create_token(base()).await.expect_err("a taken name");
+    assert_eq!(again.code(), Code::AlreadyExists, "{again:?}");
+    for (what, token, code) in [
+        ("no id or name", String::new(), Code::InvalidArgument),
+        ("a long one", "x".repeat(300), Code::InvalidArgument),
+        ("an unknown one", "no-such-token".to_owned(), Code::NotFound),
+    ] {
+        let err = tokens
+            .revoke_token(RevokeTokenRequest { token })
+            .await
+            .expect_err(what);
+        assert_eq!(err.code(), code, "{what}: {err:?}");
+    }
+    // A bearer far longer than any token is refused without being looked at.
+    let huge = format!("dmt_{}", "a".repeat(9000));
+    let mut runs = RunServiceClient::new(channel_as(&url, &with_token(&huge)).await?);
+    let err = runs
+        .list_runs(ListRunsRequest::default())
+        .await
+        .expect_err("an oversized bearer");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(
+        err.message().contains("over the limit"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        call(&url, &with_token(&secured.admin), "ListRuns").await?,
+        Code::Ok
+    );
+    secured.sandbox.stop().await
 }

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use dagmesh_proto::limits::{MAX_ENTRIES, MAX_NAME_LEN, check_len};
 use dagmesh_proto::v1::Scope;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{DecodingKey, Validation};
@@ -109,6 +110,24 @@ impl JwtVerifier {
             .get("sub")
             .and_then(Value::as_str)
             .unwrap_or("unknown");
+        // The subject becomes the actor recorded on runs; patterns are matched per Hello.
+        check_len("sub", subject, MAX_NAME_LEN).map_err(invalid)?;
+        let task_patterns = words(claims.get(&self.config.tasks_claim));
+        if task_patterns.len() > MAX_ENTRIES {
+            return Err(invalid(format!(
+                "{}: {} patterns, over the limit of {MAX_ENTRIES}",
+                self.config.tasks_claim,
+                task_patterns.len()
+            )));
+        }
+        for (index, pattern) in task_patterns.iter().enumerate() {
+            check_len(
+                &format!("{}[{index}]", self.config.tasks_claim),
+                pattern,
+                MAX_NAME_LEN,
+            )
+            .map_err(invalid)?;
+        }
         let mut scopes = Vec::new();
         for name in words(claims.get(&self.config.scopes_claim)) {
             let scope = match name.as_str() {
@@ -128,7 +147,7 @@ impl JwtVerifier {
             name: Arc::from(format!("jwt:{subject}")),
             token_id: String::new(),
             scopes,
-            task_patterns: words(claims.get(&self.config.tasks_claim)),
+            task_patterns,
             labels: HashMap::new(),
         })
     }

@@ -118,6 +118,9 @@ async fn authorize(
     Ok(Some(principal))
 }
 
+/// The longest bearer token looked at: dagmesh tokens are 85 bytes, JWTs a few KiB.
+const MAX_BEARER_LEN: usize = 8192;
+
 fn bearer(headers: &http::HeaderMap) -> Result<&str, Status> {
     let missing = || {
         Status::unauthenticated(
@@ -134,6 +137,12 @@ fn bearer(headers: &http::HeaderMap) -> Result<&str, Status> {
     let (scheme, token) = value.split_once(' ').ok_or_else(|| {
         Status::unauthenticated("invalid credentials: expected `authorization: Bearer <token>`")
     })?;
+    if token.len() > MAX_BEARER_LEN {
+        return Err(Status::unauthenticated(format!(
+            "invalid credentials: the bearer token is {} bytes, over the limit of {MAX_BEARER_LEN}",
+            token.len()
+        )));
+    }
     if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
         return Err(Status::unauthenticated(
             "invalid credentials: expected `authorization: Bearer <token>`",
