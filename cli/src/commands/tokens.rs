@@ -156,12 +156,7 @@ pub async fn run(global: &Global, command: TokensCommand) -> anyhow::Result<Exit
         }
         TokensCommand::Whoami => {
             let me = client.who_am_i(WhoAmIRequest {}).await?.into_inner();
-            let scopes: Vec<&str> = me
-                .scopes
-                .iter()
-                .filter_map(|&s| Scope::try_from(s).ok())
-                .map(scope_name)
-                .collect();
+            let scopes = scope_names(&me.scopes);
             match global.output {
                 OutputFormat::Json => print_json(&json!({
                     "principal": me.principal,
@@ -182,14 +177,17 @@ pub async fn run(global: &Global, command: TokensCommand) -> anyhow::Result<Exit
     Ok(ExitCode::SUCCESS)
 }
 
-fn scopes_text(token: &ApiToken) -> String {
-    let names: Vec<&str> = token
-        .scopes
+/// Scope numbers as the names the CLI takes (unknown numbers are left out).
+fn scope_names(scopes: &[i32]) -> Vec<&'static str> {
+    scopes
         .iter()
         .filter_map(|&s| Scope::try_from(s).ok())
         .map(scope_name)
-        .collect();
-    names.join(",")
+        .collect()
+}
+
+fn scopes_text(token: &ApiToken) -> String {
+    scope_names(&token.scopes).join(",")
 }
 
 fn time_text(at: Option<&prost_types::Timestamp>, none: &str) -> String {
@@ -200,12 +198,7 @@ fn time_text(at: Option<&prost_types::Timestamp>, none: &str) -> String {
 }
 
 fn token_json(token: &ApiToken) -> Value {
-    let scopes: Vec<&str> = token
-        .scopes
-        .iter()
-        .filter_map(|&s| Scope::try_from(s).ok())
-        .map(scope_name)
-        .collect();
+    let scopes = scope_names(&token.scopes);
     json!({
         "token_id": token.token_id,
         "name": token.name,
