@@ -42,6 +42,10 @@ pub const MAX_TASK_TYPES: usize = 256;
 pub const MAX_IN_FLIGHT: usize = 10_000;
 /// Attempts of one step's retry policy.
 pub const MAX_ATTEMPTS: u32 = 100;
+/// Items one map step (`for_each`) may expand to.
+pub const MAX_MAP_ITEMS: usize = 10_000;
+/// Bytes of a declared input's description.
+pub const MAX_DESCRIPTION_LEN: usize = 1024;
 /// Worker slots (`Hello.slots`, `StepSpec.slots`).
 pub const MAX_SLOTS: u32 = 10_000;
 

@@ -9,13 +9,14 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use serde_json::{Map, Value as Json};
 
 use dagmesh_proto::limits::{
-    MAX_DURATION_LEN, MAX_EDGES, MAX_ENTRIES, MAX_NAME_LEN, MAX_PAYLOAD_DEPTH, MAX_SLOTS,
-    MAX_STEPS, MAX_TIMEOUT, MAX_VALUE_LEN, truncate_marked,
+    MAX_DURATION_LEN, MAX_EDGES, MAX_ENTRIES, MAX_MAP_ITEMS, MAX_NAME_LEN, MAX_PAYLOAD_DEPTH,
+    MAX_SLOTS, MAX_STEPS, MAX_TIMEOUT, MAX_VALUE_LEN, truncate_marked,
 };
 
 use crate::cost::{self, Binding, Bindings};
 use crate::error::{EvalError, SpecError, SpecErrors};
-use crate::expr::{self, EvalBudget, INPUTS_VAR};
+use crate::expr::{self, EvalBudget, INDEX_VAR, INPUTS_VAR, ITEM_VAR};
+use crate::inputs::{self, DeclaredInput};
 use crate::retry::Retry;
 
 /// Step ids that cannot be used: `inputs` is the run-inputs variable, `run` is kept for run
@@ -33,6 +34,8 @@ pub struct CompiledWorkflow {
     /// Every step index, each after all the steps it needs; among steps that could go next, the
     /// one declared first.
     pub topo_order: Vec<usize>,
+    /// The declared run inputs, sorted by name; empty when the workflow declares none.
+    pub inputs: Vec<DeclaredInput>,
     by_id: HashMap<String, usize>,
 }
 
@@ -48,6 +51,16 @@ impl CompiledWorkflow {
     /// Steps that need nothing: the ones a new run starts with.
     pub fn roots(&self) -> impl Iterator<Item = &CompiledStep> {
         self.steps.iter().filter(|s| s.needs.is_empty())
+    }
+
+    /// Checks run inputs against the declared ones and fills in defaults (see
+    /// [`inputs::check_run_inputs`]); with no declaration, `given` is returned as is.
+    pub fn check_run_inputs(
+        &self,
+        given: Map<String, Json>,
+        field: &str,
+    ) -> Result<Map<String, Json>, SpecErrors> {
+        inputs::check_run_inputs(&self.inputs, given, field)
     }
 }
 
@@ -82,6 +95,13 @@ pub struct CompiledStep {
     /// The variables the step's expressions read (`inputs` and upstream ids), sorted. Only these
     /// are bound at evaluation, so a step does not pay for converting outputs it never reads.
     pub variables: Vec<String>,
+    /// `for_each`: the list a map step expands to; `None` for an ordinary step.
+    pub for_each: Option<cel::Program>,
+    /// Items of a map dispatched or running at once; 0: all of them.
+    pub max_parallel: u32,
+    /// A map item that fails for good leaves `{"error": ...}` in the list instead of failing
+    /// the step.
+    pub continue_on_item_failure: bool,
 }
 
 impl CompiledStep {
@@ -91,7 +111,7 @@ impl CompiledStep {
     pub fn evaluate_inputs(
         &self,
         run_inputs: &Map<String, Json>,
-        upstream_outputs: &HashMap<String, Map<String, Json>>,
+        upstream_outputs: &HashMap<String, Json>,
     ) -> Result<Map<String, Json>, EvalError> {
         self.evaluate_inputs_with(run_inputs, upstream_outputs, &EvalBudget::default())
     }
@@ -100,7 +120,7 @@ impl CompiledStep {
     pub fn evaluate_inputs_with(
         &self,
         run_inputs: &Map<String, Json>,
-        upstream_outputs: &HashMap<String, Map<String, Json>>,
+        upstream_outputs: &HashMap<String, Json>,
         budget: &EvalBudget,
     ) -> Result<Map<String, Json>, EvalError> {
         let bindings = self.bindings(run_inputs, upstream_outputs);
@@ -114,7 +134,7 @@ impl CompiledStep {
     pub fn evaluate_when(
         &self,
         run_inputs: &Map<String, Json>,
-        upstream_outputs: &HashMap<String, Map<String, Json>>,
+        upstream_outputs: &HashMap<String, Json>,
     ) -> Result<bool, EvalError> {
         self.evaluate_when_with(run_inputs, upstream_outputs, &EvalBudget::default())
     }
@@ -123,7 +143,7 @@ impl CompiledStep {
     pub fn evaluate_when_with(
         &self,
         run_inputs: &Map<String, Json>,
-        upstream_outputs: &HashMap<String, Map<String, Json>>,
+        upstream_outputs: &HashMap<String, Json>,
         budget: &EvalBudget,
     ) -> Result<bool, EvalError> {
         if self.when.is_none() {
@@ -140,7 +160,7 @@ impl CompiledStep {
     pub fn evaluate(
         &self,
         run_inputs: &Map<String, Json>,
-        upstream_outputs: &HashMap<String, Map<String, Json>>,
+        upstream_outputs: &HashMap<String, Json>,
     ) -> Result<Option<Map<String, Json>>, EvalError> {
         self.evaluate_with(run_inputs, upstream_outputs, &EvalBudget::default())
     }
@@ -149,7 +169,7 @@ impl CompiledStep {
     pub fn evaluate_with(
         &self,
         run_inputs: &Map<String, Json>,
-        upstream_outputs: &HashMap<String, Map<String, Json>>,
+        upstream_outputs: &HashMap<String, Json>,
         budget: &EvalBudget,
     ) -> Result<Option<Map<String, Json>>, EvalError> {
         let bindings = self.bindings(run_inputs, upstream_outputs);
@@ -165,10 +185,69 @@ impl CompiledStep {
         self.inputs_in(&ctx, budget).map(Some)
     }
 
+    /// Evaluates `for_each` to the list of items, each converted to JSON; the list shares the
+    /// budget's payload limit and holds at most [`MAX_MAP_ITEMS`] items. A step without
+    /// `for_each` has no items.
+    pub fn evaluate_for_each_with(
+        &self,
+        run_inputs: &Map<String, Json>,
+        upstream_outputs: &HashMap<String, Json>,
+        budget: &EvalBudget,
+    ) -> Result<Vec<Json>, EvalError> {
+        let Some(program) = &self.for_each else {
+            return Ok(Vec::new());
+        };
+        let error = |message: String| EvalError::ForEach {
+            step: self.id.clone(),
+            message,
+        };
+        let bindings = self.bindings(run_inputs, upstream_outputs);
+        Meter::new(budget)
+            .charge(program, &bindings)
+            .map_err(error)?;
+        let ctx = expr::context(&self.variables, run_inputs, upstream_outputs);
+        let value = program
+            .execute(&ctx)
+            .map_err(|e| error(expr::lowercase_first(e.to_string())))?;
+        let cel::Value::List(items) = &value else {
+            return Err(error(format!(
+                "returned {}, expected a list",
+                expr::describe(&value)
+            )));
+        };
+        if items.len() > MAX_MAP_ITEMS {
+            return Err(error(format!(
+                "returned a list of {} items, over the limit of {MAX_MAP_ITEMS} items per step",
+                items.len()
+            )));
+        }
+        match expr::to_json(&value, budget.max_payload_bytes, MAX_PAYLOAD_DEPTH) {
+            Ok(Json::Array(items)) => Ok(items),
+            Ok(_) => Err(error("returned something other than a list".to_owned())),
+            Err(message) => Err(error(message)),
+        }
+    }
+
+    /// An evaluator of the inputs of this map step's items: the run inputs and upstream
+    /// outputs are converted once, and each item only binds `item` and `index`.
+    pub fn item_inputs<'s>(
+        &'s self,
+        run_inputs: &'s Map<String, Json>,
+        upstream_outputs: &'s HashMap<String, Json>,
+        budget: &'s EvalBudget,
+    ) -> ItemInputs<'s> {
+        ItemInputs {
+            step: self,
+            ctx: expr::context(&self.variables, run_inputs, upstream_outputs),
+            bindings: self.bindings(run_inputs, upstream_outputs),
+            budget,
+        }
+    }
+
     fn bindings<'j>(
         &'j self,
         run_inputs: &'j Map<String, Json>,
-        upstream_outputs: &'j HashMap<String, Map<String, Json>>,
+        upstream_outputs: &'j HashMap<String, Json>,
     ) -> Bindings<'j> {
         Bindings {
             vars: self
@@ -180,7 +259,7 @@ impl CompiledStep {
                     } else {
                         upstream_outputs
                             .get(name)
-                            .map_or(Binding::Null, Binding::Object)
+                            .map_or(Binding::Null, Binding::Value)
                     };
                     (name.as_str(), binding)
                 })
@@ -272,6 +351,34 @@ impl CompiledStep {
     }
 }
 
+/// Evaluates the inputs of a map step's items; see [`CompiledStep::item_inputs`].
+pub struct ItemInputs<'s> {
+    step: &'s CompiledStep,
+    ctx: cel::Context<'s, 's>,
+    bindings: Bindings<'s>,
+    budget: &'s EvalBudget,
+}
+
+impl ItemInputs<'_> {
+    /// The inputs of item `index`, whose element is `item`, under the step's budget (each item
+    /// has a budget of its own).
+    pub fn evaluate(&mut self, item: &Json, index: usize) -> Result<Map<String, Json>, EvalError> {
+        let position = Json::from(index as u64);
+        let mut bindings = Bindings {
+            vars: self.bindings.vars.clone(),
+        };
+        bindings.vars.push((ITEM_VAR, Binding::Value(item)));
+        bindings.vars.push((INDEX_VAR, Binding::Value(&position)));
+        let mut meter = Meter::new(self.budget);
+        self.step.inputs_estimated(&bindings, &mut meter)?;
+        self.ctx
+            .add_variable_from_value(ITEM_VAR, expr::to_cel(item));
+        self.ctx
+            .add_variable_from_value(INDEX_VAR, cel::Value::Int(index as i64));
+        self.step.inputs_in(&self.ctx, self.budget)
+    }
+}
+
 /// Work left of a step's [`EvalBudget`] while its expressions are estimated.
 struct Meter {
     left: u64,
@@ -354,6 +461,9 @@ fn compile_here(spec: &WorkflowSpec) -> Result<CompiledWorkflow, SpecErrors> {
     if n > MAX_STEPS || edges > MAX_EDGES {
         return Err(SpecErrors(top_errors));
     }
+    let declared = inputs::compile_declared(&spec.inputs, &mut top_errors);
+    let declared_names: Option<BTreeSet<&str>> =
+        (!spec.inputs.is_empty()).then(|| spec.inputs.keys().map(String::as_str).collect());
 
     let mut step_errors: Vec<Vec<SpecError>> = vec![Vec::new(); n];
 
@@ -438,6 +548,7 @@ fn compile_here(spec: &WorkflowSpec) -> Result<CompiledWorkflow, SpecErrors> {
             &needs,
             &mut reach,
             &by_id,
+            declared_names.as_ref(),
             errors,
         ));
     }
@@ -463,6 +574,7 @@ fn compile_here(spec: &WorkflowSpec) -> Result<CompiledWorkflow, SpecErrors> {
         spec: spec.clone(),
         steps,
         topo_order: order,
+        inputs: declared,
         by_id,
     })
 }
@@ -768,16 +880,49 @@ fn compile_step(
     needs: &[Vec<usize>],
     reach: &mut Reach<'_>,
     by_id: &HashMap<String, usize>,
+    declared_inputs: Option<&BTreeSet<&str>>,
     errors: &mut Vec<SpecError>,
 ) -> CompiledStep {
     let step = &all_steps[i];
+    let is_map = !step.for_each.trim().is_empty();
     let mut scope = Scope {
         step_id: &step.id,
         index: i,
         by_id,
+        declared_inputs,
+        item_variables: false,
         variables: BTreeSet::new(),
         references: Vec::new(),
     };
+    // The list is evaluated before there is an item: `item` and `index` are not in its scope.
+    let for_each = if is_map {
+        scope.compile(format!("steps[{i}].for_each"), &step.for_each, errors)
+    } else {
+        None
+    };
+    if !is_map {
+        if step.max_parallel > 0 {
+            errors.push(SpecError::new(
+                format!("steps[{i}].max_parallel"),
+                "only a map step (with for_each) has max_parallel",
+            ));
+        }
+        if step.continue_on_failure {
+            errors.push(SpecError::new(
+                format!("steps[{i}].continue_on_failure"),
+                "only a map step (with for_each) has continue_on_failure; a workflow's \
+                 continue_on_failure is set at the top of the file",
+            ));
+        }
+    } else if step.max_parallel as usize > MAX_MAP_ITEMS {
+        errors.push(SpecError::new(
+            format!("steps[{i}].max_parallel"),
+            format!(
+                "{} is over the limit of {MAX_MAP_ITEMS} (the most items a map may have)",
+                step.max_parallel
+            ),
+        ));
+    }
 
     let entries = |field: &str, count: usize, errors: &mut Vec<SpecError>| {
         if count > MAX_ENTRIES {
@@ -812,9 +957,11 @@ fn compile_step(
                 continue;
             }
             let path = format!("steps[{i}].inputs.{name}");
+            scope.item_variables = is_map;
             if let Some(program) = scope.compile(path, text, errors) {
                 inputs.push((name.clone(), program));
             }
+            scope.item_variables = false;
         }
     }
     let when = if step.when.trim().is_empty() {
@@ -901,6 +1048,9 @@ fn compile_step(
         priority: step.priority,
         concurrency_key: step.concurrency_key.clone(),
         variables: scope.variables.into_iter().collect(),
+        for_each,
+        max_parallel: step.max_parallel.min(MAX_MAP_ITEMS as u32),
+        continue_on_item_failure: step.continue_on_failure,
     }
 }
 
@@ -967,6 +1117,10 @@ struct Scope<'a> {
     step_id: &'a str,
     index: usize,
     by_id: &'a HashMap<String, usize>,
+    /// The declared run inputs, when the workflow declares them: `inputs.<name>` must name one.
+    declared_inputs: Option<&'a BTreeSet<&'a str>>,
+    /// Whether `item` and `index` are in scope (the inputs of a map step).
+    item_variables: bool,
     /// `inputs` and step ids read, sorted.
     variables: BTreeSet<String>,
     /// Every step variable read, as (position of its provisional "not upstream" error in the
@@ -989,9 +1143,26 @@ impl Scope<'_> {
                 return None;
             }
         };
+        if let Some(declared) = self.declared_inputs {
+            for field in expr::input_fields(&program) {
+                if !declared.contains(field.as_str()) {
+                    let known: Vec<&str> = declared.iter().copied().collect();
+                    errors.push(SpecError::new(
+                        path.clone(),
+                        format!(
+                            "reads inputs.{} which the workflow does not declare (declared: {})",
+                            shorten(&field),
+                            known.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
         for name in expr::free_variables(&program) {
             let message = if name == INPUTS_VAR {
                 self.variables.insert(name);
+                continue;
+            } else if self.item_variables && (name == ITEM_VAR || name == INDEX_VAR) {
                 continue;
             } else if name == self.step_id {
                 format!("references its own step {name:?} (only upstream steps can be read)")
@@ -1004,6 +1175,11 @@ impl Scope<'_> {
                 );
                 self.variables.insert(name);
                 message
+            } else if name == ITEM_VAR || name == INDEX_VAR {
+                format!(
+                    "unknown variable {name:?} (`item` and `index` exist only in the inputs of a \
+                     step with for_each)"
+                )
             } else {
                 format!("unknown variable {name:?}")
             };

@@ -93,4 +93,6 @@ pub enum EvalError {
     },
     #[error("step \"{step}\": when: {message}")]
     When { step: String, message: String },
+    #[error("step \"{step}\": for_each: {message}")]
+    ForEach { step: String, message: String },
 }

@@ -16,6 +16,9 @@ use serde_json::Value as Json;
 
 /// The variable bound to the run's inputs.
 pub const INPUTS_VAR: &str = "inputs";
+/// In the inputs of a map step's items: the list element of the item, and its position.
+pub const ITEM_VAR: &str = "item";
+pub const INDEX_VAR: &str = "index";
 
 /// One standard environment for every program: building it registers the whole standard library,
 /// which is too slow to repeat per evaluation.
@@ -162,6 +165,57 @@ pub(crate) fn free_variables(program: &Program) -> BTreeSet<String> {
     free
 }
 
+/// The fields of the run inputs an expression reads by name (`inputs.room_id`), where the
+/// name `inputs` is not rebound by a comprehension.
+pub(crate) fn input_fields(program: &Program) -> BTreeSet<String> {
+    let mut fields = BTreeSet::new();
+    let mut stack = vec![(program.expression(), false)];
+    while let Some((expr, shadowed)) = stack.pop() {
+        match &expr.expr {
+            Expr::Unspecified | Expr::Literal(_) | Expr::Ident(_) => {}
+            Expr::Select(select) => {
+                if !shadowed
+                    && let Expr::Ident(name) = &select.operand.expr
+                    && name == INPUTS_VAR
+                {
+                    fields.insert(select.field.clone());
+                }
+                stack.push((&select.operand, shadowed));
+            }
+            Expr::Call(call) => {
+                stack.extend(call.target.iter().map(|t| (&**t, shadowed)));
+                stack.extend(call.args.iter().map(|a| (a, shadowed)));
+            }
+            Expr::List(list) => stack.extend(list.elements.iter().map(|e| (e, shadowed))),
+            Expr::Map(map) => {
+                for entry in &map.entries {
+                    if let EntryExpr::MapEntry(e) = &entry.expr {
+                        stack.push((&e.key, shadowed));
+                        stack.push((&e.value, shadowed));
+                    }
+                }
+            }
+            Expr::Struct(_) => {}
+            Expr::Comprehension(comp) => {
+                let rebinds = [
+                    Some(&comp.accu_var),
+                    Some(&comp.iter_var),
+                    comp.iter_var2.as_ref(),
+                ]
+                .into_iter()
+                .flatten()
+                .any(|var| var == INPUTS_VAR);
+                stack.push((&comp.iter_range, shadowed));
+                stack.push((&comp.accu_init, shadowed));
+                for inner in [&comp.result, &comp.loop_cond, &comp.loop_step] {
+                    stack.push((inner, shadowed || rebinds));
+                }
+            }
+        }
+    }
+    fields
+}
+
 fn walk<'e>(expr: &'e IdedExpr, bound: &mut Vec<&'e str>, free: &mut BTreeSet<String>) {
     match &expr.expr {
         Expr::Unspecified | Expr::Literal(_) => {}
@@ -229,14 +283,14 @@ fn walk_entries<'e>(
 pub(crate) fn context<'a>(
     variables: &[String],
     run_inputs: &serde_json::Map<String, Json>,
-    upstream_outputs: &HashMap<String, serde_json::Map<String, Json>>,
+    upstream_outputs: &HashMap<String, Json>,
 ) -> Context<'a, 'a> {
     let mut ctx = Context::with_env(Arc::clone(&ENV));
     for name in variables {
         let value = if name == INPUTS_VAR {
             map_to_cel(run_inputs)
         } else {
-            upstream_outputs.get(name).map_or(Value::Null, map_to_cel)
+            upstream_outputs.get(name).map_or(Value::Null, to_cel)
         };
         ctx.add_variable_from_value(name.as_str(), value);
     }

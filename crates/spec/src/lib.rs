@@ -42,7 +42,7 @@
 //!     Format::Yaml,
 //! )?;
 //! let thumbs = wf.step("thumbs").unwrap();
-//! let fetch_outputs = json!({"images": ["a.jpg"]}).as_object().unwrap().clone();
+//! let fetch_outputs = json!({"images": ["a.jpg"]});
 //! let upstream = HashMap::from([("fetch".to_owned(), fetch_outputs)]);
 //! let inputs = thumbs.evaluate_inputs(&serde_json::Map::new(), &upstream)?;
 //! assert_eq!(inputs["first"], "a.jpg");
@@ -80,12 +80,16 @@ mod cost;
 mod error;
 mod expansion;
 mod expr;
+mod inputs;
 mod parse;
 mod retry;
 
-pub use compile::{CompiledStep, CompiledWorkflow, RESERVED_STEP_IDS, compile};
+pub use compile::{CompiledStep, CompiledWorkflow, ItemInputs, RESERVED_STEP_IDS, compile};
 pub use error::{EvalError, SpecError, SpecErrors};
-pub use expr::{EvalBudget, INPUTS_VAR, MAX_EXPRESSION_TREE_DEPTH, evaluate_json};
+pub use expr::{
+    EvalBudget, INDEX_VAR, INPUTS_VAR, ITEM_VAR, MAX_EXPRESSION_TREE_DEPTH, evaluate_json,
+};
+pub use inputs::{DeclaredInput, InputType, check_run_inputs};
 pub use parse::{Format, parse_workflow, render_workflow};
 pub use retry::{
     DEFAULT_INITIAL_BACKOFF, DEFAULT_JITTER, DEFAULT_MAX_BACKOFF, DEFAULT_MULTIPLIER, Retry,

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
-use dagmesh_proto::v1::{RetryPolicy, StepSpec, WorkflowSpec};
+use dagmesh_proto::v1::{InputSpec, RetryPolicy, StepSpec, WorkflowSpec};
 use serde::{Deserialize, Serialize};
 
 use dagmesh_proto::limits::{MAX_WORKFLOW_FILE_BYTES, MAX_WORKFLOW_FILE_EXPANSION};
@@ -172,6 +172,19 @@ struct WorkflowFile {
     steps: Vec<StepFile>,
     #[serde(skip_serializing_if = "is_false")]
     continue_on_failure: bool,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    inputs: BTreeMap<String, InputFile>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct InputFile {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    default: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    description: String,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -199,6 +212,12 @@ struct StepFile {
     priority: i32,
     #[serde(skip_serializing_if = "String::is_empty")]
     concurrency_key: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    for_each: String,
+    #[serde(skip_serializing_if = "is_zero")]
+    max_parallel: u32,
+    #[serde(skip_serializing_if = "is_false")]
+    continue_on_failure: bool,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -275,6 +294,18 @@ impl WorkflowFile {
             description: self.description,
             steps: self.steps.into_iter().map(StepFile::into_spec).collect(),
             continue_on_failure: self.continue_on_failure,
+            inputs: self
+                .inputs
+                .into_iter()
+                .map(|(name, input)| {
+                    let spec = InputSpec {
+                        r#type: input.kind,
+                        default: input.default.as_ref().map(dagmesh_proto::json::to_value),
+                        description: input.description,
+                    };
+                    (name, spec)
+                })
+                .collect(),
         }
     }
 
@@ -284,6 +315,18 @@ impl WorkflowFile {
             description: spec.description.clone(),
             steps: spec.steps.iter().map(StepFile::from_spec).collect(),
             continue_on_failure: spec.continue_on_failure,
+            inputs: spec
+                .inputs
+                .iter()
+                .map(|(name, input)| {
+                    let file = InputFile {
+                        kind: input.r#type.clone(),
+                        default: input.default.as_ref().map(dagmesh_proto::json::from_value),
+                        description: input.description.clone(),
+                    };
+                    (name.clone(), file)
+                })
+                .collect(),
         }
     }
 }
@@ -314,6 +357,9 @@ impl StepFile {
             slots: self.slots,
             priority: self.priority,
             concurrency_key: self.concurrency_key,
+            for_each: self.for_each,
+            max_parallel: self.max_parallel,
+            continue_on_failure: self.continue_on_failure,
         }
     }
 
@@ -348,6 +394,9 @@ impl StepFile {
             slots: step.slots,
             priority: step.priority,
             concurrency_key: step.concurrency_key.clone(),
+            for_each: step.for_each.clone(),
+            max_parallel: step.max_parallel,
+            continue_on_failure: step.continue_on_failure,
         }
     }
 }

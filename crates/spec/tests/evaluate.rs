@@ -66,7 +66,7 @@ fn inputs_read_upstream_outputs() {
     let wf = workflow();
     let upstream = HashMap::from([(
         "fetch".to_owned(),
-        object(json!({"images": ["a", "b"], "meta": {"width": 640}})),
+        json!({"images": ["a", "b"], "meta": {"width": 640}}),
     )]);
     let resolved = wf
         .step("thumbs")
@@ -82,10 +82,7 @@ fn inputs_read_upstream_outputs() {
 #[test]
 fn a_missing_key_names_the_step_and_the_input() {
     let wf = workflow();
-    let upstream = HashMap::from([(
-        "fetch".to_owned(),
-        object(json!({"images": ["a"], "meta": {}})),
-    )]);
+    let upstream = HashMap::from([("fetch".to_owned(), json!({"images": ["a"], "meta": {}}))]);
     let err = wf.steps[1]
         .evaluate_inputs(&run_inputs(), &upstream)
         .unwrap_err();
@@ -154,7 +151,7 @@ fn evaluate_skips_when_false_and_resolves_inputs_otherwise() {
     let wf = workflow();
     let upstream = HashMap::from([(
         "fetch".to_owned(),
-        object(json!({"images": ["a"], "meta": {"width": 1}})),
+        json!({"images": ["a"], "meta": {"width": 1}}),
     )]);
     let off = object(json!({"thumbnails": false}));
     assert_eq!(wf.steps[1].evaluate(&off, &upstream).unwrap(), None);

@@ -94,14 +94,16 @@ fn check(expression: &str, inputs: Value, up: Value) -> Result<(), TestCaseError
         }
     };
     let inputs = object(inputs);
-    let upstream = HashMap::from([("up".to_owned(), object(up))]);
+    let upstream = HashMap::from([("up".to_owned(), up)]);
     match wf.steps[1].evaluate(&inputs, &upstream) {
         Ok(_) => {}
         Err(EvalError::Input { step, input, .. }) => {
             prop_assert_eq!(step, "s");
             prop_assert_eq!(input, "v");
         }
-        Err(EvalError::When { step, .. }) => prop_assert_eq!(step, "s"),
+        Err(EvalError::When { step, .. } | EvalError::ForEach { step, .. }) => {
+            prop_assert_eq!(step, "s")
+        }
     }
     Ok(())
 }

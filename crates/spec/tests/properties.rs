@@ -277,7 +277,12 @@ fn any_retry() -> impl Strategy<Value = RetryPolicy> {
 
 fn any_step() -> impl Strategy<Value = StepSpec> {
     let text = ".{0,20}";
-    (
+    let map = (
+        prop_oneof![Just(String::new()), "inputs.[a-z]{1,4}", text],
+        prop_oneof![Just(0u32), any::<u32>()],
+        any::<bool>(),
+    );
+    let base = (
         prop_oneof!["[a-z_][a-z0-9_]{0,6}", text],
         prop_oneof!["[a-z.]{1,8}(@\\^[0-9]\\.[0-9])?", text],
         prop::collection::vec("[a-z_][a-z0-9_]{0,6}", 0..3),
@@ -290,36 +295,42 @@ fn any_step() -> impl Strategy<Value = StepSpec> {
         any::<i32>(),
         "[a-z_.-]{0,8}",
         any_duration(),
+    );
+    (base, map).prop_map(
+        |(
+            (
+                id,
+                task,
+                needs,
+                inputs,
+                when,
+                retry,
+                timeout,
+                labels,
+                slots,
+                priority,
+                concurrency_key,
+                schedule_to_start_timeout,
+            ),
+            (for_each, max_parallel, continue_on_failure),
+        )| StepSpec {
+            id,
+            task,
+            needs,
+            inputs,
+            when,
+            retry,
+            timeout,
+            labels,
+            slots,
+            priority,
+            concurrency_key,
+            schedule_to_start_timeout,
+            for_each,
+            max_parallel,
+            continue_on_failure,
+        },
     )
-        .prop_map(
-            |(
-                id,
-                task,
-                needs,
-                inputs,
-                when,
-                retry,
-                timeout,
-                labels,
-                slots,
-                priority,
-                concurrency_key,
-                schedule_to_start_timeout,
-            )| StepSpec {
-                id,
-                task,
-                needs,
-                inputs,
-                when,
-                retry,
-                timeout,
-                labels,
-                slots,
-                priority,
-                concurrency_key,
-                schedule_to_start_timeout,
-            },
-        )
 }
 
 /// Durations from empty and plain to absurd: huge numbers, many parts, fractions, unicode.
@@ -346,6 +357,7 @@ fn any_spec() -> impl Strategy<Value = WorkflowSpec> {
                 description,
                 steps,
                 continue_on_failure,
+                inputs: Default::default(),
             },
         )
 }

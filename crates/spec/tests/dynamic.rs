@@ -1,0 +1,180 @@
+//! Map steps (`for_each`) and typed run inputs: parsing, validation and evaluation.
+
+use std::collections::HashMap;
+
+use dagmesh_spec::{EvalBudget, Format, compile_text, parse_workflow, render_workflow};
+use serde_json::{Map, Value, json};
+
+const MAP: &str = r#"
+name: scan
+inputs:
+  room_id: {type: string, description: the room}
+  image_count: {type: int, default: 8}
+steps:
+  - id: fetch
+    task: images.fetch
+    inputs: {room: inputs.room_id, count: inputs.image_count}
+  - id: extract
+    task: features.extract@^1
+    needs: [fetch]
+    for_each: fetch.images
+    max_parallel: 4
+    continue_on_failure: true
+    inputs: {image: item, position: index, room: inputs.room_id}
+  - id: merge
+    task: features.merge
+    needs: [extract]
+    inputs: {scores: "extract.map(e, e.score)"}
+"#;
+
+fn object(value: Value) -> Map<String, Value> {
+    value.as_object().expect("an object").clone()
+}
+
+#[test]
+fn a_map_step_round_trips_through_yaml() {
+    let spec = parse_workflow(MAP, Format::Yaml).unwrap();
+    assert_eq!(spec.steps[1].for_each, "fetch.images");
+    assert_eq!(spec.steps[1].max_parallel, 4);
+    assert!(spec.steps[1].continue_on_failure);
+    assert_eq!(spec.inputs["image_count"].r#type, "int");
+    let again = parse_workflow(&render_workflow(&spec, Format::Yaml), Format::Yaml).unwrap();
+    assert_eq!(again, spec);
+    let json = parse_workflow(&render_workflow(&spec, Format::Json), Format::Json).unwrap();
+    assert_eq!(json, spec);
+}
+
+#[test]
+fn items_see_item_and_index_and_dependants_see_a_list() {
+    let wf = compile_text(MAP, Format::Yaml).unwrap();
+    let extract = wf.step("extract").unwrap();
+    assert!(extract.for_each.is_some());
+    assert_eq!(extract.max_parallel, 4);
+    let run_inputs = wf
+        .check_run_inputs(object(json!({"room_id": "r1"})), "inputs")
+        .unwrap();
+    assert_eq!(run_inputs["image_count"], json!(8));
+    let upstream = HashMap::from([("fetch".to_owned(), json!({"images": ["a.jpg", "b.jpg"]}))]);
+    let budget = EvalBudget::default();
+    let items = extract
+        .evaluate_for_each_with(&run_inputs, &upstream, &budget)
+        .unwrap();
+    assert_eq!(items, vec![json!("a.jpg"), json!("b.jpg")]);
+    let mut evaluator = extract.item_inputs(&run_inputs, &upstream, &budget);
+    let second = evaluator.evaluate(&items[1], 1).unwrap();
+    assert_eq!(
+        Value::Object(second),
+        json!({"image": "b.jpg", "position": 1, "room": "r1"})
+    );
+
+    let merge = wf.step("merge").unwrap();
+    let upstream = HashMap::from([("extract".to_owned(), json!([{"score": 1}, {"score": 2}]))]);
+    let inputs = merge.evaluate_inputs(&run_inputs, &upstream).unwrap();
+    assert_eq!(Value::Object(inputs), json!({"scores": [1, 2]}));
+}
+
+#[test]
+fn for_each_must_return_a_bounded_list() {
+    let wf = compile_text(MAP, Format::Yaml).unwrap();
+    let extract = wf.step("extract").unwrap();
+    let inputs = object(json!({"room_id": "r", "image_count": 1}));
+    let budget = EvalBudget::default();
+    let not_a_list = HashMap::from([("fetch".to_owned(), json!({"images": "a.jpg"}))]);
+    let error = extract
+        .evaluate_for_each_with(&inputs, &not_a_list, &budget)
+        .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "step \"extract\": for_each: returned string \"a.jpg\", expected a list"
+    );
+    let huge: Vec<u32> = (0..10_001).collect();
+    let too_many = HashMap::from([("fetch".to_owned(), json!({"images": huge}))]);
+    let error = extract
+        .evaluate_for_each_with(&inputs, &too_many, &budget)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("a list of 10001 items, over the limit of 10000 items per step"),
+        "{error}"
+    );
+}
+
+#[test]
+fn map_fields_are_checked_with_their_paths() {
+    let text = r#"
+name: wf
+steps:
+  - {id: a, task: t, max_parallel: 2, continue_on_failure: true}
+  - {id: b, task: t, inputs: {x: item}}
+  - {id: c, task: t, needs: [a], for_each: "[1, 2]", max_parallel: 20000}
+  - {id: d, task: t, needs: [a], for_each: "item"}
+  - {id: e, task: t, for_each: "nope.x"}
+"#;
+    let errors = compile_text(text, Format::Yaml).unwrap_err().to_string();
+    for expected in [
+        "steps[0].max_parallel: only a map step (with for_each) has max_parallel",
+        "steps[0].continue_on_failure: only a map step (with for_each) has continue_on_failure",
+        "steps[1].inputs.x: unknown variable \"item\" (`item` and `index` exist only in the inputs of a step with for_each)",
+        "steps[2].max_parallel: 20000 is over the limit of 10000",
+        "steps[3].for_each: unknown variable \"item\"",
+        "steps[4].for_each: unknown variable \"nope\"",
+    ] {
+        assert!(
+            errors.contains(expected),
+            "missing {expected:?} in:\n{errors}"
+        );
+    }
+}
+
+#[test]
+fn declared_inputs_are_checked_and_expressions_may_only_read_them() {
+    let text = r#"
+name: wf
+inputs:
+  count: {type: int, default: "eight"}
+  "bad name": {type: string}
+  kind: {type: colour}
+  room: {type: string}
+steps:
+  - {id: a, task: t, inputs: {x: inputs.room, y: inputs.rooom}}
+"#;
+    let errors = compile_text(text, Format::Yaml).unwrap_err().to_string();
+    for expected in [
+        "inputs.count.default: the string \"eight\" is not of type int",
+        "inputs.bad name: invalid input name \"bad name\"",
+        "inputs.kind.type: unknown type \"colour\": use one of string, int, number, bool, list, object, any",
+        "steps[0].inputs.y: reads inputs.rooom which the workflow does not declare",
+    ] {
+        assert!(
+            errors.contains(expected),
+            "missing {expected:?} in:\n{errors}"
+        );
+    }
+    assert!(!errors.contains("steps[0].inputs.x"), "{errors}");
+}
+
+#[test]
+fn run_inputs_are_refused_with_field_paths() {
+    let wf = compile_text(MAP, Format::Yaml).unwrap();
+    let errors = wf
+        .check_run_inputs(object(json!({"image_count": 2.5, "extra": 1})), "inputs")
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        errors,
+        "inputs.image_count: the number 2.5 is not of type int\n\
+         inputs.room_id: required input of type string is missing\n\
+         inputs.extra: the workflow declares no input \"extra\" (it takes image_count, room_id)"
+    );
+}
+
+#[test]
+fn a_workflow_without_declared_inputs_takes_anything() {
+    let wf = compile_text(
+        "name: wf\nsteps: [{id: a, task: t, inputs: {x: inputs.y}}]\n",
+        Format::Yaml,
+    )
+    .unwrap();
+    let given = object(json!({"anything": [1]}));
+    assert_eq!(wf.check_run_inputs(given.clone(), "inputs").unwrap(), given);
+}
