@@ -146,6 +146,14 @@ mod tests {
                 },
             ],
             continue_on_failure: false,
+            inputs: [(
+                "room_id".to_owned(),
+                dagmesh_proto::v1::InputSpec {
+                    r#type: "string".into(),
+                    ..Default::default()
+                },
+            )]
+            .into(),
         };
         let workflow = Workflow {
             name: "room-scan".into(),

@@ -755,6 +755,11 @@ fn check_step_id(id: &str, path: &str, errors: &mut Vec<SpecError>) {
         ));
     } else if RESERVED_STEP_IDS.contains(&id) {
         errors.push(SpecError::new(path, format!("step id {id:?} is reserved")));
+    } else if expr::is_type_name(id) {
+        errors.push(SpecError::new(
+            path,
+            format!("step id {id:?} is the name of a CEL type, so expressions could not read it"),
+        ));
     }
 }
 

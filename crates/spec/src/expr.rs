@@ -158,6 +158,11 @@ fn describe_parse_errors(text: &str, errors: &ParseErrors) -> String {
 ///
 /// `Program::references()` is not enough: it also reports comprehension variables, which would
 /// make `fetch.images.map(i, i + '.jpg')` look like it reads a variable `i`.
+/// Whether `name` is a CEL type (`int`, `list`, ...): as a variable it would read the type.
+pub(crate) fn is_type_name(name: &str) -> bool {
+    ENV.types().find_type(name).is_some()
+}
+
 pub(crate) fn free_variables(program: &Program) -> BTreeSet<String> {
     let mut free = BTreeSet::new();
     let mut bound = Vec::new();

@@ -180,6 +180,13 @@ pub(crate) fn compile_declared(
     compiled
 }
 
+/// The inputs `spec` declares, sorted by name, leaving out any that do not check (a stored
+/// version was checked when it was applied). For callers that need the declaration without
+/// compiling the steps, e.g. the scheduler.
+pub fn declared_inputs(spec: &dagmesh_proto::v1::WorkflowSpec) -> Vec<DeclaredInput> {
+    compile_declared(&spec.inputs, &mut Vec::new())
+}
+
 /// Checks `given` against `declared`: every required input present, every given one declared
 /// and of its type; defaults are filled in. Errors name `<field>.<input>`. With no declaration
 /// anything goes and `given` comes back unchanged.

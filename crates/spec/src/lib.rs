@@ -89,7 +89,7 @@ pub use error::{EvalError, SpecError, SpecErrors};
 pub use expr::{
     EvalBudget, INDEX_VAR, INPUTS_VAR, ITEM_VAR, MAX_EXPRESSION_TREE_DEPTH, evaluate_json,
 };
-pub use inputs::{DeclaredInput, InputType, check_run_inputs};
+pub use inputs::{DeclaredInput, InputType, check_run_inputs, declared_inputs};
 pub use parse::{Format, parse_workflow, render_workflow};
 pub use retry::{
     DEFAULT_INITIAL_BACKOFF, DEFAULT_JITTER, DEFAULT_MAX_BACKOFF, DEFAULT_MULTIPLIER, Retry,

@@ -109,6 +109,7 @@ steps:
   - {id: c, task: t, needs: [a], for_each: "[1, 2]", max_parallel: 20000}
   - {id: d, task: t, needs: [a], for_each: "item"}
   - {id: e, task: t, for_each: "nope.x"}
+  - {id: list, task: t}
 "#;
     let errors = compile_text(text, Format::Yaml).unwrap_err().to_string();
     for expected in [
@@ -118,6 +119,7 @@ steps:
         "steps[2].max_parallel: 20000 is over the limit of 10000",
         "steps[3].for_each: unknown variable \"item\"",
         "steps[4].for_each: unknown variable \"nope\"",
+        "steps[5].id: step id \"list\" is the name of a CEL type, so expressions could not read it",
     ] {
         assert!(
             errors.contains(expected),

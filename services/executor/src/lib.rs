@@ -150,6 +150,17 @@ impl Executor {
             return Ok((self.inner.store.get_run(&run_id).await?, false));
         }
         let inputs = dagmesh_proto::json::from_struct(Some(&inputs));
+        // Declared inputs: refused here, naming each field, rather than by the first step that
+        // reads one; defaults are filled in before the run is stored.
+        let inputs = plan
+            .compiled
+            .check_run_inputs(inputs, "inputs")
+            .map_err(|errors| {
+                ExecError::InvalidArgument(format!(
+                    "the inputs do not match what workflow {} version {} declares:\n{errors}",
+                    plan.workflow.name, plan.workflow.version
+                ))
+            })?;
         let buckets =
             self.inner
                 .config

@@ -317,7 +317,7 @@ mod fixtures {
                 task: "fetch@^1".to_owned(),
                 ..Default::default()
             }],
-            continue_on_failure: false,
+            ..Default::default()
         }
     }
 

@@ -105,6 +105,63 @@ fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
+/// Refuses inputs (a trial evaluation) that the workflow's declared inputs would refuse at
+/// submit.
+fn check_declared(
+    declared: &[dagmesh_spec::DeclaredInput],
+    inputs: serde_json::Map<String, Json>,
+    workflow: &str,
+    trial: &str,
+) -> Result<(), SchedError> {
+    dagmesh_spec::check_run_inputs(declared, inputs, "inputs")
+        .map(|_| ())
+        .map_err(|errors| {
+            invalid(format!(
+                "the inputs for {trial} do not match what workflow {workflow} declares:\n{errors}"
+            ))
+        })
+}
+
+/// A trigger's input mapping must give every required declared input and nothing undeclared
+/// (the values depend on the event and are checked when one arrives). Without a mapping the
+/// event's payload is the inputs, which only an event can show.
+fn check_mapping(
+    declared: &[dagmesh_spec::DeclaredInput],
+    mapping: &std::collections::HashMap<String, String>,
+    workflow: &str,
+) -> Result<(), SchedError> {
+    if declared.is_empty() || mapping.is_empty() {
+        return Ok(());
+    }
+    let mut problems = Vec::new();
+    for input in declared {
+        if input.default.is_none() && !mapping.contains_key(&input.name) {
+            problems.push(format!(
+                "inputs.{}: required input of type {} is not mapped",
+                input.name, input.kind
+            ));
+        }
+    }
+    let mut extra: Vec<&String> = mapping
+        .keys()
+        .filter(|name| declared.iter().all(|input| &input.name != *name))
+        .collect();
+    extra.sort();
+    for name in extra {
+        problems.push(format!(
+            "inputs.{name}: workflow {workflow} declares no such input"
+        ));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "the input mapping does not match what workflow {workflow} declares:\n{}",
+            problems.join("\n")
+        )))
+    }
+}
+
 fn workflow_ref(name: &str, version: u32) -> Option<submit_run_request::WorkflowRef> {
     Some(submit_run_request::WorkflowRef::Workflow(WorkflowRef {
         name: name.to_owned(),
@@ -287,10 +344,17 @@ impl Scheduler {
     /// Validates and stores a schedule; the loop picks it up at once.
     /// Nothing may be set up to start a workflow (version) that is not registered: it would only
     /// fail later, at 3 a.m., with the reason buried in a log.
-    async fn check_workflow(&self, name: &str, version: u32) -> Result<(), SchedError> {
+    /// Returns the inputs the version declares (the latest, when not pinned).
+    async fn check_workflow(
+        &self,
+        name: &str,
+        version: u32,
+    ) -> Result<Vec<dagmesh_spec::DeclaredInput>, SchedError> {
         let pinned = (version != 0).then_some(version);
         match self.inner.store.get_workflow(name, pinned).await {
-            Ok(_) => Ok(()),
+            Ok(workflow) => Ok(dagmesh_spec::declared_inputs(
+                &workflow.spec.unwrap_or_default(),
+            )),
             Err(dagmesh_metastore::StoreError::NotFound(_)) => Err(SchedError::NotFound(format!(
                 "workflow: {name:?}{} is not registered (apply it first)",
                 pinned.map(|v| format!(" version {v}")).unwrap_or_default()
@@ -309,7 +373,8 @@ impl Scheduler {
             ..schedule
         };
         let ScheduleDef { zone, cron, .. } = validate::schedule(&schedule).map_err(invalid)?;
-        self.check_workflow(&schedule.workflow, schedule.workflow_version)
+        let declared = self
+            .check_workflow(&schedule.workflow, schedule.workflow_version)
             .await?;
         let now = self.inner.clock.now();
         let first = ticks::next_tick(&cron, zone, now)
@@ -317,8 +382,9 @@ impl Scheduler {
         // A trial evaluation with the first tick catches type errors now, not at 3 a.m.
         let tick = Json::String(ticks::local_rfc3339(first, zone));
         let name = Json::String(schedule.name.clone());
-        expr::eval_inputs(&schedule.inputs, &[("tick", &tick), ("schedule", &name)])
+        let trial = expr::eval_inputs(&schedule.inputs, &[("tick", &tick), ("schedule", &name)])
             .map_err(invalid)?;
+        check_declared(&declared, trial, &schedule.workflow, "the first tick")?;
         let schedule = Schedule {
             id: new_id(),
             last_tick: None,
@@ -384,8 +450,10 @@ impl Scheduler {
             ..trigger
         };
         validate::trigger(&trigger).map_err(invalid)?;
-        self.check_workflow(&trigger.workflow, trigger.workflow_version)
+        let declared = self
+            .check_workflow(&trigger.workflow, trigger.workflow_version)
             .await?;
+        check_mapping(&declared, &trigger.inputs, &trigger.workflow)?;
         if !trigger.filter.is_empty() {
             expr::compile(&trigger.filter).map_err(|e| invalid(format!("filter: {e}")))?;
         }
@@ -466,6 +534,26 @@ impl Scheduler {
                 expr::eval_inputs(&trigger.inputs, &variables)
                     .map_err(|e| invalid(format!("trigger {:?}: {e}", trigger.name)))?
             };
+            // Checked before any run starts: one event that does not fit a trigger's workflow
+            // starts nothing, and the caller learns which field is wrong.
+            let pinned = (trigger.workflow_version != 0).then_some(trigger.workflow_version);
+            if let Ok(workflow) = self
+                .inner
+                .store
+                .get_workflow(&trigger.workflow, pinned)
+                .await
+            {
+                let declared = dagmesh_spec::declared_inputs(&workflow.spec.unwrap_or_default());
+                dagmesh_spec::check_run_inputs(&declared, inputs.clone(), "inputs").map_err(
+                    |errors| {
+                        invalid(format!(
+                            "trigger {:?}: the event's inputs do not match what workflow {} \
+                             declares:\n{errors}",
+                            trigger.name, trigger.workflow
+                        ))
+                    },
+                )?;
+            }
             let inputs = inputs_struct(inputs)
                 .map_err(|e| invalid(format!("trigger {:?}: {e}", trigger.name)))?;
             let mut tags = trigger.tags.clone();

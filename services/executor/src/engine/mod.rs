@@ -31,6 +31,7 @@ use crate::plans::{Plan, PlanCache};
 use crate::{ExecError, ExecutorConfig};
 use admission::Admission;
 pub(crate) use run::RunEntry;
+use run::StepRef;
 use timers::{Timer, Timers};
 pub(crate) use workers::{Outbound, Route};
 use workers::{QueuedTask, ReadyQueues, Session, Workers};
@@ -358,7 +359,15 @@ impl Engine {
                 continue;
             }
             find_log_end(&self.store, &mut run).await?;
-            let entry = RunEntry::recover(run, plan, &mut self.ctx);
+            let run_id = run.run_id.clone();
+            let entry = match RunEntry::recover(run, plan, &mut self.ctx) {
+                Ok(entry) => entry,
+                Err(problem) => {
+                    let reason = format!("quarantined at recovery: {problem}");
+                    quarantine(&self.store, &run_id, &reason).await?;
+                    continue;
+                }
+            };
             if let Some(key) = non_empty(&entry.run.idempotency_key) {
                 self.remember_key(key.to_owned(), entry.id.clone());
             }
@@ -512,7 +521,16 @@ impl Engine {
                     self.ctx.reply(reply, Err(error));
                     return;
                 }
-                let mut entry = RunEntry::recover(run, plan, &mut self.ctx);
+                let mut entry = match RunEntry::recover(run, plan, &mut self.ctx) {
+                    Ok(entry) => entry,
+                    Err(problem) => {
+                        let error = ExecError::FailedPrecondition(format!(
+                            "the run cannot be retried: its stored steps are inconsistent: {problem}"
+                        ));
+                        self.ctx.reply(reply, Err(error));
+                        return;
+                    }
+                };
                 entry.buckets = self.buckets_of(&entry);
                 entry.retry(&actor, &mut self.ctx);
                 let id = entry.id.clone();
@@ -587,13 +605,9 @@ impl Engine {
             Command::WaitingReasons { run_id, reply } => {
                 let mut reasons = HashMap::new();
                 if let Some(entry) = self.runs.get(run_id.as_str()) {
-                    for (index, step) in entry.steps.iter().enumerate() {
-                        if step.state() != pb::StepState::Ready {
-                            continue;
-                        }
-                        let route = &entry.plan.routes[index];
-                        if let Some(reason) = self.ctx.workers.waiting_reason(route) {
-                            reasons.insert(step.step_id.clone(), reason);
+                    for (at, step_id) in entry.ready_steps() {
+                        if let Some(reason) = self.ctx.workers.waiting_reason(entry.route(at)) {
+                            reasons.insert(step_id, reason);
                         }
                     }
                 }
@@ -821,11 +835,11 @@ impl Engine {
         self.current(task_id, attempt).is_some()
     }
 
-    /// (run id key, step index) of a task id "<run_id>/<step_id>" of an active run.
-    fn locate(&self, task_id: &str) -> Option<(&Arc<str>, usize)> {
+    /// (run id key, step) of a task id "<run_id>/<step key>" of an active run.
+    fn locate(&self, task_id: &str) -> Option<(&Arc<str>, StepRef)> {
         let (run_id, step_id) = task_id.split_once('/')?;
         let (key, entry) = self.runs.get_key_value(run_id)?;
-        Some((key, *entry.plan.index.get(step_id)?))
+        Some((key, entry.resolve(step_id)?))
     }
 
     fn requeue_lost(&mut self, task_id: &str, attempt: u32, reason: &str) {
@@ -897,11 +911,10 @@ impl Engine {
 
     /// The run and step of a task message, if (task id, attempt) is the step's current attempt
     /// and it is assigned or running.
-    fn current(&self, task_id: &str, attempt: u32) -> Option<(Arc<str>, usize)> {
+    fn current(&self, task_id: &str, attempt: u32) -> Option<(Arc<str>, StepRef)> {
         let (run_id, step) = self.locate(task_id)?;
-        let record = &self.runs[run_id].steps[step];
-        (record.attempt == attempt && run::is_active(record.state()))
-            .then(|| (run_id.clone(), step))
+        let (current, _) = self.runs[run_id].current_attempt(step)?;
+        (current == attempt).then(|| (run_id.clone(), step))
     }
 
     /// Like `current`, and the task is held by `instance`: only the holder's reports count.
@@ -912,9 +925,10 @@ impl Engine {
         instance: &Arc<str>,
         task_id: &str,
         attempt: u32,
-    ) -> Option<(Arc<str>, usize)> {
+    ) -> Option<(Arc<str>, StepRef)> {
         let (run_id, step) = self.current(task_id, attempt)?;
-        (self.runs[&run_id].steps[step].worker == **instance).then_some((run_id, step))
+        let (_, worker) = self.runs[&run_id].current_attempt(step)?;
+        (worker == &**instance).then_some((run_id, step))
     }
 
     fn result(
@@ -941,14 +955,14 @@ impl Engine {
                     .get(instance)
                     .is_some_and(|s| s.draining);
                 let entry = self.runs.get_mut(&run_id).expect("located");
-                let record = &entry.steps[step];
+                let (current, state) = entry.attempt_state(step);
                 // An Assign that crossed the worker's Draining is refused without Started: the
                 // task was handed back, not attempted, and must not count as a failure.
                 let handed_back = held
                     && draining
                     && matches!(&result, Err((_, true)))
-                    && record.attempt == attempt
-                    && record.state() == pb::StepState::Assigned;
+                    && current == attempt
+                    && state == pb::StepState::Assigned;
                 if handed_back {
                     let reason = format!("handed back unstarted by draining worker {instance}");
                     entry.attempt_lost(step, attempt, &reason, &mut self.ctx);
@@ -1037,8 +1051,10 @@ impl Engine {
                 step,
                 attempt,
             } => {
-                if let Some(entry) = self.runs.get_mut(&run_id) {
-                    let route = entry.plan.routes[step].clone();
+                if let Some(entry) = self.runs.get_mut(&run_id)
+                    && entry.has(step)
+                {
+                    let route = entry.route(step).clone();
                     let reason = self.ctx.workers.waiting_reason(&route);
                     entry.schedule_to_start_expired(step, attempt, reason, &mut self.ctx);
                 }
@@ -1236,8 +1252,13 @@ impl Engine {
             }
             return Ok(());
         }
-        let entry = RunEntry::recover(stored, plan, &mut self.ctx);
-        self.adopt(entry);
+        match RunEntry::recover(stored, plan, &mut self.ctx) {
+            Ok(entry) => self.adopt(entry),
+            Err(problem) => {
+                let reason = format!("quarantined: {problem}");
+                quarantine(&store, &run_id, &reason).await?;
+            }
+        }
         Ok(())
     }
 

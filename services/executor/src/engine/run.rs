@@ -1,6 +1,10 @@
-//! One active run in memory: its steps, the outputs that feed later steps, and what changed in
-//! the current batch. Every change marks the step or run dirty and appends an event; the engine
-//! turns those into one commit.
+//! One active run in memory: its step table, the outputs that feed later steps, and what
+//! changed in the current batch. Every change marks the step or run dirty and appends an event;
+//! the engine turns those into one commit.
+//!
+//! The step table holds one slot per step of the plan and, under a map step, one slot per item
+//! of its `for_each` list; a [`StepRef`] names a slot the same way across reloads (see "The run
+//! machine" in ARCHITECTURE.md).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -36,6 +40,14 @@ fn is_terminal(state: StepState) -> bool {
     )
 }
 
+/// An item that has been started and has not ended: it counts against `max_parallel`.
+fn is_started(state: StepState) -> bool {
+    matches!(
+        state,
+        StepState::Ready | StepState::Assigned | StepState::Running | StepState::RetryWait
+    )
+}
+
 pub(crate) fn is_finished(state: RunState) -> bool {
     matches!(
         state,
@@ -51,6 +63,54 @@ fn now() -> prost_types::Timestamp {
 /// is remembered and written when the interval is over, so a flood of Progress messages costs
 /// a handful of rows and the live view still shows the newest value.
 const PROGRESS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// A step of a run: step `spec` of the plan, or item `item` of the map step `spec`. Stable for
+/// the life of the run (items are never removed), so timers and queued tasks carry it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct StepRef {
+    spec: u32,
+    item: u32,
+}
+
+impl StepRef {
+    const NO_ITEM: u32 = u32::MAX;
+
+    pub fn step(spec: usize) -> Self {
+        StepRef {
+            spec: spec as u32,
+            item: Self::NO_ITEM,
+        }
+    }
+
+    pub fn item(spec: usize, item: usize) -> Self {
+        StepRef {
+            spec: spec as u32,
+            item: item as u32,
+        }
+    }
+
+    /// The plan step: the step itself, or the map step of an item.
+    pub fn spec(self) -> usize {
+        self.spec as usize
+    }
+
+    fn item_index(self) -> Option<usize> {
+        (self.item != Self::NO_ITEM).then_some(self.item as usize)
+    }
+}
+
+/// Splits an item's step id `extract[17]` into `("extract", 17)`.
+pub(crate) fn parse_item_key(step_id: &str) -> Option<(&str, usize)> {
+    let (base, rest) = step_id.split_once('[')?;
+    let digits = rest.strip_suffix(']')?;
+    if digits.is_empty() || digits.len() > 5 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    if digits.len() > 1 && digits.starts_with('0') {
+        return None; // one spelling per item
+    }
+    Some((base, digits.parse().ok()?))
+}
 
 /// Log lines one attempt may still write before its cap (see `limits::MAX_LOG_BYTES_PER_ATTEMPT`).
 #[derive(Default)]
@@ -69,35 +129,91 @@ struct ProgressThrottle {
     flush_scheduled: bool,
 }
 
+/// One step of the table.
+struct Slot {
+    row: Step,
+    /// Outputs as JSON once it succeeded, the variable downstream expressions read: an object
+    /// for a task, the list of its items' outputs for a map.
+    output: Option<Json>,
+    /// The attempt whose result was recorded, to tell a duplicate from a stale result.
+    recorded_attempt: u32,
+    dirty: bool,
+    /// A map step once expanded.
+    map: Option<Box<MapState>>,
+}
+
+impl Slot {
+    fn new(row: Step) -> Self {
+        Slot {
+            row,
+            output: None,
+            recorded_attempt: 0,
+            dirty: false,
+            map: None,
+        }
+    }
+}
+
+/// The items of an expanded map step.
+#[derive(Default)]
+struct MapState {
+    items: Vec<Slot>,
+    /// Items waiting for room under `max_parallel`, in item order.
+    pending: VecDeque<u32>,
+    /// Items started and not ended (READY, ASSIGNED, RUNNING, RETRY_WAIT).
+    started: u32,
+    /// Items not ended.
+    unfinished: u32,
+}
+
+impl MapState {
+    /// Recounts from the items' states (after recovery or a retry).
+    fn recount(&mut self) {
+        self.pending = self
+            .items
+            .iter()
+            .enumerate()
+            .filter(|(_, item)| item.row.state() == StepState::Pending)
+            .map(|(i, _)| i as u32)
+            .collect();
+        self.started = self
+            .items
+            .iter()
+            .filter(|item| is_started(item.row.state()))
+            .count() as u32;
+        self.unfinished = self
+            .items
+            .iter()
+            .filter(|item| !is_terminal(item.row.state()))
+            .count() as u32;
+    }
+}
+
 pub(crate) struct RunEntry {
     pub id: Arc<str>,
     /// The run row; its `steps` field stays empty (steps live in `steps`).
     pub run: Run,
     pub plan: Arc<Plan>,
-    pub steps: Vec<Step>,
+    /// One slot per plan step, in plan order; items live under their map step.
+    steps: Vec<Slot>,
     inputs: Map<String, Json>,
-    /// Outputs of succeeded steps as JSON, the variables of downstream expressions.
-    outputs: Vec<Option<Map<String, Json>>>,
-    /// Per step: how many of its needs have not finished yet.
+    /// Per plan step: how many of its needs have not finished yet.
     waiting_on: Vec<u32>,
-    /// Per step: the attempt whose result was recorded, to tell a duplicate from a stale result.
-    recorded_attempt: Vec<u32>,
-    /// Steps not in a terminal state; the run is done when it reaches 0.
+    /// Plan steps not in a terminal state; the run is done when it reaches 0.
     unfinished: usize,
     /// Admission buckets this run occupies while admitted (see `Limits::buckets`).
     pub buckets: Vec<String>,
     /// Whether it holds its buckets (admitted and not yet ended).
     pub admitted: bool,
-    dirty_steps: Vec<usize>,
-    step_dirty: Vec<bool>,
+    dirty_steps: Vec<StepRef>,
     run_dirty: bool,
     events: Vec<RunEvent>,
     trace: Timeline,
     /// Per step (only steps that reported): progress rate limiting, log caps, and why recent
     /// attempts were lost (the history a step fails with at the lost-attempt cap).
-    progress: HashMap<usize, ProgressThrottle>,
-    logs: HashMap<usize, LogBudget>,
-    losses: HashMap<usize, Vec<String>>,
+    progress: HashMap<StepRef, ProgressThrottle>,
+    logs: HashMap<StepRef, LogBudget>,
+    losses: HashMap<StepRef, Vec<String>>,
 }
 
 impl RunEntry {
@@ -126,14 +242,7 @@ impl RunEntry {
             .compiled
             .steps
             .iter()
-            .map(|step| Step {
-                run_id: run_id.clone(),
-                step_id: step.id.clone(),
-                task_id: format!("{run_id}/{}", step.id),
-                state: StepState::Pending as i32,
-                task: step.task.clone(),
-                ..Step::default()
-            })
+            .map(|step| Slot::new(new_row(&run_id, &step.id, &step.task)))
             .collect();
         let run = Run {
             run_id: run_id.clone(),
@@ -149,8 +258,8 @@ impl RunEntry {
             ..Run::default()
         };
         let mut entry = Self::new(run, plan, steps, inputs);
-        for step in 0..entry.steps.len() {
-            entry.mark(step, ctx);
+        for index in 0..entry.steps.len() {
+            entry.mark(StepRef::step(index), ctx);
         }
         entry.emit(
             run_event::Event::RunState(pb::RunStateChanged {
@@ -170,105 +279,159 @@ impl RunEntry {
         self.start(ctx);
     }
 
-    /// Rebuilds a run read from the store. Assigned tasks are held for their worker, which
-    /// keeps them if it reconnects within the lease.
-    pub fn recover(mut run: Run, plan: Arc<Plan>, ctx: &mut Ctx) -> Self {
-        let mut stored: HashMap<String, Step> = std::mem::take(&mut run.steps)
-            .into_iter()
-            .map(|step| (step.step_id.clone(), step))
-            .collect();
-        let steps: Vec<Step> = plan
+    /// Rebuilds a run read from the store: the plan's steps, and the items of expanded map
+    /// steps from their own rows. Assigned tasks are held for their worker, which keeps them if
+    /// it reconnects within the lease. Fails (the caller quarantines the run) when the stored
+    /// items of a map do not match its expansion.
+    pub fn recover(mut run: Run, plan: Arc<Plan>, ctx: &mut Ctx) -> Result<Self, String> {
+        let mut stored: HashMap<String, Step> = HashMap::new();
+        let mut items: HashMap<usize, Vec<(usize, Step)>> = HashMap::new();
+        for step in std::mem::take(&mut run.steps) {
+            if let Some((base, item)) = parse_item_key(&step.step_id) {
+                match plan.index.get(base) {
+                    Some(&spec) if plan.compiled.steps[spec].for_each.is_some() => {
+                        items.entry(spec).or_default().push((item, step));
+                    }
+                    _ => {
+                        tracing::warn!(run_id = %run.run_id, step_id = %step.step_id, "ignoring a stored item of no map step of the plan");
+                    }
+                }
+            } else {
+                stored.insert(step.step_id.clone(), step);
+            }
+        }
+        let mut steps: Vec<Slot> = plan
             .compiled
             .steps
             .iter()
             .map(|step| {
-                stored.remove(&step.id).unwrap_or_else(|| Step {
-                    run_id: run.run_id.clone(),
-                    step_id: step.id.clone(),
-                    task_id: format!("{}/{}", run.run_id, step.id),
-                    state: StepState::Pending as i32,
-                    task: step.task.clone(),
-                    ..Step::default()
-                })
+                Slot::new(
+                    stored
+                        .remove(&step.id)
+                        .unwrap_or_else(|| new_row(&run.run_id, &step.id, &step.task)),
+                )
             })
             .collect();
+        for (spec, mut rows) in items {
+            rows.sort_by_key(|(item, _)| *item);
+            let slot = &mut steps[spec];
+            let expected = slot.row.item_count as usize;
+            let contiguous = rows.iter().enumerate().all(|(i, (item, _))| i == *item);
+            if rows.len() != expected || !contiguous {
+                return Err(format!(
+                    "map step {:?} has {} stored items, expected items 0..{expected}",
+                    slot.row.step_id,
+                    rows.len()
+                ));
+            }
+            let mut map = MapState {
+                items: rows.into_iter().map(|(_, row)| Slot::new(row)).collect(),
+                ..MapState::default()
+            };
+            map.recount();
+            slot.map = Some(Box::new(map));
+        }
+        for (spec, slot) in steps.iter().enumerate() {
+            if plan.compiled.steps[spec].for_each.is_some()
+                && slot.row.item_count > 0
+                && slot.map.is_none()
+            {
+                return Err(format!(
+                    "map step {:?} has none of its {} stored items",
+                    slot.row.step_id, slot.row.item_count
+                ));
+            }
+        }
         let inputs = from_struct(run.inputs.as_ref());
         let mut entry = Self::new(run, plan, steps, inputs);
         let running = entry.run.state() == RunState::Running;
         let mut pending = Vec::new();
-        for index in 0..entry.steps.len() {
-            let step = &entry.steps[index];
-            if step.state() == StepState::Succeeded {
-                entry.outputs[index] = Some(from_struct(step.outputs.as_ref()));
-                entry.recorded_attempt[index] = step.attempt;
+        for at in entry.all_refs() {
+            let is_map = !entry.is_task(at);
+            let slot = entry.slot_mut(at);
+            if slot.row.state() == StepState::Succeeded {
+                slot.output = Some(stored_output(&slot.row, is_map));
+                slot.recorded_attempt = slot.row.attempt;
             }
             if !running {
                 continue;
             }
-            match step.state() {
-                StepState::Ready => entry.enqueue(index, ctx),
+            let state = entry.row(at).state();
+            match state {
+                StepState::Pending if at.item_index().is_none() => pending.push(at.spec()),
+                _ if !entry.is_task(at) => {}
+                StepState::Ready => entry.enqueue(at, ctx),
                 StepState::RetryWait => ctx.timers.schedule(
                     ctx.now,
                     Timer::RetryDue {
                         run_id: entry.id.clone(),
-                        step: index,
-                        attempt: step.attempt,
+                        step: at,
+                        attempt: entry.row(at).attempt,
                     },
                 ),
-                StepState::Assigned | StepState::Running => {
-                    let instance: Arc<str> = Arc::from(step.worker.as_str());
-                    let slots = entry.plan.compiled.steps[index].slots;
-                    let (task_id, attempt) = (step.task_id.clone(), step.attempt);
-                    let now = ctx.now;
-                    let session = ctx
-                        .workers
-                        .sessions
-                        .entry(instance.clone())
-                        .or_insert_with(|| super::Session::new(instance.clone(), now));
-                    // Only the principal that held the attempt may resume the session.
-                    if session.principal.is_none() && !step.worker_principal.is_empty() {
-                        session.principal = Some(Arc::from(step.worker_principal.as_str()));
-                    }
-                    ctx.workers.hold(&instance, task_id, attempt, slots);
-                    let resource = &entry.plan.compiled.steps[index].concurrency_key;
-                    ctx.admission.hold_resource(resource);
-                    ctx.timers
-                        .schedule(ctx.after(ctx.config.lease), Timer::Lease { instance });
-                }
-                StepState::Pending => pending.push(index),
+                StepState::Assigned | StepState::Running => entry.hold_recovered(at, ctx),
                 _ => {}
             }
         }
         entry.recount_waiting();
         if running {
+            for spec in 0..entry.steps.len() {
+                if entry.steps[spec].row.state() == StepState::Running
+                    && entry.steps[spec].map.is_some()
+                {
+                    entry.start_items(spec, ctx);
+                }
+            }
             entry.advance(pending, ctx);
         }
-        entry
+        Ok(entry)
     }
 
-    fn new(run: Run, plan: Arc<Plan>, steps: Vec<Step>, inputs: Map<String, Json>) -> Self {
-        let count = steps.len();
+    /// An ASSIGNED/RUNNING task read back from the store: held for its worker's instance in a
+    /// (possibly disconnected) session.
+    fn hold_recovered(&mut self, at: StepRef, ctx: &mut Ctx) {
+        let spec = &self.plan.compiled.steps[at.spec()];
+        let step = &self.slot(at).row;
+        let instance: Arc<str> = Arc::from(step.worker.as_str());
+        let (task_id, attempt) = (step.task_id.clone(), step.attempt);
+        let now = ctx.now;
+        let session = ctx
+            .workers
+            .sessions
+            .entry(instance.clone())
+            .or_insert_with(|| super::Session::new(instance.clone(), now));
+        // Only the principal that held the attempt may resume the session.
+        if session.principal.is_none() && !step.worker_principal.is_empty() {
+            session.principal = Some(Arc::from(step.worker_principal.as_str()));
+        }
+        ctx.workers.hold(&instance, task_id, attempt, spec.slots);
+        ctx.admission.hold_resource(&spec.concurrency_key);
+        ctx.timers
+            .schedule(ctx.after(ctx.config.lease), Timer::Lease { instance });
+    }
+
+    fn new(run: Run, plan: Arc<Plan>, steps: Vec<Slot>, inputs: Map<String, Json>) -> Self {
         let waiting_on = plan
             .compiled
             .steps
             .iter()
             .map(|step| step.needs.len() as u32)
             .collect();
-        let unfinished = steps_unfinished(&steps);
+        let unfinished = steps
+            .iter()
+            .filter(|slot| !is_terminal(slot.row.state()))
+            .count();
         Self {
             id: Arc::from(run.run_id.as_str()),
             run,
             plan,
             steps,
             inputs,
-            outputs: vec![None; count],
             waiting_on,
-            recorded_attempt: vec![0; count],
             unfinished,
             buckets: Vec::new(),
             admitted: false,
             dirty_steps: Vec::new(),
-            step_dirty: vec![false; count],
             run_dirty: false,
             events: Vec::new(),
             trace: Timeline::default(),
@@ -285,7 +448,7 @@ impl RunEntry {
                 .iter()
                 .filter(|&&need| {
                     !matches!(
-                        self.steps[need].state(),
+                        self.steps[need].row.state(),
                         StepState::Succeeded | StepState::Skipped
                     )
                 })
@@ -293,12 +456,109 @@ impl RunEntry {
         }
     }
 
+    // ---- the table ----
+
+    fn slot(&self, at: StepRef) -> &Slot {
+        slot_of(&self.steps, at)
+    }
+
+    fn slot_mut(&mut self, at: StepRef) -> &mut Slot {
+        let slot = &mut self.steps[at.spec()];
+        match at.item_index() {
+            None => slot,
+            Some(item) => &mut slot.map.as_mut().expect("an item's map is expanded").items[item],
+        }
+    }
+
+    fn row(&self, at: StepRef) -> &Step {
+        &self.slot(at).row
+    }
+
+    fn row_mut(&mut self, at: StepRef) -> &mut Step {
+        &mut self.slot_mut(at).row
+    }
+
+    /// Whether `at` names a slot of this run (a timer or queued task may outlive a reload
+    /// that lost an expansion).
+    pub fn has(&self, at: StepRef) -> bool {
+        match (self.steps.get(at.spec()), at.item_index()) {
+            (Some(_), None) => true,
+            (Some(slot), Some(item)) => slot.map.as_ref().is_some_and(|m| item < m.items.len()),
+            (None, _) => false,
+        }
+    }
+
+    /// Whether `at` is handed to workers (a plain step or an item), not a map step.
+    fn is_task(&self, at: StepRef) -> bool {
+        at.item_index().is_some() || self.plan.compiled.steps[at.spec()].for_each.is_none()
+    }
+
+    /// Every slot: each plan step, then (for a map) its items.
+    fn all_refs(&self) -> Vec<StepRef> {
+        let mut refs = Vec::with_capacity(self.steps.len());
+        for (spec, slot) in self.steps.iter().enumerate() {
+            refs.push(StepRef::step(spec));
+            if let Some(map) = &slot.map {
+                refs.extend((0..map.items.len()).map(|item| StepRef::item(spec, item)));
+            }
+        }
+        refs
+    }
+
+    /// The task step a worker message names by its step id (`thumbs`, `extract[3]`); `None`
+    /// for a map step itself (it is no task) or a step this run does not have.
+    pub fn resolve(&self, step_id: &str) -> Option<StepRef> {
+        let at = match self.plan.index.get(step_id) {
+            Some(&spec) => StepRef::step(spec),
+            None => {
+                let (base, item) = parse_item_key(step_id)?;
+                StepRef::item(*self.plan.index.get(base)?, item)
+            }
+        };
+        (self.has(at) && self.is_task(at)).then_some(at)
+    }
+
+    /// The current attempt of task `at`, if it is assigned or running, and who holds it.
+    pub fn current_attempt(&self, at: StepRef) -> Option<(u32, &str)> {
+        let row = self.row(at);
+        is_active(row.state()).then_some((row.attempt, row.worker.as_str()))
+    }
+
+    /// (attempt, state) of a step.
+    pub fn attempt_state(&self, at: StepRef) -> (u32, StepState) {
+        let row = self.row(at);
+        (row.attempt, row.state())
+    }
+
+    /// The route of a task step (shared by a map's items).
+    pub fn route(&self, at: StepRef) -> &Arc<super::Route> {
+        &self.plan.routes[at.spec()]
+    }
+
+    /// The READY task steps, with their step ids.
+    pub fn ready_steps(&self) -> Vec<(StepRef, String)> {
+        self.all_refs()
+            .into_iter()
+            .filter(|&at| self.is_task(at) && self.row(at).state() == StepState::Ready)
+            .map(|at| (at, self.row(at).step_id.clone()))
+            .collect()
+    }
+
     pub fn snapshot(&self) -> Run {
+        let mut steps = Vec::with_capacity(self.steps.len());
+        for slot in &self.steps {
+            steps.push(slot.row.clone());
+            if let Some(map) = &slot.map {
+                steps.extend(map.items.iter().map(|item| item.row.clone()));
+            }
+        }
         Run {
-            steps: self.steps.clone(),
+            steps,
             ..self.run.clone()
         }
     }
+
+    // ---- moving the DAG ----
 
     /// Makes the steps without needs ready.
     pub fn start(&mut self, ctx: &mut Ctx) {
@@ -309,13 +569,14 @@ impl RunEntry {
     }
 
     /// RetryRun: every step that did not succeed starts over; earlier attempts no longer count
-    /// against the retry policy. The run goes back to QUEUED for admission.
+    /// against the retry policy. A map keeps its expansion: its items that succeeded keep their
+    /// outputs, the others start over. The run goes back to QUEUED for admission.
     pub fn retry(&mut self, actor: &str, ctx: &mut Ctx) {
-        for index in 0..self.steps.len() {
-            let step = &mut self.steps[index];
-            if step.state() == StepState::Succeeded {
+        for at in self.all_refs() {
+            if self.row(at).state() == StepState::Succeeded {
                 continue;
             }
+            let step = self.row_mut(at);
             step.state = StepState::Pending as i32;
             step.lost_attempts = step.attempt;
             step.lost_in_a_row = 0;
@@ -326,10 +587,19 @@ impl RunEntry {
             step.progress = 0.0;
             step.progress_message.clear();
             step.finished_at = None;
-            self.mark(index, ctx);
+            self.mark(at, ctx);
+        }
+        for slot in &mut self.steps {
+            if let Some(map) = &mut slot.map {
+                map.recount();
+            }
         }
         self.recount_waiting();
-        self.unfinished = steps_unfinished(&self.steps);
+        self.unfinished = self
+            .steps
+            .iter()
+            .filter(|slot| !is_terminal(slot.row.state()))
+            .count();
         self.run.retried_by = actor.to_owned();
         self.run.cancelled_by.clear();
         // Back through admission like a new run; the engine queues it.
@@ -337,29 +607,31 @@ impl RunEntry {
         self.run.finished_at = None;
     }
 
-    /// Takes the steps in `work` whose needs are all done and decides: skip, fail or ready.
+    /// Takes the plan steps in `work` whose needs are all done and decides: skip, fail, expand
+    /// (a map) or ready.
     fn advance(&mut self, work: Vec<usize>, ctx: &mut Ctx) {
         let mut work: VecDeque<usize> = work.into();
         while let Some(index) = work.pop_front() {
             if self.run.state() != RunState::Running
-                || self.steps[index].state() != StepState::Pending
+                || self.steps[index].row.state() != StepState::Pending
                 || self.waiting_on[index] != 0
             {
                 continue;
             }
+            let at = StepRef::step(index);
             let plan = self.plan.clone();
             let spec = &plan.compiled.steps[index];
             if let Some(&skipped) = spec
                 .needs
                 .iter()
-                .find(|&&need| self.steps[need].state() == StepState::Skipped)
+                .find(|&&need| self.steps[need].row.state() == StepState::Skipped)
             {
-                let reason = format!("needs skipped step \"{}\"", self.steps[skipped].step_id);
-                self.finish(index, StepState::Skipped, reason, ctx);
+                let reason = format!("needs skipped step \"{}\"", self.steps[skipped].row.step_id);
+                self.finish(at, StepState::Skipped, reason, ctx);
                 work.extend(self.release_dependants(index));
                 continue;
             }
-            let upstream = if spec.when.is_some() || !spec.inputs.is_empty() {
+            let upstream = if spec.when.is_some() || !spec.variables.is_empty() {
                 self.upstream_outputs(index)
             } else {
                 HashMap::new()
@@ -375,37 +647,239 @@ impl RunEntry {
                     Ok(true) => {}
                     Ok(false) => {
                         let reason = "`when` condition is false".to_owned();
-                        self.finish(index, StepState::Skipped, reason, ctx);
+                        self.finish(at, StepState::Skipped, reason, ctx);
                         work.extend(self.release_dependants(index));
                         continue;
                     }
                     Err(error) => {
-                        self.fail_step(index, error.to_string(), ctx);
+                        self.fail_step(at, error.to_string(), ctx);
                         continue;
                     }
                 }
             }
+            if spec.for_each.is_some() {
+                if let Some(released) = self.expand(index, &upstream, &budget, ctx) {
+                    work.extend(released);
+                }
+                continue;
+            }
             let inputs = match spec.evaluate_inputs_with(&self.inputs, &upstream, &budget) {
                 Ok(inputs) => map_to_struct(&inputs),
                 Err(error) => {
-                    self.fail_step(index, error.to_string(), ctx);
+                    self.fail_step(at, error.to_string(), ctx);
                     continue;
                 }
             };
             let field = format!("steps.{}.inputs", spec.id);
             if let Err(error) = check_payload(&field, &inputs, ctx.config.max_payload_bytes) {
-                self.fail_step(index, error.to_string(), ctx);
+                self.fail_step(at, error.to_string(), ctx);
                 continue;
             }
-            self.steps[index].inputs = Some(inputs);
-            self.make_ready(index, ctx);
+            self.steps[index].row.inputs = Some(inputs);
+            self.make_ready(at, ctx);
         }
         self.check_done(ctx);
     }
 
+    /// A map step whose needs are done: evaluates its list and every item's inputs, adds the
+    /// items to the table (all written in this batch's commit) and starts the first
+    /// `max_parallel` of them. A map expanded before (the run was retried) keeps its items.
+    /// Returns the dependants released when the map finished at once (an empty list).
+    fn expand(
+        &mut self,
+        index: usize,
+        upstream: &HashMap<String, Json>,
+        budget: &dagmesh_spec::EvalBudget,
+        ctx: &mut Ctx,
+    ) -> Option<Vec<usize>> {
+        let at = StepRef::step(index);
+        if self.steps[index].map.is_some() {
+            self.steps[index].row.started_at.get_or_insert_with(now);
+            self.set_step_state(at, StepState::Running, ctx);
+            self.start_items(index, ctx);
+            return None;
+        }
+        let plan = self.plan.clone();
+        let spec = &plan.compiled.steps[index];
+        let list = match spec.evaluate_for_each_with(&self.inputs, upstream, budget) {
+            Ok(list) => list,
+            Err(error) => {
+                self.fail_step(at, error.to_string(), ctx);
+                return None;
+            }
+        };
+        let mut items = Vec::with_capacity(list.len());
+        let mut broken = Vec::new();
+        {
+            let mut evaluator = spec.item_inputs(&self.inputs, upstream, budget);
+            for (item, element) in list.iter().enumerate() {
+                let step_id = format!("{}[{item}]", spec.id);
+                let mut row = new_row(&self.run.run_id, &step_id, &spec.task);
+                row.map_step = spec.id.clone();
+                row.item_index = item as u32;
+                let checked = evaluator
+                    .evaluate(element, item)
+                    .map_err(|error| error.to_string())
+                    .map(|inputs| map_to_struct(&inputs))
+                    .and_then(|inputs| {
+                        let field = format!("steps.{step_id}.inputs");
+                        check_payload(&field, &inputs, budget.max_payload_bytes)
+                            .map(|()| inputs)
+                            .map_err(|error| error.to_string())
+                    });
+                match checked {
+                    Ok(inputs) => row.inputs = Some(inputs),
+                    Err(error) => {
+                        row.state = StepState::Failed as i32;
+                        row.error = error;
+                        row.finished_at = Some(now());
+                        broken.push(item);
+                    }
+                }
+                items.push(Slot::new(row));
+            }
+        }
+        let count = items.len();
+        let mut map = MapState {
+            items,
+            ..MapState::default()
+        };
+        map.recount();
+        let slot = &mut self.steps[index];
+        slot.map = Some(Box::new(map));
+        slot.row.item_count = count as u32;
+        slot.row.started_at = Some(now());
+        for item in 0..count {
+            self.mark(StepRef::item(index, item), ctx);
+        }
+        self.set_step_state(at, StepState::Running, ctx);
+        for &item in &broken {
+            let item = StepRef::item(index, item);
+            let step = self.row(item);
+            let event = run_event::Event::StepState(pb::StepStateChanged {
+                step_id: step.step_id.clone(),
+                state: StepState::Failed as i32,
+                attempt: 0,
+                worker: String::new(),
+                error: step.error.clone(),
+            });
+            self.emit(event, ctx);
+        }
+        if let Some(&first) = broken.first()
+            && !spec.continue_on_item_failure
+        {
+            self.map_item_failed(index, first, ctx);
+            return None;
+        }
+        self.start_items(index, ctx);
+        self.complete_map_if_done(index, ctx)
+    }
+
+    /// Starts pending items of map `index` while `max_parallel` allows.
+    fn start_items(&mut self, index: usize, ctx: &mut Ctx) {
+        let limit = match self.plan.compiled.steps[index].max_parallel {
+            0 => u32::MAX,
+            limit => limit,
+        };
+        loop {
+            let Some(map) = self.steps[index].map.as_mut() else {
+                return;
+            };
+            if map.started >= limit {
+                return;
+            }
+            let Some(item) = map.pending.pop_front() else {
+                return;
+            };
+            let at = StepRef::item(index, item as usize);
+            if self.row(at).state() == StepState::Pending {
+                self.make_ready(at, ctx);
+            }
+        }
+    }
+
+    /// An item of map `index` ended (any terminal state): start the next one, fail the map
+    /// (an item failed and failures are not tolerated), or finish the map when it was the last.
+    fn item_ended(&mut self, at: StepRef, ctx: &mut Ctx) {
+        let index = at.spec();
+        if self.run.state() != RunState::Running
+            || self.steps[index].row.state() != StepState::Running
+        {
+            return; // the map is being stopped or already ended
+        }
+        let tolerated = self.plan.compiled.steps[index].continue_on_item_failure;
+        if self.row(at).state() == StepState::Failed && !tolerated {
+            let item = at.item_index().unwrap_or_default();
+            self.map_item_failed(index, item, ctx);
+            return;
+        }
+        self.start_items(index, ctx);
+        if let Some(released) = self.complete_map_if_done(index, ctx) {
+            self.advance(released, ctx);
+        }
+    }
+
+    /// Item `item` of map `index` failed for good and the map does not tolerate it: the map
+    /// fails naming the item, and its other items are cancelled.
+    fn map_item_failed(&mut self, index: usize, item: usize, ctx: &mut Ctx) {
+        let failed = self.row(StepRef::item(index, item));
+        let error = format!("item {item} ({}) failed: {}", failed.step_id, failed.error);
+        self.fail_step(StepRef::step(index), error, ctx);
+        self.cancel_items(index, "another item of the map failed", ctx);
+    }
+
+    /// Cancels every item of map `index` that has not ended.
+    fn cancel_items(&mut self, index: usize, reason: &str, ctx: &mut Ctx) {
+        let count = self.steps[index].map.as_ref().map_or(0, |m| m.items.len());
+        for item in 0..count {
+            self.cancel_step(StepRef::item(index, item), reason, ctx);
+        }
+        if let Some(map) = self.steps[index].map.as_mut() {
+            map.pending.clear();
+        }
+    }
+
+    /// When every item of map `index` has ended: its outputs become the list of the items'
+    /// outputs (a tolerated failure as `{"error": ...}`) and it succeeds. Returns the
+    /// dependants released, for the caller to advance.
+    fn complete_map_if_done(&mut self, index: usize, ctx: &mut Ctx) -> Option<Vec<usize>> {
+        let map = self.steps[index].map.as_ref()?;
+        if map.unfinished > 0 || self.steps[index].row.state() != StepState::Running {
+            return None;
+        }
+        let list: Vec<Json> = map
+            .items
+            .iter()
+            .map(|item| match item.row.state() {
+                StepState::Succeeded => item.output.clone().unwrap_or(Json::Object(Map::new())),
+                _ => serde_json::json!({ "error": item.row.error }),
+            })
+            .collect();
+        let list = Json::Array(list);
+        let mut stored = Map::new();
+        stored.insert("items".to_owned(), list);
+        let outputs = map_to_struct(&stored);
+        let at = StepRef::step(index);
+        let field = format!("steps.{}.outputs", self.steps[index].row.step_id);
+        if let Err(error) = check_payload(&field, &outputs, ctx.config.max_payload_bytes) {
+            self.fail_step(
+                at,
+                format!("the list of its items' outputs is too large: {error}"),
+                ctx,
+            );
+            return None;
+        }
+        let slot = &mut self.steps[index];
+        slot.output = stored.remove("items");
+        slot.row.outputs = Some(outputs);
+        slot.row.progress = 1.0;
+        self.finish(at, StepState::Succeeded, String::new(), ctx);
+        Some(self.release_dependants(index))
+    }
+
     /// Outputs of the upstream steps this step's expressions read (not every ancestor's: a
     /// join after a wide fan-out would clone them all for each evaluation).
-    fn upstream_outputs(&self, index: usize) -> HashMap<String, Map<String, Json>> {
+    fn upstream_outputs(&self, index: usize) -> HashMap<String, Json> {
         self.plan.compiled.steps[index]
             .variables
             .iter()
@@ -415,13 +889,13 @@ impl RunEntry {
                     .plan
                     .index
                     .get(id)
-                    .and_then(|&i| self.outputs[i].clone());
-                (id.clone(), outputs.unwrap_or_default())
+                    .and_then(|&i| self.steps[i].output.clone());
+                (id.clone(), outputs.unwrap_or(Json::Object(Map::new())))
             })
             .collect()
     }
 
-    /// Dependants of `index` whose needs are now all finished.
+    /// Dependants of plan step `index` whose needs are now all finished.
     fn release_dependants(&mut self, index: usize) -> Vec<usize> {
         let mut released = Vec::new();
         for &dependant in &self.plan.compiled.steps[index].dependants {
@@ -433,10 +907,13 @@ impl RunEntry {
         released
     }
 
+    // ---- tasks and attempts ----
+
     /// A new attempt: READY and queued for a worker.
-    fn make_ready(&mut self, index: usize, ctx: &mut Ctx) {
-        self.trace.step_ready(index);
-        let step = &mut self.steps[index];
+    fn make_ready(&mut self, at: StepRef, ctx: &mut Ctx) {
+        self.trace.step_ready(at);
+        let route = self.plan.routes[at.spec()].clone();
+        let step = self.row_mut(at);
         step.attempt += 1;
         step.worker.clear();
         step.worker_principal.clear();
@@ -444,16 +921,15 @@ impl RunEntry {
         step.progress_message.clear();
         let attempt = step.attempt;
         // Say at once when no connected worker can take it (GetRun recomputes it live).
-        let route = &self.plan.routes[index];
-        step.waiting_reason = ctx.workers.waiting_reason(route).unwrap_or_default();
-        self.set_step_state(index, StepState::Ready, ctx);
-        self.enqueue(index, ctx);
-        if let Some(timeout) = self.plan.compiled.steps[index].schedule_to_start_timeout {
+        step.waiting_reason = ctx.workers.waiting_reason(&route).unwrap_or_default();
+        self.set_step_state(at, StepState::Ready, ctx);
+        self.enqueue(at, ctx);
+        if let Some(timeout) = self.plan.compiled.steps[at.spec()].schedule_to_start_timeout {
             ctx.timers.schedule(
                 ctx.after(timeout),
                 Timer::ScheduleToStart {
                     run_id: self.id.clone(),
-                    step: index,
+                    step: at,
                     attempt,
                 },
             );
@@ -464,16 +940,19 @@ impl RunEntry {
     /// waits for a worker, naming what no worker offered.
     pub fn schedule_to_start_expired(
         &mut self,
-        index: usize,
+        at: StepRef,
         attempt: u32,
         waiting_reason: Option<String>,
         ctx: &mut Ctx,
     ) {
-        let step = &self.steps[index];
+        if !self.has(at) {
+            return;
+        }
+        let step = self.row(at);
         if step.state() != StepState::Ready || step.attempt != attempt {
             return;
         }
-        let timeout = self.plan.compiled.steps[index]
+        let timeout = self.plan.compiled.steps[at.spec()]
             .schedule_to_start_timeout
             .unwrap_or_default();
         let mut error = format!(
@@ -483,45 +962,50 @@ impl RunEntry {
         if let Some(reason) = waiting_reason {
             error.push_str(&format!(" ({reason})"));
         }
-        self.fail_step(index, error, ctx);
+        self.fail_step(at, error, ctx);
     }
 
-    fn enqueue(&mut self, index: usize, ctx: &mut Ctx) {
+    fn enqueue(&mut self, at: StepRef, ctx: &mut Ctx) {
         let task = QueuedTask {
             run_id: self.id.clone(),
-            step: index,
-            attempt: self.steps[index].attempt,
+            step: at,
+            attempt: self.row(at).attempt,
         };
-        let priority = self.plan.compiled.steps[index].priority;
-        ctx.queues.push(&self.plan.routes[index], priority, task);
+        let priority = self.plan.compiled.steps[at.spec()].priority;
+        ctx.queues
+            .push(&self.plan.routes[at.spec()], priority, task);
     }
 
     pub fn assign(
         &mut self,
-        index: usize,
+        at: StepRef,
         attempt: u32,
         instance: &Arc<str>,
         version: &str,
         ctx: &mut Ctx,
     ) {
-        let step = &mut self.steps[index];
-        if step.state() != StepState::Ready || step.attempt != attempt {
-            return; // a stale queue entry: the step was cancelled or requeued meanwhile
+        if !self.has(at) {
+            return;
         }
-        self.trace.attempt_assigned(index);
-        step.worker = instance.to_string();
-        step.worker_principal = ctx
+        let principal = ctx
             .workers
             .sessions
             .get(instance)
             .and_then(|session| session.principal.as_deref())
             .unwrap_or_default()
             .to_owned();
+        let step = self.row_mut(at);
+        if step.state() != StepState::Ready || step.attempt != attempt {
+            return; // a stale queue entry: the step was cancelled or requeued meanwhile
+        }
+        step.worker = instance.to_string();
+        step.worker_principal = principal;
         step.task_version = version.to_owned();
         step.waiting_reason.clear();
-        self.set_step_state(index, StepState::Assigned, ctx);
-        let spec = &self.plan.compiled.steps[index];
-        let step = &self.steps[index];
+        self.trace.attempt_assigned(at);
+        self.set_step_state(at, StepState::Assigned, ctx);
+        let spec = &self.plan.compiled.steps[at.spec()];
+        let step = &self.slot(at).row;
         ctx.workers
             .hold(instance, step.task_id.clone(), attempt, spec.slots);
         let deadline = spec.timeout.and_then(|timeout| {
@@ -529,7 +1013,7 @@ impl RunEntry {
                 ctx.after(timeout),
                 Timer::AttemptTimeout {
                     run_id: self.id.clone(),
-                    step: index,
+                    step: at,
                     attempt,
                 },
             );
@@ -552,14 +1036,14 @@ impl RunEntry {
         ctx.send(instance.clone(), server_message::Message::Assign(assign));
     }
 
-    pub fn started(&mut self, index: usize, ctx: &mut Ctx) {
-        if self.steps[index].state() == StepState::Assigned {
-            self.steps[index].started_at = Some(now());
-            self.set_step_state(index, StepState::Running, ctx);
+    pub fn started(&mut self, at: StepRef, ctx: &mut Ctx) {
+        if self.row(at).state() == StepState::Assigned {
+            self.row_mut(at).started_at = Some(now());
+            self.set_step_state(at, StepState::Running, ctx);
         }
     }
 
-    pub fn progress(&mut self, index: usize, progress: pb::TaskProgress, ctx: &mut Ctx) {
+    pub fn progress(&mut self, at: StepRef, progress: pb::TaskProgress, ctx: &mut Ctx) {
         let fraction = if progress.fraction.is_nan() {
             0.0
         } else {
@@ -579,7 +1063,7 @@ impl RunEntry {
                 value.is_finite().then(|| (name.clone(), value))
             })
             .collect();
-        let step = &self.steps[index];
+        let step = &slot_of(&self.steps, at).row;
         let update = pb::StepProgress {
             step_id: step.step_id.clone(),
             attempt: step.attempt,
@@ -587,7 +1071,7 @@ impl RunEntry {
             message,
             metrics,
         };
-        let throttle = self.progress.entry(index).or_default();
+        let throttle = self.progress.entry(at).or_default();
         if throttle.attempt != step.attempt {
             *throttle = ProgressThrottle {
                 attempt: step.attempt,
@@ -602,7 +1086,7 @@ impl RunEntry {
             None => {
                 throttle.last_emit = Some(ctx.now);
                 throttle.pending = None;
-                self.emit_progress(index, update, ctx);
+                self.emit_progress(at, update, ctx);
             }
             Some(next) => {
                 throttle.pending = Some(update);
@@ -611,7 +1095,7 @@ impl RunEntry {
                         next,
                         Timer::ProgressFlush {
                             run_id: self.id.clone(),
-                            step: index,
+                            step: at,
                             attempt: step.attempt,
                         },
                     );
@@ -621,8 +1105,8 @@ impl RunEntry {
     }
 
     /// Writes the latest progress held back by the rate limit, if the attempt is still on.
-    pub fn flush_progress(&mut self, index: usize, attempt: u32, ctx: &mut Ctx) {
-        let Some(throttle) = self.progress.get_mut(&index) else {
+    pub fn flush_progress(&mut self, at: StepRef, attempt: u32, ctx: &mut Ctx) {
+        let Some(throttle) = self.progress.get_mut(&at) else {
             return;
         };
         if throttle.attempt != attempt {
@@ -632,27 +1116,27 @@ impl RunEntry {
         let Some(update) = throttle.pending.take() else {
             return;
         };
-        let step = &self.steps[index];
+        let step = &slot_of(&self.steps, at).row;
         if step.attempt != attempt || !is_active(step.state()) {
             return;
         }
         throttle.last_emit = Some(ctx.now);
-        self.emit_progress(index, update, ctx);
+        self.emit_progress(at, update, ctx);
     }
 
-    fn emit_progress(&mut self, index: usize, update: pb::StepProgress, ctx: &mut Ctx) {
-        let step = &mut self.steps[index];
+    fn emit_progress(&mut self, at: StepRef, update: pb::StepProgress, ctx: &mut Ctx) {
+        let step = self.row_mut(at);
         step.progress = update.fraction;
         step.progress_message = update.message.clone();
-        self.mark(index, ctx);
+        self.mark(at, ctx);
         self.emit(run_event::Event::StepProgress(update), ctx);
     }
 
     /// Task log lines, capped per line, per message and per attempt; every cut is marked.
-    pub fn log(&mut self, index: usize, log: pb::TaskLog, ctx: &mut Ctx) {
-        let step = &self.steps[index];
+    pub fn log(&mut self, at: StepRef, log: pb::TaskLog, ctx: &mut Ctx) {
+        let step = &slot_of(&self.steps, at).row;
         let attempt = step.attempt;
-        let budget = self.logs.entry(index).or_default();
+        let budget = self.logs.entry(at).or_default();
         if budget.attempt != attempt {
             *budget = LogBudget {
                 attempt,
@@ -713,15 +1197,13 @@ impl RunEntry {
     /// when it is the same worker repeating the result that was recorded for it.
     pub fn unheld_result(
         &self,
-        index: usize,
+        at: StepRef,
         attempt: u32,
         instance: &str,
     ) -> (RecordOutcome, String) {
-        let step = &self.steps[index];
-        if self.recorded_attempt[index] == attempt
-            && step.attempt == attempt
-            && step.worker == instance
-        {
+        let slot = self.slot(at);
+        let step = &slot.row;
+        if slot.recorded_attempt == attempt && step.attempt == attempt && step.worker == instance {
             return (RecordOutcome::Duplicate, String::new());
         }
         let detail = format!(
@@ -737,14 +1219,15 @@ impl RunEntry {
     /// A worker's Completed or Failed for (step, attempt).
     pub fn record_result(
         &mut self,
-        index: usize,
+        at: StepRef,
         attempt: u32,
         result: Result<prost_types::Struct, (String, bool)>,
         ctx: &mut Ctx,
     ) -> (RecordOutcome, String) {
-        let step = &self.steps[index];
+        let slot = self.slot(at);
+        let step = &slot.row;
         if step.attempt != attempt || !is_active(step.state()) {
-            if self.recorded_attempt[index] == attempt {
+            if slot.recorded_attempt == attempt {
                 return (RecordOutcome::Duplicate, String::new());
             }
             let detail = format!(
@@ -755,74 +1238,78 @@ impl RunEntry {
             );
             return (RecordOutcome::Stale, detail);
         }
-        self.recorded_attempt[index] = attempt;
-        self.steps[index].lost_in_a_row = 0;
+        let slot = self.slot_mut(at);
+        slot.recorded_attempt = attempt;
+        slot.row.lost_in_a_row = 0;
         // The last progress held back by the rate limit goes out before the result, so the
         // log ends with what the worker last said.
-        if let Some(throttle) = self.progress.get_mut(&index)
+        if let Some(throttle) = self.progress.get_mut(&at)
             && throttle.attempt == attempt
             && let Some(update) = throttle.pending.take()
         {
-            self.emit_progress(index, update, ctx);
+            self.emit_progress(at, update, ctx);
         }
         match result {
             Ok(outputs) => {
-                let field = format!("steps.{}.outputs", self.steps[index].step_id);
+                let field = format!("steps.{}.outputs", self.row(at).step_id);
                 match check_payload(&field, &outputs, ctx.config.max_payload_bytes) {
-                    Err(error) => self.attempt_failed(index, error.to_string(), false, ctx),
-                    Ok(()) => self.succeed(index, outputs, ctx),
+                    Err(error) => self.attempt_failed(at, error.to_string(), false, ctx),
+                    Ok(()) => self.succeed(at, outputs, ctx),
                 }
             }
-            Err((error, retryable)) => self.attempt_failed(index, error, retryable, ctx),
+            Err((error, retryable)) => self.attempt_failed(at, error, retryable, ctx),
         }
         (RecordOutcome::Accepted, String::new())
     }
 
-    fn succeed(&mut self, index: usize, outputs: prost_types::Struct, ctx: &mut Ctx) {
-        self.outputs[index] = Some(from_struct(Some(&outputs)));
-        let step = &mut self.steps[index];
-        step.outputs = Some(outputs);
-        step.progress = 1.0;
+    fn succeed(&mut self, at: StepRef, outputs: prost_types::Struct, ctx: &mut Ctx) {
+        let slot = self.slot_mut(at);
+        slot.output = Some(Json::Object(from_struct(Some(&outputs))));
+        slot.row.outputs = Some(outputs);
+        slot.row.progress = 1.0;
+        let ended = AttemptEnd::Succeeded;
         self.trace
-            .attempt_ended(&self.run, &self.steps[index], index, AttemptEnd::Succeeded);
-        self.finish(index, StepState::Succeeded, String::new(), ctx);
-        let released = self.release_dependants(index);
-        self.advance(released, ctx);
+            .attempt_ended(&self.run, &slot_of(&self.steps, at).row, at, ended);
+        self.finish(at, StepState::Succeeded, String::new(), ctx);
+        if at.item_index().is_none() {
+            let released = self.release_dependants(at.spec());
+            self.advance(released, ctx);
+        }
     }
 
     /// A failed attempt that counts against the retry policy.
-    fn attempt_failed(&mut self, index: usize, error: String, retryable: bool, ctx: &mut Ctx) {
+    fn attempt_failed(&mut self, at: StepRef, error: String, retryable: bool, ctx: &mut Ctx) {
         let failed = AttemptEnd::Failed(&error);
         self.trace
-            .attempt_ended(&self.run, &self.steps[index], index, failed);
-        let spec = &self.plan.compiled.steps[index];
-        let step = &self.steps[index];
+            .attempt_ended(&self.run, &slot_of(&self.steps, at).row, at, failed);
+        let spec = &self.plan.compiled.steps[at.spec()];
+        let step = self.row(at);
         let counted = step.attempt.saturating_sub(step.lost_attempts);
         if !spec.retry.should_retry(counted, retryable) {
-            self.fail_step(index, error, ctx);
+            self.fail_step(at, error, ctx);
             return;
         }
         let delay = spec.retry.backoff(counted, rand::random::<f64>());
         let attempt = step.attempt;
         let due = ctx.after(delay);
-        self.steps[index].error = format!(
+        self.row_mut(at).error = format!(
             "attempt {attempt} failed: {error} (next attempt in {})",
             humanize(delay)
         );
-        self.set_step_state(index, StepState::RetryWait, ctx);
+        self.set_step_state(at, StepState::RetryWait, ctx);
         ctx.timers.schedule(
             due,
             Timer::RetryDue {
                 run_id: self.id.clone(),
-                step: index,
+                step: at,
                 attempt,
             },
         );
     }
 
     /// The worker of (step, attempt) was lost: a new attempt, not counted against the policy.
-    pub fn attempt_lost(&mut self, index: usize, attempt: u32, reason: &str, ctx: &mut Ctx) {
-        let step = &mut self.steps[index];
+    pub fn attempt_lost(&mut self, at: StepRef, attempt: u32, reason: &str, ctx: &mut Ctx) {
+        let step = self.row_mut(at);
         if step.attempt != attempt || !is_active(step.state()) {
             return;
         }
@@ -832,8 +1319,8 @@ impl RunEntry {
         let lost_in_a_row = step.lost_in_a_row;
         let lost = AttemptEnd::Lost(reason);
         self.trace
-            .attempt_ended(&self.run, &self.steps[index], index, lost);
-        let history = self.losses.entry(index).or_default();
+            .attempt_ended(&self.run, &slot_of(&self.steps, at).row, at, lost);
+        let history = self.losses.entry(at).or_default();
         history.push(format!("attempt {attempt}: {reason}"));
         if history.len() > 5 {
             history.remove(0);
@@ -842,54 +1329,67 @@ impl RunEntry {
         if lost_in_a_row >= cap {
             // A task that takes its worker down every time (or a result that can never be
             // delivered) must not go round forever.
-            let history = self.losses.remove(&index).unwrap_or_default();
+            let history = self.losses.remove(&at).unwrap_or_default();
             let error = format!(
                 "lost {lost_in_a_row} attempts in a row (the limit is {cap}, \
                  --max-lost-attempts): {}",
                 history.join("; ")
             );
-            self.fail_step(index, error, ctx);
+            self.fail_step(at, error, ctx);
             return;
         }
-        self.make_ready(index, ctx);
+        self.make_ready(at, ctx);
     }
 
-    pub fn retry_due(&mut self, index: usize, attempt: u32, ctx: &mut Ctx) {
-        let step = &self.steps[index];
+    pub fn retry_due(&mut self, at: StepRef, attempt: u32, ctx: &mut Ctx) {
+        if !self.has(at) {
+            return;
+        }
+        let step = self.row(at);
         if step.state() == StepState::RetryWait && step.attempt == attempt {
-            self.make_ready(index, ctx);
+            self.make_ready(at, ctx);
         }
     }
 
-    pub fn timed_out(&mut self, index: usize, attempt: u32, ctx: &mut Ctx) {
-        let step = &mut self.steps[index];
+    pub fn timed_out(&mut self, at: StepRef, attempt: u32, ctx: &mut Ctx) {
+        if !self.has(at) {
+            return;
+        }
+        let step = self.row_mut(at);
         if step.attempt != attempt || !is_active(step.state()) {
             return;
         }
         step.lost_in_a_row = 0;
-        let step = &self.steps[index];
-        let timeout = self.plan.compiled.steps[index].timeout.unwrap_or_default();
+        let step = self.row(at);
+        let timeout = self.plan.compiled.steps[at.spec()]
+            .timeout
+            .unwrap_or_default();
         let reason = format!("timed out after {}", humanize(timeout));
         // The worker keeps the slot until it answers the Cancel with a (stale) result.
         ctx.send(
             Arc::from(step.worker.as_str()),
             cancel_message(&step.task_id, attempt, &reason),
         );
-        self.attempt_failed(index, reason, true, ctx);
+        self.attempt_failed(at, reason, true, ctx);
     }
 
-    fn fail_step(&mut self, index: usize, error: String, ctx: &mut Ctx) {
-        self.finish(index, StepState::Failed, error.clone(), ctx);
-        let step_id = self.steps[index].step_id.clone();
+    /// A step failed for good. An item tells its map; a plan step fails the run, or with the
+    /// workflow's `continue_on_failure` cancels only what depends on it.
+    fn fail_step(&mut self, at: StepRef, error: String, ctx: &mut Ctx) {
+        self.finish(at, StepState::Failed, error.clone(), ctx);
+        if at.item_index().is_some() {
+            return; // `finish` told the map (see `item_ended`)
+        }
+        let step_id = self.row(at).step_id.clone();
         if self.plan.compiled.spec.continue_on_failure {
             // Only what depends on the failed step is given up; other branches go on.
             let plan = self.plan.clone();
-            let mut work = vec![index];
+            let mut work = vec![at.spec()];
             while let Some(failed) = work.pop() {
                 for &dependant in &plan.compiled.steps[failed].dependants {
-                    if !is_terminal(self.steps[dependant].state()) {
+                    if !is_terminal(self.steps[dependant].row.state()) {
                         let reason = format!("upstream step \"{step_id}\" failed");
-                        self.finish(dependant, StepState::Cancelled, reason, ctx);
+                        self.finish(StepRef::step(dependant), StepState::Cancelled, reason, ctx);
                         work.push(dependant);
                     }
                 }
@@ -912,24 +1412,31 @@ impl RunEntry {
         self.stop(RunState::Cancelled, &reason, actor, ctx);
     }
 
-    /// Ends the run now: every unfinished step is cancelled, running ones get Cancel.
+    /// Ends the run now: every unfinished step is cancelled, running ones get Cancel. A map
+    /// step ends before its items, so that they do not start one another.
     fn stop(&mut self, state: RunState, reason: &str, actor: &str, ctx: &mut Ctx) {
-        for index in 0..self.steps.len() {
-            let step = &self.steps[index];
-            if is_terminal(step.state()) {
-                continue;
-            }
-            if is_active(step.state()) {
-                ctx.send(
-                    Arc::from(step.worker.as_str()),
-                    cancel_message(&step.task_id, step.attempt, reason),
-                );
-                let cancelled = AttemptEnd::Cancelled(reason);
-                self.trace.attempt_ended(&self.run, step, index, cancelled);
-            }
-            self.finish(index, StepState::Cancelled, reason.to_owned(), ctx);
+        for at in self.all_refs() {
+            self.cancel_step(at, reason, ctx);
         }
         self.set_run_state_by(state, reason.to_owned(), actor, ctx);
+    }
+
+    /// Cancels one step if it has not ended; its worker (if any) gets Cancel.
+    fn cancel_step(&mut self, at: StepRef, reason: &str, ctx: &mut Ctx) {
+        let is_task = self.is_task(at);
+        let step = &slot_of(&self.steps, at).row;
+        if is_terminal(step.state()) {
+            return;
+        }
+        if is_task && is_active(step.state()) {
+            ctx.send(
+                Arc::from(step.worker.as_str()),
+                cancel_message(&step.task_id, step.attempt, reason),
+            );
+            let cancelled = AttemptEnd::Cancelled(reason);
+            self.trace.attempt_ended(&self.run, step, at, cancelled);
+        }
+        self.finish(at, StepState::Cancelled, reason.to_owned(), ctx);
     }
 
     fn check_done(&mut self, ctx: &mut Ctx) {
@@ -939,40 +1446,60 @@ impl RunEntry {
         let failed = self
             .steps
             .iter()
-            .find(|step| matches!(step.state(), StepState::Failed | StepState::Cancelled));
+            .find(|slot| matches!(slot.row.state(), StepState::Failed | StepState::Cancelled));
         match failed {
-            Some(step) => {
-                let error = format!("step \"{}\" failed: {}", step.step_id, step.error);
+            Some(slot) => {
+                let error = format!("step \"{}\" failed: {}", slot.row.step_id, slot.row.error);
                 self.set_run_state(RunState::Failed, error, ctx);
             }
             None => self.set_run_state(RunState::Succeeded, String::new(), ctx),
         }
     }
 
-    fn finish(&mut self, index: usize, state: StepState, error: String, ctx: &mut Ctx) {
-        let step = &mut self.steps[index];
+    fn finish(&mut self, at: StepRef, state: StepState, error: String, ctx: &mut Ctx) {
+        let step = self.row_mut(at);
         step.error = error;
         step.finished_at = Some(now());
-        self.set_step_state(index, state, ctx);
-        self.trace.step_ended(&self.run, &self.steps[index], index);
+        self.set_step_state(at, state, ctx);
+        self.trace
+            .step_ended(&self.run, &slot_of(&self.steps, at).row, at);
+        if at.item_index().is_some() {
+            self.item_ended(at, ctx);
+        }
     }
 
-    fn set_step_state(&mut self, index: usize, state: StepState, ctx: &mut Ctx) {
-        let step = &mut self.steps[index];
-        match (is_terminal(step.state()), is_terminal(state)) {
-            (false, true) => self.unfinished -= 1,
-            (true, false) => self.unfinished += 1,
+    fn set_step_state(&mut self, at: StepRef, state: StepState, ctx: &mut Ctx) {
+        let is_task = self.is_task(at);
+        let before = self.row(at).state();
+        match (at.item_index(), is_terminal(before), is_terminal(state)) {
+            (None, false, true) => self.unfinished -= 1,
+            (None, true, false) => self.unfinished += 1,
             _ => {}
         }
-        // A step holds its shared resource while an attempt is assigned or running.
-        if is_active(step.state()) != is_active(state) {
-            let resource = &self.plan.compiled.steps[index].concurrency_key;
+        if at.item_index().is_some()
+            && let Some(map) = self.steps[at.spec()].map.as_mut()
+        {
+            match (is_terminal(before), is_terminal(state)) {
+                (false, true) => map.unfinished -= 1,
+                (true, false) => map.unfinished += 1,
+                _ => {}
+            }
+            match (is_started(before), is_started(state)) {
+                (false, true) => map.started += 1,
+                (true, false) => map.started -= 1,
+                _ => {}
+            }
+        }
+        // A task holds its shared resource while an attempt is assigned or running.
+        if is_task && is_active(before) != is_active(state) {
+            let resource = &self.plan.compiled.steps[at.spec()].concurrency_key;
             if is_active(state) {
                 ctx.admission.hold_resource(resource);
             } else {
                 ctx.admission.release_resource(resource);
             }
         }
+        let step = self.row_mut(at);
         step.state = state as i32;
         let event = run_event::Event::StepState(pb::StepStateChanged {
             step_id: step.step_id.clone(),
@@ -990,7 +1517,7 @@ impl RunEntry {
                 step.error.clone()
             },
         });
-        self.mark(index, ctx);
+        self.mark(at, ctx);
         self.emit(event, ctx);
     }
 
@@ -1019,10 +1546,11 @@ impl RunEntry {
         );
     }
 
-    fn mark(&mut self, index: usize, ctx: &mut Ctx) {
-        if !self.step_dirty[index] {
-            self.step_dirty[index] = true;
-            self.dirty_steps.push(index);
+    fn mark(&mut self, at: StepRef, ctx: &mut Ctx) {
+        let slot = self.slot_mut(at);
+        if !slot.dirty {
+            slot.dirty = true;
+            self.dirty_steps.push(at);
         }
         ctx.touch(&self.id);
     }
@@ -1042,11 +1570,12 @@ impl RunEntry {
     /// Lets go of what this run holds in the engine (worker slots, resources, admission),
     /// without writing anything: its memory is about to be replaced by what the store holds.
     pub fn abandon(self, ctx: &mut Ctx) {
-        for (index, step) in self.steps.iter().enumerate() {
-            if is_active(step.state()) {
+        for at in self.all_refs() {
+            let step = self.row(at);
+            if self.is_task(at) && is_active(step.state()) {
                 ctx.workers
                     .release(&step.worker, &step.task_id, step.attempt);
-                let resource = &self.plan.compiled.steps[index].concurrency_key;
+                let resource = &self.plan.compiled.steps[at.spec()].concurrency_key;
                 ctx.admission.release_resource(resource);
             }
         }
@@ -1063,15 +1592,52 @@ impl RunEntry {
         if std::mem::take(&mut self.run_dirty) {
             out.push(put(mutation::Mutation::PutRun(self.run.clone())));
         }
-        for index in self.dirty_steps.drain(..) {
-            self.step_dirty[index] = false;
-            out.push(put(mutation::Mutation::PutStep(self.steps[index].clone())));
+        for at in std::mem::take(&mut self.dirty_steps) {
+            let slot = self.slot_mut(at);
+            slot.dirty = false;
+            out.push(put(mutation::Mutation::PutStep(slot.row.clone())));
         }
         out.extend(
             self.events
                 .drain(..)
                 .map(|event| put(mutation::Mutation::AppendEvent(event))),
         );
+    }
+}
+
+/// The slot `at` names in `steps` (a free function, so that other fields can be borrowed
+/// beside it). `at` must be in the table (see [`RunEntry::has`]).
+fn slot_of(steps: &[Slot], at: StepRef) -> &Slot {
+    let slot = &steps[at.spec()];
+    match at.item_index() {
+        None => slot,
+        Some(item) => &slot.map.as_ref().expect("an item's map is expanded").items[item],
+    }
+}
+
+/// A new PENDING row.
+fn new_row(run_id: &str, step_id: &str, task: &str) -> Step {
+    Step {
+        run_id: run_id.to_owned(),
+        step_id: step_id.to_owned(),
+        task_id: format!("{run_id}/{step_id}"),
+        state: StepState::Pending as i32,
+        task: task.to_owned(),
+        ..Step::default()
+    }
+}
+
+/// What downstream expressions read of a succeeded step read back from the store: its outputs,
+/// or for a map step the list stored under `items`.
+fn stored_output(row: &Step, is_map: bool) -> Json {
+    let mut outputs = from_struct(row.outputs.as_ref());
+    if is_map {
+        outputs
+            .remove("items")
+            .filter(Json::is_array)
+            .unwrap_or(Json::Array(Vec::new()))
+    } else {
+        Json::Object(outputs)
     }
 }
 
@@ -1083,13 +1649,27 @@ fn marker_line(text: String) -> pb::LogLine {
     }
 }
 
-fn steps_unfinished(steps: &[Step]) -> usize {
-    steps
-        .iter()
-        .filter(|step| !is_terminal(step.state()))
-        .count()
-}
-
 fn state_name(state: StepState) -> &'static str {
     state.as_str_name().trim_start_matches("STEP_STATE_")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_item_key;
+
+    #[test]
+    fn item_keys_have_one_spelling() {
+        assert_eq!(parse_item_key("extract[17]"), Some(("extract", 17)));
+        assert_eq!(parse_item_key("extract[0]"), Some(("extract", 0)));
+        for bad in [
+            "extract",
+            "extract[]",
+            "extract[01]",
+            "extract[-1]",
+            "extract[1]x",
+            "e[123456]",
+        ] {
+            assert_eq!(parse_item_key(bad), None, "{bad}");
+        }
+    }
 }

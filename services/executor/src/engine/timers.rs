@@ -7,30 +7,32 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
+use super::run::StepRef;
+
 #[derive(Debug, Clone)]
 pub(crate) enum Timer {
     /// A step's backoff after a failed attempt is over.
     RetryDue {
         run_id: Arc<str>,
-        step: usize,
+        step: StepRef,
         attempt: u32,
     },
     /// An attempt's deadline (StepSpec.timeout) has passed.
     AttemptTimeout {
         run_id: Arc<str>,
-        step: usize,
+        step: StepRef,
         attempt: u32,
     },
     /// A READY attempt's schedule-to-start timeout (StepSpec.schedule_to_start_timeout).
     ScheduleToStart {
         run_id: Arc<str>,
-        step: usize,
+        step: StepRef,
         attempt: u32,
     },
     /// Write the latest progress of a step that reported faster than events are kept.
     ProgressFlush {
         run_id: Arc<str>,
-        step: usize,
+        step: StepRef,
         attempt: u32,
     },
     /// Check whether a worker has been silent for a whole lease.

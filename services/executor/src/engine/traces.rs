@@ -20,6 +20,7 @@
 //! their spans then start when the current attempt started. A run retried with RetryRun emits
 //! its run span (and the spans of re-run steps) again with the same ids.
 
+use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::SystemTime;
 
@@ -31,6 +32,8 @@ use opentelemetry::trace::{
     TraceFlags, TraceId, TraceState, Tracer as _,
 };
 use opentelemetry::{Context, InstrumentationScope, KeyValue};
+
+use super::run::StepRef;
 
 /// The W3C `traceparent` of an attempt: the run's trace, the attempt's span, sampled.
 pub(crate) fn traceparent(run_id: &str, step_id: &str, attempt: u32) -> String {
@@ -54,33 +57,34 @@ pub(crate) enum AttemptEnd<'a> {
 /// spans need that the step rows do not keep. Empty (no allocation) while traces are off.
 #[derive(Default)]
 pub(crate) struct Timeline {
-    step_start: Vec<Option<SystemTime>>,
-    attempt_start: Vec<Option<SystemTime>>,
+    step_start: HashMap<StepRef, SystemTime>,
+    attempt_start: HashMap<StepRef, SystemTime>,
 }
 
 impl Timeline {
-    /// A new attempt of step `index` is READY; the first one starts the step span.
-    pub fn step_ready(&mut self, index: usize) {
+    /// A new attempt of `step` is READY; the first one starts the step span.
+    pub fn step_ready(&mut self, step: StepRef) {
         if traces_enabled() {
-            slot(&mut self.step_start, index).get_or_insert_with(SystemTime::now);
+            self.step_start.entry(step).or_insert_with(SystemTime::now);
         }
     }
 
-    /// The current attempt of step `index` was sent to a worker: its span starts.
-    pub fn attempt_assigned(&mut self, index: usize) {
+    /// The current attempt of `step` was sent to a worker: its span starts.
+    pub fn attempt_assigned(&mut self, step: StepRef) {
         if traces_enabled() {
-            *slot(&mut self.attempt_start, index) = Some(SystemTime::now());
+            self.attempt_start.insert(step, SystemTime::now());
         }
     }
 
     /// The current attempt of `step` (still naming its worker) ended.
-    pub fn attempt_ended(&mut self, run: &Run, step: &Step, index: usize, end: AttemptEnd<'_>) {
+    pub fn attempt_ended(&mut self, run: &Run, step: &Step, at: StepRef, end: AttemptEnd<'_>) {
         if !traces_enabled() {
             return;
         }
         let now = SystemTime::now();
-        let start = slot(&mut self.attempt_start, index)
-            .take()
+        let start = self
+            .attempt_start
+            .remove(&at)
             .or_else(|| started_at(step))
             .unwrap_or(now);
         let (state, status) = match end {
@@ -116,14 +120,15 @@ impl Timeline {
         });
     }
 
-    /// Step `index` reached a terminal state (its attempts, if any, ended before).
-    pub fn step_ended(&mut self, run: &Run, step: &Step, index: usize) {
+    /// Step `at` reached a terminal state (its attempts, if any, ended before).
+    pub fn step_ended(&mut self, run: &Run, step: &Step, at: StepRef) {
         if !traces_enabled() {
             return;
         }
         let now = SystemTime::now();
-        let start = slot(&mut self.step_start, index)
-            .take()
+        let start = self
+            .step_start
+            .remove(&at)
             .or_else(|| started_at(step))
             .unwrap_or(now);
         let state = step.state();
@@ -261,13 +266,6 @@ fn started_at(step: &Step) -> Option<SystemTime> {
 
 fn state_name(name: &'static str, prefix: &str) -> String {
     name.trim_start_matches(prefix).to_ascii_lowercase()
-}
-
-fn slot(times: &mut Vec<Option<SystemTime>>, index: usize) -> &mut Option<SystemTime> {
-    if times.len() <= index {
-        times.resize(index + 1, None);
-    }
-    &mut times[index]
 }
 
 /// The run id's 16 UUID bytes (run ids are UUIDv7); any other id is hashed to 16 bytes.

@@ -10,6 +10,8 @@ use semver::{Version, VersionReq};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::run::StepRef;
+
 pub(crate) type Outbound = mpsc::UnboundedSender<Result<ServerMessage, tonic::Status>>;
 
 /// What a task needs from a worker. Steps with equal routes share one queue, so dispatch looks
@@ -29,7 +31,7 @@ pub(crate) struct Route {
 #[derive(Debug, Clone)]
 pub(crate) struct QueuedTask {
     pub run_id: Arc<str>,
-    pub step: usize,
+    pub step: StepRef,
     pub attempt: u32,
 }
 

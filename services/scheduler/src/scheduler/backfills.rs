@@ -50,9 +50,22 @@ impl Scheduler {
             ..backfill
         };
         let def = validate::backfill(&backfill).map_err(invalid)?;
-        self.check_workflow(&backfill.workflow, backfill.workflow_version)
+        let declared = self
+            .check_workflow(&backfill.workflow, backfill.workflow_version)
             .await?;
         expr::check_inputs(&backfill.inputs).map_err(invalid)?;
+        // A trial with the first partition: a backfill whose runs would all be refused is
+        // refused now, naming the input.
+        if let Some((start, end)) = def.partitions.get(0) {
+            let partition = serde_json::json!({
+                "start": ticks::local_rfc3339(start, def.zone),
+                "end": ticks::local_rfc3339(end, def.zone),
+                "index": 0,
+            });
+            let trial = expr::eval_inputs(&backfill.inputs, &[("partition", &partition)])
+                .map_err(invalid)?;
+            super::check_declared(&declared, trial, &backfill.workflow, "the first partition")?;
+        }
         let total = def.partitions.total();
         let backfill = Backfill {
             total,

@@ -1,0 +1,508 @@
+//! Dynamic workflows end to end: map steps (`for_each`) and typed run inputs, through the
+//! mesh on real sockets with SDK workers and raw protocol workers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use dagmesh_integration_tests::*;
+use dagmesh_proto::v1::{
+    self as pb, InputSpec, RunState, StepState, SubmitRunRequest,
+    run_service_client::RunServiceClient, submit_run_request,
+};
+use dagmesh_sdk::{Client, SubmitRun, TaskContext, TaskError, Worker};
+use serde_json::{Value, json};
+
+fn step_of<'a>(run: &'a pb::Run, step: &str) -> &'a pb::Step {
+    run.steps
+        .iter()
+        .find(|s| s.step_id == step)
+        .unwrap_or_else(|| panic!("run has no step {step}"))
+}
+
+fn outputs(run: &pb::Run, step: &str) -> Value {
+    Value::Object(dagmesh_proto::json::from_struct(
+        step_of(run, step).outputs.as_ref(),
+    ))
+}
+
+fn map_step(
+    id: &str,
+    task: &str,
+    needs: &[&str],
+    for_each: &str,
+    inputs: &[(&str, &str)],
+) -> pb::StepSpec {
+    pb::StepSpec {
+        for_each: for_each.into(),
+        ..step(id, task, needs, inputs)
+    }
+}
+
+/// `list` returns `{"items": [0, 1, ..., n-1]}`; `square` returns `{"square": x*x}` after a
+/// short sleep, counting how many run at once; `sum` adds up `values`.
+async fn spawn_map_workers(sandbox: &Sandbox, peak: Arc<AtomicU32>) -> anyhow::Result<()> {
+    let running = Arc::new(AtomicU32::new(0));
+    spawn_worker(
+        Worker::builder(sandbox.url())
+            .slots(8)
+            .task("list", "1.0.0", |_: TaskContext, input: Value| async move {
+                let n = input["n"].as_u64().unwrap_or(0);
+                Ok::<_, TaskError>(json!({ "items": (0..n).collect::<Vec<_>>() }))
+            })
+            .task("square", "1.0.0", move |_: TaskContext, input: Value| {
+                let (running, peak) = (running.clone(), peak.clone());
+                async move {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    let x = input["x"].as_i64().unwrap_or_default();
+                    if input["fail_on"].as_i64() == Some(x) {
+                        return Err(TaskError::fatal(format!("refusing {x}")));
+                    }
+                    Ok(json!({ "square": x * x, "position": input["position"].clone() }))
+                }
+            })
+            .task("sum", "1.0.0", |_: TaskContext, input: Value| async move {
+                let total: i64 = input["values"]
+                    .as_array()
+                    .map(|values| values.iter().filter_map(Value::as_i64).sum())
+                    .unwrap_or_default();
+                Ok::<_, TaskError>(json!({ "total": total, "count": input["values"].as_array().map_or(0, Vec::len) }))
+            }),
+    )
+    .await?;
+    Ok(())
+}
+
+fn squares_workflow(max_parallel: u32, continue_on_failure: bool) -> pb::WorkflowSpec {
+    let mut extract = map_step(
+        "square",
+        "square@^1",
+        &["lister"],
+        "lister.items",
+        &[
+            ("x", "item"),
+            ("position", "index"),
+            ("fail_on", "inputs.fail_on"),
+        ],
+    );
+    extract.max_parallel = max_parallel;
+    extract.continue_on_failure = continue_on_failure;
+    workflow(
+        "squares",
+        vec![
+            step("lister", "list@^1", &[], &[("n", "inputs.n")]),
+            extract,
+            step(
+                "sum",
+                "sum@^1",
+                &["square"],
+                &[("values", "square.filter(s, has(s.square)).map(s, s.square)")],
+            ),
+        ],
+    )
+}
+
+#[tokio::test]
+async fn a_map_runs_one_task_per_item_within_max_parallel_and_dependants_see_a_list()
+-> anyhow::Result<()> {
+    let sandbox = Sandbox::start().await?;
+    let peak = Arc::new(AtomicU32::new(0));
+    spawn_map_workers(&sandbox, peak.clone()).await?;
+    let client = sandbox.client().await?;
+    let run = client
+        .submit(
+            SubmitRun::inline(squares_workflow(3, false)).inputs(json!({"n": 10, "fail_on": -1})),
+        )
+        .await?;
+    let run = wait_for_run(&client, &run.run_id).await?;
+    assert_succeeded(&run);
+    assert_eq!(outputs(&run, "sum"), json!({"total": 285, "count": 10}));
+    let map = step_of(&run, "square");
+    assert_eq!(map.item_count, 10);
+    let items = outputs(&run, "square")["items"].clone();
+    assert_eq!(items.as_array().map(Vec::len), Some(10));
+    assert_eq!(
+        items[7],
+        json!({"square": 49, "position": 7}),
+        "items keep their order"
+    );
+    for i in 0..10 {
+        let item = step_of(&run, &format!("square[{i}]"));
+        assert_eq!(item.state(), StepState::Succeeded);
+        assert_eq!((item.map_step.as_str(), item.item_index), ("square", i));
+        assert_eq!(item.task_id, format!("{}/square[{i}]", run.run_id));
+    }
+    let peak = peak.load(Ordering::SeqCst);
+    assert!(peak <= 3, "{peak} items ran at once; max_parallel is 3");
+    assert!(peak >= 2, "items never ran in parallel (peak {peak})");
+
+    // WatchRun carries the items: each has its own state changes.
+    let events = all_events(sandbox.channel().await?, &run.run_id).await?;
+    assert_eq!(
+        step_states(&events, "square[3]"),
+        ["READY", "ASSIGNED", "RUNNING", "SUCCEEDED"]
+    );
+    assert_eq!(step_states(&events, "square"), ["RUNNING", "SUCCEEDED"]);
+    sandbox.stop().await
+}
+
+#[tokio::test]
+async fn a_failed_item_fails_the_map_unless_failures_are_tolerated() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start().await?;
+    spawn_map_workers(&sandbox, Arc::new(AtomicU32::new(0))).await?;
+    let client = sandbox.client().await?;
+
+    let run = client
+        .submit(SubmitRun::inline(squares_workflow(2, false)).inputs(json!({"n": 6, "fail_on": 2})))
+        .await?;
+    let run = wait_for_run(&client, &run.run_id).await?;
+    assert_eq!(run.state(), RunState::Failed);
+    let map = step_of(&run, "square");
+    assert_eq!(map.state(), StepState::Failed);
+    assert!(
+        map.error
+            .starts_with("item 2 (square[2]) failed: refusing 2"),
+        "{}",
+        map.error
+    );
+    assert!(run.error.contains("square[2]"), "{}", run.error);
+    // Items after the failure never started: max_parallel 2 kept them pending.
+    assert_eq!(step_of(&run, "square[5]").state(), StepState::Cancelled);
+    assert_eq!(step_of(&run, "sum").state(), StepState::Cancelled);
+
+    let run = client
+        .submit(SubmitRun::inline(squares_workflow(0, true)).inputs(json!({"n": 4, "fail_on": 1})))
+        .await?;
+    let run = wait_for_run(&client, &run.run_id).await?;
+    assert_succeeded(&run);
+    let items = outputs(&run, "square")["items"].clone();
+    assert_eq!(items[0], json!({"square": 0, "position": 0}));
+    assert!(
+        items[1]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("refusing 1")),
+        "{items}"
+    );
+    assert_eq!(outputs(&run, "sum"), json!({"total": 13, "count": 3}));
+    sandbox.stop().await
+}
+
+#[tokio::test]
+async fn an_empty_list_succeeds_at_once_and_a_bad_list_fails_the_step() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start().await?;
+    spawn_map_workers(&sandbox, Arc::new(AtomicU32::new(0))).await?;
+    let client = sandbox.client().await?;
+    let run = client
+        .submit(
+            SubmitRun::inline(squares_workflow(0, false)).inputs(json!({"n": 0, "fail_on": -1})),
+        )
+        .await?;
+    let run = wait_for_run(&client, &run.run_id).await?;
+    assert_succeeded(&run);
+    assert_eq!(outputs(&run, "square"), json!({"items": []}));
+    assert_eq!(outputs(&run, "sum"), json!({"total": 0, "count": 0}));
+
+    let mut spec = squares_workflow(0, false);
+    spec.name = "not-a-list".into();
+    spec.steps[1].for_each = "lister".into(); // an object, not a list
+    let run = client
+        .submit(SubmitRun::inline(spec).inputs(json!({"n": 2, "fail_on": -1})))
+        .await?;
+    let run = wait_for_run(&client, &run.run_id).await?;
+    assert_eq!(run.state(), RunState::Failed);
+    let error = &step_of(&run, "square").error;
+    assert!(
+        error.starts_with("step \"square\": for_each: returned map"),
+        "{error}"
+    );
+    sandbox.stop().await
+}
+
+#[tokio::test]
+async fn ten_thousand_items_expand_in_one_commit_and_all_run() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start().await?;
+    spawn_worker(Worker::builder(sandbox.url()).slots(64).task(
+        "noop",
+        "1.0.0",
+        |_: TaskContext, _: Value| async move { Ok::<_, TaskError>(json!({})) },
+    ))
+    .await?;
+    let spec = workflow(
+        "wide-map",
+        vec![
+            map_step("each", "noop@^1", &[], "inputs.items", &[("i", "index")]),
+            step("join", "noop@^1", &["each"], &[("n", "size(each)")]),
+        ],
+    );
+    let items: Vec<u32> = (0..10_000).collect();
+    let client = sandbox.client().await?;
+    let run = client
+        .submit(SubmitRun::inline(spec).inputs(json!({ "items": items })))
+        .await?;
+    let run = wait_for_run(&client, &run.run_id).await?;
+    assert_succeeded(&run);
+    assert_eq!(step_of(&run, "each").item_count, 10_000);
+    assert_eq!(
+        Value::Object(dagmesh_proto::json::from_struct(
+            step_of(&run, "join").inputs.as_ref()
+        )),
+        json!({"n": 10_000})
+    );
+    let over: Vec<u32> = (0..10_001).collect();
+    let spec = workflow(
+        "too-wide",
+        vec![map_step("each", "noop@^1", &[], "inputs.items", &[])],
+    );
+    let run = client
+        .submit(SubmitRun::inline(spec).inputs(json!({ "items": over })))
+        .await?;
+    let run = wait_for_run(&client, &run.run_id).await?;
+    assert_eq!(run.state(), RunState::Failed);
+    assert!(
+        step_of(&run, "each")
+            .error
+            .contains("a list of 10001 items, over the limit of 10000 items per step"),
+        "{}",
+        step_of(&run, "each").error
+    );
+    sandbox.stop().await
+}
+
+/// A raw worker holds items while the engine restarts on the same database: the map, its items
+/// and their attempts come back from the store, and the run finishes with every item once.
+#[tokio::test]
+async fn a_map_survives_an_executor_restart_mid_run() -> anyhow::Result<()> {
+    let database = Database::sqlite()?;
+    let url_of_db = database.url();
+    let sandbox = Sandbox::start_with(database, fast_config()).await?;
+    let spec = workflow(
+        "restart-map",
+        vec![
+            {
+                let mut s = map_step("each", "raw@^1", &[], "inputs.items", &[("x", "item")]);
+                s.max_parallel = 2;
+                s
+            },
+            step("after", "raw@^1", &["each"], &[("xs", "each.map(e, e.x)")]),
+        ],
+    );
+    let client = sandbox.client().await?;
+    let run = client
+        .submit(SubmitRun::inline(spec).inputs(json!({"items": ["a", "b", "c", "d"]})))
+        .await?;
+    let (mut worker, _) =
+        RawWorker::connect(&sandbox.url(), RawWorker::hello("raw-1", "raw", "1.0.0", 4)).await?;
+    let first = worker.expect_assign().await?;
+    let second = worker.expect_assign().await?;
+    assert_eq!(
+        [first.step_id.as_str(), second.step_id.as_str()],
+        ["each[0]", "each[1]"]
+    );
+    worker.start(&first).await?;
+    worker
+        .complete(&first.task_id, first.attempt, json!({"x": "A"}))
+        .await?;
+    assert_eq!(
+        worker.expect_recorded().await?.outcome(),
+        pb::RecordOutcome::Accepted
+    );
+    let third = worker.expect_assign().await?;
+    assert_eq!(third.step_id, "each[2]");
+    drop(worker);
+
+    // Restart: a new mesh on the same SQLite file.
+    let database = sandbox.database;
+    sandbox.mesh.shutdown().await?;
+    assert_eq!(database.url(), url_of_db);
+    let sandbox = Sandbox {
+        mesh: dagmesh::mesh::Mesh::start(dagmesh::mesh::MeshOptions {
+            listen: "127.0.0.1:0".into(),
+            database_url: database.url(),
+            executor: fast_config(),
+            security: Default::default(),
+        })
+        .await?,
+        database,
+        settings: Default::default(),
+        worker_env: Vec::new(),
+        keep: None,
+    };
+    // The held item is resumed if the new executor still holds it for this instance, or
+    // reassigned as a new attempt if its grace ran out during the shutdown: either way it is
+    // answered once more and counted once.
+    let mut hello = RawWorker::hello("raw-1", "raw", "1.0.0", 4);
+    hello.in_flight = vec![pb::TaskRef {
+        task_id: second.task_id.clone(),
+        attempt: second.attempt,
+    }];
+    let (mut worker, welcome) = RawWorker::connect(&sandbox.url(), hello).await?;
+    if !welcome.resumed.is_empty() {
+        worker
+            .complete(&second.task_id, second.attempt, json!({"x": "1"}))
+            .await?;
+    }
+    let mut seen = vec![];
+    let mut last_inputs = None;
+    while last_inputs.is_none() {
+        if let pb::server_message::Message::Assign(assign) = worker.next().await? {
+            seen.push(assign.step_id.clone());
+            if assign.step_id == "after" {
+                last_inputs = assign.inputs.clone();
+            }
+            let x = assign
+                .step_id
+                .trim_start_matches("each[")
+                .trim_end_matches(']')
+                .to_owned();
+            worker.start(&assign).await?;
+            worker
+                .complete(&assign.task_id, assign.attempt, json!({"x": x}))
+                .await?;
+        }
+    }
+    assert!(
+        !seen.contains(&"each[0]".to_owned()),
+        "the item recorded before the restart ran again: {seen:?}"
+    );
+    assert!(seen.contains(&"each[3]".to_owned()), "{seen:?}");
+    // each[0]'s output from before the restart, the others from after it, in item order.
+    assert_eq!(
+        Value::Object(dagmesh_proto::json::from_struct(last_inputs.as_ref())),
+        json!({"xs": ["A", "1", "2", "3"]})
+    );
+    let client = sandbox.client().await?;
+    let run = wait_for_run(&client, &run.run_id).await?;
+    assert_succeeded(&run);
+    let events = all_events(sandbox.channel().await?, &run.run_id).await?;
+    for item in ["each[0]", "each[1]", "each[2]", "each[3]"] {
+        let succeeded = step_states(&events, item)
+            .iter()
+            .filter(|s| *s == "SUCCEEDED")
+            .count();
+        assert_eq!(succeeded, 1, "{item} succeeded {succeeded} times");
+    }
+    sandbox.stop().await
+}
+
+#[tokio::test]
+async fn cancelling_a_run_cancels_running_items() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start().await?;
+    let spec = workflow(
+        "cancel-map",
+        vec![map_step(
+            "each",
+            "raw@^1",
+            &[],
+            "[1, 2, 3]",
+            &[("x", "item")],
+        )],
+    );
+    let client = sandbox.client().await?;
+    let run = client.submit(SubmitRun::inline(spec)).await?;
+    let (mut worker, _) =
+        RawWorker::connect(&sandbox.url(), RawWorker::hello("raw-c", "raw", "1.0.0", 3)).await?;
+    let mut assigned = Vec::new();
+    for _ in 0..3 {
+        let assign = worker.expect_assign().await?;
+        worker.start(&assign).await?;
+        assigned.push(assign);
+    }
+    let cancelled = client.cancel_run(&run.run_id, "enough").await?;
+    assert_eq!(cancelled.state(), RunState::Cancelled);
+    let mut cancels = 0;
+    while cancels < 3 {
+        if let pb::server_message::Message::Cancel(cancel) = worker.next().await? {
+            assert!(cancel.task_id.contains("/each["), "{cancel:?}");
+            cancels += 1;
+        }
+    }
+    for step in &cancelled.steps {
+        assert_eq!(step.state(), StepState::Cancelled, "{}", step.step_id);
+    }
+    sandbox.stop().await
+}
+
+fn typed_workflow() -> pb::WorkflowSpec {
+    let mut spec = workflow(
+        "typed",
+        vec![step(
+            "echo",
+            "echo@^1",
+            &[],
+            &[("room", "inputs.room_id"), ("count", "inputs.image_count")],
+        )],
+    );
+    spec.inputs = [
+        (
+            "room_id".to_owned(),
+            InputSpec {
+                r#type: "string".into(),
+                ..InputSpec::default()
+            },
+        ),
+        (
+            "image_count".to_owned(),
+            InputSpec {
+                r#type: "int".into(),
+                default: Some(dagmesh_proto::json::to_value(&json!(8))),
+                description: "how many images".into(),
+            },
+        ),
+    ]
+    .into();
+    spec
+}
+
+#[tokio::test]
+async fn declared_inputs_are_checked_at_submit_and_defaults_filled_in() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start().await?;
+    spawn_worker(Worker::builder(sandbox.url()).task(
+        "echo",
+        "1.0.0",
+        |_: TaskContext, input: Value| async move { Ok::<_, TaskError>(input) },
+    ))
+    .await?;
+    let mut runs = RunServiceClient::new(sandbox.channel().await?);
+    let submit = |inputs: Value| SubmitRunRequest {
+        workflow_ref: Some(submit_run_request::WorkflowRef::Spec(typed_workflow())),
+        inputs: Some(dagmesh_proto::json::to_struct(&inputs)),
+        ..SubmitRunRequest::default()
+    };
+    let status = runs
+        .submit_run(submit(json!({"image_count": "many", "colour": "red"})))
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let message = status.message();
+    for expected in [
+        "the inputs do not match what workflow typed version 1 declares",
+        "inputs.image_count: the string \"many\" is not of type int",
+        "inputs.room_id: required input of type string is missing",
+        "inputs.colour: the workflow declares no input \"colour\"",
+    ] {
+        assert!(
+            message.contains(expected),
+            "missing {expected:?} in {message}"
+        );
+    }
+    let run = runs
+        .submit_run(submit(json!({"room_id": "kitchen"})))
+        .await?
+        .into_inner()
+        .run
+        .expect("run");
+    assert_eq!(
+        Value::Object(dagmesh_proto::json::from_struct(run.inputs.as_ref())),
+        json!({"room_id": "kitchen", "image_count": 8})
+    );
+    let client: Client = sandbox.client().await?;
+    let run = wait_for_run(&client, &run.run_id).await?;
+    assert_eq!(
+        outputs(&run, "echo"),
+        json!({"room": "kitchen", "count": 8})
+    );
+    sandbox.stop().await
+}
