@@ -213,6 +213,121 @@ async fn executor_sigkill_mid_run_recovers_every_run() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A map of 40 items (at most 6 at once) feeding a join, killed twice mid-map: every item is
+/// recorded exactly once, items recorded before a kill keep their outputs, and the join sees
+/// the whole list in item order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn executor_sigkill_mid_map_recovers_every_item() -> anyhow::Result<()> {
+    const ITEMS: usize = 40;
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let url = format!("http://127.0.0.1:{port}");
+    // A killed executor's lease runs out quickly, so that its successor takes over at once.
+    let fast = ["--executor-lease-ttl", "2s"];
+    let mut up = start_up("up-1", dir.path(), port, &fast).await?;
+    let (done_tx, mut done_rx) = watch::channel(Vec::<(String, u32)>::new());
+    let done_tx = Arc::new(done_tx);
+    let mut workers = Vec::new();
+    for i in 0..2 {
+        let done = done_tx.clone();
+        let worker = Worker::builder(&url)
+            .name("mapper")
+            .instance_id(format!("mapper-{i}"))
+            .slots(3)
+            .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(300))
+            .task(
+                "double",
+                "1.0.0",
+                move |ctx: TaskContext, input: CountInput| {
+                    let done = done.clone();
+                    async move {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        done.send_modify(|d| d.push((ctx.task_id().to_owned(), ctx.attempt())));
+                        Ok::<_, TaskError>(json!({ "n": input.x.unwrap_or(0.0) * 2.0 }))
+                    }
+                },
+            )
+            .task("sum", "1.0.0", |_: TaskContext, input: Value| async move {
+                let total: f64 = input["ns"]
+                    .as_array()
+                    .map(|ns| ns.iter().filter_map(Value::as_f64).sum())
+                    .unwrap_or_default();
+                Ok::<_, TaskError>(json!({ "total": total, "ns": input["ns"].clone() }))
+            })
+            .build()?;
+        workers.push(spawn_worker(worker));
+    }
+    for (handle, _) in &workers {
+        connected(handle).await?;
+    }
+    let mut map = step("each", "double@^1", &[], &[("x", "item")]);
+    map.for_each = "inputs.xs".into();
+    map.max_parallel = 6;
+    let spec = workflow(
+        "chaos-map",
+        vec![
+            map,
+            step("join", "sum@^1", &["each"], &[("ns", "each.map(e, e.n)")]),
+        ],
+    );
+    let xs: Vec<usize> = (0..ITEMS).collect();
+    let client = Client::connect(&url).await?;
+    let run = client
+        .submit(SubmitRun::inline(spec).inputs(json!({ "xs": xs })))
+        .await?;
+    for (next_process, more) in [(2, 10), (3, 8)] {
+        let target = done_rx.borrow().len() + more;
+        tokio::time::timeout(PATIENCE, done_rx.wait_for(|d| d.len() >= target))
+            .await
+            .with_context(|| format!("workers never finished {target} items"))??;
+        up.sigkill()?;
+        ensure!(
+            done_rx.borrow().len() < ITEMS,
+            "every item had finished before the kill; nothing was tested"
+        );
+        up = start_up(&format!("up-{next_process}"), dir.path(), port, &fast).await?;
+    }
+    let client = Client::connect(&url).await?;
+    let run = wait_for_run(&client, &run.run_id).await?;
+    assert_succeeded(&run);
+    let ns: Vec<f64> = outputs(&run, "join")
+        .get("ns")
+        .and_then(Value::as_array)
+        .map(|ns| ns.iter().filter_map(Value::as_f64).collect())
+        .unwrap_or_default();
+    let expected: Vec<f64> = (0..ITEMS).map(|x| x as f64 * 2.0).collect();
+    assert_eq!(
+        ns, expected,
+        "the join sees every item's output in item order"
+    );
+    let events = all_events(channel(&url).await?, &run.run_id).await?;
+    let done = done_rx.borrow().clone();
+    for i in 0..ITEMS {
+        let item = format!("each[{i}]");
+        let states = step_states(&events, &item);
+        let succeeded = states.iter().filter(|s| *s == "SUCCEEDED").count();
+        assert_eq!(
+            succeeded, 1,
+            "{item}: SUCCEEDED recorded {succeeded} times: {states:?}"
+        );
+        let row = run
+            .steps
+            .iter()
+            .find(|s| s.step_id == item)
+            .expect("item row");
+        assert!(
+            done.contains(&(row.task_id.clone(), row.attempt)),
+            "{item} records attempt {} that no worker finished",
+            row.attempt
+        );
+    }
+    for (handle, task) in workers {
+        handle.abort();
+        let _ = task.await;
+    }
+    Ok(())
+}
+
 #[derive(Deserialize)]
 struct TextInput {
     text: String,

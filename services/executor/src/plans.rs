@@ -23,7 +23,7 @@ pub struct Plan {
 }
 
 impl Plan {
-    fn from_compiled(workflow: Workflow, compiled: CompiledWorkflow) -> Self {
+    pub(crate) fn from_compiled(workflow: Workflow, compiled: CompiledWorkflow) -> Self {
         let index = compiled
             .steps
             .iter()

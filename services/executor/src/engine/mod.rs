@@ -10,6 +10,8 @@
 //! memory is never trusted past a write that did not happen.
 
 mod admission;
+#[cfg(test)]
+mod machine_tests;
 mod run;
 mod timers;
 mod traces;

@@ -524,6 +524,11 @@ impl RunEntry {
         is_active(row.state()).then_some((row.attempt, row.worker.as_str()))
     }
 
+    /// The task id of a step (`<run_id>/<step key>`).
+    pub fn task_id(&self, at: StepRef) -> &str {
+        &self.row(at).task_id
+    }
+
     /// (attempt, state) of a step.
     pub fn attempt_state(&self, at: StepRef) -> (u32, StepState) {
         let row = self.row(at);
@@ -573,7 +578,10 @@ impl RunEntry {
     /// outputs, the others start over. The run goes back to QUEUED for admission.
     pub fn retry(&mut self, actor: &str, ctx: &mut Ctx) {
         for at in self.all_refs() {
-            if self.row(at).state() == StepState::Succeeded {
+            // A map that succeeded stands with its list, tolerated failures included.
+            let map_succeeded = at.item_index().is_some()
+                && self.steps[at.spec()].row.state() == StepState::Succeeded;
+            if self.row(at).state() == StepState::Succeeded || map_succeeded {
                 continue;
             }
             let step = self.row_mut(at);
@@ -824,8 +832,8 @@ impl RunEntry {
     fn map_item_failed(&mut self, index: usize, item: usize, ctx: &mut Ctx) {
         let failed = self.row(StepRef::item(index, item));
         let error = format!("item {item} ({}) failed: {}", failed.step_id, failed.error);
+        // Failing the map cancels its other items (see `finish`).
         self.fail_step(StepRef::step(index), error, ctx);
-        self.cancel_items(index, "another item of the map failed", ctx);
     }
 
     /// Cancels every item of map `index` that has not ended.
@@ -1465,6 +1473,15 @@ impl RunEntry {
             .step_ended(&self.run, &slot_of(&self.steps, at).row, at);
         if at.item_index().is_some() {
             self.item_ended(at, ctx);
+        } else if is_terminal(state) && self.steps[at.spec()].map.is_some() {
+            // However a map ends (an item failed, the run stopped, its upstream failed after a
+            // retry kept its items), no item of it may stay behind.
+            let reason = format!(
+                "map step \"{}\" ended {}",
+                self.steps[at.spec()].row.step_id,
+                state_name(state)
+            );
+            self.cancel_items(at.spec(), &reason, ctx);
         }
     }
 
