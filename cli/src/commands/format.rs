@@ -190,7 +190,6 @@ pub struct Paint {
 }
 
 impl Paint {
-    #[cfg(test)]
     pub const PLAIN: Paint = Paint { enabled: false };
 
     /// Colours when `NO_COLOR` is unset (https://no-color.org).

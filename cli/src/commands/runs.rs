@@ -18,7 +18,13 @@ pub enum RunsCommand {
     /// List runs, newest first.
     List(ListArgs),
     /// Show a run and a table of its steps.
-    Get { run_id: String },
+    Get {
+        run_id: String,
+        /// List every item of map steps (by default only the items that failed are listed;
+        /// the map's line counts the rest).
+        #[arg(long)]
+        items: bool,
+    },
     /// Follow a run live until it ends; exit 0 only if it succeeded.
     Watch {
         run_id: String,
@@ -26,6 +32,10 @@ pub enum RunsCommand {
         /// starting from a snapshot.
         #[arg(long, value_name = "SEQ")]
         after_seq: Option<u64>,
+        /// List the items of map steps under their map (by default a map is one line that
+        /// counts its items).
+        #[arg(long)]
+        items: bool,
     },
     /// Cancel a run that has not ended.
     Cancel {
@@ -109,16 +119,21 @@ pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<ExitCo
             }
             Ok(ExitCode::SUCCESS)
         }
-        RunsCommand::Get { run_id } => {
+        RunsCommand::Get { run_id, items } => {
             let run = client.get_run(GetRunRequest { run_id }).await?.into_inner();
             match global.output {
                 OutputFormat::Json => print_json(&json::run(&run)),
-                OutputFormat::Text => out!("{}", describe_run(&run, SystemTime::now())),
+                OutputFormat::Text => out!("{}", describe_run(&run, SystemTime::now(), items)),
             }
             Ok(ExitCode::SUCCESS)
         }
-        RunsCommand::Watch { run_id, after_seq } => {
-            let run = watch::follow_after(channel, &run_id, after_seq, global.output).await?;
+        RunsCommand::Watch {
+            run_id,
+            after_seq,
+            items,
+        } => {
+            let run =
+                watch::follow_after(channel, &run_id, after_seq, global.output, items).await?;
             Ok(run_exit_code(&run))
         }
         RunsCommand::Cancel { run_id, reason } => {
@@ -188,7 +203,7 @@ pub(crate) fn runs_table(runs: &[Run], now: SystemTime) -> String {
 }
 
 /// The run's fields, then a table of its steps.
-pub(crate) fn describe_run(run: &Run, now: SystemTime) -> String {
+pub(crate) fn describe_run(run: &Run, now: SystemTime, all_items: bool) -> String {
     let mut out = String::new();
     let mut field = |name: &str, value: String| {
         out.push_str(&format!("{:<16}{value}\n", format!("{name}:")));
@@ -230,10 +245,17 @@ pub(crate) fn describe_run(run: &Run, now: SystemTime) -> String {
     }
     out.push('\n');
 
+    let maps = watch::map_counts(&run.steps);
     let mut table = Table::new(&["STEP", "STATE", "ATTEMPT", "WORKER", "DURATION", "ERROR"]);
     for step in &run.steps {
+        let item = watch::item_key(&step.step_id).is_some();
+        if item && !all_items && step.state != StepState::Failed as i32 {
+            continue;
+        }
         let mut state = format::step_state(step.state);
-        if step.state == StepState::Running as i32 {
+        if let Some(counts) = maps.get(step.step_id.as_str()) {
+            state.push_str(&format!(" {}", counts.describe(format::Paint::PLAIN)));
+        } else if step.state == StepState::Running as i32 {
             state.push_str(&format!(" {}%", format::percent(step.progress)));
         }
         let mut attempt = step.attempt.to_string();
@@ -309,7 +331,7 @@ mod tests {
             ],
             ..Run::default()
         };
-        let text = describe_run(&run, SystemTime::now());
+        let text = describe_run(&run, SystemTime::now(), false);
         assert_eq!(
             text,
             "Run:            r1\n\

@@ -46,28 +46,36 @@ pub async fn follow(
     run_id: &str,
     output: OutputFormat,
 ) -> anyhow::Result<Run> {
-    follow_after(channel, run_id, None, output).await
+    follow_after(channel, run_id, None, output, false).await
 }
 
 /// Like [`follow`], but with `Some(n)` replays the run's events after seq `n` (0: all of them)
 /// instead of starting from a snapshot.
+///
+/// `expand_items` lists the items of map steps under their map in the live tree instead of
+/// counting them on the map's line.
 pub async fn follow_after(
     channel: AuthChannel,
     run_id: &str,
     after_seq: Option<u64>,
     output: OutputFormat,
+    expand_items: bool,
 ) -> anyhow::Result<Run> {
     let mode = match output {
         OutputFormat::Json => Mode::Json,
         OutputFormat::Text if std::io::stdout().is_terminal() => Mode::Tree,
         OutputFormat::Text => Mode::Lines,
     };
-    Watcher::new(channel, run_id, mode).run(after_seq).await
+    Watcher::new(channel, run_id, mode, expand_items)
+        .run(after_seq)
+        .await
 }
 
 /// Waits for a run to end without printing anything, and returns the final run.
 pub async fn wait(channel: AuthChannel, run_id: &str) -> anyhow::Result<Run> {
-    Watcher::new(channel, run_id, Mode::Quiet).run(None).await
+    Watcher::new(channel, run_id, Mode::Quiet, false)
+        .run(None)
+        .await
 }
 
 /// `run <id> SUCCEEDED in 1.23s`, plus `: <error>` when the run has one.
@@ -111,6 +119,9 @@ pub(crate) struct RunView {
     pub needs: HashMap<String, Vec<String>>,
     /// Highest event seq applied (or contained in the snapshot).
     pub last_seq: u64,
+    /// Step id -> position in `run.steps` (a map of 10,000 items must not cost a scan per
+    /// event).
+    index: HashMap<String, usize>,
 }
 
 impl RunView {
@@ -127,6 +138,17 @@ impl RunView {
     pub fn snapshot(&mut self, run: Run) {
         self.last_seq = run.last_seq;
         self.run = run;
+        self.reindex();
+    }
+
+    fn reindex(&mut self) {
+        self.index = self
+            .run
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, step)| (step.step_id.clone(), i))
+            .collect();
     }
 
     pub fn is_final(&self) -> bool {
@@ -134,14 +156,25 @@ impl RunView {
     }
 
     fn step_mut(&mut self, step_id: &str) -> &mut Step {
-        let index = match self.run.steps.iter().position(|s| s.step_id == step_id) {
-            Some(index) => index,
+        if self.index.len() != self.run.steps.len() {
+            self.reindex();
+        }
+        let index = match self.index.get(step_id) {
+            Some(&index) => index,
             None => {
-                self.run.steps.push(Step {
+                let mut step = Step {
                     run_id: self.run.run_id.clone(),
                     step_id: step_id.to_owned(),
                     ..Step::default()
-                });
+                };
+                // An item first heard of by its event (the snapshot came before the expansion).
+                if let Some((map, item)) = item_key(step_id) {
+                    step.map_step = map.to_owned();
+                    step.item_index = item;
+                }
+                self.run.steps.push(step);
+                self.index
+                    .insert(step_id.to_owned(), self.run.steps.len() - 1);
                 self.run.steps.len() - 1
             }
         };
@@ -382,7 +415,72 @@ pub(crate) struct TreeRow {
 /// hangs under the need that is drawn last (the one that completes its needs), children in the
 /// workflow's order. A chain reads as a staircase, a fan-out as siblings, and a fan-in under its
 /// last branch with "(also needs ...)" naming the others. Steps without known needs are roots.
+#[cfg(test)]
 pub(crate) fn tree_rows(steps: &[Step], needs: &HashMap<String, Vec<String>>) -> Vec<TreeRow> {
+    tree_rows_with(steps, needs, false)
+}
+
+/// The map step and position of an item's step id (`extract[17]`).
+pub(crate) fn item_key(step_id: &str) -> Option<(&str, u32)> {
+    let (map, rest) = step_id.split_once('[')?;
+    let digits = rest.strip_suffix(']')?;
+    Some((map, digits.parse().ok()?))
+}
+
+fn is_item(step: &Step) -> bool {
+    !step.map_step.is_empty() || item_key(&step.step_id).is_some()
+}
+
+/// [`tree_rows`]; a map's items are left out (its line counts them), or with `expand_items`
+/// listed under it.
+pub(crate) fn tree_rows_with(
+    all_steps: &[Step],
+    needs: &HashMap<String, Vec<String>>,
+    expand_items: bool,
+) -> Vec<TreeRow> {
+    // The DAG without items; `positions` maps back to `all_steps`.
+    let positions: Vec<usize> = (0..all_steps.len())
+        .filter(|&i| !is_item(&all_steps[i]))
+        .collect();
+    let steps: Vec<Step> = positions.iter().map(|&i| all_steps[i].clone()).collect();
+    let mut rows = dag_rows(&steps, needs);
+    for row in &mut rows {
+        row.step = positions[row.step];
+    }
+    if !expand_items {
+        return rows;
+    }
+    let mut items: HashMap<&str, Vec<(u32, usize)>> = HashMap::new();
+    for (i, step) in all_steps.iter().enumerate() {
+        if let Some((map, item)) = item_key(&step.step_id) {
+            items.entry(map).or_default().push((item, i));
+        }
+    }
+    let mut expanded = Vec::with_capacity(all_steps.len());
+    for row in rows {
+        let map_id = all_steps[row.step].step_id.as_str();
+        let children = items.remove(map_id);
+        let indent: String = row
+            .prefix
+            .chars()
+            .map(|c| if c == '├' || c == '│' { '│' } else { ' ' })
+            .collect();
+        expanded.push(row);
+        if let Some(mut children) = children {
+            children.sort_unstable();
+            for (_, i) in children {
+                expanded.push(TreeRow {
+                    step: i,
+                    prefix: format!("{indent}  · "),
+                    also_needs: Vec::new(),
+                });
+            }
+        }
+    }
+    expanded
+}
+
+fn dag_rows(steps: &[Step], needs: &HashMap<String, Vec<String>>) -> Vec<TreeRow> {
     let index: HashMap<&str, usize> = steps
         .iter()
         .enumerate()
@@ -540,6 +638,7 @@ pub(crate) fn tree_lines(
     let done = run
         .steps
         .iter()
+        .filter(|s| !is_item(s))
         .filter(|s| {
             matches!(
                 StepState::try_from(s.state),
@@ -547,6 +646,8 @@ pub(crate) fn tree_lines(
             )
         })
         .count();
+    let step_count = run.steps.iter().filter(|s| !is_item(s)).count();
+    let maps = map_counts(&run.steps);
     let elapsed = format::span(run.created_at.as_ref(), run.finished_at.as_ref(), now)
         .map_or_else(|| "-".to_owned(), format::duration);
     let workflow = if run.workflow.is_empty() {
@@ -560,7 +661,7 @@ pub(crate) fn tree_lines(
         run.run_id,
         paint.run_state(run.state),
         elapsed,
-        run.steps.len()
+        step_count
     );
     if !run.error.is_empty() {
         header.push_str(&format!(
@@ -602,15 +703,33 @@ pub(crate) fn tree_lines(
         let state = StepState::try_from(step.state).ok();
         let took = format::span(step.started_at.as_ref(), step.finished_at.as_ref(), now)
             .map_or_else(|| "-".to_owned(), format::duration);
-        let progress = match state {
-            Some(StepState::Running) => format!(
+        let counts = maps.get(step.step_id.as_str());
+        let progress = match (state, counts) {
+            (Some(StepState::Running), Some(counts)) => {
+                let fraction = counts.ended() as f32 / counts.total.max(1) as f32;
+                format!(
+                    "{} {:>3}%",
+                    paint.cyan(&bar(fraction)),
+                    format::percent(fraction)
+                )
+            }
+            (Some(StepState::Running), None) => format!(
                 "{} {:>3}%",
                 paint.cyan(&bar(step.progress)),
                 format::percent(step.progress)
             ),
             _ => " ".repeat(BAR_WIDTH + 5),
         };
+        let map_note = counts.map(|counts| counts.describe(paint));
         let note = match state {
+            _ if map_note.is_some() && !matches!(state, Some(StepState::Failed)) => {
+                map_note.clone().unwrap_or_default()
+            }
+            Some(StepState::Failed) if map_note.is_some() => format!(
+                "{}  {}",
+                map_note.clone().unwrap_or_default(),
+                paint.red(&format::one_line(&step.error, 200))
+            ),
             Some(StepState::Running | StepState::Assigned) => step.progress_message.clone(),
             Some(StepState::Ready) if !step.waiting_reason.is_empty() => {
                 paint.yellow(&format::one_line(&step.waiting_reason, 200))
@@ -646,6 +765,67 @@ pub(crate) fn tree_lines(
     lines
 }
 
+/// How far the items of one map step got.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MapCounts {
+    pub total: u32,
+    pub done: u32,
+    pub running: u32,
+    pub failed: u32,
+    pub cancelled: u32,
+}
+
+impl MapCounts {
+    fn ended(&self) -> u32 {
+        self.done + self.failed + self.cancelled
+    }
+
+    /// `▸ 37/40 done · 2 running · 1 failed`
+    pub fn describe(&self, paint: Paint) -> String {
+        let mut text = format!("▸ {}/{} done", self.done, self.total);
+        if self.running > 0 {
+            text.push_str(&format!(" · {} running", self.running));
+        }
+        if self.failed > 0 {
+            text.push_str(&format!(
+                " · {}",
+                paint.red(&format!("{} failed", self.failed))
+            ));
+        }
+        if self.cancelled > 0 {
+            text.push_str(&format!(" · {} cancelled", self.cancelled));
+        }
+        text
+    }
+}
+
+/// Map step id -> the counts of its items.
+pub(crate) fn map_counts(steps: &[Step]) -> HashMap<&str, MapCounts> {
+    let mut maps: HashMap<&str, MapCounts> = HashMap::new();
+    for step in steps {
+        if step.item_count > 0 {
+            maps.entry(step.step_id.as_str()).or_default().total = step.item_count;
+        }
+    }
+    for step in steps {
+        let Some((map, _)) = item_key(&step.step_id) else {
+            continue;
+        };
+        let counts = maps.entry(map).or_default();
+        match StepState::try_from(step.state) {
+            Ok(StepState::Succeeded) => counts.done += 1,
+            Ok(StepState::Assigned | StepState::Running) => counts.running += 1,
+            Ok(StepState::Failed) => counts.failed += 1,
+            Ok(StepState::Cancelled | StepState::Skipped) => counts.cancelled += 1,
+            _ => {}
+        }
+    }
+    for counts in maps.values_mut() {
+        counts.total = counts.total.max(counts.ended() + counts.running);
+    }
+    maps
+}
+
 /// The live tree on the terminal: one indicatif line per row (`{wide_msg}` cuts lines to the
 /// terminal's width), redrawn from [`tree_lines`].
 struct TreeScreen {
@@ -657,10 +837,12 @@ struct TreeScreen {
     frame: usize,
     paint: Paint,
     status: Option<String>,
+    /// List map items under their map instead of counting them.
+    expand_items: bool,
 }
 
 impl TreeScreen {
-    fn new() -> Self {
+    fn new(expand_items: bool) -> Self {
         TreeScreen {
             multi: MultiProgress::with_draw_target(ProgressDrawTarget::stdout_with_hz(10)),
             bars: Vec::new(),
@@ -669,6 +851,7 @@ impl TreeScreen {
             frame: 0,
             paint: Paint::for_terminal(),
             status: None,
+            expand_items,
         }
     }
 
@@ -681,7 +864,7 @@ impl TreeScreen {
     fn draw(&mut self, view: &RunView) {
         let shape = (view.run.steps.len(), view.needs.len());
         if self.shape != Some(shape) {
-            self.rows = tree_rows(&view.run.steps, &view.needs);
+            self.rows = tree_rows_with(&view.run.steps, &view.needs, self.expand_items);
             self.shape = Some(shape);
         }
         let mut lines = tree_lines(view, &self.rows, SystemTime::now(), self.frame, self.paint);
@@ -726,9 +909,9 @@ enum Printer {
 }
 
 impl Printer {
-    fn new(mode: Mode) -> Self {
+    fn new(mode: Mode, expand_items: bool) -> Self {
         match mode {
-            Mode::Tree => Printer::Tree(Box::new(TreeScreen::new())),
+            Mode::Tree => Printer::Tree(Box::new(TreeScreen::new(expand_items))),
             Mode::Lines => Printer::Lines(PlainLines::default()),
             Mode::Json => Printer::Json,
             Mode::Quiet => Printer::Quiet,
@@ -859,14 +1042,14 @@ enum StreamEnd {
 }
 
 impl Watcher {
-    fn new(channel: AuthChannel, run_id: &str, mode: Mode) -> Self {
+    fn new(channel: AuthChannel, run_id: &str, mode: Mode, expand_items: bool) -> Self {
         Watcher {
             runs: RunServiceClient::new(channel.clone()),
             workflows: WorkflowServiceClient::new(channel),
             run_id: run_id.to_owned(),
             mode,
             view: RunView::new(run_id),
-            printer: Printer::new(mode),
+            printer: Printer::new(mode, expand_items),
             spec_loaded: false,
         }
     }
@@ -1385,6 +1568,58 @@ mod tests {
         )));
         let lines = tree_lines(&view, &rows, now, 0, Paint::PLAIN);
         assert!(!lines[1].contains("waiting"), "{lines:?}");
+    }
+
+    #[test]
+    fn a_map_is_one_line_with_counts_and_its_items_can_be_listed() {
+        let mut view = RunView::new("r1");
+        let mut steps = steps(&["fetch", "extract", "merge"]);
+        steps[1].state = StepState::Running as i32;
+        steps[1].item_count = 4;
+        view.snapshot(Run {
+            run_id: "r1".into(),
+            state: RunState::Running as i32,
+            steps,
+            last_seq: 3,
+            ..Run::default()
+        });
+        view.needs = needs(&[("extract", &["fetch"]), ("merge", &["extract"])]);
+        // Items are first heard of by their events (the snapshot came before the expansion).
+        let events = [
+            step_state("extract[0]", StepState::Succeeded, 1, "w1"),
+            step_state("extract[1]", StepState::Succeeded, 1, "w1"),
+            step_state("extract[2]", StepState::Running, 1, "w2"),
+            step_state("extract[3]", StepState::Failed, 1, "w2"),
+        ];
+        for (i, change) in events.into_iter().enumerate() {
+            assert!(view.apply(&event(4 + i as u64, 1_000, change)));
+        }
+        let now = format::to_system_time(&at(2000).unwrap()).unwrap();
+        let rows = tree_rows_with(&view.run.steps, &view.needs, false);
+        let lines = tree_lines(&view, &rows, now, 0, Paint::PLAIN);
+        assert_eq!(lines.len(), 4, "{lines:#?}");
+        assert!(lines[0].ends_with("0/3 steps"), "{}", lines[0]);
+        assert!(
+            lines[2].contains("extract") && lines[2].contains("▸ 2/4 done · 1 running · 1 failed"),
+            "{}",
+            lines[2]
+        );
+        assert!(
+            lines[2].contains(" 75%"),
+            "3 of 4 items ended: {}",
+            lines[2]
+        );
+
+        let rows = tree_rows_with(&view.run.steps, &view.needs, true);
+        let lines = tree_lines(&view, &rows, now, 0, Paint::PLAIN);
+        assert_eq!(lines.len(), 8, "{lines:#?}");
+        assert!(
+            lines[3].contains("· ") && lines[3].contains("extract[0]"),
+            "{}",
+            lines[3]
+        );
+        assert!(lines[6].contains("extract[3]"), "{}", lines[6]);
+        assert!(lines[7].contains("merge"), "{}", lines[7]);
     }
 
     #[test]

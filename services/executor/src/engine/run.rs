@@ -525,6 +525,7 @@ impl RunEntry {
     }
 
     /// The task id of a step (`<run_id>/<step key>`).
+    #[cfg(test)]
     pub fn task_id(&self, at: StepRef) -> &str {
         &self.row(at).task_id
     }
