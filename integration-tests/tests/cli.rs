@@ -343,16 +343,10 @@ async fn cli_demo_runs_room_scan_to_success() -> anyhow::Result<()> {
     assert_eq!(demo.code, Some(0), "dagmesh demo failed: {demo:#?}");
     let (_, state) = summary_line(&demo.stdout);
     assert_eq!(state, "SUCCEEDED", "{demo:#?}");
-    let steps = [
-        "fetch",
-        "features_0",
-        "features_1",
-        "features_2",
-        "features_3",
-        "mesh",
-        "thumbnails",
-        "notify",
-    ];
+    // `features` maps over the 12 fetched photos: one item per photo.
+    let items: Vec<String> = (0..12).map(|i| format!("features[{i}]")).collect();
+    let mut steps = vec!["fetch", "features", "mesh", "thumbnails", "notify"];
+    steps.extend(items.iter().map(String::as_str));
     for step_id in steps {
         assert!(
             demo.stdout

@@ -86,6 +86,9 @@ pub fn step(step: &Step) -> Value {
         "finished_at": timestamp(step.finished_at.as_ref()),
         "task_version": step.task_version,
         "lost_attempts": step.lost_attempts,
+        "map_step": step.map_step,
+        "item_index": step.item_index,
+        "item_count": step.item_count,
     })
 }
 
@@ -108,6 +111,7 @@ pub fn event(event: &RunEvent) -> Value {
                 "attempt": e.attempt,
                 "worker": e.worker,
                 "error": e.error,
+                "item_count": e.item_count,
             }),
         ),
         Some(run_event::Event::StepProgress(e)) => {
@@ -331,6 +335,7 @@ mod tests {
                     attempt: 2,
                     worker: "gpu-1".into(),
                     error: String::new(),
+                    item_count: 0,
                 })),
             })),
         };

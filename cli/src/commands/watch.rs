@@ -213,6 +213,9 @@ impl RunView {
                     step.finished_at = None;
                 }
                 step.state = e.state;
+                if e.item_count > 0 {
+                    step.item_count = e.item_count;
+                }
                 if !e.worker.is_empty() {
                     step.worker = e.worker.clone();
                 }
@@ -720,16 +723,16 @@ pub(crate) fn tree_lines(
             ),
             _ => " ".repeat(BAR_WIDTH + 5),
         };
-        let map_note = counts.map(|counts| counts.describe(paint));
-        let note = match state {
-            _ if map_note.is_some() && !matches!(state, Some(StepState::Failed)) => {
-                map_note.clone().unwrap_or_default()
+        // A map has no worker of its own: its column counts the items instead.
+        let (who, who_visible) = match counts {
+            Some(counts) => {
+                let plain = counts.describe(Paint::PLAIN);
+                let width = plain.chars().count();
+                (counts.describe(paint), width)
             }
-            Some(StepState::Failed) if map_note.is_some() => format!(
-                "{}  {}",
-                map_note.clone().unwrap_or_default(),
-                paint.red(&format::one_line(&step.error, 200))
-            ),
+            None => (step.worker.clone(), step.worker.chars().count()),
+        };
+        let note = match state {
             Some(StepState::Running | StepState::Assigned) => step.progress_message.clone(),
             Some(StepState::Ready) if !step.waiting_reason.is_empty() => {
                 paint.yellow(&format::one_line(&step.waiting_reason, 200))
@@ -756,7 +759,7 @@ pub(crate) fn tree_lines(
             pad(left, *left_visible, left_width),
             took,
             progress,
-            pad(&step.worker, step.worker.chars().count(), worker_width),
+            pad(&who, who_visible, worker_width),
             note,
             also
         );
@@ -1273,6 +1276,7 @@ mod tests {
             attempt,
             worker: worker.into(),
             error: String::new(),
+            item_count: 0,
         })
     }
 
@@ -1343,6 +1347,7 @@ mod tests {
                     attempt: 1,
                     worker: String::new(),
                     error: "no images".into(),
+                    item_count: 0,
                 }),
             ),
             event(
@@ -1510,6 +1515,7 @@ mod tests {
                     attempt: 1,
                     worker: "cpu-2".into(),
                     error: "boom".into(),
+                    item_count: 0,
                 }),
             ),
         ] {
@@ -1554,6 +1560,7 @@ mod tests {
                 attempt: 1,
                 worker: String::new(),
                 error: reason.into(),
+                item_count: 0,
             }),
         )));
         let rows = tree_rows(&view.run.steps, &view.needs);

@@ -91,6 +91,10 @@ struct FeaturesInput {
     images: Vec<Image>,
     shard: usize,
     shards: usize,
+    /// Where the first image sits among all of the run's images (a map item's `index`), so
+    /// that keypoints of different images do not overlap.
+    #[serde(default)]
+    position: usize,
     #[serde(default)]
     pace_ms: u64,
 }
@@ -117,7 +121,7 @@ async fn features(ctx: TaskContext, input: FeaturesInput) -> Result<FeaturesOutp
     let mut keypoints = Vec::new();
     for (done, image) in mine.iter().enumerate() {
         let pixels = synthesize(image.seed);
-        let offset = (done * SIDE) as f64;
+        let offset = ((input.position + done) * SIDE) as f64;
         keypoints.extend(
             corners(&pixels)
                 .into_iter()
@@ -135,7 +139,11 @@ async fn features(ctx: TaskContext, input: FeaturesInput) -> Result<FeaturesOutp
 
 #[derive(Deserialize)]
 struct MeshInput {
+    #[serde(default)]
     keypoints: Vec<[f64; 3]>,
+    /// Keypoints in sets (one per image, from a map of feature extractions), joined in order.
+    #[serde(default)]
+    keypoint_sets: Vec<Vec<[f64; 3]>>,
     resolution: usize,
     #[serde(default)]
     pace_ms: u64,
@@ -149,7 +157,10 @@ struct MeshOutput {
 }
 
 /// Splats keypoints into a height field and triangulates it (two triangles per cell).
-async fn build_mesh(ctx: TaskContext, input: MeshInput) -> Result<MeshOutput, TaskError> {
+async fn build_mesh(ctx: TaskContext, mut input: MeshInput) -> Result<MeshOutput, TaskError> {
+    for set in std::mem::take(&mut input.keypoint_sets) {
+        input.keypoints.extend(set);
+    }
     let n = input.resolution.clamp(2, 256);
     if input.keypoints.is_empty() {
         return Err(TaskError::fatal("no keypoints to build a mesh from"));

@@ -908,3 +908,104 @@ async fn a_partition_whose_inputs_fail_fails_the_backfill_with_the_reason() {
         (2, 0, BackfillState::Failed)
     );
 }
+
+fn invalid<T: std::fmt::Debug>(result: Result<T, SchedError>) -> String {
+    match result {
+        Err(SchedError::InvalidArgument(message)) => message,
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
+}
+
+/// A workflow that declares its inputs: schedules, triggers, backfills and events that do not
+/// fit are refused when they are created (or, for an event, before any run starts), naming
+/// the input.
+#[tokio::test]
+async fn declared_workflow_inputs_are_checked_at_the_door() {
+    let h = Harness::new("2025-01-01T00:00:00Z").await;
+    let spec: dagmesh_proto::v1::WorkflowSpec = dagmesh_spec::parse_workflow(
+        "name: typed\ninputs:\n  room_id: {type: string}\n  count: {type: int, default: 1}\n\
+         steps: [{id: a, task: t, inputs: {r: inputs.room_id}}]\n",
+        dagmesh_spec::Format::Yaml,
+    )
+    .unwrap();
+    h.store
+        .put_workflow(spec, "hash-typed".into())
+        .await
+        .unwrap();
+    let scheduler = h.scheduler();
+
+    let typed = |inputs: &[(&str, &str)]| Schedule {
+        workflow: "typed".into(),
+        inputs: inputs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        ..schedule("typed", "0 * * * *", "", CatchUp::Skip, 0)
+    };
+    let message = invalid(
+        scheduler
+            .create_schedule(typed(&[("count", "'many'"), ("day", "tick")]))
+            .await,
+    );
+    assert!(
+        message.contains("inputs.count: the string \"many\" is not of type int")
+            && message.contains("inputs.room_id: required input of type string is missing")
+            && message.contains("inputs.day: the workflow declares no input \"day\""),
+        "{message}"
+    );
+    scheduler
+        .create_schedule(typed(&[("room_id", "'nightly-' + tick")]))
+        .await
+        .unwrap();
+
+    let trigger = |inputs: &[(&str, &str)]| Trigger {
+        name: "t".into(),
+        topic: "uploads".into(),
+        workflow: "typed".into(),
+        inputs: inputs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        ..Default::default()
+    };
+    let message = invalid(
+        scheduler
+            .create_trigger(trigger(&[("rooom", "event.room")]))
+            .await,
+    );
+    assert!(
+        message.contains("inputs.room_id: required input of type string is not mapped")
+            && message.contains("inputs.rooom: workflow typed declares no such input"),
+        "{message}"
+    );
+    scheduler
+        .create_trigger(trigger(&[("room_id", "event.room")]))
+        .await
+        .unwrap();
+    let payload = json!({"room": 7}).as_object().unwrap().clone();
+    let message = invalid(scheduler.publish_event("uploads", payload, "e1").await);
+    assert!(
+        message.contains("trigger \"t\"")
+            && message.contains("inputs.room_id: the number 7 is not of type string"),
+        "{message}"
+    );
+    assert!(h.starter.runs().is_empty(), "nothing started");
+    let payload = json!({"room": "kitchen"}).as_object().unwrap().clone();
+    scheduler
+        .publish_event("uploads", payload, "e2")
+        .await
+        .unwrap();
+    assert_eq!(h.starter.inputs("room_id"), [json!("kitchen")]);
+
+    let backfill = dagmesh_proto::v1::Backfill {
+        workflow: "typed".into(),
+        inputs: [("day".to_owned(), "partition.start".to_owned())].into(),
+        ..hourly("2025-01-01T00:00:00Z", "2025-01-01T03:00:00Z", 1)
+    };
+    let message = invalid(scheduler.create_backfill(backfill).await);
+    assert!(
+        message.contains("the first partition")
+            && message.contains("inputs.room_id: required input of type string is missing"),
+        "{message}"
+    );
+}

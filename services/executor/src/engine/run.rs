@@ -771,6 +771,7 @@ impl RunEntry {
                 attempt: 0,
                 worker: String::new(),
                 error: step.error.clone(),
+                item_count: 0,
             });
             self.emit(event, ctx);
         }
@@ -1534,6 +1535,7 @@ impl RunEntry {
             } else {
                 step.error.clone()
             },
+            item_count: step.item_count,
         });
         self.mark(at, ctx);
         self.emit(event, ctx);

@@ -589,6 +589,7 @@ fn quarantine_mutations(
                 attempt: step.attempt,
                 worker: String::new(),
                 error: step.error.clone(),
+                item_count: 0,
             })),
         }));
         mutations.push(Mutation {

@@ -26,13 +26,15 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64\x61gmesh/v1/types.proto\x12\ndagmesh.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"s\n\x0cWorkflowSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12#\n\x05steps\x18\x03 \x03(\x0b\x32\x14.dagmesh.v1.StepSpec\x12\x1b\n\x13\x63ontinue_on_failure\x18\x04 \x01(\x08\"\x99\x03\n\x08StepSpec\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\r\n\x05needs\x18\x03 \x03(\t\x12\x30\n\x06inputs\x18\x04 \x03(\x0b\x32 .dagmesh.v1.StepSpec.InputsEntry\x12\x0c\n\x04when\x18\x05 \x01(\t\x12&\n\x05retry\x18\x06 \x01(\x0b\x32\x17.dagmesh.v1.RetryPolicy\x12\x0f\n\x07timeout\x18\x07 \x01(\t\x12\x30\n\x06labels\x18\x08 \x03(\x0b\x32 .dagmesh.v1.StepSpec.LabelsEntry\x12\r\n\x05slots\x18\t \x01(\r\x12\x10\n\x08priority\x18\n \x01(\x05\x12\x17\n\x0f\x63oncurrency_key\x18\x0b \x01(\t\x12!\n\x19schedule_to_start_timeout\x18\x0c \x01(\t\x1a-\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x92\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\r\x12\x17\n\x0finitial_backoff\x18\x02 \x01(\t\x12\x13\n\x0bmax_backoff\x18\x03 \x01(\t\x12\x12\n\nmultiplier\x18\x04 \x01(\x01\x12\x0e\n\x06jitter\x18\x05 \x01(\x01\x12\x1b\n\x13retry_non_retryable\x18\x06 \x01(\x08\"\x97\x01\n\x08Workflow\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12&\n\x04spec\x18\x03 \x01(\x0b\x32\x18.dagmesh.v1.WorkflowSpec\x12\x14\n\x0c\x63ontent_hash\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8b\x04\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08workflow\x18\x02 \x01(\t\x12\x18\n\x10workflow_version\x18\x03 \x01(\r\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.dagmesh.v1.RunState\x12\'\n\x06inputs\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x04tags\x18\x06 \x03(\x0b\x32\x19.dagmesh.v1.Run.TagsEntry\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12\x1f\n\x05steps\x18\x08 \x03(\x0b\x32\x10.dagmesh.v1.Step\x12\r\n\x05\x65rror\x18\t \x01(\t\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08last_seq\x18\x0c \x01(\x04\x12\x10\n\x08priority\x18\r \x01(\x05\x12\x16\n\x0equeue_position\x18\x0e \x01(\r\x12\x14\n\x0csubmitted_by\x18\x0f \x01(\t\x12\x14\n\x0c\x63\x61ncelled_by\x18\x10 \x01(\t\x12\x12\n\nretried_by\x18\x11 \x01(\t\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf2\x03\n\x04Step\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12$\n\x05state\x18\x04 \x01(\x0e\x32\x15.dagmesh.v1.StepState\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\r\x12\x0c\n\x04task\x18\x06 \x01(\t\x12\'\n\x06inputs\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12(\n\x07outputs\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x0e\n\x06worker\x18\n \x01(\t\x12\x10\n\x08progress\x18\x0b \x01(\x02\x12\x18\n\x10progress_message\x18\x0c \x01(\t\x12.\n\nstarted_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0ctask_version\x18\x0f \x01(\t\x12\x15\n\rlost_attempts\x18\x10 \x01(\r\x12\x16\n\x0ewaiting_reason\x18\x11 \x01(\t\x12\x15\n\rlost_in_a_row\x18\x12 \x01(\r\x12\x18\n\x10worker_principal\x18\x13 \x01(\t\"\xcd\x02\n\x08RunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\trun_state\x18\n \x01(\x0b\x32\x1b.dagmesh.v1.RunStateChangedH\x00\x12\x32\n\nstep_state\x18\x0b \x01(\x0b\x32\x1c.dagmesh.v1.StepStateChangedH\x00\x12\x31\n\rstep_progress\x18\x0c \x01(\x0b\x32\x18.dagmesh.v1.StepProgressH\x00\x12\'\n\x08step_log\x18\r \x01(\x0b\x32\x13.dagmesh.v1.StepLogH\x00\x12\x31\n\nunreadable\x18\x0e \x01(\x0b\x32\x1b.dagmesh.v1.EventUnreadableH\x00\x42\x07\n\x05\x65vent\"!\n\x0f\x45ventUnreadable\x12\x0e\n\x06reason\x18\x01 \x01(\t\"T\n\x0fRunStateChanged\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.dagmesh.v1.RunState\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\"y\n\x10StepStateChanged\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.dagmesh.v1.StepState\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x0e\n\x06worker\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\xbb\x01\n\x0cStepProgress\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x10\n\x08\x66raction\x18\x03 \x01(\x02\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.dagmesh.v1.StepProgress.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"O\n\x07StepLog\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\"\n\x05lines\x18\x03 \x03(\x0b\x32\x13.dagmesh.v1.LogLine\"N\n\x07LogLine\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05level\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t*\x9a\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10RUN_STATE_QUEUED\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x17\n\x13RUN_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04\x12\x17\n\x13RUN_STATE_CANCELLED\x10\x05*\x84\x02\n\tStepState\x12\x1a\n\x16STEP_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12STEP_STATE_PENDING\x10\x01\x12\x14\n\x10STEP_STATE_READY\x10\x02\x12\x17\n\x13STEP_STATE_ASSIGNED\x10\x03\x12\x16\n\x12STEP_STATE_RUNNING\x10\x04\x12\x19\n\x15STEP_STATE_RETRY_WAIT\x10\x05\x12\x18\n\x14STEP_STATE_SUCCEEDED\x10\x06\x12\x15\n\x11STEP_STATE_FAILED\x10\x07\x12\x16\n\x12STEP_STATE_SKIPPED\x10\x08\x12\x18\n\x14STEP_STATE_CANCELLED\x10\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64\x61gmesh/v1/types.proto\x12\ndagmesh.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xef\x01\n\x0cWorkflowSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12#\n\x05steps\x18\x03 \x03(\x0b\x32\x14.dagmesh.v1.StepSpec\x12\x1b\n\x13\x63ontinue_on_failure\x18\x04 \x01(\x08\x12\x34\n\x06inputs\x18\x05 \x03(\x0b\x32$.dagmesh.v1.WorkflowSpec.InputsEntry\x1a\x44\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.dagmesh.v1.InputSpec:\x02\x38\x01\"W\n\tInputSpec\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\'\n\x07\x64\x65\x66\x61ult\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"\xde\x03\n\x08StepSpec\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\r\n\x05needs\x18\x03 \x03(\t\x12\x30\n\x06inputs\x18\x04 \x03(\x0b\x32 .dagmesh.v1.StepSpec.InputsEntry\x12\x0c\n\x04when\x18\x05 \x01(\t\x12&\n\x05retry\x18\x06 \x01(\x0b\x32\x17.dagmesh.v1.RetryPolicy\x12\x0f\n\x07timeout\x18\x07 \x01(\t\x12\x30\n\x06labels\x18\x08 \x03(\x0b\x32 .dagmesh.v1.StepSpec.LabelsEntry\x12\r\n\x05slots\x18\t \x01(\r\x12\x10\n\x08priority\x18\n \x01(\x05\x12\x17\n\x0f\x63oncurrency_key\x18\x0b \x01(\t\x12!\n\x19schedule_to_start_timeout\x18\x0c \x01(\t\x12\x10\n\x08\x66or_each\x18\r \x01(\t\x12\x14\n\x0cmax_parallel\x18\x0e \x01(\r\x12\x1b\n\x13\x63ontinue_on_failure\x18\x0f \x01(\x08\x1a-\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x92\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\r\x12\x17\n\x0finitial_backoff\x18\x02 \x01(\t\x12\x13\n\x0bmax_backoff\x18\x03 \x01(\t\x12\x12\n\nmultiplier\x18\x04 \x01(\x01\x12\x0e\n\x06jitter\x18\x05 \x01(\x01\x12\x1b\n\x13retry_non_retryable\x18\x06 \x01(\x08\"\x97\x01\n\x08Workflow\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12&\n\x04spec\x18\x03 \x01(\x0b\x32\x18.dagmesh.v1.WorkflowSpec\x12\x14\n\x0c\x63ontent_hash\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8b\x04\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08workflow\x18\x02 \x01(\t\x12\x18\n\x10workflow_version\x18\x03 \x01(\r\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.dagmesh.v1.RunState\x12\'\n\x06inputs\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x04tags\x18\x06 \x03(\x0b\x32\x19.dagmesh.v1.Run.TagsEntry\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12\x1f\n\x05steps\x18\x08 \x03(\x0b\x32\x10.dagmesh.v1.Step\x12\r\n\x05\x65rror\x18\t \x01(\t\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08last_seq\x18\x0c \x01(\x04\x12\x10\n\x08priority\x18\r \x01(\x05\x12\x16\n\x0equeue_position\x18\x0e \x01(\r\x12\x14\n\x0csubmitted_by\x18\x0f \x01(\t\x12\x14\n\x0c\x63\x61ncelled_by\x18\x10 \x01(\t\x12\x12\n\nretried_by\x18\x11 \x01(\t\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xac\x04\n\x04Step\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12$\n\x05state\x18\x04 \x01(\x0e\x32\x15.dagmesh.v1.StepState\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\r\x12\x0c\n\x04task\x18\x06 \x01(\t\x12\'\n\x06inputs\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12(\n\x07outputs\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x0e\n\x06worker\x18\n \x01(\t\x12\x10\n\x08progress\x18\x0b \x01(\x02\x12\x18\n\x10progress_message\x18\x0c \x01(\t\x12.\n\nstarted_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0ctask_version\x18\x0f \x01(\t\x12\x15\n\rlost_attempts\x18\x10 \x01(\r\x12\x16\n\x0ewaiting_reason\x18\x11 \x01(\t\x12\x15\n\rlost_in_a_row\x18\x12 \x01(\r\x12\x18\n\x10worker_principal\x18\x13 \x01(\t\x12\x10\n\x08map_step\x18\x14 \x01(\t\x12\x12\n\nitem_index\x18\x15 \x01(\r\x12\x12\n\nitem_count\x18\x16 \x01(\r\"\xcd\x02\n\x08RunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\trun_state\x18\n \x01(\x0b\x32\x1b.dagmesh.v1.RunStateChangedH\x00\x12\x32\n\nstep_state\x18\x0b \x01(\x0b\x32\x1c.dagmesh.v1.StepStateChangedH\x00\x12\x31\n\rstep_progress\x18\x0c \x01(\x0b\x32\x18.dagmesh.v1.StepProgressH\x00\x12\'\n\x08step_log\x18\r \x01(\x0b\x32\x13.dagmesh.v1.StepLogH\x00\x12\x31\n\nunreadable\x18\x0e \x01(\x0b\x32\x1b.dagmesh.v1.EventUnreadableH\x00\x42\x07\n\x05\x65vent\"!\n\x0f\x45ventUnreadable\x12\x0e\n\x06reason\x18\x01 \x01(\t\"T\n\x0fRunStateChanged\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.dagmesh.v1.RunState\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\"\x8d\x01\n\x10StepStateChanged\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.dagmesh.v1.StepState\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x0e\n\x06worker\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x12\n\nitem_count\x18\x06 \x01(\r\"\xbb\x01\n\x0cStepProgress\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x10\n\x08\x66raction\x18\x03 \x01(\x02\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.dagmesh.v1.StepProgress.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"O\n\x07StepLog\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\"\n\x05lines\x18\x03 \x03(\x0b\x32\x13.dagmesh.v1.LogLine\"N\n\x07LogLine\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05level\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t*\x9a\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10RUN_STATE_QUEUED\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x17\n\x13RUN_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04\x12\x17\n\x13RUN_STATE_CANCELLED\x10\x05*\x84\x02\n\tStepState\x12\x1a\n\x16STEP_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12STEP_STATE_PENDING\x10\x01\x12\x14\n\x10STEP_STATE_READY\x10\x02\x12\x17\n\x13STEP_STATE_ASSIGNED\x10\x03\x12\x16\n\x12STEP_STATE_RUNNING\x10\x04\x12\x19\n\x15STEP_STATE_RETRY_WAIT\x10\x05\x12\x18\n\x14STEP_STATE_SUCCEEDED\x10\x06\x12\x15\n\x11STEP_STATE_FAILED\x10\x07\x12\x16\n\x12STEP_STATE_SKIPPED\x10\x08\x12\x18\n\x14STEP_STATE_CANCELLED\x10\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dagmesh.v1.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_WORKFLOWSPEC_INPUTSENTRY']._loaded_options = None
+  _globals['_WORKFLOWSPEC_INPUTSENTRY']._serialized_options = b'8\001'
   _globals['_STEPSPEC_INPUTSENTRY']._loaded_options = None
   _globals['_STEPSPEC_INPUTSENTRY']._serialized_options = b'8\001'
   _globals['_STEPSPEC_LABELSENTRY']._loaded_options = None
@@ -41,42 +43,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUN_TAGSENTRY']._serialized_options = b'8\001'
   _globals['_STEPPROGRESS_METRICSENTRY']._loaded_options = None
   _globals['_STEPPROGRESS_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_RUNSTATE']._serialized_start=2892
-  _globals['_RUNSTATE']._serialized_end=3046
-  _globals['_STEPSTATE']._serialized_start=3049
-  _globals['_STEPSTATE']._serialized_end=3309
-  _globals['_WORKFLOWSPEC']._serialized_start=101
-  _globals['_WORKFLOWSPEC']._serialized_end=216
-  _globals['_STEPSPEC']._serialized_start=219
-  _globals['_STEPSPEC']._serialized_end=628
-  _globals['_STEPSPEC_INPUTSENTRY']._serialized_start=536
-  _globals['_STEPSPEC_INPUTSENTRY']._serialized_end=581
-  _globals['_STEPSPEC_LABELSENTRY']._serialized_start=583
-  _globals['_STEPSPEC_LABELSENTRY']._serialized_end=628
-  _globals['_RETRYPOLICY']._serialized_start=631
-  _globals['_RETRYPOLICY']._serialized_end=777
-  _globals['_WORKFLOW']._serialized_start=780
-  _globals['_WORKFLOW']._serialized_end=931
-  _globals['_RUN']._serialized_start=934
-  _globals['_RUN']._serialized_end=1457
-  _globals['_RUN_TAGSENTRY']._serialized_start=1414
-  _globals['_RUN_TAGSENTRY']._serialized_end=1457
-  _globals['_STEP']._serialized_start=1460
-  _globals['_STEP']._serialized_end=1958
-  _globals['_RUNEVENT']._serialized_start=1961
-  _globals['_RUNEVENT']._serialized_end=2294
-  _globals['_EVENTUNREADABLE']._serialized_start=2296
-  _globals['_EVENTUNREADABLE']._serialized_end=2329
-  _globals['_RUNSTATECHANGED']._serialized_start=2331
-  _globals['_RUNSTATECHANGED']._serialized_end=2415
-  _globals['_STEPSTATECHANGED']._serialized_start=2417
-  _globals['_STEPSTATECHANGED']._serialized_end=2538
-  _globals['_STEPPROGRESS']._serialized_start=2541
-  _globals['_STEPPROGRESS']._serialized_end=2728
-  _globals['_STEPPROGRESS_METRICSENTRY']._serialized_start=2682
-  _globals['_STEPPROGRESS_METRICSENTRY']._serialized_end=2728
-  _globals['_STEPLOG']._serialized_start=2730
-  _globals['_STEPLOG']._serialized_end=2809
-  _globals['_LOGLINE']._serialized_start=2811
-  _globals['_LOGLINE']._serialized_end=2889
+  _globals['_RUNSTATE']._serialized_start=3254
+  _globals['_RUNSTATE']._serialized_end=3408
+  _globals['_STEPSTATE']._serialized_start=3411
+  _globals['_STEPSTATE']._serialized_end=3671
+  _globals['_WORKFLOWSPEC']._serialized_start=102
+  _globals['_WORKFLOWSPEC']._serialized_end=341
+  _globals['_WORKFLOWSPEC_INPUTSENTRY']._serialized_start=273
+  _globals['_WORKFLOWSPEC_INPUTSENTRY']._serialized_end=341
+  _globals['_INPUTSPEC']._serialized_start=343
+  _globals['_INPUTSPEC']._serialized_end=430
+  _globals['_STEPSPEC']._serialized_start=433
+  _globals['_STEPSPEC']._serialized_end=911
+  _globals['_STEPSPEC_INPUTSENTRY']._serialized_start=819
+  _globals['_STEPSPEC_INPUTSENTRY']._serialized_end=864
+  _globals['_STEPSPEC_LABELSENTRY']._serialized_start=866
+  _globals['_STEPSPEC_LABELSENTRY']._serialized_end=911
+  _globals['_RETRYPOLICY']._serialized_start=914
+  _globals['_RETRYPOLICY']._serialized_end=1060
+  _globals['_WORKFLOW']._serialized_start=1063
+  _globals['_WORKFLOW']._serialized_end=1214
+  _globals['_RUN']._serialized_start=1217
+  _globals['_RUN']._serialized_end=1740
+  _globals['_RUN_TAGSENTRY']._serialized_start=1697
+  _globals['_RUN_TAGSENTRY']._serialized_end=1740
+  _globals['_STEP']._serialized_start=1743
+  _globals['_STEP']._serialized_end=2299
+  _globals['_RUNEVENT']._serialized_start=2302
+  _globals['_RUNEVENT']._serialized_end=2635
+  _globals['_EVENTUNREADABLE']._serialized_start=2637
+  _globals['_EVENTUNREADABLE']._serialized_end=2670
+  _globals['_RUNSTATECHANGED']._serialized_start=2672
+  _globals['_RUNSTATECHANGED']._serialized_end=2756
+  _globals['_STEPSTATECHANGED']._serialized_start=2759
+  _globals['_STEPSTATECHANGED']._serialized_end=2900
+  _globals['_STEPPROGRESS']._serialized_start=2903
+  _globals['_STEPPROGRESS']._serialized_end=3090
+  _globals['_STEPPROGRESS_METRICSENTRY']._serialized_start=3044
+  _globals['_STEPPROGRESS_METRICSENTRY']._serialized_end=3090
+  _globals['_STEPLOG']._serialized_start=3092
+  _globals['_STEPLOG']._serialized_end=3171
+  _globals['_LOGLINE']._serialized_start=3173
+  _globals['_LOGLINE']._serialized_end=3251
 # @@protoc_insertion_point(module_scope)
