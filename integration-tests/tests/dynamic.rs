@@ -506,3 +506,288 @@ async fn declared_inputs_are_checked_at_submit_and_defaults_filled_in() -> anyho
     );
     sandbox.stop().await
 }
+
+fn sleep_step(id: &str, needs: &[&str], duration: &str) -> pb::StepSpec {
+    pb::StepSpec {
+        id: id.into(),
+        needs: needs.iter().map(|s| (*s).to_owned()).collect(),
+        sleep: duration.into(),
+        ..pb::StepSpec::default()
+    }
+}
+
+fn approval_step(id: &str, needs: &[&str], message: &str, timeout: &str) -> pb::StepSpec {
+    pb::StepSpec {
+        id: id.into(),
+        needs: needs.iter().map(|s| (*s).to_owned()).collect(),
+        approval: Some(pb::ApprovalSpec {
+            message: message.into(),
+            timeout: timeout.into(),
+        }),
+        ..pb::StepSpec::default()
+    }
+}
+
+async fn spawn_echo(sandbox: &Sandbox) -> anyhow::Result<()> {
+    spawn_worker(Worker::builder(sandbox.url()).slots(4).task(
+        "echo",
+        "1.0.0",
+        |_: TaskContext, input: Value| async move { Ok::<_, TaskError>(input) },
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Waits until `step` of the run is RUNNING (a sleep or an approval waiting).
+async fn until_waiting(client: &Client, run_id: &str, step: &str) -> anyhow::Result<pb::Step> {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let run = client.get_run(run_id).await?;
+        let found = run.steps.iter().find(|s| s.step_id == step).cloned();
+        if let Some(found) = found
+            && found.state() == StepState::Running
+        {
+            return Ok(found);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{step} never waited: {run:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_sleep_step_waits_then_succeeds() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start().await?;
+    spawn_echo(&sandbox).await?;
+    let spec = workflow(
+        "sleepy",
+        vec![
+            sleep_step("nap", &[], "400ms"),
+            step("after", "echo@^1", &["nap"], &[("slept", "nap.slept")]),
+        ],
+    );
+    let client = sandbox.client().await?;
+    let started = std::time::Instant::now();
+    let run = client.submit(SubmitRun::inline(spec)).await?;
+    let nap = until_waiting(&client, &run.run_id, "nap").await?;
+    assert!(
+        nap.waiting_for.starts_with("sleep until "),
+        "{}",
+        nap.waiting_for
+    );
+    assert!(nap.wake_at.is_some());
+    let run = wait_for_run(&client, &run.run_id).await?;
+    assert_succeeded(&run);
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "woke early"
+    );
+    assert_eq!(outputs(&run, "after"), json!({"slept": "400ms"}));
+    sandbox.stop().await
+}
+
+#[tokio::test]
+async fn an_approval_waits_for_approve_or_deny() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start().await?;
+    spawn_echo(&sandbox).await?;
+    let spec = workflow(
+        "reviewed",
+        vec![
+            step("build", "echo@^1", &[], &[("n", "1")]),
+            approval_step("review", &["build"], "Ship build 1?", ""),
+            step(
+                "ship",
+                "echo@^1",
+                &["review"],
+                &[("by", "review.approved_by"), ("ticket", "review.ticket")],
+            ),
+        ],
+    );
+    let client = sandbox.client().await?;
+    let mut runs = RunServiceClient::new(sandbox.channel().await?);
+
+    let run = client.submit(SubmitRun::inline(spec.clone())).await?;
+    let review = until_waiting(&client, &run.run_id, "review").await?;
+    assert_eq!(review.waiting_for, "approval: Ship build 1?");
+    // Approving a step that is no approval, or an unknown one, says why.
+    for (step_id, expected) in [
+        ("build", "step \"build\" is not an approval step"),
+        ("nope", "has no step \"nope\""),
+    ] {
+        let status = runs
+            .approve_step(pb::ApproveStepRequest {
+                run_id: run.run_id.clone(),
+                step_id: step_id.into(),
+                approve: true,
+                ..Default::default()
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert!(status.message().contains(expected), "{}", status.message());
+    }
+    client
+        .approve_step(
+            &run.run_id,
+            "review",
+            json!({"ticket": "OPS-7"}),
+            "looks good",
+        )
+        .await?;
+    let done = wait_for_run(&client, &run.run_id).await?;
+    assert_succeeded(&done);
+    assert_eq!(
+        outputs(&done, "review"),
+        json!({"ticket": "OPS-7", "approved_by": "anonymous", "comment": "looks good"})
+    );
+    assert_eq!(
+        outputs(&done, "ship"),
+        json!({"by": "anonymous", "ticket": "OPS-7"})
+    );
+    // Once approved, it waits no more.
+    let status = runs
+        .approve_step(pb::ApproveStepRequest {
+            run_id: run.run_id.clone(),
+            step_id: "review".into(),
+            approve: true,
+            ..Default::default()
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+
+    let run = client.submit(SubmitRun::inline(spec.clone())).await?;
+    until_waiting(&client, &run.run_id, "review").await?;
+    client
+        .deny_step(&run.run_id, "review", "not on a Friday")
+        .await?;
+    let denied = wait_for_run(&client, &run.run_id).await?;
+    assert_eq!(denied.state(), RunState::Failed);
+    assert_eq!(
+        step_of(&denied, "review").error,
+        "denied by anonymous: not on a Friday"
+    );
+    assert_eq!(step_of(&denied, "ship").state(), StepState::Cancelled);
+
+    let mut timed = spec;
+    timed.name = "reviewed-quickly".into();
+    timed.steps[1].approval.as_mut().expect("approval").timeout = "300ms".into();
+    let run = client.submit(SubmitRun::inline(timed)).await?;
+    let expired = wait_for_run(&client, &run.run_id).await?;
+    assert_eq!(expired.state(), RunState::Failed);
+    assert_eq!(
+        step_of(&expired, "review").error,
+        "no approval within its timeout of 300ms"
+    );
+    sandbox.stop().await
+}
+
+#[tokio::test]
+async fn a_suspended_run_hands_out_nothing_until_resumed() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start().await?;
+    let spec = workflow(
+        "holdable",
+        vec![
+            step("first", "raw@^1", &[], &[]),
+            step("second", "raw@^1", &["first"], &[]),
+        ],
+    );
+    let client = sandbox.client().await?;
+    let run = client.submit(SubmitRun::inline(spec)).await?;
+    let (mut worker, _) =
+        RawWorker::connect(&sandbox.url(), RawWorker::hello("raw-s", "raw", "1.0.0", 2)).await?;
+    let first = worker.expect_assign().await?;
+    let suspended = client
+        .suspend_run(&run.run_id, "checking the warehouse")
+        .await?;
+    assert!(suspended.suspended);
+    worker.start(&first).await?;
+    worker
+        .complete(&first.task_id, first.attempt, json!({}))
+        .await?;
+    assert_eq!(
+        worker.expect_recorded().await?.outcome(),
+        pb::RecordOutcome::Accepted
+    );
+    // `second` is ready, and stays with the executor while the run is suspended.
+    let quiet = tokio::time::timeout(Duration::from_millis(400), worker.next()).await;
+    assert!(
+        quiet.is_err(),
+        "a suspended run handed out a task: {quiet:?}"
+    );
+    let held = client.get_run(&run.run_id).await?;
+    assert_eq!(step_of(&held, "second").state(), StepState::Ready);
+    let resumed = client.resume_run(&run.run_id).await?;
+    assert!(!resumed.suspended);
+    let second = worker.expect_assign().await?;
+    assert_eq!(second.step_id, "second");
+    worker.start(&second).await?;
+    worker
+        .complete(&second.task_id, second.attempt, json!({}))
+        .await?;
+    let run = wait_for_run(&client, &run.run_id).await?;
+    assert_succeeded(&run);
+    let events = all_events(sandbox.channel().await?, &run.run_id).await?;
+    let changes: Vec<(bool, String)> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(pb::run_event::Event::RunState(c)) => Some((c.suspended, c.error.clone())),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        changes.contains(&(true, "suspended: checking the warehouse".to_owned())),
+        "{changes:?}"
+    );
+    sandbox.stop().await
+}
+
+/// Sleeps and approvals keep waiting across a restart of the executor: the wake-up time comes
+/// back from the store, and an approval given after the restart is taken.
+#[tokio::test]
+async fn waits_survive_a_restart() -> anyhow::Result<()> {
+    let database = Database::sqlite()?;
+    let sandbox = Sandbox::start_with(database, fast_config()).await?;
+    let spec = workflow(
+        "waits",
+        vec![
+            sleep_step("nap", &[], "1500ms"),
+            approval_step("review", &[], "ok?", ""),
+        ],
+    );
+    let client = sandbox.client().await?;
+    let started = std::time::Instant::now();
+    let run = client.submit(SubmitRun::inline(spec)).await?;
+    until_waiting(&client, &run.run_id, "review").await?;
+    until_waiting(&client, &run.run_id, "nap").await?;
+    let database = sandbox.database;
+    sandbox.mesh.shutdown().await?;
+    let sandbox = Sandbox {
+        mesh: dagmesh::mesh::Mesh::start(dagmesh::mesh::MeshOptions {
+            listen: "127.0.0.1:0".into(),
+            database_url: database.url(),
+            executor: fast_config(),
+            security: Default::default(),
+        })
+        .await?,
+        database,
+        settings: Default::default(),
+        worker_env: Vec::new(),
+        keep: None,
+    };
+    let client = sandbox.client().await?;
+    until_waiting(&client, &run.run_id, "review").await?;
+    client
+        .approve_step(&run.run_id, "review", json!({}), "")
+        .await?;
+    let run = wait_for_run(&client, &run.run_id).await?;
+    assert_succeeded(&run);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "the sleep ended early after the restart"
+    );
+    assert_eq!(outputs(&run, "nap"), json!({"slept": "1s 500ms"}));
+    sandbox.stop().await
+}

@@ -861,6 +861,7 @@ async fn a_commit_the_store_refuses_fails_that_request_and_the_engine_goes_on() 
             state: RunState::Running as i32,
             error: "written behind the executor's back".into(),
             actor: String::new(),
+            suspended: false,
         })),
     };
     sqlx::query("INSERT INTO events (run_id, seq, body) VALUES (?, ?, ?)")

@@ -65,6 +65,7 @@ pub fn run(run: &Run) -> Value {
         "last_seq": run.last_seq,
         "priority": run.priority,
         "queue_position": run.queue_position,
+        "suspended": run.suspended,
     })
 }
 
@@ -89,6 +90,8 @@ pub fn step(step: &Step) -> Value {
         "map_step": step.map_step,
         "item_index": step.item_index,
         "item_count": step.item_count,
+        "waiting_for": step.waiting_for,
+        "wake_at": timestamp(step.wake_at.as_ref()),
     })
 }
 
@@ -101,7 +104,12 @@ pub fn event(event: &RunEvent) -> Value {
     let (name, body) = match &event.event {
         Some(run_event::Event::RunState(e)) => (
             "run_state",
-            json!({ "state": run_state(e.state), "error": e.error, "actor": e.actor }),
+            json!({
+                "state": run_state(e.state),
+                "error": e.error,
+                "actor": e.actor,
+                "suspended": e.suspended,
+            }),
         ),
         Some(run_event::Event::StepState(e)) => (
             "step_state",

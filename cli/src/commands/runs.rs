@@ -5,12 +5,13 @@ use std::time::SystemTime;
 
 use dagmesh_proto::v1::run_service_client::RunServiceClient;
 use dagmesh_proto::v1::{
-    CancelRunRequest, GetRunRequest, ListRunsRequest, RetryRunRequest, Run, RunState, StepState,
+    ApproveStepRequest, CancelRunRequest, GetRunRequest, ListRunsRequest, ResumeRunRequest,
+    RetryRunRequest, Run, RunState, StepState, SuspendRunRequest,
 };
 use serde_json::Value;
 
 use super::format::{self, Table};
-use super::submit::parse_tag;
+use super::submit::{parse_input, parse_tag};
 use super::{Global, OutputFormat, connect, json, print_json, run_exit_code, watch};
 
 #[derive(clap::Subcommand, Debug)]
@@ -44,6 +45,33 @@ pub enum RunsCommand {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Approve a step that waits for an approval; it succeeds with the given values as outputs
+    /// (plus `approved_by`).
+    Approve {
+        run_id: String,
+        step_id: String,
+        /// An output of the step, KEY=VALUE (repeatable); VALUE is JSON when it parses.
+        #[arg(short = 'i', long = "output", value_name = "KEY=VALUE", value_parser = parse_input)]
+        outputs: Vec<(String, Value)>,
+        /// Kept with the approval as `comment`.
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// Deny a step that waits for an approval; it fails naming you and the reason.
+    Deny {
+        run_id: String,
+        step_id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Hold a running run: nothing more of it is handed to workers until `runs resume`.
+    Suspend {
+        run_id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Let a suspended run go on.
+    Resume { run_id: String },
     /// Re-run the failed and cancelled steps of an ended run (succeeded steps keep their
     /// outputs).
     Retry {
@@ -154,6 +182,63 @@ pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<ExitCo
             }
             Ok(ExitCode::SUCCESS)
         }
+        RunsCommand::Approve {
+            run_id,
+            step_id,
+            outputs,
+            comment,
+        } => {
+            let outputs: serde_json::Map<String, Value> = outputs.into_iter().collect();
+            let run = client
+                .approve_step(ApproveStepRequest {
+                    run_id,
+                    step_id: step_id.clone(),
+                    approve: true,
+                    outputs: Some(dagmesh_proto::json::map_to_struct(&outputs)),
+                    comment: comment.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            print_changed(&run, &format!("step {step_id} approved"), global.output);
+            Ok(ExitCode::SUCCESS)
+        }
+        RunsCommand::Deny {
+            run_id,
+            step_id,
+            reason,
+        } => {
+            let run = client
+                .approve_step(ApproveStepRequest {
+                    run_id,
+                    step_id: step_id.clone(),
+                    approve: false,
+                    outputs: None,
+                    comment: reason.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            print_changed(&run, &format!("step {step_id} denied"), global.output);
+            Ok(ExitCode::SUCCESS)
+        }
+        RunsCommand::Suspend { run_id, reason } => {
+            let run = client
+                .suspend_run(SuspendRunRequest {
+                    run_id,
+                    reason: reason.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            print_changed(&run, "suspended", global.output);
+            Ok(ExitCode::SUCCESS)
+        }
+        RunsCommand::Resume { run_id } => {
+            let run = client
+                .resume_run(ResumeRunRequest { run_id })
+                .await?
+                .into_inner();
+            print_changed(&run, "resumed", global.output);
+            Ok(ExitCode::SUCCESS)
+        }
         RunsCommand::Retry { run_id, watch } => {
             let run = client
                 .retry_run(RetryRunRequest { run_id })
@@ -185,6 +270,18 @@ pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<ExitCo
     }
 }
 
+/// `run <id> RUNNING: step review approved` (or the run as JSON).
+fn print_changed(run: &Run, what: &str, output: OutputFormat) {
+    match output {
+        OutputFormat::Json => print_json(&json::run(run)),
+        OutputFormat::Text => outln!(
+            "run {} {}: {what}",
+            run.run_id,
+            format::run_state(run.state)
+        ),
+    }
+}
+
 /// RUN ID, WORKFLOW, STATE, CREATED, DURATION, TAGS; one row per run.
 pub(crate) fn runs_table(runs: &[Run], now: SystemTime) -> String {
     let mut table = Table::new(&["RUN ID", "WORKFLOW", "STATE", "CREATED", "DURATION", "TAGS"]);
@@ -213,7 +310,11 @@ pub(crate) fn describe_run(run: &Run, now: SystemTime, all_items: bool) -> Strin
         "Workflow",
         format!("{}@{}", run.workflow, run.workflow_version),
     );
-    field("State", format::run_state(run.state));
+    let mut state = format::run_state(run.state);
+    if run.suspended {
+        state.push_str(" (suspended: nothing more is dispatched until `dagmesh runs resume`)");
+    }
+    field("State", state);
     if !run.error.is_empty() {
         field("Error", run.error.clone());
     }
@@ -275,6 +376,8 @@ pub(crate) fn describe_run(run: &Run, now: SystemTime, all_items: bool) -> Strin
                 .map_or_else(|| "-".to_owned(), format::duration),
             if step.state == StepState::Ready as i32 && !step.waiting_reason.is_empty() {
                 format::one_line(&step.waiting_reason, 100)
+            } else if step.state == StepState::Running as i32 && !step.waiting_for.is_empty() {
+                format!("waiting for {}", format::one_line(&step.waiting_for, 100))
             } else {
                 format::one_line(&step.error, 100)
             },

@@ -191,6 +191,7 @@ impl RunView {
         match &event.event {
             Some(run_event::Event::RunState(e)) => {
                 self.run.state = e.state;
+                self.run.suspended = e.suspended;
                 if format::run_is_final(e.state) {
                     self.run.finished_at = at.or(self.run.finished_at);
                     if !e.error.is_empty() {
@@ -666,6 +667,9 @@ pub(crate) fn tree_lines(
         elapsed,
         step_count
     );
+    if run.suspended {
+        header.push_str(&format!("  {}", paint.yellow("suspended")));
+    }
     if !run.error.is_empty() {
         header.push_str(&format!(
             "  {}",
@@ -1357,6 +1361,7 @@ mod tests {
                     state: RunState::Failed as i32,
                     error: "step fetch_images failed".into(),
                     actor: String::new(),
+                    suspended: false,
                 }),
             ),
         ];
@@ -1662,6 +1667,7 @@ mod tests {
                 state: RunState::Failed as i32,
                 error: "mesh failed".into(),
                 actor: String::new(),
+                suspended: false,
             }),
         ));
         assert!(view.is_final() && view.run.finished_at.is_some());
@@ -1672,6 +1678,7 @@ mod tests {
                 state: RunState::Running as i32,
                 error: String::new(),
                 actor: String::new(),
+                suspended: false,
             }),
         ));
         assert!(!view.is_final());

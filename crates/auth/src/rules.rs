@@ -60,6 +60,21 @@ const RULES: &[(&str, &str, Access)] = &[
         Access::Scope(Scope::Operate),
     ),
     (
+        "dagmesh.v1.RunService",
+        "ApproveStep",
+        Access::Scope(Scope::Operate),
+    ),
+    (
+        "dagmesh.v1.RunService",
+        "SuspendRun",
+        Access::Scope(Scope::Operate),
+    ),
+    (
+        "dagmesh.v1.RunService",
+        "ResumeRun",
+        Access::Scope(Scope::Operate),
+    ),
+    (
         "dagmesh.v1.WorkflowService",
         "ApplyWorkflow",
         Access::Scope(Scope::Admin),

@@ -9,8 +9,8 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use serde_json::{Map, Value as Json};
 
 use dagmesh_proto::limits::{
-    MAX_DURATION_LEN, MAX_EDGES, MAX_ENTRIES, MAX_MAP_ITEMS, MAX_NAME_LEN, MAX_PAYLOAD_DEPTH,
-    MAX_SLOTS, MAX_STEPS, MAX_TIMEOUT, MAX_VALUE_LEN, truncate_marked,
+    MAX_DURATION_LEN, MAX_EDGES, MAX_ENTRIES, MAX_MAP_ITEMS, MAX_MESSAGE_LEN, MAX_NAME_LEN,
+    MAX_PAYLOAD_DEPTH, MAX_SLOTS, MAX_STEPS, MAX_TIMEOUT, MAX_VALUE_LEN, truncate_marked,
 };
 
 use crate::cost::{self, Binding, Bindings};
@@ -64,6 +64,20 @@ impl CompiledWorkflow {
     }
 }
 
+/// What a step does when its needs are done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepKind {
+    /// Hands a task to a worker (one per item, with `for_each`).
+    Task,
+    /// Waits this long, then succeeds (`StepSpec.sleep`).
+    Sleep(Duration),
+    /// Waits for RunService.ApproveStep; fails after `timeout` when set (`StepSpec.approval`).
+    Approval {
+        message: String,
+        timeout: Option<Duration>,
+    },
+}
+
 #[derive(Debug)]
 pub struct CompiledStep {
     /// Position in `spec.steps`.
@@ -102,6 +116,7 @@ pub struct CompiledStep {
     /// A map item that fails for good leaves `{"error": ...}` in the list instead of failing
     /// the step.
     pub continue_on_item_failure: bool,
+    pub kind: StepKind,
 }
 
 impl CompiledStep {
@@ -494,7 +509,13 @@ fn compile_here(spec: &WorkflowSpec) -> Result<CompiledWorkflow, SpecErrors> {
         .zip(&mut needs)
         .enumerate()
     {
-        tasks.push(parse_task(&step.task, &format!("steps[{i}].task"), errors));
+        // A sleep or an approval runs no task: its (empty) task is not parsed.
+        let waits = !step.sleep.is_empty() || step.approval.is_some();
+        if waits && step.task.is_empty() {
+            tasks.push((String::new(), semver::VersionReq::STAR));
+        } else {
+            tasks.push(parse_task(&step.task, &format!("steps[{i}].task"), errors));
+        }
         // A set beside the list: a step may need thousands of others (a fan-in).
         let mut listed = HashSet::with_capacity(step.needs.len());
         for (j, need) in step.needs.iter().enumerate() {
@@ -1035,6 +1056,8 @@ fn compile_step(
         ));
     }
 
+    let kind = step_kind(i, step, errors);
+
     CompiledStep {
         index: i,
         id: step.id.clone(),
@@ -1056,7 +1079,80 @@ fn compile_step(
         for_each,
         max_parallel: step.max_parallel.min(MAX_MAP_ITEMS as u32),
         continue_on_item_failure: step.continue_on_failure,
+        kind,
     }
+}
+
+/// Task, sleep or approval: exactly one, and the task-only fields only on a task.
+fn step_kind(i: usize, step: &StepSpec, errors: &mut Vec<SpecError>) -> StepKind {
+    let set: Vec<&str> = [
+        (!step.task.is_empty()).then_some("task"),
+        (!step.sleep.is_empty()).then_some("sleep"),
+        step.approval.is_some().then_some("approval"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if set.len() > 1 {
+        errors.push(SpecError::new(
+            format!("steps[{i}]"),
+            format!(
+                "has {}; a step is exactly one of task, sleep and approval",
+                set.join(" and ")
+            ),
+        ));
+        return StepKind::Task;
+    }
+    let kind = match set.first() {
+        Some(&"sleep") => {
+            let path = format!("steps[{i}].sleep");
+            match optional_timeout(&step.sleep, &path, errors) {
+                Some(duration) => StepKind::Sleep(duration),
+                None => return StepKind::Task,
+            }
+        }
+        Some(&"approval") => {
+            let approval = step.approval.clone().unwrap_or_default();
+            if approval.message.len() > MAX_MESSAGE_LEN {
+                errors.push(SpecError::new(
+                    format!("steps[{i}].approval.message"),
+                    too_long("", approval.message.len(), MAX_MESSAGE_LEN),
+                ));
+            }
+            let timeout = optional_timeout(
+                &approval.timeout,
+                &format!("steps[{i}].approval.timeout"),
+                errors,
+            );
+            StepKind::Approval {
+                message: approval.message,
+                timeout,
+            }
+        }
+        _ => return StepKind::Task,
+    };
+    let what = set.first().copied().unwrap_or("sleep");
+    let task_only = [
+        ("for_each", !step.for_each.is_empty()),
+        ("retry", step.retry.is_some()),
+        ("timeout", !step.timeout.is_empty()),
+        (
+            "schedule_to_start_timeout",
+            !step.schedule_to_start_timeout.is_empty(),
+        ),
+        ("labels", !step.labels.is_empty()),
+        ("slots", step.slots > 0),
+        ("concurrency_key", !step.concurrency_key.is_empty()),
+    ];
+    for (field, present) in task_only {
+        if present {
+            errors.push(SpecError::new(
+                format!("steps[{i}].{field}"),
+                format!("a {what} step has no {field}: it runs no task"),
+            ));
+        }
+    }
+    kind
 }
 
 /// `what` is empty or ends with a space: `input name of 300 bytes, over the limit of 128`.

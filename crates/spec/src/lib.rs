@@ -84,7 +84,9 @@ mod inputs;
 mod parse;
 mod retry;
 
-pub use compile::{CompiledStep, CompiledWorkflow, ItemInputs, RESERVED_STEP_IDS, compile};
+pub use compile::{
+    CompiledStep, CompiledWorkflow, ItemInputs, RESERVED_STEP_IDS, StepKind, compile,
+};
 pub use error::{EvalError, SpecError, SpecErrors};
 pub use expr::{
     EvalBudget, INDEX_VAR, INPUTS_VAR, ITEM_VAR, MAX_EXPRESSION_TREE_DEPTH, evaluate_json,
@@ -95,7 +97,7 @@ pub use retry::{
     DEFAULT_INITIAL_BACKOFF, DEFAULT_JITTER, DEFAULT_MAX_BACKOFF, DEFAULT_MULTIPLIER, Retry,
 };
 
-pub use dagmesh_proto::v1::{RetryPolicy, StepSpec, WorkflowSpec};
+pub use dagmesh_proto::v1::{ApprovalSpec, RetryPolicy, StepSpec, WorkflowSpec};
 
 use sha2::{Digest, Sha256};
 

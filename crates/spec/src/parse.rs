@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
-use dagmesh_proto::v1::{InputSpec, RetryPolicy, StepSpec, WorkflowSpec};
+use dagmesh_proto::v1::{ApprovalSpec, InputSpec, RetryPolicy, StepSpec, WorkflowSpec};
 use serde::{Deserialize, Serialize};
 
 use dagmesh_proto::limits::{MAX_WORKFLOW_FILE_BYTES, MAX_WORKFLOW_FILE_EXPANSION};
@@ -191,6 +191,7 @@ struct InputFile {
 #[serde(default, deny_unknown_fields)]
 struct StepFile {
     id: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
     task: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     needs: Vec<String>,
@@ -218,6 +219,19 @@ struct StepFile {
     max_parallel: u32,
     #[serde(skip_serializing_if = "is_false")]
     continue_on_failure: bool,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    sleep: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    approval: Option<ApprovalFile>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct ApprovalFile {
+    #[serde(skip_serializing_if = "String::is_empty")]
+    message: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    timeout: String,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -360,6 +374,11 @@ impl StepFile {
             for_each: self.for_each,
             max_parallel: self.max_parallel,
             continue_on_failure: self.continue_on_failure,
+            sleep: self.sleep,
+            approval: self.approval.map(|a| ApprovalSpec {
+                message: a.message,
+                timeout: a.timeout,
+            }),
         }
     }
 
@@ -397,6 +416,11 @@ impl StepFile {
             for_each: step.for_each.clone(),
             max_parallel: step.max_parallel,
             continue_on_failure: step.continue_on_failure,
+            sleep: step.sleep.clone(),
+            approval: step.approval.as_ref().map(|a| ApprovalFile {
+                message: a.message.clone(),
+                timeout: a.timeout.clone(),
+            }),
         }
     }
 }

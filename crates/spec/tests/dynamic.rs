@@ -180,3 +180,60 @@ fn a_workflow_without_declared_inputs_takes_anything() {
     let given = object(json!({"anything": [1]}));
     assert_eq!(wf.check_run_inputs(given.clone(), "inputs").unwrap(), given);
 }
+
+#[test]
+fn sleeps_and_approvals_are_steps_without_a_task() {
+    let text = r#"
+name: waits
+steps:
+  - {id: nap, sleep: 10m}
+  - {id: review, needs: [nap], approval: {message: "Ship it?", timeout: 24h}}
+  - {id: ship, task: deploy@^1, needs: [review], inputs: {by: review.approved_by}}
+"#;
+    let spec = parse_workflow(text, Format::Yaml).unwrap();
+    let again = parse_workflow(&render_workflow(&spec, Format::Yaml), Format::Yaml).unwrap();
+    assert_eq!(again, spec);
+    let wf = dagmesh_spec::compile(&spec).unwrap();
+    assert_eq!(
+        wf.step("nap").unwrap().kind,
+        dagmesh_spec::StepKind::Sleep(std::time::Duration::from_secs(600))
+    );
+    assert_eq!(
+        wf.step("review").unwrap().kind,
+        dagmesh_spec::StepKind::Approval {
+            message: "Ship it?".into(),
+            timeout: Some(std::time::Duration::from_secs(24 * 3600)),
+        }
+    );
+    assert_eq!(wf.step("ship").unwrap().kind, dagmesh_spec::StepKind::Task);
+}
+
+#[test]
+fn a_step_is_exactly_one_kind_and_waits_take_no_task_fields() {
+    let text = r#"
+name: wf
+steps:
+  - {id: a, task: t, sleep: 1s}
+  - {id: b}
+  - {id: c, sleep: 0s}
+  - {id: d, sleep: 31d}
+  - {id: e, approval: {timeout: soon}}
+  - {id: f, sleep: 1m, retry: {max_attempts: 2}, labels: {gpu: "true"}, for_each: "[1]"}
+"#;
+    let errors = compile_text(text, Format::Yaml).unwrap_err().to_string();
+    for expected in [
+        "steps[0]: has task and sleep; a step is exactly one of task, sleep and approval",
+        "steps[1].task: task is empty",
+        "steps[2].sleep: must be longer than zero",
+        "steps[3].sleep: \"31d\" is over the limit of 30days",
+        "steps[4].approval.timeout: invalid duration \"soon\"",
+        "steps[5].retry: a sleep step has no retry: it runs no task",
+        "steps[5].labels: a sleep step has no labels: it runs no task",
+        "steps[5].for_each: a sleep step has no for_each: it runs no task",
+    ] {
+        assert!(
+            errors.contains(expected),
+            "missing {expected:?} in:\n{errors}"
+        );
+    }
+}

@@ -281,6 +281,12 @@ fn any_step() -> impl Strategy<Value = StepSpec> {
         prop_oneof![Just(String::new()), "inputs.[a-z]{1,4}", text],
         prop_oneof![Just(0u32), any::<u32>()],
         any::<bool>(),
+        prop_oneof![Just(String::new()), any_duration()],
+        prop::option::weighted(
+            0.2,
+            (".{0,20}", any_duration())
+                .prop_map(|(message, timeout)| dagmesh_spec::ApprovalSpec { message, timeout }),
+        ),
     );
     let base = (
         prop_oneof!["[a-z_][a-z0-9_]{0,6}", text],
@@ -312,7 +318,7 @@ fn any_step() -> impl Strategy<Value = StepSpec> {
                 concurrency_key,
                 schedule_to_start_timeout,
             ),
-            (for_each, max_parallel, continue_on_failure),
+            (for_each, max_parallel, continue_on_failure, sleep, approval),
         )| StepSpec {
             id,
             task,
@@ -329,6 +335,8 @@ fn any_step() -> impl Strategy<Value = StepSpec> {
             for_each,
             max_parallel,
             continue_on_failure,
+            sleep,
+            approval,
         },
     )
 }

@@ -319,6 +319,63 @@ impl Client {
         Ok(self.runs.clone().cancel_run(request).await?.into_inner())
     }
 
+    /// Approves a step that waits for an approval: it succeeds with `outputs` (an object; plus
+    /// `approved_by`).
+    pub async fn approve_step(
+        &self,
+        run_id: impl Into<String>,
+        step_id: impl Into<String>,
+        outputs: serde_json::Value,
+        comment: impl Into<String>,
+    ) -> Result<Run, ClientError> {
+        let request = dagmesh_proto::v1::ApproveStepRequest {
+            run_id: run_id.into(),
+            step_id: step_id.into(),
+            approve: true,
+            outputs: Some(dagmesh_proto::json::to_struct(&outputs)),
+            comment: comment.into(),
+        };
+        Ok(self.runs.clone().approve_step(request).await?.into_inner())
+    }
+
+    /// Denies a step that waits for an approval: it fails naming who and `reason`.
+    pub async fn deny_step(
+        &self,
+        run_id: impl Into<String>,
+        step_id: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Result<Run, ClientError> {
+        let request = dagmesh_proto::v1::ApproveStepRequest {
+            run_id: run_id.into(),
+            step_id: step_id.into(),
+            approve: false,
+            outputs: None,
+            comment: reason.into(),
+        };
+        Ok(self.runs.clone().approve_step(request).await?.into_inner())
+    }
+
+    /// Holds a running run: nothing more of it goes to workers until [`Client::resume_run`].
+    pub async fn suspend_run(
+        &self,
+        run_id: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Result<Run, ClientError> {
+        let request = dagmesh_proto::v1::SuspendRunRequest {
+            run_id: run_id.into(),
+            reason: reason.into(),
+        };
+        Ok(self.runs.clone().suspend_run(request).await?.into_inner())
+    }
+
+    /// Lets a suspended run go on.
+    pub async fn resume_run(&self, run_id: impl Into<String>) -> Result<Run, ClientError> {
+        let request = dagmesh_proto::v1::ResumeRunRequest {
+            run_id: run_id.into(),
+        };
+        Ok(self.runs.clone().resume_run(request).await?.into_inner())
+    }
+
     /// Re-runs the failed and cancelled steps of an ended run.
     pub async fn retry_run(&self, run_id: impl Into<String>) -> Result<Run, ClientError> {
         let request = RetryRunRequest {

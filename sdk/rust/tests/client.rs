@@ -135,6 +135,7 @@ impl RunService for Fake {
                         state: RunState::Succeeded.into(),
                         error: String::new(),
                         actor: String::new(),
+                        suspended: false,
                     }),
                 ),
             ]
@@ -151,6 +152,29 @@ impl RunService for Fake {
 
     async fn retry_run(&self, _: Request<RetryRunRequest>) -> Result<Response<Run>, Status> {
         Ok(Response::new(run(RunState::Running, 4)))
+    }
+
+    async fn approve_step(
+        &self,
+        _: Request<dagmesh_proto::v1::ApproveStepRequest>,
+    ) -> Result<Response<Run>, Status> {
+        Err(Status::failed_precondition(
+            "step \"review\" is not an approval step",
+        ))
+    }
+
+    async fn suspend_run(
+        &self,
+        _: Request<dagmesh_proto::v1::SuspendRunRequest>,
+    ) -> Result<Response<Run>, Status> {
+        Ok(Response::new(run(RunState::Running, 5)))
+    }
+
+    async fn resume_run(
+        &self,
+        _: Request<dagmesh_proto::v1::ResumeRunRequest>,
+    ) -> Result<Response<Run>, Status> {
+        Ok(Response::new(run(RunState::Running, 6)))
     }
 }
 

@@ -223,6 +223,89 @@ impl Executor {
         }
     }
 
+    /// ApproveStep on behalf of `actor`.
+    pub async fn approve_step_as(
+        &self,
+        request: dagmesh_proto::v1::ApproveStepRequest,
+        actor: &str,
+    ) -> Result<Run, ExecError> {
+        use dagmesh_proto::limits::{MAX_MESSAGE_LEN, MAX_NAME_LEN, MAX_VALUE_LEN, check_len};
+        let invalid = ExecError::InvalidArgument;
+        check_len("run_id", &request.run_id, MAX_VALUE_LEN).map_err(invalid)?;
+        if request.step_id.is_empty() {
+            return Err(ExecError::InvalidArgument("step_id: required".into()));
+        }
+        check_len("step_id", &request.step_id, MAX_NAME_LEN).map_err(invalid)?;
+        check_len("comment", &request.comment, MAX_MESSAGE_LEN).map_err(invalid)?;
+        let outputs = request.outputs.unwrap_or_default();
+        dagmesh_proto::limits::check_payload(
+            "outputs",
+            &outputs,
+            self.inner.config.max_payload_bytes,
+        )
+        .map_err(|error| ExecError::InvalidArgument(error.to_string()))?;
+        let run_id = request.run_id.clone();
+        let answer = self
+            .inner
+            .engine
+            .call(|reply| Command::Approve {
+                run_id: request.run_id,
+                step_id: request.step_id,
+                approve: request.approve,
+                outputs: dagmesh_proto::json::from_struct(Some(&outputs)),
+                comment: request.comment,
+                actor: actor.to_owned(),
+                reply,
+            })
+            .await?;
+        self.answer_about_active_run(&run_id, answer).await
+    }
+
+    /// SuspendRun (`suspend`) or ResumeRun on behalf of `actor`.
+    pub async fn suspend_as(
+        &self,
+        run_id: &str,
+        suspend: bool,
+        reason: &str,
+        actor: &str,
+    ) -> Result<Run, ExecError> {
+        use dagmesh_proto::limits::{MAX_MESSAGE_LEN, MAX_VALUE_LEN, check_len};
+        check_len("run_id", run_id, MAX_VALUE_LEN).map_err(ExecError::InvalidArgument)?;
+        check_len("reason", reason, MAX_MESSAGE_LEN).map_err(ExecError::InvalidArgument)?;
+        let answer = self
+            .inner
+            .engine
+            .call(|reply| Command::Suspend {
+                run_id: run_id.to_owned(),
+                suspend,
+                reason: reason.to_owned(),
+                actor: actor.to_owned(),
+                reply,
+            })
+            .await?;
+        self.answer_about_active_run(run_id, answer).await
+    }
+
+    /// The engine's answer to a call about an active run: the run, FAILED_PRECONDITION with the
+    /// engine's reason, or (not active) NOT_FOUND or FAILED_PRECONDITION naming its end.
+    async fn answer_about_active_run(
+        &self,
+        run_id: &str,
+        answer: Option<Result<Run, String>>,
+    ) -> Result<Run, ExecError> {
+        match answer {
+            Some(Ok(run)) => Ok(run),
+            Some(Err(reason)) => Err(ExecError::FailedPrecondition(reason)),
+            None => {
+                let run = self.inner.store.get_run(run_id).await?;
+                Err(ExecError::FailedPrecondition(format!(
+                    "run {run_id} is not active ({})",
+                    run.state().as_str_name().trim_start_matches("RUN_STATE_")
+                )))
+            }
+        }
+    }
+
     /// Re-runs the steps of a failed or cancelled run that did not succeed.
     pub async fn retry(&self, run_id: &str) -> Result<Run, ExecError> {
         self.retry_as(run_id, "anonymous").await

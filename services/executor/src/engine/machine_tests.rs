@@ -101,6 +101,10 @@ enum Action {
     Restart,
     /// RetryRun, when the run has ended.
     Retry,
+    /// ApproveStep on every approval step (approve or deny); refused ones change nothing.
+    Approve(bool),
+    /// SuspendRun (true) or ResumeRun.
+    Suspend(bool),
 }
 
 impl Sim {
@@ -193,6 +197,14 @@ impl Sim {
                         && attempt == task.attempt
                     {
                         let (now_attempt, state) = self.entry.attempt_state(task.step);
+                        if self.entry.run.suspended {
+                            assert_eq!(
+                                state,
+                                StepState::Ready,
+                                "a suspended run handed out a task"
+                            );
+                            continue;
+                        }
                         assert_eq!((now_attempt, state), (task.attempt, StepState::Assigned));
                         let task_id = self.entry.task_id(task.step).to_owned();
                         self.held.push((task_id, task.attempt));
@@ -271,6 +283,9 @@ impl Sim {
                         Timer::ProgressFlush { step, attempt, .. } => {
                             self.entry.flush_progress(step, attempt, ctx);
                         }
+                        Timer::WaitDeadline { step, attempt, .. } => {
+                            self.entry.wait_deadline(step, attempt, ctx);
+                        }
                         Timer::Lease { .. } | Timer::DrainDeadline => {}
                     }
                 }
@@ -291,6 +306,25 @@ impl Sim {
                     self.entry.admitted = true;
                 }
                 self.reconcile_held();
+            }
+            Action::Approve(approve) => {
+                for spec in &self.plan.compiled.steps {
+                    if matches!(spec.kind, dagmesh_spec::StepKind::Approval { .. }) {
+                        let before = self.entry.snapshot();
+                        let result =
+                            self.entry
+                                .approve(&spec.id, approve, Map::new(), "", "sim", ctx);
+                        if result.is_err() {
+                            let after = self.entry.snapshot();
+                            assert_eq!(before, after, "a refused approval changed the run");
+                        }
+                    }
+                }
+            }
+            Action::Suspend(suspend) => {
+                if self.entry.run.state() == RunState::Running {
+                    self.entry.set_suspended(suspend, "sim", "sim", ctx);
+                }
             }
             Action::Retry => {
                 // RetryRun takes failed and cancelled runs only.
@@ -454,10 +488,10 @@ impl Sim {
     }
 
     fn is_plain(&self, step_id: &str) -> bool {
-        self.plan
-            .index
-            .get(step_id)
-            .is_some_and(|&i| self.plan.compiled.steps[i].for_each.is_none())
+        self.plan.index.get(step_id).is_some_and(|&i| {
+            let spec = &self.plan.compiled.steps[i];
+            spec.for_each.is_none() && spec.kind == dagmesh_spec::StepKind::Task
+        })
     }
 
     /// Lets the worker succeed at everything until the run ends.
@@ -466,6 +500,8 @@ impl Sim {
             if self.finished() {
                 return;
             }
+            self.apply(Action::Suspend(false));
+            self.apply(Action::Approve(true));
             self.apply(Action::Dispatch);
             while !self.held.is_empty() {
                 self.apply(Action::Complete(0));
@@ -490,6 +526,8 @@ struct GenStep {
     needs: Vec<usize>,
     map: Option<(u32, bool)>,
     retries: u32,
+    /// A sleep (true) or an approval with a timeout (false) instead of a task.
+    wait: Option<bool>,
 }
 
 fn spec_of(steps: &[GenStep], continue_on_failure: bool) -> WorkflowSpec {
@@ -509,20 +547,40 @@ fn spec_of(steps: &[GenStep], continue_on_failure: bool) -> WorkflowSpec {
                 }
                 None => (String::new(), 0, false),
             };
-            pb::StepSpec {
-                id: format!("s{i}"),
-                task: "t@^1".into(),
-                needs,
-                inputs,
-                retry: (step.retries > 1).then(|| pb::RetryPolicy {
-                    max_attempts: step.retries,
-                    initial_backoff: "1s".into(),
-                    ..pb::RetryPolicy::default()
-                }),
-                for_each,
-                max_parallel,
-                continue_on_failure: tolerate,
-                ..pb::StepSpec::default()
+            let wait = step.wait.filter(|_| step.map.is_none());
+            match wait {
+                Some(true) => pb::StepSpec {
+                    id: format!("s{i}"),
+                    needs,
+                    inputs,
+                    sleep: "1s".into(),
+                    ..pb::StepSpec::default()
+                },
+                Some(false) => pb::StepSpec {
+                    id: format!("s{i}"),
+                    needs,
+                    inputs,
+                    approval: Some(pb::ApprovalSpec {
+                        message: "ok?".into(),
+                        timeout: "1h".into(),
+                    }),
+                    ..pb::StepSpec::default()
+                },
+                None => pb::StepSpec {
+                    id: format!("s{i}"),
+                    task: "t@^1".into(),
+                    needs,
+                    inputs,
+                    retry: (step.retries > 1).then(|| pb::RetryPolicy {
+                        max_attempts: step.retries,
+                        initial_backoff: "1s".into(),
+                        ..pb::RetryPolicy::default()
+                    }),
+                    for_each,
+                    max_parallel,
+                    continue_on_failure: tolerate,
+                    ..pb::StepSpec::default()
+                },
             }
         })
         .collect();
@@ -540,16 +598,18 @@ fn any_dag() -> impl Strategy<Value = Vec<GenStep>> {
             any::<u8>(),
             prop::option::weighted(0.35, (0u32..4, any::<bool>())),
             1u32..3,
+            prop::option::weighted(0.2, any::<bool>()),
         ),
         1..6,
     )
     .prop_map(|raw| {
         raw.into_iter()
             .enumerate()
-            .map(|(i, (mask, map, retries))| GenStep {
+            .map(|(i, (mask, map, retries, wait))| GenStep {
                 needs: (0..i).filter(|k| mask & (1 << k) != 0).collect(),
                 map,
                 retries,
+                wait,
             })
             .collect()
     })
@@ -567,6 +627,8 @@ fn any_action() -> impl Strategy<Value = Action> {
         1 => Just(Action::Cancel),
         2 => Just(Action::Restart),
         1 => Just(Action::Retry),
+        1 => any::<bool>().prop_map(Action::Approve),
+        1 => any::<bool>().prop_map(Action::Suspend),
     ]
 }
 
@@ -605,16 +667,19 @@ fn a_clean_run_of_a_map_succeeds_with_every_item_once() {
             needs: vec![],
             map: None,
             retries: 1,
+            wait: None,
         },
         GenStep {
             needs: vec![0],
             map: Some((2, false)),
             retries: 1,
+            wait: None,
         },
         GenStep {
             needs: vec![1],
             map: None,
             retries: 1,
+            wait: None,
         },
     ];
     let inputs = json!({ "xs": [1, 2, 3, 4, 5] });

@@ -64,6 +64,24 @@ pub(crate) enum Command {
         actor: String,
         reply: oneshot::Sender<Result<Run, ExecError>>,
     },
+    /// ApproveStep. `None`: the run is not active here.
+    Approve {
+        run_id: String,
+        step_id: String,
+        approve: bool,
+        outputs: Map<String, Json>,
+        comment: String,
+        actor: String,
+        reply: oneshot::Sender<Option<Result<Run, String>>>,
+    },
+    /// SuspendRun (`suspend`) or ResumeRun. `None`: the run is not active here.
+    Suspend {
+        run_id: String,
+        suspend: bool,
+        reason: String,
+        actor: String,
+        reply: oneshot::Sender<Option<Result<Run, String>>>,
+    },
     Watch {
         run_id: String,
         reply: oneshot::Sender<Option<watch::Receiver<u64>>>,
@@ -541,6 +559,49 @@ impl Engine {
                 self.admit_queued();
                 let snapshot = self.runs[&id].snapshot();
                 self.ctx.reply_about(Some(id), reply, Ok(snapshot));
+            }
+            Command::Approve {
+                run_id,
+                step_id,
+                approve,
+                outputs,
+                comment,
+                actor,
+                reply,
+            } => {
+                let mut about = None;
+                let result = self.runs.get_mut(run_id.as_str()).map(|entry| {
+                    about = Some(entry.id.clone());
+                    entry
+                        .approve(&step_id, approve, outputs, &comment, &actor, &mut self.ctx)
+                        .map(|()| entry.snapshot())
+                });
+                self.ctx.reply_about(about, reply, result);
+            }
+            Command::Suspend {
+                run_id,
+                suspend,
+                reason,
+                actor,
+                reply,
+            } => {
+                let mut about = None;
+                let result = self.runs.get_mut(run_id.as_str()).map(|entry| {
+                    about = Some(entry.id.clone());
+                    if entry.run.state() != RunState::Running {
+                        return Err(format!(
+                            "run {run_id} is {}; only a RUNNING run can be suspended or resumed",
+                            entry
+                                .run
+                                .state()
+                                .as_str_name()
+                                .trim_start_matches("RUN_STATE_")
+                        ));
+                    }
+                    entry.set_suspended(suspend, &reason, &actor, &mut self.ctx);
+                    Ok(entry.snapshot())
+                });
+                self.ctx.reply_about(about, reply, result);
             }
             Command::Watch { run_id, reply } => {
                 let receiver = self.runs.get_key_value(run_id.as_str()).map(|(id, entry)| {
@@ -1068,6 +1129,15 @@ impl Engine {
             } => {
                 if let Some(entry) = self.runs.get_mut(&run_id) {
                     entry.flush_progress(step, attempt, &mut self.ctx);
+                }
+            }
+            Timer::WaitDeadline {
+                run_id,
+                step,
+                attempt,
+            } => {
+                if let Some(entry) = self.runs.get_mut(&run_id) {
+                    entry.wait_deadline(step, attempt, &mut self.ctx);
                 }
             }
             Timer::Lease { instance } => self.check_lease(instance),

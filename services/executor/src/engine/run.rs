@@ -28,6 +28,7 @@ use super::timers::Timer;
 use super::traces::{self, AttemptEnd, Timeline};
 use super::{Ctx, QueuedTask, cancel_message, humanize};
 use crate::plans::Plan;
+use dagmesh_spec::StepKind;
 
 pub(crate) fn is_active(state: StepState) -> bool {
     matches!(state, StepState::Assigned | StepState::Running)
@@ -266,6 +267,7 @@ impl RunEntry {
                 state: state as i32,
                 error: String::new(),
                 actor: submitted_by,
+                suspended: false,
             }),
             ctx,
         );
@@ -359,6 +361,19 @@ impl RunEntry {
             let state = entry.row(at).state();
             match state {
                 StepState::Pending if at.item_index().is_none() => pending.push(at.spec()),
+                StepState::Running
+                    if !entry.is_task(at) && entry.steps[at.spec()].map.is_none() =>
+                {
+                    // A sleep or approval: its deadline, if any, from the stored wall-clock time.
+                    let row = entry.row(at);
+                    if let Some(wake_at) = row.wake_at {
+                        let delay = SystemTime::try_from(wake_at)
+                            .ok()
+                            .and_then(|at| at.duration_since(SystemTime::now()).ok())
+                            .unwrap_or_default();
+                        entry.schedule_wake(at, row.attempt, delay, ctx);
+                    }
+                }
                 _ if !entry.is_task(at) => {}
                 StepState::Ready => entry.enqueue(at, ctx),
                 StepState::RetryWait => ctx.timers.schedule(
@@ -488,9 +503,11 @@ impl RunEntry {
         }
     }
 
-    /// Whether `at` is handed to workers (a plain step or an item), not a map step.
+    /// Whether `at` is handed to workers (a plain task step or an item), not a map, a sleep or
+    /// an approval.
     fn is_task(&self, at: StepRef) -> bool {
-        at.item_index().is_some() || self.plan.compiled.steps[at.spec()].for_each.is_none()
+        let spec = &self.plan.compiled.steps[at.spec()];
+        at.item_index().is_some() || (spec.for_each.is_none() && spec.kind == StepKind::Task)
     }
 
     /// Every slot: each plan step, then (for a map) its items.
@@ -596,6 +613,8 @@ impl RunEntry {
             step.progress = 0.0;
             step.progress_message.clear();
             step.finished_at = None;
+            step.waiting_for.clear();
+            step.wake_at = None;
             self.mark(at, ctx);
         }
         for slot in &mut self.steps {
@@ -685,9 +704,194 @@ impl RunEntry {
                 continue;
             }
             self.steps[index].row.inputs = Some(inputs);
-            self.make_ready(at, ctx);
+            match &spec.kind {
+                StepKind::Task => self.make_ready(at, ctx),
+                StepKind::Sleep(duration) => {
+                    let until = SystemTime::now().checked_add(*duration);
+                    let text = match until {
+                        Some(until) => {
+                            format!("sleep until {}", humantime::format_rfc3339_seconds(until))
+                        }
+                        None => "sleep".to_owned(),
+                    };
+                    self.start_wait(at, Some(*duration), text, ctx);
+                }
+                StepKind::Approval { message, timeout } => {
+                    let text = if message.is_empty() {
+                        "approval".to_owned()
+                    } else {
+                        format!("approval: {message}")
+                    };
+                    self.start_wait(at, *timeout, text, ctx);
+                }
+            }
         }
         self.check_done(ctx);
+    }
+
+    /// A sleep or an approval starts waiting: RUNNING, with what it waits for and (with a
+    /// deadline) when it wakes up, both stored so that the wait survives a restart.
+    fn start_wait(
+        &mut self,
+        at: StepRef,
+        deadline: Option<std::time::Duration>,
+        waiting_for: String,
+        ctx: &mut Ctx,
+    ) {
+        let step = self.row_mut(at);
+        step.attempt += 1;
+        step.started_at = Some(now());
+        step.waiting_for = waiting_for.clone();
+        step.progress_message = waiting_for.clone();
+        step.wake_at = deadline
+            .and_then(|d| SystemTime::now().checked_add(d))
+            .map(Into::into);
+        let attempt = step.attempt;
+        self.set_step_state(at, StepState::Running, ctx);
+        let update = pb::StepProgress {
+            step_id: self.row(at).step_id.clone(),
+            attempt,
+            fraction: 0.0,
+            message: waiting_for,
+            metrics: HashMap::new(),
+        };
+        self.emit(run_event::Event::StepProgress(update), ctx);
+        if let Some(delay) = deadline {
+            self.schedule_wake(at, attempt, delay, ctx);
+        }
+    }
+
+    fn schedule_wake(&self, at: StepRef, attempt: u32, delay: std::time::Duration, ctx: &mut Ctx) {
+        ctx.timers.schedule(
+            ctx.after(delay),
+            Timer::WaitDeadline {
+                run_id: self.id.clone(),
+                step: at,
+                attempt,
+            },
+        );
+    }
+
+    /// A waiting step's deadline passed: a sleep is over, an approval gave up.
+    pub fn wait_deadline(&mut self, at: StepRef, attempt: u32, ctx: &mut Ctx) {
+        if !self.has(at) {
+            return;
+        }
+        let step = self.row(at);
+        if step.state() != StepState::Running || step.attempt != attempt || self.is_task(at) {
+            return;
+        }
+        match &self.plan.compiled.steps[at.spec()].kind {
+            StepKind::Sleep(duration) => {
+                let mut outputs = Map::new();
+                outputs.insert(
+                    "slept".to_owned(),
+                    Json::String(humantime::format_duration(*duration).to_string()),
+                );
+                self.wait_succeeded(at, outputs, ctx);
+            }
+            StepKind::Approval { timeout, .. } => {
+                let after = timeout.map(humanize).unwrap_or_default();
+                let error = format!("no approval within its timeout of {after}");
+                self.row_mut(at).waiting_for.clear();
+                self.fail_step(at, error, ctx);
+            }
+            StepKind::Task => {}
+        }
+    }
+
+    fn wait_succeeded(&mut self, at: StepRef, outputs: Map<String, Json>, ctx: &mut Ctx) {
+        let slot = self.slot_mut(at);
+        slot.row.outputs = Some(map_to_struct(&outputs));
+        slot.row.waiting_for.clear();
+        slot.row.progress = 1.0;
+        slot.output = Some(Json::Object(outputs));
+        self.finish(at, StepState::Succeeded, String::new(), ctx);
+        let released = self.release_dependants(at.spec());
+        self.advance(released, ctx);
+    }
+
+    /// ApproveStep: an approval step that waits succeeds with `outputs` (plus `approved_by`
+    /// and the comment), or fails naming who denied it and why. The error says why not when the
+    /// step is not an approval or does not wait.
+    pub fn approve(
+        &mut self,
+        step_id: &str,
+        approve: bool,
+        mut outputs: Map<String, Json>,
+        comment: &str,
+        actor: &str,
+        ctx: &mut Ctx,
+    ) -> Result<(), String> {
+        let Some(&spec) = self.plan.index.get(step_id) else {
+            return Err(format!("step_id: run {} has no step {step_id:?}", self.id));
+        };
+        let at = StepRef::step(spec);
+        if !matches!(
+            self.plan.compiled.steps[spec].kind,
+            StepKind::Approval { .. }
+        ) {
+            return Err(format!("step {step_id:?} is not an approval step"));
+        }
+        let state = self.row(at).state();
+        if state != StepState::Running {
+            return Err(format!(
+                "step {step_id:?} does not wait for an approval (it is {})",
+                state_name(state)
+            ));
+        }
+        let actor = if actor.is_empty() { "anonymous" } else { actor };
+        if !approve {
+            let mut error = format!("denied by {actor}");
+            if !comment.is_empty() {
+                error.push_str(&format!(": {comment}"));
+            }
+            self.row_mut(at).waiting_for.clear();
+            self.fail_step(at, error, ctx);
+            return Ok(());
+        }
+        outputs.insert("approved_by".to_owned(), Json::String(actor.to_owned()));
+        if !comment.is_empty() {
+            outputs.insert("comment".to_owned(), Json::String(comment.to_owned()));
+        }
+        check_payload(
+            "outputs",
+            &map_to_struct(&outputs),
+            ctx.config.max_payload_bytes,
+        )
+        .map_err(|error| error.to_string())?;
+        self.wait_succeeded(at, outputs, ctx);
+        Ok(())
+    }
+
+    /// SuspendRun / ResumeRun. While suspended nothing of the run is handed to a worker (queued
+    /// entries are skipped at dispatch); resuming queues its READY tasks again.
+    pub fn set_suspended(&mut self, suspended: bool, reason: &str, actor: &str, ctx: &mut Ctx) {
+        if self.run.suspended == suspended {
+            return;
+        }
+        self.run.suspended = suspended;
+        let error = if suspended && !reason.is_empty() {
+            format!("suspended: {reason}")
+        } else {
+            String::new()
+        };
+        self.emit(
+            run_event::Event::RunState(pb::RunStateChanged {
+                state: self.run.state,
+                error,
+                actor: actor.to_owned(),
+                suspended,
+            }),
+            ctx,
+        );
+        if !suspended {
+            for at in self.all_refs() {
+                if self.is_task(at) && self.row(at).state() == StepState::Ready {
+                    self.enqueue(at, ctx);
+                }
+            }
+        }
     }
 
     /// A map step whose needs are done: evaluates its list and every item's inputs, adds the
@@ -1004,6 +1208,9 @@ impl RunEntry {
             .and_then(|session| session.principal.as_deref())
             .unwrap_or_default()
             .to_owned();
+        if self.run.suspended {
+            return; // ResumeRun queues its ready tasks again
+        }
         let step = self.row_mut(at);
         if step.state() != StepState::Ready || step.attempt != attempt {
             return; // a stale queue entry: the step was cancelled or requeued meanwhile
@@ -1446,6 +1653,7 @@ impl RunEntry {
             let cancelled = AttemptEnd::Cancelled(reason);
             self.trace.attempt_ended(&self.run, step, at, cancelled);
         }
+        self.row_mut(at).waiting_for.clear();
         self.finish(at, StepState::Cancelled, reason.to_owned(), ctx);
     }
 
@@ -1561,6 +1769,7 @@ impl RunEntry {
                 state: state as i32,
                 error,
                 actor: actor.to_owned(),
+                suspended: self.run.suspended,
             }),
             ctx,
         );

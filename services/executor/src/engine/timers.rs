@@ -35,6 +35,12 @@ pub(crate) enum Timer {
         step: StepRef,
         attempt: u32,
     },
+    /// A sleep is over, or a wait (approval) reached its timeout.
+    WaitDeadline {
+        run_id: Arc<str>,
+        step: StepRef,
+        attempt: u32,
+    },
     /// Check whether a worker has been silent for a whole lease.
     Lease { instance: Arc<str> },
     /// Stop waiting for in-flight tasks during a drain.

@@ -1,8 +1,9 @@
 use std::time::Duration;
 
 use dagmesh_proto::v1::{
-    CancelRunRequest, GetRunRequest, ListRunsRequest, ListRunsResponse, RetryRunRequest, Run,
-    RunState, SubmitRunRequest, SubmitRunResponse, WatchRunRequest, WatchRunResponse, run_event,
+    ApproveStepRequest, CancelRunRequest, GetRunRequest, ListRunsRequest, ListRunsResponse,
+    ResumeRunRequest, RetryRunRequest, Run, RunState, SubmitRunRequest, SubmitRunResponse,
+    SuspendRunRequest, WatchRunRequest, WatchRunResponse, run_event,
     run_service_server::RunService, watch_run_response,
 };
 use tokio::sync::mpsc;
@@ -113,6 +114,38 @@ impl RunService for Runs {
         let run_id = request.into_inner().run_id;
         check_run_id(&run_id)?;
         let run = self.0.retry_as(&run_id, &actor).await?;
+        Ok(Response::new(run))
+    }
+
+    async fn approve_step(
+        &self,
+        request: Request<ApproveStepRequest>,
+    ) -> Result<Response<Run>, Status> {
+        let actor = Principal::of(&request).name;
+        let run = self.0.approve_step_as(request.into_inner(), &actor).await?;
+        Ok(Response::new(run))
+    }
+
+    async fn suspend_run(
+        &self,
+        request: Request<SuspendRunRequest>,
+    ) -> Result<Response<Run>, Status> {
+        let actor = Principal::of(&request).name;
+        let request = request.into_inner();
+        let run = self
+            .0
+            .suspend_as(&request.run_id, true, &request.reason, &actor)
+            .await?;
+        Ok(Response::new(run))
+    }
+
+    async fn resume_run(
+        &self,
+        request: Request<ResumeRunRequest>,
+    ) -> Result<Response<Run>, Status> {
+        let actor = Principal::of(&request).name;
+        let run_id = request.into_inner().run_id;
+        let run = self.0.suspend_as(&run_id, false, "", &actor).await?;
         Ok(Response::new(run))
     }
 }

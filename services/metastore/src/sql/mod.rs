@@ -605,6 +605,7 @@ fn quarantine_mutations(
             state: RunState::Failed as i32,
             error: reason.to_owned(),
             actor: String::new(),
+            suspended: false,
         })),
     }));
     run.state = RunState::Failed as i32;

@@ -65,6 +65,21 @@ class RunServiceStub(object):
                 request_serializer=dagmesh_dot_v1_dot_run__pb2.RetryRunRequest.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_types__pb2.Run.FromString,
                 _registered_method=True)
+        self.ApproveStep = channel.unary_unary(
+                '/dagmesh.v1.RunService/ApproveStep',
+                request_serializer=dagmesh_dot_v1_dot_run__pb2.ApproveStepRequest.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_types__pb2.Run.FromString,
+                _registered_method=True)
+        self.SuspendRun = channel.unary_unary(
+                '/dagmesh.v1.RunService/SuspendRun',
+                request_serializer=dagmesh_dot_v1_dot_run__pb2.SuspendRunRequest.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_types__pb2.Run.FromString,
+                _registered_method=True)
+        self.ResumeRun = channel.unary_unary(
+                '/dagmesh.v1.RunService/ResumeRun',
+                request_serializer=dagmesh_dot_v1_dot_run__pb2.ResumeRunRequest.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_types__pb2.Run.FromString,
+                _registered_method=True)
 
 
 class RunServiceServicer(object):
@@ -116,6 +131,30 @@ class RunServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApproveStep(self, request, context):
+        """Approves or denies a step that waits for an approval (StepSpec.approval). Approved, the step
+        succeeds with `outputs` plus `approved_by`; denied, it fails naming who and why.
+        FAILED_PRECONDITION when the step does not wait for an approval (not yet, or any more).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SuspendRun(self, request, context):
+        """Holds a running run: nothing more of it is handed to workers until ResumeRun. Tasks that are
+        running finish; sleeps and approvals go on. FAILED_PRECONDITION if the run is not active.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeRun(self, request, context):
+        """Lets a suspended run go on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RunServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +186,21 @@ def add_RunServiceServicer_to_server(servicer, server):
             'RetryRun': grpc.unary_unary_rpc_method_handler(
                     servicer.RetryRun,
                     request_deserializer=dagmesh_dot_v1_dot_run__pb2.RetryRunRequest.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_types__pb2.Run.SerializeToString,
+            ),
+            'ApproveStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveStep,
+                    request_deserializer=dagmesh_dot_v1_dot_run__pb2.ApproveStepRequest.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_types__pb2.Run.SerializeToString,
+            ),
+            'SuspendRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.SuspendRun,
+                    request_deserializer=dagmesh_dot_v1_dot_run__pb2.SuspendRunRequest.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_types__pb2.Run.SerializeToString,
+            ),
+            'ResumeRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeRun,
+                    request_deserializer=dagmesh_dot_v1_dot_run__pb2.ResumeRunRequest.FromString,
                     response_serializer=dagmesh_dot_v1_dot_types__pb2.Run.SerializeToString,
             ),
     }
@@ -311,6 +365,87 @@ class RunService(object):
             target,
             '/dagmesh.v1.RunService/RetryRun',
             dagmesh_dot_v1_dot_run__pb2.RetryRunRequest.SerializeToString,
+            dagmesh_dot_v1_dot_types__pb2.Run.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.RunService/ApproveStep',
+            dagmesh_dot_v1_dot_run__pb2.ApproveStepRequest.SerializeToString,
+            dagmesh_dot_v1_dot_types__pb2.Run.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SuspendRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.RunService/SuspendRun',
+            dagmesh_dot_v1_dot_run__pb2.SuspendRunRequest.SerializeToString,
+            dagmesh_dot_v1_dot_types__pb2.Run.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.RunService/ResumeRun',
+            dagmesh_dot_v1_dot_run__pb2.ResumeRunRequest.SerializeToString,
             dagmesh_dot_v1_dot_types__pb2.Run.FromString,
             options,
             channel_credentials,

@@ -81,7 +81,7 @@ class InputSpec(_message.Message):
     def __init__(self, type: _Optional[str] = ..., default: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., description: _Optional[str] = ...) -> None: ...
 
 class StepSpec(_message.Message):
-    __slots__ = ("id", "task", "needs", "inputs", "when", "retry", "timeout", "labels", "slots", "priority", "concurrency_key", "schedule_to_start_timeout", "for_each", "max_parallel", "continue_on_failure")
+    __slots__ = ("id", "task", "needs", "inputs", "when", "retry", "timeout", "labels", "slots", "priority", "concurrency_key", "schedule_to_start_timeout", "for_each", "max_parallel", "continue_on_failure", "sleep", "approval")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +111,8 @@ class StepSpec(_message.Message):
     FOR_EACH_FIELD_NUMBER: _ClassVar[int]
     MAX_PARALLEL_FIELD_NUMBER: _ClassVar[int]
     CONTINUE_ON_FAILURE_FIELD_NUMBER: _ClassVar[int]
+    SLEEP_FIELD_NUMBER: _ClassVar[int]
+    APPROVAL_FIELD_NUMBER: _ClassVar[int]
     id: str
     task: str
     needs: _containers.RepeatedScalarFieldContainer[str]
@@ -126,7 +128,17 @@ class StepSpec(_message.Message):
     for_each: str
     max_parallel: int
     continue_on_failure: bool
-    def __init__(self, id: _Optional[str] = ..., task: _Optional[str] = ..., needs: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Mapping[str, str]] = ..., when: _Optional[str] = ..., retry: _Optional[_Union[RetryPolicy, _Mapping]] = ..., timeout: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., slots: _Optional[int] = ..., priority: _Optional[int] = ..., concurrency_key: _Optional[str] = ..., schedule_to_start_timeout: _Optional[str] = ..., for_each: _Optional[str] = ..., max_parallel: _Optional[int] = ..., continue_on_failure: bool = ...) -> None: ...
+    sleep: str
+    approval: ApprovalSpec
+    def __init__(self, id: _Optional[str] = ..., task: _Optional[str] = ..., needs: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Mapping[str, str]] = ..., when: _Optional[str] = ..., retry: _Optional[_Union[RetryPolicy, _Mapping]] = ..., timeout: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., slots: _Optional[int] = ..., priority: _Optional[int] = ..., concurrency_key: _Optional[str] = ..., schedule_to_start_timeout: _Optional[str] = ..., for_each: _Optional[str] = ..., max_parallel: _Optional[int] = ..., continue_on_failure: bool = ..., sleep: _Optional[str] = ..., approval: _Optional[_Union[ApprovalSpec, _Mapping]] = ...) -> None: ...
+
+class ApprovalSpec(_message.Message):
+    __slots__ = ("message", "timeout")
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    message: str
+    timeout: str
+    def __init__(self, message: _Optional[str] = ..., timeout: _Optional[str] = ...) -> None: ...
 
 class RetryPolicy(_message.Message):
     __slots__ = ("max_attempts", "initial_backoff", "max_backoff", "multiplier", "jitter", "retry_non_retryable")
@@ -159,7 +171,7 @@ class Workflow(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., spec: _Optional[_Union[WorkflowSpec, _Mapping]] = ..., content_hash: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("run_id", "workflow", "workflow_version", "state", "inputs", "tags", "idempotency_key", "steps", "error", "created_at", "finished_at", "last_seq", "priority", "queue_position", "submitted_by", "cancelled_by", "retried_by")
+    __slots__ = ("run_id", "workflow", "workflow_version", "state", "inputs", "tags", "idempotency_key", "steps", "error", "created_at", "finished_at", "last_seq", "priority", "queue_position", "submitted_by", "cancelled_by", "retried_by", "suspended")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +196,7 @@ class Run(_message.Message):
     SUBMITTED_BY_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_BY_FIELD_NUMBER: _ClassVar[int]
     RETRIED_BY_FIELD_NUMBER: _ClassVar[int]
+    SUSPENDED_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     workflow: str
     workflow_version: int
@@ -201,10 +214,11 @@ class Run(_message.Message):
     submitted_by: str
     cancelled_by: str
     retried_by: str
-    def __init__(self, run_id: _Optional[str] = ..., workflow: _Optional[str] = ..., workflow_version: _Optional[int] = ..., state: _Optional[_Union[RunState, str]] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., tags: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[Step, _Mapping]]] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., priority: _Optional[int] = ..., queue_position: _Optional[int] = ..., submitted_by: _Optional[str] = ..., cancelled_by: _Optional[str] = ..., retried_by: _Optional[str] = ...) -> None: ...
+    suspended: bool
+    def __init__(self, run_id: _Optional[str] = ..., workflow: _Optional[str] = ..., workflow_version: _Optional[int] = ..., state: _Optional[_Union[RunState, str]] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., tags: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[Step, _Mapping]]] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., priority: _Optional[int] = ..., queue_position: _Optional[int] = ..., submitted_by: _Optional[str] = ..., cancelled_by: _Optional[str] = ..., retried_by: _Optional[str] = ..., suspended: bool = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("run_id", "step_id", "task_id", "state", "attempt", "task", "inputs", "outputs", "error", "worker", "progress", "progress_message", "started_at", "finished_at", "task_version", "lost_attempts", "waiting_reason", "lost_in_a_row", "worker_principal", "map_step", "item_index", "item_count")
+    __slots__ = ("run_id", "step_id", "task_id", "state", "attempt", "task", "inputs", "outputs", "error", "worker", "progress", "progress_message", "started_at", "finished_at", "task_version", "lost_attempts", "waiting_reason", "lost_in_a_row", "worker_principal", "map_step", "item_index", "item_count", "waiting_for", "wake_at")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
@@ -227,6 +241,8 @@ class Step(_message.Message):
     MAP_STEP_FIELD_NUMBER: _ClassVar[int]
     ITEM_INDEX_FIELD_NUMBER: _ClassVar[int]
     ITEM_COUNT_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
+    WAKE_AT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     step_id: str
     task_id: str
@@ -249,7 +265,9 @@ class Step(_message.Message):
     map_step: str
     item_index: int
     item_count: int
-    def __init__(self, run_id: _Optional[str] = ..., step_id: _Optional[str] = ..., task_id: _Optional[str] = ..., state: _Optional[_Union[StepState, str]] = ..., attempt: _Optional[int] = ..., task: _Optional[str] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., outputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., error: _Optional[str] = ..., worker: _Optional[str] = ..., progress: _Optional[float] = ..., progress_message: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., task_version: _Optional[str] = ..., lost_attempts: _Optional[int] = ..., waiting_reason: _Optional[str] = ..., lost_in_a_row: _Optional[int] = ..., worker_principal: _Optional[str] = ..., map_step: _Optional[str] = ..., item_index: _Optional[int] = ..., item_count: _Optional[int] = ...) -> None: ...
+    waiting_for: str
+    wake_at: _timestamp_pb2.Timestamp
+    def __init__(self, run_id: _Optional[str] = ..., step_id: _Optional[str] = ..., task_id: _Optional[str] = ..., state: _Optional[_Union[StepState, str]] = ..., attempt: _Optional[int] = ..., task: _Optional[str] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., outputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., error: _Optional[str] = ..., worker: _Optional[str] = ..., progress: _Optional[float] = ..., progress_message: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., task_version: _Optional[str] = ..., lost_attempts: _Optional[int] = ..., waiting_reason: _Optional[str] = ..., lost_in_a_row: _Optional[int] = ..., worker_principal: _Optional[str] = ..., map_step: _Optional[str] = ..., item_index: _Optional[int] = ..., item_count: _Optional[int] = ..., waiting_for: _Optional[str] = ..., wake_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RunEvent(_message.Message):
     __slots__ = ("run_id", "seq", "at", "run_state", "step_state", "step_progress", "step_log", "unreadable")
@@ -278,14 +296,16 @@ class EventUnreadable(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class RunStateChanged(_message.Message):
-    __slots__ = ("state", "error", "actor")
+    __slots__ = ("state", "error", "actor", "suspended")
     STATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
+    SUSPENDED_FIELD_NUMBER: _ClassVar[int]
     state: RunState
     error: str
     actor: str
-    def __init__(self, state: _Optional[_Union[RunState, str]] = ..., error: _Optional[str] = ..., actor: _Optional[str] = ...) -> None: ...
+    suspended: bool
+    def __init__(self, state: _Optional[_Union[RunState, str]] = ..., error: _Optional[str] = ..., actor: _Optional[str] = ..., suspended: bool = ...) -> None: ...
 
 class StepStateChanged(_message.Message):
     __slots__ = ("step_id", "state", "attempt", "worker", "error", "item_count")
