@@ -80,3 +80,16 @@ async fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Clap's own checks of every command (e.g. two arguments with one long name), which it
+    /// would otherwise make only when that command is first run.
+    #[test]
+    fn every_command_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

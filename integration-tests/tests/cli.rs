@@ -337,6 +337,150 @@ async fn cli_applies_submits_inspects_and_watches() -> anyhow::Result<()> {
     Ok(())
 }
 
+const WAITS_WORKFLOW: &str = r#"
+name: cli-waits
+inputs:
+  n: {type: int, default: 3}
+  who: {type: string}
+steps:
+  - id: review
+    approval: {message: "Go ahead?"}
+  - id: each
+    needs: [review]
+    task: cli.echo@^1
+    for_each: "[1, 2, 3].filter(x, x <= inputs.n)"
+    inputs: {text: "'item ' + string(item)"}
+"#;
+
+/// Declared inputs refused by `submit`, an approval given with `runs approve`, a suspended run
+/// shown by `runs get`, a map counted by `runs get` — through the binary, as a user would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_checks_inputs_approves_suspends_and_counts_map_items() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = UpProcess::start(dir.path()).await?;
+    let server = up.url.as_str();
+    let worker = Worker::builder(server)
+        .name("cli-waits-worker")
+        .task(
+            "cli.echo",
+            "1.0.0",
+            |_ctx: TaskContext, input: TextInput| async move {
+                Ok::<_, TaskError>(json!({ "text": input.text }))
+            },
+        )
+        .build()?;
+    let handle = worker.handle();
+    let worker_task = tokio::spawn(worker.run());
+    let file = dir.path().join("waits.yaml");
+    std::fs::write(&file, WAITS_WORKFLOW)?;
+    let file = file.to_str().context("path")?;
+
+    let refused = dagmesh(&["--server", server, "submit", file, "-i", "n=many"]).await?;
+    assert_ne!(refused.code, Some(0), "{refused:#?}");
+    for expected in [
+        "inputs.n: the string \"many\" is not of type int",
+        "inputs.who: required input of type string is missing",
+    ] {
+        assert!(
+            refused.stderr.contains(expected),
+            "{expected:?}: {refused:#?}"
+        );
+    }
+
+    let submitted = dagmesh(&[
+        "--server", server, "-o", "json", "submit", file, "-i", "who=me",
+    ])
+    .await?
+    .ok()
+    .json();
+    let run_id = submitted["run"]["run_id"]
+        .as_str()
+        .context("run_id")?
+        .to_owned();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let shown = dagmesh(&["--server", server, "runs", "get", &run_id])
+            .await?
+            .ok();
+        if shown.stdout.contains("waiting for approval: Go ahead?") {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "never waited: {shown:#?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let suspended = dagmesh(&[
+        "--server", server, "runs", "suspend", &run_id, "--reason", "lunch",
+    ])
+    .await?
+    .ok();
+    assert!(suspended.stdout.contains("suspended"), "{suspended:#?}");
+    let shown = dagmesh(&["--server", server, "runs", "get", &run_id])
+        .await?
+        .ok();
+    assert!(shown.stdout.contains("RUNNING (suspended"), "{shown:#?}");
+    dagmesh(&["--server", server, "runs", "resume", &run_id])
+        .await?
+        .ok();
+
+    let approved = dagmesh(&[
+        "--server",
+        server,
+        "runs",
+        "approve",
+        &run_id,
+        "review",
+        "-i",
+        "ticket=7",
+        "--comment",
+        "fine",
+    ])
+    .await?
+    .ok();
+    assert!(
+        approved.stdout.contains("step review approved"),
+        "{approved:#?}"
+    );
+    let waited = dagmesh(&["--server", server, "runs", "watch", &run_id]).await?;
+    let (_, state) = summary_line(&waited.stdout);
+    assert_eq!(state, "SUCCEEDED", "{waited:#?}");
+    let shown = dagmesh(&["--server", server, "runs", "get", &run_id])
+        .await?
+        .ok();
+    assert!(shown.stdout.contains("▸ 3/3 done"), "{shown:#?}");
+    assert!(
+        !shown.stdout.contains("each[0]"),
+        "items are counted, not listed: {shown:#?}"
+    );
+    let listed = dagmesh(&["--server", server, "runs", "get", &run_id, "--items"])
+        .await?
+        .ok();
+    assert!(listed.stdout.contains("each[2]"), "{listed:#?}");
+    let json = dagmesh(&["--server", server, "-o", "json", "runs", "get", &run_id])
+        .await?
+        .ok()
+        .json();
+    let review = json["steps"]
+        .as_array()
+        .and_then(|steps| steps.iter().find(|s| s["step_id"] == "review"))
+        .context("review")?;
+    assert_eq!(
+        review["outputs"],
+        json!({"ticket": 7, "approved_by": "anonymous", "comment": "fine"})
+    );
+
+    // A second approval is refused, naming why.
+    let again = dagmesh(&["--server", server, "runs", "deny", &run_id, "review"]).await?;
+    assert_ne!(again.code, Some(0));
+    assert!(again.stderr.contains("not active"), "{again:#?}");
+    handle.drain();
+    tokio::time::timeout(PATIENCE, worker_task).await???;
+    drop(up);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_demo_runs_room_scan_to_success() -> anyhow::Result<()> {
     let demo = dagmesh(&["demo", "--pace-ms", "0"]).await?;

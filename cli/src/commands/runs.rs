@@ -51,7 +51,7 @@ pub enum RunsCommand {
         run_id: String,
         step_id: String,
         /// An output of the step, KEY=VALUE (repeatable); VALUE is JSON when it parses.
-        #[arg(short = 'i', long = "output", value_name = "KEY=VALUE", value_parser = parse_input)]
+        #[arg(short = 'i', long = "value", value_name = "KEY=VALUE", value_parser = parse_input)]
         outputs: Vec<(String, Value)>,
         /// Kept with the approval as `comment`.
         #[arg(long)]
