@@ -28,6 +28,9 @@ pub enum Scenario {
     Chain,
     /// Many independent no-op steps plus a join: throughput.
     Fanout,
+    /// One map step of many no-op items (`for_each` over a list of `--size`) plus a join: the
+    /// same work as `fanout`, expanded at run time.
+    Map,
     /// Many concurrent short runs: submit-to-done latency.
     Runs,
     /// Cold start to first dispatch, and resident memory at rest.
@@ -109,6 +112,7 @@ pub async fn bench(global: &Global, args: BenchArgs) -> anyhow::Result<ExitCode>
             Scenario::Idle,
             Scenario::Chain,
             Scenario::Fanout,
+            Scenario::Map,
             Scenario::Runs,
         ],
         one => vec![one],
@@ -121,6 +125,7 @@ pub async fn bench(global: &Global, args: BenchArgs) -> anyhow::Result<ExitCode>
         let report = match scenario {
             Scenario::Chain => chain(&args).await?,
             Scenario::Fanout => fanout(&args).await?,
+            Scenario::Map => map(&args).await?,
             Scenario::Runs => runs(&args).await?,
             Scenario::Idle => idle(&args).await?,
             Scenario::Rpc => rpc(&args).await?,
@@ -397,6 +402,43 @@ async fn fanout(args: &BenchArgs) -> anyhow::Result<Report> {
     let wall = median(walls);
     Ok(Report {
         scenario: "fanout",
+        steps: width + 1,
+        wall_s: wall.as_secs_f64(),
+        per_step_ms: Some(wall.as_secs_f64() * 1000.0 / (width + 1) as f64),
+        steps_per_s: Some((width + 1) as f64 / wall.as_secs_f64()),
+        ..Default::default()
+    })
+}
+
+async fn map(args: &BenchArgs) -> anyhow::Result<Report> {
+    let width = args.size.unwrap_or(10_000);
+    let spec = WorkflowSpec {
+        name: "bench-map".into(),
+        steps: vec![
+            StepSpec {
+                for_each: "inputs.items".into(),
+                ..noop_step("each".into(), vec![])
+            },
+            noop_step("join".into(), vec!["each".into()]),
+        ],
+        ..Default::default()
+    };
+    let bench = Bench::start(args, 2, 128).await?;
+    let items: Vec<usize> = (0..width).collect();
+    let spec = SubmitRunRequest {
+        inputs: Some(dagmesh_proto::json::to_struct(
+            &serde_json::json!({ "items": items }),
+        )),
+        ..bench.register(spec).await?
+    };
+    let mut walls = Vec::new();
+    for _ in 0..args.repeat.max(1) {
+        walls.push(bench.run(spec.clone()).await?);
+    }
+    bench.stop().await?;
+    let wall = median(walls);
+    Ok(Report {
+        scenario: "map",
         steps: width + 1,
         wall_s: wall.as_secs_f64(),
         per_step_ms: Some(wall.as_secs_f64() * 1000.0 / (width + 1) as f64),
