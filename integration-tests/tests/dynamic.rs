@@ -791,3 +791,119 @@ async fn waits_survive_a_restart() -> anyhow::Result<()> {
     assert_eq!(outputs(&run, "nap"), json!({"slept": "1s 500ms"}));
     sandbox.stop().await
 }
+
+/// Exit hooks run after the DAG: `on_failure` sees what failed, `on_success` is skipped, and the
+/// run ends with the DAG's outcome; a failed hook fails a run whose DAG succeeded.
+#[tokio::test]
+async fn exit_hooks_run_after_the_dag_and_see_the_outcome() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start().await?;
+    spawn_worker(
+        Worker::builder(sandbox.url())
+            .slots(4)
+            .task("echo", "1.0.0", |_: TaskContext, input: Value| async move {
+                Ok::<_, TaskError>(input)
+            })
+            .task("boom", "1.0.0", |_: TaskContext, _: Value| async move {
+                Err::<Value, _>(TaskError::fatal("disk full"))
+            }),
+    )
+    .await?;
+    let text = r#"
+name: hooked
+steps:
+  - {id: build, task: echo@^1, inputs: {n: 1}}
+  - {id: test, task: "boom@^1", needs: [build]}
+  - {id: ship, task: echo@^1, needs: [test]}
+on_exit:
+  - {id: cleanup, task: echo@^1, inputs: {state: run.state}}
+on_success:
+  - {id: celebrate, task: echo@^1}
+on_failure:
+  - id: page
+    task: echo@^1
+    inputs: {failed: "run.failed_steps.map(f, f.step_id)", error: run.error, built: build.n}
+"#;
+    let spec = dagmesh_spec::parse_workflow(text, dagmesh_spec::Format::Yaml)?;
+    let client = sandbox.client().await?;
+    let run = client.submit(SubmitRun::inline(spec.clone())).await?;
+    let run = wait_for_run(&client, &run.run_id).await?;
+    assert_eq!(run.state(), RunState::Failed);
+    assert_eq!(run.error, "step \"test\" failed: disk full");
+    assert_eq!(outputs(&run, "cleanup"), json!({"state": "FAILED"}));
+    assert_eq!(
+        outputs(&run, "page"),
+        json!({"failed": ["test", "ship"], "error": "step \"test\" failed: disk full", "built": 1})
+    );
+    let celebrate = step_of(&run, "celebrate");
+    assert_eq!(celebrate.state(), StepState::Skipped);
+    assert!(
+        celebrate
+            .error
+            .contains("on_success hooks run only when it succeeds"),
+        "{}",
+        celebrate.error
+    );
+    // The hooks ran after the DAG had ended.
+    let events = all_events(sandbox.channel().await?, &run.run_id).await?;
+    let position = |step: &str, state: &str| {
+        events.iter().position(|e| matches!(&e.event,
+            Some(pb::run_event::Event::StepState(c)) if c.step_id == step && c.state().as_str_name().ends_with(state)))
+    };
+    assert!(position("ship", "CANCELLED") < position("page", "READY"));
+
+    let mut passing = spec;
+    passing.name = "hooked-ok".into();
+    passing.steps[1].task = "echo@^1".into();
+    passing.on_success[0].task = "boom@^1".into();
+    let run = client.submit(SubmitRun::inline(passing)).await?;
+    let run = wait_for_run(&client, &run.run_id).await?;
+    assert_eq!(run.state(), RunState::Failed, "a failed hook fails the run");
+    assert_eq!(run.error, "step \"celebrate\" failed: disk full");
+    assert_eq!(outputs(&run, "cleanup"), json!({"state": "SUCCEEDED"}));
+    assert_eq!(step_of(&run, "page").state(), StepState::Skipped);
+    assert_eq!(step_of(&run, "ship").state(), StepState::Succeeded);
+    sandbox.stop().await
+}
+
+/// The room-scan example end to end: a variable number of photos mapped over, and the exit hook
+/// telling the customer how it went — also when the scan fails.
+#[tokio::test]
+async fn room_scan_maps_over_its_photos_and_notifies_in_an_exit_hook() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start().await?;
+    spawn_worker(dagmesh_example_room_scan::cpu_worker(&sandbox.url())).await?;
+    spawn_worker(dagmesh_example_room_scan::gpu_worker(&sandbox.url())).await?;
+    let spec = dagmesh_spec::parse_workflow(
+        dagmesh_example_room_scan::WORKFLOW_YAML,
+        dagmesh_spec::Format::Yaml,
+    )?;
+    let client = sandbox.client().await?;
+    let inputs = json!({"room_id": "hall", "image_count": 5, "notify_email": "me@example.com"});
+    let run = client
+        .submit(SubmitRun::inline(spec.clone()).inputs(inputs))
+        .await?;
+    let run = wait_for_run(&client, &run.run_id).await?;
+    assert_succeeded(&run);
+    assert_eq!(step_of(&run, "features").item_count, 5);
+    assert_eq!(
+        outputs(&run, "notify")["message"],
+        json!("me@example.com: your scan of hall is ready (1058 triangles, 5 thumbnails)")
+    );
+
+    // No photos: fetch fails for good, and the hook still tells the customer.
+    let inputs = json!({"room_id": "hall", "image_count": 0, "notify_email": "me@example.com"});
+    let run = client
+        .submit(SubmitRun::inline(spec).inputs(inputs))
+        .await?;
+    let run = wait_for_run(&client, &run.run_id).await?;
+    assert_eq!(run.state(), RunState::Failed);
+    let message = outputs(&run, "notify")["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        message.starts_with("me@example.com: we could not finish your scan of hall")
+            && message.contains("image_count must be at least 1"),
+        "{message}"
+    );
+    sandbox.stop().await
+}

@@ -154,6 +154,13 @@ mod tests {
                 },
             )]
             .into(),
+            on_failure: vec![StepSpec {
+                id: "page".into(),
+                task: "notify.send@^1".into(),
+                inputs: [("error".to_owned(), "run.error".to_owned())].into(),
+                ..StepSpec::default()
+            }],
+            ..WorkflowSpec::default()
         };
         let workflow = Workflow {
             name: "room-scan".into(),

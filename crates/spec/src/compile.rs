@@ -15,13 +15,13 @@ use dagmesh_proto::limits::{
 
 use crate::cost::{self, Binding, Bindings};
 use crate::error::{EvalError, SpecError, SpecErrors};
-use crate::expr::{self, EvalBudget, INDEX_VAR, INPUTS_VAR, ITEM_VAR};
+use crate::expr::{self, EvalBudget, INDEX_VAR, INPUTS_VAR, ITEM_VAR, RUN_VAR};
 use crate::inputs::{self, DeclaredInput};
 use crate::retry::Retry;
 
 /// Step ids that cannot be used: `inputs` is the run-inputs variable, `run` is kept for run
 /// metadata in expressions.
-pub const RESERVED_STEP_IDS: [&str; 2] = [INPUTS_VAR, "run"];
+pub const RESERVED_STEP_IDS: [&str; 2] = [INPUTS_VAR, RUN_VAR];
 
 /// A validated workflow: steps with resolved indexes, compiled expressions and defaults applied.
 /// Immutable and `Send + Sync`, to be shared as `Arc<CompiledWorkflow>`.
@@ -29,7 +29,8 @@ pub const RESERVED_STEP_IDS: [&str; 2] = [INPUTS_VAR, "run"];
 pub struct CompiledWorkflow {
     /// The spec it was compiled from.
     pub spec: WorkflowSpec,
-    /// One per spec step, in spec order (`steps[i].index == i`).
+    /// One per spec step, in spec order (`steps[i].index == i`), then the exit hooks
+    /// (`on_exit`, `on_success`, `on_failure`, in that order).
     pub steps: Vec<CompiledStep>,
     /// Every step index, each after all the steps it needs; among steps that could go next, the
     /// one declared first.
@@ -61,6 +62,36 @@ impl CompiledWorkflow {
         field: &str,
     ) -> Result<Map<String, Json>, SpecErrors> {
         inputs::check_run_inputs(&self.inputs, given, field)
+    }
+}
+
+/// When an exit hook runs (see `WorkflowSpec.on_exit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// After the DAG, whatever its outcome.
+    Exit,
+    /// After the DAG, when no step failed.
+    Success,
+    /// After the DAG, when a step failed.
+    Failure,
+}
+
+impl Hook {
+    /// Whether a hook of this kind runs after a DAG that `failed` (or not).
+    pub fn runs_after(self, failed: bool) -> bool {
+        match self {
+            Hook::Exit => true,
+            Hook::Success => !failed,
+            Hook::Failure => failed,
+        }
+    }
+
+    pub fn field(self) -> &'static str {
+        match self {
+            Hook::Exit => "on_exit",
+            Hook::Success => "on_success",
+            Hook::Failure => "on_failure",
+        }
     }
 }
 
@@ -117,6 +148,8 @@ pub struct CompiledStep {
     /// the step.
     pub continue_on_item_failure: bool,
     pub kind: StepKind,
+    /// For an exit hook: when it runs. Hooks come after the DAG's steps in `steps`.
+    pub hook: Option<Hook>,
 }
 
 impl CompiledStep {
@@ -449,6 +482,25 @@ const COMPILE_STACK_BYTES: usize = 64 * 1024 * 1024;
 fn compile_here(spec: &WorkflowSpec) -> Result<CompiledWorkflow, SpecErrors> {
     let mut top_errors = Vec::new();
     check_workflow_name(&spec.name, &mut top_errors);
+    // The DAG's steps, then the exit hooks: one list, one namespace of ids.
+    let hook_lists = [
+        (Hook::Exit, &spec.on_exit),
+        (Hook::Success, &spec.on_success),
+        (Hook::Failure, &spec.on_failure),
+    ];
+    let mut all_steps: Vec<StepSpec> = spec.steps.clone();
+    let mut paths: Vec<String> = (0..spec.steps.len())
+        .map(|i| format!("steps[{i}]"))
+        .collect();
+    let mut hooks: Vec<Option<Hook>> = vec![None; spec.steps.len()];
+    for (hook, list) in hook_lists {
+        for (k, step) in list.iter().enumerate() {
+            all_steps.push(step.clone());
+            paths.push(format!("{}[{k}]", hook.field()));
+            hooks.push(Some(hook));
+        }
+    }
+    let all_steps = all_steps.as_slice();
     if spec.steps.is_empty() {
         top_errors.push(SpecError::new(
             "steps",
@@ -456,15 +508,14 @@ fn compile_here(spec: &WorkflowSpec) -> Result<CompiledWorkflow, SpecErrors> {
         ));
     }
     // Past these counts nothing else is looked at: the work below grows with them.
-    let n = spec.steps.len();
+    let n = all_steps.len();
     if n > MAX_STEPS {
         top_errors.push(SpecError::new(
             "steps",
             format!("{n} steps, over the limit of {MAX_STEPS}"),
         ));
     }
-    let edges = spec
-        .steps
+    let edges = all_steps
         .iter()
         .fold(0usize, |sum, step| sum.saturating_add(step.needs.len()));
     if edges > MAX_EDGES {
@@ -485,15 +536,18 @@ fn compile_here(spec: &WorkflowSpec) -> Result<CompiledWorkflow, SpecErrors> {
     // Ids first: `needs` and expressions refer to them. Even an invalid id is indexed, so that
     // a step needing it gets no second, misleading "unknown step" error.
     let mut by_id: HashMap<String, usize> = HashMap::new();
-    for (i, (step, errors)) in spec.steps.iter().zip(&mut step_errors).enumerate() {
-        check_step_id(&step.id, &format!("steps[{i}].id"), errors);
+    for (i, (step, errors)) in all_steps.iter().zip(&mut step_errors).enumerate() {
+        check_step_id(&step.id, &format!("{}.id", paths[i]), errors);
         if step.id.is_empty() || step.id.len() > MAX_NAME_LEN {
             continue;
         }
         if let Some(&first) = by_id.get(&step.id) {
             errors.push(SpecError::new(
-                format!("steps[{i}].id"),
-                format!("duplicate step id {:?} (first at steps[{first}])", step.id),
+                format!("{}.id", paths[i]),
+                format!(
+                    "duplicate step id {:?} (first at {})",
+                    step.id, paths[first]
+                ),
             ));
         } else {
             by_id.insert(step.id.clone(), i);
@@ -502,8 +556,7 @@ fn compile_here(spec: &WorkflowSpec) -> Result<CompiledWorkflow, SpecErrors> {
 
     let mut needs: Vec<Vec<usize>> = vec![Vec::new(); n];
     let mut tasks = Vec::with_capacity(n);
-    for (i, ((step, errors), step_needs)) in spec
-        .steps
+    for (i, ((step, errors), step_needs)) in all_steps
         .iter()
         .zip(&mut step_errors)
         .zip(&mut needs)
@@ -514,12 +567,23 @@ fn compile_here(spec: &WorkflowSpec) -> Result<CompiledWorkflow, SpecErrors> {
         if waits && step.task.is_empty() {
             tasks.push((String::new(), semver::VersionReq::STAR));
         } else {
-            tasks.push(parse_task(&step.task, &format!("steps[{i}].task"), errors));
+            tasks.push(parse_task(
+                &step.task,
+                &format!("{}.task", paths[i]),
+                errors,
+            ));
+        }
+        if hooks[i].is_some() && !step.needs.is_empty() {
+            errors.push(SpecError::new(
+                format!("{}.needs", paths[i]),
+                "an exit hook runs after the whole DAG and needs nothing (it may read every step)",
+            ));
+            continue;
         }
         // A set beside the list: a step may need thousands of others (a fan-in).
         let mut listed = HashSet::with_capacity(step.needs.len());
         for (j, need) in step.needs.iter().enumerate() {
-            let path = format!("steps[{i}].needs[{j}]");
+            let path = format!("{}.needs[{j}]", paths[i]);
             if *need == step.id {
                 errors.push(SpecError::new(
                     path,
@@ -540,7 +604,7 @@ fn compile_here(spec: &WorkflowSpec) -> Result<CompiledWorkflow, SpecErrors> {
         }
     }
 
-    let cycle_errors = find_cycles(spec, &needs);
+    let cycle_errors = find_cycles(all_steps, &needs);
     // Without a cycle, steps are compiled in running order, which lets `Reach` reuse what it
     // proved for the steps before; with one, in spec order (the spec is refused anyway).
     let order = if cycle_errors.is_empty() {
@@ -564,12 +628,15 @@ fn compile_here(spec: &WorkflowSpec) -> Result<CompiledWorkflow, SpecErrors> {
         let Some(task) = task.take() else { continue };
         *slot = Some(compile_step(
             i,
+            &paths[i],
+            hooks[i],
             task,
-            &spec.steps,
+            all_steps,
             &needs,
             &mut reach,
             &by_id,
             declared_names.as_ref(),
+            spec.steps.len(),
             errors,
         ));
     }
@@ -787,7 +854,7 @@ fn check_step_id(id: &str, path: &str, errors: &mut Vec<SpecError>) {
 /// One error per cycle: each strongly connected component of more than one step holds at least
 /// one cycle, and naming one concrete cycle in it is what the author needs to break it. (A step
 /// needing itself is reported at its `needs` entry and kept out of the graph.)
-fn find_cycles(spec: &WorkflowSpec, needs: &[Vec<usize>]) -> Vec<SpecError> {
+fn find_cycles(all_steps: &[StepSpec], needs: &[Vec<usize>]) -> Vec<SpecError> {
     // Edges point from a step to the steps that need it, the order in which they run.
     let mut graph = DiGraph::<usize, ()>::with_capacity(needs.len(), needs.len());
     let nodes: Vec<NodeIndex> = (0..needs.len()).map(|i| graph.add_node(i)).collect();
@@ -817,7 +884,7 @@ fn find_cycles(spec: &WorkflowSpec, needs: &[Vec<usize>]) -> Vec<SpecError> {
             let cycle = cycle_through(&graph, &nodes, &component);
             let names: Vec<String> = cycle
                 .iter()
-                .map(|&i| format!("{:?}", spec.steps.get(i).map_or("", |s| s.id.as_str())))
+                .map(|&i| format!("{:?}", all_steps.get(i).map_or("", |s| s.id.as_str())))
                 .collect();
             SpecError::new(
                 "steps",
@@ -899,14 +966,21 @@ fn topo_order(needs: &[Vec<usize>]) -> Vec<usize> {
     order
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one step, its place in the workflow and the tables compiled before it"
+)]
 fn compile_step(
     i: usize,
+    at: &str,
+    hook: Option<Hook>,
     (task_name, version_req): (String, semver::VersionReq),
     all_steps: &[StepSpec],
     needs: &[Vec<usize>],
     reach: &mut Reach<'_>,
     by_id: &HashMap<String, usize>,
     declared_inputs: Option<&BTreeSet<&str>>,
+    dag_len: usize,
     errors: &mut Vec<SpecError>,
 ) -> CompiledStep {
     let step = &all_steps[i];
@@ -917,32 +991,34 @@ fn compile_step(
         by_id,
         declared_inputs,
         item_variables: false,
+        hook: hook.is_some(),
+        dag_len,
         variables: BTreeSet::new(),
         references: Vec::new(),
     };
     // The list is evaluated before there is an item: `item` and `index` are not in its scope.
     let for_each = if is_map {
-        scope.compile(format!("steps[{i}].for_each"), &step.for_each, errors)
+        scope.compile(format!("{at}.for_each"), &step.for_each, errors)
     } else {
         None
     };
     if !is_map {
         if step.max_parallel > 0 {
             errors.push(SpecError::new(
-                format!("steps[{i}].max_parallel"),
+                format!("{at}.max_parallel"),
                 "only a map step (with for_each) has max_parallel",
             ));
         }
         if step.continue_on_failure {
             errors.push(SpecError::new(
-                format!("steps[{i}].continue_on_failure"),
+                format!("{at}.continue_on_failure"),
                 "only a map step (with for_each) has continue_on_failure; a workflow's \
                  continue_on_failure is set at the top of the file",
             ));
         }
     } else if step.max_parallel as usize > MAX_MAP_ITEMS {
         errors.push(SpecError::new(
-            format!("steps[{i}].max_parallel"),
+            format!("{at}.max_parallel"),
             format!(
                 "{} is over the limit of {MAX_MAP_ITEMS} (the most items a map may have)",
                 step.max_parallel
@@ -953,7 +1029,7 @@ fn compile_step(
     let entries = |field: &str, count: usize, errors: &mut Vec<SpecError>| {
         if count > MAX_ENTRIES {
             errors.push(SpecError::new(
-                format!("steps[{i}].{field}"),
+                format!("{at}.{field}"),
                 format!("{count} entries, over the limit of {MAX_ENTRIES}"),
             ));
             false
@@ -969,20 +1045,17 @@ fn compile_step(
         inputs.reserve(input_names.len());
         for (name, text) in input_names {
             if name.is_empty() {
-                errors.push(SpecError::new(
-                    format!("steps[{i}].inputs"),
-                    "empty input name",
-                ));
+                errors.push(SpecError::new(format!("{at}.inputs"), "empty input name"));
                 continue;
             }
             if name.len() > MAX_NAME_LEN {
                 errors.push(SpecError::new(
-                    format!("steps[{i}].inputs"),
+                    format!("{at}.inputs"),
                     too_long("input name of ", name.len(), MAX_NAME_LEN),
                 ));
                 continue;
             }
-            let path = format!("steps[{i}].inputs.{name}");
+            let path = format!("{at}.inputs.{name}");
             scope.item_variables = is_map;
             if let Some(program) = scope.compile(path, text, errors) {
                 inputs.push((name.clone(), program));
@@ -993,18 +1066,18 @@ fn compile_step(
     let when = if step.when.trim().is_empty() {
         None
     } else {
-        scope.compile(format!("steps[{i}].when"), &step.when, errors)
+        scope.compile(format!("{at}.when"), &step.when, errors)
     };
     scope.check_references(reach, errors);
 
     let retry = step.retry.as_ref().map_or_else(Retry::default, |policy| {
-        Retry::from_proto(policy, &format!("steps[{i}].retry"), errors)
+        Retry::from_proto(policy, &format!("{at}.retry"), errors)
     });
 
-    let timeout = optional_timeout(&step.timeout, &format!("steps[{i}].timeout"), errors);
+    let timeout = optional_timeout(&step.timeout, &format!("{at}.timeout"), errors);
     let schedule_to_start_timeout = optional_timeout(
         &step.schedule_to_start_timeout,
-        &format!("steps[{i}].schedule_to_start_timeout"),
+        &format!("{at}.schedule_to_start_timeout"),
         errors,
     );
 
@@ -1013,7 +1086,7 @@ fn compile_step(
         let mut sorted: Vec<(&String, &String)> = step.labels.iter().collect();
         sorted.sort();
         for (key, value) in sorted {
-            let path = format!("steps[{i}].labels");
+            let path = format!("{at}.labels");
             if key.is_empty() {
                 errors.push(SpecError::new(path, "empty label key"));
             } else if key.len() > MAX_NAME_LEN {
@@ -1033,7 +1106,7 @@ fn compile_step(
     }
 
     let key = &step.concurrency_key;
-    let key_path = format!("steps[{i}].concurrency_key");
+    let key_path = format!("{at}.concurrency_key");
     if key.len() > MAX_NAME_LEN {
         errors.push(SpecError::new(
             key_path,
@@ -1051,12 +1124,12 @@ fn compile_step(
 
     if step.slots > MAX_SLOTS {
         errors.push(SpecError::new(
-            format!("steps[{i}].slots"),
+            format!("{at}.slots"),
             format!("{} slots, over the limit of {MAX_SLOTS}", step.slots),
         ));
     }
 
-    let kind = step_kind(i, step, errors);
+    let kind = step_kind(at, step, errors);
 
     CompiledStep {
         index: i,
@@ -1080,11 +1153,12 @@ fn compile_step(
         max_parallel: step.max_parallel.min(MAX_MAP_ITEMS as u32),
         continue_on_item_failure: step.continue_on_failure,
         kind,
+        hook,
     }
 }
 
 /// Task, sleep or approval: exactly one, and the task-only fields only on a task.
-fn step_kind(i: usize, step: &StepSpec, errors: &mut Vec<SpecError>) -> StepKind {
+fn step_kind(at: &str, step: &StepSpec, errors: &mut Vec<SpecError>) -> StepKind {
     let set: Vec<&str> = [
         (!step.task.is_empty()).then_some("task"),
         (!step.sleep.is_empty()).then_some("sleep"),
@@ -1095,7 +1169,7 @@ fn step_kind(i: usize, step: &StepSpec, errors: &mut Vec<SpecError>) -> StepKind
     .collect();
     if set.len() > 1 {
         errors.push(SpecError::new(
-            format!("steps[{i}]"),
+            at.to_owned(),
             format!(
                 "has {}; a step is exactly one of task, sleep and approval",
                 set.join(" and ")
@@ -1105,7 +1179,7 @@ fn step_kind(i: usize, step: &StepSpec, errors: &mut Vec<SpecError>) -> StepKind
     }
     let kind = match set.first() {
         Some(&"sleep") => {
-            let path = format!("steps[{i}].sleep");
+            let path = format!("{at}.sleep");
             match optional_timeout(&step.sleep, &path, errors) {
                 Some(duration) => StepKind::Sleep(duration),
                 None => return StepKind::Task,
@@ -1115,15 +1189,12 @@ fn step_kind(i: usize, step: &StepSpec, errors: &mut Vec<SpecError>) -> StepKind
             let approval = step.approval.clone().unwrap_or_default();
             if approval.message.len() > MAX_MESSAGE_LEN {
                 errors.push(SpecError::new(
-                    format!("steps[{i}].approval.message"),
+                    format!("{at}.approval.message"),
                     too_long("", approval.message.len(), MAX_MESSAGE_LEN),
                 ));
             }
-            let timeout = optional_timeout(
-                &approval.timeout,
-                &format!("steps[{i}].approval.timeout"),
-                errors,
-            );
+            let timeout =
+                optional_timeout(&approval.timeout, &format!("{at}.approval.timeout"), errors);
             StepKind::Approval {
                 message: approval.message,
                 timeout,
@@ -1147,7 +1218,7 @@ fn step_kind(i: usize, step: &StepSpec, errors: &mut Vec<SpecError>) -> StepKind
     for (field, present) in task_only {
         if present {
             errors.push(SpecError::new(
-                format!("steps[{i}].{field}"),
+                format!("{at}.{field}"),
                 format!("a {what} step has no {field}: it runs no task"),
             ));
         }
@@ -1222,6 +1293,10 @@ struct Scope<'a> {
     declared_inputs: Option<&'a BTreeSet<&'a str>>,
     /// Whether `item` and `index` are in scope (the inputs of a map step).
     item_variables: bool,
+    /// An exit hook: every step is upstream of it, and `run` is in scope.
+    hook: bool,
+    /// Steps of the DAG (hooks come after them).
+    dag_len: usize,
     /// `inputs` and step ids read, sorted.
     variables: BTreeSet<String>,
     /// Every step variable read, as (position of its provisional "not upstream" error in the
@@ -1265,6 +1340,9 @@ impl Scope<'_> {
                 continue;
             } else if self.item_variables && (name == ITEM_VAR || name == INDEX_VAR) {
                 continue;
+            } else if self.hook && name == RUN_VAR {
+                self.variables.insert(name);
+                continue;
             } else if name == self.step_id {
                 format!("references its own step {name:?} (only upstream steps can be read)")
             } else if let Some(&k) = self.by_id.get(&name) {
@@ -1292,7 +1370,12 @@ impl Scope<'_> {
     /// Drops the provisional errors of the step variables that are upstream after all.
     fn check_references(&mut self, reach: &mut Reach<'_>, errors: &mut Vec<SpecError>) {
         let targets: Vec<usize> = self.references.iter().map(|&(_, k)| k).collect();
-        let upstream = reach.upstream(self.index, &targets);
+        let upstream = if self.hook {
+            // A hook runs after every step of the DAG (reading another hook is refused).
+            targets.iter().map(|&k| k < self.dag_len).collect()
+        } else {
+            reach.upstream(self.index, &targets)
+        };
         let fine: HashSet<usize> = self
             .references
             .iter()

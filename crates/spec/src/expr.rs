@@ -16,6 +16,8 @@ use serde_json::Value as Json;
 
 /// The variable bound to the run's inputs.
 pub const INPUTS_VAR: &str = "inputs";
+/// In an exit hook's expressions: the run (state, error, failed steps).
+pub const RUN_VAR: &str = "run";
 /// In the inputs of a map step's items: the list element of the item, and its position.
 pub const ITEM_VAR: &str = "item";
 pub const INDEX_VAR: &str = "index";

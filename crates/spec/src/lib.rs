@@ -85,11 +85,11 @@ mod parse;
 mod retry;
 
 pub use compile::{
-    CompiledStep, CompiledWorkflow, ItemInputs, RESERVED_STEP_IDS, StepKind, compile,
+    CompiledStep, CompiledWorkflow, Hook, ItemInputs, RESERVED_STEP_IDS, StepKind, compile,
 };
 pub use error::{EvalError, SpecError, SpecErrors};
 pub use expr::{
-    EvalBudget, INDEX_VAR, INPUTS_VAR, ITEM_VAR, MAX_EXPRESSION_TREE_DEPTH, evaluate_json,
+    EvalBudget, INDEX_VAR, INPUTS_VAR, ITEM_VAR, MAX_EXPRESSION_TREE_DEPTH, RUN_VAR, evaluate_json,
 };
 pub use inputs::{DeclaredInput, InputType, check_run_inputs, declared_inputs};
 pub use parse::{Format, parse_workflow, render_workflow};

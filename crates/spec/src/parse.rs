@@ -174,6 +174,12 @@ struct WorkflowFile {
     continue_on_failure: bool,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     inputs: BTreeMap<String, InputFile>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    on_exit: Vec<StepFile>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    on_success: Vec<StepFile>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    on_failure: Vec<StepFile>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -307,6 +313,17 @@ impl WorkflowFile {
             name: self.name,
             description: self.description,
             steps: self.steps.into_iter().map(StepFile::into_spec).collect(),
+            on_exit: self.on_exit.into_iter().map(StepFile::into_spec).collect(),
+            on_success: self
+                .on_success
+                .into_iter()
+                .map(StepFile::into_spec)
+                .collect(),
+            on_failure: self
+                .on_failure
+                .into_iter()
+                .map(StepFile::into_spec)
+                .collect(),
             continue_on_failure: self.continue_on_failure,
             inputs: self
                 .inputs
@@ -328,6 +345,9 @@ impl WorkflowFile {
             name: spec.name.clone(),
             description: spec.description.clone(),
             steps: spec.steps.iter().map(StepFile::from_spec).collect(),
+            on_exit: spec.on_exit.iter().map(StepFile::from_spec).collect(),
+            on_success: spec.on_success.iter().map(StepFile::from_spec).collect(),
+            on_failure: spec.on_failure.iter().map(StepFile::from_spec).collect(),
             continue_on_failure: spec.continue_on_failure,
             inputs: spec
                 .inputs

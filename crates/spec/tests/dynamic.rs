@@ -237,3 +237,44 @@ steps:
         );
     }
 }
+
+#[test]
+fn exit_hooks_read_any_step_and_run_but_need_nothing() {
+    let text = r#"
+name: hooks
+steps:
+  - {id: a, task: t}
+  - {id: b, task: t, needs: [a], inputs: {x: run.state}}
+on_exit:
+  - {id: tidy, task: t, inputs: {a: a, state: run.state, failed: run.failed_steps}}
+on_failure:
+  - {id: page, task: t, needs: [a]}
+  - {id: a, task: t}
+  - {id: peek, task: t, inputs: {x: tidy}}
+"#;
+    let errors = compile_text(text, Format::Yaml).unwrap_err().to_string();
+    for expected in [
+        "steps[1].inputs.x: unknown variable \"run\"",
+        "on_failure[0].needs: an exit hook runs after the whole DAG and needs nothing",
+        "on_failure[1].id: duplicate step id \"a\" (first at steps[0])",
+        "on_failure[2].inputs.x: references step \"tidy\" which is not upstream",
+    ] {
+        assert!(
+            errors.contains(expected),
+            "missing {expected:?} in:\n{errors}"
+        );
+    }
+    assert!(!errors.contains("on_exit[0]"), "{errors}");
+
+    let ok = r#"
+name: hooks
+steps: [{id: a, task: t}]
+on_success: [{id: yay, task: t, inputs: {a: a.x}}]
+"#;
+    let spec = parse_workflow(ok, Format::Yaml).unwrap();
+    let again = parse_workflow(&render_workflow(&spec, Format::Yaml), Format::Yaml).unwrap();
+    assert_eq!(again, spec);
+    let wf = dagmesh_spec::compile(&spec).unwrap();
+    assert_eq!(wf.steps.len(), 2);
+    assert_eq!(wf.steps[1].hook, Some(dagmesh_spec::Hook::Success));
+}

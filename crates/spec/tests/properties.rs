@@ -358,14 +358,19 @@ fn any_spec() -> impl Strategy<Value = WorkflowSpec> {
         ".{0,40}",
         prop::collection::vec(any_step(), 0..5),
         any::<bool>(),
+        prop::collection::vec(any_step(), 0..2),
+        prop::collection::vec(any_step(), 0..2),
     )
         .prop_map(
-            |(name, description, steps, continue_on_failure)| WorkflowSpec {
+            |(name, description, steps, continue_on_failure, on_exit, on_failure)| WorkflowSpec {
                 name,
                 description,
                 steps,
                 continue_on_failure,
                 inputs: Default::default(),
+                on_exit,
+                on_success: Vec::new(),
+                on_failure,
             },
         )
 }

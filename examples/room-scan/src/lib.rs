@@ -241,6 +241,11 @@ struct NotifyInput {
     room_id: String,
     triangles: u64,
     thumbnails: u64,
+    /// The run's outcome when called from an exit hook (`run.state`), and why it failed.
+    #[serde(default)]
+    state: Option<String>,
+    #[serde(default)]
+    error: String,
 }
 
 #[derive(Serialize)]
@@ -249,10 +254,17 @@ struct NotifyOutput {
 }
 
 async fn notify(ctx: TaskContext, input: NotifyInput) -> Result<NotifyOutput, TaskError> {
-    let message = format!(
-        "{}: your scan of {} is ready ({} triangles, {} thumbnails)",
-        input.email, input.room_id, input.triangles, input.thumbnails
-    );
+    let message = if input.state.as_deref() == Some("FAILED") {
+        format!(
+            "{}: we could not finish your scan of {} ({})",
+            input.email, input.room_id, input.error
+        )
+    } else {
+        format!(
+            "{}: your scan of {} is ready ({} triangles, {} thumbnails)",
+            input.email, input.room_id, input.triangles, input.thumbnails
+        )
+    };
     ctx.info(message.clone());
     Ok(NotifyOutput { message })
 }

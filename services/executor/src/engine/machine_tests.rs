@@ -342,6 +342,12 @@ impl Sim {
                 self.entry.retry("sim", &mut self.ctx);
                 self.entry.admit(&mut self.ctx);
                 self.held.clear();
+                // Exit hooks run again after a retry: a new success of theirs is no repeat.
+                for spec in &self.plan.compiled.steps {
+                    if spec.hook.is_some() {
+                        self.successes.remove(&spec.id);
+                    }
+                }
             }
         }
         self.commit();
@@ -469,6 +475,26 @@ impl Sim {
                 map.state()
             );
         }
+        let dag_open = self.plan.compiled.steps.iter().any(|spec| {
+            spec.hook.is_none()
+                && !matches!(
+                    by_id[spec.id.as_str()].state(),
+                    StepState::Succeeded
+                        | StepState::Failed
+                        | StepState::Skipped
+                        | StepState::Cancelled
+                )
+        });
+        for spec in &self.plan.compiled.steps {
+            if spec.hook.is_some() && dag_open {
+                assert_eq!(
+                    by_id[spec.id.as_str()].state(),
+                    StepState::Pending,
+                    "hook {} started before the DAG ended",
+                    spec.id
+                );
+            }
+        }
         if self.finished() {
             for step in &snapshot.steps {
                 assert!(
@@ -531,6 +557,11 @@ struct GenStep {
 }
 
 fn spec_of(steps: &[GenStep], continue_on_failure: bool) -> WorkflowSpec {
+    spec_with_hook(steps, continue_on_failure, 0)
+}
+
+/// With `hook` 1, 2 or 3: an `on_exit`, `on_success` or `on_failure` task reading `run`.
+fn spec_with_hook(steps: &[GenStep], continue_on_failure: bool, hook: u8) -> WorkflowSpec {
     let steps = steps
         .iter()
         .enumerate()
@@ -584,12 +615,27 @@ fn spec_of(steps: &[GenStep], continue_on_failure: bool) -> WorkflowSpec {
             }
         })
         .collect();
-    WorkflowSpec {
+    let hook_step = || {
+        vec![pb::StepSpec {
+            id: "hook".into(),
+            task: "t@^1".into(),
+            inputs: [("state".to_owned(), "run.state".to_owned())].into(),
+            ..pb::StepSpec::default()
+        }]
+    };
+    let mut spec = WorkflowSpec {
         name: "sim".into(),
         steps,
         continue_on_failure,
         ..WorkflowSpec::default()
+    };
+    match hook {
+        1 => spec.on_exit = hook_step(),
+        2 => spec.on_success = hook_step(),
+        3 => spec.on_failure = hook_step(),
+        _ => {}
     }
+    spec
 }
 
 fn any_dag() -> impl Strategy<Value = Vec<GenStep>> {
@@ -642,10 +688,11 @@ proptest! {
     fn the_run_machine_keeps_its_invariants(
         dag in any_dag(),
         continue_on_failure in any::<bool>(),
+        hook in 0u8..4,
         items in 0usize..5,
         actions in prop::collection::vec(any_action(), 0..80),
     ) {
-        let spec = spec_of(&dag, continue_on_failure);
+        let spec = spec_with_hook(&dag, continue_on_failure, hook);
         let inputs = json!({ "xs": (0..items).collect::<Vec<_>>() });
         let mut sim = Sim::new(spec, inputs.as_object().expect("object").clone());
         sim.check();

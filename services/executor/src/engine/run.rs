@@ -202,6 +202,9 @@ pub(crate) struct RunEntry {
     waiting_on: Vec<u32>,
     /// Plan steps not in a terminal state; the run is done when it reaches 0.
     unfinished: usize,
+    /// Steps of the DAG (plan steps but the exit hooks) not in a terminal state; the hooks are
+    /// released when it reaches 0.
+    dag_unfinished: usize,
     /// Admission buckets this run occupies while admitted (see `Limits::buckets`).
     pub buckets: Vec<String>,
     /// Whether it holds its buckets (admitted and not yet ended).
@@ -436,6 +439,11 @@ impl RunEntry {
             .iter()
             .filter(|slot| !is_terminal(slot.row.state()))
             .count();
+        let dag_unfinished = steps
+            .iter()
+            .zip(&plan.compiled.steps)
+            .filter(|(slot, spec)| spec.hook.is_none() && !is_terminal(slot.row.state()))
+            .count();
         Self {
             id: Arc::from(run.run_id.as_str()),
             run,
@@ -444,6 +452,7 @@ impl RunEntry {
             inputs,
             waiting_on,
             unfinished,
+            dag_unfinished,
             buckets: Vec::new(),
             admitted: false,
             dirty_steps: Vec::new(),
@@ -599,7 +608,9 @@ impl RunEntry {
             // A map that succeeded stands with its list, tolerated failures included.
             let map_succeeded = at.item_index().is_some()
                 && self.steps[at.spec()].row.state() == StepState::Succeeded;
-            if self.row(at).state() == StepState::Succeeded || map_succeeded {
+            // Exit hooks run again after the retried run, whatever they did last time.
+            let hook = self.plan.compiled.steps[at.spec()].hook.is_some();
+            if (self.row(at).state() == StepState::Succeeded || map_succeeded) && !hook {
                 continue;
             }
             let step = self.row_mut(at);
@@ -628,6 +639,12 @@ impl RunEntry {
             .iter()
             .filter(|slot| !is_terminal(slot.row.state()))
             .count();
+        self.dag_unfinished = self
+            .steps
+            .iter()
+            .zip(&self.plan.compiled.steps)
+            .filter(|(slot, spec)| spec.hook.is_none() && !is_terminal(slot.row.state()))
+            .count();
         self.run.retried_by = actor.to_owned();
         self.run.cancelled_by.clear();
         // Back through admission like a new run; the engine queues it.
@@ -649,6 +666,22 @@ impl RunEntry {
             let at = StepRef::step(index);
             let plan = self.plan.clone();
             let spec = &plan.compiled.steps[index];
+            if let Some(hook) = spec.hook {
+                if self.dag_unfinished > 0 {
+                    continue; // released by `check_done` once the DAG has ended
+                }
+                let failed = self.dag_failed().is_some();
+                if !hook.runs_after(failed) {
+                    let reason = format!(
+                        "the DAG {}; {} hooks run only when it {}",
+                        if failed { "failed" } else { "succeeded" },
+                        hook.field(),
+                        if failed { "succeeds" } else { "fails" }
+                    );
+                    self.finish(at, StepState::Skipped, reason, ctx);
+                    continue;
+                }
+            }
             if let Some(&skipped) = spec
                 .needs
                 .iter()
@@ -1094,10 +1127,59 @@ impl RunEntry {
     /// Outputs of the upstream steps this step's expressions read (not every ancestor's: a
     /// join after a wide fan-out would clone them all for each evaluation).
     fn upstream_outputs(&self, index: usize) -> HashMap<String, Json> {
+        let spec = &self.plan.compiled.steps[index];
+        let mut outputs: HashMap<String, Json> = HashMap::new();
+        if spec.hook.is_some() && spec.variables.iter().any(|v| v == dagmesh_spec::RUN_VAR) {
+            outputs.insert(dagmesh_spec::RUN_VAR.to_owned(), self.run_variable());
+        }
+        outputs.extend(self.step_outputs(index));
+        outputs
+    }
+
+    /// `run` in an exit hook's expressions: the DAG's outcome and what failed.
+    fn run_variable(&self) -> Json {
+        let failed: Vec<Json> = self
+            .steps
+            .iter()
+            .zip(&self.plan.compiled.steps)
+            .filter(|(slot, spec)| {
+                spec.hook.is_none()
+                    && matches!(slot.row.state(), StepState::Failed | StepState::Cancelled)
+            })
+            .map(|(slot, _)| serde_json::json!({ "step_id": slot.row.step_id, "error": slot.row.error }))
+            .collect();
+        let (state, error) = match self.dag_failed() {
+            Some(error) => ("FAILED", error),
+            None => ("SUCCEEDED", String::new()),
+        };
+        serde_json::json!({
+            "run_id": self.run.run_id,
+            "workflow": self.run.workflow,
+            "state": state,
+            "error": error,
+            "failed_steps": failed,
+        })
+    }
+
+    /// Why the DAG failed (its first failed or cancelled step), if it did.
+    fn dag_failed(&self) -> Option<String> {
+        self.steps
+            .iter()
+            .zip(&self.plan.compiled.steps)
+            .find(|(slot, spec)| {
+                spec.hook.is_none()
+                    && matches!(slot.row.state(), StepState::Failed | StepState::Cancelled)
+            })
+            .map(|(slot, _)| format!("step \"{}\" failed: {}", slot.row.step_id, slot.row.error))
+    }
+
+    fn step_outputs(&self, index: usize) -> HashMap<String, Json> {
         self.plan.compiled.steps[index]
             .variables
             .iter()
-            .filter(|name| name.as_str() != dagmesh_spec::INPUTS_VAR)
+            .filter(|name| {
+                name.as_str() != dagmesh_spec::INPUTS_VAR && name.as_str() != dagmesh_spec::RUN_VAR
+            })
             .map(|id| {
                 let outputs = self
                     .plan
@@ -1597,6 +1679,11 @@ impl RunEntry {
         if at.item_index().is_some() {
             return; // `finish` told the map (see `item_ended`)
         }
+        if self.plan.compiled.steps[at.spec()].hook.is_some() {
+            // A failed hook fails the run when all hooks are done; the others go on.
+            self.check_done(ctx);
+            return;
+        }
         let step_id = self.row(at).step_id.clone();
         if self.plan.compiled.spec.continue_on_failure {
             // Only what depends on the failed step is given up; other branches go on.
@@ -1632,6 +1719,17 @@ impl RunEntry {
     /// Ends the run now: every unfinished step is cancelled, running ones get Cancel. A map
     /// step ends before its items, so that they do not start one another.
     fn stop(&mut self, state: RunState, reason: &str, actor: &str, ctx: &mut Ctx) {
+        let has_hooks = self.plan.compiled.steps.iter().any(|s| s.hook.is_some());
+        if state == RunState::Failed && has_hooks {
+            // The DAG ends here; the exit hooks still run (see `check_done`).
+            for at in self.all_refs() {
+                if self.plan.compiled.steps[at.spec()].hook.is_none() {
+                    self.cancel_step(at, reason, ctx);
+                }
+            }
+            self.check_done(ctx);
+            return;
+        }
         for at in self.all_refs() {
             self.cancel_step(at, reason, ctx);
         }
@@ -1658,7 +1756,23 @@ impl RunEntry {
     }
 
     fn check_done(&mut self, ctx: &mut Ctx) {
-        if self.run.state() != RunState::Running || self.unfinished > 0 {
+        if self.run.state() != RunState::Running {
+            return;
+        }
+        if self.dag_unfinished == 0 && self.unfinished > 0 {
+            // The DAG has ended: the exit hooks that are still pending go (or are skipped).
+            let hooks: Vec<usize> = (0..self.steps.len())
+                .filter(|&i| {
+                    self.plan.compiled.steps[i].hook.is_some()
+                        && self.steps[i].row.state() == StepState::Pending
+                })
+                .collect();
+            if !hooks.is_empty() {
+                self.advance(hooks, ctx);
+                return; // `advance` calls back here
+            }
+        }
+        if self.unfinished > 0 {
             return;
         }
         let failed = self
@@ -1698,9 +1812,20 @@ impl RunEntry {
     fn set_step_state(&mut self, at: StepRef, state: StepState, ctx: &mut Ctx) {
         let is_task = self.is_task(at);
         let before = self.row(at).state();
+        let in_dag = self.plan.compiled.steps[at.spec()].hook.is_none();
         match (at.item_index(), is_terminal(before), is_terminal(state)) {
-            (None, false, true) => self.unfinished -= 1,
-            (None, true, false) => self.unfinished += 1,
+            (None, false, true) => {
+                self.unfinished -= 1;
+                if in_dag {
+                    self.dag_unfinished -= 1;
+                }
+            }
+            (None, true, false) => {
+                self.unfinished += 1;
+                if in_dag {
+                    self.dag_unfinished += 1;
+                }
+            }
             _ => {}
         }
         if at.item_index().is_some()

@@ -50,7 +50,7 @@ STEP_STATE_SKIPPED: StepState
 STEP_STATE_CANCELLED: StepState
 
 class WorkflowSpec(_message.Message):
-    __slots__ = ("name", "description", "steps", "continue_on_failure", "inputs")
+    __slots__ = ("name", "description", "steps", "continue_on_failure", "inputs", "on_exit", "on_success", "on_failure")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -63,12 +63,18 @@ class WorkflowSpec(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     CONTINUE_ON_FAILURE_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
+    ON_EXIT_FIELD_NUMBER: _ClassVar[int]
+    ON_SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    ON_FAILURE_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     steps: _containers.RepeatedCompositeFieldContainer[StepSpec]
     continue_on_failure: bool
     inputs: _containers.MessageMap[str, InputSpec]
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[StepSpec, _Mapping]]] = ..., continue_on_failure: bool = ..., inputs: _Optional[_Mapping[str, InputSpec]] = ...) -> None: ...
+    on_exit: _containers.RepeatedCompositeFieldContainer[StepSpec]
+    on_success: _containers.RepeatedCompositeFieldContainer[StepSpec]
+    on_failure: _containers.RepeatedCompositeFieldContainer[StepSpec]
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[StepSpec, _Mapping]]] = ..., continue_on_failure: bool = ..., inputs: _Optional[_Mapping[str, InputSpec]] = ..., on_exit: _Optional[_Iterable[_Union[StepSpec, _Mapping]]] = ..., on_success: _Optional[_Iterable[_Union[StepSpec, _Mapping]]] = ..., on_failure: _Optional[_Iterable[_Union[StepSpec, _Mapping]]] = ...) -> None: ...
 
 class InputSpec(_message.Message):
     __slots__ = ("type", "default", "description")
