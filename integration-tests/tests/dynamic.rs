@@ -907,3 +907,77 @@ async fn room_scan_maps_over_its_photos_and_notifies_in_an_exit_hook() -> anyhow
     );
     sandbox.stop().await
 }
+
+/// A `wait_for` step is resumed by an event published through the events API whose filter
+/// accepts it (correlated with the run's inputs); others leave it waiting, and it times out.
+#[tokio::test]
+async fn a_step_waits_for_a_matching_event() -> anyhow::Result<()> {
+    use dagmesh_proto::v1::{
+        PublishEventRequest, scheduler_service_client::SchedulerServiceClient,
+    };
+    let sandbox = Sandbox::start().await?;
+    spawn_echo(&sandbox).await?;
+    let text = r#"
+name: waits-for-upload
+inputs: {room: {type: string}}
+steps:
+  - id: upload
+    wait_for: {topic: uploads, filter: "event.room == inputs.room && event.size > 0", timeout: 1h}
+  - {id: use, task: echo@^1, needs: [upload], inputs: {key: upload.key}}
+"#;
+    let spec = dagmesh_spec::parse_workflow(text, dagmesh_spec::Format::Yaml)?;
+    let client = sandbox.client().await?;
+    let kitchen = client
+        .submit(SubmitRun::inline(spec.clone()).inputs(json!({"room": "kitchen"})))
+        .await?;
+    let hall = client
+        .submit(SubmitRun::inline(spec.clone()).inputs(json!({"room": "hall"})))
+        .await?;
+    let waiting = until_waiting(&client, &kitchen.run_id, "upload").await?;
+    assert_eq!(waiting.waiting_for, "an event on topic uploads");
+    until_waiting(&client, &hall.run_id, "upload").await?;
+    let mut scheduler = SchedulerServiceClient::new(sandbox.channel().await?);
+    let publish = |payload: Value| PublishEventRequest {
+        topic: "uploads".into(),
+        payload: Some(dagmesh_proto::json::to_struct(&payload)),
+        event_id: String::new(),
+    };
+    let ignored = scheduler
+        .publish_event(publish(
+            json!({"room": "kitchen", "size": 0, "key": "empty"}),
+        ))
+        .await?
+        .into_inner();
+    assert!(ignored.resumed_steps.is_empty(), "{ignored:?}");
+    let resumed = scheduler
+        .publish_event(publish(
+            json!({"room": "kitchen", "size": 3, "key": "k/1.jpg"}),
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(
+        resumed.resumed_steps,
+        [format!("{}/upload", kitchen.run_id)]
+    );
+    let done = wait_for_run(&client, &kitchen.run_id).await?;
+    assert_succeeded(&done);
+    assert_eq!(outputs(&done, "use"), json!({"key": "k/1.jpg"}));
+    // The hall run still waits; it gives up at its timeout.
+    let still = client.get_run(&hall.run_id).await?;
+    assert_eq!(step_of(&still, "upload").state(), StepState::Running);
+    client.cancel_run(&hall.run_id, "done testing").await?;
+
+    let mut quick = spec;
+    quick.name = "waits-briefly".into();
+    quick.steps[0].wait_for.as_mut().expect("wait_for").timeout = "300ms".into();
+    let run = client
+        .submit(SubmitRun::inline(quick).inputs(json!({"room": "attic"})))
+        .await?;
+    let run = wait_for_run(&client, &run.run_id).await?;
+    assert_eq!(run.state(), RunState::Failed);
+    assert_eq!(
+        step_of(&run, "upload").error,
+        "no event on topic uploads within its timeout of 300ms"
+    );
+    sandbox.stop().await
+}

@@ -357,8 +357,14 @@ pub async fn run_events(global: &Global, command: EventsCommand) -> anyhow::Resu
             for skipped in &response.skipped_triggers {
                 outln!("{skipped}: filter did not match");
             }
-            if response.runs.is_empty() && response.skipped_triggers.is_empty() {
-                outln!("no trigger subscribes to this topic");
+            for step in &response.resumed_steps {
+                outln!("resumed waiting step {step}");
+            }
+            if response.runs.is_empty()
+                && response.skipped_triggers.is_empty()
+                && response.resumed_steps.is_empty()
+            {
+                outln!("no trigger subscribes to this topic and no step waits for it");
             }
         }
     }
@@ -486,6 +492,7 @@ fn publish_json(response: &PublishEventResponse) -> Value {
             "created": r.created,
         })).collect::<Vec<_>>(),
         "skipped_triggers": response.skipped_triggers,
+        "resumed_steps": response.resumed_steps,
     })
 }
 

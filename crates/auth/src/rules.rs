@@ -74,6 +74,12 @@ const RULES: &[(&str, &str, Access)] = &[
         "ResumeRun",
         Access::Scope(Scope::Operate),
     ),
+    // Like PublishEvent, whose deliveries it carries.
+    (
+        "dagmesh.v1.RunService",
+        "DeliverEvent",
+        Access::Scope(Scope::Submit),
+    ),
     (
         "dagmesh.v1.WorkflowService",
         "ApplyWorkflow",

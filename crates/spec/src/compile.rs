@@ -15,7 +15,7 @@ use dagmesh_proto::limits::{
 
 use crate::cost::{self, Binding, Bindings};
 use crate::error::{EvalError, SpecError, SpecErrors};
-use crate::expr::{self, EvalBudget, INDEX_VAR, INPUTS_VAR, ITEM_VAR, RUN_VAR};
+use crate::expr::{self, EVENT_VAR, EvalBudget, INDEX_VAR, INPUTS_VAR, ITEM_VAR, RUN_VAR};
 use crate::inputs::{self, DeclaredInput};
 use crate::retry::Retry;
 
@@ -107,6 +107,12 @@ pub enum StepKind {
         message: String,
         timeout: Option<Duration>,
     },
+    /// Waits for an event on `topic` that [`CompiledStep::event_filter`] accepts; fails after
+    /// `timeout` when set (`StepSpec.wait_for`).
+    WaitFor {
+        topic: String,
+        timeout: Option<Duration>,
+    },
 }
 
 #[derive(Debug)]
@@ -148,6 +154,8 @@ pub struct CompiledStep {
     /// the step.
     pub continue_on_item_failure: bool,
     pub kind: StepKind,
+    /// `wait_for.filter`: which events resume the step (over `event` and the step's variables).
+    pub event_filter: Option<cel::Program>,
     /// For an exit hook: when it runs. Hooks come after the DAG's steps in `steps`.
     pub hook: Option<Hook>,
 }
@@ -289,6 +297,39 @@ impl CompiledStep {
             ctx: expr::context(&self.variables, run_inputs, upstream_outputs),
             bindings: self.bindings(run_inputs, upstream_outputs),
             budget,
+        }
+    }
+
+    /// Whether `event` resumes this `wait_for` step: its filter over `event` and the step's
+    /// variables (no filter: any event of the topic). Under `budget`.
+    pub fn event_matches(
+        &self,
+        run_inputs: &Map<String, Json>,
+        upstream_outputs: &HashMap<String, Json>,
+        event: &Json,
+        budget: &EvalBudget,
+    ) -> Result<bool, EvalError> {
+        let Some(program) = &self.event_filter else {
+            return Ok(true);
+        };
+        let error = |message: String| EvalError::When {
+            step: self.id.clone(),
+            message: format!("wait_for.filter: {message}"),
+        };
+        let mut bindings = self.bindings(run_inputs, upstream_outputs);
+        bindings.vars.push((EVENT_VAR, Binding::Value(event)));
+        Meter::new(budget)
+            .charge(program, &bindings)
+            .map_err(error)?;
+        let mut ctx = expr::context(&self.variables, run_inputs, upstream_outputs);
+        ctx.add_variable_from_value(EVENT_VAR, expr::to_cel(event));
+        match program.execute(&ctx) {
+            Ok(cel::Value::Bool(b)) => Ok(b),
+            Ok(other) => Err(error(format!(
+                "returned {}, expected a bool",
+                expr::describe(&other)
+            ))),
+            Err(e) => Err(error(expr::lowercase_first(e.to_string()))),
         }
     }
 
@@ -563,7 +604,7 @@ fn compile_here(spec: &WorkflowSpec) -> Result<CompiledWorkflow, SpecErrors> {
         .enumerate()
     {
         // A sleep or an approval runs no task: its (empty) task is not parsed.
-        let waits = !step.sleep.is_empty() || step.approval.is_some();
+        let waits = !step.sleep.is_empty() || step.approval.is_some() || step.wait_for.is_some();
         if waits && step.task.is_empty() {
             tasks.push((String::new(), semver::VersionReq::STAR));
         } else {
@@ -992,6 +1033,7 @@ fn compile_step(
         declared_inputs,
         item_variables: false,
         hook: hook.is_some(),
+        event_variable: false,
         dag_len,
         variables: BTreeSet::new(),
         references: Vec::new(),
@@ -1067,6 +1109,15 @@ fn compile_step(
         None
     } else {
         scope.compile(format!("{at}.when"), &step.when, errors)
+    };
+    let event_filter = match &step.wait_for {
+        Some(wait) if !wait.filter.trim().is_empty() => {
+            scope.event_variable = true;
+            let program = scope.compile(format!("{at}.wait_for.filter"), &wait.filter, errors);
+            scope.event_variable = false;
+            program
+        }
+        _ => None,
     };
     scope.check_references(reach, errors);
 
@@ -1153,6 +1204,7 @@ fn compile_step(
         max_parallel: step.max_parallel.min(MAX_MAP_ITEMS as u32),
         continue_on_item_failure: step.continue_on_failure,
         kind,
+        event_filter,
         hook,
     }
 }
@@ -1163,6 +1215,7 @@ fn step_kind(at: &str, step: &StepSpec, errors: &mut Vec<SpecError>) -> StepKind
         (!step.task.is_empty()).then_some("task"),
         (!step.sleep.is_empty()).then_some("sleep"),
         step.approval.is_some().then_some("approval"),
+        step.wait_for.is_some().then_some("wait_for"),
     ]
     .into_iter()
     .flatten()
@@ -1171,7 +1224,7 @@ fn step_kind(at: &str, step: &StepSpec, errors: &mut Vec<SpecError>) -> StepKind
         errors.push(SpecError::new(
             at.to_owned(),
             format!(
-                "has {}; a step is exactly one of task, sleep and approval",
+                "has {}; a step is exactly one of task, sleep, approval and wait_for",
                 set.join(" and ")
             ),
         ));
@@ -1197,6 +1250,24 @@ fn step_kind(at: &str, step: &StepSpec, errors: &mut Vec<SpecError>) -> StepKind
                 optional_timeout(&approval.timeout, &format!("{at}.approval.timeout"), errors);
             StepKind::Approval {
                 message: approval.message,
+                timeout,
+            }
+        }
+        Some(&"wait_for") => {
+            let wait = step.wait_for.clone().unwrap_or_default();
+            let topic_path = format!("{at}.wait_for.topic");
+            if wait.topic.is_empty() {
+                errors.push(SpecError::new(topic_path, "topic is empty"));
+            } else if wait.topic.len() > MAX_NAME_LEN {
+                errors.push(SpecError::new(
+                    topic_path,
+                    too_long("", wait.topic.len(), MAX_NAME_LEN),
+                ));
+            }
+            let timeout =
+                optional_timeout(&wait.timeout, &format!("{at}.wait_for.timeout"), errors);
+            StepKind::WaitFor {
+                topic: wait.topic,
                 timeout,
             }
         }
@@ -1295,6 +1366,8 @@ struct Scope<'a> {
     item_variables: bool,
     /// An exit hook: every step is upstream of it, and `run` is in scope.
     hook: bool,
+    /// Whether `event` is in scope (a `wait_for` filter).
+    event_variable: bool,
     /// Steps of the DAG (hooks come after them).
     dag_len: usize,
     /// `inputs` and step ids read, sorted.
@@ -1339,6 +1412,8 @@ impl Scope<'_> {
                 self.variables.insert(name);
                 continue;
             } else if self.item_variables && (name == ITEM_VAR || name == INDEX_VAR) {
+                continue;
+            } else if self.event_variable && name == EVENT_VAR {
                 continue;
             } else if self.hook && name == RUN_VAR {
                 self.variables.insert(name);

@@ -16,6 +16,8 @@ use serde_json::Value as Json;
 
 /// The variable bound to the run's inputs.
 pub const INPUTS_VAR: &str = "inputs";
+/// In a `wait_for` filter: the event's payload.
+pub const EVENT_VAR: &str = "event";
 /// In an exit hook's expressions: the run (state, error, failed steps).
 pub const RUN_VAR: &str = "run";
 /// In the inputs of a map step's items: the list element of the item, and its position.

@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
-use dagmesh_proto::v1::{ApprovalSpec, InputSpec, RetryPolicy, StepSpec, WorkflowSpec};
+use dagmesh_proto::v1::{
+    ApprovalSpec, InputSpec, RetryPolicy, StepSpec, WaitForSpec, WorkflowSpec,
+};
 use serde::{Deserialize, Serialize};
 
 use dagmesh_proto::limits::{MAX_WORKFLOW_FILE_BYTES, MAX_WORKFLOW_FILE_EXPANSION};
@@ -229,6 +231,18 @@ struct StepFile {
     sleep: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     approval: Option<ApprovalFile>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wait_for: Option<WaitForFile>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct WaitForFile {
+    topic: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    filter: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    timeout: String,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -399,6 +413,11 @@ impl StepFile {
                 message: a.message,
                 timeout: a.timeout,
             }),
+            wait_for: self.wait_for.map(|w| WaitForSpec {
+                topic: w.topic,
+                filter: w.filter,
+                timeout: w.timeout,
+            }),
         }
     }
 
@@ -440,6 +459,11 @@ impl StepFile {
             approval: step.approval.as_ref().map(|a| ApprovalFile {
                 message: a.message.clone(),
                 timeout: a.timeout.clone(),
+            }),
+            wait_for: step.wait_for.as_ref().map(|w| WaitForFile {
+                topic: w.topic.clone(),
+                filter: w.filter.clone(),
+                timeout: w.timeout.clone(),
             }),
         }
     }

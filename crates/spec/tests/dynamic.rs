@@ -222,7 +222,7 @@ steps:
 "#;
     let errors = compile_text(text, Format::Yaml).unwrap_err().to_string();
     for expected in [
-        "steps[0]: has task and sleep; a step is exactly one of task, sleep and approval",
+        "steps[0]: has task and sleep; a step is exactly one of task, sleep, approval and wait_for",
         "steps[1].task: task is empty",
         "steps[2].sleep: must be longer than zero",
         "steps[3].sleep: \"31d\" is over the limit of 30days",
@@ -277,4 +277,28 @@ on_success: [{id: yay, task: t, inputs: {a: a.x}}]
     let wf = dagmesh_spec::compile(&spec).unwrap();
     assert_eq!(wf.steps.len(), 2);
     assert_eq!(wf.steps[1].hook, Some(dagmesh_spec::Hook::Success));
+}
+
+#[test]
+fn wait_for_needs_a_topic_and_its_filter_may_read_event() {
+    let text = r#"
+name: wf
+steps:
+  - {id: a, wait_for: {topic: uploads, filter: "event.size > 0 && inputs.x == 1", timeout: 1h}}
+  - {id: b, wait_for: {topic: ""}}
+  - {id: c, wait_for: {topic: t, filter: "evnt.size > 0"}}
+  - {id: d, task: t, inputs: {x: event}}
+"#;
+    let errors = compile_text(text, Format::Yaml).unwrap_err().to_string();
+    for expected in [
+        "steps[1].wait_for.topic: topic is empty",
+        "steps[2].wait_for.filter: unknown variable \"evnt\"",
+        "steps[3].inputs.x: unknown variable \"event\"",
+    ] {
+        assert!(
+            errors.contains(expected),
+            "missing {expected:?} in:\n{errors}"
+        );
+    }
+    assert!(!errors.contains("steps[0]"), "{errors}");
 }

@@ -337,6 +337,7 @@ fn any_step() -> impl Strategy<Value = StepSpec> {
             continue_on_failure,
             sleep,
             approval,
+            wait_for: None,
         },
     )
 }

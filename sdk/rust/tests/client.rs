@@ -176,6 +176,13 @@ impl RunService for Fake {
     ) -> Result<Response<Run>, Status> {
         Ok(Response::new(run(RunState::Running, 6)))
     }
+
+    async fn deliver_event(
+        &self,
+        _: Request<dagmesh_proto::v1::DeliverEventRequest>,
+    ) -> Result<Response<dagmesh_proto::v1::DeliverEventResponse>, Status> {
+        Ok(Response::new(Default::default()))
+    }
 }
 
 #[tonic::async_trait]

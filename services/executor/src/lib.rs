@@ -261,6 +261,34 @@ impl Executor {
         self.answer_about_active_run(&run_id, answer).await
     }
 
+    /// DeliverEvent: resumes the steps waiting for an event on `topic` whose filter accepts
+    /// `payload`; returns their task ids.
+    pub async fn deliver_event(
+        &self,
+        topic: &str,
+        payload: prost_types::Struct,
+    ) -> Result<Vec<String>, ExecError> {
+        use dagmesh_proto::limits::{MAX_NAME_LEN, check_len};
+        if topic.is_empty() {
+            return Err(ExecError::InvalidArgument("topic: required".into()));
+        }
+        check_len("topic", topic, MAX_NAME_LEN).map_err(ExecError::InvalidArgument)?;
+        dagmesh_proto::limits::check_payload(
+            "payload",
+            &payload,
+            self.inner.config.max_payload_bytes,
+        )
+        .map_err(|error| ExecError::InvalidArgument(error.to_string()))?;
+        self.inner
+            .engine
+            .call(|reply| Command::DeliverEvent {
+                topic: topic.to_owned(),
+                payload: dagmesh_proto::json::from_struct(Some(&payload)),
+                reply,
+            })
+            .await
+    }
+
     /// SuspendRun (`suspend`) or ResumeRun on behalf of `actor`.
     pub async fn suspend_as(
         &self,

@@ -580,6 +580,10 @@ impl Scheduler {
                 created,
             });
         }
+        // Steps of running runs waiting for this event. Delivering again (a retried publish)
+        // resumes nothing twice: a resumed step no longer waits.
+        let payload = dagmesh_proto::json::to_struct(&event);
+        response.resumed_steps = self.inner.starter.deliver_event(topic, payload).await?;
         Ok(response)
     }
 }

@@ -24,6 +24,12 @@ pub trait RunStarter: Send + Sync + 'static {
     async fn get_run(&self, run_id: &str) -> Result<Run, SchedError>;
     /// Runs matching the request's filters (tags), newest first, paginated.
     async fn list_runs(&self, request: ListRunsRequest) -> Result<ListRunsResponse, SchedError>;
+    /// Resumes the steps waiting for an event on `topic` that accept `payload`; their task ids.
+    async fn deliver_event(
+        &self,
+        topic: &str,
+        payload: prost_types::Struct,
+    ) -> Result<Vec<String>, SchedError>;
 }
 
 /// The actor recorded on runs the in-process scheduler starts or cancels.
@@ -46,6 +52,14 @@ impl RunStarter for Executor {
 
     async fn list_runs(&self, request: ListRunsRequest) -> Result<ListRunsResponse, SchedError> {
         Ok(self.store().list_runs(&request).await?)
+    }
+
+    async fn deliver_event(
+        &self,
+        topic: &str,
+        payload: prost_types::Struct,
+    ) -> Result<Vec<String>, SchedError> {
+        Ok(Executor::deliver_event(self, topic, payload).await?)
     }
 }
 
@@ -105,5 +119,18 @@ impl RunStarter for RunServiceStarter {
 
     async fn list_runs(&self, request: ListRunsRequest) -> Result<ListRunsResponse, SchedError> {
         Ok(self.client.clone().list_runs(request).await?.into_inner())
+    }
+
+    async fn deliver_event(
+        &self,
+        topic: &str,
+        payload: prost_types::Struct,
+    ) -> Result<Vec<String>, SchedError> {
+        let request = dagmesh_proto::v1::DeliverEventRequest {
+            topic: topic.to_owned(),
+            payload: Some(payload),
+        };
+        let response = self.client.clone().deliver_event(request).await?;
+        Ok(response.into_inner().resumed)
     }
 }

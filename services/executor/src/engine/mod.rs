@@ -74,6 +74,12 @@ pub(crate) enum Command {
         actor: String,
         reply: oneshot::Sender<Option<Result<Run, String>>>,
     },
+    /// DeliverEvent: resume the steps waiting for an event on `topic` that accept it.
+    DeliverEvent {
+        topic: String,
+        payload: Map<String, Json>,
+        reply: oneshot::Sender<Vec<String>>,
+    },
     /// SuspendRun (`suspend`) or ResumeRun. `None`: the run is not active here.
     Suspend {
         run_id: String,
@@ -577,6 +583,20 @@ impl Engine {
                         .map(|()| entry.snapshot())
                 });
                 self.ctx.reply_about(about, reply, result);
+            }
+            Command::DeliverEvent {
+                topic,
+                payload,
+                reply,
+            } => {
+                let mut resumed = Vec::new();
+                for entry in self.runs.values_mut() {
+                    if entry.waits_for_events() {
+                        resumed.extend(entry.deliver_event(&topic, &payload, &mut self.ctx));
+                    }
+                }
+                // Answered after the commit that records the resumed steps.
+                self.ctx.reply(reply, resumed);
             }
             Command::Suspend {
                 run_id,

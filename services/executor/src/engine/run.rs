@@ -757,6 +757,10 @@ impl RunEntry {
                     };
                     self.start_wait(at, *timeout, text, ctx);
                 }
+                StepKind::WaitFor { topic, timeout } => {
+                    let text = format!("an event on topic {topic}");
+                    self.start_wait(at, *timeout, text, ctx);
+                }
             }
         }
         self.check_done(ctx);
@@ -829,6 +833,12 @@ impl RunEntry {
                 self.row_mut(at).waiting_for.clear();
                 self.fail_step(at, error, ctx);
             }
+            StepKind::WaitFor { topic, timeout } => {
+                let after = timeout.map(humanize).unwrap_or_default();
+                let error = format!("no event on topic {topic} within its timeout of {after}");
+                self.row_mut(at).waiting_for.clear();
+                self.fail_step(at, error, ctx);
+            }
             StepKind::Task => {}
         }
     }
@@ -842,6 +852,58 @@ impl RunEntry {
         self.finish(at, StepState::Succeeded, String::new(), ctx);
         let released = self.release_dependants(at.spec());
         self.advance(released, ctx);
+    }
+
+    /// Whether any step of this run can wait for an event (most runs: no, and are skipped).
+    pub fn waits_for_events(&self) -> bool {
+        self.plan
+            .compiled
+            .steps
+            .iter()
+            .any(|spec| matches!(spec.kind, StepKind::WaitFor { .. }))
+    }
+
+    /// DeliverEvent: every step of this run waiting for an event on `topic` whose filter accepts
+    /// `payload` succeeds with the payload as its outputs. Returns their task ids. A filter that
+    /// cannot be evaluated does not match (and is logged).
+    pub fn deliver_event(
+        &mut self,
+        topic: &str,
+        payload: &Map<String, Json>,
+        ctx: &mut Ctx,
+    ) -> Vec<String> {
+        let mut resumed = Vec::new();
+        if self.run.state() != RunState::Running {
+            return resumed;
+        }
+        let event = Json::Object(payload.clone());
+        let budget = dagmesh_spec::EvalBudget {
+            max_payload_bytes: ctx.config.max_payload_bytes,
+            ..dagmesh_spec::EvalBudget::default()
+        };
+        for index in 0..self.steps.len() {
+            let plan = self.plan.clone();
+            let spec = &plan.compiled.steps[index];
+            let StepKind::WaitFor { topic: wanted, .. } = &spec.kind else {
+                continue;
+            };
+            if wanted != topic || self.steps[index].row.state() != StepState::Running {
+                continue;
+            }
+            let upstream = self.upstream_outputs(index);
+            match spec.event_matches(&self.inputs, &upstream, &event, &budget) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(error) => {
+                    tracing::info!(run_id = %self.id, step = %spec.id, %error, "event filter failed; the event does not match");
+                    continue;
+                }
+            }
+            let at = StepRef::step(index);
+            resumed.push(self.row(at).task_id.clone());
+            self.wait_succeeded(at, payload.clone(), ctx);
+        }
+        resumed
     }
 
     /// ApproveStep: an approval step that waits succeeds with `outputs` (plus `approved_by`

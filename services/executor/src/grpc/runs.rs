@@ -1,10 +1,10 @@
 use std::time::Duration;
 
 use dagmesh_proto::v1::{
-    ApproveStepRequest, CancelRunRequest, GetRunRequest, ListRunsRequest, ListRunsResponse,
-    ResumeRunRequest, RetryRunRequest, Run, RunState, SubmitRunRequest, SubmitRunResponse,
-    SuspendRunRequest, WatchRunRequest, WatchRunResponse, run_event,
-    run_service_server::RunService, watch_run_response,
+    ApproveStepRequest, CancelRunRequest, DeliverEventRequest, DeliverEventResponse, GetRunRequest,
+    ListRunsRequest, ListRunsResponse, ResumeRunRequest, RetryRunRequest, Run, RunState,
+    SubmitRunRequest, SubmitRunResponse, SuspendRunRequest, WatchRunRequest, WatchRunResponse,
+    run_event, run_service_server::RunService, watch_run_response,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -137,6 +137,18 @@ impl RunService for Runs {
             .suspend_as(&request.run_id, true, &request.reason, &actor)
             .await?;
         Ok(Response::new(run))
+    }
+
+    async fn deliver_event(
+        &self,
+        request: Request<DeliverEventRequest>,
+    ) -> Result<Response<DeliverEventResponse>, Status> {
+        let request = request.into_inner();
+        let resumed = self
+            .0
+            .deliver_event(&request.topic, request.payload.unwrap_or_default())
+            .await?;
+        Ok(Response::new(DeliverEventResponse { resumed }))
     }
 
     async fn resume_run(

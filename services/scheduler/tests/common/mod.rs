@@ -19,6 +19,8 @@ pub struct FakeStarter {
     /// The most runs one `list_runs` call returned, over all calls.
     pub largest_listing: Mutex<usize>,
     pub changed: tokio::sync::Notify,
+    /// Topics of the events delivered to waiting steps.
+    pub delivered: Mutex<Vec<String>>,
 }
 
 impl FakeStarter {
@@ -75,6 +77,15 @@ impl RunStarter for FakeStarter {
             .into_iter()
             .find(|r| r.run_id == run_id)
             .ok_or_else(|| SchedError::NotFound(run_id.to_owned()))
+    }
+
+    async fn deliver_event(
+        &self,
+        topic: &str,
+        _payload: prost_types::Struct,
+    ) -> Result<Vec<String>, SchedError> {
+        self.delivered.lock().unwrap().push(topic.to_owned());
+        Ok(Vec::new())
     }
 
     /// Filters by tags and state, pages like the store (page_size, at most 1000).

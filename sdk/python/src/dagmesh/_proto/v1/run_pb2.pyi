@@ -139,3 +139,17 @@ class ResumeRunRequest(_message.Message):
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class DeliverEventRequest(_message.Message):
+    __slots__ = ("topic", "payload")
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    topic: str
+    payload: _struct_pb2.Struct
+    def __init__(self, topic: _Optional[str] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class DeliverEventResponse(_message.Message):
+    __slots__ = ("resumed",)
+    RESUMED_FIELD_NUMBER: _ClassVar[int]
+    resumed: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, resumed: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -80,6 +80,11 @@ class RunServiceStub(object):
                 request_serializer=dagmesh_dot_v1_dot_run__pb2.ResumeRunRequest.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_types__pb2.Run.FromString,
                 _registered_method=True)
+        self.DeliverEvent = channel.unary_unary(
+                '/dagmesh.v1.RunService/DeliverEvent',
+                request_serializer=dagmesh_dot_v1_dot_run__pb2.DeliverEventRequest.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_run__pb2.DeliverEventResponse.FromString,
+                _registered_method=True)
 
 
 class RunServiceServicer(object):
@@ -155,6 +160,15 @@ class RunServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeliverEvent(self, request, context):
+        """Resumes the steps waiting for an event on `topic` (StepSpec.wait_for) whose filter accepts
+        the payload. SchedulerService.PublishEvent calls it for every event; it is also callable
+        alone.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RunServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -202,6 +216,11 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.ResumeRun,
                     request_deserializer=dagmesh_dot_v1_dot_run__pb2.ResumeRunRequest.FromString,
                     response_serializer=dagmesh_dot_v1_dot_types__pb2.Run.SerializeToString,
+            ),
+            'DeliverEvent': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeliverEvent,
+                    request_deserializer=dagmesh_dot_v1_dot_run__pb2.DeliverEventRequest.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_run__pb2.DeliverEventResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -447,6 +466,33 @@ class RunService(object):
             '/dagmesh.v1.RunService/ResumeRun',
             dagmesh_dot_v1_dot_run__pb2.ResumeRunRequest.SerializeToString,
             dagmesh_dot_v1_dot_types__pb2.Run.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeliverEvent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.RunService/DeliverEvent',
+            dagmesh_dot_v1_dot_run__pb2.DeliverEventRequest.SerializeToString,
+            dagmesh_dot_v1_dot_run__pb2.DeliverEventResponse.FromString,
             options,
             channel_credentials,
             insecure,

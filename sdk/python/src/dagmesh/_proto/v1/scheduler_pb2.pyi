@@ -210,12 +210,14 @@ class PublishEventRequest(_message.Message):
     def __init__(self, topic: _Optional[str] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., event_id: _Optional[str] = ...) -> None: ...
 
 class PublishEventResponse(_message.Message):
-    __slots__ = ("runs", "skipped_triggers")
+    __slots__ = ("runs", "skipped_triggers", "resumed_steps")
     RUNS_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_TRIGGERS_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_STEPS_FIELD_NUMBER: _ClassVar[int]
     runs: _containers.RepeatedCompositeFieldContainer[TriggeredRun]
     skipped_triggers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, runs: _Optional[_Iterable[_Union[TriggeredRun, _Mapping]]] = ..., skipped_triggers: _Optional[_Iterable[str]] = ...) -> None: ...
+    resumed_steps: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, runs: _Optional[_Iterable[_Union[TriggeredRun, _Mapping]]] = ..., skipped_triggers: _Optional[_Iterable[str]] = ..., resumed_steps: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TriggeredRun(_message.Message):
     __slots__ = ("trigger", "run", "created")

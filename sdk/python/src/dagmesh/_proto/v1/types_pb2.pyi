@@ -87,7 +87,7 @@ class InputSpec(_message.Message):
     def __init__(self, type: _Optional[str] = ..., default: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., description: _Optional[str] = ...) -> None: ...
 
 class StepSpec(_message.Message):
-    __slots__ = ("id", "task", "needs", "inputs", "when", "retry", "timeout", "labels", "slots", "priority", "concurrency_key", "schedule_to_start_timeout", "for_each", "max_parallel", "continue_on_failure", "sleep", "approval")
+    __slots__ = ("id", "task", "needs", "inputs", "when", "retry", "timeout", "labels", "slots", "priority", "concurrency_key", "schedule_to_start_timeout", "for_each", "max_parallel", "continue_on_failure", "sleep", "approval", "wait_for")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +119,7 @@ class StepSpec(_message.Message):
     CONTINUE_ON_FAILURE_FIELD_NUMBER: _ClassVar[int]
     SLEEP_FIELD_NUMBER: _ClassVar[int]
     APPROVAL_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FOR_FIELD_NUMBER: _ClassVar[int]
     id: str
     task: str
     needs: _containers.RepeatedScalarFieldContainer[str]
@@ -136,7 +137,18 @@ class StepSpec(_message.Message):
     continue_on_failure: bool
     sleep: str
     approval: ApprovalSpec
-    def __init__(self, id: _Optional[str] = ..., task: _Optional[str] = ..., needs: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Mapping[str, str]] = ..., when: _Optional[str] = ..., retry: _Optional[_Union[RetryPolicy, _Mapping]] = ..., timeout: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., slots: _Optional[int] = ..., priority: _Optional[int] = ..., concurrency_key: _Optional[str] = ..., schedule_to_start_timeout: _Optional[str] = ..., for_each: _Optional[str] = ..., max_parallel: _Optional[int] = ..., continue_on_failure: bool = ..., sleep: _Optional[str] = ..., approval: _Optional[_Union[ApprovalSpec, _Mapping]] = ...) -> None: ...
+    wait_for: WaitForSpec
+    def __init__(self, id: _Optional[str] = ..., task: _Optional[str] = ..., needs: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Mapping[str, str]] = ..., when: _Optional[str] = ..., retry: _Optional[_Union[RetryPolicy, _Mapping]] = ..., timeout: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., slots: _Optional[int] = ..., priority: _Optional[int] = ..., concurrency_key: _Optional[str] = ..., schedule_to_start_timeout: _Optional[str] = ..., for_each: _Optional[str] = ..., max_parallel: _Optional[int] = ..., continue_on_failure: bool = ..., sleep: _Optional[str] = ..., approval: _Optional[_Union[ApprovalSpec, _Mapping]] = ..., wait_for: _Optional[_Union[WaitForSpec, _Mapping]] = ...) -> None: ...
+
+class WaitForSpec(_message.Message):
+    __slots__ = ("topic", "filter", "timeout")
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    topic: str
+    filter: str
+    timeout: str
+    def __init__(self, topic: _Optional[str] = ..., filter: _Optional[str] = ..., timeout: _Optional[str] = ...) -> None: ...
 
 class ApprovalSpec(_message.Message):
     __slots__ = ("message", "timeout")
