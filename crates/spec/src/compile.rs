@@ -1411,9 +1411,9 @@ impl Scope<'_> {
             let message = if name == INPUTS_VAR {
                 self.variables.insert(name);
                 continue;
-            } else if self.item_variables && (name == ITEM_VAR || name == INDEX_VAR) {
-                continue;
-            } else if self.event_variable && name == EVENT_VAR {
+            } else if (self.item_variables && (name == ITEM_VAR || name == INDEX_VAR))
+                || (self.event_variable && name == EVENT_VAR)
+            {
                 continue;
             } else if self.hook && name == RUN_VAR {
                 self.variables.insert(name);
