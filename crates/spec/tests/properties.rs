@@ -213,7 +213,12 @@ proptest! {
     fn compiling_any_spec_never_panics_and_errors_have_paths(spec in any_spec()) {
         if let Err(errors) = compile(&spec) {
             for error in &errors {
-                prop_assert!(error.path == "name" || error.path.starts_with("steps"), "{}", error);
+                let known = ["steps", "on_exit", "on_success", "on_failure"];
+                prop_assert!(
+                    error.path == "name" || known.iter().any(|p| error.path.starts_with(p)),
+                    "{}",
+                    error
+                );
                 prop_assert!(!error.message.is_empty());
             }
         }
