@@ -981,3 +981,76 @@ steps:
     );
     sandbox.stop().await
 }
+
+/// `retry --from STEP`: that step and everything downstream run again, even in a run that
+/// succeeded; upstream results stand.
+#[tokio::test]
+async fn retry_from_a_step_reruns_it_and_what_follows() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start().await?;
+    let calls = Arc::new(AtomicU32::new(0));
+    let counted = calls.clone();
+    spawn_worker(Worker::builder(sandbox.url()).slots(4).task(
+        "count",
+        "1.0.0",
+        move |ctx: TaskContext, _: Value| {
+            let counted = counted.clone();
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, TaskError>(json!({ "attempt": ctx.attempt() }))
+            }
+        },
+    ))
+    .await?;
+    let spec = workflow(
+        "rerun",
+        vec![
+            step("a", "count@^1", &[], &[]),
+            map_step("b", "count@^1", &["a"], "[1, 2]", &[]),
+            step("c", "count@^1", &["b"], &[]),
+            step("side", "count@^1", &["a"], &[]),
+        ],
+    );
+    let client = sandbox.client().await?;
+    let run = client.submit(SubmitRun::inline(spec)).await?;
+    let first = wait_for_run(&client, &run.run_id).await?;
+    assert_succeeded(&first);
+    assert_eq!(calls.load(Ordering::SeqCst), 5);
+
+    let mut runs = RunServiceClient::new(sandbox.channel().await?);
+    let status = runs
+        .retry_run(pb::RetryRunRequest {
+            run_id: run.run_id.clone(),
+            from_step: "nope".into(),
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status
+            .message()
+            .starts_with("from_step: workflow rerun version 1 has no step \"nope\""),
+        "{}",
+        status.message()
+    );
+    let status = runs
+        .retry_run(pb::RetryRunRequest {
+            run_id: run.run_id.clone(),
+            from_step: String::new(),
+        })
+        .await
+        .expect_err("a succeeded run is retried only from a step");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+
+    client.retry_run_from(&run.run_id, "b").await?;
+    let second = wait_for_run(&client, &run.run_id).await?;
+    assert_succeeded(&second);
+    // b's two items and c ran again; a and side did not.
+    assert_eq!(calls.load(Ordering::SeqCst), 8);
+    assert_eq!(step_of(&second, "a").attempt, 1);
+    assert_eq!(step_of(&second, "side").attempt, 1);
+    assert_eq!(step_of(&second, "b[1]").attempt, 2);
+    assert_eq!(step_of(&second, "c").attempt, 2);
+    assert_eq!(outputs(&second, "c"), json!({"attempt": 2}));
+    assert_eq!(second.retried_by, "anonymous");
+    sandbox.stop().await
+}

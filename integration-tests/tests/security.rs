@@ -137,9 +137,12 @@ async fn call(url: &str, settings: &ClientSettings, rpc: &str) -> anyhow::Result
             .map(drop),
         ),
         "RetryRun" => code(
-            runs.retry_run(RetryRunRequest { run_id: no_run })
-                .await
-                .map(drop),
+            runs.retry_run(RetryRunRequest {
+                run_id: no_run,
+                from_step: String::new(),
+            })
+            .await
+            .map(drop),
         ),
         "ApplyWorkflow" => code(
             WorkflowServiceClient::new(channel)

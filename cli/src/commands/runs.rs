@@ -76,6 +76,10 @@ pub enum RunsCommand {
     /// outputs).
     Retry {
         run_id: String,
+        /// Re-run this step and everything downstream of it too, even what succeeded (any ended
+        /// run, succeeded ones included).
+        #[arg(long, value_name = "STEP")]
+        from: Option<String>,
         /// Follow the retried run live; exit 0 only if it succeeded.
         #[arg(long)]
         watch: bool,
@@ -239,9 +243,16 @@ pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<ExitCo
             print_changed(&run, "resumed", global.output);
             Ok(ExitCode::SUCCESS)
         }
-        RunsCommand::Retry { run_id, watch } => {
+        RunsCommand::Retry {
+            run_id,
+            from,
+            watch,
+        } => {
             let run = client
-                .retry_run(RetryRunRequest { run_id })
+                .retry_run(RetryRunRequest {
+                    run_id,
+                    from_step: from.unwrap_or_default(),
+                })
                 .await?
                 .into_inner();
             if watch {

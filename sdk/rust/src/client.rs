@@ -378,8 +378,19 @@ impl Client {
 
     /// Re-runs the failed and cancelled steps of an ended run.
     pub async fn retry_run(&self, run_id: impl Into<String>) -> Result<Run, ClientError> {
+        self.retry_run_from(run_id, "").await
+    }
+
+    /// Re-runs an ended run from `step`: that step and everything downstream of it run again,
+    /// even what succeeded, as well as what failed (an empty `step`: like [`Client::retry_run`]).
+    pub async fn retry_run_from(
+        &self,
+        run_id: impl Into<String>,
+        step: impl Into<String>,
+    ) -> Result<Run, ClientError> {
         let request = RetryRunRequest {
             run_id: run_id.into(),
+            from_step: step.into(),
         };
         Ok(self.runs.clone().retry_run(request).await?.into_inner())
     }

@@ -336,16 +336,43 @@ impl Executor {
 
     /// Re-runs the steps of a failed or cancelled run that did not succeed.
     pub async fn retry(&self, run_id: &str) -> Result<Run, ExecError> {
-        self.retry_as(run_id, "anonymous").await
+        self.retry_as(run_id, "", "anonymous").await
     }
 
     /// Re-runs a failed or cancelled run on behalf of `actor`.
-    pub async fn retry_as(&self, run_id: &str, actor: &str) -> Result<Run, ExecError> {
+    ///
+    /// With `from_step` (not empty), that step and everything downstream of it run again too,
+    /// and a SUCCEEDED run may be retried.
+    pub async fn retry_as(
+        &self,
+        run_id: &str,
+        from_step: &str,
+        actor: &str,
+    ) -> Result<Run, ExecError> {
+        dagmesh_proto::limits::check_len(
+            "from_step",
+            from_step,
+            dagmesh_proto::limits::MAX_NAME_LEN,
+        )
+        .map_err(ExecError::InvalidArgument)?;
         let run = self.inner.store.get_run(run_id).await?;
         use dagmesh_proto::v1::RunState;
-        if !matches!(run.state(), RunState::Failed | RunState::Cancelled) {
+        let retryable = if from_step.is_empty() {
+            matches!(run.state(), RunState::Failed | RunState::Cancelled)
+        } else {
+            matches!(
+                run.state(),
+                RunState::Succeeded | RunState::Failed | RunState::Cancelled
+            )
+        };
+        if !retryable {
+            let only = if from_step.is_empty() {
+                "only FAILED or CANCELLED runs can be retried (or any ended run with from_step)"
+            } else {
+                "it has not ended yet; cancel it first"
+            };
             return Err(ExecError::FailedPrecondition(format!(
-                "run {run_id} is {}; only FAILED or CANCELLED runs can be retried",
+                "run {run_id} is {}; {only}",
                 run.state().as_str_name().trim_start_matches("RUN_STATE_")
             )));
         }
@@ -365,11 +392,26 @@ impl Executor {
             .plans
             .get(&run.workflow, Some(run.workflow_version))
             .await?;
+        let from = if from_step.is_empty() {
+            None
+        } else {
+            match plan.index.get(from_step) {
+                Some(&index) if plan.compiled.steps[index].hook.is_none() => Some(index),
+                _ => {
+                    return Err(ExecError::InvalidArgument(format!(
+                        "from_step: workflow {} version {} has no step {from_step:?} (give a \
+                         step of `steps`, not an item or an exit hook)",
+                        run.workflow, run.workflow_version
+                    )));
+                }
+            }
+        };
         self.inner
             .engine
             .call(|reply| Command::Retry {
                 run,
                 plan,
+                from,
                 actor: actor.to_owned(),
                 reply,
             })

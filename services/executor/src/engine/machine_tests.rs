@@ -99,8 +99,8 @@ enum Action {
     Tick,
     Cancel,
     Restart,
-    /// RetryRun, when the run has ended.
-    Retry,
+    /// RetryRun, when the run has ended; with a step to re-run from (any ended run then).
+    Retry(Option<usize>),
     /// ApproveStep on every approval step (approve or deny); refused ones change nothing.
     Approve(bool),
     /// SuspendRun (true) or ResumeRun.
@@ -326,20 +326,44 @@ impl Sim {
                     self.entry.set_suspended(suspend, "sim", "sim", ctx);
                 }
             }
-            Action::Retry => {
-                // RetryRun takes failed and cancelled runs only.
-                if !matches!(
-                    self.entry.run.state(),
-                    RunState::Failed | RunState::Cancelled
-                ) {
+            Action::Retry(from) => {
+                // RetryRun takes failed and cancelled runs, or any ended run with a step to
+                // re-run from (a step of the DAG).
+                let dag = self
+                    .plan
+                    .compiled
+                    .steps
+                    .iter()
+                    .filter(|s| s.hook.is_none())
+                    .count();
+                let from = from.map(|i| i % dag);
+                let allowed = match from {
+                    None => matches!(
+                        self.entry.run.state(),
+                        RunState::Failed | RunState::Cancelled
+                    ),
+                    Some(_) => self.finished(),
+                };
+                if !allowed {
                     return;
+                }
+                // Steps that run again: their earlier successes are no repeat.
+                if let Some(from) = from {
+                    let mut work = vec![from];
+                    while let Some(i) = work.pop() {
+                        let id = self.plan.compiled.steps[i].id.clone();
+                        let item = format!("{id}[");
+                        self.successes
+                            .retain(|step, _| step != &id && !step.starts_with(&item));
+                        work.extend(self.plan.compiled.steps[i].dependants.iter().copied());
+                    }
                 }
                 self.commit();
                 self.ctx = new_ctx(self.ctx.now);
                 self.entry =
                     RunEntry::recover(self.stored.read(), self.plan.clone(), &mut self.ctx)
                         .expect("an ended run recovers");
-                self.entry.retry("sim", &mut self.ctx);
+                self.entry.retry("sim", from, &mut self.ctx);
                 self.entry.admit(&mut self.ctx);
                 self.held.clear();
                 // Exit hooks run again after a retry: a new success of theirs is no repeat.
@@ -672,7 +696,7 @@ fn any_action() -> impl Strategy<Value = Action> {
         3 => Just(Action::Tick),
         1 => Just(Action::Cancel),
         2 => Just(Action::Restart),
-        1 => Just(Action::Retry),
+        1 => prop::option::of(0usize..8).prop_map(Action::Retry),
         1 => any::<bool>().prop_map(Action::Approve),
         1 => any::<bool>().prop_map(Action::Suspend),
     ]

@@ -61,6 +61,8 @@ pub(crate) enum Command {
     Retry {
         run: Run,
         plan: Arc<Plan>,
+        /// `RetryRunRequest.from_step`, resolved to its plan position.
+        from: Option<usize>,
         actor: String,
         reply: oneshot::Sender<Result<Run, ExecError>>,
     },
@@ -536,6 +538,7 @@ impl Engine {
             Command::Retry {
                 run,
                 plan,
+                from,
                 actor,
                 reply,
             } => {
@@ -558,7 +561,7 @@ impl Engine {
                     }
                 };
                 entry.buckets = self.buckets_of(&entry);
-                entry.retry(&actor, &mut self.ctx);
+                entry.retry(&actor, from, &mut self.ctx);
                 let id = entry.id.clone();
                 self.ctx.admission.enqueue(entry.run.priority, id.clone());
                 self.runs.insert(id.clone(), entry);

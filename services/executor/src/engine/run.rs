@@ -603,10 +603,33 @@ impl RunEntry {
     /// RetryRun: every step that did not succeed starts over; earlier attempts no longer count
     /// against the retry policy. A map keeps its expansion: its items that succeeded keep their
     /// outputs, the others start over. The run goes back to QUEUED for admission.
-    pub fn retry(&mut self, actor: &str, ctx: &mut Ctx) {
+    pub fn retry(&mut self, actor: &str, from: Option<usize>, ctx: &mut Ctx) {
+        // `from` and everything downstream of it run again, even what succeeded.
+        let mut again = vec![false; self.steps.len()];
+        let mut work: Vec<usize> = from.into_iter().collect();
+        while let Some(index) = work.pop() {
+            if std::mem::replace(&mut again[index], true) {
+                continue;
+            }
+            work.extend(self.plan.compiled.steps[index].dependants.iter().copied());
+        }
         for at in self.all_refs() {
+            if again[at.spec()] {
+                let step = self.row_mut(at);
+                if step.state() == StepState::Succeeded {
+                    step.lost_attempts = step.attempt; // the new attempt starts a fresh count
+                    step.state = StepState::Failed as i32; // reset below like a failed step
+                }
+                if at.item_index().is_none()
+                    && let Some(slot) = self.steps.get_mut(at.spec())
+                {
+                    slot.output = None;
+                    slot.recorded_attempt = 0;
+                }
+            }
             // A map that succeeded stands with its list, tolerated failures included.
             let map_succeeded = at.item_index().is_some()
+                && !again[at.spec()]
                 && self.steps[at.spec()].row.state() == StepState::Succeeded;
             // Exit hooks run again after the retried run, whatever they did last time.
             let hook = self.plan.compiled.steps[at.spec()].hook.is_some();

@@ -111,9 +111,12 @@ impl RunService for Runs {
 
     async fn retry_run(&self, request: Request<RetryRunRequest>) -> Result<Response<Run>, Status> {
         let actor = Principal::of(&request).name;
-        let run_id = request.into_inner().run_id;
-        check_run_id(&run_id)?;
-        let run = self.0.retry_as(&run_id, &actor).await?;
+        let request = request.into_inner();
+        check_run_id(&request.run_id)?;
+        let run = self
+            .0
+            .retry_as(&request.run_id, &request.from_step, &actor)
+            .await?;
         Ok(Response::new(run))
     }
 

@@ -107,10 +107,12 @@ class CancelRunRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class RetryRunRequest(_message.Message):
-    __slots__ = ("run_id",)
+    __slots__ = ("run_id", "from_step")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_STEP_FIELD_NUMBER: _ClassVar[int]
     run_id: str
-    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+    from_step: str
+    def __init__(self, run_id: _Optional[str] = ..., from_step: _Optional[str] = ...) -> None: ...
 
 class ApproveStepRequest(_message.Message):
     __slots__ = ("run_id", "step_id", "approve", "outputs", "comment")

@@ -130,7 +130,10 @@ class RunServiceServicer(object):
 
     def RetryRun(self, request, context):
         """Re-runs the failed, cancelled and skipped-because-of-them steps of an ended run; succeeded
-        steps keep their outputs. FAILED_PRECONDITION if the run is still going or succeeded.
+        steps keep their outputs. With `from_step`, that step and every step downstream of it run
+        again too, even if they succeeded (a map re-runs its items over the same list). Exit hooks
+        run again. FAILED_PRECONDITION if the run is still going, or succeeded and no `from_step` is
+        given; NOT_FOUND-style INVALID_ARGUMENT naming `from_step` if the workflow has no such step.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
