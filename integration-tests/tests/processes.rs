@@ -594,6 +594,44 @@ async fn up_serves_health_and_reflection_for_grpcurl() -> anyhow::Result<()> {
                 workers.trim_start().starts_with('{'),
                 "grpcurl call printed {workers}"
             );
+            // A dynamic workflow driven by grpcurl alone: a run with declared inputs and an
+            // approval step, submitted inline, then approved with ApproveStep.
+            let submit = json!({"spec": {
+                "name": "grpcurl-approval",
+                "inputs": {"who": {"type": "string", "default": "grpcurl"}},
+                "steps": [{"id": "ok", "approval": {"message": "go?"}}],
+            }})
+            .to_string();
+            let submitted = run_grpcurl(&[
+                "-plaintext",
+                "-d",
+                &submit,
+                &target,
+                "dagmesh.v1.RunService/SubmitRun",
+            ])
+            .await?;
+            let submitted: Value = serde_json::from_str(&submitted)
+                .with_context(|| format!("SubmitRun printed {submitted}"))?;
+            let run_id = submitted["run"]["runId"]
+                .as_str()
+                .context("runId")?
+                .to_owned();
+            let approve = json!({
+                "runId": run_id, "stepId": "ok", "approve": true, "outputs": {"ticket": 7},
+            })
+            .to_string();
+            let approved = run_grpcurl(&[
+                "-plaintext",
+                "-d",
+                &approve,
+                &target,
+                "dagmesh.v1.RunService/ApproveStep",
+            ])
+            .await?;
+            assert!(
+                approved.contains("RUN_STATE_SUCCEEDED") && approved.contains("\"approved_by\""),
+                "ApproveStep printed {approved}"
+            );
         }
     }
     Ok(())
