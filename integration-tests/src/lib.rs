@@ -187,6 +187,33 @@ impl Sandbox {
         self.mesh.shutdown().await?;
         self.database.cleanup().await
     }
+
+    /// Shuts the mesh down and starts a new one on the same database (an executor restart),
+    /// with `config`.
+    pub async fn restart(self, config: ExecutorConfig) -> anyhow::Result<Self> {
+        let Sandbox {
+            mesh,
+            database,
+            settings,
+            worker_env,
+            keep,
+        } = self;
+        mesh.shutdown().await?;
+        let mesh = Mesh::start(MeshOptions {
+            listen: "127.0.0.1:0".into(),
+            database_url: database.url(),
+            executor: config,
+            security: Default::default(),
+        })
+        .await?;
+        Ok(Sandbox {
+            mesh,
+            database,
+            settings,
+            worker_env,
+            keep,
+        })
+    }
 }
 
 /// A channel without credentials (for servers without authentication).

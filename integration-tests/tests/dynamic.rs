@@ -275,9 +275,7 @@ async fn ten_thousand_items_expand_in_one_commit_and_all_run() -> anyhow::Result
 /// and their attempts come back from the store, and the run finishes with every item once.
 #[tokio::test]
 async fn a_map_survives_an_executor_restart_mid_run() -> anyhow::Result<()> {
-    let database = Database::sqlite()?;
-    let url_of_db = database.url();
-    let sandbox = Sandbox::start_with(database, fast_config()).await?;
+    let sandbox = Sandbox::start_with(Database::sqlite()?, fast_config()).await?;
     let spec = workflow(
         "restart-map",
         vec![
@@ -314,22 +312,7 @@ async fn a_map_survives_an_executor_restart_mid_run() -> anyhow::Result<()> {
     drop(worker);
 
     // Restart: a new mesh on the same SQLite file.
-    let database = sandbox.database;
-    sandbox.mesh.shutdown().await?;
-    assert_eq!(database.url(), url_of_db);
-    let sandbox = Sandbox {
-        mesh: dagmesh::mesh::Mesh::start(dagmesh::mesh::MeshOptions {
-            listen: "127.0.0.1:0".into(),
-            database_url: database.url(),
-            executor: fast_config(),
-            security: Default::default(),
-        })
-        .await?,
-        database,
-        settings: Default::default(),
-        worker_env: Vec::new(),
-        keep: None,
-    };
+    let sandbox = sandbox.restart(fast_config()).await?;
     // The held item is resumed if the new executor still holds it for this instance, or
     // reassigned as a new attempt if its grace ran out during the shutdown: either way it is
     // answered once more and counted once.
@@ -762,21 +745,7 @@ async fn waits_survive_a_restart() -> anyhow::Result<()> {
     let run = client.submit(SubmitRun::inline(spec)).await?;
     until_waiting(&client, &run.run_id, "review").await?;
     until_waiting(&client, &run.run_id, "nap").await?;
-    let database = sandbox.database;
-    sandbox.mesh.shutdown().await?;
-    let sandbox = Sandbox {
-        mesh: dagmesh::mesh::Mesh::start(dagmesh::mesh::MeshOptions {
-            listen: "127.0.0.1:0".into(),
-            database_url: database.url(),
-            executor: fast_config(),
-            security: Default::default(),
-        })
-        .await?,
-        database,
-        settings: Default::default(),
-        worker_env: Vec::new(),
-        keep: None,
-    };
+    let sandbox = sandbox.restart(fast_config()).await?;
     let client = sandbox.client().await?;
     until_waiting(&client, &run.run_id, "review").await?;
     client
@@ -1052,5 +1021,146 @@ async fn retry_from_a_step_reruns_it_and_what_follows() -> anyhow::Result<()> {
     assert_eq!(step_of(&second, "c").attempt, 2);
     assert_eq!(outputs(&second, "c"), json!({"attempt": 2}));
     assert_eq!(second.retried_by, "anonymous");
+    sandbox.stop().await
+}
+
+/// The new RPC fields are bounded and refused with the field named, and nothing changes.
+#[tokio::test]
+async fn hostile_values_in_the_new_run_calls_are_refused_with_the_field() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start().await?;
+    let client = sandbox.client().await?;
+    let run = client
+        .submit(SubmitRun::inline(workflow(
+            "hostile-waits",
+            vec![approval_step("review", &[], "ok?", "")],
+        )))
+        .await?;
+    until_waiting(&client, &run.run_id, "review").await?;
+    let mut runs = RunServiceClient::new(sandbox.channel().await?);
+    let long = "x".repeat(5000);
+    let mut deep = json!(1);
+    for _ in 0..30 {
+        deep = json!({ "d": deep });
+    }
+    let big = json!({ "blob": "y".repeat(5 * 1024 * 1024) });
+    let approve = |step_id: &str, outputs: &Value, comment: &str| pb::ApproveStepRequest {
+        run_id: run.run_id.clone(),
+        step_id: step_id.into(),
+        approve: true,
+        outputs: Some(dagmesh_proto::json::to_struct(outputs)),
+        comment: comment.into(),
+    };
+    let refusals = [
+        (
+            runs.approve_step(approve("review", &json!({}), &long))
+                .await
+                .err(),
+            "comment: ",
+        ),
+        (
+            runs.approve_step(approve(&long, &json!({}), ""))
+                .await
+                .err(),
+            "step_id: ",
+        ),
+        (
+            runs.approve_step(approve("", &json!({}), "")).await.err(),
+            "step_id: required",
+        ),
+        (
+            runs.approve_step(approve("review", &deep, "")).await.err(),
+            "outputs",
+        ),
+        (
+            runs.approve_step(approve("review", &big, "")).await.err(),
+            "outputs",
+        ),
+        (
+            runs.suspend_run(pb::SuspendRunRequest {
+                run_id: run.run_id.clone(),
+                reason: long.clone(),
+            })
+            .await
+            .err(),
+            "reason: ",
+        ),
+        (
+            runs.deliver_event(pb::DeliverEventRequest {
+                topic: String::new(),
+                payload: None,
+            })
+            .await
+            .err(),
+            "topic: required",
+        ),
+        (
+            runs.deliver_event(pb::DeliverEventRequest {
+                topic: long.clone(),
+                payload: None,
+            })
+            .await
+            .err(),
+            "topic: ",
+        ),
+        (
+            runs.deliver_event(pb::DeliverEventRequest {
+                topic: "t".into(),
+                payload: Some(dagmesh_proto::json::to_struct(&deep)),
+            })
+            .await
+            .err(),
+            "payload",
+        ),
+        (
+            runs.retry_run(pb::RetryRunRequest {
+                run_id: run.run_id.clone(),
+                from_step: long.clone(),
+            })
+            .await
+            .err(),
+            "from_step: ",
+        ),
+    ];
+    for (status, prefix) in refusals {
+        let status = status.unwrap_or_else(|| panic!("{prefix} was accepted"));
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{prefix}: {status:?}"
+        );
+        assert!(
+            status.message().starts_with(prefix),
+            "{prefix}: {}",
+            status.message()
+        );
+        assert!(
+            status.message().len() < 2048,
+            "{prefix}: the input echoed back"
+        );
+    }
+    // Still waiting, untouched.
+    let still = client.get_run(&run.run_id).await?;
+    assert_eq!(step_of(&still, "review").state(), StepState::Running);
+    assert!(!still.suspended);
+
+    // 10,000 made-up inputs against a declaration: refused, with a bounded answer.
+    let many: serde_json::Map<String, Value> =
+        (0..10_000).map(|i| (format!("k{i}"), json!(i))).collect();
+    let status = runs
+        .submit_run(SubmitRunRequest {
+            workflow_ref: Some(submit_run_request::WorkflowRef::Spec(typed_workflow())),
+            inputs: Some(dagmesh_proto::json::map_to_struct(&many)),
+            ..SubmitRunRequest::default()
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let message = status.message();
+    assert!(
+        message.contains("and 9990 more inputs the workflow does not declare"),
+        "{}",
+        &message[..message.len().min(500)]
+    );
+    assert!(message.len() < 4096, "{} bytes", message.len());
     sandbox.stop().await
 }

@@ -392,22 +392,7 @@ async fn fanout(args: &BenchArgs) -> anyhow::Result<Report> {
         steps,
         ..Default::default()
     };
-    let bench = Bench::start(args, 2, 128).await?;
-    let spec = bench.register(spec).await?;
-    let mut walls = Vec::new();
-    for _ in 0..args.repeat.max(1) {
-        walls.push(bench.run(spec.clone()).await?);
-    }
-    bench.stop().await?;
-    let wall = median(walls);
-    Ok(Report {
-        scenario: "fanout",
-        steps: width + 1,
-        wall_s: wall.as_secs_f64(),
-        per_step_ms: Some(wall.as_secs_f64() * 1000.0 / (width + 1) as f64),
-        steps_per_s: Some((width + 1) as f64 / wall.as_secs_f64()),
-        ..Default::default()
-    })
+    throughput(args, "fanout", spec, None, width + 1).await
 }
 
 async fn map(args: &BenchArgs) -> anyhow::Result<Report> {
@@ -423,26 +408,37 @@ async fn map(args: &BenchArgs) -> anyhow::Result<Report> {
         ],
         ..Default::default()
     };
-    let bench = Bench::start(args, 2, 128).await?;
     let items: Vec<usize> = (0..width).collect();
-    let spec = SubmitRunRequest {
-        inputs: Some(dagmesh_proto::json::to_struct(
-            &serde_json::json!({ "items": items }),
-        )),
+    let inputs = dagmesh_proto::json::to_struct(&serde_json::json!({ "items": items }));
+    throughput(args, "map", spec, Some(inputs), width + 1).await
+}
+
+/// Runs `spec` (with `inputs`) `--repeat` times on two workers of 128 slots; the median run
+/// over `steps` steps.
+async fn throughput(
+    args: &BenchArgs,
+    scenario: &'static str,
+    spec: WorkflowSpec,
+    inputs: Option<prost_types::Struct>,
+    steps: usize,
+) -> anyhow::Result<Report> {
+    let bench = Bench::start(args, 2, 128).await?;
+    let request = SubmitRunRequest {
+        inputs,
         ..bench.register(spec).await?
     };
     let mut walls = Vec::new();
     for _ in 0..args.repeat.max(1) {
-        walls.push(bench.run(spec.clone()).await?);
+        walls.push(bench.run(request.clone()).await?);
     }
     bench.stop().await?;
     let wall = median(walls);
     Ok(Report {
-        scenario: "map",
-        steps: width + 1,
+        scenario,
+        steps,
         wall_s: wall.as_secs_f64(),
-        per_step_ms: Some(wall.as_secs_f64() * 1000.0 / (width + 1) as f64),
-        steps_per_s: Some((width + 1) as f64 / wall.as_secs_f64()),
+        per_step_ms: Some(wall.as_secs_f64() * 1000.0 / steps as f64),
+        steps_per_s: Some(steps as f64 / wall.as_secs_f64()),
         ..Default::default()
     })
 }
