@@ -44,6 +44,8 @@ pub const MAX_IN_FLIGHT: usize = 10_000;
 pub const MAX_ATTEMPTS: u32 = 100;
 /// Items one map step (`for_each`) may expand to.
 pub const MAX_MAP_ITEMS: usize = 10_000;
+/// How deep child workflow runs nest (a run submitted directly is at depth 0).
+pub const MAX_CHILD_DEPTH: u32 = 8;
 /// Bytes of a declared input's description.
 pub const MAX_DESCRIPTION_LEN: usize = 1024;
 /// Worker slots (`Hello.slots`, `StepSpec.slots`).

@@ -344,6 +344,7 @@ mod tests {
                     worker: "gpu-1".into(),
                     error: String::new(),
                     item_count: 0,
+                    cached_from: String::new(),
                 })),
             })),
         };

@@ -141,6 +141,7 @@ pub async fn run(global: &Global, args: SubmitArgs) -> anyhow::Result<ExitCode> 
     };
     let inputs = build_inputs(args.input_json.as_deref(), &args.inputs)?;
     let request = SubmitRunRequest {
+        memoize_from: String::new(),
         workflow_ref: Some(workflow_ref),
         inputs: Some(dagmesh_proto::json::map_to_struct(&inputs)),
         idempotency_key: args.idempotency_key.unwrap_or_default(),

@@ -1281,6 +1281,7 @@ mod tests {
             worker: worker.into(),
             error: String::new(),
             item_count: 0,
+            cached_from: String::new(),
         })
     }
 
@@ -1352,6 +1353,7 @@ mod tests {
                     worker: String::new(),
                     error: "no images".into(),
                     item_count: 0,
+                    cached_from: String::new(),
                 }),
             ),
             event(
@@ -1521,6 +1523,7 @@ mod tests {
                     worker: "cpu-2".into(),
                     error: "boom".into(),
                     item_count: 0,
+                    cached_from: String::new(),
                 }),
             ),
         ] {
@@ -1566,6 +1569,7 @@ mod tests {
                 worker: String::new(),
                 error: reason.into(),
                 item_count: 0,
+                cached_from: String::new(),
             }),
         )));
         let rows = tree_rows(&view.run.steps, &view.needs);

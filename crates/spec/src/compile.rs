@@ -113,7 +113,24 @@ pub enum StepKind {
         topic: String,
         timeout: Option<Duration>,
     },
+    /// Starts a run of another workflow and ends with it (`StepSpec.workflow`); `version`
+    /// `None`: the latest when the step starts.
+    Child {
+        workflow: String,
+        version: Option<u32>,
+    },
 }
+
+/// A memoized step's `cache` (see `CacheSpec`).
+#[derive(Debug)]
+pub struct StepCache {
+    /// `cache.key`; `None`: the task and the evaluated inputs are the key.
+    pub key: Option<cel::Program>,
+    pub ttl: Duration,
+}
+
+/// How long a cache entry may live at most.
+pub const MAX_CACHE_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
 
 #[derive(Debug)]
 pub struct CompiledStep {
@@ -156,6 +173,8 @@ pub struct CompiledStep {
     pub kind: StepKind,
     /// `wait_for.filter`: which events resume the step (over `event` and the step's variables).
     pub event_filter: Option<cel::Program>,
+    /// `cache`: the step is memoized.
+    pub cache: Option<StepCache>,
     /// For an exit hook: when it runs. Hooks come after the DAG's steps in `steps`.
     pub hook: Option<Hook>,
 }
@@ -239,6 +258,42 @@ impl CompiledStep {
             return Ok(None);
         }
         self.inputs_in(&ctx, budget).map(Some)
+    }
+
+    /// Evaluates `cache.key` (with `item` and `index` for an item of a map); `Ok(None)` when
+    /// the step has no custom key.
+    pub fn evaluate_cache_key_with(
+        &self,
+        run_inputs: &Map<String, Json>,
+        upstream_outputs: &HashMap<String, Json>,
+        item: Option<(&Json, usize)>,
+        budget: &EvalBudget,
+    ) -> Result<Option<Json>, EvalError> {
+        let Some(program) = self.cache.as_ref().and_then(|cache| cache.key.as_ref()) else {
+            return Ok(None);
+        };
+        let error = |message: String| EvalError::CacheKey {
+            step: self.id.clone(),
+            message,
+        };
+        let mut bindings = self.bindings(run_inputs, upstream_outputs);
+        let position = Json::from(item.map_or(0, |(_, index)| index as u64));
+        if let Some((element, _)) = item {
+            bindings.vars.push((ITEM_VAR, Binding::Value(element)));
+            bindings.vars.push((INDEX_VAR, Binding::Value(&position)));
+        }
+        Meter::new(budget).charge(program, &bindings).map_err(error)?;
+        let mut ctx = expr::context(&self.variables, run_inputs, upstream_outputs);
+        if let Some((element, index)) = item {
+            ctx.add_variable_from_value(ITEM_VAR, expr::to_cel(element));
+            ctx.add_variable_from_value(INDEX_VAR, cel::Value::Int(index as i64));
+        }
+        let value = program
+            .execute(&ctx)
+            .map_err(|e| error(expr::lowercase_first(e.to_string())))?;
+        expr::to_json(&value, budget.max_payload_bytes, MAX_PAYLOAD_DEPTH)
+            .map(Some)
+            .map_err(error)
     }
 
     /// Evaluates `for_each` to the list of items, each converted to JSON; the list shares the
@@ -604,7 +659,10 @@ fn compile_here(spec: &WorkflowSpec) -> Result<CompiledWorkflow, SpecErrors> {
         .enumerate()
     {
         // A sleep or an approval runs no task: its (empty) task is not parsed.
-        let waits = !step.sleep.is_empty() || step.approval.is_some() || step.wait_for.is_some();
+        let waits = !step.sleep.is_empty()
+            || step.approval.is_some()
+            || step.wait_for.is_some()
+            || !step.workflow.is_empty();
         if waits && step.task.is_empty() {
             tasks.push((String::new(), semver::VersionReq::STAR));
         } else {
@@ -1119,6 +1177,40 @@ fn compile_step(
         }
         _ => None,
     };
+    let cache = step.cache.as_ref().map(|cache| {
+        let key = if cache.key.trim().is_empty() {
+            None
+        } else {
+            scope.item_variables = is_map;
+            let program = scope.compile(format!("{at}.cache.key"), &cache.key, errors);
+            scope.item_variables = false;
+            program
+        };
+        let path = format!("{at}.cache.ttl");
+        let ttl = match parse_duration(&cache.ttl) {
+            _ if cache.ttl.is_empty() => {
+                errors.push(SpecError::new(path, "required: how long an entry is reused, e.g. \"1h\""));
+                Duration::ZERO
+            }
+            Ok(ttl) if ttl.is_zero() => {
+                errors.push(SpecError::new(path, "must be longer than zero"));
+                ttl
+            }
+            Ok(ttl) if ttl > MAX_CACHE_TTL => {
+                errors.push(SpecError::new(
+                    path,
+                    format!("{:?} is over the limit of 366 days", cache.ttl),
+                ));
+                ttl
+            }
+            Ok(ttl) => ttl,
+            Err(message) => {
+                errors.push(SpecError::new(path, message));
+                Duration::ZERO
+            }
+        };
+        StepCache { key, ttl }
+    });
     scope.check_references(reach, errors);
 
     let retry = step.retry.as_ref().map_or_else(Retry::default, |policy| {
@@ -1205,14 +1297,17 @@ fn compile_step(
         continue_on_item_failure: step.continue_on_failure,
         kind,
         event_filter,
+        cache,
         hook,
     }
 }
 
-/// Task, sleep or approval: exactly one, and the task-only fields only on a task.
+/// Task, child workflow, sleep, approval or wait_for: exactly one, and the task-only fields only
+/// on a task (`for_each` also on a child workflow).
 fn step_kind(at: &str, step: &StepSpec, errors: &mut Vec<SpecError>) -> StepKind {
     let set: Vec<&str> = [
         (!step.task.is_empty()).then_some("task"),
+        (!step.workflow.is_empty()).then_some("workflow"),
         (!step.sleep.is_empty()).then_some("sleep"),
         step.approval.is_some().then_some("approval"),
         step.wait_for.is_some().then_some("wait_for"),
@@ -1224,7 +1319,7 @@ fn step_kind(at: &str, step: &StepSpec, errors: &mut Vec<SpecError>) -> StepKind
         errors.push(SpecError::new(
             at.to_owned(),
             format!(
-                "has {}; a step is exactly one of task, sleep, approval and wait_for",
+                "has {}; a step is exactly one of task, workflow, sleep, approval and wait_for",
                 set.join(" and ")
             ),
         ));
@@ -1271,11 +1366,19 @@ fn step_kind(at: &str, step: &StepSpec, errors: &mut Vec<SpecError>) -> StepKind
                 timeout,
             }
         }
+        Some(&"workflow") => {
+            let (workflow, version) = parse_child(&step.workflow, &format!("{at}.workflow"), errors);
+            StepKind::Child { workflow, version }
+        }
         _ => return StepKind::Task,
     };
-    let what = set.first().copied().unwrap_or("sleep");
+    let what = match set.first().copied().unwrap_or("sleep") {
+        "workflow" => "child workflow",
+        other => other,
+    };
+    let child = matches!(kind, StepKind::Child { .. });
     let task_only = [
-        ("for_each", !step.for_each.is_empty()),
+        ("for_each", !step.for_each.is_empty() && !child),
         ("retry", step.retry.is_some()),
         ("timeout", !step.timeout.is_empty()),
         (
@@ -1285,6 +1388,7 @@ fn step_kind(at: &str, step: &StepSpec, errors: &mut Vec<SpecError>) -> StepKind
         ("labels", !step.labels.is_empty()),
         ("slots", step.slots > 0),
         ("concurrency_key", !step.concurrency_key.is_empty()),
+        ("cache", step.cache.is_some()),
     ];
     for (field, present) in task_only {
         if present {
@@ -1469,6 +1573,49 @@ impl Scope<'_> {
 }
 
 /// `name@<semver requirement>` or `name` (any version).
+/// `StepSpec.workflow`: "name" or "name@<version number>".
+fn parse_child(text: &str, path: &str, errors: &mut Vec<SpecError>) -> (String, Option<u32>) {
+    let (name, version) = match text.split_once('@') {
+        Some((name, version)) => (name, Some(version)),
+        None => (text, None),
+    };
+    if name.len() > MAX_NAME_LEN {
+        errors.push(SpecError::new(
+            path,
+            too_long("workflow name of ", name.len(), MAX_NAME_LEN),
+        ));
+    } else if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    {
+        errors.push(SpecError::new(
+            path,
+            format!(
+                "invalid workflow name {:?}: use [A-Za-z0-9_.-]+, then optionally @<version number>",
+                shorten(name)
+            ),
+        ));
+    }
+    let version = match version {
+        None => None,
+        Some(version) => match version.parse::<u32>() {
+            Ok(number) if number > 0 => Some(number),
+            _ => {
+                errors.push(SpecError::new(
+                    path,
+                    format!(
+                        "invalid workflow version {:?}: a version number (1, 2, ...) is expected",
+                        shorten(version)
+                    ),
+                ));
+                None
+            }
+        },
+    };
+    (name.to_owned(), version)
+}
+
 fn parse_task(task: &str, path: &str, errors: &mut Vec<SpecError>) -> (String, semver::VersionReq) {
     if task.is_empty() {
         errors.push(SpecError::new(path, "task is empty"));

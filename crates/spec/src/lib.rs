@@ -85,7 +85,8 @@ mod parse;
 mod retry;
 
 pub use compile::{
-    CompiledStep, CompiledWorkflow, Hook, ItemInputs, RESERVED_STEP_IDS, StepKind, compile,
+    CompiledStep, CompiledWorkflow, Hook, ItemInputs, MAX_CACHE_TTL, RESERVED_STEP_IDS, StepCache,
+    StepKind, compile,
 };
 pub use error::{EvalError, SpecError, SpecErrors};
 pub use expr::{

@@ -9,7 +9,7 @@ use std::fmt;
 use std::path::Path;
 
 use dagmesh_proto::v1::{
-    ApprovalSpec, InputSpec, RetryPolicy, StepSpec, WaitForSpec, WorkflowSpec,
+    ApprovalSpec, CacheSpec, InputSpec, RetryPolicy, StepSpec, WaitForSpec, WorkflowSpec,
 };
 use serde::{Deserialize, Serialize};
 
@@ -233,6 +233,18 @@ struct StepFile {
     approval: Option<ApprovalFile>,
     #[serde(skip_serializing_if = "Option::is_none")]
     wait_for: Option<WaitForFile>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    workflow: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache: Option<CacheFile>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct CacheFile {
+    #[serde(skip_serializing_if = "String::is_empty")]
+    key: String,
+    ttl: String,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -418,6 +430,11 @@ impl StepFile {
                 filter: w.filter,
                 timeout: w.timeout,
             }),
+            workflow: self.workflow,
+            cache: self.cache.map(|c| CacheSpec {
+                key: c.key,
+                ttl: c.ttl,
+            }),
         }
     }
 
@@ -464,6 +481,11 @@ impl StepFile {
                 topic: w.topic.clone(),
                 filter: w.filter.clone(),
                 timeout: w.timeout.clone(),
+            }),
+            workflow: step.workflow.clone(),
+            cache: step.cache.as_ref().map(|c| CacheFile {
+                key: c.key.clone(),
+                ttl: c.ttl.clone(),
             }),
         }
     }

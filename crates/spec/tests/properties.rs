@@ -292,6 +292,16 @@ fn any_step() -> impl Strategy<Value = StepSpec> {
             (".{0,20}", any_duration())
                 .prop_map(|(message, timeout)| dagmesh_spec::ApprovalSpec { message, timeout }),
         ),
+        prop_oneof![
+            Just(String::new()),
+            "[a-z.-]{1,8}(@[0-9]{1,3})?",
+            text
+        ],
+        prop::option::weighted(
+            0.2,
+            (prop_oneof![Just(String::new()), text], any_duration())
+                .prop_map(|(key, ttl)| dagmesh_proto::v1::CacheSpec { key, ttl }),
+        ),
     );
     let base = (
         prop_oneof!["[a-z_][a-z0-9_]{0,6}", text],
@@ -323,7 +333,7 @@ fn any_step() -> impl Strategy<Value = StepSpec> {
                 concurrency_key,
                 schedule_to_start_timeout,
             ),
-            (for_each, max_parallel, continue_on_failure, sleep, approval),
+            (for_each, max_parallel, continue_on_failure, sleep, approval, workflow, cache),
         )| StepSpec {
             id,
             task,
@@ -343,6 +353,8 @@ fn any_step() -> impl Strategy<Value = StepSpec> {
             sleep,
             approval,
             wait_for: None,
+            workflow,
+            cache,
         },
     )
 }

@@ -93,6 +93,7 @@ pub struct SubmitRun {
     idempotency_key: String,
     tags: HashMap<String, String>,
     priority: i32,
+    memoize_from: String,
 }
 
 impl SubmitRun {
@@ -116,6 +117,7 @@ impl SubmitRun {
             idempotency_key: String::new(),
             tags: HashMap::new(),
             priority: 0,
+            memoize_from: String::new(),
         }
     }
 
@@ -155,6 +157,14 @@ impl SubmitRun {
         self
     }
 
+    /// A memoized resubmit of `run_id` (a run of the same workflow version): steps whose task
+    /// and evaluated inputs equal a step that succeeded there reuse its outputs instead of
+    /// running (`SubmitRunRequest.memoize_from`).
+    pub fn memoized_from(mut self, run_id: impl Into<String>) -> Self {
+        self.memoize_from = run_id.into();
+        self
+    }
+
     /// The request as sent, for callers that use the generated client directly.
     pub fn into_request(self) -> Result<SubmitRunRequest, ClientError> {
         let inputs = self.inputs.map_err(ClientError::InvalidInputs)?;
@@ -164,6 +174,7 @@ impl SubmitRun {
             idempotency_key: self.idempotency_key,
             tags: self.tags,
             priority: self.priority,
+            memoize_from: self.memoize_from,
         })
     }
 }

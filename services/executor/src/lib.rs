@@ -45,7 +45,7 @@ pub struct Executor {
 struct Inner {
     engine: EngineHandle,
     store: Arc<dyn MetadataStore>,
-    plans: PlanCache,
+    plans: Arc<PlanCache>,
     config: ExecutorConfig,
 }
 
@@ -63,7 +63,7 @@ impl Executor {
         let (lost_tx, lost) = tokio::sync::oneshot::channel();
         let (stop_renewal, stop_rx) = tokio::sync::oneshot::channel();
         let renewal = lease::spawn_renewal(store.clone(), fence.clone(), ttl, lost_tx, stop_rx);
-        let plans = PlanCache::new(store.clone());
+        let plans = Arc::new(PlanCache::new(store.clone()));
         let ownership = engine::Ownership {
             fence,
             lost,
@@ -71,7 +71,7 @@ impl Executor {
             renewal,
         };
         let (engine, task) =
-            Engine::start(store.clone(), &plans, config.clone(), ownership).await?;
+            Engine::start(store.clone(), plans.clone(), config.clone(), ownership).await?;
         let inner = Inner {
             engine,
             store,
@@ -356,6 +356,13 @@ impl Executor {
         )
         .map_err(ExecError::InvalidArgument)?;
         let run = self.inner.store.get_run(run_id).await?;
+        if !run.parent_run_id.is_empty() {
+            return Err(ExecError::FailedPrecondition(format!(
+                "run {run_id} is a child run of run {} (step {:?}), which would not hear of a \
+                 retry: retry the parent (`--from {}` re-runs just that step)",
+                run.parent_run_id, run.parent_step_id, run.parent_step_id
+            )));
+        }
         use dagmesh_proto::v1::RunState;
         let retryable = if from_step.is_empty() {
             matches!(run.state(), RunState::Failed | RunState::Cancelled)

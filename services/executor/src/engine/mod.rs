@@ -133,6 +133,38 @@ pub(crate) enum Command {
     Drain {
         reply: oneshot::Sender<()>,
     },
+    /// The plan of a child run that step `step` (attempt `attempt`) of `parent` asked for (see
+    /// `Linked::StartChild`), loaded off the engine task; `Err`: why it cannot be run.
+    ChildPlan {
+        parent: Arc<str>,
+        step: StepRef,
+        attempt: u32,
+        plan: Result<Arc<Plan>, String>,
+    },
+}
+
+/// What a run's transition asks of other runs (child workflows); the engine applies these
+/// after each command, until none is left (see `Engine::settle`).
+pub(crate) enum Linked {
+    /// A child workflow step started attempt `attempt`: load the workflow and start its run.
+    StartChild {
+        parent: Arc<str>,
+        step: StepRef,
+        attempt: u32,
+        workflow: String,
+        version: Option<u32>,
+    },
+    /// A child workflow step was cancelled (its parent stopped): cancel its run.
+    CancelChild { child: String, reason: String },
+    /// The parent of a child run was suspended or resumed: so is the child.
+    SuspendChild {
+        child: String,
+        suspend: bool,
+        reason: String,
+        actor: String,
+    },
+    /// A run with a parent ended: the step that started it ends with it.
+    ChildEnded { child: Arc<str> },
 }
 
 pub(crate) enum Submitted {
@@ -234,6 +266,8 @@ pub(crate) struct Ctx {
     timers: Timers,
     admission: Admission,
     effects: Vec<Effect>,
+    /// Work between runs asked for by the runs' transitions (see `Engine::settle`).
+    linked: Vec<Linked>,
     /// Runs changed in this batch, in first-touched order.
     dirty_runs: Vec<Arc<str>>,
     dirty_set: HashSet<Arc<str>>,
@@ -296,6 +330,11 @@ pub(crate) struct Engine {
     /// Bounds the store look-ups answering results for runs that are not active, so a worker
     /// spraying results for made-up tasks cannot queue up unbounded reads.
     lookups: Arc<tokio::sync::Semaphore>,
+    /// Loads the plans of child runs (off the engine task, see `Command::ChildPlan`).
+    plans: Arc<PlanCache>,
+    /// The engine's own command channel, for answers of work done off the engine task; weak,
+    /// so that the engine still stops when every handle is dropped.
+    commands: Option<mpsc::WeakSender<Command>>,
 }
 
 /// Store look-ups for results of inactive runs that may be in flight at once.
@@ -311,7 +350,7 @@ impl Engine {
     /// Loads every active run from the store and spawns the engine task.
     pub async fn start(
         store: Arc<dyn MetadataStore>,
-        plans: &PlanCache,
+        plans: Arc<PlanCache>,
         config: ExecutorConfig,
         ownership: Ownership,
     ) -> Result<(EngineHandle, tokio::task::JoinHandle<Result<(), ExecError>>), ExecError> {
@@ -326,6 +365,7 @@ impl Engine {
                 workers: Workers::default(),
                 timers: Timers::default(),
                 effects: Vec::new(),
+                linked: Vec::new(),
                 dirty_runs: Vec::new(),
                 dirty_set: HashSet::new(),
                 now,
@@ -338,9 +378,12 @@ impl Engine {
             drain_expired: false,
             fence: ownership.fence,
             lookups: Arc::new(tokio::sync::Semaphore::new(MAX_RESULT_LOOKUPS)),
+            plans: plans.clone(),
+            commands: None,
         };
-        engine.recover(plans).await?;
         let (tx, rx) = mpsc::channel(engine.ctx.config.max_batch * 2);
+        engine.commands = Some(tx.downgrade());
+        engine.recover(&plans).await?;
         let Ownership {
             lost,
             stop_renewal,
@@ -404,6 +447,8 @@ impl Engine {
         if count > 0 {
             tracing::info!(runs = count, "recovered active runs");
         }
+        self.finish_orphaned_children().await?;
+        self.settle();
         self.admit_queued();
         self.dispatch();
         self.flush().await
@@ -444,9 +489,11 @@ impl Engine {
             self.ctx.now = Instant::now();
             for command in batch.drain(..) {
                 self.handle(command);
+                self.settle();
             }
             while let Some(timer) = self.ctx.timers.pop_due(self.ctx.now) {
                 self.fire(timer);
+                self.settle();
             }
             self.admit_queued();
             self.dispatch();
@@ -475,6 +522,12 @@ impl Engine {
 
     fn handle(&mut self, command: Command) {
         match command {
+            Command::ChildPlan {
+                parent,
+                step,
+                attempt,
+                plan,
+            } => self.start_child(parent, step, attempt, plan),
             Command::Submit {
                 plan,
                 inputs,
@@ -741,6 +794,214 @@ impl Engine {
                 self.drain.get_or_insert_with(Vec::new).push(reply);
             }
         }
+    }
+
+    /// Applies what the runs' transitions asked of other runs (child workflows), including
+    /// what that in turn asks, in this batch: a child run is created, cancelled or ended in the
+    /// same commit as the parent's step that caused it.
+    fn settle(&mut self) {
+        while !self.ctx.linked.is_empty() {
+            for linked in std::mem::take(&mut self.ctx.linked) {
+                match linked {
+                    Linked::StartChild {
+                        parent,
+                        step,
+                        attempt,
+                        workflow,
+                        version,
+                    } => self.load_child_plan(parent, step, attempt, workflow, version),
+                    Linked::CancelChild { child, reason } => {
+                        if let Some(entry) = self.runs.get_mut(child.as_str()) {
+                            entry.cancel_by(&reason, "", &mut self.ctx);
+                        }
+                    }
+                    Linked::SuspendChild {
+                        child,
+                        suspend,
+                        reason,
+                        actor,
+                    } => {
+                        if let Some(entry) = self.runs.get_mut(child.as_str())
+                            && entry.run.state() == RunState::Running
+                        {
+                            entry.set_suspended(suspend, &reason, &actor, &mut self.ctx);
+                        }
+                    }
+                    Linked::ChildEnded { child } => {
+                        let Some(entry) = self.runs.remove(&child) else {
+                            continue;
+                        };
+                        if let Some(parent) = self.runs.get_mut(entry.run.parent_run_id.as_str()) {
+                            let step_id = entry.run.parent_step_id.clone();
+                            parent.child_ended(&step_id, &entry, &mut self.ctx);
+                        }
+                        self.runs.insert(child, entry);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Loads the plan of a child run off the engine task; it comes back as
+    /// `Command::ChildPlan`. A step that would nest too deep fails at once.
+    fn load_child_plan(
+        &mut self,
+        parent: Arc<str>,
+        step: StepRef,
+        attempt: u32,
+        workflow: String,
+        version: Option<u32>,
+    ) {
+        let Some(entry) = self.runs.get_mut(&parent) else {
+            return;
+        };
+        let depth = entry.run.depth.saturating_add(1);
+        let max = dagmesh_proto::limits::MAX_CHILD_DEPTH;
+        if depth > max {
+            let error = format!(
+                "child workflow {workflow} would run at depth {depth}, over the limit of {max} \
+                 nested child runs (does the workflow start itself?)"
+            );
+            entry.child_not_started(step, attempt, error, &mut self.ctx);
+            return;
+        }
+        let Some(commands) = self.commands.as_ref().and_then(|weak| weak.upgrade()) else {
+            return; // the engine is stopping
+        };
+        let plans = self.plans.clone();
+        tokio::spawn(async move {
+            // A store that is briefly unreachable must not fail the step for good.
+            let mut loaded = plans.get(&workflow, version).await;
+            for wait in [1, 2, 4, 8] {
+                match &loaded {
+                    Err(ExecError::Store(error)) if error.is_outage() => {
+                        tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+                        loaded = plans.get(&workflow, version).await;
+                    }
+                    _ => break,
+                }
+            }
+            let plan = match loaded {
+                Ok(plan) => Ok(plan),
+                Err(ExecError::NotFound(message)) => Err(format!("child workflow: {message}")),
+                Err(error) => Err(format!("child workflow {workflow} cannot be run: {error}")),
+            };
+            let _ = commands
+                .send(Command::ChildPlan {
+                    parent,
+                    step,
+                    attempt,
+                    plan,
+                })
+                .await;
+        });
+    }
+
+    /// Starts the child run of (`parent`, `step`, `attempt`) with `plan`, if the step still
+    /// waits for it. Its inputs are checked against what the child declares; the run is not
+    /// held back by admission (its parent holds its place).
+    fn start_child(
+        &mut self,
+        parent_id: Arc<str>,
+        step: StepRef,
+        attempt: u32,
+        plan: Result<Arc<Plan>, String>,
+    ) {
+        let Some(parent) = self.runs.get_mut(&parent_id) else {
+            return;
+        };
+        if !parent.wants_child(step, attempt) {
+            return;
+        }
+        let step_id = parent.step_key(step);
+        let plan = match plan {
+            Ok(plan) => plan,
+            Err(error) => {
+                parent.child_not_started(step, attempt, error, &mut self.ctx);
+                return;
+            }
+        };
+        let field = format!("steps.{step_id}.inputs");
+        let inputs = match plan.compiled.check_run_inputs(parent.child_inputs(step), &field) {
+            Ok(inputs) => inputs,
+            Err(errors) => {
+                let error = format!(
+                    "the inputs do not match what child workflow {} version {} declares:\n{errors}",
+                    plan.workflow.name, plan.workflow.version
+                );
+                parent.child_not_started(step, attempt, error, &mut self.ctx);
+                return;
+            }
+        };
+        let key = format!("child:{parent_id}/{step_id}/{attempt}");
+        let mut child = RunEntry::create(
+            plan,
+            inputs,
+            key,
+            HashMap::new(),
+            parent.run.priority,
+            true,
+            parent.run.submitted_by.clone(),
+            &mut self.ctx,
+        );
+        child.run.parent_run_id = parent_id.to_string();
+        child.run.parent_step_id = step_id;
+        child.run.depth = parent.run.depth.saturating_add(1);
+        parent.child_started(step, &child.run, &mut self.ctx);
+        child.start(&mut self.ctx);
+        self.runs.insert(child.id.clone(), child);
+    }
+
+    /// At recovery: a step waiting for a child run that is no longer active (it ended, or was
+    /// quarantined, without the parent hearing of it) ends with that child as stored.
+    async fn finish_orphaned_children(&mut self) -> Result<(), ExecError> {
+        let mut orphans = Vec::new();
+        for (id, entry) in &self.runs {
+            for child in entry.running_children() {
+                if !self.runs.contains_key(child.as_str()) {
+                    orphans.push((id.clone(), child));
+                }
+            }
+        }
+        for (parent_id, child_id) in orphans {
+            let child = match self.store.get_run(&child_id).await {
+                Ok(child) => child,
+                Err(error) if error.is_outage() => return Err(error.into()),
+                Err(error) => {
+                    let mut lost = Run {
+                        run_id: child_id.clone(),
+                        state: RunState::Failed as i32,
+                        error: format!("it cannot be read: {error}"),
+                        ..Run::default()
+                    };
+                    lost.parent_run_id = parent_id.to_string();
+                    lost
+                }
+            };
+            let plan = match self
+                .plans
+                .get(&child.workflow, Some(child.workflow_version))
+                .await
+            {
+                Ok(plan) => plan,
+                Err(ExecError::Store(error)) if error.is_outage() => return Err(error.into()),
+                Err(_) => match self.runs.get(&parent_id) {
+                    // Only its state and error are read then: the parent's plan will do.
+                    Some(parent) => parent.plan.clone(),
+                    None => continue,
+                },
+            };
+            let Ok(ended) = RunEntry::recover(child, plan, &mut self.ctx) else {
+                continue;
+            };
+            if run::is_finished(ended.run.state())
+                && let Some(parent) = self.runs.get_mut(&parent_id)
+            {
+                let step_id = ended.run.parent_step_id.clone();
+                parent.child_ended(&step_id, &ended, &mut self.ctx);
+            }
+        }
+        Ok(())
     }
 
     /// Admits queued runs that fit, in priority then FIFO order.

@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use super::timers::Timer;
 use super::traces::{self, AttemptEnd, Timeline};
-use super::{Ctx, QueuedTask, cancel_message, humanize};
+use super::{Ctx, Linked, QueuedTask, cancel_message, humanize};
 use crate::plans::Plan;
 use dagmesh_spec::StepKind;
 
@@ -352,7 +352,8 @@ impl RunEntry {
         let running = entry.run.state() == RunState::Running;
         let mut pending = Vec::new();
         for at in entry.all_refs() {
-            let is_map = !entry.is_task(at);
+            let is_map =
+                at.item_index().is_none() && entry.plan.compiled.steps[at.spec()].for_each.is_some();
             let slot = entry.slot_mut(at);
             if slot.row.state() == StepState::Succeeded {
                 slot.output = Some(stored_output(&slot.row, is_map));
@@ -362,8 +363,16 @@ impl RunEntry {
                 continue;
             }
             let state = entry.row(at).state();
+            let child = matches!(entry.plan.compiled.steps[at.spec()].kind, StepKind::Child { .. });
             match state {
                 StepState::Pending if at.item_index().is_none() => pending.push(at.spec()),
+                // Stopped before its child run was created: ask again (a child created is
+                // committed with the step's `child_run_id`).
+                StepState::Running if child && !is_map => {
+                    if entry.row(at).child_run_id.is_empty() {
+                        entry.request_child(at, ctx);
+                    }
+                }
                 StepState::Running
                     if !entry.is_task(at) && entry.steps[at.spec()].map.is_none() =>
                 {
@@ -516,7 +525,7 @@ impl RunEntry {
     /// an approval.
     fn is_task(&self, at: StepRef) -> bool {
         let spec = &self.plan.compiled.steps[at.spec()];
-        at.item_index().is_some() || (spec.for_each.is_none() && spec.kind == StepKind::Task)
+        spec.kind == StepKind::Task && (at.item_index().is_some() || spec.for_each.is_none())
     }
 
     /// Every slot: each plan step, then (for a map) its items.
@@ -534,6 +543,11 @@ impl RunEntry {
     /// The task step a worker message names by its step id (`thumbs`, `extract[3]`); `None`
     /// for a map step itself (it is no task) or a step this run does not have.
     pub fn resolve(&self, step_id: &str) -> Option<StepRef> {
+        self.find(step_id).filter(|&at| self.is_task(at))
+    }
+
+    /// The slot of step id `step_id` (a step or an item), of any kind.
+    fn find(&self, step_id: &str) -> Option<StepRef> {
         let at = match self.plan.index.get(step_id) {
             Some(&spec) => StepRef::step(spec),
             None => {
@@ -541,7 +555,7 @@ impl RunEntry {
                 StepRef::item(*self.plan.index.get(base)?, item)
             }
         };
-        (self.has(at) && self.is_task(at)).then_some(at)
+        self.has(at).then_some(at)
     }
 
     /// The current attempt of task `at`, if it is assigned or running, and who holds it.
@@ -784,6 +798,7 @@ impl RunEntry {
                     let text = format!("an event on topic {topic}");
                     self.start_wait(at, *timeout, text, ctx);
                 }
+                StepKind::Child { .. } => self.start_child(at, ctx),
             }
         }
         self.check_done(ctx);
@@ -862,10 +877,11 @@ impl RunEntry {
                 self.row_mut(at).waiting_for.clear();
                 self.fail_step(at, error, ctx);
             }
-            StepKind::Task => {}
+            StepKind::Task | StepKind::Child { .. } => {}
         }
     }
 
+    /// A step (or item) that ran no task succeeds with `outputs`.
     fn wait_succeeded(&mut self, at: StepRef, outputs: Map<String, Json>, ctx: &mut Ctx) {
         let slot = self.slot_mut(at);
         slot.row.outputs = Some(map_to_struct(&outputs));
@@ -873,8 +889,162 @@ impl RunEntry {
         slot.row.progress = 1.0;
         slot.output = Some(Json::Object(outputs));
         self.finish(at, StepState::Succeeded, String::new(), ctx);
-        let released = self.release_dependants(at.spec());
-        self.advance(released, ctx);
+        if at.item_index().is_none() {
+            let released = self.release_dependants(at.spec());
+            self.advance(released, ctx);
+        }
+    }
+
+    // ---- child workflows ----
+
+    /// A child workflow step (or item) starts an attempt: RUNNING, and the engine is asked to
+    /// start the child run (see `Linked::StartChild`); until it has, `child_run_id` is empty.
+    fn start_child(&mut self, at: StepRef, ctx: &mut Ctx) {
+        let StepKind::Child { workflow, version } = &self.plan.compiled.steps[at.spec()].kind
+        else {
+            return;
+        };
+        let (workflow, version) = (workflow.clone(), *version);
+        let text = match version {
+            Some(version) => format!("starting child workflow {workflow} version {version}"),
+            None => format!("starting child workflow {workflow}"),
+        };
+        let step = self.row_mut(at);
+        step.attempt += 1;
+        step.started_at = Some(now());
+        step.child_run_id.clear();
+        step.waiting_for = text.clone();
+        step.progress_message = text;
+        self.set_step_state(at, StepState::Running, ctx);
+        self.request_child(at, ctx);
+    }
+
+    fn request_child(&mut self, at: StepRef, ctx: &mut Ctx) {
+        let StepKind::Child { workflow, version } = &self.plan.compiled.steps[at.spec()].kind
+        else {
+            return;
+        };
+        let step = self.row(at);
+        ctx.linked.push(Linked::StartChild {
+            parent: self.id.clone(),
+            step: at,
+            attempt: step.attempt,
+            workflow: workflow.clone(),
+            version: *version,
+        });
+    }
+
+    /// Whether attempt `attempt` of `at` still waits for its child run to be started.
+    pub fn wants_child(&self, at: StepRef, attempt: u32) -> bool {
+        self.has(at) && {
+            let step = self.row(at);
+            self.run.state() == RunState::Running
+                && step.state() == StepState::Running
+                && step.attempt == attempt
+                && step.child_run_id.is_empty()
+                && matches!(self.plan.compiled.steps[at.spec()].kind, StepKind::Child { .. })
+        }
+    }
+
+    /// The step id of `at`, e.g. `scan` or `scan[3]`.
+    pub fn step_key(&self, at: StepRef) -> String {
+        self.row(at).step_id.clone()
+    }
+
+    /// The run inputs for the child of `at`: the step's evaluated inputs.
+    pub fn child_inputs(&self, at: StepRef) -> Map<String, Json> {
+        from_struct(self.row(at).inputs.as_ref())
+    }
+
+    /// The child run of (`at`, `attempt`) was created (in this batch, so in the same commit).
+    pub fn child_started(&mut self, at: StepRef, child: &Run, ctx: &mut Ctx) {
+        let text = format!(
+            "child run {} ({} version {})",
+            child.run_id, child.workflow, child.workflow_version
+        );
+        let step = self.row_mut(at);
+        step.child_run_id = child.run_id.clone();
+        step.waiting_for = text.clone();
+        step.progress_message = text.clone();
+        let attempt = step.attempt;
+        self.mark(at, ctx);
+        let update = pb::StepProgress {
+            step_id: self.row(at).step_id.clone(),
+            attempt,
+            fraction: 0.0,
+            message: text,
+            metrics: HashMap::new(),
+        };
+        self.emit(run_event::Event::StepProgress(update), ctx);
+    }
+
+    /// The child run of (`at`, `attempt`) could not be started: the step fails with `error`.
+    pub fn child_not_started(&mut self, at: StepRef, attempt: u32, error: String, ctx: &mut Ctx) {
+        if self.wants_child(at, attempt) {
+            self.row_mut(at).waiting_for.clear();
+            self.fail_step(at, error, ctx);
+        }
+    }
+
+    /// Child run `child` of step `step_id` ended: the step ends with it (it is ignored when
+    /// the step no longer waits for that child, e.g. it was cancelled).
+    pub fn child_ended(&mut self, step_id: &str, child: &RunEntry, ctx: &mut Ctx) {
+        let Some(at) = self.find(step_id) else {
+            return;
+        };
+        let step = self.row(at);
+        if step.state() != StepState::Running || step.child_run_id != child.run.run_id {
+            return;
+        }
+        let child_id = child.run.run_id.clone();
+        self.row_mut(at).waiting_for.clear();
+        match child.run.state() {
+            RunState::Succeeded => {
+                let outputs = child.outputs_by_step();
+                let field = format!("steps.{step_id}.outputs");
+                match check_payload(&field, &map_to_struct(&outputs), ctx.config.max_payload_bytes) {
+                    Ok(()) => self.wait_succeeded(at, outputs, ctx),
+                    Err(error) => {
+                        let error = format!(
+                            "the outputs of child run {child_id} are too large: {error}"
+                        );
+                        self.fail_step(at, error, ctx);
+                    }
+                }
+            }
+            RunState::Cancelled => {
+                let error = format!("child run {child_id} was {}", child.run.error);
+                self.fail_step(at, error, ctx);
+            }
+            _ => {
+                let error = format!("child run {child_id} failed: {}", child.run.error);
+                self.fail_step(at, error, ctx);
+            }
+        }
+    }
+
+    /// What a finished run gives the step that started it: `{step id: outputs}` for every
+    /// step of its DAG that succeeded (a map as its list).
+    fn outputs_by_step(&self) -> Map<String, Json> {
+        self.steps
+            .iter()
+            .zip(&self.plan.compiled.steps)
+            .filter(|(slot, spec)| spec.hook.is_none() && slot.row.state() == StepState::Succeeded)
+            .map(|(slot, spec)| {
+                let output = slot.output.clone().unwrap_or(Json::Object(Map::new()));
+                (spec.id.clone(), output)
+            })
+            .collect()
+    }
+
+    /// The child runs this run's steps wait for now.
+    pub fn running_children(&self) -> Vec<String> {
+        self.all_refs()
+            .into_iter()
+            .map(|at| self.row(at))
+            .filter(|step| step.state() == StepState::Running && !step.child_run_id.is_empty())
+            .map(|step| step.child_run_id.clone())
+            .collect()
     }
 
     /// Whether any step of this run can wait for an event (most runs: no, and are skipped).
@@ -1003,6 +1173,14 @@ impl RunEntry {
             }),
             ctx,
         );
+        for child in self.running_children() {
+            ctx.linked.push(Linked::SuspendChild {
+                child,
+                suspend: suspended,
+                reason: format!("parent run {} {}", self.id, if suspended { "suspended" } else { "resumed" }),
+                actor: actor.to_owned(),
+            });
+        }
         if !suspended {
             for at in self.all_refs() {
                 if self.is_task(at) && self.row(at).state() == StepState::Ready {
@@ -1094,6 +1272,7 @@ impl RunEntry {
                 worker: String::new(),
                 error: step.error.clone(),
                 item_count: 0,
+                cached_from: String::new(),
             });
             self.emit(event, ctx);
         }
@@ -1125,7 +1304,11 @@ impl RunEntry {
             };
             let at = StepRef::item(index, item as usize);
             if self.row(at).state() == StepState::Pending {
-                self.make_ready(at, ctx);
+                if self.is_task(at) {
+                    self.make_ready(at, ctx);
+                } else {
+                    self.start_child(at, ctx);
+                }
             }
         }
     }
@@ -1836,6 +2019,12 @@ impl RunEntry {
             let cancelled = AttemptEnd::Cancelled(reason);
             self.trace.attempt_ended(&self.run, step, at, cancelled);
         }
+        if !step.child_run_id.is_empty() && step.state() == StepState::Running {
+            ctx.linked.push(Linked::CancelChild {
+                child: step.child_run_id.clone(),
+                reason: format!("parent run {} {reason}", self.id),
+            });
+        }
         self.row_mut(at).waiting_for.clear();
         self.finish(at, StepState::Cancelled, reason.to_owned(), ctx);
     }
@@ -1954,6 +2143,7 @@ impl RunEntry {
                 step.error.clone()
             },
             item_count: step.item_count,
+            cached_from: step.cached_from.clone(),
         });
         self.mark(at, ctx);
         self.emit(event, ctx);
@@ -1970,6 +2160,11 @@ impl RunEntry {
         if is_finished(state) {
             self.run.finished_at = Some(now());
             traces::run_ended(&self.run);
+            if !self.run.parent_run_id.is_empty() {
+                ctx.linked.push(Linked::ChildEnded {
+                    child: self.id.clone(),
+                });
+            }
             if std::mem::take(&mut self.admitted) {
                 ctx.admission.release(&self.buckets);
             }

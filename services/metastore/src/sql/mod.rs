@@ -590,6 +590,7 @@ fn quarantine_mutations(
                 worker: String::new(),
                 error: step.error.clone(),
                 item_count: 0,
+                cached_from: String::new(),
             })),
         }));
         mutations.push(Mutation {

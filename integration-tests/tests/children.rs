@@ -1,0 +1,290 @@
+//! Child workflows (`StepSpec.workflow`) end to end: a step starts a run of another workflow and
+//! ends with it, through the mesh on real sockets with SDK workers.
+
+use std::time::Duration;
+
+use dagmesh_integration_tests::*;
+use dagmesh_proto::v1::{self as pb, InputSpec, RunState, StepState};
+use dagmesh_sdk::{Client, SubmitRun, TaskContext, TaskError, Worker};
+use serde_json::{Value, json};
+
+fn step_of<'a>(run: &'a pb::Run, step: &str) -> &'a pb::Step {
+    run.steps
+        .iter()
+        .find(|s| s.step_id == step)
+        .unwrap_or_else(|| panic!("run has no step {step}: {run:?}"))
+}
+
+fn outputs(run: &pb::Run, step: &str) -> Value {
+    Value::Object(dagmesh_proto::json::from_struct(
+        step_of(run, step).outputs.as_ref(),
+    ))
+}
+
+fn child_step(id: &str, workflow: &str, needs: &[&str], inputs: &[(&str, &str)]) -> pb::StepSpec {
+    pb::StepSpec {
+        workflow: workflow.into(),
+        ..step(id, "", needs, inputs)
+    }
+}
+
+/// `double` returns `{"value": 2x}`; `wait` sleeps `ms` then echoes; `fail` always fails.
+async fn spawn_workers(sandbox: &Sandbox) -> anyhow::Result<()> {
+    spawn_worker(
+        Worker::builder(sandbox.url())
+            .slots(16)
+            .task("double", "1.0.0", |_: TaskContext, input: Value| async move {
+                let x = input["x"].as_i64().unwrap_or_default();
+                Ok::<_, TaskError>(json!({ "value": 2 * x }))
+            })
+            .task("wait", "1.0.0", |_: TaskContext, input: Value| async move {
+                let ms = input["ms"].as_u64().unwrap_or(0);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok::<_, TaskError>(input)
+            })
+            .task("fail", "1.0.0", |_: TaskContext, _: Value| async move {
+                Err::<Value, _>(TaskError::fatal("broken on purpose"))
+            }),
+    )
+    .await?;
+    Ok(())
+}
+
+/// `doubler`: two steps, declares `x: int`.
+fn doubler() -> pb::WorkflowSpec {
+    let mut spec = workflow(
+        "doubler",
+        vec![
+            step("first", "double@^1", &[], &[("x", "inputs.x")]),
+            step("second", "double@^1", &["first"], &[("x", "first.value")]),
+        ],
+    );
+    spec.inputs.insert(
+        "x".into(),
+        InputSpec {
+            r#type: "int".into(),
+            ..InputSpec::default()
+        },
+    );
+    spec
+}
+
+async fn until_child(client: &Client, run_id: &str, step: &str) -> anyhow::Result<String> {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let run = client.get_run(run_id).await?;
+        if let Some(found) = run.steps.iter().find(|s| s.step_id == step)
+            && !found.child_run_id.is_empty()
+        {
+            return Ok(found.child_run_id.clone());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{step} never started a child: {run:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_child_workflow_runs_and_its_outputs_are_the_steps() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start().await?;
+    spawn_workers(&sandbox).await?;
+    let client = sandbox.client().await?;
+    client.apply_workflow(doubler()).await?;
+    let parent = workflow(
+        "parent",
+        vec![
+            child_step("twice", "doubler", &[], &[("x", "inputs.n")]),
+            step("after", "double@^1", &["twice"], &[("x", "twice.second.value")]),
+        ],
+    );
+    let run = client
+        .submit(SubmitRun::inline(parent).inputs(json!({"n": 3})))
+        .await?;
+    let run = wait_for_run(&client, &run.run_id).await?;
+    assert_succeeded(&run);
+    assert_eq!(
+        outputs(&run, "twice"),
+        json!({"first": {"value": 6}, "second": {"value": 12}})
+    );
+    assert_eq!(outputs(&run, "after"), json!({"value": 24}));
+    // GetRun links both ways.
+    let child_id = step_of(&run, "twice").child_run_id.clone();
+    assert!(!child_id.is_empty());
+    let child = client.get_run(&child_id).await?;
+    assert_eq!(child.workflow, "doubler");
+    assert_eq!(child.parent_run_id, run.run_id);
+    assert_eq!(child.parent_step_id, "twice");
+    assert_eq!(child.depth, 1);
+    assert_eq!(child.state(), RunState::Succeeded);
+    assert_eq!(child.submitted_by, run.submitted_by);
+    sandbox.stop().await
+}
+
+#[tokio::test]
+async fn a_map_of_child_workflows_runs_one_child_per_item() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start().await?;
+    spawn_workers(&sandbox).await?;
+    let client = sandbox.client().await?;
+    client.apply_workflow(doubler()).await?;
+    let mut each = child_step("each", "doubler@1", &[], &[("x", "item")]);
+    each.for_each = "[1, 2, 3, 4, 5]".into();
+    each.max_parallel = 2;
+    let parent = workflow(
+        "fan",
+        vec![
+            each,
+            step("total", "double@^1", &["each"], &[("x", "each[4].second.value")]),
+        ],
+    );
+    let run = client.submit(SubmitRun::inline(parent)).await?;
+    let run = wait_for_run(&client, &run.run_id).await?;
+    assert_succeeded(&run);
+    let list = outputs(&run, "each");
+    let seconds: Vec<i64> = list["items"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|c| c["second"]["value"].as_i64().unwrap_or_default())
+        .collect();
+    assert_eq!(seconds, vec![4, 8, 12, 16, 20]);
+    assert_eq!(outputs(&run, "total"), json!({"value": 40}));
+    let children: Vec<&pb::Step> = run.steps.iter().filter(|s| s.map_step == "each").collect();
+    assert_eq!(children.len(), 5);
+    for item in children {
+        let child = client.get_run(&item.child_run_id).await?;
+        assert_eq!(child.parent_step_id, item.step_id);
+        assert_eq!(child.workflow_version, 1);
+    }
+    sandbox.stop().await
+}
+
+#[tokio::test]
+async fn a_failed_child_fails_the_step_and_bad_inputs_or_names_are_named() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start().await?;
+    spawn_workers(&sandbox).await?;
+    let client = sandbox.client().await?;
+    client.apply_workflow(doubler()).await?;
+    client
+        .apply_workflow(workflow("breaks", vec![step("boom", "fail@^1", &[], &[])]))
+        .await?;
+    for (child, inputs, expected) in [
+        (
+            "breaks",
+            vec![],
+            "failed: step \"boom\" failed: broken on purpose",
+        ),
+        ("doubler", vec![("x", "'three'")], "steps.bad.inputs.x"),
+        ("nowhere", vec![], "nowhere"),
+        ("doubler@7", vec![("x", "1")], "version 7"),
+    ] {
+        let parent = workflow("parent", vec![child_step("bad", child, &[], &inputs)]);
+        let run = client.submit(SubmitRun::inline(parent)).await?;
+        let run = wait_for_run(&client, &run.run_id).await?;
+        assert_eq!(run.state(), RunState::Failed, "{child}: {run:?}");
+        let bad = step_of(&run, "bad");
+        assert_eq!(bad.state(), StepState::Failed);
+        assert!(bad.error.contains(expected), "{child}: {}", bad.error);
+    }
+    sandbox.stop().await
+}
+
+#[tokio::test]
+async fn a_workflow_that_starts_itself_stops_at_the_depth_limit() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start().await?;
+    let client = sandbox.client().await?;
+    let spec = workflow("forever", vec![child_step("again", "forever", &[], &[])]);
+    let run = client.submit(SubmitRun::inline(spec)).await?;
+    let run = wait_for_run(&client, &run.run_id).await?;
+    assert_eq!(run.state(), RunState::Failed);
+    // Walk down to the deepest child: it names the limit.
+    let mut deepest = run.clone();
+    while let Some(child) = deepest
+        .steps
+        .iter()
+        .find(|s| !s.child_run_id.is_empty())
+        .map(|s| s.child_run_id.clone())
+    {
+        deepest = client.get_run(&child).await?;
+    }
+    assert_eq!(deepest.depth, dagmesh_proto::limits::MAX_CHILD_DEPTH);
+    let again = step_of(&deepest, "again");
+    assert!(
+        again.error.contains("over the limit of 8"),
+        "{}",
+        again.error
+    );
+    sandbox.stop().await
+}
+
+#[tokio::test]
+async fn cancelling_the_parent_cancels_its_children_and_suspend_reaches_them() -> anyhow::Result<()>
+{
+    let sandbox = Sandbox::start().await?;
+    spawn_workers(&sandbox).await?;
+    let client = sandbox.client().await?;
+    client
+        .apply_workflow(workflow(
+            "slow",
+            vec![
+                step("nap", "wait@^1", &[], &[("ms", "200")]),
+                step("more", "wait@^1", &["nap"], &[("ms", "60000")]),
+            ],
+        ))
+        .await?;
+    let parent = workflow("parent", vec![child_step("slow", "slow", &[], &[])]);
+    let run = client.submit(SubmitRun::inline(parent)).await?;
+    let child_id = until_child(&client, &run.run_id, "slow").await?;
+    let suspended = client.suspend_run(&run.run_id, "look").await?;
+    assert!(suspended.suspended);
+    assert!(client.get_run(&child_id).await?.suspended);
+    client.resume_run(&run.run_id).await?;
+    assert!(!client.get_run(&child_id).await?.suspended);
+    client.cancel_run(&run.run_id, "enough").await?;
+    let child = wait_for_run(&client, &child_id).await?;
+    assert_eq!(child.state(), RunState::Cancelled);
+    assert!(child.error.contains(&run.run_id), "{}", child.error);
+    // A child cannot be retried on its own: its parent would not hear of it.
+    let refused = client.retry_run(&child_id).await.expect_err("refused");
+    assert!(refused.to_string().contains("retry the parent"), "{refused}");
+    sandbox.stop().await
+}
+
+#[tokio::test]
+async fn a_child_run_survives_an_executor_restart() -> anyhow::Result<()> {
+    let database = Database::sqlite()?;
+    let sandbox = Sandbox::start_with(database, fast_config()).await?;
+    let client = sandbox.client().await?;
+    client
+        .apply_workflow(workflow(
+            "waits",
+            vec![pb::StepSpec {
+                id: "review".into(),
+                approval: Some(pb::ApprovalSpec::default()),
+                ..pb::StepSpec::default()
+            }],
+        ))
+        .await?;
+    let parent = workflow("parent", vec![child_step("inner", "waits", &[], &[])]);
+    let run = client.submit(SubmitRun::inline(parent)).await?;
+    let child_id = until_child(&client, &run.run_id, "inner").await?;
+    let sandbox = sandbox.restart(fast_config()).await?;
+    let client = sandbox.client().await?;
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let child = client.get_run(&child_id).await?;
+        if step_of(&child, "review").state() == StepState::Running {
+            break;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "{child:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    client
+        .approve_step(&child_id, "review", json!({"ok": true}), "")
+        .await?;
+    let run = wait_for_run(&client, &run.run_id).await?;
+    assert_succeeded(&run);
+    assert_eq!(outputs(&run, "inner")["review"]["ok"], json!(true));
+    sandbox.stop().await
+}
