@@ -33,10 +33,14 @@ async fn spawn_workers(sandbox: &Sandbox) -> anyhow::Result<()> {
     spawn_worker(
         Worker::builder(sandbox.url())
             .slots(16)
-            .task("double", "1.0.0", |_: TaskContext, input: Value| async move {
-                let x = input["x"].as_i64().unwrap_or_default();
-                Ok::<_, TaskError>(json!({ "value": 2 * x }))
-            })
+            .task(
+                "double",
+                "1.0.0",
+                |_: TaskContext, input: Value| async move {
+                    let x = input["x"].as_i64().unwrap_or_default();
+                    Ok::<_, TaskError>(json!({ "value": 2 * x }))
+                },
+            )
             .task("wait", "1.0.0", |_: TaskContext, input: Value| async move {
                 let ms = input["ms"].as_u64().unwrap_or(0);
                 tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -96,7 +100,12 @@ async fn a_child_workflow_runs_and_its_outputs_are_the_steps() -> anyhow::Result
         "parent",
         vec![
             child_step("twice", "doubler", &[], &[("x", "inputs.n")]),
-            step("after", "double@^1", &["twice"], &[("x", "twice.second.value")]),
+            step(
+                "after",
+                "double@^1",
+                &["twice"],
+                &[("x", "twice.second.value")],
+            ),
         ],
     );
     let run = client
@@ -135,7 +144,12 @@ async fn a_map_of_child_workflows_runs_one_child_per_item() -> anyhow::Result<()
         "fan",
         vec![
             each,
-            step("total", "double@^1", &["each"], &[("x", "each[4].second.value")]),
+            step(
+                "total",
+                "double@^1",
+                &["each"],
+                &[("x", "each[4].second.value")],
+            ),
         ],
     );
     let run = client.submit(SubmitRun::inline(parent)).await?;
@@ -247,7 +261,10 @@ async fn cancelling_the_parent_cancels_its_children_and_suspend_reaches_them() -
     assert!(child.error.contains(&run.run_id), "{}", child.error);
     // A child cannot be retried on its own: its parent would not hear of it.
     let refused = client.retry_run(&child_id).await.expect_err("refused");
-    assert!(refused.to_string().contains("retry the parent"), "{refused}");
+    assert!(
+        refused.to_string().contains("retry the parent"),
+        "{refused}"
+    );
     sandbox.stop().await
 }
 

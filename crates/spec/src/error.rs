@@ -95,6 +95,4 @@ pub enum EvalError {
     When { step: String, message: String },
     #[error("step \"{step}\": for_each: {message}")]
     ForEach { step: String, message: String },
-    #[error("step \"{step}\": cache.key: {message}")]
-    CacheKey { step: String, message: String },
 }

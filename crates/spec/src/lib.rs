@@ -85,8 +85,7 @@ mod parse;
 mod retry;
 
 pub use compile::{
-    CompiledStep, CompiledWorkflow, Hook, ItemInputs, MAX_CACHE_TTL, RESERVED_STEP_IDS, StepCache,
-    StepKind, compile,
+    CompiledStep, CompiledWorkflow, Hook, ItemInputs, RESERVED_STEP_IDS, StepKind, compile,
 };
 pub use error::{EvalError, SpecError, SpecErrors};
 pub use expr::{

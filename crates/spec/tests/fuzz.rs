@@ -101,11 +101,7 @@ fn check(expression: &str, inputs: Value, up: Value) -> Result<(), TestCaseError
             prop_assert_eq!(step, "s");
             prop_assert_eq!(input, "v");
         }
-        Err(
-            EvalError::When { step, .. }
-            | EvalError::ForEach { step, .. }
-            | EvalError::CacheKey { step, .. },
-        ) => {
+        Err(EvalError::When { step, .. } | EvalError::ForEach { step, .. }) => {
             prop_assert_eq!(step, "s")
         }
     }

@@ -292,16 +292,7 @@ fn any_step() -> impl Strategy<Value = StepSpec> {
             (".{0,20}", any_duration())
                 .prop_map(|(message, timeout)| dagmesh_spec::ApprovalSpec { message, timeout }),
         ),
-        prop_oneof![
-            Just(String::new()),
-            "[a-z.-]{1,8}(@[0-9]{1,3})?",
-            text
-        ],
-        prop::option::weighted(
-            0.2,
-            (prop_oneof![Just(String::new()), text], any_duration())
-                .prop_map(|(key, ttl)| dagmesh_proto::v1::CacheSpec { key, ttl }),
-        ),
+        prop_oneof![Just(String::new()), "[a-z.-]{1,8}(@[0-9]{1,3})?", text],
     );
     let base = (
         prop_oneof!["[a-z_][a-z0-9_]{0,6}", text],
@@ -333,7 +324,7 @@ fn any_step() -> impl Strategy<Value = StepSpec> {
                 concurrency_key,
                 schedule_to_start_timeout,
             ),
-            (for_each, max_parallel, continue_on_failure, sleep, approval, workflow, cache),
+            (for_each, max_parallel, continue_on_failure, sleep, approval, workflow),
         )| StepSpec {
             id,
             task,
@@ -354,7 +345,6 @@ fn any_step() -> impl Strategy<Value = StepSpec> {
             approval,
             wait_for: None,
             workflow,
-            cache,
         },
     )
 }

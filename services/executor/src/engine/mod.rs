@@ -922,7 +922,10 @@ impl Engine {
             }
         };
         let field = format!("steps.{step_id}.inputs");
-        let inputs = match plan.compiled.check_run_inputs(parent.child_inputs(step), &field) {
+        let inputs = match plan
+            .compiled
+            .check_run_inputs(parent.child_inputs(step), &field)
+        {
             Ok(inputs) => inputs,
             Err(errors) => {
                 let error = format!(

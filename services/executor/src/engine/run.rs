@@ -352,8 +352,8 @@ impl RunEntry {
         let running = entry.run.state() == RunState::Running;
         let mut pending = Vec::new();
         for at in entry.all_refs() {
-            let is_map =
-                at.item_index().is_none() && entry.plan.compiled.steps[at.spec()].for_each.is_some();
+            let is_map = at.item_index().is_none()
+                && entry.plan.compiled.steps[at.spec()].for_each.is_some();
             let slot = entry.slot_mut(at);
             if slot.row.state() == StepState::Succeeded {
                 slot.output = Some(stored_output(&slot.row, is_map));
@@ -363,7 +363,10 @@ impl RunEntry {
                 continue;
             }
             let state = entry.row(at).state();
-            let child = matches!(entry.plan.compiled.steps[at.spec()].kind, StepKind::Child { .. });
+            let child = matches!(
+                entry.plan.compiled.steps[at.spec()].kind,
+                StepKind::Child { .. }
+            );
             match state {
                 StepState::Pending if at.item_index().is_none() => pending.push(at.spec()),
                 // Stopped before its child run was created: ask again (a child created is
@@ -942,7 +945,10 @@ impl RunEntry {
                 && step.state() == StepState::Running
                 && step.attempt == attempt
                 && step.child_run_id.is_empty()
-                && matches!(self.plan.compiled.steps[at.spec()].kind, StepKind::Child { .. })
+                && matches!(
+                    self.plan.compiled.steps[at.spec()].kind,
+                    StepKind::Child { .. }
+                )
         }
     }
 
@@ -1002,12 +1008,15 @@ impl RunEntry {
             RunState::Succeeded => {
                 let outputs = child.outputs_by_step();
                 let field = format!("steps.{step_id}.outputs");
-                match check_payload(&field, &map_to_struct(&outputs), ctx.config.max_payload_bytes) {
+                match check_payload(
+                    &field,
+                    &map_to_struct(&outputs),
+                    ctx.config.max_payload_bytes,
+                ) {
                     Ok(()) => self.wait_succeeded(at, outputs, ctx),
                     Err(error) => {
-                        let error = format!(
-                            "the outputs of child run {child_id} are too large: {error}"
-                        );
+                        let error =
+                            format!("the outputs of child run {child_id} are too large: {error}");
                         self.fail_step(at, error, ctx);
                     }
                 }
@@ -1177,7 +1186,11 @@ impl RunEntry {
             ctx.linked.push(Linked::SuspendChild {
                 child,
                 suspend: suspended,
-                reason: format!("parent run {} {}", self.id, if suspended { "suspended" } else { "resumed" }),
+                reason: format!(
+                    "parent run {} {}",
+                    self.id,
+                    if suspended { "suspended" } else { "resumed" }
+                ),
                 actor: actor.to_owned(),
             });
         }
