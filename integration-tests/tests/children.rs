@@ -305,3 +305,107 @@ async fn a_child_run_survives_an_executor_restart() -> anyhow::Result<()> {
     assert_eq!(outputs(&run, "inner")["review"]["ok"], json!(true));
     sandbox.stop().await
 }
+
+#[tokio::test]
+async fn a_memoized_resubmit_reuses_what_succeeded_and_runs_the_rest() -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let sandbox = Sandbox::start().await?;
+    let runs = Arc::new(AtomicU32::new(0));
+    let flaky_calls = Arc::new(AtomicU32::new(0));
+    let (counted, flaky) = (runs.clone(), flaky_calls.clone());
+    spawn_worker(
+        Worker::builder(sandbox.url())
+            .slots(8)
+            .task("count", "1.0.0", move |_: TaskContext, input: Value| {
+                let counted = counted.clone();
+                async move {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, TaskError>(json!({ "x": input["x"].clone() }))
+                }
+            })
+            .task("flaky", "1.0.0", move |_: TaskContext, _: Value| {
+                let flaky = flaky.clone();
+                async move {
+                    if flaky.fetch_add(1, Ordering::SeqCst) == 0 {
+                        return Err(TaskError::fatal("first time fails"));
+                    }
+                    Ok(json!({ "ok": true }))
+                }
+            }),
+    )
+    .await?;
+    let client = sandbox.client().await?;
+    let mut each = step("each", "count@^1", &["a"], &[("x", "item")]);
+    each.for_each = "[1, 2, 3]".into();
+    client
+        .apply_workflow(workflow(
+            "memo",
+            vec![
+                step("a", "count@^1", &[], &[("x", "inputs.n")]),
+                each,
+                step("last", "flaky@^1", &["each"], &[]),
+            ],
+        ))
+        .await?;
+    let first = client
+        .submit(SubmitRun::workflow("memo").inputs(json!({"n": 1})))
+        .await?;
+    let first = wait_for_run(&client, &first.run_id).await?;
+    assert_eq!(first.state(), RunState::Failed);
+    assert_eq!(runs.load(Ordering::SeqCst), 4);
+
+    let second = client
+        .submit(
+            SubmitRun::workflow("memo")
+                .inputs(json!({"n": 1}))
+                .memoized_from(&first.run_id),
+        )
+        .await?;
+    let second = wait_for_run(&client, &second.run_id).await?;
+    assert_succeeded(&second);
+    assert_eq!(runs.load(Ordering::SeqCst), 4, "a and the items ran again");
+    for reused in ["a", "each[0]", "each[2]"] {
+        assert_eq!(
+            step_of(&second, reused).cached_from,
+            first.run_id,
+            "{reused}"
+        );
+    }
+    assert_eq!(step_of(&second, "last").cached_from, "");
+    assert_eq!(outputs(&second, "a"), json!({"x": 1}));
+    // The event says where the outputs came from.
+    let events = all_events(sandbox.channel().await?, &second.run_id).await?;
+    assert!(events.iter().any(|e| matches!(
+        &e.event,
+        Some(pb::run_event::Event::StepState(s)) if s.step_id == "a" && s.cached_from == first.run_id
+    )));
+
+    // Other inputs: nothing matches, everything runs.
+    let third = client
+        .submit(
+            SubmitRun::workflow("memo")
+                .inputs(json!({"n": 2}))
+                .memoized_from(&second.run_id),
+        )
+        .await?;
+    wait_for_run(&client, &third.run_id).await?;
+    assert_eq!(runs.load(Ordering::SeqCst), 5, "only the items matched");
+
+    // The source must exist and have run the same workflow version.
+    let missing = client
+        .submit(SubmitRun::workflow("memo").memoized_from("no-such-run"))
+        .await
+        .expect_err("unknown run");
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing}");
+    client
+        .apply_workflow(workflow("other", vec![step("a", "count@^1", &[], &[])]))
+        .await?;
+    let other = client
+        .submit(SubmitRun::workflow("other").memoized_from(&first.run_id))
+        .await
+        .expect_err("another workflow");
+    assert_eq!(other.code(), tonic::Code::InvalidArgument);
+    assert!(other.to_string().contains("memoize_from"), "{other}");
+    sandbox.stop().await
+}

@@ -66,6 +66,9 @@ pub fn run(run: &Run) -> Value {
         "priority": run.priority,
         "queue_position": run.queue_position,
         "suspended": run.suspended,
+        "parent_run_id": run.parent_run_id,
+        "parent_step_id": run.parent_step_id,
+        "depth": run.depth,
     })
 }
 
@@ -92,6 +95,8 @@ pub fn step(step: &Step) -> Value {
         "item_count": step.item_count,
         "waiting_for": step.waiting_for,
         "wake_at": timestamp(step.wake_at.as_ref()),
+        "child_run_id": step.child_run_id,
+        "cached_from": step.cached_from,
     })
 }
 

@@ -1,4 +1,4 @@
-//! `dagmesh runs ...`: list, inspect, follow, cancel and retry runs.
+//! `dagmesh runs ...`: list, inspect, follow, cancel, retry and resubmit runs.
 
 use std::process::ExitCode;
 use std::time::SystemTime;
@@ -6,7 +6,8 @@ use std::time::SystemTime;
 use dagmesh_proto::v1::run_service_client::RunServiceClient;
 use dagmesh_proto::v1::{
     ApproveStepRequest, CancelRunRequest, GetRunRequest, ListRunsRequest, ResumeRunRequest,
-    RetryRunRequest, Run, RunState, StepState, SuspendRunRequest,
+    RetryRunRequest, Run, RunState, StepState, SubmitRunRequest, SuspendRunRequest, WorkflowRef,
+    submit_run_request,
 };
 use serde_json::Value;
 
@@ -81,6 +82,17 @@ pub enum RunsCommand {
         #[arg(long, value_name = "STEP")]
         from: Option<String>,
         /// Follow the retried run live; exit 0 only if it succeeded.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Start a new run of the same workflow version with the same inputs, tags and priority.
+    Resubmit {
+        run_id: String,
+        /// Reuse what can be reused: a step whose task and inputs equal those of a step that
+        /// succeeded in RUN_ID takes its outputs instead of running (it shows "reused from").
+        #[arg(long)]
+        memoized: bool,
+        /// Follow the new run live; exit 0 only if it succeeded.
         #[arg(long)]
         watch: bool,
     },
@@ -278,6 +290,44 @@ pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<ExitCo
             }
             Ok(ExitCode::SUCCESS)
         }
+        RunsCommand::Resubmit {
+            run_id,
+            memoized,
+            watch,
+        } => {
+            let old = client
+                .get_run(GetRunRequest {
+                    run_id: run_id.clone(),
+                })
+                .await?
+                .into_inner();
+            let request = SubmitRunRequest {
+                workflow_ref: Some(submit_run_request::WorkflowRef::Workflow(WorkflowRef {
+                    name: old.workflow.clone(),
+                    version: old.workflow_version,
+                })),
+                inputs: old.inputs.clone(),
+                idempotency_key: String::new(),
+                tags: old.tags.clone(),
+                priority: old.priority,
+                memoize_from: if memoized { run_id } else { String::new() },
+            };
+            let run = client
+                .submit_run(request)
+                .await?
+                .into_inner()
+                .run
+                .ok_or_else(|| anyhow::anyhow!("server returned no run"))?;
+            if watch {
+                let last = watch::follow(channel, &run.run_id, global.output).await?;
+                return Ok(run_exit_code(&last));
+            }
+            match global.output {
+                OutputFormat::Json => print_json(&json::run(&run)),
+                OutputFormat::Text => outln!("{}", run.run_id),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -346,6 +396,15 @@ pub(crate) fn describe_run(run: &Run, now: SystemTime, all_items: bool) -> Strin
     if !run.idempotency_key.is_empty() {
         field("Idempotency key", run.idempotency_key.clone());
     }
+    if !run.parent_run_id.is_empty() {
+        field(
+            "Parent",
+            format!(
+                "run {} (step {}; depth {})",
+                run.parent_run_id, run.parent_step_id, run.depth
+            ),
+        );
+    }
     for (label, who) in [
         ("Submitted by", &run.submitted_by),
         ("Cancelled by", &run.cancelled_by),
@@ -389,6 +448,10 @@ pub(crate) fn describe_run(run: &Run, now: SystemTime, all_items: bool) -> Strin
                 format::one_line(&step.waiting_reason, 100)
             } else if step.state == StepState::Running as i32 && !step.waiting_for.is_empty() {
                 format!("waiting for {}", format::one_line(&step.waiting_for, 100))
+            } else if !step.cached_from.is_empty() {
+                format!("reused from run {}", step.cached_from)
+            } else if !step.child_run_id.is_empty() && step.error.is_empty() {
+                format!("child run {}", step.child_run_id)
             } else {
                 format::one_line(&step.error, 100)
             },

@@ -220,6 +220,9 @@ impl RunView {
                 if !e.worker.is_empty() {
                     step.worker = e.worker.clone();
                 }
+                if !e.cached_from.is_empty() {
+                    step.cached_from = e.cached_from.clone();
+                }
                 // A READY event's text is why the step waits (see StepStateChanged.error).
                 step.waiting_reason = if e.state == StepState::Ready as i32 {
                     e.error.clone()
@@ -329,10 +332,11 @@ impl PlainLines {
                 vec![line]
             }
             Some(run_event::Event::StepState(e)) => {
-                vec![format!(
-                    "{time} {}",
-                    step_line(&e.step_id, e.state, e.attempt, &e.worker, &e.error)
-                )]
+                let mut line = step_line(&e.step_id, e.state, e.attempt, &e.worker, &e.error);
+                if !e.cached_from.is_empty() {
+                    line.push_str(&format!(" reused_from={}", e.cached_from));
+                }
+                vec![format!("{time} {line}")]
             }
             Some(run_event::Event::StepProgress(e)) => {
                 self.progress(&time, &e.step_id, e.attempt, e.fraction, &e.message)
@@ -750,6 +754,9 @@ pub(crate) fn tree_lines(
             Some(StepState::Cancelled) if step.error == run.error => String::new(),
             Some(StepState::Skipped | StepState::Cancelled) => {
                 paint.dim(&format::one_line(&step.error, 200))
+            }
+            Some(StepState::Succeeded) if !step.cached_from.is_empty() => {
+                paint.dim(&format!("reused from run {}", step.cached_from))
             }
             _ => String::new(),
         };

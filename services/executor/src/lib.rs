@@ -149,6 +149,10 @@ impl Executor {
         {
             return Ok((self.inner.store.get_run(&run_id).await?, false));
         }
+        let memo = match request.memoize_from.as_str() {
+            "" => None,
+            source => Some(Arc::new(self.memo_of(source, &plan).await?)),
+        };
         let inputs = dagmesh_proto::json::from_struct(Some(&inputs));
         // Declared inputs: refused here, naming each field, rather than by the first step that
         // reads one; defaults are filled in before the run is stored.
@@ -177,6 +181,7 @@ impl Executor {
                 priority: request.priority,
                 buckets,
                 submitted_by: actor.to_owned(),
+                memo,
                 reply,
             })
             .await?;
@@ -184,6 +189,52 @@ impl Executor {
             Submitted::Created(run) => Ok((*run, true)),
             Submitted::Existing(run_id) => Ok((self.inner.store.get_run(&run_id).await?, false)),
         }
+    }
+
+    /// The steps of run `source` a memoized resubmit with `plan` reuses: those that succeeded.
+    async fn memo_of(&self, source: &str, plan: &plans::Plan) -> Result<engine::Memo, ExecError> {
+        dagmesh_proto::limits::check_len(
+            "memoize_from",
+            source,
+            dagmesh_proto::limits::MAX_NAME_LEN,
+        )
+        .map_err(ExecError::InvalidArgument)?;
+        let run = match self.inner.store.get_run(source).await {
+            Ok(run) => run,
+            Err(dagmesh_metastore::StoreError::NotFound(_)) => {
+                return Err(ExecError::NotFound(format!(
+                    "memoize_from: run {source:?} not found"
+                )));
+            }
+            Err(error) => return Err(error.into()),
+        };
+        if run.workflow != plan.workflow.name || run.workflow_version != plan.workflow.version {
+            return Err(ExecError::InvalidArgument(format!(
+                "memoize_from: run {source} ran workflow {} version {}, not {} version {}; a \
+                 memoized resubmit runs the same workflow version",
+                run.workflow, run.workflow_version, plan.workflow.name, plan.workflow.version
+            )));
+        }
+        let steps = run
+            .steps
+            .into_iter()
+            .filter(|step| step.state() == dagmesh_proto::v1::StepState::Succeeded)
+            .map(|step| {
+                let origin = if step.cached_from.is_empty() {
+                    source.to_owned()
+                } else {
+                    step.cached_from
+                };
+                let memoized = engine::Memoized {
+                    task: step.task,
+                    inputs: step.inputs,
+                    outputs: step.outputs,
+                    origin,
+                };
+                (step.step_id, memoized)
+            })
+            .collect();
+        Ok(engine::Memo { steps })
     }
 
     /// Cancels a run that has not ended, as "anonymous".

@@ -32,8 +32,8 @@ use tokio::time::Instant;
 use crate::plans::{Plan, PlanCache};
 use crate::{ExecError, ExecutorConfig};
 use admission::Admission;
-pub(crate) use run::RunEntry;
 use run::StepRef;
+pub(crate) use run::{Memo, Memoized, RunEntry};
 use timers::{Timer, Timers};
 pub(crate) use workers::{Outbound, Route};
 use workers::{QueuedTask, ReadyQueues, Session, Workers};
@@ -49,6 +49,8 @@ pub(crate) enum Command {
         buckets: Vec<String>,
         /// The principal submitting (Run.submitted_by).
         submitted_by: String,
+        /// A memoized resubmit: the steps to reuse.
+        memo: Option<Arc<Memo>>,
         reply: oneshot::Sender<Submitted>,
     },
     Cancel {
@@ -536,6 +538,7 @@ impl Engine {
                 priority,
                 buckets,
                 submitted_by,
+                memo,
                 reply,
             } => {
                 if let Some(run_id) = self.idempotency.get(&idempotency_key) {
@@ -557,6 +560,7 @@ impl Engine {
                     &mut self.ctx,
                 );
                 entry.buckets = buckets;
+                entry.memo = memo;
                 let id = entry.id.clone();
                 if !idempotency_key.is_empty() {
                     self.remember_key(idempotency_key, id.clone());

@@ -218,6 +218,23 @@ pub(crate) struct RunEntry {
     progress: HashMap<StepRef, ProgressThrottle>,
     logs: HashMap<StepRef, LogBudget>,
     losses: HashMap<StepRef, Vec<String>>,
+    /// A memoized resubmit: what the steps of the earlier run gave (not stored: a restart
+    /// runs the rest of the steps instead of reusing them, which is always safe).
+    pub memo: Option<Arc<Memo>>,
+}
+
+/// The steps that succeeded in the run a memoized resubmit reuses (`memoize_from`).
+pub(crate) struct Memo {
+    /// Step id -> what it ran with and gave.
+    pub steps: HashMap<String, Memoized>,
+}
+
+pub(crate) struct Memoized {
+    pub task: String,
+    pub inputs: Option<prost_types::Struct>,
+    pub outputs: Option<prost_types::Struct>,
+    /// The run the outputs come from (the earlier run, or the one it reused them from).
+    pub origin: String,
 }
 
 impl RunEntry {
@@ -474,7 +491,14 @@ impl RunEntry {
             progress: HashMap::new(),
             logs: HashMap::new(),
             losses: HashMap::new(),
+            memo: None,
         }
+    }
+
+    /// What a memoized resubmit reuses for `row` (same step id, task and evaluated inputs).
+    fn memoized(&self, row: &Step) -> Option<&Memoized> {
+        let memoized = self.memo.as_ref()?.steps.get(&row.step_id)?;
+        (memoized.task == row.task && memoized.inputs == row.inputs).then_some(memoized)
     }
 
     fn recount_waiting(&mut self) {
@@ -666,6 +690,8 @@ impl RunEntry {
             step.finished_at = None;
             step.waiting_for.clear();
             step.wake_at = None;
+            step.child_run_id.clear();
+            step.cached_from.clear();
             self.mark(at, ctx);
         }
         for slot in &mut self.steps {
@@ -777,6 +803,17 @@ impl RunEntry {
                 continue;
             }
             self.steps[index].row.inputs = Some(inputs);
+            if matches!(spec.kind, StepKind::Task | StepKind::Child { .. })
+                && let Some(memoized) = self.memoized(self.row(at))
+            {
+                let (outputs, origin) = (memoized.outputs.clone(), memoized.origin.clone());
+                let step = self.row_mut(at);
+                step.attempt += 1;
+                step.started_at = Some(now());
+                step.cached_from = origin;
+                self.wait_succeeded(at, from_struct(outputs.as_ref()), ctx);
+                continue;
+            }
             match &spec.kind {
                 StepKind::Task => self.make_ready(at, ctx),
                 StepKind::Sleep(duration) => {
@@ -1232,6 +1269,7 @@ impl RunEntry {
         };
         let mut items = Vec::with_capacity(list.len());
         let mut broken = Vec::new();
+        let mut reused = Vec::new();
         {
             let mut evaluator = spec.item_inputs(&self.inputs, upstream, budget);
             for (item, element) in list.iter().enumerate() {
@@ -1250,7 +1288,21 @@ impl RunEntry {
                             .map_err(|error| error.to_string())
                     });
                 match checked {
-                    Ok(inputs) => row.inputs = Some(inputs),
+                    Ok(inputs) => {
+                        row.inputs = Some(inputs);
+                        if matches!(spec.kind, StepKind::Task | StepKind::Child { .. })
+                            && let Some(memoized) = self.memoized(&row)
+                        {
+                            row.attempt = 1;
+                            row.state = StepState::Succeeded as i32;
+                            row.outputs = memoized.outputs.clone();
+                            row.cached_from = memoized.origin.clone();
+                            row.progress = 1.0;
+                            row.started_at = Some(now());
+                            row.finished_at = row.started_at;
+                            reused.push(item);
+                        }
+                    }
                     Err(error) => {
                         row.state = StepState::Failed as i32;
                         row.error = error;
@@ -1258,7 +1310,11 @@ impl RunEntry {
                         broken.push(item);
                     }
                 }
-                items.push(Slot::new(row));
+                let mut slot = Slot::new(row);
+                if slot.row.state() == StepState::Succeeded {
+                    slot.output = Some(stored_output(&slot.row, false));
+                }
+                items.push(slot);
             }
         }
         let count = items.len();
@@ -1275,17 +1331,19 @@ impl RunEntry {
             self.mark(StepRef::item(index, item), ctx);
         }
         self.set_step_state(at, StepState::Running, ctx);
-        for &item in &broken {
+        let mut ended: Vec<usize> = broken.iter().chain(&reused).copied().collect();
+        ended.sort_unstable();
+        for item in ended {
             let item = StepRef::item(index, item);
             let step = self.row(item);
             let event = run_event::Event::StepState(pb::StepStateChanged {
                 step_id: step.step_id.clone(),
-                state: StepState::Failed as i32,
-                attempt: 0,
+                state: step.state,
+                attempt: step.attempt,
                 worker: String::new(),
                 error: step.error.clone(),
                 item_count: 0,
-                cached_from: String::new(),
+                cached_from: step.cached_from.clone(),
             });
             self.emit(event, ctx);
         }
