@@ -87,7 +87,7 @@ class InputSpec(_message.Message):
     def __init__(self, type: _Optional[str] = ..., default: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., description: _Optional[str] = ...) -> None: ...
 
 class StepSpec(_message.Message):
-    __slots__ = ("id", "task", "needs", "inputs", "when", "retry", "timeout", "labels", "slots", "priority", "concurrency_key", "schedule_to_start_timeout", "for_each", "max_parallel", "continue_on_failure", "sleep", "approval", "wait_for")
+    __slots__ = ("id", "task", "needs", "inputs", "when", "retry", "timeout", "labels", "slots", "priority", "concurrency_key", "schedule_to_start_timeout", "for_each", "max_parallel", "continue_on_failure", "sleep", "approval", "wait_for", "workflow")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,7 @@ class StepSpec(_message.Message):
     SLEEP_FIELD_NUMBER: _ClassVar[int]
     APPROVAL_FIELD_NUMBER: _ClassVar[int]
     WAIT_FOR_FIELD_NUMBER: _ClassVar[int]
+    WORKFLOW_FIELD_NUMBER: _ClassVar[int]
     id: str
     task: str
     needs: _containers.RepeatedScalarFieldContainer[str]
@@ -138,7 +139,8 @@ class StepSpec(_message.Message):
     sleep: str
     approval: ApprovalSpec
     wait_for: WaitForSpec
-    def __init__(self, id: _Optional[str] = ..., task: _Optional[str] = ..., needs: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Mapping[str, str]] = ..., when: _Optional[str] = ..., retry: _Optional[_Union[RetryPolicy, _Mapping]] = ..., timeout: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., slots: _Optional[int] = ..., priority: _Optional[int] = ..., concurrency_key: _Optional[str] = ..., schedule_to_start_timeout: _Optional[str] = ..., for_each: _Optional[str] = ..., max_parallel: _Optional[int] = ..., continue_on_failure: bool = ..., sleep: _Optional[str] = ..., approval: _Optional[_Union[ApprovalSpec, _Mapping]] = ..., wait_for: _Optional[_Union[WaitForSpec, _Mapping]] = ...) -> None: ...
+    workflow: str
+    def __init__(self, id: _Optional[str] = ..., task: _Optional[str] = ..., needs: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Mapping[str, str]] = ..., when: _Optional[str] = ..., retry: _Optional[_Union[RetryPolicy, _Mapping]] = ..., timeout: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., slots: _Optional[int] = ..., priority: _Optional[int] = ..., concurrency_key: _Optional[str] = ..., schedule_to_start_timeout: _Optional[str] = ..., for_each: _Optional[str] = ..., max_parallel: _Optional[int] = ..., continue_on_failure: bool = ..., sleep: _Optional[str] = ..., approval: _Optional[_Union[ApprovalSpec, _Mapping]] = ..., wait_for: _Optional[_Union[WaitForSpec, _Mapping]] = ..., workflow: _Optional[str] = ...) -> None: ...
 
 class WaitForSpec(_message.Message):
     __slots__ = ("topic", "filter", "timeout")
@@ -189,7 +191,7 @@ class Workflow(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., spec: _Optional[_Union[WorkflowSpec, _Mapping]] = ..., content_hash: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("run_id", "workflow", "workflow_version", "state", "inputs", "tags", "idempotency_key", "steps", "error", "created_at", "finished_at", "last_seq", "priority", "queue_position", "submitted_by", "cancelled_by", "retried_by", "suspended")
+    __slots__ = ("run_id", "workflow", "workflow_version", "state", "inputs", "tags", "idempotency_key", "steps", "error", "created_at", "finished_at", "last_seq", "priority", "queue_position", "submitted_by", "cancelled_by", "retried_by", "suspended", "parent_run_id", "parent_step_id", "depth")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +217,9 @@ class Run(_message.Message):
     CANCELLED_BY_FIELD_NUMBER: _ClassVar[int]
     RETRIED_BY_FIELD_NUMBER: _ClassVar[int]
     SUSPENDED_FIELD_NUMBER: _ClassVar[int]
+    PARENT_RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    PARENT_STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     workflow: str
     workflow_version: int
@@ -233,10 +238,13 @@ class Run(_message.Message):
     cancelled_by: str
     retried_by: str
     suspended: bool
-    def __init__(self, run_id: _Optional[str] = ..., workflow: _Optional[str] = ..., workflow_version: _Optional[int] = ..., state: _Optional[_Union[RunState, str]] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., tags: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[Step, _Mapping]]] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., priority: _Optional[int] = ..., queue_position: _Optional[int] = ..., submitted_by: _Optional[str] = ..., cancelled_by: _Optional[str] = ..., retried_by: _Optional[str] = ..., suspended: bool = ...) -> None: ...
+    parent_run_id: str
+    parent_step_id: str
+    depth: int
+    def __init__(self, run_id: _Optional[str] = ..., workflow: _Optional[str] = ..., workflow_version: _Optional[int] = ..., state: _Optional[_Union[RunState, str]] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., tags: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[Step, _Mapping]]] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., priority: _Optional[int] = ..., queue_position: _Optional[int] = ..., submitted_by: _Optional[str] = ..., cancelled_by: _Optional[str] = ..., retried_by: _Optional[str] = ..., suspended: bool = ..., parent_run_id: _Optional[str] = ..., parent_step_id: _Optional[str] = ..., depth: _Optional[int] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("run_id", "step_id", "task_id", "state", "attempt", "task", "inputs", "outputs", "error", "worker", "progress", "progress_message", "started_at", "finished_at", "task_version", "lost_attempts", "waiting_reason", "lost_in_a_row", "worker_principal", "map_step", "item_index", "item_count", "waiting_for", "wake_at")
+    __slots__ = ("run_id", "step_id", "task_id", "state", "attempt", "task", "inputs", "outputs", "error", "worker", "progress", "progress_message", "started_at", "finished_at", "task_version", "lost_attempts", "waiting_reason", "lost_in_a_row", "worker_principal", "map_step", "item_index", "item_count", "waiting_for", "wake_at", "child_run_id", "cached_from")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
@@ -261,6 +269,8 @@ class Step(_message.Message):
     ITEM_COUNT_FIELD_NUMBER: _ClassVar[int]
     WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
     WAKE_AT_FIELD_NUMBER: _ClassVar[int]
+    CHILD_RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FROM_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     step_id: str
     task_id: str
@@ -285,7 +295,9 @@ class Step(_message.Message):
     item_count: int
     waiting_for: str
     wake_at: _timestamp_pb2.Timestamp
-    def __init__(self, run_id: _Optional[str] = ..., step_id: _Optional[str] = ..., task_id: _Optional[str] = ..., state: _Optional[_Union[StepState, str]] = ..., attempt: _Optional[int] = ..., task: _Optional[str] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., outputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., error: _Optional[str] = ..., worker: _Optional[str] = ..., progress: _Optional[float] = ..., progress_message: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., task_version: _Optional[str] = ..., lost_attempts: _Optional[int] = ..., waiting_reason: _Optional[str] = ..., lost_in_a_row: _Optional[int] = ..., worker_principal: _Optional[str] = ..., map_step: _Optional[str] = ..., item_index: _Optional[int] = ..., item_count: _Optional[int] = ..., waiting_for: _Optional[str] = ..., wake_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    child_run_id: str
+    cached_from: str
+    def __init__(self, run_id: _Optional[str] = ..., step_id: _Optional[str] = ..., task_id: _Optional[str] = ..., state: _Optional[_Union[StepState, str]] = ..., attempt: _Optional[int] = ..., task: _Optional[str] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., outputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., error: _Optional[str] = ..., worker: _Optional[str] = ..., progress: _Optional[float] = ..., progress_message: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., task_version: _Optional[str] = ..., lost_attempts: _Optional[int] = ..., waiting_reason: _Optional[str] = ..., lost_in_a_row: _Optional[int] = ..., worker_principal: _Optional[str] = ..., map_step: _Optional[str] = ..., item_index: _Optional[int] = ..., item_count: _Optional[int] = ..., waiting_for: _Optional[str] = ..., wake_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., child_run_id: _Optional[str] = ..., cached_from: _Optional[str] = ...) -> None: ...
 
 class RunEvent(_message.Message):
     __slots__ = ("run_id", "seq", "at", "run_state", "step_state", "step_progress", "step_log", "unreadable")
@@ -326,20 +338,22 @@ class RunStateChanged(_message.Message):
     def __init__(self, state: _Optional[_Union[RunState, str]] = ..., error: _Optional[str] = ..., actor: _Optional[str] = ..., suspended: bool = ...) -> None: ...
 
 class StepStateChanged(_message.Message):
-    __slots__ = ("step_id", "state", "attempt", "worker", "error", "item_count")
+    __slots__ = ("step_id", "state", "attempt", "worker", "error", "item_count", "cached_from")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ITEM_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FROM_FIELD_NUMBER: _ClassVar[int]
     step_id: str
     state: StepState
     attempt: int
     worker: str
     error: str
     item_count: int
-    def __init__(self, step_id: _Optional[str] = ..., state: _Optional[_Union[StepState, str]] = ..., attempt: _Optional[int] = ..., worker: _Optional[str] = ..., error: _Optional[str] = ..., item_count: _Optional[int] = ...) -> None: ...
+    cached_from: str
+    def __init__(self, step_id: _Optional[str] = ..., state: _Optional[_Union[StepState, str]] = ..., attempt: _Optional[int] = ..., worker: _Optional[str] = ..., error: _Optional[str] = ..., item_count: _Optional[int] = ..., cached_from: _Optional[str] = ...) -> None: ...
 
 class StepProgress(_message.Message):
     __slots__ = ("step_id", "attempt", "fraction", "message", "metrics")
