@@ -409,3 +409,115 @@ async fn a_memoized_resubmit_reuses_what_succeeded_and_runs_the_rest() -> anyhow
     assert!(other.to_string().contains("memoize_from"), "{other}");
     sandbox.stop().await
 }
+
+fn cached(mut spec: pb::StepSpec, key: &str, ttl: &str) -> pb::StepSpec {
+    spec.cache = Some(pb::CacheSpec {
+        key: key.into(),
+        ttl: ttl.into(),
+    });
+    spec
+}
+
+/// A memoized step runs once per key: later runs (and items) with the same key take the stored
+/// outputs, naming the run they came from, until the entry expires; the cache outlives a restart.
+#[tokio::test]
+async fn a_cached_step_runs_once_per_key_until_its_ttl() -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let database = Database::sqlite()?;
+    let sandbox = Sandbox::start_with(database, fast_config()).await?;
+    let calls = Arc::new(AtomicU32::new(0));
+    let spawn = |sandbox: &Sandbox, calls: Arc<AtomicU32>| {
+        Worker::builder(sandbox.url()).slots(8).task(
+            "slow.square",
+            "1.0.0",
+            move |_: TaskContext, input: Value| {
+                let calls = calls.clone();
+                async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    let x = input["x"].as_i64().unwrap_or_default();
+                    Ok::<_, TaskError>(json!({ "square": x * x }))
+                }
+            },
+        )
+    };
+    spawn_worker(spawn(&sandbox, calls.clone())).await?;
+    let client = sandbox.client().await?;
+    let mut items = cached(
+        step(
+            "items",
+            "slow.square@^1",
+            &[],
+            &[("x", "item"), ("noise", "index")],
+        ),
+        "item",
+        "1h",
+    );
+    items.for_each = "[2, 3, 2]".into();
+    let spec = workflow(
+        "memoized",
+        vec![
+            cached(
+                step("one", "slow.square@^1", &[], &[("x", "inputs.x")]),
+                "",
+                "1h",
+            ),
+            items,
+            cached(
+                step("short", "slow.square@^1", &[], &[("x", "inputs.x + 100")]),
+                "",
+                "300ms",
+            ),
+        ],
+    );
+    client.apply_workflow(spec).await?;
+    let submit = |x: i64| SubmitRun::workflow("memoized").inputs(json!({ "x": x }));
+    let first = client.submit(submit(4)).await?;
+    let first = wait_for_run(&client, &first.run_id).await?;
+    assert_succeeded(&first);
+    // one, short and three items: the two items with x = 2 may both run (they start together).
+    let after_first = calls.load(Ordering::SeqCst);
+    assert!((4..=5).contains(&after_first), "{after_first}");
+    assert!(!step_of(&first, "one").cache_key.is_empty());
+    assert_eq!(step_of(&first, "one").cached_from, "");
+
+    let second = client.submit(submit(4)).await?;
+    let second = wait_for_run(&client, &second.run_id).await?;
+    assert_succeeded(&second);
+    // Everything was a hit: no new calls.
+    assert_eq!(calls.load(Ordering::SeqCst), after_first);
+    for step in ["one", "items[0]", "items[1]", "items[2]", "short"] {
+        assert_eq!(step_of(&second, step).cached_from, first.run_id, "{step}");
+    }
+    assert_eq!(outputs(&second, "one"), json!({"square": 16}));
+    assert_eq!(
+        outputs(&second, "items")["items"],
+        json!([{"square": 4}, {"square": 9}, {"square": 4}])
+    );
+    let events = all_events(sandbox.channel().await?, &second.run_id).await?;
+    assert!(events.iter().any(|e| matches!(
+        &e.event,
+        Some(pb::run_event::Event::StepState(s)) if s.step_id == "one" && s.cached_from == first.run_id
+    )));
+
+    // Other inputs miss; an expired entry misses; the cache survives a restart.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let sandbox = sandbox.restart(fast_config()).await?;
+    spawn_worker(spawn(&sandbox, calls.clone())).await?;
+    let client = sandbox.client().await?;
+    let third = client.submit(submit(4)).await?;
+    let third = wait_for_run(&client, &third.run_id).await?;
+    assert_succeeded(&third);
+    assert_eq!(step_of(&third, "one").cached_from, first.run_id);
+    assert_eq!(
+        step_of(&third, "short").cached_from,
+        "",
+        "expired after 300ms"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), after_first + 1);
+    let fourth = client.submit(submit(5)).await?;
+    let fourth = wait_for_run(&client, &fourth.run_id).await?;
+    assert_eq!(step_of(&fourth, "one").cached_from, "");
+    assert_eq!(outputs(&fourth, "one"), json!({"square": 25}));
+    sandbox.stop().await
+}

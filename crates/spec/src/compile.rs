@@ -121,6 +121,17 @@ pub enum StepKind {
     },
 }
 
+/// A memoized step's `cache` (see `CacheSpec`).
+#[derive(Debug)]
+pub struct StepCache {
+    /// `cache.key`; `None`: the task and the evaluated inputs are the key.
+    pub key: Option<cel::Program>,
+    pub ttl: Duration,
+}
+
+/// How long a cache entry may live at most.
+pub const MAX_CACHE_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
+
 #[derive(Debug)]
 pub struct CompiledStep {
     /// Position in `spec.steps`.
@@ -162,6 +173,8 @@ pub struct CompiledStep {
     pub kind: StepKind,
     /// `wait_for.filter`: which events resume the step (over `event` and the step's variables).
     pub event_filter: Option<cel::Program>,
+    /// `cache`: the step is memoized.
+    pub cache: Option<StepCache>,
     /// For an exit hook: when it runs. Hooks come after the DAG's steps in `steps`.
     pub hook: Option<Hook>,
 }
@@ -245,6 +258,44 @@ impl CompiledStep {
             return Ok(None);
         }
         self.inputs_in(&ctx, budget).map(Some)
+    }
+
+    /// Evaluates `cache.key` (with `item` and `index` for an item of a map); `Ok(None)` when
+    /// the step has no custom key.
+    pub fn evaluate_cache_key_with(
+        &self,
+        run_inputs: &Map<String, Json>,
+        upstream_outputs: &HashMap<String, Json>,
+        item: Option<(&Json, usize)>,
+        budget: &EvalBudget,
+    ) -> Result<Option<Json>, EvalError> {
+        let Some(program) = self.cache.as_ref().and_then(|cache| cache.key.as_ref()) else {
+            return Ok(None);
+        };
+        let error = |message: String| EvalError::CacheKey {
+            step: self.id.clone(),
+            message,
+        };
+        let mut bindings = self.bindings(run_inputs, upstream_outputs);
+        let position = Json::from(item.map_or(0, |(_, index)| index as u64));
+        if let Some((element, _)) = item {
+            bindings.vars.push((ITEM_VAR, Binding::Value(element)));
+            bindings.vars.push((INDEX_VAR, Binding::Value(&position)));
+        }
+        Meter::new(budget)
+            .charge(program, &bindings)
+            .map_err(error)?;
+        let mut ctx = expr::context(&self.variables, run_inputs, upstream_outputs);
+        if let Some((element, index)) = item {
+            ctx.add_variable_from_value(ITEM_VAR, expr::to_cel(element));
+            ctx.add_variable_from_value(INDEX_VAR, cel::Value::Int(index as i64));
+        }
+        let value = program
+            .execute(&ctx)
+            .map_err(|e| error(expr::lowercase_first(e.to_string())))?;
+        expr::to_json(&value, budget.max_payload_bytes, MAX_PAYLOAD_DEPTH)
+            .map(Some)
+            .map_err(error)
     }
 
     /// Evaluates `for_each` to the list of items, each converted to JSON; the list shares the
@@ -1128,6 +1179,43 @@ fn compile_step(
         }
         _ => None,
     };
+    let cache = step.cache.as_ref().map(|cache| {
+        let key = if cache.key.trim().is_empty() {
+            None
+        } else {
+            scope.item_variables = is_map;
+            let program = scope.compile(format!("{at}.cache.key"), &cache.key, errors);
+            scope.item_variables = false;
+            program
+        };
+        let path = format!("{at}.cache.ttl");
+        let ttl = match parse_duration(&cache.ttl) {
+            _ if cache.ttl.is_empty() => {
+                errors.push(SpecError::new(
+                    path,
+                    "required: how long an entry is reused, e.g. \"1h\"",
+                ));
+                Duration::ZERO
+            }
+            Ok(ttl) if ttl.is_zero() => {
+                errors.push(SpecError::new(path, "must be longer than zero"));
+                ttl
+            }
+            Ok(ttl) if ttl > MAX_CACHE_TTL => {
+                errors.push(SpecError::new(
+                    path,
+                    format!("{:?} is over the limit of 366 days", cache.ttl),
+                ));
+                ttl
+            }
+            Ok(ttl) => ttl,
+            Err(message) => {
+                errors.push(SpecError::new(path, message));
+                Duration::ZERO
+            }
+        };
+        StepCache { key, ttl }
+    });
     scope.check_references(reach, errors);
 
     let retry = step.retry.as_ref().map_or_else(Retry::default, |policy| {
@@ -1214,6 +1302,7 @@ fn compile_step(
         continue_on_item_failure: step.continue_on_failure,
         kind,
         event_filter,
+        cache,
         hook,
     }
 }
@@ -1305,6 +1394,7 @@ fn step_kind(at: &str, step: &StepSpec, errors: &mut Vec<SpecError>) -> StepKind
         ("labels", !step.labels.is_empty()),
         ("slots", step.slots > 0),
         ("concurrency_key", !step.concurrency_key.is_empty()),
+        ("cache", step.cache.is_some()),
     ];
     for (field, present) in task_only {
         if present {

@@ -95,4 +95,6 @@ pub enum EvalError {
     When { step: String, message: String },
     #[error("step \"{step}\": for_each: {message}")]
     ForEach { step: String, message: String },
+    #[error("step \"{step}\": cache.key: {message}")]
+    CacheKey { step: String, message: String },
 }

@@ -85,7 +85,8 @@ mod parse;
 mod retry;
 
 pub use compile::{
-    CompiledStep, CompiledWorkflow, Hook, ItemInputs, RESERVED_STEP_IDS, StepKind, compile,
+    CompiledStep, CompiledWorkflow, Hook, ItemInputs, MAX_CACHE_TTL, RESERVED_STEP_IDS, StepCache,
+    StepKind, compile,
 };
 pub use error::{EvalError, SpecError, SpecErrors};
 pub use expr::{
@@ -113,6 +114,22 @@ pub fn content_hash(spec: &WorkflowSpec) -> String {
     // Not `encode_to_vec`: prost maps are `HashMap`s, so their encoded order varies.
     let digest = Sha256::digest(parse::canonical_json(spec));
     digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The cache key of a memoized step (`StepSpec.cache`): hex SHA-256 of the task as written and
+/// `value` (the `cache.key` value, or the evaluated inputs), as compact JSON with sorted keys.
+pub fn cache_key(task: &str, value: &serde_json::Value) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(b"dagmesh cache key v1\0");
+    hasher.update(task.as_bytes());
+    hasher.update(b"\0");
+    // serde_json's maps are sorted (no `preserve_order`), so equal values give equal text.
+    hasher.update(value.to_string().as_bytes());
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 // The runtime shares one compiled workflow across tasks as `Arc<CompiledWorkflow>`.

@@ -9,7 +9,7 @@ use std::fmt;
 use std::path::Path;
 
 use dagmesh_proto::v1::{
-    ApprovalSpec, InputSpec, RetryPolicy, StepSpec, WaitForSpec, WorkflowSpec,
+    ApprovalSpec, CacheSpec, InputSpec, RetryPolicy, StepSpec, WaitForSpec, WorkflowSpec,
 };
 use serde::{Deserialize, Serialize};
 
@@ -235,6 +235,16 @@ struct StepFile {
     wait_for: Option<WaitForFile>,
     #[serde(skip_serializing_if = "String::is_empty")]
     workflow: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache: Option<CacheFile>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct CacheFile {
+    #[serde(skip_serializing_if = "String::is_empty")]
+    key: String,
+    ttl: String,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -421,6 +431,10 @@ impl StepFile {
                 timeout: w.timeout,
             }),
             workflow: self.workflow,
+            cache: self.cache.map(|c| CacheSpec {
+                key: c.key,
+                ttl: c.ttl,
+            }),
         }
     }
 
@@ -469,6 +483,10 @@ impl StepFile {
                 timeout: w.timeout.clone(),
             }),
             workflow: step.workflow.clone(),
+            cache: step.cache.as_ref().map(|c| CacheFile {
+                key: c.key.clone(),
+                ttl: c.ttl.clone(),
+            }),
         }
     }
 }

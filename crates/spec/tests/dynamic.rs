@@ -222,7 +222,7 @@ steps:
 "#;
     let errors = compile_text(text, Format::Yaml).unwrap_err().to_string();
     for expected in [
-        "steps[0]: has task and sleep; a step is exactly one of task, sleep, approval and wait_for",
+        "steps[0]: has task and sleep; a step is exactly one of task, workflow, sleep, approval and wait_for",
         "steps[1].task: task is empty",
         "steps[2].sleep: must be longer than zero",
         "steps[3].sleep: \"31d\" is over the limit of 30days",
@@ -301,4 +301,113 @@ steps:
         );
     }
     assert!(!errors.contains("steps[0]"), "{errors}");
+}
+
+#[test]
+fn child_workflow_steps_name_a_workflow_and_may_map() {
+    let text = r#"
+name: wf
+steps:
+  - {id: a, workflow: scan-room, inputs: {room: "'r1'"}}
+  - {id: b, workflow: "scan-room@3", for_each: "[1, 2]", max_parallel: 1, inputs: {n: item}}
+  - {id: c, workflow: "scan room"}
+  - {id: d, workflow: "scan@^1"}
+  - {id: e, workflow: "scan@0"}
+  - {id: f, workflow: scan, task: t}
+  - {id: g, workflow: scan, retry: {max_attempts: 2}, labels: {gpu: "true"}}
+"#;
+    let errors = compile_text(text, Format::Yaml).unwrap_err().to_string();
+    for expected in [
+        "steps[2].workflow: invalid workflow name \"scan room\"",
+        "steps[3].workflow: invalid workflow version \"^1\": a version number (1, 2, ...) is expected",
+        "steps[4].workflow: invalid workflow version \"0\"",
+        "steps[5]: has task and workflow; a step is exactly one of",
+        "steps[6].retry: a child workflow step has no retry: it runs no task",
+        "steps[6].labels: a child workflow step has no labels: it runs no task",
+    ] {
+        assert!(
+            errors.contains(expected),
+            "missing {expected:?} in:\n{errors}"
+        );
+    }
+    for path in ["steps[0]", "steps[1]"] {
+        assert!(
+            !errors.contains(&format!("{path}")),
+            "{path} is valid:\n{errors}"
+        );
+    }
+    let good = r#"
+name: wf
+steps:
+  - {id: a, workflow: scan-room, inputs: {room: "'r1'"}}
+  - {id: b, workflow: "scan-room@3", for_each: "[1, 2]", inputs: {n: item}}
+"#;
+    let wf = compile_text(good, Format::Yaml).unwrap();
+    assert_eq!(
+        wf.step("b").unwrap().kind,
+        dagmesh_spec::StepKind::Child {
+            workflow: "scan-room".into(),
+            version: Some(3)
+        }
+    );
+    let spec = parse_workflow(good, Format::Yaml).unwrap();
+    let again = parse_workflow(&render_workflow(&spec, Format::Yaml), Format::Yaml).unwrap();
+    assert_eq!(again, spec);
+}
+
+#[test]
+fn a_cache_needs_a_ttl_and_its_key_is_an_expression() {
+    let text = r#"
+name: wf
+steps:
+  - {id: a, task: t, cache: {ttl: 1h}}
+  - {id: b, task: t, for_each: "[1]", cache: {key: "[item, inputs.x]", ttl: 7d}}
+  - {id: c, task: t, cache: {key: "nope.x"}}
+  - {id: d, task: t, cache: {ttl: 400d}}
+  - {id: e, sleep: 1s, cache: {ttl: 1h}}
+  - {id: f, task: t, cache: {key: "item", ttl: 1h}}
+"#;
+    let errors = compile_text(text, Format::Yaml).unwrap_err().to_string();
+    for expected in [
+        "steps[2].cache.ttl: required",
+        "steps[2].cache.key:",
+        "steps[3].cache.ttl: \"400d\" is over the limit of 366 days",
+        "steps[4].cache: a sleep step has no cache: it runs no task",
+        "steps[5].cache.key:",
+    ] {
+        assert!(
+            errors.contains(expected),
+            "missing {expected:?} in:\n{errors}"
+        );
+    }
+    assert!(
+        !errors.contains("steps[0]") && !errors.contains("steps[1]"),
+        "{errors}"
+    );
+    let wf = compile_text(
+        "name: wf\nsteps:\n  - {id: b, task: t, for_each: \"[1, 2]\", cache: {key: \"[item, inputs.x]\", ttl: 7d}}\n",
+        Format::Yaml,
+    )
+    .unwrap();
+    let step = wf.step("b").unwrap();
+    let inputs = object(json!({"x": 5}));
+    let key = step
+        .evaluate_cache_key_with(
+            &inputs,
+            &HashMap::new(),
+            Some((&json!(2), 1)),
+            &EvalBudget::default(),
+        )
+        .unwrap();
+    assert_eq!(key, Some(json!([2, 5])));
+    // Equal values give equal keys whatever the key order; the task is part of the key.
+    let (one, two) = (json!({"a": 1, "b": 2}), json!({"b": 2, "a": 1}));
+    assert_eq!(
+        dagmesh_spec::cache_key("t", &one),
+        dagmesh_spec::cache_key("t", &two)
+    );
+    assert_ne!(
+        dagmesh_spec::cache_key("t", &one),
+        dagmesh_spec::cache_key("u", &one)
+    );
 }

@@ -101,7 +101,11 @@ fn check(expression: &str, inputs: Value, up: Value) -> Result<(), TestCaseError
             prop_assert_eq!(step, "s");
             prop_assert_eq!(input, "v");
         }
-        Err(EvalError::When { step, .. } | EvalError::ForEach { step, .. }) => {
+        Err(
+            EvalError::When { step, .. }
+            | EvalError::ForEach { step, .. }
+            | EvalError::CacheKey { step, .. },
+        ) => {
             prop_assert_eq!(step, "s")
         }
     }

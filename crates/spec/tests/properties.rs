@@ -293,6 +293,11 @@ fn any_step() -> impl Strategy<Value = StepSpec> {
                 .prop_map(|(message, timeout)| dagmesh_spec::ApprovalSpec { message, timeout }),
         ),
         prop_oneof![Just(String::new()), "[a-z.-]{1,8}(@[0-9]{1,3})?", text],
+        prop::option::weighted(
+            0.2,
+            (prop_oneof![Just(String::new()), text], any_duration())
+                .prop_map(|(key, ttl)| dagmesh_proto::v1::CacheSpec { key, ttl }),
+        ),
     );
     let base = (
         prop_oneof!["[a-z_][a-z0-9_]{0,6}", text],
@@ -324,7 +329,7 @@ fn any_step() -> impl Strategy<Value = StepSpec> {
                 concurrency_key,
                 schedule_to_start_timeout,
             ),
-            (for_each, max_parallel, continue_on_failure, sleep, approval, workflow),
+            (for_each, max_parallel, continue_on_failure, sleep, approval, workflow, cache),
         )| StepSpec {
             id,
             task,
@@ -345,6 +350,7 @@ fn any_step() -> impl Strategy<Value = StepSpec> {
             approval,
             wait_for: None,
             workflow,
+            cache,
         },
     )
 }

@@ -9,8 +9,9 @@ use dagmesh_proto::connect::{AuthChannel, ClientSettings, Credentials};
 use dagmesh_proto::v1::metadata_service_client::MetadataServiceClient;
 use dagmesh_proto::v1::metadata_service_server::{MetadataService, MetadataServiceServer};
 use dagmesh_proto::v1::{
-    AcquireLeaseRequest, ActiveRuns, CommitFencedRequest, QuarantineRunRequest,
-    ReleaseLeaseRequest, ReleaseLeaseResponse, RenewLeaseRequest,
+    AcquireLeaseRequest, ActiveRuns, CacheEntry, CommitFencedRequest, QuarantineRunRequest,
+    ReadCacheEntryRequest, ReadCacheEntryResponse, ReleaseLeaseRequest, ReleaseLeaseResponse,
+    RenewLeaseRequest,
 };
 use dagmesh_proto::v1::{
     AdvanceScheduleRequest, AdvanceScheduleResponse, Backfill, DeleteScheduleResponse,
@@ -375,6 +376,17 @@ impl MetadataService for MetadataGrpcServer {
         Ok(Response::new(token))
     }
 
+    async fn read_cache_entry(
+        &self,
+        request: Request<ReadCacheEntryRequest>,
+    ) -> Result<Response<ReadCacheEntryResponse>, Status> {
+        let entry = self
+            .store
+            .read_cache_entry(&request.into_inner().key)
+            .await?;
+        Ok(Response::new(ReadCacheEntryResponse { entry }))
+    }
+
     async fn read_token(
         &self,
         request: Request<ReadTokenRequest>,
@@ -688,6 +700,18 @@ impl MetadataStore for MetadataGrpcClient {
     async fn put_token(&self, token: StoredToken) -> Result<(), StoreError> {
         self.client().put_token(token).await?;
         Ok(())
+    }
+
+    async fn read_cache_entry(&self, key: &str) -> Result<Option<CacheEntry>, StoreError> {
+        let request = ReadCacheEntryRequest {
+            key: key.to_owned(),
+        };
+        Ok(self
+            .client()
+            .read_cache_entry(request)
+            .await?
+            .into_inner()
+            .entry)
     }
 
     async fn get_token(&self, id_or_name: &str) -> Result<StoredToken, StoreError> {

@@ -4,8 +4,8 @@ use std::time::{Duration, SystemTime};
 
 use dagmesh_proto::limits::{MAX_NAME_LEN, MAX_VALUE_LEN};
 use dagmesh_proto::v1::{
-    ActiveRuns, Backfill, ListRunsRequest, ListRunsResponse, Mutation, Run, RunEvent, Schedule,
-    StoredToken, Trigger, Workflow, WorkflowSpec, mutation,
+    ActiveRuns, Backfill, CacheEntry, ListRunsRequest, ListRunsResponse, Mutation, Run, RunEvent,
+    Schedule, StoredToken, Trigger, Workflow, WorkflowSpec, mutation,
 };
 use prost_types::Timestamp;
 
@@ -196,6 +196,11 @@ pub trait MetadataStore: Send + Sync + 'static {
 
     /// Marks a token revoked now (an earlier revocation keeps its time) and returns it.
     async fn revoke_token(&self, id_or_name: &str) -> Result<StoredToken, StoreError>;
+
+    // --- step cache (written by `commit`, `Mutation.put_cache_entry`) ---
+
+    /// The entry stored under `key`, unless there is none or it has expired.
+    async fn read_cache_entry(&self, key: &str) -> Result<Option<CacheEntry>, StoreError>;
 }
 
 /// Checks a token before it is stored; returns its id, name and creation time (micros).
@@ -417,6 +422,19 @@ pub(crate) fn validate_mutations(mutations: &[Mutation]) -> Result<(), StoreErro
                 if run.run_id.is_empty() {
                     return Err(StoreError::InvalidArgument(format!(
                         "mutations[{i}].put_run.run_id: must not be empty"
+                    )));
+                }
+            }
+            Some(mutation::Mutation::PutCacheEntry(entry)) => {
+                if entry.key.is_empty() || entry.key.len() > MAX_NAME_LEN {
+                    return Err(StoreError::InvalidArgument(format!(
+                        "mutations[{i}].put_cache_entry.key: 1 to {MAX_NAME_LEN} bytes expected, got {}",
+                        entry.key.len()
+                    )));
+                }
+                if entry.expires_at.is_none() {
+                    return Err(StoreError::InvalidArgument(format!(
+                        "mutations[{i}].put_cache_entry.expires_at: required"
                     )));
                 }
             }

@@ -59,6 +59,7 @@ suite!(
         concurrent_acquirers_exactly_one_wins,
         lease_requests_are_checked,
         conflicts_are_request_errors_not_outages,
+        cache_entries_are_upserted_and_expire,
     ],
     raw: [
         unreadable_records_never_fail_reads,
@@ -535,6 +536,66 @@ mod cases {
             created_count += usize::from(created);
         }
         assert_eq!(created_count, 1);
+        Ok(())
+    }
+
+    pub async fn cache_entries_are_upserted_and_expire(
+        store: Arc<dyn MetadataStore>,
+    ) -> Result<()> {
+        use dagmesh_proto::v1::{CacheEntry, Mutation, mutation};
+        let entry = |key: &str, run_id: &str, ttl: Duration| {
+            let now = SystemTime::now();
+            Mutation {
+                mutation: Some(mutation::Mutation::PutCacheEntry(CacheEntry {
+                    key: key.into(),
+                    run_id: run_id.into(),
+                    step_id: "square".into(),
+                    outputs: Some(dagmesh_proto::json::map_to_struct(
+                        serde_json::json!({"n": 1}).as_object().expect("object"),
+                    )),
+                    stored_at: Some(now.into()),
+                    expires_at: Some((now + ttl).into()),
+                })),
+            }
+        };
+        assert_eq!(store.read_cache_entry("k").await?, None);
+        store
+            .commit(vec![
+                entry("k", "r1", Duration::from_secs(60)),
+                entry("gone", "r1", Duration::from_millis(1)),
+            ])
+            .await?;
+        let hit = store.read_cache_entry("k").await?.expect("a hit");
+        assert_eq!(
+            (hit.run_id.as_str(), hit.step_id.as_str()),
+            ("r1", "square")
+        );
+        // The same key again (twice in one batch: the last wins) replaces the entry.
+        store
+            .commit(vec![
+                entry("k", "r2", Duration::from_secs(60)),
+                entry("k", "r3", Duration::from_secs(60)),
+            ])
+            .await?;
+        assert_eq!(
+            store.read_cache_entry("k").await?.expect("hit").run_id,
+            "r3"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(store.read_cache_entry("gone").await?, None, "expired");
+        // A malformed entry is refused naming the field.
+        let mut bad = entry("", "r1", Duration::from_secs(1));
+        let err = store.commit(vec![bad.clone()]).await.unwrap_err();
+        assert!(err.to_string().contains("put_cache_entry.key"), "{err}");
+        if let Some(mutation::Mutation::PutCacheEntry(e)) = &mut bad.mutation {
+            e.key = "x".into();
+            e.expires_at = None;
+        }
+        let err = store.commit(vec![bad]).await.unwrap_err();
+        assert!(
+            err.to_string().contains("put_cache_entry.expires_at"),
+            "{err}"
+        );
         Ok(())
     }
 

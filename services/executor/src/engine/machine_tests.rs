@@ -40,7 +40,7 @@ fn new_ctx(now: Instant) -> Ctx {
         workers,
         timers: Timers::default(),
         effects: Vec::new(),
-        linked: Vec::new(),
+        asked: Vec::new(),
         dirty_runs: Vec::new(),
         dirty_set: HashSet::new(),
         now,

@@ -136,18 +136,32 @@ pub(crate) enum Command {
         reply: oneshot::Sender<()>,
     },
     /// The plan of a child run that step `step` (attempt `attempt`) of `parent` asked for (see
-    /// `Linked::StartChild`), loaded off the engine task; `Err`: why it cannot be run.
+    /// `Asked::StartChild`), loaded off the engine task; `Err`: why it cannot be run.
     ChildPlan {
         parent: Arc<str>,
         step: StepRef,
         attempt: u32,
         plan: Result<Arc<Plan>, String>,
     },
+    /// The answer of `Asked::CacheLookup`; `None`: a miss (or the store could not answer).
+    CacheAnswer {
+        run: Arc<str>,
+        step: StepRef,
+        attempt: u32,
+        entry: Option<pb::CacheEntry>,
+    },
 }
 
-/// What a run's transition asks of other runs (child workflows); the engine applies these
-/// after each command, until none is left (see `Engine::settle`).
-pub(crate) enum Linked {
+/// What a run's transition asks of the engine beyond the run itself (other runs, store reads);
+/// the engine applies these after each command, until none is left (see `Engine::settle`).
+pub(crate) enum Asked {
+    /// A memoized step is READY: look its cache key up before it is queued for a worker.
+    CacheLookup {
+        run: Arc<str>,
+        step: StepRef,
+        attempt: u32,
+        key: String,
+    },
     /// A child workflow step started attempt `attempt`: load the workflow and start its run.
     StartChild {
         parent: Arc<str>,
@@ -268,8 +282,8 @@ pub(crate) struct Ctx {
     timers: Timers,
     admission: Admission,
     effects: Vec<Effect>,
-    /// Work between runs asked for by the runs' transitions (see `Engine::settle`).
-    linked: Vec<Linked>,
+    /// What the runs' transitions asked beyond themselves (see `Engine::settle`).
+    asked: Vec<Asked>,
     /// Runs changed in this batch, in first-touched order.
     dirty_runs: Vec<Arc<str>>,
     dirty_set: HashSet<Arc<str>>,
@@ -367,7 +381,7 @@ impl Engine {
                 workers: Workers::default(),
                 timers: Timers::default(),
                 effects: Vec::new(),
-                linked: Vec::new(),
+                asked: Vec::new(),
                 dirty_runs: Vec::new(),
                 dirty_set: HashSet::new(),
                 now,
@@ -530,6 +544,16 @@ impl Engine {
                 attempt,
                 plan,
             } => self.start_child(parent, step, attempt, plan),
+            Command::CacheAnswer {
+                run,
+                step,
+                attempt,
+                entry,
+            } => {
+                if let Some(entry_run) = self.runs.get_mut(&run) {
+                    entry_run.cache_answer(step, attempt, entry, &mut self.ctx);
+                }
+            }
             Command::Submit {
                 plan,
                 inputs,
@@ -800,26 +824,33 @@ impl Engine {
         }
     }
 
-    /// Applies what the runs' transitions asked of other runs (child workflows), including
-    /// what that in turn asks, in this batch: a child run is created, cancelled or ended in the
-    /// same commit as the parent's step that caused it.
+    /// Applies what the runs' transitions asked beyond themselves, including what that in turn
+    /// asks, in this batch: a child run is created, cancelled or ended in the same commit as
+    /// the parent's step that caused it. Store reads go off the engine task and come back as
+    /// commands.
     fn settle(&mut self) {
-        while !self.ctx.linked.is_empty() {
-            for linked in std::mem::take(&mut self.ctx.linked) {
-                match linked {
-                    Linked::StartChild {
+        while !self.ctx.asked.is_empty() {
+            for asked in std::mem::take(&mut self.ctx.asked) {
+                match asked {
+                    Asked::CacheLookup {
+                        run,
+                        step,
+                        attempt,
+                        key,
+                    } => self.look_up_cache(run, step, attempt, key),
+                    Asked::StartChild {
                         parent,
                         step,
                         attempt,
                         workflow,
                         version,
                     } => self.load_child_plan(parent, step, attempt, workflow, version),
-                    Linked::CancelChild { child, reason } => {
+                    Asked::CancelChild { child, reason } => {
                         if let Some(entry) = self.runs.get_mut(child.as_str()) {
                             entry.cancel_by(&reason, "", &mut self.ctx);
                         }
                     }
-                    Linked::SuspendChild {
+                    Asked::SuspendChild {
                         child,
                         suspend,
                         reason,
@@ -831,7 +862,7 @@ impl Engine {
                             entry.set_suspended(suspend, &reason, &actor, &mut self.ctx);
                         }
                     }
-                    Linked::ChildEnded { child } => {
+                    Asked::ChildEnded { child } => {
                         let Some(entry) = self.runs.remove(&child) else {
                             continue;
                         };
@@ -844,6 +875,31 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Reads a cache entry off the engine task; the answer comes back as `Command::CacheAnswer`.
+    /// A store that cannot answer is a miss: the step runs.
+    fn look_up_cache(&mut self, run: Arc<str>, step: StepRef, attempt: u32, key: String) {
+        let Some(commands) = self.commands.as_ref().and_then(|weak| weak.upgrade()) else {
+            return;
+        };
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            let entry = match store.read_cache_entry(&key).await {
+                Ok(entry) => entry,
+                Err(error) => {
+                    tracing::warn!(%error, run_id = %run, "step cache lookup failed; the step runs");
+                    None
+                }
+            };
+            let answer = Command::CacheAnswer {
+                run,
+                step,
+                attempt,
+                entry,
+            };
+            let _ = commands.send(answer).await;
+        });
     }
 
     /// Loads the plan of a child run off the engine task; it comes back as

@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use super::timers::Timer;
 use super::traces::{self, AttemptEnd, Timeline};
-use super::{Ctx, Linked, QueuedTask, cancel_message, humanize};
+use super::{Asked, Ctx, QueuedTask, cancel_message, humanize};
 use crate::plans::Plan;
 use dagmesh_spec::StepKind;
 
@@ -221,6 +221,8 @@ pub(crate) struct RunEntry {
     /// A memoized resubmit: what the steps of the earlier run gave (not stored: a restart
     /// runs the rest of the steps instead of reusing them, which is always safe).
     pub memo: Option<Arc<Memo>>,
+    /// Outputs of memoized steps that succeeded in this batch, stored with its commit.
+    cache_writes: Vec<pb::CacheEntry>,
 }
 
 /// The steps that succeeded in the run a memoized resubmit reuses (`memoize_from`).
@@ -492,7 +494,28 @@ impl RunEntry {
             logs: HashMap::new(),
             losses: HashMap::new(),
             memo: None,
+            cache_writes: Vec::new(),
         }
+    }
+
+    /// The cache key of a memoized step (or item) whose inputs are `row.inputs`: from its
+    /// `cache.key` when it has one, else from its inputs. `None` when the step is not memoized.
+    fn cache_key(
+        &self,
+        spec: &dagmesh_spec::CompiledStep,
+        row: &Step,
+        upstream: &HashMap<String, Json>,
+        item: Option<(&Json, usize)>,
+        budget: &dagmesh_spec::EvalBudget,
+    ) -> Result<Option<String>, String> {
+        if spec.cache.is_none() {
+            return Ok(None);
+        }
+        let value = spec
+            .evaluate_cache_key_with(&self.inputs, upstream, item, budget)
+            .map_err(|error| error.to_string())?
+            .unwrap_or_else(|| Json::Object(from_struct(row.inputs.as_ref())));
+        Ok(Some(dagmesh_spec::cache_key(&spec.task, &value)))
     }
 
     /// What a memoized resubmit reuses for `row` (same step id, task and evaluated inputs).
@@ -815,7 +838,17 @@ impl RunEntry {
                 continue;
             }
             match &spec.kind {
-                StepKind::Task => self.make_ready(at, ctx),
+                StepKind::Task => {
+                    let key = self.cache_key(spec, self.row(at), &upstream, None, &budget);
+                    match key {
+                        Ok(key) => self.row_mut(at).cache_key = key.unwrap_or_default(),
+                        Err(error) => {
+                            self.fail_step(at, error, ctx);
+                            continue;
+                        }
+                    }
+                    self.make_ready(at, ctx)
+                }
                 StepKind::Sleep(duration) => {
                     let until = SystemTime::now().checked_add(*duration);
                     let text = match until {
@@ -938,7 +971,7 @@ impl RunEntry {
     // ---- child workflows ----
 
     /// A child workflow step (or item) starts an attempt: RUNNING, and the engine is asked to
-    /// start the child run (see `Linked::StartChild`); until it has, `child_run_id` is empty.
+    /// start the child run (see `Asked::StartChild`); until it has, `child_run_id` is empty.
     fn start_child(&mut self, at: StepRef, ctx: &mut Ctx) {
         let StepKind::Child { workflow, version } = &self.plan.compiled.steps[at.spec()].kind
         else {
@@ -965,7 +998,7 @@ impl RunEntry {
             return;
         };
         let step = self.row(at);
-        ctx.linked.push(Linked::StartChild {
+        ctx.asked.push(Asked::StartChild {
             parent: self.id.clone(),
             step: at,
             attempt: step.attempt,
@@ -1220,7 +1253,7 @@ impl RunEntry {
             ctx,
         );
         for child in self.running_children() {
-            ctx.linked.push(Linked::SuspendChild {
+            ctx.asked.push(Asked::SuspendChild {
                 child,
                 suspend: suspended,
                 reason: format!(
@@ -1290,7 +1323,17 @@ impl RunEntry {
                 match checked {
                     Ok(inputs) => {
                         row.inputs = Some(inputs);
-                        if matches!(spec.kind, StepKind::Task | StepKind::Child { .. })
+                        match self.cache_key(spec, &row, upstream, Some((element, item)), budget) {
+                            Ok(key) => row.cache_key = key.unwrap_or_default(),
+                            Err(error) => {
+                                row.state = StepState::Failed as i32;
+                                row.error = error;
+                                row.finished_at = Some(now());
+                                broken.push(item);
+                            }
+                        }
+                        if row.state() == StepState::Pending
+                            && matches!(spec.kind, StepKind::Task | StepKind::Child { .. })
                             && let Some(memoized) = self.memoized(&row)
                         {
                             row.attempt = 1;
@@ -1558,7 +1601,18 @@ impl RunEntry {
         // Say at once when no connected worker can take it (GetRun recomputes it live).
         step.waiting_reason = ctx.workers.waiting_reason(&route).unwrap_or_default();
         self.set_step_state(at, StepState::Ready, ctx);
-        self.enqueue(at, ctx);
+        let key = &self.row(at).cache_key;
+        if key.is_empty() {
+            self.enqueue(at, ctx);
+        } else {
+            // Queued for a worker only on a miss (see `cache_answer`).
+            ctx.asked.push(Asked::CacheLookup {
+                run: self.id.clone(),
+                step: at,
+                attempt,
+                key: key.clone(),
+            });
+        }
         if let Some(timeout) = self.plan.compiled.steps[at.spec()].schedule_to_start_timeout {
             ctx.timers.schedule(
                 ctx.after(timeout),
@@ -1569,6 +1623,34 @@ impl RunEntry {
                 },
             );
         }
+    }
+
+    /// The store's answer for the cache key of (step, attempt): a hit succeeds the step with
+    /// the stored outputs, naming the run they came from; a miss queues it for a worker.
+    pub fn cache_answer(
+        &mut self,
+        at: StepRef,
+        attempt: u32,
+        entry: Option<pb::CacheEntry>,
+        ctx: &mut Ctx,
+    ) {
+        if !self.has(at) {
+            return;
+        }
+        let step = self.row(at);
+        if step.state() != StepState::Ready || step.attempt != attempt {
+            return;
+        }
+        let Some(entry) = entry.filter(|entry| entry.key == step.cache_key) else {
+            self.enqueue(at, ctx);
+            return;
+        };
+        let outputs = from_struct(entry.outputs.as_ref());
+        let step = self.row_mut(at);
+        step.cached_from = entry.run_id;
+        step.started_at = Some(now());
+        step.waiting_reason.clear();
+        self.wait_succeeded(at, outputs, ctx);
     }
 
     /// The schedule-to-start timeout of (step, attempt) passed: fail the step if it still
@@ -1901,6 +1983,24 @@ impl RunEntry {
     }
 
     fn succeed(&mut self, at: StepRef, outputs: prost_types::Struct, ctx: &mut Ctx) {
+        let row = self.row(at);
+        if !row.cache_key.is_empty()
+            && let Some(cache) = &self.plan.compiled.steps[at.spec()].cache
+        {
+            let stored_at = SystemTime::now();
+            self.cache_writes.push(pb::CacheEntry {
+                key: row.cache_key.clone(),
+                run_id: row.run_id.clone(),
+                step_id: row.step_id.clone(),
+                outputs: Some(outputs.clone()),
+                stored_at: Some(stored_at.into()),
+                expires_at: stored_at
+                    .checked_add(cache.ttl)
+                    .map(Into::into)
+                    .or(Some(stored_at.into())),
+            });
+            ctx.touch(&self.id);
+        }
         let slot = self.slot_mut(at);
         slot.output = Some(Json::Object(from_struct(Some(&outputs))));
         slot.row.outputs = Some(outputs);
@@ -2091,7 +2191,7 @@ impl RunEntry {
             self.trace.attempt_ended(&self.run, step, at, cancelled);
         }
         if !step.child_run_id.is_empty() && step.state() == StepState::Running {
-            ctx.linked.push(Linked::CancelChild {
+            ctx.asked.push(Asked::CancelChild {
                 child: step.child_run_id.clone(),
                 reason: format!("parent run {} {reason}", self.id),
             });
@@ -2232,7 +2332,7 @@ impl RunEntry {
             self.run.finished_at = Some(now());
             traces::run_ended(&self.run);
             if !self.run.parent_run_id.is_empty() {
-                ctx.linked.push(Linked::ChildEnded {
+                ctx.asked.push(Asked::ChildEnded {
                     child: self.id.clone(),
                 });
             }
@@ -2306,6 +2406,11 @@ impl RunEntry {
             self.events
                 .drain(..)
                 .map(|event| put(mutation::Mutation::AppendEvent(event))),
+        );
+        out.extend(
+            self.cache_writes
+                .drain(..)
+                .map(|entry| put(mutation::Mutation::PutCacheEntry(entry))),
         );
     }
 }

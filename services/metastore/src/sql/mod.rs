@@ -11,9 +11,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use dagmesh_proto::v1::{
-    ActiveRuns, Backfill, EventUnreadable, ListRunsRequest, ListRunsResponse, Mutation, Run,
-    RunEvent, RunState, RunStateChanged, Schedule, Step, StepState, StepStateChanged, StoredToken,
-    Trigger, UnreadableRun, Workflow, WorkflowSpec, mutation, run_event,
+    ActiveRuns, Backfill, CacheEntry, EventUnreadable, ListRunsRequest, ListRunsResponse, Mutation,
+    Run, RunEvent, RunState, RunStateChanged, Schedule, Step, StepState, StepStateChanged,
+    StoredToken, Trigger, UnreadableRun, Workflow, WorkflowSpec, mutation, run_event,
 };
 use prost::Message;
 use prost_types::Timestamp;
@@ -256,6 +256,10 @@ impl MetadataStore for SqlStore {
 
     async fn get_token(&self, id_or_name: &str) -> Result<StoredToken, StoreError> {
         self.inner().get_token(id_or_name).await
+    }
+
+    async fn read_cache_entry(&self, key: &str) -> Result<Option<CacheEntry>, StoreError> {
+        self.inner().read_cache_entry(key).await
     }
 
     async fn list_tokens(&self) -> Result<Vec<StoredToken>, StoreError> {

@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use dagmesh_proto::v1::{
-    ActiveRuns, Backfill, ListRunsRequest, ListRunsResponse, Mutation, Run, RunEvent, RunState,
-    Schedule, Step, StoredToken, Trigger, Workflow, WorkflowSpec, mutation,
+    ActiveRuns, Backfill, CacheEntry, ListRunsRequest, ListRunsResponse, Mutation, Run, RunEvent,
+    RunState, Schedule, Step, StoredToken, Trigger, Workflow, WorkflowSpec, mutation,
 };
 use prost::Message;
 use prost_types::Timestamp;
@@ -24,7 +24,7 @@ use crate::StoreError;
 use crate::error::is_unique_violation;
 use crate::store::{
     Lease, LeaseRow, MetadataStore, acquire_decision, epoch_bound, event_limit, fenced,
-    lease_from_row, run_not_found, system_time_from_micros, ttl_micros, validate_lease,
+    lease_from_row, now_micros, run_not_found, system_time_from_micros, ttl_micros, validate_lease,
     validate_mutations, workflow_not_found,
 };
 use crate::store::{
@@ -146,6 +146,7 @@ struct Batch<'a> {
     runs: Vec<&'a Run>,
     steps: Vec<&'a Step>,
     events: Vec<&'a RunEvent>,
+    cache: Vec<&'a CacheEntry>,
 }
 
 impl<'a> Batch<'a> {
@@ -174,6 +175,7 @@ impl<'a> Batch<'a> {
                 }
                 // Duplicates stay: the insert must fail on them.
                 Some(mutation::Mutation::AppendEvent(event)) => batch.events.push(event),
+                Some(mutation::Mutation::PutCacheEntry(entry)) => batch.cache.push(entry),
                 None => {}
             }
         }
@@ -337,7 +339,47 @@ async fn apply(conn: &mut PgConnection, mutations: &[Mutation]) -> Result<(), St
     let batch = Batch::new(mutations);
     put_runs(conn, &batch.runs).await?;
     put_steps(conn, &batch.steps).await?;
-    append_events(conn, &batch.events).await
+    append_events(conn, &batch.events).await?;
+    put_cache_entries(conn, &batch.cache).await
+}
+
+/// Upserts step cache entries (the last of one key wins), then removes a few expired ones.
+async fn put_cache_entries(
+    conn: &mut PgConnection,
+    entries: &[&CacheEntry],
+) -> Result<(), StoreError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let mut latest: HashMap<&str, &CacheEntry> = HashMap::new();
+    for entry in entries {
+        latest.insert(entry.key.as_str(), entry);
+    }
+    let keys: Vec<&str> = latest.keys().copied().collect();
+    let expires: Vec<i64> = keys
+        .iter()
+        .map(|key| latest[key].expires_at.as_ref().map_or(0, micros))
+        .collect();
+    let bodies: Vec<Vec<u8>> = keys.iter().map(|key| latest[key].encode_to_vec()).collect();
+    sqlx::query(
+        "INSERT INTO step_cache (key, expires_at, body) \
+         SELECT * FROM UNNEST($1::text[], $2::int8[], $3::bytea[]) \
+         ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at, body = excluded.body",
+    )
+    .bind(&keys)
+    .bind(&expires)
+    .bind(&bodies)
+    .execute(&mut *conn)
+    .await?;
+    // Expired entries go a few at a time, paid for by the commits that add entries.
+    sqlx::query(
+        "DELETE FROM step_cache WHERE key IN \
+         (SELECT key FROM step_cache WHERE expires_at < $1 LIMIT 64)",
+    )
+    .bind(now_micros())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 #[async_trait::async_trait]
@@ -790,6 +832,17 @@ impl MetadataStore for PgStore {
             }
         })?;
         Ok(())
+    }
+
+    async fn read_cache_entry(&self, key: &str) -> Result<Option<CacheEntry>, StoreError> {
+        let body: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT body FROM step_cache WHERE key = $1 AND expires_at > $2")
+                .bind(key)
+                .bind(now_micros())
+                .fetch_optional(&self.pool)
+                .await?;
+        body.map(|body| decode(&body, || format!("cache entry {key:?}")))
+            .transpose()
     }
 
     async fn get_token(&self, id_or_name: &str) -> Result<StoredToken, StoreError> {

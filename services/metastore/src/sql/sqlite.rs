@@ -9,8 +9,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use dagmesh_proto::v1::{
-    ActiveRuns, Backfill, ListRunsRequest, ListRunsResponse, Mutation, Run, RunEvent, RunState,
-    Schedule, Step, StoredToken, Trigger, Workflow, WorkflowSpec, mutation,
+    ActiveRuns, Backfill, CacheEntry, ListRunsRequest, ListRunsResponse, Mutation, Run, RunEvent,
+    RunState, Schedule, Step, StoredToken, Trigger, Workflow, WorkflowSpec, mutation,
 };
 use prost::Message;
 use prost_types::Timestamp;
@@ -275,13 +275,38 @@ async fn apply(conn: &mut SqliteConnection, mutations: &[Mutation]) -> Result<()
     // busy executor holds thousands of rows.
     let mut steps = Vec::new();
     let mut events = Vec::new();
+    let mut cached = false;
     for m in mutations {
         match &m.mutation {
             Some(mutation::Mutation::PutRun(run)) => put_run(conn, run).await?,
             Some(mutation::Mutation::PutStep(step)) => steps.push(step),
             Some(mutation::Mutation::AppendEvent(event)) => events.push(event),
+            Some(mutation::Mutation::PutCacheEntry(entry)) => {
+                let expires_at = entry.expires_at.as_ref().map_or(0, micros);
+                sqlx::query(
+                    "INSERT INTO step_cache (key, expires_at, body) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at, \
+                     body = excluded.body",
+                )
+                .bind(&entry.key)
+                .bind(expires_at)
+                .bind(entry.encode_to_vec())
+                .execute(&mut *conn)
+                .await?;
+                cached = true;
+            }
             None => {} // rejected by validate_mutations
         }
+    }
+    if cached {
+        // Expired entries go a few at a time, paid for by the commits that add entries.
+        sqlx::query(
+            "DELETE FROM step_cache WHERE key IN \
+             (SELECT key FROM step_cache WHERE expires_at < ?1 LIMIT 64)",
+        )
+        .bind(now_micros())
+        .execute(&mut *conn)
+        .await?;
     }
     for chunk in steps.chunks(ROWS_PER_STATEMENT) {
         put_steps(conn, chunk).await?;
@@ -742,6 +767,17 @@ impl MetadataStore for SqliteStore {
             }
         })?;
         Ok(())
+    }
+
+    async fn read_cache_entry(&self, key: &str) -> Result<Option<CacheEntry>, StoreError> {
+        let body: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT body FROM step_cache WHERE key = ?1 AND expires_at > ?2")
+                .bind(key)
+                .bind(now_micros())
+                .fetch_optional(&self.read)
+                .await?;
+        body.map(|body| decode(&body, || format!("cache entry {key:?}")))
+            .transpose()
     }
 
     async fn get_token(&self, id_or_name: &str) -> Result<StoredToken, StoreError> {

@@ -23,6 +23,7 @@ _sym_db = _symbol_database.Default()
 
 
 from dagmesh._proto.v1 import types_pb2 as dagmesh_dot_v1_dot_types__pb2
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from dagmesh._proto.v1 import run_pb2 as dagmesh_dot_v1_dot_run__pb2
@@ -30,83 +31,89 @@ from dagmesh._proto.v1 import scheduler_pb2 as dagmesh_dot_v1_dot_scheduler__pb2
 from dagmesh._proto.v1 import auth_pb2 as dagmesh_dot_v1_dot_auth__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64\x61gmesh/v1/metadata.proto\x12\ndagmesh.v1\x1a\x16\x64\x61gmesh/v1/types.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14\x64\x61gmesh/v1/run.proto\x1a\x1a\x64\x61gmesh/v1/scheduler.proto\x1a\x15\x64\x61gmesh/v1/auth.proto\"R\n\x12PutWorkflowRequest\x12&\n\x04spec\x18\x01 \x01(\x0b\x32\x18.dagmesh.v1.WorkflowSpec\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\"N\n\x13PutWorkflowResponse\x12&\n\x08workflow\x18\x01 \x01(\x0b\x32\x14.dagmesh.v1.Workflow\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"4\n\x13ReadWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"\x16\n\x14ReadWorkflowsRequest\"@\n\x15ReadWorkflowsResponse\x12\'\n\tworkflows\x18\x01 \x03(\x0b\x32\x14.dagmesh.v1.Workflow\"8\n\rCommitRequest\x12\'\n\tmutations\x18\x01 \x03(\x0b\x32\x14.dagmesh.v1.Mutation\"`\n\x13\x43ommitFencedRequest\x12 \n\x05\x66\x65nce\x18\x01 \x01(\x0b\x32\x11.dagmesh.v1.Lease\x12\'\n\tmutations\x18\x02 \x03(\x0b\x32\x14.dagmesh.v1.Mutation\"\x8e\x01\n\x08Mutation\x12\"\n\x07put_run\x18\x01 \x01(\x0b\x32\x0f.dagmesh.v1.RunH\x00\x12$\n\x08put_step\x18\x02 \x01(\x0b\x32\x10.dagmesh.v1.StepH\x00\x12,\n\x0c\x61ppend_event\x18\x03 \x01(\x0b\x32\x14.dagmesh.v1.RunEventH\x00\x42\n\n\x08mutation\"\x10\n\x0e\x43ommitResponse\" \n\x0eReadRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"9\n\x1e\x46indRunByIdempotencyKeyRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\"1\n\x1f\x46indRunByIdempotencyKeyResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"E\n\x11ReadEventsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\x12\r\n\x05limit\x18\x03 \x01(\r\":\n\x12ReadEventsResponse\x12$\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x14.dagmesh.v1.RunEvent\"\x17\n\x15ReadActiveRunsRequest\"7\n\x16ReadActiveRunsResponse\x12\x1d\n\x04runs\x18\x01 \x03(\x0b\x32\x0f.dagmesh.v1.Run\"Z\n\nActiveRuns\x12\x1d\n\x04runs\x18\x01 \x03(\x0b\x32\x0f.dagmesh.v1.Run\x12-\n\nunreadable\x18\x02 \x03(\x0b\x32\x19.dagmesh.v1.UnreadableRun\"[\n\rUnreadableRun\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08workflow\x18\x02 \x01(\t\x12\x18\n\x10workflow_version\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\"6\n\x14QuarantineRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"d\n\x05Lease\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"[\n\x13\x41\x63quireLeaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\t\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"]\n\x11RenewLeaseRequest\x12 \n\x05lease\x18\x01 \x01(\x0b\x32\x11.dagmesh.v1.Lease\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"7\n\x13ReleaseLeaseRequest\x12 \n\x05lease\x18\x01 \x01(\x0b\x32\x11.dagmesh.v1.Lease\"\x16\n\x14ReleaseLeaseResponse\"o\n\x10StoreErrorDetail\x12+\n\nlease_held\x18\x01 \x01(\x0b\x32\x15.dagmesh.v1.LeaseHeldH\x00\x12$\n\x06\x66\x65nced\x18\x02 \x01(\x0b\x32\x12.dagmesh.v1.FencedH\x00\x42\x08\n\x06\x64\x65tail\"@\n\tLeaseHeld\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\t\x12\x15\n\rexpires_in_ms\x18\x03 \x01(\x04\"<\n\x06\x46\x65nced\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x15\n\rcurrent_epoch\x18\x03 \x01(\x04\"\'\n\x13ReadScheduleRequest\x12\x10\n\x08schedule\x18\x01 \x01(\t\"<\n\x18SetSchedulePausedRequest\x12\x10\n\x08schedule\x18\x01 \x01(\t\x12\x0e\n\x06paused\x18\x02 \x01(\x08\"z\n\x16\x41\x64vanceScheduleRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12,\n\x08\x65xpected\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x02to\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"+\n\x17\x41\x64vanceScheduleResponse\x12\x10\n\x08\x61\x64vanced\x18\x01 \x01(\x08\"I\n\x0bStoredToken\x12#\n\x05token\x18\x01 \x01(\x0b\x32\x14.dagmesh.v1.ApiToken\x12\x15\n\rsecret_sha256\x18\x02 \x01(\t\"!\n\x10ReadTokenRequest\x12\r\n\x05token\x18\x01 \x01(\t\"\x13\n\x11ReadTokensRequest\"=\n\x12ReadTokensResponse\x12\'\n\x06tokens\x18\x01 \x03(\x0b\x32\x17.dagmesh.v1.StoredToken2\xc0\x12\n\x0fMetadataService\x12N\n\x0bPutWorkflow\x12\x1e.dagmesh.v1.PutWorkflowRequest\x1a\x1f.dagmesh.v1.PutWorkflowResponse\x12\x45\n\x0cReadWorkflow\x12\x1f.dagmesh.v1.ReadWorkflowRequest\x1a\x14.dagmesh.v1.Workflow\x12T\n\rReadWorkflows\x12 .dagmesh.v1.ReadWorkflowsRequest\x1a!.dagmesh.v1.ReadWorkflowsResponse\x12?\n\x06\x43ommit\x12\x19.dagmesh.v1.CommitRequest\x1a\x1a.dagmesh.v1.CommitResponse\x12\x36\n\x07ReadRun\x12\x1a.dagmesh.v1.ReadRunRequest\x1a\x0f.dagmesh.v1.Run\x12\x46\n\tQueryRuns\x12\x1b.dagmesh.v1.ListRunsRequest\x1a\x1c.dagmesh.v1.ListRunsResponse\x12r\n\x17\x46indRunByIdempotencyKey\x12*.dagmesh.v1.FindRunByIdempotencyKeyRequest\x1a+.dagmesh.v1.FindRunByIdempotencyKeyResponse\x12K\n\nReadEvents\x12\x1d.dagmesh.v1.ReadEventsRequest\x1a\x1e.dagmesh.v1.ReadEventsResponse\x12W\n\x0eReadActiveRuns\x12!.dagmesh.v1.ReadActiveRunsRequest\x1a\".dagmesh.v1.ReadActiveRunsResponse\x12R\n\x15ReadActiveRunsChecked\x12!.dagmesh.v1.ReadActiveRunsRequest\x1a\x16.dagmesh.v1.ActiveRuns\x12\x42\n\rQuarantineRun\x12 .dagmesh.v1.QuarantineRunRequest\x1a\x0f.dagmesh.v1.Run\x12\x42\n\x0c\x41\x63quireLease\x12\x1f.dagmesh.v1.AcquireLeaseRequest\x1a\x11.dagmesh.v1.Lease\x12>\n\nRenewLease\x12\x1d.dagmesh.v1.RenewLeaseRequest\x1a\x11.dagmesh.v1.Lease\x12Q\n\x0cReleaseLease\x12\x1f.dagmesh.v1.ReleaseLeaseRequest\x1a .dagmesh.v1.ReleaseLeaseResponse\x12K\n\x0c\x43ommitFenced\x12\x1f.dagmesh.v1.CommitFencedRequest\x1a\x1a.dagmesh.v1.CommitResponse\x12<\n\x08PutToken\x12\x17.dagmesh.v1.StoredToken\x1a\x17.dagmesh.v1.StoredToken\x12\x42\n\tReadToken\x12\x1c.dagmesh.v1.ReadTokenRequest\x1a\x17.dagmesh.v1.StoredToken\x12K\n\nReadTokens\x12\x1d.dagmesh.v1.ReadTokensRequest\x1a\x1e.dagmesh.v1.ReadTokensResponse\x12\x46\n\x0bRevokeToken\x12\x1e.dagmesh.v1.RevokeTokenRequest\x1a\x17.dagmesh.v1.StoredToken\x12\x39\n\x0bPutSchedule\x12\x14.dagmesh.v1.Schedule\x1a\x14.dagmesh.v1.Schedule\x12\x45\n\x0cReadSchedule\x12\x1f.dagmesh.v1.ReadScheduleRequest\x1a\x14.dagmesh.v1.Schedule\x12T\n\rReadSchedules\x12 .dagmesh.v1.ListSchedulesRequest\x1a!.dagmesh.v1.ListSchedulesResponse\x12U\n\x0eRemoveSchedule\x12\x1f.dagmesh.v1.ReadScheduleRequest\x1a\".dagmesh.v1.DeleteScheduleResponse\x12O\n\x11SetSchedulePaused\x12$.dagmesh.v1.SetSchedulePausedRequest\x1a\x14.dagmesh.v1.Schedule\x12Z\n\x0f\x41\x64vanceSchedule\x12\".dagmesh.v1.AdvanceScheduleRequest\x1a#.dagmesh.v1.AdvanceScheduleResponse\x12\x36\n\nPutTrigger\x12\x13.dagmesh.v1.Trigger\x1a\x13.dagmesh.v1.Trigger\x12Q\n\x0cReadTriggers\x12\x1f.dagmesh.v1.ListTriggersRequest\x1a .dagmesh.v1.ListTriggersResponse\x12T\n\rRemoveTrigger\x12 .dagmesh.v1.DeleteTriggerRequest\x1a!.dagmesh.v1.DeleteTriggerResponse\x12\x39\n\x0bPutBackfill\x12\x14.dagmesh.v1.Backfill\x1a\x14.dagmesh.v1.Backfill\x12\x44\n\x0cReadBackfill\x12\x1e.dagmesh.v1.GetBackfillRequest\x1a\x14.dagmesh.v1.Backfill\x12T\n\rReadBackfills\x12 .dagmesh.v1.ListBackfillsRequest\x1a!.dagmesh.v1.ListBackfillsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64\x61gmesh/v1/metadata.proto\x12\ndagmesh.v1\x1a\x16\x64\x61gmesh/v1/types.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14\x64\x61gmesh/v1/run.proto\x1a\x1a\x64\x61gmesh/v1/scheduler.proto\x1a\x15\x64\x61gmesh/v1/auth.proto\"R\n\x12PutWorkflowRequest\x12&\n\x04spec\x18\x01 \x01(\x0b\x32\x18.dagmesh.v1.WorkflowSpec\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\"N\n\x13PutWorkflowResponse\x12&\n\x08workflow\x18\x01 \x01(\x0b\x32\x14.dagmesh.v1.Workflow\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"4\n\x13ReadWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"\x16\n\x14ReadWorkflowsRequest\"@\n\x15ReadWorkflowsResponse\x12\'\n\tworkflows\x18\x01 \x03(\x0b\x32\x14.dagmesh.v1.Workflow\"8\n\rCommitRequest\x12\'\n\tmutations\x18\x01 \x03(\x0b\x32\x14.dagmesh.v1.Mutation\"`\n\x13\x43ommitFencedRequest\x12 \n\x05\x66\x65nce\x18\x01 \x01(\x0b\x32\x11.dagmesh.v1.Lease\x12\'\n\tmutations\x18\x02 \x03(\x0b\x32\x14.dagmesh.v1.Mutation\"\xc1\x01\n\x08Mutation\x12\"\n\x07put_run\x18\x01 \x01(\x0b\x32\x0f.dagmesh.v1.RunH\x00\x12$\n\x08put_step\x18\x02 \x01(\x0b\x32\x10.dagmesh.v1.StepH\x00\x12,\n\x0c\x61ppend_event\x18\x03 \x01(\x0b\x32\x14.dagmesh.v1.RunEventH\x00\x12\x31\n\x0fput_cache_entry\x18\x04 \x01(\x0b\x32\x16.dagmesh.v1.CacheEntryH\x00\x42\n\n\x08mutation\"\xc3\x01\n\nCacheEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07step_id\x18\x03 \x01(\t\x12(\n\x07outputs\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12-\n\tstored_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"$\n\x15ReadCacheEntryRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"?\n\x16ReadCacheEntryResponse\x12%\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x16.dagmesh.v1.CacheEntry\"\x10\n\x0e\x43ommitResponse\" \n\x0eReadRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"9\n\x1e\x46indRunByIdempotencyKeyRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\"1\n\x1f\x46indRunByIdempotencyKeyResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"E\n\x11ReadEventsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\x12\r\n\x05limit\x18\x03 \x01(\r\":\n\x12ReadEventsResponse\x12$\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x14.dagmesh.v1.RunEvent\"\x17\n\x15ReadActiveRunsRequest\"7\n\x16ReadActiveRunsResponse\x12\x1d\n\x04runs\x18\x01 \x03(\x0b\x32\x0f.dagmesh.v1.Run\"Z\n\nActiveRuns\x12\x1d\n\x04runs\x18\x01 \x03(\x0b\x32\x0f.dagmesh.v1.Run\x12-\n\nunreadable\x18\x02 \x03(\x0b\x32\x19.dagmesh.v1.UnreadableRun\"[\n\rUnreadableRun\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08workflow\x18\x02 \x01(\t\x12\x18\n\x10workflow_version\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\"6\n\x14QuarantineRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"d\n\x05Lease\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"[\n\x13\x41\x63quireLeaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\t\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"]\n\x11RenewLeaseRequest\x12 \n\x05lease\x18\x01 \x01(\x0b\x32\x11.dagmesh.v1.Lease\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"7\n\x13ReleaseLeaseRequest\x12 \n\x05lease\x18\x01 \x01(\x0b\x32\x11.dagmesh.v1.Lease\"\x16\n\x14ReleaseLeaseResponse\"o\n\x10StoreErrorDetail\x12+\n\nlease_held\x18\x01 \x01(\x0b\x32\x15.dagmesh.v1.LeaseHeldH\x00\x12$\n\x06\x66\x65nced\x18\x02 \x01(\x0b\x32\x12.dagmesh.v1.FencedH\x00\x42\x08\n\x06\x64\x65tail\"@\n\tLeaseHeld\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\t\x12\x15\n\rexpires_in_ms\x18\x03 \x01(\x04\"<\n\x06\x46\x65nced\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x15\n\rcurrent_epoch\x18\x03 \x01(\x04\"\'\n\x13ReadScheduleRequest\x12\x10\n\x08schedule\x18\x01 \x01(\t\"<\n\x18SetSchedulePausedRequest\x12\x10\n\x08schedule\x18\x01 \x01(\t\x12\x0e\n\x06paused\x18\x02 \x01(\x08\"z\n\x16\x41\x64vanceScheduleRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12,\n\x08\x65xpected\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x02to\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"+\n\x17\x41\x64vanceScheduleResponse\x12\x10\n\x08\x61\x64vanced\x18\x01 \x01(\x08\"I\n\x0bStoredToken\x12#\n\x05token\x18\x01 \x01(\x0b\x32\x14.dagmesh.v1.ApiToken\x12\x15\n\rsecret_sha256\x18\x02 \x01(\t\"!\n\x10ReadTokenRequest\x12\r\n\x05token\x18\x01 \x01(\t\"\x13\n\x11ReadTokensRequest\"=\n\x12ReadTokensResponse\x12\'\n\x06tokens\x18\x01 \x03(\x0b\x32\x17.dagmesh.v1.StoredToken2\x99\x13\n\x0fMetadataService\x12N\n\x0bPutWorkflow\x12\x1e.dagmesh.v1.PutWorkflowRequest\x1a\x1f.dagmesh.v1.PutWorkflowResponse\x12\x45\n\x0cReadWorkflow\x12\x1f.dagmesh.v1.ReadWorkflowRequest\x1a\x14.dagmesh.v1.Workflow\x12T\n\rReadWorkflows\x12 .dagmesh.v1.ReadWorkflowsRequest\x1a!.dagmesh.v1.ReadWorkflowsResponse\x12?\n\x06\x43ommit\x12\x19.dagmesh.v1.CommitRequest\x1a\x1a.dagmesh.v1.CommitResponse\x12\x36\n\x07ReadRun\x12\x1a.dagmesh.v1.ReadRunRequest\x1a\x0f.dagmesh.v1.Run\x12\x46\n\tQueryRuns\x12\x1b.dagmesh.v1.ListRunsRequest\x1a\x1c.dagmesh.v1.ListRunsResponse\x12r\n\x17\x46indRunByIdempotencyKey\x12*.dagmesh.v1.FindRunByIdempotencyKeyRequest\x1a+.dagmesh.v1.FindRunByIdempotencyKeyResponse\x12K\n\nReadEvents\x12\x1d.dagmesh.v1.ReadEventsRequest\x1a\x1e.dagmesh.v1.ReadEventsResponse\x12W\n\x0eReadActiveRuns\x12!.dagmesh.v1.ReadActiveRunsRequest\x1a\".dagmesh.v1.ReadActiveRunsResponse\x12R\n\x15ReadActiveRunsChecked\x12!.dagmesh.v1.ReadActiveRunsRequest\x1a\x16.dagmesh.v1.ActiveRuns\x12\x42\n\rQuarantineRun\x12 .dagmesh.v1.QuarantineRunRequest\x1a\x0f.dagmesh.v1.Run\x12\x42\n\x0c\x41\x63quireLease\x12\x1f.dagmesh.v1.AcquireLeaseRequest\x1a\x11.dagmesh.v1.Lease\x12>\n\nRenewLease\x12\x1d.dagmesh.v1.RenewLeaseRequest\x1a\x11.dagmesh.v1.Lease\x12Q\n\x0cReleaseLease\x12\x1f.dagmesh.v1.ReleaseLeaseRequest\x1a .dagmesh.v1.ReleaseLeaseResponse\x12K\n\x0c\x43ommitFenced\x12\x1f.dagmesh.v1.CommitFencedRequest\x1a\x1a.dagmesh.v1.CommitResponse\x12W\n\x0eReadCacheEntry\x12!.dagmesh.v1.ReadCacheEntryRequest\x1a\".dagmesh.v1.ReadCacheEntryResponse\x12<\n\x08PutToken\x12\x17.dagmesh.v1.StoredToken\x1a\x17.dagmesh.v1.StoredToken\x12\x42\n\tReadToken\x12\x1c.dagmesh.v1.ReadTokenRequest\x1a\x17.dagmesh.v1.StoredToken\x12K\n\nReadTokens\x12\x1d.dagmesh.v1.ReadTokensRequest\x1a\x1e.dagmesh.v1.ReadTokensResponse\x12\x46\n\x0bRevokeToken\x12\x1e.dagmesh.v1.RevokeTokenRequest\x1a\x17.dagmesh.v1.StoredToken\x12\x39\n\x0bPutSchedule\x12\x14.dagmesh.v1.Schedule\x1a\x14.dagmesh.v1.Schedule\x12\x45\n\x0cReadSchedule\x12\x1f.dagmesh.v1.ReadScheduleRequest\x1a\x14.dagmesh.v1.Schedule\x12T\n\rReadSchedules\x12 .dagmesh.v1.ListSchedulesRequest\x1a!.dagmesh.v1.ListSchedulesResponse\x12U\n\x0eRemoveSchedule\x12\x1f.dagmesh.v1.ReadScheduleRequest\x1a\".dagmesh.v1.DeleteScheduleResponse\x12O\n\x11SetSchedulePaused\x12$.dagmesh.v1.SetSchedulePausedRequest\x1a\x14.dagmesh.v1.Schedule\x12Z\n\x0f\x41\x64vanceSchedule\x12\".dagmesh.v1.AdvanceScheduleRequest\x1a#.dagmesh.v1.AdvanceScheduleResponse\x12\x36\n\nPutTrigger\x12\x13.dagmesh.v1.Trigger\x1a\x13.dagmesh.v1.Trigger\x12Q\n\x0cReadTriggers\x12\x1f.dagmesh.v1.ListTriggersRequest\x1a .dagmesh.v1.ListTriggersResponse\x12T\n\rRemoveTrigger\x12 .dagmesh.v1.DeleteTriggerRequest\x1a!.dagmesh.v1.DeleteTriggerResponse\x12\x39\n\x0bPutBackfill\x12\x14.dagmesh.v1.Backfill\x1a\x14.dagmesh.v1.Backfill\x12\x44\n\x0cReadBackfill\x12\x1e.dagmesh.v1.GetBackfillRequest\x1a\x14.dagmesh.v1.Backfill\x12T\n\rReadBackfills\x12 .dagmesh.v1.ListBackfillsRequest\x1a!.dagmesh.v1.ListBackfillsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dagmesh.v1.metadata_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PUTWORKFLOWREQUEST']._serialized_start=203
-  _globals['_PUTWORKFLOWREQUEST']._serialized_end=285
-  _globals['_PUTWORKFLOWRESPONSE']._serialized_start=287
-  _globals['_PUTWORKFLOWRESPONSE']._serialized_end=365
-  _globals['_READWORKFLOWREQUEST']._serialized_start=367
-  _globals['_READWORKFLOWREQUEST']._serialized_end=419
-  _globals['_READWORKFLOWSREQUEST']._serialized_start=421
-  _globals['_READWORKFLOWSREQUEST']._serialized_end=443
-  _globals['_READWORKFLOWSRESPONSE']._serialized_start=445
-  _globals['_READWORKFLOWSRESPONSE']._serialized_end=509
-  _globals['_COMMITREQUEST']._serialized_start=511
-  _globals['_COMMITREQUEST']._serialized_end=567
-  _globals['_COMMITFENCEDREQUEST']._serialized_start=569
-  _globals['_COMMITFENCEDREQUEST']._serialized_end=665
-  _globals['_MUTATION']._serialized_start=668
-  _globals['_MUTATION']._serialized_end=810
-  _globals['_COMMITRESPONSE']._serialized_start=812
-  _globals['_COMMITRESPONSE']._serialized_end=828
-  _globals['_READRUNREQUEST']._serialized_start=830
-  _globals['_READRUNREQUEST']._serialized_end=862
-  _globals['_FINDRUNBYIDEMPOTENCYKEYREQUEST']._serialized_start=864
-  _globals['_FINDRUNBYIDEMPOTENCYKEYREQUEST']._serialized_end=921
-  _globals['_FINDRUNBYIDEMPOTENCYKEYRESPONSE']._serialized_start=923
-  _globals['_FINDRUNBYIDEMPOTENCYKEYRESPONSE']._serialized_end=972
-  _globals['_READEVENTSREQUEST']._serialized_start=974
-  _globals['_READEVENTSREQUEST']._serialized_end=1043
-  _globals['_READEVENTSRESPONSE']._serialized_start=1045
-  _globals['_READEVENTSRESPONSE']._serialized_end=1103
-  _globals['_READACTIVERUNSREQUEST']._serialized_start=1105
-  _globals['_READACTIVERUNSREQUEST']._serialized_end=1128
-  _globals['_READACTIVERUNSRESPONSE']._serialized_start=1130
-  _globals['_READACTIVERUNSRESPONSE']._serialized_end=1185
-  _globals['_ACTIVERUNS']._serialized_start=1187
-  _globals['_ACTIVERUNS']._serialized_end=1277
-  _globals['_UNREADABLERUN']._serialized_start=1279
-  _globals['_UNREADABLERUN']._serialized_end=1370
-  _globals['_QUARANTINERUNREQUEST']._serialized_start=1372
-  _globals['_QUARANTINERUNREQUEST']._serialized_end=1426
-  _globals['_LEASE']._serialized_start=1428
-  _globals['_LEASE']._serialized_end=1528
-  _globals['_ACQUIRELEASEREQUEST']._serialized_start=1530
-  _globals['_ACQUIRELEASEREQUEST']._serialized_end=1621
-  _globals['_RENEWLEASEREQUEST']._serialized_start=1623
-  _globals['_RENEWLEASEREQUEST']._serialized_end=1716
-  _globals['_RELEASELEASEREQUEST']._serialized_start=1718
-  _globals['_RELEASELEASEREQUEST']._serialized_end=1773
-  _globals['_RELEASELEASERESPONSE']._serialized_start=1775
-  _globals['_RELEASELEASERESPONSE']._serialized_end=1797
-  _globals['_STOREERRORDETAIL']._serialized_start=1799
-  _globals['_STOREERRORDETAIL']._serialized_end=1910
-  _globals['_LEASEHELD']._serialized_start=1912
-  _globals['_LEASEHELD']._serialized_end=1976
-  _globals['_FENCED']._serialized_start=1978
-  _globals['_FENCED']._serialized_end=2038
-  _globals['_READSCHEDULEREQUEST']._serialized_start=2040
-  _globals['_READSCHEDULEREQUEST']._serialized_end=2079
-  _globals['_SETSCHEDULEPAUSEDREQUEST']._serialized_start=2081
-  _globals['_SETSCHEDULEPAUSEDREQUEST']._serialized_end=2141
-  _globals['_ADVANCESCHEDULEREQUEST']._serialized_start=2143
-  _globals['_ADVANCESCHEDULEREQUEST']._serialized_end=2265
-  _globals['_ADVANCESCHEDULERESPONSE']._serialized_start=2267
-  _globals['_ADVANCESCHEDULERESPONSE']._serialized_end=2310
-  _globals['_STOREDTOKEN']._serialized_start=2312
-  _globals['_STOREDTOKEN']._serialized_end=2385
-  _globals['_READTOKENREQUEST']._serialized_start=2387
-  _globals['_READTOKENREQUEST']._serialized_end=2420
-  _globals['_READTOKENSREQUEST']._serialized_start=2422
-  _globals['_READTOKENSREQUEST']._serialized_end=2441
-  _globals['_READTOKENSRESPONSE']._serialized_start=2443
-  _globals['_READTOKENSRESPONSE']._serialized_end=2504
-  _globals['_METADATASERVICE']._serialized_start=2507
-  _globals['_METADATASERVICE']._serialized_end=4875
+  _globals['_PUTWORKFLOWREQUEST']._serialized_start=233
+  _globals['_PUTWORKFLOWREQUEST']._serialized_end=315
+  _globals['_PUTWORKFLOWRESPONSE']._serialized_start=317
+  _globals['_PUTWORKFLOWRESPONSE']._serialized_end=395
+  _globals['_READWORKFLOWREQUEST']._serialized_start=397
+  _globals['_READWORKFLOWREQUEST']._serialized_end=449
+  _globals['_READWORKFLOWSREQUEST']._serialized_start=451
+  _globals['_READWORKFLOWSREQUEST']._serialized_end=473
+  _globals['_READWORKFLOWSRESPONSE']._serialized_start=475
+  _globals['_READWORKFLOWSRESPONSE']._serialized_end=539
+  _globals['_COMMITREQUEST']._serialized_start=541
+  _globals['_COMMITREQUEST']._serialized_end=597
+  _globals['_COMMITFENCEDREQUEST']._serialized_start=599
+  _globals['_COMMITFENCEDREQUEST']._serialized_end=695
+  _globals['_MUTATION']._serialized_start=698
+  _globals['_MUTATION']._serialized_end=891
+  _globals['_CACHEENTRY']._serialized_start=894
+  _globals['_CACHEENTRY']._serialized_end=1089
+  _globals['_READCACHEENTRYREQUEST']._serialized_start=1091
+  _globals['_READCACHEENTRYREQUEST']._serialized_end=1127
+  _globals['_READCACHEENTRYRESPONSE']._serialized_start=1129
+  _globals['_READCACHEENTRYRESPONSE']._serialized_end=1192
+  _globals['_COMMITRESPONSE']._serialized_start=1194
+  _globals['_COMMITRESPONSE']._serialized_end=1210
+  _globals['_READRUNREQUEST']._serialized_start=1212
+  _globals['_READRUNREQUEST']._serialized_end=1244
+  _globals['_FINDRUNBYIDEMPOTENCYKEYREQUEST']._serialized_start=1246
+  _globals['_FINDRUNBYIDEMPOTENCYKEYREQUEST']._serialized_end=1303
+  _globals['_FINDRUNBYIDEMPOTENCYKEYRESPONSE']._serialized_start=1305
+  _globals['_FINDRUNBYIDEMPOTENCYKEYRESPONSE']._serialized_end=1354
+  _globals['_READEVENTSREQUEST']._serialized_start=1356
+  _globals['_READEVENTSREQUEST']._serialized_end=1425
+  _globals['_READEVENTSRESPONSE']._serialized_start=1427
+  _globals['_READEVENTSRESPONSE']._serialized_end=1485
+  _globals['_READACTIVERUNSREQUEST']._serialized_start=1487
+  _globals['_READACTIVERUNSREQUEST']._serialized_end=1510
+  _globals['_READACTIVERUNSRESPONSE']._serialized_start=1512
+  _globals['_READACTIVERUNSRESPONSE']._serialized_end=1567
+  _globals['_ACTIVERUNS']._serialized_start=1569
+  _globals['_ACTIVERUNS']._serialized_end=1659
+  _globals['_UNREADABLERUN']._serialized_start=1661
+  _globals['_UNREADABLERUN']._serialized_end=1752
+  _globals['_QUARANTINERUNREQUEST']._serialized_start=1754
+  _globals['_QUARANTINERUNREQUEST']._serialized_end=1808
+  _globals['_LEASE']._serialized_start=1810
+  _globals['_LEASE']._serialized_end=1910
+  _globals['_ACQUIRELEASEREQUEST']._serialized_start=1912
+  _globals['_ACQUIRELEASEREQUEST']._serialized_end=2003
+  _globals['_RENEWLEASEREQUEST']._serialized_start=2005
+  _globals['_RENEWLEASEREQUEST']._serialized_end=2098
+  _globals['_RELEASELEASEREQUEST']._serialized_start=2100
+  _globals['_RELEASELEASEREQUEST']._serialized_end=2155
+  _globals['_RELEASELEASERESPONSE']._serialized_start=2157
+  _globals['_RELEASELEASERESPONSE']._serialized_end=2179
+  _globals['_STOREERRORDETAIL']._serialized_start=2181
+  _globals['_STOREERRORDETAIL']._serialized_end=2292
+  _globals['_LEASEHELD']._serialized_start=2294
+  _globals['_LEASEHELD']._serialized_end=2358
+  _globals['_FENCED']._serialized_start=2360
+  _globals['_FENCED']._serialized_end=2420
+  _globals['_READSCHEDULEREQUEST']._serialized_start=2422
+  _globals['_READSCHEDULEREQUEST']._serialized_end=2461
+  _globals['_SETSCHEDULEPAUSEDREQUEST']._serialized_start=2463
+  _globals['_SETSCHEDULEPAUSEDREQUEST']._serialized_end=2523
+  _globals['_ADVANCESCHEDULEREQUEST']._serialized_start=2525
+  _globals['_ADVANCESCHEDULEREQUEST']._serialized_end=2647
+  _globals['_ADVANCESCHEDULERESPONSE']._serialized_start=2649
+  _globals['_ADVANCESCHEDULERESPONSE']._serialized_end=2692
+  _globals['_STOREDTOKEN']._serialized_start=2694
+  _globals['_STOREDTOKEN']._serialized_end=2767
+  _globals['_READTOKENREQUEST']._serialized_start=2769
+  _globals['_READTOKENREQUEST']._serialized_end=2802
+  _globals['_READTOKENSREQUEST']._serialized_start=2804
+  _globals['_READTOKENSREQUEST']._serialized_end=2823
+  _globals['_READTOKENSRESPONSE']._serialized_start=2825
+  _globals['_READTOKENSRESPONSE']._serialized_end=2886
+  _globals['_METADATASERVICE']._serialized_start=2889
+  _globals['_METADATASERVICE']._serialized_end=5346
 # @@protoc_insertion_point(module_scope)

@@ -1,6 +1,7 @@
 import datetime
 
 from dagmesh._proto.v1 import types_pb2 as _types_pb2
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from dagmesh._proto.v1 import run_pb2 as _run_pb2
@@ -63,14 +64,44 @@ class CommitFencedRequest(_message.Message):
     def __init__(self, fence: _Optional[_Union[Lease, _Mapping]] = ..., mutations: _Optional[_Iterable[_Union[Mutation, _Mapping]]] = ...) -> None: ...
 
 class Mutation(_message.Message):
-    __slots__ = ("put_run", "put_step", "append_event")
+    __slots__ = ("put_run", "put_step", "append_event", "put_cache_entry")
     PUT_RUN_FIELD_NUMBER: _ClassVar[int]
     PUT_STEP_FIELD_NUMBER: _ClassVar[int]
     APPEND_EVENT_FIELD_NUMBER: _ClassVar[int]
+    PUT_CACHE_ENTRY_FIELD_NUMBER: _ClassVar[int]
     put_run: _types_pb2.Run
     put_step: _types_pb2.Step
     append_event: _types_pb2.RunEvent
-    def __init__(self, put_run: _Optional[_Union[_types_pb2.Run, _Mapping]] = ..., put_step: _Optional[_Union[_types_pb2.Step, _Mapping]] = ..., append_event: _Optional[_Union[_types_pb2.RunEvent, _Mapping]] = ...) -> None: ...
+    put_cache_entry: CacheEntry
+    def __init__(self, put_run: _Optional[_Union[_types_pb2.Run, _Mapping]] = ..., put_step: _Optional[_Union[_types_pb2.Step, _Mapping]] = ..., append_event: _Optional[_Union[_types_pb2.RunEvent, _Mapping]] = ..., put_cache_entry: _Optional[_Union[CacheEntry, _Mapping]] = ...) -> None: ...
+
+class CacheEntry(_message.Message):
+    __slots__ = ("key", "run_id", "step_id", "outputs", "stored_at", "expires_at")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    STORED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    run_id: str
+    step_id: str
+    outputs: _struct_pb2.Struct
+    stored_at: _timestamp_pb2.Timestamp
+    expires_at: _timestamp_pb2.Timestamp
+    def __init__(self, key: _Optional[str] = ..., run_id: _Optional[str] = ..., step_id: _Optional[str] = ..., outputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., stored_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ReadCacheEntryRequest(_message.Message):
+    __slots__ = ("key",)
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    def __init__(self, key: _Optional[str] = ...) -> None: ...
+
+class ReadCacheEntryResponse(_message.Message):
+    __slots__ = ("entry",)
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    entry: CacheEntry
+    def __init__(self, entry: _Optional[_Union[CacheEntry, _Mapping]] = ...) -> None: ...
 
 class CommitResponse(_message.Message):
     __slots__ = ()

@@ -113,6 +113,11 @@ class MetadataServiceStub(object):
                 request_serializer=dagmesh_dot_v1_dot_metadata__pb2.CommitFencedRequest.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.CommitResponse.FromString,
                 _registered_method=True)
+        self.ReadCacheEntry = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/ReadCacheEntry',
+                request_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReadCacheEntryRequest.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ReadCacheEntryResponse.FromString,
+                _registered_method=True)
         self.PutToken = channel.unary_unary(
                 '/dagmesh.v1.MetadataService/PutToken',
                 request_serializer=dagmesh_dot_v1_dot_metadata__pb2.StoredToken.SerializeToString,
@@ -321,6 +326,13 @@ class MetadataServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadCacheEntry(self, request, context):
+        """The unexpired step cache entry with this key, if any (entries are written by Commit).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PutToken(self, request, context):
         """API tokens (TokenService keeps them here). Stores a new token; ALREADY_EXISTS when its id
         or name is taken.
@@ -510,6 +522,11 @@ def add_MetadataServiceServicer_to_server(servicer, server):
                     servicer.CommitFenced,
                     request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.CommitFencedRequest.FromString,
                     response_serializer=dagmesh_dot_v1_dot_metadata__pb2.CommitResponse.SerializeToString,
+            ),
+            'ReadCacheEntry': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadCacheEntry,
+                    request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ReadCacheEntryRequest.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReadCacheEntryResponse.SerializeToString,
             ),
             'PutToken': grpc.unary_unary_rpc_method_handler(
                     servicer.PutToken,
@@ -997,6 +1014,33 @@ class MetadataService(object):
             '/dagmesh.v1.MetadataService/CommitFenced',
             dagmesh_dot_v1_dot_metadata__pb2.CommitFencedRequest.SerializeToString,
             dagmesh_dot_v1_dot_metadata__pb2.CommitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadCacheEntry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.MetadataService/ReadCacheEntry',
+            dagmesh_dot_v1_dot_metadata__pb2.ReadCacheEntryRequest.SerializeToString,
+            dagmesh_dot_v1_dot_metadata__pb2.ReadCacheEntryResponse.FromString,
             options,
             channel_credentials,
             insecure,
