@@ -154,6 +154,7 @@ impl Sim {
                     );
                     self.stored.events.push(event);
                 }
+                mutation::Mutation::PutCacheEntry(_) => unreachable!("no step here is memoized"),
             }
         }
         self.ctx.effects.clear();
