@@ -7,6 +7,7 @@
 //!   drains on SIGTERM.
 //! - [`client`]: a [`Client`] for backends: apply workflows, submit runs, watch them, wait for
 //!   them to end, cancel and retry them.
+//! - [`workflow`]: workflows in code, a typed builder of the `WorkflowSpec` a YAML file gives.
 //!
 //! ```no_run
 //! use dagmesh_sdk::{Client, SubmitRun, TaskContext, TaskError, Worker};
@@ -61,6 +62,7 @@
 mod backoff;
 pub mod client;
 pub mod worker;
+pub mod workflow;
 
 pub use client::{Client, ClientError, SubmitRun};
 pub use worker::{
