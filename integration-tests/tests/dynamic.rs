@@ -834,8 +834,9 @@ on_failure:
     sandbox.stop().await
 }
 
-/// The room-scan example end to end: a variable number of photos mapped over, and the exit hook
-/// telling the customer how it went — also when the scan fails.
+/// The room-scan example end to end: a variable number of photos mapped over, the reconstruction
+/// as a child workflow, and the exit hook telling the customer how it went — also when the scan
+/// fails.
 #[tokio::test]
 async fn room_scan_maps_over_its_photos_and_notifies_in_an_exit_hook() -> anyhow::Result<()> {
     let sandbox = Sandbox::start().await?;
@@ -846,6 +847,12 @@ async fn room_scan_maps_over_its_photos_and_notifies_in_an_exit_hook() -> anyhow
         dagmesh_spec::Format::Yaml,
     )?;
     let client = sandbox.client().await?;
+    client
+        .apply_workflow(dagmesh_spec::parse_workflow(
+            dagmesh_example_room_scan::MESH_WORKFLOW_YAML,
+            dagmesh_spec::Format::Yaml,
+        )?)
+        .await?;
     let inputs = json!({"room_id": "hall", "image_count": 5, "notify_email": "me@example.com"});
     let run = client
         .submit(SubmitRun::inline(spec.clone()).inputs(inputs))
@@ -853,6 +860,11 @@ async fn room_scan_maps_over_its_photos_and_notifies_in_an_exit_hook() -> anyhow
     let run = wait_for_run(&client, &run.run_id).await?;
     assert_succeeded(&run);
     assert_eq!(step_of(&run, "features").item_count, 5);
+    let child = client
+        .get_run(&step_of(&run, "reconstruct").child_run_id)
+        .await?;
+    assert_eq!((child.workflow.as_str(), child.depth), ("room-mesh", 1));
+    assert_succeeded(&child);
     assert_eq!(
         outputs(&run, "notify")["message"],
         json!("me@example.com: your scan of hall is ready (1058 triangles, 5 thumbnails)")

@@ -1,5 +1,6 @@
 //! `dagmesh demo`: the room-scan example end to end in one process — the mesh on SQLite, the
-//! example's CPU and GPU workers (real gRPC streams over loopback), one run, the live tree.
+//! example's CPU and GPU workers (real gRPC streams over loopback), one run (and the child run
+//! it starts), the live tree.
 //! `dagmesh demo polyglot` runs one DAG across Rust, Python and C++ worker processes.
 
 mod polyglot;
@@ -91,12 +92,16 @@ pub async fn demo(global: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     eprintln!("dagmesh demo: workers connected: room-scan-cpu (4 slots), room-scan-gpu (gpu=true)");
 
-    let spec = dagmesh_spec::parse_workflow(
-        dagmesh_example_room_scan::WORKFLOW_YAML,
-        dagmesh_spec::Format::Yaml,
-    )
-    .map_err(|errors| anyhow::anyhow!("example workflow is invalid:\n{errors}"))?;
+    let parse = |text: &str| {
+        dagmesh_spec::parse_workflow(text, dagmesh_spec::Format::Yaml)
+            .map_err(|errors| anyhow::anyhow!("example workflow is invalid:\n{errors}"))
+    };
+    let spec = parse(dagmesh_example_room_scan::WORKFLOW_YAML)?;
     let client = Client::connect_with(&url, settings.clone()).await?;
+    // The child workflow that the `reconstruct` step starts.
+    client
+        .apply_workflow(parse(dagmesh_example_room_scan::MESH_WORKFLOW_YAML)?)
+        .await?;
     let run = client
         .submit(
             SubmitRun::inline(spec).inputs(dagmesh_example_room_scan::demo_inputs(args.pace_ms)),

@@ -1,4 +1,5 @@
-//! The room-scan example: a workflow ([`WORKFLOW_YAML`]) and the workers that run its steps.
+//! The room-scan example: a workflow ([`WORKFLOW_YAML`]), the child workflow it starts
+//! ([`MESH_WORKFLOW_YAML`]) and the workers that run their steps.
 //!
 //! The work is small but real: images are synthesised from a seed, features are image-gradient
 //! corners, the mesh is a triangulated height field over those corners, thumbnails are box-filter
@@ -11,6 +12,10 @@ use serde::{Deserialize, Serialize};
 
 /// The workflow definition, also at `examples/room-scan/workflow.yaml`.
 pub const WORKFLOW_YAML: &str = include_str!("../workflow.yaml");
+
+/// The child workflow `room-mesh` that room-scan's `reconstruct` step starts, also at
+/// `examples/room-scan/mesh.yaml`; it must be registered before room-scan runs.
+pub const MESH_WORKFLOW_YAML: &str = include_str!("../mesh.yaml");
 
 /// Inputs for a demo run.
 pub fn demo_inputs(pace_ms: u64) -> serde_json::Value {
