@@ -18,6 +18,7 @@ use crate::error::{EvalError, SpecError, SpecErrors};
 use crate::expr::{self, EVENT_VAR, EvalBudget, INDEX_VAR, INPUTS_VAR, ITEM_VAR, RUN_VAR};
 use crate::inputs::{self, DeclaredInput};
 use crate::retry::Retry;
+use crate::typecheck;
 
 /// Step ids that cannot be used: `inputs` is the run-inputs variable, `run` is kept for run
 /// metadata in expressions.
@@ -736,7 +737,7 @@ fn compile_here(spec: &WorkflowSpec) -> Result<CompiledWorkflow, SpecErrors> {
             &needs,
             &mut reach,
             &by_id,
-            declared_names.as_ref(),
+            (declared_names.as_ref(), &declared),
             spec.steps.len(),
             errors,
         ));
@@ -1080,7 +1081,7 @@ fn compile_step(
     needs: &[Vec<usize>],
     reach: &mut Reach<'_>,
     by_id: &HashMap<String, usize>,
-    declared_inputs: Option<&BTreeSet<&str>>,
+    (declared_inputs, declared_types): (Option<&BTreeSet<&str>>, &[DeclaredInput]),
     dag_len: usize,
     errors: &mut Vec<SpecError>,
 ) -> CompiledStep {
@@ -1091,6 +1092,7 @@ fn compile_step(
         index: i,
         by_id,
         declared_inputs,
+        declared_types,
         item_variables: false,
         hook: hook.is_some(),
         event_variable: false,
@@ -1100,7 +1102,12 @@ fn compile_step(
     };
     // The list is evaluated before there is an item: `item` and `index` are not in its scope.
     let for_each = if is_map {
-        scope.compile(format!("{at}.for_each"), &step.for_each, errors)
+        scope.compile_returning(
+            format!("{at}.for_each"),
+            &step.for_each,
+            typecheck::Wanted::List,
+            errors,
+        )
     } else {
         None
     };
@@ -1168,12 +1175,19 @@ fn compile_step(
     let when = if step.when.trim().is_empty() {
         None
     } else {
-        scope.compile(format!("{at}.when"), &step.when, errors)
+        scope.compile_returning(
+            format!("{at}.when"),
+            &step.when,
+            typecheck::Wanted::Bool,
+            errors,
+        )
     };
     let event_filter = match &step.wait_for {
         Some(wait) if !wait.filter.trim().is_empty() => {
             scope.event_variable = true;
-            let program = scope.compile(format!("{at}.wait_for.filter"), &wait.filter, errors);
+            let path = format!("{at}.wait_for.filter");
+            let program =
+                scope.compile_returning(path, &wait.filter, typecheck::Wanted::Bool, errors);
             scope.event_variable = false;
             program
         }
@@ -1472,6 +1486,8 @@ struct Scope<'a> {
     by_id: &'a HashMap<String, usize>,
     /// The declared run inputs, when the workflow declares them: `inputs.<name>` must name one.
     declared_inputs: Option<&'a BTreeSet<&'a str>>,
+    /// The declared inputs with their types, for [`typecheck`].
+    declared_types: &'a [DeclaredInput],
     /// Whether `item` and `index` are in scope (the inputs of a map step).
     item_variables: bool,
     /// An exit hook: every step is upstream of it, and `run` is in scope.
@@ -1548,6 +1564,29 @@ impl Scope<'_> {
                 format!("unknown variable {name:?}")
             };
             errors.push(SpecError::new(path.clone(), message));
+        }
+        for problem in typecheck::check(&program, self.declared_types) {
+            errors.push(SpecError::new(path.clone(), problem));
+        }
+        Some(program)
+    }
+
+    /// Like [`compile`](Self::compile), for an expression that must return `wanted` (a `when`,
+    /// a filter, a `for_each`): refused when it surely returns something else.
+    fn compile_returning(
+        &mut self,
+        path: String,
+        text: &str,
+        wanted: typecheck::Wanted,
+        errors: &mut Vec<SpecError>,
+    ) -> Option<cel::Program> {
+        let program = self.compile(path.clone(), text, errors)?;
+        if let Some(got) = typecheck::wrong_result(&program, self.declared_types, wanted) {
+            let want = match wanted {
+                typecheck::Wanted::Bool => "a bool",
+                typecheck::Wanted::List => "a list",
+            };
+            errors.push(SpecError::new(path, format!("returns {got}, not {want}")));
         }
         Some(program)
     }

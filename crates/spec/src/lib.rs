@@ -83,6 +83,7 @@ mod expr;
 mod inputs;
 mod parse;
 mod retry;
+mod typecheck;
 
 pub use compile::{
     CompiledStep, CompiledWorkflow, Hook, ItemInputs, MAX_CACHE_TTL, RESERVED_STEP_IDS, StepCache,
@@ -102,6 +103,8 @@ pub use dagmesh_proto::v1::{ApprovalSpec, RetryPolicy, StepSpec, WorkflowSpec};
 
 use sha2::{Digest, Sha256};
 
+use crate::inputs::DeclaredInput as Declared;
+
 /// Parses and compiles a workflow file in one go.
 pub fn compile_text(text: &str, format: Format) -> Result<CompiledWorkflow, SpecErrors> {
     compile(&parse_workflow(text, format)?)
@@ -114,6 +117,25 @@ pub fn content_hash(spec: &WorkflowSpec) -> String {
     // Not `encode_to_vec`: prost maps are `HashMap`s, so their encoded order varies.
     let digest = Sha256::digest(parse::canonical_json(spec));
     digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The type problems of one expression over run inputs declared with these types (what
+/// `compile` reports for a step expression, without the path); `Err` when it does not parse.
+pub fn expression_type_problems(
+    text: &str,
+    inputs: &[(&str, InputType)],
+) -> Result<Vec<String>, String> {
+    let program = expr::compile(text)?;
+    let declared: Vec<Declared> = inputs
+        .iter()
+        .map(|&(name, kind)| Declared {
+            name: name.to_owned(),
+            kind,
+            default: None,
+            description: String::new(),
+        })
+        .collect();
+    Ok(typecheck::check(&program, &declared))
 }
 
 /// The cache key of a memoized step (`StepSpec.cache`): hex SHA-256 of the task as written and

@@ -411,3 +411,54 @@ steps:
         dagmesh_spec::cache_key("u", &one)
     );
 }
+
+#[test]
+fn expressions_are_type_checked_against_the_declared_inputs() {
+    let text = r#"
+name: wf
+inputs:
+  room_id: {type: string}
+  image_count: {type: int, default: 8}
+  ratio: {type: number, default: 0.5}
+  anything: {type: any, default: 1}
+steps:
+  - id: a
+    task: t
+    inputs:
+      next: inputs.image_count + 1
+      label: "'room ' + inputs.room_id"
+      scaled: inputs.ratio * 2
+      free: inputs.anything + 1
+      bad_add: inputs.room_id + 1
+      bad_size: size(inputs.image_count)
+      bad_field: inputs.room_id.floor
+      bad_mix: inputs.image_count * 1.5
+  - id: b
+    task: t
+    when: inputs.room_id
+    for_each: inputs.image_count
+    inputs: {x: item}
+"#;
+    let errors = compile_text(text, Format::Yaml).unwrap_err().to_string();
+    for expected in [
+        "steps[0].inputs.bad_add: `+` cannot add inputs.room_id (a string) and an int",
+        "steps[0].inputs.bad_size: size() takes a string, a list or an object, not inputs.image_count (an int)",
+        "steps[0].inputs.bad_field: inputs.room_id (a string) has no field \"floor\"",
+        "steps[0].inputs.bad_mix: `*` cannot combine inputs.image_count (an int) and a double (CEL does not mix ints and doubles",
+        "steps[1].when: returns a string, not a bool",
+        "steps[1].for_each: returns an int, not a list",
+    ] {
+        assert!(
+            errors.contains(expected),
+            "missing {expected:?} in:\n{errors}"
+        );
+    }
+    for fine in [
+        "inputs.next",
+        "inputs.label",
+        "inputs.scaled",
+        "inputs.free",
+    ] {
+        assert!(!errors.contains(fine), "{fine} is fine:\n{errors}");
+    }
+}

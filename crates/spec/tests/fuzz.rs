@@ -112,8 +112,91 @@ fn check(expression: &str, inputs: Value, up: Value) -> Result<(), TestCaseError
     Ok(())
 }
 
+/// Expressions whose every part is evaluated (no `? :`, `&&`, `||` or comprehensions, which
+/// may skip a part): if one part always fails, the whole does.
+fn strict_expression() -> impl Strategy<Value = String> {
+    let leaf = prop_oneof![
+        Just("inputs.xs".to_owned()),
+        Just("inputs.s".to_owned()),
+        Just("inputs.n".to_owned()),
+        Just("inputs.f".to_owned()),
+        Just("inputs.o".to_owned()),
+        Just("inputs.b".to_owned()),
+        Just("up".to_owned()),
+        (-5i64..5).prop_map(|n| n.to_string()),
+        (0u64..5).prop_map(|n| format!("{n}u")),
+        Just("1.5".to_owned()),
+        "'[a-z]{0,3}'",
+        Just("null".to_owned()),
+        Just("true".to_owned()),
+    ];
+    leaf.prop_recursive(4, 24, 3, |inner| {
+        prop_oneof![
+            (inner.clone(), "[-+*/%]|==|!=|<|<=|>|>=|in", inner.clone())
+                .prop_map(|(a, op, b)| format!("({a} {op} {b})")),
+            (inner.clone(), inner.clone()).prop_map(|(a, b)| format!("{a}[{b}]")),
+            prop::collection::vec(inner.clone(), 0..3).prop_map(|v| format!("[{}]", v.join(", "))),
+            inner.clone().prop_map(|a| format!("size({a})")),
+            inner.clone().prop_map(|a| format!("{a}.f")),
+            inner.clone().prop_map(|a| format!("{a}.startsWith('a')")),
+            inner.clone().prop_map(|a| format!("-{a}")),
+            inner.prop_map(|a| format!("!{a}")),
+        ]
+    })
+}
+
+/// Values of the declared types: xs list, s string, n int, f number, o object, b bool.
+fn typed_inputs() -> impl Strategy<Value = Value> {
+    (
+        prop::collection::vec(data(), 0..3),
+        ".{0,4}",
+        any::<i32>(),
+        prop_oneof![any::<i32>().prop_map(|n| json!(n)), any::<f64>().prop_map(|f| json!(f))],
+        prop::collection::btree_map("[a-f]", data(), 0..3),
+        any::<bool>(),
+    )
+        .prop_map(|(xs, s, n, f, o, b)| {
+            json!({"xs": xs, "s": s, "n": n, "f": f, "o": Value::Object(o.into_iter().collect()), "b": b})
+        })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// The type checker refuses only what cannot work: an expression it finds a problem in fails
+    /// at run time, whatever values of the declared types it reads.
+    #[test]
+    fn what_the_type_checker_refuses_always_fails_at_run_time(
+        expression in strict_expression(),
+        inputs in typed_inputs(),
+        up in data(),
+    ) {
+        use dagmesh_spec::InputType;
+        let declared = [
+            ("xs", InputType::List),
+            ("s", InputType::String),
+            ("n", InputType::Int),
+            ("f", InputType::Number),
+            ("o", InputType::Object),
+            ("b", InputType::Bool),
+        ];
+        let Ok(problems) = dagmesh_spec::expression_type_problems(&expression, &declared) else {
+            return Ok(());
+        };
+        if problems.is_empty() {
+            return Ok(());
+        }
+        // Through the store and back, as a run's inputs are (whole numbers become ints).
+        let inputs = Value::Object(dagmesh_proto::json::from_struct(Some(
+            &dagmesh_proto::json::to_struct(&inputs),
+        )));
+        let program = cel::Program::compile(&expression).expect("it parsed");
+        let result = dagmesh_spec::evaluate_json(&program, &[("inputs", &inputs), ("up", &up)]);
+        prop_assert!(
+            result.is_err(),
+            "{expression} was refused ({problems:?}) but evaluates to {result:?} with {inputs}"
+        );
+    }
 
     #[test]
     fn built_expressions_never_panic_at_compile_or_evaluation(
