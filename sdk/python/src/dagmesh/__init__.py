@@ -6,6 +6,8 @@
   reconnects on its own and drains on SIGTERM.
 - `Client` (and `AsyncClient`) for backends: apply workflows, submit runs, watch them, wait
   for them to end, cancel and retry them.
+- `Workflow`, `Step`, `Retry` (`dagmesh.workflow`): workflows in code, a typed builder of the
+  same `WorkflowSpec` a YAML workflow file gives, with needs on steps already added.
 - `dagmesh.v1`: the generated protocol types.
 """
 
@@ -14,6 +16,7 @@ from dagmesh.client import AsyncClient, Client, is_terminal
 from dagmesh.context import LogLevel, TaskContext
 from dagmesh.errors import ClientError, TaskError, WorkerAborted, WorkerRejected
 from dagmesh.payload import to_dict, to_struct
+from dagmesh.workflow import Retry, Step, Workflow
 
 __version__ = "0.1.0"
 
@@ -22,12 +25,15 @@ __all__ = [
     "Client",
     "ClientError",
     "LogLevel",
+    "Retry",
+    "Step",
     "TaskContext",
     "TaskError",
     "Worker",
     "WorkerAborted",
     "WorkerRejected",
     "WorkerState",
+    "Workflow",
     "__version__",
     "is_terminal",
     "to_dict",
