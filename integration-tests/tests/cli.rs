@@ -489,7 +489,8 @@ async fn cli_demo_runs_room_scan_to_success() -> anyhow::Result<()> {
     assert_eq!(state, "SUCCEEDED", "{demo:#?}");
     // `features` maps over the 12 fetched photos: one item per photo.
     let items: Vec<String> = (0..12).map(|i| format!("features[{i}]")).collect();
-    let mut steps = vec!["fetch", "features", "mesh", "thumbnails", "notify"];
+    // `reconstruct` is the child workflow room-mesh (mesh and thumbnails).
+    let mut steps = vec!["fetch", "features", "reconstruct", "notify"];
     steps.extend(items.iter().map(String::as_str));
     for step_id in steps {
         assert!(

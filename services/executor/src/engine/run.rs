@@ -25,7 +25,7 @@ use dagmesh_proto::limits::{
 use tokio::time::Instant;
 
 use super::timers::Timer;
-use super::traces::{self, AttemptEnd, Timeline};
+use super::traces::{self, Timeline};
 use super::{Asked, Ctx, QueuedTask, cancel_message, humanize};
 use crate::plans::Plan;
 use dagmesh_spec::StepKind;
@@ -439,6 +439,7 @@ impl RunEntry {
     /// An ASSIGNED/RUNNING task read back from the store: held for its worker's instance in a
     /// (possibly disconnected) session.
     fn hold_recovered(&mut self, at: StepRef, ctx: &mut Ctx) {
+        self.trace.recovered(at, &slot_of(&self.steps, at).row);
         let spec = &self.plan.compiled.steps[at.spec()];
         let step = &self.slot(at).row;
         let instance: Arc<str> = Arc::from(step.worker.as_str());
@@ -1589,7 +1590,6 @@ impl RunEntry {
 
     /// A new attempt: READY and queued for a worker.
     fn make_ready(&mut self, at: StepRef, ctx: &mut Ctx) {
-        self.trace.step_ready(at);
         let route = self.plan.routes[at.spec()].clone();
         let step = self.row_mut(at);
         step.attempt += 1;
@@ -1722,7 +1722,6 @@ impl RunEntry {
         step.worker_principal = principal;
         step.task_version = version.to_owned();
         step.waiting_reason.clear();
-        self.trace.attempt_assigned(at);
         self.set_step_state(at, StepState::Assigned, ctx);
         let spec = &self.plan.compiled.steps[at.spec()];
         let step = &self.slot(at).row;
@@ -2005,9 +2004,6 @@ impl RunEntry {
         slot.output = Some(Json::Object(from_struct(Some(&outputs))));
         slot.row.outputs = Some(outputs);
         slot.row.progress = 1.0;
-        let ended = AttemptEnd::Succeeded;
-        self.trace
-            .attempt_ended(&self.run, &slot_of(&self.steps, at).row, at, ended);
         self.finish(at, StepState::Succeeded, String::new(), ctx);
         if at.item_index().is_none() {
             let released = self.release_dependants(at.spec());
@@ -2017,9 +2013,6 @@ impl RunEntry {
 
     /// A failed attempt that counts against the retry policy.
     fn attempt_failed(&mut self, at: StepRef, error: String, retryable: bool, ctx: &mut Ctx) {
-        let failed = AttemptEnd::Failed(&error);
-        self.trace
-            .attempt_ended(&self.run, &slot_of(&self.steps, at).row, at, failed);
         let spec = &self.plan.compiled.steps[at.spec()];
         let step = self.row(at);
         let counted = step.attempt.saturating_sub(step.lost_attempts);
@@ -2055,9 +2048,6 @@ impl RunEntry {
         step.lost_in_a_row += 1;
         step.error = format!("attempt {attempt}: {reason}");
         let lost_in_a_row = step.lost_in_a_row;
-        let lost = AttemptEnd::Lost(reason);
-        self.trace
-            .attempt_ended(&self.run, &slot_of(&self.steps, at).row, at, lost);
         let history = self.losses.entry(at).or_default();
         history.push(format!("attempt {attempt}: {reason}"));
         if history.len() > 5 {
@@ -2187,8 +2177,6 @@ impl RunEntry {
                 Arc::from(step.worker.as_str()),
                 cancel_message(&step.task_id, step.attempt, reason),
             );
-            let cancelled = AttemptEnd::Cancelled(reason);
-            self.trace.attempt_ended(&self.run, step, at, cancelled);
         }
         if !step.child_run_id.is_empty() && step.state() == StepState::Running {
             ctx.asked.push(Asked::CancelChild {
@@ -2238,8 +2226,6 @@ impl RunEntry {
         step.error = error;
         step.finished_at = Some(now());
         self.set_step_state(at, state, ctx);
-        self.trace
-            .step_ended(&self.run, &slot_of(&self.steps, at).row, at);
         if at.item_index().is_some() {
             self.item_ended(at, ctx);
         } else if is_terminal(state) && self.steps[at.spec()].map.is_some() {
@@ -2330,7 +2316,6 @@ impl RunEntry {
         self.run.error = error.clone();
         if is_finished(state) {
             self.run.finished_at = Some(now());
-            traces::run_ended(&self.run);
             if !self.run.parent_run_id.is_empty() {
                 ctx.asked.push(Asked::ChildEnded {
                     child: self.id.clone(),
@@ -2390,7 +2375,37 @@ impl RunEntry {
     }
 
     /// Moves this batch's changes into `out`: run row, then steps, then events.
+    /// Feeds this batch's events to the spans (see [`Timeline::observe`]): spans are derived
+    /// from what the transitions emitted, when the batch is committed.
+    fn trace_events(&mut self) {
+        if !traces::enabled() {
+            return;
+        }
+        for event in &self.events {
+            let when = event
+                .at
+                .and_then(|at| SystemTime::try_from(at).ok())
+                .unwrap_or_else(SystemTime::now);
+            match &event.event {
+                Some(run_event::Event::RunState(change)) if is_finished(change.state()) => {
+                    traces::run_ended(&self.run, when);
+                }
+                Some(run_event::Event::StepState(change)) => {
+                    let Some(at) = self.find(&change.step_id) else {
+                        continue;
+                    };
+                    let is_task = self.is_task(at);
+                    let row = &slot_of(&self.steps, at).row;
+                    self.trace
+                        .observe(&self.run, row, at, is_task, change, when);
+                }
+                _ => {}
+            }
+        }
+    }
+
     pub fn drain_mutations(&mut self, out: &mut Vec<Mutation>) {
+        self.trace_events();
         let put = |mutation| Mutation {
             mutation: Some(mutation),
         };

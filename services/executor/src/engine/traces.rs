@@ -13,8 +13,10 @@
 //!   the worker are its children.
 //!
 //! An attempt spans Assign to result (or loss, timeout, cancel); a step spans its first READY
-//! to its end, retries and backoffs included; a run spans creation to its end. Nothing here
-//! runs unless [`traces_enabled`]: without an exporter the hooks cost an atomic load.
+//! to its end, retries and backoffs included; a run spans creation to its end. All of it is
+//! derived from the run events a batch committed (`RunEntry::drain_mutations` feeds them to
+//! [`Timeline::observe`]); no transition calls in here. Nothing runs unless [`traces_enabled`]:
+//! without an exporter it costs an atomic load per batch of a run.
 //!
 //! After an executor restart the start of steps and attempts in flight is not known any more;
 //! their spans then start when the current attempt started. A run retried with RetryRun emits
@@ -24,7 +26,7 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::SystemTime;
 
-use dagmesh_proto::v1::{Run, RunState, Step, StepState};
+use dagmesh_proto::v1::{Run, RunState, Step, StepState, StepStateChanged};
 use dagmesh_runtime::telemetry::{traces_enabled, with_span_ids};
 use opentelemetry::global::{self, BoxedTracer};
 use opentelemetry::trace::{
@@ -44,8 +46,13 @@ pub(crate) fn traceparent(run_id: &str, step_id: &str, attempt: u32) -> String {
     )
 }
 
+/// Whether spans are made at all (an exporter is set up).
+pub(crate) fn enabled() -> bool {
+    traces_enabled()
+}
+
 /// How an attempt ended.
-pub(crate) enum AttemptEnd<'a> {
+enum AttemptEnd<'a> {
     Succeeded,
     Failed(&'a str),
     /// Its worker was lost; the step goes on with a new attempt.
@@ -53,35 +60,107 @@ pub(crate) enum AttemptEnd<'a> {
     Cancelled(&'a str),
 }
 
-/// When each step of one run became ready and when its current attempt was assigned: what the
-/// spans need that the step rows do not keep. Empty (no allocation) while traces are off.
+/// The spans of one run, derived from the events its transitions emitted (see
+/// [`Timeline::observe`]), never called from inside a transition. It keeps what the spans need
+/// that the step rows do not: when each step became ready, when its attempt was assigned and to
+/// whom, and the state each step was last seen in. Empty (no allocation) while traces are off.
 #[derive(Default)]
 pub(crate) struct Timeline {
     step_start: HashMap<StepRef, SystemTime>,
     attempt_start: HashMap<StepRef, SystemTime>,
+    seen: HashMap<StepRef, Seen>,
+}
+
+/// The state, attempt and worker a step was last seen in.
+struct Seen {
+    state: StepState,
+    attempt: u32,
+    worker: String,
+}
+
+fn is_active(state: StepState) -> bool {
+    matches!(state, StepState::Assigned | StepState::Running)
 }
 
 impl Timeline {
-    /// A new attempt of `step` is READY; the first one starts the step span.
-    pub fn step_ready(&mut self, step: StepRef) {
+    /// A task read back from the store ASSIGNED or RUNNING (its attempt span starts then).
+    pub fn recovered(&mut self, at: StepRef, step: &Step) {
         if traces_enabled() {
-            self.step_start.entry(step).or_insert_with(SystemTime::now);
+            self.seen.insert(
+                at,
+                Seen {
+                    state: step.state(),
+                    attempt: step.attempt,
+                    worker: step.worker.clone(),
+                },
+            );
         }
     }
 
-    /// The current attempt of `step` was sent to a worker: its span starts.
-    pub fn attempt_assigned(&mut self, step: StepRef) {
-        if traces_enabled() {
-            self.attempt_start.insert(step, SystemTime::now());
+    /// Step `at` (`step`: its row as the batch left it) changed state, at `when`. Ends the
+    /// attempt span of a task that stops being assigned or running in its attempt, starts one
+    /// at ASSIGNED, starts the step span at its first READY, and ends the step span when the
+    /// step ends.
+    pub fn observe(
+        &mut self,
+        run: &Run,
+        step: &Step,
+        at: StepRef,
+        is_task: bool,
+        change: &StepStateChanged,
+        when: SystemTime,
+    ) {
+        let state = change.state();
+        let before = self.seen.insert(
+            at,
+            Seen {
+                state,
+                attempt: change.attempt,
+                worker: change.worker.clone(),
+            },
+        );
+        if is_task
+            && let Some(before) = before
+            && is_active(before.state)
+            && (!is_active(state) || change.attempt != before.attempt)
+        {
+            let end = match state {
+                _ if change.attempt != before.attempt => AttemptEnd::Lost(&step.error),
+                StepState::Succeeded => AttemptEnd::Succeeded,
+                StepState::Failed | StepState::RetryWait => AttemptEnd::Failed(&change.error),
+                StepState::Cancelled => AttemptEnd::Cancelled(&change.error),
+                _ => AttemptEnd::Lost(&step.error),
+            };
+            self.attempt_ended(run, step, at, (before.attempt, &before.worker), end, when);
+        }
+        match state {
+            StepState::Ready => {
+                self.step_start.entry(at).or_insert(when);
+            }
+            StepState::Assigned => {
+                self.attempt_start.insert(at, when);
+            }
+            StepState::Succeeded
+            | StepState::Failed
+            | StepState::Skipped
+            | StepState::Cancelled => {
+                self.seen.remove(&at);
+                self.step_ended(run, step, at, when);
+            }
+            _ => {}
         }
     }
 
-    /// The current attempt of `step` (still naming its worker) ended.
-    pub fn attempt_ended(&mut self, run: &Run, step: &Step, at: StepRef, end: AttemptEnd<'_>) {
-        if !traces_enabled() {
-            return;
-        }
-        let now = SystemTime::now();
+    /// Attempt `attempt` of `step`, held by `worker`, ended.
+    fn attempt_ended(
+        &mut self,
+        run: &Run,
+        step: &Step,
+        at: StepRef,
+        (attempt, worker): (u32, &str),
+        end: AttemptEnd<'_>,
+        now: SystemTime,
+    ) {
         let start = self
             .attempt_start
             .remove(&at)
@@ -99,8 +178,8 @@ impl Timeline {
             .split_once('@')
             .map_or(step.task.as_str(), |t| t.0);
         attributes.extend([
-            KeyValue::new("dagmesh.attempt", i64::from(step.attempt)),
-            KeyValue::new("dagmesh.worker", step.worker.clone()),
+            KeyValue::new("dagmesh.attempt", i64::from(attempt)),
+            KeyValue::new("dagmesh.worker", worker.to_owned()),
             KeyValue::new("dagmesh.task", format!("{task_name}@{}", step.task_version)),
             KeyValue::new("dagmesh.state", state),
         ]);
@@ -108,10 +187,10 @@ impl Timeline {
             attributes.push(KeyValue::new("dagmesh.error", reason.to_owned()));
         }
         emit(Emit {
-            name: format!("attempt {} #{}", step.step_id, step.attempt),
+            name: format!("attempt {} #{attempt}", step.step_id),
             kind: SpanKind::Client,
             run_id: &run.run_id,
-            span_id: attempt_span_id(&run.run_id, &step.step_id, step.attempt),
+            span_id: attempt_span_id(&run.run_id, &step.step_id, attempt),
             parent: Some(step_span_id(&run.run_id, &step.step_id)),
             start,
             end: now,
@@ -121,11 +200,7 @@ impl Timeline {
     }
 
     /// Step `at` reached a terminal state (its attempts, if any, ended before).
-    pub fn step_ended(&mut self, run: &Run, step: &Step, at: StepRef) {
-        if !traces_enabled() {
-            return;
-        }
-        let now = SystemTime::now();
+    fn step_ended(&mut self, run: &Run, step: &Step, at: StepRef, now: SystemTime) {
         let start = self
             .step_start
             .remove(&at)
@@ -166,12 +241,8 @@ impl Timeline {
     }
 }
 
-/// `run` reached a terminal state.
-pub(crate) fn run_ended(run: &Run) {
-    if !traces_enabled() {
-        return;
-    }
-    let now = SystemTime::now();
+/// `run` reached a terminal state, at `now`.
+pub(crate) fn run_ended(run: &Run, now: SystemTime) {
     let start = run
         .created_at
         .and_then(|at| SystemTime::try_from(at).ok())
