@@ -545,3 +545,140 @@ async fn cli_polyglot_demo_runs_across_three_languages() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+const CHILD_WORKFLOW: &str = r#"
+name: cli-child
+inputs:
+  text: {type: string}
+steps:
+  - {id: echo, task: cli.echo@^1, inputs: {text: inputs.text}, cache: {ttl: 1h}}
+"#;
+
+const PARENT_WORKFLOW: &str = r#"
+name: cli-parent
+inputs:
+  word: {type: string}
+steps:
+  - {id: first, task: cli.echo@^1, inputs: {text: inputs.word}}
+  - {id: inner, workflow: cli-child, needs: [first], inputs: {text: "first.text + '!'"}}
+"#;
+
+/// A child workflow, a memoized resubmit and the step cache as a user sees them in the CLI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_shows_child_runs_and_reused_steps() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = UpProcess::start(dir.path()).await?;
+    let server = up.url.as_str();
+    let worker = Worker::builder(server)
+        .name("cli-child-worker")
+        .task(
+            "cli.echo",
+            "1.0.0",
+            |_ctx: TaskContext, input: TextInput| async move {
+                Ok::<_, TaskError>(json!({ "text": input.text }))
+            },
+        )
+        .build()?;
+    let handle = worker.handle();
+    let worker_task = tokio::spawn(worker.run());
+    let write = |name: &str, text: &str| -> anyhow::Result<String> {
+        let file = dir.path().join(name);
+        std::fs::write(&file, text)?;
+        Ok(file.to_str().context("path")?.to_owned())
+    };
+    let (child, parent) = (
+        write("child.yaml", CHILD_WORKFLOW)?,
+        write("parent.yaml", PARENT_WORKFLOW)?,
+    );
+    dagmesh(&["--server", server, "workflows", "apply", &child])
+        .await?
+        .ok();
+    let first = dagmesh(&[
+        "--server", server, "submit", &parent, "-i", "word=hi", "--wait",
+    ])
+    .await?
+    .ok();
+    let (run_id, state) = summary_line(&first.stdout);
+    assert_eq!(state, "SUCCEEDED", "{first:#?}");
+
+    let shown = dagmesh(&["--server", server, "-o", "json", "runs", "get", &run_id])
+        .await?
+        .ok()
+        .json();
+    let inner = &shown["steps"][1];
+    assert_eq!(inner["outputs"]["echo"]["text"], json!("hi!"));
+    let child_id = inner["child_run_id"].as_str().context("child")?.to_owned();
+    let text = dagmesh(&["--server", server, "runs", "get", &run_id])
+        .await?
+        .ok();
+    assert!(
+        text.stdout.contains(&format!("child run {child_id}")),
+        "{text:#?}"
+    );
+    let child_text = dagmesh(&["--server", server, "runs", "get", &child_id])
+        .await?
+        .ok();
+    assert!(
+        child_text.stdout.contains(&format!(
+            "Parent:          run {run_id} (step inner; depth 1)"
+        )),
+        "{child_text:#?}"
+    );
+
+    // Resubmitted with --memoized: both steps reuse the first run's outputs.
+    let again = dagmesh(&[
+        "--server",
+        server,
+        "runs",
+        "resubmit",
+        &run_id,
+        "--memoized",
+    ])
+    .await?
+    .ok();
+    let new_id = again.stdout.trim().to_owned();
+    let done = dagmesh(&["--server", server, "runs", "watch", &new_id])
+        .await?
+        .ok();
+    for step in ["first", "inner"] {
+        assert!(
+            done.stdout
+                .lines()
+                .any(|line| line.contains(&format!(" {step} SUCCEEDED"))
+                    && line.contains(&format!("reused_from={run_id}"))),
+            "{step}: {done:#?}"
+        );
+    }
+    // A plain resubmit runs `first` again, and the child's memoized `echo` is a cache hit.
+    let plain = dagmesh(&["--server", server, "runs", "resubmit", &run_id, "--watch"])
+        .await?
+        .ok();
+    assert!(
+        !plain
+            .stdout
+            .contains(&format!("first SUCCEEDED attempt=1 reused_from")),
+        "{plain:#?}"
+    );
+    let (plain_id, _) = summary_line(&plain.stdout);
+    let plain_run = dagmesh(&["--server", server, "-o", "json", "runs", "get", &plain_id])
+        .await?
+        .ok()
+        .json();
+    let new_child = plain_run["steps"][1]["child_run_id"]
+        .as_str()
+        .context("child")?;
+    let new_child = dagmesh(&["--server", server, "-o", "json", "runs", "get", new_child])
+        .await?
+        .ok()
+        .json();
+    assert_eq!(new_child["steps"][0]["cached_from"], json!(child_id));
+
+    // A child cannot be retried on its own.
+    let refused = dagmesh(&["--server", server, "runs", "retry", &child_id]).await?;
+    assert_ne!(refused.code, Some(0));
+    assert!(refused.stderr.contains("retry the parent"), "{refused:#?}");
+    handle.drain();
+    tokio::time::timeout(PATIENCE, worker_task).await???;
+    drop(up);
+    Ok(())
+}

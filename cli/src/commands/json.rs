@@ -9,8 +9,8 @@
 use dagmesh_proto::json::from_struct;
 use dagmesh_proto::v1::{
     ApplyWorkflowResponse, ListRunsResponse, ListWorkersResponse, ListWorkflowsResponse, LogLine,
-    RetryPolicy, Run, RunEvent, RunState, Step, StepSpec, StepState, SubmitRunResponse,
-    WatchRunResponse, WorkerInfo, Workflow, WorkflowSpec, run_event, watch_run_response,
+    Run, RunEvent, RunState, Step, StepState, SubmitRunResponse, WatchRunResponse, WorkerInfo,
+    Workflow, WorkflowSpec, run_event, watch_run_response,
 };
 use prost_types::{Struct, Timestamp};
 use serde_json::{Map, Value, json};
@@ -199,40 +199,11 @@ pub fn list_runs_response(response: &ListRunsResponse) -> Value {
     })
 }
 
+/// A spec in the shape of a workflow file (every field a file may have, empty ones left out), so
+/// `-o json` output can be applied again as a file.
 pub fn workflow_spec(spec: &WorkflowSpec) -> Value {
-    json!({
-        "name": spec.name,
-        "description": spec.description,
-        "steps": spec.steps.iter().map(step_spec).collect::<Vec<_>>(),
-        "continue_on_failure": spec.continue_on_failure,
-    })
-}
-
-fn step_spec(step: &StepSpec) -> Value {
-    json!({
-        "id": step.id,
-        "task": step.task,
-        "needs": step.needs,
-        "inputs": string_map(&step.inputs),
-        "when": step.when,
-        "retry": step.retry.as_ref().map_or(Value::Null, retry_policy),
-        "timeout": step.timeout,
-        "labels": string_map(&step.labels),
-        "slots": step.slots,
-        "priority": step.priority,
-        "concurrency_key": step.concurrency_key,
-    })
-}
-
-fn retry_policy(retry: &RetryPolicy) -> Value {
-    json!({
-        "max_attempts": retry.max_attempts,
-        "initial_backoff": retry.initial_backoff,
-        "max_backoff": retry.max_backoff,
-        "multiplier": retry.multiplier,
-        "jitter": retry.jitter,
-        "retry_non_retryable": retry.retry_non_retryable,
-    })
+    let text = dagmesh_spec::render_workflow(spec, dagmesh_spec::Format::Json);
+    serde_json::from_str(&text).unwrap_or(Value::Null)
 }
 
 pub fn workflow(workflow: &Workflow) -> Value {

@@ -364,7 +364,7 @@ pub(crate) fn runs_table(runs: &[Run], now: SystemTime) -> String {
 pub(crate) fn describe_run(run: &Run, now: SystemTime, all_items: bool) -> String {
     let mut out = String::new();
     let mut field = |name: &str, value: String| {
-        out.push_str(&format!("{:<16}{value}\n", format!("{name}:")));
+        out.push_str(&format!("{:<17}{value}\n", format!("{name}:")));
     };
     field("Run", run.run_id.clone());
     field(
@@ -511,14 +511,14 @@ mod tests {
         let text = describe_run(&run, SystemTime::now(), false);
         assert_eq!(
             text,
-            "Run:            r1\n\
-             Workflow:       room-scan@2\n\
-             State:          FAILED\n\
-             Error:          step mesh failed\n\
-             Created:        2023-11-14T22:13:20Z\n\
-             Finished:       2023-11-14T22:14:25Z\n\
-             Duration:       1m05s\n\
-             Inputs:         {\"room\":\"hall\"}\n\
+            "Run:             r1\n\
+             Workflow:        room-scan@2\n\
+             State:           FAILED\n\
+             Error:           step mesh failed\n\
+             Created:         2023-11-14T22:13:20Z\n\
+             Finished:        2023-11-14T22:14:25Z\n\
+             Duration:        1m05s\n\
+             Inputs:          {\"room\":\"hall\"}\n\
              \n\
              STEP   STATE      ATTEMPT      WORKER  DURATION  ERROR\n\
              fetch  SUCCEEDED  1            cpu-1   2.00s\n\

@@ -296,7 +296,8 @@ impl PlainLines {
                     step.state,
                     step.attempt,
                     &step.worker,
-                    &step.error
+                    &step.error,
+                    &step.cached_from,
                 )
             ));
             if step.state == StepState::Running as i32 && step.progress > 0.0 {
@@ -332,10 +333,14 @@ impl PlainLines {
                 vec![line]
             }
             Some(run_event::Event::StepState(e)) => {
-                let mut line = step_line(&e.step_id, e.state, e.attempt, &e.worker, &e.error);
-                if !e.cached_from.is_empty() {
-                    line.push_str(&format!(" reused_from={}", e.cached_from));
-                }
+                let line = step_line(
+                    &e.step_id,
+                    e.state,
+                    e.attempt,
+                    &e.worker,
+                    &e.error,
+                    &e.cached_from,
+                );
                 vec![format!("{time} {line}")]
             }
             Some(run_event::Event::StepProgress(e)) => {
@@ -394,13 +399,23 @@ impl PlainLines {
     }
 }
 
-fn step_line(step_id: &str, state: i32, attempt: u32, worker: &str, error: &str) -> String {
+fn step_line(
+    step_id: &str,
+    state: i32,
+    attempt: u32,
+    worker: &str,
+    error: &str,
+    reused_from: &str,
+) -> String {
     let mut line = format!("{step_id} {}", format::step_state(state));
     if attempt > 0 {
         line.push_str(&format!(" attempt={attempt}"));
     }
     if !worker.is_empty() {
         line.push_str(&format!(" worker={worker}"));
+    }
+    if !reused_from.is_empty() {
+        line.push_str(&format!(" reused_from={reused_from}"));
     }
     if !error.is_empty() {
         line.push_str(&format!(" error={error:?}"));

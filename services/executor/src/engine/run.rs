@@ -827,7 +827,9 @@ impl RunEntry {
                 continue;
             }
             self.steps[index].row.inputs = Some(inputs);
+            // Exit hooks always run: they are about this run.
             if matches!(spec.kind, StepKind::Task | StepKind::Child { .. })
+                && spec.hook.is_none()
                 && let Some(memoized) = self.memoized(self.row(at))
             {
                 let (outputs, origin) = (memoized.outputs.clone(), memoized.origin.clone());
@@ -1335,6 +1337,7 @@ impl RunEntry {
                         }
                         if row.state() == StepState::Pending
                             && matches!(spec.kind, StepKind::Task | StepKind::Child { .. })
+                            && spec.hook.is_none()
                             && let Some(memoized) = self.memoized(&row)
                         {
                             row.attempt = 1;
