@@ -328,6 +328,113 @@ async fn executor_sigkill_mid_map_recovers_every_item() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// SIGKILL while a map of child workflows runs, each child a memoized task: after two kills
+/// every child step ends once with its own child run, every child's task succeeds once, and a
+/// second run of the same inputs after the kills is served from the cache without a worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn executor_sigkill_mid_child_workflows_keeps_children_and_cache() -> anyhow::Result<()> {
+    const ITEMS: usize = 12;
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let url = format!("http://127.0.0.1:{port}");
+    let fast = ["--executor-lease-ttl", "2s"];
+    let mut up = start_up("up-1", dir.path(), port, &fast).await?;
+    let (done_tx, mut done_rx) = watch::channel(Vec::<(String, u32)>::new());
+    let done_tx = Arc::new(done_tx);
+    let done = done_tx.clone();
+    let worker = Worker::builder(&url)
+        .name("children")
+        .instance_id("children-0")
+        .slots(3)
+        .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(300))
+        .task(
+            "double",
+            "1.0.0",
+            move |ctx: TaskContext, input: CountInput| {
+                let done = done.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    done.send_modify(|d| d.push((ctx.task_id().to_owned(), ctx.attempt())));
+                    Ok::<_, TaskError>(json!({ "n": input.x.unwrap_or(0.0) * 2.0 }))
+                }
+            },
+        )
+        .build()?;
+    let (handle, task) = spawn_worker(worker);
+    connected(&handle).await?;
+    let client = Client::connect(&url).await?;
+    let mut doubled = step("twice", "double@^1", &[], &[("x", "inputs.x")]);
+    doubled.cache = Some(dagmesh_proto::v1::CacheSpec {
+        key: String::new(),
+        ttl: "1h".into(),
+    });
+    client
+        .apply_workflow(workflow("child-double", vec![doubled]))
+        .await?;
+    let mut each = step("each", "", &[], &[("x", "item")]);
+    each.workflow = "child-double".into();
+    each.for_each = "inputs.xs".into();
+    each.max_parallel = 3;
+    let spec = workflow("chaos-children", vec![each]);
+    let xs: Vec<usize> = (0..ITEMS).collect();
+    let run = client
+        .submit(SubmitRun::inline(spec.clone()).inputs(json!({ "xs": xs })))
+        .await?;
+    for (next_process, more) in [(2, 3), (3, 3)] {
+        let target = done_rx.borrow().len() + more;
+        tokio::time::timeout(PATIENCE, done_rx.wait_for(|d| d.len() >= target))
+            .await
+            .with_context(|| format!("the worker never finished {target} children"))??;
+        up.sigkill()?;
+        ensure!(
+            done_rx.borrow().len() < ITEMS,
+            "every child had finished before the kill; nothing was tested"
+        );
+        up = start_up(&format!("up-{next_process}"), dir.path(), port, &fast).await?;
+    }
+    let client = Client::connect(&url).await?;
+    let run = wait_for_run(&client, &run.run_id).await?;
+    assert_succeeded(&run);
+    let events = all_events(channel(&url).await?, &run.run_id).await?;
+    let mut children = BTreeSet::new();
+    for i in 0..ITEMS {
+        let item = format!("each[{i}]");
+        let states = step_states(&events, &item);
+        let succeeded = states.iter().filter(|s| *s == "SUCCEEDED").count();
+        assert_eq!(succeeded, 1, "{item}: {states:?}");
+        let row = run.steps.iter().find(|s| s.step_id == item).expect("item");
+        assert_eq!(
+            outputs(&run, &item)["twice"]["n"].as_f64(),
+            Some(i as f64 * 2.0),
+            "{item}"
+        );
+        let child = client.get_run(&row.child_run_id).await?;
+        assert_eq!(child.parent_step_id, item);
+        assert_succeeded(&child);
+        let child_events = all_events(channel(&url).await?, &child.run_id).await?;
+        let states = step_states(&child_events, "twice");
+        assert_eq!(
+            states.iter().filter(|s| *s == "SUCCEEDED").count(),
+            1,
+            "{item}'s child: {states:?}"
+        );
+        children.insert(child.run_id);
+    }
+    assert_eq!(children.len(), ITEMS, "one child run per item");
+
+    // The same inputs again: every child's task is a cache hit, no worker runs anything.
+    let ran = done_rx.borrow().len();
+    let again = client
+        .submit(SubmitRun::inline(spec).inputs(json!({ "xs": xs })))
+        .await?;
+    let again = wait_for_run(&client, &again.run_id).await?;
+    assert_succeeded(&again);
+    assert_eq!(done_rx.borrow().len(), ran, "the second run ran tasks");
+    handle.abort();
+    let _ = task.await;
+    Ok(())
+}
+
 #[derive(Deserialize)]
 struct TextInput {
     text: String,
@@ -631,6 +738,61 @@ async fn up_serves_health_and_reflection_for_grpcurl() -> anyhow::Result<()> {
             assert!(
                 approved.contains("RUN_STATE_SUCCEEDED") && approved.contains("\"approved_by\""),
                 "ApproveStep printed {approved}"
+            );
+
+            // A child workflow through grpcurl: the parent's step starts a run of the approval
+            // workflow; approving the child ends the parent's step with the child's outputs.
+            let parent = json!({"spec": {
+                "name": "grpcurl-parent",
+                "steps": [{"id": "inner", "workflow": "grpcurl-approval"}],
+            }})
+            .to_string();
+            let submitted = run_grpcurl(&[
+                "-plaintext",
+                "-d",
+                &parent,
+                &target,
+                "dagmesh.v1.RunService/SubmitRun",
+            ])
+            .await?;
+            let submitted: Value = serde_json::from_str(&submitted)?;
+            let parent_id = submitted["run"]["runId"]
+                .as_str()
+                .context("runId")?
+                .to_owned();
+            let get = json!({ "runId": parent_id }).to_string();
+            let deadline = std::time::Instant::now() + PATIENCE;
+            let child_id = loop {
+                let got = run_grpcurl(&[
+                    "-plaintext",
+                    "-d",
+                    &get,
+                    &target,
+                    "dagmesh.v1.RunService/GetRun",
+                ])
+                .await?;
+                let got: Value = serde_json::from_str(&got)?;
+                if let Some(child) = got["steps"][0]["childRunId"].as_str() {
+                    break child.to_owned();
+                }
+                ensure!(std::time::Instant::now() < deadline, "no child run: {got}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            let approve = json!({"runId": child_id, "stepId": "ok", "approve": true}).to_string();
+            run_grpcurl(&[
+                "-plaintext",
+                "-d",
+                &approve,
+                &target,
+                "dagmesh.v1.RunService/ApproveStep",
+            ])
+            .await?;
+            let client = Client::connect(&url).await?;
+            let parent = wait_for_run(&client, &parent_id).await?;
+            assert_succeeded(&parent);
+            assert_eq!(
+                outputs(&parent, "inner")["ok"]["approved_by"],
+                json!("anonymous")
             );
         }
     }
