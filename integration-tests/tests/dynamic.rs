@@ -1132,6 +1132,53 @@ async fn hostile_values_in_the_new_run_calls_are_refused_with_the_field() -> any
             .err(),
             "from_step: ",
         ),
+        (
+            runs.submit_run(SubmitRunRequest {
+                workflow_ref: Some(submit_run_request::WorkflowRef::Spec(workflow(
+                    "hostile-waits",
+                    vec![approval_step("review", &[], "ok?", "")],
+                ))),
+                memoize_from: long.clone(),
+                ..SubmitRunRequest::default()
+            })
+            .await
+            .err(),
+            "memoize_from: ",
+        ),
+        (
+            // A child workflow step whose workflow name is garbage, and a cache without ttl.
+            runs.submit_run(SubmitRunRequest {
+                workflow_ref: Some(submit_run_request::WorkflowRef::Spec(workflow(
+                    "hostile-child",
+                    vec![
+                        pb::StepSpec {
+                            workflow: format!("{long}@0"),
+                            ..step("a", "", &[], &[])
+                        },
+                        pb::StepSpec {
+                            cache: Some(pb::CacheSpec {
+                                key: long.clone(),
+                                ttl: String::new(),
+                            }),
+                            ..step("b", "t", &[], &[])
+                        },
+                    ],
+                ))),
+                ..SubmitRunRequest::default()
+            })
+            .await
+            .err()
+            .inspect(|status| {
+                for field in [
+                    "steps[0].workflow: ",
+                    "steps[1].cache.key: ",
+                    "steps[1].cache.ttl: ",
+                ] {
+                    assert!(status.message().contains(field), "{field}: {status:?}");
+                }
+            }),
+            "",
+        ),
     ];
     for (status, prefix) in refusals {
         let status = status.unwrap_or_else(|| panic!("{prefix} was accepted"));
