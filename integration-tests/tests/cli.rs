@@ -656,7 +656,7 @@ async fn cli_shows_child_runs_and_reused_steps() -> anyhow::Result<()> {
     assert!(
         !plain
             .stdout
-            .contains(&format!("first SUCCEEDED attempt=1 reused_from")),
+            .contains("first SUCCEEDED attempt=1 reused_from"),
         "{plain:#?}"
     );
     let (plain_id, _) = summary_line(&plain.stdout);

@@ -331,10 +331,7 @@ steps:
         );
     }
     for path in ["steps[0]", "steps[1]"] {
-        assert!(
-            !errors.contains(&format!("{path}")),
-            "{path} is valid:\n{errors}"
-        );
+        assert!(!errors.contains(path), "{path} is valid:\n{errors}");
     }
     let good = r#"
 name: wf

@@ -467,7 +467,7 @@ impl Executor {
         self.inner
             .engine
             .call(|reply| Command::Retry {
-                run,
+                run: Box::new(run),
                 plan,
                 from,
                 actor: actor.to_owned(),

@@ -1,8 +1,9 @@
 //! The run machine driven directly: no gRPC, no store server, virtual time. A simulated
 //! worker takes, starts, completes, fails and loses tasks in random orders over random DAGs
-//! (plain steps and maps); the run is cancelled, retried and "restarted" (rebuilt from the rows
-//! it committed) at random points. After every input the committed rows must equal the
-//! machine's memory, and the invariants of ARCHITECTURE.md must hold.
+//! (plain steps, maps, waits, child workflows); the run is cancelled, retried and "restarted"
+//! (rebuilt from the rows it committed) at random points, and child runs end in random orders.
+//! After every input the committed rows must equal the machine's memory, and the invariants of
+//! ARCHITECTURE.md must hold.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use tokio::time::Instant;
 
 use super::run::{RunEntry, StepRef};
 use super::timers::Timer;
-use super::{Admission, Ctx, ReadyQueues, Session, Timers, Workers};
+use super::{Admission, Asked, Ctx, ReadyQueues, Session, Timers, Workers};
 use crate::ExecutorConfig;
 use crate::plans::Plan;
 
@@ -84,6 +85,17 @@ struct Sim {
     held: Vec<(String, u32)>,
     /// Accepted successful results per step id.
     successes: HashMap<String, u32>,
+    /// The child runs the engine would have started, by run id: what the other runs are.
+    children: BTreeMap<String, SimChild>,
+    /// (step id, attempt) of every child started: one child per attempt.
+    child_attempts: HashSet<(String, u32)>,
+    child_plan: Arc<Plan>,
+}
+
+/// A child run as the engine holds it: its entry (the parent reads its state and outputs).
+struct SimChild {
+    entry: RunEntry,
+    parent_step: String,
 }
 
 #[derive(Debug, Clone)]
@@ -106,6 +118,8 @@ enum Action {
     Approve(bool),
     /// SuspendRun (true) or ResumeRun.
     Suspend(bool),
+    /// A running child run ends: 0 succeeded, 1 failed, 2 cancelled (by someone else).
+    ChildEnds(usize, u8),
 }
 
 impl Sim {
@@ -124,6 +138,15 @@ impl Sim {
         );
         entry.admitted = true;
         entry.start(&mut ctx);
+        let child_plan = self::plan(WorkflowSpec {
+            name: "child".into(),
+            steps: vec![pb::StepSpec {
+                id: "c".into(),
+                task: "t@^1".into(),
+                ..pb::StepSpec::default()
+            }],
+            ..WorkflowSpec::default()
+        });
         let mut sim = Sim {
             ctx,
             plan,
@@ -131,9 +154,75 @@ impl Sim {
             stored: Stored::default(),
             held: Vec::new(),
             successes: HashMap::new(),
+            children: BTreeMap::new(),
+            child_attempts: HashSet::new(),
+            child_plan,
         };
+        sim.settle();
         sim.commit();
         sim
+    }
+
+    /// What the engine does with what the run asked beyond itself (`Engine::settle`): child
+    /// runs started (at once here: the plan load is not simulated), cancelled, suspended.
+    fn settle(&mut self) {
+        while !self.ctx.asked.is_empty() {
+            for asked in std::mem::take(&mut self.ctx.asked) {
+                match asked {
+                    Asked::StartChild { step, attempt, .. } => {
+                        if !self.entry.wants_child(step, attempt) {
+                            continue;
+                        }
+                        let step_id = self.entry.step_key(step);
+                        assert!(
+                            self.child_attempts.insert((step_id.clone(), attempt)),
+                            "a second child for attempt {attempt} of {step_id}"
+                        );
+                        // The child lives in the engine, not in this run: a scratch context.
+                        let mut scratch = new_ctx(self.ctx.now);
+                        let child = RunEntry::create(
+                            self.child_plan.clone(),
+                            Map::new(),
+                            String::new(),
+                            HashMap::new(),
+                            0,
+                            true,
+                            "sim".into(),
+                            &mut scratch,
+                        );
+                        self.entry.child_started(step, &child.run, &mut self.ctx);
+                        let sim_child = SimChild {
+                            entry: child,
+                            parent_step: step_id,
+                        };
+                        self.children
+                            .insert(sim_child.entry.run.run_id.clone(), sim_child);
+                    }
+                    Asked::CancelChild { child, reason } => {
+                        let known = self.children.contains_key(&child);
+                        assert!(known, "cancel of a child that is not running: {child}");
+                        self.end_child(&child, RunState::Cancelled, &reason);
+                    }
+                    Asked::SuspendChild { child, .. } => {
+                        assert!(self.children.contains_key(&child), "{child}");
+                    }
+                    Asked::ChildEnded { .. } | Asked::CacheLookup { .. } => {
+                        panic!("the simulated run is no child and caches nothing")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Child run `child` ends `state`: the parent's step hears of it.
+    fn end_child(&mut self, child: &str, state: RunState, error: &str) {
+        let Some(mut ended) = self.children.remove(child) else {
+            return;
+        };
+        ended.entry.run.state = state as i32;
+        ended.entry.run.error = error.to_owned();
+        self.entry
+            .child_ended(&ended.parent_step, &ended.entry, &mut self.ctx);
     }
 
     /// Applies what the machine marked to the stored rows (the engine's commit).
@@ -298,6 +387,7 @@ impl Sim {
                 }
             }
             Action::Restart => {
+                self.settle();
                 self.commit();
                 // Memory is gone; the worker keeps what it holds and reconnects.
                 self.ctx = new_ctx(self.ctx.now);
@@ -326,6 +416,33 @@ impl Sim {
             Action::Suspend(suspend) => {
                 if self.entry.run.state() == RunState::Running {
                     self.entry.set_suspended(suspend, "sim", "sim", ctx);
+                }
+            }
+            Action::ChildEnds(i, outcome) => {
+                let count = self.children.len().max(1);
+                let Some(child) = self.children.keys().nth(i % count).cloned() else {
+                    self.settle();
+                    self.commit();
+                    self.check();
+                    return;
+                };
+                let (state, error) = match outcome {
+                    0 => (RunState::Succeeded, ""),
+                    1 => (RunState::Failed, "step \"c\" failed: sim"),
+                    _ => (RunState::Cancelled, "cancelled: by someone"),
+                };
+                let before = self.entry.snapshot();
+                let waited = before
+                    .steps
+                    .iter()
+                    .any(|s| s.child_run_id == child && s.state() == StepState::Running);
+                self.end_child(&child, state, error);
+                if !waited {
+                    assert_eq!(
+                        before,
+                        self.entry.snapshot(),
+                        "an unheard-of child changed the run"
+                    );
                 }
             }
             Action::Retry(from) => {
@@ -376,6 +493,7 @@ impl Sim {
                 }
             }
         }
+        self.settle();
         self.commit();
         self.check();
     }
@@ -422,7 +540,7 @@ impl Sim {
             .steps
             .iter()
             .filter(|s| super::run::is_active(s.state()))
-            .filter(|s| !self.plan.index.contains_key(&s.step_id) || self.is_plain(&s.step_id))
+            .filter(|s| self.is_task_row(s))
             .map(|s| (s.task_id.clone(), s.attempt))
             .collect();
         let session: HashSet<(String, u32)> = self.ctx.workers.sessions[WORKER]
@@ -437,11 +555,27 @@ impl Sim {
         let worker: HashSet<(String, u32)> = self.held.iter().cloned().collect();
         assert_eq!(session, worker, "the session holds what the worker holds");
         for step in &snapshot.steps {
-            let task = !self.plan.index.contains_key(&step.step_id) || self.is_plain(&step.step_id);
-            if task && super::run::is_active(step.state()) {
+            if self.is_task_row(step) && super::run::is_active(step.state()) {
                 assert_eq!(step.worker, WORKER);
             }
         }
+        // The children running are exactly those that RUNNING steps wait for, each started by
+        // the step that waits for it.
+        let waited: BTreeMap<&str, &str> = snapshot
+            .steps
+            .iter()
+            .filter(|s| s.state() == StepState::Running && !s.child_run_id.is_empty())
+            .map(|s| (s.child_run_id.as_str(), s.step_id.as_str()))
+            .collect();
+        let running: BTreeMap<&str, &str> = self
+            .children
+            .iter()
+            .map(|(id, child)| (id.as_str(), child.parent_step.as_str()))
+            .collect();
+        assert_eq!(
+            waited, running,
+            "steps waiting for children vs children running"
+        );
         let by_id: HashMap<&str, &Step> = snapshot
             .steps
             .iter()
@@ -479,8 +613,12 @@ impl Sim {
                 let outputs = from_struct(map.outputs.as_ref());
                 let list = outputs["items"].as_array().expect("a list");
                 assert_eq!(list.len(), map.item_count as usize);
+                let children = spec.kind != dagmesh_spec::StepKind::Task;
                 for (item, entry) in items.iter().zip(list) {
                     match item.state() {
+                        StepState::Succeeded if children => {
+                            assert_eq!(entry, &json!({}), "a child's outputs: its steps");
+                        }
                         StepState::Succeeded => {
                             assert_eq!(entry["from"], json!(item.task_id));
                         }
@@ -539,6 +677,18 @@ impl Sim {
         }
     }
 
+    /// Whether a row is a task handed to workers: a plain task step, or an item of a task map.
+    fn is_task_row(&self, step: &Step) -> bool {
+        if step.map_step.is_empty() {
+            self.is_plain(&step.step_id)
+        } else {
+            self.plan
+                .index
+                .get(&step.map_step)
+                .is_some_and(|&i| self.plan.compiled.steps[i].kind == dagmesh_spec::StepKind::Task)
+        }
+    }
+
     fn is_plain(&self, step_id: &str) -> bool {
         self.plan.index.get(step_id).is_some_and(|&i| {
             let spec = &self.plan.compiled.steps[i];
@@ -554,6 +704,9 @@ impl Sim {
             }
             self.apply(Action::Suspend(false));
             self.apply(Action::Approve(true));
+            while !self.children.is_empty() {
+                self.apply(Action::ChildEnds(0, 0));
+            }
             self.apply(Action::Dispatch);
             while !self.held.is_empty() {
                 self.apply(Action::Complete(0));
@@ -580,6 +733,8 @@ struct GenStep {
     retries: u32,
     /// A sleep (true) or an approval with a timeout (false) instead of a task.
     wait: Option<bool>,
+    /// A child workflow instead of a task (a map of them with `map`).
+    child: bool,
 }
 
 fn spec_of(steps: &[GenStep], continue_on_failure: bool) -> WorkflowSpec {
@@ -604,7 +759,19 @@ fn spec_with_hook(steps: &[GenStep], continue_on_failure: bool, hook: u8) -> Wor
                 }
                 None => (String::new(), 0, false),
             };
-            let wait = step.wait.filter(|_| step.map.is_none());
+            let wait = step.wait.filter(|_| step.map.is_none() && !step.child);
+            if step.child {
+                return pb::StepSpec {
+                    id: format!("s{i}"),
+                    workflow: "child".into(),
+                    needs,
+                    inputs,
+                    for_each,
+                    max_parallel,
+                    continue_on_failure: tolerate,
+                    ..pb::StepSpec::default()
+                };
+            }
             match wait {
                 Some(true) => pb::StepSpec {
                     id: format!("s{i}"),
@@ -671,17 +838,19 @@ fn any_dag() -> impl Strategy<Value = Vec<GenStep>> {
             prop::option::weighted(0.35, (0u32..4, any::<bool>())),
             1u32..3,
             prop::option::weighted(0.2, any::<bool>()),
+            prop::bool::weighted(0.2),
         ),
         1..6,
     )
     .prop_map(|raw| {
         raw.into_iter()
             .enumerate()
-            .map(|(i, (mask, map, retries, wait))| GenStep {
+            .map(|(i, (mask, map, retries, wait, child))| GenStep {
                 needs: (0..i).filter(|k| mask & (1 << k) != 0).collect(),
                 map,
                 retries,
                 wait,
+                child,
             })
             .collect()
     })
@@ -701,6 +870,7 @@ fn any_action() -> impl Strategy<Value = Action> {
         1 => prop::option::of(0usize..8).prop_map(Action::Retry),
         1 => any::<bool>().prop_map(Action::Approve),
         1 => any::<bool>().prop_map(Action::Suspend),
+        3 => (0usize..8, 0u8..3).prop_map(|(i, outcome)| Action::ChildEnds(i, outcome)),
     ]
 }
 
@@ -741,18 +911,21 @@ fn a_clean_run_of_a_map_succeeds_with_every_item_once() {
             map: None,
             retries: 1,
             wait: None,
+            child: false,
         },
         GenStep {
             needs: vec![0],
             map: Some((2, false)),
             retries: 1,
             wait: None,
+            child: false,
         },
         GenStep {
             needs: vec![1],
             map: None,
             retries: 1,
             wait: None,
+            child: false,
         },
     ];
     let inputs = json!({ "xs": [1, 2, 3, 4, 5] });

@@ -61,7 +61,7 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Option<Run>>,
     },
     Retry {
-        run: Run,
+        run: Box<Run>,
         plan: Arc<Plan>,
         /// `RetryRunRequest.from_step`, resolved to its plan position.
         from: Option<usize>,
@@ -148,7 +148,7 @@ pub(crate) enum Command {
         run: Arc<str>,
         step: StepRef,
         attempt: u32,
-        entry: Option<pb::CacheEntry>,
+        entry: Option<Box<pb::CacheEntry>>,
     },
 }
 
@@ -551,7 +551,7 @@ impl Engine {
                 entry,
             } => {
                 if let Some(entry_run) = self.runs.get_mut(&run) {
-                    entry_run.cache_answer(step, attempt, entry, &mut self.ctx);
+                    entry_run.cache_answer(step, attempt, entry.map(|e| *e), &mut self.ctx);
                 }
             }
             Command::Submit {
@@ -631,7 +631,7 @@ impl Engine {
                     self.ctx.reply(reply, Err(error));
                     return;
                 }
-                let mut entry = match RunEntry::recover(run, plan, &mut self.ctx) {
+                let mut entry = match RunEntry::recover(*run, plan, &mut self.ctx) {
                     Ok(entry) => entry,
                     Err(problem) => {
                         let error = ExecError::FailedPrecondition(format!(
@@ -896,7 +896,7 @@ impl Engine {
                 run,
                 step,
                 attempt,
-                entry,
+                entry: entry.map(Box::new),
             };
             let _ = commands.send(answer).await;
         });

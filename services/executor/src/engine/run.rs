@@ -390,11 +390,10 @@ impl RunEntry {
                 StepState::Pending if at.item_index().is_none() => pending.push(at.spec()),
                 // Stopped before its child run was created: ask again (a child created is
                 // committed with the step's `child_run_id`).
-                StepState::Running if child && !is_map => {
-                    if entry.row(at).child_run_id.is_empty() {
-                        entry.request_child(at, ctx);
-                    }
+                StepState::Running if child && !is_map && entry.row(at).child_run_id.is_empty() => {
+                    entry.request_child(at, ctx);
                 }
+                StepState::Running if child && !is_map => {}
                 StepState::Running
                     if !entry.is_task(at) && entry.steps[at.spec()].map.is_none() =>
                 {
