@@ -42,6 +42,7 @@ fn new_ctx(now: Instant) -> Ctx {
         timers: Timers::default(),
         effects: Vec::new(),
         asked: Vec::new(),
+        shared: Vec::new(),
         dirty_runs: Vec::new(),
         dirty_set: HashSet::new(),
         now,
@@ -166,6 +167,7 @@ impl Sim {
     /// What the engine does with what the run asked beyond itself (`Engine::settle`): child
     /// runs started (at once here: the plan load is not simulated), cancelled, suspended.
     fn settle(&mut self) {
+        self.ctx.apply_shared();
         while !self.ctx.asked.is_empty() {
             for asked in std::mem::take(&mut self.ctx.asked) {
                 match asked {
@@ -211,6 +213,7 @@ impl Sim {
                     }
                 }
             }
+            self.ctx.apply_shared();
         }
     }
 
@@ -284,6 +287,7 @@ impl Sim {
                     let worker: Arc<str> = Arc::from(WORKER);
                     self.entry
                         .assign(task.step, task.attempt, &worker, "1.0.0", ctx);
+                    ctx.apply_shared();
                     if let Some((attempt, StepState::Ready)) = before
                         && attempt == task.attempt
                     {
@@ -379,6 +383,7 @@ impl Sim {
                         }
                         Timer::Lease { .. } | Timer::DrainDeadline => {}
                     }
+                    ctx.apply_shared(); // as the engine does after each timer
                 }
             }
             Action::Cancel => {

@@ -274,6 +274,40 @@ pub(crate) struct Ownership {
     pub renewal: tokio::task::JoinHandle<()>,
 }
 
+/// A change to what all runs share — ready queues, timers, worker sessions, admission
+/// counters — asked for by one run's transition. Transitions only record these (the `Ctx`
+/// methods below); the engine applies them after the transition returns
+/// ([`Ctx::apply_shared`]), before it reads that state again. So a transition is a function of
+/// its run, its input and what it may read (time, config, who can take a task) to the run's
+/// new state plus these changes, events, dirty rows and effects.
+pub(crate) enum Shared {
+    Enqueue {
+        route: Arc<Route>,
+        priority: i32,
+        task: QueuedTask,
+    },
+    Schedule {
+        at: Instant,
+        timer: Timer,
+    },
+    /// A worker session holds an attempt (created, with its principal, for a recovered one).
+    Hold {
+        instance: Arc<str>,
+        principal: Option<Arc<str>>,
+        task_id: String,
+        attempt: u32,
+        slots: u32,
+    },
+    Release {
+        instance: Arc<str>,
+        task_id: String,
+        attempt: u32,
+    },
+    HoldResource(String),
+    ReleaseResource(String),
+    ReleaseBuckets(Vec<String>),
+}
+
 /// Everything the engine owns except the runs, so run logic can borrow both at once.
 pub(crate) struct Ctx {
     config: ExecutorConfig,
@@ -284,6 +318,8 @@ pub(crate) struct Ctx {
     effects: Vec<Effect>,
     /// What the runs' transitions asked beyond themselves (see `Engine::settle`).
     asked: Vec<Asked>,
+    /// Changes to shared state the transitions recorded, not yet applied (see [`Shared`]).
+    shared: Vec<Shared>,
     /// Runs changed in this batch, in first-touched order.
     dirty_runs: Vec<Arc<str>>,
     dirty_set: HashSet<Arc<str>>,
@@ -299,6 +335,70 @@ impl Ctx {
 
     fn send(&mut self, instance: Arc<str>, message: server_message::Message) {
         self.effects.push(Effect::Send { instance, message });
+    }
+
+    fn schedule(&mut self, at: Instant, timer: Timer) {
+        self.shared.push(Shared::Schedule { at, timer });
+    }
+
+    fn enqueue(&mut self, route: &Arc<Route>, priority: i32, task: QueuedTask) {
+        let route = route.clone();
+        self.shared.push(Shared::Enqueue {
+            route,
+            priority,
+            task,
+        });
+    }
+
+    fn hold_resource(&mut self, resource: &str) {
+        self.shared.push(Shared::HoldResource(resource.to_owned()));
+    }
+
+    fn release_resource(&mut self, resource: &str) {
+        self.shared.push(Shared::ReleaseResource(resource.to_owned()));
+    }
+
+    /// Applies the shared-state changes the transitions recorded, in order.
+    fn apply_shared(&mut self) {
+        for change in std::mem::take(&mut self.shared) {
+            match change {
+                Shared::Enqueue {
+                    route,
+                    priority,
+                    task,
+                } => self.queues.push(&route, priority, task),
+                Shared::Schedule { at, timer } => self.timers.schedule(at, timer),
+                Shared::Hold {
+                    instance,
+                    principal,
+                    task_id,
+                    attempt,
+                    slots,
+                } => {
+                    let now = self.now;
+                    let session = self
+                        .workers
+                        .sessions
+                        .entry(instance.clone())
+                        .or_insert_with(|| Session::new(instance.clone(), now));
+                    // Only the principal that held the attempt may resume the session.
+                    if session.principal.is_none() {
+                        session.principal = principal;
+                    }
+                    self.workers.hold(&instance, task_id, attempt, slots);
+                }
+                Shared::Release {
+                    instance,
+                    task_id,
+                    attempt,
+                } => {
+                    self.workers.release(&instance, &task_id, attempt);
+                }
+                Shared::HoldResource(resource) => self.admission.hold_resource(&resource),
+                Shared::ReleaseResource(resource) => self.admission.release_resource(&resource),
+                Shared::ReleaseBuckets(buckets) => self.admission.release(&buckets),
+            }
+        }
     }
 
     /// `now + delay`, saturating far in the future instead of overflowing: delays are bounded
@@ -382,6 +482,7 @@ impl Engine {
                 timers: Timers::default(),
                 effects: Vec::new(),
                 asked: Vec::new(),
+                shared: Vec::new(),
                 dirty_runs: Vec::new(),
                 dirty_set: HashSet::new(),
                 now,
@@ -829,6 +930,7 @@ impl Engine {
     /// the parent's step that caused it. Store reads go off the engine task and come back as
     /// commands.
     fn settle(&mut self) {
+        self.ctx.apply_shared();
         while !self.ctx.asked.is_empty() {
             for asked in std::mem::take(&mut self.ctx.asked) {
                 match asked {
@@ -873,6 +975,7 @@ impl Engine {
                         self.runs.insert(child, entry);
                     }
                 }
+                self.ctx.apply_shared();
             }
         }
     }
@@ -1069,6 +1172,7 @@ impl Engine {
 
     /// Admits queued runs that fit, in priority then FIFO order.
     fn admit_queued(&mut self) {
+        self.ctx.apply_shared();
         if !std::mem::take(&mut self.ctx.admission.dirty) {
             return;
         }
@@ -1087,6 +1191,7 @@ impl Engine {
             self.ctx.admission.dequeue(&key);
             self.ctx.admission.acquire(&entry.buckets);
             entry.admit(&mut self.ctx);
+            self.ctx.apply_shared();
         }
     }
 
@@ -1549,6 +1654,7 @@ impl Engine {
 
     /// Hands ready tasks to workers with free slots: highest priority first, then FIFO.
     fn dispatch(&mut self) {
+        self.ctx.apply_shared();
         if self.drain.is_some() {
             return;
         }
@@ -1569,6 +1675,7 @@ impl Engine {
             };
             if let Some(entry) = self.runs.get_mut(&task.run_id) {
                 entry.assign(task.step, task.attempt, &instance, &version, &mut self.ctx);
+                self.ctx.apply_shared(); // the worker's slots are taken before the next pick
             }
         }
     }

@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use super::timers::Timer;
 use super::traces::{self, Timeline};
-use super::{Asked, Ctx, QueuedTask, cancel_message, humanize};
+use super::{Asked, Ctx, QueuedTask, Shared, cancel_message, humanize};
 use crate::plans::Plan;
 use dagmesh_spec::StepKind;
 
@@ -409,7 +409,7 @@ impl RunEntry {
                 }
                 _ if !entry.is_task(at) => {}
                 StepState::Ready => entry.enqueue(at, ctx),
-                StepState::RetryWait => ctx.timers.schedule(
+                StepState::RetryWait => ctx.schedule(
                     ctx.now,
                     Timer::RetryDue {
                         run_id: entry.id.clone(),
@@ -442,21 +442,18 @@ impl RunEntry {
         let spec = &self.plan.compiled.steps[at.spec()];
         let step = &self.slot(at).row;
         let instance: Arc<str> = Arc::from(step.worker.as_str());
-        let (task_id, attempt) = (step.task_id.clone(), step.attempt);
-        let now = ctx.now;
-        let session = ctx
-            .workers
-            .sessions
-            .entry(instance.clone())
-            .or_insert_with(|| super::Session::new(instance.clone(), now));
         // Only the principal that held the attempt may resume the session.
-        if session.principal.is_none() && !step.worker_principal.is_empty() {
-            session.principal = Some(Arc::from(step.worker_principal.as_str()));
-        }
-        ctx.workers.hold(&instance, task_id, attempt, spec.slots);
-        ctx.admission.hold_resource(&spec.concurrency_key);
-        ctx.timers
-            .schedule(ctx.after(ctx.config.lease), Timer::Lease { instance });
+        let principal = (!step.worker_principal.is_empty())
+            .then(|| Arc::from(step.worker_principal.as_str()));
+        ctx.shared.push(Shared::Hold {
+            instance: instance.clone(),
+            principal,
+            task_id: step.task_id.clone(),
+            attempt: step.attempt,
+            slots: spec.slots,
+        });
+        ctx.hold_resource(&spec.concurrency_key);
+        ctx.schedule(ctx.after(ctx.config.lease), Timer::Lease { instance });
     }
 
     fn new(run: Run, plan: Arc<Plan>, steps: Vec<Slot>, inputs: Map<String, Json>) -> Self {
@@ -912,7 +909,7 @@ impl RunEntry {
     }
 
     fn schedule_wake(&self, at: StepRef, attempt: u32, delay: std::time::Duration, ctx: &mut Ctx) {
-        ctx.timers.schedule(
+        ctx.schedule(
             ctx.after(delay),
             Timer::WaitDeadline {
                 run_id: self.id.clone(),
@@ -1616,7 +1613,7 @@ impl RunEntry {
             });
         }
         if let Some(timeout) = self.plan.compiled.steps[at.spec()].schedule_to_start_timeout {
-            ctx.timers.schedule(
+            ctx.schedule(
                 ctx.after(timeout),
                 Timer::ScheduleToStart {
                     run_id: self.id.clone(),
@@ -1691,8 +1688,7 @@ impl RunEntry {
             attempt: self.row(at).attempt,
         };
         let priority = self.plan.compiled.steps[at.spec()].priority;
-        ctx.queues
-            .push(&self.plan.routes[at.spec()], priority, task);
+        ctx.enqueue(&self.plan.routes[at.spec()], priority, task);
     }
 
     pub fn assign(
@@ -1727,10 +1723,15 @@ impl RunEntry {
         self.set_step_state(at, StepState::Assigned, ctx);
         let spec = &self.plan.compiled.steps[at.spec()];
         let step = &self.slot(at).row;
-        ctx.workers
-            .hold(instance, step.task_id.clone(), attempt, spec.slots);
+        ctx.shared.push(Shared::Hold {
+            instance: instance.clone(),
+            principal: None,
+            task_id: step.task_id.clone(),
+            attempt,
+            slots: spec.slots,
+        });
         let deadline = spec.timeout.and_then(|timeout| {
-            ctx.timers.schedule(
+            ctx.schedule(
                 ctx.after(timeout),
                 Timer::AttemptTimeout {
                     run_id: self.id.clone(),
@@ -1812,7 +1813,7 @@ impl RunEntry {
             Some(next) => {
                 throttle.pending = Some(update);
                 if !std::mem::replace(&mut throttle.flush_scheduled, true) {
-                    ctx.timers.schedule(
+                    ctx.schedule(
                         next,
                         Timer::ProgressFlush {
                             run_id: self.id.clone(),
@@ -2030,7 +2031,7 @@ impl RunEntry {
             humanize(delay)
         );
         self.set_step_state(at, StepState::RetryWait, ctx);
-        ctx.timers.schedule(
+        ctx.schedule(
             due,
             Timer::RetryDue {
                 run_id: self.id.clone(),
@@ -2279,9 +2280,9 @@ impl RunEntry {
         if is_task && is_active(before) != is_active(state) {
             let resource = &self.plan.compiled.steps[at.spec()].concurrency_key;
             if is_active(state) {
-                ctx.admission.hold_resource(resource);
+                ctx.hold_resource(resource);
             } else {
-                ctx.admission.release_resource(resource);
+                ctx.release_resource(resource);
             }
         }
         let step = self.row_mut(at);
@@ -2324,7 +2325,7 @@ impl RunEntry {
                 });
             }
             if std::mem::take(&mut self.admitted) {
-                ctx.admission.release(&self.buckets);
+                ctx.shared.push(Shared::ReleaseBuckets(self.buckets.clone()));
             }
         }
         self.emit(
@@ -2365,14 +2366,17 @@ impl RunEntry {
         for at in self.all_refs() {
             let step = self.row(at);
             if self.is_task(at) && is_active(step.state()) {
-                ctx.workers
-                    .release(&step.worker, &step.task_id, step.attempt);
+                ctx.shared.push(Shared::Release {
+                    instance: Arc::from(step.worker.as_str()),
+                    task_id: step.task_id.clone(),
+                    attempt: step.attempt,
+                });
                 let resource = &self.plan.compiled.steps[at.spec()].concurrency_key;
-                ctx.admission.release_resource(resource);
+                ctx.release_resource(resource);
             }
         }
         if self.admitted {
-            ctx.admission.release(&self.buckets);
+            ctx.shared.push(Shared::ReleaseBuckets(self.buckets.clone()));
         }
     }
 
