@@ -355,7 +355,8 @@ impl Ctx {
     }
 
     fn release_resource(&mut self, resource: &str) {
-        self.shared.push(Shared::ReleaseResource(resource.to_owned()));
+        self.shared
+            .push(Shared::ReleaseResource(resource.to_owned()));
     }
 
     /// Applies the shared-state changes the transitions recorded, in order.

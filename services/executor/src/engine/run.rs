@@ -443,8 +443,8 @@ impl RunEntry {
         let step = &self.slot(at).row;
         let instance: Arc<str> = Arc::from(step.worker.as_str());
         // Only the principal that held the attempt may resume the session.
-        let principal = (!step.worker_principal.is_empty())
-            .then(|| Arc::from(step.worker_principal.as_str()));
+        let principal =
+            (!step.worker_principal.is_empty()).then(|| Arc::from(step.worker_principal.as_str()));
         ctx.shared.push(Shared::Hold {
             instance: instance.clone(),
             principal,
@@ -2325,7 +2325,8 @@ impl RunEntry {
                 });
             }
             if std::mem::take(&mut self.admitted) {
-                ctx.shared.push(Shared::ReleaseBuckets(self.buckets.clone()));
+                ctx.shared
+                    .push(Shared::ReleaseBuckets(self.buckets.clone()));
             }
         }
         self.emit(
@@ -2376,7 +2377,8 @@ impl RunEntry {
             }
         }
         if self.admitted {
-            ctx.shared.push(Shared::ReleaseBuckets(self.buckets.clone()));
+            ctx.shared
+                .push(Shared::ReleaseBuckets(self.buckets.clone()));
         }
     }
 
