@@ -435,6 +435,79 @@ async fn executor_sigkill_mid_child_workflows_keeps_children_and_cache() -> anyh
     Ok(())
 }
 
+/// SIGKILL while a run sleeps, waits for an approval and for an event: after the restart the
+/// sleep wakes at its stored time (not earlier), and the approval and the event resume the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn executor_sigkill_mid_waits_keeps_every_wait() -> anyhow::Result<()> {
+    use dagmesh_proto::v1::{
+        PublishEventRequest, scheduler_service_client::SchedulerServiceClient,
+    };
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let url = format!("http://127.0.0.1:{port}");
+    let fast = ["--executor-lease-ttl", "2s"];
+    let mut up = start_up("up-1", dir.path(), port, &fast).await?;
+    let text = r#"
+name: chaos-waits
+inputs: {room: {type: string}}
+steps:
+  - {id: nap, sleep: 4s}
+  - {id: review, approval: {message: "ok?"}}
+  - id: upload
+    wait_for: {topic: uploads, filter: "event.room == inputs.room"}
+"#;
+    let spec = dagmesh_spec::parse_workflow(text, dagmesh_spec::Format::Yaml)?;
+    let client = Client::connect(&url).await?;
+    let started = Instant::now();
+    let run = client
+        .submit(SubmitRun::inline(spec).inputs(json!({"room": "attic"})))
+        .await?;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let got = client.get_run(&run.run_id).await?;
+        let waiting = got
+            .steps
+            .iter()
+            .filter(|s| !s.waiting_for.is_empty())
+            .count();
+        if waiting == 3 {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "the waits never began: {got:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    up.sigkill()?;
+    up = start_up("up-2", dir.path(), port, &fast).await?;
+    let client = Client::connect(&url).await?;
+    client
+        .approve_step(
+            &run.run_id,
+            "review",
+            json!({"ticket": 1}),
+            "after the crash",
+        )
+        .await?;
+    let mut scheduler = SchedulerServiceClient::new(channel(&url).await?);
+    let resumed = scheduler
+        .publish_event(PublishEventRequest {
+            topic: "uploads".into(),
+            payload: Some(dagmesh_proto::json::to_struct(&json!({"room": "attic"}))),
+            event_id: String::new(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(resumed.resumed_steps, [format!("{}/upload", run.run_id)]);
+    let done = wait_for_run(&client, &run.run_id).await?;
+    assert_succeeded(&done);
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "the sleep ended early after the SIGKILL"
+    );
+    assert_eq!(outputs(&done, "review")["ticket"], json!(1));
+    drop(up);
+    Ok(())
+}
+
 #[derive(Deserialize)]
 struct TextInput {
     text: String,

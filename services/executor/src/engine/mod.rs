@@ -639,6 +639,8 @@ impl Engine {
     }
 
     fn handle(&mut self, command: Command) {
+        // Nothing a command reads may lag behind what earlier transitions recorded.
+        self.ctx.apply_shared();
         match command {
             Command::ChildPlan {
                 parent,
@@ -1720,6 +1722,8 @@ impl Engine {
         for run_id in refused {
             self.reload(run_id).await?;
         }
+        // A reloaded run holds its worker slots again before any message is read.
+        self.ctx.apply_shared();
         for run_id in dirty {
             let Some(entry) = self.runs.get(&run_id) else {
                 continue;
