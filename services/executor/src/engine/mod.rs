@@ -1796,6 +1796,11 @@ impl Engine {
     /// Takes a run read back from the store into the engine: it holds its admission buckets
     /// again if it was running, or waits in the admission queue if it was queued.
     fn adopt(&mut self, mut entry: RunEntry) {
+        if !entry.run.parent_run_id.is_empty() {
+            // A child run holds no admission bucket (its parent does): as when it was started.
+            self.runs.insert(entry.id.clone(), entry);
+            return;
+        }
         entry.buckets = self.buckets_of(&entry);
         match entry.run.state() {
             RunState::Running => {
