@@ -521,3 +521,55 @@ async fn a_cached_step_runs_once_per_key_until_its_ttl() -> anyhow::Result<()> {
     assert_eq!(outputs(&fourth, "one"), json!({"square": 25}));
     sandbox.stop().await
 }
+
+/// A cache row damaged in the store (outputs nested past the limit, a huge run id) is a miss:
+/// the step runs instead of taking outputs no worker could have given.
+#[tokio::test]
+async fn a_damaged_cache_entry_is_a_miss() -> anyhow::Result<()> {
+    use prost::Message as _;
+    let sandbox = Sandbox::start().await?;
+    spawn_workers(&sandbox).await?;
+    let client = sandbox.client().await?;
+    let spec = workflow(
+        "memo-damaged",
+        vec![cached(step("d", "double@^1", &[], &[("x", "3")]), "", "1h")],
+    );
+    let first = client.submit(SubmitRun::inline(spec.clone())).await?;
+    let first = wait_for_run(&client, &first.run_id).await?;
+    assert_succeeded(&first);
+    let key = step_of(&first, "d").cache_key.clone();
+    let mut deep = json!(1);
+    for _ in 0..40 {
+        deep = json!({ "d": deep });
+    }
+    let pool = sqlx::SqlitePool::connect(&sandbox.database.url()).await?;
+    for (stored, run_id) in [
+        (json!({ "value": deep }), first.run_id.clone()),
+        (json!({ "value": 6 }), "r".repeat(10_000)),
+    ] {
+        let damaged = pb::CacheEntry {
+            key: key.clone(),
+            run_id,
+            step_id: "d".into(),
+            outputs: Some(dagmesh_proto::json::to_struct(&stored)),
+            stored_at: None,
+            expires_at: Some((std::time::SystemTime::now() + Duration::from_secs(3600)).into()),
+        };
+        sqlx::query("UPDATE step_cache SET body = ? WHERE key = ?")
+            .bind(damaged.encode_to_vec())
+            .bind(&key)
+            .execute(&pool)
+            .await?;
+        let again = client.submit(SubmitRun::inline(spec.clone())).await?;
+        let again = wait_for_run(&client, &again.run_id).await?;
+        assert_succeeded(&again);
+        assert_eq!(
+            step_of(&again, "d").cached_from,
+            "",
+            "a damaged entry was used"
+        );
+        assert_eq!(outputs(&again, "d"), json!({"value": 6}));
+    }
+    pool.close().await;
+    sandbox.stop().await
+}

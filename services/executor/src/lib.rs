@@ -219,6 +219,13 @@ impl Executor {
             .steps
             .into_iter()
             .filter(|step| step.state() == dagmesh_proto::v1::StepState::Succeeded)
+            // Rows read back are checked like any input: a damaged one is not reused.
+            .filter(|step| {
+                let outputs = step.outputs.clone().unwrap_or_default();
+                let max = self.inner.config.max_payload_bytes;
+                dagmesh_proto::limits::check_payload("outputs", &outputs, max).is_ok()
+                    && step.cached_from.len() <= dagmesh_proto::limits::MAX_NAME_LEN
+            })
             .map(|step| {
                 let origin = if step.cached_from.is_empty() {
                     source.to_owned()

@@ -1640,7 +1640,20 @@ impl RunEntry {
         if step.state() != StepState::Ready || step.attempt != attempt {
             return;
         }
-        let Some(entry) = entry.filter(|entry| entry.key == step.cache_key) else {
+        // A row read back from the store is checked like any input: a damaged or oversized
+        // entry is a miss (the step runs), never outputs past the limits.
+        let usable = |entry: &pb::CacheEntry| {
+            let outputs = entry.outputs.clone().unwrap_or_default();
+            let field = format!("cache entry {:?}", entry.key);
+            let fits = check_payload(&field, &outputs, ctx.config.max_payload_bytes);
+            if let Err(error) = &fits {
+                tracing::warn!(run_id = %self.id, %error, "unusable step cache entry; the step runs");
+            }
+            entry.key == step.cache_key
+                && fits.is_ok()
+                && entry.run_id.len() <= dagmesh_proto::limits::MAX_NAME_LEN
+        };
+        let Some(entry) = entry.filter(usable) else {
             self.enqueue(at, ctx);
             return;
         };
