@@ -1617,31 +1617,13 @@ impl Scope<'_> {
     }
 }
 
-/// `name@<semver requirement>` or `name` (any version).
 /// `StepSpec.workflow`: "name" or "name@<version number>".
 fn parse_child(text: &str, path: &str, errors: &mut Vec<SpecError>) -> (String, Option<u32>) {
     let (name, version) = match text.split_once('@') {
         Some((name, version)) => (name, Some(version)),
         None => (text, None),
     };
-    if name.len() > MAX_NAME_LEN {
-        errors.push(SpecError::new(
-            path,
-            too_long("workflow name of ", name.len(), MAX_NAME_LEN),
-        ));
-    } else if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-    {
-        errors.push(SpecError::new(
-            path,
-            format!(
-                "invalid workflow name {:?}: use [A-Za-z0-9_.-]+, then optionally @<version number>",
-                shorten(name)
-            ),
-        ));
-    }
+    check_name(name, path, "workflow", "@<version number>", errors);
     let version = match version {
         None => None,
         Some(version) => match version.parse::<u32>() {
@@ -1661,6 +1643,30 @@ fn parse_child(text: &str, path: &str, errors: &mut Vec<SpecError>) -> (String, 
     (name.to_owned(), version)
 }
 
+/// The name part of a task or child workflow reference: 1-128 of [A-Za-z0-9_.-]; `what` is
+/// "task" or "workflow", `suffix` what may follow the `@`.
+fn check_name(name: &str, path: &str, what: &str, suffix: &str, errors: &mut Vec<SpecError>) {
+    if name.len() > MAX_NAME_LEN {
+        errors.push(SpecError::new(
+            path,
+            too_long(&format!("{what} name of "), name.len(), MAX_NAME_LEN),
+        ));
+    } else if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    {
+        errors.push(SpecError::new(
+            path,
+            format!(
+                "invalid {what} name {:?}: use [A-Za-z0-9_.-]+, then optionally {suffix}",
+                shorten(name)
+            ),
+        ));
+    }
+}
+
+/// `name@<semver requirement>` or `name` (any version).
 fn parse_task(task: &str, path: &str, errors: &mut Vec<SpecError>) -> (String, semver::VersionReq) {
     if task.is_empty() {
         errors.push(SpecError::new(path, "task is empty"));
@@ -1677,21 +1683,7 @@ fn parse_task(task: &str, path: &str, errors: &mut Vec<SpecError>) -> (String, s
         Some((name, requirement)) => (name, Some(requirement)),
         None => (task, None),
     };
-    if name.len() > MAX_NAME_LEN {
-        errors.push(SpecError::new(
-            path,
-            too_long("task name of ", name.len(), MAX_NAME_LEN),
-        ));
-    } else if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-    {
-        errors.push(SpecError::new(
-            path,
-            format!("invalid task name {name:?}: use [A-Za-z0-9_.-]+, then optionally @<version requirement>"),
-        ));
-    }
+    check_name(name, path, "task", "@<version requirement>", errors);
     let version_req = match requirement {
         None => semver::VersionReq::STAR,
         Some(requirement) => match semver::VersionReq::parse(requirement) {

@@ -206,14 +206,7 @@ pub(crate) fn input_fields(program: &Program) -> BTreeSet<String> {
             }
             Expr::Struct(_) => {}
             Expr::Comprehension(comp) => {
-                let rebinds = [
-                    Some(&comp.accu_var),
-                    Some(&comp.iter_var),
-                    comp.iter_var2.as_ref(),
-                ]
-                .into_iter()
-                .flatten()
-                .any(|var| var == INPUTS_VAR);
+                let rebinds = rebinds_inputs(comp);
                 stack.push((&comp.iter_range, shadowed));
                 stack.push((&comp.accu_init, shadowed));
                 for inner in [&comp.result, &comp.loop_cond, &comp.loop_step] {
@@ -223,6 +216,18 @@ pub(crate) fn input_fields(program: &Program) -> BTreeSet<String> {
         }
     }
     fields
+}
+
+/// Whether a comprehension names one of its variables `inputs`, hiding the run inputs inside.
+pub(crate) fn rebinds_inputs(comp: &cel::common::ast::ComprehensionExpr) -> bool {
+    [
+        Some(&comp.accu_var),
+        Some(&comp.iter_var),
+        comp.iter_var2.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .any(|var| var == INPUTS_VAR)
 }
 
 fn walk<'e>(expr: &'e IdedExpr, bound: &mut Vec<&'e str>, free: &mut BTreeSet<String>) {

@@ -92,14 +92,7 @@ fn always_fails(a: Ty, b: Ty, ok: impl Fn(Ty, Ty) -> bool) -> bool {
 
 /// Problems of `program`, each a message for the expression's field path.
 pub(crate) fn check(program: &Program, declared: &[DeclaredInput]) -> Vec<String> {
-    let types: HashMap<&str, Ty> = declared
-        .iter()
-        .map(|input| (input.name.as_str(), Ty::of_input(input.kind)))
-        .collect();
-    let mut checker = Checker {
-        types,
-        problems: Vec::new(),
-    };
+    let mut checker = Checker::new(declared);
     checker.infer(program.expression(), false);
     checker.problems.dedup();
     checker.problems
@@ -119,15 +112,7 @@ pub(crate) fn wrong_result(
     declared: &[DeclaredInput],
     wanted: Wanted,
 ) -> Option<&'static str> {
-    let types = declared
-        .iter()
-        .map(|input| (input.name.as_str(), Ty::of_input(input.kind)))
-        .collect();
-    let mut checker = Checker {
-        types,
-        problems: Vec::new(),
-    };
-    let ty = checker.infer(program.expression(), false);
+    let ty = Checker::new(declared).infer(program.expression(), false);
     let wanted = match wanted {
         Wanted::Bool => Ty::Bool,
         Wanted::List => Ty::List,
@@ -140,7 +125,17 @@ struct Checker<'d> {
     problems: Vec<String>,
 }
 
-impl Checker<'_> {
+impl<'d> Checker<'d> {
+    fn new(declared: &'d [DeclaredInput]) -> Self {
+        Checker {
+            types: declared
+                .iter()
+                .map(|input| (input.name.as_str(), Ty::of_input(input.kind)))
+                .collect(),
+            problems: Vec::new(),
+        }
+    }
+
     /// `inputs.<name>` (when `inputs` is not rebound), described for a message.
     fn describe(&self, expr: &IdedExpr, ty: Ty, shadowed: bool) -> String {
         if !shadowed
@@ -182,14 +177,7 @@ impl Checker<'_> {
                 Ty::Object
             }
             Expr::Comprehension(comp) => {
-                let rebinds = [
-                    Some(&comp.accu_var),
-                    Some(&comp.iter_var),
-                    comp.iter_var2.as_ref(),
-                ]
-                .into_iter()
-                .flatten()
-                .any(|var| var == INPUTS_VAR);
+                let rebinds = crate::expr::rebinds_inputs(comp);
                 self.infer(&comp.iter_range, shadowed);
                 self.infer(&comp.accu_init, shadowed);
                 for inner in [&comp.loop_cond, &comp.loop_step, &comp.result] {

@@ -986,11 +986,8 @@ impl Engine {
     /// Reads a cache entry off the engine task; the answer comes back as `Command::CacheAnswer`.
     /// A store that cannot answer is a miss: the step runs.
     fn look_up_cache(&mut self, run: Arc<str>, step: StepRef, attempt: u32, key: String) {
-        let Some(commands) = self.commands.as_ref().and_then(|weak| weak.upgrade()) else {
-            return;
-        };
         let store = self.store.clone();
-        tokio::spawn(async move {
+        self.answer_later(async move {
             let entry = match store.read_cache_entry(&key).await {
                 Ok(entry) => entry,
                 Err(error) => {
@@ -998,13 +995,23 @@ impl Engine {
                     None
                 }
             };
-            let answer = Command::CacheAnswer {
+            Command::CacheAnswer {
                 run,
                 step,
                 attempt,
                 entry: entry.map(Box::new),
-            };
-            let _ = commands.send(answer).await;
+            }
+        });
+    }
+
+    /// Runs `work` (a store read) off the engine task; its command comes back to the engine.
+    /// Nothing happens once the engine is stopping.
+    fn answer_later(&self, work: impl Future<Output = Command> + Send + 'static) {
+        let Some(commands) = self.commands.as_ref().and_then(|weak| weak.upgrade()) else {
+            return;
+        };
+        tokio::spawn(async move {
+            let _ = commands.send(work.await).await;
         });
     }
 
@@ -1031,11 +1038,8 @@ impl Engine {
             entry.child_not_started(step, attempt, error, &mut self.ctx);
             return;
         }
-        let Some(commands) = self.commands.as_ref().and_then(|weak| weak.upgrade()) else {
-            return; // the engine is stopping
-        };
         let plans = self.plans.clone();
-        tokio::spawn(async move {
+        self.answer_later(async move {
             // A store that is briefly unreachable must not fail the step for good.
             let mut loaded = plans.get(&workflow, version).await;
             for wait in [1, 2, 4, 8] {
@@ -1052,14 +1056,12 @@ impl Engine {
                 Err(ExecError::NotFound(message)) => Err(format!("child workflow: {message}")),
                 Err(error) => Err(format!("child workflow {workflow} cannot be run: {error}")),
             };
-            let _ = commands
-                .send(Command::ChildPlan {
-                    parent,
-                    step,
-                    attempt,
-                    plan,
-                })
-                .await;
+            Command::ChildPlan {
+                parent,
+                step,
+                attempt,
+                plan,
+            }
         });
     }
 
