@@ -1,10 +1,11 @@
-"""Offline checks for the Kubernetes manifests in deploy/k8s.
+"""Offline checks for the Kubernetes manifests in deploy/k8s and the Grafana
+dashboards in deploy/grafana.
 
 Run:  python -m pytest -q deploy/test_manifests.py
 (needs the pins in deploy/requirements-test.txt; no cluster, no network,
 no kustomize binary).
 
-Three layers:
+Four layers:
 
 (a) ``render()`` builds the kustomize base in pure Python, for exactly the
     kustomize features the base uses (resources, namespace, labels, images),
@@ -15,29 +16,40 @@ Three layers:
 (b) Every rendered object is validated against the Kubernetes OpenAPI schemas
     shipped by ``kubernetes-validate`` (strict: unknown fields are errors), and
     a deliberately broken copy must be rejected, so the validator is known to
-    be able to fail.
+    be able to fail. KEDA's objects are custom resources that those schemas do
+    not cover; they are validated, just as strictly, against the subset of the
+    KEDA v2 API written out below (KEDA_SCHEMAS).
 (c) What an operator would trip over: ports, selectors, probes, the wiring
     between the services, the database Secret, the GPU pool, hardening, and
     security: TLS on every server from a mounted Secret, https:// between the
     services with the right CA, the internal token and the worker tokens from
     Secrets, no --insecure/--no-auth, and placeholders that cannot be used.
+    Autoscaling: each worker pool has a ScaledObject whose triggers describe
+    exactly the task types, versions, labels and slots its workers register
+    (read from examples/room-scan), pointed at the executor over TLS.
+(d) The Grafana dashboards: canonical JSON, unique panel ids, and PromQL that
+    names only the metrics dagmesh exports (METRICS), with their own labels.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shutil
 import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 
 HERE = Path(__file__).resolve().parent
 BASE = HERE / "k8s"
+GRAFANA = HERE / "grafana"
+ROOM_SCAN = HERE.parent / "examples" / "room-scan"
 
 IMAGE = "ghcr.io/dagmesh/dagmesh"
 NAMESPACE = "dagmesh"
@@ -71,7 +83,10 @@ SUPPORTED_KUSTOMIZATION_KEYS = {
 # built-in OpenAPI data; we keep an explicit list and refuse anything else
 # (a RoleBinding, for instance, would also need its subjects re-namespaced).
 CLUSTER_SCOPED_KINDS = {"Namespace"}
-NAMESPACED_KINDS = {"ConfigMap", "Secret", "Service", "Deployment"}
+# KEDA's custom resources (keda.sh/v1alpha1) are namespaced; kustomize, which
+# has no schema for them, treats every kind it does not know as namespaced.
+KEDA_KINDS = {"ScaledObject", "TriggerAuthentication"}
+NAMESPACED_KINDS = {"ConfigMap", "Secret", "Service", "Deployment"} | KEDA_KINDS
 
 # kustomize's "templateLabels" field specs that apply to these kinds
 # (api/konfig/builtinpluginconsts/metadatalabels.go).
@@ -503,6 +518,9 @@ def test_base_contains_the_split_mode_objects(rendered: list[dict]) -> None:
         ("Deployment", "dagmesh-executor"),
         ("Deployment", "room-scan-worker-cpu"),
         ("Deployment", "room-scan-worker-gpu"),
+        ("TriggerAuthentication", "dagmesh-executor-scaler"),
+        ("ScaledObject", "room-scan-worker-cpu"),
+        ("ScaledObject", "room-scan-worker-gpu"),
     }
 
 
@@ -536,10 +554,12 @@ def _ids(objs: list[dict]) -> list[str]:
 
 
 _RENDERED_FOR_PARAMS = render(BASE)
+_BUILTIN_FOR_PARAMS = [o for o in _RENDERED_FOR_PARAMS if o["kind"] not in KEDA_KINDS]
+_KEDA_FOR_PARAMS = [o for o in _RENDERED_FOR_PARAMS if o["kind"] in KEDA_KINDS]
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-@pytest.mark.parametrize("obj", _RENDERED_FOR_PARAMS, ids=_ids(_RENDERED_FOR_PARAMS))
+@pytest.mark.parametrize("obj", _BUILTIN_FOR_PARAMS, ids=_ids(_BUILTIN_FOR_PARAMS))
 def test_object_validates_against_kubernetes_schema(obj: dict, version: str) -> None:
     # strict=True: unknown fields (typos) are errors, as `kubectl apply
     # --validate=strict` would make them. A kind without a schema raises
@@ -590,6 +610,113 @@ def test_validator_rejects_broken_copy(rendered: list[dict], breaker, version: s
     with pytest.raises(kubernetes_validate.ValidationError) as err:
         kubernetes_validate.validate(broken, version, strict=True)
     assert culprit in str(err.value.message) or culprit in [str(p) for p in err.value.path]
+
+
+# --- KEDA's custom resources ---------------------------------------------
+#
+# kubernetes-validate has no schemas for CRDs. This is the part of KEDA's v2
+# API (keda.sh/v1alpha1, as KEDA 2.11 and later serve it) that ScaledObjects
+# and TriggerAuthentications of this kind use, written out by hand, with
+# additionalProperties false throughout: a misspelled or unknown field fails
+# here, as `kubectl apply --validate=strict` fails on it once KEDA's CRDs are
+# installed. Add a field here when the base starts using it.
+
+
+def _strict(properties: dict, required: tuple = ()) -> dict:
+    return {"type": "object", "properties": properties, "required": list(required),
+            "additionalProperties": False}
+
+
+_INT32 = {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}
+_STR = {"type": "string", "minLength": 1}
+_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_OBJECT_META = _strict({"name": _STR, "namespace": _STR, "labels": _STRING_MAP, "annotations": _STRING_MAP},
+                       ("name",))
+
+KEDA_SCHEMAS = {
+    "ScaledObject": _strict({
+        "apiVersion": {"const": "keda.sh/v1alpha1"},
+        "kind": {"const": "ScaledObject"},
+        "metadata": _OBJECT_META,
+        "spec": _strict({
+            "scaleTargetRef": _strict({"apiVersion": _STR, "kind": _STR, "name": _STR,
+                                       "envSourceContainerName": _STR}, ("name",)),
+            "pollingInterval": _INT32,
+            "cooldownPeriod": _INT32,
+            "initialCooldownPeriod": _INT32,
+            "idleReplicaCount": _INT32,
+            "minReplicaCount": _INT32,
+            "maxReplicaCount": _INT32,
+            "fallback": _strict({"failureThreshold": _INT32, "replicas": _INT32, "behavior": _STR},
+                                ("failureThreshold", "replicas")),
+            "advanced": _strict({
+                "restoreToOriginalReplicaCount": {"type": "boolean"},
+                "horizontalPodAutoscalerConfig": _strict({"name": _STR, "behavior": {"type": "object"}}),
+            }),
+            "triggers": {"type": "array", "minItems": 1, "items": _strict({
+                "type": _STR,
+                "name": _STR,
+                # Every value a string: KEDA's CRD types metadata as map[string]string.
+                "metadata": _STRING_MAP,
+                "authenticationRef": _strict(
+                    {"name": _STR, "kind": {"enum": ["TriggerAuthentication", "ClusterTriggerAuthentication"]}},
+                    ("name",)),
+                "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                "useCachedMetrics": {"type": "boolean"},
+            }, ("type", "metadata"))},
+        }, ("scaleTargetRef", "triggers")),
+    }, ("apiVersion", "kind", "metadata", "spec")),
+    "TriggerAuthentication": _strict({
+        "apiVersion": {"const": "keda.sh/v1alpha1"},
+        "kind": {"const": "TriggerAuthentication"},
+        "metadata": _OBJECT_META,
+        "spec": _strict({
+            "secretTargetRef": {"type": "array", "items": _strict(
+                {"parameter": _STR, "name": _STR, "key": _STR}, ("parameter", "name", "key"))},
+            "configMapTargetRef": {"type": "array", "items": _strict(
+                {"parameter": _STR, "name": _STR, "key": _STR}, ("parameter", "name", "key"))},
+            "env": {"type": "array", "items": _strict(
+                {"parameter": _STR, "name": _STR, "containerName": _STR}, ("parameter", "name"))},
+        }),
+    }, ("apiVersion", "kind", "metadata", "spec")),
+}
+
+
+def validate_keda(obj: dict) -> None:
+    jsonschema.Draft202012Validator(KEDA_SCHEMAS[obj["kind"]]).validate(obj)
+
+
+@pytest.mark.parametrize("obj", _KEDA_FOR_PARAMS, ids=_ids(_KEDA_FOR_PARAMS))
+def test_keda_object_validates_against_the_keda_api(obj: dict) -> None:
+    validate_keda(obj)
+
+
+def _break_keda_field_name(objs):
+    so = copy.deepcopy(_one(objs, "ScaledObject", "room-scan-worker-cpu"))
+    so["spec"]["minReplicas"] = so["spec"].pop("minReplicaCount")  # the HPA's name, not KEDA's
+    return so, "minReplicas"
+
+
+def _break_keda_metadata_type(objs):
+    so = copy.deepcopy(_one(objs, "ScaledObject", "room-scan-worker-gpu"))
+    so["spec"]["triggers"][0]["metadata"]["tasksPerReplica"] = 1  # unquoted in YAML
+    return so, "tasksPerReplica"
+
+
+def _break_keda_auth_ref(objs):
+    ta = copy.deepcopy(_one(objs, "TriggerAuthentication", "dagmesh-executor-scaler"))
+    del ta["spec"]["secretTargetRef"][0]["parameter"]
+    return ta, "parameter"
+
+
+@pytest.mark.parametrize(
+    "breaker", [_break_keda_field_name, _break_keda_metadata_type, _break_keda_auth_ref],
+    ids=["misspelled-field", "metadata-not-a-string", "missing-required"])
+def test_keda_validator_rejects_broken_copy(rendered: list[dict], breaker) -> None:
+    broken, culprit = breaker(rendered)
+    with pytest.raises(jsonschema.ValidationError) as err:
+        validate_keda(broken)
+    assert culprit in err.value.message or culprit in [str(p) for p in err.value.absolute_path]
 
 
 # --------------------------------------------------------------------------
@@ -1101,3 +1228,504 @@ def test_dockerfile_agrees_with_the_manifests(rendered: list[dict]) -> None:
                 assert "command" not in c, d["metadata"]["name"]
             program = (c.get("command") or c["args"])[0]
             assert program in installed, f"{d['metadata']['name']} runs {program}, not in the image"
+
+
+# --------------------------------------------------------------------------
+# metrics: every server exposes Prometheus metrics on a port of its own
+# --------------------------------------------------------------------------
+
+METRICS_PORT_NAME = "metrics"
+
+
+def test_servers_serve_metrics_where_prometheus_looks(rendered: list[dict]) -> None:
+    """--metrics-listen binds the `metrics` container port on 0.0.0.0, and
+    the pod annotations tell Prometheus' kubernetes-pods job that port."""
+    for d, c in _server_containers(rendered):
+        name = d["metadata"]["name"]
+        listen = _setting(c, "--metrics-listen", "DAGMESH_METRICS_LISTEN")
+        assert listen is not None, f"{name}: no --metrics-listen"
+        host, port = listen.rsplit(":", 1)
+        assert host in ("0.0.0.0", "[::]"), f"{name}: Prometheus scrapes from outside the pod ({listen})"
+        ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+        assert ports.get(METRICS_PORT_NAME) == int(port), f"{name}: no `metrics` container port {port}"
+        assert port != _setting(c, "--listen", "DAGMESH_LISTEN").rsplit(":", 1)[1], (
+            f"{name}: metrics share the TLS gRPC port")
+        annotations = d["spec"]["template"]["metadata"].get("annotations", {})
+        assert annotations.get("prometheus.io/scrape") == "true", name
+        assert annotations.get("prometheus.io/port") == port, name
+        assert annotations.get("prometheus.io/path", "/metrics") == "/metrics", name
+
+
+def test_workers_do_not_claim_a_metrics_port(rendered: list[dict]) -> None:
+    # room-scan-worker serves no metrics: an annotation would only make
+    # Prometheus report a target that is down.
+    for d, _ in _worker_containers(rendered):
+        annotations = d["spec"]["template"]["metadata"].get("annotations", {})
+        assert "prometheus.io/scrape" not in annotations, d["metadata"]["name"]
+
+
+# --------------------------------------------------------------------------
+# autoscaling: KEDA ScaledObjects on the executor's external push scaler
+# --------------------------------------------------------------------------
+
+SCALER_TRIGGER = "external-push"
+# scalerMetadata the executor reads (deploy/README.md, Autoscaling). KEDA
+# passes the whole trigger metadata, scalerAddress included, to the scaler.
+SCALER_REQUIRED_KEYS = {"scalerAddress", "taskType", "version", "tasksPerReplica"}
+SCALER_OPTIONAL_KEYS = {"labels"}
+SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
+
+
+def registered_pools() -> dict[str, dict]:
+    """What each room-scan worker role registers, read from the example's
+    source (examples/room-scan/src/lib.rs, `<role>_worker`): its slots, its
+    labels and its task types with their versions."""
+    source = (ROOM_SCAN / "src" / "lib.rs").read_text()
+    pools = {}
+    for match in re.finditer(r"^pub fn (\w+)_worker\(.*?^\}$", source, re.M | re.S):
+        body = match.group(0)
+        slots = re.findall(r"\.slots\((\d+)\)", body)
+        assert len(slots) == 1, f"{match.group(1)}_worker: expected one .slots(N)"
+        pools[match.group(1)] = {
+            "slots": int(slots[0]),
+            "labels": dict(re.findall(r'\.label\("([^"]+)",\s*"([^"]*)"\)', body)),
+            "tasks": dict(re.findall(r'\.task\("([^"]+)",\s*"([^"]+)"', body)),
+        }
+    assert {"cpu", "gpu"} <= set(pools), f"roles found in lib.rs: {sorted(pools)}"
+    return pools
+
+
+def _parse_labels(value: str) -> dict[str, str]:
+    pairs = {}
+    for item in value.split(","):
+        key, sep, val = item.partition("=")
+        assert sep and key.strip() == key and key, f"labels {value!r}: expected k=v,k=v"
+        assert key not in pairs, f"labels {value!r}: {key} twice"
+        pairs[key] = val
+    return pairs
+
+
+def _scaled_objects(objs: list[dict]) -> dict[str, dict]:
+    """ScaledObjects by the name of the Deployment they scale."""
+    found = {}
+    for so in _by_kind(objs, "ScaledObject"):
+        ref = so["spec"]["scaleTargetRef"]
+        assert ref.get("kind", "Deployment") == "Deployment", so["metadata"]["name"]
+        assert ref.get("apiVersion", "apps/v1") == "apps/v1", so["metadata"]["name"]
+        assert ref["name"] not in found, f"two ScaledObjects scale {ref['name']}"
+        found[ref["name"]] = so
+    return found
+
+
+def test_every_worker_pool_is_autoscaled(rendered: list[dict]) -> None:
+    scaled = _scaled_objects(rendered)
+    deployments = {d["metadata"]["name"] for d in _by_kind(rendered, "Deployment")}
+    assert set(scaled) <= deployments, f"ScaledObjects for Deployments not in the base: {set(scaled) - deployments}"
+    workers = {d["metadata"]["name"] for d, _ in _worker_containers(rendered)}
+    assert set(scaled) == workers, "every worker pool, and nothing else, is scaled by KEDA"
+    for name, so in scaled.items():
+        spec = so["spec"]
+        assert so["metadata"]["namespace"] == NAMESPACE
+        assert spec["minReplicaCount"] == 0, f"{name}: a pool with nothing to do goes to zero"
+        assert spec["maxReplicaCount"] >= 1, name
+        assert spec.get("cooldownPeriod", 300) >= 60, f"{name}: flapping to zero between steps"
+        # A replica count in the Deployment is written back on every apply
+        # and fights the HPA that KEDA creates.
+        assert "replicas" not in _one(rendered, "Deployment", name)["spec"], (
+            f"{name}: drop spec.replicas, KEDA owns it")
+
+
+def test_scaler_triggers_describe_what_the_pool_registers(rendered: list[dict]) -> None:
+    """One trigger per task type the pool's workers register, each carrying
+    that task type's registered version, the pool's labels and its slots: a
+    task type without a trigger would never start a pool that is at zero, and
+    a wrong version or label set counts tasks the pool cannot take (or misses
+    those it can)."""
+    pools = registered_pools()
+    for name, so in _scaled_objects(rendered).items():
+        c = _one(rendered, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
+        role = _setting(c, "--role", "DAGMESH_WORKER_ROLE")
+        assert role in pools, f"{name}: role {role!r} has no {role}_worker in examples/room-scan"
+        pool = pools[role]
+        seen = {}
+        for trigger in so["spec"]["triggers"]:
+            where = f"{name} trigger {trigger.get('name', trigger['metadata'].get('taskType'))}"
+            assert trigger["type"] == SCALER_TRIGGER, f"{where}: the executor is an external *push* scaler"
+            meta = trigger["metadata"]
+            assert SCALER_REQUIRED_KEYS <= set(meta), f"{where}: missing {SCALER_REQUIRED_KEYS - set(meta)}"
+            assert set(meta) <= SCALER_REQUIRED_KEYS | SCALER_OPTIONAL_KEYS, (
+                f"{where}: unknown keys {set(meta) - SCALER_REQUIRED_KEYS - SCALER_OPTIONAL_KEYS}")
+            task = meta["taskType"]
+            assert task in pool["tasks"], f"{where}: {role} workers do not register {task}"
+            assert task not in seen, f"{where}: {task} twice"
+            seen[task] = meta
+            assert SEMVER.match(meta["version"]), f"{where}: version must be an exact semver, not a requirement"
+            assert meta["version"] == pool["tasks"][task], (
+                f"{where}: the workers register {task}@{pool['tasks'][task]}, not {meta['version']}")
+            labels = _parse_labels(meta["labels"]) if "labels" in meta else {}
+            assert labels == pool["labels"], f"{where}: labels {labels} but the pool has {pool['labels']}"
+            assert meta["tasksPerReplica"].isdigit() and int(meta["tasksPerReplica"]) >= 1, where
+            assert int(meta["tasksPerReplica"]) == pool["slots"], (
+                f"{where}: tasksPerReplica {meta['tasksPerReplica']} but a worker has {pool['slots']} slots")
+        assert set(seen) == set(pool["tasks"]), (
+            f"{name}: no trigger for {sorted(set(pool['tasks']) - set(seen))}; queued tasks of those "
+            "types would never start the pool from zero")
+
+
+def test_scaler_address_is_the_executor_over_tls(rendered: list[dict]) -> None:
+    """KEDA runs in its own namespace: it needs the namespaced Service name
+    (which the certificate names, deploy/README.md), the executor's gRPC
+    port, and the CA that signed the executor's certificate."""
+    services = _by_kind(rendered, "Service")
+    executor = _one(rendered, "Deployment", "dagmesh-executor")
+    (server_secret, _, _), = [_server_tls(rendered, d, c) for d, c in _server_containers(rendered)
+                             if d is executor]
+    auths = {ta["metadata"]["name"]: ta for ta in _by_kind(rendered, "TriggerAuthentication")}
+    for so in _by_kind(rendered, "ScaledObject"):
+        for trigger in so["spec"]["triggers"]:
+            address = trigger["metadata"]["scalerAddress"]
+            assert "://" not in address, f"{address}: KEDA wants host:port"
+            host, port = address.rsplit(":", 1)
+            name, _, rest = host.partition(".")
+            assert rest in (f"{NAMESPACE}.svc", f"{NAMESPACE}.svc.cluster.local"), (
+                f"{address}: use the namespaced name; KEDA's operator is not in {NAMESPACE}")
+            svc = _one(rendered, "Service", name)
+            assert svc in _services_for(executor, services), f"{address} is not the executor"
+            grpc = [p for p in svc["spec"]["ports"] if p["port"] == int(port)]
+            assert grpc and grpc[0]["name"] == "grpc", f"{address}: not the executor's gRPC port"
+            ref = trigger.get("authenticationRef")
+            assert ref is not None, f"{address}: the executor serves TLS; KEDA needs its CA"
+            assert ref.get("kind", "TriggerAuthentication") == "TriggerAuthentication"
+            auth = auths.get(ref["name"])
+            assert auth is not None, f"TriggerAuthentication {ref['name']} is not in the base"
+            params = {r["parameter"]: (r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]}
+            assert params.get("caCert") == (server_secret, "ca.crt"), (
+                f"{ref['name']}: caCert must be ca.crt of {server_secret}, the executor's certificate")
+            # KEDA gets the CA only: no client key, and never the server's key.
+            assert set(params) <= {"caCert", "tlsClientCert", "tlsClientKey"}, params
+            assert all(key != "tls.key" for _, key in params.values())
+            assert "unsafeSsl" not in trigger["metadata"]
+
+
+def test_trigger_authentication_secrets_resolve(rendered: list[dict]) -> None:
+    for auth in _by_kind(rendered, "TriggerAuthentication"):
+        for ref in auth["spec"].get("secretTargetRef", []):
+            assert ref["key"] in _secret_values(rendered, ref["name"]), (
+                f"{auth['metadata']['name']}: Secret {ref['name']} has no key {ref['key']}")
+
+
+# --------------------------------------------------------------------------
+# (d) the Grafana dashboards
+# --------------------------------------------------------------------------
+
+# Every metric dagmesh exports, with its type and labels. The dashboards may
+# name these and nothing else; a Rust test checks the same names against a
+# live /metrics. Histograms are named by their family: the series are
+# NAME_bucket (with `le`), NAME_sum and NAME_count.
+METRICS = {
+    "dagmesh_runs_started_total": ("counter", {"workflow"}),
+    "dagmesh_runs_finished_total": ("counter", {"workflow", "state"}),
+    "dagmesh_steps_started_total": ("counter", {"task_type"}),
+    "dagmesh_steps_succeeded_total": ("counter", {"task_type"}),
+    "dagmesh_steps_failed_total": ("counter", {"task_type"}),
+    "dagmesh_steps_retried_total": ("counter", {"task_type"}),
+    "dagmesh_steps_lost_total": ("counter", {"task_type"}),
+    "dagmesh_store_errors_total": ("counter", {"kind"}),
+    "dagmesh_scheduler_ticks_total": ("counter", {"outcome"}),
+    "dagmesh_webhook_deliveries_total": ("counter", {"outcome"}),
+    "dagmesh_grpc_server_requests_total": ("counter", {"service", "method", "code"}),
+    "dagmesh_queue_depth": ("gauge", {"task_type", "version", "labels"}),
+    "dagmesh_queue_oldest_age_seconds": ("gauge", {"task_type", "version", "labels"}),
+    "dagmesh_worker_slots_used": ("gauge", {"pool", "task_type"}),
+    "dagmesh_worker_slots_free": ("gauge", {"pool", "task_type"}),
+    "dagmesh_workers_connected": ("gauge", {"pool"}),
+    "dagmesh_scaler_wanted_slots": ("gauge", {"task_type"}),
+    "dagmesh_build_info": ("gauge", {"version"}),
+    "dagmesh_step_schedule_to_start_seconds": ("histogram", {"task_type"}),
+    "dagmesh_step_duration_seconds": ("histogram", {"task_type"}),
+    "dagmesh_engine_batch_size": ("histogram", set()),
+    "dagmesh_engine_commit_duration_seconds": ("histogram", set()),
+    "dagmesh_grpc_server_request_duration_seconds": ("histogram", {"service", "method"}),
+}
+HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+DASHBOARDS = ("dagmesh-queues", "dagmesh-steps", "dagmesh-runs", "dagmesh-engine")
+# Grafana's own variables that may appear in a query.
+GRAFANA_BUILTINS = {"__rate_interval", "__range", "__interval"}
+RANGE_WINDOWS = {"$__rate_interval", "$__range"}
+PROMETHEUS_DS = {"type": "prometheus", "uid": "${datasource}"}
+
+
+def metric_series(name: str) -> tuple[str, str, set[str]]:
+    """(family, type, labels) of a series name; KeyError for an unknown one."""
+    if name in METRICS:
+        kind, labels = METRICS[name]
+        assert kind != "histogram", f"{name}: a histogram is read through {HISTOGRAM_SUFFIXES}"
+        return name, kind, labels
+    for suffix in HISTOGRAM_SUFFIXES:
+        family = name.removesuffix(suffix)
+        if family != name and METRICS.get(family, ("",))[0] == "histogram":
+            labels = METRICS[family][1] | ({"le"} if suffix == "_bucket" else set())
+            return family, "histogram", labels
+    raise KeyError(name)
+
+
+def _strip_strings(expr: str) -> str:
+    """The expression with every string literal emptied (label values and
+    regexes cannot then pass for names or brackets)."""
+    out, i = [], 0
+    while i < len(expr):
+        ch = expr[i]
+        if ch in "\"'`":
+            end = i + 1
+            while end < len(expr) and expr[end] != ch:
+                end += 2 if expr[end] == "\\" and ch != "`" else 1
+            assert end < len(expr), f"unterminated string in {expr!r}"
+            out.append(ch + ch)
+            i = end + 1
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
+def _closing(text: str, open_at: int) -> int:
+    pairs = {"(": ")", "[": "]", "{": "}"}
+    stack = []
+    for i in range(open_at, len(text)):
+        if text[i] in pairs:
+            stack.append(pairs[text[i]])
+        elif text[i] in pairs.values():
+            assert stack and stack.pop() == text[i], f"unbalanced {text[i]!r} at {i} in {text!r}"
+            if not stack:
+                return i
+    raise AssertionError(f"unclosed {text[open_at]!r} in {text!r}")
+
+
+def check_promql(expr: str, variables: set[str]) -> set[str]:
+    """A PromQL sanity check for a dashboard query; returns the metric
+    families it reads. Not a parser (promtool, where installed, is: see
+    test_dashboard_queries_parse_with_promtool); it catches what a parser
+    would not: unknown metrics or labels, a counter read without rate(), a
+    quantile without `le`, a fixed window instead of $__rate_interval."""
+    assert expr.strip() == expr and expr, f"empty or padded expr {expr!r}"
+    code = _strip_strings(expr)
+    assert "#" not in code, expr
+    # Balanced brackets overall.
+    depth = []
+    for ch in code:
+        if ch in "([{":
+            depth.append(ch)
+        elif ch in ")]}":
+            assert depth and {"(": ")", "[": "]", "{": "}"}[depth.pop()] == ch, f"unbalanced {ch!r} in {expr!r}"
+    assert not depth, f"unclosed {depth} in {expr!r}"
+    # Names: a series named inside a string would still be found by a
+    # scan for dagmesh_ identifiers, so none may be.
+    names = re.findall(r"\bdagmesh_\w+", expr)
+    assert names, f"{expr!r} reads no dagmesh metric"
+    assert sorted(names) == sorted(re.findall(r"\bdagmesh_\w+", code)), f"a metric name inside a string: {expr!r}"
+    families, labels_in_scope = set(), set()
+    for match in re.finditer(r"\b(dagmesh_\w+)\s*(\{)?", code):
+        name = match.group(1)
+        try:
+            family, kind, labels = metric_series(name)
+        except KeyError:
+            raise AssertionError(f"{name} is not a dagmesh metric (METRICS)") from None
+        families.add(family)
+        labels_in_scope |= labels
+        after = match.end()
+        if match.group(2):
+            close = _closing(code, match.start(2))
+            matchers = code[match.start(2) + 1:close]
+            for label in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", matchers):
+                assert label in labels, f"{name} has no label {label!r} ({expr!r})"
+            after = close + 1
+        ranged = code[after:].lstrip().startswith("[")
+        if kind == "counter" or family != name:
+            assert ranged, f"{name} is cumulative: read it with rate() or increase() ({expr!r})"
+    for window in re.findall(r"\[([^\]]*)\]", code):
+        assert window in RANGE_WINDOWS, f"window [{window}]: use $__rate_interval (or $__range) ({expr!r})"
+    for clause, labels in re.findall(r"\b(by|without|on|ignoring)\s*\(([^)]*)\)", code):
+        for label in filter(None, (x.strip() for x in labels.split(","))):
+            assert label in labels_in_scope, f"{clause} ({label}): no metric here has it ({expr!r})"
+    for match in re.finditer(r"\bhistogram_quantile\s*\(", code):
+        inner = code[match.end():_closing(code, match.end() - 1)]
+        quantile, _, rest = inner.partition(",")
+        assert 0 <= float(quantile) <= 1, expr
+        assert re.search(r"\bdagmesh_\w+_bucket\b", rest), f"histogram_quantile over a non-bucket series ({expr!r})"
+        grouping = re.search(r"\b(?:by|without)\s*\(([^)]*)\)", rest)
+        assert grouping and "le" in [x.strip() for x in grouping.group(1).split(",")], (
+            f"histogram_quantile needs the sum kept by le ({expr!r})")
+    for var in re.findall(r"\$\{?(\w+)", expr):
+        assert var in variables | GRAFANA_BUILTINS, f"${var} is not a variable of the dashboard ({expr!r})"
+    return families
+
+
+def _dashboard_path(name: str) -> Path:
+    return GRAFANA / f"{name}.json"
+
+
+def _load_dashboard(name: str) -> dict:
+    return json.loads(_dashboard_path(name).read_text())
+
+
+def _all_panels(dashboard: dict) -> list[dict]:
+    panels = []
+    for panel in dashboard["panels"]:
+        panels.append(panel)
+        panels.extend(panel.get("panels", []))  # a collapsed row holds its panels
+    return panels
+
+
+def test_dashboard_files_are_the_four_expected() -> None:
+    assert sorted(p.stem for p in GRAFANA.glob("*.json")) == sorted(DASHBOARDS)
+
+
+@pytest.mark.parametrize("name", DASHBOARDS)
+def test_dashboard_is_canonical_json(name: str) -> None:
+    """Valid JSON, pretty-printed the one way `python3 -m json.tool --indent 2`
+    writes it, so that diffs show what changed and nothing else."""
+    text = _dashboard_path(name).read_text()
+    dashboard = json.loads(text)
+    assert text == json.dumps(dashboard, indent=2) + "\n", (
+        f"{name}.json: reformat with `python3 -m json.tool --indent 2`")
+
+
+@pytest.mark.parametrize("name", DASHBOARDS)
+def test_dashboard_structure(name: str) -> None:
+    dashboard = _load_dashboard(name)
+    assert dashboard["uid"] == name
+    assert dashboard["schemaVersion"] == 39
+    assert dashboard["id"] is None, "an exported id would clash on import"
+    assert "dagmesh" in dashboard["tags"]
+    assert dashboard["title"].startswith("dagmesh")
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    ds = variables.get("datasource")
+    assert ds and ds["type"] == "datasource" and ds["query"] == "prometheus"
+    panels = _all_panels(dashboard)
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), f"{name}: duplicate panel ids"
+    titles = [p["title"] for p in panels]
+    assert all(titles) and len(titles) == len(set(titles)), f"{name}: empty or duplicate titles"
+    cells = set()
+    for panel in panels:
+        pos = panel["gridPos"]
+        assert all(isinstance(pos[k], int) for k in "hwxy") and pos["w"] >= 1 and pos["h"] >= 1
+        assert pos["x"] + pos["w"] <= 24, f"{panel['title']}: wider than the grid"
+        mine = {(x, y) for x in range(pos["x"], pos["x"] + pos["w"]) for y in range(pos["y"], pos["y"] + pos["h"])}
+        assert not cells & mine, f"{panel['title']}: overlaps another panel"
+        cells |= mine
+        if panel["type"] == "row":
+            continue
+        if "targets" in panel:
+            assert panel["targets"], panel["title"]
+            assert panel["datasource"] == PROMETHEUS_DS, panel["title"]
+            refs = [t["refId"] for t in panel["targets"]]
+            assert len(refs) == len(set(refs)), panel["title"]
+            for t in panel["targets"]:
+                assert t["datasource"] == PROMETHEUS_DS, panel["title"]
+        else:
+            assert panel["type"] == "text", f"{panel['title']}: a panel with no query"
+    # Tempo links need a Tempo data source variable.
+    if "${tempo}" in json.dumps(dashboard):
+        assert variables.get("tempo", {}).get("type") == "datasource"
+        assert variables["tempo"]["query"] == "tempo"
+
+
+@pytest.mark.parametrize("name", DASHBOARDS)
+def test_dashboard_queries_use_only_dagmesh_metrics(name: str) -> None:
+    dashboard = _load_dashboard(name)
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    read = set()
+    for panel in _all_panels(dashboard):
+        for target in panel.get("targets", []):
+            read |= check_promql(target["expr"], variables)
+    for var in dashboard["templating"]["list"]:
+        if var["type"] == "query":
+            match = re.fullmatch(r"label_values\((dagmesh_\w+),\s*(\w+)\)", var["definition"])
+            assert match, f"${var['name']}: {var['definition']!r}"
+            assert var["query"]["query"] == var["definition"]
+            _, _, labels = metric_series(match.group(1))
+            assert match.group(2) in labels, var["definition"]
+    assert read, f"{name} reads no metric"
+
+
+def test_dashboards_cover_every_metric() -> None:
+    """A metric no dashboard shows is either dead or forgotten."""
+    read = set()
+    for name in DASHBOARDS:
+        dashboard = _load_dashboard(name)
+        variables = {v["name"] for v in dashboard["templating"]["list"]}
+        for panel in _all_panels(dashboard):
+            for target in panel.get("targets", []):
+                read |= check_promql(target["expr"], variables)
+    assert read == set(METRICS), f"not on any dashboard: {sorted(set(METRICS) - read)}"
+
+
+def test_runs_dashboard_links_a_run_to_its_trace() -> None:
+    dashboard = _load_dashboard("dagmesh-runs")
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["run_id"]["type"] == "textbox"
+    links = [link for link in dashboard["links"] if link["type"] == "link"]
+    assert links, "no link to Tempo"
+    for link in links:
+        url = link["url"]
+        assert url.startswith("/explore?"), url
+        panes = json.loads(re.sub(r"%[0-9A-F]{2}", lambda m: chr(int(m.group(0)[1:], 16)),
+                                  url.split("panes=", 1)[1]))
+        (pane,) = panes.values()
+        assert pane["datasource"] == "${tempo}"
+        assert pane["queries"][0]["query"] == "${run_id}", "the trace id is the run id (hex)"
+    texts = [p["options"]["content"] for p in _all_panels(dashboard) if p["type"] == "text"]
+    assert any("without the dashes" in t for t in texts), "explain how a run id becomes a trace id"
+
+
+def test_grafana_readme_lists_the_metrics() -> None:
+    readme = (GRAFANA / "README.md").read_text()
+    named = set(re.findall(r"\bdagmesh_\w+", readme))
+    for name in named:
+        family = re.sub(r"(_bucket|_sum|_count)$", "", name) if name not in METRICS else name
+        assert family in METRICS, f"README.md names {name}, which dagmesh does not export"
+    assert set(METRICS) <= named, f"README.md does not list {sorted(set(METRICS) - named)}"
+    for name in DASHBOARDS:
+        assert f"{name}.json" in readme, name
+
+
+def test_promql_checker_catches_mistakes() -> None:
+    ok = {"task_type"}
+    bad = {
+        "rate(dagmesh_steps_started[5m])": "not a dagmesh metric",
+        "sum(dagmesh_steps_started_total)": "cumulative",
+        "sum by (task) (rate(dagmesh_steps_started_total[$__rate_interval]))": "no metric here has it",
+        'sum(rate(dagmesh_steps_started_total{task="x"}[$__rate_interval]))': "has no label",
+        "sum(rate(dagmesh_steps_started_total[5m]))": "window",
+        "histogram_quantile(0.9, sum by (task_type) (rate(dagmesh_step_duration_seconds_bucket[$__rate_interval])))":
+            "le",
+        "sum(rate(dagmesh_steps_started_total[$__rate_interval])": "unclosed",
+        "sum(dagmesh_step_duration_seconds)": "histogram",
+        'sum(dagmesh_queue_depth{task_type=~"$nope"})': "not a variable",
+    }
+    for expr, why in bad.items():
+        with pytest.raises(AssertionError, match=why):
+            check_promql(expr, ok)
+    assert check_promql('sum by (task_type) (dagmesh_queue_depth{task_type=~"$task_type"})', ok) == {
+        "dagmesh_queue_depth"}
+
+
+def test_dashboard_queries_parse_with_promtool(tmp_path: Path) -> None:
+    """Where Prometheus' promtool is installed, every query must parse (the
+    Grafana variables replaced by values of the right shape)."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("no promtool on PATH")
+    rules = []
+    for name in DASHBOARDS:
+        for panel in _all_panels(_load_dashboard(name)):
+            for target in panel.get("targets", []):
+                expr = target["expr"].replace("$__rate_interval", "5m").replace("$__range", "6h")
+                expr = re.sub(r"\$\{?\w+\}?", ".*", expr)
+                rules.append({"record": f"dashboard:query{len(rules)}", "expr": expr})
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}))
+    proc = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

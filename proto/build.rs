@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "dagmesh/v1/cluster.proto",
         "dagmesh/v1/scheduler.proto",
         "dagmesh/v1/auth.proto",
+        "externalscaler/externalscaler.proto",
     ];
     let descriptors = protox::compile(protos, ["."])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);

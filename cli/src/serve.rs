@@ -75,6 +75,51 @@ impl EngineFlags {
     }
 }
 
+/// How a server is observed: its metrics port and its log format.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ObserveFlags {
+    /// Serve Prometheus metrics (OpenMetrics text at /metrics) on this HTTP address, e.g.
+    /// 127.0.0.1:9464. Unauthenticated, like every Prometheus endpoint: keep it on a network
+    /// only Prometheus reaches. Unset: no metrics are recorded.
+    #[arg(long, env = "DAGMESH_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// Log lines as `text` (colours only on a terminal, and not with NO_COLOR) or `json` (one
+    /// object per line).
+    #[arg(long, env = "DAGMESH_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormatArg,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+pub enum LogFormatArg {
+    Text,
+    Json,
+}
+
+impl ObserveFlags {
+    /// Sets the log format, installs logs and traces for `service`, and starts the metrics
+    /// server when asked for (it stops with the process).
+    async fn start(&self, service: &'static str) -> anyhow::Result<telemetry::Telemetry> {
+        telemetry::set_log_format(match self.log_format {
+            LogFormatArg::Text => telemetry::LogFormat::Text,
+            LogFormatArg::Json => telemetry::LogFormat::Json,
+        });
+        let telemetry = telemetry::init(service);
+        if let Some(listen) = &self.metrics_listen {
+            let listener = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding --metrics-listen {listen}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "serving Prometheus metrics at /metrics");
+            tokio::spawn(async move {
+                let never = std::future::pending::<()>();
+                if let Err(error) = dagmesh_runtime::metrics::serve(listener, never).await {
+                    tracing::error!(%error, "the metrics server stopped");
+                }
+            });
+        }
+        Ok(telemetry)
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub struct UpArgs {
     /// Address for all services (gRPC).
@@ -90,10 +135,12 @@ pub struct UpArgs {
     pub engine: EngineFlags,
     #[command(flatten)]
     pub security: SecurityFlags,
+    #[command(flatten)]
+    pub observe: ObserveFlags,
 }
 
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
-    let telemetry = telemetry::init("dagmesh");
+    let telemetry = args.observe.start("dagmesh").await?;
     let database_url = args
         .database
         .unwrap_or_else(|| format!("sqlite://{}", args.data_dir.join("dagmesh.db").display()));
@@ -149,10 +196,12 @@ pub struct MetastoreArgs {
     pub database: String,
     #[command(flatten)]
     pub security: SecurityFlags,
+    #[command(flatten)]
+    pub observe: ObserveFlags,
 }
 
 pub async fn metastore(args: MetastoreArgs) -> anyhow::Result<()> {
-    let telemetry = telemetry::init("dagmesh-metastore");
+    let telemetry = args.observe.start("dagmesh-metastore").await?;
     let store = SqlStore::connect(&args.database)
         .await
         .with_context(|| format!("opening database {}", redact(&args.database)))?;
@@ -197,10 +246,12 @@ pub struct ExecutorArgs {
     pub engine: EngineFlags,
     #[command(flatten)]
     pub security: SecurityFlags,
+    #[command(flatten)]
+    pub observe: ObserveFlags,
 }
 
 pub async fn executor(args: ExecutorArgs, client: &ClientSettings) -> anyhow::Result<()> {
-    let telemetry = telemetry::init("dagmesh-executor");
+    let telemetry = args.observe.start("dagmesh-executor").await?;
     let tls = args.security.tls()?;
     let (executor, mut engine) = start_remote_executor(&args, client).await?;
     let listener = bind(&args.listen, &args.security).await?;
@@ -288,12 +339,14 @@ pub struct SchedulerArgs {
     pub executor: String,
     #[command(flatten)]
     pub security: SecurityFlags,
+    #[command(flatten)]
+    pub observe: ObserveFlags,
 }
 
 /// The scheduler alone. Both clients connect lazily, so it starts in any order with the others;
 /// until they are reachable its passes fail and are retried.
 pub async fn scheduler(args: SchedulerArgs, client: &ClientSettings) -> anyhow::Result<()> {
-    let telemetry = telemetry::init("dagmesh-scheduler");
+    let telemetry = args.observe.start("dagmesh-scheduler").await?;
     let tls = args.security.tls()?;
     let settings = args.security.peer_settings(client);
     let store: Arc<dyn MetadataStore> =

@@ -12,5 +12,10 @@ pub mod v1 {
     tonic::include_proto!("dagmesh.v1");
 }
 
+/// KEDA's external scaler contract (`proto/externalscaler`), served by the executor.
+pub mod externalscaler {
+    tonic::include_proto!("externalscaler");
+}
+
 /// Encoded `FileDescriptorSet` of all dagmesh protos (and their imports), for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dagmesh_descriptor");

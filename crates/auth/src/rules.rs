@@ -29,6 +29,9 @@ const RULES: &[(&str, &str, Access)] = &[
         "*",
         Access::Scope(Scope::Read),
     ),
+    // KEDA cannot present a token. The scaler answers only counts of queued and running
+    // tasks for the task type it is asked about, like the unauthenticated /metrics port.
+    ("externalscaler.ExternalScaler", "*", Access::Public),
     (
         "dagmesh.v1.RunService",
         "SubmitRun",
@@ -103,6 +106,11 @@ const RULES: &[(&str, &str, Access)] = &[
     (
         "dagmesh.v1.ClusterService",
         "ListWorkers",
+        Access::Scope(Scope::Read),
+    ),
+    (
+        "dagmesh.v1.ClusterService",
+        "ListQueues",
         Access::Scope(Scope::Read),
     ),
     (

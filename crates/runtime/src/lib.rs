@@ -6,6 +6,7 @@
 //! - [`shutdown_signal`] resolves on the first SIGINT/SIGTERM (drain); a second one exits.
 //! - [`telemetry`] sets up logs and, when configured, OpenTelemetry export.
 
+pub mod metrics;
 pub mod telemetry;
 pub mod tls;
 
@@ -121,6 +122,7 @@ pub async fn serve(
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let names = services.names.clone();
+    let grpc_metrics = metrics::GrpcMetricsLayer::new(&names);
     let mut routes: Routes = services.routes.routes();
     routes = routes
         .add_service(health_service)
@@ -138,6 +140,7 @@ pub async fn serve(
         }
     };
     let router = tonic::transport::Server::builder()
+        .layer(grpc_metrics)
         .layer(options.auth)
         .trace_fn(|request| tracing::debug_span!("grpc", path = %request.uri().path()))
         .add_routes(routes);

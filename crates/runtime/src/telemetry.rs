@@ -14,7 +14,8 @@
 //! [`traces_enabled`] first, so tracing costs one relaxed atomic load.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::io::IsTerminal as _;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
 use opentelemetry_sdk::Resource;
@@ -25,6 +26,37 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 const OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// One human-readable line per event; colours only when stderr is a terminal and
+    /// `NO_COLOR` is not set.
+    #[default]
+    Text,
+    /// One JSON object per line (timestamp, level, target, fields, spans), for log shippers.
+    Json,
+}
+
+static LOG_FORMAT: AtomicU8 = AtomicU8::new(0);
+
+/// Sets the format of the logs [`init`] installs (call it before `init`).
+pub fn set_log_format(format: LogFormat) {
+    LOG_FORMAT.store(format as u8, Ordering::Relaxed);
+}
+
+fn log_format() -> LogFormat {
+    match LOG_FORMAT.load(Ordering::Relaxed) {
+        1 => LogFormat::Json,
+        _ => LogFormat::Text,
+    }
+}
+
+/// Whether log lines may carry ANSI colours: stderr is a terminal and `NO_COLOR` is unset
+/// (<https://no-color.org>).
+pub fn colours_on_stderr() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
 
 static TRACES_ENABLED: AtomicBool = AtomicBool::new(false);
 
@@ -72,7 +104,7 @@ impl Drop for Telemetry {
     }
 }
 
-/// Installs the global subscriber: human-readable logs on stderr filtered by `RUST_LOG`
+/// Installs the global subscriber: logs on stderr ([`set_log_format`]) filtered by `RUST_LOG`
 /// (default `info`), and OTLP trace export when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
 /// `service` is the `service.name` unless `OTEL_SERVICE_NAME` or `OTEL_RESOURCE_ATTRIBUTES`
 /// name one. Call it inside the tokio runtime. Safe to call more than once (later calls do
@@ -86,7 +118,25 @@ pub fn init(service: &'static str) -> Telemetry {
 pub fn init_with(service: &'static str, default_filter: &str) -> Telemetry {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let (text, json) = match log_format() {
+        LogFormat::Text => (
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(colours_on_stderr()),
+            ),
+            None,
+        ),
+        LogFormat::Json => (
+            None,
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(true)
+                    .with_writer(std::io::stderr),
+            ),
+        ),
+    };
     let (provider, problem) = match otlp_endpoint() {
         None => (None, None),
         Some(endpoint) => match tracer_provider(service) {
@@ -99,7 +149,8 @@ pub fn init_with(service: &'static str, default_filter: &str) -> Telemetry {
     });
     let installed = tracing_subscriber::registry()
         .with(filter)
-        .with(fmt)
+        .with(text)
+        .with(json)
         .with(otel)
         .try_init()
         .is_ok();

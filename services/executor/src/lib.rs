@@ -20,7 +20,10 @@ mod error;
 pub mod grpc;
 mod lease;
 mod limits;
+mod metrics;
 mod plans;
+pub mod queues;
+pub mod scaler;
 
 use std::sync::Arc;
 
@@ -72,18 +75,26 @@ impl Executor {
         };
         let (engine, task) =
             Engine::start(store.clone(), plans.clone(), config.clone(), ownership).await?;
-        let inner = Inner {
+        let inner = Arc::new(Inner {
             engine,
             store,
             plans,
             config,
-        };
-        Ok((
-            Self {
-                inner: Arc::new(inner),
-            },
-            task,
-        ))
+        });
+        metrics::register_all();
+        let weak = Arc::downgrade(&inner);
+        dagmesh_runtime::metrics::on_scrape(move || {
+            let inner = weak.upgrade();
+            async move {
+                let Some(inner) = inner else {
+                    return; // this executor stopped (another may run in the same process)
+                };
+                if let Ok(snapshot) = inner.engine.call(|reply| Command::Queues { reply }).await {
+                    metrics::refresh(&snapshot);
+                }
+            }
+        });
+        Ok((Self { inner }, task))
     }
 
     pub fn config(&self) -> &ExecutorConfig {
@@ -542,6 +553,20 @@ impl Executor {
             }
         }
         Ok(())
+    }
+
+    /// The ready queues and the workers that could take them (see [`queues`]).
+    pub async fn queues(&self) -> Result<queues::QueueSnapshot, ExecError> {
+        self.inner
+            .engine
+            .call(|reply| Command::Queues { reply })
+            .await
+    }
+
+    /// A receiver that changes after every batch that touched the ready queues or the worker
+    /// sessions: a hint to take a new [`Executor::queues`] snapshot.
+    pub fn queue_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.engine.queue_changes.clone()
     }
 
     pub async fn list_workers(&self) -> Result<Vec<WorkerInfo>, ExecError> {

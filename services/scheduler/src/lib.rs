@@ -41,6 +41,7 @@ mod clock;
 mod error;
 mod expr;
 pub mod grpc;
+mod metrics;
 mod scheduler;
 mod starter;
 mod ticks;

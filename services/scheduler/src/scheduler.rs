@@ -176,6 +176,7 @@ impl Scheduler {
         clock: Arc<dyn Clock>,
         config: SchedulerConfig,
     ) -> Self {
+        crate::metrics::register_all();
         Scheduler {
             inner: Arc::new(Inner {
                 store,
@@ -274,6 +275,7 @@ impl Scheduler {
                 self.start_tick(schedule, zone, tick).await?;
             }
             if run.is_empty() {
+                crate::metrics::tick("missed", due.len() as u64);
                 tracing::info!(schedule = %schedule.name, tick = %latest, "missed tick skipped");
             }
             let advanced = self
@@ -328,6 +330,12 @@ impl Scheduler {
         };
         match self.inner.starter.submit(request).await {
             Ok((run, created)) => {
+                if created {
+                    crate::metrics::tick("fired", 1);
+                    if self.inner.clock.now() - tick > crate::metrics::LATE_AFTER {
+                        crate::metrics::tick("late", 1);
+                    }
+                }
                 tracing::info!(schedule = %schedule.name, %tick, run_id = %run.run_id, created, "tick");
                 Ok(())
             }

@@ -12,6 +12,7 @@
 mod admission;
 #[cfg(test)]
 mod machine_tests;
+mod queues;
 mod run;
 mod timers;
 mod traces;
@@ -128,6 +129,10 @@ pub(crate) enum Command {
     ListWorkers {
         reply: oneshot::Sender<Vec<WorkerInfo>>,
     },
+    /// The ready queues and the workers that could take them.
+    Queues {
+        reply: oneshot::Sender<crate::queues::QueueSnapshot>,
+    },
     /// Admission queue positions (1 = next) of the QUEUED runs.
     QueuePositions {
         reply: oneshot::Sender<HashMap<String, u32>>,
@@ -193,6 +198,9 @@ pub(crate) enum Submitted {
 #[derive(Clone)]
 pub(crate) struct EngineHandle {
     tx: mpsc::Sender<Command>,
+    /// Bumped after a batch that changed the ready queues or the worker sessions (a hint to
+    /// look again, for the scaler's StreamIsActive).
+    pub queue_changes: watch::Receiver<u64>,
 }
 
 impl EngineHandle {
@@ -324,6 +332,8 @@ pub(crate) struct Ctx {
     dirty_runs: Vec<Arc<str>>,
     dirty_set: HashSet<Arc<str>>,
     now: Instant,
+    /// Set when the ready queues or the worker sessions changed (see `EngineHandle::queue_changes`).
+    queues_touched: bool,
 }
 
 impl Ctx {
@@ -367,7 +377,10 @@ impl Ctx {
                     route,
                     priority,
                     task,
-                } => self.queues.push(&route, priority, task),
+                } => {
+                    self.queues_touched = true;
+                    self.queues.push(&route, priority, task);
+                }
                 Shared::Schedule { at, timer } => self.timers.schedule(at, timer),
                 Shared::Hold {
                     instance,
@@ -452,6 +465,7 @@ pub(crate) struct Engine {
     /// The engine's own command channel, for answers of work done off the engine task; weak,
     /// so that the engine still stops when every handle is dropped.
     commands: Option<mpsc::WeakSender<Command>>,
+    queue_changes: watch::Sender<u64>,
 }
 
 /// Store look-ups for results of inactive runs that may be in flight at once.
@@ -487,6 +501,7 @@ impl Engine {
                 dirty_runs: Vec::new(),
                 dirty_set: HashSet::new(),
                 now,
+                queues_touched: false,
             },
             idempotency: HashMap::new(),
             idempotency_order: VecDeque::new(),
@@ -498,6 +513,7 @@ impl Engine {
             lookups: Arc::new(tokio::sync::Semaphore::new(MAX_RESULT_LOOKUPS)),
             plans: plans.clone(),
             commands: None,
+            queue_changes: watch::Sender::new(0),
         };
         let (tx, rx) = mpsc::channel(engine.ctx.config.max_batch * 2);
         engine.commands = Some(tx.downgrade());
@@ -508,6 +524,7 @@ impl Engine {
             renewal,
             ..
         } = ownership;
+        let queue_changes = engine.queue_changes.subscribe();
         let task = tokio::spawn(async move {
             let store = engine.store.clone();
             let fence = engine.fence.clone();
@@ -519,7 +536,7 @@ impl Engine {
             }
             result
         });
-        Ok((EngineHandle { tx }, task))
+        Ok((EngineHandle { tx, queue_changes }, task))
     }
 
     async fn recover(&mut self, plans: &PlanCache) -> Result<(), ExecError> {
@@ -605,6 +622,11 @@ impl Engine {
                 }
             }
             self.ctx.now = Instant::now();
+            if let Some(metrics) = crate::metrics::get()
+                && !batch.is_empty()
+            {
+                metrics.batch(batch.len());
+            }
             for command in batch.drain(..) {
                 self.handle(command);
                 self.settle();
@@ -615,6 +637,10 @@ impl Engine {
             }
             self.admit_queued();
             self.dispatch();
+            if std::mem::take(&mut self.ctx.queues_touched) {
+                self.queue_changes
+                    .send_modify(|changes| *changes = changes.wrapping_add(1));
+            }
             // Nothing waits on this batch (no reply, no message to a worker: only Started,
             // progress or logs): let it share the next commit instead of paying for its own.
             if self.ctx.effects.is_empty() && self.drain.is_none() {
@@ -641,6 +667,12 @@ impl Engine {
     fn handle(&mut self, command: Command) {
         // Nothing a command reads may lag behind what earlier transitions recorded.
         self.ctx.apply_shared();
+        if matches!(
+            command,
+            Command::Connect { .. } | Command::Disconnect { .. }
+        ) {
+            self.ctx.queues_touched = true;
+        }
         match command {
             Command::ChildPlan {
                 parent,
@@ -883,6 +915,10 @@ impl Engine {
                     }
                 }
                 let _ = reply.send(reasons);
+            }
+            Command::Queues { reply } => {
+                let snapshot = self.queue_snapshot();
+                self.ctx.reply(reply, snapshot);
             }
             Command::ListWorkers { reply } => {
                 let mut workers: Vec<WorkerInfo> = self
@@ -1547,6 +1583,8 @@ impl Engine {
     }
 
     fn fire(&mut self, timer: Timer) {
+        // Lease expiries drop worker sessions; the others may requeue tasks.
+        self.ctx.queues_touched = true;
         match timer {
             Timer::RetryDue {
                 run_id,
@@ -1678,6 +1716,7 @@ impl Engine {
             let Some(task) = self.ctx.queues.pop(&route) else {
                 continue;
             };
+            self.ctx.queues_touched = true;
             if let Some(entry) = self.runs.get_mut(&task.run_id) {
                 entry.assign(task.step, task.attempt, &instance, &version, &mut self.ctx);
                 self.ctx.apply_shared(); // the worker's slots are taken before the next pick
@@ -1703,7 +1742,19 @@ impl Engine {
         }
         let mut refused: HashSet<Arc<str>> = HashSet::new();
         if !mutations.is_empty() {
-            match self.store.commit_fenced(&self.fence, mutations).await {
+            let started = std::time::Instant::now();
+            let committed = self.store.commit_fenced(&self.fence, mutations).await;
+            if let Some(metrics) = crate::metrics::get() {
+                metrics.commit(started.elapsed().as_secs_f64());
+                if let Err(error) = &committed {
+                    metrics.store_error(if stops_engine(error) {
+                        "outage"
+                    } else {
+                        "refused"
+                    });
+                }
+            }
+            match committed {
                 Ok(()) => {}
                 Err(error) if stops_engine(&error) => return Err(error.into()),
                 Err(error) => {

@@ -213,6 +213,8 @@ pub(crate) struct RunEntry {
     run_dirty: bool,
     events: Vec<RunEvent>,
     trace: Timeline,
+    /// What the step metrics need beyond the rows (see [`crate::metrics::Meter`]).
+    meter: crate::metrics::Meter<StepRef>,
     /// Per step (only steps that reported): progress rate limiting, log caps, and why recent
     /// attempts were lost (the history a step fails with at the lost-attempt cap).
     progress: HashMap<StepRef, ProgressThrottle>,
@@ -487,6 +489,7 @@ impl RunEntry {
             run_dirty: false,
             events: Vec::new(),
             trace: Timeline::default(),
+            meter: Default::default(),
             progress: HashMap::new(),
             logs: HashMap::new(),
             losses: HashMap::new(),
@@ -556,6 +559,20 @@ impl RunEntry {
 
     fn row_mut(&mut self, at: StepRef) -> &mut Step {
         &mut self.slot_mut(at).row
+    }
+
+    /// Whether task `at` still waits in a ready queue in `attempt` (queue entries of a
+    /// cancelled run or an older attempt are stale).
+    pub fn is_queued(&self, at: StepRef, attempt: u32) -> bool {
+        self.has(at) && {
+            let row = self.row(at);
+            row.state() == StepState::Ready && row.attempt == attempt
+        }
+    }
+
+    /// The step `step_id` names (a task id's second half), if this run has it.
+    pub fn step_ref(&self, step_id: &str) -> Option<StepRef> {
+        self.find(step_id)
     }
 
     /// Whether `at` names a slot of this run (a timer or queued task may outlive a reload
@@ -1699,6 +1716,7 @@ impl RunEntry {
             run_id: self.id.clone(),
             step: at,
             attempt: self.row(at).attempt,
+            queued_at: ctx.now,
         };
         let priority = self.plan.compiled.steps[at.spec()].priority;
         ctx.enqueue(&self.plan.routes[at.spec()], priority, task);
@@ -2062,6 +2080,9 @@ impl RunEntry {
         }
         step.lost_attempts += 1;
         step.lost_in_a_row += 1;
+        if let Some(metrics) = crate::metrics::get() {
+            metrics.step_lost(crate::metrics::task_type(&step.task));
+        }
         step.error = format!("attempt {attempt}: {reason}");
         let lost_in_a_row = step.lost_in_a_row;
         let history = self.losses.entry(at).or_default();
@@ -2425,8 +2446,59 @@ impl RunEntry {
         }
     }
 
+    /// Feeds this batch's events to the metrics (see [`crate::metrics`]), like the spans.
+    fn meter_events(&mut self) {
+        let Some(metrics) = crate::metrics::get() else {
+            return;
+        };
+        use crate::metrics::TaskChange;
+        for event in &self.events {
+            match &event.event {
+                Some(run_event::Event::RunState(change)) => {
+                    if event.seq == 1 {
+                        metrics.run_started(&self.run.workflow);
+                    }
+                    if is_finished(change.state()) {
+                        let state = change
+                            .state()
+                            .as_str_name()
+                            .trim_start_matches("RUN_STATE_");
+                        metrics.run_finished(&self.run.workflow, &state.to_ascii_lowercase());
+                    }
+                }
+                Some(run_event::Event::StepState(change)) => {
+                    let Some(at) = self.find(&change.step_id) else {
+                        continue;
+                    };
+                    if !self.is_task(at) {
+                        continue;
+                    }
+                    let when = event
+                        .at
+                        .and_then(|at| SystemTime::try_from(at).ok())
+                        .unwrap_or_else(SystemTime::now);
+                    let kind = match change.state() {
+                        StepState::Ready => TaskChange::Ready,
+                        StepState::Running => TaskChange::Running,
+                        StepState::Succeeded if change.cached_from.is_empty() => {
+                            TaskChange::Succeeded
+                        }
+                        StepState::Failed => TaskChange::Failed,
+                        StepState::RetryWait => TaskChange::Retrying,
+                        _ => TaskChange::Other,
+                    };
+                    let task = &slot_of(&self.steps, at).row.task;
+                    self.meter
+                        .observe(at, crate::metrics::task_type(task), kind, when);
+                }
+                _ => {}
+            }
+        }
+    }
+
     pub fn drain_mutations(&mut self, out: &mut Vec<Mutation>) {
         self.trace_events();
+        self.meter_events();
         let put = |mutation| Mutation {
             mutation: Some(mutation),
         };

@@ -33,6 +33,8 @@ pub(crate) struct QueuedTask {
     pub run_id: Arc<str>,
     pub step: StepRef,
     pub attempt: u32,
+    /// When it was queued (for the queue's oldest age).
+    pub queued_at: Instant,
 }
 
 /// Queue order: higher priority first, then first-in-first-out.
@@ -61,6 +63,13 @@ impl ReadyQueues {
             .filter(|(route, _)| eligible(route))
             .min_by_key(|(_, key)| *key)
             .map(|(route, _)| route.clone())
+    }
+
+    /// Every queue with its entries (stale ones included), in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Arc<Route>, impl Iterator<Item = &QueuedTask>)> {
+        self.queues
+            .iter()
+            .map(|(route, queue)| (route, queue.values()))
     }
 
     pub fn pop(&mut self, route: &Route) -> Option<QueuedTask> {
@@ -135,9 +144,18 @@ impl Session {
         self.could_run(route)
     }
 
+    /// Slots free now (0 while the worker is away or draining).
+    pub fn available_slots(&self) -> u32 {
+        if self.outbound.is_none() || self.draining {
+            0
+        } else {
+            self.free_slots()
+        }
+    }
+
     /// The version of `route`'s task type this worker runs, if it could take the task once it
     /// has room (task type, version, labels, total slots).
-    fn could_run(&self, route: &Route) -> Option<&Version> {
+    pub fn could_run(&self, route: &Route) -> Option<&Version> {
         if self.hello.slots < route.slots {
             return None;
         }

@@ -3,9 +3,11 @@
 
 mod cluster;
 mod runs;
+mod scaler;
 mod workers;
 mod workflows;
 
+use dagmesh_proto::externalscaler::external_scaler_server::ExternalScalerServer;
 use dagmesh_proto::v1::{
     cluster_service_server::ClusterServiceServer, run_service_server::RunServiceServer,
     worker_service_server::WorkerServiceServer, workflow_service_server::WorkflowServiceServer,
@@ -37,5 +39,6 @@ impl Executor {
                     .max_encoding_message_size(usize::MAX),
             )
             .with(ClusterServiceServer::new(cluster::Cluster(self.clone())))
+            .with(ExternalScalerServer::new(scaler::Scaler::new(self.clone())))
     }
 }

@@ -22,27 +22,38 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from dagmesh._proto.v1 import worker_pb2 as dagmesh_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64\x61gmesh/v1/cluster.proto\x12\ndagmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17\x64\x61gmesh/v1/worker.proto\"\x14\n\x12ListWorkersRequest\">\n\x13ListWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.dagmesh.v1.WorkerInfo\"\xfb\x02\n\nWorkerInfo\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x13\n\x0bworker_name\x18\x02 \x01(\t\x12/\n\ntask_types\x18\x03 \x03(\x0b\x32\x1b.dagmesh.v1.TaskTypeVersion\x12\x32\n\x06labels\x18\x04 \x03(\x0b\x32\".dagmesh.v1.WorkerInfo.LabelsEntry\x12\r\n\x05slots\x18\x05 \x01(\r\x12\x12\n\nused_slots\x18\x06 \x01(\r\x12\x11\n\tconnected\x18\x07 \x01(\x08\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12\x14\n\x0csdk_language\x18\t \x01(\t\x12\x13\n\x0bsdk_version\x18\n \x01(\t\x12-\n\tlast_seen\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05tasks\x18\x0c \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32`\n\x0e\x43lusterService\x12N\n\x0bListWorkers\x12\x1e.dagmesh.v1.ListWorkersRequest\x1a\x1f.dagmesh.v1.ListWorkersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64\x61gmesh/v1/cluster.proto\x12\ndagmesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17\x64\x61gmesh/v1/worker.proto\"&\n\x11ListQueuesRequest\x12\x11\n\ttask_type\x18\x01 \x01(\t\";\n\x12ListQueuesResponse\x12%\n\x06queues\x18\x01 \x03(\x0b\x32\x15.dagmesh.v1.QueueInfo\"\xb3\x02\n\tQueueInfo\x12\x11\n\ttask_type\x18\x01 \x01(\t\x12\x1b\n\x13version_requirement\x18\x02 \x01(\t\x12\x31\n\x06labels\x18\x03 \x03(\x0b\x32!.dagmesh.v1.QueueInfo.LabelsEntry\x12\x16\n\x0eslots_per_task\x18\x04 \x01(\r\x12\x0e\n\x06queued\x18\x05 \x01(\r\x12-\n\noldest_age\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07running\x18\x07 \x01(\r\x12\x18\n\x10matching_workers\x18\x08 \x01(\r\x12\x12\n\nfree_slots\x18\t \x01(\r\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x14\n\x12ListWorkersRequest\">\n\x13ListWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.dagmesh.v1.WorkerInfo\"\xfb\x02\n\nWorkerInfo\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x13\n\x0bworker_name\x18\x02 \x01(\t\x12/\n\ntask_types\x18\x03 \x03(\x0b\x32\x1b.dagmesh.v1.TaskTypeVersion\x12\x32\n\x06labels\x18\x04 \x03(\x0b\x32\".dagmesh.v1.WorkerInfo.LabelsEntry\x12\r\n\x05slots\x18\x05 \x01(\r\x12\x12\n\nused_slots\x18\x06 \x01(\r\x12\x11\n\tconnected\x18\x07 \x01(\x08\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12\x14\n\x0csdk_language\x18\t \x01(\t\x12\x13\n\x0bsdk_version\x18\n \x01(\t\x12-\n\tlast_seen\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05tasks\x18\x0c \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xad\x01\n\x0e\x43lusterService\x12N\n\x0bListWorkers\x12\x1e.dagmesh.v1.ListWorkersRequest\x1a\x1f.dagmesh.v1.ListWorkersResponse\x12K\n\nListQueues\x12\x1d.dagmesh.v1.ListQueuesRequest\x1a\x1e.dagmesh.v1.ListQueuesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dagmesh.v1.cluster_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_QUEUEINFO_LABELSENTRY']._loaded_options = None
+  _globals['_QUEUEINFO_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_WORKERINFO_LABELSENTRY']._loaded_options = None
   _globals['_WORKERINFO_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_LISTWORKERSREQUEST']._serialized_start=98
-  _globals['_LISTWORKERSREQUEST']._serialized_end=118
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=120
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=182
-  _globals['_WORKERINFO']._serialized_start=185
-  _globals['_WORKERINFO']._serialized_end=564
-  _globals['_WORKERINFO_LABELSENTRY']._serialized_start=519
-  _globals['_WORKERINFO_LABELSENTRY']._serialized_end=564
-  _globals['_CLUSTERSERVICE']._serialized_start=566
-  _globals['_CLUSTERSERVICE']._serialized_end=662
+  _globals['_LISTQUEUESREQUEST']._serialized_start=130
+  _globals['_LISTQUEUESREQUEST']._serialized_end=168
+  _globals['_LISTQUEUESRESPONSE']._serialized_start=170
+  _globals['_LISTQUEUESRESPONSE']._serialized_end=229
+  _globals['_QUEUEINFO']._serialized_start=232
+  _globals['_QUEUEINFO']._serialized_end=539
+  _globals['_QUEUEINFO_LABELSENTRY']._serialized_start=494
+  _globals['_QUEUEINFO_LABELSENTRY']._serialized_end=539
+  _globals['_LISTWORKERSREQUEST']._serialized_start=541
+  _globals['_LISTWORKERSREQUEST']._serialized_end=561
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=563
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=625
+  _globals['_WORKERINFO']._serialized_start=628
+  _globals['_WORKERINFO']._serialized_end=1007
+  _globals['_WORKERINFO_LABELSENTRY']._serialized_start=494
+  _globals['_WORKERINFO_LABELSENTRY']._serialized_end=539
+  _globals['_CLUSTERSERVICE']._serialized_start=1010
+  _globals['_CLUSTERSERVICE']._serialized_end=1183
 # @@protoc_insertion_point(module_scope)

@@ -39,6 +39,11 @@ class ClusterServiceStub(object):
                 request_serializer=dagmesh_dot_v1_dot_cluster__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_cluster__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
+        self.ListQueues = channel.unary_unary(
+                '/dagmesh.v1.ClusterService/ListQueues',
+                request_serializer=dagmesh_dot_v1_dot_cluster__pb2.ListQueuesRequest.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_cluster__pb2.ListQueuesResponse.FromString,
+                _registered_method=True)
 
 
 class ClusterServiceServicer(object):
@@ -52,6 +57,15 @@ class ClusterServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListQueues(self, request, context):
+        """The ready queues: one per route (task type, version requirement, labels, slots) that has
+        tasks queued or running, with the workers that could take them. The same numbers drive
+        the executor's Prometheus gauges and its KEDA external scaler.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +73,11 @@ def add_ClusterServiceServicer_to_server(servicer, server):
                     servicer.ListWorkers,
                     request_deserializer=dagmesh_dot_v1_dot_cluster__pb2.ListWorkersRequest.FromString,
                     response_serializer=dagmesh_dot_v1_dot_cluster__pb2.ListWorkersResponse.SerializeToString,
+            ),
+            'ListQueues': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQueues,
+                    request_deserializer=dagmesh_dot_v1_dot_cluster__pb2.ListQueuesRequest.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_cluster__pb2.ListQueuesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,6 +107,33 @@ class ClusterService(object):
             '/dagmesh.v1.ClusterService/ListWorkers',
             dagmesh_dot_v1_dot_cluster__pb2.ListWorkersRequest.SerializeToString,
             dagmesh_dot_v1_dot_cluster__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListQueues(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.ClusterService/ListQueues',
+            dagmesh_dot_v1_dot_cluster__pb2.ListQueuesRequest.SerializeToString,
+            dagmesh_dot_v1_dot_cluster__pb2.ListQueuesResponse.FromString,
             options,
             channel_credentials,
             insecure,
