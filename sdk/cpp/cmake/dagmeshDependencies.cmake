@@ -2,6 +2,10 @@
 #   dagmesh_deps::grpcpp    gRPC C++ (gRPC::grpc++ from gRPCConfig.cmake, else pkg-config grpc++)
 #   dagmesh_deps::protobuf  libprotobuf (FindProtobuf / protobuf-config, else pkg-config protobuf)
 #   dagmesh_deps::json      nlohmann-json (nlohmann_jsonConfig.cmake, else the header alone)
+#   dagmesh_deps::opentelemetry  opentelemetry-cpp::api, looked for only when
+#                           DAGMESH_FIND_OPENTELEMETRY is QUIET or REQUIRED (the SDK's build sets
+#                           it from DAGMESH_WITH_OPENTELEMETRY, the installed config to QUIET when
+#                           dagmesh::otel was installed); absent when not found
 # The same file is used by the SDK's own build and by the installed dagmeshConfig.cmake, so an
 # exported dagmesh::sdk always finds the names it links to, however they were found.
 include_guard(GLOBAL)
@@ -48,5 +52,19 @@ if(NOT TARGET dagmesh_deps::json)
   else()
     find_path(DAGMESH_NLOHMANN_JSON_INCLUDE_DIR nlohmann/json.hpp REQUIRED)
     target_include_directories(dagmesh_deps::json INTERFACE ${DAGMESH_NLOHMANN_JSON_INCLUDE_DIR})
+  endif()
+endif()
+
+if(DEFINED DAGMESH_FIND_OPENTELEMETRY AND NOT TARGET dagmesh_deps::opentelemetry)
+  if(DAGMESH_FIND_OPENTELEMETRY STREQUAL "REQUIRED")
+    find_package(opentelemetry-cpp CONFIG REQUIRED)
+  else()
+    find_package(opentelemetry-cpp CONFIG QUIET)
+  endif()
+  if(TARGET opentelemetry-cpp::api)
+    add_library(dagmesh_deps::opentelemetry INTERFACE IMPORTED GLOBAL)
+    target_link_libraries(dagmesh_deps::opentelemetry INTERFACE opentelemetry-cpp::api)
+  elseif(DAGMESH_FIND_OPENTELEMETRY STREQUAL "REQUIRED")
+    message(FATAL_ERROR "opentelemetry-cpp was found without an opentelemetry-cpp::api target")
   endif()
 endif()

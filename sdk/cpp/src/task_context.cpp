@@ -22,7 +22,46 @@ const char* to_string(LogLevel level) noexcept {
   return "info";
 }
 
-TaskContext::TaskContext(Info info) : info_(std::move(info)) {}
+namespace {
+
+bool is_lower_hex(std::string_view text) {
+  return std::all_of(text.begin(), text.end(),
+                     [](char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'); });
+}
+
+bool all_zero(std::string_view text) {
+  return std::all_of(text.begin(), text.end(), [](char c) { return c == '0'; });
+}
+
+int hex_value(char c) { return c <= '9' ? c - '0' : c - 'a' + 10; }
+
+}  // namespace
+
+std::optional<TraceParent> parse_traceparent(std::string_view header) {
+  // 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01
+  // 0  3                                36               53
+  constexpr std::size_t kSize = 55;
+  if (header.size() != kSize) return std::nullopt;
+  if (header[2] != '-' || header[35] != '-' || header[52] != '-') return std::nullopt;
+  const std::string_view version = header.substr(0, 2);
+  const std::string_view trace_id = header.substr(3, 32);
+  const std::string_view span_id = header.substr(36, 16);
+  const std::string_view flags = header.substr(53, 2);
+  if (version != "00") return std::nullopt;
+  if (!is_lower_hex(trace_id) || !is_lower_hex(span_id) || !is_lower_hex(flags)) {
+    return std::nullopt;
+  }
+  if (all_zero(trace_id) || all_zero(span_id)) return std::nullopt;
+  TraceParent parsed;
+  parsed.trace_id = std::string(trace_id);
+  parsed.parent_span_id = std::string(span_id);
+  parsed.flags = static_cast<std::uint8_t>(hex_value(flags[0]) * 16 + hex_value(flags[1]));
+  return parsed;
+}
+
+TaskContext::TaskContext(Info info) : info_(std::move(info)) {
+  if (auto parsed = parse_traceparent(info_.traceparent)) trace_ = std::move(*parsed);
+}
 
 std::unique_ptr<TaskContext> TaskContext::detached(std::string task_id, std::uint32_t attempt) {
   Info info;
@@ -63,7 +102,9 @@ void TaskContext::progress(double fraction, std::string message,
 
 void TaskContext::log(LogLevel level, std::string text) {
   if (detail::log_enabled(level)) {
-    detail::log_line(level, "[" + info_.task_id + "#" + std::to_string(info_.attempt) + "] " + text);
+    std::string prefix = "[" + info_.task_id + "#" + std::to_string(info_.attempt);
+    if (!trace_.trace_id.empty()) prefix += " trace_id=" + trace_.trace_id;
+    detail::log_line(level, prefix + "] " + text);
   }
   std::function<void()> wake;
   {

@@ -96,6 +96,16 @@ std::string key_text(const TaskKey& key) {
   return key.first + "#" + std::to_string(key.second);
 }
 
+// " trace_id=<32 hex>", appended to log lines about an attempt whose Assign carried a valid
+// traceparent, so the SDK's lines correlate with the run's trace; "" otherwise. At the end, so
+// the lines still start as before ("task <task_id>#<attempt> completed ...").
+std::string trace_text(const std::string& trace_id) {
+  return trace_id.empty() ? std::string() : " trace_id=" + trace_id;
+}
+std::string trace_text(const TaskContext* ctx) {
+  return ctx == nullptr ? std::string() : trace_text(ctx->trace_id());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Event queue: everything that changes the driver's state arrives here.
 
@@ -991,7 +1001,10 @@ void Driver::on_welcome(const v1::Welcome& welcome) {
     for (const auto& r : welcome.resumed()) {
       if (r.task_id() == key.first && r.attempt() == key.second) resumed = true;
     }
-    if (!resumed) DAGMESH_DEBUG("task " << key_text(key) << " not resumed by the executor");
+    if (!resumed) {
+      DAGMESH_DEBUG("task " << key_text(key) << " not resumed by the executor"
+                            << trace_text(entry.ctx.get()));
+    }
   }
   publish();
   // Results the executor has not recorded go again: it records a duplicate once and answers
@@ -1074,7 +1087,9 @@ void Driver::on_assign(const v1::Assign& assign) {
     retryable = false;
   }
   if (!refusal.empty()) {
-    DAGMESH_WARN("assignment " << key_text(key) << " refused: " << refusal);
+    const auto trace = parse_traceparent(assign.traceparent());
+    DAGMESH_WARN("assignment " << key_text(key) << " refused: " << refusal
+                               << trace_text(trace ? trace->trace_id : ""));
     Entry entry;
     entry.running = false;
     entry.result = failed_message(key, refusal, retryable);
@@ -1122,7 +1137,7 @@ void Driver::spawn(const TaskKey& key, const v1::Assign& assign, std::uint32_t s
 
   DAGMESH_INFO("task " << key_text(key) << " started: " << registered.name << " "
                        << registered.version << " (run " << assign.run_id() << ", step "
-                       << assign.step_id() << ")");
+                       << assign.step_id() << ")" << trace_text(ctx.get()));
   auto inputs = std::make_shared<nlohmann::json>(struct_to_json(assign.inputs()));
   Handler handler = registered.handler;
   std::string task_type = registered.name;
@@ -1135,10 +1150,11 @@ void Driver::spawn(const TaskKey& key, const v1::Assign& assign, std::uint32_t s
       google::protobuf::Struct outputs = json_to_struct(output);
       const std::size_t size = payload_size(outputs);
       if (auto error = check_outputs(task_type, outputs, max_payload->load())) {
-        DAGMESH_WARN("task " << key_text(key) << " failed: " << *error);
+        DAGMESH_WARN("task " << key_text(key) << " failed: " << *error << trace_text(ctx.get()));
         result = failed_message(key, *error, false);
       } else {
-        DAGMESH_INFO("task " << key_text(key) << " completed (" << size << " output bytes)");
+        DAGMESH_INFO("task " << key_text(key) << " completed (" << size << " output bytes)"
+                             << trace_text(ctx.get()));
         result = std::make_shared<v1::WorkerMessage>();
         auto* completed = result->mutable_completed();
         completed->set_task_id(key.first);
@@ -1147,13 +1163,14 @@ void Driver::spawn(const TaskKey& key, const v1::Assign& assign, std::uint32_t s
       }
     } catch (const TaskError& e) {
       DAGMESH_WARN("task " << key_text(key) << " failed (retryable=" << e.retryable()
-                           << "): " << e.what());
+                           << "): " << e.what() << trace_text(ctx.get()));
       result = failed_message(key, e.what(), e.retryable());
     } catch (const std::exception& e) {
-      DAGMESH_WARN("task " << key_text(key) << " failed: " << e.what());
+      DAGMESH_WARN("task " << key_text(key) << " failed: " << e.what() << trace_text(ctx.get()));
       result = failed_message(key, e.what(), true);
     } catch (...) {
-      DAGMESH_WARN("task " << key_text(key) << " failed: non-standard exception");
+      DAGMESH_WARN("task " << key_text(key) << " failed: non-standard exception"
+                           << trace_text(ctx.get()));
       result = failed_message(key, "task handler threw a non-standard exception", true);
     }
     Event event;
@@ -1183,16 +1200,18 @@ void Driver::on_recorded(const v1::Recorded& recorded) {
     DAGMESH_DEBUG("Recorded for an unknown task " << key_text(key));
     return;
   }
+  const std::string trace = trace_text(it->second.ctx.get());
   if (it->second.running) {
-    DAGMESH_WARN("Recorded for " << key_text(key) << " before any result; ignored");
+    DAGMESH_WARN("Recorded for " << key_text(key) << " before any result; ignored" << trace);
     return;
   }
   tasks_.erase(it);
   if (recorded.outcome() == v1::RECORD_OUTCOME_STALE) {
-    DAGMESH_WARN("result of " << key_text(key) << " refused as stale: " << recorded.detail());
+    DAGMESH_WARN("result of " << key_text(key) << " refused as stale: " << recorded.detail()
+                              << trace);
   } else {
     DAGMESH_DEBUG("result of " << key_text(key) << " recorded ("
-                               << v1::RecordOutcome_Name(recorded.outcome()) << ")");
+                               << v1::RecordOutcome_Name(recorded.outcome()) << ")" << trace);
   }
   publish();
 }
@@ -1201,11 +1220,13 @@ void Driver::on_cancel(const v1::Cancel& cancel) {
   const TaskKey key{cancel.task_id(), cancel.attempt()};
   auto it = tasks_.find(key);
   if (it != tasks_.end() && it->second.running) {
-    DAGMESH_INFO("task " << key_text(key) << " cancelled: " << cancel.reason());
+    DAGMESH_INFO("task " << key_text(key) << " cancelled: " << cancel.reason()
+                         << trace_text(it->second.ctx.get()));
     it->second.ctx->cancel();
   } else {
     // A result already on its way is answered with Recorded anyway.
-    DAGMESH_DEBUG("Cancel for " << key_text(key) << ", which is not running");
+    DAGMESH_DEBUG("Cancel for " << key_text(key) << ", which is not running"
+                                << (it != tasks_.end() ? trace_text(it->second.ctx.get()) : ""));
   }
 }
 

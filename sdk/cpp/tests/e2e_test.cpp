@@ -547,6 +547,27 @@ steps:
   expect(env.has_line(*env.workers[0], "EVENT started " + Env::step(run, "progress").value("task_id", "") + " 1"),
          "no EVENT started line for progress");
 
+  // The SDK's own lines about a task end with the trace id of its traceparent (the executor
+  // sends one with every Assign), and the steps of one run share one trace.
+  const auto started_trace = [&](const std::string& task_id) {
+    std::istringstream lines(read_file(env.workers[0]->err));
+    const std::string start = "task " + task_id + "#1 started: ";
+    const std::string marker = " trace_id=";
+    for (std::string line; std::getline(lines, line);) {
+      const auto at = line.find(start);
+      const auto mark = line.rfind(marker);
+      if (at == std::string::npos || mark == std::string::npos || mark < at) continue;
+      const std::string id = line.substr(mark + marker.size());
+      if (id.size() == 32 && id.find_first_not_of("0123456789abcdef") == std::string::npos) return id;
+    }
+    return std::string();
+  };
+  const std::string echo_trace = started_trace(echo_task);
+  expect(!echo_trace.empty(), "no \"task " + echo_task + "#1 started: ... trace_id=<32 hex>\" line:\n" +
+                                  tail(read_file(env.workers[0]->err)));
+  expect(started_trace(Env::step(run, "progress").value("task_id", "")) == echo_trace,
+         "the progress step's started line does not name the echo step's trace " + echo_trace);
+
   // The run's event log: progress streamed while the handlers ran, logs batched.
   const auto events = env.cli({"runs", "watch", id, "--after-seq", "0", "-o", "json"});
   expect(events.code == 0, "runs watch failed: " + tail(read_file(env.cli_err())));

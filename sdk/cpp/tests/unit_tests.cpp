@@ -1,7 +1,9 @@
 // Unit tests of the dagmesh C++ SDK: Struct <-> JSON, the payload size check, TaskContext,
-// Worker registration, bounds on what an executor sends, resolution of the security settings.
-// Run one group: dagmesh_unit_tests json|payload|bounds|context|worker|security.
+// Worker registration, bounds on what an executor sends, resolution of the security settings,
+// W3C traceparent parsing. Run one group:
+// dagmesh_unit_tests json|payload|bounds|context|trace|worker|security.
 
+#include <fcntl.h>
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -10,10 +12,14 @@
 #include <cstdio>
 #include <fstream>
 #include <functional>
+#include <iterator>
 #include <map>
+#include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "dagmesh/dagmesh.hpp"
@@ -229,6 +235,152 @@ void test_context() {
   CHECK(!fatal.retryable());
   CHECK_EQ(std::string(fatal.what()), "bad input");
   CHECK(dagmesh::TaskError("busy").retryable());
+}
+
+bool contains(const std::string& text, const std::string& part);
+
+// What `fn` writes to stderr (fd 2), through a temporary file.
+std::string capture_stderr(const std::function<void()>& fn) {
+  char path[] = "/tmp/dagmesh-unit-stderr-XXXXXX";
+  const int fd = ::mkstemp(path);
+  if (fd < 0) return "<mkstemp failed>";
+  std::fflush(stderr);
+  const int saved = ::dup(2);
+  ::dup2(fd, 2);
+  fn();
+  std::fflush(stderr);
+  ::dup2(saved, 2);
+  ::close(saved);
+  ::close(fd);
+  std::ifstream in(path);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  ::unlink(path);
+  return text;
+}
+
+std::unique_ptr<dagmesh::TaskContext> context_with_traceparent(const std::string& traceparent) {
+  dagmesh::TaskContext::Info info;
+  info.task_id = "run/step";
+  info.attempt = 3;
+  info.traceparent = traceparent;
+  return std::make_unique<dagmesh::TaskContext>(std::move(info));
+}
+
+void test_trace() {
+  const std::string trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+  const std::string span_id = "00f067aa0ba902b7";
+  const std::string valid = "00-" + trace_id + "-" + span_id + "-01";
+
+  // Valid, sampled: the parsed fields, on the free function and on the context.
+  {
+    const auto parsed = dagmesh::parse_traceparent(valid);
+    CHECK(parsed.has_value());
+    if (parsed) {
+      CHECK_EQ(parsed->trace_id, trace_id);
+      CHECK_EQ(parsed->parent_span_id, span_id);
+      CHECK_EQ(static_cast<int>(parsed->flags), 1);
+      CHECK(parsed->sampled());
+    }
+    auto ctx = context_with_traceparent(valid);
+    CHECK_EQ(ctx->traceparent(), valid);
+    CHECK_EQ(ctx->trace_id(), trace_id);
+    CHECK_EQ(ctx->parent_span_id(), span_id);
+    CHECK(ctx->sampled());
+  }
+  // Flags: only bit 0 means sampled; other bits are carried and ignored.
+  {
+    auto not_sampled = context_with_traceparent("00-" + trace_id + "-" + span_id + "-00");
+    CHECK_EQ(not_sampled->trace_id(), trace_id);
+    CHECK_EQ(not_sampled->parent_span_id(), span_id);
+    CHECK(!not_sampled->sampled());
+    const auto other_bits = dagmesh::parse_traceparent("00-" + trace_id + "-" + span_id + "-fe");
+    CHECK(other_bits.has_value());
+    if (other_bits) {
+      CHECK_EQ(static_cast<int>(other_bits->flags), 0xfe);
+      CHECK(!other_bits->sampled());
+    }
+    const auto sampled_and_more = dagmesh::parse_traceparent("00-" + trace_id + "-" + span_id + "-03");
+    CHECK(sampled_and_more.has_value() && sampled_and_more->sampled());
+  }
+  // No traceparent (tracing off, detached contexts): empty, not sampled.
+  {
+    auto detached = dagmesh::TaskContext::detached("run/step");
+    CHECK(detached->trace_id().empty());
+    CHECK(detached->parent_span_id().empty());
+    CHECK(!detached->sampled());
+    CHECK(!dagmesh::parse_traceparent("").has_value());
+  }
+
+  // Every malformed header gives nullopt from the parser and empty values on a context (which
+  // still reports the header as sent); none throws.
+  const std::string upper_trace = "4BF92F3577B34DA6A3CE929D0E0E4736";
+  const std::vector<std::pair<std::string, std::string>> bad = {
+      // all-zero ids
+      {"zero trace id", "00-00000000000000000000000000000000-" + span_id + "-01"},
+      {"zero span id", "00-" + trace_id + "-0000000000000000-01"},
+      // uppercase hex anywhere
+      {"uppercase trace id", "00-" + upper_trace + "-" + span_id + "-01"},
+      {"one uppercase digit", "00-4bf92f3577b34da6a3ce929d0e0e473A-" + span_id + "-01"},
+      {"uppercase span id", "00-" + trace_id + "-00F067AA0BA902B7-01"},
+      {"uppercase flags", "00-" + trace_id + "-" + span_id + "-0A"},
+      // wrong lengths
+      {"short trace id", "00-" + trace_id.substr(1) + "-" + span_id + "-01"},
+      {"long trace id", "00-" + trace_id + "0-" + span_id + "-01"},
+      {"short span id", "00-" + trace_id + "-" + span_id.substr(1) + "-01"},
+      {"long span id", "00-" + trace_id + "-" + span_id + "0-01"},
+      {"short trace id, long span id", "00-" + trace_id.substr(1) + "-0" + span_id + "-01"},
+      {"one-digit flags", "00-" + trace_id + "-" + span_id + "-1"},
+      {"three-digit flags", "00-" + trace_id + "-" + span_id + "-001"},
+      {"truncated", valid.substr(0, 54)},
+      {"extra field", valid + "-what"},
+      // versions other than 00
+      {"version 01", "01-" + trace_id + "-" + span_id + "-01"},
+      {"version ff", "ff-" + trace_id + "-" + span_id + "-01"},
+      {"version 0", "0-" + trace_id + "-" + span_id + "-010"},
+      // separators, characters, whitespace
+      {"underscores", "00_" + trace_id + "_" + span_id + "_01"},
+      {"non-hex", "00-" + trace_id.substr(0, 31) + "g-" + span_id + "-01"},
+      {"dash inside the trace id", "00-" + trace_id.substr(0, 31) + "--" + span_id + "-01"},
+      {"leading space", " " + valid.substr(1)},
+      {"trailing space", valid + " "},
+      {"leading space, 55 chars", " 0-" + trace_id + "-" + span_id + "-01"},
+      {"nul byte", std::string("00-") + trace_id.substr(0, 31) + std::string(1, '\0') + "-" +
+                       span_id + "-01"},
+      {"garbage", "not a traceparent"},
+      {"dashes only", std::string(55, '-')},
+  };
+  for (const auto& [what, header] : bad) {
+    bool threw = false;
+    std::optional<dagmesh::TraceParent> parsed;
+    std::unique_ptr<dagmesh::TaskContext> ctx;
+    try {
+      parsed = dagmesh::parse_traceparent(header);
+      ctx = context_with_traceparent(header);
+    } catch (...) {
+      threw = true;
+    }
+    if (threw || parsed.has_value() || ctx == nullptr || !ctx->trace_id().empty() ||
+        !ctx->parent_span_id().empty() || ctx->sampled() || ctx->traceparent() != header) {
+      std::fprintf(stderr, "%s:%d: malformed traceparent accepted or mishandled: %s: \"%s\"\n",
+                   __FILE__, __LINE__, what.c_str(), header.c_str());
+      ++failures;
+    }
+  }
+
+  // The context's stderr echo names the trace id when there is one, and only then.
+  {
+    auto traced = context_with_traceparent(valid);
+    const auto with = capture_stderr([&] { traced->warn("traced line"); });
+    CHECK(contains(with, "[run/step#3 trace_id=" + trace_id + "] traced line"));
+    auto untraced = context_with_traceparent("00-" + upper_trace + "-" + span_id + "-01");
+    const auto without = capture_stderr([&] { untraced->warn("untraced line"); });
+    CHECK(contains(without, "[run/step#3] untraced line"));
+    CHECK(without.find("trace_id=") == std::string::npos);
+    // The line sent to the executor is the handler's text alone.
+    const auto logs = traced->take_logs();
+    CHECK_EQ(logs.size(), 1u);
+    if (!logs.empty()) CHECK_EQ(logs[0].text, "traced line");
+  }
 }
 
 void test_worker() {
@@ -511,7 +663,8 @@ void test_security() {
 int main(int argc, char** argv) {
   const std::map<std::string, std::function<void()>> groups = {
       {"json", test_json},       {"payload", test_payload}, {"bounds", test_bounds},
-      {"context", test_context}, {"worker", test_worker}, {"security", test_security}};
+      {"context", test_context}, {"trace", test_trace},     {"worker", test_worker},
+      {"security", test_security}};
   int ran = 0;
   for (const auto& [name, fn] : groups) {
     if (argc > 1 && name != argv[1]) continue;

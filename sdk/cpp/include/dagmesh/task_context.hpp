@@ -10,6 +10,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace dagmesh {
@@ -22,6 +23,24 @@ struct ContextAccess;
 enum class LogLevel { Debug, Info, Warn, Error };
 
 const char* to_string(LogLevel level) noexcept;
+
+/// A parsed W3C trace context header (https://www.w3.org/TR/trace-context/#traceparent-header).
+struct TraceParent {
+  /// 32 lowercase hex digits, not all zero.
+  std::string trace_id;
+  /// The executor's attempt span: 16 lowercase hex digits, not all zero.
+  std::string parent_span_id;
+  /// The trace-flags byte; bit 0 is "sampled".
+  std::uint8_t flags = 0;
+
+  bool sampled() const noexcept { return (flags & 0x01) != 0; }
+};
+
+/// Parses a `traceparent` strictly: version `00`, then exactly
+/// `-<32 hex trace id>-<16 hex parent span id>-<2 hex flags>` (55 characters, lowercase hex
+/// only, no surrounding whitespace), neither id all zeros. Anything else (other versions
+/// included) gives std::nullopt; no input makes it throw.
+std::optional<TraceParent> parse_traceparent(std::string_view header);
 
 /// What a running attempt knows about itself, plus progress, logs and cancellation.
 ///
@@ -62,8 +81,17 @@ class TaskContext {
   const std::string& task_type() const noexcept { return info_.task_type; }
   /// The version of the task type the executor chose (one this worker registered).
   const std::string& task_version() const noexcept { return info_.task_version; }
-  /// W3C trace context of the attempt's span; empty when the executor has tracing off.
+  /// W3C trace context of the attempt's span, as sent; empty when the executor has tracing off.
   const std::string& traceparent() const noexcept { return info_.traceparent; }
+  /// The trace id of traceparent() (32 lowercase hex digits); empty when traceparent() is
+  /// empty or malformed (see parse_traceparent()).
+  const std::string& trace_id() const noexcept { return trace_.trace_id; }
+  /// The executor's attempt span, parent of spans the handler starts (16 lowercase hex digits);
+  /// empty when traceparent() is empty or malformed.
+  const std::string& parent_span_id() const noexcept { return trace_.parent_span_id; }
+  /// Whether the executor sampled the trace (trace-flags bit 0); false when traceparent() is
+  /// empty or malformed.
+  bool sampled() const noexcept { return trace_.sampled(); }
   /// When the executor times the attempt out (and sends Cancel); empty without a timeout.
   const std::optional<std::chrono::system_clock::time_point>& deadline() const noexcept {
     return info_.deadline;
@@ -112,6 +140,7 @@ class TaskContext {
   friend struct detail::ContextAccess;
 
   Info info_;
+  TraceParent trace_;  // parsed info_.traceparent; empty when malformed
   std::atomic<bool> cancelled_{false};
   mutable std::mutex mu_;
   mutable std::condition_variable cancel_cv_;
