@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "dagmesh/v1/cluster.proto",
         "dagmesh/v1/scheduler.proto",
         "dagmesh/v1/auth.proto",
+        "dagmesh/v1/webhooks.proto",
         "externalscaler/externalscaler.proto",
     ];
     let descriptors = protox::compile(protos, ["."])?;

@@ -227,6 +227,23 @@ pub async fn admin_token(store: &Arc<dyn MetadataStore>, file: &Path) -> anyhow:
     Ok(token)
 }
 
+/// The webhook signing secret kept in `file`: the stored one, or a new random one (32 bytes,
+/// hex; written mode 0600) on first use.
+pub fn webhook_secret(file: &Path) -> anyhow::Result<String> {
+    if let Ok(text) = std::fs::read_to_string(file)
+        && !text.trim().is_empty()
+    {
+        return Ok(text.trim().to_owned());
+    }
+    let secret: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    write_private(file, &secret)
+        .with_context(|| format!("writing the webhook secret to {}", file.display()))?;
+    tracing::info!(file = %file.display(), "created a webhook signing secret");
+    Ok(secret)
+}
+
 fn write_private(file: &Path, contents: &str) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt as _;
     if let Some(dir) = file.parent() {

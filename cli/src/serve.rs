@@ -52,6 +52,17 @@ pub struct EngineFlags {
     /// Concurrency limits (YAML: run admission limits and step resource limits).
     #[arg(long, env = "DAGMESH_LIMITS", value_parser = parse_limits)]
     pub limits: Option<Arc<Limits>>,
+    /// File holding the secret that signs webhook deliveries (HMAC-SHA256, the
+    /// `webhook-signature` header). `dagmesh up` creates DATA_DIR/webhook-secret when unset;
+    /// the executor alone sends unsigned deliveries without one (and warns).
+    #[arg(long, env = "DAGMESH_WEBHOOK_SECRET_FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
+    /// How long a webhook delivery is retried after its event before it is given up.
+    #[arg(long, env = "DAGMESH_WEBHOOK_RETRY_FOR", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub webhook_retry_for: Duration,
+    /// Wait before a webhook's second attempt; it doubles per attempt, up to 5 minutes.
+    #[arg(long, env = "DAGMESH_WEBHOOK_BACKOFF", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub webhook_backoff: Duration,
 }
 
 fn parse_limits(path: &str) -> Result<Arc<Limits>, String> {
@@ -59,8 +70,31 @@ fn parse_limits(path: &str) -> Result<Arc<Limits>, String> {
 }
 
 impl EngineFlags {
-    pub fn config(&self) -> ExecutorConfig {
-        ExecutorConfig {
+    /// The executor's configuration; reads the webhook secret file.
+    pub fn config(&self) -> anyhow::Result<ExecutorConfig> {
+        let secret = match &self.webhook_secret_file {
+            None => None,
+            Some(file) => {
+                let text = std::fs::read_to_string(file)
+                    .with_context(|| format!("reading --webhook-secret-file {}", file.display()))?;
+                let text = text.trim();
+                anyhow::ensure!(
+                    !text.is_empty(),
+                    "--webhook-secret-file {} is empty",
+                    file.display()
+                );
+                Some(Arc::from(text.as_bytes()))
+            }
+        };
+        let webhooks = dagmesh_executor::webhooks::WebhookConfig {
+            secret,
+            retry_for: self.webhook_retry_for,
+            first_backoff: self.webhook_backoff,
+            max_backoff: Duration::from_secs(300).max(self.webhook_backoff),
+            ..Default::default()
+        };
+        Ok(ExecutorConfig {
+            webhooks,
             lease: self.lease,
             reconnect_grace: self.reconnect_grace,
             max_lost_attempts: self.max_lost_attempts,
@@ -71,7 +105,7 @@ impl EngineFlags {
             drain_timeout: self.drain_timeout,
             limits: self.limits.clone().unwrap_or_default(),
             ..ExecutorConfig::default()
-        }
+        })
     }
 }
 
@@ -146,10 +180,16 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("sqlite://{}", args.data_dir.join("dagmesh.db").display()));
     check_listen(&args.listen, &args.security).await?;
     let admin_token_file = args.data_dir.join(ADMIN_TOKEN_FILE);
+    let mut engine = args.engine.clone();
+    if engine.webhook_secret_file.is_none() {
+        let file = args.data_dir.join("webhook-secret");
+        crate::security::webhook_secret(&file)?;
+        engine.webhook_secret_file = Some(file);
+    }
     let mut mesh = Mesh::start(MeshOptions {
         listen: args.listen,
         database_url: database_url.clone(),
-        executor: args.engine.config(),
+        executor: engine.config()?,
         security: MeshSecurity {
             auth: !args.security.no_auth,
             internal_token: args.security.internal_token.clone(),
@@ -299,7 +339,7 @@ async fn start_remote_executor(
             let settings = args.security.peer_settings(client);
             let store = MetadataGrpcClient::connect(&args.metastore, &settings).await?;
             let store: Arc<dyn MetadataStore> = Arc::new(store);
-            anyhow::Ok(Executor::start(store, args.engine.config()).await?)
+            anyhow::Ok(Executor::start(store, args.engine.config()?).await?)
         };
         match attempt.await {
             Ok(started) => return Ok(started),

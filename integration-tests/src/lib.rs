@@ -552,9 +552,20 @@ impl ChildGuard {
         env: &[(&str, &str)],
         log_dir: &Path,
     ) -> anyhow::Result<Self> {
+        Self::spawn_program(&dagmesh_binary()?, name, args, env, log_dir)
+    }
+
+    /// Another program (a Prometheus, a webhook receiver) under the same guard.
+    pub fn spawn_program(
+        program: &Path,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log_dir: &Path,
+    ) -> anyhow::Result<Self> {
         let log = log_dir.join(format!("{name}.log"));
         let file = OpenOptions::new().create(true).append(true).open(&log)?;
-        let mut command = Command::new(dagmesh_binary()?);
+        let mut command = Command::new(program);
         command
             .args(args)
             .stdin(Stdio::null())
@@ -568,7 +579,7 @@ impl ChildGuard {
         command.envs(env.iter().copied());
         let child = command
             .spawn()
-            .with_context(|| format!("starting dagmesh {}", args.join(" ")))?;
+            .with_context(|| format!("starting {} {}", program.display(), args.join(" ")))?;
         Ok(Self {
             name: name.to_owned(),
             child: Some(child),
@@ -666,4 +677,58 @@ impl Drop for ChildGuard {
             eprintln!("{}", self.context());
         }
     }
+}
+
+/// A plain HTTP/1.1 GET (for the metrics port and Prometheus's API): the status code and the
+/// body, de-chunked.
+pub async fn http_get(addr: &str, path_and_query: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    let request =
+        format!("GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no HTTP header end in {text:?}"))?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("no status in {head:?}"))?;
+    let chunked = head.lines().any(|line| {
+        line.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    });
+    if !chunked {
+        return Ok((status, body.to_owned()));
+    }
+    let mut rest = body;
+    let mut out = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").context("bad chunk header")?;
+        let size = usize::from_str_radix(size.trim(), 16).context("bad chunk size")?;
+        if size == 0 {
+            break;
+        }
+        out.push_str(after.get(..size).context("short chunk")?);
+        rest = after.get(size + 2..).context("short chunk end")?;
+    }
+    Ok((status, out))
+}
+
+/// `text` percent-encoded for a URL query value.
+pub fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (byte as char).to_string()
+            }
+            _ => format!("%{byte:02X}"),
+        })
+        .collect()
 }

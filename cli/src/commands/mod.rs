@@ -30,6 +30,7 @@ macro_rules! outln {
 
 mod format;
 pub mod json;
+mod operate;
 mod runs;
 mod schedules;
 mod submit;
@@ -122,6 +123,12 @@ pub enum ClientCommand {
     /// Create, list and revoke API tokens; show who the current token is.
     #[command(subcommand)]
     Tokens(TokensCommand),
+    /// The ready queues: tasks waiting per task type, their oldest age, the workers that could
+    /// take them and their free slots.
+    Queues(operate::QueuesArgs),
+    /// What became of the runs' webhooks.
+    #[command(subcommand)]
+    Webhooks(operate::WebhooksCommand),
 }
 
 /// Runs one client command. Server and connection errors are printed to stderr here and turned
@@ -137,6 +144,8 @@ pub async fn run(global: &Global, command: ClientCommand) -> anyhow::Result<Exit
         ClientCommand::Events(command) => schedules::run_events(global, command).await,
         ClientCommand::Backfill(command) => schedules::run_backfill(global, command).await,
         ClientCommand::Tokens(command) => tokens::run(global, command).await,
+        ClientCommand::Queues(args) => operate::queues(global, args).await,
+        ClientCommand::Webhooks(command) => operate::webhooks(global, command).await,
     };
     result.or_else(|err| report(&global.server, err))
 }

@@ -311,6 +311,7 @@ pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<ExitCo
                 tags: old.tags.clone(),
                 priority: old.priority,
                 memoize_from: if memoized { run_id } else { String::new() },
+                notifications: old.notifications.clone(),
             };
             let run = client
                 .submit_run(request)

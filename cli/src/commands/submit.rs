@@ -36,6 +36,10 @@ pub struct SubmitArgs {
     /// Admission priority when the run has to queue behind a concurrency limit (higher first).
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub priority: i32,
+    /// A webhook for this run, on top of the workflow's: the events to POST, then `=` and the
+    /// URL, e.g. `run.failed,step.failed=https://hooks.example.com/dagmesh`. Repeatable.
+    #[arg(long = "notify", value_name = "EVENTS=URL", value_parser = parse_notify)]
+    pub notify: Vec<dagmesh_proto::v1::Notification>,
     /// Follow the run live (a tree of steps) until it ends; exit 0 only if it succeeded.
     #[arg(long, conflicts_with = "wait")]
     pub watch: bool,
@@ -45,6 +49,17 @@ pub struct SubmitArgs {
 }
 
 /// `-i KEY=VALUE`: the value is JSON when it parses, else the text itself.
+fn parse_notify(text: &str) -> Result<dagmesh_proto::v1::Notification, String> {
+    let (events, url) = text.split_once('=').ok_or_else(|| {
+        format!("{text:?}: expected EVENTS=URL, e.g. run.failed=https://hooks.example.com/x")
+    })?;
+    Ok(dagmesh_proto::v1::Notification {
+        url: url.to_owned(),
+        events: events.split(',').map(|e| e.trim().to_owned()).collect(),
+        filter: String::new(),
+    })
+}
+
 pub fn parse_input(text: &str) -> Result<(String, Value), String> {
     let (key, value) = text
         .split_once('=')
@@ -147,6 +162,7 @@ pub async fn run(global: &Global, args: SubmitArgs) -> anyhow::Result<ExitCode> 
         idempotency_key: args.idempotency_key.unwrap_or_default(),
         tags: args.tags.into_iter().collect(),
         priority: args.priority,
+        notifications: args.notify,
     };
 
     let channel = connect(global).await?;

@@ -61,7 +61,7 @@ pub async fn demo(global: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
     let mesh = Mesh::start(MeshOptions {
         listen: args.listen,
         database_url: database_url.clone(),
-        executor: args.engine.config(),
+        executor: args.engine.config()?,
         security: MeshSecurity {
             auth: true,
             admin_token_file: Some(scratch.path().join(crate::security::ADMIN_TOKEN_FILE)),

@@ -59,7 +59,7 @@ pub async fn run(global: &Global, args: PolyglotArgs) -> anyhow::Result<ExitCode
     let mesh = Mesh::start(MeshOptions {
         listen: args.listen,
         database_url,
-        executor: args.engine.config(),
+        executor: args.engine.config()?,
         security: MeshSecurity {
             auth: true,
             admin_token_file: Some(scratch.path().join(crate::security::ADMIN_TOKEN_FILE)),

@@ -114,6 +114,11 @@ const RULES: &[(&str, &str, Access)] = &[
         Access::Scope(Scope::Read),
     ),
     (
+        "dagmesh.v1.WebhookService",
+        "ListDeliveries",
+        Access::Scope(Scope::Read),
+    ),
+    (
         "dagmesh.v1.SchedulerService",
         "GetSchedule",
         Access::Scope(Scope::Read),

@@ -38,6 +38,8 @@ pub struct CompiledWorkflow {
     pub topo_order: Vec<usize>,
     /// The declared run inputs, sorted by name; empty when the workflow declares none.
     pub inputs: Vec<DeclaredInput>,
+    /// The workflow's webhooks (`WorkflowSpec.notifications`), checked.
+    pub notifications: Vec<crate::notify::CompiledNotification>,
     by_id: HashMap<String, usize>,
 }
 
@@ -557,20 +559,26 @@ pub fn compile(spec: &WorkflowSpec) -> Result<CompiledWorkflow, SpecErrors> {
     // and stops only at about 100 levels: an unoptimised build needs more than a default
     // thread's 2 MiB for 12 levels of brackets. A thread of its own with room for the parser's
     // whole limit costs a few microseconds per workflow (the stack is reserved, not used).
+    on_compile_stack(|| compile_here(spec))
+        .unwrap_or_else(|error| Err(SpecErrors::single("steps", error)))
+}
+
+/// Runs `work` (which compiles expressions) on a thread with [`COMPILE_STACK_BYTES`] of stack.
+/// `Err`: the thread could not be started.
+pub(crate) fn on_compile_stack<T: Send>(work: impl FnOnce() -> T + Send) -> Result<T, String> {
     let compiled = std::thread::scope(|scope| {
         std::thread::Builder::new()
             .name("dagmesh-spec-compile".to_owned())
             .stack_size(COMPILE_STACK_BYTES)
-            .spawn_scoped(scope, || compile_here(spec))
+            .spawn_scoped(scope, work)
             .map(|thread| thread.join())
     });
     match compiled {
-        Ok(Ok(result)) => result,
+        Ok(Ok(result)) => Ok(result),
         // A panic in there is a bug of this crate or of cel: let it surface as one.
         Ok(Err(panic)) => std::panic::resume_unwind(panic),
-        Err(error) => Err(SpecErrors::single(
-            "steps",
-            format!("cannot start the thread that compiles expressions: {error}"),
+        Err(error) => Err(format!(
+            "cannot start the thread that compiles expressions: {error}"
         )),
     }
 }
@@ -627,6 +635,8 @@ fn compile_here(spec: &WorkflowSpec) -> Result<CompiledWorkflow, SpecErrors> {
         return Err(SpecErrors(top_errors));
     }
     let declared = inputs::compile_declared(&spec.inputs, &mut top_errors);
+    let notifications =
+        crate::notify::compile_notifications("notifications", &spec.notifications, &mut top_errors);
     let declared_names: Option<BTreeSet<&str>> =
         (!spec.inputs.is_empty()).then(|| spec.inputs.keys().map(String::as_str).collect());
 
@@ -765,6 +775,7 @@ fn compile_here(spec: &WorkflowSpec) -> Result<CompiledWorkflow, SpecErrors> {
         steps,
         topo_order: order,
         inputs: declared,
+        notifications,
         by_id,
     })
 }

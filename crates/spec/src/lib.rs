@@ -81,6 +81,7 @@ mod error;
 mod expansion;
 mod expr;
 mod inputs;
+pub mod notify;
 mod parse;
 mod retry;
 mod typecheck;

@@ -182,6 +182,17 @@ struct WorkflowFile {
     on_success: Vec<StepFile>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     on_failure: Vec<StepFile>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    notifications: Vec<NotificationFile>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct NotificationFile {
+    url: String,
+    events: Vec<String>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    filter: String,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -351,6 +362,15 @@ impl WorkflowFile {
                 .map(StepFile::into_spec)
                 .collect(),
             continue_on_failure: self.continue_on_failure,
+            notifications: self
+                .notifications
+                .into_iter()
+                .map(|file| dagmesh_proto::v1::Notification {
+                    url: file.url,
+                    events: file.events,
+                    filter: file.filter,
+                })
+                .collect(),
             inputs: self
                 .inputs
                 .into_iter()
@@ -375,6 +395,15 @@ impl WorkflowFile {
             on_success: spec.on_success.iter().map(StepFile::from_spec).collect(),
             on_failure: spec.on_failure.iter().map(StepFile::from_spec).collect(),
             continue_on_failure: spec.continue_on_failure,
+            notifications: spec
+                .notifications
+                .iter()
+                .map(|notification| NotificationFile {
+                    url: notification.url.clone(),
+                    events: notification.events.clone(),
+                    filter: notification.filter.clone(),
+                })
+                .collect(),
             inputs: spec
                 .inputs
                 .iter()

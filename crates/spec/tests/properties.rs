@@ -213,7 +213,7 @@ proptest! {
     fn compiling_any_spec_never_panics_and_errors_have_paths(spec in any_spec()) {
         if let Err(errors) = compile(&spec) {
             for error in &errors {
-                let known = ["steps", "on_exit", "on_success", "on_failure"];
+                let known = ["steps", "on_exit", "on_success", "on_failure", "notifications"];
                 prop_assert!(
                     error.path == "name" || known.iter().any(|p| error.path.starts_with(p)),
                     "{}",
@@ -367,24 +367,60 @@ fn any_duration() -> impl Strategy<Value = String> {
 }
 
 fn any_spec() -> impl Strategy<Value = WorkflowSpec> {
+    let notification = (
+        prop_oneof![
+            Just("https://hooks.example.com/x".to_owned()),
+            "http://[a-z]{1,8}(:[0-9]{1,5})?/[a-z=?&]{0,10}",
+            ".{0,30}",
+        ],
+        prop::collection::vec(
+            prop_oneof![
+                Just("run.failed".to_owned()),
+                Just("step.failed".to_owned()),
+                ".{0,12}"
+            ],
+            0..3,
+        ),
+        prop_oneof![
+            Just(String::new()),
+            Just("event.run.state == 'FAILED'".to_owned()),
+            ".{0,20}"
+        ],
+    )
+        .prop_map(|(url, events, filter)| dagmesh_proto::v1::Notification {
+            url,
+            events,
+            filter,
+        });
     (
-        prop_oneof!["[A-Za-z0-9_.-]{1,20}", ".{0,20}"],
-        ".{0,40}",
-        prop::collection::vec(any_step(), 0..5),
-        any::<bool>(),
+        (
+            prop_oneof!["[A-Za-z0-9_.-]{1,20}", ".{0,20}"],
+            ".{0,40}",
+            prop::collection::vec(any_step(), 0..5),
+            any::<bool>(),
+        ),
         prop::collection::vec(any_step(), 0..2),
         prop::collection::vec(any_step(), 0..2),
+        prop::collection::vec(notification, 0..2),
     )
         .prop_map(
-            |(name, description, steps, continue_on_failure, on_exit, on_failure)| WorkflowSpec {
-                name,
-                description,
-                steps,
-                continue_on_failure,
-                inputs: Default::default(),
+            |(
+                (name, description, steps, continue_on_failure),
                 on_exit,
-                on_success: Vec::new(),
                 on_failure,
+                notifications,
+            )| {
+                WorkflowSpec {
+                    name,
+                    description,
+                    steps,
+                    continue_on_failure,
+                    inputs: Default::default(),
+                    on_exit,
+                    on_success: Vec::new(),
+                    on_failure,
+                    notifications,
+                }
             },
         )
 }

@@ -94,6 +94,7 @@ pub struct SubmitRun {
     tags: HashMap<String, String>,
     priority: i32,
     memoize_from: String,
+    notifications: Vec<dagmesh_proto::v1::Notification>,
 }
 
 impl SubmitRun {
@@ -118,6 +119,7 @@ impl SubmitRun {
             tags: HashMap::new(),
             priority: 0,
             memoize_from: String::new(),
+            notifications: Vec::new(),
         }
     }
 
@@ -165,6 +167,21 @@ impl SubmitRun {
         self
     }
 
+    /// A webhook for this run only, on top of the workflow's: POST `events` (e.g.
+    /// `["run.failed"]`) to `url` (`SubmitRunRequest.notifications`).
+    pub fn notify(
+        mut self,
+        url: impl Into<String>,
+        events: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        self.notifications.push(dagmesh_proto::v1::Notification {
+            url: url.into(),
+            events: events.into_iter().map(Into::into).collect(),
+            filter: String::new(),
+        });
+        self
+    }
+
     /// The request as sent, for callers that use the generated client directly.
     pub fn into_request(self) -> Result<SubmitRunRequest, ClientError> {
         let inputs = self.inputs.map_err(ClientError::InvalidInputs)?;
@@ -175,6 +192,7 @@ impl SubmitRun {
             tags: self.tags,
             priority: self.priority,
             memoize_from: self.memoize_from,
+            notifications: self.notifications,
         })
     }
 }

@@ -31,6 +31,8 @@ pub struct ExecutorConfig {
     pub executor_lease_ttl: Duration,
     /// When another executor holds the lease: wait and take over (true), or refuse to start.
     pub standby: bool,
+    /// How webhooks are signed and retried.
+    pub webhooks: crate::webhooks::WebhookConfig,
 }
 
 impl Default for ExecutorConfig {
@@ -46,6 +48,7 @@ impl Default for ExecutorConfig {
             limits: Arc::default(),
             executor_lease_ttl: Duration::from_secs(6),
             standby: true,
+            webhooks: crate::webhooks::WebhookConfig::default(),
         }
     }
 }
@@ -100,6 +103,24 @@ impl ExecutorConfig {
                 self.max_lost_attempts
             ));
         }
+        in_range(
+            "webhooks.retry_for",
+            self.webhooks.retry_for,
+            Duration::ZERO,
+            Duration::from_secs(30 * 24 * 3600),
+        )?;
+        in_range(
+            "webhooks.attempt_timeout",
+            self.webhooks.attempt_timeout,
+            Duration::from_millis(10),
+            Duration::from_secs(300),
+        )?;
+        in_range(
+            "webhooks.first_backoff",
+            self.webhooks.first_backoff,
+            Duration::from_millis(1),
+            self.webhooks.max_backoff,
+        )?;
         if self.max_batch == 0 {
             return Err("max_batch: must be at least 1".into());
         }

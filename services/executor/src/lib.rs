@@ -24,6 +24,7 @@ mod metrics;
 mod plans;
 pub mod queues;
 pub mod scaler;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -67,7 +68,10 @@ impl Executor {
         let (stop_renewal, stop_rx) = tokio::sync::oneshot::channel();
         let renewal = lease::spawn_renewal(store.clone(), fence.clone(), ttl, lost_tx, stop_rx);
         let plans = Arc::new(PlanCache::new(store.clone()));
+        let webhook_wake = Arc::new(tokio::sync::Notify::new());
+        let deliverer_fence = fence.clone();
         let ownership = engine::Ownership {
+            webhooks: webhook_wake.clone(),
             fence,
             lost,
             stop_renewal,
@@ -82,6 +86,15 @@ impl Executor {
             config,
         });
         metrics::register_all();
+        webhooks::register_metrics();
+        let engine_handle = inner.engine.clone();
+        tokio::spawn(webhooks::deliver(
+            inner.store.clone(),
+            deliverer_fence,
+            inner.config.webhooks.clone(),
+            webhook_wake,
+            async move { engine_handle.closed().await },
+        ));
         let weak = Arc::downgrade(&inner);
         dagmesh_runtime::metrics::on_scrape(move || {
             let inner = weak.upgrade();
@@ -123,6 +136,27 @@ impl Executor {
         request: SubmitRunRequest,
         actor: &str,
     ) -> Result<(Run, bool), ExecError> {
+        self.submit_traced(request, actor, None).await
+    }
+
+    /// Starts a run on behalf of `actor`, continuing the caller's trace when `traceparent`
+    /// (W3C, from the call's metadata) is given and valid (an invalid one is ignored, as the
+    /// W3C spec asks).
+    pub async fn submit_traced(
+        &self,
+        request: SubmitRunRequest,
+        actor: &str,
+        traceparent: Option<&str>,
+    ) -> Result<(Run, bool), ExecError> {
+        let traceparent = traceparent
+            .and_then(engine::valid_traceparent)
+            .unwrap_or_default();
+        let notifications = dagmesh_spec::notify::compile_run_notifications(&request.notifications)
+            .map_err(|errors| {
+                ExecError::InvalidArgument(format!(
+                    "the run's notifications do not check:\n{errors}"
+                ))
+            })?;
         let plan = match request.workflow_ref {
             Some(submit_run_request::WorkflowRef::Workflow(reference)) => {
                 if reference.name.is_empty() {
@@ -193,6 +227,8 @@ impl Executor {
                 buckets,
                 submitted_by: actor.to_owned(),
                 memo,
+                notifications: (request.notifications, notifications),
+                traceparent,
                 reply,
             })
             .await?;

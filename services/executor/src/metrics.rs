@@ -102,6 +102,12 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         scaler_wanted: Family::default(),
     };
     let m = &metrics;
+    for kind in ["refused", "outage"] {
+        // Exported at zero, so a rate() over them works before the first error.
+        let _ = m
+            .store_errors
+            .get_or_create(&KindLabels { kind: kind.into() });
+    }
     register(
         "dagmesh_runs_started",
         "Runs created, by workflow.",
@@ -279,6 +285,8 @@ impl<K> Default for Meter<K> {
 /// A task step's state change, as the meter sees it.
 pub(crate) enum TaskChange {
     Ready,
+    /// Handed to a worker, not started yet (the wait for a worker goes on until Running).
+    Assigned,
     Running,
     Succeeded,
     Failed,
@@ -300,6 +308,7 @@ impl<K: std::hash::Hash + Eq + Copy> Meter<K> {
                 self.ready_since.insert(at, when);
                 self.running_since.remove(&at);
             }
+            TaskChange::Assigned => {}
             TaskChange::Running => {
                 metrics.steps_started.get_or_create(&labels).inc();
                 if let Some(waited) = since(self.ready_since.remove(&at)) {

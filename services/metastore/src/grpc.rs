@@ -376,6 +376,19 @@ impl MetadataService for MetadataGrpcServer {
         Ok(Response::new(token))
     }
 
+    async fn read_webhook_deliveries(
+        &self,
+        request: Request<dagmesh_proto::v1::ReadWebhookDeliveriesRequest>,
+    ) -> Result<Response<dagmesh_proto::v1::ReadWebhookDeliveriesResponse>, Status> {
+        let deliveries = self
+            .store
+            .read_webhook_deliveries(request.get_ref())
+            .await?;
+        Ok(Response::new(
+            dagmesh_proto::v1::ReadWebhookDeliveriesResponse { deliveries },
+        ))
+    }
+
     async fn read_cache_entry(
         &self,
         request: Request<ReadCacheEntryRequest>,
@@ -700,6 +713,18 @@ impl MetadataStore for MetadataGrpcClient {
     async fn put_token(&self, token: StoredToken) -> Result<(), StoreError> {
         self.client().put_token(token).await?;
         Ok(())
+    }
+
+    async fn read_webhook_deliveries(
+        &self,
+        request: &dagmesh_proto::v1::ReadWebhookDeliveriesRequest,
+    ) -> Result<Vec<dagmesh_proto::v1::WebhookDelivery>, StoreError> {
+        Ok(self
+            .client()
+            .read_webhook_deliveries(request.clone())
+            .await?
+            .into_inner()
+            .deliveries)
     }
 
     async fn read_cache_entry(&self, key: &str) -> Result<Option<CacheEntry>, StoreError> {

@@ -4,8 +4,9 @@ use std::time::{Duration, SystemTime};
 
 use dagmesh_proto::limits::{MAX_NAME_LEN, MAX_VALUE_LEN};
 use dagmesh_proto::v1::{
-    ActiveRuns, Backfill, CacheEntry, ListRunsRequest, ListRunsResponse, Mutation, Run, RunEvent,
-    Schedule, StoredToken, Trigger, Workflow, WorkflowSpec, mutation,
+    ActiveRuns, Backfill, CacheEntry, ListRunsRequest, ListRunsResponse, Mutation,
+    ReadWebhookDeliveriesRequest, Run, RunEvent, Schedule, StoredToken, Trigger, WebhookDelivery,
+    Workflow, WorkflowSpec, mutation,
 };
 use prost_types::Timestamp;
 
@@ -201,6 +202,22 @@ pub trait MetadataStore: Send + Sync + 'static {
 
     /// The entry stored under `key`, unless there is none or it has expired.
     async fn read_cache_entry(&self, key: &str) -> Result<Option<CacheEntry>, StoreError>;
+
+    // --- webhook outbox (written by `commit`, `Mutation.put_webhook_delivery`) ---
+
+    /// Deliveries of one run or all, or the due PENDING ones (see the request's fields).
+    async fn read_webhook_deliveries(
+        &self,
+        request: &ReadWebhookDeliveriesRequest,
+    ) -> Result<Vec<WebhookDelivery>, StoreError>;
+}
+
+/// The row limit of a `ReadWebhookDeliveriesRequest` (0 means 100, at most 1000).
+pub(crate) fn deliveries_limit(request: &ReadWebhookDeliveriesRequest) -> i64 {
+    match request.limit {
+        0 => 100,
+        limit => i64::from(limit.min(1000)),
+    }
 }
 
 /// Checks a token before it is stored; returns its id, name and creation time (micros).
@@ -435,6 +452,18 @@ pub(crate) fn validate_mutations(mutations: &[Mutation]) -> Result<(), StoreErro
                 if entry.expires_at.is_none() {
                     return Err(StoreError::InvalidArgument(format!(
                         "mutations[{i}].put_cache_entry.expires_at: required"
+                    )));
+                }
+            }
+            Some(mutation::Mutation::PutWebhookDelivery(delivery)) => {
+                if delivery.delivery_id.is_empty()
+                    || delivery.delivery_id.len() > MAX_NAME_LEN
+                    || delivery.run_id.is_empty()
+                    || delivery.run_id.len() > MAX_NAME_LEN
+                {
+                    return Err(StoreError::InvalidArgument(format!(
+                        "mutations[{i}].put_webhook_delivery: delivery_id and run_id must be \
+                         1 to {MAX_NAME_LEN} bytes"
                     )));
                 }
             }

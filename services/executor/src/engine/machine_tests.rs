@@ -46,6 +46,7 @@ fn new_ctx(now: Instant) -> Ctx {
         dirty_runs: Vec::new(),
         dirty_set: HashSet::new(),
         now,
+        queues_touched: false,
     }
 }
 
@@ -231,7 +232,7 @@ impl Sim {
     /// Applies what the machine marked to the stored rows (the engine's commit).
     fn commit(&mut self) {
         let mut mutations = Vec::new();
-        self.entry.drain_mutations(&mut mutations);
+        let _ = self.entry.drain_mutations(&mut mutations);
         for m in mutations {
             match m.mutation.expect("a mutation") {
                 mutation::Mutation::PutRun(run) => self.stored.run = run,
@@ -247,6 +248,7 @@ impl Sim {
                     self.stored.events.push(event);
                 }
                 mutation::Mutation::PutCacheEntry(_) => unreachable!("no step here is memoized"),
+                mutation::Mutation::PutWebhookDelivery(_) => unreachable!("no webhooks here"),
             }
         }
         self.ctx.effects.clear();

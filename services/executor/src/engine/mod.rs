@@ -36,6 +36,7 @@ use admission::Admission;
 use run::StepRef;
 pub(crate) use run::{Memo, Memoized, RunEntry};
 use timers::{Timer, Timers};
+pub(crate) use traces::valid_traceparent;
 pub(crate) use workers::{Outbound, Route};
 use workers::{QueuedTask, ReadyQueues, Session, Workers};
 
@@ -52,6 +53,13 @@ pub(crate) enum Command {
         submitted_by: String,
         /// A memoized resubmit: the steps to reuse.
         memo: Option<Arc<Memo>>,
+        /// The run's own webhooks, as given and checked.
+        notifications: (
+            Vec<pb::Notification>,
+            Vec<dagmesh_spec::notify::CompiledNotification>,
+        ),
+        /// The caller's W3C traceparent (validated), or empty.
+        traceparent: String,
         reply: oneshot::Sender<Submitted>,
     },
     Cancel {
@@ -275,6 +283,8 @@ impl Effect {
 /// The executor's hold on the database: the lease whose epoch fences every commit, and the
 /// signal that it was lost (see `crate::lease`).
 pub(crate) struct Ownership {
+    /// Woken when a commit added webhook deliveries.
+    pub webhooks: Arc<tokio::sync::Notify>,
     pub fence: Lease,
     pub lost: oneshot::Receiver<String>,
     /// Fired when the engine stops; the engine then waits for `renewal` and releases the lease.
@@ -466,6 +476,8 @@ pub(crate) struct Engine {
     /// so that the engine still stops when every handle is dropped.
     commands: Option<mpsc::WeakSender<Command>>,
     queue_changes: watch::Sender<u64>,
+    /// Woken after a commit that added webhook deliveries (see [`crate::webhooks`]).
+    webhooks: Arc<tokio::sync::Notify>,
 }
 
 /// Store look-ups for results of inactive runs that may be in flight at once.
@@ -514,6 +526,7 @@ impl Engine {
             plans: plans.clone(),
             commands: None,
             queue_changes: watch::Sender::new(0),
+            webhooks: ownership.webhooks.clone(),
         };
         let (tx, rx) = mpsc::channel(engine.ctx.config.max_batch * 2);
         engine.commands = Some(tx.downgrade());
@@ -699,6 +712,8 @@ impl Engine {
                 buckets,
                 submitted_by,
                 memo,
+                notifications,
+                traceparent,
                 reply,
             } => {
                 if let Some(run_id) = self.idempotency.get(&idempotency_key) {
@@ -721,6 +736,11 @@ impl Engine {
                 );
                 entry.buckets = buckets;
                 entry.memo = memo;
+                // Stored with the run's first row, written in this batch.
+                let (raw, compiled) = notifications;
+                entry.run.notifications = raw;
+                entry.notifications = compiled;
+                entry.run.traceparent = traceparent;
                 let id = entry.id.clone();
                 if !idempotency_key.is_empty() {
                     self.remember_key(idempotency_key, id.clone());
@@ -1735,9 +1755,10 @@ impl Engine {
         let mut mutations = Vec::new();
         let dirty: Vec<Arc<str>> = self.ctx.dirty_runs.drain(..).collect();
         self.ctx.dirty_set.clear();
+        let mut notified = false;
         for run_id in &dirty {
             if let Some(entry) = self.runs.get_mut(run_id) {
-                entry.drain_mutations(&mut mutations);
+                notified |= entry.drain_mutations(&mut mutations);
             }
         }
         let mut refused: HashSet<Arc<str>> = HashSet::new();
@@ -1762,6 +1783,9 @@ impl Engine {
                     refused.extend(dirty.iter().cloned());
                 }
             }
+        }
+        if notified && refused.is_empty() {
+            self.webhooks.notify_one(); // new deliveries in the outbox
         }
         for effect in std::mem::take(&mut self.ctx.effects) {
             if !refused.is_empty() && effect.run_id().is_some_and(|id| refused.contains(id)) {

@@ -215,6 +215,9 @@ pub(crate) struct RunEntry {
     trace: Timeline,
     /// What the step metrics need beyond the rows (see [`crate::metrics::Meter`]).
     meter: crate::metrics::Meter<StepRef>,
+    /// The webhooks given at submit (`Run.notifications`), checked; the workflow's are in the
+    /// plan.
+    pub notifications: Vec<dagmesh_spec::notify::CompiledNotification>,
     /// Per step (only steps that reported): progress rate limiting, log caps, and why recent
     /// attempts were lost (the history a step fails with at the lost-attempt cap).
     progress: HashMap<StepRef, ProgressThrottle>,
@@ -474,6 +477,7 @@ impl RunEntry {
             .zip(&plan.compiled.steps)
             .filter(|(slot, spec)| spec.hook.is_none() && !is_terminal(slot.row.state()))
             .count();
+        let notifications = Self::checked_notifications(&run);
         Self {
             id: Arc::from(run.run_id.as_str()),
             run,
@@ -490,6 +494,7 @@ impl RunEntry {
             events: Vec::new(),
             trace: Timeline::default(),
             meter: Default::default(),
+            notifications,
             progress: HashMap::new(),
             logs: HashMap::new(),
             losses: HashMap::new(),
@@ -1783,7 +1788,7 @@ impl RunEntry {
             }),
             inputs: step.inputs.clone(),
             deadline,
-            traceparent: traces::traceparent(&self.run.run_id, &step.step_id, attempt),
+            traceparent: traces::traceparent(&self.run, &step.step_id, attempt),
             slots: spec.slots,
         };
         ctx.send(instance.clone(), server_message::Message::Assign(assign));
@@ -2479,6 +2484,7 @@ impl RunEntry {
                         .unwrap_or_else(SystemTime::now);
                     let kind = match change.state() {
                         StepState::Ready => TaskChange::Ready,
+                        StepState::Assigned => TaskChange::Assigned,
                         StepState::Running => TaskChange::Running,
                         StepState::Succeeded if change.cached_from.is_empty() => {
                             TaskChange::Succeeded
@@ -2496,9 +2502,92 @@ impl RunEntry {
         }
     }
 
-    pub fn drain_mutations(&mut self, out: &mut Vec<Mutation>) {
+    /// The run's own notifications, checked again when it is read back from the store (they
+    /// were checked at submit; one that fails now is dropped, logged).
+    fn checked_notifications(run: &Run) -> Vec<dagmesh_spec::notify::CompiledNotification> {
+        if run.notifications.is_empty() {
+            return Vec::new();
+        }
+        match dagmesh_spec::notify::compile_run_notifications(&run.notifications) {
+            Ok(compiled) => compiled,
+            Err(errors) => {
+                tracing::warn!(run_id = %run.run_id, %errors, "stored notifications do not check; dropped");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Webhook deliveries for this batch's events, into `out` with the events themselves (the
+    /// outbox, see [`crate::webhooks`]). Returns whether any was added.
+    fn notify_events(&mut self, out: &mut Vec<Mutation>) -> bool {
+        if self.plan.compiled.notifications.is_empty() && self.notifications.is_empty() {
+            return false;
+        }
+        let hooks: Vec<&dagmesh_spec::notify::CompiledNotification> = self
+            .plan
+            .compiled
+            .notifications
+            .iter()
+            .chain(&self.notifications)
+            .collect();
+        let mut added = false;
+        for event in &self.events {
+            let when = event
+                .at
+                .and_then(|at| SystemTime::try_from(at).ok())
+                .unwrap_or_else(SystemTime::now);
+            let (kind, step) = match &event.event {
+                Some(run_event::Event::RunState(change)) => match change.state() {
+                    RunState::Succeeded => ("run.succeeded", None),
+                    RunState::Failed => ("run.failed", None),
+                    RunState::Cancelled => ("run.cancelled", None),
+                    _ => continue,
+                },
+                Some(run_event::Event::StepState(change)) => {
+                    let Some(at) = self.find(&change.step_id) else {
+                        continue;
+                    };
+                    let row = &slot_of(&self.steps, at).row;
+                    match (change.state(), &self.plan.compiled.steps[at.spec()].kind) {
+                        (StepState::Failed, _) => (
+                            "step.failed",
+                            Some(serde_json::json!({
+                                "step_id": change.step_id,
+                                "state": "FAILED",
+                                "attempt": change.attempt,
+                                "error": change.error,
+                                "task": row.task,
+                            })),
+                        ),
+                        (StepState::Running, StepKind::Approval { message, .. }) => (
+                            "step.waiting_for_approval",
+                            Some(serde_json::json!({
+                                "step_id": change.step_id,
+                                "state": "RUNNING",
+                                "message": message,
+                            })),
+                        ),
+                        _ => continue,
+                    }
+                }
+                _ => continue,
+            };
+            for delivery in crate::webhooks::deliveries_for(&self.run, kind, step, when, &hooks) {
+                added = true;
+                out.push(Mutation {
+                    mutation: Some(mutation::Mutation::PutWebhookDelivery(delivery)),
+                });
+            }
+        }
+        added
+    }
+
+    /// Moves this batch's changes into `out` (see above); returns whether webhook deliveries
+    /// were among them.
+    pub fn drain_mutations(&mut self, out: &mut Vec<Mutation>) -> bool {
         self.trace_events();
         self.meter_events();
+        let notified = self.notify_events(out);
         let put = |mutation| Mutation {
             mutation: Some(mutation),
         };
@@ -2520,6 +2609,7 @@ impl RunEntry {
                 .drain(..)
                 .map(|entry| put(mutation::Mutation::PutCacheEntry(entry))),
         );
+        notified
     }
 }
 

@@ -5,15 +5,21 @@
 //! times the engine saw. Their ids are derived, not random, so every piece can be named
 //! without remembering it, across executor restarts too:
 //!
-//! - trace id: the run id (a UUID is 16 bytes, as a trace id is), so a run is one trace;
-//! - run span: derived from the run id; it is the root;
+//! - trace id: the run id (a UUID is 16 bytes, as a trace id is), so a run is one trace — or,
+//!   when SubmitRun's caller sent a W3C `traceparent` (`Run.traceparent`), the caller's trace
+//!   id, so the run continues the backend's request;
+//! - run span: derived from the run id; the root, or a child of the caller's span;
 //! - step span: derived from (run id, step id); its parent is the run span;
 //! - attempt span: derived from (run id, step id, attempt); its parent is the step span. It is
 //!   the span id of the attempt's `Assign.traceparent`, so the spans that step code makes on
 //!   the worker are its children.
 //!
 //! An attempt spans Assign to result (or loss, timeout, cancel); a step spans its first READY
-//! to its end, retries and backoffs included; a run spans creation to its end. All of it is
+//! to its end, retries and backoffs included; a run spans creation to its end. Those end late,
+//! so work in flight shows as phase spans, each exported the moment its phase ends: `queued`
+//! (READY to Assign, child of the step span) and `dispatched` (Assign to the worker's Started,
+//! child of the attempt span). A step stuck running shows both; one stuck in its queue shows
+//! the `queued` spans of its earlier attempts, if any. All of it is
 //! derived from the run events a batch committed (`RunEntry::drain_mutations` feeds them to
 //! [`Timeline::observe`]); no transition calls in here. Nothing runs unless [`traces_enabled`]:
 //! without an exporter it costs an atomic load per batch of a run.
@@ -38,12 +44,47 @@ use opentelemetry::{Context, InstrumentationScope, KeyValue};
 use super::run::StepRef;
 
 /// The W3C `traceparent` of an attempt: the run's trace, the attempt's span, sampled.
-pub(crate) fn traceparent(run_id: &str, step_id: &str, attempt: u32) -> String {
+pub(crate) fn traceparent(run: &Run, step_id: &str, attempt: u32) -> String {
     format!(
         "00-{:032x}-{:016x}-01",
-        u128::from_be_bytes(trace_id_bytes(run_id)),
-        attempt_span_id(run_id, step_id, attempt)
+        u128::from_be_bytes(run_trace_id(run)),
+        attempt_span_id(&run.run_id, step_id, attempt)
     )
+}
+
+/// `text` if it is a valid W3C traceparent (version 00, lowercase hex, ids not all zero),
+/// trimmed; None otherwise (an invalid one is ignored, as the W3C spec asks).
+pub(crate) fn valid_traceparent(text: &str) -> Option<String> {
+    parse_traceparent(text.trim()).map(|_| text.trim().to_owned())
+}
+
+/// (trace id, parent span id) of a valid traceparent.
+fn parse_traceparent(text: &str) -> Option<([u8; 16], u64)> {
+    let mut parts = text.split('-');
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    if parts.next().is_some()
+        || version != "00"
+        || !hex(trace, 32)
+        || !hex(span, 16)
+        || !hex(flags, 2)
+    {
+        return None;
+    }
+    let trace = u128::from_str_radix(trace, 16).ok()?;
+    let span = u64::from_str_radix(span, 16).ok()?;
+    (trace != 0 && span != 0).then_some((trace.to_be_bytes(), span))
+}
+
+/// The trace a run's spans belong to: its caller's, or its own (the run id).
+fn run_trace_id(run: &Run) -> [u8; 16] {
+    parse_traceparent(&run.traceparent)
+        .map_or_else(|| trace_id_bytes(&run.run_id), |(trace, _)| trace)
 }
 
 /// Whether spans are made at all (an exporter is set up).
@@ -67,6 +108,8 @@ enum AttemptEnd<'a> {
 #[derive(Default)]
 pub(crate) struct Timeline {
     step_start: HashMap<StepRef, SystemTime>,
+    /// When the current attempt was queued (READY), for its `queued` phase span.
+    queued_at: HashMap<StepRef, SystemTime>,
     attempt_start: HashMap<StepRef, SystemTime>,
     seen: HashMap<StepRef, Seen>,
 }
@@ -136,15 +179,62 @@ impl Timeline {
         match state {
             StepState::Ready => {
                 self.step_start.entry(at).or_insert(when);
+                self.queued_at.insert(at, when);
             }
             StepState::Assigned => {
                 self.attempt_start.insert(at, when);
+                if let Some(queued) = self.queued_at.remove(&at) {
+                    let name = format!("queued {}", step.step_id);
+                    let mut attributes = common(run, step);
+                    attributes.push(KeyValue::new("dagmesh.attempt", i64::from(change.attempt)));
+                    attributes.push(KeyValue::new("dagmesh.worker", change.worker.clone()));
+                    emit(Emit {
+                        name,
+                        kind: SpanKind::Internal,
+                        run,
+                        span_id: phase_span_id(
+                            &run.run_id,
+                            &step.step_id,
+                            change.attempt,
+                            "queued",
+                        ),
+                        parent: Some(step_span_id(&run.run_id, &step.step_id)),
+                        start: queued,
+                        end: when,
+                        attributes,
+                        status: Status::Unset,
+                    });
+                }
+            }
+            StepState::Running if is_task => {
+                if let Some(&assigned) = self.attempt_start.get(&at) {
+                    let mut attributes = common(run, step);
+                    attributes.push(KeyValue::new("dagmesh.attempt", i64::from(change.attempt)));
+                    attributes.push(KeyValue::new("dagmesh.worker", change.worker.clone()));
+                    emit(Emit {
+                        name: format!("dispatched {}", step.step_id),
+                        kind: SpanKind::Internal,
+                        run,
+                        span_id: phase_span_id(
+                            &run.run_id,
+                            &step.step_id,
+                            change.attempt,
+                            "dispatched",
+                        ),
+                        parent: Some(attempt_span_id(&run.run_id, &step.step_id, change.attempt)),
+                        start: assigned,
+                        end: when,
+                        attributes,
+                        status: Status::Unset,
+                    });
+                }
             }
             StepState::Succeeded
             | StepState::Failed
             | StepState::Skipped
             | StepState::Cancelled => {
                 self.seen.remove(&at);
+                self.queued_at.remove(&at);
                 self.step_ended(run, step, at, when);
             }
             _ => {}
@@ -189,7 +279,7 @@ impl Timeline {
         emit(Emit {
             name: format!("attempt {} #{attempt}", step.step_id),
             kind: SpanKind::Client,
-            run_id: &run.run_id,
+            run,
             span_id: attempt_span_id(&run.run_id, &step.step_id, attempt),
             parent: Some(step_span_id(&run.run_id, &step.step_id)),
             start,
@@ -230,7 +320,7 @@ impl Timeline {
         emit(Emit {
             name: format!("step {}", step.step_id),
             kind: SpanKind::Internal,
-            run_id: &run.run_id,
+            run,
             span_id: step_span_id(&run.run_id, &step.step_id),
             parent: Some(run_span_id(&run.run_id)),
             start,
@@ -268,9 +358,10 @@ pub(crate) fn run_ended(run: &Run, now: SystemTime) {
     emit(Emit {
         name: format!("run {}", run.workflow),
         kind: SpanKind::Internal,
-        run_id: &run.run_id,
+        run,
         span_id: run_span_id(&run.run_id),
-        parent: None,
+        // A run submitted with the caller's traceparent is a child of the caller's span.
+        parent: parse_traceparent(&run.traceparent).map(|(_, caller)| caller),
         start,
         end: now,
         attributes,
@@ -281,7 +372,7 @@ pub(crate) fn run_ended(run: &Run, now: SystemTime) {
 struct Emit<'a> {
     name: String,
     kind: SpanKind,
-    run_id: &'a str,
+    run: &'a Run,
     span_id: u64,
     parent: Option<u64>,
     start: SystemTime,
@@ -299,7 +390,7 @@ fn emit(span: Emit<'_>) {
                 .build(),
         )
     });
-    let trace_id = TraceId::from_bytes(trace_id_bytes(span.run_id));
+    let trace_id = TraceId::from_bytes(run_trace_id(span.run));
     let parent = match span.parent {
         Some(parent) => Context::new().with_remote_span_context(SpanContext::new(
             trace_id,
@@ -359,6 +450,16 @@ fn step_span_id(run_id: &str, step_id: &str) -> u64 {
     hash(&[b"step", run_id.as_bytes(), step_id.as_bytes()])
 }
 
+/// A phase span (`queued`, `dispatched`) of an attempt.
+fn phase_span_id(run_id: &str, step_id: &str, attempt: u32, phase: &str) -> u64 {
+    hash(&[
+        phase.as_bytes(),
+        run_id.as_bytes(),
+        step_id.as_bytes(),
+        &attempt.to_be_bytes(),
+    ])
+}
+
 fn attempt_span_id(run_id: &str, step_id: &str, attempt: u32) -> u64 {
     hash(&[
         b"attempt",
@@ -392,7 +493,11 @@ mod tests {
     #[test]
     fn traceparent_names_the_run_trace_and_the_attempt_span() {
         let run_id = "01890a5d-ac96-774b-bcce-b302099a8057";
-        let parent = traceparent(run_id, "mesh", 2);
+        let run = Run {
+            run_id: run_id.into(),
+            ..Run::default()
+        };
+        let parent = traceparent(&run, "mesh", 2);
         let parts: Vec<&str> = parent.split('-').collect();
         assert_eq!(parts.len(), 4, "{parent}");
         assert_eq!(parts[0], "00");
@@ -403,7 +508,28 @@ mod tests {
         );
         assert_eq!(parts[3], "01");
         // Deterministic, and distinct per attempt, step and kind of span.
-        assert_eq!(parent, traceparent(run_id, "mesh", 2));
+        assert_eq!(parent, traceparent(&run, "mesh", 2));
+        // A caller's traceparent puts the run in the caller's trace.
+        let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let traced = Run {
+            traceparent: caller.into(),
+            ..run.clone()
+        };
+        assert!(
+            traceparent(&traced, "mesh", 2).starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-")
+        );
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+        ] {
+            assert_eq!(valid_traceparent(bad), None, "{bad}");
+        }
+        assert_eq!(valid_traceparent(caller).as_deref(), Some(caller));
         let ids = [
             attempt_span_id(run_id, "mesh", 1),
             attempt_span_id(run_id, "mesh", 2),

@@ -4,13 +4,15 @@
 mod cluster;
 mod runs;
 mod scaler;
+mod webhooks;
 mod workers;
 mod workflows;
 
 use dagmesh_proto::externalscaler::external_scaler_server::ExternalScalerServer;
 use dagmesh_proto::v1::{
     cluster_service_server::ClusterServiceServer, run_service_server::RunServiceServer,
-    worker_service_server::WorkerServiceServer, workflow_service_server::WorkflowServiceServer,
+    webhook_service_server::WebhookServiceServer, worker_service_server::WorkerServiceServer,
+    workflow_service_server::WorkflowServiceServer,
 };
 use dagmesh_runtime::ServiceSet;
 
@@ -40,5 +42,6 @@ impl Executor {
             )
             .with(ClusterServiceServer::new(cluster::Cluster(self.clone())))
             .with(ExternalScalerServer::new(scaler::Scaler::new(self.clone())))
+            .with(WebhookServiceServer::new(webhooks::Webhooks(self.clone())))
     }
 }

@@ -26,7 +26,16 @@ impl RunService for Runs {
         request: Request<SubmitRunRequest>,
     ) -> Result<Response<SubmitRunResponse>, Status> {
         let actor = Principal::of(&request).name;
-        let (run, created) = self.0.submit_as(request.into_inner(), &actor).await?;
+        // A backend's W3C trace context: the run's spans continue its trace.
+        let traceparent = request
+            .metadata()
+            .get("traceparent")
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        let (run, created) = self
+            .0
+            .submit_traced(request.into_inner(), &actor, traceparent.as_deref())
+            .await?;
         Ok(Response::new(SubmitRunResponse {
             run: Some(run),
             created,

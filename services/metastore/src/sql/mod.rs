@@ -262,6 +262,13 @@ impl MetadataStore for SqlStore {
         self.inner().read_cache_entry(key).await
     }
 
+    async fn read_webhook_deliveries(
+        &self,
+        request: &dagmesh_proto::v1::ReadWebhookDeliveriesRequest,
+    ) -> Result<Vec<dagmesh_proto::v1::WebhookDelivery>, StoreError> {
+        self.inner().read_webhook_deliveries(request).await
+    }
+
     async fn list_tokens(&self) -> Result<Vec<StoredToken>, StoreError> {
         self.inner().list_tokens().await
     }

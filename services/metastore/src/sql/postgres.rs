@@ -147,6 +147,7 @@ struct Batch<'a> {
     steps: Vec<&'a Step>,
     events: Vec<&'a RunEvent>,
     cache: Vec<&'a CacheEntry>,
+    deliveries: Vec<&'a dagmesh_proto::v1::WebhookDelivery>,
 }
 
 impl<'a> Batch<'a> {
@@ -176,6 +177,9 @@ impl<'a> Batch<'a> {
                 // Duplicates stay: the insert must fail on them.
                 Some(mutation::Mutation::AppendEvent(event)) => batch.events.push(event),
                 Some(mutation::Mutation::PutCacheEntry(entry)) => batch.cache.push(entry),
+                Some(mutation::Mutation::PutWebhookDelivery(delivery)) => {
+                    batch.deliveries.push(delivery)
+                }
                 None => {}
             }
         }
@@ -340,7 +344,34 @@ async fn apply(conn: &mut PgConnection, mutations: &[Mutation]) -> Result<(), St
     put_runs(conn, &batch.runs).await?;
     put_steps(conn, &batch.steps).await?;
     append_events(conn, &batch.events).await?;
-    put_cache_entries(conn, &batch.cache).await
+    put_cache_entries(conn, &batch.cache).await?;
+    put_deliveries(conn, &batch.deliveries).await
+}
+
+/// Upserts webhook deliveries of the outbox, one statement each (a batch holds a few: one per
+/// notified event or attempt).
+async fn put_deliveries(
+    conn: &mut PgConnection,
+    deliveries: &[&dagmesh_proto::v1::WebhookDelivery],
+) -> Result<(), StoreError> {
+    for delivery in deliveries {
+        sqlx::query(
+            "INSERT INTO webhook_deliveries \
+             (delivery_id, run_id, state, next_attempt_at, created_at, body) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (delivery_id) DO UPDATE SET state = excluded.state, \
+             next_attempt_at = excluded.next_attempt_at, body = excluded.body",
+        )
+        .bind(&delivery.delivery_id)
+        .bind(&delivery.run_id)
+        .bind(delivery.state)
+        .bind(delivery.next_attempt_at.as_ref().map_or(0, micros))
+        .bind(delivery.created_at.as_ref().map_or(0, micros))
+        .bind(delivery.encode_to_vec())
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
 }
 
 /// Upserts step cache entries (the last of one key wins), then removes a few expired ones.
@@ -832,6 +863,42 @@ impl MetadataStore for PgStore {
             }
         })?;
         Ok(())
+    }
+
+    async fn read_webhook_deliveries(
+        &self,
+        request: &dagmesh_proto::v1::ReadWebhookDeliveriesRequest,
+    ) -> Result<Vec<dagmesh_proto::v1::WebhookDelivery>, StoreError> {
+        let limit = crate::store::deliveries_limit(request);
+        let rows: Vec<(String, Vec<u8>)> = match &request.due_before {
+            Some(due) => {
+                sqlx::query_as(
+                    "SELECT delivery_id, body FROM webhook_deliveries \
+                     WHERE state = $1 AND next_attempt_at <= $2 \
+                     AND ($3 = '' OR run_id = $3) ORDER BY next_attempt_at LIMIT $4",
+                )
+                .bind(dagmesh_proto::v1::DeliveryState::Pending as i32)
+                .bind(micros(due))
+                .bind(&request.run_id)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query_as(
+                    "SELECT delivery_id, body FROM webhook_deliveries \
+                     WHERE ($1 = '' OR run_id = $1) \
+                     ORDER BY created_at DESC, delivery_id DESC LIMIT $2",
+                )
+                .bind(&request.run_id)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        rows.iter()
+            .map(|(id, body)| decode(body, || format!("webhook delivery {id:?}")))
+            .collect()
     }
 
     async fn read_cache_entry(&self, key: &str) -> Result<Option<CacheEntry>, StoreError> {

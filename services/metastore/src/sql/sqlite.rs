@@ -268,6 +268,29 @@ async fn duplicate_event(conn: &mut SqliteConnection, events: &[&RunEvent]) -> S
     StoreError::AlreadyExists("an event of this batch already exists".into())
 }
 
+/// Inserts or replaces one webhook delivery of the outbox.
+async fn put_delivery(
+    conn: &mut SqliteConnection,
+    delivery: &dagmesh_proto::v1::WebhookDelivery,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO webhook_deliveries \
+         (delivery_id, run_id, state, next_attempt_at, created_at, body) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+         ON CONFLICT (delivery_id) DO UPDATE SET state = excluded.state, \
+         next_attempt_at = excluded.next_attempt_at, body = excluded.body",
+    )
+    .bind(&delivery.delivery_id)
+    .bind(&delivery.run_id)
+    .bind(delivery.state)
+    .bind(delivery.next_attempt_at.as_ref().map_or(0, micros))
+    .bind(delivery.created_at.as_ref().map_or(0, micros))
+    .bind(delivery.encode_to_vec())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 /// Applies a validated commit batch inside the caller's transaction.
 async fn apply(conn: &mut SqliteConnection, mutations: &[Mutation]) -> Result<(), StoreError> {
     // Runs first (they carry the idempotency check), then steps and events in multi-row
@@ -281,6 +304,9 @@ async fn apply(conn: &mut SqliteConnection, mutations: &[Mutation]) -> Result<()
             Some(mutation::Mutation::PutRun(run)) => put_run(conn, run).await?,
             Some(mutation::Mutation::PutStep(step)) => steps.push(step),
             Some(mutation::Mutation::AppendEvent(event)) => events.push(event),
+            Some(mutation::Mutation::PutWebhookDelivery(delivery)) => {
+                put_delivery(conn, delivery).await?;
+            }
             Some(mutation::Mutation::PutCacheEntry(entry)) => {
                 let expires_at = entry.expires_at.as_ref().map_or(0, micros);
                 sqlx::query(
@@ -767,6 +793,42 @@ impl MetadataStore for SqliteStore {
             }
         })?;
         Ok(())
+    }
+
+    async fn read_webhook_deliveries(
+        &self,
+        request: &dagmesh_proto::v1::ReadWebhookDeliveriesRequest,
+    ) -> Result<Vec<dagmesh_proto::v1::WebhookDelivery>, StoreError> {
+        let limit = crate::store::deliveries_limit(request);
+        let rows: Vec<(String, Vec<u8>)> = match &request.due_before {
+            Some(due) => {
+                sqlx::query_as(
+                    "SELECT delivery_id, body FROM webhook_deliveries \
+                     WHERE state = ?1 AND next_attempt_at <= ?2 \
+                     AND (?3 = '' OR run_id = ?3) ORDER BY next_attempt_at LIMIT ?4",
+                )
+                .bind(dagmesh_proto::v1::DeliveryState::Pending as i32)
+                .bind(micros(due))
+                .bind(&request.run_id)
+                .bind(limit)
+                .fetch_all(&self.read)
+                .await?
+            }
+            None => {
+                sqlx::query_as(
+                    "SELECT delivery_id, body FROM webhook_deliveries \
+                     WHERE (?1 = '' OR run_id = ?1) \
+                     ORDER BY created_at DESC, delivery_id DESC LIMIT ?2",
+                )
+                .bind(&request.run_id)
+                .bind(limit)
+                .fetch_all(&self.read)
+                .await?
+            }
+        };
+        rows.iter()
+            .map(|(id, body)| decode(body, || format!("webhook delivery {id:?}")))
+            .collect()
     }
 
     async fn read_cache_entry(&self, key: &str) -> Result<Option<CacheEntry>, StoreError> {

@@ -64,16 +64,34 @@ class CommitFencedRequest(_message.Message):
     def __init__(self, fence: _Optional[_Union[Lease, _Mapping]] = ..., mutations: _Optional[_Iterable[_Union[Mutation, _Mapping]]] = ...) -> None: ...
 
 class Mutation(_message.Message):
-    __slots__ = ("put_run", "put_step", "append_event", "put_cache_entry")
+    __slots__ = ("put_run", "put_step", "append_event", "put_cache_entry", "put_webhook_delivery")
     PUT_RUN_FIELD_NUMBER: _ClassVar[int]
     PUT_STEP_FIELD_NUMBER: _ClassVar[int]
     APPEND_EVENT_FIELD_NUMBER: _ClassVar[int]
     PUT_CACHE_ENTRY_FIELD_NUMBER: _ClassVar[int]
+    PUT_WEBHOOK_DELIVERY_FIELD_NUMBER: _ClassVar[int]
     put_run: _types_pb2.Run
     put_step: _types_pb2.Step
     append_event: _types_pb2.RunEvent
     put_cache_entry: CacheEntry
-    def __init__(self, put_run: _Optional[_Union[_types_pb2.Run, _Mapping]] = ..., put_step: _Optional[_Union[_types_pb2.Step, _Mapping]] = ..., append_event: _Optional[_Union[_types_pb2.RunEvent, _Mapping]] = ..., put_cache_entry: _Optional[_Union[CacheEntry, _Mapping]] = ...) -> None: ...
+    put_webhook_delivery: _types_pb2.WebhookDelivery
+    def __init__(self, put_run: _Optional[_Union[_types_pb2.Run, _Mapping]] = ..., put_step: _Optional[_Union[_types_pb2.Step, _Mapping]] = ..., append_event: _Optional[_Union[_types_pb2.RunEvent, _Mapping]] = ..., put_cache_entry: _Optional[_Union[CacheEntry, _Mapping]] = ..., put_webhook_delivery: _Optional[_Union[_types_pb2.WebhookDelivery, _Mapping]] = ...) -> None: ...
+
+class ReadWebhookDeliveriesRequest(_message.Message):
+    __slots__ = ("run_id", "due_before", "limit")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    DUE_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    due_before: _timestamp_pb2.Timestamp
+    limit: int
+    def __init__(self, run_id: _Optional[str] = ..., due_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ReadWebhookDeliveriesResponse(_message.Message):
+    __slots__ = ("deliveries",)
+    DELIVERIES_FIELD_NUMBER: _ClassVar[int]
+    deliveries: _containers.RepeatedCompositeFieldContainer[_types_pb2.WebhookDelivery]
+    def __init__(self, deliveries: _Optional[_Iterable[_Union[_types_pb2.WebhookDelivery, _Mapping]]] = ...) -> None: ...
 
 class CacheEntry(_message.Message):
     __slots__ = ("key", "run_id", "step_id", "outputs", "stored_at", "expires_at")

@@ -118,6 +118,11 @@ class MetadataServiceStub(object):
                 request_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReadCacheEntryRequest.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ReadCacheEntryResponse.FromString,
                 _registered_method=True)
+        self.ReadWebhookDeliveries = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/ReadWebhookDeliveries',
+                request_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReadWebhookDeliveriesRequest.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ReadWebhookDeliveriesResponse.FromString,
+                _registered_method=True)
         self.PutToken = channel.unary_unary(
                 '/dagmesh.v1.MetadataService/PutToken',
                 request_serializer=dagmesh_dot_v1_dot_metadata__pb2.StoredToken.SerializeToString,
@@ -333,6 +338,13 @@ class MetadataServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadWebhookDeliveries(self, request, context):
+        """Webhook deliveries of the outbox (see ReadWebhookDeliveriesRequest).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PutToken(self, request, context):
         """API tokens (TokenService keeps them here). Stores a new token; ALREADY_EXISTS when its id
         or name is taken.
@@ -527,6 +539,11 @@ def add_MetadataServiceServicer_to_server(servicer, server):
                     servicer.ReadCacheEntry,
                     request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ReadCacheEntryRequest.FromString,
                     response_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReadCacheEntryResponse.SerializeToString,
+            ),
+            'ReadWebhookDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadWebhookDeliveries,
+                    request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ReadWebhookDeliveriesRequest.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReadWebhookDeliveriesResponse.SerializeToString,
             ),
             'PutToken': grpc.unary_unary_rpc_method_handler(
                     servicer.PutToken,
@@ -1041,6 +1058,33 @@ class MetadataService(object):
             '/dagmesh.v1.MetadataService/ReadCacheEntry',
             dagmesh_dot_v1_dot_metadata__pb2.ReadCacheEntryRequest.SerializeToString,
             dagmesh_dot_v1_dot_metadata__pb2.ReadCacheEntryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadWebhookDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.MetadataService/ReadWebhookDeliveries',
+            dagmesh_dot_v1_dot_metadata__pb2.ReadWebhookDeliveriesRequest.SerializeToString,
+            dagmesh_dot_v1_dot_metadata__pb2.ReadWebhookDeliveriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

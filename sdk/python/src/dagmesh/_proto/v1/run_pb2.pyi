@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SubmitRunRequest(_message.Message):
-    __slots__ = ("workflow", "spec", "inputs", "idempotency_key", "tags", "priority", "memoize_from")
+    __slots__ = ("workflow", "spec", "inputs", "idempotency_key", "tags", "priority", "memoize_from", "notifications")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class SubmitRunRequest(_message.Message):
     TAGS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     MEMOIZE_FROM_FIELD_NUMBER: _ClassVar[int]
+    NOTIFICATIONS_FIELD_NUMBER: _ClassVar[int]
     workflow: WorkflowRef
     spec: _types_pb2.WorkflowSpec
     inputs: _struct_pb2.Struct
@@ -31,7 +32,8 @@ class SubmitRunRequest(_message.Message):
     tags: _containers.ScalarMap[str, str]
     priority: int
     memoize_from: str
-    def __init__(self, workflow: _Optional[_Union[WorkflowRef, _Mapping]] = ..., spec: _Optional[_Union[_types_pb2.WorkflowSpec, _Mapping]] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ..., memoize_from: _Optional[str] = ...) -> None: ...
+    notifications: _containers.RepeatedCompositeFieldContainer[_types_pb2.Notification]
+    def __init__(self, workflow: _Optional[_Union[WorkflowRef, _Mapping]] = ..., spec: _Optional[_Union[_types_pb2.WorkflowSpec, _Mapping]] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ..., memoize_from: _Optional[str] = ..., notifications: _Optional[_Iterable[_Union[_types_pb2.Notification, _Mapping]]] = ...) -> None: ...
 
 class WorkflowRef(_message.Message):
     __slots__ = ("name", "version")

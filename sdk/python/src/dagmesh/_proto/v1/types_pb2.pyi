@@ -32,6 +32,13 @@ class StepState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STEP_STATE_FAILED: _ClassVar[StepState]
     STEP_STATE_SKIPPED: _ClassVar[StepState]
     STEP_STATE_CANCELLED: _ClassVar[StepState]
+
+class DeliveryState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DELIVERY_STATE_UNSPECIFIED: _ClassVar[DeliveryState]
+    DELIVERY_STATE_PENDING: _ClassVar[DeliveryState]
+    DELIVERY_STATE_DELIVERED: _ClassVar[DeliveryState]
+    DELIVERY_STATE_GAVE_UP: _ClassVar[DeliveryState]
 RUN_STATE_UNSPECIFIED: RunState
 RUN_STATE_QUEUED: RunState
 RUN_STATE_RUNNING: RunState
@@ -48,9 +55,13 @@ STEP_STATE_SUCCEEDED: StepState
 STEP_STATE_FAILED: StepState
 STEP_STATE_SKIPPED: StepState
 STEP_STATE_CANCELLED: StepState
+DELIVERY_STATE_UNSPECIFIED: DeliveryState
+DELIVERY_STATE_PENDING: DeliveryState
+DELIVERY_STATE_DELIVERED: DeliveryState
+DELIVERY_STATE_GAVE_UP: DeliveryState
 
 class WorkflowSpec(_message.Message):
-    __slots__ = ("name", "description", "steps", "continue_on_failure", "inputs", "on_exit", "on_success", "on_failure")
+    __slots__ = ("name", "description", "steps", "continue_on_failure", "inputs", "on_exit", "on_success", "on_failure", "notifications")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +77,7 @@ class WorkflowSpec(_message.Message):
     ON_EXIT_FIELD_NUMBER: _ClassVar[int]
     ON_SUCCESS_FIELD_NUMBER: _ClassVar[int]
     ON_FAILURE_FIELD_NUMBER: _ClassVar[int]
+    NOTIFICATIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     steps: _containers.RepeatedCompositeFieldContainer[StepSpec]
@@ -74,7 +86,18 @@ class WorkflowSpec(_message.Message):
     on_exit: _containers.RepeatedCompositeFieldContainer[StepSpec]
     on_success: _containers.RepeatedCompositeFieldContainer[StepSpec]
     on_failure: _containers.RepeatedCompositeFieldContainer[StepSpec]
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[StepSpec, _Mapping]]] = ..., continue_on_failure: bool = ..., inputs: _Optional[_Mapping[str, InputSpec]] = ..., on_exit: _Optional[_Iterable[_Union[StepSpec, _Mapping]]] = ..., on_success: _Optional[_Iterable[_Union[StepSpec, _Mapping]]] = ..., on_failure: _Optional[_Iterable[_Union[StepSpec, _Mapping]]] = ...) -> None: ...
+    notifications: _containers.RepeatedCompositeFieldContainer[Notification]
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[StepSpec, _Mapping]]] = ..., continue_on_failure: bool = ..., inputs: _Optional[_Mapping[str, InputSpec]] = ..., on_exit: _Optional[_Iterable[_Union[StepSpec, _Mapping]]] = ..., on_success: _Optional[_Iterable[_Union[StepSpec, _Mapping]]] = ..., on_failure: _Optional[_Iterable[_Union[StepSpec, _Mapping]]] = ..., notifications: _Optional[_Iterable[_Union[Notification, _Mapping]]] = ...) -> None: ...
+
+class Notification(_message.Message):
+    __slots__ = ("url", "events", "filter")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    events: _containers.RepeatedScalarFieldContainer[str]
+    filter: str
+    def __init__(self, url: _Optional[str] = ..., events: _Optional[_Iterable[str]] = ..., filter: _Optional[str] = ...) -> None: ...
 
 class InputSpec(_message.Message):
     __slots__ = ("type", "default", "description")
@@ -201,7 +224,7 @@ class Workflow(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., spec: _Optional[_Union[WorkflowSpec, _Mapping]] = ..., content_hash: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("run_id", "workflow", "workflow_version", "state", "inputs", "tags", "idempotency_key", "steps", "error", "created_at", "finished_at", "last_seq", "priority", "queue_position", "submitted_by", "cancelled_by", "retried_by", "suspended", "parent_run_id", "parent_step_id", "depth")
+    __slots__ = ("run_id", "workflow", "workflow_version", "state", "inputs", "tags", "idempotency_key", "steps", "error", "created_at", "finished_at", "last_seq", "priority", "queue_position", "submitted_by", "cancelled_by", "retried_by", "suspended", "parent_run_id", "parent_step_id", "depth", "notifications", "traceparent")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -230,6 +253,8 @@ class Run(_message.Message):
     PARENT_RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_STEP_ID_FIELD_NUMBER: _ClassVar[int]
     DEPTH_FIELD_NUMBER: _ClassVar[int]
+    NOTIFICATIONS_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     workflow: str
     workflow_version: int
@@ -251,7 +276,9 @@ class Run(_message.Message):
     parent_run_id: str
     parent_step_id: str
     depth: int
-    def __init__(self, run_id: _Optional[str] = ..., workflow: _Optional[str] = ..., workflow_version: _Optional[int] = ..., state: _Optional[_Union[RunState, str]] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., tags: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[Step, _Mapping]]] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., priority: _Optional[int] = ..., queue_position: _Optional[int] = ..., submitted_by: _Optional[str] = ..., cancelled_by: _Optional[str] = ..., retried_by: _Optional[str] = ..., suspended: bool = ..., parent_run_id: _Optional[str] = ..., parent_step_id: _Optional[str] = ..., depth: _Optional[int] = ...) -> None: ...
+    notifications: _containers.RepeatedCompositeFieldContainer[Notification]
+    traceparent: str
+    def __init__(self, run_id: _Optional[str] = ..., workflow: _Optional[str] = ..., workflow_version: _Optional[int] = ..., state: _Optional[_Union[RunState, str]] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., tags: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[Step, _Mapping]]] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., priority: _Optional[int] = ..., queue_position: _Optional[int] = ..., submitted_by: _Optional[str] = ..., cancelled_by: _Optional[str] = ..., retried_by: _Optional[str] = ..., suspended: bool = ..., parent_run_id: _Optional[str] = ..., parent_step_id: _Optional[str] = ..., depth: _Optional[int] = ..., notifications: _Optional[_Iterable[_Union[Notification, _Mapping]]] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class Step(_message.Message):
     __slots__ = ("run_id", "step_id", "task_id", "state", "attempt", "task", "inputs", "outputs", "error", "worker", "progress", "progress_message", "started_at", "finished_at", "task_version", "lost_attempts", "waiting_reason", "lost_in_a_row", "worker_principal", "map_step", "item_index", "item_count", "waiting_for", "wake_at", "child_run_id", "cached_from", "cache_key")
@@ -407,3 +434,37 @@ class LogLine(_message.Message):
     level: str
     text: str
     def __init__(self, at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., level: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+
+class WebhookDelivery(_message.Message):
+    __slots__ = ("delivery_id", "run_id", "event", "step_id", "url", "body", "created_at", "state", "attempts", "next_attempt_at", "last_attempt_at", "last_status", "last_error", "last_response", "delivered_at")
+    DELIVERY_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ATTEMPT_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_ATTEMPT_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_STATUS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    LAST_RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    DELIVERED_AT_FIELD_NUMBER: _ClassVar[int]
+    delivery_id: str
+    run_id: str
+    event: str
+    step_id: str
+    url: str
+    body: str
+    created_at: _timestamp_pb2.Timestamp
+    state: DeliveryState
+    attempts: int
+    next_attempt_at: _timestamp_pb2.Timestamp
+    last_attempt_at: _timestamp_pb2.Timestamp
+    last_status: int
+    last_error: str
+    last_response: str
+    delivered_at: _timestamp_pb2.Timestamp
+    def __init__(self, delivery_id: _Optional[str] = ..., run_id: _Optional[str] = ..., event: _Optional[str] = ..., step_id: _Optional[str] = ..., url: _Optional[str] = ..., body: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[DeliveryState, str]] = ..., attempts: _Optional[int] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_status: _Optional[int] = ..., last_error: _Optional[str] = ..., last_response: _Optional[str] = ..., delivered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
