@@ -4,6 +4,7 @@
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use dagmesh_integration_tests::{PATIENCE, dagmesh_binary, free_port, wait_healthy};
@@ -25,6 +26,7 @@ impl UpProcess {
         let listen = format!("127.0.0.1:{port}");
         let database = format!("sqlite://{}", dir.join("db.sqlite").display());
         let log = dir.join("up.log");
+        let data_dir = dir.join("data").display().to_string();
         let file = OpenOptions::new().create(true).append(true).open(&log)?;
         let mut command = Command::new(dagmesh_binary()?);
         command
@@ -35,6 +37,8 @@ impl UpProcess {
                 "--database",
                 &database,
                 "--no-auth",
+                "--data-dir",
+                &data_dir,
             ])
             .args(["--lease", "1s", "--heartbeat-interval", "200ms"])
             .stdin(Stdio::null())
@@ -170,6 +174,149 @@ fn summary_line(stdout: &str) -> (String, String) {
         "the last line should name the run and its state: {stdout:?}"
     );
     (words[1].to_owned(), words[2].to_owned())
+}
+
+const LOGGING_WORKFLOW: &str = r#"
+name: cli-logs
+steps:
+  - id: chatty
+    task: cli.logger@^1
+  - id: stuck
+    task: cli.nobody@^1
+    needs: [chatty]
+"#;
+
+/// `runs logs` (all at once and following), `runs get`'s outputs and log tail, `queues`, and
+/// logs without colour codes when they go to a file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_reads_step_logs_and_lists_queues() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = UpProcess::start(dir.path()).await?;
+    let server = up.url.as_str();
+    let worker = Worker::builder(server)
+        .name("cli-logs")
+        .task(
+            "cli.logger",
+            "1.0.0",
+            |ctx: TaskContext, _input: Value| async move {
+                for i in 1..=3 {
+                    ctx.info(format!("line {i}"));
+                }
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                ctx.info("last line");
+                Ok::<_, TaskError>(json!({ "lines": 4 }))
+            },
+        )
+        .build()?;
+    let handle = worker.handle();
+    let worker_task = tokio::spawn(worker.run_until(std::future::pending()));
+    tokio::time::timeout(PATIENCE, handle.wait_for(|s| s.connected))
+        .await
+        .context("worker never connected")?;
+    let path = dir.path().join("logs.yaml");
+    std::fs::write(&path, LOGGING_WORKFLOW)?;
+    let path = path.display().to_string();
+    let submitted = dagmesh(&["--server", server, "-o", "json", "submit", &path])
+        .await?
+        .ok()
+        .json();
+    let run_id = submitted["run"]["run_id"].as_str().unwrap().to_owned();
+
+    // Following prints the lines as they come, until the run ends (`stuck` keeps it running
+    // until it is cancelled below).
+    let follow = tokio::spawn({
+        let server = server.to_owned();
+        let run_id = run_id.clone();
+        async move {
+            dagmesh(&[
+                "--server", &server, "runs", "logs", &run_id, "chatty", "--follow",
+            ])
+            .await
+        }
+    });
+    // Once `stuck` is queued, chatty is done.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let queues = dagmesh(&["--server", server, "queues"]).await?.ok();
+        if queues.stdout.contains("cli.nobody") {
+            assert!(queues.stdout.contains("QUEUED"), "{}", queues.stdout);
+            let row = queues
+                .stdout
+                .lines()
+                .find(|l| l.contains("cli.nobody"))
+                .unwrap();
+            let cells: Vec<&str> = row.split_whitespace().collect();
+            assert_eq!(cells[1], "^1", "{row}");
+            assert_eq!(cells[3], "1", "one task queued: {row}");
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "cli.nobody never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let logs = dagmesh(&["--server", server, "runs", "logs", &run_id])
+        .await?
+        .ok();
+    let lines: Vec<&str> = logs.stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{}", logs.stdout);
+    for (line, text) in lines
+        .iter()
+        .zip(["line 1", "line 2", "line 3", "last line"])
+    {
+        assert!(
+            line.contains("chatty#1") && line.contains("INFO") && line.ends_with(text),
+            "{line}"
+        );
+    }
+    let json_logs = dagmesh(&[
+        "--server",
+        server,
+        "-o",
+        "json",
+        "runs",
+        "logs",
+        &run_id,
+        "--attempt",
+        "2",
+    ])
+    .await?
+    .ok();
+    assert!(
+        json_logs.stdout.is_empty(),
+        "attempt 2 never ran: {}",
+        json_logs.stdout
+    );
+    let got = dagmesh(&["--server", server, "runs", "get", &run_id])
+        .await?
+        .ok();
+    assert!(
+        got.stdout.contains("Outputs:") && got.stdout.contains(r#"chatty: {"lines":4}"#),
+        "{}",
+        got.stdout
+    );
+    assert!(got.stdout.contains("Last 4 log lines:"), "{}", got.stdout);
+
+    // The follower saw the same lines; it stays open while the run is active.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !follow.is_finished(),
+        "--follow must keep waiting while the run is active"
+    );
+    dagmesh(&["--server", server, "runs", "cancel", &run_id])
+        .await?
+        .ok();
+    let followed = tokio::time::timeout(PATIENCE, follow).await???.ok();
+    assert_eq!(followed.stdout.lines().count(), 4, "{}", followed.stdout);
+
+    worker_task.abort();
+    let log = std::fs::read_to_string(&up.log)?;
+    assert!(
+        !log.contains('\u{1b}'),
+        "ANSI escape codes in a log file: {log}"
+    );
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -187,11 +187,35 @@ async fn up_exports_run_step_and_attempt_spans_and_workers_continue_the_trace() 
         within(span, run_span);
     }
 
+    let is_phase =
+        |span: &Span| span.name.starts_with("queued ") || span.name.starts_with("dispatched ");
     let attempts: Vec<&Span> = executor
         .iter()
         .copied()
-        .filter(|span| int(span, "dagmesh.attempt").is_some())
+        .filter(|span| int(span, "dagmesh.attempt").is_some() && !is_phase(span))
         .collect();
+    // Each attempt's phases: queued (under the step) and dispatched (under the attempt).
+    for (step_id, attempt) in [("a", 1), ("b", 1), ("b", 2)] {
+        let phase = |prefix: &str| {
+            executor
+                .iter()
+                .copied()
+                .find(|span| {
+                    span.name == format!("{prefix} {step_id}")
+                        && int(span, "dagmesh.attempt") == Some(attempt)
+                })
+                .unwrap_or_else(|| panic!("no {prefix} span of {step_id}#{attempt}"))
+        };
+        let attempt_span = attempts
+            .iter()
+            .find(|span| attempt_key(span) == (step_id.to_owned(), attempt))
+            .expect("the attempt span");
+        assert_eq!(phase("queued").parent_span_id, steps[step_id].span_id);
+        assert_eq!(phase("dispatched").parent_span_id, attempt_span.span_id);
+        assert!(
+            phase("queued").end_time_unix_nano <= attempt_span.start_time_unix_nano + 1_000_000
+        );
+    }
     let mut keys: Vec<(String, i64)> = attempts.iter().map(|span| attempt_key(span)).collect();
     keys.sort();
     assert_eq!(
@@ -492,6 +516,108 @@ async fn traces_go_to_an_https_collector() -> anyhow::Result<()> {
             .any(|span| text(span, "dagmesh.run_id").as_deref() == Some(run.run_id.as_str())),
         "the run's span arrived over TLS: {:?}",
         names(&by_service(&spans, "dagmesh"))
+    );
+    Ok(())
+}
+
+/// A backend's `traceparent` on SubmitRun parents the run span (the run is in the backend's
+/// trace), and a step that is still running already shows where it sits: its `queued` and
+/// `dispatched` phase spans are exported while the run goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_start_with_the_caller_and_show_work_in_flight() -> anyhow::Result<()> {
+    use dagmesh_integration_tests::RawWorker;
+    use dagmesh_proto::v1::run_service_client::RunServiceClient;
+    let (receiver_url, mut received) = start_receiver().await?;
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let url = format!("http://127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{port}");
+    let database = format!("sqlite://{}", dir.path().join("db.sqlite").display());
+    let mut up = ChildGuard::spawn_with_env(
+        "up",
+        &[
+            "up",
+            "--listen",
+            &listen,
+            "--database",
+            &database,
+            "--no-auth",
+        ],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver_url.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+        dir.path(),
+    )?;
+    up.wait_ready(&url).await?;
+    let (mut worker, _) =
+        RawWorker::connect(&url, RawWorker::hello("slow-1", "slow.step", "1.0.0", 1)).await?;
+
+    const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const CALLER_SPAN: &str = "00f067aa0ba902b7";
+    let mut request = tonic::Request::new(dagmesh_proto::v1::SubmitRunRequest {
+        workflow_ref: Some(dagmesh_proto::v1::submit_run_request::WorkflowRef::Spec(
+            workflow(
+                "caller-traced",
+                vec![step("slow", "slow.step@^1", &[], &[])],
+            ),
+        )),
+        ..Default::default()
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01").parse()?,
+    );
+    let mut client = RunServiceClient::new(dagmesh_integration_tests::channel(&url).await?);
+    let run = client
+        .submit_run(request)
+        .await?
+        .into_inner()
+        .run
+        .context("a run")?;
+
+    let assign = worker.expect_assign().await?;
+    assert!(
+        assign
+            .traceparent
+            .starts_with(&format!("00-{CALLER_TRACE}-")),
+        "the task continues the caller's trace: {}",
+        assign.traceparent
+    );
+    worker.start(&assign).await?;
+    // Stuck running: the phases are out already.
+    let spans = wait_for(&mut received, SERVER_SERVICE, 2).await?;
+    let names: Vec<String> = spans.iter().map(|(_, span)| span.name.clone()).collect();
+    assert!(names.contains(&"queued slow".to_owned()), "{names:?}");
+    assert!(names.contains(&"dispatched slow".to_owned()), "{names:?}");
+    for (_, span) in &spans {
+        assert_eq!(hex(&span.trace_id), CALLER_TRACE, "{}", span.name);
+    }
+
+    worker
+        .complete(&assign.task_id, assign.attempt, json!({}))
+        .await?;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let run_span = loop {
+        let more = drain(&mut received);
+        if let Some((_, span)) = more
+            .into_iter()
+            .find(|(_, span)| span.name == "run caller-traced")
+        {
+            break span;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no run span");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(hex(&run_span.trace_id), CALLER_TRACE);
+    assert_eq!(
+        hex(&run_span.parent_span_id),
+        CALLER_SPAN,
+        "the caller's span is the parent"
+    );
+    assert_eq!(
+        text(&run_span, "dagmesh.run_id").as_deref(),
+        Some(run.run_id.as_str())
     );
     Ok(())
 }

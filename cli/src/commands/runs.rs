@@ -5,9 +5,9 @@ use std::time::SystemTime;
 
 use dagmesh_proto::v1::run_service_client::RunServiceClient;
 use dagmesh_proto::v1::{
-    ApproveStepRequest, CancelRunRequest, GetRunRequest, ListRunsRequest, ResumeRunRequest,
-    RetryRunRequest, Run, RunState, StepState, SubmitRunRequest, SuspendRunRequest, WorkflowRef,
-    submit_run_request,
+    ApproveStepRequest, CancelRunRequest, GetRunRequest, GetStepLogsRequest, GetStepLogsResponse,
+    ListRunsRequest, ResumeRunRequest, RetryRunRequest, Run, RunState, StepState, SubmitRunRequest,
+    SuspendRunRequest, WorkflowRef, submit_run_request,
 };
 use serde_json::Value;
 
@@ -26,6 +26,18 @@ pub enum RunsCommand {
         /// the map's line counts the rest).
         #[arg(long)]
         items: bool,
+    },
+    /// Print the log lines workers sent for a run's steps (all steps, or STEP and its items).
+    Logs {
+        run_id: String,
+        /// Only this step (a map step includes its items).
+        step: Option<String>,
+        /// Only this attempt.
+        #[arg(long)]
+        attempt: Option<u32>,
+        /// Keep printing new lines until the run ends.
+        #[arg(short, long)]
+        follow: bool,
     },
     /// Follow a run live until it ends; exit 0 only if it succeeded.
     Watch {
@@ -167,7 +179,50 @@ pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<ExitCo
             let run = client.get_run(GetRunRequest { run_id }).await?.into_inner();
             match global.output {
                 OutputFormat::Json => print_json(&json::run(&run)),
-                OutputFormat::Text => out!("{}", describe_run(&run, SystemTime::now(), items)),
+                OutputFormat::Text => {
+                    let mut text = describe_run(&run, SystemTime::now(), items);
+                    let tail = log_tail(&mut client, &run.run_id, LOG_TAIL).await?;
+                    if !tail.is_empty() {
+                        text.push_str(&format!("\nLast {} log lines:\n", tail.len()));
+                        for line in tail {
+                            text.push_str(&line);
+                            text.push('\n');
+                        }
+                    }
+                    out!("{text}")
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RunsCommand::Logs {
+            run_id,
+            step,
+            attempt,
+            follow,
+        } => {
+            let mut stream = client
+                .get_step_logs(GetStepLogsRequest {
+                    run_id,
+                    step_id: step.unwrap_or_default(),
+                    attempt: attempt.unwrap_or_default(),
+                    follow,
+                    after_seq: 0,
+                })
+                .await?
+                .into_inner();
+            while let Some(batch) = stream.message().await? {
+                match global.output {
+                    OutputFormat::Json => {
+                        for line in &batch.lines {
+                            outln!("{}", log_line_json(&batch, line));
+                        }
+                    }
+                    OutputFormat::Text => {
+                        for line in &batch.lines {
+                            outln!("{}", log_line_text(&batch, line));
+                        }
+                    }
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -362,6 +417,58 @@ pub(crate) fn runs_table(runs: &[Run], now: SystemTime) -> String {
 }
 
 /// The run's fields, then a table of its steps.
+/// Log lines `runs get` shows.
+const LOG_TAIL: usize = 10;
+
+/// The last `keep` log lines of a run, as `runs logs` prints them.
+async fn log_tail(
+    client: &mut RunServiceClient<dagmesh_proto::connect::AuthChannel>,
+    run_id: &str,
+    keep: usize,
+) -> anyhow::Result<Vec<String>> {
+    let mut stream = client
+        .get_step_logs(GetStepLogsRequest {
+            run_id: run_id.to_owned(),
+            ..GetStepLogsRequest::default()
+        })
+        .await?
+        .into_inner();
+    let mut tail = std::collections::VecDeque::with_capacity(keep + 1);
+    while let Some(batch) = stream.message().await? {
+        for line in &batch.lines {
+            tail.push_back(log_line_text(&batch, line));
+            if tail.len() > keep {
+                tail.pop_front();
+            }
+        }
+    }
+    Ok(tail.into())
+}
+
+/// `2026-12-03T06:30:01.123Z mesh#1 INFO text` (one line; newlines in the text are escaped).
+fn log_line_text(batch: &GetStepLogsResponse, line: &dagmesh_proto::v1::LogLine) -> String {
+    let at = json::timestamp(line.at.as_ref());
+    format!(
+        "{} {}#{} {:<5} {}",
+        at.as_str().unwrap_or("-"),
+        batch.step_id,
+        batch.attempt,
+        line.level.to_uppercase(),
+        line.text.replace('\n', "\\n")
+    )
+}
+
+fn log_line_json(batch: &GetStepLogsResponse, line: &dagmesh_proto::v1::LogLine) -> Value {
+    serde_json::json!({
+        "at": json::timestamp(line.at.as_ref()),
+        "step_id": batch.step_id,
+        "attempt": batch.attempt,
+        "level": line.level,
+        "text": line.text,
+        "seq": batch.seq,
+    })
+}
+
 pub(crate) fn describe_run(run: &Run, now: SystemTime, all_items: bool) -> String {
     let mut out = String::new();
     let mut field = |name: &str, value: String| {
@@ -459,6 +566,23 @@ pub(crate) fn describe_run(run: &Run, now: SystemTime, all_items: bool) -> Strin
         ]);
     }
     out.push_str(&table.render());
+    let outputs: Vec<&dagmesh_proto::v1::Step> = run
+        .steps
+        .iter()
+        .filter(|step| step.outputs.as_ref().is_some_and(|o| !o.fields.is_empty()))
+        .filter(|step| all_items || watch::item_key(&step.step_id).is_none())
+        .collect();
+    if !outputs.is_empty() {
+        out.push_str("\nOutputs:\n");
+        for step in outputs {
+            let value = Value::Object(dagmesh_proto::json::from_struct(step.outputs.as_ref()));
+            out.push_str(&format!(
+                "  {}: {}\n",
+                step.step_id,
+                format::one_line(&value.to_string(), 200)
+            ));
+        }
+    }
     out
 }
 

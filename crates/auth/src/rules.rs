@@ -54,6 +54,11 @@ const RULES: &[(&str, &str, Access)] = &[
     ),
     (
         "dagmesh.v1.RunService",
+        "GetStepLogs",
+        Access::Scope(Scope::Read),
+    ),
+    (
+        "dagmesh.v1.RunService",
         "CancelRun",
         Access::Scope(Scope::Operate),
     ),

@@ -40,6 +40,9 @@ type Refresh = Box<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send +
 
 struct Global {
     registry: Mutex<Registry>,
+    /// (name, type) of every family registered, for checks of dashboards against them (a
+    /// family without series yet is left out of the exposition).
+    families: Mutex<Vec<(String, &'static str)>>,
     refreshers: Mutex<Vec<Arc<Refresh>>>,
 }
 
@@ -58,6 +61,7 @@ static GLOBAL: LazyLock<Global> = LazyLock::new(|| {
     );
     Global {
         registry: Mutex::new(registry),
+        families: Mutex::new(vec![("dagmesh_build_info".to_owned(), "gauge")]),
         refreshers: Mutex::new(Vec::new()),
     }
 });
@@ -70,12 +74,46 @@ struct BuildLabels {
 /// Adds a metric family to the process's registry. `name` follows Prometheus conventions
 /// (`dagmesh_` prefix, base units; counters without `_total`, which the encoder appends).
 pub fn register(name: &str, help: &str, metric: impl Metric) {
+    let kind = match prometheus_client::encoding::EncodeMetric::metric_type(&metric) {
+        prometheus_client::metrics::MetricType::Counter => "counter",
+        prometheus_client::metrics::MetricType::Gauge => "gauge",
+        prometheus_client::metrics::MetricType::Histogram => "histogram",
+        prometheus_client::metrics::MetricType::Info => "info",
+        _ => "unknown",
+    };
+    GLOBAL
+        .families
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .push((name.to_owned(), kind));
     GLOBAL
         .registry
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
         // The encoder ends the help text with a period itself.
         .register(name, help.trim_end_matches('.'), metric);
+}
+
+/// The series names every registered family can export: counters with `_total`, histograms
+/// as `_bucket`, `_sum` and `_count`.
+pub fn series_names() -> Vec<String> {
+    let families = GLOBAL
+        .families
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut names = Vec::new();
+    for (name, kind) in families.iter() {
+        match *kind {
+            "counter" => names.push(format!("{name}_total")),
+            "histogram" => {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    names.push(format!("{name}{suffix}"));
+                }
+            }
+            _ => names.push(name.clone()),
+        }
+    }
+    names
 }
 
 /// Runs `refresh` before every scrape (to fill in gauges of state owned elsewhere).
@@ -292,7 +330,7 @@ fn method_labels(path: &str, services: &[&'static str]) -> GrpcMethodLabels {
     let Some((service, method)) = path.trim_start_matches('/').split_once('/') else {
         return unknown();
     };
-    let known = services.iter().any(|name| *name == service)
+    let known = services.contains(&service)
         || service.starts_with("grpc.health.")
         || service.starts_with("grpc.reflection.");
     let plausible = !method.is_empty()

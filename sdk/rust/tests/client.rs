@@ -66,6 +66,16 @@ impl Fake {
 #[tonic::async_trait]
 impl RunService for Fake {
     type WatchRunStream = ReceiverStream<Result<WatchRunResponse, Status>>;
+    type GetStepLogsStream = ReceiverStream<Result<dagmesh_proto::v1::GetStepLogsResponse, Status>>;
+
+    async fn get_step_logs(
+        &self,
+        _: Request<dagmesh_proto::v1::GetStepLogsRequest>,
+    ) -> Result<Response<Self::GetStepLogsStream>, Status> {
+        Err(Status::unimplemented(
+            "the client under test never reads logs",
+        ))
+    }
 
     async fn submit_run(
         &self,

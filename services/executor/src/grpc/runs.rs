@@ -2,9 +2,10 @@ use std::time::Duration;
 
 use dagmesh_proto::v1::{
     ApproveStepRequest, CancelRunRequest, DeliverEventRequest, DeliverEventResponse, GetRunRequest,
-    ListRunsRequest, ListRunsResponse, ResumeRunRequest, RetryRunRequest, Run, RunState,
-    SubmitRunRequest, SubmitRunResponse, SuspendRunRequest, WatchRunRequest, WatchRunResponse,
-    run_event, run_service_server::RunService, watch_run_response,
+    GetStepLogsRequest, GetStepLogsResponse, ListRunsRequest, ListRunsResponse, ResumeRunRequest,
+    RetryRunRequest, Run, RunState, SubmitRunRequest, SubmitRunResponse, SuspendRunRequest,
+    WatchRunRequest, WatchRunResponse, run_event, run_service_server::RunService,
+    watch_run_response,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -99,6 +100,36 @@ impl RunService for Runs {
         let executor = self.0.clone();
         tokio::spawn(async move {
             if let Err(status) = watch(executor, run, request.after_seq, &tx).await {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type GetStepLogsStream = ReceiverStream<Result<GetStepLogsResponse, Status>>;
+
+    async fn get_step_logs(
+        &self,
+        request: Request<GetStepLogsRequest>,
+    ) -> Result<Response<Self::GetStepLogsStream>, Status> {
+        let request = request.into_inner();
+        check_run_id(&request.run_id)?;
+        dagmesh_proto::limits::check_len(
+            "step_id",
+            &request.step_id,
+            dagmesh_proto::limits::MAX_NAME_LEN,
+        )
+        .map_err(Status::invalid_argument)?;
+        let run = self
+            .0
+            .store()
+            .get_run(&request.run_id)
+            .await
+            .map_err(ExecError::from)?;
+        let (tx, rx) = mpsc::channel(256);
+        let executor = self.0.clone();
+        tokio::spawn(async move {
+            if let Err(status) = step_logs(executor, run, request, &tx).await {
                 let _ = tx.send(Err(status)).await;
             }
         });
@@ -202,6 +233,89 @@ fn is_finished(state: RunState) -> bool {
         state,
         RunState::Succeeded | RunState::Failed | RunState::Cancelled
     )
+}
+
+/// Whether `step_id` is `wanted` or one of its items (`wanted[3]`); an empty `wanted` takes all.
+fn step_matches(step_id: &str, wanted: &str) -> bool {
+    wanted.is_empty()
+        || step_id == wanted
+        || step_id
+            .strip_prefix(wanted)
+            .is_some_and(|rest| rest.starts_with('[') && rest.ends_with(']'))
+}
+
+/// GetStepLogs: the run's StepLog events from the store, filtered; with `follow`, the watch
+/// below (resumed after `after_seq`, so without a snapshot) feeds new ones until the run ends.
+async fn step_logs(
+    executor: Executor,
+    run: Run,
+    request: GetStepLogsRequest,
+    tx: &mpsc::Sender<Result<GetStepLogsResponse, Status>>,
+) -> Result<(), Status> {
+    let wanted = |event: &dagmesh_proto::v1::RunEvent| match &event.event {
+        Some(run_event::Event::StepLog(log))
+            if step_matches(&log.step_id, &request.step_id)
+                && (request.attempt == 0 || request.attempt == log.attempt) =>
+        {
+            Some(GetStepLogsResponse {
+                step_id: log.step_id.clone(),
+                attempt: log.attempt,
+                lines: log.lines.clone(),
+                seq: event.seq,
+            })
+        }
+        _ => None,
+    };
+    if !request.follow {
+        let store = executor.store().clone();
+        let mut cursor = request.after_seq;
+        loop {
+            let events = store
+                .read_events(&run.run_id, cursor, 1000)
+                .await
+                .map_err(ExecError::from)?;
+            let full_page = events.len() == 1000;
+            for event in events {
+                cursor = event.seq;
+                if let Some(lines) = wanted(&event)
+                    && tx.send(Ok(lines)).await.is_err()
+                {
+                    return Ok(());
+                }
+            }
+            if !full_page {
+                return Ok(());
+            }
+        }
+    }
+    let (events_tx, mut events_rx) = mpsc::channel(256);
+    let follow = tokio::spawn(async move {
+        if let Err(status) = watch(executor, run, Some(request.after_seq), &events_tx).await {
+            let _ = events_tx.send(Err(status)).await;
+        }
+    });
+    loop {
+        let item = tokio::select! {
+            item = events_rx.recv() => item,
+            () = tx.closed() => break, // the reader left
+        };
+        let item = match item {
+            None => break, // the run ended
+            Some(Ok(item)) => item,
+            Some(Err(status)) => {
+                follow.abort();
+                return Err(status);
+            }
+        };
+        if let Some(watch_run_response::Message::Event(event)) = item.message
+            && let Some(lines) = wanted(&event)
+            && tx.send(Ok(lines)).await.is_err()
+        {
+            break; // the reader left
+        }
+    }
+    follow.abort();
+    Ok(())
 }
 
 /// Streams a run: snapshot (unless resuming), then events from the store each time the engine

@@ -102,6 +102,32 @@ class WatchRunResponse(_message.Message):
     event: _types_pb2.RunEvent
     def __init__(self, snapshot: _Optional[_Union[_types_pb2.Run, _Mapping]] = ..., event: _Optional[_Union[_types_pb2.RunEvent, _Mapping]] = ...) -> None: ...
 
+class GetStepLogsRequest(_message.Message):
+    __slots__ = ("run_id", "step_id", "attempt", "follow", "after_seq")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    step_id: str
+    attempt: int
+    follow: bool
+    after_seq: int
+    def __init__(self, run_id: _Optional[str] = ..., step_id: _Optional[str] = ..., attempt: _Optional[int] = ..., follow: bool = ..., after_seq: _Optional[int] = ...) -> None: ...
+
+class GetStepLogsResponse(_message.Message):
+    __slots__ = ("step_id", "attempt", "lines", "seq")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    step_id: str
+    attempt: int
+    lines: _containers.RepeatedCompositeFieldContainer[_types_pb2.LogLine]
+    seq: int
+    def __init__(self, step_id: _Optional[str] = ..., attempt: _Optional[int] = ..., lines: _Optional[_Iterable[_Union[_types_pb2.LogLine, _Mapping]]] = ..., seq: _Optional[int] = ...) -> None: ...
+
 class CancelRunRequest(_message.Message):
     __slots__ = ("run_id", "reason")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]

@@ -55,6 +55,11 @@ class RunServiceStub(object):
                 request_serializer=dagmesh_dot_v1_dot_run__pb2.WatchRunRequest.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_run__pb2.WatchRunResponse.FromString,
                 _registered_method=True)
+        self.GetStepLogs = channel.unary_stream(
+                '/dagmesh.v1.RunService/GetStepLogs',
+                request_serializer=dagmesh_dot_v1_dot_run__pb2.GetStepLogsRequest.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_run__pb2.GetStepLogsResponse.FromString,
+                _registered_method=True)
         self.CancelRun = channel.unary_unary(
                 '/dagmesh.v1.RunService/CancelRun',
                 request_serializer=dagmesh_dot_v1_dot_run__pb2.CancelRunRequest.SerializeToString,
@@ -115,6 +120,15 @@ class RunServiceServicer(object):
         """A snapshot of the run, then every event after it, live, until the run ends (after its final
         event the stream closes). With `after_seq` set, replays the events after that sequence number
         instead of sending a snapshot, so a watcher that lost its stream resumes without gaps.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStepLogs(self, request, context):
+        """The log lines workers sent for a run's steps (TaskLog), in order, from the run's event
+        log: the lines so far, then (with `follow`) new ones as they are committed, until the run
+        ends. Resume after a break with `after_seq` = the last response's `seq`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -194,6 +208,11 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.WatchRun,
                     request_deserializer=dagmesh_dot_v1_dot_run__pb2.WatchRunRequest.FromString,
                     response_serializer=dagmesh_dot_v1_dot_run__pb2.WatchRunResponse.SerializeToString,
+            ),
+            'GetStepLogs': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetStepLogs,
+                    request_deserializer=dagmesh_dot_v1_dot_run__pb2.GetStepLogsRequest.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_run__pb2.GetStepLogsResponse.SerializeToString,
             ),
             'CancelRun': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelRun,
@@ -334,6 +353,33 @@ class RunService(object):
             '/dagmesh.v1.RunService/WatchRun',
             dagmesh_dot_v1_dot_run__pb2.WatchRunRequest.SerializeToString,
             dagmesh_dot_v1_dot_run__pb2.WatchRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStepLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dagmesh.v1.RunService/GetStepLogs',
+            dagmesh_dot_v1_dot_run__pb2.GetStepLogsRequest.SerializeToString,
+            dagmesh_dot_v1_dot_run__pb2.GetStepLogsResponse.FromString,
             options,
             channel_credentials,
             insecure,
