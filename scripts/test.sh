@@ -5,6 +5,7 @@
 #   - A Python virtual environment (.venv/) with grpcurl (reflection check), the manifest
 #     validator, and the Python SDK when present.
 #   - Debian's C++ gRPC packages when the C++ SDK is present.
+#   - Debian's `prometheus` (the metrics test scrapes a running mesh with it).
 # Usage: scripts/test.sh [--quick]   (--quick: Rust tests only, no Python/C++/manifests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +37,15 @@ else
   echo "warning: PostgreSQL not reachable; its tests will be skipped (set DAGMESH_TEST_DATABASE_URL)"
   unset DAGMESH_TEST_DATABASE_URL
 fi
+
+# --- Prometheus -----------------------------------------------------------------------------
+step "Prometheus (Debian package; the metrics test runs a real one)"
+if ! command -v prometheus >/dev/null; then
+  echo "prometheus not found; installing it"
+  DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null
+fi
+prometheus --version 2>&1 | head -1
 
 # --- Python tools ---------------------------------------------------------------------------
 venv="$root/.venv"

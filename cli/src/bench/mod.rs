@@ -68,6 +68,10 @@ pub struct BenchArgs {
     /// token: what production pays per step, to compare with the plaintext default.
     #[arg(long)]
     pub secure: bool,
+    /// Record Prometheus metrics (as `--metrics-listen` does) while measuring: what the
+    /// metrics cost per step, to compare with the default (off).
+    #[arg(long)]
+    pub metrics: bool,
 }
 
 /// One result line; fields that do not apply to a scenario are null.
@@ -76,6 +80,8 @@ pub struct Report {
     pub scenario: &'static str,
     /// Served over TLS with authentication (`--secure`).
     pub secure: bool,
+    /// Prometheus metrics recorded (`--metrics`).
+    pub metrics: bool,
     pub steps: usize,
     pub wall_s: f64,
     pub per_step_ms: Option<f64>,
@@ -107,6 +113,13 @@ pub struct Report {
 
 pub async fn bench(global: &Global, args: BenchArgs) -> anyhow::Result<ExitCode> {
     let _telemetry = telemetry::init_with("dagmesh-bench", "warn");
+    if args.metrics {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        tokio::spawn(dagmesh_runtime::metrics::serve(
+            listener,
+            std::future::pending(),
+        ));
+    }
     let scenarios = match args.scenario {
         Scenario::All => vec![
             Scenario::Idle,
@@ -133,6 +146,7 @@ pub async fn bench(global: &Global, args: BenchArgs) -> anyhow::Result<ExitCode>
         };
         let report = Report {
             secure: args.secure,
+            metrics: args.metrics,
             ..report
         };
         print_report(global.output, &report)?;

@@ -41,6 +41,7 @@ macro_rules! suite {
 suite!(
     plain: [
         workflow_versioning,
+        webhook_outbox_is_written_read_due_and_updated,
         concurrent_put_workflow,
         commit_is_atomic,
         steps_keep_insertion_order_and_upsert,
@@ -596,6 +597,79 @@ mod cases {
             err.to_string().contains("put_cache_entry.expires_at"),
             "{err}"
         );
+        Ok(())
+    }
+
+    pub async fn webhook_outbox_is_written_read_due_and_updated(
+        store: Arc<dyn MetadataStore>,
+    ) -> Result<()> {
+        use dagmesh_proto::v1::{
+            DeliveryState, Mutation, ReadWebhookDeliveriesRequest, WebhookDelivery, mutation,
+        };
+        let now = SystemTime::now();
+        let delivery = |id: &str, run: &str, due: SystemTime| WebhookDelivery {
+            delivery_id: id.into(),
+            run_id: run.into(),
+            event: "run.failed".into(),
+            url: "https://hooks.example.com/x".into(),
+            body: "{}".into(),
+            created_at: Some(due.into()),
+            next_attempt_at: Some(due.into()),
+            state: DeliveryState::Pending as i32,
+            ..WebhookDelivery::default()
+        };
+        let put = |d: WebhookDelivery| Mutation {
+            mutation: Some(mutation::Mutation::PutWebhookDelivery(d)),
+        };
+        store
+            .commit(vec![
+                put(delivery("d1", "r1", now - Duration::from_secs(2))),
+                put(delivery("d2", "r1", now - Duration::from_secs(1))),
+                put(delivery("d3", "r2", now + Duration::from_secs(3600))),
+            ])
+            .await?;
+        let due = |limit| ReadWebhookDeliveriesRequest {
+            due_before: Some(now.into()),
+            limit,
+            ..ReadWebhookDeliveriesRequest::default()
+        };
+        let ids = |list: Vec<WebhookDelivery>| -> Vec<String> {
+            list.into_iter().map(|d| d.delivery_id).collect()
+        };
+        // Due ones, oldest due first; the future one is not due.
+        assert_eq!(
+            ids(store.read_webhook_deliveries(&due(0)).await?),
+            ["d1", "d2"]
+        );
+        assert_eq!(ids(store.read_webhook_deliveries(&due(1)).await?), ["d1"]);
+        // An attempt written back: delivered rows are never due again.
+        let mut done = delivery("d1", "r1", now);
+        done.state = DeliveryState::Delivered as i32;
+        done.attempts = 3;
+        done.next_attempt_at = None;
+        store.commit(vec![put(done)]).await?;
+        assert_eq!(ids(store.read_webhook_deliveries(&due(0)).await?), ["d2"]);
+        // One run's, newest first, in every state.
+        let of_run = ReadWebhookDeliveriesRequest {
+            run_id: "r1".into(),
+            ..ReadWebhookDeliveriesRequest::default()
+        };
+        let listed = store.read_webhook_deliveries(&of_run).await?;
+        assert_eq!(ids(listed.clone()), ["d2", "d1"]);
+        assert_eq!(listed[1].attempts, 3);
+        assert_eq!(
+            store
+                .read_webhook_deliveries(&Default::default())
+                .await?
+                .len(),
+            3
+        );
+        // A malformed row is refused naming the field.
+        let err = store
+            .commit(vec![put(delivery("", "r1", now))])
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("put_webhook_delivery"), "{err}");
         Ok(())
     }
 
