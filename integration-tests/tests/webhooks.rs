@@ -91,7 +91,12 @@ async fn start_receiver(received: Arc<Mutex<Received>>) -> anyhow::Result<String
     Ok(format!("http://{addr}"))
 }
 
-async fn start_up(name: &str, dir: &Path, port: u16) -> anyhow::Result<ChildGuard> {
+async fn start_up(
+    name: &str,
+    dir: &Path,
+    port: u16,
+    log_format: &str,
+) -> anyhow::Result<ChildGuard> {
     let listen = format!("127.0.0.1:{port}");
     let data_dir = dir.join("data");
     let secret = dir.join("secret");
@@ -108,6 +113,8 @@ async fn start_up(name: &str, dir: &Path, port: u16) -> anyhow::Result<ChildGuar
             secret.to_str().unwrap(),
             "--webhook-backoff",
             "200ms",
+            "--log-format",
+            log_format,
         ],
         &[],
         dir,
@@ -124,7 +131,7 @@ async fn every_webhook_is_delivered_signed_across_a_sigkill() -> anyhow::Result<
     std::fs::write(dir.path().join("secret"), format!("{SECRET}\n"))?;
     let port = free_port()?;
     let url = format!("http://127.0.0.1:{port}");
-    let mut up = start_up("up-1", dir.path(), port).await?;
+    let mut up = start_up("up-1", dir.path(), port, "text").await?;
 
     let worker = Worker::builder(&url)
         .name("hooks")
@@ -207,7 +214,8 @@ async fn every_webhook_is_delivered_signed_across_a_sigkill() -> anyhow::Result<
         accepted_before < EXPECTED,
         "every delivery was accepted before the kill; nothing was tested"
     );
-    let _up = start_up("up-2", dir.path(), port).await?;
+    // The second process logs JSON, one object per line.
+    let _up = start_up("up-2", dir.path(), port, "json").await?;
 
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while received.lock().unwrap().accepted.len() < EXPECTED {
@@ -306,6 +314,18 @@ async fn every_webhook_is_delivered_signed_across_a_sigkill() -> anyhow::Result<
         "{text}"
     );
     let _ = RunState::Failed;
+    let log = std::fs::read_to_string(dir.path().join("up-2.log"))?;
+    let mut lines = 0;
+    for line in log.lines().filter(|line| !line.trim().is_empty()) {
+        let object: Value = serde_json::from_str(line)
+            .map_err(|e| anyhow::anyhow!("not a JSON log line ({e}): {line}"))?;
+        assert!(
+            object["level"].is_string() && object["fields"].is_object(),
+            "{line}"
+        );
+        lines += 1;
+    }
+    assert!(lines > 0, "no log lines from the JSON process");
     Ok(())
 }
 
@@ -338,5 +358,87 @@ async fn bad_notifications_are_refused_naming_the_field() -> anyhow::Result<()> 
         .unwrap_err();
     assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error}");
     assert!(error.message().contains("notifications[0].url"), "{error}");
+    sandbox.stop().await
+}
+
+/// The other events: a step waiting for approval, and a cancelled run; deliveries of a run are
+/// listed over the API with their attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_and_cancellations_are_notified() -> anyhow::Result<()> {
+    let received = Arc::new(Mutex::new(Received::default()));
+    let receiver = start_receiver(received.clone()).await?;
+    let mut config = fast_config();
+    config.webhooks.secret = Some(Arc::from(SECRET.as_bytes()));
+    config.webhooks.first_backoff = Duration::from_millis(50);
+    let sandbox = Sandbox::start_with(Database::sqlite()?, config).await?;
+    let client = sandbox.client().await?;
+    let mut spec = workflow(
+        "hooked-approval",
+        vec![pb::StepSpec {
+            id: "review".into(),
+            approval: Some(pb::ApprovalSpec {
+                message: "Ship it?".into(),
+                timeout: String::new(),
+            }),
+            ..pb::StepSpec::default()
+        }],
+    );
+    spec.notifications = vec![pb::Notification {
+        url: format!("{receiver}/hook"),
+        events: vec!["step.waiting_for_approval".into(), "run.cancelled".into()],
+        filter: String::new(),
+    }];
+    client.apply_workflow(spec).await?;
+    let run = client
+        .submit(SubmitRun::workflow("hooked-approval"))
+        .await?;
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while received.lock().unwrap().accepted.is_empty() {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "no approval webhook");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    client.cancel_run(&run.run_id, "not today").await?;
+    while received.lock().unwrap().accepted.len() < 2 {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no cancellation webhook"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let received = std::mem::take(&mut *received.lock().unwrap());
+    assert!(received.bad.is_empty(), "{:?}", received.bad);
+    let bodies: Vec<&Value> = received.accepted.values().map(|(_, body)| body).collect();
+    let waiting = bodies
+        .iter()
+        .find(|b| b["event"] == "step.waiting_for_approval")
+        .expect("the approval event");
+    assert_eq!(waiting["step"]["step_id"], "review");
+    assert_eq!(waiting["step"]["message"], "Ship it?");
+    let cancelled = bodies
+        .iter()
+        .find(|b| b["event"] == "run.cancelled")
+        .expect("the cancellation event");
+    assert_eq!(cancelled["run"]["state"], "CANCELLED");
+
+    let mut webhooks =
+        pb::webhook_service_client::WebhookServiceClient::new(sandbox.channel().await?);
+    let listed = webhooks
+        .list_deliveries(pb::ListDeliveriesRequest {
+            run_id: run.run_id.clone(),
+            limit: 0,
+        })
+        .await?
+        .into_inner()
+        .deliveries;
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    let refused = webhooks
+        .list_deliveries(pb::ListDeliveriesRequest {
+            run_id: String::new(),
+            limit: 5000,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("limit"), "{refused:?}");
     sandbox.stop().await
 }

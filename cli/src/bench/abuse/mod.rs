@@ -412,7 +412,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             json,
-            r#"{"scenario":"chain","secure":false,"steps":0,"wall_s":0.0,"per_step_ms":null,"steps_per_s":null,"p50_ms":null,"p99_ms":null,"rss_mb":null,"cold_start_ms":null}"#
+            r#"{"scenario":"chain","secure":false,"metrics":false,"steps":0,"wall_s":0.0,"per_step_ms":null,"steps_per_s":null,"p50_ms":null,"p99_ms":null,"rss_mb":null,"cold_start_ms":null}"#
         );
     }
 }
