@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::http::{HeaderMap, StatusCode};
 use base64::Engine as _;
 use dagmesh_integration_tests::*;
-use dagmesh_proto::v1::{self as pb, RunState};
+use dagmesh_proto::v1 as pb;
 use dagmesh_sdk::{Client, SubmitRun, TaskContext, TaskError, Worker};
 use hmac::{Hmac, Mac as _};
 use serde_json::Value;
@@ -313,7 +313,6 @@ async fn every_webhook_is_delivered_signed_across_a_sigkill() -> anyhow::Result<
         text.contains("DELIVERED") && text.contains("run.failed"),
         "{text}"
     );
-    let _ = RunState::Failed;
     let log = std::fs::read_to_string(dir.path().join("up-2.log"))?;
     let mut lines = 0;
     for line in log.lines().filter(|line| !line.trim().is_empty()) {

@@ -140,7 +140,11 @@ pub async fn render() -> String {
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
         .clone();
-    let refresh = futures_join(refreshers.iter().map(|refresh| refresh()).collect());
+    let refresh = async {
+        for refresh in &refreshers {
+            refresh().await;
+        }
+    };
     if tokio::time::timeout(REFRESH_TIMEOUT, refresh)
         .await
         .is_err()
@@ -158,12 +162,6 @@ pub async fn render() -> String {
         tracing::error!(%error, "cannot encode metrics");
     }
     text
-}
-
-async fn futures_join(futures: Vec<Pin<Box<dyn Future<Output = ()> + Send>>>) {
-    for future in futures {
-        future.await;
-    }
 }
 
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

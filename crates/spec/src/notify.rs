@@ -90,6 +90,18 @@ pub(crate) fn compile_notifications(
         let at = format!("{path}[{i}]");
         let before = errors.len();
         check_url(&format!("{at}.url"), &notification.url, errors);
+        if notification.events.len() > EVENTS.len() {
+            errors.push(SpecError::new(
+                format!("{at}.events"),
+                format!(
+                    "{} events, over the limit of {} (each of {} at most once)",
+                    notification.events.len(),
+                    EVENTS.len(),
+                    EVENTS.join(", ")
+                ),
+            ));
+            continue;
+        }
         if notification.events.is_empty() {
             errors.push(SpecError::new(
                 format!("{at}.events"),
@@ -204,6 +216,7 @@ mod tests {
                     "",
                 ),
                 notification("https://a", &["run.failed"], "event.run.state =="),
+                notification("https://a", &["run.failed"; 6], ""),
             ],
             &mut errors,
         );
@@ -218,6 +231,7 @@ mod tests {
                 "notifications[4].events[0]",
                 "notifications[4].events[2]",
                 "notifications[5].filter",
+                "notifications[6].events",
             ],
             "{errors:?}"
         );

@@ -249,6 +249,13 @@ struct Deliverer {
 impl Deliverer {
     /// One attempt, written back. False: the write was refused for a stale fence.
     async fn attempt(&self, mut delivery: WebhookDelivery) -> bool {
+        if delivery.state != DeliveryState::Pending as i32 {
+            // A row the store could not read back (see the store's `decode_delivery`): retire
+            // it, so it is not due again.
+            tracing::warn!(delivery_id = %delivery.delivery_id, error = %delivery.last_error, "webhook delivery unreadable; given up");
+            count("gave_up");
+            return self.record(delivery).await;
+        }
         let now = SystemTime::now();
         let timestamp = now
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -322,6 +329,11 @@ impl Deliverer {
                 }
             }
         }
+        self.record(delivery).await
+    }
+
+    /// Writes a delivery back, fenced. False: the fence is stale.
+    async fn record(&self, delivery: WebhookDelivery) -> bool {
         let write = vec![Mutation {
             mutation: Some(mutation::Mutation::PutWebhookDelivery(delivery)),
         }];

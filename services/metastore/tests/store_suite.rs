@@ -64,6 +64,7 @@ suite!(
     ],
     raw: [
         unreadable_records_never_fail_reads,
+        a_damaged_webhook_delivery_does_not_block_the_others,
         quarantine_ends_unreadable_runs,
     ],
 );
@@ -102,6 +103,17 @@ mod harness {
                 "UPDATE runs SET body = $1 WHERE run_id = $2",
                 body,
                 &[run_id],
+            )
+            .await
+        }
+
+        /// Replaces the stored body of a webhook delivery.
+        pub async fn set_delivery_body(&self, id: &str, body: Vec<u8>) -> anyhow::Result<()> {
+            self.execute(
+                "UPDATE webhook_deliveries SET body = ?1 WHERE delivery_id = ?2",
+                "UPDATE webhook_deliveries SET body = $1 WHERE delivery_id = $2",
+                body,
+                &[id],
             )
             .await
         }
@@ -670,6 +682,52 @@ mod cases {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("put_webhook_delivery"), "{err}");
+        Ok(())
+    }
+
+    pub async fn a_damaged_webhook_delivery_does_not_block_the_others(
+        store: Arc<dyn MetadataStore>,
+        raw: Raw,
+    ) -> Result<()> {
+        use dagmesh_proto::v1::{
+            DeliveryState, Mutation, ReadWebhookDeliveriesRequest, WebhookDelivery, mutation,
+        };
+        let past = SystemTime::now() - Duration::from_secs(1);
+        let put = |id: &str| Mutation {
+            mutation: Some(mutation::Mutation::PutWebhookDelivery(WebhookDelivery {
+                delivery_id: id.into(),
+                run_id: "r1".into(),
+                url: "https://hooks.example.com/x".into(),
+                state: DeliveryState::Pending as i32,
+                created_at: Some(past.into()),
+                next_attempt_at: Some(past.into()),
+                ..WebhookDelivery::default()
+            })),
+        };
+        store.commit(vec![put("good"), put("damaged")]).await?;
+        raw.set_delivery_body("damaged", vec![0xff; 16]).await?;
+        let due = store
+            .read_webhook_deliveries(&ReadWebhookDeliveriesRequest {
+                due_before: Some(SystemTime::now().into()),
+                ..ReadWebhookDeliveriesRequest::default()
+            })
+            .await?;
+        assert_eq!(due.len(), 2, "{due:?}");
+        let damaged = due
+            .iter()
+            .find(|d| d.delivery_id == "damaged")
+            .expect("listed");
+        assert_eq!(damaged.state, DeliveryState::GaveUp as i32, "{damaged:?}");
+        assert_eq!(damaged.run_id, "r1");
+        assert!(
+            damaged.last_error.contains("does not decode"),
+            "{damaged:?}"
+        );
+        let good = due
+            .iter()
+            .find(|d| d.delivery_id == "good")
+            .expect("listed");
+        assert_eq!(good.url, "https://hooks.example.com/x");
         Ok(())
     }
 

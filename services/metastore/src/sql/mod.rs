@@ -286,6 +286,20 @@ fn decode<M: Message + Default>(
     M::decode(body).map_err(|err| StoreError::DataLoss(unreadable(&what(), &err)))
 }
 
+/// A webhook delivery read back. One that does not decode comes back GAVE_UP with the reason
+/// (so the deliverer retires it) instead of failing the whole read: one damaged row must not
+/// stop every other delivery.
+fn decode_delivery(id: &str, run_id: &str, body: &[u8]) -> dagmesh_proto::v1::WebhookDelivery {
+    use dagmesh_proto::v1::{DeliveryState, WebhookDelivery};
+    WebhookDelivery::decode(body).unwrap_or_else(|err| WebhookDelivery {
+        delivery_id: id.to_owned(),
+        run_id: run_id.to_owned(),
+        state: DeliveryState::GaveUp as i32,
+        last_error: unreadable(&format!("webhook delivery {id:?}"), &err),
+        ..WebhookDelivery::default()
+    })
+}
+
 /// Why a record is unreadable, naming it.
 fn unreadable(what: &str, err: &prost::DecodeError) -> String {
     format!("the stored record of {what} does not decode: {err}")

@@ -870,10 +870,10 @@ impl MetadataStore for PgStore {
         request: &dagmesh_proto::v1::ReadWebhookDeliveriesRequest,
     ) -> Result<Vec<dagmesh_proto::v1::WebhookDelivery>, StoreError> {
         let limit = crate::store::deliveries_limit(request);
-        let rows: Vec<(String, Vec<u8>)> = match &request.due_before {
+        let rows: Vec<(String, String, Vec<u8>)> = match &request.due_before {
             Some(due) => {
                 sqlx::query_as(
-                    "SELECT delivery_id, body FROM webhook_deliveries \
+                    "SELECT delivery_id, run_id, body FROM webhook_deliveries \
                      WHERE state = $1 AND next_attempt_at <= $2 \
                      AND ($3 = '' OR run_id = $3) ORDER BY next_attempt_at LIMIT $4",
                 )
@@ -886,7 +886,7 @@ impl MetadataStore for PgStore {
             }
             None => {
                 sqlx::query_as(
-                    "SELECT delivery_id, body FROM webhook_deliveries \
+                    "SELECT delivery_id, run_id, body FROM webhook_deliveries \
                      WHERE ($1 = '' OR run_id = $1) \
                      ORDER BY created_at DESC, delivery_id DESC LIMIT $2",
                 )
@@ -896,9 +896,10 @@ impl MetadataStore for PgStore {
                 .await?
             }
         };
-        rows.iter()
-            .map(|(id, body)| decode(body, || format!("webhook delivery {id:?}")))
-            .collect()
+        Ok(rows
+            .iter()
+            .map(|(id, run_id, body)| super::decode_delivery(id, run_id, body))
+            .collect())
     }
 
     async fn read_cache_entry(&self, key: &str) -> Result<Option<CacheEntry>, StoreError> {
