@@ -163,16 +163,38 @@ async fn a_key_limit_applies_per_key_value() -> anyhow::Result<()> {
     );
     assert_eq!(concurrency.max(), 2, "different customers ran side by side");
 
-    let error = client
-        .submit(SubmitRun::inline(spec))
-        .await
-        .expect_err("the key cannot be evaluated without inputs.customer");
-    assert_eq!(error.code(), tonic::Code::InvalidArgument);
-    assert!(
-        error.message().contains("limit \"per-customer\""),
-        "{}",
-        error.message()
+    // A run the key cannot be evaluated for (another workflow, no `customer` input) is not
+    // held by the limit, even while a run of each customer is running.
+    let blockers: Vec<_> = ["acme", "globex"]
+        .into_iter()
+        .map(|customer| {
+            let submit = SubmitRun::inline(one_step(
+                "per-customer",
+                &[("group", "inputs.customer"), ("ms", "3000")],
+            ))
+            .inputs(json!({ "customer": customer }));
+            client.submit(submit)
+        })
+        .collect();
+    let blockers = futures::future::try_join_all(blockers).await?;
+    let other = client
+        .submit(SubmitRun::inline(one_step("other", &[("ms", "10")])))
+        .await?;
+    assert_succeeded(&wait_for_run(&client, &other.run_id).await?);
+    let same_customer = client
+        .submit(
+            SubmitRun::inline(one_step("per-customer", &[("group", "inputs.customer")]))
+                .inputs(json!({ "customer": "acme" })),
+        )
+        .await?;
+    assert_eq!(
+        client.get_run(&same_customer.run_id).await?.state(),
+        RunState::Queued,
+        "a third acme run waits for the first"
     );
+    for run in blockers.iter().chain([&same_customer]) {
+        assert_succeeded(&wait_for_run(&client, &run.run_id).await?);
+    }
     sandbox.stop().await
 }
 

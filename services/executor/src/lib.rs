@@ -210,11 +210,11 @@ impl Executor {
                     plan.workflow.name, plan.workflow.version
                 ))
             })?;
-        let buckets =
-            self.inner
-                .config
-                .limits
-                .buckets(&plan.workflow.name, &inputs, &request.tags)?;
+        let buckets = self
+            .inner
+            .config
+            .limits
+            .buckets(&plan.workflow.name, &inputs, &request.tags);
         let submitted = self
             .inner
             .engine

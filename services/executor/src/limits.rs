@@ -22,8 +22,6 @@ use std::collections::{BTreeMap, HashMap};
 use serde::Deserialize;
 use serde_json::{Map, Value as Json};
 
-use crate::ExecError;
-
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LimitsFile {
@@ -119,13 +117,15 @@ impl Limits {
     }
 
     /// The admission buckets a run occupies: one per run limit that applies to it, named
-    /// `limit` or `limit=key value`.
+    /// `limit` or `limit=key value`. A limit whose key cannot be evaluated for the run (it
+    /// reads an input or tag the run does not have) does not apply to it: such a limit is
+    /// about other runs, and refusing this one would block every other workflow.
     pub(crate) fn buckets(
         &self,
         workflow: &str,
         inputs: &Map<String, Json>,
         tags: &HashMap<String, String>,
-    ) -> Result<Vec<String>, ExecError> {
+    ) -> Vec<String> {
         let mut buckets = Vec::new();
         for limit in &self.runs {
             if limit.workflow.as_deref().is_some_and(|w| w != workflow) {
@@ -133,18 +133,14 @@ impl Limits {
             }
             match &limit.key {
                 None => buckets.push(limit.name.clone()),
-                Some((text, program)) => {
-                    let value = evaluate_key(program, inputs, tags).map_err(|e| {
-                        ExecError::InvalidArgument(format!(
-                            "limit {:?}: key `{text}` cannot be evaluated for this run: {e}",
-                            limit.name
-                        ))
-                    })?;
-                    buckets.push(format!("{}={value}", limit.name));
+                Some((_, program)) => {
+                    if let Ok(value) = evaluate_key(program, inputs, tags) {
+                        buckets.push(format!("{}={value}", limit.name));
+                    }
                 }
             }
         }
-        Ok(buckets)
+        buckets
     }
 
     /// The most runs that may hold `bucket` at once.
@@ -193,11 +189,11 @@ mod tests {
         let inputs: Map<String, Json> = serde_json::from_str(r#"{"customer": "acme"}"#).unwrap();
         let tags = HashMap::new();
         assert_eq!(
-            limits.buckets("etl", &inputs, &tags).unwrap(),
+            limits.buckets("etl", &inputs, &tags),
             ["all", "etl", "cust=acme"]
         );
         assert_eq!(
-            limits.buckets("other", &inputs, &tags).unwrap(),
+            limits.buckets("other", &inputs, &tags),
             ["all", "cust=acme"]
         );
         assert_eq!(limits.bucket_max("cust=acme"), 2);
@@ -220,12 +216,16 @@ mod tests {
     }
 
     #[test]
-    fn an_unevaluable_key_is_an_invalid_argument() {
-        let limits =
-            Limits::from_yaml("runs:\n  - {name: cust, key: inputs.customer, max: 2}\n").unwrap();
-        let error = limits
-            .buckets("w", &Map::new(), &HashMap::new())
-            .unwrap_err();
-        assert!(error.to_string().contains("limit \"cust\""), "{error}");
+    fn a_limit_whose_key_cannot_be_evaluated_does_not_apply() {
+        let limits = Limits::from_yaml(
+            "runs:\n  - {name: all, max: 9}\n  - {name: cust, key: inputs.customer, max: 2}\n  - {name: team, key: tags.team, max: 1}\n",
+        )
+        .unwrap();
+        assert_eq!(limits.buckets("w", &Map::new(), &HashMap::new()), ["all"]);
+        let tags = HashMap::from([("team".to_owned(), "vision".to_owned())]);
+        assert_eq!(
+            limits.buckets("w", &Map::new(), &tags),
+            ["all", "team=vision"]
+        );
     }
 }

@@ -1263,10 +1263,6 @@ impl Engine {
             .admission
             .limits()
             .buckets(&entry.run.workflow, &inputs, &entry.run.tags)
-            .unwrap_or_else(|error| {
-                tracing::warn!(run_id = %entry.id, %error, "run limits do not apply to this run");
-                Vec::new()
-            })
     }
 
     fn remember_key(&mut self, key: String, run_id: Arc<str>) {
