@@ -5,9 +5,15 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use dagmesh::dagmesh_scheduler::{ManualClock, SCHEDULE_TAG, Scheduler, SchedulerConfig};
+use std::time::Duration;
+
+use dagmesh::dagmesh_scheduler::{
+    ManualClock, RunServiceStarter, RunStarter, SCHEDULE_TAG, Scheduler, SchedulerConfig,
+    SystemClock,
+};
 use dagmesh_integration_tests::*;
 use dagmesh_metastore::{MetadataStore, SqlStore};
+use dagmesh_proto::connect::ClientSettings;
 use dagmesh_proto::v1::scheduler_service_client::SchedulerServiceClient;
 use dagmesh_proto::v1::{
     Backfill, BackfillState, CancelBackfillRequest, CatchUp, CreateBackfillRequest,
@@ -267,6 +273,76 @@ async fn backfill_runs_partitions_at_most_n_at_a_time_with_cancel_and_resume() -
     // Every partition has a run that ended; those cancelled before the resume stay failed.
     assert_eq!(resumed.done + resumed.failed, 4);
     assert_eq!(resumed.queued, 0);
+    sandbox.stop().await
+}
+
+/// A partition starts when the previous one's run ends, not at the next poll: a scheduler whose
+/// poll is an hour away still drives twenty one-at-a-time partitions to the end — through the
+/// in-process executor (`dagmesh up`) and through `RunService` (split mode). Its backfill lives
+/// in a store of its own, so the mesh's scheduler (which polls every second) never sees it.
+#[tokio::test]
+async fn backfill_partitions_start_as_soon_as_a_slot_frees() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start().await?;
+    spawn_worker(Worker::builder(sandbox.url()).slots(2).task(
+        "load",
+        "1.0.0",
+        |_: TaskContext, input: Value| async move { Ok::<_, TaskError>(input) },
+    ))
+    .await?;
+    let spec = workflow(
+        "hourly-load",
+        vec![step("load", "load@^1", &[], &[("hour", "inputs.hour")])],
+    );
+    sandbox.mesh.executor().apply_workflow(spec.clone()).await?;
+    let remote = RunServiceStarter::connect(&sandbox.url(), &ClientSettings::default())?;
+    let starters: [(&str, Arc<dyn RunStarter>); 2] = [
+        ("in-process", Arc::new(sandbox.mesh.executor().clone())),
+        ("RunService", Arc::new(remote)),
+    ];
+    for (how, starter) in starters {
+        let database = Database::sqlite()?;
+        let store: Arc<dyn MetadataStore> = Arc::new(SqlStore::connect(&database.url()).await?);
+        // The scheduler checks the workflow's declared inputs in its own store.
+        store.put_workflow(spec.clone(), "hash".into()).await?;
+        let scheduler = Scheduler::new(
+            store,
+            starter,
+            Arc::new(SystemClock),
+            SchedulerConfig {
+                backfill_poll: Duration::from_secs(3600),
+                recheck_interval: Duration::from_secs(3600),
+                ..SchedulerConfig::default()
+            },
+        );
+        let task = scheduler.spawn();
+        let backfill = scheduler
+            .create_backfill(Backfill {
+                workflow: "hourly-load".into(),
+                start: Some(ts("2025-01-01T00:00:00Z")),
+                end: Some(ts("2025-01-01T20:00:00Z")),
+                partition: Partition::Hourly as i32,
+                max_concurrency: 1,
+                inputs: [("hour".to_owned(), "partition.start".to_owned())].into(),
+                ..Default::default()
+            })
+            .await?;
+        assert_eq!(backfill.total, 20);
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        let done = loop {
+            let now = scheduler.get_backfill(&backfill.id).await?;
+            if now.state() != BackfillState::Running {
+                break now;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{how}: the backfill stalled at {now:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        task.abort();
+        assert_eq!(done.state(), BackfillState::Succeeded, "{how}");
+        assert_eq!((done.done, done.failed), (20, 0), "{how}");
+    }
     sandbox.stop().await
 }
 

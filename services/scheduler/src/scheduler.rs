@@ -70,6 +70,8 @@ struct Inner {
     /// Held while a backfill is driven, cancelled or resumed, so a cancel never races a submit
     /// of this process.
     backfills: Mutex<()>,
+    /// Partition runs whose end a task is waiting for, to wake the loop when a slot frees.
+    awaited_runs: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 fn to_ts(at: DateTime<Utc>) -> Timestamp {
@@ -185,6 +187,7 @@ impl Scheduler {
                 config,
                 wake: Notify::new(),
                 backfills: Mutex::new(()),
+                awaited_runs: Default::default(),
             }),
         }
     }

@@ -9,6 +9,7 @@ use dagmesh_proto::connect::{AuthChannel, ClientSettings, Credentials};
 use dagmesh_proto::v1::run_service_client::RunServiceClient;
 use dagmesh_proto::v1::{
     CancelRunRequest, GetRunRequest, ListRunsRequest, ListRunsResponse, Run, SubmitRunRequest,
+    WatchRunRequest,
 };
 use tonic::transport::Channel;
 
@@ -30,6 +31,13 @@ pub trait RunStarter: Send + Sync + 'static {
         topic: &str,
         payload: prost_types::Struct,
     ) -> Result<Vec<String>, SchedError>;
+    /// Returns once the run has ended (at once if it already has), so that a backfill starts
+    /// its next partition the moment a slot frees. A starter that cannot tell never returns;
+    /// the backfill's poll then notices the end.
+    async fn wait_ended(&self, run_id: &str) -> Result<(), SchedError> {
+        let _ = run_id;
+        std::future::pending().await
+    }
 }
 
 /// The actor recorded on runs the in-process scheduler starts or cancels.
@@ -60,6 +68,11 @@ impl RunStarter for Executor {
         payload: prost_types::Struct,
     ) -> Result<Vec<String>, SchedError> {
         Ok(Executor::deliver_event(self, topic, payload).await?)
+    }
+
+    async fn wait_ended(&self, run_id: &str) -> Result<(), SchedError> {
+        let run = Executor::wait_for_run(self, run_id).await?;
+        ended_or_unavailable(&run)
     }
 }
 
@@ -132,5 +145,30 @@ impl RunStarter for RunServiceStarter {
         };
         let response = self.client.clone().deliver_event(request).await?;
         Ok(response.into_inner().resumed)
+    }
+
+    /// Follows the run's events until the executor closes the stream (after the final event,
+    /// or when it goes away: GetRun tells which).
+    async fn wait_ended(&self, run_id: &str) -> Result<(), SchedError> {
+        let request = WatchRunRequest {
+            run_id: run_id.to_owned(),
+            after_seq: None,
+        };
+        let mut events = self.client.clone().watch_run(request).await?.into_inner();
+        while events.message().await?.is_some() {}
+        ended_or_unavailable(&self.get_run(run_id).await?)
+    }
+}
+
+/// `Ok` for a run that has ended; a run still going (the executor is a standby, or went away)
+/// is `Unavailable`, so the caller falls back to polling instead of waiting again at once.
+fn ended_or_unavailable(run: &Run) -> Result<(), SchedError> {
+    use dagmesh_proto::v1::RunState;
+    match run.state() {
+        RunState::Succeeded | RunState::Failed | RunState::Cancelled => Ok(()),
+        _ => Err(SchedError::Unavailable(format!(
+            "run {} has not ended here",
+            run.run_id
+        ))),
     }
 }

@@ -24,6 +24,10 @@ use super::{BACKFILL_TAG, Scheduler, inputs_struct, invalid, new_id, to_ts, work
 use crate::validate::{self, BackfillDef};
 use crate::{SchedError, expr, ticks};
 
+/// Most partition runs whose end is awaited at once (each is a task, and in split mode a
+/// WatchRun stream).
+const MAX_AWAITED_RUNS: usize = 1_000;
+
 /// What one look at a backfill's active runs found.
 struct Settled {
     still_active: Vec<String>,
@@ -215,8 +219,46 @@ impl Scheduler {
             } as i32;
         }
         let still_running = backfill.state() == BackfillState::Running;
+        if still_running {
+            self.wake_when_ended(&backfill.active_run_ids);
+        }
         self.inner.store.put_backfill(backfill).await?;
         Ok(still_running)
+    }
+
+    /// Wakes the loop the moment one of these partition runs ends, so that the next partition
+    /// starts when a slot frees rather than at the next poll. One task per run, at most
+    /// [`MAX_AWAITED_RUNS`] in all (the poll covers the rest).
+    fn wake_when_ended(&self, run_ids: &[String]) {
+        let mut awaited = self
+            .inner
+            .awaited_runs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for run_id in run_ids {
+            if awaited.len() >= MAX_AWAITED_RUNS || !awaited.insert(run_id.clone()) {
+                continue;
+            }
+            let this = self.clone();
+            let run_id = run_id.clone();
+            tokio::spawn(async move {
+                let ended = this.inner.starter.wait_ended(&run_id).await;
+                if let Err(error) = &ended {
+                    // Not waited for again before the next poll: no busy loop while the
+                    // executor is away.
+                    tracing::debug!(run_id, %error, "cannot wait for a partition run; polling");
+                    tokio::time::sleep(this.inner.config.backfill_poll).await;
+                }
+                this.inner
+                    .awaited_runs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&run_id);
+                if ended.is_ok() {
+                    this.inner.wake.notify_one();
+                }
+            });
+        }
     }
 
     /// Submits partitions from the cursor while fewer than `max_concurrency` runs are active.
