@@ -121,6 +121,19 @@ pub struct ObserveFlags {
     /// object per line).
     #[arg(long, env = "DAGMESH_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormatArg,
+    /// Shadows the client commands' global `--server` (same id, so clap does not add that one
+    /// here): servers `--listen`, and help would otherwise offer both. Given anyway, it is
+    /// refused, naming the flags that are meant.
+    #[arg(long = "server", id = "server", hide = true, value_parser = refuse_server_flag)]
+    pub not_for_servers: Option<String>,
+}
+
+fn refuse_server_flag(_: &str) -> Result<String, String> {
+    Err(
+        "servers take --listen (their own address), and the executor and scheduler \
+         --metastore / --executor (the services they call); --server is for client commands"
+            .to_owned(),
+    )
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy)]

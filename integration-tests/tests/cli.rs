@@ -440,19 +440,32 @@ async fn cli_applies_submits_inspects_and_watches() -> anyhow::Result<()> {
         "{listed:#?}"
     );
 
-    // workers list: the on-call engineer sees the worker by its instance id.
+    // workers list: the on-call engineer sees the worker by its name, its SDK, what it serves
+    // and that it is ready — on a line that fits a terminal; `--wide` adds the full instance id.
     let workers = dagmesh(&["--server", server, "workers", "list"])
         .await?
         .ok();
     let row = workers
         .stdout
         .lines()
-        .find(|line| line.starts_with("cli-worker-1 "))
-        .unwrap_or_else(|| panic!("no row for cli-worker-1: {workers:#?}"));
+        .find(|line| line.starts_with("cli-worker "))
+        .unwrap_or_else(|| panic!("no row for cli-worker: {workers:#?}"));
     assert!(
-        row.contains("cli.echo@1.0.0") && row.contains("yes"),
+        row.contains("cli.echo@1.0.0") && row.contains(" rust ") && row.contains(" ready "),
         "row: {row}"
     );
+    assert!(
+        workers
+            .stdout
+            .lines()
+            .all(|line| line.chars().count() <= 120),
+        "{}",
+        workers.stdout
+    );
+    let wide = dagmesh(&["--server", server, "workers", "list", "--wide"])
+        .await?
+        .ok();
+    assert!(wide.stdout.contains(" cli-worker-1 "), "{wide:#?}");
 
     // --watch into a pipe: plain lines, one per change, and a final summary line.
     let watched = dagmesh(&["--server", server, "submit", &ok, "--watch"])
@@ -827,5 +840,127 @@ async fn cli_shows_child_runs_and_reused_steps() -> anyhow::Result<()> {
     handle.drain();
     tokio::time::timeout(PATIENCE, worker_task).await???;
     drop(up);
+    Ok(())
+}
+
+/// The newcomer's rough edges: `health --wait` for scripts, one `--server` in the help of
+/// client commands only, every error starting with `error:`, a cron error naming its field,
+/// and a backfill's `get` in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_reads_like_a_finished_tool() -> anyhow::Result<()> {
+    // Nothing listens yet: health fails after its wait, naming the server.
+    let port = free_port()?;
+    let server = format!("http://127.0.0.1:{port}");
+    let down = dagmesh(&["--server", &server, "health", "--wait", "300ms"]).await?;
+    assert_eq!(down.code, Some(1), "{down:#?}");
+    assert!(
+        down.stderr
+            .starts_with(&format!("error: cannot reach dagmesh server at {server}")),
+        "{down:#?}"
+    );
+
+    // Servers take --listen (and the scheduler --executor), not the client's --server.
+    let help = dagmesh(&["scheduler", "--help"]).await?.ok();
+    assert!(help.stdout.contains("--executor"), "{help:#?}");
+    assert!(!help.stdout.contains("--server"), "{help:#?}");
+    let client_help = dagmesh(&["runs", "list", "--help"]).await?.ok();
+    assert!(client_help.stdout.contains("--server"), "{client_help:#?}");
+    let refused = dagmesh(&["up", "--server", "http://x:1"]).await?;
+    assert_eq!(refused.code, Some(2), "{refused:#?}");
+    assert!(
+        refused.stderr.contains("servers take --listen"),
+        "{refused:#?}"
+    );
+
+    let dir = tempfile::tempdir()?;
+    let up = UpProcess::start(dir.path()).await?;
+    let server = up.url.as_str();
+    let ok = dagmesh(&["--server", server, "health", "--wait", "5s"])
+        .await?
+        .ok();
+    assert_eq!(ok.stdout, format!("{server} is serving\n"));
+
+    // A refusal of the server (INVALID_ARGUMENT, several lines) and a local one read alike.
+    let flow = dir.path().join("flow.yaml");
+    std::fs::write(
+        &flow,
+        "name: flow\ninputs: { n: { type: int } }\nsteps:\n  - { id: a, task: t@^1 }\n",
+    )?;
+    let remote = dagmesh(&["--server", server, "submit", &flow.display().to_string()]).await?;
+    assert_eq!(remote.code, Some(2), "{remote:#?}");
+    assert!(
+        remote.stderr.starts_with("error: the inputs do not match")
+            && remote.stderr.contains("\ninputs.n: required input"),
+        "{remote:#?}"
+    );
+    std::fs::write(
+        &flow,
+        "name: flow\nsteps:\n  - { id: a, task: t@^1, needs: [b] }\n",
+    )?;
+    let local = dagmesh(&["--server", server, "submit", &flow.display().to_string()]).await?;
+    assert_eq!(local.code, Some(2), "{local:#?}");
+    assert!(
+        local.stderr.starts_with("error: steps[0].needs[0]"),
+        "{local:#?}"
+    );
+
+    // A cron out of range names the field and its range.
+    std::fs::write(&flow, "name: flow\nsteps:\n  - { id: a, task: t@^1 }\n")?;
+    dagmesh(&[
+        "--server",
+        server,
+        "workflows",
+        "apply",
+        &flow.display().to_string(),
+    ])
+    .await?
+    .ok();
+    let cron = dagmesh(&[
+        "--server",
+        server,
+        "schedules",
+        "create",
+        "bad",
+        "--cron",
+        "0 25 * * *",
+        "--workflow",
+        "flow",
+    ])
+    .await?;
+    assert_eq!(cron.code, Some(2), "{cron:#?}");
+    assert_eq!(
+        cron.stderr, "error: cron: field 2 (hour) is \"25\": 25 is outside 0-23\n",
+        "{cron:#?}"
+    );
+
+    // backfill create prints the id (for scripts), get the backfill in full.
+    let created = dagmesh(&[
+        "--server",
+        server,
+        "backfill",
+        "create",
+        "flow",
+        "--start",
+        "2026-10-01T00:00:00Z",
+        "--end",
+        "2026-10-03T00:00:00Z",
+        "--partition",
+        "daily",
+    ])
+    .await?
+    .ok();
+    let id = created.stdout.trim();
+    assert_eq!(id.len(), 36, "{created:#?}");
+    let got = dagmesh(&["--server", server, "backfill", "get", id])
+        .await?
+        .ok();
+    for expected in [
+        format!("Backfill:     {id}\n"),
+        "Range:        2026-10-01T00:00:00Z to 2026-10-03T00:00:00Z (2 daily partitions, UTC)\n"
+            .to_owned(),
+        "Concurrency:  one run at a time\n".to_owned(),
+    ] {
+        assert!(got.stdout.contains(&expected), "{expected}: {got:#?}");
+    }
     Ok(())
 }

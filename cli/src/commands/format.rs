@@ -122,6 +122,21 @@ pub fn pairs<'a>(map: impl IntoIterator<Item = (&'a String, &'a String)>) -> Str
     pairs.join(",")
 }
 
+/// `Label:  value` lines, values aligned after the longest label; empty values are left out.
+pub fn details(fields: &[(&str, String)]) -> String {
+    let width = fields
+        .iter()
+        .map(|(label, _)| label.len())
+        .max()
+        .unwrap_or(0)
+        + 2;
+    let mut out = String::new();
+    for (label, value) in fields.iter().filter(|(_, value)| !value.is_empty()) {
+        out.push_str(&format!("{:<width$}{value}\n", format!("{label}:")));
+    }
+    out
+}
+
 /// First line of `text`, cut to `max` characters with an ellipsis.
 pub fn one_line(text: &str, max: usize) -> String {
     let line = text.lines().next().unwrap_or("");

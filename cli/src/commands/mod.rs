@@ -129,6 +129,8 @@ pub enum ClientCommand {
     /// What became of the runs' webhooks.
     #[command(subcommand)]
     Webhooks(operate::WebhooksCommand),
+    /// Whether the server answers (gRPC health; no token needed); `--wait 30s` waits for it.
+    Health(operate::HealthArgs),
 }
 
 /// Runs one client command. Server and connection errors are printed to stderr here and turned
@@ -146,6 +148,7 @@ pub async fn run(global: &Global, command: ClientCommand) -> anyhow::Result<Exit
         ClientCommand::Tokens(command) => tokens::run(global, command).await,
         ClientCommand::Queues(args) => operate::queues(global, args).await,
         ClientCommand::Webhooks(command) => operate::webhooks(global, command).await,
+        ClientCommand::Health(args) => operate::health(global, args).await,
     };
     result.or_else(|err| report(&global.server, err))
 }
@@ -198,8 +201,7 @@ fn report(server: &str, err: anyhow::Error) -> anyhow::Result<ExitCode> {
     if let Some(status) = err.downcast_ref::<tonic::Status>() {
         match status.code() {
             // The message lists every problem as `path: message`, one per line, like a local
-            // spec error; printed as is so that both read the same.
-            tonic::Code::InvalidArgument => eprintln!("{}", status.message()),
+            // spec error; printed the same way so that both read the same.
             tonic::Code::Unavailable => eprintln!(
                 "error: dagmesh server at {server} is unavailable: {}",
                 status.message()

@@ -1,5 +1,5 @@
-//! `dagmesh queues` and `dagmesh webhooks`: what waits for workers, and what became of the
-//! webhooks — for the on-call engineer.
+//! `dagmesh health`, `dagmesh queues` and `dagmesh webhooks`: is the server up, what waits for
+//! workers, and what became of the webhooks — for scripts and the on-call engineer.
 
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
@@ -32,6 +32,48 @@ pub enum WebhooksCommand {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct HealthArgs {
+    /// Keep asking for this long (e.g. `30s`) while the server is not up yet — for scripts that
+    /// start `dagmesh up` in the background.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub wait: Option<Duration>,
+}
+
+/// Asks the server's standard health service (no token needed); exits 0 when it serves.
+pub async fn health(global: &Global, args: HealthArgs) -> anyhow::Result<ExitCode> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let deadline = tokio::time::Instant::now() + args.wait.unwrap_or_default();
+    let status = loop {
+        let answer = match connect(global).await {
+            Ok(channel) => tonic_health::pb::health_client::HealthClient::new(channel)
+                .check(tonic_health::pb::HealthCheckRequest::default())
+                .await
+                .map(|response| response.into_inner().status())
+                .map_err(anyhow::Error::from),
+            Err(err) => Err(err),
+        };
+        match answer {
+            Ok(ServingStatus::Serving) => break ServingStatus::Serving,
+            _ if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok(status) => break status,
+            Err(err) => return Err(err),
+        }
+    };
+    let name = status.as_str_name();
+    match global.output {
+        OutputFormat::Json => print_json(&json!({"server": global.server, "status": name})),
+        OutputFormat::Text => outln!("{} is {}", global.server, name.to_lowercase()),
+    }
+    Ok(if status == ServingStatus::Serving {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 pub async fn queues(global: &Global, args: QueuesArgs) -> anyhow::Result<ExitCode> {

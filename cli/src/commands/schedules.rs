@@ -132,7 +132,7 @@ pub enum PartitionArg {
 
 #[derive(clap::Subcommand, Debug)]
 pub enum BackfillCommand {
-    /// Run a workflow once per partition of [--start, --end).
+    /// Run a workflow once per partition of [--start, --end); prints the backfill's id.
     Create {
         /// Registered workflow, NAME or NAME@VERSION.
         workflow: String,
@@ -259,7 +259,7 @@ pub async fn run_schedules(global: &Global, command: SchedulesCommand) -> anyhow
     };
     match global.output {
         OutputFormat::Json => print_json(&schedule_json(&schedule)),
-        OutputFormat::Text => out!("{}", schedules_table(std::slice::from_ref(&schedule))),
+        OutputFormat::Text => out!("{}", describe_schedule(&schedule)),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -410,7 +410,13 @@ pub async fn run_backfill(global: &Global, command: BackfillCommand) -> anyhow::
             let request = CreateBackfillRequest {
                 backfill: Some(backfill),
             };
-            client.create_backfill(request).await?.into_inner()
+            let backfill = client.create_backfill(request).await?.into_inner();
+            // Like `submit`: the id alone, so that `ID=$(dagmesh backfill create ...)` works.
+            match global.output {
+                OutputFormat::Json => print_json(&backfill_json(&backfill)),
+                OutputFormat::Text => outln!("{}", backfill.id),
+            }
+            return Ok(ExitCode::SUCCESS);
         }
         BackfillCommand::List => {
             let backfills = client
@@ -441,7 +447,7 @@ pub async fn run_backfill(global: &Global, command: BackfillCommand) -> anyhow::
     };
     match global.output {
         OutputFormat::Json => print_json(&backfill_json(&backfill)),
-        OutputFormat::Text => out!("{}", backfills_table(std::slice::from_ref(&backfill))),
+        OutputFormat::Text => out!("{}", describe_backfill(&backfill)),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -516,6 +522,116 @@ fn backfill_json(b: &Backfill) -> Value {
         "queued": b.queued,
         "created_at": super::json::timestamp(b.created_at.as_ref()),
     })
+}
+
+fn catch_up_name(s: &Schedule) -> String {
+    s.catch_up()
+        .as_str_name()
+        .trim_start_matches("CATCH_UP_")
+        .replace("UNSPECIFIED", "SKIP")
+        .to_lowercase()
+}
+
+fn zone_name(zone: &str) -> String {
+    if zone.is_empty() { "UTC" } else { zone }.to_owned()
+}
+
+fn workflow_name(workflow: &str, version: u32) -> String {
+    match version {
+        0 => format!("{workflow} (latest version)"),
+        v => format!("{workflow}@{v}"),
+    }
+}
+
+/// `inputs.room_id = 'nightly-' + tick` lines: the expressions as given.
+fn expressions(map: &HashMap<String, String>) -> String {
+    let sorted: std::collections::BTreeMap<_, _> = map.iter().collect();
+    sorted
+        .iter()
+        .map(|(name, expr)| format!("{name} = {expr}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// One schedule in full, for `schedules get` (and what create, pause and resume return).
+fn describe_schedule(s: &Schedule) -> String {
+    format::details(&[
+        ("Schedule", s.name.clone()),
+        ("Id", s.id.clone()),
+        ("Cron", s.cron.clone()),
+        ("Time zone", zone_name(&s.time_zone)),
+        ("Workflow", workflow_name(&s.workflow, s.workflow_version)),
+        ("Inputs", expressions(&s.inputs)),
+        ("Tags", format::pairs(&s.tags)),
+        (
+            "State",
+            if s.paused { "paused" } else { "active" }.to_owned(),
+        ),
+        (
+            "Catch-up",
+            match s.catch_up_limit {
+                0 => catch_up_name(s),
+                limit => format!("{} (at most {limit} ticks)", catch_up_name(s)),
+            },
+        ),
+        ("Last tick", format::datetime(s.last_tick.as_ref())),
+        ("Next tick", format::datetime(s.next_tick.as_ref())),
+        ("Created", format::datetime(s.created_at.as_ref())),
+    ])
+}
+
+/// One backfill in full, for `backfill get` (and what create, cancel and resume return).
+fn describe_backfill(b: &Backfill) -> String {
+    let state = b
+        .state()
+        .as_str_name()
+        .trim_start_matches("BACKFILL_STATE_")
+        .to_lowercase();
+    let partition = b
+        .partition()
+        .as_str_name()
+        .trim_start_matches("PARTITION_")
+        .to_lowercase();
+    let ended = b.done.saturating_add(b.failed);
+    let percent = if b.total == 0 {
+        100
+    } else {
+        u64::from(ended) * 100 / u64::from(b.total)
+    };
+    format::details(&[
+        ("Backfill", b.id.clone()),
+        ("Workflow", workflow_name(&b.workflow, b.workflow_version)),
+        (
+            "Range",
+            format!(
+                "{} to {} ({} {partition} partitions, {})",
+                format::datetime(b.start.as_ref()),
+                format::datetime(b.end.as_ref()),
+                b.total,
+                zone_name(&b.time_zone)
+            ),
+        ),
+        ("Inputs", expressions(&b.inputs)),
+        ("Tags", format::pairs(&b.tags)),
+        ("State", state),
+        ("Error", b.error.clone()),
+        (
+            "Progress",
+            format!(
+                "{ended}/{} ended ({percent}%): {} done, {} failed, {} running, {} queued",
+                b.total, b.done, b.failed, b.running, b.queued
+            ),
+        ),
+        (
+            "Concurrency",
+            match b.max_concurrency {
+                1 => "one run at a time".to_owned(),
+                n => format!("at most {n} runs at once"),
+            },
+        ),
+        ("Running runs", b.active_run_ids.join(", ")),
+        ("Created", format::datetime(b.created_at.as_ref())),
+    ])
 }
 
 fn or_dash(text: &str) -> String {

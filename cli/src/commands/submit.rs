@@ -140,7 +140,7 @@ pub(super) fn load_spec(path: &Path) -> Result<WorkflowSpec, ExitCode> {
     let checked = dagmesh_spec::parse_workflow(&text, format)
         .and_then(|spec| dagmesh_spec::compile(&spec).map(|_| spec));
     checked.map_err(|errors| {
-        eprintln!("{errors}");
+        eprintln!("error: {errors}");
         ExitCode::from(2)
     })
 }

@@ -12,12 +12,16 @@ use super::{Global, OutputFormat, connect, json, print_json};
 #[derive(clap::Subcommand, Debug)]
 pub enum WorkersCommand {
     /// Connected workers, and disconnected ones whose lease still runs.
-    List,
+    List {
+        /// Also the full instance ids and the tasks each worker holds.
+        #[arg(long)]
+        wide: bool,
+    },
 }
 
 pub async fn run(global: &Global, command: WorkersCommand) -> anyhow::Result<ExitCode> {
     match command {
-        WorkersCommand::List => {
+        WorkersCommand::List { wide } => {
             let mut client = ClusterServiceClient::new(connect(global).await?);
             let response = client
                 .list_workers(ListWorkersRequest {})
@@ -26,7 +30,10 @@ pub async fn run(global: &Global, command: WorkersCommand) -> anyhow::Result<Exi
             match global.output {
                 OutputFormat::Json => print_json(&json::list_workers_response(&response)),
                 OutputFormat::Text => {
-                    out!("{}", workers_table(&response.workers, SystemTime::now()))
+                    out!(
+                        "{}",
+                        workers_table(&response.workers, SystemTime::now(), wide)
+                    )
                 }
             }
         }
@@ -34,61 +41,105 @@ pub async fn run(global: &Global, command: WorkersCommand) -> anyhow::Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
-/// `<run id prefix>/<step>#<attempt>`: task ids are `<run uuid>/<step>#<attempt>`, too long for
-/// a table; eight characters of a UUIDv7 still tell runs apart in practice.
-fn short_task(task: &str) -> String {
-    match task.split_once('/') {
-        Some((run, rest)) if run.len() > 8 => format!("{}…/{rest}", &run[..8]),
-        _ => task.to_owned(),
+/// The first `len` characters and an ellipsis: ids are UUIDs, too long for a table, and a
+/// prefix still tells them apart in practice.
+fn prefix(id: &str, len: usize) -> String {
+    match id.char_indices().nth(len) {
+        Some((end, _)) => format!("{}…", &id[..end]),
+        None => id.to_owned(),
     }
 }
 
-fn yes_no(value: bool) -> String {
-    if value { "yes" } else { "no" }.to_owned()
+/// The instance id without what the NAME column already says: SDKs make ids such as
+/// `room-scan-cpu-c2ade5af6d2c` (name and a random suffix) or plain UUIDs; 12 characters of
+/// either still tell instances apart.
+fn short_instance(worker: &WorkerInfo) -> String {
+    let id = worker.instance_id.as_str();
+    let own = id
+        .strip_prefix(worker.worker_name.as_str())
+        .and_then(|rest| rest.strip_prefix('-'))
+        .filter(|rest| !rest.is_empty())
+        .unwrap_or(id);
+    prefix(own, 12)
 }
 
-pub(crate) fn workers_table(workers: &[WorkerInfo], now: SystemTime) -> String {
-    let mut table = Table::new(&[
-        "INSTANCE",
+/// `<run id prefix>/<step>#<attempt>`: task ids are `<run uuid>/<step>#<attempt>`.
+fn short_task(task: &str) -> String {
+    match task.split_once('/') {
+        Some((run, rest)) => format!("{}/{rest}", prefix(run, 8)),
+        None => task.to_owned(),
+    }
+}
+
+fn or_dash(items: Vec<String>) -> String {
+    if items.is_empty() {
+        "-".to_owned()
+    } else {
+        items.join(",")
+    }
+}
+
+/// One column for what CONNECTED and DRAINING said: the state an operator acts on.
+fn state(worker: &WorkerInfo) -> &'static str {
+    match (worker.connected, worker.draining) {
+        (false, _) => "gone",
+        (true, true) => "draining",
+        (true, false) => "ready",
+    }
+}
+
+/// `rust 0.1.0`: which SDK, so a worker that misbehaves points at the right code.
+fn sdk(worker: &WorkerInfo) -> String {
+    match (worker.sdk_language.as_str(), worker.sdk_version.as_str()) {
+        ("", _) => "-".to_owned(),
+        (language, "") => language.to_owned(),
+        (language, version) => format!("{language} {version}"),
+    }
+}
+
+/// The workers as a table that fits a terminal: names, SDK, what they serve and their
+/// capacity; `wide` adds the full instance ids and the held tasks.
+pub(crate) fn workers_table(workers: &[WorkerInfo], now: SystemTime, wide: bool) -> String {
+    let mut headers = vec![
         "NAME",
+        "INSTANCE",
+        "SDK",
         "TASK TYPES",
         "LABELS",
         "SLOTS",
-        "CONNECTED",
-        "DRAINING",
-        "LAST SEEN",
-        "TASKS",
-    ]);
+        "STATE",
+        "SEEN",
+    ];
+    if wide {
+        headers.push("TASKS");
+    }
+    let mut table = Table::new(&headers);
     for worker in workers {
         let task_types = worker
             .task_types
             .iter()
             .map(|t| format!("{}@{}", t.name, t.version))
-            .collect::<Vec<_>>();
-        let tasks = worker
-            .tasks
-            .iter()
-            .map(|t| short_task(t))
-            .collect::<Vec<_>>();
-        table.row(vec![
-            worker.instance_id.clone(),
+            .collect();
+        let mut row = vec![
             worker.worker_name.clone(),
-            if task_types.is_empty() {
-                "-".to_owned()
+            if wide {
+                worker.instance_id.clone()
             } else {
-                task_types.join(",")
+                short_instance(worker)
             },
+            sdk(worker),
+            or_dash(task_types),
             format::pairs(&worker.labels),
             format!("{}/{}", worker.used_slots, worker.slots),
-            yes_no(worker.connected),
-            yes_no(worker.draining),
+            state(worker).to_owned(),
             format::ago(worker.last_seen.as_ref(), now),
-            if tasks.is_empty() {
-                "-".to_owned()
-            } else {
-                tasks.join(",")
-            },
-        ]);
+        ];
+        if wide {
+            row.push(or_dash(
+                worker.tasks.iter().map(|t| short_task(t)).collect(),
+            ));
+        }
+        table.row(row);
     }
     table.render()
 }
@@ -103,7 +154,9 @@ mod tests {
     #[test]
     fn table_shows_capacity_health_and_held_tasks() {
         let worker = WorkerInfo {
-            instance_id: "w-7f3a".into(),
+            instance_id: "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b".into(),
+            sdk_language: "rust".into(),
+            sdk_version: "0.1.0".into(),
             worker_name: "gpu-box".into(),
             task_types: vec![
                 TaskTypeVersion {
@@ -129,9 +182,15 @@ mod tests {
         };
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_003);
         assert_eq!(
-            workers_table(&[worker], now),
-            "INSTANCE  NAME     TASK TYPES                        LABELS    SLOTS  CONNECTED  DRAINING  LAST SEEN  TASKS\n\
-             w-7f3a    gpu-box  mesh.build@1.3.0,thumbnail@2.0.0  gpu=true  1/4    yes        no        3s ago     0190a1b2…/mesh#2\n"
+            workers_table(std::slice::from_ref(&worker), now, false),
+            "NAME     INSTANCE       SDK         TASK TYPES                        LABELS    SLOTS  STATE  SEEN\n\
+             gpu-box  0190a1b2-c3d…  rust 0.1.0  mesh.build@1.3.0,thumbnail@2.0.0  gpu=true  1/4    ready  3s ago\n"
         );
+        let wide = workers_table(&[worker], now, true);
+        assert!(
+            wide.contains("0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b  rust 0.1.0"),
+            "{wide}"
+        );
+        assert!(wide.ends_with("3s ago  0190a1b2…/mesh#2\n"), "{wide}");
     }
 }

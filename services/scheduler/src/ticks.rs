@@ -25,7 +25,50 @@ pub(crate) fn parse_cron(text: &str) -> Result<Cron, String> {
     if text.trim().is_empty() {
         return Err("cron: required".to_owned());
     }
-    Cron::from_str(text).map_err(|err| format!("cron: {err}"))
+    Cron::from_str(text).map_err(|err| format!("cron: {}", explain_cron_error(text, &err)))
+}
+
+/// Names the field croner refused ("Component error: Number out of bounds." names none): the
+/// first value outside its field's range, or else croner's message with the expected shape.
+fn explain_cron_error(text: &str, err: &impl std::fmt::Display) -> String {
+    const SHAPE: &str = "expected 5 fields `minute hour day-of-month month day-of-week`, \
+                         or 6 with `second` first";
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    let ranges: &[(&str, u32, u32)] = match fields.len() {
+        5 => &[
+            ("minute", 0, 59),
+            ("hour", 0, 23),
+            ("day-of-month", 1, 31),
+            ("month", 1, 12),
+            ("day-of-week", 0, 7),
+        ],
+        6 => &[
+            ("second", 0, 59),
+            ("minute", 0, 59),
+            ("hour", 0, 23),
+            ("day-of-month", 1, 31),
+            ("month", 1, 12),
+            ("day-of-week", 0, 7),
+        ],
+        n => return format!("{n} fields in {text:?}; {SHAPE}"),
+    };
+    for (position, (field, (name, min, max))) in fields.iter().zip(ranges).enumerate() {
+        // Values are the numbers of lists and ranges; what follows `/` is a step, not a value.
+        for part in field.split(',') {
+            let values = part.split('/').next().unwrap_or_default();
+            for value in values.split('-') {
+                if let Ok(number) = value.parse::<u32>()
+                    && !(*min..=*max).contains(&number)
+                {
+                    return format!(
+                        "field {} ({name}) is {field:?}: {number} is outside {min}-{max}",
+                        position + 1
+                    );
+                }
+            }
+        }
+    }
+    format!("{err} in {text:?}; {SHAPE}")
 }
 
 /// The ticks of `cron` in `zone` that are due at `now` and come after `after`: at most `limit`
@@ -209,6 +252,24 @@ pub(crate) fn utc_rfc3339(at: DateTime<Utc>) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_cron_error_names_the_field() {
+        let error = super::parse_cron("0 25 * * *").unwrap_err();
+        assert_eq!(error, "cron: field 2 (hour) is \"25\": 25 is outside 0-23");
+        let error = super::parse_cron("0 0 0 30 2-13 *").unwrap_err();
+        assert_eq!(
+            error,
+            "cron: field 5 (month) is \"2-13\": 13 is outside 1-12"
+        );
+        let error = super::parse_cron("* * *").unwrap_err();
+        assert!(
+            error.starts_with("cron: 3 fields in \"* * *\"; expected 5 fields"),
+            "{error}"
+        );
+        let error = super::parse_cron("0 0 * * mondy").unwrap_err();
+        assert!(error.ends_with("or 6 with `second` first"), "{error}");
+    }
+
     use super::*;
 
     fn utc(text: &str) -> DateTime<Utc> {
