@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from typing import Any
@@ -256,6 +257,32 @@ def test_handler_errors_map_to_failures(server: Server, client: Client, run_work
     assert to_dict(step(done, "flaky").outputs) == {"attempt": 2}
     bad = step(done, "bad")
     assert (bad.state, bad.attempt, bad.error) == (StepState.Value("STEP_STATE_FAILED"), 1, "no images given")
+
+
+def test_a_task_error_logs_its_traceback_only_at_debug(
+    server: Server, client: Client, run_worker: Any, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="dagmesh.worker")
+    worker = Worker(server=server.url, name=f"py-{unique}")
+
+    @worker.task(f"refuse.{unique}", version="1.0.0")
+    def refuse(ctx: TaskContext, inputs: dict[str, Any]) -> dict[str, Any]:
+        raise TaskError("no images given")
+
+    run_worker(worker)
+    run = client.submit(spec={"name": f"py-refuse-{unique}", "steps": [{"id": "refuse", "task": f"refuse.{unique}"}]})
+    done = client.wait_for_run(run.run_id, timeout=STEP_TIMEOUT)
+    assert step(done, "refuse").error == "no images given"
+
+    # The failure is logged before it is sent, so it is here once the run has ended.
+    key = f"{run.run_id}/refuse#1 refuse.{unique}"
+    failure = [r for r in caplog.records if r.name == "dagmesh.worker" and key in r.getMessage()]
+    formatter = logging.Formatter()
+    shown = [formatter.format(r) for r in failure if r.levelno >= logging.INFO and "task started" not in r.getMessage()]
+    assert shown == [f"task failed: {key} (retryable=False): no images given"]
+    debug = [formatter.format(r) for r in failure if r.levelno == logging.DEBUG]
+    assert len(debug) == 1 and "Traceback (most recent call last)" in debug[0], debug
+    assert 'raise TaskError("no images given")' in debug[0], debug[0]
 
 
 def test_invalid_hello_is_fatal(server: Server, unique: str) -> None:

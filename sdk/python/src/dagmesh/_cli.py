@@ -7,7 +7,9 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 from dagmesh._channel import SECURITY_OPTIONS
 from dagmesh._worker import Worker, _defer_settings
@@ -67,23 +69,76 @@ def security_arguments(args: argparse.Namespace) -> dict[str, str | None]:
     return {name: getattr(args, name) for name in SECURITY_OPTIONS}
 
 
+_MISSING = object()
+
+
+class TargetError(Exception):
+    """A MODULE:ATTRIBUTE that does not lead to a Worker; the message names what is missing."""
+
+
 def load_worker(spec: str) -> Worker:
+    """The Worker at `spec`: MODULE:ATTRIBUTE (ATTRIBUTE defaults to `worker` and may be dotted),
+    an attribute that is a Worker or a function returning one. Raises `TargetError` when the
+    module, an attribute or a module the target imports is missing, or when it is no Worker;
+    any other exception of the user's code (a syntax error, a failing factory) propagates."""
     module_name, sep, attribute = spec.partition(":")
     if not sep:
         attribute = "worker"
+    where = f"cannot load worker target {spec!r}"
+    if not module_name or not attribute:
+        raise TargetError(f"{where}: expected MODULE:ATTRIBUTE, e.g. mypkg.workers:worker")
     deferred = _defer_settings.set(True)
     try:
-        module = importlib.import_module(module_name)
-        target: object = module
-        for part in attribute.split("."):
-            target = getattr(target, part)
-        if not isinstance(target, Worker) and callable(target):
-            target = target()  # a factory
+        target: object = _import(module_name, where)
+        parts = attribute.split(".")
+        for i, part in enumerate(parts):
+            value = getattr(target, part, _MISSING)
+            if value is _MISSING:
+                owner = f"module {module_name!r}" if i == 0 else repr(f"{module_name}:{'.'.join(parts[:i])}")
+                hint = "" if sep else f" (a target without ':' means {module_name}:worker)"
+                raise TargetError(f"{where}: {owner} has no attribute {part!r}{hint}")
+            target = value
+        what = f"{module_name}:{attribute}"
+        if isinstance(target, Worker):
+            return target
+        if isinstance(target, type):
+            # Calling a class (Worker itself, say) would make a worker without the user's tasks.
+            raise TargetError(f"{where}: {what} is not a dagmesh Worker (it is the class {target.__name__})")
+        if not callable(target):
+            raise TargetError(f"{where}: {what} is not a dagmesh Worker (it is of type {type(target).__name__})")
+        made = target()  # a factory
     finally:
         _defer_settings.reset(deferred)
-    if not isinstance(target, Worker):
-        raise SystemExit(f"{spec} is a {type(target).__name__}, not a dagmesh Worker")
-    return target
+    if not isinstance(made, Worker):
+        raise TargetError(f"{where}: {what}() returned an object of type {type(made).__name__}, not a dagmesh Worker")
+    return made
+
+
+def _import(module_name: str, where: str) -> object:
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as err:
+        missing = getattr(err, "name", None)
+        if isinstance(err, ModuleNotFoundError) and missing and (
+            module_name == missing or module_name.startswith(missing + ".")
+        ):
+            raise TargetError(f"{where}: no module named {missing!r}") from None
+        # The target exists but an import inside it failed (e.g. a dependency not installed):
+        # say so, and where, rather than blame the target.
+        raise TargetError(f"{where}: importing {module_name!r} failed: {err}{_origin(err)}") from None
+
+
+def _origin(err: BaseException) -> str:
+    """Where a failed import was: " (at FILE, line N)" of the innermost frame outside
+    importlib's own machinery, or "" when there is none."""
+    frames = [
+        frame
+        for frame in traceback.extract_tb(err.__traceback__)
+        if not frame.filename.startswith("<frozen ") and Path(frame.filename).parent.name != "importlib"
+    ]
+    if not frames:
+        return ""
+    return f" (at {frames[-1].filename}, line {frames[-1].lineno})"
 
 
 def run_worker_main(argv: Sequence[str] | None = None) -> int:
@@ -106,7 +161,11 @@ def run_worker_main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.log_level)
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
-    worker = load_worker(args.target)
+    try:
+        worker = load_worker(args.target)
+    except TargetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         worker._override(
             server=args.server,

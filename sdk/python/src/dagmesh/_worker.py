@@ -1024,18 +1024,30 @@ class _Driver:
 
     def _result(self, key: _Key, task_type: str, handler: asyncio.Future[Any]) -> worker_pb2.WorkerMessage:
         if handler.cancelled():
-            return self._log_failure(key, "task handler was cancelled", retryable=True)
+            return self._log_failure(key, task_type, "task handler was cancelled", retryable=True)
         error = handler.exception()
         if error is None:
             return self._completed(key, task_type, handler.result())
         if isinstance(error, TaskError):
-            return self._log_failure(key, error.message, error.retryable)
-        log.warning("task handler raised: %s#%d", *key, exc_info=error)
+            # The handler's own, deliberate way to fail: one line. Its traceback is noise
+            # except to someone debugging the handler.
+            result = self._log_failure(key, task_type, error.message, error.retryable)
+            log.debug("traceback of task %s#%d %s:", key[0], key[1], task_type, exc_info=error)
+            return result
+        # Any other exception is a failure the handler did not expect: keep where it came from.
         text = str(error)
-        return self._log_failure(key, f"{type(error).__name__}: {text}" if text else type(error).__name__, True)
+        message = f"{type(error).__name__}: {text}" if text else type(error).__name__
+        return self._log_failure(key, task_type, message, True, unexpected=error)
 
-    def _log_failure(self, key: _Key, message: str, retryable: bool) -> worker_pb2.WorkerMessage:
-        log.warning("task failed: %s#%d (retryable=%s): %s", key[0], key[1], retryable, message)
+    def _log_failure(
+        self, key: _Key, task_type: str, message: str, retryable: bool, unexpected: BaseException | None = None
+    ) -> worker_pb2.WorkerMessage:
+        log.log(
+            logging.ERROR if unexpected is not None else logging.WARNING,
+            "task failed: %s#%d %s (retryable=%s): %s",
+            key[0], key[1], task_type, retryable, message,
+            exc_info=unexpected,
+        )
         return _failed(key, message, retryable)
 
     def _completed(self, key: _Key, task_type: str, output: Any) -> worker_pb2.WorkerMessage:
@@ -1048,15 +1060,16 @@ class _Driver:
         except (TypeError, ValueError, RecursionError) as err:
             # RecursionError: an output nested past Python's stack; it must fail the attempt,
             # not the task's pump (which would leave the task running forever).
-            return self._log_failure(key, f"cannot serialize output of {json.dumps(task_type)}: {err}", False)
+            return self._log_failure(key, task_type, f"cannot serialize output of {json.dumps(task_type)}: {err}", False)
         deep = check_depth("outputs", outputs)
         if deep is not None:
-            return self._log_failure(key, f"output of {json.dumps(task_type)}: {deep}", False)
+            return self._log_failure(key, task_type, f"output of {json.dumps(task_type)}: {deep}", False)
         size = outputs.ByteSize()
         limit = self.max_payload
         if limit > 0 and size > limit:
             return self._log_failure(
                 key,
+                task_type,
                 f"output of {json.dumps(task_type)} is {size} bytes, over the {limit}-byte payload limit",
                 False,
             )
