@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Builds and tests the dagmesh C++ SDK and the cpp-gpu-tool example. CI entry point.
 #
-#   sdk/cpp/scripts/test.sh
+#   sdk/cpp/scripts/test.sh [--setup-only]
 #
 # 1. installs the Debian/Ubuntu packages it needs when any is missing (apt-get, with sudo when
-#    not root);
+#    not root; `apt-get update` first unless DAGMESH_APT_UPDATED=1 says this run did it already);
+#    --setup-only stops here;
 # 2. configures and builds sdk/cpp (Release) into sdk/cpp/build and installs it into
 #    sdk/cpp/build/install;
 # 3. builds examples/cpp-gpu-tool into examples/cpp-gpu-tool/build (SDK by add_subdirectory) and
@@ -20,6 +21,12 @@
 #   DAGMESH_WITH_CUDA=OFF      ON builds the example's CUDA path (needs nvcc)
 #   DAGMESH_SKIP_APT=1         never touch apt
 set -euo pipefail
+setup_only=false
+case "${1:-}" in
+  "") ;;
+  --setup-only) setup_only=true ;;
+  *) echo "usage: sdk/cpp/scripts/test.sh [--setup-only]" >&2; exit 2 ;;
+esac
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 sdk="$(cd "$here/.." && pwd)"
@@ -45,13 +52,17 @@ if [[ "${DAGMESH_SKIP_APT:-0}" != 1 ]] && command -v dpkg-query >/dev/null 2>&1;
     step "installing ${missing[*]}"
     sudo=()
     if [[ $(id -u) -ne 0 ]]; then sudo=(sudo); fi
-    export DEBIAN_FRONTEND=noninteractive
-    "${sudo[@]}" apt-get update -q
-    "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+    if [[ "${DAGMESH_APT_UPDATED:-}" != 1 ]]; then
+      "${sudo[@]}" apt-get update -q >/dev/null
+      export DAGMESH_APT_UPDATED=1
+    fi
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
   else
     step "apt packages present"
   fi
 fi
+$setup_only && exit 0
 
 # --- the dagmesh server for the end-to-end tests ----------------------------------------------------
 export DAGMESH_BIN="${DAGMESH_BIN:-$repo/target/debug/dagmesh}"
