@@ -178,7 +178,6 @@ mod tests {
                 nanos: 0,
             }),
             tasks: vec!["0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b/mesh#2".into()],
-            ..WorkerInfo::default()
         };
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_003);
         assert_eq!(

@@ -1,4 +1,4 @@
-//! Exponential backoff with jitter, shared by worker reconnects and `Client::wait_for_run`.
+//! Exponential backoff with jitter, shared by worker reconnects and the run follower.
 
 use std::time::Duration;
 

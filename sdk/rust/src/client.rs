@@ -14,15 +14,14 @@ use dagmesh_proto::v1::workflow_service_client::WorkflowServiceClient;
 use dagmesh_proto::v1::{
     ApplyWorkflowRequest, CancelRunRequest, GetRunRequest, GetWorkflowRequest, ListRunsRequest,
     ListRunsResponse, RetryRunRequest, Run, RunState, SubmitRunRequest, WatchRunRequest,
-    WatchRunResponse, Workflow, WorkflowRef, WorkflowSpec, run_event, submit_run_request,
-    watch_run_response,
+    WatchRunResponse, Workflow, WorkflowRef, WorkflowSpec, submit_run_request,
 };
 use futures::{Stream, StreamExt, TryStreamExt};
 use serde::Serialize;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::backoff::Backoff;
+use crate::follow::{Followed, RunFollower};
 
 /// A failed call. [`ClientError::code`] is the gRPC status code for every variant.
 #[derive(Debug, thiserror::Error)]
@@ -315,24 +314,44 @@ impl Client {
         Ok(self.runs.clone().list_runs(request).await?.into_inner())
     }
 
-    /// Follows a run: a snapshot then live events (`after_seq` 0), or the events after
-    /// `after_seq`. The stream ends after the run's final event. The call is made when the
-    /// stream is first polled; its failure is the first item.
+    /// The raw `WatchRun` stream: a snapshot then live events (`after_seq` 0), or the events
+    /// after `after_seq`. The stream ends after the run's final event, or when it breaks;
+    /// [`Client::follow_run`] resumes it for you. The call is made when the stream is first
+    /// polled; its failure is the first item.
     pub fn watch_run(
         &self,
         run_id: impl Into<String>,
         after_seq: u64,
     ) -> impl Stream<Item = Result<WatchRunResponse, ClientError>> + Send + 'static {
+        self.watch_run_from(run_id.into(), (after_seq > 0).then_some(after_seq))
+    }
+
+    /// [`Client::watch_run`] with the request's own `after_seq`: `Some(0)` replays the whole
+    /// log, which `watch_run`'s 0 cannot say.
+    pub(crate) fn watch_run_from(
+        &self,
+        run_id: String,
+        after_seq: Option<u64>,
+    ) -> impl Stream<Item = Result<WatchRunResponse, ClientError>> + Send + 'static {
         let mut runs = self.runs.clone();
-        let request = WatchRunRequest {
-            run_id: run_id.into(),
-            after_seq: (after_seq > 0).then_some(after_seq),
-        };
+        let request = WatchRunRequest { run_id, after_seq };
         futures::stream::once(async move {
             let stream = runs.watch_run(request).await?.into_inner();
             Ok::<_, ClientError>(stream.map_err(ClientError::from))
         })
         .try_flatten()
+    }
+
+    /// Follows a run from a snapshot to its end, resuming across broken streams: see
+    /// [`RunFollower`].
+    pub fn follow_run(&self, run_id: impl Into<String>) -> RunFollower {
+        RunFollower::new(self.clone(), run_id.into(), None)
+    }
+
+    /// Like [`Client::follow_run`], but replays the run's events after `after_seq` (0: all of
+    /// them) instead of starting from a snapshot.
+    pub fn follow_run_after(&self, run_id: impl Into<String>, after_seq: u64) -> RunFollower {
+        RunFollower::new(self.clone(), run_id.into(), Some(after_seq))
     }
 
     /// Cancels a run that has not ended; `FailedPrecondition` if it has.
@@ -425,45 +444,25 @@ impl Client {
     }
 
     /// Waits until the run ends (succeeded, failed or cancelled) and returns it with all its
-    /// steps. Watches rather than polls; a watch that breaks (`Unavailable`, or a stream that
-    /// ends early) is resumed after the last event seen, with backoff.
+    /// steps. Watches rather than polls ([`Client::follow_run`]): a watch that breaks
+    /// (`Unavailable`, or a stream that ends early) is resumed after the last event seen, with
+    /// backoff; after [`GIVE_UP_AFTER`](crate::follow::GIVE_UP_AFTER) of failed reconnects it
+    /// fails with the last error.
     pub async fn wait_for_run(&self, run_id: impl Into<String>) -> Result<Run, ClientError> {
-        let run_id = run_id.into();
-        let mut after_seq = 0;
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-        loop {
-            let mut watch = std::pin::pin!(self.watch_run(run_id.clone(), after_seq));
-            let mut ended = false;
-            while let Some(item) = watch.next().await {
-                let message = match item {
-                    Ok(response) => response.message,
-                    Err(err) if err.code() == Code::Unavailable => break,
-                    Err(err) => return Err(err),
+        let mut follower = self.follow_run(run_id);
+        while let Some(item) = follower.next().await {
+            if let Followed::Ended { run, get_run_error } = item? {
+                return match get_run_error {
+                    // The run ended, but "with all its steps" needs GetRun's answer.
+                    Some(error) => Err(error),
+                    None => Ok(run),
                 };
-                match message {
-                    Some(watch_run_response::Message::Snapshot(run)) => {
-                        after_seq = after_seq.max(run.last_seq);
-                        ended = is_terminal(run.state());
-                    }
-                    Some(watch_run_response::Message::Event(event)) => {
-                        after_seq = after_seq.max(event.seq);
-                        if let Some(run_event::Event::RunState(change)) = &event.event {
-                            ended = is_terminal(change.state());
-                        }
-                    }
-                    None => {}
-                }
-                if ended {
-                    break;
-                }
             }
-            // The watch ended one way or another: the run itself says whether it is over.
-            let run = self.get_run(run_id.clone()).await?;
-            if is_terminal(run.state()) {
-                return Ok(run);
-            }
-            tokio::time::sleep(backoff.next_delay()).await;
         }
+        Err(ClientError::Status {
+            code: Code::Internal,
+            message: "the run follower stopped before the run ended".to_owned(),
+        })
     }
 }
 

@@ -7,6 +7,9 @@
 //!   drains on SIGTERM.
 //! - [`client`]: a [`Client`] for backends: apply workflows, submit runs, watch them, wait for
 //!   them to end, cancel and retry them.
+//! - [`follow`]: a [`RunFollower`] follows one run to its end, each event once, resuming across
+//!   broken streams and server restarts; `Client::wait_for_run` and `dagmesh runs watch` are
+//!   built on it.
 //! - [`workflow`]: workflows in code, a typed builder of the `WorkflowSpec` a YAML file gives.
 //!
 //! ```no_run
@@ -61,10 +64,12 @@
 
 mod backoff;
 pub mod client;
+pub mod follow;
 pub mod worker;
 pub mod workflow;
 
 pub use client::{Client, ClientError, SubmitRun};
+pub use follow::{Followed, RunFollower};
 pub use worker::{
     BuildError, LogLevel, TaskContext, TaskError, Worker, WorkerBuilder, WorkerError, WorkerHandle,
     WorkerState,

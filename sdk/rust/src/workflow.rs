@@ -183,14 +183,14 @@ impl Step {
         })
     }
 
-    /// Runs `task` ("name" or "name@<semver requirement>") on a worker.
+    /// Runs `task` (`name` or `name@<semver requirement>`) on a worker.
     pub fn task(id: impl Into<String>, task: impl Into<String>) -> Self {
         let mut step = Self::new(id);
         step.0.task = task.into();
         step
     }
 
-    /// Starts a run of workflow `workflow` ("name" or "name@<version>") and ends with it.
+    /// Starts a run of workflow `workflow` (`name` or `name@<version>`) and ends with it.
     pub fn workflow(id: impl Into<String>, workflow: impl Into<String>) -> Self {
         let mut step = Self::new(id);
         step.0.workflow = workflow.into();
