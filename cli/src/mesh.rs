@@ -12,7 +12,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use dagmesh_auth::{AuthLayer, Authenticator, TokenApi};
 use dagmesh_executor::{ExecError, Executor, ExecutorConfig};
-use dagmesh_metastore::{MetadataStore, SqlStore};
+use dagmesh_metastore::MetadataStore;
 use dagmesh_runtime::ServeOptions;
 use dagmesh_runtime::tls::ServerTls;
 use dagmesh_scheduler::grpc::SchedulerGrpcServer;
@@ -60,11 +60,11 @@ pub struct Mesh {
 
 impl Mesh {
     pub async fn start(options: MeshOptions) -> anyhow::Result<Self> {
-        let store = SqlStore::connect(&options.database_url)
+        let store = dagmesh_metastore::connect_sql(&options.database_url)
             .await
             .with_context(|| format!("opening database {}", options.database_url))?;
-        crate::security::log_database_tls(&store).await;
-        let store: Arc<dyn MetadataStore> = Arc::new(store);
+        crate::security::log_database_tls(&*store).await;
+        let store: Arc<dyn MetadataStore> = store;
         // Bind first: a taken port must not leave an engine running against the store.
         let listener = TcpListener::bind(&options.listen)
             .await

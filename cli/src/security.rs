@@ -154,7 +154,7 @@ impl SecurityFlags {
 
 /// Says in the log whether the PostgreSQL connection is encrypted (`sslmode=require` or
 /// `verify-full` in the URL), so an operator can see it without reading the URL.
-pub async fn log_database_tls(store: &dagmesh_metastore::SqlStore) {
+pub async fn log_database_tls(store: &dyn dagmesh_metastore::SqlDatabase) {
     match store.postgres_tls().await {
         Ok(Some(tls)) if tls.connection_encrypted => {
             tracing::info!("PostgreSQL connection is encrypted (TLS)");

@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use dagmesh_auth::TokenApi;
 use dagmesh_executor::{Executor, ExecutorConfig, Limits};
+use dagmesh_metastore::MetadataStore;
 use dagmesh_metastore::grpc::{MetadataGrpcClient, MetadataGrpcServer};
-use dagmesh_metastore::{MetadataStore, SqlStore};
 use dagmesh_proto::connect::ClientSettings;
 use dagmesh_runtime::{ServiceSet, serve, shutdown_signal, telemetry};
 use dagmesh_scheduler::grpc::SchedulerGrpcServer;
@@ -255,10 +255,10 @@ pub struct MetastoreArgs {
 
 pub async fn metastore(args: MetastoreArgs) -> anyhow::Result<()> {
     let telemetry = args.observe.start("dagmesh-metastore").await?;
-    let store = SqlStore::connect(&args.database)
+    let store = dagmesh_metastore::connect_sql(&args.database)
         .await
         .with_context(|| format!("opening database {}", redact(&args.database)))?;
-    crate::security::log_database_tls(&store).await;
+    crate::security::log_database_tls(&*store).await;
     let tls = args.security.tls()?;
     let listener = bind(&args.listen, &args.security).await?;
     tracing::info!(
@@ -272,7 +272,7 @@ pub async fn metastore(args: MetastoreArgs) -> anyhow::Result<()> {
             "no --internal-token (DAGMESH_INTERNAL_TOKEN): no executor or scheduler can use this metastore"
         );
     }
-    let store: Arc<dyn MetadataStore> = Arc::new(store);
+    let store: Arc<dyn MetadataStore> = store;
     let authenticator = args.security.authenticator(store.clone())?;
     let services = ServiceSet::new().with(MetadataGrpcServer::new(store).into_service());
     let options = args.security.serve_options(authenticator, tls);

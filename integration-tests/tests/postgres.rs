@@ -324,7 +324,7 @@ async fn postgres_run_survives_a_mesh_restart() -> anyhow::Result<()> {
 /// connect, with the reason. Skipped (with a message) when the server has TLS off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_reaches_postgresql_over_tls() -> anyhow::Result<()> {
-    use dagmesh_metastore::{MetadataStore as _, SqlStore};
+    use dagmesh_metastore::{MetadataStore as _, PostgresStore};
     let Some(database) = Database::postgres().await? else {
         return Ok(());
     };
@@ -334,13 +334,13 @@ async fn the_store_reaches_postgresql_over_tls() -> anyhow::Result<()> {
         let separator = if url.contains('?') { '&' } else { '?' };
         format!("{url}{separator}{params}")
     };
-    let plain = SqlStore::connect(&url).await?;
+    let plain = PostgresStore::connect(&url).await?;
     let tls = plain.postgres_tls().await?.context("a PostgreSQL store")?;
     if !tls.server_enabled {
         eprintln!("skipping: the PostgreSQL server has ssl=off");
         return Ok(());
     }
-    let store = SqlStore::connect(&with("sslmode=require"))
+    let store = PostgresStore::connect(&with("sslmode=require"))
         .await
         .context("sslmode=require")?;
     let tls = store.postgres_tls().await?.context("a PostgreSQL store")?;
@@ -352,7 +352,7 @@ async fn the_store_reaches_postgresql_over_tls() -> anyhow::Result<()> {
 
     let dir = tempfile::tempdir()?;
     let pki = dagmesh_integration_tests::pki::TestPki::create(dir.path(), "")?;
-    let refused = SqlStore::connect(&with(&format!(
+    let refused = PostgresStore::connect(&with(&format!(
         "sslmode=verify-full&sslrootcert={}",
         pki.ca.display()
     )))

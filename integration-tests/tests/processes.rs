@@ -588,7 +588,7 @@ async fn split_mode_metastore_and_executor_processes() -> anyhow::Result<()> {
 
     // What the executor reports is what the metastore holds.
     let stored = MetadataServiceClient::new(channel(&store_url).await?)
-        .read_run(ReadRunRequest {
+        .get_run(ReadRunRequest {
             run_id: run.run_id.clone(),
         })
         .await?

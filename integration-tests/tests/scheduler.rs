@@ -12,7 +12,6 @@ use dagmesh::dagmesh_scheduler::{
     SystemClock,
 };
 use dagmesh_integration_tests::*;
-use dagmesh_metastore::{MetadataStore, SqlStore};
 use dagmesh_proto::connect::ClientSettings;
 use dagmesh_proto::v1::scheduler_service_client::SchedulerServiceClient;
 use dagmesh_proto::v1::{
@@ -301,7 +300,7 @@ async fn backfill_partitions_start_as_soon_as_a_slot_frees() -> anyhow::Result<(
     ];
     for (how, starter) in starters {
         let database = Database::sqlite()?;
-        let store: Arc<dyn MetadataStore> = Arc::new(SqlStore::connect(&database.url()).await?);
+        let store = dagmesh_metastore::connect(&database.url()).await?;
         // The scheduler checks the workflow's declared inputs in its own store.
         store.put_workflow(spec.clone(), "hash".into()).await?;
         let scheduler = Scheduler::new(
@@ -361,7 +360,7 @@ async fn two_schedulers_on_one_postgres_database_start_one_run_per_tick() -> any
     // Far in the future, so the mesh's own (wall-clock) scheduler never finds these ticks due.
     let clock = ManualClock::new("2100-01-01T00:00:30Z".parse()?);
     let process = || async {
-        let store: Arc<dyn MetadataStore> = Arc::new(SqlStore::connect(&url).await?);
+        let store = dagmesh_metastore::connect(&url).await?;
         anyhow::Ok(Scheduler::new(
             store,
             Arc::new(sandbox.mesh.executor().clone()),

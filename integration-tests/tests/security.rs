@@ -201,7 +201,7 @@ async fn call(url: &str, settings: &ClientSettings, rpc: &str) -> anyhow::Result
         ),
         "ReadRun (store API)" => code(
             MetadataServiceClient::new(channel)
-                .read_run(ReadRunRequest { run_id: "x".into() })
+                .get_run(ReadRunRequest { run_id: "x".into() })
                 .await
                 .map(drop),
         ),
@@ -862,7 +862,7 @@ async fn split_mode_over_tls_with_the_internal_token() -> anyhow::Result<()> {
     ] {
         let mut store = MetadataServiceClient::new(channel_as(&store_url, &settings).await?);
         let read = store
-            .read_run(ReadRunRequest { run_id: "x".into() })
+            .get_run(ReadRunRequest { run_id: "x".into() })
             .await
             .expect_err("reading the store is refused");
         assert_eq!(read.code(), expected, "{who}: {read:?}");

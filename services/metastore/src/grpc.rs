@@ -1,6 +1,7 @@
 //! The store over gRPC: [`MetadataGrpcServer`] serves any [`MetadataStore`] as the
 //! `dagmesh.v1.MetadataService`, and [`MetadataGrpcClient`] is a [`MetadataStore`] that calls
-//! one. Both are thin: requests map one to one onto trait methods, errors onto status codes.
+//! one. Both are thin: each RPC is the trait method of the same name, errors map onto status
+//! codes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -127,7 +128,7 @@ impl MetadataService for MetadataGrpcServer {
         }))
     }
 
-    async fn read_workflow(
+    async fn get_workflow(
         &self,
         request: Request<ReadWorkflowRequest>,
     ) -> Result<Response<Workflow>, Status> {
@@ -139,7 +140,7 @@ impl MetadataService for MetadataGrpcServer {
         Ok(Response::new(workflow))
     }
 
-    async fn read_workflows(
+    async fn list_workflows(
         &self,
         _request: Request<ReadWorkflowsRequest>,
     ) -> Result<Response<ReadWorkflowsResponse>, Status> {
@@ -155,12 +156,12 @@ impl MetadataService for MetadataGrpcServer {
         Ok(Response::new(CommitResponse {}))
     }
 
-    async fn read_run(&self, request: Request<ReadRunRequest>) -> Result<Response<Run>, Status> {
+    async fn get_run(&self, request: Request<ReadRunRequest>) -> Result<Response<Run>, Status> {
         let run = self.store.get_run(&request.into_inner().run_id).await?;
         Ok(Response::new(run))
     }
 
-    async fn query_runs(
+    async fn list_runs(
         &self,
         request: Request<ListRunsRequest>,
     ) -> Result<Response<ListRunsResponse>, Status> {
@@ -258,12 +259,15 @@ impl MetadataService for MetadataGrpcServer {
         Ok(Response::new(CommitResponse {}))
     }
 
-    async fn put_schedule(&self, request: Request<Schedule>) -> Result<Response<Schedule>, Status> {
+    async fn create_schedule(
+        &self,
+        request: Request<Schedule>,
+    ) -> Result<Response<Schedule>, Status> {
         let schedule = self.store.create_schedule(request.into_inner()).await?;
         Ok(Response::new(schedule))
     }
 
-    async fn read_schedule(
+    async fn get_schedule(
         &self,
         request: Request<ReadScheduleRequest>,
     ) -> Result<Response<Schedule>, Status> {
@@ -274,7 +278,7 @@ impl MetadataService for MetadataGrpcServer {
         Ok(Response::new(schedule))
     }
 
-    async fn read_schedules(
+    async fn list_schedules(
         &self,
         _request: Request<ListSchedulesRequest>,
     ) -> Result<Response<ListSchedulesResponse>, Status> {
@@ -282,7 +286,7 @@ impl MetadataService for MetadataGrpcServer {
         Ok(Response::new(ListSchedulesResponse { schedules }))
     }
 
-    async fn remove_schedule(
+    async fn delete_schedule(
         &self,
         request: Request<ReadScheduleRequest>,
     ) -> Result<Response<DeleteScheduleResponse>, Status> {
@@ -319,12 +323,12 @@ impl MetadataService for MetadataGrpcServer {
         Ok(Response::new(AdvanceScheduleResponse { advanced }))
     }
 
-    async fn put_trigger(&self, request: Request<Trigger>) -> Result<Response<Trigger>, Status> {
+    async fn create_trigger(&self, request: Request<Trigger>) -> Result<Response<Trigger>, Status> {
         let trigger = self.store.create_trigger(request.into_inner()).await?;
         Ok(Response::new(trigger))
     }
 
-    async fn read_triggers(
+    async fn list_triggers(
         &self,
         request: Request<ListTriggersRequest>,
     ) -> Result<Response<ListTriggersResponse>, Status> {
@@ -335,7 +339,7 @@ impl MetadataService for MetadataGrpcServer {
         Ok(Response::new(ListTriggersResponse { triggers }))
     }
 
-    async fn remove_trigger(
+    async fn delete_trigger(
         &self,
         request: Request<DeleteTriggerRequest>,
     ) -> Result<Response<DeleteTriggerResponse>, Status> {
@@ -351,7 +355,7 @@ impl MetadataService for MetadataGrpcServer {
         Ok(Response::new(backfill))
     }
 
-    async fn read_backfill(
+    async fn get_backfill(
         &self,
         request: Request<GetBackfillRequest>,
     ) -> Result<Response<Backfill>, Status> {
@@ -359,7 +363,7 @@ impl MetadataService for MetadataGrpcServer {
         Ok(Response::new(backfill))
     }
 
-    async fn read_backfills(
+    async fn list_backfills(
         &self,
         _request: Request<ListBackfillsRequest>,
     ) -> Result<Response<ListBackfillsResponse>, Status> {
@@ -400,7 +404,7 @@ impl MetadataService for MetadataGrpcServer {
         Ok(Response::new(ReadCacheEntryResponse { entry }))
     }
 
-    async fn read_token(
+    async fn get_token(
         &self,
         request: Request<ReadTokenRequest>,
     ) -> Result<Response<StoredToken>, Status> {
@@ -408,7 +412,7 @@ impl MetadataService for MetadataGrpcServer {
         Ok(Response::new(token))
     }
 
-    async fn read_tokens(
+    async fn list_tokens(
         &self,
         _request: Request<ReadTokensRequest>,
     ) -> Result<Response<ReadTokensResponse>, Status> {
@@ -487,13 +491,13 @@ impl MetadataStore for MetadataGrpcClient {
             name: name.to_owned(),
             version: version.unwrap_or(0),
         };
-        Ok(self.client().read_workflow(req).await?.into_inner())
+        Ok(self.client().get_workflow(req).await?.into_inner())
     }
 
     async fn list_workflows(&self) -> Result<Vec<Workflow>, StoreError> {
         let resp = self
             .client()
-            .read_workflows(ReadWorkflowsRequest {})
+            .list_workflows(ReadWorkflowsRequest {})
             .await?;
         Ok(resp.into_inner().workflows)
     }
@@ -507,11 +511,11 @@ impl MetadataStore for MetadataGrpcClient {
         let req = ReadRunRequest {
             run_id: run_id.to_owned(),
         };
-        Ok(self.client().read_run(req).await?.into_inner())
+        Ok(self.client().get_run(req).await?.into_inner())
     }
 
     async fn list_runs(&self, req: &ListRunsRequest) -> Result<ListRunsResponse, StoreError> {
-        Ok(self.client().query_runs(req.clone()).await?.into_inner())
+        Ok(self.client().list_runs(req.clone()).await?.into_inner())
     }
 
     async fn find_run_by_idempotency_key(&self, key: &str) -> Result<Option<String>, StoreError> {
@@ -611,20 +615,20 @@ impl MetadataStore for MetadataGrpcClient {
     }
 
     async fn create_schedule(&self, schedule: Schedule) -> Result<Schedule, StoreError> {
-        Ok(self.client().put_schedule(schedule).await?.into_inner())
+        Ok(self.client().create_schedule(schedule).await?.into_inner())
     }
 
     async fn get_schedule(&self, id_or_name: &str) -> Result<Schedule, StoreError> {
         let req = ReadScheduleRequest {
             schedule: id_or_name.to_owned(),
         };
-        Ok(self.client().read_schedule(req).await?.into_inner())
+        Ok(self.client().get_schedule(req).await?.into_inner())
     }
 
     async fn list_schedules(&self) -> Result<Vec<Schedule>, StoreError> {
         let resp = self
             .client()
-            .read_schedules(ListSchedulesRequest {})
+            .list_schedules(ListSchedulesRequest {})
             .await?;
         Ok(resp.into_inner().schedules)
     }
@@ -633,7 +637,7 @@ impl MetadataStore for MetadataGrpcClient {
         let req = ReadScheduleRequest {
             schedule: id_or_name.to_owned(),
         };
-        self.client().remove_schedule(req).await?;
+        self.client().delete_schedule(req).await?;
         Ok(())
     }
 
@@ -669,7 +673,7 @@ impl MetadataStore for MetadataGrpcClient {
     }
 
     async fn create_trigger(&self, trigger: Trigger) -> Result<Trigger, StoreError> {
-        Ok(self.client().put_trigger(trigger).await?.into_inner())
+        Ok(self.client().create_trigger(trigger).await?.into_inner())
     }
 
     async fn list_triggers(&self, topic: &str) -> Result<Vec<Trigger>, StoreError> {
@@ -678,7 +682,7 @@ impl MetadataStore for MetadataGrpcClient {
         };
         Ok(self
             .client()
-            .read_triggers(req)
+            .list_triggers(req)
             .await?
             .into_inner()
             .triggers)
@@ -688,7 +692,7 @@ impl MetadataStore for MetadataGrpcClient {
         let req = DeleteTriggerRequest {
             trigger: id_or_name.to_owned(),
         };
-        self.client().remove_trigger(req).await?;
+        self.client().delete_trigger(req).await?;
         Ok(())
     }
 
@@ -699,13 +703,13 @@ impl MetadataStore for MetadataGrpcClient {
 
     async fn get_backfill(&self, id: &str) -> Result<Backfill, StoreError> {
         let req = GetBackfillRequest { id: id.to_owned() };
-        Ok(self.client().read_backfill(req).await?.into_inner())
+        Ok(self.client().get_backfill(req).await?.into_inner())
     }
 
     async fn list_backfills(&self) -> Result<Vec<Backfill>, StoreError> {
         let resp = self
             .client()
-            .read_backfills(ListBackfillsRequest {})
+            .list_backfills(ListBackfillsRequest {})
             .await?;
         Ok(resp.into_inner().backfills)
     }
@@ -743,11 +747,11 @@ impl MetadataStore for MetadataGrpcClient {
         let request = ReadTokenRequest {
             token: id_or_name.to_owned(),
         };
-        Ok(self.client().read_token(request).await?.into_inner())
+        Ok(self.client().get_token(request).await?.into_inner())
     }
 
     async fn list_tokens(&self) -> Result<Vec<StoredToken>, StoreError> {
-        let resp = self.client().read_tokens(ReadTokensRequest {}).await?;
+        let resp = self.client().list_tokens(ReadTokensRequest {}).await?;
         Ok(resp.into_inner().tokens)
     }
 

@@ -3,20 +3,22 @@
 //! **What it owns.** Everything that must survive a restart: workflow versions (immutable,
 //! numbered 1, 2, 3... per name), runs, their steps, and each run's append-only event log. No
 //! other component touches the database; they call the [`MetadataStore`] trait, in-process
-//! ([`SqlStore`]) or over gRPC ([`grpc::MetadataGrpcClient`] talking to a
-//! [`grpc::MetadataGrpcServer`]). Records are the proto messages themselves: each row stores
+//! ([`SqlStore`], one implementation over a small [`Dialect`] trait: SQLite or PostgreSQL) or
+//! over gRPC ([`grpc::MetadataGrpcClient`] talking to a [`grpc::MetadataGrpcServer`]; each RPC
+//! is named after its trait method). Records are the proto messages themselves: each row stores
 //! the prost-encoded message plus indexed copies of the fields that queries filter on.
 //!
-//! **Lifecycle.** [`SqlStore::connect`] opens the database named by a URL (`sqlite://PATH`,
+//! **Lifecycle.** [`connect`] opens the database named by a URL (`sqlite://PATH`,
 //! `sqlite::memory:`, `postgres://...`), creating a SQLite file if needed, and applies the
-//! embedded schema migrations. The executor then writes with [`MetadataStore::commit`], its
+//! embedded schema migrations ([`connect_sql`] also keeps [`SqlDatabase::postgres_tls`] and
+//! [`SqlDatabase::close`]). The executor then writes with [`MetadataStore::commit`], its
 //! group commit: one transaction per batch of run, step and event mutations, all or nothing.
 //! On start it takes the named lease `"executor"` ([`MetadataStore::acquire_lease`]), renews it
 //! while it runs, and commits with [`MetadataStore::commit_fenced`], which refuses a batch once
 //! another holder has taken the lease (its epoch went up). It recovers with
 //! [`MetadataStore::read_active_runs_checked`], which lists runs whose records do not decode
 //! apart instead of failing, and ends those with [`MetadataStore::quarantine_run`].
-//! [`SqlStore::close`] (or dropping the store) closes the connections.
+//! [`SqlDatabase::close`] (or dropping the store) closes the connections.
 //!
 //! **How it fails.** Every operation returns a [`StoreError`] whose variant says what the caller
 //! can do: `NotFound`, `AlreadyExists` (a unique key is taken: an idempotency key or an event
@@ -38,7 +40,9 @@ mod store;
 
 pub use dagmesh_proto::v1::{ActiveRuns, UnreadableRun};
 pub use error::StoreError;
-pub use sql::{PgTls, SqlStore};
+pub use sql::{
+    Dialect, PgTls, PostgresStore, SqlDatabase, SqlStore, SqliteStore, connect, connect_sql,
+};
 pub use store::{
     DEFAULT_EVENT_LIMIT, DEFAULT_PAGE_SIZE, Lease, MAX_LEASE_TTL, MAX_PAGE_SIZE, MetadataStore,
 };

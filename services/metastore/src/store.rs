@@ -45,6 +45,10 @@ pub const DEFAULT_EVENT_LIMIT: u32 = 1000;
 /// Implemented by [`crate::SqlStore`] (in-process, SQLite or PostgreSQL) and by
 /// [`crate::grpc::MetadataGrpcClient`] (a remote metastore), so callers hold an
 /// `Arc<dyn MetadataStore>` and do not care which.
+///
+/// A new method goes here, in the SQL implementation (`sql/store.rs`, for every dialect at
+/// once) and in the gRPC adapter (`grpc.rs`), with an RPC of the same name in
+/// `proto/dagmesh/v1/metadata.proto`.
 #[async_trait::async_trait]
 pub trait MetadataStore: Send + Sync + 'static {
     /// Stores `spec` as the next version of `spec.name`, unless the latest version already has

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use dagmesh_metastore::grpc::{MetadataGrpcClient, MetadataGrpcServer};
-use dagmesh_metastore::{MetadataStore, SqlStore, StoreError};
+use dagmesh_metastore::{MetadataStore, SqliteStore, StoreError, connect_sql};
 use dagmesh_proto::v1::{
     ListRunsRequest, LogLine, Mutation, Run, RunEvent, RunState, Step, StepLog, StepSpec,
     StepState, WorkflowSpec, mutation, run_event,
@@ -190,7 +190,7 @@ mod harness {
     {
         let dir = tempfile::tempdir()?;
         let url = sqlite_url(dir.path());
-        let store = Arc::new(SqlStore::connect(&url).await?);
+        let store = connect_sql(&url).await?;
         assert_eq!(store.backend_name(), "sqlite");
         let result = case(store.clone(), Raw::Sqlite(url)).await;
         store.close().await;
@@ -248,7 +248,7 @@ mod harness {
         // Catch a failed assertion too, so the database is dropped either way.
         let outcome = AssertUnwindSafe(async {
             let url = database_url(&admin, &db);
-            let store = Arc::new(SqlStore::connect(&url).await?);
+            let store = connect_sql(&url).await?;
             assert_eq!(store.backend_name(), "postgres");
             let result = case(store.clone(), Raw::Postgres(url)).await;
             store.close().await;
@@ -275,7 +275,7 @@ mod harness {
     {
         let dir = tempfile::tempdir()?;
         let url = sqlite_url(dir.path());
-        let backing = Arc::new(SqlStore::connect(&url).await?);
+        let backing = connect_sql(&url).await?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
@@ -1915,7 +1915,7 @@ async fn sqlite_data_survives_reopen() -> anyhow::Result<()> {
     let path = dir.path().join("nested/state/meta.db");
     let url = format!("sqlite://{}", path.display());
 
-    let store = SqlStore::connect(&url).await?;
+    let store = SqliteStore::connect(&url).await?;
     assert!(
         path.exists(),
         "connect creates the file and its directories"
@@ -1940,7 +1940,7 @@ async fn sqlite_data_survives_reopen() -> anyhow::Result<()> {
     store.close().await;
     drop(store);
 
-    let store = SqlStore::connect(&url).await?;
+    let store = SqliteStore::connect(&url).await?;
     assert_eq!(store.get_workflow("build", None).await?, wf);
     assert_eq!(store.get_run(&id).await?, before);
     assert_eq!(seqs(&store.read_events(&id, 0, 0).await?), [1, 2]);

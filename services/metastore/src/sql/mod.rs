@@ -1,48 +1,88 @@
-//! [`SqlStore`]: the [`MetadataStore`] on SQLite or PostgreSQL, through sqlx.
+//! [`SqlStore`]: the [`MetadataStore`] in a SQL database, through sqlx.
 //!
-//! The two dialects differ enough (placeholders, BLOB vs BYTEA, batch inserts) that each backend
-//! has its own module with its own SQL; what they share (record encoding, paging, assembling a
-//! run from its rows) lives here.
+//! One implementation ([`store`]) serves every database: its statements use `$N` parameters,
+//! which SQLite reads too. A [`Dialect`] ties a `sqlx::Database` to the little that differs:
+//! how to connect, how a write transaction begins and locks rows, whose clock judges leases,
+//! and the batch commit (multi-row statements on SQLite, arrays on PostgreSQL). Record encoding
+//! and assembly live in [`records`].
 
 mod postgres;
+mod records;
 mod sqlite;
+mod store;
 
-use std::collections::HashMap;
-use std::time::Duration;
+use std::future::Future;
+use std::sync::Arc;
 
-use dagmesh_proto::v1::{
-    ActiveRuns, Backfill, CacheEntry, EventUnreadable, ListRunsRequest, ListRunsResponse, Mutation,
-    Run, RunEvent, RunState, RunStateChanged, Schedule, Step, StepState, StepStateChanged,
-    StoredToken, Trigger, UnreadableRun, Workflow, WorkflowSpec, mutation, run_event,
-};
-use prost::Message;
-use prost_types::Timestamp;
-use sqlx::QueryBuilder;
+use dagmesh_proto::v1::Mutation;
+use sqlx::Pool;
 
-use crate::StoreError;
-use crate::store::{Lease, MetadataStore, page_size};
+use crate::{MetadataStore, StoreError};
 
-/// How often `put_workflow` retries after losing a race for the next version number. Each lost
-/// race means another writer committed a version, so this bounds the number of concurrent
-/// writers of one workflow name, not the time.
-const PUT_WORKFLOW_ATTEMPTS: usize = 64;
+/// What differs between the databases a [`SqlStore`] runs on. Implemented for `sqlx::Sqlite`
+/// and `sqlx::Postgres` only (sealed: the generic statements are tested on those two).
+pub trait Dialect: sqlx::Database + sealed::Sealed {
+    /// `"sqlite"` or `"postgres"`.
+    const BACKEND: &'static str;
+    /// The statement that begins a write transaction.
+    const BEGIN_WRITE: &'static str;
+    /// Appended to a read of a row the transaction will write, to lock it until the commit;
+    /// empty where [`Dialect::BEGIN_WRITE`] already holds the database's write lock.
+    const FOR_UPDATE: &'static str;
+    /// Appended to the fenced commit's read of its lease row: excludes a concurrent acquire,
+    /// not other commits.
+    const FOR_SHARE: &'static str;
+    /// The query for the clock that lease expiries are judged by, in microseconds since the
+    /// Unix epoch; `None`: this process's clock.
+    const CLOCK: Option<&'static str>;
 
-/// A metadata store in a SQL database, chosen by URL:
+    /// How many rows a statement changed (sqlx has no trait for it).
+    fn rows_affected(result: &Self::QueryResult) -> u64;
+
+    /// Opens the database at `url`, creating it where the dialect can, and applies its
+    /// migrations. Returns the pool for writes and the pool for reads (they may be one).
+    fn connect(
+        url: &str,
+    ) -> impl Future<Output = Result<(Pool<Self>, Pool<Self>), StoreError>> + Send;
+
+    /// Applies a validated commit batch inside the caller's transaction.
+    fn apply<'a>(
+        conn: &'a mut Self::Connection,
+        mutations: &'a [Mutation],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send + 'a;
+
+    /// Whether the server offers TLS and the pool's connections use it; `None` where the
+    /// question does not arise (SQLite).
+    fn tls(pool: &Pool<Self>) -> impl Future<Output = Result<Option<PgTls>, StoreError>> + Send;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for sqlx::Sqlite {}
+    impl Sealed for sqlx::Postgres {}
+}
+
+/// A metadata store in a SQL database: [`SqliteStore`] or [`PostgresStore`]. [`connect`] picks
+/// one by URL:
 ///
 /// - `sqlite://PATH` (the file and its parent directories are created when missing) or
 ///   `sqlite::memory:` (gone when the store is dropped);
 /// - `postgres://...` or `postgresql://...` (the database must exist).
 ///
-/// `connect` applies the embedded schema migrations. Dropping the store (or [`SqlStore::close`])
-/// closes its connections.
-pub struct SqlStore {
-    backend: Backend,
+/// Connecting applies the embedded schema migrations. Dropping the store (or
+/// [`SqlStore::close`]) closes its connections.
+pub struct SqlStore<D: Dialect> {
+    /// SQLite: one connection, the only writer, so that writes queue in the pool instead of
+    /// failing as busy. PostgreSQL: the one pool.
+    write: Pool<D>,
+    /// Readers (the write pool where the dialect has no separate readers).
+    read: Pool<D>,
 }
 
-enum Backend {
-    Sqlite(sqlite::SqliteStore),
-    Postgres(postgres::PgStore),
-}
+/// The store on SQLite.
+pub type SqliteStore = SqlStore<sqlx::Sqlite>;
+/// The store on PostgreSQL.
+pub type PostgresStore = SqlStore<sqlx::Postgres>;
 
 /// How a PostgreSQL connection is protected (see [`SqlStore::postgres_tls`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,768 +94,111 @@ pub struct PgTls {
     pub connection_encrypted: bool,
 }
 
-impl SqlStore {
-    /// For PostgreSQL: whether the server offers TLS and this store's connection uses it
-    /// (logged at start, so an operator sees it). None for SQLite.
-    pub async fn postgres_tls(&self) -> Result<Option<PgTls>, StoreError> {
-        match &self.backend {
-            Backend::Sqlite(_) => Ok(None),
-            Backend::Postgres(store) => store.tls().await.map(Some),
-        }
-    }
-
+impl<D: Dialect> SqlStore<D> {
     /// Opens (and migrates) the database at `url`.
-    pub async fn connect(url: &str) -> Result<SqlStore, StoreError> {
-        let Some((scheme, _)) = url.split_once(':') else {
-            return Err(StoreError::InvalidArgument(
-                "metadata store URL has no scheme: use sqlite://PATH, sqlite::memory: or \
-                 postgres://HOST/DB"
-                    .to_owned(),
-            ));
-        };
-        let backend = match scheme {
-            "sqlite" => Backend::Sqlite(sqlite::SqliteStore::connect(url).await?),
-            "postgres" | "postgresql" => Backend::Postgres(postgres::PgStore::connect(url).await?),
-            other => {
-                return Err(StoreError::InvalidArgument(format!(
-                    "unsupported metadata store URL scheme {other:?}: use sqlite://PATH, \
-                     sqlite::memory: or postgres://HOST/DB"
-                )));
-            }
-        };
-        let store = SqlStore { backend };
-        tracing::info!(backend = store.backend_name(), "metadata store ready");
-        Ok(store)
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let (write, read) = D::connect(url).await?;
+        tracing::info!(backend = D::BACKEND, "metadata store ready");
+        Ok(SqlStore { write, read })
     }
 
     /// `"sqlite"` or `"postgres"`.
     pub fn backend_name(&self) -> &'static str {
-        match self.backend {
-            Backend::Sqlite(_) => "sqlite",
-            Backend::Postgres(_) => "postgres",
-        }
+        D::BACKEND
+    }
+
+    /// For PostgreSQL: whether the server offers TLS and this store's connection uses it
+    /// (logged at start, so an operator sees it). None for SQLite.
+    pub async fn postgres_tls(&self) -> Result<Option<PgTls>, StoreError> {
+        D::tls(&self.read).await
     }
 
     /// Closes the connections, waiting for operations in flight. Later calls fail with
     /// `Unavailable`. For SQLite this also checkpoints the write-ahead log into the database file.
     pub async fn close(&self) {
-        match &self.backend {
-            Backend::Sqlite(s) => s.close().await,
-            Backend::Postgres(p) => p.close().await,
-        }
+        self.read.close().await;
+        self.write.close().await;
     }
+}
 
-    fn inner(&self) -> &dyn MetadataStore {
-        match &self.backend {
-            Backend::Sqlite(s) => s,
-            Backend::Postgres(p) => p,
-        }
-    }
+/// A SQL store opened by URL, whichever its database: the [`MetadataStore`] plus what only a
+/// database has. Its `Arc` converts into an `Arc<dyn MetadataStore>`.
+#[async_trait::async_trait]
+pub trait SqlDatabase: MetadataStore {
+    /// `"sqlite"` or `"postgres"`.
+    fn backend_name(&self) -> &'static str;
+    /// See [`SqlStore::postgres_tls`].
+    async fn postgres_tls(&self) -> Result<Option<PgTls>, StoreError>;
+    /// See [`SqlStore::close`].
+    async fn close(&self);
 }
 
 #[async_trait::async_trait]
-impl MetadataStore for SqlStore {
-    async fn put_workflow(
-        &self,
-        spec: WorkflowSpec,
-        content_hash: String,
-    ) -> Result<(Workflow, bool), StoreError> {
-        self.inner().put_workflow(spec, content_hash).await
-    }
-
-    async fn get_workflow(&self, name: &str, version: Option<u32>) -> Result<Workflow, StoreError> {
-        self.inner().get_workflow(name, version).await
-    }
-
-    async fn list_workflows(&self) -> Result<Vec<Workflow>, StoreError> {
-        self.inner().list_workflows().await
-    }
-
-    async fn commit(&self, mutations: Vec<Mutation>) -> Result<(), StoreError> {
-        self.inner().commit(mutations).await
-    }
-
-    async fn get_run(&self, run_id: &str) -> Result<Run, StoreError> {
-        self.inner().get_run(run_id).await
-    }
-
-    async fn list_runs(&self, req: &ListRunsRequest) -> Result<ListRunsResponse, StoreError> {
-        self.inner().list_runs(req).await
-    }
-
-    async fn find_run_by_idempotency_key(&self, key: &str) -> Result<Option<String>, StoreError> {
-        self.inner().find_run_by_idempotency_key(key).await
-    }
-
-    async fn read_events(
-        &self,
-        run_id: &str,
-        after_seq: u64,
-        limit: u32,
-    ) -> Result<Vec<RunEvent>, StoreError> {
-        self.inner().read_events(run_id, after_seq, limit).await
-    }
-
-    async fn read_active_runs(&self) -> Result<Vec<Run>, StoreError> {
-        self.inner().read_active_runs().await
-    }
-
-    async fn read_active_runs_checked(&self) -> Result<ActiveRuns, StoreError> {
-        self.inner().read_active_runs_checked().await
-    }
-
-    async fn quarantine_run(&self, run_id: &str, reason: &str) -> Result<Run, StoreError> {
-        self.inner().quarantine_run(run_id, reason).await
-    }
-
-    async fn acquire_lease(
-        &self,
-        name: &str,
-        holder: &str,
-        ttl: Duration,
-    ) -> Result<Lease, StoreError> {
-        self.inner().acquire_lease(name, holder, ttl).await
-    }
-
-    async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<Lease, StoreError> {
-        self.inner().renew_lease(lease, ttl).await
-    }
-
-    async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
-        self.inner().release_lease(lease).await
-    }
-
-    async fn commit_fenced(
-        &self,
-        fence: &Lease,
-        mutations: Vec<Mutation>,
-    ) -> Result<(), StoreError> {
-        self.inner().commit_fenced(fence, mutations).await
-    }
-
-    async fn create_schedule(&self, schedule: Schedule) -> Result<Schedule, StoreError> {
-        self.inner().create_schedule(schedule).await
-    }
-
-    async fn get_schedule(&self, id_or_name: &str) -> Result<Schedule, StoreError> {
-        self.inner().get_schedule(id_or_name).await
-    }
-
-    async fn list_schedules(&self) -> Result<Vec<Schedule>, StoreError> {
-        self.inner().list_schedules().await
-    }
-
-    async fn delete_schedule(&self, id_or_name: &str) -> Result<(), StoreError> {
-        self.inner().delete_schedule(id_or_name).await
-    }
-
-    async fn set_schedule_paused(
-        &self,
-        id_or_name: &str,
-        paused: bool,
-    ) -> Result<Schedule, StoreError> {
-        self.inner().set_schedule_paused(id_or_name, paused).await
-    }
-
-    async fn advance_schedule(
-        &self,
-        id: &str,
-        expected: Option<Timestamp>,
-        to: Timestamp,
-    ) -> Result<bool, StoreError> {
-        self.inner().advance_schedule(id, expected, to).await
-    }
-
-    async fn create_trigger(&self, trigger: Trigger) -> Result<Trigger, StoreError> {
-        self.inner().create_trigger(trigger).await
-    }
-
-    async fn list_triggers(&self, topic: &str) -> Result<Vec<Trigger>, StoreError> {
-        self.inner().list_triggers(topic).await
-    }
-
-    async fn delete_trigger(&self, id_or_name: &str) -> Result<(), StoreError> {
-        self.inner().delete_trigger(id_or_name).await
-    }
-
-    async fn put_backfill(&self, backfill: Backfill) -> Result<(), StoreError> {
-        self.inner().put_backfill(backfill).await
-    }
-
-    async fn get_backfill(&self, id: &str) -> Result<Backfill, StoreError> {
-        self.inner().get_backfill(id).await
-    }
-
-    async fn list_backfills(&self) -> Result<Vec<Backfill>, StoreError> {
-        self.inner().list_backfills().await
-    }
-
-    async fn put_token(&self, token: StoredToken) -> Result<(), StoreError> {
-        self.inner().put_token(token).await
-    }
-
-    async fn get_token(&self, id_or_name: &str) -> Result<StoredToken, StoreError> {
-        self.inner().get_token(id_or_name).await
-    }
-
-    async fn read_cache_entry(&self, key: &str) -> Result<Option<CacheEntry>, StoreError> {
-        self.inner().read_cache_entry(key).await
-    }
-
-    async fn read_webhook_deliveries(
-        &self,
-        request: &dagmesh_proto::v1::ReadWebhookDeliveriesRequest,
-    ) -> Result<Vec<dagmesh_proto::v1::WebhookDelivery>, StoreError> {
-        self.inner().read_webhook_deliveries(request).await
-    }
-
-    async fn list_tokens(&self) -> Result<Vec<StoredToken>, StoreError> {
-        self.inner().list_tokens().await
-    }
-
-    async fn revoke_token(&self, id_or_name: &str) -> Result<StoredToken, StoreError> {
-        self.inner().revoke_token(id_or_name).await
-    }
-}
-
-/// Decodes the `body` column of a row; `what` names the row in the error.
-fn decode<M: Message + Default>(
-    body: &[u8],
-    what: impl FnOnce() -> String,
-) -> Result<M, StoreError> {
-    M::decode(body).map_err(|err| StoreError::DataLoss(unreadable(&what(), &err)))
-}
-
-/// A webhook delivery read back. One that does not decode comes back GAVE_UP with the reason
-/// (so the deliverer retires it) instead of failing the whole read: one damaged row must not
-/// stop every other delivery.
-fn decode_delivery(id: &str, run_id: &str, body: &[u8]) -> dagmesh_proto::v1::WebhookDelivery {
-    use dagmesh_proto::v1::{DeliveryState, WebhookDelivery};
-    WebhookDelivery::decode(body).unwrap_or_else(|err| WebhookDelivery {
-        delivery_id: id.to_owned(),
-        run_id: run_id.to_owned(),
-        state: DeliveryState::GaveUp as i32,
-        last_error: unreadable(&format!("webhook delivery {id:?}"), &err),
-        ..WebhookDelivery::default()
-    })
-}
-
-/// Why a record is unreadable, naming it.
-fn unreadable(what: &str, err: &prost::DecodeError) -> String {
-    format!("the stored record of {what} does not decode: {err}")
-}
-
-/// The stored form of a run: without its steps, which have rows of their own.
-fn encode_run(run: &Run) -> Vec<u8> {
-    if run.steps.is_empty() {
-        run.encode_to_vec()
-    } else {
-        Run {
-            steps: Vec::new(),
-            ..run.clone()
-        }
-        .encode_to_vec()
-    }
-}
-
-fn new_workflow(spec: WorkflowSpec, content_hash: String, version: u32) -> Workflow {
-    Workflow {
-        name: spec.name.clone(),
-        version,
-        spec: Some(spec),
-        content_hash,
-        created_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
-    }
-}
-
-fn validate_spec(spec: &WorkflowSpec) -> Result<(), StoreError> {
-    if spec.name.is_empty() {
-        return Err(StoreError::InvalidArgument(
-            "spec.name: must not be empty".to_owned(),
-        ));
-    }
-    Ok(())
-}
-
-/// `after_seq` as a bound for the `seq` column. Sequence numbers beyond `i64::MAX` are never
-/// stored (commit rejects them), so a larger bound simply matches nothing.
-fn seq_bound(after_seq: u64) -> i64 {
-    i64::try_from(after_seq).unwrap_or(i64::MAX)
-}
-
-/// Whether a row of the run/step union queries is the run (kind 0) or one of its steps (1).
-const KIND_RUN: i32 = 0;
-
-/// A row of the "each run, then its steps in position order" union queries:
-/// `(run_id, kind, position, step_id, workflow, state, body)`. `step_id` is empty on the run
-/// row; `workflow` and `state` (the run's indexed columns) are empty and 0 on step rows.
-type UnionRow = (String, i32, i64, String, String, i32, Vec<u8>);
-
-/// The identifying fields of a stored [`Run`], decoded on their own when the whole record does
-/// not: prost skips the other fields (a too-deeply nested `inputs` included) without looking
-/// inside them. The tags are those of `dagmesh.v1.Run` (a test checks they agree).
-#[derive(Clone, PartialEq, prost::Message)]
-struct RunHeader {
-    #[prost(string, tag = "1")]
-    run_id: String,
-    #[prost(string, tag = "2")]
-    workflow: String,
-    #[prost(uint32, tag = "3")]
-    workflow_version: u32,
-    #[prost(map = "string, string", tag = "6")]
-    tags: HashMap<String, String>,
-    #[prost(string, tag = "7")]
-    idempotency_key: String,
-    #[prost(message, optional, tag = "10")]
-    created_at: Option<Timestamp>,
-    #[prost(int32, tag = "13")]
-    priority: i32,
-}
-
-/// One run read back from its rows: each record decoded, or why it could not be.
-struct StoredRun {
-    run_id: String,
-    /// The indexed columns, which stay readable when the record does not.
-    workflow: String,
-    state: i32,
-    run: Result<Run, (String, RunHeader)>,
-    steps: Vec<(String, Result<Step, String>)>,
-}
-
-impl StoredRun {
-    fn from_row(run_id: String, workflow: String, state: i32, body: &[u8]) -> StoredRun {
-        let run = Run::decode(body).map_err(|err| {
-            let reason = unreadable(&format!("run {run_id:?}"), &err);
-            (reason, RunHeader::decode(body).unwrap_or_default())
-        });
-        StoredRun {
-            run_id,
-            workflow,
-            state,
-            run,
-            steps: Vec::new(),
-        }
-    }
-
-    fn push_step(&mut self, step_id: String, body: &[u8]) {
-        let step = Step::decode(body)
-            .map_err(|err| unreadable(&format!("step {step_id:?} of run {:?}", self.run_id), &err));
-        self.steps.push((step_id, step));
-    }
-
-    /// The reasons of every record that does not decode, run first.
-    fn problems(&self) -> Vec<&str> {
-        let run = self.run.as_ref().err().map(|(reason, _)| reason.as_str());
-        let steps = self
-            .steps
-            .iter()
-            .filter_map(|(_, step)| step.as_ref().err());
-        run.into_iter().chain(steps.map(String::as_str)).collect()
-    }
-
-    /// The run with every step, if every record decodes.
-    fn into_readable(self) -> Result<Run, UnreadableRun> {
-        let problems = self.problems();
-        if let Some(first) = problems.first() {
-            let reason = match problems.len() {
-                1 => (*first).to_owned(),
-                n => format!("{first} (and {} more unreadable records)", n - 1),
-            };
-            return Err(UnreadableRun {
-                run_id: self.run_id.clone(),
-                workflow: self.workflow.clone(),
-                workflow_version: self.header_version(),
-                reason,
-            });
-        }
-        let StoredRun { run, steps, .. } = self;
-        // Every record decoded (checked just above).
-        let mut run = run.unwrap_or_default();
-        run.steps = steps.into_iter().filter_map(|(_, s)| s.ok()).collect();
-        Ok(run)
-    }
-
-    fn header_version(&self) -> u32 {
-        match &self.run {
-            Ok(run) => run.workflow_version,
-            Err((_, header)) => header.workflow_version,
-        }
-    }
-
-    /// The run for a reader: an unreadable run record becomes a stand-in built from the
-    /// indexed columns and the header, and an unreadable step record a placeholder step of
-    /// state UNSPECIFIED; `error` says what was unreadable either way.
-    fn into_lenient(self) -> Run {
-        let mut run = match self.run {
-            Ok(run) => run,
-            Err((reason, header)) => {
-                stand_in_run(&self.run_id, self.workflow, self.state, header, reason)
-            }
-        };
-        let run_id = run.run_id.clone();
-        run.steps = self
-            .steps
-            .into_iter()
-            .map(|(step_id, step)| {
-                step.unwrap_or_else(|reason| {
-                    placeholder_step(&run_id, step_id, StepState::Unspecified, reason)
-                })
-            })
-            .collect();
-        run
-    }
-}
-
-/// A decodable run rebuilt from what of an unreadable record survives.
-fn stand_in_run(
-    run_id: &str,
-    workflow: String,
-    state: i32,
-    header: RunHeader,
-    error: String,
-) -> Run {
-    Run {
-        run_id: run_id.to_owned(),
-        workflow,
-        workflow_version: header.workflow_version,
-        state,
-        tags: header.tags,
-        idempotency_key: header.idempotency_key,
-        created_at: header.created_at,
-        priority: header.priority,
-        error,
-        ..Default::default()
-    }
-}
-
-fn placeholder_step(run_id: &str, step_id: String, state: StepState, error: String) -> Step {
-    Step {
-        run_id: run_id.to_owned(),
-        task_id: format!("{run_id}/{step_id}"),
-        step_id,
-        state: state as i32,
-        error,
-        ..Default::default()
-    }
-}
-
-/// Groups [`UnionRow`]s sorted by run, kind and position into runs. Steps whose run row is
-/// absent are ignored.
-fn group_runs(rows: Vec<UnionRow>) -> Vec<StoredRun> {
-    let mut runs: Vec<StoredRun> = Vec::new();
-    for (run_id, kind, _, step_id, workflow, state, body) in rows {
-        if kind == KIND_RUN {
-            runs.push(StoredRun::from_row(run_id, workflow, state, &body));
-        } else if let Some(run) = runs.last_mut().filter(|r| r.run_id == run_id) {
-            run.push_step(step_id, &body);
-        }
-    }
-    runs
-}
-
-/// The answer of `read_active_runs_checked` from the active runs' union rows.
-fn active_runs(rows: Vec<UnionRow>) -> ActiveRuns {
-    let mut active = ActiveRuns::default();
-    for stored in group_runs(rows) {
-        match stored.into_readable() {
-            Ok(run) => active.runs.push(run),
-            Err(unreadable) => active.unreadable.push(unreadable),
-        }
-    }
-    active
-}
-
-/// `read_active_runs`: all or nothing, as it always was, with the damaged run named.
-fn active_runs_strict(rows: Vec<UnionRow>) -> Result<Vec<Run>, StoreError> {
-    let active = active_runs(rows);
-    if let Some(bad) = active.unreadable.first() {
-        return Err(StoreError::DataLoss(format!(
-            "active run {:?} cannot be recovered: {}",
-            bad.run_id, bad.reason
-        )));
-    }
-    Ok(active.runs)
-}
-
-/// `get_run` from the run's union rows.
-fn one_run(run_id: &str, rows: Vec<UnionRow>) -> Result<Run, StoreError> {
-    group_runs(rows)
-        .pop()
-        .map(StoredRun::into_lenient)
-        .ok_or_else(|| crate::store::run_not_found(run_id))
-}
-
-/// An event row for a reader: an undecodable one keeps its place with `unreadable` set.
-fn event_from_row(run_id: &str, seq: i64, body: &[u8]) -> RunEvent {
-    RunEvent::decode(body).unwrap_or_else(|err| RunEvent {
-        run_id: run_id.to_owned(),
-        seq: u64::try_from(seq).unwrap_or(0),
-        at: None,
-        event: Some(run_event::Event::Unreadable(EventUnreadable {
-            reason: unreadable(&format!("event {seq} of run {run_id:?}"), &err),
-        })),
-    })
-}
-
-/// What `quarantine_run` writes, given the run's rows read inside its transaction: the run
-/// FAILED with `reason`; unreadable steps replaced by FAILED ones and unfinished steps
-/// CANCELLED, each with a StepStateChanged event; then RunStateChanged{FAILED, reason}, the
-/// last event, numbered after `max_seq`.
-fn quarantine_mutations(
-    stored: StoredRun,
-    max_seq: i64,
-    reason: &str,
-) -> Result<Vec<Mutation>, StoreError> {
-    // The reason becomes the run's error and is echoed back by every read: bounded like a
-    // worker's error text.
-    let mut reason = reason.to_owned();
-    dagmesh_proto::limits::truncate_marked(&mut reason, dagmesh_proto::limits::MAX_ERROR_LEN);
-    let reason = reason.as_str();
-    let now = Timestamp::from(std::time::SystemTime::now());
-    let run_id = stored.run_id.clone();
-    let mut run = match stored.run {
-        Ok(run) => run,
-        Err((why, header)) => stand_in_run(&run_id, stored.workflow, stored.state, header, why),
-    };
-    let mut seq = u64::try_from(max_seq).unwrap_or(0).max(run.last_seq);
-    let mut next_seq = || -> Result<u64, StoreError> {
-        seq = seq
-            .checked_add(1)
-            .filter(|s| i64::try_from(*s).is_ok())
-            .ok_or_else(|| {
-                StoreError::InvalidArgument(format!("run {run_id:?} has no event numbers left"))
-            })?;
-        Ok(seq)
-    };
-    let mut mutations = Vec::new();
-    for (step_id, step) in stored.steps {
-        let step = match step {
-            Err(why) => placeholder_step(
-                &run.run_id,
-                step_id,
-                StepState::Failed,
-                format!("quarantined: {why}"),
-            ),
-            Ok(step) if !is_step_finished(step.state()) => Step {
-                state: StepState::Cancelled as i32,
-                error: reason.to_owned(),
-                finished_at: Some(now),
-                ..step
-            },
-            Ok(_) => continue,
-        };
-        mutations.push(event_mutation(RunEvent {
-            run_id: run.run_id.clone(),
-            seq: next_seq()?,
-            at: Some(now),
-            event: Some(run_event::Event::StepState(StepStateChanged {
-                step_id: step.step_id.clone(),
-                state: step.state,
-                attempt: step.attempt,
-                worker: String::new(),
-                error: step.error.clone(),
-                item_count: 0,
-                cached_from: String::new(),
-            })),
-        }));
-        mutations.push(Mutation {
-            mutation: Some(mutation::Mutation::PutStep(step)),
-        });
-    }
-    let last = next_seq()?;
-    mutations.push(event_mutation(RunEvent {
-        run_id: run.run_id.clone(),
-        seq: last,
-        at: Some(now),
-        event: Some(run_event::Event::RunState(RunStateChanged {
-            state: RunState::Failed as i32,
-            error: reason.to_owned(),
-            actor: String::new(),
-            suspended: false,
-        })),
-    }));
-    run.state = RunState::Failed as i32;
-    run.error = reason.to_owned();
-    run.finished_at = Some(now);
-    run.last_seq = last;
-    run.queue_position = 0;
-    run.steps.clear();
-    mutations.push(Mutation {
-        mutation: Some(mutation::Mutation::PutRun(run)),
-    });
-    Ok(mutations)
-}
-
-fn event_mutation(event: RunEvent) -> Mutation {
-    Mutation {
-        mutation: Some(mutation::Mutation::AppendEvent(event)),
-    }
-}
-
-fn is_step_finished(state: StepState) -> bool {
-    matches!(
-        state,
-        StepState::Succeeded | StepState::Failed | StepState::Skipped | StepState::Cancelled
-    )
-}
-
-/// The `list_runs` query: filters as `AND` clauses, keyset pagination on `run_id`, one row more
-/// than the page to learn whether another page follows. Selects `(run_id, workflow, state,
-/// body)`.
-fn list_runs_query<DB>(req: &ListRunsRequest) -> QueryBuilder<DB>
+impl<D: Dialect> SqlDatabase for SqlStore<D>
 where
-    DB: sqlx::Database,
-    DB::Arguments: Default,
-    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> i32: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    SqlStore<D>: MetadataStore,
 {
-    let mut q =
-        QueryBuilder::new("SELECT r.run_id, r.workflow, r.state, r.body FROM runs r WHERE 1 = 1");
-    if !req.workflow.is_empty() {
-        q.push(" AND r.workflow = ").push_bind(req.workflow.clone());
+    fn backend_name(&self) -> &'static str {
+        D::BACKEND
     }
-    if req.state != 0 {
-        q.push(" AND r.state = ").push_bind(req.state);
+
+    async fn postgres_tls(&self) -> Result<Option<PgTls>, StoreError> {
+        SqlStore::postgres_tls(self).await
     }
-    // Sorted so that the same filter always yields the same SQL text (and the cached statement).
-    let mut tags: Vec<_> = req.tags.iter().collect();
-    tags.sort();
-    for (key, value) in tags {
-        q.push(" AND EXISTS (SELECT 1 FROM run_tags t WHERE t.run_id = r.run_id AND t.key = ")
-            .push_bind(key.clone())
-            .push(" AND t.value = ")
-            .push_bind(value.clone())
-            .push(")");
+
+    async fn close(&self) {
+        SqlStore::close(self).await
     }
-    if !req.page_token.is_empty() {
-        q.push(" AND r.run_id < ").push_bind(req.page_token.clone());
-    }
-    q.push(" ORDER BY r.run_id DESC LIMIT ")
-        .push_bind(i64::from(page_size(req)) + 1);
-    q
 }
 
-/// A row of [`list_runs_query`].
-type ListRow = (String, String, i32, Vec<u8>);
+/// Opens (and migrates) the metadata store at `url` (`sqlite://PATH`, `sqlite::memory:`,
+/// `postgres://HOST/DB`).
+pub async fn connect(url: &str) -> Result<Arc<dyn MetadataStore>, StoreError> {
+    Ok(connect_sql(url).await?)
+}
 
-/// Turns the rows of [`list_runs_query`] into a page. An unreadable run is listed as a stand-in
-/// whose `error` says so, rather than failing the page for every other run.
-fn runs_page(req: &ListRunsRequest, rows: Vec<ListRow>) -> Result<ListRunsResponse, StoreError> {
-    let size = page_size(req) as usize;
-    let more = rows.len() > size;
-    let runs: Vec<Run> = rows
-        .into_iter()
-        .take(size)
-        .map(|(run_id, workflow, state, body)| {
-            StoredRun::from_row(run_id, workflow, state, &body).into_lenient()
-        })
-        .collect();
-    let next_page_token = match runs.last() {
-        Some(last) if more => last.run_id.clone(),
-        _ => String::new(),
+/// [`connect`], keeping what only a database has ([`SqlDatabase`]): which one it is, its TLS
+/// and closing it.
+pub async fn connect_sql(url: &str) -> Result<Arc<dyn SqlDatabase>, StoreError> {
+    let Some((scheme, _)) = url.split_once(':') else {
+        return Err(StoreError::InvalidArgument(
+            "metadata store URL has no scheme: use sqlite://PATH, sqlite::memory: or \
+             postgres://HOST/DB"
+                .to_owned(),
+        ));
     };
-    Ok(ListRunsResponse {
-        runs,
-        next_page_token,
+    Ok(match scheme {
+        "sqlite" => Arc::new(SqliteStore::connect(url).await?),
+        "postgres" | "postgresql" => Arc::new(PostgresStore::connect(url).await?),
+        other => {
+            return Err(StoreError::InvalidArgument(format!(
+                "unsupported metadata store URL scheme {other:?}: use sqlite://PATH, \
+                 sqlite::memory: or postgres://HOST/DB"
+            )));
+        }
     })
 }
 
 #[cfg(test)]
 mod tests {
+    use dagmesh_proto::v1::WorkflowSpec;
+
     use super::*;
-
-    #[test]
-    fn run_header_reads_the_fields_of_a_run() {
-        let run = Run {
-            run_id: "r".into(),
-            workflow: "w".into(),
-            workflow_version: 7,
-            state: RunState::Running as i32,
-            tags: [("team".to_owned(), "a".to_owned())].into(),
-            idempotency_key: "k".into(),
-            created_at: Some(Timestamp {
-                seconds: 5,
-                nanos: 6,
-            }),
-            priority: -3,
-            error: "e".into(),
-            last_seq: 9,
-            ..Default::default()
-        };
-        let header = RunHeader::decode(run.encode_to_vec().as_slice()).unwrap();
-        assert_eq!(
-            header,
-            RunHeader {
-                run_id: "r".into(),
-                workflow: "w".into(),
-                workflow_version: 7,
-                tags: run.tags.clone(),
-                idempotency_key: "k".into(),
-                created_at: run.created_at,
-                priority: -3,
-            }
-        );
-    }
-
-    #[test]
-    fn run_header_survives_a_payload_too_deep_to_decode() {
-        let mut value = prost_types::Value::default();
-        for _ in 0..200 {
-            value = prost_types::Value {
-                kind: Some(prost_types::value::Kind::StructValue(prost_types::Struct {
-                    fields: [("a".to_owned(), value)].into(),
-                })),
-            };
-        }
-        let run = Run {
-            run_id: "r".into(),
-            workflow_version: 3,
-            inputs: Some(prost_types::Struct {
-                fields: [("deep".to_owned(), value)].into(),
-            }),
-            ..Default::default()
-        };
-        let body = run.encode_to_vec();
-        let stored = StoredRun::from_row("r".into(), "w".into(), RunState::Running as i32, &body);
-        let Err((reason, header)) = &stored.run else {
-            panic!("a 200-level payload must exceed prost's recursion limit");
-        };
-        assert!(reason.contains("run \"r\""), "{reason}");
-        assert_eq!(header.workflow_version, 3);
-        let lenient = stored.into_lenient();
-        assert_eq!(
-            (
-                lenient.workflow.as_str(),
-                lenient.workflow_version,
-                lenient.state
-            ),
-            ("w", 3, RunState::Running as i32)
-        );
-        assert!(
-            lenient.error.contains("does not decode"),
-            "{}",
-            lenient.error
-        );
-    }
 
     #[tokio::test]
     async fn unknown_scheme_is_rejected_by_name() {
-        let err = SqlStore::connect("mysql://localhost/db")
-            .await
-            .err()
-            .unwrap();
+        let err = connect("mysql://localhost/db").await.err().unwrap();
         assert!(
             matches!(&err, StoreError::InvalidArgument(m) if m.contains("\"mysql\"")),
             "{err:?}"
         );
-        let err = SqlStore::connect("just-a-path.db").await.err().unwrap();
+        let err = connect("just-a-path.db").await.err().unwrap();
         assert!(matches!(err, StoreError::InvalidArgument(_)), "{err:?}");
     }
 
     #[tokio::test]
     async fn in_memory_sqlite_works() {
-        let store = SqlStore::connect("sqlite::memory:").await.unwrap();
+        let store = connect_sql("sqlite::memory:").await.unwrap();
         assert_eq!(store.backend_name(), "sqlite");
         let spec = WorkflowSpec {
             name: "mem".into(),

@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
-use dagmesh_metastore::{MetadataStore, SqlStore};
+use dagmesh_metastore::MetadataStore;
 use dagmesh_proto::v1::{ListRunsRequest, ListRunsResponse, Run, RunState, SubmitRunRequest};
 use dagmesh_scheduler::{ManualClock, RunStarter, SchedError, Scheduler, SchedulerConfig};
 use serde_json::Value;
@@ -138,7 +138,7 @@ impl Harness {
     pub async fn new(start: &str) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("meta.db").display());
-        let store: Arc<dyn MetadataStore> = Arc::new(SqlStore::connect(&url).await.unwrap());
+        let store = dagmesh_metastore::connect(&url).await.unwrap();
         // The workflows these tests schedule must be registered, as they would be in production.
         for name in ["report", "ingest", "audit", "w", "daily-load"] {
             let spec = dagmesh_proto::v1::WorkflowSpec {

@@ -43,13 +43,13 @@ class MetadataServiceStub(object):
                 request_serializer=dagmesh_dot_v1_dot_metadata__pb2.PutWorkflowRequest.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.PutWorkflowResponse.FromString,
                 _registered_method=True)
-        self.ReadWorkflow = channel.unary_unary(
-                '/dagmesh.v1.MetadataService/ReadWorkflow',
+        self.GetWorkflow = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/GetWorkflow',
                 request_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReadWorkflowRequest.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_types__pb2.Workflow.FromString,
                 _registered_method=True)
-        self.ReadWorkflows = channel.unary_unary(
-                '/dagmesh.v1.MetadataService/ReadWorkflows',
+        self.ListWorkflows = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/ListWorkflows',
                 request_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReadWorkflowsRequest.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ReadWorkflowsResponse.FromString,
                 _registered_method=True)
@@ -58,13 +58,13 @@ class MetadataServiceStub(object):
                 request_serializer=dagmesh_dot_v1_dot_metadata__pb2.CommitRequest.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.CommitResponse.FromString,
                 _registered_method=True)
-        self.ReadRun = channel.unary_unary(
-                '/dagmesh.v1.MetadataService/ReadRun',
+        self.GetRun = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/GetRun',
                 request_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReadRunRequest.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_types__pb2.Run.FromString,
                 _registered_method=True)
-        self.QueryRuns = channel.unary_unary(
-                '/dagmesh.v1.MetadataService/QueryRuns',
+        self.ListRuns = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/ListRuns',
                 request_serializer=dagmesh_dot_v1_dot_run__pb2.ListRunsRequest.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_run__pb2.ListRunsResponse.FromString,
                 _registered_method=True)
@@ -128,13 +128,13 @@ class MetadataServiceStub(object):
                 request_serializer=dagmesh_dot_v1_dot_metadata__pb2.StoredToken.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.StoredToken.FromString,
                 _registered_method=True)
-        self.ReadToken = channel.unary_unary(
-                '/dagmesh.v1.MetadataService/ReadToken',
+        self.GetToken = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/GetToken',
                 request_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReadTokenRequest.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.StoredToken.FromString,
                 _registered_method=True)
-        self.ReadTokens = channel.unary_unary(
-                '/dagmesh.v1.MetadataService/ReadTokens',
+        self.ListTokens = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/ListTokens',
                 request_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReadTokensRequest.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ReadTokensResponse.FromString,
                 _registered_method=True)
@@ -143,23 +143,23 @@ class MetadataServiceStub(object):
                 request_serializer=dagmesh_dot_v1_dot_auth__pb2.RevokeTokenRequest.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.StoredToken.FromString,
                 _registered_method=True)
-        self.PutSchedule = channel.unary_unary(
-                '/dagmesh.v1.MetadataService/PutSchedule',
+        self.CreateSchedule = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/CreateSchedule',
                 request_serializer=dagmesh_dot_v1_dot_scheduler__pb2.Schedule.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.Schedule.FromString,
                 _registered_method=True)
-        self.ReadSchedule = channel.unary_unary(
-                '/dagmesh.v1.MetadataService/ReadSchedule',
+        self.GetSchedule = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/GetSchedule',
                 request_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReadScheduleRequest.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.Schedule.FromString,
                 _registered_method=True)
-        self.ReadSchedules = channel.unary_unary(
-                '/dagmesh.v1.MetadataService/ReadSchedules',
+        self.ListSchedules = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/ListSchedules',
                 request_serializer=dagmesh_dot_v1_dot_scheduler__pb2.ListSchedulesRequest.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.ListSchedulesResponse.FromString,
                 _registered_method=True)
-        self.RemoveSchedule = channel.unary_unary(
-                '/dagmesh.v1.MetadataService/RemoveSchedule',
+        self.DeleteSchedule = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/DeleteSchedule',
                 request_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReadScheduleRequest.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.DeleteScheduleResponse.FromString,
                 _registered_method=True)
@@ -173,18 +173,18 @@ class MetadataServiceStub(object):
                 request_serializer=dagmesh_dot_v1_dot_metadata__pb2.AdvanceScheduleRequest.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.AdvanceScheduleResponse.FromString,
                 _registered_method=True)
-        self.PutTrigger = channel.unary_unary(
-                '/dagmesh.v1.MetadataService/PutTrigger',
+        self.CreateTrigger = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/CreateTrigger',
                 request_serializer=dagmesh_dot_v1_dot_scheduler__pb2.Trigger.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.Trigger.FromString,
                 _registered_method=True)
-        self.ReadTriggers = channel.unary_unary(
-                '/dagmesh.v1.MetadataService/ReadTriggers',
+        self.ListTriggers = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/ListTriggers',
                 request_serializer=dagmesh_dot_v1_dot_scheduler__pb2.ListTriggersRequest.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.ListTriggersResponse.FromString,
                 _registered_method=True)
-        self.RemoveTrigger = channel.unary_unary(
-                '/dagmesh.v1.MetadataService/RemoveTrigger',
+        self.DeleteTrigger = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/DeleteTrigger',
                 request_serializer=dagmesh_dot_v1_dot_scheduler__pb2.DeleteTriggerRequest.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.DeleteTriggerResponse.FromString,
                 _registered_method=True)
@@ -193,13 +193,13 @@ class MetadataServiceStub(object):
                 request_serializer=dagmesh_dot_v1_dot_scheduler__pb2.Backfill.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.Backfill.FromString,
                 _registered_method=True)
-        self.ReadBackfill = channel.unary_unary(
-                '/dagmesh.v1.MetadataService/ReadBackfill',
+        self.GetBackfill = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/GetBackfill',
                 request_serializer=dagmesh_dot_v1_dot_scheduler__pb2.GetBackfillRequest.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.Backfill.FromString,
                 _registered_method=True)
-        self.ReadBackfills = channel.unary_unary(
-                '/dagmesh.v1.MetadataService/ReadBackfills',
+        self.ListBackfills = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/ListBackfills',
                 request_serializer=dagmesh_dot_v1_dot_scheduler__pb2.ListBackfillsRequest.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.ListBackfillsResponse.FromString,
                 _registered_method=True)
@@ -215,14 +215,14 @@ class MetadataServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ReadWorkflow(self, request, context):
+    def GetWorkflow(self, request, context):
         """NOT_FOUND when absent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ReadWorkflows(self, request, context):
+    def ListWorkflows(self, request, context):
         """Latest version of each workflow.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -236,14 +236,14 @@ class MetadataServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ReadRun(self, request, context):
+    def GetRun(self, request, context):
         """NOT_FOUND when absent. Includes the steps.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def QueryRuns(self, request, context):
+    def ListRuns(self, request, context):
         """Filtered, paginated, newest first, without steps.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -285,7 +285,7 @@ class MetadataServiceServicer(object):
         """Ends a run FAILED with `reason`, in one transaction, whatever its records hold: an
         undecodable run record is rebuilt from its indexed columns, undecodable step records are
         replaced by FAILED steps and unfinished steps are CANCELLED, each change is appended as an
-        event, and a final RunStateChanged{FAILED, reason} closes the log. Afterwards ReadRun
+        event, and a final RunStateChanged{FAILED, reason} closes the log. Afterwards GetRun
         answers normally. NOT_FOUND when the run does not exist.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -353,14 +353,14 @@ class MetadataServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ReadToken(self, request, context):
+    def GetToken(self, request, context):
         """A token by id or name, revoked or not; NOT_FOUND when there is none.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ReadTokens(self, request, context):
+    def ListTokens(self, request, context):
         """Every token, newest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -374,28 +374,28 @@ class MetadataServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def PutSchedule(self, request, context):
+    def CreateSchedule(self, request, context):
         """The scheduler's state. Schedules: ALREADY_EXISTS when the name is taken.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ReadSchedule(self, request, context):
+    def GetSchedule(self, request, context):
         """By id or name; NOT_FOUND when absent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ReadSchedules(self, request, context):
+    def ListSchedules(self, request, context):
         """Every schedule, by name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def RemoveSchedule(self, request, context):
+    def DeleteSchedule(self, request, context):
         """By id or name; NOT_FOUND when absent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -417,20 +417,20 @@ class MetadataServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def PutTrigger(self, request, context):
+    def CreateTrigger(self, request, context):
         """Triggers: ALREADY_EXISTS when the name is taken.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ReadTriggers(self, request, context):
+    def ListTriggers(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def RemoveTrigger(self, request, context):
+    def DeleteTrigger(self, request, context):
         """By id or name; NOT_FOUND when absent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -444,13 +444,13 @@ class MetadataServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ReadBackfill(self, request, context):
+    def GetBackfill(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ReadBackfills(self, request, context):
+    def ListBackfills(self, request, context):
         """Newest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -465,13 +465,13 @@ def add_MetadataServiceServicer_to_server(servicer, server):
                     request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.PutWorkflowRequest.FromString,
                     response_serializer=dagmesh_dot_v1_dot_metadata__pb2.PutWorkflowResponse.SerializeToString,
             ),
-            'ReadWorkflow': grpc.unary_unary_rpc_method_handler(
-                    servicer.ReadWorkflow,
+            'GetWorkflow': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWorkflow,
                     request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ReadWorkflowRequest.FromString,
                     response_serializer=dagmesh_dot_v1_dot_types__pb2.Workflow.SerializeToString,
             ),
-            'ReadWorkflows': grpc.unary_unary_rpc_method_handler(
-                    servicer.ReadWorkflows,
+            'ListWorkflows': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkflows,
                     request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ReadWorkflowsRequest.FromString,
                     response_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReadWorkflowsResponse.SerializeToString,
             ),
@@ -480,13 +480,13 @@ def add_MetadataServiceServicer_to_server(servicer, server):
                     request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.CommitRequest.FromString,
                     response_serializer=dagmesh_dot_v1_dot_metadata__pb2.CommitResponse.SerializeToString,
             ),
-            'ReadRun': grpc.unary_unary_rpc_method_handler(
-                    servicer.ReadRun,
+            'GetRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRun,
                     request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ReadRunRequest.FromString,
                     response_serializer=dagmesh_dot_v1_dot_types__pb2.Run.SerializeToString,
             ),
-            'QueryRuns': grpc.unary_unary_rpc_method_handler(
-                    servicer.QueryRuns,
+            'ListRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRuns,
                     request_deserializer=dagmesh_dot_v1_dot_run__pb2.ListRunsRequest.FromString,
                     response_serializer=dagmesh_dot_v1_dot_run__pb2.ListRunsResponse.SerializeToString,
             ),
@@ -550,13 +550,13 @@ def add_MetadataServiceServicer_to_server(servicer, server):
                     request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.StoredToken.FromString,
                     response_serializer=dagmesh_dot_v1_dot_metadata__pb2.StoredToken.SerializeToString,
             ),
-            'ReadToken': grpc.unary_unary_rpc_method_handler(
-                    servicer.ReadToken,
+            'GetToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetToken,
                     request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ReadTokenRequest.FromString,
                     response_serializer=dagmesh_dot_v1_dot_metadata__pb2.StoredToken.SerializeToString,
             ),
-            'ReadTokens': grpc.unary_unary_rpc_method_handler(
-                    servicer.ReadTokens,
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
                     request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ReadTokensRequest.FromString,
                     response_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReadTokensResponse.SerializeToString,
             ),
@@ -565,23 +565,23 @@ def add_MetadataServiceServicer_to_server(servicer, server):
                     request_deserializer=dagmesh_dot_v1_dot_auth__pb2.RevokeTokenRequest.FromString,
                     response_serializer=dagmesh_dot_v1_dot_metadata__pb2.StoredToken.SerializeToString,
             ),
-            'PutSchedule': grpc.unary_unary_rpc_method_handler(
-                    servicer.PutSchedule,
+            'CreateSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSchedule,
                     request_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.Schedule.FromString,
                     response_serializer=dagmesh_dot_v1_dot_scheduler__pb2.Schedule.SerializeToString,
             ),
-            'ReadSchedule': grpc.unary_unary_rpc_method_handler(
-                    servicer.ReadSchedule,
+            'GetSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSchedule,
                     request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ReadScheduleRequest.FromString,
                     response_serializer=dagmesh_dot_v1_dot_scheduler__pb2.Schedule.SerializeToString,
             ),
-            'ReadSchedules': grpc.unary_unary_rpc_method_handler(
-                    servicer.ReadSchedules,
+            'ListSchedules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSchedules,
                     request_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.ListSchedulesRequest.FromString,
                     response_serializer=dagmesh_dot_v1_dot_scheduler__pb2.ListSchedulesResponse.SerializeToString,
             ),
-            'RemoveSchedule': grpc.unary_unary_rpc_method_handler(
-                    servicer.RemoveSchedule,
+            'DeleteSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSchedule,
                     request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ReadScheduleRequest.FromString,
                     response_serializer=dagmesh_dot_v1_dot_scheduler__pb2.DeleteScheduleResponse.SerializeToString,
             ),
@@ -595,18 +595,18 @@ def add_MetadataServiceServicer_to_server(servicer, server):
                     request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.AdvanceScheduleRequest.FromString,
                     response_serializer=dagmesh_dot_v1_dot_metadata__pb2.AdvanceScheduleResponse.SerializeToString,
             ),
-            'PutTrigger': grpc.unary_unary_rpc_method_handler(
-                    servicer.PutTrigger,
+            'CreateTrigger': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTrigger,
                     request_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.Trigger.FromString,
                     response_serializer=dagmesh_dot_v1_dot_scheduler__pb2.Trigger.SerializeToString,
             ),
-            'ReadTriggers': grpc.unary_unary_rpc_method_handler(
-                    servicer.ReadTriggers,
+            'ListTriggers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTriggers,
                     request_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.ListTriggersRequest.FromString,
                     response_serializer=dagmesh_dot_v1_dot_scheduler__pb2.ListTriggersResponse.SerializeToString,
             ),
-            'RemoveTrigger': grpc.unary_unary_rpc_method_handler(
-                    servicer.RemoveTrigger,
+            'DeleteTrigger': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTrigger,
                     request_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.DeleteTriggerRequest.FromString,
                     response_serializer=dagmesh_dot_v1_dot_scheduler__pb2.DeleteTriggerResponse.SerializeToString,
             ),
@@ -615,13 +615,13 @@ def add_MetadataServiceServicer_to_server(servicer, server):
                     request_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.Backfill.FromString,
                     response_serializer=dagmesh_dot_v1_dot_scheduler__pb2.Backfill.SerializeToString,
             ),
-            'ReadBackfill': grpc.unary_unary_rpc_method_handler(
-                    servicer.ReadBackfill,
+            'GetBackfill': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBackfill,
                     request_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.GetBackfillRequest.FromString,
                     response_serializer=dagmesh_dot_v1_dot_scheduler__pb2.Backfill.SerializeToString,
             ),
-            'ReadBackfills': grpc.unary_unary_rpc_method_handler(
-                    servicer.ReadBackfills,
+            'ListBackfills': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBackfills,
                     request_deserializer=dagmesh_dot_v1_dot_scheduler__pb2.ListBackfillsRequest.FromString,
                     response_serializer=dagmesh_dot_v1_dot_scheduler__pb2.ListBackfillsResponse.SerializeToString,
             ),
@@ -664,7 +664,7 @@ class MetadataService(object):
             _registered_method=True)
 
     @staticmethod
-    def ReadWorkflow(request,
+    def GetWorkflow(request,
             target,
             options=(),
             channel_credentials=None,
@@ -677,7 +677,7 @@ class MetadataService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/dagmesh.v1.MetadataService/ReadWorkflow',
+            '/dagmesh.v1.MetadataService/GetWorkflow',
             dagmesh_dot_v1_dot_metadata__pb2.ReadWorkflowRequest.SerializeToString,
             dagmesh_dot_v1_dot_types__pb2.Workflow.FromString,
             options,
@@ -691,7 +691,7 @@ class MetadataService(object):
             _registered_method=True)
 
     @staticmethod
-    def ReadWorkflows(request,
+    def ListWorkflows(request,
             target,
             options=(),
             channel_credentials=None,
@@ -704,7 +704,7 @@ class MetadataService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/dagmesh.v1.MetadataService/ReadWorkflows',
+            '/dagmesh.v1.MetadataService/ListWorkflows',
             dagmesh_dot_v1_dot_metadata__pb2.ReadWorkflowsRequest.SerializeToString,
             dagmesh_dot_v1_dot_metadata__pb2.ReadWorkflowsResponse.FromString,
             options,
@@ -745,7 +745,7 @@ class MetadataService(object):
             _registered_method=True)
 
     @staticmethod
-    def ReadRun(request,
+    def GetRun(request,
             target,
             options=(),
             channel_credentials=None,
@@ -758,7 +758,7 @@ class MetadataService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/dagmesh.v1.MetadataService/ReadRun',
+            '/dagmesh.v1.MetadataService/GetRun',
             dagmesh_dot_v1_dot_metadata__pb2.ReadRunRequest.SerializeToString,
             dagmesh_dot_v1_dot_types__pb2.Run.FromString,
             options,
@@ -772,7 +772,7 @@ class MetadataService(object):
             _registered_method=True)
 
     @staticmethod
-    def QueryRuns(request,
+    def ListRuns(request,
             target,
             options=(),
             channel_credentials=None,
@@ -785,7 +785,7 @@ class MetadataService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/dagmesh.v1.MetadataService/QueryRuns',
+            '/dagmesh.v1.MetadataService/ListRuns',
             dagmesh_dot_v1_dot_run__pb2.ListRunsRequest.SerializeToString,
             dagmesh_dot_v1_dot_run__pb2.ListRunsResponse.FromString,
             options,
@@ -1123,7 +1123,7 @@ class MetadataService(object):
             _registered_method=True)
 
     @staticmethod
-    def ReadToken(request,
+    def GetToken(request,
             target,
             options=(),
             channel_credentials=None,
@@ -1136,7 +1136,7 @@ class MetadataService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/dagmesh.v1.MetadataService/ReadToken',
+            '/dagmesh.v1.MetadataService/GetToken',
             dagmesh_dot_v1_dot_metadata__pb2.ReadTokenRequest.SerializeToString,
             dagmesh_dot_v1_dot_metadata__pb2.StoredToken.FromString,
             options,
@@ -1150,7 +1150,7 @@ class MetadataService(object):
             _registered_method=True)
 
     @staticmethod
-    def ReadTokens(request,
+    def ListTokens(request,
             target,
             options=(),
             channel_credentials=None,
@@ -1163,7 +1163,7 @@ class MetadataService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/dagmesh.v1.MetadataService/ReadTokens',
+            '/dagmesh.v1.MetadataService/ListTokens',
             dagmesh_dot_v1_dot_metadata__pb2.ReadTokensRequest.SerializeToString,
             dagmesh_dot_v1_dot_metadata__pb2.ReadTokensResponse.FromString,
             options,
@@ -1204,7 +1204,7 @@ class MetadataService(object):
             _registered_method=True)
 
     @staticmethod
-    def PutSchedule(request,
+    def CreateSchedule(request,
             target,
             options=(),
             channel_credentials=None,
@@ -1217,7 +1217,7 @@ class MetadataService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/dagmesh.v1.MetadataService/PutSchedule',
+            '/dagmesh.v1.MetadataService/CreateSchedule',
             dagmesh_dot_v1_dot_scheduler__pb2.Schedule.SerializeToString,
             dagmesh_dot_v1_dot_scheduler__pb2.Schedule.FromString,
             options,
@@ -1231,7 +1231,7 @@ class MetadataService(object):
             _registered_method=True)
 
     @staticmethod
-    def ReadSchedule(request,
+    def GetSchedule(request,
             target,
             options=(),
             channel_credentials=None,
@@ -1244,7 +1244,7 @@ class MetadataService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/dagmesh.v1.MetadataService/ReadSchedule',
+            '/dagmesh.v1.MetadataService/GetSchedule',
             dagmesh_dot_v1_dot_metadata__pb2.ReadScheduleRequest.SerializeToString,
             dagmesh_dot_v1_dot_scheduler__pb2.Schedule.FromString,
             options,
@@ -1258,7 +1258,7 @@ class MetadataService(object):
             _registered_method=True)
 
     @staticmethod
-    def ReadSchedules(request,
+    def ListSchedules(request,
             target,
             options=(),
             channel_credentials=None,
@@ -1271,7 +1271,7 @@ class MetadataService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/dagmesh.v1.MetadataService/ReadSchedules',
+            '/dagmesh.v1.MetadataService/ListSchedules',
             dagmesh_dot_v1_dot_scheduler__pb2.ListSchedulesRequest.SerializeToString,
             dagmesh_dot_v1_dot_scheduler__pb2.ListSchedulesResponse.FromString,
             options,
@@ -1285,7 +1285,7 @@ class MetadataService(object):
             _registered_method=True)
 
     @staticmethod
-    def RemoveSchedule(request,
+    def DeleteSchedule(request,
             target,
             options=(),
             channel_credentials=None,
@@ -1298,7 +1298,7 @@ class MetadataService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/dagmesh.v1.MetadataService/RemoveSchedule',
+            '/dagmesh.v1.MetadataService/DeleteSchedule',
             dagmesh_dot_v1_dot_metadata__pb2.ReadScheduleRequest.SerializeToString,
             dagmesh_dot_v1_dot_scheduler__pb2.DeleteScheduleResponse.FromString,
             options,
@@ -1366,7 +1366,7 @@ class MetadataService(object):
             _registered_method=True)
 
     @staticmethod
-    def PutTrigger(request,
+    def CreateTrigger(request,
             target,
             options=(),
             channel_credentials=None,
@@ -1379,7 +1379,7 @@ class MetadataService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/dagmesh.v1.MetadataService/PutTrigger',
+            '/dagmesh.v1.MetadataService/CreateTrigger',
             dagmesh_dot_v1_dot_scheduler__pb2.Trigger.SerializeToString,
             dagmesh_dot_v1_dot_scheduler__pb2.Trigger.FromString,
             options,
@@ -1393,7 +1393,7 @@ class MetadataService(object):
             _registered_method=True)
 
     @staticmethod
-    def ReadTriggers(request,
+    def ListTriggers(request,
             target,
             options=(),
             channel_credentials=None,
@@ -1406,7 +1406,7 @@ class MetadataService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/dagmesh.v1.MetadataService/ReadTriggers',
+            '/dagmesh.v1.MetadataService/ListTriggers',
             dagmesh_dot_v1_dot_scheduler__pb2.ListTriggersRequest.SerializeToString,
             dagmesh_dot_v1_dot_scheduler__pb2.ListTriggersResponse.FromString,
             options,
@@ -1420,7 +1420,7 @@ class MetadataService(object):
             _registered_method=True)
 
     @staticmethod
-    def RemoveTrigger(request,
+    def DeleteTrigger(request,
             target,
             options=(),
             channel_credentials=None,
@@ -1433,7 +1433,7 @@ class MetadataService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/dagmesh.v1.MetadataService/RemoveTrigger',
+            '/dagmesh.v1.MetadataService/DeleteTrigger',
             dagmesh_dot_v1_dot_scheduler__pb2.DeleteTriggerRequest.SerializeToString,
             dagmesh_dot_v1_dot_scheduler__pb2.DeleteTriggerResponse.FromString,
             options,
@@ -1474,7 +1474,7 @@ class MetadataService(object):
             _registered_method=True)
 
     @staticmethod
-    def ReadBackfill(request,
+    def GetBackfill(request,
             target,
             options=(),
             channel_credentials=None,
@@ -1487,7 +1487,7 @@ class MetadataService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/dagmesh.v1.MetadataService/ReadBackfill',
+            '/dagmesh.v1.MetadataService/GetBackfill',
             dagmesh_dot_v1_dot_scheduler__pb2.GetBackfillRequest.SerializeToString,
             dagmesh_dot_v1_dot_scheduler__pb2.Backfill.FromString,
             options,
@@ -1501,7 +1501,7 @@ class MetadataService(object):
             _registered_method=True)
 
     @staticmethod
-    def ReadBackfills(request,
+    def ListBackfills(request,
             target,
             options=(),
             channel_credentials=None,
@@ -1514,7 +1514,7 @@ class MetadataService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/dagmesh.v1.MetadataService/ReadBackfills',
+            '/dagmesh.v1.MetadataService/ListBackfills',
             dagmesh_dot_v1_dot_scheduler__pb2.ListBackfillsRequest.SerializeToString,
             dagmesh_dot_v1_dot_scheduler__pb2.ListBackfillsResponse.FromString,
             options,
