@@ -17,6 +17,15 @@ pub enum ExecError {
     /// Another executor took over the database (this one's lease epoch is stale).
     #[error("{0}")]
     Fenced(String),
+    /// The caller may not do this (a worker resuming another principal's session).
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// A worker instance id that is connected already.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// A worker broke a size limit of its stream.
+    #[error("{0}")]
+    ResourceExhausted(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -30,6 +39,9 @@ impl From<ExecError> for tonic::Status {
             ExecError::Unavailable(m) => tonic::Status::unavailable(m),
             ExecError::Aborted(m) => tonic::Status::aborted(m),
             ExecError::Fenced(m) => tonic::Status::unavailable(m),
+            ExecError::PermissionDenied(m) => tonic::Status::permission_denied(m),
+            ExecError::AlreadyExists(m) => tonic::Status::already_exists(m),
+            ExecError::ResourceExhausted(m) => tonic::Status::resource_exhausted(m),
             ExecError::Store(e) => e.into(),
         }
     }

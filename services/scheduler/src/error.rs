@@ -58,6 +58,11 @@ impl From<ExecError> for SchedError {
             ExecError::Unavailable(m) => SchedError::Unavailable(m),
             // Both are worth retrying: the request was not applied.
             ExecError::Aborted(m) | ExecError::Fenced(m) => SchedError::Unavailable(m),
+            ExecError::AlreadyExists(m) => SchedError::AlreadyExists(m),
+            // Worker-stream errors: the scheduler's calls never meet them.
+            ExecError::PermissionDenied(m) | ExecError::ResourceExhausted(m) => {
+                SchedError::Internal(m)
+            }
             ExecError::Store(e) => SchedError::Store(e),
         }
     }

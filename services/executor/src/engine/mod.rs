@@ -1285,7 +1285,7 @@ impl Engine {
             // The instance id is visible to anyone who may list workers; resuming it would
             // hand its tasks (and their inputs) to another principal.
             tracing::warn!(worker = %instance, %owner, intruder = %principal, "refused a stream for another principal's worker instance");
-            let _ = outbound.send(Err(tonic::Status::permission_denied(format!(
+            let _ = outbound.send(Err(ExecError::PermissionDenied(format!(
                 "hello.instance_id: {instance:?} belongs to a worker of another principal; \
                  {principal} may not resume its session (use a unique instance id per process)"
             ))));
@@ -1298,7 +1298,7 @@ impl Engine {
             // the results it is about to send) to whoever guessed the id. The real worker's
             // reconnect succeeds once its old stream has ended.
             tracing::warn!(worker = %instance, "refused a second stream for a connected instance");
-            let _ = outbound.send(Err(tonic::Status::already_exists(format!(
+            let _ = outbound.send(Err(ExecError::AlreadyExists(format!(
                 "hello.instance_id: {instance:?} is already connected on another stream; a \
                  worker may resume its session only after its old stream has ended (use a \
                  unique instance id per process)"
@@ -1689,7 +1689,7 @@ impl Engine {
         // Say why, then drop the session's outbound sender, which ends a stream that is open
         // but silent: the worker notices and reconnects as a new session.
         if let Some(outbound) = &session.outbound {
-            let _ = outbound.send(Err(tonic::Status::unavailable(format!(
+            let _ = outbound.send(Err(ExecError::Unavailable(format!(
                 "no message from worker {instance} for {}: its session ended and its tasks went \
                  to other workers; reconnect",
                 humanize(lease)

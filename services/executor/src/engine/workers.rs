@@ -12,7 +12,8 @@ use tokio::time::Instant;
 
 use super::run::StepRef;
 
-pub(crate) type Outbound = mpsc::UnboundedSender<Result<ServerMessage, tonic::Status>>;
+/// What the engine sends a worker's stream; the gRPC adapter turns errors into its status.
+pub(crate) type Outbound = mpsc::UnboundedSender<Result<ServerMessage, crate::ExecError>>;
 
 /// What a task needs from a worker. Steps with equal routes share one queue, so dispatch looks
 /// at one head per route instead of scanning every ready task.

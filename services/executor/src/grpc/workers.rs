@@ -6,13 +6,14 @@ use dagmesh_proto::v1::{
     Hello, ServerMessage, WorkerMessage, worker_message, worker_service_server::WorkerService,
 };
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use dagmesh_auth::Principal;
 
-use crate::Executor;
 use crate::engine::Command;
+use crate::{ExecError, Executor};
 
 /// How long a new stream may take to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,7 +34,9 @@ impl Workers {
 
 #[tonic::async_trait]
 impl WorkerService for Workers {
-    type ConnectStream = UnboundedReceiverStream<Result<ServerMessage, Status>>;
+    type ConnectStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<ServerMessage, Status>> + Send + 'static>,
+    >;
 
     async fn connect(
         &self,
@@ -110,7 +113,7 @@ impl WorkerService for Workers {
                         );
                         tracing::warn!(worker = %instance, %reason, "closing worker stream");
                         if let Some(closer) = closer.upgrade() {
-                            let _ = closer.send(Err(Status::resource_exhausted(reason.clone())));
+                            let _ = closer.send(Err(ExecError::ResourceExhausted(reason.clone())));
                         }
                         break reason;
                     }
@@ -129,7 +132,9 @@ impl WorkerService for Workers {
                 })
                 .await;
         });
-        Ok(Response::new(UnboundedReceiverStream::new(stream)))
+        // The engine speaks ExecError; only here does it become a gRPC status.
+        let stream = UnboundedReceiverStream::new(stream).map(|item| item.map_err(Status::from));
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 
