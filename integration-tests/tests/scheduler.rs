@@ -11,6 +11,7 @@ use dagmesh::dagmesh_scheduler::{
     ManualClock, RunServiceStarter, RunStarter, SCHEDULE_TAG, Scheduler, SchedulerConfig,
     SystemClock,
 };
+use dagmesh::mesh::InProcessStarter;
 use dagmesh_integration_tests::*;
 use dagmesh_proto::connect::ClientSettings;
 use dagmesh_proto::v1::scheduler_service_client::SchedulerServiceClient;
@@ -295,7 +296,10 @@ async fn backfill_partitions_start_as_soon_as_a_slot_frees() -> anyhow::Result<(
     sandbox.mesh.executor().apply_workflow(spec.clone()).await?;
     let remote = RunServiceStarter::connect(&sandbox.url(), &ClientSettings::default())?;
     let starters: [(&str, Arc<dyn RunStarter>); 2] = [
-        ("in-process", Arc::new(sandbox.mesh.executor().clone())),
+        (
+            "in-process",
+            Arc::new(InProcessStarter(sandbox.mesh.executor().clone())),
+        ),
         ("RunService", Arc::new(remote)),
     ];
     for (how, starter) in starters {
@@ -363,7 +367,7 @@ async fn two_schedulers_on_one_postgres_database_start_one_run_per_tick() -> any
         let store = dagmesh_metastore::connect(&url).await?;
         anyhow::Ok(Scheduler::new(
             store,
-            Arc::new(sandbox.mesh.executor().clone()),
+            Arc::new(InProcessStarter(sandbox.mesh.executor().clone())),
             Arc::new(clock.clone()),
             SchedulerConfig::default(),
         ))

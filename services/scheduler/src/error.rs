@@ -1,6 +1,5 @@
 //! The scheduler's error type and its gRPC status codes.
 
-use dagmesh_executor::ExecError;
 use dagmesh_metastore::StoreError;
 
 /// Why a scheduler operation failed; each variant is the gRPC code a caller can act on.
@@ -45,25 +44,6 @@ impl From<SchedError> for tonic::Status {
             SchedError::Unavailable(m) => tonic::Status::unavailable(m),
             SchedError::Internal(m) => tonic::Status::internal(m),
             SchedError::Store(e) => e.into(),
-        }
-    }
-}
-
-impl From<ExecError> for SchedError {
-    fn from(error: ExecError) -> Self {
-        match error {
-            ExecError::InvalidArgument(m) => SchedError::InvalidArgument(m),
-            ExecError::NotFound(m) => SchedError::NotFound(m),
-            ExecError::FailedPrecondition(m) => SchedError::FailedPrecondition(m),
-            ExecError::Unavailable(m) => SchedError::Unavailable(m),
-            // Both are worth retrying: the request was not applied.
-            ExecError::Aborted(m) | ExecError::Fenced(m) => SchedError::Unavailable(m),
-            ExecError::AlreadyExists(m) => SchedError::AlreadyExists(m),
-            // Worker-stream errors: the scheduler's calls never meet them.
-            ExecError::PermissionDenied(m) | ExecError::ResourceExhausted(m) => {
-                SchedError::Internal(m)
-            }
-            ExecError::Store(e) => SchedError::Store(e),
         }
     }
 }

@@ -1,10 +1,11 @@
-//! [`RunStarter`]: how the scheduler starts, cancels and reads runs. In `dagmesh up` it is the
-//! in-process [`Executor`]; standalone (`dagmesh scheduler --executor URL`) it is
-//! [`RunServiceStarter`], a `RunService` client.
+//! [`RunStarter`]: how the scheduler starts, cancels and reads runs — the port through which it
+//! uses the executor's API without depending on the executor crate. In `dagmesh up` the
+//! composition root implements it over the in-process executor (`dagmesh::mesh::InProcessStarter`);
+//! standalone (`dagmesh scheduler --executor URL`) it is [`RunServiceStarter`], a `RunService`
+//! client.
 
 use std::time::Duration;
 
-use dagmesh_executor::Executor;
 use dagmesh_proto::connect::{AuthChannel, ClientSettings, Credentials};
 use dagmesh_proto::v1::run_service_client::RunServiceClient;
 use dagmesh_proto::v1::{
@@ -37,42 +38,6 @@ pub trait RunStarter: Send + Sync + 'static {
     async fn wait_ended(&self, run_id: &str) -> Result<(), SchedError> {
         let _ = run_id;
         std::future::pending().await
-    }
-}
-
-/// The actor recorded on runs the in-process scheduler starts or cancels.
-const SCHEDULER: &str = "scheduler";
-
-#[async_trait::async_trait]
-impl RunStarter for Executor {
-    async fn submit(&self, request: SubmitRunRequest) -> Result<(Run, bool), SchedError> {
-        Ok(Executor::submit_as(self, request, SCHEDULER).await?)
-    }
-
-    async fn cancel(&self, run_id: &str, reason: &str) -> Result<(), SchedError> {
-        Executor::cancel_as(self, run_id, reason, SCHEDULER).await?;
-        Ok(())
-    }
-
-    async fn get_run(&self, run_id: &str) -> Result<Run, SchedError> {
-        Ok(self.store().get_run(run_id).await?)
-    }
-
-    async fn list_runs(&self, request: ListRunsRequest) -> Result<ListRunsResponse, SchedError> {
-        Ok(self.store().list_runs(&request).await?)
-    }
-
-    async fn deliver_event(
-        &self,
-        topic: &str,
-        payload: prost_types::Struct,
-    ) -> Result<Vec<String>, SchedError> {
-        Ok(Executor::deliver_event(self, topic, payload).await?)
-    }
-
-    async fn wait_ended(&self, run_id: &str) -> Result<(), SchedError> {
-        let run = Executor::wait_for_run(self, run_id).await?;
-        ended_or_unavailable(&run)
     }
 }
 
@@ -156,13 +121,14 @@ impl RunStarter for RunServiceStarter {
         };
         let mut events = self.client.clone().watch_run(request).await?.into_inner();
         while events.message().await?.is_some() {}
-        ended_or_unavailable(&self.get_run(run_id).await?)
+        require_ended(&self.get_run(run_id).await?)
     }
 }
 
-/// `Ok` for a run that has ended; a run still going (the executor is a standby, or went away)
-/// is `Unavailable`, so the caller falls back to polling instead of waiting again at once.
-fn ended_or_unavailable(run: &Run) -> Result<(), SchedError> {
+/// What [`RunStarter::wait_ended`] returns for the run it waited for: `Ok` for a run that has
+/// ended; a run still going (the executor is a standby, or went away) is `Unavailable`, so the
+/// caller falls back to polling instead of waiting again at once.
+pub fn require_ended(run: &Run) -> Result<(), SchedError> {
     use dagmesh_proto::v1::RunState;
     match run.state() {
         RunState::Succeeded | RunState::Failed | RunState::Cancelled => Ok(()),
