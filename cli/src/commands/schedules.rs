@@ -8,11 +8,11 @@ use anyhow::Context as _;
 use dagmesh_proto::connect::AuthChannel;
 use dagmesh_proto::v1::scheduler_service_client::SchedulerServiceClient;
 use dagmesh_proto::v1::{
-    Backfill, BackfillState, CancelBackfillRequest, CatchUp, CreateBackfillRequest,
-    CreateScheduleRequest, CreateTriggerRequest, DeleteScheduleRequest, DeleteTriggerRequest,
-    GetBackfillRequest, GetScheduleRequest, ListBackfillsRequest, ListSchedulesRequest,
-    ListTriggersRequest, Partition, PauseScheduleRequest, PublishEventRequest,
-    PublishEventResponse, ResumeBackfillRequest, ResumeScheduleRequest, Schedule, Trigger,
+    Backfill, CancelBackfillRequest, CatchUp, CreateBackfillRequest, CreateScheduleRequest,
+    CreateTriggerRequest, DeleteScheduleRequest, DeleteTriggerRequest, GetBackfillRequest,
+    GetScheduleRequest, ListBackfillsRequest, ListSchedulesRequest, ListTriggersRequest, Partition,
+    PauseScheduleRequest, PublishEventRequest, PublishEventResponse, ResumeBackfillRequest,
+    ResumeScheduleRequest, Schedule, Trigger,
 };
 use prost_types::Timestamp;
 use serde_json::{Value, json};
@@ -532,6 +532,22 @@ fn catch_up_name(s: &Schedule) -> String {
         .to_lowercase()
 }
 
+/// `running`, `succeeded`...: the state without its enum prefix.
+fn backfill_state_name(b: &Backfill) -> String {
+    b.state()
+        .as_str_name()
+        .trim_start_matches("BACKFILL_STATE_")
+        .to_lowercase()
+}
+
+/// `hourly` or `daily`.
+fn partition_name(b: &Backfill) -> String {
+    b.partition()
+        .as_str_name()
+        .trim_start_matches("PARTITION_")
+        .to_lowercase()
+}
+
 fn zone_name(zone: &str) -> String {
     if zone.is_empty() { "UTC" } else { zone }.to_owned()
 }
@@ -582,16 +598,8 @@ fn describe_schedule(s: &Schedule) -> String {
 
 /// One backfill in full, for `backfill get` (and what create, cancel and resume return).
 fn describe_backfill(b: &Backfill) -> String {
-    let state = b
-        .state()
-        .as_str_name()
-        .trim_start_matches("BACKFILL_STATE_")
-        .to_lowercase();
-    let partition = b
-        .partition()
-        .as_str_name()
-        .trim_start_matches("PARTITION_")
-        .to_lowercase();
+    let state = backfill_state_name(b);
+    let partition = partition_name(b);
     let ended = b.done.saturating_add(b.failed);
     let percent = if b.total == 0 {
         100
@@ -653,18 +661,10 @@ fn schedules_table(schedules: &[Schedule]) -> String {
         table.row(vec![
             s.name.clone(),
             s.cron.clone(),
-            if s.time_zone.is_empty() {
-                "UTC".to_owned()
-            } else {
-                s.time_zone.clone()
-            },
+            zone_name(&s.time_zone),
             s.workflow.clone(),
             if s.paused { "paused" } else { "active" }.to_owned(),
-            s.catch_up()
-                .as_str_name()
-                .trim_start_matches("CATCH_UP_")
-                .replace("UNSPECIFIED", "SKIP")
-                .to_lowercase(),
+            catch_up_name(s),
             format::datetime(s.last_tick.as_ref()),
             format::datetime(s.next_tick.as_ref()),
         ]);
@@ -698,22 +698,11 @@ fn backfills_table(backfills: &[Backfill]) -> String {
         "QUEUED",
     ]);
     for b in backfills {
-        let state = BackfillState::try_from(b.state).unwrap_or_default();
         table.row(vec![
             b.id.clone(),
             b.workflow.clone(),
-            state
-                .as_str_name()
-                .trim_start_matches("BACKFILL_STATE_")
-                .to_lowercase(),
-            format!(
-                "{} {}",
-                b.total,
-                b.partition()
-                    .as_str_name()
-                    .trim_start_matches("PARTITION_")
-                    .to_lowercase()
-            ),
+            backfill_state_name(b),
+            format!("{} {}", b.total, partition_name(b)),
             b.done.to_string(),
             b.running.to_string(),
             b.failed.to_string(),
