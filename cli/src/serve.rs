@@ -292,8 +292,8 @@ pub struct ExecutorArgs {
         default_value = "http://127.0.0.1:7071"
     )]
     pub metastore: String,
-    /// How long to keep trying to reach the metastore at start.
-    #[arg(long, env = "DAGMESH_STARTUP_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    /// How long to keep trying to reach the metastore at start (at most 24h).
+    #[arg(long, env = "DAGMESH_STARTUP_TIMEOUT", default_value = "60s", value_parser = crate::commands::wait_duration)]
     pub startup_timeout: Duration,
     #[command(flatten)]
     pub engine: EngineFlags,

@@ -859,6 +859,19 @@ async fn cli_reads_like_a_finished_tool() -> anyhow::Result<()> {
         "{down:#?}"
     );
 
+    // A wait too long for the clock is refused, naming the limit, not a panic.
+    for args in [
+        &["health", "--wait", "580000000000years"][..],
+        &["executor", "--startup-timeout", "580000000000years"][..],
+    ] {
+        let refused = dagmesh(args).await?;
+        assert_eq!(refused.code, Some(2), "{refused:#?}");
+        assert!(
+            refused.stderr.contains("longer than the limit of 24h"),
+            "{refused:#?}"
+        );
+    }
+
     // Servers take --listen (and the scheduler --executor), not the client's --server.
     let help = dagmesh(&["scheduler", "--help"]).await?.ok();
     assert!(help.stdout.contains("--executor"), "{help:#?}");

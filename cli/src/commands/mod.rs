@@ -189,6 +189,17 @@ pub struct Interrupted {
     pub run_id: String,
 }
 
+/// A duration flag that bounds a wait (`--wait`, `--startup-timeout`): at most a day, so that
+/// the deadline it makes always fits the clock.
+pub fn wait_duration(text: &str) -> Result<Duration, String> {
+    const MAX: Duration = Duration::from_secs(24 * 60 * 60);
+    let duration = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if duration > MAX {
+        return Err(format!("{text} is longer than the limit of 24h"));
+    }
+    Ok(duration)
+}
+
 /// Exit code for a Status: 2 when the request itself was wrong, 1 otherwise.
 fn status_exit_code(status: &tonic::Status) -> ExitCode {
     match status.code() {

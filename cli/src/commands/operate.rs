@@ -36,9 +36,9 @@ pub enum WebhooksCommand {
 
 #[derive(clap::Args, Debug)]
 pub struct HealthArgs {
-    /// Keep asking for this long (e.g. `30s`) while the server is not up yet — for scripts that
-    /// start `dagmesh up` in the background.
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    /// Keep asking for this long (e.g. `30s`, at most 24h) while the server is not up yet — for
+    /// scripts that start `dagmesh up` in the background.
+    #[arg(long, value_name = "DURATION", value_parser = super::wait_duration)]
     pub wait: Option<Duration>,
 }
 

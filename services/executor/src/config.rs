@@ -115,15 +115,48 @@ impl ExecutorConfig {
             Duration::from_millis(10),
             Duration::from_secs(300),
         )?;
+        // A day at most: the wait, with its jitter, is added to the clock.
+        let day = Duration::from_secs(24 * 60 * 60);
         in_range(
             "webhooks.first_backoff",
             self.webhooks.first_backoff,
             Duration::from_millis(1),
+            self.webhooks.max_backoff.min(day),
+        )?;
+        in_range(
+            "webhooks.max_backoff",
             self.webhooks.max_backoff,
+            self.webhooks.first_backoff,
+            day,
         )?;
         if self.max_batch == 0 {
             return Err("max_batch: must be at least 1".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--webhook-backoff` sets both ends of the backoff; past a day the jittered wait would
+    /// overflow the clock on the first failed delivery. Refused at start instead.
+    #[test]
+    fn a_webhook_backoff_over_a_day_is_refused_naming_the_field() {
+        let huge = Duration::from_secs(580_000_000_000 * 365 * 24 * 3600);
+        let mut config = ExecutorConfig::default();
+        config.webhooks.first_backoff = huge;
+        config.webhooks.max_backoff = huge;
+        let error = config.validate().unwrap_err();
+        assert!(
+            error.starts_with("webhooks.first_backoff: ") && error.ends_with("(1ms to 1day)"),
+            "{error}"
+        );
+        config.webhooks.first_backoff = Duration::from_secs(1);
+        let error = config.validate().unwrap_err();
+        assert!(error.starts_with("webhooks.max_backoff: "), "{error}");
+        config.webhooks.max_backoff = Duration::from_secs(3600);
+        assert_eq!(config.validate(), Ok(()));
     }
 }
