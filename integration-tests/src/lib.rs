@@ -467,6 +467,33 @@ async fn next(rx: &mut tonic::Streaming<ServerMessage>) -> anyhow::Result<server
     message.message.context("empty server message")
 }
 
+/// `cargo`, without the variables `cargo test` set for this package. Build scripts (ring's,
+/// for one) watch `CARGO_MANIFEST_DIR`; inherited, it made every nested build and the next
+/// outer one rebuild the TLS stack and everything above it.
+pub fn cargo() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO"));
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        let per_package = ["CARGO_PKG_", "CARGO_BIN_EXE_"]
+            .iter()
+            .any(|prefix| name.starts_with(prefix))
+            || matches!(
+                name,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_MANIFEST_LINKS"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+            );
+        if per_package {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
 /// The `dagmesh` binary built next to this test. It is (re)built here once per test process:
 /// cargo does not rebuild other packages' binaries for `cargo test -p`, and a stale binary would
 /// test old code. When it is up to date this takes a fraction of a second.
@@ -479,7 +506,7 @@ pub fn dagmesh_binary() -> anyhow::Result<PathBuf> {
     static BUILT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let status = std::process::Command::new(env!("CARGO"))
+            let status = cargo()
                 .args(["build", "-p", "dagmesh", "--bin", "dagmesh"])
                 .status()
                 .map_err(|e| e.to_string())?;
@@ -644,11 +671,24 @@ impl ChildGuard {
 
     /// SIGTERM, what Kubernetes and systemd send first.
     pub fn sigterm(&self) -> anyhow::Result<()> {
+        self.signal("TERM")
+    }
+
+    /// SIGSTOP: the process freezes (a long GC pause, a stalled VM) until [`Self::sigcont`].
+    pub fn sigstop(&self) -> anyhow::Result<()> {
+        self.signal("STOP")
+    }
+
+    pub fn sigcont(&self) -> anyhow::Result<()> {
+        self.signal("CONT")
+    }
+
+    fn signal(&self, name: &str) -> anyhow::Result<()> {
         let status = Command::new("kill")
-            .args(["-TERM", &self.pid()?.to_string()])
+            .args([&format!("-{name}"), &self.pid()?.to_string()])
             .status()
-            .context("running kill -TERM")?;
-        anyhow::ensure!(status.success(), "kill -TERM {} failed", self.name);
+            .with_context(|| format!("running kill -{name}"))?;
+        anyhow::ensure!(status.success(), "kill -{name} {} failed", self.name);
         Ok(())
     }
 

@@ -101,7 +101,7 @@ fn script(blocks: &[Block], debug_dir: &Path, port: u16) -> anyhow::Result<Strin
 
 /// Builds a binary of another package of the workspace (cargo does not for this test).
 fn build_binary(package: &str, bin: &str) -> anyhow::Result<()> {
-    let status = Command::new(env!("CARGO"))
+    let status = dagmesh_integration_tests::cargo()
         .args(["build", "-p", package, "--bin", bin])
         .status()?;
     ensure!(status.success(), "cargo build -p {package} failed");
