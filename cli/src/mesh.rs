@@ -169,6 +169,7 @@ impl Mesh {
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         // No new runs from schedules while draining; the loop keeps nothing in memory.
         self.scheduler_task.abort();
+        self.scheduler.release_partitions().await;
         self.executor.drain().await;
         if let Some(stop) = self.stop_server.take() {
             let _ = stop.send(());

@@ -390,10 +390,27 @@ pub struct SchedulerArgs {
         default_value = "http://127.0.0.1:7070"
     )]
     pub executor: String,
+    /// TTL of this scheduler's leases in the store. Several schedulers share the schedules,
+    /// triggers and backfills of a database; those of one that died move to the others within
+    /// this time (a clean shutdown hands them over at once).
+    #[arg(long, env = "DAGMESH_SCHEDULER_LEASE_TTL", default_value = "15s", value_parser = parse_lease_ttl)]
+    pub lease_ttl: Duration,
     #[command(flatten)]
     pub security: SecurityFlags,
     #[command(flatten)]
     pub observe: ObserveFlags,
+}
+
+/// A lease TTL: from 1 second to the store's limit of an hour.
+fn parse_lease_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if ttl < Duration::from_secs(1) || ttl > dagmesh_metastore::MAX_LEASE_TTL {
+        return Err(format!(
+            "{} is out of range: from 1s to 1h",
+            humantime::format_duration(ttl)
+        ));
+    }
+    Ok(ttl)
 }
 
 /// The scheduler alone. Both clients connect lazily, so it starts in any order with the others;
@@ -410,7 +427,10 @@ pub async fn scheduler(args: SchedulerArgs, client: &ClientSettings) -> anyhow::
         store,
         starter,
         Arc::new(SystemClock),
-        SchedulerConfig::default(),
+        SchedulerConfig {
+            lease_ttl: args.lease_ttl,
+            ..SchedulerConfig::default()
+        },
     );
     let task = scheduler.spawn();
     let listener = bind(&args.listen, &args.security).await?;
@@ -420,10 +440,12 @@ pub async fn scheduler(args: SchedulerArgs, client: &ClientSettings) -> anyhow::
         executor = %args.executor,
         "scheduler serving"
     );
-    let services = ServiceSet::new().with(SchedulerGrpcServer::new(scheduler).into_service());
+    let services =
+        ServiceSet::new().with(SchedulerGrpcServer::new(scheduler.clone()).into_service());
     let options = args.security.serve_options(authenticator, tls);
     let served = serve(listener, services, options, shutdown_signal()).await;
     task.abort();
+    scheduler.release_partitions().await;
     telemetry.shutdown();
     Ok(served?)
 }

@@ -1068,9 +1068,10 @@ async fn sigterm_drains_then_exits_zero() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Two `dagmesh scheduler` processes against one metastore on one PostgreSQL database, one of
-/// them SIGKILLed half-way: every tick of a per-second schedule becomes exactly one run, and
-/// no tick between the first and the last is missed.
+/// Two `dagmesh scheduler` processes against one metastore on one PostgreSQL database, sharing
+/// the schedule through leases, under chaos: each SIGKILLed and restarted, one frozen with
+/// SIGSTOP past its lease and then resumed (a zombie owner). Every tick of a per-second
+/// schedule becomes exactly one run, and no tick from the first to the end is missed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_scheduler_processes_on_one_postgres_database_run_each_tick_once() -> anyhow::Result<()>
 {
@@ -1121,6 +1122,9 @@ async fn two_scheduler_processes_on_one_postgres_database_run_each_tick_once() -
             url(&metastore_addr),
             "--executor".into(),
             url(&executor_addr),
+            // Short, so that the chaos below moves the schedule a few times in seconds.
+            "--lease-ttl".into(),
+            "2s".into(),
         ]
     };
     let first_args = scheduler_args(&first_addr);
@@ -1136,6 +1140,9 @@ async fn two_scheduler_processes_on_one_postgres_database_run_each_tick_once() -
         name: "every-second".into(),
         cron: "* * * * * *".into(),
         workflow: "ticking".into(),
+        // Every tick must run: a handover delays ticks by up to the lease TTL, and under the
+        // default policy only the latest of the ticks that came due meanwhile would run.
+        catch_up: dagmesh_proto::v1::CatchUp::All as i32,
         ..Schedule::default()
     };
     SchedulerServiceClient::new(channel(&url(&first_addr)).await?)
@@ -1143,21 +1150,37 @@ async fn two_scheduler_processes_on_one_postgres_database_run_each_tick_once() -
             schedule: Some(schedule),
         })
         .await?;
-    // The second process loads the schedule at start; from then on both fire every tick.
     let second_args = scheduler_args(&second_addr);
     let second_args: Vec<&str> = second_args.iter().map(String::as_str).collect();
     let mut second = spawn_open("scheduler-2", &second_args, dir.path())?;
     second.wait_ready(&url(&second_addr)).await?;
 
-    // Real cron ticks need real time: let both run, then lose one without warning.
+    // Real cron ticks need real time. Lose the first without warning and bring it back.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     first.sigkill()?;
+    let mut first = spawn_open("scheduler-1b", &first_args, dir.path())?;
+    first.wait_ready(&url(&first_addr)).await?;
     tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Freeze the second past its lease: the first takes its share, and when the second wakes
+    // it must not fire anything twice.
+    second.sigstop()?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    second.sigcont()?;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    second.sigkill()?;
+    let mut second = spawn_open("scheduler-2b", &second_args, dir.path())?;
+    second.wait_ready(&url(&second_addr)).await?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let paused_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
     SchedulerServiceClient::new(channel(&url(&second_addr)).await?)
         .pause_schedule(PauseScheduleRequest {
             schedule: "every-second".into(),
         })
         .await?;
+    // A pass that started before the pause may still fire the tick it was on.
+    tokio::time::sleep(Duration::from_secs(1)).await;
 
     let runs = RunServiceClient::new(channel(&url(&executor_addr)).await?)
         .list_runs(ListRunsRequest {
@@ -1186,14 +1209,21 @@ async fn two_scheduler_processes_on_one_postgres_database_run_each_tick_once() -
         d
     };
     assert_eq!(distinct, ticks, "a tick started two runs");
-    assert!(ticks.len() >= 3, "ticks fired: {ticks:?}");
     let first_tick = ticks[0];
     let expected: Vec<i64> = (first_tick..first_tick + ticks.len() as i64).collect();
     assert_eq!(
         ticks, expected,
         "a tick between the first and the last was missed"
     );
+    // Still firing at the end: the chaos left someone owning the schedule.
+    let last_tick = ticks[ticks.len() - 1];
+    assert!(
+        last_tick >= paused_at - 4 && ticks.len() >= 12,
+        "ticks stopped early: {} ticks, the last {}s before the pause",
+        ticks.len(),
+        paused_at - last_tick
+    );
 
-    drop((second, executor, metastore));
+    drop((first, second, executor, metastore));
     database.cleanup().await
 }

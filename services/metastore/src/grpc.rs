@@ -10,9 +10,9 @@ use dagmesh_proto::connect::{AuthChannel, ClientSettings, Credentials};
 use dagmesh_proto::v1::metadata_service_client::MetadataServiceClient;
 use dagmesh_proto::v1::metadata_service_server::{MetadataService, MetadataServiceServer};
 use dagmesh_proto::v1::{
-    AcquireLeaseRequest, ActiveRuns, CacheEntry, CommitFencedRequest, QuarantineRunRequest,
-    ReadCacheEntryRequest, ReadCacheEntryResponse, ReleaseLeaseRequest, ReleaseLeaseResponse,
-    RenewLeaseRequest,
+    AcquireLeaseRequest, ActiveRuns, CacheEntry, CommitFencedRequest, ListLiveLeasesRequest,
+    ListLiveLeasesResponse, QuarantineRunRequest, ReadCacheEntryRequest, ReadCacheEntryResponse,
+    ReleaseLeaseRequest, ReleaseLeaseResponse, RenewLeaseRequest,
 };
 use dagmesh_proto::v1::{
     AdvanceScheduleRequest, AdvanceScheduleResponse, Backfill, DeleteScheduleResponse,
@@ -247,6 +247,17 @@ impl MetadataService for MetadataGrpcServer {
         let lease = lease_from_proto(request.into_inner().lease, "lease")?;
         self.store.release_lease(&lease).await?;
         Ok(Response::new(ReleaseLeaseResponse {}))
+    }
+
+    async fn list_live_leases(
+        &self,
+        request: Request<ListLiveLeasesRequest>,
+    ) -> Result<Response<ListLiveLeasesResponse>, Status> {
+        let prefix = request.into_inner().prefix;
+        let leases = self.store.list_live_leases(&prefix).await?;
+        Ok(Response::new(ListLiveLeasesResponse {
+            leases: leases.into_iter().map(lease_to_proto).collect(),
+        }))
     }
 
     async fn commit_fenced(
@@ -599,6 +610,17 @@ impl MetadataStore for MetadataGrpcClient {
         };
         self.client().release_lease(req).await?;
         Ok(())
+    }
+
+    async fn list_live_leases(&self, prefix: &str) -> Result<Vec<Lease>, StoreError> {
+        let req = ListLiveLeasesRequest {
+            prefix: prefix.to_owned(),
+        };
+        let resp = self.client().list_live_leases(req).await?.into_inner();
+        resp.leases
+            .into_iter()
+            .map(|lease| lease_from_proto(Some(lease), "ListLiveLeases response"))
+            .collect()
     }
 
     async fn commit_fenced(

@@ -35,6 +35,7 @@
 
 mod error;
 pub mod grpc;
+pub mod ownership;
 mod sql;
 mod store;
 
@@ -44,5 +45,6 @@ pub use sql::{
     Dialect, PgTls, PostgresStore, SqlDatabase, SqlStore, SqliteStore, connect, connect_sql,
 };
 pub use store::{
-    DEFAULT_EVENT_LIMIT, DEFAULT_PAGE_SIZE, Lease, MAX_LEASE_TTL, MAX_PAGE_SIZE, MetadataStore,
+    DEFAULT_EVENT_LIMIT, DEFAULT_PAGE_SIZE, Lease, MAX_LEASE_TTL, MAX_LIVE_LEASES, MAX_PAGE_SIZE,
+    MetadataStore,
 };

@@ -33,6 +33,9 @@ pub struct Lease {
     pub expires_at: SystemTime,
 }
 
+/// The most leases one `list_live_leases` answers (a group has a handful of members).
+pub const MAX_LIVE_LEASES: u32 = 4096;
+
 /// Runs per `list_runs` page when the request says 0.
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
 /// Upper bound of a `list_runs` page; larger requests are clamped.
@@ -128,6 +131,11 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// Marks the lease free (expired now) if holder and epoch match, so that a standby can take
     /// it at once. `Fenced` otherwise (someone else holds it; nothing changed).
     async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError>;
+
+    /// The leases whose name starts with `prefix` and that have not expired by the database's
+    /// clock, by name, at most [`MAX_LIVE_LEASES`]. Members of a group announce themselves
+    /// this way (`members/scheduler/...`), so every member computes the same partition owners.
+    async fn list_live_leases(&self, prefix: &str) -> Result<Vec<Lease>, StoreError>;
 
     /// [`MetadataStore::commit`], fenced: in the same transaction, checks that the stored epoch
     /// of `fence.name` still equals `fence.epoch` (expiry is not checked: the epoch is the
@@ -284,7 +292,7 @@ pub(crate) fn validate_lease(name: &str, holder: &str) -> Result<(), StoreError>
     check_text("lease.holder", holder, MAX_VALUE_LEN)
 }
 
-fn check_text(field: &str, value: &str, limit: usize) -> Result<(), StoreError> {
+pub(crate) fn check_text(field: &str, value: &str, limit: usize) -> Result<(), StoreError> {
     if value.is_empty() {
         return Err(StoreError::InvalidArgument(format!(
             "{field}: must not be empty"

@@ -59,6 +59,8 @@ suite!(
         lease_expires_by_the_clock,
         concurrent_acquirers_exactly_one_wins,
         lease_requests_are_checked,
+        live_leases_are_listed_by_prefix,
+        ownership_splits_partitions_and_hands_them_over,
         conflicts_are_request_errors_not_outages,
         cache_entries_are_upserted_and_expire,
     ],
@@ -1534,6 +1536,101 @@ mod cases {
             .unwrap_err();
         assert!(matches!(err, StoreError::AlreadyExists(_)), "{err:?}");
         assert!(store.get_run(&r3).await?.steps.is_empty());
+        Ok(())
+    }
+
+    pub async fn live_leases_are_listed_by_prefix(store: Arc<dyn MetadataStore>) -> Result<()> {
+        let short = Duration::from_secs(1);
+        store.acquire_lease("members/scheduler/b", "b", TTL).await?;
+        store.acquire_lease("members/scheduler/a", "a", TTL).await?;
+        store
+            .acquire_lease("members/scheduler/gone", "g", short)
+            .await?;
+        store.acquire_lease("members/executor/x", "x", TTL).await?;
+        let released = store
+            .acquire_lease("members/scheduler/left", "l", TTL)
+            .await?;
+        store.release_lease(&released).await?;
+        // Waiting for a lease's time to pass: the database's clock decides.
+        tokio::time::sleep(short * 2).await;
+        let live = store.list_live_leases("members/scheduler/").await?;
+        let holders: Vec<&str> = live.iter().map(|l| l.holder.as_str()).collect();
+        assert_eq!(
+            holders,
+            ["a", "b"],
+            "only unexpired leases with the prefix, by name"
+        );
+        assert_eq!(live[0].name, "members/scheduler/a");
+        assert_eq!(live[0].epoch, 1);
+        // `%` and `_` are plain characters in a prefix, not patterns.
+        assert!(store.list_live_leases("members/%").await?.is_empty());
+        let err = store.list_live_leases("").await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::InvalidArgument(ref m) if m.contains("prefix")),
+            "{err}"
+        );
+        let err = store.list_live_leases(&"p".repeat(129)).await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::InvalidArgument(ref m) if m.contains("128")),
+            "{err}"
+        );
+        Ok(())
+    }
+
+    pub async fn ownership_splits_partitions_and_hands_them_over(
+        store: Arc<dyn MetadataStore>,
+    ) -> Result<()> {
+        use dagmesh_metastore::ownership::Ownership;
+        const PARTITIONS: u32 = 16;
+        let member = |holder: &str| {
+            Ownership::new(store.clone(), "test", holder.to_owned(), PARTITIONS, TTL)
+        };
+        let owned = |o: &Ownership| o.owned().map(|(p, _)| p).collect::<HashSet<u32>>();
+        let (mut a, mut b) = (member("a"), member("b"));
+
+        // Alone, a owns everything.
+        let first = a.refresh().await?;
+        assert_eq!(first.gained.len(), PARTITIONS as usize);
+        let old_leases: Vec<_> = a.owned().map(|(p, l)| (p, l.clone())).collect();
+        // b joins: a still holds b's share until a notices and hands it over.
+        assert!(b.refresh().await?.gained.is_empty());
+        let handed = a.refresh().await?;
+        assert!(
+            !handed.released.is_empty() && handed.lost.is_empty(),
+            "{handed:?}"
+        );
+        let taken = b.refresh().await?;
+        assert_eq!(
+            taken.gained, handed.released,
+            "b takes exactly what a handed over"
+        );
+        let (in_a, in_b) = (owned(&a), owned(&b));
+        assert!(in_a.is_disjoint(&in_b));
+        assert_eq!(in_a.len() + in_b.len(), PARTITIONS as usize);
+        // A member's view agrees with the keys it owns.
+        let key = (0..)
+            .map(|i| format!("schedule-{i}"))
+            .find(|k| in_b.contains(&b.partition_of(k)))
+            .unwrap();
+        assert!(b.owns_key(&key) && !a.owns_key(&key));
+
+        // The old owner's lease on a moved partition no longer fences a write in.
+        let (moved, stale) = old_leases
+            .iter()
+            .find(|(p, _)| in_b.contains(p))
+            .unwrap()
+            .clone();
+        let err = store.commit_fenced(&stale, vec![]).await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::Fenced { .. }),
+            "partition {moved}: {err:?}"
+        );
+
+        // a leaves cleanly: b takes everything at its next refresh.
+        a.release_all().await;
+        let rest = b.refresh().await?;
+        assert_eq!(rest.gained.len(), in_a.len());
+        assert_eq!(owned(&b).len(), PARTITIONS as usize);
         Ok(())
     }
 

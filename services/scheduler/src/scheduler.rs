@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use dagmesh_metastore::MetadataStore;
+use dagmesh_metastore::ownership::{self, Ownership};
 use dagmesh_proto::limits::{self, DEFAULT_MAX_PAYLOAD_BYTES, MAX_NAME_LEN};
 use dagmesh_proto::v1::{
     CatchUp, PublishEventResponse, Schedule, SubmitRunRequest, Trigger, TriggeredRun, WorkflowRef,
@@ -29,6 +30,11 @@ pub const TRIGGER_TAG: &str = "dagmesh.trigger";
 pub const BACKFILL_TAG: &str = "dagmesh.backfill";
 pub use crate::validate::DEFAULT_CATCH_UP_LIMIT;
 
+/// Schedules and backfills hash (by id) into this many partitions, shared among the schedulers
+/// of a database through leases (`scheduler/p-N`). Part of the data's layout: every scheduler
+/// of a database must use the same number.
+pub const SCHEDULER_PARTITIONS: u32 = 32;
+
 /// Tunables of the loop.
 #[derive(Clone, Debug)]
 pub struct SchedulerConfig {
@@ -41,6 +47,9 @@ pub struct SchedulerConfig {
     pub backfill_poll: Duration,
     /// Wait after a transient failure (executor or store unreachable) before trying again.
     pub retry_delay: Duration,
+    /// TTL of this scheduler's leases (its membership and its partitions): the schedules of a
+    /// scheduler that died move to the others within this time. Renewed every third of it.
+    pub lease_ttl: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -50,6 +59,7 @@ impl Default for SchedulerConfig {
             misfire_grace: Duration::from_secs(60),
             backfill_poll: Duration::from_secs(1),
             retry_delay: Duration::from_secs(1),
+            lease_ttl: Duration::from_secs(15),
         }
     }
 }
@@ -72,6 +82,9 @@ struct Inner {
     backfills: Mutex<()>,
     /// Partition runs whose end a task is waiting for, to wake the loop when a slot frees.
     awaited_runs: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Which schedules and backfills this scheduler drives (the others' belong to other
+    /// schedulers of the same database). Locked for a whole pass.
+    ownership: Mutex<Ownership>,
 }
 
 fn to_ts(at: DateTime<Utc>) -> Timestamp {
@@ -179,8 +192,16 @@ impl Scheduler {
         config: SchedulerConfig,
     ) -> Self {
         crate::metrics::register_all();
+        let ownership = Ownership::new(
+            store.clone(),
+            "scheduler",
+            ownership::unique_holder(),
+            SCHEDULER_PARTITIONS,
+            config.lease_ttl,
+        );
         Scheduler {
             inner: Arc::new(Inner {
+                ownership: Mutex::new(ownership),
                 store,
                 starter,
                 clock,
@@ -197,6 +218,12 @@ impl Scheduler {
     pub fn spawn(&self) -> JoinHandle<()> {
         let this = self.clone();
         tokio::spawn(async move { this.run_loop().await })
+    }
+
+    /// Hands this scheduler's partitions to the others at once (a clean shutdown; after the
+    /// loop was aborted). Without it they move when the leases expire.
+    pub async fn release_partitions(&self) {
+        self.inner.ownership.lock().await.release_all().await;
     }
 
     async fn run_loop(self) {
@@ -222,9 +249,19 @@ impl Scheduler {
     /// moving a manual clock.
     pub async fn run_due(&self) -> Result<DateTime<Utc>, SchedError> {
         let now = self.inner.clock.now();
-        let mut next = later(now, self.inner.config.recheck_interval);
+        let mut ownership = self.inner.ownership.lock().await;
+        if ownership.refresh_due() {
+            ownership.refresh().await?;
+        }
+        let recheck = self
+            .inner
+            .config
+            .recheck_interval
+            .min(ownership.refresh_interval());
+        let mut next = later(now, recheck);
         for schedule in self.inner.store.list_schedules().await? {
-            if schedule.paused {
+            // Another scheduler of this database fires it.
+            if schedule.paused || !ownership.owns_key(&schedule.id) {
                 continue;
             }
             // A record that breaks a limit (written by another version, or edited in the
@@ -245,7 +282,7 @@ impl Scheduler {
                 }
             }
         }
-        if self.drive_backfills().await? {
+        if self.drive_backfills(&ownership).await? {
             next = next.min(later(now, self.inner.config.backfill_poll));
         }
         Ok(next)

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use dagmesh_proto::limits::MAX_NAME_LEN;
 use dagmesh_proto::v1::{
     ActiveRuns, Backfill, CacheEntry, DeliveryState, ListRunsRequest, ListRunsResponse, Mutation,
     ReadWebhookDeliveriesRequest, Run, RunEvent, RunState, Schedule, StoredToken, Trigger,
@@ -22,10 +23,11 @@ use super::{Dialect, SqlStore};
 use crate::StoreError;
 use crate::error::is_unique_violation;
 use crate::store::{
-    Lease, LeaseRow, MetadataStore, acquire_decision, deliveries_limit, epoch_bound, event_limit,
-    fenced, lease_from_row, mark_revoked, micros, name_taken, not_found, now_micros, run_not_found,
-    schedule_body, schedule_from_row, system_time_from_micros, token_key, ttl_micros,
-    validate_lease, validate_mutations, validate_named, workflow_not_found,
+    Lease, LeaseRow, MAX_LIVE_LEASES, MetadataStore, acquire_decision, check_text,
+    deliveries_limit, epoch_bound, event_limit, fenced, lease_from_row, mark_revoked, micros,
+    name_taken, not_found, now_micros, run_not_found, schedule_body, schedule_from_row,
+    system_time_from_micros, token_key, ttl_micros, validate_lease, validate_mutations,
+    validate_named, workflow_not_found,
 };
 
 /// How often `put_workflow` retries after losing a race for the next version number. Each lost
@@ -484,6 +486,34 @@ where
             return Err(fenced(lease, self.stored_epoch(&lease.name).await?));
         }
         Ok(())
+    }
+
+    async fn list_live_leases(&self, prefix: &str) -> Result<Vec<Lease>, StoreError> {
+        check_text("prefix", prefix, MAX_NAME_LEN)?;
+        let mut conn = self.read.acquire().await?;
+        let now = Self::clock(&mut conn).await?;
+        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
+            "SELECT name, holder, epoch, expires_at FROM leases \
+             WHERE substr(name, 1, length($1)) = $1 AND expires_at > $2 ORDER BY name LIMIT $3",
+        )
+        .bind(prefix)
+        .bind(now)
+        .bind(i64::from(MAX_LIVE_LEASES))
+        .fetch_all(&mut *conn)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(name, holder, epoch, expires_at)| {
+                lease_from_row(
+                    &name,
+                    &LeaseRow {
+                        holder,
+                        epoch,
+                        expires_at,
+                    },
+                )
+            })
+            .collect())
     }
 
     async fn commit_fenced(

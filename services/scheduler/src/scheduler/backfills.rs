@@ -15,6 +15,7 @@
 use std::collections::HashSet;
 
 use dagmesh_metastore::StoreError;
+use dagmesh_metastore::ownership::Ownership;
 use dagmesh_proto::limits::{self, MAX_BACKFILL_CONCURRENCY, MAX_ERROR_LEN};
 use dagmesh_proto::v1::{
     Backfill, BackfillState, ListRunsRequest, Run, RunState, SubmitRunRequest,
@@ -152,10 +153,13 @@ impl Scheduler {
 
     /// Drives every running backfill once (and counts the runs of stopped ones that were still
     /// active); true while any is still running.
-    pub(super) async fn drive_backfills(&self) -> Result<bool, SchedError> {
+    pub(super) async fn drive_backfills(&self, ownership: &Ownership) -> Result<bool, SchedError> {
         let _guard = self.inner.backfills.lock().await;
         let mut any_running = false;
         for backfill in self.inner.store.list_backfills().await? {
+            if !ownership.owns_key(&backfill.id) {
+                continue; // another scheduler of this database drives it
+            }
             let running = backfill.state() == BackfillState::Running;
             if !running && backfill.active_run_ids.is_empty() {
                 continue;

@@ -11,6 +11,9 @@ use dagmesh_proto::v1::{ListRunsRequest, ListRunsResponse, Run, RunState, Submit
 use dagmesh_scheduler::{ManualClock, RunStarter, SchedError, Scheduler, SchedulerConfig};
 use serde_json::Value;
 
+/// The schedulers' lease TTL in these tests.
+pub const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// An executor stand-in: keeps runs in memory and honours idempotency keys like the real one.
 #[derive(Default)]
 pub struct FakeStarter {
@@ -169,7 +172,12 @@ impl Harness {
             self.store.clone(),
             self.starter.clone(),
             Arc::new(self.clock.clone()),
-            SchedulerConfig::default(),
+            SchedulerConfig {
+                // Short, so that a scheduler that "crashed" (dropped without releasing its
+                // partitions) is replaced within a test.
+                lease_ttl: LEASE_TTL,
+                ..SchedulerConfig::default()
+            },
         )
     }
 }

