@@ -108,6 +108,11 @@ class MetadataServiceStub(object):
                 request_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReleaseLeaseRequest.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ReleaseLeaseResponse.FromString,
                 _registered_method=True)
+        self.ListLiveLeases = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/ListLiveLeases',
+                request_serializer=dagmesh_dot_v1_dot_metadata__pb2.ListLiveLeasesRequest.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ListLiveLeasesResponse.FromString,
+                _registered_method=True)
         self.CommitFenced = channel.unary_unary(
                 '/dagmesh.v1.MetadataService/CommitFenced',
                 request_serializer=dagmesh_dot_v1_dot_metadata__pb2.CommitFencedRequest.SerializeToString,
@@ -322,6 +327,15 @@ class MetadataServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListLiveLeases(self, request, context):
+        """The unexpired leases whose name starts with `prefix` (by the database's clock), ordered by
+        name, at most 4096. Group members announce themselves with a lease each
+        (`members/scheduler/<host>`), so that every member computes the same partition owners.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CommitFenced(self, request, context):
         """Commit, fenced: applies the mutations only if, inside the same transaction, the lease's
         stored epoch still equals `fence.epoch` (expiry is not checked: the epoch is the fence).
@@ -529,6 +543,11 @@ def add_MetadataServiceServicer_to_server(servicer, server):
                     servicer.ReleaseLease,
                     request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ReleaseLeaseRequest.FromString,
                     response_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReleaseLeaseResponse.SerializeToString,
+            ),
+            'ListLiveLeases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLiveLeases,
+                    request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ListLiveLeasesRequest.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_metadata__pb2.ListLiveLeasesResponse.SerializeToString,
             ),
             'CommitFenced': grpc.unary_unary_rpc_method_handler(
                     servicer.CommitFenced,
@@ -1004,6 +1023,33 @@ class MetadataService(object):
             '/dagmesh.v1.MetadataService/ReleaseLease',
             dagmesh_dot_v1_dot_metadata__pb2.ReleaseLeaseRequest.SerializeToString,
             dagmesh_dot_v1_dot_metadata__pb2.ReleaseLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLiveLeases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.MetadataService/ListLiveLeases',
+            dagmesh_dot_v1_dot_metadata__pb2.ListLiveLeasesRequest.SerializeToString,
+            dagmesh_dot_v1_dot_metadata__pb2.ListLiveLeasesResponse.FromString,
             options,
             channel_credentials,
             insecure,
