@@ -5,20 +5,26 @@ Run:  python -m pytest -q deploy/test_manifests.py
 (needs the pins in deploy/requirements-test.txt; no cluster, no network,
 no kustomize binary).
 
+deploy/k8s holds three modes (MODES), each a kustomization over the shared
+deploy/k8s/base: split (also deploy/k8s itself), embedded and scale. Most
+tests below run once per mode.
+
 Four layers:
 
-(a) ``render()`` builds the kustomize base in pure Python, for exactly the
-    kustomize features the base uses (resources, namespace, labels, images),
+(a) ``render()`` builds a kustomization in pure Python, for exactly the
+    kustomize features the modes use (resources that are files or other
+    kustomizations, namespace, labels, images, strategic merge patches),
     following kustomize v5's own rules (cited per function). Anything else in
     a kustomization is refused, so the renderer can never silently ignore a
     feature someone adds later. Where a ``kubectl`` with built-in kustomize is
-    on PATH, the output is also compared with the real thing.
-(b) Every rendered object is validated against the Kubernetes OpenAPI schemas
-    shipped by ``kubernetes-validate`` (strict: unknown fields are errors), and
-    a deliberately broken copy must be rejected, so the validator is known to
-    be able to fail. KEDA's objects are custom resources that those schemas do
-    not cover; they are validated, just as strictly, against the subset of the
-    KEDA v2 API written out below (KEDA_SCHEMAS).
+    on PATH, the output for every mode is also compared with the real thing.
+(b) Every rendered object of every mode is validated against the Kubernetes
+    OpenAPI schemas shipped by ``kubernetes-validate`` (strict: unknown fields
+    are errors; the schemas come with the package, so this needs no network),
+    and deliberately broken copies must be rejected, so the validator is known
+    to be able to fail. KEDA's objects are custom resources that those schemas
+    do not cover; they are validated, just as strictly, against the subset of
+    the KEDA v2 API written out below (KEDA_SCHEMAS).
 (c) What an operator would trip over: ports, selectors, probes, the wiring
     between the services, the database Secret, the GPU pool, hardening, and
     security: TLS on every server from a mounted Secret, https:// between the
@@ -26,7 +32,12 @@ Four layers:
     Secrets, no --insecure/--no-auth, and placeholders that cannot be used.
     Autoscaling: each worker pool has a ScaledObject whose triggers describe
     exactly the task types, versions, labels and slots its workers register
-    (read from examples/room-scan), pointed at the executor over TLS.
+    (read from examples/room-scan), pointed at the executor over TLS. The
+    modes: a scheduler in each; the embedded server's database on its volume;
+    the scale mode's executors, schedulers, disruption budgets, and
+    NetworkPolicies that admit every connection the manifests make (derived
+    from the pods' URLs, KEDA's scalerAddress and the scrape annotations) and
+    nothing else into the metastore.
 (d) The Grafana dashboards: canonical JSON, unique panel ids, and PromQL that
     names only the metrics dagmesh exports (METRICS), with their own labels.
 """
@@ -34,6 +45,7 @@ Four layers:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 import shutil
@@ -47,7 +59,12 @@ import pytest
 import yaml
 
 HERE = Path(__file__).resolve().parent
-BASE = HERE / "k8s"
+K8S = HERE / "k8s"
+# The modes, each a kustomization over deploy/k8s/base; deploy/k8s itself is
+# the split mode.
+MODES = {"split": K8S / "split", "embedded": K8S / "embedded", "scale": K8S / "scale"}
+# The modes on PostgreSQL, with a metastore of their own.
+PG_MODES = ("split", "scale")
 GRAFANA = HERE / "grafana"
 ROOM_SCAN = HERE.parent / "examples" / "room-scan"
 
@@ -77,6 +94,7 @@ SUPPORTED_KUSTOMIZATION_KEYS = {
     "labels",
     "resources",
     "images",
+    "patches",
 }
 
 # Kinds the renderer knows the scope of. kustomize decides scope from its
@@ -86,7 +104,10 @@ CLUSTER_SCOPED_KINDS = {"Namespace"}
 # KEDA's custom resources (keda.sh/v1alpha1) are namespaced; kustomize, which
 # has no schema for them, treats every kind it does not know as namespaced.
 KEDA_KINDS = {"ScaledObject", "TriggerAuthentication"}
-NAMESPACED_KINDS = {"ConfigMap", "Secret", "Service", "Deployment"} | KEDA_KINDS
+NAMESPACED_KINDS = {
+    "ConfigMap", "Secret", "Service", "Deployment", "PersistentVolumeClaim", "PodDisruptionBudget",
+    "NetworkPolicy",
+} | KEDA_KINDS
 
 # kustomize's "templateLabels" field specs that apply to these kinds
 # (api/konfig/builtinpluginconsts/metadatalabels.go).
@@ -198,29 +219,182 @@ def _load_resource_file(path: Path) -> list[dict]:
     return docs
 
 
-def render(directory: Path) -> list[dict]:
-    """Build the kustomization in `directory` the way `kustomize build` would,
-    for the supported subset; raise UnsupportedKustomization otherwise."""
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+# --- strategic merge patches ----------------------------------------------
+#
+# kustomize applies a patch that names its object (apiVersion, kind,
+# metadata.name) as a strategic merge patch (kyaml's merge2 with the
+# Kubernetes schema): maps merge key by key, `null` removes a field, and a
+# list is merged element by element on its patch merge key where the schema
+# gives one, and replaced otherwise. This renderer knows the merge keys of the
+# lists below only. A patch that would merge into any other list that is
+# already there is refused rather than guessed at (a list the object does not
+# have yet is simply set, which every strategy agrees on). Directives
+# ($patch, $retainKeys, ...) are refused too.
+
+# The field that holds the list -> its patch merge key (x-kubernetes-patch-merge-key).
+SMP_MERGE_KEYS = {
+    "containers": "name",
+    "env": "name",
+    "volumes": "name",
+    "volumeMounts": "mountPath",
+}
+# Lists of scalars that a patch replaces whole (no merge strategy in the schema).
+SMP_ATOMIC_LISTS = {"args", "command"}
+
+
+def _without_nulls(value, where: tuple):
+    """A patch value for a field the object does not have: nulls dropped (they
+    remove nothing), directives refused."""
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if str(key).startswith("$"):
+                raise UnsupportedKustomization(f"patch directive {key} at {'.'.join(where)}")
+            if item is not None:
+                out[key] = _without_nulls(item, where + (key,))
+        return out
+    if isinstance(value, list):
+        return [_without_nulls(item, where) for item in value]
+    return copy.deepcopy(value)
+
+
+def _merge_list(dest: list, patch: list, where: tuple) -> list:
+    field = where[-1]
+    if field in SMP_ATOMIC_LISTS:
+        return _without_nulls(patch, where)
+    key = SMP_MERGE_KEYS.get(field)
+    if key is None:
+        raise UnsupportedKustomization(
+            f"a patch of the list {'.'.join(where)}: this renderer does not know how kustomize merges it")
+    # kyaml's order: the patch's elements first (merged into the object's
+    # element with the same key, if any), then the object's other elements.
+    merged, taken = [], set()
+    for item in patch:
+        if not isinstance(item, dict) or key not in item:
+            raise UnsupportedKustomization(f"{'.'.join(where)}: every element of the patch needs its {key}")
+        match = [i for i, d in enumerate(dest) if isinstance(d, dict) and d.get(key) == item[key]]
+        if match:
+            taken.add(match[0])
+            strategic_merge(dest[match[0]], item, where)
+            merged.append(dest[match[0]])
+        else:
+            merged.append(_without_nulls(item, where))
+    return merged + [d for i, d in enumerate(dest) if i not in taken]
+
+
+def strategic_merge(dest: dict, patch: dict, where: tuple = ()) -> None:
+    """Merge `patch` into `dest` in place, as kustomize's strategic merge does
+    for the subset described above."""
+    for key, value in patch.items():
+        if str(key).startswith("$"):
+            raise UnsupportedKustomization(f"patch directive {key} at {'.'.join(where) or '.'}")
+        here = where + (key,)
+        if value is None:
+            dest.pop(key, None)
+        elif isinstance(value, dict) and isinstance(dest.get(key), dict):
+            strategic_merge(dest[key], value, here)
+        elif isinstance(value, list) and isinstance(dest.get(key), list):
+            dest[key] = _merge_list(dest[key], value, here)
+        else:
+            dest[key] = _without_nulls(value, here)
+
+
+def _apply_patches(directory: Path, kfile: Path, entries: list, objects: list[dict]) -> None:
+    """kustomize's PatchTransformer, for strategic merge patches without a
+    target: each patch document goes to the one object with its apiVersion,
+    kind and name (and namespace, if the patch gives one)."""
+    for entry in entries:
+        extra = set(entry) - {"path", "patch"}
+        if extra:
+            raise UnsupportedKustomization(f"{kfile}: patches entry with {sorted(extra)} is not supported")
+        if ("path" in entry) == ("patch" in entry):
+            raise UnsupportedKustomization(f"{kfile}: a patches entry needs one of path or patch")
+        if "path" in entry:
+            path = (directory / entry["path"]).resolve()
+            if not _inside(path, directory) or not path.is_file():
+                raise UnsupportedKustomization(f"{kfile}: patch {entry['path']!r} is not a file under {directory}")
+            text = path.read_text()
+        else:
+            text = entry["patch"]
+        for patch in (d for d in yaml.safe_load_all(text) if d is not None):
+            if not isinstance(patch, dict) or not {"apiVersion", "kind", "metadata"} <= set(patch):
+                raise UnsupportedKustomization(
+                    f"{kfile}: only strategic merge patches that name their object are supported "
+                    f"(not JSON 6902 patches): {patch!r:.80}")
+            meta = patch["metadata"]
+            targets = [
+                o for o in objects
+                if o["apiVersion"] == patch["apiVersion"] and o["kind"] == patch["kind"]
+                and o["metadata"].get("name") == meta.get("name")
+                and meta.get("namespace") in (None, o["metadata"].get("namespace"))
+            ]
+            if len(targets) != 1:
+                raise ValueError(f"{kfile}: patch of {patch['kind']}/{meta.get('name')} "
+                                 f"matches {len(targets)} objects")
+            strategic_merge(targets[0], patch)
+
+
+def _check_unique(objects: list[dict]) -> None:
+    # kustomize refuses two objects with the same id.
+    seen = set()
+    for obj in objects:
+        ident = (obj["apiVersion"], obj["kind"], obj["metadata"].get("namespace"), obj["metadata"].get("name"))
+        if ident in seen:
+            raise ValueError(f"duplicate resource id {ident}")
+        seen.add(ident)
+
+
+def _build(directory: Path, visited: tuple[Path, ...]) -> list[dict]:
+    """The objects of the kustomization in `directory`, unsorted."""
+    directory = directory.resolve()
     kfile = directory / "kustomization.yaml"
-    kust = yaml.safe_load(kfile.read_text())
+    if not kfile.is_file():
+        raise UnsupportedKustomization(f"{directory}: no kustomization.yaml")
+    kust = yaml.safe_load(kfile.read_text()) or {}
     unknown = set(kust) - SUPPORTED_KUSTOMIZATION_KEYS
     if unknown:
         raise UnsupportedKustomization(f"{kfile}: fields not supported by this renderer: {sorted(unknown)}")
     if kust.get("kind", "Kustomization") != "Kustomization":
         raise UnsupportedKustomization(f"{kfile}: kind {kust.get('kind')!r}")
+    visited = visited + (directory,)
 
     objects: list[dict] = []
     for entry in kust.get("resources", []):
-        path = directory / entry
-        if "://" in entry or not path.is_file():
-            raise UnsupportedKustomization(f"{kfile}: resource {entry!r} is not a local file")
-        objects.extend(_load_resource_file(path))
+        if "://" in entry or entry.startswith("git@"):
+            raise UnsupportedKustomization(f"{kfile}: resource {entry!r} is not local")
+        path = (directory / entry).resolve()
+        if path.is_dir():
+            # A base may be anywhere (api/loader/fileloader.go), but not in a
+            # directory that holds a kustomization already being built:
+            # kustomize calls that a cycle ("candidate root ... contains
+            # visited root"), so an overlay cannot sit inside its own base.
+            for root in visited:
+                if _inside(root, path):
+                    raise UnsupportedKustomization(f"{kfile}: cycle detected: {path} contains {root}")
+            objects.extend(_build(path, visited))
+        elif path.is_file():
+            # LoadRestrictionsRootOnly, kustomize's default: files only from
+            # the kustomization's own directory tree.
+            if not _inside(path, directory):
+                raise UnsupportedKustomization(f"{kfile}: file {entry!r} is outside {directory}")
+            objects.extend(_load_resource_file(path))
+        else:
+            raise UnsupportedKustomization(f"{kfile}: resource {entry!r} does not exist")
 
     for obj in objects:
         kind = obj["kind"]
         if kind not in CLUSTER_SCOPED_KINDS | NAMESPACED_KINDS:
             raise UnsupportedKustomization(f"kind {kind} is not supported by this renderer")
         obj.setdefault("metadata", {})
+    _check_unique(objects)
+
+    # The builtin transformers, in kustomize's order: patches first, then
+    # namespace, labels and images.
+    _apply_patches(directory, kfile, kust.get("patches", []), objects)
 
     # namespace: api/filters/namespace. metadata.namespace on namespaced
     # objects (overwriting any value), and a v1 Namespace is renamed.
@@ -261,15 +435,16 @@ def render(directory: Path) -> list[dict]:
         for obj in objects:
             _walk_containers(obj, rule)
 
-    # kustomize refuses two objects with the same id.
-    seen = set()
-    for obj in objects:
-        ident = (obj["apiVersion"], obj["kind"], obj["metadata"].get("namespace"), obj["metadata"].get("name"))
-        if ident in seen:
-            raise ValueError(f"duplicate resource id {ident}")
-        seen.add(ident)
+    _check_unique(objects)
+    return objects
 
-    return sorted(objects, key=_legacy_sort_key)
+
+def render(directory: Path) -> list[dict]:
+    """Build the kustomization in `directory` the way `kustomize build` would,
+    for the supported subset; raise UnsupportedKustomization otherwise. A
+    resource may be a file or the directory of another kustomization (a
+    base), which is built first with its own transformers."""
+    return sorted(_build(directory, ()), key=_legacy_sort_key)
 
 
 # --- renderer tests --------------------------------------------------------
@@ -396,14 +571,237 @@ def test_split_image(image: str, expected: tuple) -> None:
     assert split_image(image) == expected
 
 
-def test_renderer_refuses_unknown_features(tmp_path: Path) -> None:
-    (tmp_path / "kustomization.yaml").write_text(
-        "resources: []\npatches:\n  - path: p.yaml\n")
-    with pytest.raises(UnsupportedKustomization, match="patches"):
-        render(tmp_path)
-    (tmp_path / "kustomization.yaml").write_text("commonLabels: {a: b}\n")
-    with pytest.raises(UnsupportedKustomization, match="commonLabels"):
-        render(tmp_path)
+# A base and an overlay of it: a directory as a resource, transformers at both
+# levels, strategic merge patches (from a file and inline) and the kinds the
+# scale and embedded modes add.
+OVERLAY_FIXTURE = {
+    "base/kustomization.yaml": """\
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+namespace: one
+labels:
+  - pairs: {team: mesh}
+    includeTemplates: true
+resources:
+  - app.yaml
+images:
+  - name: app
+    newTag: "1.0"
+""",
+    "base/app.yaml": """\
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: app}
+spec:
+  replicas: 1
+  strategy: {type: Recreate}
+  selector: {matchLabels: {app: a}}
+  template:
+    metadata: {labels: {app: a}}
+    spec:
+      containers:
+        - name: main
+          image: app
+          args: ["serve", "--fast"]
+          env:
+            - {name: A, value: "1"}
+            - {name: B, value: "2"}
+          readinessProbe: {tcpSocket: {port: grpc}, periodSeconds: 5}
+          volumeMounts:
+            - {name: tmp, mountPath: /tmp}
+        - name: side
+          image: app
+      volumes:
+        - {name: tmp, emptyDir: {}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: app}
+spec:
+  selector: {app: a}
+  ports: [{name: grpc, port: 7070}]
+""",
+    "overlay/kustomization.yaml": """\
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+namespace: two
+labels:
+  - pairs: {tier: back}
+    includeTemplates: true
+resources:
+  - ../base
+  - extra.yaml
+patches:
+  - path: patch-app.yaml
+  - patch: |-
+      apiVersion: v1
+      kind: Service
+      metadata: {name: app}
+      spec: {clusterIP: None}
+""",
+    "overlay/patch-app.yaml": """\
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: app}
+spec:
+  replicas: 3
+  strategy:
+    type: RollingUpdate
+    rollingUpdate: {maxUnavailable: 0, maxSurge: 1}
+  template:
+    spec:
+      tolerations: [{key: gpu, operator: Exists}]
+      containers:
+        - name: main
+          args: ["serve"]
+          env:
+            - {name: B, value: "3"}
+            - {name: C, value: "4"}
+          readinessProbe:
+            tcpSocket: null
+            httpGet: {path: /, port: metrics}
+          volumeMounts:
+            - {name: data, mountPath: /data}
+        - name: extra
+          image: other
+          startupProbe: {tcpSocket: null, exec: {command: ["true"]}}
+      volumes:
+        - {name: data, persistentVolumeClaim: {claimName: data}}
+""",
+    "overlay/extra.yaml": """\
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny}
+spec: {podSelector: {}, policyTypes: [Ingress]}
+---
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata: {name: app}
+spec: {maxUnavailable: 1, selector: {matchLabels: {app: a}}}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: data}
+spec: {accessModes: [ReadWriteOnce], resources: {requests: {storage: 1Gi}}}
+""",
+}
+
+# What kustomize v5 (`kubectl kustomize overlay`) produces for it: the base's
+# transformers applied to the base's objects only (the overlay's PVC has no
+# team label), the overlay's to everything; `null` removes the tcpSocket
+# handler; containers, env, volumes and volumeMounts merged by key with the
+# patch's elements first; args replaced; a new list (tolerations) set.
+OVERLAY_FIXTURE_EXPECTED = """\
+apiVersion: v1
+kind: Service
+metadata: {labels: {team: mesh, tier: back}, name: app, namespace: two}
+spec:
+  clusterIP: None
+  ports: [{name: grpc, port: 7070}]
+  selector: {app: a}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {labels: {tier: back}, name: data, namespace: two}
+spec: {accessModes: [ReadWriteOnce], resources: {requests: {storage: 1Gi}}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {labels: {team: mesh, tier: back}, name: app, namespace: two}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: a}}
+  strategy:
+    rollingUpdate: {maxSurge: 1, maxUnavailable: 0}
+    type: RollingUpdate
+  template:
+    metadata: {labels: {app: a, team: mesh, tier: back}}
+    spec:
+      containers:
+        - args: [serve]
+          env:
+            - {name: B, value: "3"}
+            - {name: C, value: "4"}
+            - {name: A, value: "1"}
+          image: app:1.0
+          name: main
+          readinessProbe:
+            httpGet: {path: /, port: metrics}
+            periodSeconds: 5
+          volumeMounts:
+            - {mountPath: /data, name: data}
+            - {mountPath: /tmp, name: tmp}
+        - image: other
+          name: extra
+          startupProbe: {exec: {command: ["true"]}}
+        - image: app:1.0
+          name: side
+      tolerations: [{key: gpu, operator: Exists}]
+      volumes:
+        - {name: data, persistentVolumeClaim: {claimName: data}}
+        - {emptyDir: {}, name: tmp}
+---
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata: {labels: {tier: back}, name: app, namespace: two}
+spec: {maxUnavailable: 1, selector: {matchLabels: {app: a}}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {labels: {tier: back}, name: deny, namespace: two}
+spec: {podSelector: {}, policyTypes: [Ingress]}
+"""
+
+
+@pytest.fixture
+def overlay_fixture_dir(tmp_path: Path) -> Path:
+    for name, text in OVERLAY_FIXTURE.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    return tmp_path / "overlay"
+
+
+def test_renderer_matches_kustomize_on_overlay_fixture(overlay_fixture_dir: Path) -> None:
+    assert render(overlay_fixture_dir) == list(yaml.safe_load_all(OVERLAY_FIXTURE_EXPECTED))
+
+
+@pytest.mark.parametrize(
+    ("kustomization", "files", "why"),
+    [
+        ("resources: []\ncommonLabels: {a: b}\n", {}, "commonLabels"),
+        ("resources: []\ncomponents: [../c]\n", {}, "components"),
+        ("resources: []\npatchesStrategicMerge: [p.yaml]\n", {}, "patchesStrategicMerge"),
+        ("resources: [app.yaml]\npatches:\n  - path: p.yaml\n    target: {kind: Deployment}\n",
+         {"p.yaml": "- {op: replace, path: /spec/replicas, value: 2}\n"}, "target"),
+        ("resources: [app.yaml]\npatches:\n  - path: p.yaml\n",
+         {"p.yaml": "- {op: replace, path: /spec/replicas, value: 2}\n"}, "JSON 6902"),
+        ("resources: [app.yaml]\npatches:\n  - path: p.yaml\n",
+         {"p.yaml": "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: a-app}\n$patch: delete\n"},
+         r"\$patch"),
+        # initContainers: the renderer does not know how kustomize merges them.
+        ("resources: [app.yaml]\npatches:\n  - path: p.yaml\n",
+         {"p.yaml": "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: b-app}\n"
+                    "spec: {template: {spec: {initContainers: [{name: init, image: x}]}}}\n"},
+         "initContainers"),
+        ("resources: [../outside.yaml]\n", {"../outside.yaml": FIXTURE_NS}, "outside"),
+        ("resources: [..]\n", {}, "cycle"),
+        ("resources: [https://github.com/x/y//k8s]\n", {}, "not local"),
+    ],
+    ids=["commonLabels", "components", "patchesStrategicMerge", "patch-target", "json6902",
+         "patch-directive", "unknown-list-merge", "file-outside-root", "cycle", "remote"],
+)
+def test_renderer_refuses_what_it_does_not_implement(tmp_path: Path, kustomization: str, files: dict,
+                                                     why: str) -> None:
+    """A feature the renderer does not implement fails loudly instead of being
+    ignored, and so do layouts kustomize itself refuses."""
+    here = tmp_path / "k"
+    here.mkdir()
+    (here / "kustomization.yaml").write_text(kustomization)
+    (here / "app.yaml").write_text(FIXTURE_APP)
+    for name, text in files.items():
+        (here / name).write_text(text)
+    with pytest.raises(UnsupportedKustomization, match=why):
+        render(here)
 
 
 def _kubectl_kustomize(directory: Path) -> list[dict] | None:
@@ -429,11 +827,13 @@ def _kubectl_kustomize(directory: Path) -> list[dict] | None:
     return [d for d in yaml.safe_load_all(proc.stdout) if d is not None]
 
 
-@pytest.mark.parametrize("which", ["fixture", "base"])
-def test_renderer_agrees_with_kubectl_kustomize(which: str, fixture_dir: Path) -> None:
-    """Cross-check against the real kustomize where a kubectl is installed.
-    Not required: the rest of the suite runs on the Python renderer alone."""
-    directory = fixture_dir if which == "fixture" else BASE
+@pytest.mark.parametrize("which", ["fixture", "overlay-fixture", "deploy/k8s", *MODES])
+def test_renderer_agrees_with_kubectl_kustomize(which: str, fixture_dir: Path, overlay_fixture_dir: Path) -> None:
+    """Cross-check against the real kustomize where a kubectl is installed:
+    the fixtures, `deploy/k8s` itself and every mode. Not required: the rest
+    of the suite runs on the Python renderer alone."""
+    directory = {"fixture": fixture_dir, "overlay-fixture": overlay_fixture_dir, "deploy/k8s": K8S,
+                 **MODES}[which]
     real = _kubectl_kustomize(directory)
     if real is None:
         pytest.skip("no kubectl with built-in kustomize on PATH")
@@ -441,13 +841,25 @@ def test_renderer_agrees_with_kubectl_kustomize(which: str, fixture_dir: Path) -
 
 
 # --------------------------------------------------------------------------
-# the rendered base
+# the rendered modes
 # --------------------------------------------------------------------------
 
 
+@functools.cache
+def rendered_mode(mode: str) -> list[dict]:
+    """The objects of one mode (cached: tests read them, never change them)."""
+    return render(MODES[mode])
+
+
+@pytest.fixture(scope="module", params=list(MODES))
+def mode(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def rendered() -> list[dict]:
-    return render(BASE)
+def rendered(mode: str) -> list[dict]:
+    """Every test that takes this runs once per mode."""
+    return rendered_mode(mode)
 
 
 def _by_kind(objs: list[dict], kind: str) -> list[dict]:
@@ -500,33 +912,80 @@ def _service_url_target(url: str, services: list[dict]) -> tuple[dict, int]:
         forms = {name, f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.svc.cluster.local"}
         if host in forms:
             return svc, parts.port
-    raise AssertionError(f"{url}: host {host!r} is not a Service in the rendered base")
+    raise AssertionError(f"{url}: host {host!r} is not a Service in the rendered mode")
 
 
-def test_base_contains_the_split_mode_objects(rendered: list[dict]) -> None:
-    names = {(o["kind"], o["metadata"]["name"]) for o in rendered}
-    assert names == {
-        ("Namespace", NAMESPACE),
-        ("ConfigMap", "dagmesh-telemetry"),
-        ("Secret", "dagmesh-database"),
-        ("Secret", "dagmesh-tls"),
-        ("Secret", "dagmesh-internal-token"),
-        ("Secret", "room-scan-worker-tokens"),
-        ("Service", "dagmesh-metastore"),
-        ("Deployment", "dagmesh-metastore"),
+# What every mode has (../base), and what each adds.
+COMMON_OBJECTS = {
+    ("Namespace", NAMESPACE),
+    ("ConfigMap", "dagmesh-telemetry"),
+    ("Secret", "dagmesh-tls"),
+    ("Secret", "dagmesh-internal-token"),
+    ("Secret", "room-scan-worker-tokens"),
+    ("Deployment", "room-scan-worker-cpu"),
+    ("Deployment", "room-scan-worker-gpu"),
+    ("TriggerAuthentication", "dagmesh-executor-scaler"),
+    ("ScaledObject", "room-scan-worker-cpu"),
+    ("ScaledObject", "room-scan-worker-gpu"),
+}
+SPLIT_OBJECTS = COMMON_OBJECTS | {
+    ("Secret", "dagmesh-database"),
+    ("Service", "dagmesh-metastore"),
+    ("Deployment", "dagmesh-metastore"),
+    ("Service", "dagmesh-executor"),
+    ("Deployment", "dagmesh-executor"),
+    ("Service", "dagmesh-scheduler"),
+    ("Deployment", "dagmesh-scheduler"),
+}
+MODE_OBJECTS = {
+    "split": SPLIT_OBJECTS,
+    "embedded": COMMON_OBJECTS | {
+        ("PersistentVolumeClaim", "dagmesh-data"),
         ("Service", "dagmesh-executor"),
-        ("Deployment", "dagmesh-executor"),
-        ("Deployment", "room-scan-worker-cpu"),
-        ("Deployment", "room-scan-worker-gpu"),
-        ("TriggerAuthentication", "dagmesh-executor-scaler"),
-        ("ScaledObject", "room-scan-worker-cpu"),
-        ("ScaledObject", "room-scan-worker-gpu"),
-    }
+        ("Deployment", "dagmesh"),
+    },
+    "scale": SPLIT_OBJECTS | {
+        ("PodDisruptionBudget", "dagmesh-executor"),
+        ("PodDisruptionBudget", "dagmesh-scheduler"),
+        ("NetworkPolicy", "dagmesh-default-deny-ingress"),
+        ("NetworkPolicy", "dagmesh-metastore"),
+        ("NetworkPolicy", "dagmesh-executor"),
+        ("NetworkPolicy", "dagmesh-scheduler"),
+        ("NetworkPolicy", "dagmesh-metrics"),
+    },
+}
 
 
-def test_base_kustomize_transforms_applied(rendered: list[dict]) -> None:
-    kust = yaml.safe_load((BASE / "kustomization.yaml").read_text())
-    tag = str(kust["images"][0]["newTag"])
+def test_mode_contains_its_objects(mode: str, rendered: list[dict]) -> None:
+    assert {(o["kind"], o["metadata"]["name"]) for o in rendered} == MODE_OBJECTS[mode]
+
+
+def test_deploy_k8s_is_the_split_mode() -> None:
+    """`kubectl apply -k deploy/k8s` (in the docs, and in overlays that name
+    it as their base) applies the split mode."""
+    assert render(K8S) == rendered_mode("split")
+
+
+def _image_tags() -> dict[str, str]:
+    """The image tag each kustomization of deploy/k8s pins, by directory."""
+    tags = {}
+    for kfile in sorted(K8S.rglob("kustomization.yaml")):
+        for rule in yaml.safe_load(kfile.read_text()).get("images", []):
+            if rule["name"] == IMAGE:
+                tags[str(kfile.parent.relative_to(K8S))] = str(rule["newTag"])
+    return tags
+
+
+def test_modes_pin_one_image_tag() -> None:
+    """The split and embedded modes each name the image tag (the scale mode
+    and deploy/k8s inherit the split mode's); a release bumps them together."""
+    tags = _image_tags()
+    assert {"split", "embedded"} <= set(tags), tags
+    assert len(set(tags.values())) == 1, f"the modes pin different tags: {tags}"
+
+
+def test_kustomize_transforms_applied(rendered: list[dict]) -> None:
+    (tag,) = set(_image_tags().values())
     assert rendered == sorted(rendered, key=_legacy_sort_key)
     assert rendered[0]["kind"] == "Namespace"
     for obj in rendered:
@@ -549,22 +1008,40 @@ def test_base_kustomize_transforms_applied(rendered: list[dict]) -> None:
 # --------------------------------------------------------------------------
 
 
-def _ids(objs: list[dict]) -> list[str]:
-    return [f"{o['kind']}/{o['metadata']['name']}" for o in objs]
+def _objects_of_every_mode() -> list[tuple[str, dict]]:
+    """(test id, object) for each distinct object of the modes; one that
+    several modes render alike is validated once, its id naming them."""
+    seen: dict[str, tuple[list[str], dict]] = {}
+    for name in MODES:
+        for obj in rendered_mode(name):
+            modes, _ = seen.setdefault(json.dumps(obj, sort_keys=True), ([], obj))
+            modes.append(name)
+    return [(f"{o['kind']}/{o['metadata']['name']}[{','.join(m)}]", o) for m, o in seen.values()]
 
 
-_RENDERED_FOR_PARAMS = render(BASE)
-_BUILTIN_FOR_PARAMS = [o for o in _RENDERED_FOR_PARAMS if o["kind"] not in KEDA_KINDS]
-_KEDA_FOR_PARAMS = [o for o in _RENDERED_FOR_PARAMS if o["kind"] in KEDA_KINDS]
+_BUILTIN_FOR_PARAMS = [(i, o) for i, o in _objects_of_every_mode() if o["kind"] not in KEDA_KINDS]
+_KEDA_FOR_PARAMS = [(i, o) for i, o in _objects_of_every_mode() if o["kind"] in KEDA_KINDS]
+
+
+def test_every_kind_is_validated() -> None:
+    """Each kind the modes render has a schema here: the PVC, the budgets and
+    the NetworkPolicies too."""
+    kinds = {o["kind"] for _, o in _BUILTIN_FOR_PARAMS}
+    assert {"PersistentVolumeClaim", "PodDisruptionBudget", "NetworkPolicy", "Deployment"} <= kinds
+    assert {o["kind"] for _, o in _KEDA_FOR_PARAMS} == KEDA_KINDS
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-@pytest.mark.parametrize("obj", _BUILTIN_FOR_PARAMS, ids=_ids(_BUILTIN_FOR_PARAMS))
+@pytest.mark.parametrize("obj", [o for _, o in _BUILTIN_FOR_PARAMS], ids=[i for i, _ in _BUILTIN_FOR_PARAMS])
 def test_object_validates_against_kubernetes_schema(obj: dict, version: str) -> None:
     # strict=True: unknown fields (typos) are errors, as `kubectl apply
     # --validate=strict` would make them. A kind without a schema raises
     # SchemaNotFoundError, which fails the test too.
     kubernetes_validate.validate(obj, version, strict=True)
+
+
+def _copy(mode: str, kind: str, name: str) -> dict:
+    return copy.deepcopy(_one(rendered_mode(mode), kind, name))
 
 
 def _deployment(objs: list[dict], name: str) -> dict:
@@ -599,14 +1076,35 @@ def _break_missing_required(objs):
     return d, "name"
 
 
+def _break_pvc_access_modes(_):
+    pvc = _copy("embedded", "PersistentVolumeClaim", "dagmesh-data")
+    pvc["spec"]["accessModes"] = "ReadWriteOnce"  # a list in the API
+    return pvc, "accessModes"
+
+
+def _break_network_policy_field(_):
+    policy = _copy("scale", "NetworkPolicy", "dagmesh-metastore")
+    rule = policy["spec"]["ingress"][0]
+    rule["form"] = rule.pop("from")
+    return policy, "form"
+
+
+def _break_pdb_budget_type(_):
+    pdb = _copy("scale", "PodDisruptionBudget", "dagmesh-executor")
+    pdb["spec"]["maxUnavailable"] = {"pods": 1}  # an int or a percentage
+    return pdb, "maxUnavailable"
+
+
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize(
     "breaker",
-    [_break_port_type, _break_field_name, _break_probe_shape, _break_missing_required],
-    ids=["wrong-type", "misspelled-field", "grpc-probe-named-port", "missing-required"],
+    [_break_port_type, _break_field_name, _break_probe_shape, _break_missing_required,
+     _break_pvc_access_modes, _break_network_policy_field, _break_pdb_budget_type],
+    ids=["wrong-type", "misspelled-field", "grpc-probe-named-port", "missing-required",
+         "pvc-wrong-type", "networkpolicy-misspelled-field", "pdb-wrong-type"],
 )
-def test_validator_rejects_broken_copy(rendered: list[dict], breaker, version: str) -> None:
-    broken, culprit = breaker(rendered)
+def test_validator_rejects_broken_copy(breaker, version: str) -> None:
+    broken, culprit = breaker(rendered_mode("split"))
     with pytest.raises(kubernetes_validate.ValidationError) as err:
         kubernetes_validate.validate(broken, version, strict=True)
     assert culprit in str(err.value.message) or culprit in [str(p) for p in err.value.path]
@@ -686,7 +1184,7 @@ def validate_keda(obj: dict) -> None:
     jsonschema.Draft202012Validator(KEDA_SCHEMAS[obj["kind"]]).validate(obj)
 
 
-@pytest.mark.parametrize("obj", _KEDA_FOR_PARAMS, ids=_ids(_KEDA_FOR_PARAMS))
+@pytest.mark.parametrize("obj", [o for _, o in _KEDA_FOR_PARAMS], ids=[i for i, _ in _KEDA_FOR_PARAMS])
 def test_keda_object_validates_against_the_keda_api(obj: dict) -> None:
     validate_keda(obj)
 
@@ -712,8 +1210,8 @@ def _break_keda_auth_ref(objs):
 @pytest.mark.parametrize(
     "breaker", [_break_keda_field_name, _break_keda_metadata_type, _break_keda_auth_ref],
     ids=["misspelled-field", "metadata-not-a-string", "missing-required"])
-def test_keda_validator_rejects_broken_copy(rendered: list[dict], breaker) -> None:
-    broken, culprit = breaker(rendered)
+def test_keda_validator_rejects_broken_copy(breaker) -> None:
+    broken, culprit = breaker(rendered_mode("split"))
     with pytest.raises(jsonschema.ValidationError) as err:
         validate_keda(broken)
     assert culprit in err.value.message or culprit in [str(p) for p in err.value.absolute_path]
@@ -822,21 +1320,31 @@ def test_probes_target_an_exposed_port(rendered: list[dict]) -> None:
                 assert any(_port_matches(port, p) for p in c.get("ports", [])), (
                     f"{d['metadata']['name']}/{c['name']} {name} targets {port!r}, not exposed")
                 checked += 1
-    assert checked >= 6
+    # Every server has its three probes (the workers have none: see worker-cpu.yaml).
+    assert checked == len(PROBES) * len(_server_containers(rendered))
 
 
 def test_tls_servers_use_probes_that_work_with_tls(rendered: list[dict]) -> None:
     """The servers serve TLS, and the kubelet's native gRPC probe has no TLS
     option (it would fail every handshake), nor can a plain-HTTP httpGet
     probe talk to them; the image has no gRPC client for an exec probe. So
-    TCP probes: each server opens its port only once it is ready and reports
-    Health SERVING from then until shutdown (see metastore.yaml)."""
-    for name in ("dagmesh-metastore", "dagmesh-executor"):
-        c = _one(rendered, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
+    TCP probes on the gRPC port: each server opens it only once it is ready
+    and reports Health SERVING from then until shutdown (see
+    split/metastore.yaml). A probe on the metrics port, which is plain HTTP,
+    may be an HTTP GET (the scale mode's executors: see
+    test_scale_executor_probes_pass_on_standbys)."""
+    for d, c in _server_containers(rendered):
+        name = d["metadata"]["name"]
+        metrics = [p for p in c["ports"] if p.get("name") == METRICS_PORT_NAME]
         for probe in PROBES:
             assert probe in c, f"{name}: no {probe}"
             assert "grpc" not in c[probe], f"{name}: a native gRPC {probe} cannot speak TLS"
-            if "httpGet" in c[probe]:
+            handler, port = _probe_port(c[probe])
+            if any(_port_matches(port, p) for p in metrics):
+                assert handler in ("httpGet", "tcpSocket"), f"{name}: {probe}"
+                if handler == "httpGet":
+                    assert c[probe]["httpGet"].get("scheme", "HTTP") == "HTTP", f"{name}: metrics are plain HTTP"
+            elif "httpGet" in c[probe]:
                 assert c[probe]["httpGet"].get("scheme") == "HTTPS", f"{name}: {probe} is plain HTTP"
             else:
                 assert "tcpSocket" in c[probe], f"{name}: {probe} should be a tcpSocket probe"
@@ -845,7 +1353,9 @@ def test_tls_servers_use_probes_that_work_with_tls(rendered: list[dict]) -> None
         assert c["livenessProbe"].get("failureThreshold", 3) >= 3
 
 
-def test_metastore_reads_database_url_from_secret(rendered: list[dict]) -> None:
+@pytest.mark.parametrize("mode_name", PG_MODES)
+def test_metastore_reads_database_url_from_secret(mode_name: str) -> None:
+    rendered = rendered_mode(mode_name)
     d = _one(rendered, "Deployment", "dagmesh-metastore")
     c = d["spec"]["template"]["spec"]["containers"][0]
     var = _env(c, "DAGMESH_DATABASE_URL")
@@ -865,13 +1375,18 @@ def test_metastore_reads_database_url_from_secret(rendered: list[dict]) -> None:
     assert urlsplit(url).hostname.endswith(".invalid"), "real credentials do not belong in the base"
 
 
-def test_metastore_runs_exactly_one_replica(rendered: list[dict]) -> None:
-    d = _one(rendered, "Deployment", "dagmesh-metastore")
+@pytest.mark.parametrize("mode_name", PG_MODES)
+def test_metastore_runs_exactly_one_replica(mode_name: str) -> None:
+    """Not yet built to share a database with a second copy of itself, not
+    even in the scale mode."""
+    d = _one(rendered_mode(mode_name), "Deployment", "dagmesh-metastore")
     assert d["spec"]["replicas"] == 1
     assert d["spec"]["strategy"]["type"] == "Recreate"
 
 
-def test_executor_points_at_the_metastore_service(rendered: list[dict]) -> None:
+@pytest.mark.parametrize("mode_name", PG_MODES)
+def test_executor_points_at_the_metastore_service(mode_name: str) -> None:
+    rendered = rendered_mode(mode_name)
     c = _one(rendered, "Deployment", "dagmesh-executor")["spec"]["template"]["spec"]["containers"][0]
     url = _setting(c, "--metastore", "DAGMESH_METASTORE")
     assert url is not None, "the executor needs --metastore / DAGMESH_METASTORE"
@@ -889,6 +1404,10 @@ def test_workers_point_at_the_executor_service(rendered: list[dict], name: str) 
     svc, port = _service_url_target(url, _by_kind(rendered, "Service"))
     assert svc["metadata"]["name"] == "dagmesh-executor"
     assert port in [p["port"] for p in svc["spec"]["ports"]]
+    # In every mode something that runs the executor's engine answers there.
+    (backend,) = _backends(rendered, svc)
+    assert _command(backend[1]) in ("executor", "up")
+    assert _container_port(backend[0], svc, port)["name"] == "grpc"
 
 
 def test_worker_roles(rendered: list[dict]) -> None:
@@ -910,9 +1429,14 @@ def test_gpu_pool_lands_on_gpu_nodes(rendered: list[dict]) -> None:
 
 
 def test_references_resolve(rendered: list[dict]) -> None:
-    """Every ConfigMap/Secret a pod reads is part of the base."""
+    """Every ConfigMap, Secret and claim a pod reads is part of the mode."""
     present = {(o["kind"], o["metadata"]["name"]) for o in rendered}
     for d in _by_kind(rendered, "Deployment"):
+        for volume in d["spec"]["template"]["spec"].get("volumes", []):
+            if "secret" in volume:
+                assert ("Secret", volume["secret"]["secretName"]) in present
+            if "persistentVolumeClaim" in volume:
+                assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in present
         for c in _containers(d):
             for src in c.get("envFrom", []):
                 if "configMapRef" in src:
@@ -963,12 +1487,14 @@ def test_containers_are_hardened_and_sized(rendered: list[dict]) -> None:
 
 
 def test_graceful_shutdown_windows(rendered: list[dict]) -> None:
-    grace = {d["metadata"]["name"]: d["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
-             for d in _by_kind(rendered, "Deployment")}
-    assert grace["room-scan-worker-cpu"] >= 60
-    assert grace["room-scan-worker-gpu"] >= 60
-    assert grace["dagmesh-executor"] >= 30
-    assert grace["dagmesh-metastore"] >= 30
+    def grace(d: dict) -> int:
+        return d["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+    assert grace(_one(rendered, "Deployment", "room-scan-worker-cpu")) >= 60
+    assert grace(_one(rendered, "Deployment", "room-scan-worker-gpu")) >= 60
+    for d, c in _server_containers(rendered):
+        # The executor's engine drains its workers (DAGMESH_DRAIN_TIMEOUT, 30 s).
+        least = 60 if _command(c) in ("executor", "up") else 30
+        assert grace(d) >= least, d["metadata"]["name"]
 
 
 # --------------------------------------------------------------------------
@@ -1057,13 +1583,6 @@ def _server_tls(objs: list[dict], deploy: dict, container: dict) -> tuple[str, s
     return cert_secret, cert_key, key_key
 
 
-def test_all_servers_are_found(rendered: list[dict]) -> None:
-    commands = {c["args"][1] for _, c in _server_containers(rendered)}
-    assert {"metastore", "executor"} <= commands
-    assert {d["metadata"]["name"] for d, _ in _worker_containers(rendered)} == {
-        "room-scan-worker-cpu", "room-scan-worker-gpu"}
-
-
 def test_servers_serve_tls_from_a_mounted_tls_secret(rendered: list[dict]) -> None:
     for d, c in _server_containers(rendered):
         secret, cert_key, key_key = _server_tls(rendered, d, c)
@@ -1098,7 +1617,12 @@ def test_nothing_runs_insecure_or_without_auth(rendered: list[dict]) -> None:
         assert env not in config, f"{env} in a ConfigMap would reach every pod through envFrom"
 
 
-def test_inter_service_urls_use_https(rendered: list[dict]) -> None:
+# Peer URLs each mode sets: the executor's and the scheduler's (metastore,
+# executor) where they run apart, and both worker pools' server.
+PEER_URLS = {"split": 5, "embedded": 2, "scale": 5}
+
+
+def test_inter_service_urls_use_https(mode: str, rendered: list[dict]) -> None:
     services = _by_kind(rendered, "Service")
     checked = 0
     for d in _by_kind(rendered, "Deployment"):
@@ -1116,11 +1640,10 @@ def test_inter_service_urls_use_https(rendered: list[dict]) -> None:
                 if "://" in value and any(
                         (urlsplit(value).hostname or "").split(".")[0] == s["metadata"]["name"] for s in services):
                     assert urlsplit(value).scheme == "https", f"{d['metadata']['name']}: {var['name']}={value}"
-    # executor -> metastore, and both worker pools -> executor
-    assert checked >= 3
+    assert checked == PEER_URLS[mode]
 
 
-def test_clients_trust_the_ca_of_the_server_they_call(rendered: list[dict]) -> None:
+def test_clients_trust_the_ca_of_the_server_they_call(mode: str, rendered: list[dict]) -> None:
     """Whoever calls a service over https:// has DAGMESH_TLS_CA pointing at
     the ca.crt stored with that service's own certificate."""
     services = _by_kind(rendered, "Service")
@@ -1142,7 +1665,7 @@ def test_clients_trust_the_ca_of_the_server_they_call(rendered: list[dict]) -> N
                 assert _mounted_secret_file(d, c, ca) == (server_secret, "ca.crt"), (
                     f"{d['metadata']['name']}: DAGMESH_TLS_CA is not the CA of {svc['metadata']['name']}")
                 checked += 1
-    assert checked >= 3
+    assert checked == PEER_URLS[mode]
 
 
 def test_servers_share_the_internal_token_from_a_secret(rendered: list[dict]) -> None:
@@ -1376,10 +1899,6 @@ def test_scaler_address_is_the_executor_over_tls(rendered: list[dict]) -> None:
     """KEDA runs in its own namespace: it needs the namespaced Service name
     (which the certificate names, deploy/README.md), the executor's gRPC
     port, and the CA that signed the executor's certificate."""
-    services = _by_kind(rendered, "Service")
-    executor = _one(rendered, "Deployment", "dagmesh-executor")
-    (server_secret, _, _), = [_server_tls(rendered, d, c) for d, c in _server_containers(rendered)
-                             if d is executor]
     auths = {ta["metadata"]["name"]: ta for ta in _by_kind(rendered, "TriggerAuthentication")}
     for so in _by_kind(rendered, "ScaledObject"):
         for trigger in so["spec"]["triggers"]:
@@ -1390,7 +1909,10 @@ def test_scaler_address_is_the_executor_over_tls(rendered: list[dict]) -> None:
             assert rest in (f"{NAMESPACE}.svc", f"{NAMESPACE}.svc.cluster.local"), (
                 f"{address}: use the namespaced name; KEDA's operator is not in {NAMESPACE}")
             svc = _one(rendered, "Service", name)
-            assert svc in _services_for(executor, services), f"{address} is not the executor"
+            # The executor, or `dagmesh up` with the executor inside.
+            backends = _backends(rendered, svc)
+            assert [_command(c) for _, c in backends] in (["executor"], ["up"]), f"{address} is not the executor"
+            (server_secret, _, _) = _server_tls(rendered, *backends[0])
             grpc = [p for p in svc["spec"]["ports"] if p["port"] == int(port)]
             assert grpc and grpc[0]["name"] == "grpc", f"{address}: not the executor's gRPC port"
             ref = trigger.get("authenticationRef")
@@ -1412,6 +1934,480 @@ def test_trigger_authentication_secrets_resolve(rendered: list[dict]) -> None:
         for ref in auth["spec"].get("secretTargetRef", []):
             assert ref["key"] in _secret_values(rendered, ref["name"]), (
                 f"{auth['metadata']['name']}: Secret {ref['name']} has no key {ref['key']}")
+
+
+# --------------------------------------------------------------------------
+# the modes: a scheduler in each, embedded on a volume, scale replicated
+# --------------------------------------------------------------------------
+
+# `dagmesh <command>` of the servers each mode runs.
+MODE_SERVERS = {
+    "split": {"metastore", "executor", "scheduler"},
+    "embedded": {"up"},
+    "scale": {"metastore", "executor", "scheduler"},
+}
+
+
+def _command(container: dict) -> str:
+    return (list(container.get("command", [])) + list(container.get("args", [])))[1]
+
+
+def _backends(objs: list[dict], svc: dict) -> list[tuple[dict, dict]]:
+    """(Deployment, container) of the dagmesh servers behind a Service."""
+    return [(d, c) for d, c in _server_containers(objs) if svc in _services_for(d, [svc])]
+
+
+def _container_port(deploy: dict, svc: dict, port: int) -> dict:
+    """The container port a Service port (by number) ends up on."""
+    (sp,) = [p for p in svc["spec"]["ports"] if p["port"] == port]
+    target = sp.get("targetPort", sp["port"])
+    found = [p for c in deploy["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])
+             if _port_matches(target, p)]
+    assert len(found) == 1, f"Service {svc['metadata']['name']} port {port}: {len(found)} container ports"
+    return found[0]
+
+
+def test_all_servers_are_found(mode: str, rendered: list[dict]) -> None:
+    assert {_command(c) for _, c in _server_containers(rendered)} == MODE_SERVERS[mode]
+    assert {d["metadata"]["name"] for d, _ in _worker_containers(rendered)} == {
+        "room-scan-worker-cpu", "room-scan-worker-gpu"}
+
+
+def test_every_mode_runs_a_scheduler(rendered: list[dict]) -> None:
+    """Cron schedules, event triggers and backfills fire only where a
+    scheduler runs: `dagmesh scheduler` in the split and scale modes, inside
+    `dagmesh up` in the embedded one. Its API (SchedulerService) must be
+    reachable through a Service, for the CLI and for backends that publish
+    events."""
+    services = _by_kind(rendered, "Service")
+    scheduling = [(d, c) for d, c in _server_containers(rendered) if _command(c) in ("scheduler", "up")]
+    assert scheduling, "no scheduler: schedules, triggers and backfills would never fire"
+    for d, c in scheduling:
+        assert d["spec"].get("replicas", 1) >= 1
+        listen_port = int(_setting(c, "--listen", "DAGMESH_LISTEN").rsplit(":", 1)[1])
+        assert any(_container_port(d, s, p["port"])["containerPort"] == listen_port
+                   for s in _services_for(d, services) for p in s["spec"]["ports"]), (
+            f"{d['metadata']['name']}: no Service reaches its gRPC port")
+
+
+@pytest.mark.parametrize("mode_name", PG_MODES)
+def test_scheduler_calls_the_metastore_and_executor_over_tls(mode_name: str) -> None:
+    objs = rendered_mode(mode_name)
+    services = _by_kind(objs, "Service")
+    d = _one(objs, "Deployment", "dagmesh-scheduler")
+    (c,) = d["spec"]["template"]["spec"]["containers"]
+    assert c["args"][:2] == ["dagmesh", "scheduler"]
+    for flag, env, command in (("--metastore", "DAGMESH_METASTORE", "metastore"),
+                               ("--executor", "DAGMESH_EXECUTOR", "executor")):
+        url = _setting(c, flag, env)
+        assert url, f"the scheduler needs {env}"
+        assert urlsplit(url).scheme == "https", f"{env}={url}: the {command} serves TLS"
+        svc, port = _service_url_target(url, services)
+        (backend,) = _backends(objs, svc)
+        assert _command(backend[1]) == command, f"{env}={url} reaches `dagmesh {_command(backend[1])}`"
+        assert _container_port(backend[0], svc, port)["name"] == "grpc", f"{env}={url}: not the gRPC port"
+        server_secret, _, _ = _server_tls(objs, *backend)
+        ca = _setting(c, "--tls-ca", "DAGMESH_TLS_CA")
+        assert ca and _mounted_secret_file(d, c, ca) == (server_secret, "ca.crt"), (
+            f"the scheduler does not trust the CA of the {command}'s certificate")
+    assert _secret_env(objs, c, "DAGMESH_INTERNAL_TOKEN") == ("dagmesh-internal-token", "token")
+
+
+def test_scale_runs_two_schedulers() -> None:
+    d = _one(rendered_mode("scale"), "Deployment", "dagmesh-scheduler")
+    assert d["spec"]["replicas"] == 2
+    assert d["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert d["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] in (0, "0%")
+
+
+# --- scale: executors -------------------------------------------------------
+
+
+def test_scale_executors_roll_without_dropping_below_three() -> None:
+    d = _one(rendered_mode("scale"), "Deployment", "dagmesh-executor")
+    assert d["spec"]["replicas"] == 3
+    strategy = d["spec"]["strategy"]
+    assert strategy["type"] == "RollingUpdate"
+    assert strategy["rollingUpdate"]["maxUnavailable"] in (0, "0%")
+    assert isinstance(strategy["rollingUpdate"]["maxSurge"], int) and strategy["rollingUpdate"]["maxSurge"] >= 1
+
+
+def test_scale_executor_probes_pass_on_standbys() -> None:
+    """Only the executor that holds the executor lease opens its gRPC port;
+    the standbys open only their metrics port (at start, before they wait for
+    the lease). Probes on the gRPC port would leave two executors of three
+    un-Ready for good: the rolling update above could never finish (its
+    surge pod is a standby, waiting for the active one to go) and the
+    PodDisruptionBudget would block every node drain. So every probe of a
+    replicated executor watches the metrics port."""
+    d = _one(rendered_mode("scale"), "Deployment", "dagmesh-executor")
+    (c,) = d["spec"]["template"]["spec"]["containers"]
+    metrics = [p for p in c["ports"] if p["name"] == METRICS_PORT_NAME]
+    for name in PROBES:
+        handler, port = _probe_port(c[name])
+        assert handler in ("httpGet", "tcpSocket") and any(_port_matches(port, p) for p in metrics), (
+            f"{name} targets {port!r}: a standby executor would never pass it")
+        if handler == "httpGet":
+            assert c[name]["httpGet"].get("scheme", "HTTP") == "HTTP", "the metrics port is plain HTTP"
+
+
+def test_scale_executor_service_is_headless() -> None:
+    """Every executor is Ready but only the active one accepts on 7070: a
+    headless Service gives clients all the addresses, and they try them in
+    turn until one accepts. A virtual IP would send two connections in three
+    to a standby, which refuses them."""
+    objs = rendered_mode("scale")
+    svc = _one(objs, "Service", "dagmesh-executor")
+    assert svc["spec"].get("clusterIP") == "None"
+    assert not svc["spec"].get("publishNotReadyAddresses", False)
+    assert [_command(c) for _, c in _backends(objs, svc)] == ["executor"]
+
+
+def _selects_pods(selector: dict, deploy: dict) -> bool:
+    return _selector_matches(selector, deploy["spec"]["template"]["metadata"]["labels"])
+
+
+def test_pdb_covers_the_executors_and_allows_one_disruption() -> None:
+    objs = rendered_mode("scale")
+    deployments = _by_kind(objs, "Deployment")
+    executor = _one(objs, "Deployment", "dagmesh-executor")
+    (pdb,) = [p for p in _by_kind(objs, "PodDisruptionBudget") if _selects_pods(p["spec"]["selector"], executor)]
+    others = [d["metadata"]["name"] for d in deployments
+              if d is not executor and _selects_pods(pdb["spec"]["selector"], d)]
+    assert not others, f"{pdb['metadata']['name']} also counts the pods of {others}"
+    assert pdb["spec"].get("maxUnavailable") == 1 and "minAvailable" not in pdb["spec"], (
+        "at most one executor may be evicted at a time")
+    # A crash-looping executor must not hold up a node drain.
+    assert pdb["spec"].get("unhealthyPodEvictionPolicy") == "AlwaysAllow"
+
+
+def test_every_pdb_can_be_satisfied() -> None:
+    """A budget over a single replica, or one that allows no disruption at
+    all, blocks every drain of its node: each budget covers one Deployment of
+    several replicas and allows one eviction."""
+    objs = rendered_mode("scale")
+    for pdb in _by_kind(objs, "PodDisruptionBudget"):
+        covered = [d for d in _by_kind(objs, "Deployment") if _selects_pods(pdb["spec"]["selector"], d)]
+        assert len(covered) == 1, pdb["metadata"]["name"]
+        assert covered[0]["spec"].get("replicas", 1) >= 2, f"{pdb['metadata']['name']}: a single replica"
+        assert pdb["spec"].get("maxUnavailable", 0) >= 1, pdb["metadata"]["name"]
+
+
+# --- embedded: one server on a volume ---------------------------------------
+
+
+def _dockerfile_workdir() -> str:
+    runtime = DOCKERFILE.read_text().split("FROM ")[-1]
+    (workdir,) = re.findall(r"^WORKDIR\s+(\S+)\s*$", runtime, re.M)
+    return workdir
+
+
+def _sqlite_path(container: dict) -> str:
+    """The file `dagmesh up` keeps its database in (cli/src/serve.rs, UpArgs):
+    --database / DAGMESH_DATABASE_URL, else DATA_DIR/dagmesh.db with
+    --data-dir / DAGMESH_DATA_DIR (default .dagmesh, in the image's WORKDIR)."""
+    url = _setting(container, "--database", "DAGMESH_DATABASE_URL")
+    if url is not None:
+        assert url.startswith("sqlite://"), f"the embedded mode runs on SQLite, not {url}"
+        path = url.removeprefix("sqlite://").split("?")[0]
+    else:
+        path = str(Path(_setting(container, "--data-dir", "DAGMESH_DATA_DIR") or ".dagmesh") / "dagmesh.db")
+    return path if path.startswith("/") else str(Path(_dockerfile_workdir()) / path)
+
+
+def test_embedded_runs_exactly_one_server_pod() -> None:
+    objs = rendered_mode("embedded")
+    servers = _server_containers(objs)
+    assert len(servers) == 1, "the embedded mode is one process"
+    ((d, c),) = servers
+    assert c["args"][:2] == ["dagmesh", "up"]
+    assert d["spec"]["replicas"] == 1, "SQLite has one writer"
+    # A rolling update would start a second pod while the first holds the volume.
+    assert d["spec"]["strategy"] == {"type": "Recreate"}
+    # Nobody but the workers' own Deployments runs anything else.
+    assert {x["metadata"]["name"] for x in _by_kind(objs, "Deployment")} == {
+        d["metadata"]["name"], "room-scan-worker-cpu", "room-scan-worker-gpu"}
+
+
+def test_embedded_database_is_on_the_claim_and_writable() -> None:
+    """The SQLite file lies on the mounted PersistentVolumeClaim (a restart
+    keeps every run), the mount is writable, and the root filesystem stays
+    read-only, with /tmp and the volume the only writable places."""
+    objs = rendered_mode("embedded")
+    ((d, c),) = _server_containers(objs)
+    pod = d["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    database = _sqlite_path(c)
+    config = {k for cm in _by_kind(objs, "ConfigMap") for k in cm.get("data", {})}
+    assert "DAGMESH_DATABASE_URL" not in config and "DAGMESH_DATA_DIR" not in config, (
+        "a ConfigMap entry would move the database through envFrom")
+    mounts = [m for m in c["volumeMounts"] if database.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert mounts, f"{database} is on no mounted volume: it would die with the pod"
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    assert not mount.get("readOnly", False), f"{mount['mountPath']}: the database must be writable"
+    assert "subPath" not in mount
+    claim = volumes[mount["name"]].get("persistentVolumeClaim")
+    assert claim is not None, f"{database} is on a {sorted(volumes[mount['name']])} volume, not a claim"
+    pvc = _one(objs, "PersistentVolumeClaim", claim["claimName"])
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert pvc["spec"]["resources"]["requests"]["storage"]
+    assert not claim.get("readOnly", False)
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    # User 10001 writes the volume through its group: the kubelet gives it fsGroup.
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    writable = {m["mountPath"]: volumes[m["name"]] for m in c["volumeMounts"] if not m.get("readOnly", False)}
+    assert set(writable) == {"/tmp", mount["mountPath"]}, sorted(writable)
+    assert "emptyDir" in writable["/tmp"]
+
+
+# --------------------------------------------------------------------------
+# NetworkPolicies (scale mode)
+# --------------------------------------------------------------------------
+#
+# A small evaluator of the NetworkPolicy API (networking.k8s.io/v1): a pod is
+# isolated for ingress once any policy of its namespace selects it; then a
+# connection is admitted when some rule of a selecting policy admits both
+# its source (a peer: podSelector within the policy's namespace,
+# namespaceSelector, or both) and its port. ipBlock is refused: whether it
+# matches pod traffic depends on the network plugin.
+
+
+class Pod:
+    """A source of connections: its namespace, the namespace's labels and its own."""
+
+    def __init__(self, namespace: str, labels: dict, namespace_labels: dict | None = None, name: str = ""):
+        self.namespace = namespace
+        self.labels = labels
+        self.namespace_labels = {"kubernetes.io/metadata.name": namespace, **(namespace_labels or {})}
+        self.name = name or f"{namespace}/{labels}"
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+# Outside the manifests: KEDA's operator as its Helm chart labels it, in the
+# namespace deploy/README.md installs it to; a Prometheus in its own
+# namespace; a product backend elsewhere that carries the client label; and
+# pods that nobody invited.
+KEDA_OPERATOR = Pod("keda", {"app": "keda-operator", "app.kubernetes.io/name": "keda-operator"}, name="keda-operator")
+PROMETHEUS = Pod("monitoring", {"app.kubernetes.io/name": "prometheus"}, name="prometheus")
+BACKEND = Pod("shop", {"app": "checkout", "dagmesh.io/client": "true"}, name="backend")
+STRANGERS = (Pod(NAMESPACE, {"app": "debug"}, name="stranger in the namespace"),
+             Pod("shop", {"app": "checkout"}, name="stranger elsewhere"))
+
+
+def _selector_matches(selector: dict, labels: dict) -> bool:
+    """metav1.LabelSelector: matchLabels and matchExpressions; {} matches all."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        ok = {"In": key in labels and labels[key] in values,
+              "NotIn": key not in labels or labels[key] not in values,
+              "Exists": key in labels,
+              "DoesNotExist": key not in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+def _pod_of(objs: list[dict], deploy: dict) -> Pod:
+    ns = deploy["metadata"]["namespace"]
+    ns_labels = next((o["metadata"].get("labels", {}) for o in _by_kind(objs, "Namespace")
+                      if o["metadata"]["name"] == ns), {})
+    return Pod(ns, deploy["spec"]["template"]["metadata"]["labels"], ns_labels, deploy["metadata"]["name"])
+
+
+def _policy_types(policy: dict) -> list[str]:
+    spec = policy["spec"]
+    return spec.get("policyTypes") or (["Ingress"] + (["Egress"] if "egress" in spec else []))
+
+
+def _peer_admits(peer: dict, policy_namespace: str, src: Pod) -> bool:
+    assert "ipBlock" not in peer, "ipBlock: whether it matches pod traffic depends on the network plugin"
+    ns_selector, pod_selector = peer.get("namespaceSelector"), peer.get("podSelector")
+    if ns_selector is None:
+        in_namespace = src.namespace == policy_namespace
+    else:
+        in_namespace = _selector_matches(ns_selector, src.namespace_labels)
+    return in_namespace and (pod_selector is None or _selector_matches(pod_selector, src.labels))
+
+
+def _rule_port_admits(rule_port: dict, dest: dict, port: int) -> bool:
+    if rule_port.get("protocol", "TCP") != "TCP":
+        return False
+    if "port" not in rule_port:
+        return True
+    wanted = rule_port["port"]
+    if isinstance(wanted, str):  # a named port of the destination pod
+        return any(p.get("name") == wanted and p["containerPort"] == port
+                   for c in dest["spec"]["template"]["spec"]["containers"] for p in c.get("ports", []))
+    return wanted <= port <= rule_port.get("endPort", wanted)
+
+
+def admitted(objs: list[dict], src: Pod, dest: dict, port: int) -> bool:
+    """Whether the NetworkPolicies in `objs` admit a TCP connection from `src`
+    to `port` of the pods of Deployment `dest`."""
+    ns = dest["metadata"]["namespace"]
+    labels = dest["spec"]["template"]["metadata"]["labels"]
+    policies = [p for p in _by_kind(objs, "NetworkPolicy")
+                if p["metadata"]["namespace"] == ns and "Ingress" in _policy_types(p)
+                and _selector_matches(p["spec"]["podSelector"], labels)]
+    if not policies:
+        return True
+    return any(
+        (not rule.get("ports") or any(_rule_port_admits(rp, dest, port) for rp in rule["ports"]))
+        and (not rule.get("from") or any(_peer_admits(peer, ns, src) for peer in rule["from"]))
+        for p in policies for rule in p["spec"].get("ingress") or [])
+
+
+def connections(objs: list[dict]) -> list[tuple[Pod, dict, int, str]]:
+    """Every connection the manifests make, as (source, destination
+    Deployment, container port, why): the peer URLs in the pods' settings,
+    KEDA's scalerAddress, Prometheus' scrape annotations, and the product
+    backends that deploy/README.md says may call the executor and the
+    scheduler."""
+    services = _by_kind(objs, "Service")
+    found = []
+
+    def to_service(src: Pod, svc: dict, port: int, why: str) -> None:
+        backends = [d for d in _by_kind(objs, "Deployment") if svc in _services_for(d, [svc])]
+        assert backends, f"{why}: no pod behind Service {svc['metadata']['name']}"
+        for dest in backends:
+            found.append((src, dest, _container_port(dest, svc, port)["containerPort"], why))
+
+    for d in _by_kind(objs, "Deployment"):
+        for c in _containers(d):
+            for flag, env in PEER_URL_SETTINGS:
+                url = _setting(c, flag, env)
+                if url is not None:
+                    svc, port = _service_url_target(url, services)
+                    to_service(_pod_of(objs, d), svc, port, f"{d['metadata']['name']} {env}={url}")
+        annotations = d["spec"]["template"]["metadata"].get("annotations", {})
+        if annotations.get("prometheus.io/scrape") == "true":
+            found.append((PROMETHEUS, d, int(annotations["prometheus.io/port"]),
+                          f"Prometheus scrapes {d['metadata']['name']}"))
+    for so in _by_kind(objs, "ScaledObject"):
+        for trigger in so["spec"]["triggers"]:
+            address = trigger["metadata"]["scalerAddress"]
+            svc, port = _service_url_target(f"https://{address}", services)
+            to_service(KEDA_OPERATOR, svc, port, f"KEDA for {so['metadata']['name']}: {address}")
+    for svc in services:
+        for _, c in _backends(objs, svc):
+            if _command(c) in ("executor", "scheduler", "up"):
+                grpc = [p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc"]
+                to_service(BACKEND, svc, grpc[0], f"a backend calls {svc['metadata']['name']}")
+    return found
+
+
+def test_network_policies_admit_every_connection_the_manifests_make() -> None:
+    objs = rendered_mode("scale")
+    edges = connections(objs)
+    kinds = {(src.name, dest["metadata"]["name"]) for src, dest, _, _ in edges}
+    # The wiring these policies exist for, so that a change that drops an
+    # edge from the manifests is noticed here too.
+    assert {("dagmesh-executor", "dagmesh-metastore"), ("dagmesh-scheduler", "dagmesh-metastore"),
+            ("dagmesh-scheduler", "dagmesh-executor"), ("room-scan-worker-cpu", "dagmesh-executor"),
+            ("room-scan-worker-gpu", "dagmesh-executor"), ("keda-operator", "dagmesh-executor"),
+            ("backend", "dagmesh-executor"), ("backend", "dagmesh-scheduler"),
+            ("prometheus", "dagmesh-metastore"), ("prometheus", "dagmesh-executor"),
+            ("prometheus", "dagmesh-scheduler")} <= kinds, sorted(kinds)
+    refused = [why for src, dest, port, why in edges if not admitted(objs, src, dest, port)]
+    assert not refused, f"the NetworkPolicies refuse: {refused}"
+
+
+def test_network_policies_deny_ingress_by_default() -> None:
+    objs = rendered_mode("scale")
+    deny = [p for p in _by_kind(objs, "NetworkPolicy")
+            if p["spec"]["podSelector"] == {} and _policy_types(p) == ["Ingress"] and not p["spec"].get("ingress")]
+    assert deny, "no default-deny policy: pods nobody selects would accept anything"
+    for d in _by_kind(objs, "Deployment"):
+        for port in [p["containerPort"] for c in _containers(d) for p in c.get("ports", [])] + [8080]:
+            for stranger in STRANGERS:
+                if port == int(d["spec"]["template"]["metadata"].get("annotations", {}).get(
+                        "prometheus.io/port", -1)):
+                    continue  # metrics are open to the cluster, on purpose (networkpolicies.yaml)
+                assert not admitted(objs, stranger, d, port), f"{stranger} reaches {d['metadata']['name']}:{port}"
+
+
+def test_nothing_else_reaches_the_metastore() -> None:
+    """The system of record takes gRPC from the executors and schedulers only:
+    every rule of every policy that selects its pods names its port, and a
+    rule on the gRPC port admits pods of this namespace that belong to the
+    executor or scheduler Deployments and to no other (the metrics port
+    aside)."""
+    objs = rendered_mode("scale")
+    metastore = _one(objs, "Deployment", "dagmesh-metastore")
+    (c,) = metastore["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    callers = {"dagmesh-executor", "dagmesh-scheduler"}
+    deployments = _by_kind(objs, "Deployment")
+    for policy in _by_kind(objs, "NetworkPolicy"):
+        if not _selects_pods(policy["spec"]["podSelector"], metastore):
+            continue
+        for rule in policy["spec"].get("ingress") or []:
+            where = f"NetworkPolicy {policy['metadata']['name']}"
+            assert rule.get("ports"), f"{where}: a rule without ports opens every port of the metastore"
+            for rp in rule["ports"]:
+                if rp.get("port") in (ports["grpc"], "grpc"):
+                    assert rule.get("from"), f"{where}: the metastore's gRPC port open to everyone"
+                    for peer in rule["from"]:
+                        assert set(peer) == {"podSelector"}, f"{where}: {peer} reaches beyond the namespace"
+                        picked = {d["metadata"]["name"] for d in deployments
+                                  if _selects_pods(peer["podSelector"], d)}
+                        assert picked and picked <= callers, f"{where}: {peer} admits {sorted(picked)}"
+                else:
+                    assert rp.get("port") in (ports[METRICS_PORT_NAME], METRICS_PORT_NAME), (
+                        f"{where}: opens port {rp.get('port')} of the metastore")
+    sources = [_pod_of(objs, d) for d in deployments] + [KEDA_OPERATOR, PROMETHEUS, BACKEND, *STRANGERS]
+    reach = {src.name for src in sources if admitted(objs, src, metastore, ports["grpc"])}
+    assert reach == callers, f"the metastore's gRPC port admits {sorted(reach)}"
+
+
+def test_network_policy_evaluator_can_say_no() -> None:
+    """The oracle of the tests above: it must refuse what the API refuses."""
+    dest = {"metadata": {"namespace": "a"},
+            "spec": {"template": {"metadata": {"labels": {"app": "db"}},
+                                  "spec": {"containers": [{"ports": [{"name": "sql", "containerPort": 5432}]}]}}}}
+    policy = {"kind": "NetworkPolicy", "metadata": {"namespace": "a"}, "spec": {
+        "podSelector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["db"]}]},
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "api"}}},
+                              {"namespaceSelector": {"matchLabels": {"team": "ops"}},
+                               "podSelector": {"matchExpressions": [{"key": "debug", "operator": "Exists"}]}}],
+                     "ports": [{"port": "sql"}]}]}}
+    api_here, api_there = Pod("a", {"role": "api"}), Pod("b", {"role": "api"})
+    ops_debug, ops = Pod("c", {"debug": "1"}, {"team": "ops"}), Pod("c", {}, {"team": "ops"})
+    assert admitted([], api_there, dest, 5432), "no policy: not isolated"
+    assert admitted([policy], api_here, dest, 5432)
+    assert not admitted([policy], api_here, dest, 5433), "another port"
+    assert not admitted([policy], api_there, dest, 5432), "a podSelector alone stays in the namespace"
+    assert admitted([policy], ops_debug, dest, 5432)
+    assert not admitted([policy], ops, dest, 5432), "namespaceSelector and podSelector together: both"
+    elsewhere = copy.deepcopy(policy)
+    elsewhere["metadata"]["namespace"] = "b"
+    assert admitted([elsewhere], Pod("z", {}), dest, 5432), "a policy of another namespace selects nothing here"
+
+
+# --------------------------------------------------------------------------
+# the docs name paths that exist
+# --------------------------------------------------------------------------
+
+DOCS = (HERE / "README.md", HERE.parent / "README.md")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(HERE.parent)))
+def test_docs_name_kustomizations_and_files_that_exist(doc: Path) -> None:
+    """`kubectl apply -k deploy/k8s/...` and every deploy/k8s path the docs
+    name must exist, so that a copied command works."""
+    text = doc.read_text()
+    named = set(re.findall(r"\b(deploy/k8s(?:/[\w.-]+)*)", text))
+    assert named, f"{doc.name} names no deploy/k8s path"
+    for path in named:
+        target = HERE.parent / path
+        assert target.exists(), f"{doc.name} names {path}, which does not exist"
+    for path in re.findall(r"kubectl (?:apply|delete|kustomize)[^\n`]*?-k\s+(deploy/k8s[\w./-]*)", text) + \
+            re.findall(r"kubectl kustomize\s+(deploy/k8s[\w./-]*)", text):
+        assert (HERE.parent / path / "kustomization.yaml").is_file(), f"{doc.name}: `-k {path}` is no kustomization"
 
 
 # --------------------------------------------------------------------------
