@@ -303,20 +303,35 @@ impl Scheduler {
         } = *def;
         let after = last_handled(schedule).unwrap_or(now);
         let catch_up = schedule.catch_up();
-        let due = ticks::due_ticks(cron, zone, after, now, catch_up_limit);
+        let skip_late = matches!(catch_up, CatchUp::Unspecified | CatchUp::Skip);
+        // SKIP runs every tick noticed within the misfire grace (a handover between schedulers
+        // or a short restart delays ticks without losing them), so it looks further back than
+        // its one-tick limit; the walk back stops at `last_tick`.
+        let limit = if skip_late {
+            limits::MAX_CATCH_UP_TICKS as usize
+        } else {
+            catch_up_limit
+        };
+        let due = ticks::due_ticks(cron, zone, after, now, limit);
         if let Some(&latest) = due.last() {
             let grace = chrono::Duration::from_std(self.inner.config.misfire_grace)
                 .unwrap_or(chrono::Duration::MAX);
-            let run: &[DateTime<Utc>] = match catch_up {
-                CatchUp::Unspecified | CatchUp::Skip if now - latest > grace => &[],
-                _ => &due,
+            let run: Vec<DateTime<Utc>> = if skip_late {
+                due.iter()
+                    .copied()
+                    .filter(|&tick| now - tick <= grace)
+                    .collect()
+            } else {
+                due.clone()
             };
-            for &tick in run {
+            for &tick in &run {
                 self.start_tick(schedule, zone, tick).await?;
             }
-            if run.is_empty() {
-                crate::metrics::tick("missed", due.len() as u64);
-                tracing::info!(schedule = %schedule.name, tick = %latest, "missed tick skipped");
+            let skipped = due.len() - run.len();
+            if skipped > 0 {
+                crate::metrics::tick("missed", skipped as u64);
+                tracing::info!(schedule = %schedule.name, skipped, latest = %latest,
+                    "missed ticks skipped (later than the misfire grace)");
             }
             let advanced = self
                 .inner

@@ -174,6 +174,38 @@ async fn catch_up_policies_after_downtime() {
 }
 
 #[tokio::test]
+async fn skip_runs_late_ticks_within_the_grace_and_skips_older_ones() {
+    let h = Harness::new("2025-01-01T00:00:00Z").await;
+    let scheduler = h.scheduler();
+    scheduler
+        .create_schedule(schedule("tens", "*/10 * * * * *", "", CatchUp::Skip, 0))
+        .await
+        .unwrap();
+    // A pause of 40 s (a handover between schedulers, a restart): every tick is under a minute
+    // late, so every one runs.
+    h.clock.set(utc("2025-01-01T00:00:40Z"));
+    scheduler.run_due().await.unwrap();
+    let seconds = |h: &Harness| -> Vec<String> {
+        h.starter
+            .inputs("tick")
+            .iter()
+            .map(|t| t.as_str().unwrap()[14..19].to_owned())
+            .collect()
+    };
+    assert_eq!(seconds(&h), ["00:10", "00:20", "00:30", "00:40"]);
+    // Down for five minutes: what is more than the grace (a minute) late is skipped.
+    h.clock.set(utc("2025-01-01T00:05:40Z"));
+    scheduler.run_due().await.unwrap();
+    let ran = seconds(&h);
+    assert_eq!(
+        &ran[4..],
+        [
+            "04:40", "04:50", "05:00", "05:10", "05:20", "05:30", "05:40"
+        ]
+    );
+}
+
+#[tokio::test]
 async fn restart_and_two_schedulers_neither_miss_nor_double_ticks() {
     let h = Harness::new("2025-01-01T00:00:30Z").await;
     let first = h.scheduler();
