@@ -13,11 +13,10 @@ use anyhow::Context as _;
 use dagmesh_auth::{AuthLayer, Authenticator, TokenApi};
 use dagmesh_executor::{ExecError, Executor, ExecutorConfig};
 use dagmesh_metastore::MetadataStore;
-use dagmesh_proto::v1::{ListRunsRequest, ListRunsResponse, Run, SubmitRunRequest};
 use dagmesh_runtime::ServeOptions;
 use dagmesh_runtime::tls::ServerTls;
 use dagmesh_scheduler::grpc::SchedulerGrpcServer;
-use dagmesh_scheduler::{RunStarter, SchedError, Scheduler, SchedulerConfig, SystemClock};
+use dagmesh_scheduler::{ExecutorStarter, Scheduler, SchedulerConfig, SystemClock};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -74,7 +73,7 @@ impl Mesh {
         let addr = listener.local_addr()?;
         let scheduler = Scheduler::new(
             store.clone(),
-            Arc::new(InProcessStarter(executor.clone())),
+            Arc::new(ExecutorStarter::new(Arc::new(executor.clone()))),
             Arc::new(SystemClock),
             SchedulerConfig::default(),
         );
@@ -165,6 +164,14 @@ impl Mesh {
         }
     }
 
+    /// Stops this mesh's scheduler loop and hands its partitions to the other schedulers of
+    /// the database at once; its API keeps answering. For tests that drive schedulers of their
+    /// own over the same database.
+    pub async fn stop_scheduler(&self) {
+        self.scheduler_task.abort();
+        self.scheduler.release_partitions().await;
+    }
+
     /// Drains the executor (workers finish what they hold), then stops the server.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         // No new runs from schedules while draining; the loop keeps nothing in memory.
@@ -194,71 +201,5 @@ impl Mesh {
         self.scheduler_task.abort();
         self.server.abort();
         self.engine.abort();
-    }
-}
-
-/// The scheduler's [`RunStarter`] in one process: the executor's API called directly. It lives
-/// here, where both are wired, so that the scheduler does not depend on the executor crate.
-#[derive(Clone)]
-pub struct InProcessStarter(pub Executor);
-
-/// The actor recorded on runs the in-process scheduler starts or cancels.
-const SCHEDULER: &str = "scheduler";
-
-fn scheduler_error(error: ExecError) -> SchedError {
-    match error {
-        ExecError::InvalidArgument(m) => SchedError::InvalidArgument(m),
-        ExecError::NotFound(m) => SchedError::NotFound(m),
-        ExecError::FailedPrecondition(m) => SchedError::FailedPrecondition(m),
-        ExecError::AlreadyExists(m) => SchedError::AlreadyExists(m),
-        // All worth retrying: the request was not applied.
-        ExecError::Unavailable(m) | ExecError::Aborted(m) | ExecError::Fenced(m) => {
-            SchedError::Unavailable(m)
-        }
-        // Worker-stream errors: the scheduler's calls never meet them.
-        ExecError::PermissionDenied(m) | ExecError::ResourceExhausted(m) => SchedError::Internal(m),
-        ExecError::Store(e) => SchedError::Store(e),
-    }
-}
-
-#[async_trait::async_trait]
-impl RunStarter for InProcessStarter {
-    async fn submit(&self, request: SubmitRunRequest) -> Result<(Run, bool), SchedError> {
-        self.0
-            .submit_as(request, SCHEDULER)
-            .await
-            .map_err(scheduler_error)
-    }
-
-    async fn cancel(&self, run_id: &str, reason: &str) -> Result<(), SchedError> {
-        self.0
-            .cancel_as(run_id, reason, SCHEDULER)
-            .await
-            .map_err(scheduler_error)?;
-        Ok(())
-    }
-
-    async fn get_run(&self, run_id: &str) -> Result<Run, SchedError> {
-        Ok(self.0.store().get_run(run_id).await?)
-    }
-
-    async fn list_runs(&self, request: ListRunsRequest) -> Result<ListRunsResponse, SchedError> {
-        Ok(self.0.store().list_runs(&request).await?)
-    }
-
-    async fn deliver_event(
-        &self,
-        topic: &str,
-        payload: prost_types::Struct,
-    ) -> Result<Vec<String>, SchedError> {
-        self.0
-            .deliver_event(topic, payload)
-            .await
-            .map_err(scheduler_error)
-    }
-
-    async fn wait_ended(&self, run_id: &str) -> Result<(), SchedError> {
-        let run = self.0.wait_for_run(run_id).await.map_err(scheduler_error)?;
-        dagmesh_scheduler::require_ended(&run)
     }
 }

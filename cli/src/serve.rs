@@ -13,7 +13,7 @@ use dagmesh_metastore::grpc::{MetadataGrpcClient, MetadataGrpcServer};
 use dagmesh_proto::connect::ClientSettings;
 use dagmesh_runtime::{ServiceSet, serve, shutdown_signal, telemetry};
 use dagmesh_scheduler::grpc::SchedulerGrpcServer;
-use dagmesh_scheduler::{RunServiceStarter, Scheduler, SchedulerConfig, SystemClock};
+use dagmesh_scheduler::{ExecutorStarter, Scheduler, SchedulerConfig, SystemClock};
 use tokio::net::TcpListener;
 
 use crate::mesh::{Mesh, MeshOptions, MeshSecurity};
@@ -421,7 +421,7 @@ pub async fn scheduler(args: SchedulerArgs, client: &ClientSettings) -> anyhow::
     let settings = args.security.peer_settings(client);
     let store: Arc<dyn MetadataStore> =
         Arc::new(MetadataGrpcClient::connect(&args.metastore, &settings).await?);
-    let starter = Arc::new(RunServiceStarter::connect(&args.executor, &settings)?);
+    let starter = Arc::new(ExecutorStarter::connect(&args.executor, &settings)?);
     let authenticator = args.security.authenticator(store.clone())?;
     let scheduler = Scheduler::new(
         store,

@@ -8,10 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use dagmesh::dagmesh_scheduler::{
-    ManualClock, RunServiceStarter, RunStarter, SCHEDULE_TAG, Scheduler, SchedulerConfig,
-    SystemClock,
+    ExecutorStarter, ManualClock, RunStarter, SCHEDULE_TAG, Scheduler, SchedulerConfig, SystemClock,
 };
-use dagmesh::mesh::InProcessStarter;
 use dagmesh_integration_tests::*;
 use dagmesh_proto::connect::ClientSettings;
 use dagmesh_proto::v1::scheduler_service_client::SchedulerServiceClient;
@@ -294,11 +292,13 @@ async fn backfill_partitions_start_as_soon_as_a_slot_frees() -> anyhow::Result<(
         vec![step("load", "load@^1", &[], &[("hour", "inputs.hour")])],
     );
     sandbox.mesh.executor().apply_workflow(spec.clone()).await?;
-    let remote = RunServiceStarter::connect(&sandbox.url(), &ClientSettings::default())?;
+    let remote = ExecutorStarter::connect(&sandbox.url(), &ClientSettings::default())?;
     let starters: [(&str, Arc<dyn RunStarter>); 2] = [
         (
             "in-process",
-            Arc::new(InProcessStarter(sandbox.mesh.executor().clone())),
+            Arc::new(ExecutorStarter::new(Arc::new(
+                sandbox.mesh.executor().clone(),
+            ))),
         ),
         ("RunService", Arc::new(remote)),
     ];
@@ -361,13 +361,17 @@ async fn two_schedulers_on_one_postgres_database_start_one_run_per_tick() -> any
         .executor()
         .apply_workflow(workflow("tick", vec![step("a", "noop@^1", &[], &[])]))
         .await?;
-    // Far in the future, so the mesh's own (wall-clock) scheduler never finds these ticks due.
+    // The schedulers below share the database's schedules with any other; the mesh's own
+    // (wall-clock) scheduler would take a share it never finds due.
+    sandbox.mesh.stop_scheduler().await;
     let clock = ManualClock::new("2100-01-01T00:00:30Z".parse()?);
     let process = || async {
         let store = dagmesh_metastore::connect(&url).await?;
         anyhow::Ok(Scheduler::new(
             store,
-            Arc::new(InProcessStarter(sandbox.mesh.executor().clone())),
+            Arc::new(ExecutorStarter::new(Arc::new(
+                sandbox.mesh.executor().clone(),
+            ))),
             Arc::new(clock.clone()),
             SchedulerConfig::default(),
         ))
@@ -387,6 +391,7 @@ async fn two_schedulers_on_one_postgres_database_start_one_run_per_tick() -> any
         ra?;
         rb?;
     }
+    // Whichever of the two owns the schedule fired every tick once; the other fired nothing.
     let runs = sandbox
         .mesh
         .executor()

@@ -209,7 +209,11 @@ fn status_exit_code(status: &tonic::Status) -> ExitCode {
 }
 
 fn report(server: &str, err: anyhow::Error) -> anyhow::Result<ExitCode> {
-    if let Some(status) = err.downcast_ref::<tonic::Status>() {
+    let status = err.downcast_ref::<tonic::Status>().cloned().or_else(|| {
+        err.downcast_ref::<dagmesh_api::ApiError>()
+            .map(|error| tonic::Status::from(error.clone()))
+    });
+    if let Some(status) = &status {
         match status.code() {
             // The message lists every problem as `path: message`, one per line, like a local
             // spec error; printed the same way so that both read the same.

@@ -3,12 +3,13 @@
 use std::process::ExitCode;
 use std::time::SystemTime;
 
-use dagmesh_proto::v1::run_service_client::RunServiceClient;
+use dagmesh_api::{Caller, ExecutorApi, GrpcExecutor};
 use dagmesh_proto::v1::{
-    ApproveStepRequest, CancelRunRequest, GetRunRequest, GetStepLogsRequest, GetStepLogsResponse,
-    ListRunsRequest, ResumeRunRequest, RetryRunRequest, Run, RunState, StepState, SubmitRunRequest,
+    ApproveStepRequest, CancelRunRequest, GetStepLogsRequest, GetStepLogsResponse, ListRunsRequest,
+    ResumeRunRequest, RetryRunRequest, Run, RunState, StepState, SubmitRunRequest,
     SuspendRunRequest, WorkflowRef, submit_run_request,
 };
+use futures::TryStreamExt;
 use serde_json::Value;
 
 use super::format::{self, Table};
@@ -153,7 +154,9 @@ impl From<StateFilter> for RunState {
 
 pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<ExitCode> {
     let channel = connect(global).await?;
-    let mut client = RunServiceClient::new(channel.clone());
+    let api = GrpcExecutor::new(channel.clone());
+    // The server knows the actor from the token.
+    let caller = Caller::default();
     match command {
         RunsCommand::List(args) => {
             let request = ListRunsRequest {
@@ -163,7 +166,7 @@ pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<ExitCo
                 page_size: args.limit.unwrap_or(0),
                 page_token: args.page_token.unwrap_or_default(),
             };
-            let response = client.list_runs(request).await?.into_inner();
+            let response = api.list_runs(request).await?;
             match global.output {
                 OutputFormat::Json => print_json(&json::list_runs_response(&response)),
                 OutputFormat::Text => {
@@ -176,12 +179,12 @@ pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<ExitCo
             Ok(ExitCode::SUCCESS)
         }
         RunsCommand::Get { run_id, items } => {
-            let run = client.get_run(GetRunRequest { run_id }).await?.into_inner();
+            let run = api.get_run(&run_id).await?;
             match global.output {
                 OutputFormat::Json => print_json(&json::run(&run)),
                 OutputFormat::Text => {
                     let mut text = describe_run(&run, SystemTime::now(), items);
-                    let tail = log_tail(&mut client, &run.run_id, LOG_TAIL).await?;
+                    let tail = log_tail(&api, &run.run_id, LOG_TAIL).await?;
                     if !tail.is_empty() {
                         text.push_str(&format!("\nLast {} log lines:\n", tail.len()));
                         for line in tail {
@@ -200,7 +203,7 @@ pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<ExitCo
             attempt,
             follow,
         } => {
-            let mut stream = client
+            let mut stream = api
                 .get_step_logs(GetStepLogsRequest {
                     run_id,
                     step_id: step.unwrap_or_default(),
@@ -208,9 +211,8 @@ pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<ExitCo
                     follow,
                     after_seq: 0,
                 })
-                .await?
-                .into_inner();
-            while let Some(batch) = stream.message().await? {
+                .await?;
+            while let Some(batch) = stream.try_next().await? {
                 match global.output {
                     OutputFormat::Json => {
                         for line in &batch.lines {
@@ -236,13 +238,15 @@ pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<ExitCo
             Ok(run_exit_code(&run))
         }
         RunsCommand::Cancel { run_id, reason } => {
-            let run = client
-                .cancel_run(CancelRunRequest {
-                    run_id,
-                    reason: reason.unwrap_or_default(),
-                })
-                .await?
-                .into_inner();
+            let run = api
+                .cancel_run(
+                    &caller,
+                    CancelRunRequest {
+                        run_id,
+                        reason: reason.unwrap_or_default(),
+                    },
+                )
+                .await?;
             match global.output {
                 OutputFormat::Json => print_json(&json::run(&run)),
                 OutputFormat::Text => outln!(
@@ -260,16 +264,18 @@ pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<ExitCo
             comment,
         } => {
             let outputs: serde_json::Map<String, Value> = outputs.into_iter().collect();
-            let run = client
-                .approve_step(ApproveStepRequest {
-                    run_id,
-                    step_id: step_id.clone(),
-                    approve: true,
-                    outputs: Some(dagmesh_proto::json::map_to_struct(&outputs)),
-                    comment: comment.unwrap_or_default(),
-                })
-                .await?
-                .into_inner();
+            let run = api
+                .approve_step(
+                    &caller,
+                    ApproveStepRequest {
+                        run_id,
+                        step_id: step_id.clone(),
+                        approve: true,
+                        outputs: Some(dagmesh_proto::json::map_to_struct(&outputs)),
+                        comment: comment.unwrap_or_default(),
+                    },
+                )
+                .await?;
             print_changed(&run, &format!("step {step_id} approved"), global.output);
             Ok(ExitCode::SUCCESS)
         }
@@ -278,35 +284,36 @@ pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<ExitCo
             step_id,
             reason,
         } => {
-            let run = client
-                .approve_step(ApproveStepRequest {
-                    run_id,
-                    step_id: step_id.clone(),
-                    approve: false,
-                    outputs: None,
-                    comment: reason.unwrap_or_default(),
-                })
-                .await?
-                .into_inner();
+            let run = api
+                .approve_step(
+                    &caller,
+                    ApproveStepRequest {
+                        run_id,
+                        step_id: step_id.clone(),
+                        approve: false,
+                        outputs: None,
+                        comment: reason.unwrap_or_default(),
+                    },
+                )
+                .await?;
             print_changed(&run, &format!("step {step_id} denied"), global.output);
             Ok(ExitCode::SUCCESS)
         }
         RunsCommand::Suspend { run_id, reason } => {
-            let run = client
-                .suspend_run(SuspendRunRequest {
-                    run_id,
-                    reason: reason.unwrap_or_default(),
-                })
-                .await?
-                .into_inner();
+            let run = api
+                .suspend_run(
+                    &caller,
+                    SuspendRunRequest {
+                        run_id,
+                        reason: reason.unwrap_or_default(),
+                    },
+                )
+                .await?;
             print_changed(&run, "suspended", global.output);
             Ok(ExitCode::SUCCESS)
         }
         RunsCommand::Resume { run_id } => {
-            let run = client
-                .resume_run(ResumeRunRequest { run_id })
-                .await?
-                .into_inner();
+            let run = api.resume_run(&caller, ResumeRunRequest { run_id }).await?;
             print_changed(&run, "resumed", global.output);
             Ok(ExitCode::SUCCESS)
         }
@@ -315,13 +322,15 @@ pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<ExitCo
             from,
             watch,
         } => {
-            let run = client
-                .retry_run(RetryRunRequest {
-                    run_id,
-                    from_step: from.unwrap_or_default(),
-                })
-                .await?
-                .into_inner();
+            let run = api
+                .retry_run(
+                    &caller,
+                    RetryRunRequest {
+                        run_id,
+                        from_step: from.unwrap_or_default(),
+                    },
+                )
+                .await?;
             if watch {
                 let last = watch::follow(channel, &run.run_id, global.output).await?;
                 return Ok(run_exit_code(&last));
@@ -350,12 +359,7 @@ pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<ExitCo
             memoized,
             watch,
         } => {
-            let old = client
-                .get_run(GetRunRequest {
-                    run_id: run_id.clone(),
-                })
-                .await?
-                .into_inner();
+            let old = api.get_run(&run_id).await?;
             let request = SubmitRunRequest {
                 workflow_ref: Some(submit_run_request::WorkflowRef::Workflow(WorkflowRef {
                     name: old.workflow.clone(),
@@ -368,10 +372,9 @@ pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<ExitCo
                 memoize_from: if memoized { run_id } else { String::new() },
                 notifications: old.notifications.clone(),
             };
-            let run = client
-                .submit_run(request)
+            let run = api
+                .submit_run(&caller, request)
                 .await?
-                .into_inner()
                 .run
                 .ok_or_else(|| anyhow::anyhow!("server returned no run"))?;
             if watch {
@@ -421,20 +424,15 @@ pub(crate) fn runs_table(runs: &[Run], now: SystemTime) -> String {
 const LOG_TAIL: usize = 10;
 
 /// The last `keep` log lines of a run, as `runs logs` prints them.
-async fn log_tail(
-    client: &mut RunServiceClient<dagmesh_proto::connect::AuthChannel>,
-    run_id: &str,
-    keep: usize,
-) -> anyhow::Result<Vec<String>> {
-    let mut stream = client
+async fn log_tail(api: &GrpcExecutor, run_id: &str, keep: usize) -> anyhow::Result<Vec<String>> {
+    let mut stream = api
         .get_step_logs(GetStepLogsRequest {
             run_id: run_id.to_owned(),
             ..GetStepLogsRequest::default()
         })
-        .await?
-        .into_inner();
+        .await?;
     let mut tail = std::collections::VecDeque::with_capacity(keep + 1);
-    while let Some(batch) = stream.message().await? {
+    while let Some(batch) = stream.try_next().await? {
         for line in &batch.lines {
             tail.push_back(log_line_text(&batch, line));
             if tail.len() > keep {

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context as _, bail};
-use dagmesh_proto::v1::run_service_client::RunServiceClient;
+use dagmesh_api::{Caller, ExecutorApi, GrpcExecutor};
 use dagmesh_proto::v1::{SubmitRunRequest, WorkflowRef, WorkflowSpec, submit_run_request};
 use serde_json::{Map, Value};
 
@@ -166,10 +166,9 @@ pub async fn run(global: &Global, args: SubmitArgs) -> anyhow::Result<ExitCode> 
     };
 
     let channel = connect(global).await?;
-    let response = RunServiceClient::new(channel.clone())
-        .submit_run(request)
-        .await?
-        .into_inner();
+    let response = GrpcExecutor::new(channel.clone())
+        .submit_run(&Caller::default(), request)
+        .await?;
     let run = response.run.clone().context("server returned no run")?;
     if !response.created {
         eprintln!(

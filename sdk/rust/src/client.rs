@@ -1,20 +1,20 @@
 //! A client for backends: register workflows, start runs, follow them to the end.
 //!
-//! A thin, typed layer over `RunService` and `WorkflowService`. Every error carries the gRPC
-//! status code, so callers can tell "no such run" (`NotFound`) from "try again"
+//! A thin, typed layer over `RunService` (through [`GrpcExecutor`], the executor's API as a Rust
+//! trait) and `WorkflowService`. Every error carries the gRPC status code, so callers can tell "no such run" (`NotFound`) from "try again"
 //! (`Unavailable`).
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use dagmesh_api::{ApiError, Caller, ExecutorApi, GrpcExecutor};
 use dagmesh_proto::connect::{AuthChannel, ClientSettings, Credentials, error_chain};
 use dagmesh_proto::json::map_to_struct;
-use dagmesh_proto::v1::run_service_client::RunServiceClient;
 use dagmesh_proto::v1::workflow_service_client::WorkflowServiceClient;
 use dagmesh_proto::v1::{
-    ApplyWorkflowRequest, CancelRunRequest, GetRunRequest, GetWorkflowRequest, ListRunsRequest,
-    ListRunsResponse, RetryRunRequest, Run, RunState, SubmitRunRequest, WatchRunRequest,
-    WatchRunResponse, Workflow, WorkflowRef, WorkflowSpec, submit_run_request,
+    ApplyWorkflowRequest, CancelRunRequest, GetWorkflowRequest, ListRunsRequest, ListRunsResponse,
+    RetryRunRequest, Run, RunState, SubmitRunRequest, WatchRunRequest, WatchRunResponse, Workflow,
+    WorkflowRef, WorkflowSpec, submit_run_request,
 };
 use futures::{Stream, StreamExt, TryStreamExt};
 use serde::Serialize;
@@ -71,6 +71,12 @@ impl ClientError {
             ClientError::Status { message, .. } => message.clone(),
             other => other.to_string(),
         }
+    }
+}
+
+impl From<ApiError> for ClientError {
+    fn from(error: ApiError) -> Self {
+        tonic::Status::from(error).into()
     }
 }
 
@@ -206,10 +212,16 @@ pub fn is_terminal(state: RunState) -> bool {
 
 /// Calls `RunService` and `WorkflowService` on one connection. Cheap to clone; clones share
 /// the connection.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Client {
-    runs: RunServiceClient<AuthChannel>,
+    runs: GrpcExecutor,
     workflows: WorkflowServiceClient<AuthChannel>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").finish_non_exhaustive()
+    }
 }
 
 impl Client {
@@ -252,9 +264,15 @@ impl Client {
     /// ([`ClientSettings::connect`](dagmesh_proto::connect::ClientSettings::connect)).
     pub fn from_auth_channel(channel: AuthChannel) -> Self {
         Self {
-            runs: RunServiceClient::new(channel.clone()),
+            runs: GrpcExecutor::new(channel.clone()),
             workflows: WorkflowServiceClient::new(channel),
         }
+    }
+
+    /// The executor's run API behind this client, as the [`ExecutorApi`] trait: for code that
+    /// also runs against an in-process executor.
+    pub fn executor(&self) -> &GrpcExecutor {
+        &self.runs
     }
 
     /// Registers a workflow definition; identical content returns the existing version.
@@ -290,28 +308,24 @@ impl Client {
 
     /// Starts a run (or, with a known idempotency key, returns the run it started before).
     pub async fn submit(&self, run: SubmitRun) -> Result<Run, ClientError> {
+        // The server records the actor from the token.
         let response = self
             .runs
-            .clone()
-            .submit_run(run.into_request()?)
-            .await?
-            .into_inner();
+            .submit_run(&Caller::default(), run.into_request()?)
+            .await?;
         response.run.ok_or(ClientError::MissingField("run"))
     }
 
     /// The run with all its steps; `NotFound` for an unknown id.
     pub async fn get_run(&self, run_id: impl Into<String>) -> Result<Run, ClientError> {
-        let request = GetRunRequest {
-            run_id: run_id.into(),
-        };
-        Ok(self.runs.clone().get_run(request).await?.into_inner())
+        Ok(self.runs.get_run(&run_id.into()).await?)
     }
 
     pub async fn list_runs(
         &self,
         request: ListRunsRequest,
     ) -> Result<ListRunsResponse, ClientError> {
-        Ok(self.runs.clone().list_runs(request).await?.into_inner())
+        Ok(self.runs.list_runs(request).await?)
     }
 
     /// The raw `WatchRun` stream: a snapshot then live events (`after_seq` 0), or the events
@@ -333,10 +347,10 @@ impl Client {
         run_id: String,
         after_seq: Option<u64>,
     ) -> impl Stream<Item = Result<WatchRunResponse, ClientError>> + Send + 'static {
-        let mut runs = self.runs.clone();
+        let runs = self.runs.clone();
         let request = WatchRunRequest { run_id, after_seq };
         futures::stream::once(async move {
-            let stream = runs.watch_run(request).await?.into_inner();
+            let stream = runs.watch_run(request).await?;
             Ok::<_, ClientError>(stream.map_err(ClientError::from))
         })
         .try_flatten()
@@ -364,7 +378,7 @@ impl Client {
             run_id: run_id.into(),
             reason: reason.into(),
         };
-        Ok(self.runs.clone().cancel_run(request).await?.into_inner())
+        Ok(self.runs.cancel_run(&Caller::default(), request).await?)
     }
 
     /// Approves a step that waits for an approval: it succeeds with `outputs` (an object; plus
@@ -383,7 +397,7 @@ impl Client {
             outputs: Some(dagmesh_proto::json::to_struct(&outputs)),
             comment: comment.into(),
         };
-        Ok(self.runs.clone().approve_step(request).await?.into_inner())
+        Ok(self.runs.approve_step(&Caller::default(), request).await?)
     }
 
     /// Denies a step that waits for an approval: it fails naming who and `reason`.
@@ -400,7 +414,7 @@ impl Client {
             outputs: None,
             comment: reason.into(),
         };
-        Ok(self.runs.clone().approve_step(request).await?.into_inner())
+        Ok(self.runs.approve_step(&Caller::default(), request).await?)
     }
 
     /// Holds a running run: nothing more of it goes to workers until [`Client::resume_run`].
@@ -413,7 +427,7 @@ impl Client {
             run_id: run_id.into(),
             reason: reason.into(),
         };
-        Ok(self.runs.clone().suspend_run(request).await?.into_inner())
+        Ok(self.runs.suspend_run(&Caller::default(), request).await?)
     }
 
     /// Lets a suspended run go on.
@@ -421,7 +435,7 @@ impl Client {
         let request = dagmesh_proto::v1::ResumeRunRequest {
             run_id: run_id.into(),
         };
-        Ok(self.runs.clone().resume_run(request).await?.into_inner())
+        Ok(self.runs.resume_run(&Caller::default(), request).await?)
     }
 
     /// Re-runs the failed and cancelled steps of an ended run.
@@ -440,7 +454,7 @@ impl Client {
             run_id: run_id.into(),
             from_step: step.into(),
         };
-        Ok(self.runs.clone().retry_run(request).await?.into_inner())
+        Ok(self.runs.retry_run(&Caller::default(), request).await?)
     }
 
     /// Waits until the run ends (succeeded, failed or cancelled) and returns it with all its

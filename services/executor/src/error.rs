@@ -51,3 +51,21 @@ impl From<ExecError> for tonic::Status {
 pub(crate) fn engine_gone() -> ExecError {
     ExecError::Unavailable("executor is shutting down".into())
 }
+
+impl From<ExecError> for dagmesh_api::ApiError {
+    fn from(error: ExecError) -> Self {
+        use dagmesh_api::ApiError;
+        match error {
+            ExecError::InvalidArgument(m) => ApiError::invalid_argument(m),
+            ExecError::NotFound(m) => ApiError::not_found(m),
+            ExecError::FailedPrecondition(m) => ApiError::failed_precondition(m),
+            ExecError::Unavailable(m) | ExecError::Fenced(m) => ApiError::unavailable(m),
+            ExecError::Aborted(m) => ApiError::aborted(m),
+            ExecError::PermissionDenied(m) => ApiError::permission_denied(m),
+            ExecError::AlreadyExists(m) => ApiError::already_exists(m),
+            ExecError::ResourceExhausted(m) => ApiError::resource_exhausted(m),
+            // The store's errors carry their own code (and a detail only the store reads).
+            ExecError::Store(e) => ApiError::from(tonic::Status::from(e)),
+        }
+    }
+}

@@ -11,9 +11,11 @@
 //! It is push-driven: a result arriving moves its run on in the same batch; timers exist only for
 //! backoffs, step timeouts and worker leases, never as a polling tick.
 //!
-//! The gRPC services (`RunService`, `WorkflowService`, `WorkerService`, `ClusterService`) are thin
-//! adapters in [`grpc`] over [`Executor`].
+//! [`Executor`] implements the run API, [`dagmesh_api::ExecutorApi`] (the checks and the watch
+//! algorithm are in `api`). The gRPC services (`RunService`, `WorkflowService`, `WorkerService`,
+//! `ClusterService`) are thin adapters in [`grpc`] over it.
 
+mod api;
 mod config;
 mod engine;
 mod error;

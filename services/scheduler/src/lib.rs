@@ -52,7 +52,7 @@ pub use error::SchedError;
 pub use scheduler::{
     BACKFILL_TAG, DEFAULT_CATCH_UP_LIMIT, SCHEDULE_TAG, Scheduler, SchedulerConfig, TRIGGER_TAG,
 };
-pub use starter::{RunServiceStarter, RunStarter, require_ended};
+pub use starter::{ExecutorStarter, RunStarter, require_ended};
 
 /// The time types of this crate's API ([`Clock`], [`ManualClock`]).
 pub use chrono;

@@ -1,18 +1,17 @@
 //! [`RunStarter`]: how the scheduler starts, cancels and reads runs — the port through which it
-//! uses the executor's API without depending on the executor crate. In `dagmesh up` the
-//! composition root implements it over the in-process executor (`dagmesh::mesh::InProcessStarter`);
-//! standalone (`dagmesh scheduler --executor URL`) it is [`RunServiceStarter`], a `RunService`
-//! client.
+//! uses the executor's API without depending on the executor crate. [`ExecutorStarter`]
+//! implements it over any [`ExecutorApi`]: the in-process executor in `dagmesh up`, a
+//! [`GrpcExecutor`] standalone (`dagmesh scheduler --executor URL`).
 
-use std::time::Duration;
+use std::sync::Arc;
 
-use dagmesh_proto::connect::{AuthChannel, ClientSettings, Credentials};
-use dagmesh_proto::v1::run_service_client::RunServiceClient;
+use dagmesh_api::{ApiError, Caller, ErrorKind, ExecutorApi, GrpcExecutor};
+use dagmesh_proto::connect::ClientSettings;
 use dagmesh_proto::v1::{
-    CancelRunRequest, GetRunRequest, ListRunsRequest, ListRunsResponse, Run, SubmitRunRequest,
-    WatchRunRequest,
+    CancelRunRequest, DeliverEventRequest, ListRunsRequest, ListRunsResponse, Run,
+    SubmitRunRequest, WatchRunRequest,
 };
-use tonic::transport::Channel;
+use futures::StreamExt;
 
 use crate::SchedError;
 
@@ -41,42 +40,63 @@ pub trait RunStarter: Send + Sync + 'static {
     }
 }
 
-/// A [`RunStarter`] that is a remote executor's `RunService`.
+/// The actor recorded on the runs the scheduler starts or cancels in-process (a remote
+/// executor records the scheduler's token instead).
+const SCHEDULER: &str = "scheduler";
+
+/// The [`RunStarter`] over any [`ExecutorApi`]: the executor in the same process (`dagmesh up`)
+/// or a remote one's `RunService` (`dagmesh scheduler --executor URL`).
 #[derive(Clone)]
-pub struct RunServiceStarter {
-    client: RunServiceClient<AuthChannel>,
+pub struct ExecutorStarter {
+    api: Arc<dyn ExecutorApi>,
+    caller: Caller,
 }
 
-impl RunServiceStarter {
-    /// Connects lazily, with the TLS settings and (internal) token of `settings`: the
-    /// executor may start later; calls fail `Unavailable` until it does.
-    pub fn connect(url: &str, settings: &ClientSettings) -> Result<Self, SchedError> {
-        let channel = settings
-            .connect_lazy(url, |endpoint| {
-                endpoint.connect_timeout(Duration::from_secs(5))
-            })
-            .map_err(|err| SchedError::InvalidArgument(format!("executor {url}: {err}")))?;
-        Ok(Self {
-            client: RunServiceClient::new(channel),
-        })
+impl ExecutorStarter {
+    pub fn new(api: Arc<dyn ExecutorApi>) -> Self {
+        ExecutorStarter {
+            api,
+            caller: Caller::new(SCHEDULER),
+        }
     }
 
-    /// Over an existing channel, without credentials.
-    pub fn from_channel(channel: Channel) -> Self {
-        RunServiceStarter {
-            client: RunServiceClient::new(Credentials::none().wrap(channel)),
+    /// A remote executor, connected lazily with the TLS settings and (internal) token of
+    /// `settings`: it may start later; calls fail `Unavailable` until it does.
+    pub fn connect(url: &str, settings: &ClientSettings) -> Result<Self, SchedError> {
+        Ok(Self::new(Arc::new(GrpcExecutor::connect_lazy(
+            url, settings,
+        )?)))
+    }
+}
+
+impl From<ApiError> for SchedError {
+    fn from(error: ApiError) -> Self {
+        let message = error.message;
+        match error.kind {
+            ErrorKind::InvalidArgument => SchedError::InvalidArgument(message),
+            ErrorKind::NotFound => SchedError::NotFound(message),
+            ErrorKind::AlreadyExists => SchedError::AlreadyExists(message),
+            ErrorKind::FailedPrecondition => SchedError::FailedPrecondition(message),
+            // All worth retrying: the request was not applied.
+            ErrorKind::Unavailable
+            | ErrorKind::Aborted
+            | ErrorKind::DeadlineExceeded
+            | ErrorKind::Cancelled => {
+                SchedError::Unavailable(format!("executor unavailable: {message}"))
+            }
+            kind => SchedError::Internal(format!("executor error ({kind:?}): {message}")),
         }
     }
 }
 
 #[async_trait::async_trait]
-impl RunStarter for RunServiceStarter {
+impl RunStarter for ExecutorStarter {
     async fn submit(&self, request: SubmitRunRequest) -> Result<(Run, bool), SchedError> {
-        let resp = self.client.clone().submit_run(request).await?.into_inner();
-        let run = resp
+        let response = self.api.submit_run(&self.caller, request).await?;
+        let run = response
             .run
             .ok_or_else(|| SchedError::Internal("SubmitRun answered without a run".into()))?;
-        Ok((run, resp.created))
+        Ok((run, response.created))
     }
 
     async fn cancel(&self, run_id: &str, reason: &str) -> Result<(), SchedError> {
@@ -84,19 +104,16 @@ impl RunStarter for RunServiceStarter {
             run_id: run_id.to_owned(),
             reason: reason.to_owned(),
         };
-        self.client.clone().cancel_run(request).await?;
+        self.api.cancel_run(&self.caller, request).await?;
         Ok(())
     }
 
     async fn get_run(&self, run_id: &str) -> Result<Run, SchedError> {
-        let request = GetRunRequest {
-            run_id: run_id.to_owned(),
-        };
-        Ok(self.client.clone().get_run(request).await?.into_inner())
+        Ok(self.api.get_run(run_id).await?)
     }
 
     async fn list_runs(&self, request: ListRunsRequest) -> Result<ListRunsResponse, SchedError> {
-        Ok(self.client.clone().list_runs(request).await?.into_inner())
+        Ok(self.api.list_runs(request).await?)
     }
 
     async fn deliver_event(
@@ -104,12 +121,11 @@ impl RunStarter for RunServiceStarter {
         topic: &str,
         payload: prost_types::Struct,
     ) -> Result<Vec<String>, SchedError> {
-        let request = dagmesh_proto::v1::DeliverEventRequest {
+        let request = DeliverEventRequest {
             topic: topic.to_owned(),
             payload: Some(payload),
         };
-        let response = self.client.clone().deliver_event(request).await?;
-        Ok(response.into_inner().resumed)
+        Ok(self.api.deliver_event(request).await?.resumed)
     }
 
     /// Follows the run's events until the executor closes the stream (after the final event,
@@ -119,8 +135,10 @@ impl RunStarter for RunServiceStarter {
             run_id: run_id.to_owned(),
             after_seq: None,
         };
-        let mut events = self.client.clone().watch_run(request).await?.into_inner();
-        while events.message().await?.is_some() {}
+        let mut events = self.api.watch_run(request).await?;
+        while let Some(event) = events.next().await {
+            event?;
+        }
         require_ended(&self.get_run(run_id).await?)
     }
 }

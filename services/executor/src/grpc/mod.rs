@@ -27,7 +27,7 @@ impl Executor {
         let max_message = self.config().max_payload_bytes * 2 + (1 << 20);
         ServiceSet::new()
             .with(
-                RunServiceServer::new(runs::Runs(self.clone()))
+                RunServiceServer::new(runs::Runs(std::sync::Arc::new(self.clone())))
                     .max_decoding_message_size(max_message)
                     .max_encoding_message_size(usize::MAX),
             )

@@ -1,0 +1,241 @@
+//! The gRPC edge of the API: [`GrpcExecutor`] (a `RunService` client that is an
+//! [`ExecutorApi`]) and the conversions between [`ApiError`] and `tonic::Status`.
+
+use std::time::Duration;
+
+use dagmesh_proto::connect::{AuthChannel, ClientSettings};
+use dagmesh_proto::v1::run_service_client::RunServiceClient;
+use dagmesh_proto::v1::{
+    ApproveStepRequest, CancelRunRequest, DeliverEventRequest, DeliverEventResponse, GetRunRequest,
+    GetStepLogsRequest, GetStepLogsResponse, ListRunsRequest, ListRunsResponse, ResumeRunRequest,
+    RetryRunRequest, Run, SubmitRunRequest, SubmitRunResponse, SuspendRunRequest, WatchRunRequest,
+    WatchRunResponse,
+};
+use futures::StreamExt;
+use tonic::{Code, Status};
+
+use crate::{ApiError, ApiStream, Caller, ErrorKind, ExecutorApi};
+
+impl From<ApiError> for Status {
+    fn from(error: ApiError) -> Self {
+        let code = match error.kind {
+            ErrorKind::InvalidArgument => Code::InvalidArgument,
+            ErrorKind::NotFound => Code::NotFound,
+            ErrorKind::AlreadyExists => Code::AlreadyExists,
+            ErrorKind::PermissionDenied => Code::PermissionDenied,
+            ErrorKind::Unauthenticated => Code::Unauthenticated,
+            ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+            ErrorKind::ResourceExhausted => Code::ResourceExhausted,
+            ErrorKind::Aborted => Code::Aborted,
+            ErrorKind::Unavailable => Code::Unavailable,
+            ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+            ErrorKind::Cancelled => Code::Cancelled,
+            ErrorKind::Unimplemented => Code::Unimplemented,
+            ErrorKind::Internal => Code::Internal,
+        };
+        Status::new(code, error.message)
+    }
+}
+
+impl From<Status> for ApiError {
+    fn from(status: Status) -> Self {
+        let kind = match status.code() {
+            Code::InvalidArgument | Code::OutOfRange => ErrorKind::InvalidArgument,
+            Code::NotFound => ErrorKind::NotFound,
+            Code::AlreadyExists => ErrorKind::AlreadyExists,
+            Code::PermissionDenied => ErrorKind::PermissionDenied,
+            Code::Unauthenticated => ErrorKind::Unauthenticated,
+            Code::FailedPrecondition => ErrorKind::FailedPrecondition,
+            Code::ResourceExhausted => ErrorKind::ResourceExhausted,
+            Code::Aborted => ErrorKind::Aborted,
+            Code::Unavailable => ErrorKind::Unavailable,
+            Code::DeadlineExceeded => ErrorKind::DeadlineExceeded,
+            Code::Cancelled => ErrorKind::Cancelled,
+            Code::Unimplemented => ErrorKind::Unimplemented,
+            Code::Ok | Code::Unknown | Code::Internal | Code::DataLoss => ErrorKind::Internal,
+        };
+        ApiError {
+            kind,
+            message: status.message().to_owned(),
+        }
+    }
+}
+
+/// A remote executor's `RunService`, as an [`ExecutorApi`]. Cheap to clone.
+#[derive(Clone)]
+pub struct GrpcExecutor {
+    client: RunServiceClient<AuthChannel>,
+}
+
+impl GrpcExecutor {
+    pub fn new(channel: AuthChannel) -> Self {
+        GrpcExecutor {
+            client: RunServiceClient::new(channel),
+        }
+    }
+
+    /// Connects lazily, with the TLS settings and token of `settings`: the executor may start
+    /// later; calls fail `Unavailable` until it does.
+    pub fn connect_lazy(url: &str, settings: &ClientSettings) -> Result<Self, ApiError> {
+        let channel = settings
+            .connect_lazy(url, |endpoint| {
+                endpoint.connect_timeout(Duration::from_secs(5))
+            })
+            .map_err(|err| ApiError::invalid_argument(format!("executor {url}: {err}")))?;
+        Ok(Self::new(channel))
+    }
+
+    fn client(&self) -> RunServiceClient<AuthChannel> {
+        self.client.clone()
+    }
+}
+
+/// A request carrying the caller's trace context (the actor comes from the channel's token).
+fn traced<T>(caller: &Caller, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(traceparent) = &caller.traceparent
+        && let Ok(value) = traceparent.parse()
+    {
+        request.metadata_mut().insert("traceparent", value);
+    }
+    request
+}
+
+fn stream<T: Send + 'static>(streaming: tonic::Streaming<T>) -> ApiStream<T> {
+    Box::pin(streaming.map(|item| item.map_err(ApiError::from)))
+}
+
+#[async_trait::async_trait]
+impl ExecutorApi for GrpcExecutor {
+    async fn submit_run(
+        &self,
+        caller: &Caller,
+        request: SubmitRunRequest,
+    ) -> Result<SubmitRunResponse, ApiError> {
+        let response = self.client().submit_run(traced(caller, request)).await?;
+        Ok(response.into_inner())
+    }
+
+    async fn get_run(&self, run_id: &str) -> Result<Run, ApiError> {
+        let request = GetRunRequest {
+            run_id: run_id.to_owned(),
+        };
+        Ok(self.client().get_run(request).await?.into_inner())
+    }
+
+    async fn list_runs(&self, request: ListRunsRequest) -> Result<ListRunsResponse, ApiError> {
+        Ok(self.client().list_runs(request).await?.into_inner())
+    }
+
+    async fn watch_run(
+        &self,
+        request: WatchRunRequest,
+    ) -> Result<ApiStream<WatchRunResponse>, ApiError> {
+        Ok(stream(self.client().watch_run(request).await?.into_inner()))
+    }
+
+    async fn get_step_logs(
+        &self,
+        request: GetStepLogsRequest,
+    ) -> Result<ApiStream<GetStepLogsResponse>, ApiError> {
+        Ok(stream(
+            self.client().get_step_logs(request).await?.into_inner(),
+        ))
+    }
+
+    async fn cancel_run(
+        &self,
+        caller: &Caller,
+        request: CancelRunRequest,
+    ) -> Result<Run, ApiError> {
+        Ok(self
+            .client()
+            .cancel_run(traced(caller, request))
+            .await?
+            .into_inner())
+    }
+
+    async fn retry_run(&self, caller: &Caller, request: RetryRunRequest) -> Result<Run, ApiError> {
+        Ok(self
+            .client()
+            .retry_run(traced(caller, request))
+            .await?
+            .into_inner())
+    }
+
+    async fn approve_step(
+        &self,
+        caller: &Caller,
+        request: ApproveStepRequest,
+    ) -> Result<Run, ApiError> {
+        Ok(self
+            .client()
+            .approve_step(traced(caller, request))
+            .await?
+            .into_inner())
+    }
+
+    async fn suspend_run(
+        &self,
+        caller: &Caller,
+        request: SuspendRunRequest,
+    ) -> Result<Run, ApiError> {
+        Ok(self
+            .client()
+            .suspend_run(traced(caller, request))
+            .await?
+            .into_inner())
+    }
+
+    async fn resume_run(
+        &self,
+        caller: &Caller,
+        request: ResumeRunRequest,
+    ) -> Result<Run, ApiError> {
+        Ok(self
+            .client()
+            .resume_run(traced(caller, request))
+            .await?
+            .into_inner())
+    }
+
+    async fn deliver_event(
+        &self,
+        request: DeliverEventRequest,
+    ) -> Result<DeliverEventResponse, ApiError> {
+        Ok(self.client().deliver_event(request).await?.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_survives_the_wire() {
+        use ErrorKind::*;
+        for kind in [
+            InvalidArgument,
+            NotFound,
+            AlreadyExists,
+            PermissionDenied,
+            Unauthenticated,
+            FailedPrecondition,
+            ResourceExhausted,
+            Aborted,
+            Unavailable,
+            DeadlineExceeded,
+            Cancelled,
+            Unimplemented,
+            Internal,
+        ] {
+            let error = ApiError {
+                kind,
+                message: format!("{kind:?} happened"),
+            };
+            assert_eq!(ApiError::from(Status::from(error.clone())), error);
+        }
+        assert!(ApiError::unavailable("away").is_transient());
+        assert!(!ApiError::not_found("gone").is_transient());
+    }
+}

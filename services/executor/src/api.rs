@@ -1,0 +1,367 @@
+//! The executor as an [`ExecutorApi`]: the run API in-process, with the request checks and the
+//! watch algorithm (snapshot, resume after a sequence number, paging, a fallback while the run
+//! is not active here). The `RunService` adapter and every in-process caller go through it.
+
+use std::time::Duration;
+
+use dagmesh_api::{ApiError, ApiStream, Caller, ExecutorApi};
+use dagmesh_proto::limits::{MAX_ENTRIES, MAX_NAME_LEN, MAX_VALUE_LEN, check_len};
+use dagmesh_proto::v1::{
+    ApproveStepRequest, CancelRunRequest, DeliverEventRequest, DeliverEventResponse,
+    GetStepLogsRequest, GetStepLogsResponse, ListRunsRequest, ListRunsResponse, ResumeRunRequest,
+    RetryRunRequest, Run, RunEvent, RunState, SubmitRunRequest, SubmitRunResponse,
+    SuspendRunRequest, WatchRunRequest, WatchRunResponse, run_event, watch_run_response,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::engine::Command;
+use crate::{ExecError, Executor};
+
+/// Events per store read while watching (one page).
+const EVENT_PAGE: u32 = 1000;
+
+type Sender<T> = mpsc::Sender<Result<T, ApiError>>;
+
+#[async_trait::async_trait]
+impl ExecutorApi for Executor {
+    async fn submit_run(
+        &self,
+        caller: &Caller,
+        request: SubmitRunRequest,
+    ) -> Result<SubmitRunResponse, ApiError> {
+        let (run, created) = self
+            .submit_traced(request, &caller.actor, caller.traceparent.as_deref())
+            .await?;
+        Ok(SubmitRunResponse {
+            run: Some(run),
+            created,
+        })
+    }
+
+    async fn get_run(&self, run_id: &str) -> Result<Run, ApiError> {
+        check_run_id(run_id)?;
+        let run = self
+            .store()
+            .get_run(run_id)
+            .await
+            .map_err(ExecError::from)?;
+        let mut runs = [run];
+        self.fill_queue_positions(&mut runs).await?;
+        let [mut run] = runs;
+        self.fill_waiting_reasons(&mut run).await?;
+        Ok(run)
+    }
+
+    async fn list_runs(&self, request: ListRunsRequest) -> Result<ListRunsResponse, ApiError> {
+        check_list_request(&request)?;
+        let mut runs = self
+            .store()
+            .list_runs(&request)
+            .await
+            .map_err(ExecError::from)?;
+        self.fill_queue_positions(&mut runs.runs).await?;
+        Ok(runs)
+    }
+
+    async fn watch_run(
+        &self,
+        request: WatchRunRequest,
+    ) -> Result<ApiStream<WatchRunResponse>, ApiError> {
+        check_run_id(&request.run_id)?;
+        // Fail unknown runs before the stream opens, so the caller gets NOT_FOUND directly.
+        let run = self
+            .store()
+            .get_run(&request.run_id)
+            .await
+            .map_err(ExecError::from)?;
+        let (tx, rx) = mpsc::channel(256);
+        let executor = self.clone();
+        tokio::spawn(async move {
+            if let Err(error) = watch(executor, run, request.after_seq, &tx).await {
+                let _ = tx.send(Err(error)).await;
+            }
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+
+    async fn get_step_logs(
+        &self,
+        request: GetStepLogsRequest,
+    ) -> Result<ApiStream<GetStepLogsResponse>, ApiError> {
+        check_run_id(&request.run_id)?;
+        check_len("step_id", &request.step_id, MAX_NAME_LEN).map_err(ApiError::invalid_argument)?;
+        let run = self
+            .store()
+            .get_run(&request.run_id)
+            .await
+            .map_err(ExecError::from)?;
+        let (tx, rx) = mpsc::channel(256);
+        let executor = self.clone();
+        tokio::spawn(async move {
+            if let Err(error) = step_logs(executor, run, request, &tx).await {
+                let _ = tx.send(Err(error)).await;
+            }
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+
+    async fn cancel_run(
+        &self,
+        caller: &Caller,
+        request: CancelRunRequest,
+    ) -> Result<Run, ApiError> {
+        Ok(self
+            .cancel_as(&request.run_id, &request.reason, &caller.actor)
+            .await?)
+    }
+
+    async fn retry_run(&self, caller: &Caller, request: RetryRunRequest) -> Result<Run, ApiError> {
+        check_run_id(&request.run_id)?;
+        Ok(self
+            .retry_as(&request.run_id, &request.from_step, &caller.actor)
+            .await?)
+    }
+
+    async fn approve_step(
+        &self,
+        caller: &Caller,
+        request: ApproveStepRequest,
+    ) -> Result<Run, ApiError> {
+        Ok(self.approve_step_as(request, &caller.actor).await?)
+    }
+
+    async fn suspend_run(
+        &self,
+        caller: &Caller,
+        request: SuspendRunRequest,
+    ) -> Result<Run, ApiError> {
+        Ok(self
+            .suspend_as(&request.run_id, true, &request.reason, &caller.actor)
+            .await?)
+    }
+
+    async fn resume_run(
+        &self,
+        caller: &Caller,
+        request: ResumeRunRequest,
+    ) -> Result<Run, ApiError> {
+        Ok(self
+            .suspend_as(&request.run_id, false, "", &caller.actor)
+            .await?)
+    }
+
+    async fn deliver_event(
+        &self,
+        request: DeliverEventRequest,
+    ) -> Result<DeliverEventResponse, ApiError> {
+        let resumed =
+            Executor::deliver_event(self, &request.topic, request.payload.unwrap_or_default())
+                .await?;
+        Ok(DeliverEventResponse { resumed })
+    }
+}
+
+fn check_run_id(run_id: &str) -> Result<(), ApiError> {
+    check_len("run_id", run_id, MAX_VALUE_LEN).map_err(ApiError::invalid_argument)
+}
+
+fn check_list_request(request: &ListRunsRequest) -> Result<(), ApiError> {
+    let invalid = ApiError::invalid_argument;
+    check_len("workflow", &request.workflow, MAX_NAME_LEN).map_err(invalid)?;
+    check_len("page_token", &request.page_token, MAX_VALUE_LEN).map_err(invalid)?;
+    if request.page_size > dagmesh_metastore::MAX_PAGE_SIZE {
+        return Err(invalid(format!(
+            "page_size: {} is over the maximum of {}",
+            request.page_size,
+            dagmesh_metastore::MAX_PAGE_SIZE
+        )));
+    }
+    if request.tags.len() > MAX_ENTRIES {
+        return Err(invalid(format!(
+            "tags: {} entries, over the limit of {MAX_ENTRIES}",
+            request.tags.len()
+        )));
+    }
+    for (key, value) in &request.tags {
+        check_len("tags key", key, MAX_NAME_LEN).map_err(invalid)?;
+        check_len(&format!("tags.{key}"), value, MAX_VALUE_LEN).map_err(invalid)?;
+    }
+    Ok(())
+}
+
+fn is_finished(state: RunState) -> bool {
+    matches!(
+        state,
+        RunState::Succeeded | RunState::Failed | RunState::Cancelled
+    )
+}
+
+/// Whether `step_id` is `wanted` or one of its items (`wanted[3]`); an empty `wanted` takes all.
+fn step_matches(step_id: &str, wanted: &str) -> bool {
+    wanted.is_empty()
+        || step_id == wanted
+        || step_id
+            .strip_prefix(wanted)
+            .is_some_and(|rest| rest.starts_with('[') && rest.ends_with(']'))
+}
+
+/// GetStepLogs: the run's StepLog events from the store, filtered; with `follow`, the watch
+/// below (resumed after `after_seq`, so without a snapshot) feeds new ones until the run ends.
+async fn step_logs(
+    executor: Executor,
+    run: Run,
+    request: GetStepLogsRequest,
+    tx: &Sender<GetStepLogsResponse>,
+) -> Result<(), ApiError> {
+    let wanted = |event: &RunEvent| match &event.event {
+        Some(run_event::Event::StepLog(log))
+            if step_matches(&log.step_id, &request.step_id)
+                && (request.attempt == 0 || request.attempt == log.attempt) =>
+        {
+            Some(GetStepLogsResponse {
+                step_id: log.step_id.clone(),
+                attempt: log.attempt,
+                lines: log.lines.clone(),
+                seq: event.seq,
+            })
+        }
+        _ => None,
+    };
+    if !request.follow {
+        let store = executor.store().clone();
+        let mut cursor = request.after_seq;
+        loop {
+            let events = store
+                .read_events(&run.run_id, cursor, EVENT_PAGE)
+                .await
+                .map_err(ExecError::from)?;
+            let full_page = events.len() == EVENT_PAGE as usize;
+            for event in events {
+                cursor = event.seq;
+                if let Some(lines) = wanted(&event)
+                    && tx.send(Ok(lines)).await.is_err()
+                {
+                    return Ok(());
+                }
+            }
+            if !full_page {
+                return Ok(());
+            }
+        }
+    }
+    let (events_tx, mut events_rx) = mpsc::channel(256);
+    let follow = tokio::spawn(async move {
+        if let Err(error) = watch(executor, run, Some(request.after_seq), &events_tx).await {
+            let _ = events_tx.send(Err(error)).await;
+        }
+    });
+    loop {
+        let item = tokio::select! {
+            item = events_rx.recv() => item,
+            () = tx.closed() => break, // the reader left
+        };
+        let item = match item {
+            None => break, // the run ended
+            Some(Ok(item)) => item,
+            Some(Err(error)) => {
+                follow.abort();
+                return Err(error);
+            }
+        };
+        if let Some(watch_run_response::Message::Event(event)) = item.message
+            && let Some(lines) = wanted(&event)
+            && tx.send(Ok(lines)).await.is_err()
+        {
+            break; // the reader left
+        }
+    }
+    follow.abort();
+    Ok(())
+}
+
+/// Streams a run: snapshot (unless resuming), then events from the store each time the engine
+/// says the run's log grew, until the run's final event. Reading from the log, not from a live
+/// feed, means a slow watcher skips nothing and a resumed one sees exactly what it missed.
+async fn watch(
+    executor: Executor,
+    run: Run,
+    after_seq: Option<u64>,
+    tx: &Sender<WatchRunResponse>,
+) -> Result<(), ApiError> {
+    let run_id = run.run_id.clone();
+    let store = executor.store().clone();
+    let subscribe = || async {
+        executor
+            .inner
+            .engine
+            .call(|reply| Command::Watch {
+                run_id: run_id.clone(),
+                reply,
+            })
+            .await
+    };
+    let mut updates = subscribe().await?;
+    let mut cursor = after_seq.unwrap_or_default();
+    if after_seq.is_none() {
+        // Re-read after subscribing so no commit falls between the snapshot and the updates.
+        let mut run = store.get_run(&run_id).await.map_err(ExecError::from)?;
+        executor.fill_waiting_reasons(&mut run).await?;
+        cursor = run.last_seq;
+        let finished = is_finished(run.state());
+        let snapshot = WatchRunResponse {
+            message: Some(watch_run_response::Message::Snapshot(run)),
+        };
+        if tx.send(Ok(snapshot)).await.is_err() || finished {
+            return Ok(());
+        }
+    }
+    loop {
+        let events = store
+            .read_events(&run_id, cursor, EVENT_PAGE)
+            .await
+            .map_err(ExecError::from)?;
+        let full_page = events.len() == EVENT_PAGE as usize;
+        let mut finished = false;
+        for event in events {
+            cursor = event.seq;
+            if let Some(run_event::Event::RunState(change)) = &event.event {
+                finished = is_finished(change.state());
+            }
+            let item = WatchRunResponse {
+                message: Some(watch_run_response::Message::Event(event)),
+            };
+            if tx.send(Ok(item)).await.is_err() {
+                return Ok(()); // the watcher left
+            }
+        }
+        if full_page {
+            continue;
+        }
+        if finished {
+            return Ok(());
+        }
+        match &mut updates {
+            Some(receiver) => {
+                tokio::select! {
+                    changed = receiver.changed() => {
+                        if changed.is_err() {
+                            updates = None; // the run ended; one more read gets its last events
+                        }
+                    }
+                    () = tx.closed() => return Ok(()),
+                }
+            }
+            None => {
+                let run = store.get_run(&run_id).await.map_err(ExecError::from)?;
+                if is_finished(run.state()) && run.last_seq <= cursor {
+                    return Ok(());
+                }
+                // Not active in this executor right now (it is recovering, or the run is
+                // between owners): look again shortly.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                updates = subscribe().await?;
+            }
+        }
+    }
+}
