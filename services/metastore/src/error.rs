@@ -47,6 +47,10 @@ pub enum StoreError {
         holder: String,
         expires_in: Duration,
     },
+    /// A compare-and-set found the record changed since the caller read it (another writer
+    /// came first); nothing was written. Read it again and redo the change.
+    #[error("{0}")]
+    Conflict(String),
     /// The caller's lease epoch is stale: another holder took the lease since. Nothing was
     /// written; the caller must stop writing as that holder.
     #[error(
@@ -81,6 +85,7 @@ impl From<StoreError> for tonic::Status {
             StoreError::Unavailable(msg) => tonic::Status::unavailable(msg),
             StoreError::Internal(msg) => tonic::Status::internal(msg),
             StoreError::DataLoss(msg) => tonic::Status::data_loss(msg),
+            StoreError::Conflict(msg) => tonic::Status::aborted(msg),
             StoreError::LeaseHeld {
                 ref name,
                 ref holder,
@@ -156,6 +161,8 @@ impl From<tonic::Status> for StoreError {
             Code::AlreadyExists => StoreError::AlreadyExists(msg),
             Code::InvalidArgument => StoreError::InvalidArgument(msg),
             Code::DataLoss => StoreError::DataLoss(msg),
+            // ABORTED without a fenced detail: a compare-and-set lost.
+            Code::Aborted => StoreError::Conflict(msg),
             // A request over the message size limit (refused by either side's gRPC layer): the
             // request is at fault, not the store.
             Code::ResourceExhausted | Code::OutOfRange => {
@@ -276,6 +283,7 @@ mod tests {
             StoreError::AlreadyExists("x".into()),
             StoreError::InvalidArgument("y".into()),
             StoreError::DataLoss("step \"s\" of run \"r\" does not decode".into()),
+            StoreError::Conflict("backfill \"b\" was changed by another writer".into()),
             StoreError::LeaseHeld {
                 name: "executor".into(),
                 holder: "host-a/42".into(),

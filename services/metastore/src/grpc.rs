@@ -361,9 +361,8 @@ impl MetadataService for MetadataGrpcServer {
     }
 
     async fn put_backfill(&self, request: Request<Backfill>) -> Result<Response<Backfill>, Status> {
-        let backfill = request.into_inner();
-        self.store.put_backfill(backfill.clone()).await?;
-        Ok(Response::new(backfill))
+        let stored = self.store.put_backfill(request.into_inner()).await?;
+        Ok(Response::new(stored))
     }
 
     async fn get_backfill(
@@ -718,9 +717,8 @@ impl MetadataStore for MetadataGrpcClient {
         Ok(())
     }
 
-    async fn put_backfill(&self, backfill: Backfill) -> Result<(), StoreError> {
-        self.client().put_backfill(backfill).await?;
-        Ok(())
+    async fn put_backfill(&self, backfill: Backfill) -> Result<Backfill, StoreError> {
+        Ok(self.client().put_backfill(backfill).await?.into_inner())
     }
 
     async fn get_backfill(&self, id: &str) -> Result<Backfill, StoreError> {

@@ -187,8 +187,11 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// Deletes a trigger by id or name; `NotFound` when absent.
     async fn delete_trigger(&self, id_or_name: &str) -> Result<(), StoreError>;
 
-    /// Inserts or replaces a backfill, keyed by id.
-    async fn put_backfill(&self, backfill: Backfill) -> Result<(), StoreError>;
+    /// Inserts a backfill (`revision` 0; stored with revision 1) or replaces the stored one if
+    /// it still has `backfill.revision` (stored with revision + 1); returns what was stored.
+    /// `Conflict` when the stored revision differs (another writer came first; nothing
+    /// written); `NotFound` when a revision other than 0 names no record.
+    async fn put_backfill(&self, backfill: Backfill) -> Result<Backfill, StoreError>;
 
     /// `NotFound` when absent.
     async fn get_backfill(&self, id: &str) -> Result<Backfill, StoreError>;

@@ -1337,17 +1337,42 @@ mod cases {
             queued: 10,
             ..Default::default()
         };
-        store.put_backfill(backfill.clone()).await?;
+        let first = store.put_backfill(backfill.clone()).await?;
+        assert_eq!(first.revision, 1);
         store
             .put_backfill(Backfill {
                 id: run_id(2),
                 ..backfill.clone()
             })
             .await?;
+        backfill = first.clone();
         backfill.done = 4;
         backfill.queued = 6;
-        store.put_backfill(backfill.clone()).await?;
-        assert_eq!(store.get_backfill(&run_id(1)).await?, backfill);
+        let second = store.put_backfill(backfill.clone()).await?;
+        assert_eq!(second.revision, 2);
+        assert_eq!(store.get_backfill(&run_id(1)).await?, second);
+        // A writer that read revision 1 lost the race: refused, nothing written.
+        let stale = Backfill {
+            state: BackfillState::Cancelled as i32,
+            ..first.clone()
+        };
+        let err = store.put_backfill(stale).await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::Conflict(ref m) if m.contains("stored revision 2")),
+            "{err:?}"
+        );
+        assert_eq!(store.get_backfill(&run_id(1)).await?, second);
+        // So is a second create of the same id, and an update of a record that does not exist.
+        let err = store.put_backfill(backfill.clone()).await.unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+        let err = store
+            .put_backfill(Backfill {
+                id: run_id(3),
+                ..second.clone()
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
         let ids: Vec<_> = store
             .list_backfills()
             .await?

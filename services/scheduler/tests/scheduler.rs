@@ -633,8 +633,15 @@ async fn a_lost_record_write_and_a_second_scheduler_start_each_partition_once() 
     h.starter.end_running(2, RunState::Succeeded);
     a.run_due().await.unwrap();
     // A crash after the second pass's submits but before its record write: the store still
-    // holds the first pass's record.
-    h.store.put_backfill(before).await.unwrap();
+    // holds the first pass's record (written here over the current revision).
+    let current = h.store.get_backfill(&backfill.id).await.unwrap().revision;
+    h.store
+        .put_backfill(dagmesh_proto::v1::Backfill {
+            revision: current,
+            ..before
+        })
+        .await
+        .unwrap();
     let mut passes = 0;
     loop {
         let (ra, rb) = tokio::join!(a.run_due(), b.run_due());
@@ -668,6 +675,53 @@ async fn a_lost_record_write_and_a_second_scheduler_start_each_partition_once() 
     keys.dedup();
     assert_eq!(keys.len(), 20);
     assert_eq!(h.starter.runs().len(), 20, "one run per partition");
+}
+
+#[tokio::test]
+async fn a_cancel_through_another_scheduler_is_never_overwritten_by_the_driver() {
+    use dagmesh_proto::v1::BackfillState;
+    use tokio::sync::oneshot;
+    let h = Harness::new("2025-01-01T00:00:00Z").await;
+    // The driver owns every partition; the other scheduler only answers the API (it never
+    // runs a pass, so it never joins the group).
+    let (driver, other) = (h.scheduler(), h.scheduler());
+    let backfill = driver
+        .create_backfill(hourly("2024-12-01T00:00:00Z", "2024-12-01T20:00:00Z", 2))
+        .await
+        .unwrap();
+    driver.run_due().await.unwrap();
+    assert_eq!(h.starter.runs().len(), 2);
+    h.starter.end_running(2, RunState::Succeeded);
+
+    // Hold the driver's next pass after it read the record, while it submits.
+    let (reached_tx, reached) = oneshot::channel();
+    let (release, release_rx) = oneshot::channel();
+    *h.starter.pause_next_submit.lock().unwrap() = Some((reached_tx, release_rx));
+    let pass = tokio::spawn({
+        let driver = driver.clone();
+        async move { driver.run_due().await }
+    });
+    reached.await.unwrap();
+    let cancelled = other.cancel_backfill(&backfill.id).await.unwrap();
+    assert_eq!(cancelled.state(), BackfillState::Cancelled);
+    release.send(()).unwrap();
+    pass.await.unwrap().unwrap();
+
+    // The driver's write of what it read before the cancel was refused: the cancel stands,
+    // and the next passes submit nothing more.
+    let now = driver.get_backfill(&backfill.id).await.unwrap();
+    assert_eq!(now.state(), BackfillState::Cancelled, "{now:?}");
+    let after = h.starter.runs().len();
+    for _ in 0..3 {
+        driver.run_due().await.unwrap();
+    }
+    assert_eq!(
+        h.starter.runs().len(),
+        after,
+        "the driver went on after the cancel"
+    );
+    let now = driver.get_backfill(&backfill.id).await.unwrap();
+    assert_eq!(now.state(), BackfillState::Cancelled, "{now:?}");
 }
 
 #[tokio::test]

@@ -656,21 +656,48 @@ where
         .await
     }
 
-    async fn put_backfill(&self, backfill: Backfill) -> Result<(), StoreError> {
+    async fn put_backfill(&self, mut backfill: Backfill) -> Result<Backfill, StoreError> {
         if backfill.id.is_empty() {
             return Err(StoreError::InvalidArgument(
                 "backfill.id: must not be empty".to_owned(),
             ));
         }
+        let mut tx = self.begin_write().await?;
+        let stored: Option<Vec<u8>> = sqlx::query_scalar(with_fragment(format!(
+            "SELECT body FROM backfills WHERE id = $1{}",
+            D::FOR_UPDATE
+        )))
+        .bind(backfill.id.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        // Records written before revisions existed, and unreadable ones (which a scheduler
+        // replaces to fail the backfill with the reason), count as revision 0.
+        let expected = backfill.revision;
+        match &stored {
+            None if expected != 0 => return Err(not_found("backfill", &backfill.id)),
+            None => {}
+            Some(body) => {
+                let current = Backfill::decode(body.as_slice()).map_or(0, |b| b.revision);
+                if current != expected {
+                    return Err(StoreError::Conflict(format!(
+                        "backfill {:?} was changed by another writer: stored revision \
+                         {current}, written from revision {expected}; nothing was written",
+                        backfill.id
+                    )));
+                }
+            }
+        }
+        backfill.revision = expected.saturating_add(1);
         sqlx::query(
             "INSERT INTO backfills (id, body) VALUES ($1, $2) \
              ON CONFLICT (id) DO UPDATE SET body = excluded.body",
         )
         .bind(backfill.id.as_str())
         .bind(backfill.encode_to_vec())
-        .execute(&self.write)
+        .execute(&mut *tx)
         .await?;
-        Ok(())
+        tx.commit().await?;
+        Ok(backfill)
     }
 
     async fn get_backfill(&self, id: &str) -> Result<Backfill, StoreError> {

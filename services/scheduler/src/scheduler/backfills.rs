@@ -25,6 +25,9 @@ use super::{BACKFILL_TAG, Scheduler, inputs_struct, invalid, new_id, to_ts, work
 use crate::validate::{self, BackfillDef};
 use crate::{SchedError, expr, ticks};
 
+/// How often a cancel or resume redoes its change after losing a race with the driver.
+const UPDATE_ATTEMPTS: usize = 16;
+
 /// Most partition runs whose end is awaited at once (each is a task, and in split mode a
 /// WatchRun stream).
 const MAX_AWAITED_RUNS: usize = 1_000;
@@ -52,6 +55,7 @@ impl Scheduler {
             active_run_ids: Vec::new(),
             error: String::new(),
             created_at: Some(to_ts(self.inner.clock.now())),
+            revision: 0,
             ..backfill
         };
         let def = validate::backfill(&backfill).map_err(invalid)?;
@@ -77,9 +81,33 @@ impl Scheduler {
             queued: total,
             ..backfill
         };
-        self.inner.store.put_backfill(backfill.clone()).await?;
+        let backfill = self.inner.store.put_backfill(backfill).await?;
         self.inner.wake.notify_one();
         Ok(backfill)
+    }
+
+    /// Reads the backfill, applies `change` and writes it back if nobody wrote it meanwhile;
+    /// on a lost race (the scheduler that drives it wrote its progress), reads it again and
+    /// redoes the change. `change` refuses by returning an error.
+    async fn update_backfill(
+        &self,
+        id: &str,
+        change: impl Fn(&mut Backfill) -> Result<(), SchedError>,
+    ) -> Result<Backfill, SchedError> {
+        // Each lost race means another write landed; a driver writes once per pass, so a few
+        // attempts always suffice unless the store misbehaves.
+        for _ in 0..UPDATE_ATTEMPTS {
+            let mut backfill = self.inner.store.get_backfill(id).await?;
+            change(&mut backfill)?;
+            match self.inner.store.put_backfill(backfill).await {
+                Ok(stored) => return Ok(stored),
+                Err(StoreError::Conflict(_)) => continue,
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Err(SchedError::Unavailable(format!(
+            "backfill {id} kept changing under this update ({UPDATE_ATTEMPTS} attempts); try again"
+        )))
     }
 
     /// The backfill with its progress as of the scheduler's last look.
@@ -94,16 +122,20 @@ impl Scheduler {
     /// Stops submitting and cancels the partition runs that have not ended.
     pub async fn cancel_backfill(&self, id: &str) -> Result<Backfill, SchedError> {
         let _guard = self.inner.backfills.lock().await;
-        let mut backfill = self.inner.store.get_backfill(id).await?;
-        if backfill.state() != BackfillState::Running {
-            return Err(SchedError::FailedPrecondition(format!(
-                "backfill {id} already ended ({})",
-                state_name(backfill.state())
-            )));
-        }
-        // Written first, so that another scheduler process stops submitting as soon as it can.
-        backfill.state = BackfillState::Cancelled as i32;
-        self.inner.store.put_backfill(backfill.clone()).await?;
+        // Written first, so that the scheduler that drives it stops submitting as soon as it
+        // can (its next write of the record is refused: it reads the cancel instead).
+        let mut backfill = self
+            .update_backfill(id, |backfill| {
+                if backfill.state() != BackfillState::Running {
+                    return Err(SchedError::FailedPrecondition(format!(
+                        "backfill {id} already ended ({})",
+                        state_name(backfill.state())
+                    )));
+                }
+                backfill.state = BackfillState::Cancelled as i32;
+                Ok(())
+            })
+            .await?;
         // The runs of the record, and any a second scheduler started that this record does not
         // know yet (they are found again, ended, if the backfill is resumed).
         let mut targets: Vec<String> = backfill.active_run_ids.clone();
@@ -124,28 +156,33 @@ impl Scheduler {
             }
         }
         self.settle(&mut backfill).await?;
-        self.inner.store.put_backfill(backfill.clone()).await?;
-        Ok(backfill)
+        match self.inner.store.put_backfill(backfill).await {
+            Ok(stored) => Ok(stored),
+            // The driver counted them meanwhile: its record is as good.
+            Err(StoreError::Conflict(_)) => Ok(self.inner.store.get_backfill(id).await?),
+            Err(error) => Err(error.into()),
+        }
     }
 
     /// Continues a cancelled or failed backfill with the partitions that have no run yet.
     pub async fn resume_backfill(&self, id: &str) -> Result<Backfill, SchedError> {
         let backfill = {
             let _guard = self.inner.backfills.lock().await;
-            let mut backfill = self.inner.store.get_backfill(id).await?;
-            match backfill.state() {
-                BackfillState::Cancelled | BackfillState::Failed => {}
-                state => {
-                    return Err(SchedError::FailedPrecondition(format!(
-                        "backfill {id} is {}; only CANCELLED or FAILED backfills resume",
-                        state_name(state)
-                    )));
+            self.update_backfill(id, |backfill| {
+                match backfill.state() {
+                    BackfillState::Cancelled | BackfillState::Failed => {}
+                    state => {
+                        return Err(SchedError::FailedPrecondition(format!(
+                            "backfill {id} is {}; only CANCELLED or FAILED backfills resume",
+                            state_name(state)
+                        )));
+                    }
                 }
-            }
-            backfill.state = BackfillState::Running as i32;
-            backfill.error.clear();
-            self.inner.store.put_backfill(backfill.clone()).await?;
-            backfill
+                backfill.state = BackfillState::Running as i32;
+                backfill.error.clear();
+                Ok(())
+            })
+            .await?
         };
         self.inner.wake.notify_one();
         Ok(backfill)
@@ -201,12 +238,14 @@ impl Scheduler {
         {
             // What was submitted so far is kept; a transient failure is retried next pass.
             update_counts(&mut backfill);
-            self.inner.store.put_backfill(backfill.clone()).await?;
+            let Some(stored) = self.write_progress(backfill).await? else {
+                return Ok(true);
+            };
             return match error {
                 SubmitError::Transient(error) => Err(error),
                 SubmitError::Permanent(reason) => {
-                    tracing::warn!(backfill = %backfill.id, %reason, "backfill failed");
-                    self.fail(backfill, reason).await?;
+                    tracing::warn!(backfill = %stored.id, %reason, "backfill failed");
+                    self.fail(stored, reason).await?;
                     Ok(false)
                 }
             };
@@ -226,8 +265,26 @@ impl Scheduler {
         if still_running {
             self.wake_when_ended(&backfill.active_run_ids);
         }
-        self.inner.store.put_backfill(backfill).await?;
+        if self.write_progress(backfill).await?.is_none() {
+            return Ok(true);
+        }
         Ok(still_running)
+    }
+
+    /// Writes a driver's view of a backfill and returns what was stored; `None` when someone
+    /// changed the record since it was read (a cancel or resume through another scheduler):
+    /// nothing was written, and the next pass reads the change. Runs this pass submitted are
+    /// not lost: their partitions' idempotency keys give them back when submitted again.
+    async fn write_progress(&self, backfill: Backfill) -> Result<Option<Backfill>, SchedError> {
+        let id = backfill.id.clone();
+        match self.inner.store.put_backfill(backfill).await {
+            Ok(stored) => Ok(Some(stored)),
+            Err(StoreError::Conflict(reason)) => {
+                tracing::debug!(backfill = %id, %reason, "backfill changed meanwhile; next pass");
+                Ok(None)
+            }
+            Err(error) => Err(error.into()),
+        }
     }
 
     /// Wakes the loop the moment one of these partition runs ends, so that the next partition
@@ -407,7 +464,7 @@ impl Scheduler {
         backfill.state = BackfillState::Failed as i32;
         backfill.error = reason;
         limits::truncate_marked(&mut backfill.error, MAX_ERROR_LEN);
-        self.inner.store.put_backfill(backfill).await?;
+        self.write_progress(backfill).await?;
         Ok(())
     }
 }

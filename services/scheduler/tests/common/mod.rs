@@ -24,7 +24,15 @@ pub struct FakeStarter {
     pub changed: tokio::sync::Notify,
     /// Topics of the events delivered to waiting steps.
     pub delivered: Mutex<Vec<String>>,
+    /// When set, the next submit says so on the first channel and waits on the second: a
+    /// scheduler's pass held between reading a record and writing it back.
+    pub pause_next_submit: Mutex<Option<Pause>>,
 }
+
+pub type Pause = (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::sync::oneshot::Receiver<()>,
+);
 
 impl FakeStarter {
     pub fn runs(&self) -> Vec<Run> {
@@ -43,6 +51,11 @@ impl FakeStarter {
 #[async_trait::async_trait]
 impl RunStarter for FakeStarter {
     async fn submit(&self, request: SubmitRunRequest) -> Result<(Run, bool), SchedError> {
+        let pause = self.pause_next_submit.lock().unwrap().take();
+        if let Some((reached, release)) = pause {
+            let _ = reached.send(());
+            let _ = release.await;
+        }
         *self.submits.lock().unwrap() += 1;
         let mut runs = self.runs.lock().unwrap();
         if !request.idempotency_key.is_empty()

@@ -452,7 +452,10 @@ class MetadataServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def PutBackfill(self, request, context):
-        """Inserts or replaces a backfill, keyed by id.
+        """Inserts a backfill (revision 0: the stored record gets revision 1) or replaces the stored
+        one if it still has the given revision (it gets revision + 1); answers the stored record.
+        ABORTED when the revision is not the stored one (another writer changed it since it was
+        read: read it again); NOT_FOUND when a revision other than 0 names no record.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -230,7 +230,7 @@ class TriggeredRun(_message.Message):
     def __init__(self, trigger: _Optional[str] = ..., run: _Optional[_Union[_types_pb2.Run, _Mapping]] = ..., created: bool = ...) -> None: ...
 
 class Backfill(_message.Message):
-    __slots__ = ("id", "workflow", "workflow_version", "start", "end", "partition", "time_zone", "max_concurrency", "inputs", "tags", "state", "total", "done", "running", "failed", "queued", "created_at", "next_partition", "active_run_ids", "error")
+    __slots__ = ("id", "workflow", "workflow_version", "start", "end", "partition", "time_zone", "max_concurrency", "inputs", "tags", "state", "total", "done", "running", "failed", "queued", "created_at", "next_partition", "active_run_ids", "error", "revision")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -265,6 +265,7 @@ class Backfill(_message.Message):
     NEXT_PARTITION_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_RUN_IDS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     id: str
     workflow: str
     workflow_version: int
@@ -285,7 +286,8 @@ class Backfill(_message.Message):
     next_partition: int
     active_run_ids: _containers.RepeatedScalarFieldContainer[str]
     error: str
-    def __init__(self, id: _Optional[str] = ..., workflow: _Optional[str] = ..., workflow_version: _Optional[int] = ..., start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., partition: _Optional[_Union[Partition, str]] = ..., time_zone: _Optional[str] = ..., max_concurrency: _Optional[int] = ..., inputs: _Optional[_Mapping[str, str]] = ..., tags: _Optional[_Mapping[str, str]] = ..., state: _Optional[_Union[BackfillState, str]] = ..., total: _Optional[int] = ..., done: _Optional[int] = ..., running: _Optional[int] = ..., failed: _Optional[int] = ..., queued: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_partition: _Optional[int] = ..., active_run_ids: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ...) -> None: ...
+    revision: int
+    def __init__(self, id: _Optional[str] = ..., workflow: _Optional[str] = ..., workflow_version: _Optional[int] = ..., start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., partition: _Optional[_Union[Partition, str]] = ..., time_zone: _Optional[str] = ..., max_concurrency: _Optional[int] = ..., inputs: _Optional[_Mapping[str, str]] = ..., tags: _Optional[_Mapping[str, str]] = ..., state: _Optional[_Union[BackfillState, str]] = ..., total: _Optional[int] = ..., done: _Optional[int] = ..., running: _Optional[int] = ..., failed: _Optional[int] = ..., queued: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_partition: _Optional[int] = ..., active_run_ids: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class CreateBackfillRequest(_message.Message):
     __slots__ = ("backfill",)
