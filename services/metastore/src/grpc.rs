@@ -10,9 +10,10 @@ use dagmesh_proto::connect::{AuthChannel, ClientSettings, Credentials};
 use dagmesh_proto::v1::metadata_service_client::MetadataServiceClient;
 use dagmesh_proto::v1::metadata_service_server::{MetadataService, MetadataServiceServer};
 use dagmesh_proto::v1::{
-    AcquireLeaseRequest, ActiveRuns, CacheEntry, CommitFencedRequest, ListLiveLeasesRequest,
-    ListLiveLeasesResponse, QuarantineRunRequest, ReadCacheEntryRequest, ReadCacheEntryResponse,
-    ReleaseLeaseRequest, ReleaseLeaseResponse, RenewLeaseRequest,
+    AcquireLeaseRequest, ActiveRuns, CacheEntry, CommitFencedRequest, DeleteExpiredLeasesRequest,
+    DeleteExpiredLeasesResponse, ListLiveLeasesRequest, ListLiveLeasesResponse,
+    QuarantineRunRequest, ReadCacheEntryRequest, ReadCacheEntryResponse, ReleaseLeaseRequest,
+    ReleaseLeaseResponse, RenewLeaseRequest,
 };
 use dagmesh_proto::v1::{
     AdvanceScheduleRequest, AdvanceScheduleResponse, Backfill, DeleteScheduleResponse,
@@ -258,6 +259,19 @@ impl MetadataService for MetadataGrpcServer {
         Ok(Response::new(ListLiveLeasesResponse {
             leases: leases.into_iter().map(lease_to_proto).collect(),
         }))
+    }
+
+    async fn delete_expired_leases(
+        &self,
+        request: Request<DeleteExpiredLeasesRequest>,
+    ) -> Result<Response<DeleteExpiredLeasesResponse>, Status> {
+        let req = request.into_inner();
+        let expired_for = ttl_from_proto(req.expired_for)?;
+        let deleted = self
+            .store
+            .delete_expired_leases(&req.prefix, expired_for)
+            .await?;
+        Ok(Response::new(DeleteExpiredLeasesResponse { deleted }))
     }
 
     async fn commit_fenced(
@@ -620,6 +634,19 @@ impl MetadataStore for MetadataGrpcClient {
             .into_iter()
             .map(|lease| lease_from_proto(Some(lease), "ListLiveLeases response"))
             .collect()
+    }
+
+    async fn delete_expired_leases(
+        &self,
+        prefix: &str,
+        expired_for: Duration,
+    ) -> Result<u64, StoreError> {
+        let req = DeleteExpiredLeasesRequest {
+            prefix: prefix.to_owned(),
+            expired_for: Some(ttl_to_proto(expired_for)),
+        };
+        let resp = self.client().delete_expired_leases(req).await?.into_inner();
+        Ok(resp.deleted)
     }
 
     async fn commit_fenced(

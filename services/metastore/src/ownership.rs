@@ -15,7 +15,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
-use crate::{Lease, MetadataStore, StoreError};
+use crate::{Lease, MEMBER_LEASES, MetadataStore, StoreError};
+
+/// A member's announcement that expired this long ago is deleted (each process start leaves
+/// one behind), by whichever member refreshes next with a prune due.
+const PRUNE_AFTER: Duration = Duration::from_secs(3600);
+/// Every this many refreshes (and at the first), a member prunes expired announcements.
+const PRUNE_EVERY: u64 = 100;
 
 /// The partition of `key` among `partitions` (xxh3 of its bytes: the same in every version and
 /// on every machine, which `std`'s hasher does not promise).
@@ -76,6 +82,8 @@ pub struct Ownership {
     owned: BTreeMap<u32, Lease>,
     /// When a refresh last reached the store: leases are only trusted for a TTL after that.
     refreshed: Option<Instant>,
+    /// Refreshes so far, to prune now and then.
+    refreshes: u64,
 }
 
 impl Ownership {
@@ -97,6 +105,7 @@ impl Ownership {
             member: None,
             owned: BTreeMap::new(),
             refreshed: None,
+            refreshes: 0,
         }
     }
 
@@ -138,7 +147,7 @@ impl Ownership {
     }
 
     fn member_prefix(&self) -> String {
-        format!("members/{}/", self.group)
+        format!("{MEMBER_LEASES}{}/", self.group)
     }
 
     fn partition_lease(&self, partition: u32) -> String {
@@ -176,6 +185,18 @@ impl Ownership {
                 .acquire_lease(&member_name, &self.holder, self.ttl)
                 .await?,
         );
+        if self.refreshes.is_multiple_of(PRUNE_EVERY) {
+            match self
+                .store
+                .delete_expired_leases(&self.member_prefix(), PRUNE_AFTER)
+                .await
+            {
+                Ok(0) => {}
+                Ok(deleted) => tracing::debug!(group = %self.group, deleted, "pruned old members"),
+                Err(error) => tracing::debug!(group = %self.group, %error, "pruning failed"),
+            }
+        }
+        self.refreshes += 1;
         let mut members: Vec<String> = self
             .store
             .list_live_leases(&self.member_prefix())

@@ -33,6 +33,10 @@ pub struct Lease {
     pub expires_at: SystemTime,
 }
 
+/// Where the leases that announce group members are named (`members/<group>/<holder>`): the
+/// only leases [`MetadataStore::delete_expired_leases`] deletes.
+pub const MEMBER_LEASES: &str = "members/";
+
 /// The most leases one `list_live_leases` answers (a group has a handful of members).
 pub const MAX_LIVE_LEASES: u32 = 4096;
 
@@ -136,6 +140,16 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// clock, by name, at most [`MAX_LIVE_LEASES`]. Members of a group announce themselves
     /// this way (`members/scheduler/...`), so every member computes the same partition owners.
     async fn list_live_leases(&self, prefix: &str) -> Result<Vec<Lease>, StoreError>;
+
+    /// Deletes the member announcements (leases named `members/...`) under `prefix` that
+    /// expired more than `expired_for` ago, by the database's clock; returns how many. Only
+    /// member leases may be deleted: a deleted lease would start its epochs again at 1, and
+    /// the epoch is what fences a partition's writers.
+    async fn delete_expired_leases(
+        &self,
+        prefix: &str,
+        expired_for: Duration,
+    ) -> Result<u64, StoreError>;
 
     /// [`MetadataStore::commit`], fenced: in the same transaction, checks that the stored epoch
     /// of `fence.name` still equals `fence.epoch` (expiry is not checked: the epoch is the

@@ -60,6 +60,7 @@ suite!(
         concurrent_acquirers_exactly_one_wins,
         lease_requests_are_checked,
         live_leases_are_listed_by_prefix,
+        only_long_expired_member_leases_are_deleted,
         ownership_splits_partitions_and_hands_them_over,
         conflicts_are_request_errors_not_outages,
         cache_entries_are_upserted_and_expire,
@@ -1599,6 +1600,42 @@ mod cases {
             matches!(err, StoreError::InvalidArgument(ref m) if m.contains("128")),
             "{err}"
         );
+        Ok(())
+    }
+
+    pub async fn only_long_expired_member_leases_are_deleted(
+        store: Arc<dyn MetadataStore>,
+    ) -> Result<()> {
+        let short = Duration::from_secs(1);
+        store.acquire_lease("members/g/gone", "gone", short).await?;
+        store.acquire_lease("members/g/live", "live", TTL).await?;
+        let partition = store.acquire_lease("g/p-1", "gone", short).await?;
+        // Waiting for the leases' time to pass: the database's clock decides.
+        tokio::time::sleep(short * 3).await;
+        // Expired for less than an hour: kept.
+        assert_eq!(
+            store
+                .delete_expired_leases("members/g/", Duration::from_secs(3600))
+                .await?,
+            0
+        );
+        assert_eq!(store.delete_expired_leases("members/g/", short).await?, 1);
+        let live = store.list_live_leases("members/g/").await?;
+        assert_eq!(live.len(), 1);
+        assert_eq!(live[0].holder, "live");
+        // A partition's lease is never deleted: its epoch keeps fencing.
+        let err = store.delete_expired_leases("g/", short).await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::InvalidArgument(ref m) if m.contains("members/")),
+            "{err:?}"
+        );
+        let again = store.acquire_lease("g/p-1", "next", TTL).await?;
+        assert_eq!(again.epoch, partition.epoch + 1);
+        let err = store
+            .delete_expired_leases("members/g/", Duration::ZERO)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::InvalidArgument(_)), "{err:?}");
         Ok(())
     }
 

@@ -23,7 +23,7 @@ use super::{Dialect, SqlStore};
 use crate::StoreError;
 use crate::error::is_unique_violation;
 use crate::store::{
-    Lease, LeaseRow, MAX_LIVE_LEASES, MetadataStore, acquire_decision, check_text,
+    Lease, LeaseRow, MAX_LIVE_LEASES, MEMBER_LEASES, MetadataStore, acquire_decision, check_text,
     deliveries_limit, epoch_bound, event_limit, fenced, lease_from_row, mark_revoked, micros,
     name_taken, not_found, now_micros, run_not_found, schedule_body, schedule_from_row,
     system_time_from_micros, token_key, ttl_micros, validate_lease, validate_mutations,
@@ -514,6 +514,31 @@ where
                 )
             })
             .collect())
+    }
+
+    async fn delete_expired_leases(
+        &self,
+        prefix: &str,
+        expired_for: Duration,
+    ) -> Result<u64, StoreError> {
+        check_text("prefix", prefix, MAX_NAME_LEN)?;
+        if !prefix.starts_with(MEMBER_LEASES) {
+            return Err(StoreError::InvalidArgument(format!(
+                "prefix: {prefix:?} does not start with {MEMBER_LEASES:?}; only member leases \
+                 may be deleted (a deleted lease would restart its fencing epochs)"
+            )));
+        }
+        let expired_for = ttl_micros(expired_for)?;
+        let mut conn = self.write.acquire().await?;
+        let now = Self::clock(&mut conn).await?;
+        let deleted = sqlx::query(
+            "DELETE FROM leases WHERE substr(name, 1, length($1)) = $1 AND expires_at < $2",
+        )
+        .bind(prefix)
+        .bind(now.saturating_sub(expired_for))
+        .execute(&mut *conn)
+        .await?;
+        Ok(D::rows_affected(&deleted))
     }
 
     async fn commit_fenced(

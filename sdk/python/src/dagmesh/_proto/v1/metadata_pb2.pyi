@@ -243,6 +243,20 @@ class ListLiveLeasesRequest(_message.Message):
     prefix: str
     def __init__(self, prefix: _Optional[str] = ...) -> None: ...
 
+class DeleteExpiredLeasesRequest(_message.Message):
+    __slots__ = ("prefix", "expired_for")
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_FOR_FIELD_NUMBER: _ClassVar[int]
+    prefix: str
+    expired_for: _duration_pb2.Duration
+    def __init__(self, prefix: _Optional[str] = ..., expired_for: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class DeleteExpiredLeasesResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: int
+    def __init__(self, deleted: _Optional[int] = ...) -> None: ...
+
 class ListLiveLeasesResponse(_message.Message):
     __slots__ = ("leases",)
     LEASES_FIELD_NUMBER: _ClassVar[int]

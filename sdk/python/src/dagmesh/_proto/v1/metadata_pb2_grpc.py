@@ -113,6 +113,11 @@ class MetadataServiceStub(object):
                 request_serializer=dagmesh_dot_v1_dot_metadata__pb2.ListLiveLeasesRequest.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ListLiveLeasesResponse.FromString,
                 _registered_method=True)
+        self.DeleteExpiredLeases = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/DeleteExpiredLeases',
+                request_serializer=dagmesh_dot_v1_dot_metadata__pb2.DeleteExpiredLeasesRequest.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.DeleteExpiredLeasesResponse.FromString,
+                _registered_method=True)
         self.CommitFenced = channel.unary_unary(
                 '/dagmesh.v1.MetadataService/CommitFenced',
                 request_serializer=dagmesh_dot_v1_dot_metadata__pb2.CommitFencedRequest.SerializeToString,
@@ -336,6 +341,15 @@ class MetadataServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteExpiredLeases(self, request, context):
+        """Deletes the member leases (names starting with "members/") under `prefix` that expired
+        more than `expired_for` ago; INVALID_ARGUMENT for any other prefix (deleting a partition's
+        lease would restart the epochs that fence its writers).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CommitFenced(self, request, context):
         """Commit, fenced: applies the mutations only if, inside the same transaction, the lease's
         stored epoch still equals `fence.epoch` (expiry is not checked: the epoch is the fence).
@@ -551,6 +565,11 @@ def add_MetadataServiceServicer_to_server(servicer, server):
                     servicer.ListLiveLeases,
                     request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ListLiveLeasesRequest.FromString,
                     response_serializer=dagmesh_dot_v1_dot_metadata__pb2.ListLiveLeasesResponse.SerializeToString,
+            ),
+            'DeleteExpiredLeases': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteExpiredLeases,
+                    request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.DeleteExpiredLeasesRequest.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_metadata__pb2.DeleteExpiredLeasesResponse.SerializeToString,
             ),
             'CommitFenced': grpc.unary_unary_rpc_method_handler(
                     servicer.CommitFenced,
@@ -1053,6 +1072,33 @@ class MetadataService(object):
             '/dagmesh.v1.MetadataService/ListLiveLeases',
             dagmesh_dot_v1_dot_metadata__pb2.ListLiveLeasesRequest.SerializeToString,
             dagmesh_dot_v1_dot_metadata__pb2.ListLiveLeasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteExpiredLeases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.MetadataService/DeleteExpiredLeases',
+            dagmesh_dot_v1_dot_metadata__pb2.DeleteExpiredLeasesRequest.SerializeToString,
+            dagmesh_dot_v1_dot_metadata__pb2.DeleteExpiredLeasesResponse.FromString,
             options,
             channel_credentials,
             insecure,
