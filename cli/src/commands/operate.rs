@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
-use dagmesh_proto::v1::cluster_service_client::ClusterServiceClient;
+use dagmesh_api::{ExecutorApi, GrpcExecutor};
 use dagmesh_proto::v1::webhook_service_client::WebhookServiceClient;
 use dagmesh_proto::v1::{
     DeliveryState, ListDeliveriesRequest, ListQueuesRequest, QueueInfo, WebhookDelivery,
@@ -77,13 +77,12 @@ pub async fn health(global: &Global, args: HealthArgs) -> anyhow::Result<ExitCod
 }
 
 pub async fn queues(global: &Global, args: QueuesArgs) -> anyhow::Result<ExitCode> {
-    let mut client = ClusterServiceClient::new(connect(global).await?);
+    let client = GrpcExecutor::new(connect(global).await?);
     let queues = client
         .list_queues(ListQueuesRequest {
             task_type: args.task_type.unwrap_or_default(),
         })
         .await?
-        .into_inner()
         .queues;
     match global.output {
         OutputFormat::Json => print_json(&json!({

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 use std::time::SystemTime;
 
-use dagmesh_proto::v1::cluster_service_client::ClusterServiceClient;
+use dagmesh_api::{ExecutorApi, GrpcExecutor};
 use dagmesh_proto::v1::{ListWorkersRequest, WorkerInfo};
 
 use super::format::{self, Table};
@@ -22,11 +22,8 @@ pub enum WorkersCommand {
 pub async fn run(global: &Global, command: WorkersCommand) -> anyhow::Result<ExitCode> {
     match command {
         WorkersCommand::List { wide } => {
-            let mut client = ClusterServiceClient::new(connect(global).await?);
-            let response = client
-                .list_workers(ListWorkersRequest {})
-                .await?
-                .into_inner();
+            let client = GrpcExecutor::new(connect(global).await?);
+            let response = client.list_workers(ListWorkersRequest {}).await?;
             match global.output {
                 OutputFormat::Json => print_json(&json::list_workers_response(&response)),
                 OutputFormat::Text => {

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use dagmesh_proto::v1::workflow_service_client::WorkflowServiceClient;
+use dagmesh_api::{ExecutorApi, GrpcExecutor};
 use dagmesh_proto::v1::{ApplyWorkflowRequest, GetWorkflowRequest, ListWorkflowsRequest, Workflow};
 
 use super::format::{self, Table};
@@ -37,11 +37,10 @@ pub async fn run(global: &Global, command: WorkflowsCommand) -> anyhow::Result<E
                 Ok(spec) => spec,
                 Err(code) => return Ok(code),
             };
-            let mut client = WorkflowServiceClient::new(connect(global).await?);
+            let client = GrpcExecutor::new(connect(global).await?);
             let response = client
                 .apply_workflow(ApplyWorkflowRequest { spec: Some(spec) })
-                .await?
-                .into_inner();
+                .await?;
             match global.output {
                 OutputFormat::Json => print_json(&json::apply_response(&response)),
                 OutputFormat::Text => {
@@ -60,11 +59,8 @@ pub async fn run(global: &Global, command: WorkflowsCommand) -> anyhow::Result<E
             }
         }
         WorkflowsCommand::List => {
-            let mut client = WorkflowServiceClient::new(connect(global).await?);
-            let response = client
-                .list_workflows(ListWorkflowsRequest {})
-                .await?
-                .into_inner();
+            let client = GrpcExecutor::new(connect(global).await?);
+            let response = client.list_workflows(ListWorkflowsRequest {}).await?;
             match global.output {
                 OutputFormat::Json => print_json(&json::list_workflows_response(&response)),
                 OutputFormat::Text => out!("{}", workflows_table(&response.workflows)),
@@ -75,14 +71,13 @@ pub async fn run(global: &Global, command: WorkflowsCommand) -> anyhow::Result<E
             if let Some(version) = version {
                 reference.version = version;
             }
-            let mut client = WorkflowServiceClient::new(connect(global).await?);
+            let client = GrpcExecutor::new(connect(global).await?);
             let workflow = client
                 .get_workflow(GetWorkflowRequest {
                     name: reference.name,
                     version: reference.version,
                 })
-                .await?
-                .into_inner();
+                .await?;
             match global.output {
                 OutputFormat::Json => print_json(&json::workflow(&workflow)),
                 OutputFormat::Text => out!("{}", workflow_yaml(&workflow)),

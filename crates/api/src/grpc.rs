@@ -1,15 +1,20 @@
-//! The gRPC edge of the API: [`GrpcExecutor`] (a `RunService` client that is an
+//! The gRPC edge of the API: [`GrpcExecutor`] (a client of the executor's services that is an
 //! [`ExecutorApi`]) and the conversions between [`ApiError`] and `tonic::Status`.
 
 use std::time::Duration;
 
 use dagmesh_proto::connect::{AuthChannel, ClientSettings};
+use dagmesh_proto::v1::cluster_service_client::ClusterServiceClient;
 use dagmesh_proto::v1::run_service_client::RunServiceClient;
+use dagmesh_proto::v1::workflow_service_client::WorkflowServiceClient;
 use dagmesh_proto::v1::{
-    ApproveStepRequest, CancelRunRequest, DeliverEventRequest, DeliverEventResponse, GetRunRequest,
-    GetStepLogsRequest, GetStepLogsResponse, ListRunsRequest, ListRunsResponse, ResumeRunRequest,
-    RetryRunRequest, Run, SubmitRunRequest, SubmitRunResponse, SuspendRunRequest, WatchRunRequest,
-    WatchRunResponse,
+    ApplyWorkflowRequest, ApplyWorkflowResponse, ApproveStepRequest, CancelRunRequest,
+    DeliverEventRequest, DeliverEventResponse, GetRunRequest, GetStepLogsRequest,
+    GetStepLogsResponse, GetWorkflowRequest, ListQueuesRequest, ListQueuesResponse,
+    ListRunsRequest, ListRunsResponse, ListWorkersRequest, ListWorkersResponse,
+    ListWorkflowsRequest, ListWorkflowsResponse, ResumeRunRequest, RetryRunRequest, Run,
+    SubmitRunRequest, SubmitRunResponse, SuspendRunRequest, WatchRunRequest, WatchRunResponse,
+    Workflow,
 };
 use futures::StreamExt;
 use tonic::{Code, Status};
@@ -61,16 +66,21 @@ impl From<Status> for ApiError {
     }
 }
 
-/// A remote executor's `RunService`, as an [`ExecutorApi`]. Cheap to clone.
+/// A remote executor (its `RunService`, `WorkflowService` and `ClusterService` on one
+/// channel), as an [`ExecutorApi`]. Cheap to clone.
 #[derive(Clone)]
 pub struct GrpcExecutor {
     client: RunServiceClient<AuthChannel>,
+    workflows: WorkflowServiceClient<AuthChannel>,
+    cluster: ClusterServiceClient<AuthChannel>,
 }
 
 impl GrpcExecutor {
     pub fn new(channel: AuthChannel) -> Self {
         GrpcExecutor {
-            client: RunServiceClient::new(channel),
+            client: RunServiceClient::new(channel.clone()),
+            workflows: WorkflowServiceClient::new(channel.clone()),
+            cluster: ClusterServiceClient::new(channel),
         }
     }
 
@@ -107,6 +117,51 @@ fn stream<T: Send + 'static>(streaming: tonic::Streaming<T>) -> ApiStream<T> {
 
 #[async_trait::async_trait]
 impl ExecutorApi for GrpcExecutor {
+    async fn apply_workflow(
+        &self,
+        request: ApplyWorkflowRequest,
+    ) -> Result<ApplyWorkflowResponse, ApiError> {
+        let response = self.workflows.clone().apply_workflow(request).await?;
+        Ok(response.into_inner())
+    }
+
+    async fn get_workflow(&self, request: GetWorkflowRequest) -> Result<Workflow, ApiError> {
+        let response = self.workflows.clone().get_workflow(request).await?;
+        Ok(response.into_inner())
+    }
+
+    async fn list_workflows(
+        &self,
+        request: ListWorkflowsRequest,
+    ) -> Result<ListWorkflowsResponse, ApiError> {
+        let response = self.workflows.clone().list_workflows(request).await?;
+        Ok(response.into_inner())
+    }
+
+    async fn list_workers(
+        &self,
+        request: ListWorkersRequest,
+    ) -> Result<ListWorkersResponse, ApiError> {
+        Ok(self
+            .cluster
+            .clone()
+            .list_workers(request)
+            .await?
+            .into_inner())
+    }
+
+    async fn list_queues(
+        &self,
+        request: ListQueuesRequest,
+    ) -> Result<ListQueuesResponse, ApiError> {
+        Ok(self
+            .cluster
+            .clone()
+            .list_queues(request)
+            .await?
+            .into_inner())
+    }
+
     async fn submit_run(
         &self,
         caller: &Caller,

@@ -13,10 +13,12 @@ mod grpc;
 use std::pin::Pin;
 
 use dagmesh_proto::v1::{
-    ApproveStepRequest, CancelRunRequest, DeliverEventRequest, DeliverEventResponse,
-    GetStepLogsRequest, GetStepLogsResponse, ListRunsRequest, ListRunsResponse, ResumeRunRequest,
-    RetryRunRequest, Run, SubmitRunRequest, SubmitRunResponse, SuspendRunRequest, WatchRunRequest,
-    WatchRunResponse,
+    ApplyWorkflowRequest, ApplyWorkflowResponse, ApproveStepRequest, CancelRunRequest,
+    DeliverEventRequest, DeliverEventResponse, GetStepLogsRequest, GetStepLogsResponse,
+    GetWorkflowRequest, ListQueuesRequest, ListQueuesResponse, ListRunsRequest, ListRunsResponse,
+    ListWorkersRequest, ListWorkersResponse, ListWorkflowsRequest, ListWorkflowsResponse,
+    ResumeRunRequest, RetryRunRequest, Run, SubmitRunRequest, SubmitRunResponse, SuspendRunRequest,
+    WatchRunRequest, WatchRunResponse, Workflow,
 };
 use futures::Stream;
 
@@ -47,9 +49,35 @@ impl Caller {
     }
 }
 
-/// The run API of an executor (`RunService`), call for call.
+/// The API of an executor, call for call: `RunService`, `WorkflowService` and
+/// `ClusterService`.
 #[async_trait::async_trait]
 pub trait ExecutorApi: Send + Sync + 'static {
+    /// Registers a workflow version (`created` false when the content is unchanged).
+    async fn apply_workflow(
+        &self,
+        request: ApplyWorkflowRequest,
+    ) -> Result<ApplyWorkflowResponse, ApiError>;
+
+    /// A workflow version (0: the latest); `NotFound` when absent.
+    async fn get_workflow(&self, request: GetWorkflowRequest) -> Result<Workflow, ApiError>;
+
+    /// The latest version of every workflow.
+    async fn list_workflows(
+        &self,
+        request: ListWorkflowsRequest,
+    ) -> Result<ListWorkflowsResponse, ApiError>;
+
+    /// The workers connected to this executor.
+    async fn list_workers(
+        &self,
+        request: ListWorkersRequest,
+    ) -> Result<ListWorkersResponse, ApiError>;
+
+    /// What waits for workers, per task type, version requirement and labels.
+    async fn list_queues(&self, request: ListQueuesRequest)
+    -> Result<ListQueuesResponse, ApiError>;
+
     /// Starts a run, or answers the run an earlier submit with the same idempotency key made
     /// (`created` false).
     async fn submit_run(

@@ -10,7 +10,6 @@ use std::time::Duration;
 use dagmesh_api::{ApiError, Caller, ExecutorApi, GrpcExecutor};
 use dagmesh_proto::connect::{AuthChannel, ClientSettings, Credentials, error_chain};
 use dagmesh_proto::json::map_to_struct;
-use dagmesh_proto::v1::workflow_service_client::WorkflowServiceClient;
 use dagmesh_proto::v1::{
     ApplyWorkflowRequest, CancelRunRequest, GetWorkflowRequest, ListRunsRequest, ListRunsResponse,
     RetryRunRequest, Run, RunState, SubmitRunRequest, WatchRunRequest, WatchRunResponse, Workflow,
@@ -215,7 +214,6 @@ pub fn is_terminal(state: RunState) -> bool {
 #[derive(Clone)]
 pub struct Client {
     runs: GrpcExecutor,
-    workflows: WorkflowServiceClient<AuthChannel>,
 }
 
 impl std::fmt::Debug for Client {
@@ -264,8 +262,7 @@ impl Client {
     /// ([`ClientSettings::connect`](dagmesh_proto::connect::ClientSettings::connect)).
     pub fn from_auth_channel(channel: AuthChannel) -> Self {
         Self {
-            runs: GrpcExecutor::new(channel.clone()),
-            workflows: WorkflowServiceClient::new(channel),
+            runs: GrpcExecutor::new(channel),
         }
     }
 
@@ -278,11 +275,9 @@ impl Client {
     /// Registers a workflow definition; identical content returns the existing version.
     pub async fn apply_workflow(&self, spec: WorkflowSpec) -> Result<Workflow, ClientError> {
         let response = self
-            .workflows
-            .clone()
+            .runs
             .apply_workflow(ApplyWorkflowRequest { spec: Some(spec) })
-            .await?
-            .into_inner();
+            .await?;
         response
             .workflow
             .ok_or(ClientError::MissingField("workflow"))
@@ -298,12 +293,7 @@ impl Client {
             name: name.into(),
             version,
         };
-        Ok(self
-            .workflows
-            .clone()
-            .get_workflow(request)
-            .await?
-            .into_inner())
+        Ok(self.runs.get_workflow(request).await?)
     }
 
     /// Starts a run (or, with a known idempotency key, returns the run it started before).

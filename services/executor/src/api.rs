@@ -7,10 +7,13 @@ use std::time::Duration;
 use dagmesh_api::{ApiError, ApiStream, Caller, ExecutorApi};
 use dagmesh_proto::limits::{MAX_ENTRIES, MAX_NAME_LEN, MAX_VALUE_LEN, check_len};
 use dagmesh_proto::v1::{
-    ApproveStepRequest, CancelRunRequest, DeliverEventRequest, DeliverEventResponse,
-    GetStepLogsRequest, GetStepLogsResponse, ListRunsRequest, ListRunsResponse, ResumeRunRequest,
-    RetryRunRequest, Run, RunEvent, RunState, SubmitRunRequest, SubmitRunResponse,
-    SuspendRunRequest, WatchRunRequest, WatchRunResponse, run_event, watch_run_response,
+    ApplyWorkflowRequest, ApplyWorkflowResponse, ApproveStepRequest, CancelRunRequest,
+    DeliverEventRequest, DeliverEventResponse, GetStepLogsRequest, GetStepLogsResponse,
+    GetWorkflowRequest, ListQueuesRequest, ListQueuesResponse, ListRunsRequest, ListRunsResponse,
+    ListWorkersRequest, ListWorkersResponse, ListWorkflowsRequest, ListWorkflowsResponse,
+    QueueInfo, ResumeRunRequest, RetryRunRequest, Run, RunEvent, RunState, SubmitRunRequest,
+    SubmitRunResponse, SuspendRunRequest, WatchRunRequest, WatchRunResponse, Workflow, run_event,
+    watch_run_response,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -25,6 +28,75 @@ type Sender<T> = mpsc::Sender<Result<T, ApiError>>;
 
 #[async_trait::async_trait]
 impl ExecutorApi for Executor {
+    async fn apply_workflow(
+        &self,
+        request: ApplyWorkflowRequest,
+    ) -> Result<ApplyWorkflowResponse, ApiError> {
+        let spec = request
+            .spec
+            .ok_or_else(|| ApiError::invalid_argument("spec: required"))?;
+        let (workflow, created) = Executor::apply_workflow(self, spec).await?;
+        Ok(ApplyWorkflowResponse {
+            workflow: Some(workflow),
+            created,
+        })
+    }
+
+    async fn get_workflow(&self, request: GetWorkflowRequest) -> Result<Workflow, ApiError> {
+        check_len("name", &request.name, MAX_NAME_LEN).map_err(ApiError::invalid_argument)?;
+        let version = (request.version != 0).then_some(request.version);
+        Ok(self
+            .store()
+            .get_workflow(&request.name, version)
+            .await
+            .map_err(ExecError::from)?)
+    }
+
+    async fn list_workflows(
+        &self,
+        _: ListWorkflowsRequest,
+    ) -> Result<ListWorkflowsResponse, ApiError> {
+        let workflows = self
+            .store()
+            .list_workflows()
+            .await
+            .map_err(ExecError::from)?;
+        Ok(ListWorkflowsResponse { workflows })
+    }
+
+    async fn list_workers(&self, _: ListWorkersRequest) -> Result<ListWorkersResponse, ApiError> {
+        let workers = Executor::list_workers(self).await?;
+        Ok(ListWorkersResponse { workers })
+    }
+
+    async fn list_queues(
+        &self,
+        request: ListQueuesRequest,
+    ) -> Result<ListQueuesResponse, ApiError> {
+        let task_type = request.task_type;
+        check_len("task_type", &task_type, MAX_NAME_LEN).map_err(ApiError::invalid_argument)?;
+        let snapshot = self.queues().await?;
+        let queues = snapshot
+            .queues
+            .into_iter()
+            .filter(|queue| task_type.is_empty() || queue.task_type == task_type)
+            .map(|queue| QueueInfo {
+                task_type: queue.task_type,
+                version_requirement: queue.version_req.to_string(),
+                labels: queue.labels.into_iter().collect(),
+                slots_per_task: queue.slots_per_task,
+                queued: queue.queued,
+                oldest_age: queue
+                    .oldest_age
+                    .and_then(|age| prost_types::Duration::try_from(age).ok()),
+                running: queue.running,
+                matching_workers: queue.matching_workers,
+                free_slots: queue.free_slots,
+            })
+            .collect();
+        Ok(ListQueuesResponse { queues })
+    }
+
     async fn submit_run(
         &self,
         caller: &Caller,

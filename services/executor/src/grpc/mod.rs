@@ -25,14 +25,17 @@ impl Executor {
         // oversized payload reaches the executor and fails its step with a clear error instead
         // of breaking the stream.
         let max_message = self.config().max_payload_bytes * 2 + (1 << 20);
+        // The run, workflow and cluster services answer through the trait a forwarding
+        // replica implements too.
+        let api: std::sync::Arc<dyn dagmesh_api::ExecutorApi> = std::sync::Arc::new(self.clone());
         ServiceSet::new()
             .with(
-                RunServiceServer::new(runs::Runs(std::sync::Arc::new(self.clone())))
+                RunServiceServer::new(runs::Runs(api.clone()))
                     .max_decoding_message_size(max_message)
                     .max_encoding_message_size(usize::MAX),
             )
             .with(
-                WorkflowServiceServer::new(workflows::Workflows(self.clone()))
+                WorkflowServiceServer::new(workflows::Workflows(api.clone()))
                     .max_decoding_message_size(max_message),
             )
             .with(
@@ -40,7 +43,7 @@ impl Executor {
                     .max_decoding_message_size(max_message)
                     .max_encoding_message_size(usize::MAX),
             )
-            .with(ClusterServiceServer::new(cluster::Cluster(self.clone())))
+            .with(ClusterServiceServer::new(cluster::Cluster(api)))
             .with(ExternalScalerServer::new(scaler::Scaler::new(self.clone())))
             .with(WebhookServiceServer::new(webhooks::Webhooks(self.clone())))
     }
