@@ -15,6 +15,7 @@ use dagmesh_proto::v1::{
     SubmitRunResponse, SuspendRunRequest, WatchRunRequest, WatchRunResponse, Workflow, run_event,
     watch_run_response,
 };
+use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -147,14 +148,10 @@ impl ExecutorApi for Executor {
             .get_run(&request.run_id)
             .await
             .map_err(ExecError::from)?;
-        let (tx, rx) = mpsc::channel(256);
         let executor = self.clone();
-        tokio::spawn(async move {
-            if let Err(error) = watch(executor, run, request.after_seq, &tx).await {
-                let _ = tx.send(Err(error)).await;
-            }
-        });
-        Ok(Box::pin(ReceiverStream::new(rx)))
+        Ok(spawn_stream(move |tx| {
+            watch(executor, run, request.after_seq, tx)
+        }))
     }
 
     async fn get_step_logs(
@@ -168,14 +165,10 @@ impl ExecutorApi for Executor {
             .get_run(&request.run_id)
             .await
             .map_err(ExecError::from)?;
-        let (tx, rx) = mpsc::channel(256);
         let executor = self.clone();
-        tokio::spawn(async move {
-            if let Err(error) = step_logs(executor, run, request, &tx).await {
-                let _ = tx.send(Err(error)).await;
-            }
-        });
-        Ok(Box::pin(ReceiverStream::new(rx)))
+        Ok(spawn_stream(move |tx| {
+            step_logs(executor, run, request, tx)
+        }))
     }
 
     async fn cancel_run(
@@ -234,6 +227,26 @@ impl ExecutorApi for Executor {
     }
 }
 
+/// A stream fed by `produce` on a task of its own; the error it ends with, if any, is the
+/// stream's last item. The task ends when `produce` does, or when the reader drops the stream
+/// (`produce` sees its sender fail or close).
+fn spawn_stream<T, F, Fut>(produce: F) -> ApiStream<T>
+where
+    T: Send + 'static,
+    F: FnOnce(Sender<T>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), ApiError>> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(256);
+    let errors = tx.clone();
+    let produced = produce(tx);
+    tokio::spawn(async move {
+        if let Err(error) = produced.await {
+            let _ = errors.send(Err(error)).await;
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
 fn check_run_id(run_id: &str) -> Result<(), ApiError> {
     check_len("run_id", run_id, MAX_VALUE_LEN).map_err(ApiError::invalid_argument)
 }
@@ -284,7 +297,7 @@ async fn step_logs(
     executor: Executor,
     run: Run,
     request: GetStepLogsRequest,
-    tx: &Sender<GetStepLogsResponse>,
+    tx: Sender<GetStepLogsResponse>,
 ) -> Result<(), ApiError> {
     let wanted = |event: &RunEvent| match &event.event {
         Some(run_event::Event::StepLog(log))
@@ -322,24 +335,16 @@ async fn step_logs(
             }
         }
     }
-    let (events_tx, mut events_rx) = mpsc::channel(256);
-    let follow = tokio::spawn(async move {
-        if let Err(error) = watch(executor, run, Some(request.after_seq), &events_tx).await {
-            let _ = events_tx.send(Err(error)).await;
-        }
-    });
+    let mut events =
+        spawn_stream(move |events| watch(executor, run, Some(request.after_seq), events));
     loop {
         let item = tokio::select! {
-            item = events_rx.recv() => item,
+            item = events.next() => item,
             () = tx.closed() => break, // the reader left
         };
         let item = match item {
             None => break, // the run ended
-            Some(Ok(item)) => item,
-            Some(Err(error)) => {
-                follow.abort();
-                return Err(error);
-            }
+            Some(item) => item?,
         };
         if let Some(watch_run_response::Message::Event(event)) = item.message
             && let Some(lines) = wanted(&event)
@@ -348,7 +353,6 @@ async fn step_logs(
             break; // the reader left
         }
     }
-    follow.abort();
     Ok(())
 }
 
@@ -359,7 +363,7 @@ async fn watch(
     executor: Executor,
     run: Run,
     after_seq: Option<u64>,
-    tx: &Sender<WatchRunResponse>,
+    tx: Sender<WatchRunResponse>,
 ) -> Result<(), ApiError> {
     let run_id = run.run_id.clone();
     let store = executor.store().clone();

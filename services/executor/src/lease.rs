@@ -20,14 +20,6 @@ use crate::ExecError;
 /// The lease name of the (single, for now) executor of a database.
 pub(crate) const EXECUTOR_LEASE: &str = "executor";
 
-/// A holder name unique to this process: a restarted process must take the lease anew (a new
-/// epoch), never inherit its predecessor's.
-pub(crate) fn holder_name() -> String {
-    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into());
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    format!("{host}/pid-{}/{}", std::process::id(), &id[..8])
-}
-
 /// Takes the executor lease. With `standby`, waits while another executor holds it (logging
 /// who); without, refuses with a message naming the holder.
 pub(crate) async fn acquire(

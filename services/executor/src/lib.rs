@@ -63,7 +63,8 @@ impl Executor {
         config: ExecutorConfig,
     ) -> Result<(Self, JoinHandle<Result<(), ExecError>>), ExecError> {
         config.validate().map_err(ExecError::InvalidArgument)?;
-        let holder = lease::holder_name();
+        // Unique to this process: a restart takes the lease anew (a new epoch).
+        let holder = dagmesh_metastore::ownership::unique_holder();
         let ttl = config.executor_lease_ttl;
         let fence = lease::acquire(&store, &holder, ttl, config.standby).await?;
         let (lost_tx, lost) = tokio::sync::oneshot::channel();
