@@ -487,6 +487,19 @@ pub fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn scheduler_lease_ttl_is_bounded_and_named() {
+        assert_eq!(
+            super::parse_lease_ttl("15s"),
+            Ok(std::time::Duration::from_secs(15))
+        );
+        for out_of_range in ["0s", "500ms", "2h"] {
+            let err = super::parse_lease_ttl(out_of_range).unwrap_err();
+            assert!(err.contains("from 1s to 1h"), "{out_of_range}: {err}");
+        }
+        assert!(super::parse_lease_ttl("soon").is_err());
+    }
+
+    #[test]
     fn redacts_passwords_only() {
         assert_eq!(
             super::redact("postgres://app:s3cret@db:5432/dagmesh"),

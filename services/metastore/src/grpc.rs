@@ -95,8 +95,18 @@ fn lease_from_proto(
 
 /// A TTL from the wire.
 fn ttl_from_proto(ttl: Option<prost_types::Duration>) -> Result<Duration, StoreError> {
-    let ttl = ttl.ok_or_else(|| StoreError::InvalidArgument("ttl: required".to_owned()))?;
-    Duration::try_from(ttl).map_err(|err| StoreError::InvalidArgument(format!("ttl: {err}")))
+    duration_from_proto("ttl", ttl)
+}
+
+/// A non-negative duration from the wire, named `field` in the error.
+fn duration_from_proto(
+    field: &str,
+    duration: Option<prost_types::Duration>,
+) -> Result<Duration, StoreError> {
+    let duration =
+        duration.ok_or_else(|| StoreError::InvalidArgument(format!("{field}: required")))?;
+    Duration::try_from(duration)
+        .map_err(|err| StoreError::InvalidArgument(format!("{field}: {err}")))
 }
 
 /// A TTL for the wire (the store checks its range).
@@ -266,7 +276,7 @@ impl MetadataService for MetadataGrpcServer {
         request: Request<DeleteExpiredLeasesRequest>,
     ) -> Result<Response<DeleteExpiredLeasesResponse>, Status> {
         let req = request.into_inner();
-        let expired_for = ttl_from_proto(req.expired_for)?;
+        let expired_for = duration_from_proto("expired_for", req.expired_for)?;
         let deleted = self
             .store
             .delete_expired_leases(&req.prefix, expired_for)

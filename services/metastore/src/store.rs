@@ -326,9 +326,14 @@ pub(crate) fn check_text(field: &str, value: &str, limit: usize) -> Result<(), S
 
 /// A lease TTL in microseconds, checked against (0, [`MAX_LEASE_TTL`]].
 pub(crate) fn ttl_micros(ttl: Duration) -> Result<i64, StoreError> {
+    lease_duration_micros("ttl", ttl)
+}
+
+/// A lease duration named `field`, checked like a TTL, in microseconds.
+pub(crate) fn lease_duration_micros(field: &str, ttl: Duration) -> Result<i64, StoreError> {
     if ttl.is_zero() || ttl > MAX_LEASE_TTL {
         return Err(StoreError::InvalidArgument(format!(
-            "ttl: {ttl:?} is out of range (more than 0, at most {MAX_LEASE_TTL:?})"
+            "{field}: {ttl:?} is out of range (more than 0, at most {MAX_LEASE_TTL:?})"
         )));
     }
     // At most an hour: always fits.

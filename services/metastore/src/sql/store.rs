@@ -24,10 +24,10 @@ use crate::StoreError;
 use crate::error::is_unique_violation;
 use crate::store::{
     Lease, LeaseRow, MAX_LIVE_LEASES, MEMBER_LEASES, MetadataStore, acquire_decision, check_text,
-    deliveries_limit, epoch_bound, event_limit, fenced, lease_from_row, mark_revoked, micros,
-    name_taken, not_found, now_micros, run_not_found, schedule_body, schedule_from_row,
-    system_time_from_micros, token_key, ttl_micros, validate_lease, validate_mutations,
-    validate_named, workflow_not_found,
+    deliveries_limit, epoch_bound, event_limit, fenced, lease_duration_micros, lease_from_row,
+    mark_revoked, micros, name_taken, not_found, now_micros, run_not_found, schedule_body,
+    schedule_from_row, system_time_from_micros, token_key, ttl_micros, validate_lease,
+    validate_mutations, validate_named, workflow_not_found,
 };
 
 /// How often `put_workflow` retries after losing a race for the next version number. Each lost
@@ -528,7 +528,7 @@ where
                  may be deleted (a deleted lease would restart its fencing epochs)"
             )));
         }
-        let expired_for = ttl_micros(expired_for)?;
+        let expired_for = lease_duration_micros("expired_for", expired_for)?;
         let mut conn = self.write.acquire().await?;
         let now = Self::clock(&mut conn).await?;
         let deleted = sqlx::query(
