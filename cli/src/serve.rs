@@ -40,6 +40,12 @@ pub struct EngineFlags {
     /// standby.
     #[arg(long, env = "DAGMESH_NO_STANDBY")]
     pub no_standby: bool,
+    /// How many partitions runs hash into, used when the database is first set up (1 to 4096);
+    /// afterwards the stored count holds. Far more than executor replicas, so moving one is
+    /// cheap.
+    #[arg(long, env = "DAGMESH_PARTITIONS", default_value_t = dagmesh_executor::DEFAULT_PARTITIONS,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(dagmesh_metastore::MAX_PARTITIONS)))]
+    pub partitions: u32,
     /// How often workers send heartbeats.
     #[arg(long, env = "DAGMESH_HEARTBEAT_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,
@@ -100,6 +106,7 @@ impl EngineFlags {
             max_lost_attempts: self.max_lost_attempts,
             executor_lease_ttl: self.executor_lease_ttl,
             standby: !self.no_standby,
+            partitions: self.partitions,
             heartbeat_interval: self.heartbeat_interval,
             max_payload_bytes: self.max_payload_bytes,
             drain_timeout: self.drain_timeout,

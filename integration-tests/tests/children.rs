@@ -109,10 +109,18 @@ async fn a_child_workflow_runs_and_its_outputs_are_the_steps() -> anyhow::Result
         ],
     );
     let run = client
-        .submit(SubmitRun::inline(parent).inputs(json!({"n": 3})))
+        .submit(
+            SubmitRun::inline(parent)
+                .inputs(json!({"n": 3}))
+                .idempotency_key("children-link-both-ways"),
+        )
         .await?;
     let run = wait_for_run(&client, &run.run_id).await?;
     assert_succeeded(&run);
+    // A keyed root run lives in its key's partition (of the default 256), the child in its
+    // parent's, so that one executor replica owns the whole tree.
+    let partition = dagmesh_metastore::ownership::partition_of("children-link-both-ways", 256);
+    assert_eq!(run.partition, partition);
     assert_eq!(
         outputs(&run, "twice"),
         json!({"first": {"value": 6}, "second": {"value": 12}})
@@ -126,6 +134,7 @@ async fn a_child_workflow_runs_and_its_outputs_are_the_steps() -> anyhow::Result
     assert_eq!(child.parent_run_id, run.run_id);
     assert_eq!(child.parent_step_id, "twice");
     assert_eq!(child.depth, 1);
+    assert_eq!(child.partition, partition);
     assert_eq!(child.state(), RunState::Succeeded);
     assert_eq!(child.submitted_by, run.submitted_by);
     sandbox.stop().await
@@ -170,7 +179,11 @@ async fn a_map_of_child_workflows_runs_one_child_per_item() -> anyhow::Result<()
         let child = client.get_run(&item.child_run_id).await?;
         assert_eq!(child.parent_step_id, item.step_id);
         assert_eq!(child.workflow_version, 1);
+        assert_eq!(child.partition, run.partition);
     }
+    // An unkeyed root run hashes its own id.
+    let partition = dagmesh_metastore::ownership::partition_of(&run.run_id, 256);
+    assert_eq!(run.partition, partition);
     sandbox.stop().await
 }
 

@@ -3,6 +3,9 @@ use std::time::Duration;
 
 use crate::Limits;
 
+/// Partitions of a new database: far more than replicas, so that moving one is cheap.
+pub const DEFAULT_PARTITIONS: u32 = 256;
+
 /// Tunables of one executor. The defaults suit a laptop and a cluster alike; tests shorten the
 /// lease so that lost workers are noticed quickly.
 #[derive(Debug, Clone)]
@@ -33,6 +36,9 @@ pub struct ExecutorConfig {
     pub standby: bool,
     /// How webhooks are signed and retried.
     pub webhooks: crate::webhooks::WebhookConfig,
+    /// How many partitions runs hash into, when the database has no count yet (the first
+    /// executor stores it; later ones use the stored count). 1 to 4096.
+    pub partitions: u32,
 }
 
 impl Default for ExecutorConfig {
@@ -49,6 +55,7 @@ impl Default for ExecutorConfig {
             executor_lease_ttl: Duration::from_secs(6),
             standby: true,
             webhooks: crate::webhooks::WebhookConfig::default(),
+            partitions: DEFAULT_PARTITIONS,
         }
     }
 }
@@ -129,6 +136,13 @@ impl ExecutorConfig {
             self.webhooks.first_backoff,
             day,
         )?;
+        if !(1..=dagmesh_metastore::MAX_PARTITIONS).contains(&self.partitions) {
+            return Err(format!(
+                "partitions: {} is out of range (1 to {})",
+                self.partitions,
+                dagmesh_metastore::MAX_PARTITIONS
+            ));
+        }
         if self.max_batch == 0 {
             return Err("max_batch: must be at least 1".into());
         }

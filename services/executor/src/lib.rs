@@ -36,7 +36,7 @@ use dagmesh_proto::v1::{
 };
 use tokio::task::JoinHandle;
 
-pub use config::ExecutorConfig;
+pub use config::{DEFAULT_PARTITIONS, ExecutorConfig};
 use engine::{Command, Engine, EngineHandle, Submitted};
 pub use error::ExecError;
 pub use limits::Limits;
@@ -67,6 +67,15 @@ impl Executor {
         let holder = dagmesh_metastore::ownership::unique_holder();
         let ttl = config.executor_lease_ttl;
         let fence = lease::acquire(&store, &holder, ttl, config.standby).await?;
+        // Fixed when the database was first used; a different --partitions does not change it.
+        let partitions = store.init_cluster(config.partitions).await?;
+        if partitions != config.partitions {
+            tracing::info!(
+                partitions,
+                asked = config.partitions,
+                "the database's partition count is fixed; using it"
+            );
+        }
         let (lost_tx, lost) = tokio::sync::oneshot::channel();
         let (stop_renewal, stop_rx) = tokio::sync::oneshot::channel();
         let renewal = lease::spawn_renewal(store.clone(), fence.clone(), ttl, lost_tx, stop_rx);
@@ -76,6 +85,7 @@ impl Executor {
         let ownership = engine::Ownership {
             webhooks: webhook_wake.clone(),
             fence,
+            partitions,
             lost,
             stop_renewal,
             renewal,

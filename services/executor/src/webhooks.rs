@@ -337,7 +337,11 @@ impl Deliverer {
         let write = vec![Mutation {
             mutation: Some(mutation::Mutation::PutWebhookDelivery(delivery)),
         }];
-        match self.store.commit_fenced(&self.fence, write).await {
+        match self
+            .store
+            .commit_fenced(std::slice::from_ref(&self.fence), write)
+            .await
+        {
             Ok(()) => true,
             Err(dagmesh_metastore::StoreError::Fenced { .. }) => false,
             Err(error) => {

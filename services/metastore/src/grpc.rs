@@ -10,10 +10,10 @@ use dagmesh_proto::connect::{AuthChannel, ClientSettings, Credentials};
 use dagmesh_proto::v1::metadata_service_client::MetadataServiceClient;
 use dagmesh_proto::v1::metadata_service_server::{MetadataService, MetadataServiceServer};
 use dagmesh_proto::v1::{
-    AcquireLeaseRequest, ActiveRuns, CacheEntry, CommitFencedRequest, DeleteExpiredLeasesRequest,
-    DeleteExpiredLeasesResponse, ListLiveLeasesRequest, ListLiveLeasesResponse,
-    QuarantineRunRequest, ReadCacheEntryRequest, ReadCacheEntryResponse, ReleaseLeaseRequest,
-    ReleaseLeaseResponse, RenewLeaseRequest,
+    AcquireLeaseRequest, ActiveRuns, CacheEntry, Cluster, CommitFencedRequest,
+    DeleteExpiredLeasesRequest, DeleteExpiredLeasesResponse, InitClusterRequest,
+    ListLiveLeasesRequest, ListLiveLeasesResponse, QuarantineRunRequest, ReadCacheEntryRequest,
+    ReadCacheEntryResponse, ReleaseLeaseRequest, ReleaseLeaseResponse, RenewLeaseRequest,
 };
 use dagmesh_proto::v1::{
     AdvanceScheduleRequest, AdvanceScheduleResponse, Backfill, DeleteScheduleResponse,
@@ -205,17 +205,49 @@ impl MetadataService for MetadataGrpcServer {
 
     async fn read_active_runs(
         &self,
-        _request: Request<ReadActiveRunsRequest>,
+        request: Request<ReadActiveRunsRequest>,
     ) -> Result<Response<ReadActiveRunsResponse>, Status> {
+        if !request.get_ref().partitions.is_empty() {
+            return Err(StoreError::InvalidArgument(
+                "partitions: ReadActiveRuns reads every partition; filter with \
+                 ReadActiveRunsChecked"
+                    .into(),
+            )
+            .into());
+        }
         let runs = self.store.read_active_runs().await?;
         Ok(Response::new(ReadActiveRunsResponse { runs }))
     }
 
     async fn read_active_runs_checked(
         &self,
-        _request: Request<ReadActiveRunsRequest>,
+        request: Request<ReadActiveRunsRequest>,
     ) -> Result<Response<ActiveRuns>, Status> {
-        Ok(Response::new(self.store.read_active_runs_checked().await?))
+        let req = request.into_inner();
+        let partitions = match (req.every_partition, req.partitions.is_empty()) {
+            (true, true) => None,
+            (false, _) => Some(req.partitions.as_slice()),
+            (true, false) => {
+                return Err(StoreError::InvalidArgument(
+                    "partitions: must be empty with every_partition".into(),
+                )
+                .into());
+            }
+        };
+        Ok(Response::new(
+            self.store.read_active_runs_checked(partitions).await?,
+        ))
+    }
+
+    async fn init_cluster(
+        &self,
+        request: Request<InitClusterRequest>,
+    ) -> Result<Response<Cluster>, Status> {
+        let partitions = self
+            .store
+            .init_cluster(request.into_inner().partitions)
+            .await?;
+        Ok(Response::new(Cluster { partitions }))
     }
 
     async fn quarantine_run(
@@ -289,8 +321,13 @@ impl MetadataService for MetadataGrpcServer {
         request: Request<CommitFencedRequest>,
     ) -> Result<Response<CommitResponse>, Status> {
         let req = request.into_inner();
-        let fence = lease_from_proto(req.fence, "fence")?;
-        self.store.commit_fenced(&fence, req.mutations).await?;
+        let fences = req
+            .fences
+            .into_iter()
+            .enumerate()
+            .map(|(index, fence)| lease_from_proto(Some(fence), &format!("fences[{index}]")))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.store.commit_fenced(&fences, req.mutations).await?;
         Ok(Response::new(CommitResponse {}))
     }
 
@@ -582,17 +619,34 @@ impl MetadataStore for MetadataGrpcClient {
     async fn read_active_runs(&self) -> Result<Vec<Run>, StoreError> {
         let resp = self
             .client()
-            .read_active_runs(ReadActiveRunsRequest {})
+            .read_active_runs(ReadActiveRunsRequest::default())
             .await?;
         Ok(resp.into_inner().runs)
     }
 
-    async fn read_active_runs_checked(&self) -> Result<ActiveRuns, StoreError> {
-        let resp = self
+    async fn read_active_runs_checked(
+        &self,
+        partitions: Option<&[u32]>,
+    ) -> Result<ActiveRuns, StoreError> {
+        let req = ReadActiveRunsRequest {
+            every_partition: partitions.is_none(),
+            partitions: partitions.map(<[u32]>::to_vec).unwrap_or_default(),
+        };
+        Ok(self
             .client()
-            .read_active_runs_checked(ReadActiveRunsRequest {})
-            .await?;
-        Ok(resp.into_inner())
+            .read_active_runs_checked(req)
+            .await?
+            .into_inner())
+    }
+
+    async fn init_cluster(&self, partitions: u32) -> Result<u32, StoreError> {
+        let req = InitClusterRequest { partitions };
+        Ok(self
+            .client()
+            .init_cluster(req)
+            .await?
+            .into_inner()
+            .partitions)
     }
 
     async fn quarantine_run(&self, run_id: &str, reason: &str) -> Result<Run, StoreError> {
@@ -661,11 +715,11 @@ impl MetadataStore for MetadataGrpcClient {
 
     async fn commit_fenced(
         &self,
-        fence: &Lease,
+        fences: &[Lease],
         mutations: Vec<Mutation>,
     ) -> Result<(), StoreError> {
         let req = CommitFencedRequest {
-            fence: Some(lease_to_proto(fence.clone())),
+            fences: fences.iter().cloned().map(lease_to_proto).collect(),
             mutations,
         };
         self.client().commit_fenced(req).await?;

@@ -46,5 +46,5 @@ pub use sql::{
 };
 pub use store::{
     DEFAULT_EVENT_LIMIT, DEFAULT_PAGE_SIZE, Lease, MAX_LEASE_TTL, MAX_LIVE_LEASES, MAX_PAGE_SIZE,
-    MEMBER_LEASES, MetadataStore,
+    MAX_PARTITIONS, MEMBER_LEASES, MetadataStore,
 };

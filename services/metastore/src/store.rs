@@ -40,6 +40,10 @@ pub const MEMBER_LEASES: &str = "members/";
 /// The most leases one `list_live_leases` answers (a group has a handful of members).
 pub const MAX_LIVE_LEASES: u32 = 4096;
 
+/// The most partitions a cluster may have (`init_cluster`), and so the most leases one fenced
+/// commit checks and the most partitions one recovery reads.
+pub const MAX_PARTITIONS: u32 = 4096;
+
 /// Runs per `list_runs` page when the request says 0.
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
 /// Upper bound of a `list_runs` page; larger requests are clamped.
@@ -100,10 +104,18 @@ pub trait MetadataStore: Send + Sync + 'static {
 
     // Recovery that never bricks.
 
-    /// Like [`MetadataStore::read_active_runs`], but a run whose run record or any step record
-    /// does not decode goes to `unreadable` (with the reason naming the record) instead of
-    /// failing the call.
-    async fn read_active_runs_checked(&self) -> Result<ActiveRuns, StoreError>;
+    /// Like [`MetadataStore::read_active_runs`], but only the runs of `partitions` (`None`:
+    /// every partition), and a run whose run record or any step record does not decode goes to
+    /// `unreadable` (with the reason naming the record) instead of failing the call.
+    async fn read_active_runs_checked(
+        &self,
+        partitions: Option<&[u32]>,
+    ) -> Result<ActiveRuns, StoreError>;
+
+    /// The cluster's partition count: the stored one, or `partitions` (1 to
+    /// [`MAX_PARTITIONS`]) stored now when the database has none yet. Atomic under concurrent
+    /// first callers: all of them get the one value that was stored.
+    async fn init_cluster(&self, partitions: u32) -> Result<u32, StoreError>;
 
     /// Ends the run FAILED with `error = reason`, in one transaction, whatever its records hold:
     /// an undecodable run record is rebuilt from its indexed columns (and what of its header
@@ -152,11 +164,12 @@ pub trait MetadataStore: Send + Sync + 'static {
     ) -> Result<u64, StoreError>;
 
     /// [`MetadataStore::commit`], fenced: in the same transaction, checks that the stored epoch
-    /// of `fence.name` still equals `fence.epoch` (expiry is not checked: the epoch is the
-    /// fence). `Fenced`, with nothing applied, when it does not. One extra indexed read.
+    /// of each lease of `fences` (one, or one per partition the batch touches) still equals
+    /// its `epoch` (expiry is not checked: the epoch is the fence). `Fenced`, naming the first
+    /// stale lease, with nothing applied, when one does not. One extra indexed read per lease.
     async fn commit_fenced(
         &self,
-        fence: &Lease,
+        fences: &[Lease],
         mutations: Vec<Mutation>,
     ) -> Result<(), StoreError>;
 
@@ -307,6 +320,64 @@ pub(crate) fn validate_named(kind: &str, id: &str, name: &str) -> Result<(), Sto
 pub(crate) fn validate_lease(name: &str, holder: &str) -> Result<(), StoreError> {
     check_text("lease.name", name, MAX_NAME_LEN)?;
     check_text("lease.holder", holder, MAX_VALUE_LEN)
+}
+
+/// A partition count for `init_cluster`: 1 to [`MAX_PARTITIONS`].
+pub(crate) fn check_partition_count(partitions: u32) -> Result<(), StoreError> {
+    if partitions == 0 || partitions > MAX_PARTITIONS {
+        return Err(StoreError::InvalidArgument(format!(
+            "partitions: {partitions} is out of range (1 to {MAX_PARTITIONS})"
+        )));
+    }
+    Ok(())
+}
+
+/// A partition filter of `read_active_runs_checked`: at most [`MAX_PARTITIONS`] entries, each
+/// below it.
+pub(crate) fn check_partition_filter(partitions: &[u32]) -> Result<(), StoreError> {
+    if partitions.len() > MAX_PARTITIONS as usize {
+        return Err(StoreError::InvalidArgument(format!(
+            "partitions: {} entries, over the limit of {MAX_PARTITIONS}",
+            partitions.len()
+        )));
+    }
+    if let Some((index, partition)) = partitions
+        .iter()
+        .enumerate()
+        .find(|(_, partition)| **partition >= MAX_PARTITIONS)
+    {
+        return Err(StoreError::InvalidArgument(format!(
+            "partitions[{index}]: {partition} is out of range (below {MAX_PARTITIONS})"
+        )));
+    }
+    Ok(())
+}
+
+/// The fences of a `commit_fenced`: 1 to [`MAX_PARTITIONS`] leases, each name valid and given
+/// once.
+pub(crate) fn check_fences(fences: &[Lease]) -> Result<(), StoreError> {
+    if fences.is_empty() {
+        return Err(StoreError::InvalidArgument(
+            "fences: at least one lease is required".into(),
+        ));
+    }
+    if fences.len() > MAX_PARTITIONS as usize {
+        return Err(StoreError::InvalidArgument(format!(
+            "fences: {} leases, over the limit of {MAX_PARTITIONS}",
+            fences.len()
+        )));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(fences.len());
+    for (index, fence) in fences.iter().enumerate() {
+        check_text(&format!("fences[{index}].name"), &fence.name, MAX_NAME_LEN)?;
+        if !seen.insert(fence.name.as_str()) {
+            return Err(StoreError::InvalidArgument(format!(
+                "fences[{index}].name: {:?} is given twice",
+                fence.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn check_text(field: &str, value: &str, limit: usize) -> Result<(), StoreError> {
@@ -473,6 +544,12 @@ pub(crate) fn validate_mutations(mutations: &[Mutation]) -> Result<(), StoreErro
                 if run.run_id.is_empty() {
                     return Err(StoreError::InvalidArgument(format!(
                         "mutations[{i}].put_run.run_id: must not be empty"
+                    )));
+                }
+                if run.partition >= MAX_PARTITIONS {
+                    return Err(StoreError::InvalidArgument(format!(
+                        "mutations[{i}].put_run.partition: {} is out of range (below {MAX_PARTITIONS})",
+                        run.partition
                     )));
                 }
             }

@@ -64,6 +64,9 @@ suite!(
         ownership_splits_partitions_and_hands_them_over,
         conflicts_are_request_errors_not_outages,
         cache_entries_are_upserted_and_expire,
+        cluster_partition_count_is_written_once,
+        active_runs_are_read_by_partition,
+        a_commit_is_fenced_by_every_lease_it_names,
     ],
     raw: [
         unreadable_records_never_fail_reads,
@@ -1451,13 +1454,200 @@ mod cases {
         Ok(())
     }
 
+    /// The first caller fixes the partition count; later callers (another replica started
+    /// with another --partitions) get the stored one back.
+    pub async fn cluster_partition_count_is_written_once(
+        store: Arc<dyn MetadataStore>,
+    ) -> Result<()> {
+        for bad in [0, dagmesh_metastore::MAX_PARTITIONS + 1] {
+            let err = store.init_cluster(bad).await.unwrap_err();
+            assert!(
+                matches!(&err, StoreError::InvalidArgument(m) if m.starts_with("partitions: ") && m.contains("1 to 4096")),
+                "{err:?}"
+            );
+        }
+        assert_eq!(store.init_cluster(64).await?, 64);
+        assert_eq!(store.init_cluster(256).await?, 64);
+        assert_eq!(store.init_cluster(64).await?, 64);
+        Ok(())
+    }
+
+    /// Recovery by partition: a replica reads the active runs (with their steps) of the
+    /// partitions it took, and nothing of the others.
+    pub async fn active_runs_are_read_by_partition(store: Arc<dyn MetadataStore>) -> Result<()> {
+        let mut mutations = Vec::new();
+        for (n, partition, state) in [
+            (1, 0, RunState::Running),
+            (2, 1, RunState::Queued),
+            (3, 2, RunState::Running),
+            (4, 1, RunState::Succeeded),
+            (5, 4095, RunState::Running),
+        ] {
+            let id = run_id(n);
+            let mut run = run(&id, "build", state);
+            run.partition = partition;
+            mutations.push(put_run(run));
+            mutations.push(put_step(step(&id, "fetch", StepState::Running)));
+        }
+        store.commit(mutations).await?;
+        let ids = |runs: &[Run]| runs.iter().map(|r| r.run_id.clone()).collect::<Vec<_>>();
+
+        let some = store.read_active_runs_checked(Some(&[1, 2])).await?;
+        assert_eq!(ids(&some.runs), [run_id(2), run_id(3)]);
+        assert!(some.runs.iter().all(|r| r.steps.len() == 1));
+        assert_eq!(
+            some.runs[0].partition, 1,
+            "the partition survives the round trip"
+        );
+        let last = store.read_active_runs_checked(Some(&[4095])).await?;
+        assert_eq!(ids(&last.runs), [run_id(5)]);
+        assert!(
+            store
+                .read_active_runs_checked(Some(&[]))
+                .await?
+                .runs
+                .is_empty()
+        );
+        assert!(
+            store
+                .read_active_runs_checked(Some(&[7]))
+                .await?
+                .runs
+                .is_empty()
+        );
+        let every = store.read_active_runs_checked(None).await?;
+        assert_eq!(
+            ids(&every.runs),
+            [run_id(1), run_id(2), run_id(3), run_id(5)]
+        );
+
+        // The partition is fixed at creation: an update cannot move a run.
+        let mut moved = store.get_run(&run_id(1)).await?;
+        moved.partition = 2;
+        store.commit(vec![put_run(moved)]).await?;
+        assert_eq!(
+            ids(&store.read_active_runs_checked(Some(&[0])).await?.runs),
+            [run_id(1)]
+        );
+
+        let err = store
+            .read_active_runs_checked(Some(&[3, 4096]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::InvalidArgument(m) if m.starts_with("partitions[1]: 4096")),
+            "{err:?}"
+        );
+        let too_many: Vec<u32> = (0..4097).map(|n| n % 4096).collect();
+        let err = store
+            .read_active_runs_checked(Some(&too_many))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::InvalidArgument(m) if m.contains("4097 entries")),
+            "{err:?}"
+        );
+        let mut outside = run(&run_id(6), "build", RunState::Running);
+        outside.partition = 4096;
+        let err = store.commit(vec![put_run(outside)]).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::InvalidArgument(m) if m.starts_with("mutations[0].put_run.partition: 4096")),
+            "{err:?}"
+        );
+        Ok(())
+    }
+
+    /// A batch that touches runs of several partitions names every partition's lease: one of
+    /// them stale refuses the whole batch, naming it.
+    pub async fn a_commit_is_fenced_by_every_lease_it_names(
+        store: Arc<dyn MetadataStore>,
+    ) -> Result<()> {
+        let (r1, r2) = (run_id(1), run_id(2));
+        let p0 = store.acquire_lease("executor/p-0", "a", TTL).await?;
+        let p1 = store.acquire_lease("executor/p-1", "a", TTL).await?;
+        store
+            .commit_fenced(
+                &[p0.clone(), p1.clone()],
+                vec![put_run(run(&r1, "build", RunState::Running))],
+            )
+            .await?;
+
+        // p-1 moves to b; a's next batch over both partitions is refused whole.
+        store.release_lease(&p1).await?;
+        let b1 = store.acquire_lease("executor/p-1", "b", TTL).await?;
+        let err = store
+            .commit_fenced(
+                &[p0.clone(), p1.clone()],
+                vec![
+                    put_run(run(&r2, "build", RunState::Running)),
+                    append(event(&r1, 1)),
+                ],
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            StoreError::Fenced {
+                name: "executor/p-1".into(),
+                epoch: 1,
+                current_epoch: 2
+            }
+        );
+        assert!(matches!(
+            store.get_run(&r2).await,
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(store.read_events(&r1, 0, 0).await?.is_empty());
+        // What a still holds goes on alone; b writes its own.
+        store
+            .commit_fenced(std::slice::from_ref(&p0), vec![append(event(&r1, 1))])
+            .await?;
+        store
+            .commit_fenced(
+                std::slice::from_ref(&b1),
+                vec![put_run(run(&r2, "build", RunState::Running))],
+            )
+            .await?;
+        assert_eq!(seqs(&store.read_events(&r1, 0, 0).await?), [1]);
+
+        // The fences themselves are checked.
+        let err = store.commit_fenced(&[], vec![]).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::InvalidArgument(m) if m.starts_with("fences: at least one")),
+            "{err:?}"
+        );
+        let err = store
+            .commit_fenced(&[p0.clone(), b1.clone(), p0.clone()], vec![])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::InvalidArgument(m) if m.starts_with("fences[2].name: \"executor/p-0\" is given twice")),
+            "{err:?}"
+        );
+        let many: Vec<_> = (0..4097)
+            .map(|n| dagmesh_metastore::Lease {
+                name: format!("executor/p-{n}"),
+                ..p0.clone()
+            })
+            .collect();
+        let err = store.commit_fenced(&many, vec![]).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::InvalidArgument(m) if m.contains("4097 leases")),
+            "{err:?}"
+        );
+        Ok(())
+    }
+
     pub async fn lease_fences_commits_renewals_and_releases(
         store: Arc<dyn MetadataStore>,
     ) -> Result<()> {
         let (r1, r2, r3) = (run_id(1), run_id(2), run_id(3));
         let a = store.acquire_lease("executor", "a", TTL).await?;
         store
-            .commit_fenced(&a, vec![put_run(run(&r1, "build", RunState::Running))])
+            .commit_fenced(
+                std::slice::from_ref(&a),
+                vec![put_run(run(&r1, "build", RunState::Running))],
+            )
             .await?;
         assert_eq!(store.get_run(&r1).await?.state(), RunState::Running);
 
@@ -1468,7 +1658,7 @@ mod cases {
         // The old holder does not know yet: its next batch is refused whole.
         let err = store
             .commit_fenced(
-                &a,
+                std::slice::from_ref(&a),
                 vec![
                     put_run(run(&r2, "build", RunState::Running)),
                     put_step(step(&r1, "fetch", StepState::Running)),
@@ -1524,7 +1714,10 @@ mod cases {
             ..b.clone()
         };
         let err = store
-            .commit_fenced(&never, vec![put_run(run(&r3, "build", RunState::Running))])
+            .commit_fenced(
+                std::slice::from_ref(&never),
+                vec![put_run(run(&r3, "build", RunState::Running))],
+            )
             .await
             .unwrap_err();
         assert!(
@@ -1541,7 +1734,7 @@ mod cases {
         // The new holder commits; the expiry is not part of the fence, only the epoch.
         store
             .commit_fenced(
-                &b,
+                std::slice::from_ref(&b),
                 vec![
                     put_run(run(&r3, "build", RunState::Running)),
                     append(event(&r3, 1)),
@@ -1552,7 +1745,7 @@ mod cases {
         // A conflict inside a fenced commit is still a conflict (and nothing half-applies).
         let err = store
             .commit_fenced(
-                &b,
+                std::slice::from_ref(&b),
                 vec![
                     put_step(step(&r3, "fetch", StepState::Ready)),
                     append(event(&r3, 1)),
@@ -1685,7 +1878,10 @@ mod cases {
             .find(|(p, _)| in_b.contains(p))
             .unwrap()
             .clone();
-        let err = store.commit_fenced(&stale, vec![]).await.unwrap_err();
+        let err = store
+            .commit_fenced(std::slice::from_ref(&stale), vec![])
+            .await
+            .unwrap_err();
         assert!(
             matches!(err, StoreError::Fenced { .. }),
             "partition {moved}: {err:?}"
@@ -1925,7 +2121,7 @@ mod cases {
         let (good, bad_step, deep_run, garbage_run) = plant_damage(&store, &raw).await?;
 
         // Recovery: the readable run comes back whole, each damaged one is named with why.
-        let active = store.read_active_runs_checked().await?;
+        let active = store.read_active_runs_checked(None).await?;
         assert_eq!(run_ids(&active.runs), [good.as_str()]);
         assert_eq!(step_ids(&active.runs[0]), ["fetch", "render"]);
         let unreadable: Vec<_> = active
@@ -2059,7 +2255,7 @@ mod cases {
         assert_eq!(store.get_run(&garbage_run).await?.state(), RunState::Failed);
 
         // Recovery now sees only the good run, and nothing unreadable.
-        let active = store.read_active_runs_checked().await?;
+        let active = store.read_active_runs_checked(None).await?;
         assert_eq!(run_ids(&active.runs), [good.as_str()]);
         assert!(active.unreadable.is_empty(), "{:?}", active.unreadable);
         assert_eq!(run_ids(&store.read_active_runs().await?), [good.as_str()]);

@@ -22,6 +22,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use dagmesh_metastore::ownership::partition_of;
 use dagmesh_metastore::{Lease, MetadataStore, StoreError};
 use dagmesh_proto::v1::{
     self as pb, Hello, Run, RunState, WorkerInfo, server_message, worker_message,
@@ -286,6 +287,8 @@ pub(crate) struct Ownership {
     /// Woken when a commit added webhook deliveries.
     pub webhooks: Arc<tokio::sync::Notify>,
     pub fence: Lease,
+    /// The cluster's partition count (`init_cluster`): what a new root run hashes into.
+    pub partitions: u32,
     pub lost: oneshot::Receiver<String>,
     /// Fired when the engine stops; the engine then waits for `renewal` and releases the lease.
     pub stop_renewal: oneshot::Sender<()>,
@@ -467,6 +470,8 @@ pub(crate) struct Engine {
     drain: Option<Vec<oneshot::Sender<()>>>,
     drain_expired: bool,
     fence: Lease,
+    /// The cluster's partition count.
+    partitions: u32,
     /// Bounds the store look-ups answering results for runs that are not active, so a worker
     /// spraying results for made-up tasks cannot queue up unbounded reads.
     lookups: Arc<tokio::sync::Semaphore>,
@@ -522,6 +527,7 @@ impl Engine {
             drain: None,
             drain_expired: false,
             fence: ownership.fence,
+            partitions: ownership.partitions,
             lookups: Arc::new(tokio::sync::Semaphore::new(MAX_RESULT_LOOKUPS)),
             plans: plans.clone(),
             commands: None,
@@ -553,7 +559,7 @@ impl Engine {
     }
 
     async fn recover(&mut self, plans: &PlanCache) -> Result<(), ExecError> {
-        let active = self.store.read_active_runs_checked().await?;
+        let active = self.store.read_active_runs_checked(None).await?;
         for unreadable in active.unreadable {
             let reason = format!("quarantined at recovery: {}", unreadable.reason);
             quarantine(&self.store, &unreadable.run_id, &reason).await?;
@@ -741,6 +747,13 @@ impl Engine {
                 entry.run.notifications = raw;
                 entry.notifications = compiled;
                 entry.run.traceparent = traceparent;
+                // One key always meets the same owner, which deduplicates it.
+                let routing_key: &str = if idempotency_key.is_empty() {
+                    &entry.id
+                } else {
+                    &idempotency_key
+                };
+                entry.run.partition = partition_of(routing_key, self.partitions);
                 let id = entry.id.clone();
                 if !idempotency_key.is_empty() {
                     self.remember_key(idempotency_key, id.clone());
@@ -1174,6 +1187,8 @@ impl Engine {
         child.run.parent_run_id = parent_id.to_string();
         child.run.parent_step_id = step_id;
         child.run.depth = parent.run.depth.saturating_add(1);
+        // A step and the child it starts commit together, and a tree is cancelled in one place.
+        child.run.partition = parent.run.partition;
         parent.child_started(step, &child.run, &mut self.ctx);
         child.start(&mut self.ctx);
         self.runs.insert(child.id.clone(), child);
@@ -1760,7 +1775,10 @@ impl Engine {
         let mut refused: HashSet<Arc<str>> = HashSet::new();
         if !mutations.is_empty() {
             let started = std::time::Instant::now();
-            let committed = self.store.commit_fenced(&self.fence, mutations).await;
+            let committed = self
+                .store
+                .commit_fenced(std::slice::from_ref(&self.fence), mutations)
+                .await;
             if let Some(metrics) = crate::metrics::get() {
                 metrics.commit(started.elapsed().as_secs_f64());
                 if let Err(error) = &committed {

@@ -141,13 +141,18 @@ async fn put_runs(conn: &mut PgConnection, runs: &[&Run]) -> Result<(), StoreErr
     let states: Vec<i32> = runs.iter().map(|r| r.state).collect();
     let keys: Vec<&str> = runs.iter().map(|r| r.idempotency_key.as_str()).collect();
     let bodies: Vec<Vec<u8>> = runs.iter().map(|r| encode_run(r)).collect();
-    // The idempotency key is fixed at creation, so the update leaves it alone; on insert, a
-    // key used by another run violates the unique index (only `run_id` is the arbiter).
+    let partitions: Vec<i32> = runs
+        .iter()
+        .map(|r| i32::try_from(r.partition).unwrap_or(i32::MAX))
+        .collect();
+    // The idempotency key and the partition are fixed at creation, so the update leaves them
+    // alone; on insert, a key used by another run violates the unique index (only `run_id` is
+    // the arbiter).
     sqlx::query(
-        "INSERT INTO runs (run_id, workflow, state, idempotency_key, body) \
-         SELECT run_id, workflow, state, NULLIF(idempotency_key, ''), body \
-         FROM UNNEST($1::text[], $2::text[], $3::int4[], $4::text[], $5::bytea[]) \
-             AS t(run_id, workflow, state, idempotency_key, body) \
+        "INSERT INTO runs (run_id, workflow, state, idempotency_key, body, partition_no) \
+         SELECT run_id, workflow, state, NULLIF(idempotency_key, ''), body, partition_no \
+         FROM UNNEST($1::text[], $2::text[], $3::int4[], $4::text[], $5::bytea[], $6::int4[]) \
+             AS t(run_id, workflow, state, idempotency_key, body, partition_no) \
          ON CONFLICT (run_id) DO UPDATE \
          SET workflow = EXCLUDED.workflow, state = EXCLUDED.state, body = EXCLUDED.body",
     )
@@ -156,6 +161,7 @@ async fn put_runs(conn: &mut PgConnection, runs: &[&Run]) -> Result<(), StoreErr
     .bind(states)
     .bind(keys)
     .bind(bodies)
+    .bind(partitions)
     .execute(&mut *conn)
     .await
     .map_err(|err| {

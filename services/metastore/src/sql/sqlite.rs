@@ -115,7 +115,8 @@ async fn put_run(conn: &mut SqliteConnection, run: &Run) -> Result<(), StoreErro
     let body = encode_run(run);
     // Updates are the common case (state changes), inserts happen once per run; trying the
     // update first keeps the common case at one statement and tells us when to write tags.
-    // The idempotency key and tags are fixed at creation, so the update leaves them alone.
+    // The idempotency key, partition and tags are fixed at creation, so the update leaves them
+    // alone.
     let updated =
         sqlx::query("UPDATE runs SET workflow = $1, state = $2, body = $3 WHERE run_id = $4")
             .bind(&run.workflow)
@@ -129,14 +130,15 @@ async fn put_run(conn: &mut SqliteConnection, run: &Run) -> Result<(), StoreErro
     }
     let key = (!run.idempotency_key.is_empty()).then_some(run.idempotency_key.as_str());
     sqlx::query(
-        "INSERT INTO runs (run_id, workflow, state, idempotency_key, body) \
-         VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO runs (run_id, workflow, state, idempotency_key, body, partition_no) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(&run.run_id)
     .bind(&run.workflow)
     .bind(run.state)
     .bind(key)
     .bind(body)
+    .bind(i64::from(run.partition))
     .execute(&mut *conn)
     .await
     .map_err(|err| match key {

@@ -2,6 +2,7 @@
 //! numbered `$N` parameters, which PostgreSQL and SQLite both read, so one text serves both;
 //! what really differs (locking, the clock, the batch commit) comes from the dialect.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use dagmesh_proto::limits::MAX_NAME_LEN;
@@ -12,7 +13,9 @@ use dagmesh_proto::v1::{
 };
 use prost::Message;
 use prost_types::Timestamp;
-use sqlx::{AssertSqlSafe, ColumnIndex, Decode, Encode, Executor, IntoArguments, Type};
+use sqlx::{
+    AssertSqlSafe, ColumnIndex, Decode, Encode, Executor, IntoArguments, QueryBuilder, Type,
+};
 
 use super::records::{
     ListRow, UnionRow, active_runs, active_runs_strict, decode, decode_delivery, event_from_row,
@@ -23,7 +26,8 @@ use super::{Dialect, SqlStore};
 use crate::StoreError;
 use crate::error::is_unique_violation;
 use crate::store::{
-    Lease, LeaseRow, MAX_LIVE_LEASES, MEMBER_LEASES, MetadataStore, acquire_decision, check_text,
+    Lease, LeaseRow, MAX_LIVE_LEASES, MAX_PARTITIONS, MEMBER_LEASES, MetadataStore,
+    acquire_decision, check_fences, check_partition_count, check_partition_filter, check_text,
     deliveries_limit, epoch_bound, event_limit, fenced, lease_duration_micros, lease_from_row,
     mark_revoked, micros, name_taken, not_found, now_micros, run_not_found, schedule_body,
     schedule_from_row, system_time_from_micros, token_key, ttl_micros, validate_lease,
@@ -45,15 +49,24 @@ const RUN_ROWS: &str = "SELECT run_id, 0 AS kind, CAST(0 AS BIGINT) AS position,
                         WHERE run_id = $1 \
                         ORDER BY kind, position";
 
-/// The union rows of every QUEUED or RUNNING run, by run, then run row first, then steps in
-/// position order.
-const ACTIVE_ROWS: &str = "SELECT run_id, 0 AS kind, CAST(0 AS BIGINT) AS position, \
-                           CAST('' AS TEXT) AS step_id, workflow, state, body FROM runs \
-                           WHERE state IN ($1, $2) \
-                           UNION ALL \
-                           SELECT s.run_id, 1, s.position, s.step_id, '', 0, s.body FROM steps s \
-                           JOIN runs r ON r.run_id = s.run_id WHERE r.state IN ($1, $2) \
-                           ORDER BY run_id, kind, position";
+/// The union rows of every QUEUED or RUNNING run (of the partitions `only` lists, when given),
+/// by run, then run row first, then steps in position order. The partitions are numbers checked
+/// below [`MAX_PARTITIONS`], written into the text (a recovery reads this once).
+fn active_rows_sql(only: Option<&[u32]>) -> String {
+    let filter = only.map_or_else(String::new, |partitions| {
+        let list: Vec<String> = partitions.iter().map(u32::to_string).collect();
+        format!(" AND r.partition_no IN ({})", list.join(", "))
+    });
+    format!(
+        "SELECT r.run_id, 0 AS kind, CAST(0 AS BIGINT) AS position, \
+         CAST('' AS TEXT) AS step_id, r.workflow, r.state, r.body FROM runs r \
+         WHERE r.state IN ($1, $2){filter} \
+         UNION ALL \
+         SELECT s.run_id, 1, s.position, s.step_id, '', 0, s.body FROM steps s \
+         JOIN runs r ON r.run_id = s.run_id WHERE r.state IN ($1, $2){filter} \
+         ORDER BY run_id, kind, position"
+    )
+}
 
 /// A statement with a dialect's fragment in it (the fragments are constants of this crate).
 fn with_fragment(sql: String) -> AssertSqlSafe<String> {
@@ -222,8 +235,11 @@ where
             .collect()
     }
 
-    async fn active_rows(&self) -> Result<Vec<UnionRow>, StoreError> {
-        Ok(sqlx::query_as(ACTIVE_ROWS)
+    async fn active_rows(&self, only: Option<&[u32]>) -> Result<Vec<UnionRow>, StoreError> {
+        if only.is_some_and(<[u32]>::is_empty) {
+            return Ok(Vec::new());
+        }
+        Ok(sqlx::query_as(with_fragment(active_rows_sql(only)))
             .bind(RunState::Queued as i32)
             .bind(RunState::Running as i32)
             .fetch_all(&self.read)
@@ -355,11 +371,42 @@ where
     }
 
     async fn read_active_runs(&self) -> Result<Vec<Run>, StoreError> {
-        active_runs_strict(self.active_rows().await?)
+        active_runs_strict(self.active_rows(None).await?)
     }
 
-    async fn read_active_runs_checked(&self) -> Result<ActiveRuns, StoreError> {
-        Ok(active_runs(self.active_rows().await?))
+    async fn read_active_runs_checked(
+        &self,
+        partitions: Option<&[u32]>,
+    ) -> Result<ActiveRuns, StoreError> {
+        if let Some(partitions) = partitions {
+            check_partition_filter(partitions)?;
+        }
+        Ok(active_runs(self.active_rows(partitions).await?))
+    }
+
+    async fn init_cluster(&self, partitions: u32) -> Result<u32, StoreError> {
+        check_partition_count(partitions)?;
+        let mut tx = self.begin_write().await?;
+        // A concurrent first caller's uncommitted insert makes this one wait, then do nothing.
+        sqlx::query(
+            "INSERT INTO cluster (id, partitions) VALUES (1, $1) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(i64::from(partitions))
+        .execute(&mut *tx)
+        .await?;
+        let stored: i64 =
+            sqlx::query_scalar("SELECT CAST(partitions AS BIGINT) FROM cluster WHERE id = 1")
+                .fetch_one(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        u32::try_from(stored)
+            .ok()
+            .filter(|stored| (1..=MAX_PARTITIONS).contains(stored))
+            .ok_or_else(|| {
+                StoreError::DataLoss(format!(
+                    "the cluster row holds partitions = {stored}, outside 1 to {MAX_PARTITIONS}"
+                ))
+            })
     }
 
     async fn quarantine_run(&self, run_id: &str, reason: &str) -> Result<Run, StoreError> {
@@ -543,24 +590,43 @@ where
 
     async fn commit_fenced(
         &self,
-        fence: &Lease,
+        fences: &[Lease],
         mutations: Vec<Mutation>,
     ) -> Result<(), StoreError> {
+        check_fences(fences)?;
         validate_mutations(&mutations)?;
         let mut tx = self.begin_write().await?;
         // PostgreSQL: FOR KEY SHARE lets concurrent commits and renewals go on together, but an
         // acquire (FOR UPDATE) waits for this transaction, and this check waits for an acquire
         // in flight and then reads the epoch it wrote. SQLite: the write lock already excludes
         // every other writer until the commit.
-        let current: Option<i64> = sqlx::query_scalar(with_fragment(format!(
-            "SELECT epoch FROM leases WHERE name = $1{}",
-            D::FOR_SHARE
-        )))
-        .bind(fence.name.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        if current != Some(epoch_bound(fence.epoch)) {
-            return Err(fenced(fence, current));
+        let current: Vec<(String, i64)> = if let [fence] = fences {
+            sqlx::query_as(with_fragment(format!(
+                "SELECT name, epoch FROM leases WHERE name = $1{}",
+                D::FOR_SHARE
+            )))
+            .bind(fence.name.as_str())
+            .fetch_all(&mut *tx)
+            .await?
+        } else {
+            let mut query =
+                QueryBuilder::<D>::new("SELECT name, epoch FROM leases WHERE name IN (");
+            let mut names = query.separated(", ");
+            for fence in fences {
+                names.push_bind(fence.name.clone());
+            }
+            query.push(")").push(D::FOR_SHARE);
+            query.build_query_as().fetch_all(&mut *tx).await?
+        };
+        let current: HashMap<&str, i64> = current
+            .iter()
+            .map(|(name, epoch)| (name.as_str(), *epoch))
+            .collect();
+        for fence in fences {
+            let stored = current.get(fence.name.as_str()).copied();
+            if stored != Some(epoch_bound(fence.epoch)) {
+                return Err(fenced(fence, stored));
+            }
         }
         D::apply(&mut tx, &mutations).await?;
         tx.commit().await?;

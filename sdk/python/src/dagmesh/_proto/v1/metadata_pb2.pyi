@@ -56,12 +56,12 @@ class CommitRequest(_message.Message):
     def __init__(self, mutations: _Optional[_Iterable[_Union[Mutation, _Mapping]]] = ...) -> None: ...
 
 class CommitFencedRequest(_message.Message):
-    __slots__ = ("fence", "mutations")
-    FENCE_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("fences", "mutations")
+    FENCES_FIELD_NUMBER: _ClassVar[int]
     MUTATIONS_FIELD_NUMBER: _ClassVar[int]
-    fence: Lease
+    fences: _containers.RepeatedCompositeFieldContainer[Lease]
     mutations: _containers.RepeatedCompositeFieldContainer[Mutation]
-    def __init__(self, fence: _Optional[_Union[Lease, _Mapping]] = ..., mutations: _Optional[_Iterable[_Union[Mutation, _Mapping]]] = ...) -> None: ...
+    def __init__(self, fences: _Optional[_Iterable[_Union[Lease, _Mapping]]] = ..., mutations: _Optional[_Iterable[_Union[Mutation, _Mapping]]] = ...) -> None: ...
 
 class Mutation(_message.Message):
     __slots__ = ("put_run", "put_step", "append_event", "put_cache_entry", "put_webhook_delivery")
@@ -160,8 +160,24 @@ class ReadEventsResponse(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[_types_pb2.RunEvent, _Mapping]]] = ...) -> None: ...
 
 class ReadActiveRunsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("partitions", "every_partition")
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    EVERY_PARTITION_FIELD_NUMBER: _ClassVar[int]
+    partitions: _containers.RepeatedScalarFieldContainer[int]
+    every_partition: bool
+    def __init__(self, partitions: _Optional[_Iterable[int]] = ..., every_partition: bool = ...) -> None: ...
+
+class InitClusterRequest(_message.Message):
+    __slots__ = ("partitions",)
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    partitions: int
+    def __init__(self, partitions: _Optional[int] = ...) -> None: ...
+
+class Cluster(_message.Message):
+    __slots__ = ("partitions",)
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    partitions: int
+    def __init__(self, partitions: _Optional[int] = ...) -> None: ...
 
 class ReadActiveRunsResponse(_message.Message):
     __slots__ = ("runs",)

@@ -123,6 +123,11 @@ class MetadataServiceStub(object):
                 request_serializer=dagmesh_dot_v1_dot_metadata__pb2.CommitFencedRequest.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.CommitResponse.FromString,
                 _registered_method=True)
+        self.InitCluster = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/InitCluster',
+                request_serializer=dagmesh_dot_v1_dot_metadata__pb2.InitClusterRequest.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.Cluster.FromString,
+                _registered_method=True)
         self.ReadCacheEntry = channel.unary_unary(
                 '/dagmesh.v1.MetadataService/ReadCacheEntry',
                 request_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReadCacheEntryRequest.SerializeToString,
@@ -351,9 +356,18 @@ class MetadataServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def CommitFenced(self, request, context):
-        """Commit, fenced: applies the mutations only if, inside the same transaction, the lease's
-        stored epoch still equals `fence.epoch` (expiry is not checked: the epoch is the fence).
-        ABORTED (fenced) otherwise, with nothing applied.
+        """Commit, fenced: applies the mutations only if, inside the same transaction, every lease of
+        `fences` still has its stored epoch (expiry is not checked: the epoch is the fence).
+        ABORTED (fenced, naming the first stale lease) otherwise, with nothing applied.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InitCluster(self, request, context):
+        """The cluster's fixed settings, written once when the database is first used: the first
+        caller's `partitions` is stored and every later caller gets the stored value back (so a
+        replica started with another --partitions learns the database's).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -575,6 +589,11 @@ def add_MetadataServiceServicer_to_server(servicer, server):
                     servicer.CommitFenced,
                     request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.CommitFencedRequest.FromString,
                     response_serializer=dagmesh_dot_v1_dot_metadata__pb2.CommitResponse.SerializeToString,
+            ),
+            'InitCluster': grpc.unary_unary_rpc_method_handler(
+                    servicer.InitCluster,
+                    request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.InitClusterRequest.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_metadata__pb2.Cluster.SerializeToString,
             ),
             'ReadCacheEntry': grpc.unary_unary_rpc_method_handler(
                     servicer.ReadCacheEntry,
@@ -1126,6 +1145,33 @@ class MetadataService(object):
             '/dagmesh.v1.MetadataService/CommitFenced',
             dagmesh_dot_v1_dot_metadata__pb2.CommitFencedRequest.SerializeToString,
             dagmesh_dot_v1_dot_metadata__pb2.CommitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InitCluster(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.MetadataService/InitCluster',
+            dagmesh_dot_v1_dot_metadata__pb2.InitClusterRequest.SerializeToString,
+            dagmesh_dot_v1_dot_metadata__pb2.Cluster.FromString,
             options,
             channel_credentials,
             insecure,
