@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use dagmesh_auth::TokenApi;
+use dagmesh_executor::grpc::forward::LeaseHolderRoute;
 use dagmesh_executor::{Executor, ExecutorConfig, Limits};
 use dagmesh_metastore::MetadataStore;
 use dagmesh_metastore::grpc::{MetadataGrpcClient, MetadataGrpcServer};
@@ -299,6 +300,11 @@ pub struct ExecutorArgs {
         default_value = "http://127.0.0.1:7071"
     )]
     pub metastore: String,
+    /// Where the other executor replicas reach this one (e.g. `http://$(POD_IP):7070`): a
+    /// standby forwards the calls it gets to the replica that drives the runs. Default: the
+    /// listening address (0.0.0.0 read as 127.0.0.1).
+    #[arg(long, env = "DAGMESH_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
     /// How long to keep trying to reach the metastore at start (at most 24h).
     #[arg(long, env = "DAGMESH_STARTUP_TIMEOUT", default_value = "60s", value_parser = crate::commands::wait_duration)]
     pub startup_timeout: Duration,
@@ -313,16 +319,57 @@ pub struct ExecutorArgs {
 pub async fn executor(args: ExecutorArgs, client: &ClientSettings) -> anyhow::Result<()> {
     let telemetry = args.observe.start("dagmesh-executor").await?;
     let tls = args.security.tls()?;
-    let (executor, mut engine) = start_remote_executor(&args, client).await?;
     let listener = bind(&args.listen, &args.security).await?;
-    tracing::info!(addr = %listener.local_addr()?, metastore = %args.metastore, tls = tls.is_some(), "executor serving");
+    let address = listener.local_addr()?;
+    let advertise_url = match &args.advertise_url {
+        Some(url) => url.clone(),
+        None => default_advertise_url(address, tls.is_some()),
+    };
+    let store = connect_metastore(&args, client).await?;
     // Tokens live in the metastore; the executor reads them through its (internal) client.
-    let authenticator = args.security.authenticator(executor.store().clone())?;
+    let authenticator = args.security.authenticator(store.clone())?;
+    let options = args
+        .security
+        .serve_options(authenticator.clone(), tls.clone());
+
+    // Until this executor holds the lease (at once, or as a standby), the port forwards every
+    // call to the executor that does; then the same socket serves this one's services.
+    let socket = listener.into_std()?;
+    let standby_listener = TcpListener::from_std(socket.try_clone()?)?;
+    let listener = TcpListener::from_std(socket)?;
+    let route = LeaseHolderRoute::new(
+        store.clone(),
+        args.security.peer_settings(client),
+        advertise_url.clone(),
+    );
+    let (stop_forwarding, forwarding_stopped) = tokio::sync::oneshot::channel::<()>();
+    let forwarder = tokio::spawn(serve(
+        standby_listener,
+        route.services(),
+        options.clone(),
+        async move {
+            let _ = forwarding_stopped.await;
+        },
+    ));
+    tracing::info!(addr = %address, advertise = %advertise_url, "executor: taking the lease (calls are forwarded to its holder meanwhile)");
+    let mut config = args.engine.config()?;
+    config.advertise_url = Some(advertise_url);
+    let started = tokio::select! {
+        started = Executor::start(store, config) => started,
+        () = shutdown_signal() => {
+            let _ = stop_forwarding.send(());
+            let _ = forwarder.await;
+            telemetry.shutdown();
+            return Ok(());
+        }
+    };
+    let (executor, mut engine) = started?;
+    let _ = stop_forwarding.send(()); // it finishes its forwarded calls in the background
+    tracing::info!(addr = %address, metastore = %args.metastore, tls = tls.is_some(), "executor serving");
     let mut services = executor.services();
     if let Some(authenticator) = &authenticator {
         services = services.with(TokenApi::new(authenticator.clone()).into_service());
     }
-    let options = args.security.serve_options(authenticator, tls);
     let (engine_failed_tx, engine_failed) = tokio::sync::oneshot::channel();
     let drainer = executor.clone();
     let shutdown = async move {
@@ -343,33 +390,38 @@ pub async fn executor(args: ExecutorArgs, client: &ClientSettings) -> anyhow::Re
     }
 }
 
-/// Connects to the metastore and recovers, retrying while it is not reachable yet (in a
-/// cluster the two start in any order).
-async fn start_remote_executor(
+/// Where other replicas reach this executor when --advertise-url is not given: the listening
+/// address, with an unspecified IP (0.0.0.0, ::) read as loopback.
+fn default_advertise_url(address: std::net::SocketAddr, tls: bool) -> String {
+    let mut address = address;
+    if address.ip().is_unspecified() {
+        address.set_ip(match address.ip() {
+            std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    format!("{}://{address}", if tls { "https" } else { "http" })
+}
+
+/// Connects to the metastore, retrying while it is not reachable yet (in a cluster the two
+/// start in any order).
+async fn connect_metastore(
     args: &ExecutorArgs,
     client: &ClientSettings,
-) -> anyhow::Result<(
-    Executor,
-    tokio::task::JoinHandle<Result<(), dagmesh_executor::ExecError>>,
-)> {
+) -> anyhow::Result<Arc<dyn MetadataStore>> {
     let deadline = tokio::time::Instant::now() + args.startup_timeout;
     let mut delay = Duration::from_millis(100);
+    let settings = args.security.peer_settings(client);
     loop {
-        let attempt = async {
-            let settings = args.security.peer_settings(client);
-            let store = MetadataGrpcClient::connect(&args.metastore, &settings).await?;
-            let store: Arc<dyn MetadataStore> = Arc::new(store);
-            anyhow::Ok(Executor::start(store, args.engine.config()?).await?)
-        };
-        match attempt.await {
-            Ok(started) => return Ok(started),
+        match MetadataGrpcClient::connect(&args.metastore, &settings).await {
+            Ok(store) => return Ok(Arc::new(store)),
             Err(error) if tokio::time::Instant::now() + delay < deadline => {
                 tracing::warn!(%error, metastore = %args.metastore, "metastore not reachable yet; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
             Err(error) => {
-                return Err(error.context(format!(
+                return Err(anyhow::Error::new(error).context(format!(
                     "cannot start: metastore {} not reachable within {}",
                     args.metastore,
                     humantime::format_duration(args.startup_timeout)

@@ -39,6 +39,9 @@ pub struct ExecutorConfig {
     /// How many partitions runs hash into, when the database has no count yet (the first
     /// executor stores it; later ones use the stored count). 1 to 4096.
     pub partitions: u32,
+    /// Where other replicas reach this executor (`http://10.0.0.5:7070`): written into its
+    /// lease, so that standbys forward calls to it. None: standbys cannot forward to it.
+    pub advertise_url: Option<String>,
 }
 
 impl Default for ExecutorConfig {
@@ -56,6 +59,7 @@ impl Default for ExecutorConfig {
             standby: true,
             webhooks: crate::webhooks::WebhookConfig::default(),
             partitions: DEFAULT_PARTITIONS,
+            advertise_url: None,
         }
     }
 }
@@ -141,6 +145,15 @@ impl ExecutorConfig {
                 "partitions: {} is out of range (1 to {})",
                 self.partitions,
                 dagmesh_metastore::MAX_PARTITIONS
+            ));
+        }
+        if let Some(url) = &self.advertise_url
+            && (url.len() > 200
+                || !(url.starts_with("http://") || url.starts_with("https://"))
+                || url.contains(char::is_whitespace))
+        {
+            return Err(format!(
+                "advertise_url: {url:?} is not an http:// or https:// URL of at most 200 bytes"
             ));
         }
         if self.max_batch == 0 {

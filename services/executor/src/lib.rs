@@ -64,7 +64,10 @@ impl Executor {
     ) -> Result<(Self, JoinHandle<Result<(), ExecError>>), ExecError> {
         config.validate().map_err(ExecError::InvalidArgument)?;
         // Unique to this process: a restart takes the lease anew (a new epoch).
-        let holder = dagmesh_metastore::ownership::unique_holder();
+        let holder = match &config.advertise_url {
+            Some(url) => dagmesh_metastore::ownership::holder_at(url),
+            None => dagmesh_metastore::ownership::unique_holder(),
+        };
         let ttl = config.executor_lease_ttl;
         let fence = lease::acquire(&store, &holder, ttl, config.standby).await?;
         // Fixed when the database was first used; a different --partitions does not change it.

@@ -49,9 +49,27 @@ pub fn rendezvous_owner(partition: u32, members: &[String]) -> Option<&str> {
 /// epoch), never inherit its predecessor's.
 pub fn unique_holder() -> String {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into());
-    let host: String = host.chars().take(64).collect();
+    // No whitespace: a holder may carry an address after a space (`holder_at`).
+    let host: String = host
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .take(64)
+        .collect();
     let id = uuid::Uuid::new_v4().simple().to_string();
     format!("{host}/pid-{}/{}", std::process::id(), &id[..8])
+}
+
+/// A [`unique_holder`] that tells others where to reach it: `<holder> <address>`.
+pub fn holder_at(address: &str) -> String {
+    format!("{} {address}", unique_holder())
+}
+
+/// The address a holder name of [`holder_at`] carries, if any.
+pub fn holder_address(holder: &str) -> Option<&str> {
+    holder
+        .split_once(' ')
+        .map(|(_, address)| address.trim())
+        .filter(|address| !address.is_empty())
 }
 
 /// What one [`Ownership::refresh`] changed.

@@ -2,6 +2,7 @@
 //! `From<ExecError> for Status`.
 
 mod cluster;
+pub mod forward;
 mod runs;
 mod scaler;
 mod webhooks;

@@ -1,0 +1,541 @@
+//! Several `dagmesh executor` replicas on one database: one drives the runs (it holds the
+//! executor lease), the others are standbys that forward every call and every worker stream to
+//! it, so clients and workers may use any replica. Real processes, real sockets; the chaos test
+//! runs on PostgreSQL with schedulers too.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail, ensure};
+use dagmesh_integration_tests::{
+    ChildGuard, Database, PATIENCE, assert_succeeded, connected, free_port, step, step_states,
+    wait_for_run, workflow,
+};
+use dagmesh_metastore::MetadataStore;
+use dagmesh_metastore::ownership::holder_address;
+use dagmesh_proto::v1::cluster_service_client::ClusterServiceClient;
+use dagmesh_proto::v1::{ListWorkersRequest, Run, RunEvent, RunState, run_event};
+use dagmesh_sdk::{Client, SubmitRun, TaskContext, TaskError, Worker};
+use serde_json::{Value, json};
+
+/// `dagmesh ARGS` without authentication (security.rs covers it; these tests are about
+/// replicas and crashes).
+fn spawn_open(name: &str, args: &[&str], dir: &Path) -> anyhow::Result<ChildGuard> {
+    ChildGuard::spawn_with_env(name, args, &[("DAGMESH_NO_AUTH", "true")], dir)
+}
+
+fn url(addr: &str) -> String {
+    format!("http://{addr}")
+}
+
+/// One executor replica: its address and how to start it again after a kill.
+struct Replica {
+    name: String,
+    addr: String,
+    args: Vec<String>,
+    child: Option<ChildGuard>,
+    starts: u32,
+}
+
+impl Replica {
+    fn new(name: &str, metastore: &str, lease_ttl: &str) -> anyhow::Result<Self> {
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let args = [
+            "executor",
+            "--listen",
+            &addr,
+            "--metastore",
+            &url(metastore),
+            "--executor-lease-ttl",
+            lease_ttl,
+            "--lease",
+            "3s",
+            "--heartbeat-interval",
+            "300ms",
+            "--reconnect-grace",
+            "3s",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        Ok(Self {
+            name: name.to_owned(),
+            addr,
+            args,
+            child: None,
+            starts: 0,
+        })
+    }
+
+    fn url(&self) -> String {
+        url(&self.addr)
+    }
+
+    /// Starts it (again); healthy on return (a standby serves at once: it forwards).
+    async fn start(&mut self, dir: &Path) -> anyhow::Result<()> {
+        self.starts += 1;
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let name = format!("{}-{}", self.name, self.starts);
+        let mut child = spawn_open(&name, &args, dir)?;
+        child.wait_ready(&self.url()).await?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    fn child(&mut self) -> anyhow::Result<&mut ChildGuard> {
+        self.child.as_mut().context("replica not running")
+    }
+}
+
+/// The address the current executor lease holder advertises, once there is one.
+async fn lease_holder(store: &Arc<dyn MetadataStore>) -> anyhow::Result<String> {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let leases = store.list_live_leases("executor").await?;
+        if let Some(address) = leases
+            .iter()
+            .find(|lease| lease.name == "executor")
+            .and_then(|lease| holder_address(&lease.holder))
+        {
+            return Ok(address.to_owned());
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no executor took the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `double` returns `{"value": 2x}` after `ms` milliseconds.
+fn doubling_worker(url: String, executed: Arc<AtomicU64>) -> dagmesh_sdk::WorkerBuilder {
+    Worker::builder(url)
+        .slots(8)
+        .task("double", "1.0.0", move |_: TaskContext, input: Value| {
+            let executed = executed.clone();
+            async move {
+                let ms = input["ms"].as_u64().unwrap_or(0);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                executed.fetch_add(1, Ordering::Relaxed);
+                let x = input["x"].as_i64().unwrap_or_default();
+                Ok::<_, TaskError>(json!({ "value": 2 * x }))
+            }
+        })
+}
+
+fn chain(name: &str, ms: u64) -> dagmesh_proto::v1::WorkflowSpec {
+    let ms = ms.to_string();
+    workflow(
+        name,
+        vec![
+            step("a", "double@^1", &[], &[("x", "inputs.x"), ("ms", &ms)]),
+            step("b", "double@^1", &["a"], &[("x", "a.value"), ("ms", &ms)]),
+            step("c", "double@^1", &["b"], &[("x", "b.value"), ("ms", &ms)]),
+        ],
+    )
+}
+
+/// A standby answers the API and carries worker streams by forwarding them to the replica
+/// that drives the runs; when that one dies, the standby takes over and the same clients and
+/// workers go on without being told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_forwards_calls_and_worker_streams_to_the_executor_that_drives()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let metastore_addr = format!("127.0.0.1:{}", free_port()?);
+    let database = format!("sqlite://{}", dir.path().join("meta.db").display());
+    let mut metastore = spawn_open(
+        "metastore",
+        &[
+            "metastore",
+            "--listen",
+            &metastore_addr,
+            "--database",
+            &database,
+        ],
+        dir.path(),
+    )?;
+    metastore.wait_ready(&url(&metastore_addr)).await?;
+    let mut first = Replica::new("executor-1", &metastore_addr, "1s")?;
+    first.start(dir.path()).await?;
+    let mut second = Replica::new("executor-2", &metastore_addr, "1s")?;
+    second.start(dir.path()).await?;
+    let store = dagmesh_metastore::connect(&database).await?;
+    assert_eq!(lease_holder(&store).await?, first.url());
+
+    // Everything through the standby: the workflow, the worker's stream, the submit, the watch.
+    let executed = Arc::new(AtomicU64::new(0));
+    let client = Client::connect(second.url()).await?;
+    client.apply_workflow(chain("chain", 0)).await?;
+    let worker =
+        dagmesh_integration_tests::spawn_worker(doubling_worker(second.url(), executed.clone()))
+            .await?;
+    let run = client
+        .submit(SubmitRun::workflow("chain").inputs(json!({"x": 1})))
+        .await?;
+    let run = wait_for_run(&client, &run.run_id).await?;
+    assert_succeeded(&run);
+    assert_eq!(
+        run.steps[2].outputs,
+        Some(dagmesh_proto::json::to_struct(&json!({"value": 8})))
+    );
+    // The worker is registered where the runs are driven.
+    let workers =
+        ClusterServiceClient::new(dagmesh_integration_tests::channel(&first.url()).await?)
+            .list_workers(ListWorkersRequest::default())
+            .await?
+            .into_inner()
+            .workers;
+    assert_eq!(workers.len(), 1, "{workers:?}");
+    assert_eq!(workers[0].instance_id, worker.instance_id());
+    // A refusal comes back as the driving executor says it.
+    let error = client
+        .submit(SubmitRun::workflow("no-such-workflow"))
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("no-such-workflow"), "{error}");
+
+    // The driving executor dies: the standby takes the lease and serves on its own; the same
+    // client and the same worker (it reconnects to the same address) go on.
+    first.child()?.sigkill()?;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while lease_holder(&store).await? != second.url() {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the standby never took over"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    connected(&worker).await?;
+    let run = submit_retrying(
+        &client,
+        SubmitRun::workflow("chain")
+            .inputs(json!({"x": 2}))
+            .idempotency_key("after-kill"),
+    )
+    .await?;
+    let run = wait_for_run(&client, &run.run_id).await?;
+    assert_succeeded(&run);
+
+    // The first comes back as a standby and forwards to the second.
+    first.start(dir.path()).await?;
+    let through_first = Client::connect(first.url()).await?;
+    let run = through_first
+        .submit(SubmitRun::workflow("chain").inputs(json!({"x": 3})))
+        .await?;
+    let run = wait_for_run(&through_first, &run.run_id).await?;
+    assert_succeeded(&run);
+    assert_eq!(lease_holder(&store).await?, second.url());
+    assert_eq!(executed.load(Ordering::Relaxed), 9);
+    drop((first, second, metastore));
+    Ok(())
+}
+
+/// Submits, retrying while no replica drives the runs (a handover); the idempotency key makes
+/// a retried submit that did land the same run.
+async fn submit_retrying(client: &Client, run: SubmitRun) -> anyhow::Result<Run> {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match client.submit(run.clone()).await {
+            Ok(run) => return Ok(run),
+            Err(error) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(%error, "submit refused; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
+
+/// The events of one run straight from the store.
+async fn stored_events(
+    store: &Arc<dyn MetadataStore>,
+    run_id: &str,
+) -> anyhow::Result<Vec<RunEvent>> {
+    let mut events = Vec::new();
+    loop {
+        let after = events.last().map_or(0, |e: &RunEvent| e.seq);
+        let page = store.read_events(run_id, after, 1000).await?;
+        if page.is_empty() {
+            return Ok(events);
+        }
+        events.extend(page);
+    }
+}
+
+/// Three executor replicas and two schedulers on one PostgreSQL database, workers and clients
+/// on every replica, under chaos: the driving executor SIGKILLed and restarted again and again,
+/// then frozen with SIGSTOP past its lease and resumed (a zombie owner must not write). Every
+/// run completes, each step and each run is recorded ended exactly once, and every tick of a
+/// per-second schedule is one run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_executors_and_two_schedulers_on_postgres_behave_as_one_under_kills_and_pauses()
+-> anyhow::Result<()> {
+    use dagmesh_proto::v1::{
+        CreateScheduleRequest, PauseScheduleRequest, Schedule,
+        scheduler_service_client::SchedulerServiceClient,
+    };
+    let Some(database) = Database::postgres().await? else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let database_url = database.url();
+    let metastore_addr = format!("127.0.0.1:{}", free_port()?);
+    let mut metastore = spawn_open(
+        "metastore",
+        &[
+            "metastore",
+            "--listen",
+            &metastore_addr,
+            "--database",
+            &database_url,
+        ],
+        dir.path(),
+    )?;
+    metastore.wait_ready(&url(&metastore_addr)).await?;
+    let mut replicas = Vec::new();
+    for n in 1..=3 {
+        let mut replica = Replica::new(&format!("executor-{n}"), &metastore_addr, "2s")?;
+        replica.start(dir.path()).await?;
+        replicas.push(replica);
+    }
+    let store = dagmesh_metastore::connect(&database_url).await?;
+
+    // Two schedulers, each talking to another replica.
+    let mut schedulers = Vec::new();
+    for n in 0..2 {
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let mut scheduler = spawn_open(
+            &format!("scheduler-{n}"),
+            &[
+                "scheduler",
+                "--listen",
+                &addr,
+                "--metastore",
+                &url(&metastore_addr),
+                "--executor",
+                &replicas[n + 1].url(),
+                "--lease-ttl",
+                "2s",
+            ],
+            dir.path(),
+        )?;
+        scheduler.wait_ready(&url(&addr)).await?;
+        schedulers.push((addr, scheduler));
+    }
+
+    // A worker on every replica, and a client of every replica.
+    let executed = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    let mut clients = Vec::new();
+    for replica in &replicas {
+        workers.push(
+            dagmesh_integration_tests::spawn_worker(doubling_worker(
+                replica.url(),
+                executed.clone(),
+            ))
+            .await?,
+        );
+        clients.push(Client::connect_lazy(replica.url())?);
+    }
+    clients[0].apply_workflow(chain("chain", 20)).await?;
+    clients[0]
+        .apply_workflow(workflow(
+            "ticking",
+            vec![step("only", "double@^1", &[], &[("x", "1")])],
+        ))
+        .await?;
+    let schedule = Schedule {
+        name: "every-second".into(),
+        cron: "* * * * * *".into(),
+        workflow: "ticking".into(),
+        catch_up: dagmesh_proto::v1::CatchUp::All as i32,
+        ..Schedule::default()
+    };
+    SchedulerServiceClient::new(dagmesh_integration_tests::channel(&url(&schedulers[0].0)).await?)
+        .create_schedule(CreateScheduleRequest {
+            schedule: Some(schedule),
+        })
+        .await?;
+
+    // Submitters: 240 keyed runs, spread over the replicas, while the chaos below goes on.
+    const RUNS: usize = 240;
+    let submitter = {
+        let clients = clients.clone();
+        tokio::spawn(async move {
+            let mut ids = Vec::with_capacity(RUNS);
+            for n in 0..RUNS {
+                let run = SubmitRun::workflow("chain")
+                    .inputs(json!({"x": n}))
+                    .idempotency_key(format!("chaos-{n}"));
+                ids.push(submit_retrying(&clients[n % 3], run).await?.run_id);
+                tokio::time::sleep(Duration::from_millis(60)).await;
+            }
+            anyhow::Ok(ids)
+        })
+    };
+
+    // Chaos: kill whoever drives, four times, restarting it each time.
+    let index_of = |replicas: &[Replica], url: &str| replicas.iter().position(|r| r.url() == url);
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let holder = lease_holder(&store).await?;
+        let victim = index_of(&replicas, &holder).context("the lease holder is none of ours")?;
+        replicas[victim].child()?.sigkill()?;
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        replicas[victim].start(dir.path()).await?;
+    }
+    // A zombie: the driver freezes past its lease; when it wakes, the others have moved on,
+    // its writes are refused and it stops by itself.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let holder = lease_holder(&store).await?;
+    let zombie = index_of(&replicas, &holder).context("the lease holder is none of ours")?;
+    replicas[zombie].child()?.sigstop()?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    ensure!(
+        lease_holder(&store).await? != holder,
+        "nobody took over from the frozen executor"
+    );
+    replicas[zombie].child()?.sigcont()?;
+    let status = replicas[zombie]
+        .child()?
+        .wait_exit(Duration::from_secs(20))
+        .await?;
+    ensure!(
+        !status.success(),
+        "the deposed executor should stop with an error: {status:?}"
+    );
+    replicas[zombie].start(dir.path()).await?;
+
+    let ids = tokio::time::timeout(Duration::from_secs(120), submitter)
+        .await
+        .context("submitting took too long")???;
+    // Every run completes, read through any replica.
+    let mut states: BTreeMap<String, usize> = BTreeMap::new();
+    for (n, id) in ids.iter().enumerate() {
+        let run = wait_ended(&clients[n % 3], id).await?;
+        *states
+            .entry(run.state().as_str_name().to_owned())
+            .or_default() += 1;
+        if run.state() != RunState::Succeeded {
+            bail!("run {id} ended {:?}: {}", run.state(), run.error);
+        }
+        ensure!(
+            run.steps[2].outputs == Some(dagmesh_proto::json::to_struct(&json!({"value": 8 * n}))),
+            "run {id}: {:?}",
+            run.steps[2].outputs
+        );
+    }
+    // Nothing recorded twice: one end per step and per run in the stored event logs.
+    for id in &ids {
+        let events = stored_events(&store, id).await?;
+        for step_id in ["a", "b", "c"] {
+            let ended = step_states(&events, step_id)
+                .iter()
+                .filter(|state| state.as_str() == "SUCCEEDED")
+                .count();
+            ensure!(
+                ended == 1,
+                "run {id} step {step_id} SUCCEEDED {ended} times"
+            );
+        }
+        let run_ends = events
+            .iter()
+            .filter(|event| {
+                matches!(&event.event, Some(run_event::Event::RunState(change))
+                    if change.state() == RunState::Succeeded)
+            })
+            .count();
+        ensure!(run_ends == 1, "run {id} SUCCEEDED {run_ends} times");
+    }
+    // Keys deduplicated every retried submit.
+    let listed = store
+        .list_runs(&dagmesh_proto::v1::ListRunsRequest {
+            workflow: "chain".into(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await?
+        .runs;
+    assert_eq!(listed.len(), RUNS, "{states:?}");
+
+    // Every tick exactly once, none missed from the first to the last.
+    SchedulerServiceClient::new(dagmesh_integration_tests::channel(&url(&schedulers[1].0)).await?)
+        .pause_schedule(PauseScheduleRequest {
+            schedule: "every-second".into(),
+        })
+        .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ticking = store
+        .list_runs(&dagmesh_proto::v1::ListRunsRequest {
+            workflow: "ticking".into(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await?
+        .runs;
+    let mut ticks: Vec<i64> = ticking
+        .iter()
+        .map(|run| {
+            let tick = run.idempotency_key.rsplit('/').next().unwrap_or_default();
+            tick.parse::<prost_types::Timestamp>()
+                .map(|t| t.seconds)
+                .map_err(|e| {
+                    anyhow::anyhow!("run {} key {:?}: {e}", run.run_id, run.idempotency_key)
+                })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    ticks.sort_unstable();
+    let mut distinct = ticks.clone();
+    distinct.dedup();
+    assert_eq!(distinct, ticks, "a tick started two runs");
+    ensure!(ticks.len() >= 15, "only {} ticks", ticks.len());
+    let expected: Vec<i64> = (ticks[0]..ticks[0] + ticks.len() as i64).collect();
+    assert_eq!(
+        ticks, expected,
+        "a tick between the first and the last was missed"
+    );
+    for run in &ticking {
+        let run = wait_ended(&clients[0], &run.run_id).await?;
+        assert_succeeded(&run);
+    }
+    eprintln!(
+        "{} runs and {} ticks, {} task executions, states {states:?}",
+        ids.len(),
+        ticks.len(),
+        executed.load(Ordering::Relaxed)
+    );
+    drop((replicas, schedulers, metastore));
+    database.cleanup().await
+}
+
+/// Polls the run until it ends, through one replica, riding out handovers.
+async fn wait_ended(client: &Client, run_id: &str) -> anyhow::Result<Run> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut last: HashMap<&str, String> = HashMap::new();
+    loop {
+        match client.get_run(run_id).await {
+            Ok(run)
+                if matches!(
+                    run.state(),
+                    RunState::Succeeded | RunState::Failed | RunState::Cancelled
+                ) =>
+            {
+                return Ok(run);
+            }
+            Ok(run) => {
+                last.insert("state", format!("{:?}", run.state()));
+            }
+            Err(error) => {
+                last.insert("error", error.to_string());
+            }
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "run {run_id} did not end: {last:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,217 @@
+//! A standby executor's services. While another executor holds the lease and drives the runs, a
+//! standby still answers on its port: every call of the executor's services goes, as it came
+//! (metadata, messages, streams in both directions), to the address the lease holder advertises.
+//! So clients and workers may connect to any replica behind one Service. The standby checked
+//! the caller's credentials before forwarding; the holder checks them again, with the request.
+//! When the standby takes the lease it stops forwarding and serves its own services.
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use dagmesh_metastore::MetadataStore;
+use dagmesh_metastore::ownership::holder_address;
+use dagmesh_proto::connect::ClientSettings;
+use dagmesh_runtime::ServiceSet;
+use futures::future::BoxFuture;
+use tonic::Status;
+use tonic::body::Body;
+use tonic::server::NamedService;
+use tonic::transport::Channel;
+use tower_service::Service;
+
+use crate::lease::EXECUTOR_LEASE;
+
+/// Set on a forwarded request (to the forwarding replica's address). A replica never forwards a
+/// request that carries it, so two standbys that each think the other drives cannot loop.
+pub const FORWARDED_BY: &str = "dagmesh-forwarded-by";
+
+/// How long a looked-up lease holder is trusted before the lease is read again.
+const HOLDER_TTL: Duration = Duration::from_secs(1);
+
+/// Where the calls go: the current holder of the executor lease.
+pub struct LeaseHolderRoute {
+    store: Arc<dyn MetadataStore>,
+    /// TLS settings for the hop (no credentials: the caller's own travel with the request).
+    settings: ClientSettings,
+    /// This replica's advertised address: a lease naming it means this replica is taking over.
+    own_url: String,
+    cached: Mutex<Option<Cached>>,
+}
+
+struct Cached {
+    url: String,
+    channel: Channel,
+    read: Instant,
+}
+
+impl LeaseHolderRoute {
+    pub fn new(store: Arc<dyn MetadataStore>, settings: ClientSettings, own_url: String) -> Self {
+        Self {
+            store,
+            settings: ClientSettings {
+                token: None,
+                token_file: None,
+                ..settings
+            },
+            own_url,
+            cached: Mutex::new(None),
+        }
+    }
+
+    /// The executor services of this crate, each forwarding to the lease holder.
+    pub fn services(self) -> ServiceSet {
+        let route = Arc::new(self);
+        ServiceSet::new()
+            .with(Forward::<RUN>(route.clone()))
+            .with(Forward::<WORKFLOW>(route.clone()))
+            .with(Forward::<WORKER>(route.clone()))
+            .with(Forward::<CLUSTER>(route.clone()))
+            .with(Forward::<SCALER>(route.clone()))
+            .with(Forward::<WEBHOOK>(route.clone()))
+            .with(Forward::<TOKEN>(route))
+    }
+
+    fn cached(&self) -> Option<(String, Channel)> {
+        let cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+        cached
+            .as_ref()
+            .filter(|c| c.read.elapsed() < HOLDER_TTL)
+            .map(|c| (c.url.clone(), c.channel.clone()))
+    }
+
+    fn forget(&self) {
+        *self.cached.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    async fn holder(&self) -> Result<(String, Channel), Status> {
+        if let Some(found) = self.cached() {
+            return Ok(found);
+        }
+        let leases = self
+            .store
+            .list_live_leases(EXECUTOR_LEASE)
+            .await
+            .map_err(|error| {
+                Status::unavailable(format!(
+                    "this executor is a standby and cannot read which executor drives the runs: \
+                     {error}; retry"
+                ))
+            })?;
+        let lease = leases
+            .iter()
+            .find(|lease| lease.name == EXECUTOR_LEASE)
+            .ok_or_else(|| {
+                Status::unavailable(
+                    "no executor drives the runs right now (the executor lease is free; a \
+                     standby takes it within seconds); retry",
+                )
+            })?;
+        let url = holder_address(&lease.holder).ok_or_else(|| {
+            Status::unavailable(format!(
+                "the executor that drives the runs ({}) advertises no address \
+                 (--advertise-url), so this standby cannot forward to it; connect to it directly",
+                lease.holder
+            ))
+        })?;
+        if url == self.own_url {
+            return Err(Status::unavailable(
+                "this executor is taking over the runs right now; retry",
+            ));
+        }
+        let channel = self
+            .settings
+            .endpoint(url)
+            .map_err(|error| {
+                Status::unavailable(format!(
+                    "cannot forward to the executor that drives the runs ({url}): {error}"
+                ))
+            })?
+            .connect_lazy();
+        *self.cached.lock().unwrap_or_else(|e| e.into_inner()) = Some(Cached {
+            url: url.to_owned(),
+            channel: channel.clone(),
+            read: Instant::now(),
+        });
+        Ok((url.to_owned(), channel))
+    }
+
+    async fn forward(&self, mut request: http::Request<Body>) -> http::Response<Body> {
+        if let Some(by) = request.headers().get(FORWARDED_BY) {
+            let by = String::from_utf8_lossy(by.as_bytes()).into_owned();
+            return Status::unavailable(format!(
+                "this executor is a standby, and the call was already forwarded once (by {by}); \
+                 the replicas disagree on who drives the runs; retry"
+            ))
+            .into_http();
+        }
+        let (url, mut channel) = match self.holder().await {
+            Ok(found) => found,
+            Err(status) => return status.into_http(),
+        };
+        if let Ok(value) = http::HeaderValue::from_str(&self.own_url) {
+            request.headers_mut().insert(FORWARDED_BY, value);
+        }
+        // Only the path stays: the channel sets the holder's scheme and authority.
+        if let Some(path) = request.uri().path_and_query().cloned() {
+            *request.uri_mut() = http::Uri::from(path);
+        }
+        let sent = async {
+            futures::future::poll_fn(|cx| channel.poll_ready(cx)).await?;
+            channel.call(request).await
+        };
+        match sent.await {
+            Ok(response) => response,
+            Err(error) => {
+                self.forget();
+                Status::unavailable(format!(
+                    "this executor is a standby and the executor that drives the runs ({url}) \
+                     cannot be reached: {}; retry",
+                    dagmesh_proto::connect::error_chain(&error)
+                ))
+                .into_http()
+            }
+        }
+    }
+}
+
+// One type per service name (tonic routes by `NamedService::NAME`).
+const RUN: u8 = 0;
+const WORKFLOW: u8 = 1;
+const WORKER: u8 = 2;
+const CLUSTER: u8 = 3;
+const SCALER: u8 = 4;
+const WEBHOOK: u8 = 5;
+const TOKEN: u8 = 6;
+
+/// Forwards every call of one service.
+#[derive(Clone)]
+struct Forward<const SERVICE: u8>(Arc<LeaseHolderRoute>);
+
+impl<const SERVICE: u8> NamedService for Forward<SERVICE> {
+    const NAME: &'static str = match SERVICE {
+        RUN => dagmesh_proto::v1::run_service_server::SERVICE_NAME,
+        WORKFLOW => dagmesh_proto::v1::workflow_service_server::SERVICE_NAME,
+        WORKER => dagmesh_proto::v1::worker_service_server::SERVICE_NAME,
+        CLUSTER => dagmesh_proto::v1::cluster_service_server::SERVICE_NAME,
+        SCALER => dagmesh_proto::externalscaler::external_scaler_server::SERVICE_NAME,
+        WEBHOOK => dagmesh_proto::v1::webhook_service_server::SERVICE_NAME,
+        _ => dagmesh_proto::v1::token_service_server::SERVICE_NAME,
+    };
+}
+
+impl<const SERVICE: u8> Service<http::Request<Body>> for Forward<SERVICE> {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let route = self.0.clone();
+        Box::pin(async move { Ok(route.forward(request).await) })
+    }
+}
