@@ -305,6 +305,12 @@ pub struct ExecutorArgs {
     /// listening address (0.0.0.0 read as 127.0.0.1).
     #[arg(long, env = "DAGMESH_ADVERTISE_URL")]
     pub advertise_url: Option<String>,
+    /// The name to verify in another executor replica's certificate when a standby forwards
+    /// to it over https:// (replicas advertise pod IPs, which certificates seldom name; e.g.
+    /// `dagmesh-executor`, the Service name every replica's certificate holds). Default:
+    /// --tls-server-name, else the advertised URL's host.
+    #[arg(long, env = "DAGMESH_PEER_TLS_SERVER_NAME")]
+    pub peer_tls_server_name: Option<String>,
     /// How long to keep trying to reach the metastore at start (at most 24h).
     #[arg(long, env = "DAGMESH_STARTUP_TIMEOUT", default_value = "60s", value_parser = crate::commands::wait_duration)]
     pub startup_timeout: Duration,
@@ -325,7 +331,7 @@ pub async fn executor(args: ExecutorArgs, client: &ClientSettings) -> anyhow::Re
         Some(url) => url.clone(),
         None => default_advertise_url(address, tls.is_some()),
     };
-    let store = connect_metastore(&args, client).await?;
+    let store = connect_metastore(&args, client)?;
     // Tokens live in the metastore; the executor reads them through its (internal) client.
     let authenticator = args.security.authenticator(store.clone())?;
     let options = args
@@ -337,11 +343,11 @@ pub async fn executor(args: ExecutorArgs, client: &ClientSettings) -> anyhow::Re
     let socket = listener.into_std()?;
     let standby_listener = TcpListener::from_std(socket.try_clone()?)?;
     let listener = TcpListener::from_std(socket)?;
-    let route = LeaseHolderRoute::new(
-        store.clone(),
-        args.security.peer_settings(client),
-        advertise_url.clone(),
-    );
+    let mut hop = args.security.peer_settings(client);
+    if let Some(name) = &args.peer_tls_server_name {
+        hop.tls_server_name = Some(name.clone());
+    }
+    let route = LeaseHolderRoute::new(store.clone(), hop, advertise_url.clone());
     let (stop_forwarding, forwarding_stopped) = tokio::sync::oneshot::channel::<()>();
     let forwarder = tokio::spawn(serve(
         standby_listener,
@@ -355,7 +361,7 @@ pub async fn executor(args: ExecutorArgs, client: &ClientSettings) -> anyhow::Re
     let mut config = args.engine.config()?;
     config.advertise_url = Some(advertise_url);
     let started = tokio::select! {
-        started = Executor::start(store, config) => started,
+        started = start_executor(&args, store, config) => started,
         () = shutdown_signal() => {
             let _ = stop_forwarding.send(());
             let _ = forwarder.await;
@@ -403,20 +409,23 @@ fn default_advertise_url(address: std::net::SocketAddr, tls: bool) -> String {
     format!("{}://{address}", if tls { "https" } else { "http" })
 }
 
-/// Connects to the metastore, retrying while it is not reachable yet (in a cluster the two
-/// start in any order).
-async fn connect_metastore(
+/// Takes the lease (waiting as a standby if another executor holds it) and recovers, retrying
+/// while the metastore is not reachable yet (in a cluster the two start in any order).
+async fn start_executor(
     args: &ExecutorArgs,
-    client: &ClientSettings,
-) -> anyhow::Result<Arc<dyn MetadataStore>> {
+    store: Arc<dyn MetadataStore>,
+    config: ExecutorConfig,
+) -> anyhow::Result<(
+    Executor,
+    tokio::task::JoinHandle<Result<(), dagmesh_executor::ExecError>>,
+)> {
     let deadline = tokio::time::Instant::now() + args.startup_timeout;
     let mut delay = Duration::from_millis(100);
-    let settings = args.security.peer_settings(client);
     loop {
-        match MetadataGrpcClient::connect(&args.metastore, &settings).await {
-            Ok(store) => return Ok(Arc::new(store)),
+        match Executor::start(store.clone(), config.clone()).await {
+            Ok(started) => return Ok(started),
             Err(error) if tokio::time::Instant::now() + delay < deadline => {
-                tracing::warn!(%error, metastore = %args.metastore, "metastore not reachable yet; retrying");
+                tracing::warn!(%error, metastore = %args.metastore, "cannot start yet (is the metastore reachable?); retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
@@ -429,6 +438,16 @@ async fn connect_metastore(
             }
         }
     }
+}
+
+/// A client of the metastore (it connects on first use, so only bad settings fail here).
+fn connect_metastore(
+    args: &ExecutorArgs,
+    client: &ClientSettings,
+) -> anyhow::Result<Arc<dyn MetadataStore>> {
+    let settings = args.security.peer_settings(client);
+    let store = MetadataGrpcClient::connect_lazy(&args.metastore, &settings)?;
+    Ok(Arc::new(store))
 }
 
 #[derive(clap::Args, Debug)]

@@ -796,6 +796,9 @@ async fn split_mode_over_tls_with_the_internal_token() -> anyhow::Result<()> {
             &store_url,
             "--lease",
             "2s",
+            // Where a standby reaches it (the default would be the same: its listen address).
+            "--advertise-url",
+            &format!("https://127.0.0.1:{exec_port}"),
         ],
         &env,
         dir.path(),
@@ -884,13 +887,67 @@ async fn split_mode_over_tls_with_the_internal_token() -> anyhow::Result<()> {
             .task("split.echo", "1.0.0", echo),
     )
     .await?;
-    let client = Client::connect_with(&exec_url, as_admin).await?;
+    let client = Client::connect_with(&exec_url, as_admin.clone()).await?;
     let run = client
         .submit(SubmitRun::inline(echo_spec("split.echo@^1")))
         .await?;
     let run = wait_for_run(&client, &run.run_id).await?;
     assert_succeeded(&run);
     assert_eq!(run.submitted_by, "token:ops-admin");
+
+    // A second executor is a standby that forwards over TLS to the first (whose certificate
+    // names localhost, not the advertised 127.0.0.1): it checks the token itself, and the
+    // holder sees the caller's own token.
+    let standby_port = free_port()?;
+    let standby_url = format!("https://localhost:{standby_port}");
+    let mut standby = ChildGuard::spawn_with_env(
+        "standby",
+        &[
+            "executor",
+            "--listen",
+            &format!("127.0.0.1:{standby_port}"),
+            "--metastore",
+            &store_url,
+            "--peer-tls-server-name",
+            "localhost",
+        ],
+        &env,
+        dir.path(),
+    )?;
+    standby.wait_ready_with(&standby_url, &tls).await?;
+    let through_standby = Client::connect_with(&standby_url, as_admin.clone()).await?;
+    let forwarded = through_standby
+        .submit(SubmitRun::inline(echo_spec("split.echo@^1")))
+        .await?;
+    let forwarded = wait_for_run(&through_standby, &forwarded.run_id).await?;
+    assert_succeeded(&forwarded);
+    assert_eq!(forwarded.submitted_by, "token:ops-admin");
+    let made_up = ClientSettings {
+        token: Some("not-a-token".into()),
+        ..tls.clone()
+    };
+    let refused = RunServiceClient::new(channel_as(&standby_url, &made_up).await?)
+        .list_runs(pb::ListRunsRequest::default())
+        .await
+        .expect_err("a made-up token is refused by the standby");
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    // A request that says it was already forwarded is not forwarded again (no loops).
+    let mut looped = tonic::Request::new(pb::ListRunsRequest::default());
+    looped
+        .metadata_mut()
+        .insert("dagmesh-forwarded-by", "https://10.0.0.9:7070".parse()?);
+    let looped = RunServiceClient::new(channel_as(&standby_url, &as_admin).await?)
+        .list_runs(looped)
+        .await
+        .expect_err("a twice-forwarded call is refused");
+    assert_eq!(looped.code(), Code::Unavailable, "{looped:?}");
+    assert!(
+        looped
+            .message()
+            .contains("already forwarded once (by https://10.0.0.9:7070)"),
+        "{looped:?}"
+    );
+    drop(standby);
     worker.abort();
 
     // The scheduler too: its client TLS settings by flag this time, its own port over TLS, and

@@ -510,12 +510,17 @@ impl MetadataGrpcClient {
     /// A client for the metastore at `url` (e.g. `https://metastore:7071`), with the TLS
     /// settings and the (internal) token of `settings`. The connection is made on first use
     /// and re-made after failures, so the metastore may start later; until it is reachable,
-    /// calls fail with [`StoreError::Unavailable`].
-    pub async fn connect(url: &str, settings: &ClientSettings) -> Result<Self, StoreError> {
+    /// calls fail with [`StoreError::Unavailable`]. Only invalid settings fail here.
+    pub fn connect_lazy(url: &str, settings: &ClientSettings) -> Result<Self, StoreError> {
         let channel = settings
             .connect_lazy(url, |endpoint| endpoint.connect_timeout(CONNECT_TIMEOUT))
             .map_err(|err| StoreError::InvalidArgument(format!("metastore {url}: {err}")))?;
         Ok(Self::from_auth_channel(channel))
+    }
+
+    /// [`MetadataGrpcClient::connect_lazy`], for callers written against an async connect.
+    pub async fn connect(url: &str, settings: &ClientSettings) -> Result<Self, StoreError> {
+        Self::connect_lazy(url, settings)
     }
 
     /// A client over an existing channel without credentials (tests, custom load balancing).
