@@ -34,10 +34,13 @@ Four layers:
     exactly the task types, versions, labels and slots its workers register
     (read from examples/room-scan), pointed at the executor over TLS. The
     modes: a scheduler in each; the embedded server's database on its volume;
-    the scale mode's executors, schedulers, disruption budgets, and
+    every `dagmesh executor` advertising its pod IP to the other replicas
+    (a standby forwards every call to the lease holder) and checking their
+    certificate by the Service's name; the scale mode's executors behind an
+    ordinary ClusterIP Service, schedulers, disruption budgets, and
     NetworkPolicies that admit every connection the manifests make (derived
-    from the pods' URLs, KEDA's scalerAddress and the scrape annotations) and
-    nothing else into the metastore.
+    from the pods' URLs, the executors' advertised URL, KEDA's scalerAddress
+    and the scrape annotations) and nothing else into the metastore.
 (d) The Grafana dashboards: canonical JSON, unique panel ids, and PromQL that
     names only the metrics dagmesh exports (METRICS), with their own labels.
 """
@@ -1328,26 +1331,22 @@ def test_tls_servers_use_probes_that_work_with_tls(rendered: list[dict]) -> None
     """The servers serve TLS, and the kubelet's native gRPC probe has no TLS
     option (it would fail every handshake), nor can a plain-HTTP httpGet
     probe talk to them; the image has no gRPC client for an exec probe. So
-    TCP probes on the gRPC port: each server opens it only once it is ready
-    and reports Health SERVING from then until shutdown (see
-    split/metastore.yaml). A probe on the metrics port, which is plain HTTP,
-    may be an HTTP GET (the scale mode's executors: see
-    test_scale_executor_probes_pass_on_standbys)."""
+    TCP probes on the gRPC port (the one --listen binds), on every server:
+    each opens it once it can answer and reports Health SERVING from then
+    until shutdown (see split/metastore.yaml). The executors too, standbys
+    included: a standby answers on its gRPC port by forwarding to the lease
+    holder, so no executor needs a probe elsewhere (the metrics port) to
+    count as Ready."""
     for d, c in _server_containers(rendered):
         name = d["metadata"]["name"]
-        metrics = [p for p in c["ports"] if p.get("name") == METRICS_PORT_NAME]
+        listen_port = int(_setting(c, "--listen", "DAGMESH_LISTEN").rsplit(":", 1)[1])
+        (grpc,) = [p for p in c["ports"] if p["containerPort"] == listen_port]
         for probe in PROBES:
             assert probe in c, f"{name}: no {probe}"
             assert "grpc" not in c[probe], f"{name}: a native gRPC {probe} cannot speak TLS"
             handler, port = _probe_port(c[probe])
-            if any(_port_matches(port, p) for p in metrics):
-                assert handler in ("httpGet", "tcpSocket"), f"{name}: {probe}"
-                if handler == "httpGet":
-                    assert c[probe]["httpGet"].get("scheme", "HTTP") == "HTTP", f"{name}: metrics are plain HTTP"
-            elif "httpGet" in c[probe]:
-                assert c[probe]["httpGet"].get("scheme") == "HTTPS", f"{name}: {probe} is plain HTTP"
-            else:
-                assert "tcpSocket" in c[probe], f"{name}: {probe} should be a tcpSocket probe"
+            assert handler == "tcpSocket", f"{name}: {probe} should be a tcpSocket probe, not {handler}"
+            assert _port_matches(port, grpc), f"{name}: {probe} targets {port!r}, not the gRPC port"
         # The liveness probe must not fire before the startup window is over
         # and should tolerate more than one missed check.
         assert c["livenessProbe"].get("failureThreshold", 3) >= 3
@@ -2032,35 +2031,97 @@ def test_scale_executors_roll_without_dropping_below_three() -> None:
     assert isinstance(strategy["rollingUpdate"]["maxSurge"], int) and strategy["rollingUpdate"]["maxSurge"] >= 1
 
 
-def test_scale_executor_probes_pass_on_standbys() -> None:
-    """Only the executor that holds the executor lease opens its gRPC port;
-    the standbys open only their metrics port (at start, before they wait for
-    the lease). Probes on the gRPC port would leave two executors of three
-    un-Ready for good: the rolling update above could never finish (its
-    surge pod is a standby, waiting for the active one to go) and the
-    PodDisruptionBudget would block every node drain. So every probe of a
-    replicated executor watches the metrics port."""
-    d = _one(rendered_mode("scale"), "Deployment", "dagmesh-executor")
-    (c,) = d["spec"]["template"]["spec"]["containers"]
-    metrics = [p for p in c["ports"] if p["name"] == METRICS_PORT_NAME]
-    for name in PROBES:
-        handler, port = _probe_port(c[name])
-        assert handler in ("httpGet", "tcpSocket") and any(_port_matches(port, p) for p in metrics), (
-            f"{name} targets {port!r}: a standby executor would never pass it")
-        if handler == "httpGet":
-            assert c[name]["httpGet"].get("scheme", "HTTP") == "HTTP", "the metrics port is plain HTTP"
+@pytest.mark.parametrize("mode_name", PG_MODES)
+def test_executors_roll_without_a_gap(mode_name: str) -> None:
+    """A rollout starts the new executor (a standby, which forwards to the
+    old one) before it stops an old one, which hands the lease over as it
+    drains: there is an executor behind the Service all along, one replica
+    or three. Recreate would leave none while the new pod starts."""
+    d = _one(rendered_mode(mode_name), "Deployment", "dagmesh-executor")
+    strategy = d["spec"]["strategy"]
+    assert strategy["type"] == "RollingUpdate"
+    assert strategy["rollingUpdate"]["maxUnavailable"] in (0, "0%")
+    assert isinstance(strategy["rollingUpdate"]["maxSurge"], int) and strategy["rollingUpdate"]["maxSurge"] >= 1
 
 
-def test_scale_executor_service_is_headless() -> None:
-    """Every executor is Ready but only the active one accepts on 7070: a
-    headless Service gives clients all the addresses, and they try them in
-    turn until one accepts. A virtual IP would send two connections in three
-    to a standby, which refuses them."""
+def test_scale_executor_service_is_an_ordinary_cluster_ip() -> None:
+    """Every executor answers on 7070 (a standby forwards to the lease
+    holder), so the scale mode keeps the split mode's ClusterIP Service: no
+    headless Service, whose clients would have to find the one executor that
+    accepts."""
     objs = rendered_mode("scale")
     svc = _one(objs, "Service", "dagmesh-executor")
-    assert svc["spec"].get("clusterIP") == "None"
-    assert not svc["spec"].get("publishNotReadyAddresses", False)
+    assert svc["spec"].get("type", "ClusterIP") == "ClusterIP"
+    assert svc["spec"].get("clusterIP") != "None", "headless: clients would get the pods' addresses"
+    assert "clusterIPs" not in svc["spec"]
+    assert svc["spec"] == _one(rendered_mode("split"), "Service", "dagmesh-executor")["spec"]
     assert [_command(c) for _, c in _backends(objs, svc)] == ["executor"]
+
+
+def _executor_containers(objs: list[dict]) -> list[tuple[dict, dict]]:
+    return [(d, c) for d, c in _server_containers(objs) if _command(c) == "executor"]
+
+
+def _pod_ip_var(container: dict, url: str) -> str:
+    """The env var behind the host of an advertised URL: `$(VAR)` (or
+    `[$(VAR)]`), VAR set from the pod's own IP and listed before the URL,
+    since Kubernetes expands $(VAR) only from variables defined above it."""
+    host = urlsplit(url).netloc.rsplit(":", 1)[0]
+    match = re.fullmatch(r"\[?\$\((\w+)\)\]?", host)
+    assert match, f"{url}: the host must be $(VAR) of the pod's IP (a Service name reaches any replica)"
+    var = match.group(1)
+    names = [v["name"] for v in container.get("env", [])]
+    assert var in names, f"{url}: {var} is not set"
+    source = _env(container, var)
+    assert source.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.podIP", (
+        f"{var} must come from fieldRef status.podIP")
+    assert names.index(var) < names.index("DAGMESH_ADVERTISE_URL"), (
+        f"{var} comes after DAGMESH_ADVERTISE_URL: Kubernetes would leave $({var}) unexpanded")
+    return var
+
+
+def test_executors_advertise_their_pod_address(mode: str, rendered: list[dict]) -> None:
+    """Every `dagmesh executor` may be a standby (a second replica, or the
+    new pod of a rollout), which forwards every call to the lease holder at
+    the URL the holder advertises. So each sets DAGMESH_ADVERTISE_URL to its
+    own pod IP on its gRPC port, over https (it serves TLS); the default,
+    the listen address with 0.0.0.0 read as 127.0.0.1, would send a standby
+    to itself."""
+    executors = _executor_containers(rendered)
+    assert bool(executors) == (mode in PG_MODES), f"{mode}: executors {executors}"
+    for d, c in executors:
+        name = d["metadata"]["name"]
+        argv = list(c.get("command", [])) + list(c.get("args", []))
+        assert not any(a.startswith("--advertise-url") for a in argv), (
+            f"{name}: a flag would not see the pod IP; use the env var with $(VAR)")
+        url = _setting(c, "--advertise-url", "DAGMESH_ADVERTISE_URL")
+        assert url, f"{name}: no DAGMESH_ADVERTISE_URL: a standby could not reach the lease holder"
+        parts = urlsplit(url)
+        assert parts.scheme == "https", f"{name}: {url}: the executor serves TLS"
+        assert parts.path in ("", "/") and not parts.query, url
+        _pod_ip_var(c, url)
+        listen_port = int(_setting(c, "--listen", "DAGMESH_LISTEN").rsplit(":", 1)[1])
+        assert parts.port == listen_port, f"{name}: {url} is not the gRPC port {listen_port}"
+        assert any(p["containerPort"] == parts.port and p.get("name") == "grpc" for p in c["ports"]), url
+
+
+def test_executors_check_each_others_certificate(mode: str, rendered: list[dict]) -> None:
+    """A standby dials the lease holder at its pod IP, which no certificate
+    names: DAGMESH_PEER_TLS_SERVER_NAME is the name it checks instead, the
+    executor Service's own (which the certificate holds, since every client
+    dials it), and it trusts the CA of the executors' own certificate."""
+    services = _by_kind(rendered, "Service")
+    for d, c in _executor_containers(rendered):
+        name = d["metadata"]["name"]
+        peer = _setting(c, "--peer-tls-server-name", "DAGMESH_PEER_TLS_SERVER_NAME")
+        assert peer, f"{name}: no DAGMESH_PEER_TLS_SERVER_NAME: the hop to a pod IP would fail its TLS check"
+        assert peer in {s["metadata"]["name"] for s in _services_for(d, services)}, (
+            f"{name}: {peer} is not the name of the executor's Service")
+        assert peer == "dagmesh-executor"
+        server_secret, _, _ = _server_tls(rendered, d, c)
+        ca = _setting(c, "--tls-ca", "DAGMESH_TLS_CA")
+        assert ca and _mounted_secret_file(d, c, ca) == (server_secret, "ca.crt"), (
+            f"{name}: the hop must trust the CA of the executors' certificate")
 
 
 def _selects_pods(selector: dict, deploy: dict) -> bool:
@@ -2283,6 +2344,13 @@ def connections(objs: list[dict]) -> list[tuple[Pod, dict, int, str]]:
                 if url is not None:
                     svc, port = _service_url_target(url, services)
                     to_service(_pod_of(objs, d), svc, port, f"{d['metadata']['name']} {env}={url}")
+            # An executor advertises its pod's own address; a standby of the
+            # same Deployment forwards every call it gets there.
+            advertised = _setting(c, "--advertise-url", "DAGMESH_ADVERTISE_URL")
+            if advertised is not None:
+                _pod_ip_var(c, advertised)
+                found.append((_pod_of(objs, d), d, urlsplit(advertised).port,
+                              f"a standby {d['metadata']['name']} forwards to {advertised}"))
         annotations = d["spec"]["template"]["metadata"].get("annotations", {})
         if annotations.get("prometheus.io/scrape") == "true":
             found.append((PROMETHEUS, d, int(annotations["prometheus.io/port"]),
@@ -2307,7 +2375,8 @@ def test_network_policies_admit_every_connection_the_manifests_make() -> None:
     # The wiring these policies exist for, so that a change that drops an
     # edge from the manifests is noticed here too.
     assert {("dagmesh-executor", "dagmesh-metastore"), ("dagmesh-scheduler", "dagmesh-metastore"),
-            ("dagmesh-scheduler", "dagmesh-executor"), ("room-scan-worker-cpu", "dagmesh-executor"),
+            ("dagmesh-scheduler", "dagmesh-executor"), ("dagmesh-executor", "dagmesh-executor"),
+            ("room-scan-worker-cpu", "dagmesh-executor"),
             ("room-scan-worker-gpu", "dagmesh-executor"), ("keda-operator", "dagmesh-executor"),
             ("backend", "dagmesh-executor"), ("backend", "dagmesh-scheduler"),
             ("prometheus", "dagmesh-metastore"), ("prometheus", "dagmesh-executor"),
