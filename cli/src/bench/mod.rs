@@ -6,6 +6,7 @@
 //! [`abuse`].
 
 pub mod abuse;
+mod replicas;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,6 +44,10 @@ pub enum Scenario {
     /// Victim runs' latency and the process memory while hostile clients attack the mesh, one
     /// abuse per phase (not part of `all`).
     Abuse,
+    /// `fanout` and `runs` against 1, 2 and 3 executor processes on one database (with a
+    /// metastore process; workers and clients spread over the replicas), with the CPU time of
+    /// each process (not part of `all`).
+    Replicas,
 }
 
 #[derive(clap::Args, Debug)]
@@ -72,6 +77,9 @@ pub struct BenchArgs {
     /// metrics cost per step, to compare with the default (off).
     #[arg(long)]
     pub metrics: bool,
+    /// `replicas`: the executor counts to measure, e.g. `1,2,3` (the default).
+    #[arg(long, value_delimiter = ',')]
+    pub replicas: Vec<usize>,
 }
 
 /// One result line; fields that do not apply to a scenario are null.
@@ -109,6 +117,12 @@ pub struct Report {
     /// `abuse`: what the hostile client did and what it got.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub achieved: Option<String>,
+    /// `replicas` only: how many executor processes served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<usize>,
+    /// `replicas` only: CPU seconds (user + system) each process spent on the scenario.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_s: Option<std::collections::BTreeMap<String, f64>>,
 }
 
 pub async fn bench(global: &Global, args: BenchArgs) -> anyhow::Result<ExitCode> {
@@ -135,6 +149,10 @@ pub async fn bench(global: &Global, args: BenchArgs) -> anyhow::Result<ExitCode>
             abuse::abuse(&args, global.output).await?;
             continue;
         }
+        if scenario == Scenario::Replicas {
+            replicas::replicas(&args, global.output).await?;
+            continue;
+        }
         let report = match scenario {
             Scenario::Chain => chain(&args).await?,
             Scenario::Fanout => fanout(&args).await?,
@@ -142,7 +160,9 @@ pub async fn bench(global: &Global, args: BenchArgs) -> anyhow::Result<ExitCode>
             Scenario::Runs => runs(&args).await?,
             Scenario::Idle => idle(&args).await?,
             Scenario::Rpc => rpc(&args).await?,
-            Scenario::All | Scenario::Abuse => unreachable!("expanded above"),
+            Scenario::All | Scenario::Abuse | Scenario::Replicas => {
+                unreachable!("handled above")
+            }
         };
         let report = Report {
             secure: args.secure,
@@ -178,6 +198,13 @@ fn print_report(output: OutputFormat, report: &Report) -> anyhow::Result<()> {
         opt(report.rss_mb, "MB rss"),
         opt(report.cold_start_ms, "ms cold-start"),
     );
+    if let (Some(replicas), Some(cpu)) = (report.replicas, &report.cpu_s) {
+        let cpu: Vec<String> = cpu
+            .iter()
+            .map(|(name, s)| format!("{name} {s:.2}s"))
+            .collect();
+        println!("        {replicas} executor(s); CPU: {}", cpu.join(", "));
+    }
     Ok(())
 }
 
