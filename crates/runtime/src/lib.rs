@@ -36,6 +36,8 @@ pub enum ServeError {
 pub struct ServiceSet {
     routes: RoutesBuilder,
     names: Vec<&'static str>,
+    /// When set, health reports SERVING only while it holds true (see [`ServiceSet::ready_when`]).
+    readiness: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl ServiceSet {
@@ -64,6 +66,14 @@ impl ServiceSet {
     /// Names of the services added, e.g. `dagmesh.v1.RunService`.
     pub fn names(&self) -> &[&'static str] {
         &self.names
+    }
+
+    /// Health follows `readiness` (SERVING while true, NOT_SERVING while false) instead of
+    /// reporting SERVING from the start: for a server that answers only once something else is
+    /// there (a standby executor, until there is an executor to forward to).
+    pub fn ready_when(mut self, readiness: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.readiness = Some(readiness);
+        self
     }
 }
 
@@ -101,11 +111,30 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
+    let status_of = |ready: bool| {
+        if ready {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        }
+    };
+    let initial = status_of(services.readiness.as_ref().is_none_or(|r| *r.borrow()));
     for name in services.names.iter().copied().chain([""]) {
-        health
-            .set_service_status(name, ServingStatus::Serving)
-            .await;
+        health.set_service_status(name, initial).await;
     }
+    // Health follows the readiness signal until shutdown begins.
+    let follower = services.readiness.clone().map(|mut readiness| {
+        let health = health.clone();
+        let names = services.names.clone();
+        tokio::spawn(async move {
+            while readiness.changed().await.is_ok() {
+                let status = status_of(*readiness.borrow_and_update());
+                for name in names.iter().copied().chain([""]) {
+                    health.set_service_status(name, status).await;
+                }
+            }
+        })
+    });
     // Reflection advertises only what this server serves (the descriptor set holds every
     // dagmesh service, the store API included).
     let reflection = || {
@@ -132,6 +161,9 @@ pub async fn serve(
     let (began_tx, began) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         shutdown.await;
+        if let Some(follower) = follower {
+            follower.abort();
+        }
         let _ = began_tx.send(());
         for name in names.into_iter().chain([""]) {
             health

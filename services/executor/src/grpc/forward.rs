@@ -30,6 +30,18 @@ pub const FORWARDED_BY: &str = "dagmesh-forwarded-by";
 /// How long a looked-up lease holder is trusted before the lease is read again.
 const HOLDER_TTL: Duration = Duration::from_secs(1);
 
+/// How long a call waits for a lease holder to forward to (while the lease is free, or while
+/// this replica takes it over) before it is answered UNAVAILABLE.
+const HOLDER_WAIT: Duration = Duration::from_secs(10);
+
+/// Why no channel to a holder could be had.
+enum NoHolder {
+    /// May change in a moment (no holder yet, this replica taking over, the store away).
+    Wait(Status),
+    /// Will not change by waiting.
+    Fail(Status),
+}
+
 /// Where the calls go: the current holder of the executor lease.
 pub struct LeaseHolderRoute {
     store: Arc<dyn MetadataStore>,
@@ -60,10 +72,23 @@ impl LeaseHolderRoute {
         }
     }
 
-    /// The executor services of this crate, each forwarding to the lease holder.
+    /// The executor services of this crate, each forwarding to the lease holder. Health says
+    /// SERVING only while there is another executor to forward to (checked every half second),
+    /// so a replica that is about to take the lease itself is not reported ready early.
     pub fn services(self) -> ServiceSet {
         let route = Arc::new(self);
+        let (ready_tx, ready) = tokio::sync::watch::channel(false);
+        let probe = route.clone();
+        tokio::spawn(async move {
+            while !ready_tx.is_closed() {
+                let forwardable = probe.look_up().await.is_ok();
+                ready_tx
+                    .send_if_modified(|ready| std::mem::replace(ready, forwardable) != forwardable);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
         ServiceSet::new()
+            .ready_when(ready)
             .with(Forward::<RUN>(route.clone()))
             .with(Forward::<WORKFLOW>(route.clone()))
             .with(Forward::<WORKER>(route.clone()))
@@ -85,7 +110,22 @@ impl LeaseHolderRoute {
         *self.cached.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
+    /// The holder's address and a channel to it, waiting up to [`HOLDER_WAIT`] while there is
+    /// none yet (a takeover in progress).
     async fn holder(&self) -> Result<(String, Channel), Status> {
+        let deadline = tokio::time::Instant::now() + HOLDER_WAIT;
+        loop {
+            match self.look_up().await {
+                Ok(found) => return Ok(found),
+                Err(NoHolder::Wait(_)) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(NoHolder::Wait(status) | NoHolder::Fail(status)) => return Err(status),
+            }
+        }
+    }
+
+    async fn look_up(&self) -> Result<(String, Channel), NoHolder> {
         if let Some(found) = self.cached() {
             return Ok(found);
         }
@@ -94,39 +134,40 @@ impl LeaseHolderRoute {
             .list_live_leases(EXECUTOR_LEASE)
             .await
             .map_err(|error| {
-                Status::unavailable(format!(
+                NoHolder::Wait(Status::unavailable(format!(
                     "this executor is a standby and cannot read which executor drives the runs: \
                      {error}; retry"
-                ))
+                )))
             })?;
         let lease = leases
             .iter()
             .find(|lease| lease.name == EXECUTOR_LEASE)
             .ok_or_else(|| {
-                Status::unavailable(
+                NoHolder::Wait(Status::unavailable(
                     "no executor drives the runs right now (the executor lease is free; a \
                      standby takes it within seconds); retry",
-                )
+                ))
             })?;
         let url = holder_address(&lease.holder).ok_or_else(|| {
-            Status::unavailable(format!(
+            NoHolder::Fail(Status::unavailable(format!(
                 "the executor that drives the runs ({}) advertises no address \
                  (--advertise-url), so this standby cannot forward to it; connect to it directly",
                 lease.holder
-            ))
+            )))
         })?;
         if url == self.own_url {
-            return Err(Status::unavailable(
+            // This replica holds the lease: its own services take over the socket in a moment.
+            return Err(NoHolder::Fail(Status::unavailable(
                 "this executor is taking over the runs right now; retry",
-            ));
+            )));
         }
         let channel = self
             .settings
             .endpoint(url)
             .map_err(|error| {
-                Status::unavailable(format!(
+                NoHolder::Fail(Status::unavailable(format!(
                     "cannot forward to the executor that drives the runs ({url}): {error}"
-                ))
+                )))
             })?
             .connect_lazy();
         *self.cached.lock().unwrap_or_else(|e| e.into_inner()) = Some(Cached {
