@@ -2343,3 +2343,67 @@ async fn grpc_client_reports_unreachable_metastore_as_unavailable() -> anyhow::R
     assert!(matches!(err, StoreError::InvalidArgument(_)), "{err:?}");
     Ok(())
 }
+
+/// Requests the typed client never sends, over the wire: a partition filter with
+/// `every_partition`, a filter on the strict ReadActiveRuns, a fence without a lease. Each is
+/// INVALID_ARGUMENT naming the field.
+#[tokio::test]
+async fn raw_partition_requests_are_refused_naming_the_field() -> anyhow::Result<()> {
+    use dagmesh_proto::v1::metadata_service_client::MetadataServiceClient;
+    use dagmesh_proto::v1::{CommitFencedRequest, InitClusterRequest, ReadActiveRunsRequest};
+    let dir = tempfile::tempdir()?;
+    let backing = connect_sql(&harness::sqlite_url(dir.path())).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(MetadataGrpcServer::new(backing.clone()).into_service())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
+    let mut client = MetadataServiceClient::new(channel);
+    let refused = |status: tonic::Status, field: &str| {
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().starts_with(field), "{status:?}");
+    };
+    let both = ReadActiveRunsRequest {
+        partitions: vec![1],
+        every_partition: true,
+    };
+    refused(
+        client
+            .read_active_runs_checked(both.clone())
+            .await
+            .unwrap_err(),
+        "partitions: must be empty with every_partition",
+    );
+    refused(
+        client.read_active_runs(both).await.unwrap_err(),
+        "partitions: ReadActiveRuns reads every partition",
+    );
+    refused(
+        client
+            .commit_fenced(CommitFencedRequest::default())
+            .await
+            .unwrap_err(),
+        "fences: at least one lease is required",
+    );
+    refused(
+        client
+            .init_cluster(InitClusterRequest { partitions: 0 })
+            .await
+            .unwrap_err(),
+        "partitions: 0 is out of range",
+    );
+    // The empty filter (not every partition) reads nothing.
+    let none = client
+        .read_active_runs_checked(ReadActiveRunsRequest::default())
+        .await?
+        .into_inner();
+    assert!(none.runs.is_empty());
+    server.abort();
+    backing.close().await;
+    Ok(())
+}
