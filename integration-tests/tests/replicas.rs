@@ -210,7 +210,8 @@ async fn a_standby_forwards_calls_and_worker_streams_to_the_executor_that_drives
     }
     connected(&worker).await?;
     let run = submit_retrying(
-        &client,
+        std::slice::from_ref(&client),
+        0,
         SubmitRun::workflow("chain")
             .inputs(json!({"x": 2}))
             .idempotency_key("after-kill"),
@@ -233,15 +234,18 @@ async fn a_standby_forwards_calls_and_worker_streams_to_the_executor_that_drives
     Ok(())
 }
 
-/// Submits, retrying while no replica drives the runs (a handover); the idempotency key makes
-/// a retried submit that did land the same run.
-async fn submit_retrying(client: &Client, run: SubmitRun) -> anyhow::Result<Run> {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
+/// Submits through `clients[first]`, retrying — through the next replica, as a client of a
+/// Service in front of them would — while no replica drives the runs (a handover) or the one
+/// asked is down; the idempotency key makes a retried submit that did land the same run.
+async fn submit_retrying(clients: &[Client], first: usize, run: SubmitRun) -> anyhow::Result<Run> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut next = first;
     loop {
-        match client.submit(run.clone()).await {
+        match clients[next % clients.len()].submit(run.clone()).await {
             Ok(run) => return Ok(run),
             Err(error) if tokio::time::Instant::now() < deadline => {
                 tracing::debug!(%error, "submit refused; retrying");
+                next += 1;
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Err(error) => return Err(error.into()),
@@ -370,7 +374,7 @@ async fn three_executors_and_two_schedulers_on_postgres_behave_as_one_under_kill
                 let run = SubmitRun::workflow("chain")
                     .inputs(json!({"x": n}))
                     .idempotency_key(format!("chaos-{n}"));
-                ids.push(submit_retrying(&clients[n % 3], run).await?.run_id);
+                ids.push(submit_retrying(&clients, n, run).await?.run_id);
                 tokio::time::sleep(Duration::from_millis(60)).await;
             }
             anyhow::Ok(ids)
@@ -401,7 +405,7 @@ async fn three_executors_and_two_schedulers_on_postgres_behave_as_one_under_kill
     replicas[zombie].child()?.sigcont()?;
     let status = replicas[zombie]
         .child()?
-        .wait_exit(Duration::from_secs(20))
+        .wait_exit(Duration::from_secs(40))
         .await?;
     ensure!(
         !status.success(),
@@ -538,4 +542,88 @@ async fn wait_ended(client: &Client, run_id: &str) -> anyhow::Result<Run> {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A client that opens streams through a standby and stops reading them (each holding a big run
+/// snapshot) stalls only itself: the standby gives every client connection its own upstream
+/// connection, so other clients' calls and the workers behind the same standby go on. Over one
+/// shared upstream connection, a few such streams fill its HTTP/2 window and every forwarded
+/// call waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_through_a_standby_stalls_only_itself() -> anyhow::Result<()> {
+    use dagmesh_proto::v1::run_service_client::RunServiceClient;
+    use dagmesh_proto::v1::{ListRunsRequest, WatchRunRequest};
+    let dir = tempfile::tempdir()?;
+    let metastore_addr = format!("127.0.0.1:{}", free_port()?);
+    let database = format!("sqlite://{}", dir.path().join("meta.db").display());
+    let mut metastore = spawn_open(
+        "metastore",
+        &[
+            "metastore",
+            "--listen",
+            &metastore_addr,
+            "--database",
+            &database,
+        ],
+        dir.path(),
+    )?;
+    metastore.wait_ready(&url(&metastore_addr)).await?;
+    let mut driver = Replica::new("executor-1", &metastore_addr, "2s")?;
+    driver.start(dir.path()).await?;
+    let mut standby = Replica::new("executor-2", &metastore_addr, "2s")?;
+    standby.start(dir.path()).await?;
+
+    // A run whose snapshot is ~1.9 MB (its step's output).
+    let worker = dagmesh_integration_tests::spawn_worker(
+        Worker::builder(standby.url())
+            .slots(4)
+            .task("big", "1.0.0", |_: TaskContext, _: Value| async move {
+                Ok::<_, TaskError>(json!({ "blob": "x".repeat(1_900_000) }))
+            })
+            .task("small", "1.0.0", |_: TaskContext, _: Value| async move {
+                Ok::<_, TaskError>(json!({ "ok": true }))
+            }),
+    )
+    .await?;
+    let client = Client::connect(driver.url()).await?;
+    client
+        .apply_workflow(workflow("big", vec![step("b", "big@^1", &[], &[])]))
+        .await?;
+    client
+        .apply_workflow(workflow("small", vec![step("s", "small@^1", &[], &[])]))
+        .await?;
+    let big = client.submit(SubmitRun::workflow("big")).await?;
+    assert_succeeded(&wait_for_run(&client, &big.run_id).await?);
+
+    // The staller: ten snapshots of the big run through the standby, on one connection, never
+    // read (its own windows take ~5 MB; the rest waits upstream).
+    let staller_channel = dagmesh_integration_tests::channel(&standby.url()).await?;
+    let mut stalled = Vec::new();
+    for _ in 0..10 {
+        let mut runs = RunServiceClient::new(staller_channel.clone())
+            .max_decoding_message_size(64 * 1024 * 1024);
+        stalled.push(
+            runs.watch_run(WatchRunRequest {
+                run_id: big.run_id.clone(),
+                after_seq: None,
+            })
+            .await?,
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Everyone else, through the same standby: a unary call, a submit and the worker's task.
+    let others = Client::connect(standby.url()).await?;
+    let answered = tokio::time::timeout(Duration::from_secs(10), async {
+        RunServiceClient::new(dagmesh_integration_tests::channel(&standby.url()).await?)
+            .list_runs(ListRunsRequest::default())
+            .await?;
+        let small = others.submit(SubmitRun::workflow("small")).await?;
+        anyhow::Ok(wait_for_run(&others, &small.run_id).await?)
+    })
+    .await
+    .context("calls through the standby stalled behind a client that stopped reading")??;
+    assert_succeeded(&answered);
+    drop((stalled, worker, driver, standby, metastore));
+    Ok(())
 }

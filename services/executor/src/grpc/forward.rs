@@ -5,7 +5,9 @@
 //! the caller's credentials before forwarding; the holder checks them again, with the request.
 //! When the standby takes the lease it stops forwarding and serves its own services.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -18,7 +20,8 @@ use futures::future::BoxFuture;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::server::NamedService;
-use tonic::transport::Channel;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic::transport::{Channel, Endpoint};
 use tower_service::Service;
 
 use crate::lease::EXECUTOR_LEASE;
@@ -29,6 +32,10 @@ pub const FORWARDED_BY: &str = "dagmesh-forwarded-by";
 
 /// How long a looked-up lease holder is trusted before the lease is read again.
 const HOLDER_TTL: Duration = Duration::from_secs(1);
+
+/// How long an upstream connection is kept for a client connection that makes no new call
+/// (streams already open on it go on).
+const UPSTREAM_IDLE: Duration = Duration::from_secs(120);
 
 /// How long a call waits for a lease holder to forward to (while the lease is free, or while
 /// this replica takes it over) before it is answered UNAVAILABLE.
@@ -50,12 +57,21 @@ pub struct LeaseHolderRoute {
     /// This replica's advertised address: a lease naming it means this replica is taking over.
     own_url: String,
     cached: Mutex<Option<Cached>>,
+    /// One upstream connection per client connection (by the client's address), so that a
+    /// client that stops reading its streams fills only its own HTTP/2 flow-control windows:
+    /// over one shared connection it would stall every forwarded call, workers' included.
+    upstreams: Mutex<HashMap<(String, Option<SocketAddr>), Upstream>>,
 }
 
 struct Cached {
     url: String,
-    channel: Channel,
+    endpoint: Endpoint,
     read: Instant,
+}
+
+struct Upstream {
+    channel: Channel,
+    used: Instant,
 }
 
 impl LeaseHolderRoute {
@@ -69,6 +85,7 @@ impl LeaseHolderRoute {
             },
             own_url,
             cached: Mutex::new(None),
+            upstreams: Mutex::new(HashMap::new()),
         }
     }
 
@@ -81,6 +98,7 @@ impl LeaseHolderRoute {
         let probe = route.clone();
         tokio::spawn(async move {
             while !ready_tx.is_closed() {
+                probe.forget_idle_upstreams();
                 let forwardable = probe.look_up().await.is_ok();
                 ready_tx
                     .send_if_modified(|ready| std::mem::replace(ready, forwardable) != forwardable);
@@ -98,21 +116,39 @@ impl LeaseHolderRoute {
             .with(Forward::<TOKEN>(route))
     }
 
-    fn cached(&self) -> Option<(String, Channel)> {
+    fn cached(&self) -> Option<(String, Endpoint)> {
         let cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
         cached
             .as_ref()
             .filter(|c| c.read.elapsed() < HOLDER_TTL)
-            .map(|c| (c.url.clone(), c.channel.clone()))
+            .map(|c| (c.url.clone(), c.endpoint.clone()))
+    }
+
+    /// The upstream connection of `client` (its address) to the holder at `url`.
+    fn upstream(&self, url: &str, endpoint: &Endpoint, client: Option<SocketAddr>) -> Channel {
+        let mut upstreams = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
+        let upstream = upstreams
+            .entry((url.to_owned(), client))
+            .or_insert_with(|| Upstream {
+                channel: endpoint.connect_lazy(),
+                used: Instant::now(),
+            });
+        upstream.used = Instant::now();
+        upstream.channel.clone()
+    }
+
+    fn forget_idle_upstreams(&self) {
+        let mut upstreams = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
+        upstreams.retain(|_, upstream| upstream.used.elapsed() < UPSTREAM_IDLE);
     }
 
     fn forget(&self) {
         *self.cached.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
-    /// The holder's address and a channel to it, waiting up to [`HOLDER_WAIT`] while there is
+    /// The holder's address and its endpoint, waiting up to [`HOLDER_WAIT`] while there is
     /// none yet (a takeover in progress).
-    async fn holder(&self) -> Result<(String, Channel), Status> {
+    async fn holder(&self) -> Result<(String, Endpoint), Status> {
         let deadline = tokio::time::Instant::now() + HOLDER_WAIT;
         loop {
             match self.look_up().await {
@@ -125,7 +161,7 @@ impl LeaseHolderRoute {
         }
     }
 
-    async fn look_up(&self) -> Result<(String, Channel), NoHolder> {
+    async fn look_up(&self) -> Result<(String, Endpoint), NoHolder> {
         if let Some(found) = self.cached() {
             return Ok(found);
         }
@@ -161,21 +197,17 @@ impl LeaseHolderRoute {
                 "this executor is taking over the runs right now; retry",
             )));
         }
-        let channel = self
-            .settings
-            .endpoint(url)
-            .map_err(|error| {
-                NoHolder::Fail(Status::unavailable(format!(
-                    "cannot forward to the executor that drives the runs ({url}): {error}"
-                )))
-            })?
-            .connect_lazy();
+        let endpoint = self.settings.endpoint(url).map_err(|error| {
+            NoHolder::Fail(Status::unavailable(format!(
+                "cannot forward to the executor that drives the runs ({url}): {error}"
+            )))
+        })?;
         *self.cached.lock().unwrap_or_else(|e| e.into_inner()) = Some(Cached {
             url: url.to_owned(),
-            channel: channel.clone(),
+            endpoint: endpoint.clone(),
             read: Instant::now(),
         });
-        Ok((url.to_owned(), channel))
+        Ok((url.to_owned(), endpoint))
     }
 
     async fn forward(&self, mut request: http::Request<Body>) -> http::Response<Body> {
@@ -187,10 +219,11 @@ impl LeaseHolderRoute {
             ))
             .into_http();
         }
-        let (url, mut channel) = match self.holder().await {
+        let (url, endpoint) = match self.holder().await {
             Ok(found) => found,
             Err(status) => return status.into_http(),
         };
+        let mut channel = self.upstream(&url, &endpoint, client_address(&request));
         if let Ok(value) = http::HeaderValue::from_str(&self.own_url) {
             request.headers_mut().insert(FORWARDED_BY, value);
         }
@@ -206,6 +239,10 @@ impl LeaseHolderRoute {
             Ok(response) => response,
             Err(error) => {
                 self.forget();
+                self.upstreams
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|(holder, _), _| *holder != url);
                 Status::unavailable(format!(
                     "this executor is a standby and the executor that drives the runs ({url}) \
                      cannot be reached: {}; retry",
@@ -215,6 +252,19 @@ impl LeaseHolderRoute {
             }
         }
     }
+}
+
+/// The client's address, from the connection info tonic attaches (plain TCP or TLS).
+fn client_address(request: &http::Request<Body>) -> Option<SocketAddr> {
+    let extensions = request.extensions();
+    extensions
+        .get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|info| info.get_ref().remote_addr())
+        })
 }
 
 // One type per service name (tonic routes by `NamedService::NAME`).
