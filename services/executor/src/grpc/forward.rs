@@ -37,6 +37,10 @@ const HOLDER_TTL: Duration = Duration::from_secs(1);
 /// (streams already open on it go on).
 const UPSTREAM_IDLE: Duration = Duration::from_secs(120);
 
+/// The most upstream connections kept; past it the least recently used one is dropped (a flood
+/// of short client connections must not leave as many upstream ones open).
+const MAX_UPSTREAMS: usize = 1024;
+
 /// How long a call waits for a lease holder to forward to (while the lease is free, or while
 /// this replica takes it over) before it is answered UNAVAILABLE.
 const HOLDER_WAIT: Duration = Duration::from_secs(10);
@@ -127,12 +131,20 @@ impl LeaseHolderRoute {
     /// The upstream connection of `client` (its address) to the holder at `url`.
     fn upstream(&self, url: &str, endpoint: &Endpoint, client: Option<SocketAddr>) -> Channel {
         let mut upstreams = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
-        let upstream = upstreams
-            .entry((url.to_owned(), client))
-            .or_insert_with(|| Upstream {
-                channel: endpoint.connect_lazy(),
-                used: Instant::now(),
-            });
+        let key = (url.to_owned(), client);
+        if upstreams.len() >= MAX_UPSTREAMS && !upstreams.contains_key(&key) {
+            let oldest = upstreams
+                .iter()
+                .min_by_key(|(_, upstream)| upstream.used)
+                .map(|(key, _)| key.clone());
+            if let Some(oldest) = oldest {
+                upstreams.remove(&oldest);
+            }
+        }
+        let upstream = upstreams.entry(key).or_insert_with(|| Upstream {
+            channel: endpoint.connect_lazy(),
+            used: Instant::now(),
+        });
         upstream.used = Instant::now();
         upstream.channel.clone()
     }
@@ -304,5 +316,39 @@ impl<const SERVICE: u8> Service<http::Request<Body>> for Forward<SERVICE> {
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let route = self.0.clone();
         Box::pin(async move { Ok(route.forward(request).await) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Short client connections cannot pile up upstream ones: past the cap the least recently
+    /// used goes, and one client connection keeps one upstream connection.
+    #[tokio::test]
+    async fn upstream_connections_are_one_per_client_and_capped() {
+        let store = dagmesh_metastore::connect("sqlite::memory:").await.unwrap();
+        let route = LeaseHolderRoute::new(
+            store,
+            ClientSettings::default(),
+            "http://127.0.0.1:7070".into(),
+        );
+        let endpoint = Endpoint::from_static("http://127.0.0.1:7071");
+        let client = |port: u16| Some(SocketAddr::from(([127, 0, 0, 1], port)));
+        route.upstream("http://127.0.0.1:7071", &endpoint, client(0));
+        tokio::time::sleep(Duration::from_millis(2)).await; // strictly the oldest
+        for port in 1..=MAX_UPSTREAMS as u16 {
+            route.upstream("http://127.0.0.1:7071", &endpoint, client(port));
+        }
+        let upstreams = route.upstreams.lock().unwrap();
+        assert_eq!(upstreams.len(), MAX_UPSTREAMS);
+        assert!(!upstreams.contains_key(&("http://127.0.0.1:7071".to_owned(), client(0))));
+        assert!(upstreams.contains_key(&(
+            "http://127.0.0.1:7071".to_owned(),
+            client(MAX_UPSTREAMS as u16)
+        )));
+        drop(upstreams);
+        route.upstream("http://127.0.0.1:7071", &endpoint, client(5));
+        assert_eq!(route.upstreams.lock().unwrap().len(), MAX_UPSTREAMS);
     }
 }
