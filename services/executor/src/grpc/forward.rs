@@ -41,15 +41,16 @@ const UPSTREAM_IDLE: Duration = Duration::from_secs(120);
 /// of short client connections must not leave as many upstream ones open).
 const MAX_UPSTREAMS: usize = 1024;
 
-/// How long a call waits for a lease holder to forward to (while the lease is free, or while
-/// this replica takes it over) before it is answered UNAVAILABLE.
+/// How long a call waits for a lease holder to forward to while the lease is free (between a
+/// driver's release or death and a standby's takeover) before it is answered UNAVAILABLE.
 const HOLDER_WAIT: Duration = Duration::from_secs(10);
 
 /// Why no channel to a holder could be had.
 enum NoHolder {
-    /// May change in a moment (no holder yet, this replica taking over, the store away).
+    /// May change in a moment (no holder yet, the store away).
     Wait(Status),
-    /// Will not change by waiting.
+    /// Will not change by waiting here (this replica holds the lease and takes the socket over
+    /// in a moment, or the holder cannot be reached by any setting we have).
     Fail(Status),
 }
 
