@@ -6,6 +6,9 @@ use crate::Limits;
 /// Partitions of a new database: far more than replicas, so that moving one is cheap.
 pub const DEFAULT_PARTITIONS: u32 = 256;
 
+/// Longest `advertise_url`: it goes into the lease holder name with the unique holder.
+pub const MAX_ADVERTISE_URL: usize = 160;
+
 /// Tunables of one executor. The defaults suit a laptop and a cluster alike; tests shorten the
 /// lease so that lost workers are noticed quickly.
 #[derive(Debug, Clone)]
@@ -147,13 +150,16 @@ impl ExecutorConfig {
                 dagmesh_metastore::MAX_PARTITIONS
             ));
         }
+        // The lease holder name is `<unique holder> <url>`, at most 256 bytes; the unique part
+        // takes up to ~90.
         if let Some(url) = &self.advertise_url
-            && (url.len() > 200
+            && (url.len() > MAX_ADVERTISE_URL
                 || !(url.starts_with("http://") || url.starts_with("https://"))
                 || url.contains(char::is_whitespace))
         {
             return Err(format!(
-                "advertise_url: {url:?} is not an http:// or https:// URL of at most 200 bytes"
+                "advertise_url: {url:?} is not an http:// or https:// URL of at most \
+                 {MAX_ADVERTISE_URL} bytes"
             ));
         }
         if self.max_batch == 0 {
@@ -185,5 +191,31 @@ mod tests {
         assert!(error.starts_with("webhooks.max_backoff: "), "{error}");
         config.webhooks.max_backoff = Duration::from_secs(3600);
         assert_eq!(config.validate(), Ok(()));
+    }
+
+    /// The advertised URL fits the lease holder name with the longest unique holder, and is a
+    /// URL; anything else is refused at start naming the field.
+    #[test]
+    fn an_advertise_url_must_be_a_short_http_url() {
+        // The longest unique holder: a 64-byte host name, the largest pid, 8 hex digits.
+        let longest_host = "h".repeat(64);
+        let holder = format!("{longest_host}/pid-4294967295/abcdef12");
+        let fits = format!("https://{}:7070", "a".repeat(MAX_ADVERTISE_URL - 13));
+        assert_eq!(fits.len(), MAX_ADVERTISE_URL);
+        assert!(holder.len() + 1 + fits.len() <= dagmesh_proto::limits::MAX_VALUE_LEN);
+        let mut config = ExecutorConfig {
+            advertise_url: Some(fits),
+            ..ExecutorConfig::default()
+        };
+        assert_eq!(config.validate(), Ok(()));
+        for bad in [
+            format!("https://{}:7070", "a".repeat(MAX_ADVERTISE_URL)),
+            "10.0.0.5:7070".to_owned(),
+            "http://a b:7070".to_owned(),
+        ] {
+            config.advertise_url = Some(bad.clone());
+            let error = config.validate().unwrap_err();
+            assert!(error.starts_with("advertise_url: "), "{bad}: {error}");
+        }
     }
 }

@@ -600,14 +600,16 @@ where
         // acquire (FOR UPDATE) waits for this transaction, and this check waits for an acquire
         // in flight and then reads the epoch it wrote. SQLite: the write lock already excludes
         // every other writer until the commit.
-        let current: Vec<(String, i64)> = if let [fence] = fences {
-            sqlx::query_as(with_fragment(format!(
-                "SELECT name, epoch FROM leases WHERE name = $1{}",
+        let stale = if let [fence] = fences {
+            // The common case (one lease per batch): one scalar read, no map.
+            let current: Option<i64> = sqlx::query_scalar(with_fragment(format!(
+                "SELECT epoch FROM leases WHERE name = $1{}",
                 D::FOR_SHARE
             )))
             .bind(fence.name.as_str())
-            .fetch_all(&mut *tx)
-            .await?
+            .fetch_optional(&mut *tx)
+            .await?;
+            (current != Some(epoch_bound(fence.epoch))).then(|| fenced(fence, current))
         } else {
             let mut query =
                 QueryBuilder::<D>::new("SELECT name, epoch FROM leases WHERE name IN (");
@@ -616,17 +618,18 @@ where
                 names.push_bind(fence.name.clone());
             }
             query.push(")").push(D::FOR_SHARE);
-            query.build_query_as().fetch_all(&mut *tx).await?
+            let rows: Vec<(String, i64)> = query.build_query_as().fetch_all(&mut *tx).await?;
+            let current: HashMap<&str, i64> = rows
+                .iter()
+                .map(|(name, epoch)| (name.as_str(), *epoch))
+                .collect();
+            fences.iter().find_map(|fence| {
+                let stored = current.get(fence.name.as_str()).copied();
+                (stored != Some(epoch_bound(fence.epoch))).then(|| fenced(fence, stored))
+            })
         };
-        let current: HashMap<&str, i64> = current
-            .iter()
-            .map(|(name, epoch)| (name.as_str(), *epoch))
-            .collect();
-        for fence in fences {
-            let stored = current.get(fence.name.as_str()).copied();
-            if stored != Some(epoch_bound(fence.epoch)) {
-                return Err(fenced(fence, stored));
-            }
+        if let Some(error) = stale {
+            return Err(error);
         }
         D::apply(&mut tx, &mutations).await?;
         tx.commit().await?;
