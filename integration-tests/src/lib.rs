@@ -240,6 +240,21 @@ pub async fn spawn_worker(builder: WorkerBuilder) -> anyhow::Result<WorkerHandle
     Ok(handle)
 }
 
+/// The tick (seconds since the epoch) each run of a schedule was started for, read from its
+/// idempotency key (`schedule/<id>/<tick>`), in the runs' order.
+pub fn scheduled_ticks(runs: &[Run]) -> anyhow::Result<Vec<i64>> {
+    runs.iter()
+        .map(|run| {
+            let tick = run.idempotency_key.rsplit('/').next().unwrap_or_default();
+            tick.parse::<prost_types::Timestamp>()
+                .map(|t| t.seconds)
+                .map_err(|e| {
+                    anyhow::anyhow!("run {} key {:?}: {e}", run.run_id, run.idempotency_key)
+                })
+        })
+        .collect()
+}
+
 /// Waits for a run to end and returns it.
 pub async fn wait_for_run(client: &Client, run_id: &str) -> anyhow::Result<Run> {
     tokio::time::timeout(PATIENCE, client.wait_for_run(run_id))

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail, ensure};
 use dagmesh_integration_tests::{
     ChildGuard, Database, PATIENCE, all_events, assert_succeeded, channel, connected, free_port,
-    step, step_states, wait_for_run, workflow,
+    scheduled_ticks, step, step_states, wait_for_run, workflow,
 };
 use dagmesh_proto::v1::{ReadRunRequest, Run, metadata_service_client::MetadataServiceClient};
 use dagmesh_sdk::{Client, SubmitRun, TaskContext, TaskError, Worker, WorkerHandle};
@@ -1191,17 +1191,7 @@ async fn two_scheduler_processes_on_one_postgres_database_run_each_tick_once() -
         .await?
         .into_inner()
         .runs;
-    let mut ticks: Vec<i64> = runs
-        .iter()
-        .map(|run| {
-            let tick = run.idempotency_key.rsplit('/').next().unwrap_or_default();
-            tick.parse::<prost_types::Timestamp>()
-                .map(|t| t.seconds)
-                .map_err(|e| {
-                    anyhow::anyhow!("run {} key {:?}: {e}", run.run_id, run.idempotency_key)
-                })
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let mut ticks = scheduled_ticks(&runs)?;
     ticks.sort_unstable();
     let distinct = {
         let mut d = ticks.clone();

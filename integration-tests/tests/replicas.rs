@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use dagmesh_integration_tests::{
-    ChildGuard, Database, PATIENCE, assert_succeeded, connected, free_port, step, step_states,
-    wait_for_run, workflow,
+    ChildGuard, Database, PATIENCE, assert_succeeded, connected, free_port, scheduled_ticks, step,
+    step_states, wait_for_run, workflow,
 };
 use dagmesh_metastore::MetadataStore;
 use dagmesh_metastore::ownership::holder_address;
@@ -29,6 +29,18 @@ fn spawn_open(name: &str, args: &[&str], dir: &Path) -> anyhow::Result<ChildGuar
 
 fn url(addr: &str) -> String {
     format!("http://{addr}")
+}
+
+/// A `dagmesh metastore` on `database`, serving on return; its address and process.
+async fn start_metastore(database: &str, dir: &Path) -> anyhow::Result<(String, ChildGuard)> {
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let mut metastore = spawn_open(
+        "metastore",
+        &["metastore", "--listen", &addr, "--database", database],
+        dir,
+    )?;
+    metastore.wait_ready(&url(&addr)).await?;
+    Ok((addr, metastore))
 }
 
 /// One executor replica: its address and how to start it again after a kill.
@@ -144,20 +156,8 @@ fn chain(name: &str, ms: u64) -> dagmesh_proto::v1::WorkflowSpec {
 async fn a_standby_forwards_calls_and_worker_streams_to_the_executor_that_drives()
 -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let metastore_addr = format!("127.0.0.1:{}", free_port()?);
     let database = format!("sqlite://{}", dir.path().join("meta.db").display());
-    let mut metastore = spawn_open(
-        "metastore",
-        &[
-            "metastore",
-            "--listen",
-            &metastore_addr,
-            "--database",
-            &database,
-        ],
-        dir.path(),
-    )?;
-    metastore.wait_ready(&url(&metastore_addr)).await?;
+    let (metastore_addr, metastore) = start_metastore(&database, dir.path()).await?;
     let mut first = Replica::new("executor-1", &metastore_addr, "1s")?;
     first.start(dir.path()).await?;
     let mut second = Replica::new("executor-2", &metastore_addr, "1s")?;
@@ -286,19 +286,7 @@ async fn three_executors_and_two_schedulers_on_postgres_behave_as_one_under_kill
     };
     let dir = tempfile::tempdir()?;
     let database_url = database.url();
-    let metastore_addr = format!("127.0.0.1:{}", free_port()?);
-    let mut metastore = spawn_open(
-        "metastore",
-        &[
-            "metastore",
-            "--listen",
-            &metastore_addr,
-            "--database",
-            &database_url,
-        ],
-        dir.path(),
-    )?;
-    metastore.wait_ready(&url(&metastore_addr)).await?;
+    let (metastore_addr, metastore) = start_metastore(&database_url, dir.path()).await?;
     let mut replicas = Vec::new();
     for n in 1..=3 {
         let mut replica = Replica::new(&format!("executor-{n}"), &metastore_addr, "2s")?;
@@ -480,17 +468,7 @@ async fn three_executors_and_two_schedulers_on_postgres_behave_as_one_under_kill
         })
         .await?
         .runs;
-    let mut ticks: Vec<i64> = ticking
-        .iter()
-        .map(|run| {
-            let tick = run.idempotency_key.rsplit('/').next().unwrap_or_default();
-            tick.parse::<prost_types::Timestamp>()
-                .map(|t| t.seconds)
-                .map_err(|e| {
-                    anyhow::anyhow!("run {} key {:?}: {e}", run.run_id, run.idempotency_key)
-                })
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let mut ticks = scheduled_ticks(&ticking)?;
     ticks.sort_unstable();
     let mut distinct = ticks.clone();
     distinct.dedup();
@@ -554,20 +532,8 @@ async fn a_client_that_stops_reading_through_a_standby_stalls_only_itself() -> a
     use dagmesh_proto::v1::run_service_client::RunServiceClient;
     use dagmesh_proto::v1::{ListRunsRequest, WatchRunRequest};
     let dir = tempfile::tempdir()?;
-    let metastore_addr = format!("127.0.0.1:{}", free_port()?);
     let database = format!("sqlite://{}", dir.path().join("meta.db").display());
-    let mut metastore = spawn_open(
-        "metastore",
-        &[
-            "metastore",
-            "--listen",
-            &metastore_addr,
-            "--database",
-            &database,
-        ],
-        dir.path(),
-    )?;
-    metastore.wait_ready(&url(&metastore_addr)).await?;
+    let (metastore_addr, metastore) = start_metastore(&database, dir.path()).await?;
     let mut driver = Replica::new("executor-1", &metastore_addr, "2s")?;
     driver.start(dir.path()).await?;
     let mut standby = Replica::new("executor-2", &metastore_addr, "2s")?;

@@ -208,13 +208,56 @@ fn print_report(output: OutputFormat, report: &Report) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// No-op workers running in this process until [`NoopWorkers::stop`].
+struct NoopWorkers {
+    handles: Vec<WorkerHandle>,
+    tasks: Vec<tokio::task::JoinHandle<Result<(), dagmesh_sdk::WorkerError>>>,
+}
+
+impl NoopWorkers {
+    /// `count` workers of `slots` slots, worker `i` connecting to `url(i)`; connected on return.
+    async fn start(
+        count: usize,
+        slots: u32,
+        settings: &ClientSettings,
+        url: impl Fn(usize) -> String,
+    ) -> anyhow::Result<Self> {
+        let mut handles = Vec::new();
+        let mut tasks = Vec::new();
+        for index in 0..count {
+            let worker = Worker::builder(url(index))
+                .client_settings(settings.clone())
+                .name(format!("bench-{index}"))
+                .slots(slots)
+                .task("noop", "1.0.0", noop)
+                .build()?;
+            handles.push(worker.handle());
+            tasks.push(tokio::spawn(worker.run_until(std::future::pending())));
+        }
+        for handle in &handles {
+            handle.wait_for(|state| state.connected).await;
+        }
+        Ok(Self { handles, tasks })
+    }
+
+    /// Drains every worker and waits for them to end.
+    async fn stop(self) -> anyhow::Result<()> {
+        for worker in &self.handles {
+            worker.drain();
+        }
+        for task in self.tasks {
+            task.await??;
+        }
+        Ok(())
+    }
+}
+
 /// A mesh on a fresh durable SQLite file with `workers` no-op workers of `slots` slots each.
 struct Bench {
     mesh: Mesh,
     /// How clients and workers connect (a token and the CA with `--secure`).
     settings: ClientSettings,
-    workers: Vec<WorkerHandle>,
-    tasks: Vec<tokio::task::JoinHandle<Result<(), dagmesh_sdk::WorkerError>>>,
+    workers: NoopWorkers,
     /// The SQLite file when the bench made it (no `--database`).
     db_path: Option<PathBuf>,
     _scratch: tempfile::TempDir,
@@ -265,26 +308,12 @@ impl Bench {
             tls_ca: pki.map(|pki| pki.ca),
             ..ClientSettings::default()
         };
-        let mut handles = Vec::new();
-        let mut tasks = Vec::new();
-        for index in 0..workers {
-            let worker = Worker::builder(mesh.url())
-                .client_settings(settings.clone())
-                .name(format!("bench-{index}"))
-                .slots(slots)
-                .task("noop", "1.0.0", noop)
-                .build()?;
-            handles.push(worker.handle());
-            tasks.push(tokio::spawn(worker.run_until(std::future::pending())));
-        }
-        for handle in &handles {
-            handle.wait_for(|state| state.connected).await;
-        }
+        let url = mesh.url();
+        let workers = NoopWorkers::start(workers, slots, &settings, |_| url.clone()).await?;
         Ok(Self {
             mesh,
             settings,
-            workers: handles,
-            tasks,
+            workers,
             db_path,
             _scratch: scratch,
         })
@@ -320,12 +349,7 @@ impl Bench {
     }
 
     async fn stop(self) -> anyhow::Result<()> {
-        for worker in &self.workers {
-            worker.drain();
-        }
-        for task in self.tasks {
-            task.await??;
-        }
+        self.workers.stop().await?;
         self.mesh.shutdown().await
     }
 }

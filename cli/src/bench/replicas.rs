@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use dagmesh_proto::connect::ClientSettings;
 use dagmesh_proto::v1::{RunState, StepSpec, WorkflowSpec};
-use dagmesh_sdk::{Client, SubmitRun, Worker, WorkerHandle};
+use dagmesh_sdk::{Client, SubmitRun};
 use tokio::process::{Child, Command};
 
-use super::{BenchArgs, Report, chain_spec, noop, noop_step, percentile, print_report};
+use super::{BenchArgs, NoopWorkers, Report, chain_spec, noop_step, percentile, print_report};
 use crate::commands::OutputFormat;
 
 /// One child process of the cluster, killed when dropped.
@@ -104,8 +104,7 @@ fn free_addr() -> anyhow::Result<String> {
 struct Cluster {
     processes: Vec<Process>,
     clients: Vec<Client>,
-    workers: Vec<WorkerHandle>,
-    tasks: Vec<tokio::task::JoinHandle<Result<(), dagmesh_sdk::WorkerError>>>,
+    workers: NoopWorkers,
 }
 
 impl Cluster {
@@ -153,21 +152,10 @@ impl Cluster {
             urls.push(url);
         }
         // Two workers of 128 slots (as the in-process benchmarks), on different replicas.
-        let mut workers = Vec::new();
-        let mut tasks = Vec::new();
-        for index in 0..2 {
-            let worker = Worker::builder(urls[index % urls.len()].clone())
-                .client_settings(ClientSettings::default())
-                .name(format!("bench-{index}"))
-                .slots(128)
-                .task("noop", "1.0.0", noop)
-                .build()?;
-            workers.push(worker.handle());
-            tasks.push(tokio::spawn(worker.run_until(std::future::pending())));
-        }
-        for worker in &workers {
-            worker.wait_for(|state| state.connected).await;
-        }
+        let workers = NoopWorkers::start(2, 128, &ClientSettings::default(), |i| {
+            urls[i % urls.len()].clone()
+        })
+        .await?;
         let mut clients = Vec::new();
         for url in &urls {
             clients.push(Client::connect_with(url, ClientSettings::default()).await?);
@@ -176,7 +164,6 @@ impl Cluster {
             processes,
             clients,
             workers,
-            tasks,
         })
     }
 
@@ -216,12 +203,7 @@ impl Cluster {
     }
 
     async fn stop(self) -> anyhow::Result<()> {
-        for worker in &self.workers {
-            worker.drain();
-        }
-        for task in self.tasks {
-            task.await??;
-        }
+        self.workers.stop().await?;
         drop(self.processes); // killed
         Ok(())
     }
