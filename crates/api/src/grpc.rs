@@ -57,6 +57,15 @@ impl From<Status> for ApiError {
             Code::DeadlineExceeded => ErrorKind::DeadlineExceeded,
             Code::Cancelled => ErrorKind::Cancelled,
             Code::Unimplemented => ErrorKind::Unimplemented,
+            // A status with a source was made here, from a broken connection (the executor
+            // died mid-call, a hop reset the stream), not answered by the executor: the call
+            // may not have been applied, so it is worth retrying.
+            Code::Unknown | Code::Internal if std::error::Error::source(&status).is_some() => {
+                return ApiError::unavailable(format!(
+                    "the connection to the executor broke during the call: {}",
+                    transport_chain(&status)
+                ));
+            }
             Code::Ok | Code::Unknown | Code::Internal | Code::DataLoss => ErrorKind::Internal,
         };
         ApiError {
@@ -262,6 +271,21 @@ impl ExecutorApi for GrpcExecutor {
     }
 }
 
+/// The status's message and the causes below it (`transport error: connection reset`).
+fn transport_chain(status: &Status) -> String {
+    let mut text = status.message().to_owned();
+    let mut cause = std::error::Error::source(status);
+    while let Some(error) = cause {
+        let line = error.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        cause = error.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,5 +316,33 @@ mod tests {
         }
         assert!(ApiError::unavailable("away").is_transient());
         assert!(!ApiError::not_found("gone").is_transient());
+    }
+
+    /// An executor that dies in the middle of a call is away, not broken: the caller (the
+    /// scheduler starting a tick) retries instead of giving up. An `Internal` the executor
+    /// answers stays `Internal`.
+    #[tokio::test]
+    async fn a_connection_broken_mid_call_is_unavailable() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut socket, _)) = listener.accept().await else {
+                    return;
+                };
+                // Read the request's first bytes, then go away like a killed process.
+                let mut buffer = [0u8; 64];
+                let _ = socket.read(&mut buffer).await;
+                drop(socket);
+            }
+        });
+        let api = GrpcExecutor::connect_lazy(&url, &ClientSettings::default()).unwrap();
+        let error = api.get_run("r").await.unwrap_err();
+        assert_eq!(error.kind, ErrorKind::Unavailable, "{error}");
+        assert!(error.is_transient());
+
+        let answered = ApiError::from(Status::internal("the engine stopped"));
+        assert_eq!(answered.kind, ErrorKind::Internal);
     }
 }

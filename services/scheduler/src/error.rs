@@ -49,18 +49,8 @@ impl From<SchedError> for tonic::Status {
 }
 
 impl From<tonic::Status> for SchedError {
+    /// As the executor API reads a status (a broken connection is `Unavailable`).
     fn from(status: tonic::Status) -> Self {
-        use tonic::Code;
-        let msg = status.message().to_owned();
-        match status.code() {
-            Code::InvalidArgument => SchedError::InvalidArgument(msg),
-            Code::NotFound => SchedError::NotFound(msg),
-            Code::AlreadyExists => SchedError::AlreadyExists(msg),
-            Code::FailedPrecondition => SchedError::FailedPrecondition(msg),
-            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
-                SchedError::Unavailable(format!("executor unavailable: {msg}"))
-            }
-            code => SchedError::Internal(format!("executor error ({code:?}): {msg}")),
-        }
+        dagmesh_api::ApiError::from(status).into()
     }
 }

@@ -249,7 +249,13 @@ impl LeaseHolderRoute {
             channel.call(request).await
         };
         match sent.await {
-            Ok(response) => response,
+            Ok(response) => response.map(|body| {
+                Body::new(UpstreamBody {
+                    inner: body,
+                    holder: url,
+                    ended: false,
+                })
+            }),
             Err(error) => {
                 self.forget();
                 self.upstreams
@@ -264,6 +270,54 @@ impl LeaseHolderRoute {
                 .into_http()
             }
         }
+    }
+}
+
+/// A response body from the lease holder. If the holder goes away in the middle of the
+/// response (killed, or its connection reset), the call ends here with an UNAVAILABLE status in
+/// the trailers, which every gRPC client reads as "retry", instead of a reset stream that
+/// clients read as INTERNAL.
+struct UpstreamBody {
+    inner: Body,
+    holder: String,
+    ended: bool,
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Err(error))) => {
+                self.ended = true;
+                let status = Status::unavailable(format!(
+                    "the executor that drives the runs ({}) went away during the call: {}; retry",
+                    self.holder,
+                    error.message()
+                ));
+                let mut trailers = http::HeaderMap::new();
+                match status.add_header(&mut trailers) {
+                    Ok(()) => Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers)))),
+                    Err(status) => Poll::Ready(Some(Err(status))),
+                }
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -323,6 +377,56 @@ impl<const SERVICE: u8> Service<http::Request<Body>> for Forward<SERVICE> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One data frame, then the connection to the holder breaks.
+    struct BreaksAfterOneFrame(bool);
+
+    impl http_body::Body for BreaksAfterOneFrame {
+        type Data = bytes::Bytes;
+        type Error = Status;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+            if std::mem::replace(&mut self.0, true) {
+                Poll::Ready(Some(Err(Status::internal(
+                    "h2 protocol error: connection reset",
+                ))))
+            } else {
+                Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::from_static(
+                    b"part",
+                )))))
+            }
+        }
+    }
+
+    /// A holder that dies mid-response ends the forwarded call with UNAVAILABLE in the
+    /// trailers (clients retry), after what it had already sent.
+    #[tokio::test]
+    async fn a_holder_gone_mid_response_ends_the_call_unavailable() {
+        use http_body::Body as _;
+        let mut body = UpstreamBody {
+            inner: Body::new(BreaksAfterOneFrame(false)),
+            holder: "http://10.0.0.1:7070".into(),
+            ended: false,
+        };
+        let mut next = || {
+            futures::executor::block_on(futures::future::poll_fn(|cx| {
+                std::pin::Pin::new(&mut body).poll_frame(cx)
+            }))
+        };
+        let first = next().unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "part");
+        let trailers = next().unwrap().unwrap().into_trailers().unwrap();
+        let status = Status::from_header_map(&trailers).unwrap();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(
+            status.message().contains("http://10.0.0.1:7070"),
+            "{status:?}"
+        );
+        assert!(next().is_none());
+    }
 
     /// Short client connections cannot pile up upstream ones: past the cap the least recently
     /// used goes, and one client connection keeps one upstream connection.
