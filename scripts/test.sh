@@ -12,6 +12,9 @@
 #   - python3 with venv (Debian's python3-venv) and a virtual environment (.venv/) with grpcurl
 #     (reflection check) and the manifest validator; the Python SDK in .venv-python/.
 #   - Debian's C++ gRPC packages (sdk/cpp/scripts/test.sh --setup-only).
+#   - Debian's `chromium` and `chromium-driver` (the web console is tested in a real browser),
+#     and Node.js with npm (Debian's `nodejs npm` when no `npm` is on PATH) to check that
+#     console/dist is what `npm ci && npm run build` makes of console/web.
 # The Rust toolchain (cargo, rustc >= the workspace's rust-version) must be on PATH already.
 # Usage: scripts/test.sh [--quick | --setup-only]
 #   --quick       Rust tests only (no Python/C++/manifests and none of their setup)
@@ -182,6 +185,14 @@ if ! $quick; then
   fi
 fi
 
+if ! $quick; then
+  step "Chromium and chromedriver (Debian packages; the web console's browser test)"
+  command -v chromedriver >/dev/null && command -v chromium >/dev/null ||
+    apt_install chromium chromium-driver
+  export DAGMESH_REQUIRE_BROWSER=1
+  command -v npm >/dev/null || apt_install nodejs npm
+fi
+
 if $setup_only; then
   step "setup done"
   exit 0
@@ -201,6 +212,14 @@ step "cargo test --workspace (includes the conformance suite across languages)"
 cargo test --workspace --locked
 
 $quick && exit 0
+
+# --- Web console ----------------------------------------------------------------------------
+step "web console: console/dist is what npm ci && npm run build make of console/web"
+(cd console/web && quietly npm ci --no-audit --no-fund && quietly npm run build)
+git diff --exit-code --stat -- console/dist || {
+  echo "error: console/dist differs from a fresh build of console/web; commit the rebuilt files" >&2
+  exit 1
+}
 
 # --- Kubernetes manifests -------------------------------------------------------------------
 step "deploy/ manifests (rendered and validated offline)"

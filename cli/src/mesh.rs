@@ -94,7 +94,8 @@ impl Mesh {
         // One port serves every public service; the store API stays in-process.
         let mut services = executor
             .services()
-            .with(SchedulerGrpcServer::new(scheduler.clone()).into_service());
+            .with(SchedulerGrpcServer::new(scheduler.clone()).into_service())
+            .with_http(dagmesh_console::router());
         if let Some(authenticator) = &authenticator {
             services = services.with(TokenApi::new(authenticator.clone()).into_service());
         }

@@ -225,6 +225,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         database = %redact(&database_url),
         "dagmesh up: metadata store, executor and scheduler in one process"
     );
+    tracing::info!(
+        url = %format!("{}/", mesh.url()),
+        "web console: open the url in a browser (`dagmesh console` prints it with your token)"
+    );
     if mesh.admin_token().is_some() {
         tracing::info!(
             file = %admin_token_file.display(),
@@ -351,7 +355,7 @@ pub async fn executor(args: ExecutorArgs, client: &ClientSettings) -> anyhow::Re
     let (stop_forwarding, forwarding_stopped) = tokio::sync::oneshot::channel::<()>();
     let forwarder = tokio::spawn(serve(
         standby_listener,
-        route.services(),
+        route.services().with_http(dagmesh_console::router()),
         options.clone(),
         async move {
             let _ = forwarding_stopped.await;
@@ -371,8 +375,8 @@ pub async fn executor(args: ExecutorArgs, client: &ClientSettings) -> anyhow::Re
     };
     let (executor, mut engine) = started?;
     let _ = stop_forwarding.send(()); // it finishes its forwarded calls in the background
-    tracing::info!(addr = %address, metastore = %args.metastore, tls = tls.is_some(), "executor serving");
-    let mut services = executor.services();
+    tracing::info!(addr = %address, metastore = %args.metastore, tls = tls.is_some(), "executor serving (the web console at / on the same port)");
+    let mut services = executor.services().with_http(dagmesh_console::router());
     if let Some(authenticator) = &authenticator {
         services = services.with(TokenApi::new(authenticator.clone()).into_service());
     }

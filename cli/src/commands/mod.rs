@@ -30,7 +30,7 @@ macro_rules! outln {
 
 mod format;
 pub mod json;
-mod operate;
+pub(crate) mod operate;
 mod runs;
 mod schedules;
 mod submit;
@@ -131,6 +131,9 @@ pub enum ClientCommand {
     Webhooks(operate::WebhooksCommand),
     /// Whether the server answers (gRPC health; no token needed); `--wait 30s` waits for it.
     Health(operate::HealthArgs),
+    /// The web console's address on the server, with your token to log in: open it in a
+    /// browser.
+    Console(operate::ConsoleArgs),
 }
 
 /// Runs one client command. Server and connection errors are printed to stderr here and turned
@@ -149,6 +152,7 @@ pub async fn run(global: &Global, command: ClientCommand) -> anyhow::Result<Exit
         ClientCommand::Queues(args) => operate::queues(global, args).await,
         ClientCommand::Webhooks(command) => operate::webhooks(global, command).await,
         ClientCommand::Health(args) => operate::health(global, args).await,
+        ClientCommand::Console(args) => operate::console(global, args).await,
     };
     result.or_else(|err| report(&global.server, err))
 }

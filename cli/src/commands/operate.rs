@@ -35,6 +35,43 @@ pub enum WebhooksCommand {
 }
 
 #[derive(clap::Args, Debug)]
+pub struct ConsoleArgs {
+    /// Print the address of this run's page instead of the run list.
+    #[arg(long, value_name = "RUN_ID")]
+    pub run: Option<String>,
+}
+
+/// Prints the web console's address on the server, with the client's token in the fragment
+/// (browsers never send the fragment to the server; the console stores the token and drops it
+/// from the address bar), so that opening it logs in as the CLI does.
+pub async fn console(global: &Global, args: ConsoleArgs) -> anyhow::Result<ExitCode> {
+    let base = global.server.trim_end_matches('/');
+    let mut page = match &args.run {
+        Some(run_id) => format!("#/runs/{}", fragment_escape(run_id)),
+        None => "#/runs".to_owned(),
+    };
+    if let Some(token) = global.client.resolve_token()? {
+        page.push_str("?token=");
+        page.push_str(&fragment_escape(&token));
+    }
+    println!("{base}/{page}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Percent-escapes everything but unreserved URL characters.
+pub(crate) fn fragment_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+#[derive(clap::Args, Debug)]
 pub struct HealthArgs {
     /// Keep asking for this long (e.g. `30s`, at most 24h) while the server is not up yet — for
     /// scripts that start `dagmesh up` in the background.

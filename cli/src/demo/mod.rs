@@ -27,6 +27,10 @@ pub struct DemoArgs {
     /// Address to serve on while the demo runs (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: String,
+    /// After the run ends, keep the server and the workers up (for the web console) until
+    /// Ctrl-C. This is the default when stderr is a terminal; `--keep=false` ends at once.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub keep: Option<bool>,
     #[command(flatten)]
     pub engine: EngineFlags,
     #[command(subcommand)]
@@ -107,8 +111,24 @@ pub async fn demo(global: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
             SubmitRun::inline(spec).inputs(dagmesh_example_room_scan::demo_inputs(args.pace_ms)),
         )
         .await?;
+    let token = commands::operate::fragment_escape(&token);
+    eprintln!(
+        "dagmesh demo: watch it in the web console: {url}/#/runs/{}?token={token}",
+        run.run_id
+    );
     let channel = commands::connect_to(&url, &settings).await?;
     let finished = commands::watch::follow(channel, &run.run_id, global.output).await?;
+    let keep = args
+        .keep
+        .unwrap_or_else(|| std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if keep {
+        eprintln!(
+            "dagmesh demo: the run ended {}; the console stays up at {url}/#/runs?token={token} \
+             (retry or resubmit runs there); Ctrl-C to stop",
+            finished.state().as_str_name()
+        );
+        dagmesh_runtime::shutdown_signal().await;
+    }
 
     for handle in &handles {
         handle.drain();

@@ -77,6 +77,13 @@ where
         };
         Box::pin(async move {
             let path = request.uri().path().to_owned();
+            // A gRPC-web call (a browser) is refused in its own content type, or the browser's
+            // client would not read the status.
+            let web_type = request
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .filter(|value| value.as_bytes().starts_with(b"application/grpc-web"))
+                .cloned();
             match authorize(&authenticator, &path, request.headers()).await {
                 Ok(Some(principal)) => {
                     request.extensions_mut().insert(principal);
@@ -85,7 +92,13 @@ where
                 Ok(None) => inner.call(request).await,
                 Err(status) => {
                     tracing::debug!(path, code = ?status.code(), message = status.message(), "call refused");
-                    Ok(status.into_http())
+                    let mut response = status.into_http();
+                    if let Some(web_type) = web_type {
+                        response
+                            .headers_mut()
+                            .insert(http::header::CONTENT_TYPE, web_type);
+                    }
+                    Ok(response)
                 }
             }
         })

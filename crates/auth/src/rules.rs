@@ -172,6 +172,11 @@ const RULES: &[(&str, &str, Access)] = &[
 
 /// What a call to `path` (`/package.Service/Method`) needs.
 pub fn access(path: &str) -> Access {
+    // The web console's static files (`/` and `/console/...`; no gRPC service is named so):
+    // the same for everyone, and the app asks for a token before it calls anything.
+    if path == "/" || path.starts_with("/console/") {
+        return Access::Public;
+    }
     let Some((service, method)) = path.trim_start_matches('/').split_once('/') else {
         return Access::Scope(Scope::Internal);
     };
@@ -226,6 +231,10 @@ mod tests {
     #[test]
     fn examples() {
         assert_eq!(access("/grpc.health.v1.Health/Check"), Access::Public);
+        assert_eq!(access("/"), Access::Public);
+        assert_eq!(access("/console/app.js"), Access::Public);
+        assert_ne!(access("/consoleX/app.js"), Access::Public);
+        assert_ne!(access("//dagmesh.v1.RunService/SubmitRun"), Access::Public);
         assert_eq!(
             access("/dagmesh.v1.RunService/CancelRun"),
             Access::Scope(Scope::Operate)

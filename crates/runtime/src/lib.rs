@@ -22,6 +22,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::server::NamedService;
 use tonic::service::{Routes, RoutesBuilder};
 use tonic_health::ServingStatus;
+use tower::Layer as _;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -38,6 +39,8 @@ pub struct ServiceSet {
     names: Vec<&'static str>,
     /// When set, health reports SERVING only while it holds true (see [`ServiceSet::ready_when`]).
     readiness: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Plain HTTP routes served next to the gRPC services (see [`ServiceSet::with_http`]).
+    http: Option<axum::Router>,
 }
 
 impl ServiceSet {
@@ -58,8 +61,19 @@ impl ServiceSet {
             + 'static,
         S::Future: Send + 'static,
     {
-        self.routes.add_service(service);
+        // Every service also speaks gRPC-web, for browsers (the web console); plain gRPC
+        // requests pass through the layer untouched.
+        self.routes
+            .add_service(tonic_web::GrpcWebLayer::new().layer(service));
         self.names.push(S::NAME);
+        self
+    }
+
+    /// Serves `router` for every request that is not a call of one of the services (the web
+    /// console's files), and accepts HTTP/1.1 as well as HTTP/2 so that browsers can reach it
+    /// and make gRPC-web calls without TLS.
+    pub fn with_http(mut self, router: axum::Router) -> Self {
+        self.http = Some(router);
         self
     }
 
@@ -171,7 +185,12 @@ pub async fn serve(
                 .await;
         }
     };
+    let accept_http1 = services.http.is_some();
+    if let Some(http) = services.http {
+        routes = Routes::from(routes.into_axum_router().fallback_service(http));
+    }
     let router = tonic::transport::Server::builder()
+        .accept_http1(accept_http1)
         .layer(grpc_metrics)
         .layer(options.auth)
         .trace_fn(|request| tracing::debug_span!("grpc", path = %request.uri().path()))

@@ -287,8 +287,13 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let labels = method_labels(request.uri().path(), &self.services);
+        // Plain HTTP (the web console's files) is not a gRPC call; gRPC-web calls are.
+        let grpc = request
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"));
         let future = self.inner.call(request);
-        if !enabled() {
+        if !enabled() || !grpc {
             return Box::pin(future);
         }
         let start = Instant::now();
