@@ -401,6 +401,71 @@ async fn a_live_run_moves_in_the_browser_and_is_cancelled_retried_and_filtered()
     .await?;
     browser.screenshot("runs-filtered-workflow").await?;
 
+    // The other pages: the worker with its task types, a workflow's DAG preview and its submit
+    // form (which starts a run and opens it), the schedules.
+    browser.client.goto(&format!("{url}/#/workers")).await?;
+    wait_until(&browser, "the worker listed", || async {
+        Ok(browser
+            .text(r#"[data-testid="workers"]"#)
+            .await
+            .unwrap_or_default()
+            .contains("slow"))
+    })
+    .await?;
+    browser.screenshot("workers").await?;
+    browser
+        .client
+        .goto(&format!("{url}/#/workflows/console-live"))
+        .await?;
+    browser
+        .wait(
+            r#"[data-testid="workflow-page"] [data-testid="node"][data-step-id="mesh"]"#,
+            Duration::from_secs(15),
+        )
+        .await?;
+    browser.screenshot("workflow").await?;
+    browser.click(r#"[data-testid="submit-run"]"#).await?;
+    wait_until(&browser, "the submitted run's page", || async {
+        let address = browser.client.current_url().await?;
+        Ok(address
+            .fragment()
+            .is_some_and(|f| f.starts_with("/runs/") && !f.contains(&run.run_id)))
+    })
+    .await?;
+    wait_text(&browser, r#"[data-testid="run-state"]"#, "SUCCEEDED").await?;
+    let listed = client
+        .list_runs(dagmesh_proto::v1::ListRunsRequest {
+            workflow: "console-live".into(),
+            ..Default::default()
+        })
+        .await?;
+    ensure!(
+        listed.runs.len() == 2,
+        "the submit form should have started a second run: {} runs",
+        listed.runs.len()
+    );
+    use dagmesh_proto::v1::scheduler_service_client::SchedulerServiceClient;
+    SchedulerServiceClient::new(sandbox.channel().await?)
+        .create_schedule(dagmesh_proto::v1::CreateScheduleRequest {
+            schedule: Some(dagmesh_proto::v1::Schedule {
+                name: "new-year".into(),
+                cron: "0 0 0 1 1 *".into(),
+                workflow: "console-live".into(),
+                ..Default::default()
+            }),
+        })
+        .await?;
+    browser.client.goto(&format!("{url}/#/schedules")).await?;
+    wait_until(&browser, "the schedule listed", || async {
+        Ok(browser
+            .text(r#"[data-testid="schedules"]"#)
+            .await
+            .unwrap_or_default()
+            .contains("new-year"))
+    })
+    .await?;
+    browser.screenshot("schedules").await?;
+
     browser.client.clone().close().await?;
     sandbox.stop().await
 }
