@@ -592,6 +592,79 @@ async fn scan_progress(browser: &Browser) -> anyhow::Result<f64> {
     Ok(value.parse::<f64>()?)
 }
 
+/// What the issue calls done: `dagmesh demo` prints the console's address; the page shows the
+/// room-scan run, and the failed run of room-7 is retried from the browser and succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_prints_the_console_where_a_failed_run_is_retried() -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let Some(browser) = Browser::start().await? else {
+        return Ok(());
+    };
+    let listen = format!("127.0.0.1:{}", free_port()?);
+    let mut demo = tokio::process::Command::new(dagmesh_integration_tests::dagmesh_binary()?)
+        .args(["demo", "--pace-ms", "20", "--keep", "--listen", &listen])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = tokio::io::BufReader::new(demo.stderr.take().context("no stderr")?).lines();
+    let find_url = |line: &str| {
+        line.split_whitespace()
+            .find(|word| word.starts_with("http://"))
+            .map(str::to_owned)
+    };
+    let (mut watch_url, mut retry_url) = (None, None);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while retry_url.is_none() {
+        let line = tokio::time::timeout_at(deadline, lines.next_line())
+            .await
+            .context("the demo printed no console address to retry in")??
+            .context("the demo ended early")?;
+        if line.contains("watch it in the web console") {
+            watch_url = find_url(&line);
+            // The run as it goes.
+            let url = watch_url.clone().context("no address")?;
+            browser.client.goto(&url).await?;
+            browser
+                .wait(
+                    r#"[data-testid="node"][data-step-id="reconstruct"]"#,
+                    Duration::from_secs(30),
+                )
+                .await?;
+            browser.screenshot("demo-room-scan").await?;
+        }
+        if line.contains("retry it in the console") {
+            retry_url = find_url(&line);
+        }
+    }
+    // Keep reading, so the demo never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    ensure!(
+        watch_url.is_some(),
+        "the demo printed no address to watch its run"
+    );
+    browser.client.goto(&retry_url.unwrap()).await?;
+    wait_text(&browser, r#"[data-testid="run-state"]"#, "FAILED").await?;
+    browser
+        .wait(&node("fetch", "FAILED"), Duration::from_secs(10))
+        .await?;
+    browser.screenshot("demo-failed").await?;
+    browser.click(r#"[data-testid="action-retry"]"#).await?;
+    wait_text(&browser, r#"[data-testid="run-state"]"#, "SUCCEEDED").await?;
+    browser
+        .wait(&node("reconstruct", "SUCCEEDED"), Duration::from_secs(10))
+        .await?;
+    browser.screenshot("demo-retried").await?;
+    browser.client.clone().close().await?;
+    let pid = demo.id().context("the demo already ended")?;
+    std::process::Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()?;
+    let status = tokio::time::timeout(Duration::from_secs(30), demo.wait()).await??;
+    ensure!(status.success(), "the demo ended {status:?} after Ctrl-C");
+    Ok(())
+}
+
 async fn wait_text(browser: &Browser, css: &str, expected: &str) -> anyhow::Result<()> {
     wait_until(browser, &format!("`{css}` to read {expected}"), || async {
         Ok(browser.text(css).await.unwrap_or_default().trim() == expected)

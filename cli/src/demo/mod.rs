@@ -111,6 +111,17 @@ pub async fn demo(global: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
             SubmitRun::inline(spec).inputs(dagmesh_example_room_scan::demo_inputs(args.pace_ms)),
         )
         .await?;
+    // A second room whose photos are still uploading: its run fails at once, and retrying it
+    // (the console's Retry, or `dagmesh runs retry`) finishes it.
+    let mut uploading = dagmesh_example_room_scan::demo_inputs(args.pace_ms);
+    uploading["room_id"] = "room-7".into();
+    uploading["image_count"] = 4.into();
+    uploading["uploads_pending"] = 1.into();
+    let uploading = client
+        .submit(
+            SubmitRun::inline(parse(dagmesh_example_room_scan::WORKFLOW_YAML)?).inputs(uploading),
+        )
+        .await?;
     let token = commands::operate::fragment_escape(&token);
     eprintln!(
         "dagmesh demo: watch it in the web console: {url}/#/runs/{}?token={token}",
@@ -121,11 +132,21 @@ pub async fn demo(global: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
     let keep = args
         .keep
         .unwrap_or_else(|| std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let uploading = client.wait_for_run(&uploading.run_id).await?;
+    eprintln!(
+        "dagmesh demo: a second run, of room-7, ended {}: {}",
+        uploading
+            .state()
+            .as_str_name()
+            .trim_start_matches("RUN_STATE_"),
+        uploading.error,
+    );
     if keep {
         eprintln!(
-            "dagmesh demo: the run ended {}; the console stays up at {url}/#/runs?token={token} \
-             (retry or resubmit runs there); Ctrl-C to stop",
-            finished.state().as_str_name()
+            "dagmesh demo: retry it in the console (the upload is done now): \
+             {url}/#/runs/{}?token={token}\n\
+             dagmesh demo: the console stays up at {url}/#/runs?token={token}; Ctrl-C to stop",
+            uploading.run_id
         );
         dagmesh_runtime::shutdown_signal().await;
     }

@@ -63,6 +63,10 @@ struct FetchInput {
     image_count: u32,
     #[serde(default)]
     pace_ms: u64,
+    /// How many attempts find the customer's upload still in progress (a demo of a run that
+    /// fails and succeeds when retried): not worth retrying on its own, so the run fails.
+    #[serde(default)]
+    uploads_pending: u32,
 }
 
 #[derive(Serialize)]
@@ -73,6 +77,12 @@ struct FetchOutput {
 async fn fetch(ctx: TaskContext, input: FetchInput) -> Result<FetchOutput, TaskError> {
     if input.image_count == 0 {
         return Err(TaskError::fatal("image_count must be at least 1"));
+    }
+    if ctx.attempt() <= input.uploads_pending {
+        return Err(TaskError::fatal(format!(
+            "the photos of {} are still uploading; retry the run once the upload is done",
+            input.room_id
+        )));
     }
     let mut images = Vec::new();
     for index in 0..input.image_count {
