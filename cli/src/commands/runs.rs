@@ -128,6 +128,9 @@ pub struct ListArgs {
     /// Continue a previous listing (the token it printed).
     #[arg(long, value_name = "TOKEN")]
     pub page_token: Option<String>,
+    /// Only runs created within this long before now (e.g. `90m`, `2d`).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub since: Option<std::time::Duration>,
 }
 
 /// Run states for `runs list --state`.
@@ -165,6 +168,14 @@ pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<ExitCo
                 tags: args.tags.into_iter().collect(),
                 page_size: args.limit.unwrap_or(0),
                 page_token: args.page_token.unwrap_or_default(),
+                created_after: args.since.map(|since| {
+                    prost_types::Timestamp::from(
+                        SystemTime::now()
+                            .checked_sub(since)
+                            .unwrap_or(SystemTime::UNIX_EPOCH),
+                    )
+                }),
+                created_before: None,
             };
             let response = api.list_runs(request).await?;
             match global.output {

@@ -272,6 +272,20 @@ fn check_list_request(request: &ListRunsRequest) -> Result<(), ApiError> {
         check_len("tags key", key, MAX_NAME_LEN).map_err(invalid)?;
         check_len(&format!("tags.{key}"), value, MAX_VALUE_LEN).map_err(invalid)?;
     }
+    for (field, time) in [
+        ("created_after", &request.created_after),
+        ("created_before", &request.created_before),
+    ] {
+        if let Some(time) = time
+            && dagmesh_metastore::run_id_floor(time).is_none()
+        {
+            return Err(invalid(format!(
+                "{field}: {}s {}ns is not a time runs can have been created at \
+                 (1970 to year 10889, nanos 0 to 999,999,999)",
+                time.seconds, time.nanos
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -438,6 +452,57 @@ async fn watch(
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 updates = subscribe().await?;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost_types::Timestamp;
+
+    #[test]
+    fn list_requests_name_the_field_that_is_out_of_range() {
+        let time = |seconds, nanos| Some(Timestamp { seconds, nanos });
+        let ok = ListRunsRequest {
+            created_after: time(1_764_000_000, 0),
+            created_before: time(1_765_000_000, 999_999_999),
+            ..Default::default()
+        };
+        assert!(check_list_request(&ok).is_ok());
+        for (request, field) in [
+            (
+                ListRunsRequest {
+                    created_after: time(-1, 0),
+                    ..Default::default()
+                },
+                "created_after",
+            ),
+            (
+                ListRunsRequest {
+                    created_before: time(0, 1_000_000_000),
+                    ..Default::default()
+                },
+                "created_before",
+            ),
+            (
+                ListRunsRequest {
+                    created_before: time(i64::MAX, 0),
+                    ..Default::default()
+                },
+                "created_before",
+            ),
+            (
+                ListRunsRequest {
+                    page_size: dagmesh_metastore::MAX_PAGE_SIZE + 1,
+                    ..Default::default()
+                },
+                "page_size",
+            ),
+        ] {
+            let error = check_list_request(&request).unwrap_err();
+            assert_eq!(error.kind, dagmesh_api::ErrorKind::InvalidArgument);
+            assert!(error.message.starts_with(field), "{error}");
         }
     }
 }

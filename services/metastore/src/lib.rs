@@ -43,6 +43,7 @@ pub use dagmesh_proto::v1::{ActiveRuns, UnreadableRun};
 pub use error::StoreError;
 pub use sql::{
     Dialect, PgTls, PostgresStore, SqlDatabase, SqlStore, SqliteStore, connect, connect_sql,
+    run_id_floor,
 };
 pub use store::{
     DEFAULT_EVENT_LIMIT, DEFAULT_PAGE_SIZE, Lease, MAX_LEASE_TTL, MAX_LIVE_LEASES, MAX_PAGE_SIZE,

@@ -989,6 +989,58 @@ mod cases {
         .await?;
         assert_eq!(run_ids(&combined.runs), ids(&[4]));
 
+        // Creation time: ids are UUIDv7, and run n's id says millisecond n << 16.
+        let at = |n: u64| {
+            let ms = n << 16;
+            prost_types::Timestamp {
+                seconds: (ms / 1000) as i64,
+                nanos: ((ms % 1000) * 1_000_000) as i32,
+            }
+        };
+        let window = list(ListRunsRequest {
+            created_after: Some(at(2)),
+            created_before: Some(at(5)),
+            ..Default::default()
+        })
+        .await?;
+        assert_eq!(run_ids(&window.runs), ids(&[4, 3, 2]), "after is inclusive");
+        let recent_builds = list(ListRunsRequest {
+            workflow: "build".into(),
+            created_after: Some(at(3)),
+            ..Default::default()
+        })
+        .await?;
+        assert_eq!(run_ids(&recent_builds.runs), ids(&[6, 4]));
+        // Times no id can hold keep their meaning: before 1970 bounds nothing, past year 10889
+        // is after every run.
+        let before_1970 = prost_types::Timestamp {
+            seconds: -5,
+            nanos: 0,
+        };
+        let far_future = prost_types::Timestamp {
+            seconds: i64::MAX,
+            nanos: 0,
+        };
+        let everything = list(ListRunsRequest {
+            created_after: Some(before_1970),
+            created_before: Some(far_future),
+            ..Default::default()
+        })
+        .await?;
+        assert_eq!(run_ids(&everything.runs), ids(&[6, 5, 4, 3, 2, 1]));
+        let nothing = list(ListRunsRequest {
+            created_after: Some(far_future),
+            ..Default::default()
+        })
+        .await?;
+        assert!(nothing.runs.is_empty());
+        let nothing = list(ListRunsRequest {
+            created_before: Some(before_1970),
+            ..Default::default()
+        })
+        .await?;
+        assert!(nothing.runs.is_empty());
+
         let none = list(ListRunsRequest {
             tags: tags(&[("team", "z")]),
             ..Default::default()

@@ -8,6 +8,8 @@
 
 mod postgres;
 mod records;
+
+pub use records::run_id_floor;
 mod sqlite;
 mod store;
 

@@ -430,12 +430,56 @@ where
             .push_bind(value.clone())
             .push(")");
     }
+    // Run ids are UUIDv7 (the creation millisecond first), so a time range is an id range.
+    // Out-of-range times (refused by the executor's checks) keep the filter's meaning: before
+    // 1970 bounds nothing, past what an id can hold matches nothing.
+    if let Some(after) = &req.created_after {
+        match run_id_floor(after) {
+            Some(floor) => {
+                q.push(" AND r.run_id >= ").push_bind(floor);
+            }
+            None if after.seconds >= 0 => {
+                q.push(" AND 1 = 0");
+            }
+            None => {}
+        }
+    }
+    if let Some(before) = &req.created_before {
+        match run_id_floor(before) {
+            Some(floor) => {
+                q.push(" AND r.run_id < ").push_bind(floor);
+            }
+            None if before.seconds < 0 => {
+                q.push(" AND 1 = 0");
+            }
+            None => {}
+        }
+    }
     if !req.page_token.is_empty() {
         q.push(" AND r.run_id < ").push_bind(req.page_token.clone());
     }
     q.push(" ORDER BY r.run_id DESC LIMIT ")
         .push_bind(i64::from(page_size(req)) + 1);
     q
+}
+
+/// The smallest UUIDv7 run id of `time`'s millisecond (its 48-bit timestamp, the rest zero):
+/// every run created at or after `time` has an id at least this. None when `time` is not a valid
+/// timestamp (nanos outside 0..1e9) or outside what an id can hold (1970 to year 10889).
+pub fn run_id_floor(time: &Timestamp) -> Option<String> {
+    if !(0..1_000_000_000).contains(&time.nanos) {
+        return None;
+    }
+    let ms = i128::from(time.seconds) * 1000 + i128::from(time.nanos / 1_000_000);
+    if !(0..1i128 << 48).contains(&ms) {
+        return None;
+    }
+    let ms = ms as u64;
+    Some(format!(
+        "{:08x}-{:04x}-0000-0000-000000000000",
+        ms >> 16,
+        ms & 0xffff
+    ))
 }
 
 /// A row of [`list_runs_query`].

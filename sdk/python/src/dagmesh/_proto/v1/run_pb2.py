@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from dagmesh._proto.v1 import types_pb2 as dagmesh_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64\x61gmesh/v1/run.proto\x12\ndagmesh.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x16\x64\x61gmesh/v1/types.proto\"\xf7\x02\n\x10SubmitRunRequest\x12+\n\x08workflow\x18\x01 \x01(\x0b\x32\x17.dagmesh.v1.WorkflowRefH\x00\x12(\n\x04spec\x18\x02 \x01(\x0b\x32\x18.dagmesh.v1.WorkflowSpecH\x00\x12\'\n\x06inputs\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x34\n\x04tags\x18\x05 \x03(\x0b\x32&.dagmesh.v1.SubmitRunRequest.TagsEntry\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x14\n\x0cmemoize_from\x18\x07 \x01(\t\x12/\n\rnotifications\x18\x08 \x03(\x0b\x32\x18.dagmesh.v1.Notification\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0e\n\x0cworkflow_ref\",\n\x0bWorkflowRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"B\n\x11SubmitRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.dagmesh.v1.Run\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\xd1\x01\n\x0fListRunsRequest\x12\x10\n\x08workflow\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.dagmesh.v1.RunState\x12\x33\n\x04tags\x18\x03 \x03(\x0b\x32%.dagmesh.v1.ListRunsRequest.TagsEntry\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\x10ListRunsResponse\x12\x1d\n\x04runs\x18\x01 \x03(\x0b\x32\x0f.dagmesh.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"G\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x16\n\tafter_seq\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\x0c\n\n_after_seq\"i\n\x10WatchRunResponse\x12#\n\x08snapshot\x18\x01 \x01(\x0b\x32\x0f.dagmesh.v1.RunH\x00\x12%\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x14.dagmesh.v1.RunEventH\x00\x42\t\n\x07message\"i\n\x12GetStepLogsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\x12\x11\n\tafter_seq\x18\x05 \x01(\x04\"h\n\x13GetStepLogsResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\"\n\x05lines\x18\x03 \x03(\x0b\x32\x13.dagmesh.v1.LogLine\x12\x0b\n\x03seq\x18\x04 \x01(\x04\"2\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"4\n\x0fRetryRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tfrom_step\x18\x02 \x01(\t\"\x81\x01\n\x12\x41pproveStepRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61pprove\x18\x03 \x01(\x08\x12(\n\x07outputs\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07\x63omment\x18\x05 \x01(\t\"3\n\x11SuspendRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\"\n\x10ResumeRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"N\n\x13\x44\x65liverEventRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12(\n\x07payload\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"\'\n\x14\x44\x65liverEventResponse\x12\x0f\n\x07resumed\x18\x01 \x03(\t2\xf1\x05\n\nRunService\x12H\n\tSubmitRun\x12\x1c.dagmesh.v1.SubmitRunRequest\x1a\x1d.dagmesh.v1.SubmitRunResponse\x12\x34\n\x06GetRun\x12\x19.dagmesh.v1.GetRunRequest\x1a\x0f.dagmesh.v1.Run\x12\x45\n\x08ListRuns\x12\x1b.dagmesh.v1.ListRunsRequest\x1a\x1c.dagmesh.v1.ListRunsResponse\x12G\n\x08WatchRun\x12\x1b.dagmesh.v1.WatchRunRequest\x1a\x1c.dagmesh.v1.WatchRunResponse0\x01\x12P\n\x0bGetStepLogs\x12\x1e.dagmesh.v1.GetStepLogsRequest\x1a\x1f.dagmesh.v1.GetStepLogsResponse0\x01\x12:\n\tCancelRun\x12\x1c.dagmesh.v1.CancelRunRequest\x1a\x0f.dagmesh.v1.Run\x12\x38\n\x08RetryRun\x12\x1b.dagmesh.v1.RetryRunRequest\x1a\x0f.dagmesh.v1.Run\x12>\n\x0b\x41pproveStep\x12\x1e.dagmesh.v1.ApproveStepRequest\x1a\x0f.dagmesh.v1.Run\x12<\n\nSuspendRun\x12\x1d.dagmesh.v1.SuspendRunRequest\x1a\x0f.dagmesh.v1.Run\x12:\n\tResumeRun\x12\x1c.dagmesh.v1.ResumeRunRequest\x1a\x0f.dagmesh.v1.Run\x12Q\n\x0c\x44\x65liverEvent\x12\x1f.dagmesh.v1.DeliverEventRequest\x1a .dagmesh.v1.DeliverEventResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64\x61gmesh/v1/run.proto\x12\ndagmesh.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16\x64\x61gmesh/v1/types.proto\"\xf7\x02\n\x10SubmitRunRequest\x12+\n\x08workflow\x18\x01 \x01(\x0b\x32\x17.dagmesh.v1.WorkflowRefH\x00\x12(\n\x04spec\x18\x02 \x01(\x0b\x32\x18.dagmesh.v1.WorkflowSpecH\x00\x12\'\n\x06inputs\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x34\n\x04tags\x18\x05 \x03(\x0b\x32&.dagmesh.v1.SubmitRunRequest.TagsEntry\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x14\n\x0cmemoize_from\x18\x07 \x01(\t\x12/\n\rnotifications\x18\x08 \x03(\x0b\x32\x18.dagmesh.v1.Notification\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0e\n\x0cworkflow_ref\",\n\x0bWorkflowRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"B\n\x11SubmitRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.dagmesh.v1.Run\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\xb8\x02\n\x0fListRunsRequest\x12\x10\n\x08workflow\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.dagmesh.v1.RunState\x12\x33\n\x04tags\x18\x03 \x03(\x0b\x32%.dagmesh.v1.ListRunsRequest.TagsEntry\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\x12\x31\n\rcreated_after\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\x10ListRunsResponse\x12\x1d\n\x04runs\x18\x01 \x03(\x0b\x32\x0f.dagmesh.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"G\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x16\n\tafter_seq\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\x0c\n\n_after_seq\"i\n\x10WatchRunResponse\x12#\n\x08snapshot\x18\x01 \x01(\x0b\x32\x0f.dagmesh.v1.RunH\x00\x12%\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x14.dagmesh.v1.RunEventH\x00\x42\t\n\x07message\"i\n\x12GetStepLogsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\x12\x11\n\tafter_seq\x18\x05 \x01(\x04\"h\n\x13GetStepLogsResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\"\n\x05lines\x18\x03 \x03(\x0b\x32\x13.dagmesh.v1.LogLine\x12\x0b\n\x03seq\x18\x04 \x01(\x04\"2\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"4\n\x0fRetryRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tfrom_step\x18\x02 \x01(\t\"\x81\x01\n\x12\x41pproveStepRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61pprove\x18\x03 \x01(\x08\x12(\n\x07outputs\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07\x63omment\x18\x05 \x01(\t\"3\n\x11SuspendRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\"\n\x10ResumeRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"N\n\x13\x44\x65liverEventRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12(\n\x07payload\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"\'\n\x14\x44\x65liverEventResponse\x12\x0f\n\x07resumed\x18\x01 \x03(\t2\xf1\x05\n\nRunService\x12H\n\tSubmitRun\x12\x1c.dagmesh.v1.SubmitRunRequest\x1a\x1d.dagmesh.v1.SubmitRunResponse\x12\x34\n\x06GetRun\x12\x19.dagmesh.v1.GetRunRequest\x1a\x0f.dagmesh.v1.Run\x12\x45\n\x08ListRuns\x12\x1b.dagmesh.v1.ListRunsRequest\x1a\x1c.dagmesh.v1.ListRunsResponse\x12G\n\x08WatchRun\x12\x1b.dagmesh.v1.WatchRunRequest\x1a\x1c.dagmesh.v1.WatchRunResponse0\x01\x12P\n\x0bGetStepLogs\x12\x1e.dagmesh.v1.GetStepLogsRequest\x1a\x1f.dagmesh.v1.GetStepLogsResponse0\x01\x12:\n\tCancelRun\x12\x1c.dagmesh.v1.CancelRunRequest\x1a\x0f.dagmesh.v1.Run\x12\x38\n\x08RetryRun\x12\x1b.dagmesh.v1.RetryRunRequest\x1a\x0f.dagmesh.v1.Run\x12>\n\x0b\x41pproveStep\x12\x1e.dagmesh.v1.ApproveStepRequest\x1a\x0f.dagmesh.v1.Run\x12<\n\nSuspendRun\x12\x1d.dagmesh.v1.SuspendRunRequest\x1a\x0f.dagmesh.v1.Run\x12:\n\tResumeRun\x12\x1c.dagmesh.v1.ResumeRunRequest\x1a\x0f.dagmesh.v1.Run\x12Q\n\x0c\x44\x65liverEvent\x12\x1f.dagmesh.v1.DeliverEventRequest\x1a .dagmesh.v1.DeliverEventResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,44 +38,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITRUNREQUEST_TAGSENTRY']._serialized_options = b'8\001'
   _globals['_LISTRUNSREQUEST_TAGSENTRY']._loaded_options = None
   _globals['_LISTRUNSREQUEST_TAGSENTRY']._serialized_options = b'8\001'
-  _globals['_SUBMITRUNREQUEST']._serialized_start=91
-  _globals['_SUBMITRUNREQUEST']._serialized_end=466
-  _globals['_SUBMITRUNREQUEST_TAGSENTRY']._serialized_start=407
-  _globals['_SUBMITRUNREQUEST_TAGSENTRY']._serialized_end=450
-  _globals['_WORKFLOWREF']._serialized_start=468
-  _globals['_WORKFLOWREF']._serialized_end=512
-  _globals['_SUBMITRUNRESPONSE']._serialized_start=514
-  _globals['_SUBMITRUNRESPONSE']._serialized_end=580
-  _globals['_GETRUNREQUEST']._serialized_start=582
-  _globals['_GETRUNREQUEST']._serialized_end=613
-  _globals['_LISTRUNSREQUEST']._serialized_start=616
-  _globals['_LISTRUNSREQUEST']._serialized_end=825
-  _globals['_LISTRUNSREQUEST_TAGSENTRY']._serialized_start=407
-  _globals['_LISTRUNSREQUEST_TAGSENTRY']._serialized_end=450
-  _globals['_LISTRUNSRESPONSE']._serialized_start=827
-  _globals['_LISTRUNSRESPONSE']._serialized_end=901
-  _globals['_WATCHRUNREQUEST']._serialized_start=903
-  _globals['_WATCHRUNREQUEST']._serialized_end=974
-  _globals['_WATCHRUNRESPONSE']._serialized_start=976
-  _globals['_WATCHRUNRESPONSE']._serialized_end=1081
-  _globals['_GETSTEPLOGSREQUEST']._serialized_start=1083
-  _globals['_GETSTEPLOGSREQUEST']._serialized_end=1188
-  _globals['_GETSTEPLOGSRESPONSE']._serialized_start=1190
-  _globals['_GETSTEPLOGSRESPONSE']._serialized_end=1294
-  _globals['_CANCELRUNREQUEST']._serialized_start=1296
-  _globals['_CANCELRUNREQUEST']._serialized_end=1346
-  _globals['_RETRYRUNREQUEST']._serialized_start=1348
-  _globals['_RETRYRUNREQUEST']._serialized_end=1400
-  _globals['_APPROVESTEPREQUEST']._serialized_start=1403
-  _globals['_APPROVESTEPREQUEST']._serialized_end=1532
-  _globals['_SUSPENDRUNREQUEST']._serialized_start=1534
-  _globals['_SUSPENDRUNREQUEST']._serialized_end=1585
-  _globals['_RESUMERUNREQUEST']._serialized_start=1587
-  _globals['_RESUMERUNREQUEST']._serialized_end=1621
-  _globals['_DELIVEREVENTREQUEST']._serialized_start=1623
-  _globals['_DELIVEREVENTREQUEST']._serialized_end=1701
-  _globals['_DELIVEREVENTRESPONSE']._serialized_start=1703
-  _globals['_DELIVEREVENTRESPONSE']._serialized_end=1742
-  _globals['_RUNSERVICE']._serialized_start=1745
-  _globals['_RUNSERVICE']._serialized_end=2498
+  _globals['_SUBMITRUNREQUEST']._serialized_start=124
+  _globals['_SUBMITRUNREQUEST']._serialized_end=499
+  _globals['_SUBMITRUNREQUEST_TAGSENTRY']._serialized_start=440
+  _globals['_SUBMITRUNREQUEST_TAGSENTRY']._serialized_end=483
+  _globals['_WORKFLOWREF']._serialized_start=501
+  _globals['_WORKFLOWREF']._serialized_end=545
+  _globals['_SUBMITRUNRESPONSE']._serialized_start=547
+  _globals['_SUBMITRUNRESPONSE']._serialized_end=613
+  _globals['_GETRUNREQUEST']._serialized_start=615
+  _globals['_GETRUNREQUEST']._serialized_end=646
+  _globals['_LISTRUNSREQUEST']._serialized_start=649
+  _globals['_LISTRUNSREQUEST']._serialized_end=961
+  _globals['_LISTRUNSREQUEST_TAGSENTRY']._serialized_start=440
+  _globals['_LISTRUNSREQUEST_TAGSENTRY']._serialized_end=483
+  _globals['_LISTRUNSRESPONSE']._serialized_start=963
+  _globals['_LISTRUNSRESPONSE']._serialized_end=1037
+  _globals['_WATCHRUNREQUEST']._serialized_start=1039
+  _globals['_WATCHRUNREQUEST']._serialized_end=1110
+  _globals['_WATCHRUNRESPONSE']._serialized_start=1112
+  _globals['_WATCHRUNRESPONSE']._serialized_end=1217
+  _globals['_GETSTEPLOGSREQUEST']._serialized_start=1219
+  _globals['_GETSTEPLOGSREQUEST']._serialized_end=1324
+  _globals['_GETSTEPLOGSRESPONSE']._serialized_start=1326
+  _globals['_GETSTEPLOGSRESPONSE']._serialized_end=1430
+  _globals['_CANCELRUNREQUEST']._serialized_start=1432
+  _globals['_CANCELRUNREQUEST']._serialized_end=1482
+  _globals['_RETRYRUNREQUEST']._serialized_start=1484
+  _globals['_RETRYRUNREQUEST']._serialized_end=1536
+  _globals['_APPROVESTEPREQUEST']._serialized_start=1539
+  _globals['_APPROVESTEPREQUEST']._serialized_end=1668
+  _globals['_SUSPENDRUNREQUEST']._serialized_start=1670
+  _globals['_SUSPENDRUNREQUEST']._serialized_end=1721
+  _globals['_RESUMERUNREQUEST']._serialized_start=1723
+  _globals['_RESUMERUNREQUEST']._serialized_end=1757
+  _globals['_DELIVEREVENTREQUEST']._serialized_start=1759
+  _globals['_DELIVEREVENTREQUEST']._serialized_end=1837
+  _globals['_DELIVEREVENTRESPONSE']._serialized_start=1839
+  _globals['_DELIVEREVENTRESPONSE']._serialized_end=1878
+  _globals['_RUNSERVICE']._serialized_start=1881
+  _globals['_RUNSERVICE']._serialized_end=2634
 # @@protoc_insertion_point(module_scope)
