@@ -13,8 +13,9 @@
 #     (reflection check) and the manifest validator; the Python SDK in .venv-python/.
 #   - Debian's C++ gRPC packages (sdk/cpp/scripts/test.sh --setup-only).
 #   - Debian's `chromium` and `chromium-driver` (the web console is tested in a real browser),
-#     and Node.js with npm (Debian's `nodejs npm` when no `npm` is on PATH) to check that
-#     console/dist is what `npm ci && npm run build` makes of console/web.
+#     and Node.js with npm (Debian's `nodejs npm` when no `npm` is on PATH) to check that the
+#     console's generated client (console/web/src/gen) and its build (console/dist) are what
+#     `npm ci`, `npm run generate` and `npm run build` make of proto/ and console/web.
 # The Rust toolchain (cargo, rustc >= the workspace's rust-version) must be on PATH already.
 # Usage: scripts/test.sh [--quick | --setup-only]
 #   --quick       Rust tests only (no Python/C++/manifests and none of their setup)
@@ -214,10 +215,11 @@ cargo test --workspace --locked
 $quick && exit 0
 
 # --- Web console ----------------------------------------------------------------------------
-step "web console: console/dist is what npm ci && npm run build make of console/web"
-(cd console/web && quietly npm ci --no-audit --no-fund && quietly npm run build)
-git diff --exit-code --stat -- console/dist || {
-  echo "error: console/dist differs from a fresh build of console/web; commit the rebuilt files" >&2
+step "web console: src/gen and dist are what npm ci, npm run generate and npm run build make"
+(cd console/web && quietly npm ci --no-audit --no-fund && quietly npm run generate && quietly npm run build)
+git diff --exit-code --stat -- console/web/src/gen console/dist || {
+  echo "error: console/web/src/gen or console/dist differs from what proto/ and console/web make;" \
+    "run npm run generate and npm run build in console/web and commit the files" >&2
   exit 1
 }
 
