@@ -401,6 +401,59 @@ async fn a_live_run_moves_in_the_browser_and_is_cancelled_retried_and_filtered()
     .await?;
     browser.screenshot("runs-filtered-workflow").await?;
 
+    // An approval, answered from the page.
+    let review = StepSpec {
+        approval: Some(dagmesh_proto::v1::ApprovalSpec {
+            message: "Ship the scan of this room?".into(),
+            timeout: String::new(),
+        }),
+        ..step("review", "", &[], &[])
+    };
+    client
+        .apply_workflow(workflow(
+            "console-approval",
+            vec![
+                review,
+                step("ship", "slow@^1", &["review"], &[("gate", "'ship'")]),
+            ],
+        ))
+        .await?;
+    gates.open("ship");
+    let approval = client
+        .submit(SubmitRun::workflow("console-approval"))
+        .await?;
+    browser
+        .client
+        .goto(&format!("{url}/#/runs/{}", approval.run_id))
+        .await?;
+    browser
+        .wait(
+            r#"[data-testid="action-approve"][data-step-id="review"]"#,
+            Duration::from_secs(20),
+        )
+        .await?;
+    browser.screenshot("approval-waiting").await?;
+    browser
+        .click(r#"[data-testid="action-approve"][data-step-id="review"]"#)
+        .await?;
+    wait_text(&browser, r#"[data-testid="run-state"]"#, "SUCCEEDED").await?;
+    let approved = client.get_run(&approval.run_id).await?;
+    let outputs = dagmesh_proto::json::from_struct(
+        approved
+            .steps
+            .iter()
+            .find(|step| step.step_id == "review")
+            .context("no review step")?
+            .outputs
+            .as_ref(),
+    );
+    ensure!(
+        outputs
+            .get("approved_by")
+            .is_some_and(|by| by == "token:admin"),
+        "the approval did not record who approved: {outputs:?}"
+    );
+
     // The other pages: the worker with its task types, a workflow's DAG preview and its submit
     // form (which starts a run and opens it), the schedules.
     browser.client.goto(&format!("{url}/#/workers")).await?;
