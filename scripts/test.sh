@@ -215,8 +215,9 @@ cargo test --workspace --locked
 $quick && exit 0
 
 # --- Web console ----------------------------------------------------------------------------
-step "web console: src/gen and dist are what npm ci, npm run generate and npm run build make"
-(cd console/web && quietly npm ci --no-audit --no-fund && quietly npm run generate && quietly npm run build)
+step "web console: type check; src/gen and dist are what npm run generate and npm run build make"
+(cd console/web && quietly npm ci --no-audit --no-fund && quietly npm run generate &&
+  quietly npm run check && quietly npm run build)
 git diff --exit-code --stat -- console/web/src/gen console/dist || {
   echo "error: console/web/src/gen or console/dist differs from what proto/ and console/web make;" \
     "run npm run generate and npm run build in console/web and commit the files" >&2

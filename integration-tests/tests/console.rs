@@ -32,6 +32,11 @@ struct Browser {
 impl Browser {
     /// None (and a note) when no chromedriver is installed and none is required.
     async fn start() -> anyhow::Result<Option<Self>> {
+        Self::start_with(false).await
+    }
+
+    /// With `accept_insecure_certs`, the browser trusts any server certificate (a test CA's).
+    async fn start_with(accept_insecure_certs: bool) -> anyhow::Result<Option<Self>> {
         let driver = std::env::var_os("DAGMESH_CHROMEDRIVER")
             .map(PathBuf::from)
             .or_else(|| find_on_path("chromedriver"));
@@ -69,6 +74,9 @@ impl Browser {
         }
         let mut capabilities = serde_json::Map::new();
         capabilities.insert("goog:chromeOptions".into(), options);
+        if accept_insecure_certs {
+            capabilities.insert("acceptInsecureCerts".into(), json!(true));
+        }
         let url = format!("http://127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(20);
         let client = loop {
@@ -643,6 +651,64 @@ async fn scan_progress(browser: &Browser) -> anyhow::Result<f64> {
         .await?
         .context("progress without data-value")?;
     Ok(value.parse::<f64>()?)
+}
+
+/// Over TLS (as in the Kubernetes deployments) the browser negotiates HTTP/2 and makes its
+/// gRPC-web calls over it; the page and the calls work the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_works_over_tls() -> anyhow::Result<()> {
+    let Some(browser) = Browser::start_with(true).await? else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let pki = dagmesh_integration_tests::pki::TestPki::create(dir.path(), "")?;
+    let tls = dagmesh_runtime::tls::ServerTls::load(dagmesh_runtime::tls::TlsFiles {
+        cert: pki.server_cert.clone(),
+        key: pki.server_key.clone(),
+        client_ca: None,
+    })?;
+    let mut sandbox = Sandbox::start_secure(MeshSecurity {
+        auth: true,
+        tls: Some(tls),
+        admin_token_file: Some(dir.path().join("admin.token")),
+        ..MeshSecurity::default()
+    })
+    .await?;
+    let url = sandbox.url();
+    ensure!(url.starts_with("https://"), "{url}");
+    let token = sandbox
+        .mesh
+        .admin_token()
+        .context("no admin token")?
+        .to_owned();
+    sandbox.settings = dagmesh_proto::connect::ClientSettings {
+        tls_ca: Some(pki.ca.clone()),
+        ..sandbox.settings.clone().with_token(token.clone())
+    };
+    let client = sandbox.client().await?;
+    client.apply_workflow(two_slow_steps()).await?;
+    let run = client.submit(SubmitRun::workflow("console-live")).await?;
+    browser
+        .client
+        .goto(&format!("{url}/#/runs?token={token}"))
+        .await?;
+    browser
+        .wait(
+            &format!(r#"[data-testid="run-row"][data-run-id="{}"]"#, run.run_id),
+            Duration::from_secs(20),
+        )
+        .await?;
+    let protocol = browser
+        .client
+        .execute(
+            "return performance.getEntriesByType('navigation')[0].nextHopProtocol",
+            vec![],
+        )
+        .await?;
+    ensure!(protocol == json!("h2"), "the page came over {protocol}");
+    browser.screenshot("tls-runs").await?;
+    browser.client.clone().close().await?;
+    sandbox.stop().await
 }
 
 /// What the issue calls done: `dagmesh demo` prints the console's address; the page shows the
