@@ -88,15 +88,13 @@ async fn not_found(request: Request<Body>) -> Response {
         .filter(|value| value.as_bytes().starts_with(b"application/grpc"))
         .cloned();
     if let Some(content_type) = grpc_type {
-        // What tonic answers for an unknown service, with a message that says which.
-        let message = format!("this server does not serve {path}");
-        let mut response = Response::new(Body::empty());
-        let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, content_type);
-        headers.insert("grpc-status", HeaderValue::from_static("12"));
-        if let Ok(value) = HeaderValue::from_str(&percent_encode(&message)) {
-            headers.insert("grpc-message", value);
-        }
+        // What tonic answers for an unknown service, with a message that says which, in the
+        // caller's content type (gRPC or gRPC-web).
+        let status = tonic::Status::unimplemented(format!("this server does not serve {path}"));
+        let mut response = status.into_http::<Body>();
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, content_type);
         return response;
     }
     let mut response = Response::new(Body::from(format!(
@@ -108,19 +106,6 @@ async fn not_found(request: Request<Body>) -> Response {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
-}
-
-/// grpc-message is percent-encoded (gRPC over HTTP/2, "Responses").
-fn percent_encode(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        if (0x20..0x7f).contains(&byte) && byte != b'%' {
-            out.push(byte as char);
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -165,9 +165,24 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
         .find(|path| path.is_file())
 }
 
-async fn secured_sandbox(dir: &tempfile::TempDir) -> anyhow::Result<(Sandbox, String)> {
+/// A mesh with authentication on (and TLS with `tls`), and a client settings with its admin
+/// token (and the test CA).
+async fn secured_sandbox(
+    dir: &tempfile::TempDir,
+    tls: Option<&dagmesh_integration_tests::pki::TestPki>,
+) -> anyhow::Result<(Sandbox, String)> {
+    let server_tls = tls
+        .map(|pki| {
+            dagmesh_runtime::tls::ServerTls::load(dagmesh_runtime::tls::TlsFiles {
+                cert: pki.server_cert.clone(),
+                key: pki.server_key.clone(),
+                client_ca: None,
+            })
+        })
+        .transpose()?;
     let mut sandbox = Sandbox::start_secure(MeshSecurity {
         auth: true,
+        tls: server_tls,
         admin_token_file: Some(dir.path().join("admin.token")),
         ..MeshSecurity::default()
     })
@@ -177,7 +192,10 @@ async fn secured_sandbox(dir: &tempfile::TempDir) -> anyhow::Result<(Sandbox, St
         .admin_token()
         .context("no admin token")?
         .to_owned();
-    sandbox.settings = sandbox.settings.clone().with_token(token.clone());
+    sandbox.settings = dagmesh_proto::connect::ClientSettings {
+        tls_ca: tls.map(|pki| pki.ca.clone()),
+        ..sandbox.settings.clone().with_token(token.clone())
+    };
     Ok((sandbox, token))
 }
 
@@ -245,7 +263,7 @@ async fn a_live_run_moves_in_the_browser_and_is_cancelled_retried_and_filtered()
         return Ok(());
     };
     let dir = tempfile::tempdir()?;
-    let (sandbox, token) = secured_sandbox(&dir).await?;
+    let (sandbox, token) = secured_sandbox(&dir, None).await?;
     let url = sandbox.url();
     let gates = Gates::default();
     spawn_worker(console_worker(url.clone(), token.clone(), gates.clone())).await?;
@@ -541,7 +559,7 @@ async fn a_run_with_ten_thousand_map_items_renders_fast_and_stays_responsive() -
         return Ok(());
     };
     let dir = tempfile::tempdir()?;
-    let (sandbox, token) = secured_sandbox(&dir).await?;
+    let (sandbox, token) = secured_sandbox(&dir, None).await?;
     let url = sandbox.url();
     spawn_worker(
         Worker::builder(url.clone())
@@ -662,29 +680,9 @@ async fn the_console_works_over_tls() -> anyhow::Result<()> {
     };
     let dir = tempfile::tempdir()?;
     let pki = dagmesh_integration_tests::pki::TestPki::create(dir.path(), "")?;
-    let tls = dagmesh_runtime::tls::ServerTls::load(dagmesh_runtime::tls::TlsFiles {
-        cert: pki.server_cert.clone(),
-        key: pki.server_key.clone(),
-        client_ca: None,
-    })?;
-    let mut sandbox = Sandbox::start_secure(MeshSecurity {
-        auth: true,
-        tls: Some(tls),
-        admin_token_file: Some(dir.path().join("admin.token")),
-        ..MeshSecurity::default()
-    })
-    .await?;
+    let (sandbox, token) = secured_sandbox(&dir, Some(&pki)).await?;
     let url = sandbox.url();
     ensure!(url.starts_with("https://"), "{url}");
-    let token = sandbox
-        .mesh
-        .admin_token()
-        .context("no admin token")?
-        .to_owned();
-    sandbox.settings = dagmesh_proto::connect::ClientSettings {
-        tls_ca: Some(pki.ca.clone()),
-        ..sandbox.settings.clone().with_token(token.clone())
-    };
     let client = sandbox.client().await?;
     client.apply_workflow(two_slow_steps()).await?;
     let run = client.submit(SubmitRun::workflow("console-live")).await?;
@@ -808,4 +806,142 @@ where
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// One HTTP/1.1 request on a fresh connection (`Connection: close`); the whole answer as text.
+async fn http1(addr: &str, head: &str, body: &[u8]) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(
+            format!(
+                "{head}\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await?;
+    stream.write_all(body).await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await??;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// What a hostile client can send to the port now that it speaks HTTP/1.1 and gRPC-web: paths
+/// that try to reach a service around the console's files, calls without a token, garbage
+/// gRPC-web bodies, unknown services, huge paths, out-of-range list filters. Each gets a clear
+/// refusal and the server goes on serving. No browser needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_http_and_grpc_web_requests_are_refused_clearly() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (sandbox, token) = secured_sandbox(&dir, None).await?;
+    let addr = sandbox.mesh.addr().to_string();
+    let grpc_web = |path: &str, auth: bool| {
+        format!(
+            "POST {path} HTTP/1.1\r\nContent-Type: application/grpc-web+proto\r\nX-Grpc-Web: 1{}",
+            if auth {
+                format!("\r\nAuthorization: Bearer {token}")
+            } else {
+                String::new()
+            }
+        )
+    };
+    let empty_message = [0u8, 0, 0, 0, 0];
+
+    let answer = http1(&addr, "GET / HTTP/1.1", b"").await?;
+    ensure!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    ensure!(answer.contains("/console/app.js"), "{answer}");
+    // A path that walks out of /console/ is not a call.
+    let answer = http1(
+        &addr,
+        "GET /console/../dagmesh.v1.RunService/ListRuns HTTP/1.1",
+        b"",
+    )
+    .await?;
+    ensure!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    let answer = http1(
+        &addr,
+        &grpc_web("/console/../dagmesh.v1.RunService/ListRuns", true),
+        &empty_message,
+    )
+    .await?;
+    ensure!(
+        answer.to_lowercase().contains("grpc-status: 12"),
+        "{answer}"
+    );
+    // No token: UNAUTHENTICATED, readable by a gRPC-web client.
+    let answer = http1(
+        &addr,
+        &grpc_web("/dagmesh.v1.RunService/ListRuns", false),
+        &empty_message,
+    )
+    .await?;
+    let lower = answer.to_lowercase();
+    ensure!(
+        lower.contains("grpc-status: 16") && lower.contains("content-type: application/grpc-web"),
+        "{answer}"
+    );
+    // A valid call works; a body that is not a gRPC-web frame is refused as a gRPC status.
+    let answer = http1(
+        &addr,
+        &grpc_web("/dagmesh.v1.RunService/ListRuns", true),
+        &empty_message,
+    )
+    .await?;
+    ensure!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    ensure!(answer.contains("grpc-status:0"), "{answer}");
+    let answer = http1(
+        &addr,
+        &grpc_web("/dagmesh.v1.RunService/ListRuns", true),
+        &[0, 0xff, 0xff, 0xff, 0xff, 1, 2, 3],
+    )
+    .await?;
+    ensure!(
+        answer.to_lowercase().contains("grpc-status") && !answer.contains("grpc-status:0"),
+        "{answer}"
+    );
+    let answer = http1(
+        &addr,
+        "POST /dagmesh.v1.RunService/ListRuns HTTP/1.1\r\nContent-Type: application/grpc-web-text",
+        b"%%% not base64 %%%",
+    )
+    .await?;
+    ensure!(
+        !answer.is_empty(),
+        "no answer to a garbage grpc-web-text body"
+    );
+    // A path far over any sane length.
+    let long = format!("GET /console/{} HTTP/1.1", "a".repeat(100_000));
+    let answer = http1(&addr, &long, b"").await.unwrap_or_default();
+    ensure!(
+        !answer.starts_with("HTTP/1.1 200"),
+        "a 100 KB path was served"
+    );
+
+    // Out-of-range time filters: INVALID_ARGUMENT naming the field.
+    let error = sandbox
+        .client()
+        .await?
+        .list_runs(dagmesh_proto::v1::ListRunsRequest {
+            created_after: Some(prost_types::Timestamp {
+                seconds: -62_000_000_000,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    ensure!(error.contains("created_after"), "{error}");
+
+    // Still serving, to everyone.
+    let runs = sandbox
+        .client()
+        .await?
+        .list_runs(dagmesh_proto::v1::ListRunsRequest::default())
+        .await?;
+    ensure!(runs.runs.is_empty());
+    let answer = http1(&addr, "GET /console/app.css HTTP/1.1", b"").await?;
+    ensure!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    sandbox.stop().await
 }

@@ -108,7 +108,8 @@ pub async fn demo(global: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
         .await?;
     let run = client
         .submit(
-            SubmitRun::inline(spec).inputs(dagmesh_example_room_scan::demo_inputs(args.pace_ms)),
+            SubmitRun::inline(spec.clone())
+                .inputs(dagmesh_example_room_scan::demo_inputs(args.pace_ms)),
         )
         .await?;
     // A second room whose photos are still uploading: its run fails at once, and retrying it
@@ -118,9 +119,7 @@ pub async fn demo(global: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
     uploading["image_count"] = 4.into();
     uploading["uploads_pending"] = 1.into();
     let uploading = client
-        .submit(
-            SubmitRun::inline(parse(dagmesh_example_room_scan::WORKFLOW_YAML)?).inputs(uploading),
-        )
+        .submit(SubmitRun::inline(spec).inputs(uploading))
         .await?;
     let token = commands::operate::fragment_escape(&token);
     eprintln!(
