@@ -10,10 +10,11 @@ use dagmesh_proto::connect::{AuthChannel, ClientSettings, Credentials};
 use dagmesh_proto::v1::metadata_service_client::MetadataServiceClient;
 use dagmesh_proto::v1::metadata_service_server::{MetadataService, MetadataServiceServer};
 use dagmesh_proto::v1::{
-    AcquireLeaseRequest, ActiveRuns, CacheEntry, Cluster, CommitFencedRequest,
-    DeleteExpiredLeasesRequest, DeleteExpiredLeasesResponse, InitClusterRequest,
-    ListLiveLeasesRequest, ListLiveLeasesResponse, QuarantineRunRequest, ReadCacheEntryRequest,
-    ReadCacheEntryResponse, ReleaseLeaseRequest, ReleaseLeaseResponse, RenewLeaseRequest,
+    AcquireLeaseRequest, ActiveRuns, CacheEntry, ClaimLeasesRequest, ClaimLeasesResponse, Cluster,
+    CommitFencedRequest, DeleteExpiredLeasesRequest, DeleteExpiredLeasesResponse,
+    InitClusterRequest, ListLiveLeasesRequest, ListLiveLeasesResponse, QuarantineRunRequest,
+    ReadCacheEntryRequest, ReadCacheEntryResponse, ReleaseLeaseRequest, ReleaseLeaseResponse,
+    RenewLeaseRequest,
 };
 use dagmesh_proto::v1::{
     AdvanceScheduleRequest, AdvanceScheduleResponse, Backfill, DeleteScheduleResponse,
@@ -34,7 +35,7 @@ use dagmesh_proto::v1::{
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::store::Lease;
+use crate::store::{ClaimedLeases, Lease};
 use crate::{MetadataStore, StoreError};
 
 /// Largest gRPC message either side accepts or sends. Commit batches and recovery reads
@@ -281,6 +282,29 @@ impl MetadataService for MetadataGrpcServer {
         let ttl = ttl_from_proto(req.ttl)?;
         let lease = self.store.renew_lease(&lease, ttl).await?;
         Ok(Response::new(lease_to_proto(lease)))
+    }
+
+    async fn claim_leases(
+        &self,
+        request: Request<ClaimLeasesRequest>,
+    ) -> Result<Response<ClaimLeasesResponse>, Status> {
+        let req = request.into_inner();
+        let ttl = ttl_from_proto(req.ttl)?;
+        let keep = req
+            .keep
+            .into_iter()
+            .enumerate()
+            .map(|(index, lease)| lease_from_proto(Some(lease), &format!("keep[{index}]")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let claimed = self
+            .store
+            .claim_leases(&req.holder, ttl, &keep, &req.take)
+            .await?;
+        Ok(Response::new(ClaimLeasesResponse {
+            kept: claimed.kept.into_iter().map(lease_to_proto).collect(),
+            lost: claimed.lost,
+            taken: claimed.taken.into_iter().map(lease_to_proto).collect(),
+        }))
     }
 
     async fn release_lease(
@@ -684,6 +708,33 @@ impl MetadataStore for MetadataGrpcClient {
         };
         let lease = self.client().renew_lease(req).await?.into_inner();
         lease_from_proto(Some(lease), "RenewLease response")
+    }
+
+    async fn claim_leases(
+        &self,
+        holder: &str,
+        ttl: Duration,
+        keep: &[Lease],
+        take: &[String],
+    ) -> Result<ClaimedLeases, StoreError> {
+        let req = ClaimLeasesRequest {
+            holder: holder.to_owned(),
+            ttl: Some(ttl_to_proto(ttl)),
+            keep: keep.iter().cloned().map(lease_to_proto).collect(),
+            take: take.to_vec(),
+        };
+        let resp = self.client().claim_leases(req).await?.into_inner();
+        let leases = |leases: Vec<dagmesh_proto::v1::Lease>| {
+            leases
+                .into_iter()
+                .map(|lease| lease_from_proto(Some(lease), "ClaimLeases response"))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(ClaimedLeases {
+            kept: leases(resp.kept)?,
+            lost: resp.lost,
+            taken: leases(resp.taken)?,
+        })
     }
 
     async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {

@@ -172,6 +172,16 @@ impl Ownership {
         format!("{}/p-{partition}", self.group)
     }
 
+    /// The partition a lease name of [`Ownership::partition_lease`] names; `None` for any
+    /// other name (the store answers only names this member sent).
+    fn partition_of_lease(&self, name: &str) -> Option<u32> {
+        name.strip_prefix(self.group.as_str())?
+            .strip_prefix("/p-")?
+            .parse()
+            .ok()
+            .filter(|partition| *partition < self.partitions)
+    }
+
     /// Renews this member's announcement, recomputes the assignment from the live members, and
     /// renews, releases and takes partition leases to match it. When the store cannot be
     /// reached for a whole TTL, every partition counts as lost (someone may have taken it).
@@ -227,51 +237,54 @@ impl Ownership {
         }
         let wanted = |partition: u32| rendezvous_owner(partition, &members) == Some(&self.holder);
 
-        let owned: Vec<u32> = self.owned.keys().copied().collect();
-        for partition in owned {
-            let Some(lease) = self.owned.get(&partition).cloned() else {
-                continue;
-            };
-            let kept = wanted(partition);
-            let result = if kept {
-                self.store.renew_lease(&lease, self.ttl).await.map(Some)
-            } else {
-                self.store.release_lease(&lease).await.map(|()| None)
-            };
-            match result {
-                Ok(Some(renewed)) => {
-                    self.owned.insert(partition, renewed);
-                }
-                Ok(None) => {
-                    self.owned.remove(&partition);
-                    rebalance.released.push(partition);
-                }
-                Err(StoreError::Fenced { .. }) => {
-                    self.owned.remove(&partition);
-                    rebalance.lost.push(partition);
-                }
+        // Hand back what another member should own now (rare: a member joined), then renew
+        // the rest and take what is wanted and free, in one store call.
+        let unwanted: Vec<(u32, Lease)> = self
+            .owned
+            .iter()
+            .filter(|(partition, _)| !wanted(**partition))
+            .map(|(partition, lease)| (*partition, lease.clone()))
+            .collect();
+        for (partition, lease) in unwanted {
+            match self.store.release_lease(&lease).await {
+                Ok(()) => rebalance.released.push(partition),
+                Err(StoreError::Fenced { .. }) => rebalance.lost.push(partition),
                 Err(error) => return Err(error),
             }
+            self.owned.remove(&partition);
         }
-        for partition in 0..self.partitions {
-            if !wanted(partition) || self.owned.contains_key(&partition) {
+        let keep: Vec<Lease> = self.owned.values().cloned().collect();
+        let take: Vec<String> = (0..self.partitions)
+            .filter(|partition| wanted(*partition) && !self.owned.contains_key(partition))
+            .map(|partition| self.partition_lease(partition))
+            .collect();
+        let claimed = self
+            .store
+            .claim_leases(&self.holder, self.ttl, &keep, &take)
+            .await?;
+        for lease in claimed.kept {
+            if let Some(partition) = self.partition_of_lease(&lease.name) {
+                self.owned.insert(partition, lease);
+            }
+        }
+        for name in &claimed.lost {
+            let Some(partition) = self.partition_of_lease(name) else {
                 continue;
-            }
-            let name = self.partition_lease(partition);
-            match self
-                .store
-                .acquire_lease(&name, &self.holder, self.ttl)
-                .await
-            {
-                Ok(lease) => {
-                    self.owned.insert(partition, lease);
-                    rebalance.gained.push(partition);
-                }
-                // The previous owner has not handed it over yet: next refresh.
-                Err(StoreError::LeaseHeld { .. }) => {}
-                Err(error) => return Err(error),
+            };
+            self.owned.remove(&partition);
+            rebalance.lost.push(partition);
+        }
+        // A name of `take` another member still holds is not in `taken`: it has not handed it
+        // over yet, so the next refresh tries again.
+        for lease in claimed.taken {
+            if let Some(partition) = self.partition_of_lease(&lease.name) {
+                self.owned.insert(partition, lease);
+                rebalance.gained.push(partition);
             }
         }
+        rebalance.gained.sort_unstable();
+        rebalance.released.sort_unstable();
+        rebalance.lost.sort_unstable();
         if !rebalance.is_empty() {
             tracing::info!(
                 group = %self.group,

@@ -33,6 +33,19 @@ pub struct Lease {
     pub expires_at: SystemTime,
 }
 
+/// What [`MetadataStore::claim_leases`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClaimedLeases {
+    /// The leases of `keep` still held, renewed.
+    pub kept: Vec<Lease>,
+    /// The names of the leases of `keep` that someone else has taken since (or that were
+    /// deleted): their writes are fenced now.
+    pub lost: Vec<String>,
+    /// The leases of `take` that were free or expired, taken (epoch + 1); a name of `take`
+    /// that another holder holds unexpired is in none of the three lists.
+    pub taken: Vec<Lease>,
+}
+
 /// Where the leases that announce group members are named (`members/<group>/<holder>`): the
 /// only leases [`MetadataStore::delete_expired_leases`] deletes.
 pub const MEMBER_LEASES: &str = "members/";
@@ -143,6 +156,20 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// (even if it expired meanwhile: nobody took it, so the epoch still fences). `Fenced`
     /// otherwise.
     async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<Lease, StoreError>;
+
+    /// A group member's refresh in one transaction: renews each lease of `keep` whose stored
+    /// holder and epoch still match (to now + `ttl`), and takes each name of `take` that is
+    /// free or expired (as [`MetadataStore::acquire_lease`] would, epoch + 1), for `holder`.
+    /// Every lease of `keep` must name `holder`; `keep` and `take` hold at most
+    /// [`MAX_PARTITIONS`] names each, and no name twice. An executor that owns 256 partitions
+    /// renews them with one call instead of 256.
+    async fn claim_leases(
+        &self,
+        holder: &str,
+        ttl: Duration,
+        keep: &[Lease],
+        take: &[String],
+    ) -> Result<ClaimedLeases, StoreError>;
 
     /// Marks the lease free (expired now) if holder and epoch match, so that a standby can take
     /// it at once. `Fenced` otherwise (someone else holds it; nothing changed).
@@ -361,9 +388,11 @@ pub(crate) fn check_fences(fences: &[Lease]) -> Result<(), StoreError> {
             "fences: at least one lease is required".into(),
         ));
     }
-    if fences.len() > MAX_PARTITIONS as usize {
+    // One per partition, and the writer's own lease (the executor's) beside them.
+    let limit = MAX_PARTITIONS as usize + 1;
+    if fences.len() > limit {
         return Err(StoreError::InvalidArgument(format!(
-            "fences: {} leases, over the limit of {MAX_PARTITIONS}",
+            "fences: {} leases, over the limit of {limit}",
             fences.len()
         )));
     }
@@ -376,6 +405,48 @@ pub(crate) fn check_fences(fences: &[Lease]) -> Result<(), StoreError> {
                 fence.name
             )));
         }
+    }
+    Ok(())
+}
+
+/// The arguments of `claim_leases`: a valid holder, each list at most [`MAX_PARTITIONS`]
+/// long, `keep` all held by `holder`, and no name twice in either list.
+pub(crate) fn check_claim(holder: &str, keep: &[Lease], take: &[String]) -> Result<(), StoreError> {
+    check_text("holder", holder, MAX_VALUE_LEN)?;
+    for (field, len) in [("keep", keep.len()), ("take", take.len())] {
+        if len > MAX_PARTITIONS as usize {
+            return Err(StoreError::InvalidArgument(format!(
+                "{field}: {len} leases, over the limit of {MAX_PARTITIONS}"
+            )));
+        }
+    }
+    let mut seen = std::collections::HashSet::with_capacity(keep.len() + take.len());
+    let names = keep
+        .iter()
+        .enumerate()
+        .map(|(index, lease)| (format!("keep[{index}].name"), lease.name.as_str()))
+        .chain(
+            take.iter()
+                .enumerate()
+                .map(|(index, name)| (format!("take[{index}]"), name.as_str())),
+        );
+    for (field, name) in names {
+        check_text(&field, name, MAX_NAME_LEN)?;
+        if !seen.insert(name) {
+            return Err(StoreError::InvalidArgument(format!(
+                "{field}: {name:?} is given twice"
+            )));
+        }
+    }
+    if let Some((index, lease)) = keep
+        .iter()
+        .enumerate()
+        .find(|(_, lease)| lease.holder != holder)
+    {
+        return Err(StoreError::InvalidArgument(format!(
+            "keep[{index}].holder: {:?} is not the caller's holder {holder:?}",
+            lease.holder
+        )));
     }
     Ok(())
 }

@@ -61,6 +61,7 @@ suite!(
         lease_requests_are_checked,
         live_leases_are_listed_by_prefix,
         only_long_expired_member_leases_are_deleted,
+        leases_are_renewed_and_taken_in_one_claim,
         ownership_splits_partitions_and_hands_them_over,
         conflicts_are_request_errors_not_outages,
         cache_entries_are_upserted_and_expire,
@@ -1676,7 +1677,8 @@ mod cases {
             matches!(&err, StoreError::InvalidArgument(m) if m.starts_with("fences[2].name: \"executor/p-0\" is given twice")),
             "{err:?}"
         );
-        let many: Vec<_> = (0..4097)
+        // One per partition and the executor's own lease fit; one more does not.
+        let many: Vec<_> = (0..4098)
             .map(|n| dagmesh_metastore::Lease {
                 name: format!("executor/p-{n}"),
                 ..p0.clone()
@@ -1684,7 +1686,7 @@ mod cases {
             .collect();
         let err = store.commit_fenced(&many, vec![]).await.unwrap_err();
         assert!(
-            matches!(&err, StoreError::InvalidArgument(m) if m.contains("4097 leases")),
+            matches!(&err, StoreError::InvalidArgument(m) if m.contains("4098 leases, over the limit of 4097")),
             "{err:?}"
         );
         Ok(())
@@ -1882,6 +1884,85 @@ mod cases {
             .unwrap_err();
         assert!(
             matches!(err, StoreError::InvalidArgument(ref m) if m.starts_with("expired_for:")),
+            "{err:?}"
+        );
+        Ok(())
+    }
+
+    pub async fn leases_are_renewed_and_taken_in_one_claim(
+        store: Arc<dyn MetadataStore>,
+    ) -> Result<()> {
+        let short = Duration::from_secs(1);
+        let mine = store.acquire_lease("x/p-0", "me", TTL).await?;
+        let stolen = store.acquire_lease("x/p-1", "me", short).await?;
+        store.acquire_lease("x/p-2", "other", TTL).await?;
+        store.acquire_lease("x/p-3", "gone", short).await?;
+        // Waiting for the short leases' time to pass: the database's clock decides.
+        tokio::time::sleep(short * 2).await;
+        let thief = store.acquire_lease("x/p-1", "thief", TTL).await?;
+        assert_eq!(thief.epoch, stolen.epoch + 1);
+
+        let take: Vec<String> = ["x/p-2", "x/p-3", "x/p-4"].map(String::from).to_vec();
+        let claimed = store
+            .claim_leases("me", TTL, &[mine.clone(), stolen.clone()], &take)
+            .await?;
+        assert_eq!(claimed.kept.len(), 1);
+        assert_eq!(claimed.kept[0].name, "x/p-0");
+        assert_eq!(
+            claimed.kept[0].epoch, mine.epoch,
+            "a renewal keeps the epoch"
+        );
+        assert!(claimed.kept[0].expires_at >= mine.expires_at);
+        assert_eq!(claimed.lost, ["x/p-1"], "taken by another holder since");
+        let taken: Vec<(&str, u64)> = claimed
+            .taken
+            .iter()
+            .map(|lease| (lease.name.as_str(), lease.epoch))
+            .collect();
+        // p-2 is held unexpired by another: skipped. p-3 expired: epoch 2. p-4 is new: epoch 1.
+        assert_eq!(taken, [("x/p-3", 2), ("x/p-4", 1)]);
+        assert!(claimed.taken.iter().all(|lease| lease.holder == "me"));
+        // What was renewed and taken fences commits; the lost lease does not.
+        store
+            .commit_fenced(&[claimed.kept[0].clone(), claimed.taken[0].clone()], vec![])
+            .await?;
+        let err = store.commit_fenced(&[stolen], vec![]).await.unwrap_err();
+        assert!(matches!(err, StoreError::Fenced { .. }), "{err:?}");
+        assert!(
+            store
+                .claim_leases("me", TTL, &[], &[])
+                .await?
+                .taken
+                .is_empty()
+        );
+
+        for (keep, take, wanted) in [
+            (vec![thief.clone()], vec![], "keep[0].holder"),
+            (
+                vec![],
+                vec!["x/p-9".to_owned(), "x/p-9".to_owned()],
+                "take[1]: \"x/p-9\" is given twice",
+            ),
+            (vec![], vec![String::new()], "take[0]: must not be empty"),
+            (vec![], vec!["p".repeat(129)], "take[0]: 129 bytes"),
+            (
+                vec![],
+                vec!["x/p-0".to_owned(); 4097],
+                "take: 4097 leases, over the limit of 4096",
+            ),
+        ] {
+            let err = store
+                .claim_leases("me", TTL, &keep, &take)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, StoreError::InvalidArgument(ref m) if m.starts_with(wanted)),
+                "{wanted}: {err:?}"
+            );
+        }
+        let err = store.claim_leases("", TTL, &[], &take).await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::InvalidArgument(ref m) if m.starts_with("holder")),
             "{err:?}"
         );
         Ok(())

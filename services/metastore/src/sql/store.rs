@@ -26,12 +26,12 @@ use super::{Dialect, SqlStore};
 use crate::StoreError;
 use crate::error::is_unique_violation;
 use crate::store::{
-    Lease, LeaseRow, MAX_LIVE_LEASES, MAX_PARTITIONS, MEMBER_LEASES, MetadataStore,
-    acquire_decision, check_fences, check_partition_count, check_partition_filter, check_text,
-    deliveries_limit, epoch_bound, event_limit, fenced, lease_duration_micros, lease_from_row,
-    mark_revoked, micros, name_taken, not_found, now_micros, run_not_found, schedule_body,
-    schedule_from_row, system_time_from_micros, token_key, ttl_micros, validate_lease,
-    validate_mutations, validate_named, workflow_not_found,
+    ClaimedLeases, Lease, LeaseRow, MAX_LIVE_LEASES, MAX_PARTITIONS, MEMBER_LEASES, MetadataStore,
+    acquire_decision, check_claim, check_fences, check_partition_count, check_partition_filter,
+    check_text, deliveries_limit, epoch_bound, event_limit, fenced, lease_duration_micros,
+    lease_from_row, mark_revoked, micros, name_taken, not_found, now_micros, run_not_found,
+    schedule_body, schedule_from_row, system_time_from_micros, token_key, ttl_micros,
+    validate_lease, validate_mutations, validate_named, workflow_not_found,
 };
 
 /// How often `put_workflow` retries after losing a race for the next version number. Each lost
@@ -511,6 +511,114 @@ where
             expires_at: system_time_from_micros(expires_at),
             ..lease.clone()
         })
+    }
+
+    async fn claim_leases(
+        &self,
+        holder: &str,
+        ttl: Duration,
+        keep: &[Lease],
+        take: &[String],
+    ) -> Result<ClaimedLeases, StoreError> {
+        check_claim(holder, keep, take)?;
+        let ttl = ttl_micros(ttl)?;
+        let mut claimed = ClaimedLeases::default();
+        if keep.is_empty() && take.is_empty() {
+            return Ok(claimed);
+        }
+        let mut tx = self.begin_write().await?;
+        // Rows to take are locked first, in name order (as `acquire_lease` locks one), so two
+        // members taking overlapping sets queue instead of deadlocking.
+        let mut take: Vec<&str> = take.iter().map(String::as_str).collect();
+        take.sort_unstable();
+        let mut rows_to_take = HashMap::new();
+        if !take.is_empty() {
+            let mut insert =
+                QueryBuilder::<D>::new("INSERT INTO leases (name, holder, epoch, expires_at) ");
+            insert.push_values(&take, |mut row, name| {
+                row.push_bind(name.to_string())
+                    .push_bind(String::new())
+                    .push_bind(0_i64)
+                    .push_bind(0_i64);
+            });
+            insert.push(" ON CONFLICT (name) DO NOTHING");
+            insert.build().execute(&mut *tx).await?;
+            let mut select = QueryBuilder::<D>::new(
+                "SELECT name, holder, epoch, expires_at FROM leases WHERE name IN (",
+            );
+            let mut names = select.separated(", ");
+            for name in &take {
+                names.push_bind(name.to_string());
+            }
+            select.push(") ORDER BY name").push(D::FOR_UPDATE);
+            let rows: Vec<(String, String, i64, i64)> =
+                select.build_query_as().fetch_all(&mut *tx).await?;
+            rows_to_take = rows
+                .into_iter()
+                .map(|(name, holder, epoch, expires_at)| {
+                    (
+                        name,
+                        LeaseRow {
+                            holder,
+                            epoch,
+                            expires_at,
+                        },
+                    )
+                })
+                .collect();
+        }
+        // Read once the rows are locked: expiry is judged when the lock is held.
+        let now = Self::clock(&mut tx).await?;
+        let expires_at = now.saturating_add(ttl);
+        if !keep.is_empty() {
+            let mut update = QueryBuilder::<D>::new("UPDATE leases SET expires_at = ");
+            update
+                .push_bind(expires_at)
+                .push(" WHERE holder = ")
+                .push_bind(holder.to_owned())
+                .push(" AND name IN (");
+            let mut names = update.separated(", ");
+            for lease in keep {
+                names.push_bind(lease.name.clone());
+            }
+            update.push(") RETURNING name, epoch");
+            let renewed: HashMap<String, i64> = update
+                .build_query_as::<(String, i64)>()
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect();
+            for lease in keep {
+                if renewed.get(&lease.name) == Some(&epoch_bound(lease.epoch)) {
+                    claimed.kept.push(Lease {
+                        expires_at: system_time_from_micros(expires_at),
+                        ..lease.clone()
+                    });
+                } else {
+                    claimed.lost.push(lease.name.clone());
+                }
+            }
+        }
+        for name in take {
+            let row = rows_to_take.get(name);
+            let next = match acquire_decision(name, row, holder, now, ttl) {
+                Ok(next) => next,
+                Err(StoreError::LeaseHeld { .. }) => continue,
+                Err(error) => return Err(error),
+            };
+            sqlx::query(
+                "UPDATE leases SET holder = $2, epoch = $3, expires_at = $4 WHERE name = $1",
+            )
+            .bind(name)
+            .bind(next.holder.as_str())
+            .bind(next.epoch)
+            .bind(next.expires_at)
+            .execute(&mut *tx)
+            .await?;
+            claimed.taken.push(lease_from_row(name, &next));
+        }
+        tx.commit().await?;
+        Ok(claimed)
     }
 
     async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {

@@ -24,7 +24,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file dagmesh/v1/metadata.proto.
  */
 export const file_dagmesh_v1_metadata: GenFile = /*@__PURE__*/
-  fileDesc("ChlkYWdtZXNoL3YxL21ldGFkYXRhLnByb3RvEgpkYWdtZXNoLnYxIlIKElB1dFdvcmtmbG93UmVxdWVzdBImCgRzcGVjGAEgASgLMhguZGFnbWVzaC52MS5Xb3JrZmxvd1NwZWMSFAoMY29udGVudF9oYXNoGAIgASgJIk4KE1B1dFdvcmtmbG93UmVzcG9uc2USJgoId29ya2Zsb3cYASABKAsyFC5kYWdtZXNoLnYxLldvcmtmbG93Eg8KB2NyZWF0ZWQYAiABKAgiNAoTUmVhZFdvcmtmbG93UmVxdWVzdBIMCgRuYW1lGAEgASgJEg8KB3ZlcnNpb24YAiABKA0iFgoUUmVhZFdvcmtmbG93c1JlcXVlc3QiQAoVUmVhZFdvcmtmbG93c1Jlc3BvbnNlEicKCXdvcmtmbG93cxgBIAMoCzIULmRhZ21lc2gudjEuV29ya2Zsb3ciOAoNQ29tbWl0UmVxdWVzdBInCgltdXRhdGlvbnMYASADKAsyFC5kYWdtZXNoLnYxLk11dGF0aW9uImEKE0NvbW1pdEZlbmNlZFJlcXVlc3QSIQoGZmVuY2VzGAEgAygLMhEuZGFnbWVzaC52MS5MZWFzZRInCgltdXRhdGlvbnMYAiADKAsyFC5kYWdtZXNoLnYxLk11dGF0aW9uIv4BCghNdXRhdGlvbhIiCgdwdXRfcnVuGAEgASgLMg8uZGFnbWVzaC52MS5SdW5IABIkCghwdXRfc3RlcBgCIAEoCzIQLmRhZ21lc2gudjEuU3RlcEgAEiwKDGFwcGVuZF9ldmVudBgDIAEoCzIULmRhZ21lc2gudjEuUnVuRXZlbnRIABIxCg9wdXRfY2FjaGVfZW50cnkYBCABKAsyFi5kYWdtZXNoLnYxLkNhY2hlRW50cnlIABI7ChRwdXRfd2ViaG9va19kZWxpdmVyeRgFIAEoCzIbLmRhZ21lc2gudjEuV2ViaG9va0RlbGl2ZXJ5SABCCgoIbXV0YXRpb24ibQocUmVhZFdlYmhvb2tEZWxpdmVyaWVzUmVxdWVzdBIOCgZydW5faWQYASABKAkSLgoKZHVlX2JlZm9yZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFbGltaXQYAyABKA0iUAodUmVhZFdlYmhvb2tEZWxpdmVyaWVzUmVzcG9uc2USLwoKZGVsaXZlcmllcxgBIAMoCzIbLmRhZ21lc2gudjEuV2ViaG9va0RlbGl2ZXJ5IsMBCgpDYWNoZUVudHJ5EgsKA2tleRgBIAEoCRIOCgZydW5faWQYAiABKAkSDwoHc3RlcF9pZBgDIAEoCRIoCgdvdXRwdXRzGAQgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBItCglzdG9yZWRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmV4cGlyZXNfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIiQKFVJlYWRDYWNoZUVudHJ5UmVxdWVzdBILCgNrZXkYASABKAkiPwoWUmVhZENhY2hlRW50cnlSZXNwb25zZRIlCgVlbnRyeRgBIAEoCzIWLmRhZ21lc2gudjEuQ2FjaGVFbnRyeSIQCg5Db21taXRSZXNwb25zZSIgCg5SZWFkUnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkiOQoeRmluZFJ1bkJ5SWRlbXBvdGVuY3lLZXlSZXF1ZXN0EhcKD2lkZW1wb3RlbmN5X2tleRgBIAEoCSIxCh9GaW5kUnVuQnlJZGVtcG90ZW5jeUtleVJlc3BvbnNlEg4KBnJ1bl9pZBgBIAEoCSJFChFSZWFkRXZlbnRzUmVxdWVzdBIOCgZydW5faWQYASABKAkSEQoJYWZ0ZXJfc2VxGAIgASgEEg0KBWxpbWl0GAMgASgNIjoKElJlYWRFdmVudHNSZXNwb25zZRIkCgZldmVudHMYASADKAsyFC5kYWdtZXNoLnYxLlJ1bkV2ZW50IkQKFVJlYWRBY3RpdmVSdW5zUmVxdWVzdBISCgpwYXJ0aXRpb25zGAEgAygNEhcKD2V2ZXJ5X3BhcnRpdGlvbhgCIAEoCCIoChJJbml0Q2x1c3RlclJlcXVlc3QSEgoKcGFydGl0aW9ucxgBIAEoDSIdCgdDbHVzdGVyEhIKCnBhcnRpdGlvbnMYASABKA0iNwoWUmVhZEFjdGl2ZVJ1bnNSZXNwb25zZRIdCgRydW5zGAEgAygLMg8uZGFnbWVzaC52MS5SdW4iWgoKQWN0aXZlUnVucxIdCgRydW5zGAEgAygLMg8uZGFnbWVzaC52MS5SdW4SLQoKdW5yZWFkYWJsZRgCIAMoCzIZLmRhZ21lc2gudjEuVW5yZWFkYWJsZVJ1biJbCg1VbnJlYWRhYmxlUnVuEg4KBnJ1bl9pZBgBIAEoCRIQCgh3b3JrZmxvdxgCIAEoCRIYChB3b3JrZmxvd192ZXJzaW9uGAMgASgNEg4KBnJlYXNvbhgEIAEoCSI2ChRRdWFyYW50aW5lUnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkSDgoGcmVhc29uGAIgASgJImQKBUxlYXNlEgwKBG5hbWUYASABKAkSDgoGaG9sZGVyGAIgASgJEg0KBWVwb2NoGAMgASgEEi4KCmV4cGlyZXNfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIlsKE0FjcXVpcmVMZWFzZVJlcXVlc3QSDAoEbmFtZRgBIAEoCRIOCgZob2xkZXIYAiABKAkSJgoDdHRsGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIl0KEVJlbmV3TGVhc2VSZXF1ZXN0EiAKBWxlYXNlGAEgASgLMhEuZGFnbWVzaC52MS5MZWFzZRImCgN0dGwYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iNwoTUmVsZWFzZUxlYXNlUmVxdWVzdBIgCgVsZWFzZRgBIAEoCzIRLmRhZ21lc2gudjEuTGVhc2UiFgoUUmVsZWFzZUxlYXNlUmVzcG9uc2UiJwoVTGlzdExpdmVMZWFzZXNSZXF1ZXN0Eg4KBnByZWZpeBgBIAEoCSJcChpEZWxldGVFeHBpcmVkTGVhc2VzUmVxdWVzdBIOCgZwcmVmaXgYASABKAkSLgoLZXhwaXJlZF9mb3IYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iLgobRGVsZXRlRXhwaXJlZExlYXNlc1Jlc3BvbnNlEg8KB2RlbGV0ZWQYASABKAQiOwoWTGlzdExpdmVMZWFzZXNSZXNwb25zZRIhCgZsZWFzZXMYASADKAsyES5kYWdtZXNoLnYxLkxlYXNlIm8KEFN0b3JlRXJyb3JEZXRhaWwSKwoKbGVhc2VfaGVsZBgBIAEoCzIVLmRhZ21lc2gudjEuTGVhc2VIZWxkSAASJAoGZmVuY2VkGAIgASgLMhIuZGFnbWVzaC52MS5GZW5jZWRIAEIICgZkZXRhaWwiQAoJTGVhc2VIZWxkEgwKBG5hbWUYASABKAkSDgoGaG9sZGVyGAIgASgJEhUKDWV4cGlyZXNfaW5fbXMYAyABKAQiPAoGRmVuY2VkEgwKBG5hbWUYASABKAkSDQoFZXBvY2gYAiABKAQSFQoNY3VycmVudF9lcG9jaBgDIAEoBCInChNSZWFkU2NoZWR1bGVSZXF1ZXN0EhAKCHNjaGVkdWxlGAEgASgJIjwKGFNldFNjaGVkdWxlUGF1c2VkUmVxdWVzdBIQCghzY2hlZHVsZRgBIAEoCRIOCgZwYXVzZWQYAiABKAgiegoWQWR2YW5jZVNjaGVkdWxlUmVxdWVzdBIKCgJpZBgBIAEoCRIsCghleHBlY3RlZBgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJgoCdG8YAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIisKF0FkdmFuY2VTY2hlZHVsZVJlc3BvbnNlEhAKCGFkdmFuY2VkGAEgASgIIkkKC1N0b3JlZFRva2VuEiMKBXRva2VuGAEgASgLMhQuZGFnbWVzaC52MS5BcGlUb2tlbhIVCg1zZWNyZXRfc2hhMjU2GAIgASgJIiEKEFJlYWRUb2tlblJlcXVlc3QSDQoFdG9rZW4YASABKAkiEwoRUmVhZFRva2Vuc1JlcXVlc3QiPQoSUmVhZFRva2Vuc1Jlc3BvbnNlEicKBnRva2VucxgBIAMoCzIXLmRhZ21lc2gudjEuU3RvcmVkVG9rZW4yjBYKD01ldGFkYXRhU2VydmljZRJOCgtQdXRXb3JrZmxvdxIeLmRhZ21lc2gudjEuUHV0V29ya2Zsb3dSZXF1ZXN0Gh8uZGFnbWVzaC52MS5QdXRXb3JrZmxvd1Jlc3BvbnNlEkQKC0dldFdvcmtmbG93Eh8uZGFnbWVzaC52MS5SZWFkV29ya2Zsb3dSZXF1ZXN0GhQuZGFnbWVzaC52MS5Xb3JrZmxvdxJUCg1MaXN0V29ya2Zsb3dzEiAuZGFnbWVzaC52MS5SZWFkV29ya2Zsb3dzUmVxdWVzdBohLmRhZ21lc2gudjEuUmVhZFdvcmtmbG93c1Jlc3BvbnNlEj8KBkNvbW1pdBIZLmRhZ21lc2gudjEuQ29tbWl0UmVxdWVzdBoaLmRhZ21lc2gudjEuQ29tbWl0UmVzcG9uc2USNQoGR2V0UnVuEhouZGFnbWVzaC52MS5SZWFkUnVuUmVxdWVzdBoPLmRhZ21lc2gudjEuUnVuEkUKCExpc3RSdW5zEhsuZGFnbWVzaC52MS5MaXN0UnVuc1JlcXVlc3QaHC5kYWdtZXNoLnYxLkxpc3RSdW5zUmVzcG9uc2UScgoXRmluZFJ1bkJ5SWRlbXBvdGVuY3lLZXkSKi5kYWdtZXNoLnYxLkZpbmRSdW5CeUlkZW1wb3RlbmN5S2V5UmVxdWVzdBorLmRhZ21lc2gudjEuRmluZFJ1bkJ5SWRlbXBvdGVuY3lLZXlSZXNwb25zZRJLCgpSZWFkRXZlbnRzEh0uZGFnbWVzaC52MS5SZWFkRXZlbnRzUmVxdWVzdBoeLmRhZ21lc2gudjEuUmVhZEV2ZW50c1Jlc3BvbnNlElcKDlJlYWRBY3RpdmVSdW5zEiEuZGFnbWVzaC52MS5SZWFkQWN0aXZlUnVuc1JlcXVlc3QaIi5kYWdtZXNoLnYxLlJlYWRBY3RpdmVSdW5zUmVzcG9uc2USUgoVUmVhZEFjdGl2ZVJ1bnNDaGVja2VkEiEuZGFnbWVzaC52MS5SZWFkQWN0aXZlUnVuc1JlcXVlc3QaFi5kYWdtZXNoLnYxLkFjdGl2ZVJ1bnMSQgoNUXVhcmFudGluZVJ1bhIgLmRhZ21lc2gudjEuUXVhcmFudGluZVJ1blJlcXVlc3QaDy5kYWdtZXNoLnYxLlJ1bhJCCgxBY3F1aXJlTGVhc2USHy5kYWdtZXNoLnYxLkFjcXVpcmVMZWFzZVJlcXVlc3QaES5kYWdtZXNoLnYxLkxlYXNlEj4KClJlbmV3TGVhc2USHS5kYWdtZXNoLnYxLlJlbmV3TGVhc2VSZXF1ZXN0GhEuZGFnbWVzaC52MS5MZWFzZRJRCgxSZWxlYXNlTGVhc2USHy5kYWdtZXNoLnYxLlJlbGVhc2VMZWFzZVJlcXVlc3QaIC5kYWdtZXNoLnYxLlJlbGVhc2VMZWFzZVJlc3BvbnNlElcKDkxpc3RMaXZlTGVhc2VzEiEuZGFnbWVzaC52MS5MaXN0TGl2ZUxlYXNlc1JlcXVlc3QaIi5kYWdtZXNoLnYxLkxpc3RMaXZlTGVhc2VzUmVzcG9uc2USZgoTRGVsZXRlRXhwaXJlZExlYXNlcxImLmRhZ21lc2gudjEuRGVsZXRlRXhwaXJlZExlYXNlc1JlcXVlc3QaJy5kYWdtZXNoLnYxLkRlbGV0ZUV4cGlyZWRMZWFzZXNSZXNwb25zZRJLCgxDb21taXRGZW5jZWQSHy5kYWdtZXNoLnYxLkNvbW1pdEZlbmNlZFJlcXVlc3QaGi5kYWdtZXNoLnYxLkNvbW1pdFJlc3BvbnNlEkIKC0luaXRDbHVzdGVyEh4uZGFnbWVzaC52MS5Jbml0Q2x1c3RlclJlcXVlc3QaEy5kYWdtZXNoLnYxLkNsdXN0ZXISVwoOUmVhZENhY2hlRW50cnkSIS5kYWdtZXNoLnYxLlJlYWRDYWNoZUVudHJ5UmVxdWVzdBoiLmRhZ21lc2gudjEuUmVhZENhY2hlRW50cnlSZXNwb25zZRJsChVSZWFkV2ViaG9va0RlbGl2ZXJpZXMSKC5kYWdtZXNoLnYxLlJlYWRXZWJob29rRGVsaXZlcmllc1JlcXVlc3QaKS5kYWdtZXNoLnYxLlJlYWRXZWJob29rRGVsaXZlcmllc1Jlc3BvbnNlEjwKCFB1dFRva2VuEhcuZGFnbWVzaC52MS5TdG9yZWRUb2tlbhoXLmRhZ21lc2gudjEuU3RvcmVkVG9rZW4SQQoIR2V0VG9rZW4SHC5kYWdtZXNoLnYxLlJlYWRUb2tlblJlcXVlc3QaFy5kYWdtZXNoLnYxLlN0b3JlZFRva2VuEksKCkxpc3RUb2tlbnMSHS5kYWdtZXNoLnYxLlJlYWRUb2tlbnNSZXF1ZXN0Gh4uZGFnbWVzaC52MS5SZWFkVG9rZW5zUmVzcG9uc2USRgoLUmV2b2tlVG9rZW4SHi5kYWdtZXNoLnYxLlJldm9rZVRva2VuUmVxdWVzdBoXLmRhZ21lc2gudjEuU3RvcmVkVG9rZW4SPAoOQ3JlYXRlU2NoZWR1bGUSFC5kYWdtZXNoLnYxLlNjaGVkdWxlGhQuZGFnbWVzaC52MS5TY2hlZHVsZRJECgtHZXRTY2hlZHVsZRIfLmRhZ21lc2gudjEuUmVhZFNjaGVkdWxlUmVxdWVzdBoULmRhZ21lc2gudjEuU2NoZWR1bGUSVAoNTGlzdFNjaGVkdWxlcxIgLmRhZ21lc2gudjEuTGlzdFNjaGVkdWxlc1JlcXVlc3QaIS5kYWdtZXNoLnYxLkxpc3RTY2hlZHVsZXNSZXNwb25zZRJVCg5EZWxldGVTY2hlZHVsZRIfLmRhZ21lc2gudjEuUmVhZFNjaGVkdWxlUmVxdWVzdBoiLmRhZ21lc2gudjEuRGVsZXRlU2NoZWR1bGVSZXNwb25zZRJPChFTZXRTY2hlZHVsZVBhdXNlZBIkLmRhZ21lc2gudjEuU2V0U2NoZWR1bGVQYXVzZWRSZXF1ZXN0GhQuZGFnbWVzaC52MS5TY2hlZHVsZRJaCg9BZHZhbmNlU2NoZWR1bGUSIi5kYWdtZXNoLnYxLkFkdmFuY2VTY2hlZHVsZVJlcXVlc3QaIy5kYWdtZXNoLnYxLkFkdmFuY2VTY2hlZHVsZVJlc3BvbnNlEjkKDUNyZWF0ZVRyaWdnZXISEy5kYWdtZXNoLnYxLlRyaWdnZXIaEy5kYWdtZXNoLnYxLlRyaWdnZXISUQoMTGlzdFRyaWdnZXJzEh8uZGFnbWVzaC52MS5MaXN0VHJpZ2dlcnNSZXF1ZXN0GiAuZGFnbWVzaC52MS5MaXN0VHJpZ2dlcnNSZXNwb25zZRJUCg1EZWxldGVUcmlnZ2VyEiAuZGFnbWVzaC52MS5EZWxldGVUcmlnZ2VyUmVxdWVzdBohLmRhZ21lc2gudjEuRGVsZXRlVHJpZ2dlclJlc3BvbnNlEjkKC1B1dEJhY2tmaWxsEhQuZGFnbWVzaC52MS5CYWNrZmlsbBoULmRhZ21lc2gudjEuQmFja2ZpbGwSQwoLR2V0QmFja2ZpbGwSHi5kYWdtZXNoLnYxLkdldEJhY2tmaWxsUmVxdWVzdBoULmRhZ21lc2gudjEuQmFja2ZpbGwSVAoNTGlzdEJhY2tmaWxscxIgLmRhZ21lc2gudjEuTGlzdEJhY2tmaWxsc1JlcXVlc3QaIS5kYWdtZXNoLnYxLkxpc3RCYWNrZmlsbHNSZXNwb25zZWIGcHJvdG8z", [file_dagmesh_v1_types, file_google_protobuf_struct, file_google_protobuf_duration, file_google_protobuf_timestamp, file_dagmesh_v1_run, file_dagmesh_v1_scheduler, file_dagmesh_v1_auth]);
+  fileDesc("ChlkYWdtZXNoL3YxL21ldGFkYXRhLnByb3RvEgpkYWdtZXNoLnYxIlIKElB1dFdvcmtmbG93UmVxdWVzdBImCgRzcGVjGAEgASgLMhguZGFnbWVzaC52MS5Xb3JrZmxvd1NwZWMSFAoMY29udGVudF9oYXNoGAIgASgJIk4KE1B1dFdvcmtmbG93UmVzcG9uc2USJgoId29ya2Zsb3cYASABKAsyFC5kYWdtZXNoLnYxLldvcmtmbG93Eg8KB2NyZWF0ZWQYAiABKAgiNAoTUmVhZFdvcmtmbG93UmVxdWVzdBIMCgRuYW1lGAEgASgJEg8KB3ZlcnNpb24YAiABKA0iFgoUUmVhZFdvcmtmbG93c1JlcXVlc3QiQAoVUmVhZFdvcmtmbG93c1Jlc3BvbnNlEicKCXdvcmtmbG93cxgBIAMoCzIULmRhZ21lc2gudjEuV29ya2Zsb3ciOAoNQ29tbWl0UmVxdWVzdBInCgltdXRhdGlvbnMYASADKAsyFC5kYWdtZXNoLnYxLk11dGF0aW9uImEKE0NvbW1pdEZlbmNlZFJlcXVlc3QSIQoGZmVuY2VzGAEgAygLMhEuZGFnbWVzaC52MS5MZWFzZRInCgltdXRhdGlvbnMYAiADKAsyFC5kYWdtZXNoLnYxLk11dGF0aW9uIv4BCghNdXRhdGlvbhIiCgdwdXRfcnVuGAEgASgLMg8uZGFnbWVzaC52MS5SdW5IABIkCghwdXRfc3RlcBgCIAEoCzIQLmRhZ21lc2gudjEuU3RlcEgAEiwKDGFwcGVuZF9ldmVudBgDIAEoCzIULmRhZ21lc2gudjEuUnVuRXZlbnRIABIxCg9wdXRfY2FjaGVfZW50cnkYBCABKAsyFi5kYWdtZXNoLnYxLkNhY2hlRW50cnlIABI7ChRwdXRfd2ViaG9va19kZWxpdmVyeRgFIAEoCzIbLmRhZ21lc2gudjEuV2ViaG9va0RlbGl2ZXJ5SABCCgoIbXV0YXRpb24ibQocUmVhZFdlYmhvb2tEZWxpdmVyaWVzUmVxdWVzdBIOCgZydW5faWQYASABKAkSLgoKZHVlX2JlZm9yZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFbGltaXQYAyABKA0iUAodUmVhZFdlYmhvb2tEZWxpdmVyaWVzUmVzcG9uc2USLwoKZGVsaXZlcmllcxgBIAMoCzIbLmRhZ21lc2gudjEuV2ViaG9va0RlbGl2ZXJ5IsMBCgpDYWNoZUVudHJ5EgsKA2tleRgBIAEoCRIOCgZydW5faWQYAiABKAkSDwoHc3RlcF9pZBgDIAEoCRIoCgdvdXRwdXRzGAQgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBItCglzdG9yZWRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmV4cGlyZXNfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIiQKFVJlYWRDYWNoZUVudHJ5UmVxdWVzdBILCgNrZXkYASABKAkiPwoWUmVhZENhY2hlRW50cnlSZXNwb25zZRIlCgVlbnRyeRgBIAEoCzIWLmRhZ21lc2gudjEuQ2FjaGVFbnRyeSIQCg5Db21taXRSZXNwb25zZSIgCg5SZWFkUnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkiOQoeRmluZFJ1bkJ5SWRlbXBvdGVuY3lLZXlSZXF1ZXN0EhcKD2lkZW1wb3RlbmN5X2tleRgBIAEoCSIxCh9GaW5kUnVuQnlJZGVtcG90ZW5jeUtleVJlc3BvbnNlEg4KBnJ1bl9pZBgBIAEoCSJFChFSZWFkRXZlbnRzUmVxdWVzdBIOCgZydW5faWQYASABKAkSEQoJYWZ0ZXJfc2VxGAIgASgEEg0KBWxpbWl0GAMgASgNIjoKElJlYWRFdmVudHNSZXNwb25zZRIkCgZldmVudHMYASADKAsyFC5kYWdtZXNoLnYxLlJ1bkV2ZW50IkQKFVJlYWRBY3RpdmVSdW5zUmVxdWVzdBISCgpwYXJ0aXRpb25zGAEgAygNEhcKD2V2ZXJ5X3BhcnRpdGlvbhgCIAEoCCIoChJJbml0Q2x1c3RlclJlcXVlc3QSEgoKcGFydGl0aW9ucxgBIAEoDSIdCgdDbHVzdGVyEhIKCnBhcnRpdGlvbnMYASABKA0iNwoWUmVhZEFjdGl2ZVJ1bnNSZXNwb25zZRIdCgRydW5zGAEgAygLMg8uZGFnbWVzaC52MS5SdW4iWgoKQWN0aXZlUnVucxIdCgRydW5zGAEgAygLMg8uZGFnbWVzaC52MS5SdW4SLQoKdW5yZWFkYWJsZRgCIAMoCzIZLmRhZ21lc2gudjEuVW5yZWFkYWJsZVJ1biJbCg1VbnJlYWRhYmxlUnVuEg4KBnJ1bl9pZBgBIAEoCRIQCgh3b3JrZmxvdxgCIAEoCRIYChB3b3JrZmxvd192ZXJzaW9uGAMgASgNEg4KBnJlYXNvbhgEIAEoCSI2ChRRdWFyYW50aW5lUnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkSDgoGcmVhc29uGAIgASgJImQKBUxlYXNlEgwKBG5hbWUYASABKAkSDgoGaG9sZGVyGAIgASgJEg0KBWVwb2NoGAMgASgEEi4KCmV4cGlyZXNfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIlsKE0FjcXVpcmVMZWFzZVJlcXVlc3QSDAoEbmFtZRgBIAEoCRIOCgZob2xkZXIYAiABKAkSJgoDdHRsGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIl0KEVJlbmV3TGVhc2VSZXF1ZXN0EiAKBWxlYXNlGAEgASgLMhEuZGFnbWVzaC52MS5MZWFzZRImCgN0dGwYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iewoSQ2xhaW1MZWFzZXNSZXF1ZXN0Eg4KBmhvbGRlchgBIAEoCRImCgN0dGwYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SHwoEa2VlcBgDIAMoCzIRLmRhZ21lc2gudjEuTGVhc2USDAoEdGFrZRgEIAMoCSJmChNDbGFpbUxlYXNlc1Jlc3BvbnNlEh8KBGtlcHQYASADKAsyES5kYWdtZXNoLnYxLkxlYXNlEgwKBGxvc3QYAiADKAkSIAoFdGFrZW4YAyADKAsyES5kYWdtZXNoLnYxLkxlYXNlIjcKE1JlbGVhc2VMZWFzZVJlcXVlc3QSIAoFbGVhc2UYASABKAsyES5kYWdtZXNoLnYxLkxlYXNlIhYKFFJlbGVhc2VMZWFzZVJlc3BvbnNlIicKFUxpc3RMaXZlTGVhc2VzUmVxdWVzdBIOCgZwcmVmaXgYASABKAkiXAoaRGVsZXRlRXhwaXJlZExlYXNlc1JlcXVlc3QSDgoGcHJlZml4GAEgASgJEi4KC2V4cGlyZWRfZm9yGAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIi4KG0RlbGV0ZUV4cGlyZWRMZWFzZXNSZXNwb25zZRIPCgdkZWxldGVkGAEgASgEIjsKFkxpc3RMaXZlTGVhc2VzUmVzcG9uc2USIQoGbGVhc2VzGAEgAygLMhEuZGFnbWVzaC52MS5MZWFzZSJvChBTdG9yZUVycm9yRGV0YWlsEisKCmxlYXNlX2hlbGQYASABKAsyFS5kYWdtZXNoLnYxLkxlYXNlSGVsZEgAEiQKBmZlbmNlZBgCIAEoCzISLmRhZ21lc2gudjEuRmVuY2VkSABCCAoGZGV0YWlsIkAKCUxlYXNlSGVsZBIMCgRuYW1lGAEgASgJEg4KBmhvbGRlchgCIAEoCRIVCg1leHBpcmVzX2luX21zGAMgASgEIjwKBkZlbmNlZBIMCgRuYW1lGAEgASgJEg0KBWVwb2NoGAIgASgEEhUKDWN1cnJlbnRfZXBvY2gYAyABKAQiJwoTUmVhZFNjaGVkdWxlUmVxdWVzdBIQCghzY2hlZHVsZRgBIAEoCSI8ChhTZXRTY2hlZHVsZVBhdXNlZFJlcXVlc3QSEAoIc2NoZWR1bGUYASABKAkSDgoGcGF1c2VkGAIgASgIInoKFkFkdmFuY2VTY2hlZHVsZVJlcXVlc3QSCgoCaWQYASABKAkSLAoIZXhwZWN0ZWQYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiYKAnRvGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCIrChdBZHZhbmNlU2NoZWR1bGVSZXNwb25zZRIQCghhZHZhbmNlZBgBIAEoCCJJCgtTdG9yZWRUb2tlbhIjCgV0b2tlbhgBIAEoCzIULmRhZ21lc2gudjEuQXBpVG9rZW4SFQoNc2VjcmV0X3NoYTI1NhgCIAEoCSIhChBSZWFkVG9rZW5SZXF1ZXN0Eg0KBXRva2VuGAEgASgJIhMKEVJlYWRUb2tlbnNSZXF1ZXN0Ij0KElJlYWRUb2tlbnNSZXNwb25zZRInCgZ0b2tlbnMYASADKAsyFy5kYWdtZXNoLnYxLlN0b3JlZFRva2VuMtwWCg9NZXRhZGF0YVNlcnZpY2USTgoLUHV0V29ya2Zsb3cSHi5kYWdtZXNoLnYxLlB1dFdvcmtmbG93UmVxdWVzdBofLmRhZ21lc2gudjEuUHV0V29ya2Zsb3dSZXNwb25zZRJECgtHZXRXb3JrZmxvdxIfLmRhZ21lc2gudjEuUmVhZFdvcmtmbG93UmVxdWVzdBoULmRhZ21lc2gudjEuV29ya2Zsb3cSVAoNTGlzdFdvcmtmbG93cxIgLmRhZ21lc2gudjEuUmVhZFdvcmtmbG93c1JlcXVlc3QaIS5kYWdtZXNoLnYxLlJlYWRXb3JrZmxvd3NSZXNwb25zZRI/CgZDb21taXQSGS5kYWdtZXNoLnYxLkNvbW1pdFJlcXVlc3QaGi5kYWdtZXNoLnYxLkNvbW1pdFJlc3BvbnNlEjUKBkdldFJ1bhIaLmRhZ21lc2gudjEuUmVhZFJ1blJlcXVlc3QaDy5kYWdtZXNoLnYxLlJ1bhJFCghMaXN0UnVucxIbLmRhZ21lc2gudjEuTGlzdFJ1bnNSZXF1ZXN0GhwuZGFnbWVzaC52MS5MaXN0UnVuc1Jlc3BvbnNlEnIKF0ZpbmRSdW5CeUlkZW1wb3RlbmN5S2V5EiouZGFnbWVzaC52MS5GaW5kUnVuQnlJZGVtcG90ZW5jeUtleVJlcXVlc3QaKy5kYWdtZXNoLnYxLkZpbmRSdW5CeUlkZW1wb3RlbmN5S2V5UmVzcG9uc2USSwoKUmVhZEV2ZW50cxIdLmRhZ21lc2gudjEuUmVhZEV2ZW50c1JlcXVlc3QaHi5kYWdtZXNoLnYxLlJlYWRFdmVudHNSZXNwb25zZRJXCg5SZWFkQWN0aXZlUnVucxIhLmRhZ21lc2gudjEuUmVhZEFjdGl2ZVJ1bnNSZXF1ZXN0GiIuZGFnbWVzaC52MS5SZWFkQWN0aXZlUnVuc1Jlc3BvbnNlElIKFVJlYWRBY3RpdmVSdW5zQ2hlY2tlZBIhLmRhZ21lc2gudjEuUmVhZEFjdGl2ZVJ1bnNSZXF1ZXN0GhYuZGFnbWVzaC52MS5BY3RpdmVSdW5zEkIKDVF1YXJhbnRpbmVSdW4SIC5kYWdtZXNoLnYxLlF1YXJhbnRpbmVSdW5SZXF1ZXN0Gg8uZGFnbWVzaC52MS5SdW4SQgoMQWNxdWlyZUxlYXNlEh8uZGFnbWVzaC52MS5BY3F1aXJlTGVhc2VSZXF1ZXN0GhEuZGFnbWVzaC52MS5MZWFzZRI+CgpSZW5ld0xlYXNlEh0uZGFnbWVzaC52MS5SZW5ld0xlYXNlUmVxdWVzdBoRLmRhZ21lc2gudjEuTGVhc2USTgoLQ2xhaW1MZWFzZXMSHi5kYWdtZXNoLnYxLkNsYWltTGVhc2VzUmVxdWVzdBofLmRhZ21lc2gudjEuQ2xhaW1MZWFzZXNSZXNwb25zZRJRCgxSZWxlYXNlTGVhc2USHy5kYWdtZXNoLnYxLlJlbGVhc2VMZWFzZVJlcXVlc3QaIC5kYWdtZXNoLnYxLlJlbGVhc2VMZWFzZVJlc3BvbnNlElcKDkxpc3RMaXZlTGVhc2VzEiEuZGFnbWVzaC52MS5MaXN0TGl2ZUxlYXNlc1JlcXVlc3QaIi5kYWdtZXNoLnYxLkxpc3RMaXZlTGVhc2VzUmVzcG9uc2USZgoTRGVsZXRlRXhwaXJlZExlYXNlcxImLmRhZ21lc2gudjEuRGVsZXRlRXhwaXJlZExlYXNlc1JlcXVlc3QaJy5kYWdtZXNoLnYxLkRlbGV0ZUV4cGlyZWRMZWFzZXNSZXNwb25zZRJLCgxDb21taXRGZW5jZWQSHy5kYWdtZXNoLnYxLkNvbW1pdEZlbmNlZFJlcXVlc3QaGi5kYWdtZXNoLnYxLkNvbW1pdFJlc3BvbnNlEkIKC0luaXRDbHVzdGVyEh4uZGFnbWVzaC52MS5Jbml0Q2x1c3RlclJlcXVlc3QaEy5kYWdtZXNoLnYxLkNsdXN0ZXISVwoOUmVhZENhY2hlRW50cnkSIS5kYWdtZXNoLnYxLlJlYWRDYWNoZUVudHJ5UmVxdWVzdBoiLmRhZ21lc2gudjEuUmVhZENhY2hlRW50cnlSZXNwb25zZRJsChVSZWFkV2ViaG9va0RlbGl2ZXJpZXMSKC5kYWdtZXNoLnYxLlJlYWRXZWJob29rRGVsaXZlcmllc1JlcXVlc3QaKS5kYWdtZXNoLnYxLlJlYWRXZWJob29rRGVsaXZlcmllc1Jlc3BvbnNlEjwKCFB1dFRva2VuEhcuZGFnbWVzaC52MS5TdG9yZWRUb2tlbhoXLmRhZ21lc2gudjEuU3RvcmVkVG9rZW4SQQoIR2V0VG9rZW4SHC5kYWdtZXNoLnYxLlJlYWRUb2tlblJlcXVlc3QaFy5kYWdtZXNoLnYxLlN0b3JlZFRva2VuEksKCkxpc3RUb2tlbnMSHS5kYWdtZXNoLnYxLlJlYWRUb2tlbnNSZXF1ZXN0Gh4uZGFnbWVzaC52MS5SZWFkVG9rZW5zUmVzcG9uc2USRgoLUmV2b2tlVG9rZW4SHi5kYWdtZXNoLnYxLlJldm9rZVRva2VuUmVxdWVzdBoXLmRhZ21lc2gudjEuU3RvcmVkVG9rZW4SPAoOQ3JlYXRlU2NoZWR1bGUSFC5kYWdtZXNoLnYxLlNjaGVkdWxlGhQuZGFnbWVzaC52MS5TY2hlZHVsZRJECgtHZXRTY2hlZHVsZRIfLmRhZ21lc2gudjEuUmVhZFNjaGVkdWxlUmVxdWVzdBoULmRhZ21lc2gudjEuU2NoZWR1bGUSVAoNTGlzdFNjaGVkdWxlcxIgLmRhZ21lc2gudjEuTGlzdFNjaGVkdWxlc1JlcXVlc3QaIS5kYWdtZXNoLnYxLkxpc3RTY2hlZHVsZXNSZXNwb25zZRJVCg5EZWxldGVTY2hlZHVsZRIfLmRhZ21lc2gudjEuUmVhZFNjaGVkdWxlUmVxdWVzdBoiLmRhZ21lc2gudjEuRGVsZXRlU2NoZWR1bGVSZXNwb25zZRJPChFTZXRTY2hlZHVsZVBhdXNlZBIkLmRhZ21lc2gudjEuU2V0U2NoZWR1bGVQYXVzZWRSZXF1ZXN0GhQuZGFnbWVzaC52MS5TY2hlZHVsZRJaCg9BZHZhbmNlU2NoZWR1bGUSIi5kYWdtZXNoLnYxLkFkdmFuY2VTY2hlZHVsZVJlcXVlc3QaIy5kYWdtZXNoLnYxLkFkdmFuY2VTY2hlZHVsZVJlc3BvbnNlEjkKDUNyZWF0ZVRyaWdnZXISEy5kYWdtZXNoLnYxLlRyaWdnZXIaEy5kYWdtZXNoLnYxLlRyaWdnZXISUQoMTGlzdFRyaWdnZXJzEh8uZGFnbWVzaC52MS5MaXN0VHJpZ2dlcnNSZXF1ZXN0GiAuZGFnbWVzaC52MS5MaXN0VHJpZ2dlcnNSZXNwb25zZRJUCg1EZWxldGVUcmlnZ2VyEiAuZGFnbWVzaC52MS5EZWxldGVUcmlnZ2VyUmVxdWVzdBohLmRhZ21lc2gudjEuRGVsZXRlVHJpZ2dlclJlc3BvbnNlEjkKC1B1dEJhY2tmaWxsEhQuZGFnbWVzaC52MS5CYWNrZmlsbBoULmRhZ21lc2gudjEuQmFja2ZpbGwSQwoLR2V0QmFja2ZpbGwSHi5kYWdtZXNoLnYxLkdldEJhY2tmaWxsUmVxdWVzdBoULmRhZ21lc2gudjEuQmFja2ZpbGwSVAoNTGlzdEJhY2tmaWxscxIgLmRhZ21lc2gudjEuTGlzdEJhY2tmaWxsc1JlcXVlc3QaIS5kYWdtZXNoLnYxLkxpc3RCYWNrZmlsbHNSZXNwb25zZWIGcHJvdG8z", [file_dagmesh_v1_types, file_google_protobuf_struct, file_google_protobuf_duration, file_google_protobuf_timestamp, file_dagmesh_v1_run, file_dagmesh_v1_scheduler, file_dagmesh_v1_auth]);
 
 /**
  * @generated from message dagmesh.v1.PutWorkflowRequest
@@ -761,6 +761,79 @@ export const RenewLeaseRequestSchema: GenMessage<RenewLeaseRequest> = /*@__PURE_
   messageDesc(file_dagmesh_v1_metadata, 28);
 
 /**
+ * @generated from message dagmesh.v1.ClaimLeasesRequest
+ */
+export type ClaimLeasesRequest = Message<"dagmesh.v1.ClaimLeasesRequest"> & {
+  /**
+   * The caller's holder name, non-empty, at most 256 bytes.
+   *
+   * @generated from field: string holder = 1;
+   */
+  holder: string;
+
+  /**
+   * How long the renewed and taken leases last from now: more than 0, at most one hour.
+   *
+   * @generated from field: google.protobuf.Duration ttl = 2;
+   */
+  ttl?: Duration | undefined;
+
+  /**
+   * Leases to renew, as last returned to the caller (each must name `holder`).
+   *
+   * @generated from field: repeated dagmesh.v1.Lease keep = 3;
+   */
+  keep: Lease[];
+
+  /**
+   * Names of leases to take when free or expired, each at most 128 bytes.
+   *
+   * @generated from field: repeated string take = 4;
+   */
+  take: string[];
+};
+
+/**
+ * Describes the message dagmesh.v1.ClaimLeasesRequest.
+ * Use `create(ClaimLeasesRequestSchema)` to create a new message.
+ */
+export const ClaimLeasesRequestSchema: GenMessage<ClaimLeasesRequest> = /*@__PURE__*/
+  messageDesc(file_dagmesh_v1_metadata, 29);
+
+/**
+ * @generated from message dagmesh.v1.ClaimLeasesResponse
+ */
+export type ClaimLeasesResponse = Message<"dagmesh.v1.ClaimLeasesResponse"> & {
+  /**
+   * The leases of `keep` still held, renewed.
+   *
+   * @generated from field: repeated dagmesh.v1.Lease kept = 1;
+   */
+  kept: Lease[];
+
+  /**
+   * The names of the leases of `keep` that another holder has taken since.
+   *
+   * @generated from field: repeated string lost = 2;
+   */
+  lost: string[];
+
+  /**
+   * The names of `take` that were free or expired, now held by the caller.
+   *
+   * @generated from field: repeated dagmesh.v1.Lease taken = 3;
+   */
+  taken: Lease[];
+};
+
+/**
+ * Describes the message dagmesh.v1.ClaimLeasesResponse.
+ * Use `create(ClaimLeasesResponseSchema)` to create a new message.
+ */
+export const ClaimLeasesResponseSchema: GenMessage<ClaimLeasesResponse> = /*@__PURE__*/
+  messageDesc(file_dagmesh_v1_metadata, 30);
+
+/**
  * @generated from message dagmesh.v1.ReleaseLeaseRequest
  */
 export type ReleaseLeaseRequest = Message<"dagmesh.v1.ReleaseLeaseRequest"> & {
@@ -777,7 +850,7 @@ export type ReleaseLeaseRequest = Message<"dagmesh.v1.ReleaseLeaseRequest"> & {
  * Use `create(ReleaseLeaseRequestSchema)` to create a new message.
  */
 export const ReleaseLeaseRequestSchema: GenMessage<ReleaseLeaseRequest> = /*@__PURE__*/
-  messageDesc(file_dagmesh_v1_metadata, 29);
+  messageDesc(file_dagmesh_v1_metadata, 31);
 
 /**
  * @generated from message dagmesh.v1.ReleaseLeaseResponse
@@ -790,7 +863,7 @@ export type ReleaseLeaseResponse = Message<"dagmesh.v1.ReleaseLeaseResponse"> & 
  * Use `create(ReleaseLeaseResponseSchema)` to create a new message.
  */
 export const ReleaseLeaseResponseSchema: GenMessage<ReleaseLeaseResponse> = /*@__PURE__*/
-  messageDesc(file_dagmesh_v1_metadata, 30);
+  messageDesc(file_dagmesh_v1_metadata, 32);
 
 /**
  * @generated from message dagmesh.v1.ListLiveLeasesRequest
@@ -809,7 +882,7 @@ export type ListLiveLeasesRequest = Message<"dagmesh.v1.ListLiveLeasesRequest"> 
  * Use `create(ListLiveLeasesRequestSchema)` to create a new message.
  */
 export const ListLiveLeasesRequestSchema: GenMessage<ListLiveLeasesRequest> = /*@__PURE__*/
-  messageDesc(file_dagmesh_v1_metadata, 31);
+  messageDesc(file_dagmesh_v1_metadata, 33);
 
 /**
  * @generated from message dagmesh.v1.DeleteExpiredLeasesRequest
@@ -835,7 +908,7 @@ export type DeleteExpiredLeasesRequest = Message<"dagmesh.v1.DeleteExpiredLeases
  * Use `create(DeleteExpiredLeasesRequestSchema)` to create a new message.
  */
 export const DeleteExpiredLeasesRequestSchema: GenMessage<DeleteExpiredLeasesRequest> = /*@__PURE__*/
-  messageDesc(file_dagmesh_v1_metadata, 32);
+  messageDesc(file_dagmesh_v1_metadata, 34);
 
 /**
  * @generated from message dagmesh.v1.DeleteExpiredLeasesResponse
@@ -854,7 +927,7 @@ export type DeleteExpiredLeasesResponse = Message<"dagmesh.v1.DeleteExpiredLease
  * Use `create(DeleteExpiredLeasesResponseSchema)` to create a new message.
  */
 export const DeleteExpiredLeasesResponseSchema: GenMessage<DeleteExpiredLeasesResponse> = /*@__PURE__*/
-  messageDesc(file_dagmesh_v1_metadata, 33);
+  messageDesc(file_dagmesh_v1_metadata, 35);
 
 /**
  * @generated from message dagmesh.v1.ListLiveLeasesResponse
@@ -873,7 +946,7 @@ export type ListLiveLeasesResponse = Message<"dagmesh.v1.ListLiveLeasesResponse"
  * Use `create(ListLiveLeasesResponseSchema)` to create a new message.
  */
 export const ListLiveLeasesResponseSchema: GenMessage<ListLiveLeasesResponse> = /*@__PURE__*/
-  messageDesc(file_dagmesh_v1_metadata, 34);
+  messageDesc(file_dagmesh_v1_metadata, 36);
 
 /**
  * The machine-readable detail of a failed MetadataService call, prost-encoded in the
@@ -909,7 +982,7 @@ export type StoreErrorDetail = Message<"dagmesh.v1.StoreErrorDetail"> & {
  * Use `create(StoreErrorDetailSchema)` to create a new message.
  */
 export const StoreErrorDetailSchema: GenMessage<StoreErrorDetail> = /*@__PURE__*/
-  messageDesc(file_dagmesh_v1_metadata, 35);
+  messageDesc(file_dagmesh_v1_metadata, 37);
 
 /**
  * @generated from message dagmesh.v1.LeaseHeld
@@ -942,7 +1015,7 @@ export type LeaseHeld = Message<"dagmesh.v1.LeaseHeld"> & {
  * Use `create(LeaseHeldSchema)` to create a new message.
  */
 export const LeaseHeldSchema: GenMessage<LeaseHeld> = /*@__PURE__*/
-  messageDesc(file_dagmesh_v1_metadata, 36);
+  messageDesc(file_dagmesh_v1_metadata, 38);
 
 /**
  * @generated from message dagmesh.v1.Fenced
@@ -975,7 +1048,7 @@ export type Fenced = Message<"dagmesh.v1.Fenced"> & {
  * Use `create(FencedSchema)` to create a new message.
  */
 export const FencedSchema: GenMessage<Fenced> = /*@__PURE__*/
-  messageDesc(file_dagmesh_v1_metadata, 37);
+  messageDesc(file_dagmesh_v1_metadata, 39);
 
 /**
  * @generated from message dagmesh.v1.ReadScheduleRequest
@@ -994,7 +1067,7 @@ export type ReadScheduleRequest = Message<"dagmesh.v1.ReadScheduleRequest"> & {
  * Use `create(ReadScheduleRequestSchema)` to create a new message.
  */
 export const ReadScheduleRequestSchema: GenMessage<ReadScheduleRequest> = /*@__PURE__*/
-  messageDesc(file_dagmesh_v1_metadata, 38);
+  messageDesc(file_dagmesh_v1_metadata, 40);
 
 /**
  * @generated from message dagmesh.v1.SetSchedulePausedRequest
@@ -1018,7 +1091,7 @@ export type SetSchedulePausedRequest = Message<"dagmesh.v1.SetSchedulePausedRequ
  * Use `create(SetSchedulePausedRequestSchema)` to create a new message.
  */
 export const SetSchedulePausedRequestSchema: GenMessage<SetSchedulePausedRequest> = /*@__PURE__*/
-  messageDesc(file_dagmesh_v1_metadata, 39);
+  messageDesc(file_dagmesh_v1_metadata, 41);
 
 /**
  * @generated from message dagmesh.v1.AdvanceScheduleRequest
@@ -1049,7 +1122,7 @@ export type AdvanceScheduleRequest = Message<"dagmesh.v1.AdvanceScheduleRequest"
  * Use `create(AdvanceScheduleRequestSchema)` to create a new message.
  */
 export const AdvanceScheduleRequestSchema: GenMessage<AdvanceScheduleRequest> = /*@__PURE__*/
-  messageDesc(file_dagmesh_v1_metadata, 40);
+  messageDesc(file_dagmesh_v1_metadata, 42);
 
 /**
  * @generated from message dagmesh.v1.AdvanceScheduleResponse
@@ -1068,7 +1141,7 @@ export type AdvanceScheduleResponse = Message<"dagmesh.v1.AdvanceScheduleRespons
  * Use `create(AdvanceScheduleResponseSchema)` to create a new message.
  */
 export const AdvanceScheduleResponseSchema: GenMessage<AdvanceScheduleResponse> = /*@__PURE__*/
-  messageDesc(file_dagmesh_v1_metadata, 41);
+  messageDesc(file_dagmesh_v1_metadata, 43);
 
 /**
  * A token as stored: its public part and the SHA-256 (hex) of its secret. The secret itself is
@@ -1093,7 +1166,7 @@ export type StoredToken = Message<"dagmesh.v1.StoredToken"> & {
  * Use `create(StoredTokenSchema)` to create a new message.
  */
 export const StoredTokenSchema: GenMessage<StoredToken> = /*@__PURE__*/
-  messageDesc(file_dagmesh_v1_metadata, 42);
+  messageDesc(file_dagmesh_v1_metadata, 44);
 
 /**
  * @generated from message dagmesh.v1.ReadTokenRequest
@@ -1112,7 +1185,7 @@ export type ReadTokenRequest = Message<"dagmesh.v1.ReadTokenRequest"> & {
  * Use `create(ReadTokenRequestSchema)` to create a new message.
  */
 export const ReadTokenRequestSchema: GenMessage<ReadTokenRequest> = /*@__PURE__*/
-  messageDesc(file_dagmesh_v1_metadata, 43);
+  messageDesc(file_dagmesh_v1_metadata, 45);
 
 /**
  * @generated from message dagmesh.v1.ReadTokensRequest
@@ -1125,7 +1198,7 @@ export type ReadTokensRequest = Message<"dagmesh.v1.ReadTokensRequest"> & {
  * Use `create(ReadTokensRequestSchema)` to create a new message.
  */
 export const ReadTokensRequestSchema: GenMessage<ReadTokensRequest> = /*@__PURE__*/
-  messageDesc(file_dagmesh_v1_metadata, 44);
+  messageDesc(file_dagmesh_v1_metadata, 46);
 
 /**
  * @generated from message dagmesh.v1.ReadTokensResponse
@@ -1142,7 +1215,7 @@ export type ReadTokensResponse = Message<"dagmesh.v1.ReadTokensResponse"> & {
  * Use `create(ReadTokensResponseSchema)` to create a new message.
  */
 export const ReadTokensResponseSchema: GenMessage<ReadTokensResponse> = /*@__PURE__*/
-  messageDesc(file_dagmesh_v1_metadata, 45);
+  messageDesc(file_dagmesh_v1_metadata, 47);
 
 /**
  * @generated from service dagmesh.v1.MetadataService
@@ -1292,6 +1365,20 @@ export const MetadataService: GenService<{
     methodKind: "unary";
     input: typeof RenewLeaseRequestSchema;
     output: typeof LeaseSchema;
+  },
+  /**
+   * A group member's refresh in one transaction: renews each lease of `keep` whose stored
+   * holder and epoch still match, and takes each name of `take` that is free or expired (epoch
+   * + 1), all for `holder`. A name held by another holder is skipped, not an error.
+   * INVALID_ARGUMENT for a lease of `keep` naming another holder, a name given twice, or more
+   * than 4096 names in either list.
+   *
+   * @generated from rpc dagmesh.v1.MetadataService.ClaimLeases
+   */
+  claimLeases: {
+    methodKind: "unary";
+    input: typeof ClaimLeasesRequestSchema;
+    output: typeof ClaimLeasesResponseSchema;
   },
   /**
    * Marks the lease free (expired now) if holder and epoch match, so a standby can take it at

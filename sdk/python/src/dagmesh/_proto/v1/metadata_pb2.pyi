@@ -243,6 +243,28 @@ class RenewLeaseRequest(_message.Message):
     ttl: _duration_pb2.Duration
     def __init__(self, lease: _Optional[_Union[Lease, _Mapping]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
+class ClaimLeasesRequest(_message.Message):
+    __slots__ = ("holder", "ttl", "keep", "take")
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    TTL_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
+    TAKE_FIELD_NUMBER: _ClassVar[int]
+    holder: str
+    ttl: _duration_pb2.Duration
+    keep: _containers.RepeatedCompositeFieldContainer[Lease]
+    take: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, holder: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., keep: _Optional[_Iterable[_Union[Lease, _Mapping]]] = ..., take: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ClaimLeasesResponse(_message.Message):
+    __slots__ = ("kept", "lost", "taken")
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    LOST_FIELD_NUMBER: _ClassVar[int]
+    TAKEN_FIELD_NUMBER: _ClassVar[int]
+    kept: _containers.RepeatedCompositeFieldContainer[Lease]
+    lost: _containers.RepeatedScalarFieldContainer[str]
+    taken: _containers.RepeatedCompositeFieldContainer[Lease]
+    def __init__(self, kept: _Optional[_Iterable[_Union[Lease, _Mapping]]] = ..., lost: _Optional[_Iterable[str]] = ..., taken: _Optional[_Iterable[_Union[Lease, _Mapping]]] = ...) -> None: ...
+
 class ReleaseLeaseRequest(_message.Message):
     __slots__ = ("lease",)
     LEASE_FIELD_NUMBER: _ClassVar[int]

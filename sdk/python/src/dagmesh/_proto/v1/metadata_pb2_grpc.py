@@ -103,6 +103,11 @@ class MetadataServiceStub(object):
                 request_serializer=dagmesh_dot_v1_dot_metadata__pb2.RenewLeaseRequest.SerializeToString,
                 response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.Lease.FromString,
                 _registered_method=True)
+        self.ClaimLeases = channel.unary_unary(
+                '/dagmesh.v1.MetadataService/ClaimLeases',
+                request_serializer=dagmesh_dot_v1_dot_metadata__pb2.ClaimLeasesRequest.SerializeToString,
+                response_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ClaimLeasesResponse.FromString,
+                _registered_method=True)
         self.ReleaseLease = channel.unary_unary(
                 '/dagmesh.v1.MetadataService/ReleaseLease',
                 request_serializer=dagmesh_dot_v1_dot_metadata__pb2.ReleaseLeaseRequest.SerializeToString,
@@ -324,6 +329,17 @@ class MetadataServiceServicer(object):
     def RenewLease(self, request, context):
         """Extends the lease if its stored holder and epoch still match. ABORTED (with a
         StoreErrorDetail.fenced trailer) when another holder has taken it since: stop writing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClaimLeases(self, request, context):
+        """A group member's refresh in one transaction: renews each lease of `keep` whose stored
+        holder and epoch still match, and takes each name of `take` that is free or expired (epoch
+        + 1), all for `holder`. A name held by another holder is skipped, not an error.
+        INVALID_ARGUMENT for a lease of `keep` naming another holder, a name given twice, or more
+        than 4096 names in either list.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -569,6 +585,11 @@ def add_MetadataServiceServicer_to_server(servicer, server):
                     servicer.RenewLease,
                     request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.RenewLeaseRequest.FromString,
                     response_serializer=dagmesh_dot_v1_dot_metadata__pb2.Lease.SerializeToString,
+            ),
+            'ClaimLeases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimLeases,
+                    request_deserializer=dagmesh_dot_v1_dot_metadata__pb2.ClaimLeasesRequest.FromString,
+                    response_serializer=dagmesh_dot_v1_dot_metadata__pb2.ClaimLeasesResponse.SerializeToString,
             ),
             'ReleaseLease': grpc.unary_unary_rpc_method_handler(
                     servicer.ReleaseLease,
@@ -1037,6 +1058,33 @@ class MetadataService(object):
             '/dagmesh.v1.MetadataService/RenewLease',
             dagmesh_dot_v1_dot_metadata__pb2.RenewLeaseRequest.SerializeToString,
             dagmesh_dot_v1_dot_metadata__pb2.Lease.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimLeases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dagmesh.v1.MetadataService/ClaimLeases',
+            dagmesh_dot_v1_dot_metadata__pb2.ClaimLeasesRequest.SerializeToString,
+            dagmesh_dot_v1_dot_metadata__pb2.ClaimLeasesResponse.FromString,
             options,
             channel_credentials,
             insecure,
