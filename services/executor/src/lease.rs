@@ -5,8 +5,8 @@
 //! executor that lost the lease (paused, partitioned, replaced) cannot write after its
 //! successor started, even before it notices. A task renews the lease every third of its TTL;
 //! when renewal fails for longer than the TTL, or the store says another holder took it, the
-//! engine stops. Partitions (later) will each hold a lease of their own
-//! (`executor/partition-N`); nothing here assumes there is only one.
+//! engine stops. Each partition holds a lease of its own as well (`executor/p-N`, see
+//! `crate::partitions`), which fences the commits of that partition's runs.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -23,6 +23,7 @@ pub mod grpc;
 mod lease;
 mod limits;
 mod metrics;
+mod partitions;
 mod plans;
 pub mod queues;
 pub mod scaler;
@@ -79,6 +80,8 @@ impl Executor {
                 "the database's partition count is fixed; using it"
             );
         }
+        let (partition_leases, driven) =
+            partitions::Partitions::take(store.clone(), &holder, partitions, ttl).await?;
         let (lost_tx, lost) = tokio::sync::oneshot::channel();
         let (stop_renewal, stop_rx) = tokio::sync::oneshot::channel();
         let renewal = lease::spawn_renewal(store.clone(), fence.clone(), ttl, lost_tx, stop_rx);
@@ -89,12 +92,14 @@ impl Executor {
             webhooks: webhook_wake.clone(),
             fence,
             partitions,
+            driven,
             lost,
             stop_renewal,
             renewal,
         };
         let (engine, task) =
             Engine::start(store.clone(), plans.clone(), config.clone(), ownership).await?;
+        partition_leases.spawn_keeper(engine.clone());
         let inner = Arc::new(Inner {
             engine,
             store,
@@ -251,6 +256,10 @@ impl Executor {
         match submitted {
             Submitted::Created(run) => Ok((*run, true)),
             Submitted::Existing(run_id) => Ok((self.inner.store.get_run(&run_id).await?, false)),
+            Submitted::NotDriven(partition) => Err(ExecError::Unavailable(format!(
+                "partition {partition}, where this run belongs, is being handed over between \
+                 executors; retry in a few seconds"
+            ))),
         }
     }
 
@@ -336,6 +345,7 @@ impl Executor {
             Some(run) => Ok(run),
             None => {
                 let run = self.inner.store.get_run(run_id).await?;
+                not_driven_here(&run)?;
                 Err(ExecError::FailedPrecondition(format!(
                     "run {run_id} already ended ({})",
                     run.state().as_str_name().trim_start_matches("RUN_STATE_")
@@ -447,6 +457,7 @@ impl Executor {
             Some(Err(reason)) => Err(ExecError::FailedPrecondition(reason)),
             None => {
                 let run = self.inner.store.get_run(run_id).await?;
+                not_driven_here(&run)?;
                 Err(ExecError::FailedPrecondition(format!(
                     "run {run_id} is not active ({})",
                     run.state().as_str_name().trim_start_matches("RUN_STATE_")
@@ -559,7 +570,11 @@ impl Executor {
         match finished {
             Some(run) => Ok(run),
             // Not active here: it has ended (or never existed; the store says which).
-            None => Ok(self.inner.store.get_run(run_id).await?),
+            None => {
+                let run = self.inner.store.get_run(run_id).await?;
+                not_driven_here(&run)?;
+                Ok(run)
+            }
         }
     }
 
@@ -656,6 +671,20 @@ fn validate_submit_fields(
         check_len("tags key", key, MAX_NAME_LEN).map_err(ExecError::InvalidArgument)?;
         check_len(&format!("tags.{key}"), value, MAX_VALUE_LEN)
             .map_err(ExecError::InvalidArgument)?;
+    }
+    Ok(())
+}
+
+/// The engine said a run is not active, but the store says it is: its partition is not driven
+/// here right now (it is being handed over), so the caller should retry.
+fn not_driven_here(run: &Run) -> Result<(), ExecError> {
+    use dagmesh_proto::v1::RunState;
+    if matches!(run.state(), RunState::Queued | RunState::Running) {
+        return Err(ExecError::Unavailable(format!(
+            "run {} is in partition {}, which is being handed over between executors; retry in \
+             a few seconds",
+            run.run_id, run.partition
+        )));
     }
     Ok(())
 }

@@ -102,6 +102,9 @@ pub struct Ownership {
     refreshed: Option<Instant>,
     /// Refreshes so far, to prune now and then.
     refreshes: u64,
+    /// Wants every partition, without announcing itself or looking at other members (see
+    /// [`Ownership::every_partition`]).
+    sole: bool,
 }
 
 impl Ownership {
@@ -124,7 +127,30 @@ impl Ownership {
             owned: BTreeMap::new(),
             refreshed: None,
             refreshes: 0,
+            sole: false,
         }
+    }
+
+    /// A member that wants every partition of `group` and takes each as soon as it is free
+    /// (the executor that holds the `executor` lease, while it is the only one that drives
+    /// runs): the partition leases then fence its commits like a shared group's, and the day
+    /// the group is shared only the constructor changes.
+    pub fn every_partition(
+        store: Arc<dyn MetadataStore>,
+        group: &str,
+        holder: String,
+        partitions: u32,
+        ttl: Duration,
+    ) -> Self {
+        Ownership {
+            sole: true,
+            ..Self::new(store, group, holder, partitions, ttl)
+        }
+    }
+
+    /// Whether this member holds every partition (as of the last refresh).
+    pub fn owns_all(&self) -> bool {
+        self.owned.len() == self.partitions as usize
     }
 
     pub fn holder(&self) -> &str {
@@ -205,8 +231,9 @@ impl Ownership {
         }
     }
 
-    async fn try_refresh(&mut self) -> Result<Rebalance, StoreError> {
-        let mut rebalance = Rebalance::default();
+    /// Renews this member's announcement (pruning old ones now and then) and lists the live
+    /// members, this one included.
+    async fn announce_and_list_members(&mut self) -> Result<Vec<String>, StoreError> {
         let member_name = format!("{}{}", self.member_prefix(), self.holder);
         self.member = Some(
             self.store
@@ -235,6 +262,16 @@ impl Ownership {
         if !members.contains(&self.holder) {
             members.push(self.holder.clone());
         }
+        Ok(members)
+    }
+
+    async fn try_refresh(&mut self) -> Result<Rebalance, StoreError> {
+        let mut rebalance = Rebalance::default();
+        let members = if self.sole {
+            vec![self.holder.clone()]
+        } else {
+            self.announce_and_list_members().await?
+        };
         let wanted = |partition: u32| rendezvous_owner(partition, &members) == Some(&self.holder);
 
         // Hand back what another member should own now (rare: a member joined), then renew

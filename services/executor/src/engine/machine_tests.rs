@@ -129,6 +129,7 @@ impl Sim {
         let plan = plan(spec);
         let mut ctx = new_ctx(Instant::now());
         let mut entry = RunEntry::create(
+            super::run::new_run_id(),
             plan.clone(),
             inputs,
             String::new(),
@@ -184,6 +185,7 @@ impl Sim {
                         // The child lives in the engine, not in this run: a scratch context.
                         let mut scratch = new_ctx(self.ctx.now);
                         let child = RunEntry::create(
+                            super::run::new_run_id(),
                             self.child_plan.clone(),
                             Map::new(),
                             String::new(),

@@ -18,7 +18,7 @@ mod timers;
 mod traces;
 mod workers;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -157,6 +157,10 @@ pub(crate) enum Command {
         attempt: u32,
         plan: Result<Arc<Plan>, String>,
     },
+    /// The partitions this executor drives changed (see `crate::partitions`): drive the
+    /// runs of `gained` from the store, forget those of `dropped`. Applied after the batch it
+    /// arrives in is committed.
+    Partitions(PartitionChange),
     /// The answer of `Asked::CacheLookup`; `None`: a miss (or the store could not answer).
     CacheAnswer {
         run: Arc<str>,
@@ -201,6 +205,15 @@ pub(crate) enum Submitted {
     Created(Box<Run>),
     /// The idempotency key matched this run.
     Existing(String),
+    /// The run would belong to this partition, which this executor does not drive now.
+    NotDriven(u32),
+}
+
+/// Partitions taken (with the leases whose epochs fence their commits) and given up.
+#[derive(Debug, Default)]
+pub(crate) struct PartitionChange {
+    pub gained: Vec<(u32, Lease)>,
+    pub dropped: Vec<u32>,
 }
 
 /// Cloneable handle to the engine task.
@@ -238,8 +251,9 @@ impl EngineHandle {
                 // The engine is up but dropped the reply: the store refused what this request
                 // changed (see `Engine::flush`), and nothing of it was kept.
                 ExecError::Aborted(
-                    "the request conflicted with the stored state of its run and was not \
-                     applied; the run was reloaded from the store — retry the request"
+                    "the request was not applied: the store refused the batch it was in (it \
+                     conflicted with the stored state of its run, which was reloaded, or another \
+                     executor took over the run's partition) — retry the request"
                         .into(),
                 )
             }
@@ -289,6 +303,8 @@ pub(crate) struct Ownership {
     pub fence: Lease,
     /// The cluster's partition count (`init_cluster`): what a new root run hashes into.
     pub partitions: u32,
+    /// The partitions driven from the start, with their leases (see `crate::partitions`).
+    pub driven: Vec<(u32, Lease)>,
     pub lost: oneshot::Receiver<String>,
     /// Fired when the engine stops; the engine then waits for `renewal` and releases the lease.
     pub stop_renewal: oneshot::Sender<()>,
@@ -472,6 +488,11 @@ pub(crate) struct Engine {
     fence: Lease,
     /// The cluster's partition count.
     partitions: u32,
+    /// The partitions this engine drives, with the leases that fence their commits: it holds
+    /// runs of these partitions only.
+    driven: BTreeMap<u32, Lease>,
+    /// Partition changes received in this batch, applied once it is committed.
+    repartitions: Vec<PartitionChange>,
     /// Bounds the store look-ups answering results for runs that are not active, so a worker
     /// spraying results for made-up tasks cannot queue up unbounded reads.
     lookups: Arc<tokio::sync::Semaphore>,
@@ -528,6 +549,8 @@ impl Engine {
             drain_expired: false,
             fence: ownership.fence,
             partitions: ownership.partitions,
+            driven: ownership.driven.into_iter().collect(),
+            repartitions: Vec::new(),
             lookups: Arc::new(tokio::sync::Semaphore::new(MAX_RESULT_LOOKUPS)),
             plans: plans.clone(),
             commands: None,
@@ -536,7 +559,8 @@ impl Engine {
         };
         let (tx, rx) = mpsc::channel(engine.ctx.config.max_batch * 2);
         engine.commands = Some(tx.downgrade());
-        engine.recover(&plans).await?;
+        let driven: Vec<u32> = engine.driven.keys().copied().collect();
+        engine.recover(&driven).await?;
         let Ownership {
             lost,
             stop_renewal,
@@ -558,8 +582,16 @@ impl Engine {
         Ok((EngineHandle { tx, queue_changes }, task))
     }
 
-    async fn recover(&mut self, plans: &PlanCache) -> Result<(), ExecError> {
-        let active = self.store.read_active_runs_checked(None).await?;
+    /// Loads the active runs of `partitions` from the store and takes them up.
+    async fn recover(&mut self, partitions: &[u32]) -> Result<(), ExecError> {
+        if partitions.is_empty() {
+            return Ok(());
+        }
+        let plans = self.plans.clone();
+        let active = self
+            .store
+            .read_active_runs_checked(Some(partitions))
+            .await?;
         for unreadable in active.unreadable {
             let reason = format!("quarantined at recovery: {}", unreadable.reason);
             quarantine(&self.store, &unreadable.run_id, &reason).await?;
@@ -662,7 +694,7 @@ impl Engine {
             }
             // Nothing waits on this batch (no reply, no message to a worker: only Started,
             // progress or logs): let it share the next commit instead of paying for its own.
-            if self.ctx.effects.is_empty() && self.drain.is_none() {
+            if self.ctx.effects.is_empty() && self.drain.is_none() && self.repartitions.is_empty() {
                 if self.ctx.dirty_runs.is_empty() {
                     continue; // heartbeats only
                 }
@@ -675,6 +707,11 @@ impl Engine {
             if let Err(error) = self.flush().await {
                 tracing::error!(%error, "commit failed; stopping the engine");
                 return Err(error);
+            }
+            // After the commit: what a dropped partition's runs did in this batch is written
+            // (its lease was handed over with the epoch unchanged) or was refused whole.
+            for change in std::mem::take(&mut self.repartitions) {
+                self.repartition(change).await?;
             }
             if self.drain_done() {
                 break;
@@ -709,6 +746,7 @@ impl Engine {
                     entry_run.cache_answer(step, attempt, entry.map(|e| *e), &mut self.ctx);
                 }
             }
+            Command::Partitions(change) => self.repartitions.push(change),
             Command::Submit {
                 plan,
                 inputs,
@@ -727,10 +765,29 @@ impl Engine {
                     self.ctx.reply(reply, existing);
                     return;
                 }
+                // One key always meets the same owner, which deduplicates it; a run without a
+                // key gets an id that falls into a partition driven here.
+                let (run_id, partition) = if idempotency_key.is_empty() {
+                    match self.unkeyed_run_id() {
+                        Some(drawn) => drawn,
+                        None => {
+                            self.ctx.reply(reply, Submitted::NotDriven(0));
+                            return;
+                        }
+                    }
+                } else {
+                    let partition = partition_of(&idempotency_key, self.partitions);
+                    if !self.driven.contains_key(&partition) {
+                        self.ctx.reply(reply, Submitted::NotDriven(partition));
+                        return;
+                    }
+                    (run::new_run_id(), partition)
+                };
                 // Straight in when nothing waits and there is room; otherwise behind the queue.
                 let admit =
                     self.ctx.admission.queue_is_empty() && self.ctx.admission.fits(&buckets);
                 let mut entry = RunEntry::create(
+                    run_id,
                     plan,
                     inputs,
                     idempotency_key.clone(),
@@ -747,13 +804,7 @@ impl Engine {
                 entry.run.notifications = raw;
                 entry.notifications = compiled;
                 entry.run.traceparent = traceparent;
-                // One key always meets the same owner, which deduplicates it.
-                let routing_key: &str = if idempotency_key.is_empty() {
-                    &entry.id
-                } else {
-                    &idempotency_key
-                };
-                entry.run.partition = partition_of(routing_key, self.partitions);
+                entry.run.partition = partition;
                 let id = entry.id.clone();
                 if !idempotency_key.is_empty() {
                     self.remember_key(idempotency_key, id.clone());
@@ -792,6 +843,15 @@ impl Engine {
                 actor,
                 reply,
             } => {
+                if !self.driven.contains_key(&run.partition) {
+                    let error = ExecError::Unavailable(format!(
+                        "run {} is in partition {}, which is being handed over between \
+                         executors; retry in a few seconds",
+                        run.run_id, run.partition
+                    ));
+                    self.ctx.reply(reply, Err(error));
+                    return;
+                }
                 if self.runs.contains_key(run.run_id.as_str()) {
                     let error = ExecError::FailedPrecondition(format!(
                         "run {} is still running; cancel it first",
@@ -1175,6 +1235,7 @@ impl Engine {
         };
         let key = format!("child:{parent_id}/{step_id}/{attempt}");
         let mut child = RunEntry::create(
+            run::new_run_id(),
             plan,
             inputs,
             key,
@@ -1767,18 +1828,32 @@ impl Engine {
         let dirty: Vec<Arc<str>> = self.ctx.dirty_runs.drain(..).collect();
         self.ctx.dirty_set.clear();
         let mut notified = false;
+        // The executor's own lease, then the lease of each partition the batch touches.
+        let mut fences = vec![self.fence.clone()];
+        let mut fenced_partitions = BTreeSet::new();
+        let mut refused: HashSet<Arc<str>> = HashSet::new();
+        let mut strays: Vec<Arc<str>> = Vec::new();
         for run_id in &dirty {
             if let Some(entry) = self.runs.get_mut(run_id) {
+                let partition = entry.run.partition;
+                if !self.driven.contains_key(&partition) {
+                    // Never held (see `drop_partitions` and the checks at submit and retry);
+                    // were one, it is forgotten unwritten rather than written unfenced.
+                    tracing::error!(run_id = %run_id, partition, "a run of a partition not driven here");
+                    strays.push(run_id.clone());
+                    continue;
+                }
+                if fenced_partitions.insert(partition) {
+                    fences.extend(self.driven.get(&partition).cloned());
+                }
                 notified |= entry.drain_mutations(&mut mutations);
             }
         }
-        let mut refused: HashSet<Arc<str>> = HashSet::new();
+        refused.extend(strays.iter().cloned());
+        let mut lost_partition = None;
         if !mutations.is_empty() {
             let started = std::time::Instant::now();
-            let committed = self
-                .store
-                .commit_fenced(std::slice::from_ref(&self.fence), mutations)
-                .await;
+            let committed = self.store.commit_fenced(&fences, mutations).await;
             if let Some(metrics) = crate::metrics::get() {
                 metrics.commit(started.elapsed().as_secs_f64());
                 if let Err(error) = &committed {
@@ -1791,6 +1866,22 @@ impl Engine {
             }
             match committed {
                 Ok(()) => {}
+                // Another executor took one of the partitions: the runs of that partition are
+                // its now. Nothing of the batch was written; the other runs are reloaded.
+                Err(StoreError::Fenced {
+                    name,
+                    epoch,
+                    current_epoch,
+                }) if name != self.fence.name => {
+                    let partition = self
+                        .driven
+                        .iter()
+                        .find(|(_, lease)| lease.name == name)
+                        .map(|(partition, _)| *partition);
+                    tracing::warn!(lease = %name, epoch, ?current_epoch, "a partition was taken over; dropping its runs");
+                    lost_partition = partition;
+                    refused.extend(dirty.iter().cloned());
+                }
                 Err(error) if stops_engine(&error) => return Err(error.into()),
                 Err(error) => {
                     tracing::error!(%error, runs = dirty.len(), "the store refused a batch; reloading its runs");
@@ -1810,6 +1901,14 @@ impl Engine {
                 Effect::Reply { reply, .. } => reply(),
             }
         }
+        if let Some(partition) = lost_partition {
+            self.drop_partitions(&[partition]);
+        }
+        for run_id in strays {
+            refused.remove(&run_id);
+            self.forget_run(&run_id);
+        }
+        self.ctx.apply_shared();
         for run_id in refused {
             self.reload(run_id).await?;
         }
@@ -1833,6 +1932,83 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// Applies a change of the partitions driven here (between batches: nothing of the
+    /// dropped partitions' runs is waiting to be written).
+    async fn repartition(&mut self, change: PartitionChange) -> Result<(), ExecError> {
+        self.drop_partitions(&change.dropped);
+        let gained: Vec<u32> = change
+            .gained
+            .iter()
+            .map(|(partition, _)| *partition)
+            .collect();
+        self.driven.extend(change.gained);
+        if !gained.is_empty() {
+            tracing::info!(partitions = gained.len(), "taking up partitions");
+        }
+        self.recover(&gained).await
+    }
+
+    /// Forgets the runs of `partitions`, which another executor drives now (or will): their
+    /// worker slots and admission places are freed, their watchers fall back to the store, and
+    /// callers waiting for them to end are answered UNAVAILABLE (retry; see `not_driven_here`).
+    fn drop_partitions(&mut self, partitions: &[u32]) {
+        let mut dropped = false;
+        for partition in partitions {
+            dropped |= self.driven.remove(partition).is_some();
+        }
+        if !dropped {
+            return;
+        }
+        let runs: Vec<Arc<str>> = self
+            .runs
+            .iter()
+            .filter(|(_, entry)| partitions.contains(&entry.run.partition))
+            .map(|(id, _)| id.clone())
+            .collect();
+        tracing::info!(partitions = ?partitions, runs = runs.len(), "dropped partitions");
+        for run_id in runs {
+            self.forget_run(&run_id);
+        }
+        self.ctx.apply_shared();
+    }
+
+    /// Removes a run from memory without writing anything (another executor drives it): its
+    /// slots and admission places are freed once `apply_shared` runs.
+    fn forget_run(&mut self, run_id: &Arc<str>) {
+        let Some(entry) = self.runs.remove(run_id) else {
+            return;
+        };
+        if let Some(key) = non_empty(&entry.run.idempotency_key)
+            && self.idempotency.get(key) == Some(run_id)
+        {
+            self.idempotency.remove(key);
+        }
+        entry.abandon(&mut self.ctx);
+        self.watchers.remove(run_id);
+        // "Not active here": the caller reads the store, finds the run active and says why.
+        for waiter in self.waiters.remove(run_id).unwrap_or_default() {
+            let _ = waiter.send(None);
+        }
+    }
+
+    /// A new run id whose partition is driven here, with that partition; `None` when this
+    /// executor drives none. Ids are drawn until one fits: with `d` of `p` partitions driven,
+    /// `p / d` draws on average (one, while a single executor drives them all).
+    fn unkeyed_run_id(&self) -> Option<(String, u32)> {
+        if self.driven.is_empty() {
+            return None;
+        }
+        // Bounded, though 100,000 misses at even 1 of 4096 partitions driven is unlikely beyond
+        // any practical doubt (about e^-24).
+        (0..100_000).find_map(|_| {
+            let run_id = run::new_run_id();
+            let partition = partition_of(&run_id, self.partitions);
+            self.driven
+                .contains_key(&partition)
+                .then_some((run_id, partition))
+        })
     }
 
     /// Replaces a run's memory by what the store holds (after the store refused its changes);

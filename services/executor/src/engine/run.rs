@@ -244,6 +244,11 @@ pub(crate) struct Memoized {
     pub origin: String,
 }
 
+/// A new run id: a UUIDv7, so ids sort by creation time (and `created_after` filters by id).
+pub fn new_run_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
 impl RunEntry {
     /// A new run, RUNNING when `admitted` (the caller then starts it), else QUEUED.
     #[expect(
@@ -251,6 +256,7 @@ impl RunEntry {
         reason = "the fields of a SubmitRun, each used once to build the run"
     )]
     pub fn create(
+        run_id: String,
         plan: Arc<Plan>,
         inputs: Map<String, Json>,
         idempotency_key: String,
@@ -265,7 +271,6 @@ impl RunEntry {
         } else {
             RunState::Queued
         };
-        let run_id = uuid::Uuid::now_v7().to_string();
         let steps = plan
             .compiled
             .steps
