@@ -1368,10 +1368,10 @@ export const MetadataService: GenService<{
   },
   /**
    * A group member's refresh in one transaction: renews each lease of `keep` whose stored
-   * holder and epoch still match, and takes each name of `take` that is free or expired (epoch
-   * + 1), all for `holder`. A name held by another holder is skipped, not an error.
-   * INVALID_ARGUMENT for a lease of `keep` naming another holder, a name given twice, or more
-   * than 4096 names in either list.
+   * holder and epoch still match, and takes each name of `take` that is free or expired (its
+   * epoch goes up by one), all for `holder`. A name held by another holder is skipped, not an
+   * error. INVALID_ARGUMENT for a lease of `keep` naming another holder, a name given twice,
+   * or more than 4096 names in either list.
    *
    * @generated from rpc dagmesh.v1.MetadataService.ClaimLeases
    */

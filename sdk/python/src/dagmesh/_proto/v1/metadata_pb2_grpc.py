@@ -336,10 +336,10 @@ class MetadataServiceServicer(object):
 
     def ClaimLeases(self, request, context):
         """A group member's refresh in one transaction: renews each lease of `keep` whose stored
-        holder and epoch still match, and takes each name of `take` that is free or expired (epoch
-        + 1), all for `holder`. A name held by another holder is skipped, not an error.
-        INVALID_ARGUMENT for a lease of `keep` naming another holder, a name given twice, or more
-        than 4096 names in either list.
+        holder and epoch still match, and takes each name of `take` that is free or expired (its
+        epoch goes up by one), all for `holder`. A name held by another holder is skipped, not an
+        error. INVALID_ARGUMENT for a lease of `keep` naming another holder, a name given twice,
+        or more than 4096 names in either list.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
