@@ -2505,6 +2505,7 @@ METRICS = {
     "dagmesh_worker_slots_free": ("gauge", {"pool", "task_type"}),
     "dagmesh_workers_connected": ("gauge", {"pool"}),
     "dagmesh_scaler_wanted_slots": ("gauge", {"task_type"}),
+    "dagmesh_executor_partitions_driven": ("gauge", set()),
     "dagmesh_build_info": ("gauge", {"version"}),
     "dagmesh_step_schedule_to_start_seconds": ("histogram", {"task_type"}),
     "dagmesh_step_duration_seconds": ("histogram", {"task_type"}),

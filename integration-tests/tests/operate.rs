@@ -185,6 +185,8 @@ async fn prometheus_scrapes_the_mesh_and_the_dashboards_name_real_metrics() -> a
                 3.0,
             ),
             ("dagmesh_workers_connected{pool=\"obs-pool\"}", 1.0),
+            // The cluster's default partition count, all driven by the one executor.
+            ("dagmesh_executor_partitions_driven", 256.0),
             (
                 "dagmesh_worker_slots_free{pool=\"obs-pool\",task_type=\"obs.ok\"}",
                 3.0,

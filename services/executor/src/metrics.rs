@@ -78,6 +78,7 @@ pub(crate) struct Metrics {
     slots_free: Family<PoolTaskLabels, Gauge>,
     workers_connected: Family<PoolLabels, Gauge>,
     scaler_wanted: Family<TaskLabels, Gauge>,
+    partitions_driven: Gauge,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -100,6 +101,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         slots_free: Family::default(),
         workers_connected: Family::default(),
         scaler_wanted: Family::default(),
+        partitions_driven: Gauge::default(),
     };
     let m = &metrics;
     for kind in ["refused", "outage"] {
@@ -200,6 +202,12 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "Slots wanted per task type (queued plus running tasks), what the KEDA scaler reports \
          for a pool without version or label filters.",
         m.scaler_wanted.clone(),
+    );
+    register(
+        "dagmesh_executor_partitions_driven",
+        "Partitions whose runs this executor drives (it holds their leases); below the \
+         database's partition count while partitions are being handed over.",
+        m.partitions_driven.clone(),
     );
     metrics
 });
@@ -346,6 +354,9 @@ impl<K: std::hash::Hash + Eq + Copy> Meter<K> {
 /// that left are dropped).
 pub(crate) fn refresh(snapshot: &QueueSnapshot) {
     let metrics = &*METRICS;
+    metrics
+        .partitions_driven
+        .set(i64::from(snapshot.partitions_driven));
     metrics.queue_depth.clear();
     metrics.queue_oldest_age.clear();
     metrics.slots_used.clear();

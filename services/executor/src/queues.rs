@@ -47,6 +47,8 @@ pub struct QueueSnapshot {
     /// Routes with tasks queued or running, by task type then version requirement.
     pub queues: Vec<QueueStats>,
     pub workers: Vec<WorkerStats>,
+    /// How many partitions the executor drives (their runs are in its memory).
+    pub partitions_driven: u32,
 }
 
 /// A worker pool as an autoscaler describes it: the task type it serves, the version its
@@ -131,6 +133,7 @@ mod tests {
                 queue("thumb", "^1", &[], 7, 1),
             ],
             workers: vec![],
+            partitions_driven: 0,
         };
         let pool = |version: &str, labels: &[(&str, &str)]| Pool {
             task_type: "mesh".into(),

@@ -91,6 +91,10 @@ impl Engine {
                 live: session.is_live() && !session.draining,
             })
             .collect();
-        QueueSnapshot { queues, workers }
+        QueueSnapshot {
+            queues,
+            workers,
+            partitions_driven: u32::try_from(self.driven.len()).unwrap_or(u32::MAX),
+        }
     }
 }
