@@ -221,3 +221,48 @@ async fn a_partition_taken_by_another_holder_is_dropped_and_driven_again_when_it
     );
     sandbox.stop().await
 }
+
+/// A stored run whose partition is outside the cluster's count (a damaged or forged row) is
+/// quarantined when the executor recovers, instead of never being driven by anyone.
+#[tokio::test]
+async fn a_run_stored_outside_every_partition_is_quarantined_at_recovery() -> anyhow::Result<()> {
+    use prost::Message as _;
+    use sqlx::Connection as _;
+    let sandbox = Sandbox::start().await?;
+    let client = sandbox.client().await?;
+    let run = client.submit(SubmitRun::inline(reviewed())).await?;
+    let Sandbox { mesh, database, .. } = sandbox;
+    mesh.shutdown().await?;
+
+    let mut stored = dagmesh_metastore::connect(&database.url())
+        .await?
+        .get_run(&run.run_id)
+        .await?;
+    assert_eq!(stored.state(), RunState::Running);
+    stored.steps.clear(); // the run row's body holds the run without its steps
+    stored.partition = 9999;
+    let mut db = sqlx::SqliteConnection::connect(&database.url()).await?;
+    let updated = sqlx::query("UPDATE runs SET body = ?1 WHERE run_id = ?2")
+        .bind(stored.encode_to_vec())
+        .bind(&run.run_id)
+        .execute(&mut db)
+        .await?;
+    assert_eq!(updated.rows_affected(), 1);
+    db.close().await?;
+
+    let sandbox = Sandbox::start_with(database, fast_config()).await?;
+    let client = sandbox.client().await?;
+    let ended = client.get_run(&run.run_id).await?;
+    assert_eq!(ended.state(), RunState::Failed);
+    assert!(
+        ended
+            .error
+            .contains("partition 9999 is outside the cluster's 256 partitions"),
+        "{}",
+        ended.error
+    );
+    // The server goes on serving.
+    let next = client.submit(SubmitRun::inline(reviewed())).await?;
+    assert_eq!(next.state(), RunState::Running);
+    sandbox.stop().await
+}

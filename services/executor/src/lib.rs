@@ -83,6 +83,7 @@ impl Executor {
         let (partition_leases, driven) =
             partitions::Partitions::take(store.clone(), &holder, partitions, ttl).await?;
         let (lost_tx, lost) = tokio::sync::oneshot::channel();
+        let (released_tx, partitions_released) = tokio::sync::oneshot::channel();
         let (stop_renewal, stop_rx) = tokio::sync::oneshot::channel();
         let renewal = lease::spawn_renewal(store.clone(), fence.clone(), ttl, lost_tx, stop_rx);
         let plans = Arc::new(PlanCache::new(store.clone()));
@@ -93,13 +94,14 @@ impl Executor {
             fence,
             partitions,
             driven,
+            partitions_released,
             lost,
             stop_renewal,
             renewal,
         };
         let (engine, task) =
             Engine::start(store.clone(), plans.clone(), config.clone(), ownership).await?;
-        partition_leases.spawn_keeper(engine.clone());
+        partition_leases.spawn_keeper(engine.clone(), released_tx);
         let inner = Arc::new(Inner {
             engine,
             store,

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use dagmesh_metastore::ownership::Ownership;
 use dagmesh_metastore::{Lease, MetadataStore};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::ExecError;
@@ -70,8 +71,12 @@ impl Partitions {
     }
 
     /// Keeps the leases until the engine stops, then hands them back so that the next executor
-    /// takes them at once.
-    pub fn spawn_keeper(mut self, engine: EngineHandle) -> tokio::task::JoinHandle<()> {
+    /// takes them at once, and says so on `released`.
+    pub fn spawn_keeper(
+        mut self,
+        engine: EngineHandle,
+        released: oneshot::Sender<()>,
+    ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(self.ownership.refresh_interval());
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -92,6 +97,7 @@ impl Partitions {
                 }
             }
             self.ownership.release_all().await;
+            let _ = released.send(());
         })
     }
 

@@ -2530,6 +2530,58 @@ async fn raw_partition_requests_are_refused_naming_the_field() -> anyhow::Result
             .unwrap_err(),
         "partitions: 0 is out of range",
     );
+    // ClaimLeases: a missing or negative TTL, a lease without a name, and an epoch
+    // beyond any stored one (lost, not a panic).
+    use dagmesh_proto::v1::{ClaimLeasesRequest, Lease as WireLease};
+    let ttl = Some(prost_types::Duration {
+        seconds: 5,
+        nanos: 0,
+    });
+    let claim = |keep: Vec<WireLease>, ttl: Option<prost_types::Duration>| ClaimLeasesRequest {
+        holder: "me".into(),
+        ttl,
+        keep,
+        take: vec!["g/p-0".into()],
+    };
+    refused(
+        client.claim_leases(claim(vec![], None)).await.unwrap_err(),
+        "ttl: required",
+    );
+    let negative = Some(prost_types::Duration {
+        seconds: -1,
+        nanos: 0,
+    });
+    refused(
+        client
+            .claim_leases(claim(vec![], negative))
+            .await
+            .unwrap_err(),
+        "ttl:",
+    );
+    let nameless = WireLease {
+        name: String::new(),
+        holder: "me".into(),
+        epoch: 1,
+        expires_at: None,
+    };
+    refused(
+        client
+            .claim_leases(claim(vec![nameless], ttl))
+            .await
+            .unwrap_err(),
+        "keep[0].name: must not be empty",
+    );
+    let beyond = WireLease {
+        name: "g/p-0".into(),
+        holder: "me".into(),
+        epoch: u64::MAX,
+        expires_at: None,
+    };
+    let mut request = claim(vec![beyond], ttl);
+    request.take = vec!["g/p-2".into()];
+    let claimed = client.claim_leases(request).await?.into_inner();
+    assert_eq!(claimed.lost, ["g/p-0"]);
+    assert_eq!(claimed.taken.len(), 1);
     // The empty filter (not every partition) reads nothing.
     let none = client
         .read_active_runs_checked(ReadActiveRunsRequest::default())

@@ -305,6 +305,9 @@ pub(crate) struct Ownership {
     pub partitions: u32,
     /// The partitions driven from the start, with their leases (see `crate::partitions`).
     pub driven: Vec<(u32, Lease)>,
+    /// Fired once the partition keeper has handed the partition leases back after the engine
+    /// stopped: the engine task ends only then (bounded), so a successor takes them at once.
+    pub partitions_released: oneshot::Receiver<()>,
     pub lost: oneshot::Receiver<String>,
     /// Fired when the engine stops; the engine then waits for `renewal` and releases the lease.
     pub stop_renewal: oneshot::Sender<()>,
@@ -565,6 +568,7 @@ impl Engine {
             lost,
             stop_renewal,
             renewal,
+            partitions_released,
             ..
         } = ownership;
         let queue_changes = engine.queue_changes.subscribe();
@@ -574,6 +578,10 @@ impl Engine {
             let result = engine.run(rx, lost).await;
             let _ = stop_renewal.send(());
             let _ = renewal.await;
+            // The keeper noticed the engine stop (its channel closed) and hands the partition
+            // leases back; a keeper stuck on an unreachable store does not hold the stop up.
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(5), partitions_released).await;
             if result.is_ok() {
                 crate::lease::release(&store, &fence).await;
             }
@@ -588,9 +596,12 @@ impl Engine {
             return Ok(());
         }
         let plans = self.plans.clone();
+        // Driving every partition: read every active run, so that one whose stored partition is
+        // out of range (a damaged row) is found and quarantined rather than never driven.
+        let every = partitions.len() >= self.partitions as usize;
         let active = self
             .store
-            .read_active_runs_checked(Some(partitions))
+            .read_active_runs_checked((!every).then_some(partitions))
             .await?;
         for unreadable in active.unreadable {
             let reason = format!("quarantined at recovery: {}", unreadable.reason);
@@ -610,6 +621,15 @@ impl Engine {
                     continue;
                 }
             };
+            if run.partition >= self.partitions {
+                let reason = format!(
+                    "quarantined at recovery: its partition {} is outside the cluster's {} \
+                     partitions",
+                    run.partition, self.partitions
+                );
+                quarantine(&self.store, &run.run_id, &reason).await?;
+                continue;
+            }
             if let Err(problem) = check_recovered(&run) {
                 let reason = format!("quarantined at recovery: {problem}");
                 quarantine(&self.store, &run.run_id, &reason).await?;
