@@ -258,10 +258,15 @@ impl Executor {
         match submitted {
             Submitted::Created(run) => Ok((*run, true)),
             Submitted::Existing(run_id) => Ok((self.inner.store.get_run(&run_id).await?, false)),
-            Submitted::NotDriven(partition) => Err(ExecError::Unavailable(format!(
+            Submitted::NotDriven(Some(partition)) => Err(ExecError::Unavailable(format!(
                 "partition {partition}, where this run belongs, is being handed over between \
                  executors; retry in a few seconds"
             ))),
+            Submitted::NotDriven(None) => Err(ExecError::Unavailable(
+                "this executor drives no partition right now (they are being handed over \
+                 between executors); retry in a few seconds"
+                    .into(),
+            )),
         }
     }
 

@@ -205,8 +205,9 @@ pub(crate) enum Submitted {
     Created(Box<Run>),
     /// The idempotency key matched this run.
     Existing(String),
-    /// The run would belong to this partition, which this executor does not drive now.
-    NotDriven(u32),
+    /// The run would belong to this partition, which this executor does not drive now
+    /// (`None`: a run without a key, and this executor drives no partition at all).
+    NotDriven(Option<u32>),
 }
 
 /// Partitions taken (with the leases whose epochs fence their commits) and given up.
@@ -791,14 +792,14 @@ impl Engine {
                     match self.unkeyed_run_id() {
                         Some(drawn) => drawn,
                         None => {
-                            self.ctx.reply(reply, Submitted::NotDriven(0));
+                            self.ctx.reply(reply, Submitted::NotDriven(None));
                             return;
                         }
                     }
                 } else {
                     let partition = partition_of(&idempotency_key, self.partitions);
                     if !self.driven.contains_key(&partition) {
-                        self.ctx.reply(reply, Submitted::NotDriven(partition));
+                        self.ctx.reply(reply, Submitted::NotDriven(Some(partition)));
                         return;
                     }
                     (run::new_run_id(), partition)
