@@ -32,15 +32,15 @@ fn reviewed() -> pb::WorkflowSpec {
     )
 }
 
-/// An idempotency key whose runs land in a partition other than those of `taken`.
-fn key_outside(prefix: &str, taken: &[u32]) -> (String, u32) {
+/// An idempotency key (`prefix-N`) whose runs land in a partition that `wanted` accepts.
+fn key_where(prefix: &str, wanted: impl Fn(u32) -> bool) -> (String, u32) {
     (0..)
         .map(|n| format!("{prefix}-{n}"))
         .map(|key| {
             let partition = partition_of(&key, PARTITIONS);
             (key, partition)
         })
-        .find(|(_, partition)| !taken.contains(partition))
+        .find(|(_, partition)| wanted(*partition))
         .expect("some key fits")
 }
 
@@ -99,8 +99,8 @@ async fn a_partition_taken_by_another_holder_is_dropped_and_driven_again_when_it
     let mut runs = RunServiceClient::new(sandbox.channel().await?);
     let store = dagmesh_metastore::connect(&sandbox.database.url()).await?;
 
-    let (key_a, partition_a) = key_outside("a", &[]);
-    let (key_b, partition_b) = key_outside("b", &[partition_a]);
+    let (key_a, partition_a) = key_where("a", |_| true);
+    let (key_b, partition_b) = key_where("b", |partition| partition != partition_a);
     let run_a = submit_keyed(&client, &key_a).await?;
     let run_b = submit_keyed(&client, &key_b).await?;
     assert_eq!(run_a.partition, partition_a);
@@ -155,14 +155,7 @@ async fn a_partition_taken_by_another_holder_is_dropped_and_driven_again_when_it
         status.message()
     );
     // So do submits whose key belongs there, while runs of other partitions go on.
-    let (key_a2, _) = (0..)
-        .map(|n| format!("a2-{n}"))
-        .map(|key| {
-            let partition = partition_of(&key, PARTITIONS);
-            (key, partition)
-        })
-        .find(|(_, partition)| *partition == partition_a)
-        .expect("a key of partition A");
+    let (key_a2, _) = key_where("a2", |partition| partition == partition_a);
     let raw_submit = SubmitRunRequest {
         workflow_ref: Some(submit_run_request::WorkflowRef::Spec(reviewed())),
         idempotency_key: key_a2,

@@ -7,7 +7,7 @@
 //! all with one store call every third of the TTL, and tells the engine which partitions it
 //! gained (the engine then recovers their runs from the store) and which it lost (the engine
 //! forgets their runs). When executors share the partitions (ARCHITECTURE.md, "Scale-out"),
-//! only the constructor changes: `Ownership::new` spreads them by rendezvous hashing over the
+//! only `wanting_every_partition` goes: `Ownership::new` alone spreads them by rendezvous hashing over the
 //! live members instead.
 
 use std::collections::BTreeMap;
@@ -42,8 +42,8 @@ impl Partitions {
         partitions: u32,
         ttl: Duration,
     ) -> Result<(Self, Vec<(u32, Lease)>), ExecError> {
-        let mut ownership =
-            Ownership::every_partition(store, GROUP, holder.to_owned(), partitions, ttl);
+        let mut ownership = Ownership::new(store, GROUP, holder.to_owned(), partitions, ttl)
+            .wanting_every_partition();
         let give_up = Instant::now() + ttl + ownership.refresh_interval();
         loop {
             ownership.refresh().await?;

@@ -103,7 +103,7 @@ pub struct Ownership {
     /// Refreshes so far, to prune now and then.
     refreshes: u64,
     /// Wants every partition, without announcing itself or looking at other members (see
-    /// [`Ownership::every_partition`]).
+    /// [`Ownership::wanting_every_partition`]).
     sole: bool,
 }
 
@@ -131,21 +131,12 @@ impl Ownership {
         }
     }
 
-    /// A member that wants every partition of `group` and takes each as soon as it is free
+    /// This member wants every partition of the group and takes each as soon as it is free
     /// (the executor that holds the `executor` lease, while it is the only one that drives
     /// runs): the partition leases then fence its commits like a shared group's, and the day
-    /// the group is shared only the constructor changes.
-    pub fn every_partition(
-        store: Arc<dyn MetadataStore>,
-        group: &str,
-        holder: String,
-        partitions: u32,
-        ttl: Duration,
-    ) -> Self {
-        Ownership {
-            sole: true,
-            ..Self::new(store, group, holder, partitions, ttl)
-        }
+    /// the group is shared this call goes.
+    pub fn wanting_every_partition(self) -> Self {
+        Ownership { sole: true, ..self }
     }
 
     /// Whether this member holds every partition (as of the last refresh).

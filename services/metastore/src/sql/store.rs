@@ -102,6 +102,23 @@ where
         }
     }
 
+    /// Writes what [`acquire_decision`] decided for the lease `name`, in the caller's
+    /// transaction (which holds the row's lock).
+    async fn write_lease(
+        conn: &mut D::Connection,
+        name: &str,
+        row: &LeaseRow,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE leases SET holder = $2, epoch = $3, expires_at = $4 WHERE name = $1")
+            .bind(name)
+            .bind(row.holder.as_str())
+            .bind(row.epoch)
+            .bind(row.expires_at)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
     /// The stored epoch of a lease, `None` when it was never taken.
     async fn stored_epoch(&self, name: &str) -> Result<Option<i64>, StoreError> {
         Ok(
@@ -478,13 +495,7 @@ where
             expires_at,
         };
         let next = acquire_decision(name, Some(&row), holder, now, ttl)?;
-        sqlx::query("UPDATE leases SET holder = $2, epoch = $3, expires_at = $4 WHERE name = $1")
-            .bind(name)
-            .bind(next.holder.as_str())
-            .bind(next.epoch)
-            .bind(next.expires_at)
-            .execute(&mut *tx)
-            .await?;
+        Self::write_lease(&mut tx, name, &next).await?;
         tx.commit().await?;
         Ok(lease_from_row(name, &next))
     }
@@ -606,15 +617,7 @@ where
                 Err(StoreError::LeaseHeld { .. }) => continue,
                 Err(error) => return Err(error),
             };
-            sqlx::query(
-                "UPDATE leases SET holder = $2, epoch = $3, expires_at = $4 WHERE name = $1",
-            )
-            .bind(name)
-            .bind(next.holder.as_str())
-            .bind(next.epoch)
-            .bind(next.expires_at)
-            .execute(&mut *tx)
-            .await?;
+            Self::write_lease(&mut tx, name, &next).await?;
             claimed.taken.push(lease_from_row(name, &next));
         }
         tx.commit().await?;
