@@ -1878,7 +1878,10 @@ impl Engine {
             if let Some(metrics) = crate::metrics::get() {
                 metrics.commit(started.elapsed().as_secs_f64());
                 if let Err(error) = &committed {
-                    metrics.store_error(if stops_engine(error) {
+                    // A partition's stale lease drops that partition; the engine goes on.
+                    let partition_fenced = matches!(error,
+                        StoreError::Fenced { name, .. } if *name != self.fence.name);
+                    metrics.store_error(if stops_engine(error) && !partition_fenced {
                         "outage"
                     } else {
                         "refused"
