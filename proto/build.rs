@@ -14,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "dagmesh/v1/scheduler.proto",
         "dagmesh/v1/auth.proto",
         "dagmesh/v1/webhooks.proto",
+        "dagmesh/v1/peer.proto",
         "externalscaler/externalscaler.proto",
     ];
     let descriptors = protox::compile(protos, ["."])?;

@@ -318,6 +318,12 @@ pub struct ExecutorArgs {
     /// How long to keep trying to reach the metastore at start (at most 24h).
     #[arg(long, env = "DAGMESH_STARTUP_TIMEOUT", default_value = "60s", value_parser = crate::commands::wait_duration)]
     pub startup_timeout: Duration,
+    /// Share the runs with the other executor replicas of the database: each drives its share
+    /// of the partitions, and the one that holds the executor lease hands every task to the
+    /// workers (the others forward worker streams to it). Without it one executor drives every
+    /// run and the others stand by. Give it to every replica.
+    #[arg(long, env = "DAGMESH_SHARE_PARTITIONS")]
+    pub share_partitions: bool,
     #[command(flatten)]
     pub engine: EngineFlags,
     #[command(flatten)]
@@ -351,7 +357,7 @@ pub async fn executor(args: ExecutorArgs, client: &ClientSettings) -> anyhow::Re
     if let Some(name) = &args.peer_tls_server_name {
         hop.tls_server_name = Some(name.clone());
     }
-    let route = LeaseHolderRoute::new(store.clone(), hop, advertise_url.clone());
+    let route = LeaseHolderRoute::new(store.clone(), hop.clone(), advertise_url.clone());
     let (stop_forwarding, forwarding_stopped) = tokio::sync::oneshot::channel::<()>();
     let forwarder = tokio::spawn(serve(
         standby_listener,
@@ -364,6 +370,8 @@ pub async fn executor(args: ExecutorArgs, client: &ClientSettings) -> anyhow::Re
     tracing::info!(addr = %address, advertise = %advertise_url, "executor: taking the lease (calls are forwarded to its holder meanwhile)");
     let mut config = args.engine.config()?;
     config.advertise_url = Some(advertise_url);
+    config.share_partitions = args.share_partitions;
+    config.peers = hop;
     let started = tokio::select! {
         started = start_executor(&args, store, config) => started,
         () = shutdown_signal() => {

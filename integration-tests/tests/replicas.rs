@@ -593,3 +593,188 @@ async fn a_client_that_stops_reading_through_a_standby_stalls_only_itself() -> a
     drop((stalled, worker, driver, standby, metastore));
     Ok(())
 }
+
+/// The addresses of the replicas that hold executor partitions, with how many each holds.
+async fn partition_owners(
+    store: &Arc<dyn MetadataStore>,
+) -> anyhow::Result<BTreeMap<String, usize>> {
+    let mut owners = BTreeMap::new();
+    for lease in store.list_live_leases("executor/p-").await? {
+        if let Some(address) = holder_address(&lease.holder) {
+            *owners.entry(address.to_owned()).or_default() += 1;
+        }
+    }
+    Ok(owners)
+}
+
+/// Executors that share the partitions (`--share-partitions`): each drives its rendezvous share
+/// of the runs, the one that holds the executor lease hands every task to the workers (whichever
+/// replica they connected to), and any replica answers calls about any run by forwarding them
+/// to the run's owner. When the dispatcher is SIGKILLed, another replica takes over dispatching
+/// and the dead one's partitions, and every run still completes with each step run once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn executors_that_share_partitions_each_drive_a_share_and_one_dispatches()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let database = format!("sqlite://{}", dir.path().join("meta.db").display());
+    let (metastore_addr, metastore) = start_metastore(&database, dir.path()).await?;
+    let mut replicas = Vec::new();
+    for n in 1..=3 {
+        let mut replica = Replica::new(&format!("executor-{n}"), &metastore_addr, "1s")?;
+        replica.args.push("--share-partitions".into());
+        replica.start(dir.path()).await?;
+        replicas.push(replica);
+    }
+    let store = dagmesh_metastore::connect(&database).await?;
+    // Every partition is owned, and each replica owns a share.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let owners = partition_owners(&store).await?;
+        if owners.len() == 3 && owners.values().sum::<usize>() == 256 {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the partitions did not spread over the replicas: {owners:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let dispatcher = lease_holder(&store).await?;
+
+    let clients: Vec<Client> = replicas
+        .iter()
+        .map(|replica| Client::connect_lazy(replica.url()))
+        .collect::<Result<_, _>>()?;
+    clients[0].apply_workflow(chain("chain", 0)).await?;
+    clients[0].apply_workflow(chain("slow", 60_000)).await?;
+    // Workers on the two replicas that do not dispatch: their streams go to the dispatcher.
+    let executed = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for replica in replicas.iter().filter(|r| r.url() != dispatcher) {
+        workers.push(
+            dagmesh_integration_tests::spawn_worker(doubling_worker(
+                replica.url(),
+                executed.clone(),
+            ))
+            .await?,
+        );
+    }
+
+    // Keyed runs land in their key's partition, whoever drives it; unkeyed ones on the replica
+    // asked. Submitted through every replica.
+    let mut ids = Vec::new();
+    for n in 0..30 {
+        let mut run = SubmitRun::workflow("chain").inputs(json!({"x": n}));
+        if n % 2 == 0 {
+            run = run.idempotency_key(format!("shared-{n}"));
+        }
+        ids.push(clients[n % 3].submit(run).await?.run_id);
+    }
+    let mut drivers = BTreeMap::new();
+    let owners = partition_lease_holders(&store).await?;
+    for (n, id) in ids.iter().enumerate() {
+        let run = wait_for_run(&clients[(n + 1) % 3], id).await?;
+        assert_succeeded(&run);
+        ensure!(
+            run.steps[2].outputs == Some(dagmesh_proto::json::to_struct(&json!({"value": 8 * n}))),
+            "run {id}: {:?}",
+            run.steps[2].outputs
+        );
+        *drivers
+            .entry(owners.get(&run.partition).cloned().unwrap_or_default())
+            .or_insert(0) += 1;
+    }
+    ensure!(
+        drivers.len() == 3,
+        "the runs were not driven by every replica: {drivers:?}"
+    );
+    assert_eq!(executed.load(Ordering::Relaxed), 90);
+
+    // A call about a run goes to the replica that drives it, whichever replica is asked.
+    let slow = clients[0]
+        .submit(
+            SubmitRun::workflow("slow")
+                .inputs(json!({"x": 1}))
+                .idempotency_key("slow"),
+        )
+        .await?;
+    let driver = owners
+        .get(&slow.partition)
+        .context("the slow run's partition has no owner")?;
+    let other = replicas
+        .iter()
+        .position(|r| r.url() != *driver)
+        .context("no other replica")?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let now = clients[0].get_run(&slow.run_id).await?;
+    ensure!(now.state() == RunState::Running, "the slow run: {now:?}");
+    let cancelled = clients[other].cancel_run(&slow.run_id, "enough").await?;
+    assert_eq!(cancelled.state(), RunState::Cancelled, "{cancelled:?}");
+
+    // The dispatcher dies: another replica dispatches, the dead one's partitions move, and the
+    // same clients and workers go on.
+    let victim = replicas
+        .iter()
+        .position(|r| r.url() == dispatcher)
+        .context("the dispatcher is none of ours")?;
+    replicas[victim].child()?.sigkill()?;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let owners = partition_owners(&store).await?;
+        if !owners.contains_key(&dispatcher) && owners.values().sum::<usize>() == 256 {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the dead replica's partitions did not move: {owners:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(lease_holder(&store).await? != dispatcher);
+    let alive: Vec<Client> = (0..3)
+        .filter(|n| *n != victim)
+        .map(|n| clients[n].clone())
+        .collect();
+    let mut after = Vec::new();
+    for n in 0..10 {
+        let run = SubmitRun::workflow("chain")
+            .inputs(json!({"x": n}))
+            .idempotency_key(format!("after-{n}"));
+        after.push(submit_retrying(&alive, n, run).await?.run_id);
+    }
+    for id in &after {
+        let run = wait_ended(&alive[0], id).await?;
+        assert_succeeded(&run);
+    }
+    // Each step ran once, and ended once in the stored log.
+    assert_eq!(executed.load(Ordering::Relaxed), 120);
+    for id in ids.iter().chain(&after) {
+        let events = stored_events(&store, id).await?;
+        for step_id in ["a", "b", "c"] {
+            let ended = step_states(&events, step_id)
+                .iter()
+                .filter(|state| state.as_str() == "SUCCEEDED")
+                .count();
+            ensure!(
+                ended == 1,
+                "run {id} step {step_id} SUCCEEDED {ended} times"
+            );
+        }
+    }
+    drop((workers, replicas, metastore));
+    Ok(())
+}
+
+/// Partition → the address of the replica that holds its lease.
+async fn partition_lease_holders(
+    store: &Arc<dyn MetadataStore>,
+) -> anyhow::Result<HashMap<u32, String>> {
+    let mut holders = HashMap::new();
+    for lease in store.list_live_leases("executor/p-").await? {
+        let partition = lease.name.trim_start_matches("executor/p-").parse()?;
+        if let Some(address) = holder_address(&lease.holder) {
+            holders.insert(partition, address.to_owned());
+        }
+    }
+    Ok(holders)
+}

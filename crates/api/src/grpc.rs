@@ -109,13 +109,19 @@ impl GrpcExecutor {
     }
 }
 
-/// A request carrying the caller's trace context (the actor comes from the channel's token).
+/// A request carrying the caller's trace context (the actor comes from the channel's token, or,
+/// for a call a replica forwards, from `ON_BEHALF_OF`).
 fn traced<T>(caller: &Caller, message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     if let Some(traceparent) = &caller.traceparent
         && let Ok(value) = traceparent.parse()
     {
         request.metadata_mut().insert("traceparent", value);
+    }
+    if caller.forwarded
+        && let Ok(value) = caller.actor.parse()
+    {
+        request.metadata_mut().insert(crate::ON_BEHALF_OF, value);
     }
     request
 }

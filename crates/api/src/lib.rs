@@ -38,13 +38,21 @@ pub struct Caller {
     pub actor: String,
     /// A W3C trace context: the run's spans continue this trace.
     pub traceparent: Option<String>,
+    /// The call was forwarded by another executor replica to the one that drives its run
+    /// (executors that share the partitions): it is answered there, never forwarded again.
+    pub forwarded: bool,
 }
+
+/// The header a forwarding replica names the original caller in (`Caller::forwarded`); only
+/// calls made with the services' internal token may carry it.
+pub const ON_BEHALF_OF: &str = "dagmesh-on-behalf-of";
 
 impl Caller {
     pub fn new(actor: impl Into<String>) -> Self {
         Caller {
             actor: actor.into(),
             traceparent: None,
+            forwarded: false,
         }
     }
 }

@@ -168,6 +168,12 @@ const RULES: &[(&str, &str, Access)] = &[
         "*",
         Access::Scope(Scope::Internal),
     ),
+    // Executor replicas handing tasks to each other: only the services themselves.
+    (
+        "dagmesh.v1.PeerService",
+        "*",
+        Access::Scope(Scope::Internal),
+    ),
 ];
 
 /// What a call to `path` (`/package.Service/Method`) needs.
@@ -213,7 +219,8 @@ mod tests {
                 for method in &service.method {
                     let path = format!("/{name}/{}", method.name());
                     let access = access(&path);
-                    if name != "dagmesh.v1.MetadataService" {
+                    let internal_only = ["dagmesh.v1.MetadataService", "dagmesh.v1.PeerService"];
+                    if !internal_only.contains(&name.as_str()) {
                         assert_ne!(
                             access,
                             Access::Scope(Scope::Internal),

@@ -103,13 +103,22 @@ impl ExecutorApi for Executor {
         caller: &Caller,
         request: SubmitRunRequest,
     ) -> Result<SubmitRunResponse, ApiError> {
-        let (run, created) = self
+        // Kept only while it may have to go to another replica.
+        let again = self.config().share_partitions.then(|| request.clone());
+        let submitted = self
             .submit_traced(request, &caller.actor, caller.traceparent.as_deref())
-            .await?;
-        Ok(SubmitRunResponse {
-            run: Some(run),
-            created,
-        })
+            .await;
+        match (submitted, again) {
+            (Ok((run, created)), _) => Ok(SubmitRunResponse {
+                run: Some(run),
+                created,
+            }),
+            (Err(ExecError::Elsewhere { partition, message }), Some(request)) => {
+                let owner = self.owner_of(partition, caller, message).await?;
+                owner.submit_run(&forwarded(caller), request).await
+            }
+            (Err(error), _) => Err(error.into()),
+        }
     }
 
     async fn get_run(&self, run_id: &str) -> Result<Run, ApiError> {
@@ -176,16 +185,30 @@ impl ExecutorApi for Executor {
         caller: &Caller,
         request: CancelRunRequest,
     ) -> Result<Run, ApiError> {
-        Ok(self
+        match self
             .cancel_as(&request.run_id, &request.reason, &caller.actor)
-            .await?)
+            .await
+        {
+            Err(ExecError::Elsewhere { partition, message }) => {
+                let owner = self.owner_of(partition, caller, message).await?;
+                owner.cancel_run(&forwarded(caller), request).await
+            }
+            answer => Ok(answer?),
+        }
     }
 
     async fn retry_run(&self, caller: &Caller, request: RetryRunRequest) -> Result<Run, ApiError> {
         check_run_id(&request.run_id)?;
-        Ok(self
+        match self
             .retry_as(&request.run_id, &request.from_step, &caller.actor)
-            .await?)
+            .await
+        {
+            Err(ExecError::Elsewhere { partition, message }) => {
+                let owner = self.owner_of(partition, caller, message).await?;
+                owner.retry_run(&forwarded(caller), request).await
+            }
+            answer => Ok(answer?),
+        }
     }
 
     async fn approve_step(
@@ -193,7 +216,14 @@ impl ExecutorApi for Executor {
         caller: &Caller,
         request: ApproveStepRequest,
     ) -> Result<Run, ApiError> {
-        Ok(self.approve_step_as(request, &caller.actor).await?)
+        let again = self.config().share_partitions.then(|| request.clone());
+        match (self.approve_step_as(request, &caller.actor).await, again) {
+            (Err(ExecError::Elsewhere { partition, message }), Some(request)) => {
+                let owner = self.owner_of(partition, caller, message).await?;
+                owner.approve_step(&forwarded(caller), request).await
+            }
+            (answer, _) => Ok(answer?),
+        }
     }
 
     async fn suspend_run(
@@ -201,9 +231,16 @@ impl ExecutorApi for Executor {
         caller: &Caller,
         request: SuspendRunRequest,
     ) -> Result<Run, ApiError> {
-        Ok(self
+        match self
             .suspend_as(&request.run_id, true, &request.reason, &caller.actor)
-            .await?)
+            .await
+        {
+            Err(ExecError::Elsewhere { partition, message }) => {
+                let owner = self.owner_of(partition, caller, message).await?;
+                owner.suspend_run(&forwarded(caller), request).await
+            }
+            answer => Ok(answer?),
+        }
     }
 
     async fn resume_run(
@@ -211,9 +248,16 @@ impl ExecutorApi for Executor {
         caller: &Caller,
         request: ResumeRunRequest,
     ) -> Result<Run, ApiError> {
-        Ok(self
+        match self
             .suspend_as(&request.run_id, false, "", &caller.actor)
-            .await?)
+            .await
+        {
+            Err(ExecError::Elsewhere { partition, message }) => {
+                let owner = self.owner_of(partition, caller, message).await?;
+                owner.resume_run(&forwarded(caller), request).await
+            }
+            answer => Ok(answer?),
+        }
     }
 
     async fn deliver_event(
@@ -224,6 +268,61 @@ impl ExecutorApi for Executor {
             Executor::deliver_event(self, &request.topic, request.payload.unwrap_or_default())
                 .await?;
         Ok(DeliverEventResponse { resumed })
+    }
+}
+
+/// The caller of a call this replica forwards to the replica that drives its run.
+fn forwarded(caller: &Caller) -> Caller {
+    Caller {
+        forwarded: true,
+        ..caller.clone()
+    }
+}
+
+impl Executor {
+    /// The replica that drives `partition`, for a call about one of its runs (executors that
+    /// share the partitions); UNAVAILABLE with `message` when the call cannot go there: not
+    /// sharing, forwarded once already, or the partition has no other live owner right now
+    /// (it is being handed over).
+    async fn owner_of(
+        &self,
+        partition: u32,
+        caller: &Caller,
+        message: String,
+    ) -> Result<std::sync::Arc<dagmesh_api::GrpcExecutor>, ApiError> {
+        let unavailable = || ApiError::unavailable(message.clone());
+        if !self.config().share_partitions || caller.forwarded {
+            return Err(unavailable());
+        }
+        let name = format!("{}/p-{partition}", crate::partitions::GROUP);
+        let leases = self
+            .store()
+            .list_live_leases(&name)
+            .await
+            .map_err(ExecError::from)?;
+        let Some(url) = leases
+            .iter()
+            .find(|lease| lease.name == name)
+            .and_then(|lease| dagmesh_metastore::ownership::holder_address(&lease.holder))
+        else {
+            return Err(unavailable());
+        };
+        if Some(url) == self.config().advertise_url.as_deref() {
+            return Err(unavailable()); // this replica, which is taking it up right now
+        }
+        let mut owners = self.inner.owners.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(owner) = owners.get(url) {
+            return Ok(owner.clone());
+        }
+        let owner = std::sync::Arc::new(dagmesh_api::GrpcExecutor::connect_lazy(
+            url,
+            &self.config().peers,
+        )?);
+        if owners.len() >= 64 {
+            owners.clear(); // replicas come and go; never an unbounded map
+        }
+        owners.insert(url.to_owned(), owner.clone());
+        Ok(owner)
     }
 }
 

@@ -45,6 +45,14 @@ pub struct ExecutorConfig {
     /// Where other replicas reach this executor (`http://10.0.0.5:7070`): written into its
     /// lease, so that standbys forward calls to it. None: standbys cannot forward to it.
     pub advertise_url: Option<String>,
+    /// Share the partitions with the other executors of the database instead of driving all of
+    /// them or standing by (ARCHITECTURE.md, "Scale-out"): each drives its rendezvous share,
+    /// and the one holding the executor lease dispatches every task to the workers. Needs
+    /// `advertise_url`.
+    pub share_partitions: bool,
+    /// How this executor reaches the other replicas (TLS settings and the internal token), for
+    /// the dispatcher stream of `share_partitions`.
+    pub peers: dagmesh_proto::connect::ClientSettings,
 }
 
 impl Default for ExecutorConfig {
@@ -63,6 +71,8 @@ impl Default for ExecutorConfig {
             webhooks: crate::webhooks::WebhookConfig::default(),
             partitions: DEFAULT_PARTITIONS,
             advertise_url: None,
+            share_partitions: false,
+            peers: dagmesh_proto::connect::ClientSettings::default(),
         }
     }
 }
@@ -103,6 +113,12 @@ impl ExecutorConfig {
             Duration::from_millis(300),
             hour,
         )?;
+        if self.share_partitions && self.advertise_url.is_none() {
+            return Err(
+                "share_partitions: needs advertise_url (where the other executors reach this one)"
+                    .into(),
+            );
+        }
         const MIB: usize = 1024 * 1024;
         if !(1024..=64 * MIB).contains(&self.max_payload_bytes) {
             return Err(format!(

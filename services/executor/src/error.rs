@@ -11,6 +11,10 @@ pub enum ExecError {
     FailedPrecondition(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The run belongs to partition `partition`, which another executor replica drives (or
+    /// none right now): UNAVAILABLE, unless the call can go to that replica.
+    #[error("{message}")]
+    Elsewhere { partition: u32, message: String },
     /// The request conflicted with stored state and was not applied; it may be retried.
     #[error("{0}")]
     Aborted(String),
@@ -36,7 +40,9 @@ impl From<ExecError> for tonic::Status {
             ExecError::InvalidArgument(m) => tonic::Status::invalid_argument(m),
             ExecError::NotFound(m) => tonic::Status::not_found(m),
             ExecError::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
-            ExecError::Unavailable(m) => tonic::Status::unavailable(m),
+            ExecError::Unavailable(m) | ExecError::Elsewhere { message: m, .. } => {
+                tonic::Status::unavailable(m)
+            }
             ExecError::Aborted(m) => tonic::Status::aborted(m),
             ExecError::Fenced(m) => tonic::Status::unavailable(m),
             ExecError::PermissionDenied(m) => tonic::Status::permission_denied(m),
@@ -59,7 +65,9 @@ impl From<ExecError> for dagmesh_api::ApiError {
             ExecError::InvalidArgument(m) => ApiError::invalid_argument(m),
             ExecError::NotFound(m) => ApiError::not_found(m),
             ExecError::FailedPrecondition(m) => ApiError::failed_precondition(m),
-            ExecError::Unavailable(m) | ExecError::Fenced(m) => ApiError::unavailable(m),
+            ExecError::Unavailable(m)
+            | ExecError::Fenced(m)
+            | ExecError::Elsewhere { message: m, .. } => ApiError::unavailable(m),
             ExecError::Aborted(m) => ApiError::aborted(m),
             ExecError::PermissionDenied(m) => ApiError::permission_denied(m),
             ExecError::AlreadyExists(m) => ApiError::already_exists(m),

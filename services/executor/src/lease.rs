@@ -62,6 +62,22 @@ pub(crate) async fn acquire(
     }
 }
 
+/// Takes the executor lease if it is free (or expired); `None` while another executor holds it.
+pub(crate) async fn try_acquire(
+    store: &Arc<dyn MetadataStore>,
+    holder: &str,
+    ttl: Duration,
+) -> Result<Option<Lease>, ExecError> {
+    match store.acquire_lease(EXECUTOR_LEASE, holder, ttl).await {
+        Ok(lease) => {
+            tracing::info!(holder, epoch = lease.epoch, "took the executor lease");
+            Ok(Some(lease))
+        }
+        Err(StoreError::LeaseHeld { .. }) => Ok(None),
+        Err(error) => Err(error.into()),
+    }
+}
+
 /// Renews `lease` every third of `ttl` until `stop` fires (or its sender is dropped). Sends on
 /// `lost` (and stops) when the store says another holder took the lease, or when no renewal
 /// succeeded for a whole `ttl` (someone may have taken it since). Releasing the lease is the

@@ -30,8 +30,9 @@ pub mod scaler;
 pub mod webhooks;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use dagmesh_metastore::MetadataStore;
+use dagmesh_metastore::{Lease, MetadataStore};
 use dagmesh_proto::v1::{
     Run, SubmitRunRequest, WorkerInfo, Workflow, WorkflowSpec, submit_run_request,
 };
@@ -54,6 +55,11 @@ struct Inner {
     store: Arc<dyn MetadataStore>,
     plans: Arc<PlanCache>,
     config: ExecutorConfig,
+    /// Whether this executor holds the executor lease and dispatches to workers (always, unless
+    /// it shares the partitions and another replica dispatches).
+    dispatching: Arc<AtomicBool>,
+    /// Clients of the other replicas, by advertised address, for calls about runs they drive.
+    owners: std::sync::Mutex<std::collections::HashMap<String, Arc<dagmesh_api::GrpcExecutor>>>,
 }
 
 impl Executor {
@@ -70,7 +76,14 @@ impl Executor {
             None => dagmesh_metastore::ownership::unique_holder(),
         };
         let ttl = config.executor_lease_ttl;
-        let fence = lease::acquire(&store, &holder, ttl, config.standby).await?;
+        let share = config.share_partitions;
+        // Sharing, the executor lease says who dispatches to workers, and is not waited for;
+        // alone, it says who drives the runs, and a standby waits for it.
+        let fence = if share {
+            lease::try_acquire(&store, &holder, ttl).await?
+        } else {
+            Some(lease::acquire(&store, &holder, ttl, config.standby).await?)
+        };
         // Fixed when the database was first used; a different --partitions does not change it.
         let partitions = store.init_cluster(config.partitions).await?;
         if partitions != config.partitions {
@@ -81,17 +94,31 @@ impl Executor {
             );
         }
         let (partition_leases, driven) =
-            partitions::Partitions::take(store.clone(), &holder, partitions, ttl).await?;
-        let (lost_tx, lost) = tokio::sync::oneshot::channel();
+            partitions::Partitions::take(store.clone(), &holder, partitions, ttl, share).await?;
         let (released_tx, partitions_released) = tokio::sync::oneshot::channel();
-        let (stop_renewal, stop_rx) = tokio::sync::oneshot::channel();
-        let renewal = lease::spawn_renewal(store.clone(), fence.clone(), ttl, lost_tx, stop_rx);
+        let (to_dispatcher, outbox) = tokio::sync::mpsc::unbounded_channel();
+        let dispatching = Arc::new(AtomicBool::new(fence.is_some()));
+        let relay = if fence.is_some() {
+            engine::Relay::Dispatcher(Default::default())
+        } else {
+            engine::Relay::owner(to_dispatcher)
+        };
+        let (lost, stop_renewal, renewal) = match &fence {
+            Some(fence) => {
+                let (lost_tx, lost) = tokio::sync::oneshot::channel();
+                let (stop_renewal, stop_rx) = tokio::sync::oneshot::channel();
+                let renewal =
+                    lease::spawn_renewal(store.clone(), fence.clone(), ttl, lost_tx, stop_rx);
+                (Some(lost), Some(stop_renewal), Some(renewal))
+            }
+            None => (None, None, None),
+        };
         let plans = Arc::new(PlanCache::new(store.clone()));
         let webhook_wake = Arc::new(tokio::sync::Notify::new());
-        let deliverer_fence = fence.clone();
         let ownership = engine::Ownership {
             webhooks: webhook_wake.clone(),
-            fence,
+            fence: fence.clone(),
+            relay,
             partitions,
             driven,
             partitions_released,
@@ -107,17 +134,31 @@ impl Executor {
             store,
             plans,
             config,
+            dispatching,
+            owners: Default::default(),
         });
         metrics::register_all();
         webhooks::register_metrics();
-        let engine_handle = inner.engine.clone();
-        tokio::spawn(webhooks::deliver(
-            inner.store.clone(),
-            deliverer_fence,
-            inner.config.webhooks.clone(),
-            webhook_wake,
-            async move { engine_handle.closed().await },
-        ));
+        match fence {
+            Some(fence) => spawn_webhooks(
+                &inner.store,
+                &inner.engine,
+                &inner.config,
+                fence,
+                webhook_wake,
+            ),
+            None => {
+                tokio::spawn(grpc::peers::link(
+                    inner.store.clone(),
+                    inner.engine.clone(),
+                    outbox,
+                    inner.config.peers.clone(),
+                    inner.config.advertise_url.clone().unwrap_or_default(),
+                    inner.dispatching.clone(),
+                ));
+                spawn_dispatch_when_free(&inner, holder, webhook_wake);
+            }
+        }
         let weak = Arc::downgrade(&inner);
         dagmesh_runtime::metrics::on_scrape(move || {
             let inner = weak.upgrade();
@@ -135,6 +176,13 @@ impl Executor {
 
     pub fn config(&self) -> &ExecutorConfig {
         &self.inner.config
+    }
+
+    /// Whether this executor dispatches to workers: worker streams end here (on a replica
+    /// that shares the partitions and does not dispatch, they are forwarded to the one that
+    /// does).
+    pub fn is_dispatcher(&self) -> bool {
+        self.inner.dispatching.load(Ordering::Acquire)
     }
 
     pub fn store(&self) -> &Arc<dyn MetadataStore> {
@@ -258,15 +306,21 @@ impl Executor {
         match submitted {
             Submitted::Created(run) => Ok((*run, true)),
             Submitted::Existing(run_id) => Ok((self.inner.store.get_run(&run_id).await?, false)),
-            Submitted::NotDriven(Some(partition)) => Err(ExecError::Unavailable(format!(
-                "partition {partition}, where this run belongs, is being handed over between \
-                 executors; retry in a few seconds"
-            ))),
-            Submitted::NotDriven(None) => Err(ExecError::Unavailable(
-                "this executor drives no partition right now (they are being handed over \
-                 between executors); retry in a few seconds"
+            Submitted::NotDriven(Some(partition)) => Err(ExecError::Elsewhere {
+                partition,
+                message: format!(
+                    "partition {partition}, where this run belongs, is not driven by this \
+                     executor (another replica drives it, or it is being handed over); retry in \
+                     a few seconds"
+                ),
+            }),
+            // Any replica that drives a partition may take a run without a key.
+            Submitted::NotDriven(None) => Err(ExecError::Elsewhere {
+                partition: 0,
+                message: "this executor drives no partition right now (they are being handed \
+                          over between executors); retry in a few seconds"
                     .into(),
-            )),
+            }),
         }
     }
 
@@ -661,6 +715,66 @@ impl Executor {
     }
 }
 
+/// Delivers webhooks while this executor holds the executor lease `fence` (one deliverer per
+/// database).
+fn spawn_webhooks(
+    store: &Arc<dyn MetadataStore>,
+    engine: &EngineHandle,
+    config: &ExecutorConfig,
+    fence: Lease,
+    wake: Arc<tokio::sync::Notify>,
+) {
+    let engine = engine.clone();
+    tokio::spawn(webhooks::deliver(
+        store.clone(),
+        fence,
+        config.webhooks.clone(),
+        wake,
+        async move { engine.closed().await },
+    ));
+}
+
+/// On a replica that shares the partitions and does not dispatch: takes the executor lease
+/// when it comes free (its holder died or stopped) and dispatches from then on; hands it back
+/// when the engine stops.
+fn spawn_dispatch_when_free(inner: &Inner, holder: String, wake: Arc<tokio::sync::Notify>) {
+    let store = inner.store.clone();
+    let engine = inner.engine.clone();
+    let config = inner.config.clone();
+    let dispatching = inner.dispatching.clone();
+    tokio::spawn(async move {
+        let ttl = config.executor_lease_ttl;
+        let fence = loop {
+            tokio::select! {
+                () = engine.closed() => return,
+                () = tokio::time::sleep(ttl / 3) => {}
+            }
+            match lease::try_acquire(&store, &holder, ttl).await {
+                Ok(Some(fence)) => break fence,
+                Ok(None) => {}
+                Err(error) => tracing::warn!(%error, "cannot read the executor lease; retrying"),
+            }
+        };
+        let (lost_tx, lost) = tokio::sync::oneshot::channel();
+        let (stop_renewal, stop_rx) = tokio::sync::oneshot::channel();
+        let renewal = lease::spawn_renewal(store.clone(), fence.clone(), ttl, lost_tx, stop_rx);
+        let promoted = engine
+            .send(Command::Promote {
+                fence: fence.clone(),
+                lost,
+            })
+            .await;
+        if promoted.is_ok() {
+            dispatching.store(true, Ordering::Release);
+            spawn_webhooks(&store, &engine, &config, fence.clone(), wake);
+            engine.closed().await;
+        }
+        let _ = stop_renewal.send(());
+        let _ = renewal.await;
+        lease::release(&store, &fence).await;
+    });
+}
+
 fn validate_submit_fields(
     idempotency_key: &str,
     tags: &std::collections::HashMap<String, String>,
@@ -687,11 +801,14 @@ fn validate_submit_fields(
 fn not_driven_here(run: &Run) -> Result<(), ExecError> {
     use dagmesh_proto::v1::RunState;
     if matches!(run.state(), RunState::Queued | RunState::Running) {
-        return Err(ExecError::Unavailable(format!(
-            "run {} is in partition {}, which is being handed over between executors; retry in \
-             a few seconds",
-            run.run_id, run.partition
-        )));
+        return Err(ExecError::Elsewhere {
+            partition: run.partition,
+            message: format!(
+                "run {} is in partition {}, which this executor does not drive (another replica \
+                 does, or it is being handed over); retry in a few seconds",
+                run.run_id, run.partition
+            ),
+        });
     }
     Ok(())
 }

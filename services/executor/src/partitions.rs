@@ -6,9 +6,9 @@
 //! `executor` lease wants every partition: it takes each one as soon as it is free, renews them
 //! all with one store call every third of the TTL, and tells the engine which partitions it
 //! gained (the engine then recovers their runs from the store) and which it lost (the engine
-//! forgets their runs). When executors share the partitions (ARCHITECTURE.md, "Scale-out"),
-//! only `wanting_every_partition` goes: `Ownership::new` alone spreads them by rendezvous hashing over the
-//! live members instead.
+//! forgets their runs). When executors share the partitions (`--share-partitions`,
+//! ARCHITECTURE.md "Scale-out"), each one is a member of the group and takes its rendezvous
+//! share over the live members instead.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,7 +23,7 @@ use crate::ExecError;
 use crate::engine::{Command, EngineHandle, PartitionChange};
 
 /// The lease group of the executors' partitions (`executor/p-<N>`).
-const GROUP: &str = "executor";
+pub(crate) const GROUP: &str = "executor";
 
 /// This executor's partitions, and what the engine was told of them (partition → epoch).
 pub(crate) struct Partitions {
@@ -36,23 +36,30 @@ impl Partitions {
     /// them up to a refresh interval after its executor lease, which this executor already
     /// took: waits that long at most for them to expire, then starts with what it has (the
     /// keeper takes the rest as they come free).
+    ///
+    /// With `share`, the executor is one member of the `executor` group and wants only its
+    /// rendezvous share of the partitions: it starts with what is free of that share, and the
+    /// keeper takes the rest as the others hand it over.
     pub async fn take(
         store: Arc<dyn MetadataStore>,
         holder: &str,
         partitions: u32,
         ttl: Duration,
+        share: bool,
     ) -> Result<(Self, Vec<(u32, Lease)>), ExecError> {
-        let mut ownership = Ownership::new(store, GROUP, holder.to_owned(), partitions, ttl)
-            .wanting_every_partition();
+        let mut ownership = Ownership::new(store, GROUP, holder.to_owned(), partitions, ttl);
+        if !share {
+            ownership = ownership.wanting_every_partition();
+        }
         let give_up = Instant::now() + ttl + ownership.refresh_interval();
         loop {
             ownership.refresh().await?;
-            if ownership.owns_all() || Instant::now() >= give_up {
+            if share || ownership.owns_all() || Instant::now() >= give_up {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100).min(ttl / 3)).await;
         }
-        if !ownership.owns_all() {
+        if !share && !ownership.owns_all() {
             tracing::warn!(
                 owned = ownership.owned().count(),
                 partitions,

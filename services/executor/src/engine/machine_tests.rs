@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use super::run::{RunEntry, StepRef};
 use super::timers::Timer;
-use super::{Admission, Asked, Ctx, ReadyQueues, Session, Timers, Workers};
+use super::{Admission, Asked, Ctx, Origin, ReadyQueues, Relay, Session, Timers, Workers};
 use crate::ExecutorConfig;
 use crate::plans::Plan;
 
@@ -47,6 +47,7 @@ fn new_ctx(now: Instant) -> Ctx {
         dirty_set: HashSet::new(),
         now,
         queues_touched: false,
+        relay: Relay::Dispatcher(Default::default()),
     }
 }
 
@@ -284,18 +285,17 @@ impl Sim {
             Action::Dispatch => {
                 while let Some(route) = ctx.queues.best_head(|_| true) {
                     let task = ctx.queues.pop(&route).expect("a head");
-                    let before = self
-                        .entry
-                        .has(task.step)
-                        .then(|| self.entry.attempt_state(task.step));
+                    let Origin::Local { step, .. } = task.origin else {
+                        unreachable!("no other executor offers tasks here");
+                    };
+                    let before = self.entry.has(step).then(|| self.entry.attempt_state(step));
                     let worker: Arc<str> = Arc::from(WORKER);
-                    self.entry
-                        .assign(task.step, task.attempt, &worker, "1.0.0", ctx);
+                    self.entry.assign(step, task.attempt, &worker, "1.0.0", ctx);
                     ctx.apply_shared();
                     if let Some((attempt, StepState::Ready)) = before
                         && attempt == task.attempt
                     {
-                        let (now_attempt, state) = self.entry.attempt_state(task.step);
+                        let (now_attempt, state) = self.entry.attempt_state(step);
                         if self.entry.run.suspended {
                             assert_eq!(
                                 state,
@@ -305,7 +305,7 @@ impl Sim {
                             continue;
                         }
                         assert_eq!((now_attempt, state), (task.attempt, StepState::Assigned));
-                        let task_id = self.entry.task_id(task.step).to_owned();
+                        let task_id = self.entry.task_id(step).to_owned();
                         self.held.push((task_id, task.attempt));
                     }
                 }

@@ -13,6 +13,7 @@ mod admission;
 #[cfg(test)]
 mod machine_tests;
 mod queues;
+mod relay;
 mod run;
 mod timers;
 mod traces;
@@ -34,12 +35,13 @@ use tokio::time::Instant;
 use crate::plans::{Plan, PlanCache};
 use crate::{ExecError, ExecutorConfig};
 use admission::Admission;
+pub(crate) use relay::{PeerId, PeerOutbound, Relay, ToDispatcher, ToOwner};
 use run::StepRef;
 pub(crate) use run::{Memo, Memoized, RunEntry};
 use timers::{Timer, Timers};
 pub(crate) use traces::valid_traceparent;
+use workers::{Origin, QueuedTask, ReadyQueues, Session, Workers};
 pub(crate) use workers::{Outbound, Route};
-use workers::{QueuedTask, ReadyQueues, Session, Workers};
 
 pub(crate) enum Command {
     Submit {
@@ -161,6 +163,28 @@ pub(crate) enum Command {
     /// runs of `gained` from the store, forget those of `dropped`. Applied after the batch it
     /// arrives in is committed.
     Partitions(PartitionChange),
+    /// An owner attached to this dispatcher (see `relay`); `outbound` carries what it is told.
+    PeerAttached {
+        peer: PeerId,
+        outbound: PeerOutbound,
+    },
+    FromPeer {
+        peer: PeerId,
+        message: ToDispatcher,
+    },
+    PeerDetached {
+        peer: PeerId,
+    },
+    /// On an owner: a message from the dispatcher.
+    FromDispatcher(ToOwner),
+    /// On an owner: its stream to a dispatcher is (re)attached.
+    DispatcherAttached,
+    /// On an owner: this executor took the executor lease and dispatches from now on; `lost`
+    /// fires if the lease is lost again (the engine then stops, as a dispatcher does).
+    Promote {
+        fence: Lease,
+        lost: oneshot::Receiver<String>,
+    },
     /// The answer of `Asked::CacheLookup`; `None`: a miss (or the store could not answer).
     CacheAnswer {
         run: Arc<str>,
@@ -234,6 +258,10 @@ impl EngineHandle {
             .map_err(|_| crate::error::engine_gone())
     }
 
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
     /// Resolves once the engine task has stopped.
     pub async fn closed(&self) {
         self.tx.closed().await;
@@ -297,11 +325,14 @@ impl Effect {
 }
 
 /// The executor's hold on the database: the lease whose epoch fences every commit, and the
-/// signal that it was lost (see `crate::lease`).
+/// signal that it was lost (see `crate::lease`). An owner that is not the dispatcher (see
+/// `relay`) holds no executor lease: its partitions' leases fence its commits.
 pub(crate) struct Ownership {
     /// Woken when a commit added webhook deliveries.
     pub webhooks: Arc<tokio::sync::Notify>,
-    pub fence: Lease,
+    pub fence: Option<Lease>,
+    /// Whether this engine dispatches to workers itself or hands its tasks to a dispatcher.
+    pub relay: Relay,
     /// The cluster's partition count (`init_cluster`): what a new root run hashes into.
     pub partitions: u32,
     /// The partitions driven from the start, with their leases (see `crate::partitions`).
@@ -309,10 +340,10 @@ pub(crate) struct Ownership {
     /// Fired once the partition keeper has handed the partition leases back after the engine
     /// stopped: the engine task ends only then (bounded), so a successor takes them at once.
     pub partitions_released: oneshot::Receiver<()>,
-    pub lost: oneshot::Receiver<String>,
+    pub lost: Option<oneshot::Receiver<String>>,
     /// Fired when the engine stops; the engine then waits for `renewal` and releases the lease.
-    pub stop_renewal: oneshot::Sender<()>,
-    pub renewal: tokio::task::JoinHandle<()>,
+    pub stop_renewal: Option<oneshot::Sender<()>>,
+    pub renewal: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// A change to what all runs share — ready queues, timers, worker sessions, admission
@@ -367,6 +398,8 @@ pub(crate) struct Ctx {
     now: Instant,
     /// Set when the ready queues or the worker sessions changed (see `EngineHandle::queue_changes`).
     queues_touched: bool,
+    /// Dispatcher or owner (see `relay`).
+    relay: Relay,
 }
 
 impl Ctx {
@@ -423,11 +456,12 @@ impl Ctx {
                     slots,
                 } => {
                     let now = self.now;
+                    let relay = &self.relay;
                     let session = self
                         .workers
                         .sessions
                         .entry(instance.clone())
-                        .or_insert_with(|| Session::new(instance.clone(), now));
+                        .or_insert_with(|| relay.new_session(instance.clone(), now));
                     // Only the principal that held the attempt may resume the session.
                     if session.principal.is_none() {
                         session.principal = principal;
@@ -489,7 +523,10 @@ pub(crate) struct Engine {
     waiters: HashMap<Arc<str>, Vec<oneshot::Sender<Option<Run>>>>,
     drain: Option<Vec<oneshot::Sender<()>>>,
     drain_expired: bool,
-    fence: Lease,
+    /// The executor lease, while this engine holds it (the dispatcher).
+    fence: Option<Lease>,
+    /// Fires when the executor lease is lost (the engine then stops).
+    lost: Option<oneshot::Receiver<String>>,
     /// The cluster's partition count.
     partitions: u32,
     /// The partitions this engine drives, with the leases that fence their commits: it holds
@@ -544,6 +581,7 @@ impl Engine {
                 dirty_set: HashSet::new(),
                 now,
                 queues_touched: false,
+                relay: ownership.relay,
             },
             idempotency: HashMap::new(),
             idempotency_order: VecDeque::new(),
@@ -552,6 +590,7 @@ impl Engine {
             drain: None,
             drain_expired: false,
             fence: ownership.fence,
+            lost: ownership.lost,
             partitions: ownership.partitions,
             driven: ownership.driven.into_iter().collect(),
             repartitions: Vec::new(),
@@ -565,8 +604,8 @@ impl Engine {
         engine.commands = Some(tx.downgrade());
         let driven: Vec<u32> = engine.driven.keys().copied().collect();
         engine.recover(&driven).await?;
+        engine.ctx.workers.mirrored = engine.ctx.relay.is_owner();
         let Ownership {
-            lost,
             stop_renewal,
             renewal,
             partitions_released,
@@ -576,15 +615,21 @@ impl Engine {
         let task = tokio::spawn(async move {
             let store = engine.store.clone();
             let fence = engine.fence.clone();
-            let result = engine.run(rx, lost).await;
-            let _ = stop_renewal.send(());
-            let _ = renewal.await;
+            let result = engine.run(rx).await;
+            if let Some(stop_renewal) = stop_renewal {
+                let _ = stop_renewal.send(());
+            }
+            if let Some(renewal) = renewal {
+                let _ = renewal.await;
+            }
             // The keeper noticed the engine stop (its channel closed) and hands the partition
             // leases back; a keeper stuck on an unreachable store does not hold the stop up.
             let _ =
                 tokio::time::timeout(std::time::Duration::from_secs(5), partitions_released).await;
-            if result.is_ok() {
-                crate::lease::release(&store, &fence).await;
+            if result.is_ok()
+                && let Some(fence) = &fence
+            {
+                crate::lease::release(&store, fence).await;
             }
             result
         });
@@ -661,11 +706,7 @@ impl Engine {
         self.flush().await
     }
 
-    async fn run(
-        mut self,
-        mut rx: mpsc::Receiver<Command>,
-        mut lost: oneshot::Receiver<String>,
-    ) -> Result<(), ExecError> {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) -> Result<(), ExecError> {
         let mut batch = Vec::with_capacity(self.ctx.config.max_batch);
         // Set while changes wait for a lazy commit (see `LAZY_COMMIT`).
         let mut commit_due: Option<Instant> = None;
@@ -680,6 +721,13 @@ impl Engine {
                     None => std::future::pending().await,
                 }
             };
+            let lost_slot = &mut self.lost;
+            let lost = async {
+                match lost_slot.as_mut() {
+                    Some(lost) => lost.await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 received = rx.recv_many(&mut batch, self.ctx.config.max_batch) => {
                     if received == 0 {
@@ -687,7 +735,7 @@ impl Engine {
                     }
                 }
                 () = sleep => {}
-                reason = &mut lost => {
+                reason = lost => {
                     let reason = reason.unwrap_or_else(|_| "the lease renewal stopped".into());
                     tracing::error!(%reason, "stopping the engine");
                     return Err(ExecError::Fenced(reason));
@@ -865,11 +913,15 @@ impl Engine {
                 reply,
             } => {
                 if !self.driven.contains_key(&run.partition) {
-                    let error = ExecError::Unavailable(format!(
-                        "run {} is in partition {}, which is being handed over between \
-                         executors; retry in a few seconds",
-                        run.run_id, run.partition
-                    ));
+                    let error = ExecError::Elsewhere {
+                        partition: run.partition,
+                        message: format!(
+                            "run {} is in partition {}, which this executor does not drive \
+                             (another replica does, or it is being handed over); retry in a \
+                             few seconds",
+                            run.run_id, run.partition
+                        ),
+                    };
                     self.ctx.reply(reply, Err(error));
                     return;
                 }
@@ -1058,6 +1110,16 @@ impl Engine {
                     }
                 }
                 let _ = reply.send(positions);
+            }
+            Command::PeerAttached { peer, outbound } => self.peer_attached(peer, outbound),
+            Command::FromPeer { peer, message } => self.on_peer_message(peer, message),
+            Command::PeerDetached { peer } => self.peer_detached(peer),
+            Command::FromDispatcher(message) => self.on_dispatcher_message(message),
+            Command::DispatcherAttached => self.dispatcher_attached(),
+            Command::Promote { fence, lost } => {
+                self.fence = Some(fence);
+                self.lost = Some(lost);
+                self.become_dispatcher();
             }
             Command::Drain { reply } => {
                 if self.drain.is_none() {
@@ -1472,8 +1534,9 @@ impl Engine {
         );
 
         for (task_id, attempt) in resumed {
-            // Still held, but the step may have moved on (cancelled while disconnected).
-            if !self.is_current(&task_id, attempt) {
+            // Still held, but the step may have moved on (cancelled while disconnected); an
+            // owner's task is its owner's to judge.
+            if !self.is_current(&task_id, attempt) && !self.is_remote_hold(&task_id, attempt) {
                 self.ctx.send(
                     instance.clone(),
                     cancel_message(
@@ -1485,12 +1548,12 @@ impl Engine {
             }
         }
         for (task_id, attempt) in lost {
+            let reason = format!("worker {instance} reconnected without the task");
+            if self.remote_lost(&instance, &task_id, attempt, &reason) {
+                continue;
+            }
             self.ctx.workers.release(&instance, &task_id, attempt);
-            self.requeue_lost(
-                &task_id,
-                attempt,
-                &format!("worker {instance} reconnected without the task"),
-            );
+            self.requeue_lost(&task_id, attempt, &reason);
         }
         for (task_id, attempt) in unknown {
             self.ctx.send(
@@ -1526,6 +1589,16 @@ impl Engine {
         };
         session.last_seen = self.ctx.now;
         session.last_seen_wall = SystemTime::now();
+        let mut message = Some(message);
+        if self.relay_from_worker(&instance, &mut message) {
+            return; // about another executor's task: relayed to its owner
+        }
+        let Some(message) = message else {
+            return;
+        };
+        let Some(session) = self.ctx.workers.sessions.get_mut(&instance) else {
+            return;
+        };
         match message {
             Message::Hello(_) | Message::Heartbeat(_) => {}
             Message::Draining(_) => {
@@ -1754,6 +1827,9 @@ impl Engine {
     }
 
     fn check_lease(&mut self, instance: Arc<str>) {
+        if self.ctx.relay.is_owner() {
+            return; // a mirror: the dispatcher checks the worker's lease and says if it is lost
+        }
         let lease = self.ctx.config.lease;
         let Some(session) = self.ctx.workers.sessions.get(&instance) else {
             return;
@@ -1804,7 +1880,9 @@ impl Engine {
             ),
         };
         for (task_id, attempt) in session.held.into_keys() {
-            self.requeue_lost(&task_id, attempt, &reason);
+            if !self.remote_lost(&instance, &task_id, attempt, &reason) {
+                self.requeue_lost(&task_id, attempt, &reason);
+            }
         }
     }
 
@@ -1830,9 +1908,16 @@ impl Engine {
                 continue;
             };
             self.ctx.queues_touched = true;
-            if let Some(entry) = self.runs.get_mut(&task.run_id) {
-                entry.assign(task.step, task.attempt, &instance, &version, &mut self.ctx);
-                self.ctx.apply_shared(); // the worker's slots are taken before the next pick
+            match task.origin {
+                Origin::Local { run_id, step } => {
+                    if let Some(entry) = self.runs.get_mut(&run_id) {
+                        entry.assign(step, task.attempt, &instance, &version, &mut self.ctx);
+                        self.ctx.apply_shared(); // the worker's slots are taken before the next pick
+                    }
+                }
+                Origin::Peer { peer, task_id } => {
+                    self.grant(peer, &task_id, task.attempt, &route, &instance, version);
+                }
             }
         }
     }
@@ -1850,7 +1935,7 @@ impl Engine {
         self.ctx.dirty_set.clear();
         let mut notified = false;
         // The executor's own lease, then the lease of each partition the batch touches.
-        let mut fences = vec![self.fence.clone()];
+        let mut fences: Vec<Lease> = self.fence.iter().cloned().collect();
         let mut fenced_partitions = BTreeSet::new();
         let mut refused: HashSet<Arc<str>> = HashSet::new();
         let mut strays: Vec<Arc<str>> = Vec::new();
@@ -1880,7 +1965,7 @@ impl Engine {
                 if let Err(error) = &committed {
                     // A partition's stale lease drops that partition; the engine goes on.
                     let partition_fenced = matches!(error,
-                        StoreError::Fenced { name, .. } if *name != self.fence.name);
+                        StoreError::Fenced { name, .. } if self.is_partition_lease(name));
                     metrics.store_error(if stops_engine(error) && !partition_fenced {
                         "outage"
                     } else {
@@ -1896,7 +1981,7 @@ impl Engine {
                     name,
                     epoch,
                     current_epoch,
-                }) if name != self.fence.name => {
+                }) if self.is_partition_lease(&name) => {
                     let partition = self
                         .driven
                         .iter()
@@ -1918,7 +2003,16 @@ impl Engine {
         }
         for effect in std::mem::take(&mut self.ctx.effects) {
             if !refused.is_empty() && effect.run_id().is_some_and(|id| refused.contains(id)) {
-                continue; // its change was not written: never act on it
+                // Its change was not written: never act on it. A granted task that was not
+                // assigned after all frees the worker's slots at the dispatcher.
+                if let Effect::Send {
+                    instance,
+                    message: server_message::Message::Assign(assign),
+                } = effect
+                {
+                    self.decline(assign.task_id, assign.attempt, instance);
+                }
+                continue;
             }
             match effect {
                 Effect::Send { instance, message } => self.ctx.workers.send(&instance, message),
@@ -1938,6 +2032,8 @@ impl Engine {
         }
         // A reloaded run holds its worker slots again before any message is read.
         self.ctx.apply_shared();
+        // On an owner, what became ready goes to the dispatcher now that it is durable.
+        self.send_offers(&dirty);
         for run_id in dirty {
             let Some(entry) = self.runs.get(&run_id) else {
                 continue;
@@ -2015,6 +2111,11 @@ impl Engine {
         for waiter in self.waiters.remove(run_id).unwrap_or_default() {
             let _ = waiter.send(None);
         }
+    }
+
+    /// Whether `name` is the lease of a partition driven here.
+    fn is_partition_lease(&self, name: &str) -> bool {
+        self.driven.values().any(|lease| lease.name == name)
     }
 
     /// A new run id whose partition is driven here, with that partition; `None` when this

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::queues::{QueueSnapshot, QueueStats, WorkerStats};
 
-use super::{Engine, Route};
+use super::{Engine, Origin, Route};
 
 impl Engine {
     /// Counts the live entries of every ready queue (stale ones, of cancelled runs or older
@@ -28,10 +28,13 @@ impl Engine {
         };
         for (route, tasks) in self.ctx.queues.iter() {
             for task in tasks {
-                let live = self
-                    .runs
-                    .get(&task.run_id)
-                    .is_some_and(|entry| entry.is_queued(task.step, task.attempt));
+                let live = match &task.origin {
+                    Origin::Local { run_id, step } => self
+                        .runs
+                        .get(run_id)
+                        .is_some_and(|entry| entry.is_queued(*step, task.attempt)),
+                    Origin::Peer { peer, task_id } => self.offer_live(*peer, task_id, task.attempt),
+                };
                 if !live {
                     continue;
                 }
@@ -60,6 +63,12 @@ impl Engine {
                     .or_insert_with(|| stats(route))
                     .running += 1;
             }
+        }
+        for route in self.remote_routes() {
+            by_route
+                .entry(route.clone())
+                .or_insert_with(|| stats(&route))
+                .running += 1;
         }
         for (route, queue) in &mut by_route {
             for session in self.ctx.workers.sessions.values() {

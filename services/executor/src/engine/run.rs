@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use super::timers::Timer;
 use super::traces::{self, Timeline};
-use super::{Asked, Ctx, QueuedTask, Shared, cancel_message, humanize};
+use super::{Asked, Ctx, Origin, QueuedTask, Shared, cancel_message, humanize};
 use crate::plans::Plan;
 use dagmesh_spec::StepKind;
 
@@ -639,7 +639,6 @@ impl RunEntry {
     }
 
     /// The task id of a step (`<run_id>/<step key>`).
-    #[cfg(test)]
     pub fn task_id(&self, at: StepRef) -> &str {
         &self.row(at).task_id
     }
@@ -1723,8 +1722,10 @@ impl RunEntry {
 
     fn enqueue(&mut self, at: StepRef, ctx: &mut Ctx) {
         let task = QueuedTask {
-            run_id: self.id.clone(),
-            step: at,
+            origin: Origin::Local {
+                run_id: self.id.clone(),
+                step: at,
+            },
             attempt: self.row(at).attempt,
             queued_at: ctx.now,
         };
@@ -1732,6 +1733,8 @@ impl RunEntry {
         ctx.enqueue(&self.plan.routes[at.spec()], priority, task);
     }
 
+    /// Assigns attempt `attempt` of `at` to `instance`; false when the step is no longer ready
+    /// in that attempt (a stale queue entry or grant), or the run is suspended.
     pub fn assign(
         &mut self,
         at: StepRef,
@@ -1739,9 +1742,9 @@ impl RunEntry {
         instance: &Arc<str>,
         version: &str,
         ctx: &mut Ctx,
-    ) {
+    ) -> bool {
         if !self.has(at) {
-            return;
+            return false;
         }
         let principal = ctx
             .workers
@@ -1751,11 +1754,11 @@ impl RunEntry {
             .unwrap_or_default()
             .to_owned();
         if self.run.suspended {
-            return; // ResumeRun queues its ready tasks again
+            return false; // ResumeRun queues its ready tasks again
         }
         let step = self.row_mut(at);
         if step.state() != StepState::Ready || step.attempt != attempt {
-            return; // a stale queue entry: the step was cancelled or requeued meanwhile
+            return false; // a stale queue entry: the step was cancelled or requeued meanwhile
         }
         step.worker = instance.to_string();
         step.worker_principal = principal;
@@ -1797,6 +1800,7 @@ impl RunEntry {
             slots: spec.slots,
         };
         ctx.send(instance.clone(), server_message::Message::Assign(assign));
+        true
     }
 
     pub fn started(&mut self, at: StepRef, ctx: &mut Ctx) {

@@ -31,11 +31,22 @@ pub(crate) struct Route {
 /// checks the step's state and attempt before it assigns.
 #[derive(Debug, Clone)]
 pub(crate) struct QueuedTask {
-    pub run_id: Arc<str>,
-    pub step: StepRef,
+    pub origin: Origin,
     pub attempt: u32,
     /// When it was queued (for the queue's oldest age).
     pub queued_at: Instant,
+}
+
+/// Whose task a queue entry is.
+#[derive(Debug, Clone)]
+pub(crate) enum Origin {
+    /// A step of a run this engine drives.
+    Local { run_id: Arc<str>, step: StepRef },
+    /// A task another executor offered (see `super::relay`); `task_id` names it.
+    Peer {
+        peer: super::relay::PeerId,
+        task_id: Arc<str>,
+    },
 }
 
 /// Queue order: higher priority first, then first-in-first-out.
@@ -212,6 +223,9 @@ impl Session {
 #[derive(Default)]
 pub(crate) struct Workers {
     pub sessions: HashMap<Arc<str>, Session>,
+    /// The sessions are mirrors of workers connected to the dispatcher (on an owner, see
+    /// `super::relay`): who could take a task is not known here.
+    pub mirrored: bool,
 }
 
 impl Workers {
@@ -227,6 +241,9 @@ impl Workers {
     /// Why no connected worker can ever take `route` as things stand, or None when one can
     /// (even if it is busy now).
     pub fn waiting_reason(&self, route: &Route) -> Option<String> {
+        if self.mirrored {
+            return None;
+        }
         let connected = || {
             self.sessions
                 .values()

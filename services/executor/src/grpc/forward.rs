@@ -374,6 +374,61 @@ impl<const SERVICE: u8> Service<http::Request<Body>> for Forward<SERVICE> {
     }
 }
 
+/// On a replica that shares the partitions (`--share-partitions`): serves `local` while this
+/// replica dispatches to workers, and forwards the calls to the replica that does (the
+/// executor lease's holder) otherwise. For the services that are about workers and their
+/// queues: worker streams, ListWorkers and ListQueues, and KEDA's scaler.
+#[derive(Clone)]
+pub(crate) struct WhileDispatching<S> {
+    local: S,
+    route: Arc<LeaseHolderRoute>,
+    executor: crate::Executor,
+}
+
+impl<S> WhileDispatching<S> {
+    pub fn new(local: S, route: Arc<LeaseHolderRoute>, executor: crate::Executor) -> Self {
+        Self {
+            local,
+            route,
+            executor,
+        }
+    }
+}
+
+impl<S: NamedService> NamedService for WhileDispatching<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> Service<http::Request<Body>> for WhileDispatching<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        if self.executor.is_dispatcher() {
+            let mut local = self.local.clone();
+            Box::pin(async move {
+                futures::future::poll_fn(|cx| local.poll_ready(cx)).await?;
+                local.call(request).await
+            })
+        } else {
+            let route = self.route.clone();
+            Box::pin(async move { Ok(route.forward(request).await) })
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

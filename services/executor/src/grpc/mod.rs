@@ -3,6 +3,7 @@
 
 mod cluster;
 pub mod forward;
+pub(crate) mod peers;
 mod runs;
 mod scaler;
 mod webhooks;
@@ -11,9 +12,9 @@ mod workflows;
 
 use dagmesh_proto::externalscaler::external_scaler_server::ExternalScalerServer;
 use dagmesh_proto::v1::{
-    cluster_service_server::ClusterServiceServer, run_service_server::RunServiceServer,
-    webhook_service_server::WebhookServiceServer, worker_service_server::WorkerServiceServer,
-    workflow_service_server::WorkflowServiceServer,
+    cluster_service_server::ClusterServiceServer, peer_service_server::PeerServiceServer,
+    run_service_server::RunServiceServer, webhook_service_server::WebhookServiceServer,
+    worker_service_server::WorkerServiceServer, workflow_service_server::WorkflowServiceServer,
 };
 use dagmesh_runtime::ServiceSet;
 
@@ -29,23 +30,51 @@ impl Executor {
         // The run, workflow and cluster services answer through the trait a forwarding
         // replica implements too.
         let api: std::sync::Arc<dyn dagmesh_api::ExecutorApi> = std::sync::Arc::new(self.clone());
-        ServiceSet::new()
+        let workers = WorkerServiceServer::new(workers::Workers::new(self.clone()))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(usize::MAX);
+        let cluster = ClusterServiceServer::new(cluster::Cluster(api.clone()));
+        let scaler = ExternalScalerServer::new(scaler::Scaler::new(self.clone()));
+        let set = ServiceSet::new()
             .with(
                 RunServiceServer::new(runs::Runs(api.clone()))
                     .max_decoding_message_size(max_message)
                     .max_encoding_message_size(usize::MAX),
             )
             .with(
-                WorkflowServiceServer::new(workflows::Workflows(api.clone()))
+                WorkflowServiceServer::new(workflows::Workflows(api))
                     .max_decoding_message_size(max_message),
             )
             .with(
-                WorkerServiceServer::new(workers::Workers::new(self.clone()))
+                PeerServiceServer::new(peers::Peers::new(self.clone()))
                     .max_decoding_message_size(max_message)
                     .max_encoding_message_size(usize::MAX),
             )
-            .with(ClusterServiceServer::new(cluster::Cluster(api)))
-            .with(ExternalScalerServer::new(scaler::Scaler::new(self.clone())))
-            .with(WebhookServiceServer::new(webhooks::Webhooks(self.clone())))
+            .with(WebhookServiceServer::new(webhooks::Webhooks(self.clone())));
+        if !self.config().share_partitions {
+            return set.with(workers).with(cluster).with(scaler);
+        }
+        // Sharing the partitions: workers, their queues and the scaler live on the replica
+        // that dispatches; the others forward those calls to it.
+        let route = std::sync::Arc::new(forward::LeaseHolderRoute::new(
+            self.store().clone(),
+            self.config().peers.clone(),
+            self.config().advertise_url.clone().unwrap_or_default(),
+        ));
+        set.with(forward::WhileDispatching::new(
+            workers,
+            route.clone(),
+            self.clone(),
+        ))
+        .with(forward::WhileDispatching::new(
+            cluster,
+            route.clone(),
+            self.clone(),
+        ))
+        .with(forward::WhileDispatching::new(
+            scaler,
+            route.clone(),
+            self.clone(),
+        ))
     }
 }

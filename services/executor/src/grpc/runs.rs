@@ -20,13 +20,22 @@ pub(super) struct Runs(pub Arc<dyn ExecutorApi>);
 /// Who calls: the authenticated principal, and the backend's W3C trace context so that the
 /// run's spans continue its trace.
 fn caller<T>(request: &Request<T>) -> Caller {
+    let principal = Principal::of(request);
+    // A replica forwarding a call to the owner of its run names who made it; only the
+    // services' internal token may speak for someone else.
+    let on_behalf = request
+        .metadata()
+        .get(dagmesh_api::ON_BEHALF_OF)
+        .and_then(|value| value.to_str().ok())
+        .filter(|_| principal.allows(dagmesh_proto::v1::Scope::Internal));
     Caller {
-        actor: Principal::of(request).name.to_string(),
+        actor: on_behalf.map_or_else(|| principal.name.to_string(), str::to_owned),
         traceparent: request
             .metadata()
             .get("traceparent")
             .and_then(|value| value.to_str().ok())
             .map(str::to_owned),
+        forwarded: on_behalf.is_some(),
     }
 }
 
