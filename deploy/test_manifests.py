@@ -2031,6 +2031,17 @@ def test_scale_executors_roll_without_dropping_below_three() -> None:
     assert isinstance(strategy["rollingUpdate"]["maxSurge"], int) and strategy["rollingUpdate"]["maxSurge"] >= 1
 
 
+def test_scale_executors_share_the_partitions() -> None:
+    """The scale mode's executors each drive a share of the runs
+    (--share-partitions on every replica: a replica without it would wait as a
+    standby while the others share); the split mode's one executor drives all."""
+    for mode_name, sharing in (("scale", "true"), ("split", None)):
+        d = _one(rendered_mode(mode_name), "Deployment", "dagmesh-executor")
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            if _command(c) == "executor":
+                assert _setting(c, "--share-partitions", "DAGMESH_SHARE_PARTITIONS") == sharing, mode_name
+
+
 @pytest.mark.parametrize("mode_name", PG_MODES)
 def test_executors_roll_without_a_gap(mode_name: str) -> None:
     """A rollout starts the new executor (a standby, which forwards to the

@@ -17,7 +17,10 @@ use dagmesh_integration_tests::{
 use dagmesh_metastore::MetadataStore;
 use dagmesh_metastore::ownership::holder_address;
 use dagmesh_proto::v1::cluster_service_client::ClusterServiceClient;
-use dagmesh_proto::v1::{ListWorkersRequest, Run, RunEvent, RunState, run_event};
+use dagmesh_proto::v1::run_service_client::RunServiceClient;
+use dagmesh_proto::v1::{
+    DeliverEventRequest, ListWorkersRequest, Run, RunEvent, RunState, run_event,
+};
 use dagmesh_sdk::{Client, SubmitRun, TaskContext, TaskError, Worker};
 use serde_json::{Value, json};
 
@@ -277,6 +280,19 @@ async fn stored_events(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_executors_and_two_schedulers_on_postgres_behave_as_one_under_kills_and_pauses()
 -> anyhow::Result<()> {
+    chaos(false).await
+}
+
+/// The same chaos with executors that share the partitions (`--share-partitions`): the
+/// replica killed and frozen each time is the dispatcher, which also drives its share of the
+/// runs, so each kill moves partitions and the dispatcher role at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_executors_sharing_partitions_and_two_schedulers_behave_as_one_under_kills_and_pauses()
+-> anyhow::Result<()> {
+    chaos(true).await
+}
+
+async fn chaos(sharing: bool) -> anyhow::Result<()> {
     use dagmesh_proto::v1::{
         CreateScheduleRequest, PauseScheduleRequest, Schedule,
         scheduler_service_client::SchedulerServiceClient,
@@ -290,6 +306,9 @@ async fn three_executors_and_two_schedulers_on_postgres_behave_as_one_under_kill
     let mut replicas = Vec::new();
     for n in 1..=3 {
         let mut replica = Replica::new(&format!("executor-{n}"), &metastore_addr, "2s")?;
+        if sharing {
+            replica.args.push("--share-partitions".into());
+        }
         replica.start(dir.path()).await?;
         replicas.push(replica);
     }
@@ -711,6 +730,55 @@ async fn executors_that_share_partitions_each_drive_a_share_and_one_dispatches()
     let cancelled = clients[other].cancel_run(&slow.run_id, "enough").await?;
     assert_eq!(cancelled.state(), RunState::Cancelled, "{cancelled:?}");
 
+    // An event reaches the waiting steps of every replica's runs, whichever replica gets it.
+    let waits = dagmesh_spec::parse_workflow(
+        r#"
+name: waits
+steps:
+  - {id: upload, wait_for: {topic: uploads, filter: "event.size > 0", timeout: 1h}}
+  - {id: use, task: double@^1, needs: [upload], inputs: {x: upload.size}}
+"#,
+        dagmesh_spec::Format::Yaml,
+    )?;
+    clients[0].apply_workflow(waits).await?;
+    let mut waiting = Vec::new();
+    for n in 0..9 {
+        let run = SubmitRun::workflow("waits").idempotency_key(format!("waits-{n}"));
+        waiting.push(clients[n % 3].submit(run).await?.run_id);
+    }
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    for id in &waiting {
+        loop {
+            let run = clients[0].get_run(id).await?;
+            if run
+                .steps
+                .iter()
+                .any(|s| s.step_id == "upload" && !s.waiting_for.is_empty())
+            {
+                break;
+            }
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "run {id} never waited: {run:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let resumed =
+        RunServiceClient::new(dagmesh_integration_tests::channel(&replicas[1].url()).await?)
+            .deliver_event(DeliverEventRequest {
+                topic: "uploads".into(),
+                payload: Some(dagmesh_proto::json::to_struct(&json!({"size": 5}))),
+            })
+            .await?
+            .into_inner()
+            .resumed;
+    assert_eq!(resumed.len(), 9, "{resumed:?}");
+    for id in &waiting {
+        let run = wait_for_run(&clients[2], id).await?;
+        assert_succeeded(&run);
+    }
+
     // The dispatcher dies: another replica dispatches, the dead one's partitions move, and the
     // same clients and workers go on.
     let victim = replicas
@@ -747,7 +815,7 @@ async fn executors_that_share_partitions_each_drive_a_share_and_one_dispatches()
         assert_succeeded(&run);
     }
     // Each step ran once, and ended once in the stored log.
-    assert_eq!(executed.load(Ordering::Relaxed), 120);
+    assert_eq!(executed.load(Ordering::Relaxed), 129);
     for id in ids.iter().chain(&after) {
         let events = stored_events(&store, id).await?;
         for step_id in ["a", "b", "c"] {

@@ -271,9 +271,14 @@ impl ExecutorApi for GrpcExecutor {
 
     async fn deliver_event(
         &self,
+        caller: &Caller,
         request: DeliverEventRequest,
     ) -> Result<DeliverEventResponse, ApiError> {
-        Ok(self.client().deliver_event(request).await?.into_inner())
+        Ok(self
+            .client()
+            .deliver_event(traced(caller, request))
+            .await?
+            .into_inner())
     }
 }
 

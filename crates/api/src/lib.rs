@@ -137,9 +137,11 @@ pub trait ExecutorApi: Send + Sync + 'static {
     async fn resume_run(&self, caller: &Caller, request: ResumeRunRequest)
     -> Result<Run, ApiError>;
 
-    /// Resumes the steps waiting for an event on the topic that accept its payload.
+    /// Resumes the steps waiting for an event on the topic that accept its payload (on every
+    /// executor replica, when they share the runs).
     async fn deliver_event(
         &self,
+        caller: &Caller,
         request: DeliverEventRequest,
     ) -> Result<DeliverEventResponse, ApiError>;
 }

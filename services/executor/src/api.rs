@@ -262,11 +262,33 @@ impl ExecutorApi for Executor {
 
     async fn deliver_event(
         &self,
+        caller: &Caller,
         request: DeliverEventRequest,
     ) -> Result<DeliverEventResponse, ApiError> {
-        let resumed =
-            Executor::deliver_event(self, &request.topic, request.payload.unwrap_or_default())
-                .await?;
+        let payload = request.payload.clone().unwrap_or_default();
+        let mut resumed = Executor::deliver_event(self, &request.topic, payload).await?;
+        if self.config().share_partitions && !caller.forwarded {
+            // The waiting steps are on whichever replica drives their runs: every one hears it.
+            // A replica that cannot be reached fails the call after the others heard it; a
+            // retry resumes only what still waits.
+            let mut unreached = Vec::new();
+            for (url, peer) in self.other_replicas().await? {
+                match peer
+                    .deliver_event(&forwarded(caller), request.clone())
+                    .await
+                {
+                    Ok(answer) => resumed.extend(answer.resumed),
+                    Err(error) => unreached.push(format!("{url}: {error}")),
+                }
+            }
+            if !unreached.is_empty() {
+                return Err(ApiError::unavailable(format!(
+                    "the event reached only some executor replicas (retry; steps already resumed \
+                     are not resumed twice): {}",
+                    unreached.join("; ")
+                )));
+            }
+        }
         Ok(DeliverEventResponse { resumed })
     }
 }
@@ -280,6 +302,50 @@ fn forwarded(caller: &Caller) -> Caller {
 }
 
 impl Executor {
+    /// The other live replicas that share the partitions (their member leases), with clients.
+    async fn other_replicas(
+        &self,
+    ) -> Result<Vec<(String, std::sync::Arc<dagmesh_api::GrpcExecutor>)>, ApiError> {
+        let prefix = format!(
+            "{}{}/",
+            dagmesh_metastore::MEMBER_LEASES,
+            crate::partitions::GROUP
+        );
+        let members = self
+            .store()
+            .list_live_leases(&prefix)
+            .await
+            .map_err(ExecError::from)?;
+        let own = self.config().advertise_url.as_deref();
+        let mut others = Vec::new();
+        for member in &members {
+            let Some(url) = dagmesh_metastore::ownership::holder_address(&member.holder) else {
+                continue;
+            };
+            if Some(url) != own {
+                others.push((url.to_owned(), self.replica(url)?));
+            }
+        }
+        Ok(others)
+    }
+
+    /// A client of the replica at `url` (kept, a few dozen at most).
+    fn replica(&self, url: &str) -> Result<std::sync::Arc<dagmesh_api::GrpcExecutor>, ApiError> {
+        let mut owners = self.inner.owners.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(owner) = owners.get(url) {
+            return Ok(owner.clone());
+        }
+        let owner = std::sync::Arc::new(dagmesh_api::GrpcExecutor::connect_lazy(
+            url,
+            &self.config().peers,
+        )?);
+        if owners.len() >= 64 {
+            owners.clear(); // replicas come and go; never an unbounded map
+        }
+        owners.insert(url.to_owned(), owner.clone());
+        Ok(owner)
+    }
+
     /// The replica that drives `partition`, for a call about one of its runs (executors that
     /// share the partitions); UNAVAILABLE with `message` when the call cannot go there: not
     /// sharing, forwarded once already, or the partition has no other live owner right now
@@ -310,19 +376,7 @@ impl Executor {
         if Some(url) == self.config().advertise_url.as_deref() {
             return Err(unavailable()); // this replica, which is taking it up right now
         }
-        let mut owners = self.inner.owners.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(owner) = owners.get(url) {
-            return Ok(owner.clone());
-        }
-        let owner = std::sync::Arc::new(dagmesh_api::GrpcExecutor::connect_lazy(
-            url,
-            &self.config().peers,
-        )?);
-        if owners.len() >= 64 {
-            owners.clear(); // replicas come and go; never an unbounded map
-        }
-        owners.insert(url.to_owned(), owner.clone());
-        Ok(owner)
+        self.replica(url)
     }
 }
 

@@ -125,7 +125,7 @@ impl RunStarter for ExecutorStarter {
             topic: topic.to_owned(),
             payload: Some(payload),
         };
-        Ok(self.api.deliver_event(request).await?.resumed)
+        Ok(self.api.deliver_event(&self.caller, request).await?.resumed)
     }
 
     /// Follows the run's events until the executor closes the stream (after the final event,

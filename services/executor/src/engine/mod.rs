@@ -703,6 +703,8 @@ impl Engine {
         self.settle();
         self.admit_queued();
         self.dispatch();
+        // Before the offers of these runs: their tasks on workers are this owner's now.
+        self.declare_held(Some(partitions));
         self.flush().await
     }
 

@@ -569,6 +569,11 @@ impl Engine {
         let Relay::Owner(owning) = &mut self.ctx.relay else {
             return;
         };
+        // A mirror holds nothing of its own once its tasks are answered: workers come and go.
+        self.ctx
+            .workers
+            .sessions
+            .retain(|_, session| !session.held.is_empty());
         while let Some(route) = self.ctx.queues.best_head(|_| true) {
             let Some(task) = self.ctx.queues.pop(&route) else {
                 continue;
@@ -702,20 +707,27 @@ impl Engine {
         }
     }
 
-    /// Attached (again) to a dispatcher: declare every task on a worker, then offer every
-    /// ready task again (a new dispatcher knows none of them).
-    pub(super) fn dispatcher_attached(&mut self) {
-        let Relay::Owner(owning) = &mut self.ctx.relay else {
+    /// Tells the dispatcher which tasks of the runs of `partitions` (all, when `None`) are on
+    /// workers: after an attach (a new dispatcher knows none of them) and after partitions were
+    /// taken up (their runs' tasks were the previous owner's).
+    pub(super) fn declare_held(&self, partitions: Option<&[u32]>) {
+        let Relay::Owner(owning) = &self.ctx.relay else {
             return;
         };
         for session in self.ctx.workers.sessions.values() {
             for ((task_id, attempt), slots) in &session.held {
-                let concurrency_key = task_id
-                    .split_once('/')
-                    .and_then(|(run_id, step_id)| {
-                        let entry = self.runs.get(run_id)?;
-                        Some(entry.route(entry.resolve(step_id)?).concurrency_key.clone())
-                    })
+                let Some((run_id, step_id)) = task_id.split_once('/') else {
+                    continue;
+                };
+                let Some(entry) = self.runs.get(run_id) else {
+                    continue;
+                };
+                if partitions.is_some_and(|p| !p.contains(&entry.run.partition)) {
+                    continue;
+                }
+                let concurrency_key = entry
+                    .resolve(step_id)
+                    .map(|at| entry.route(at).concurrency_key.clone())
                     .unwrap_or_default();
                 let _ = owning.to_dispatcher.send(ToDispatcher::Held {
                     task_id: task_id.clone(),
@@ -726,6 +738,15 @@ impl Engine {
                 });
             }
         }
+    }
+
+    /// Attached (again) to a dispatcher: declare every task on a worker, then offer every
+    /// ready task again (a new dispatcher knows none of them).
+    pub(super) fn dispatcher_attached(&mut self) {
+        self.declare_held(None);
+        let Relay::Owner(owning) = &mut self.ctx.relay else {
+            return;
+        };
         owning.offered.clear();
         for (run_id, entry) in &self.runs {
             for (step, _) in entry.ready_steps() {

@@ -135,7 +135,8 @@ impl RunService for Runs {
         &self,
         request: Request<DeliverEventRequest>,
     ) -> Result<Response<DeliverEventResponse>, Status> {
-        let response = self.0.deliver_event(request.into_inner()).await?;
+        let caller = caller(&request);
+        let response = self.0.deliver_event(&caller, request.into_inner()).await?;
         Ok(Response::new(response))
     }
 }
