@@ -1,0 +1,230 @@
+//! The dispatcher's end of `PeerService` (proto/dagmesh/v1/peer.proto), driven by a raw owner
+//! over a real socket: what an owner offers reaches a worker connected to the dispatcher and
+//! the worker's answers come back, the worker's slots are counted across owners, and an owner
+//! that breaks the protocol is refused naming the field.
+
+use std::time::Duration;
+
+use dagmesh_integration_tests::*;
+use dagmesh_proto::v1::{
+    self as pb, dispatcher_message, owner_message, peer_service_client::PeerServiceClient,
+    server_message, worker_message,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+/// A raw owner attached to the executor at `url`.
+struct RawOwner {
+    tx: mpsc::UnboundedSender<pb::OwnerMessage>,
+    inbound: tonic::Streaming<pb::DispatcherMessage>,
+}
+
+impl RawOwner {
+    async fn attach(url: &str) -> anyhow::Result<Self> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tx.send(message(owner_message::Message::Hello(pb::OwnerHello {
+            owner: "http://raw-owner".into(),
+        })))?;
+        let inbound = PeerServiceClient::new(channel(url).await?)
+            .attach(UnboundedReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(RawOwner { tx, inbound })
+    }
+
+    fn send(&self, message: owner_message::Message) -> anyhow::Result<()> {
+        Ok(self.tx.send(self::message(message))?)
+    }
+
+    async fn next(&mut self) -> anyhow::Result<dispatcher_message::Message> {
+        let next = tokio::time::timeout(PATIENCE, self.inbound.message()).await??;
+        next.and_then(|m| m.message)
+            .ok_or_else(|| anyhow::anyhow!("the dispatcher ended the stream"))
+    }
+
+    /// The status the dispatcher ends the stream with.
+    async fn refusal(mut self) -> anyhow::Result<tonic::Status> {
+        loop {
+            match tokio::time::timeout(PATIENCE, self.inbound.message()).await? {
+                Ok(Some(_)) => continue,
+                Ok(None) => anyhow::bail!("the stream ended without an error"),
+                Err(status) => return Ok(status),
+            }
+        }
+    }
+}
+
+fn message(message: owner_message::Message) -> pb::OwnerMessage {
+    pb::OwnerMessage {
+        message: Some(message),
+    }
+}
+
+fn offer(task_id: &str, slots: u32) -> owner_message::Message {
+    owner_message::Message::Offer(pb::TaskOffer {
+        task_id: task_id.into(),
+        attempt: 1,
+        task_type: "echo".into(),
+        version_req: "^1".into(),
+        slots,
+        ..pb::TaskOffer::default()
+    })
+}
+
+#[tokio::test]
+async fn an_owners_offer_reaches_a_worker_here_and_its_answers_go_back() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start().await?;
+    let (mut worker, _) =
+        RawWorker::connect(&sandbox.url(), RawWorker::hello("w-1", "echo", "1.0.0", 1)).await?;
+    let mut owner = RawOwner::attach(&sandbox.url()).await?;
+
+    // Two offers for a one-slot worker: one grant, then the other once the first is answered.
+    owner.send(offer("run-a/step", 1))?;
+    owner.send(offer("run-b/step", 1))?;
+    let dispatcher_message::Message::Grant(grant) = owner.next().await? else {
+        anyhow::bail!("expected a grant");
+    };
+    assert_eq!(grant.instance_id, "w-1");
+    assert_eq!(grant.version, "1.0.0");
+    let first = grant.task_id.clone();
+    // The owner assigns; the dispatcher relays the Assign to the worker.
+    owner.send(owner_message::Message::ToWorker(pb::ToWorker {
+        instance_id: "w-1".into(),
+        message: Some(pb::ServerMessage {
+            message: Some(server_message::Message::Assign(pb::Assign {
+                task_id: first.clone(),
+                attempt: 1,
+                slots: 1,
+                ..pb::Assign::default()
+            })),
+        }),
+    }))?;
+    let assign = worker.expect_assign().await?;
+    assert_eq!(assign.task_id, first);
+    // No second grant while the worker's only slot is taken.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), owner.inbound.message())
+            .await
+            .is_err(),
+        "a second grant for a full worker"
+    );
+    // The worker's result goes to the owner, and frees the slot for the other offer.
+    worker.start(&assign).await?;
+    worker
+        .complete(
+            &assign.task_id,
+            assign.attempt,
+            serde_json::json!({"ok": true}),
+        )
+        .await?;
+    let mut results = 0;
+    let mut second = None;
+    while results == 0 || second.is_none() {
+        match owner.next().await? {
+            dispatcher_message::Message::FromWorker(from) => {
+                assert_eq!(from.instance_id, "w-1");
+                if let Some(pb::WorkerMessage {
+                    message: Some(worker_message::Message::Completed(done)),
+                }) = from.message
+                {
+                    assert_eq!(done.task_id, first);
+                    results += 1;
+                }
+            }
+            dispatcher_message::Message::Grant(grant) => second = Some(grant),
+            other => anyhow::bail!("unexpected {other:?}"),
+        }
+    }
+    let second = second.expect("granted");
+    assert_ne!(second.task_id, first);
+    // Declined: the slot is free again (a new offer is granted at once).
+    owner.send(owner_message::Message::Decline(pb::PeerTaskRef {
+        task_id: second.task_id.clone(),
+        attempt: 1,
+        instance_id: "w-1".into(),
+    }))?;
+    owner.send(offer("run-c/step", 1))?;
+    let dispatcher_message::Message::Grant(third) = owner.next().await? else {
+        anyhow::bail!("expected a grant");
+    };
+    assert_eq!(third.task_id, "run-c/step");
+    // The worker vanishes: the owner hears that its task was lost.
+    worker.crash();
+    let dispatcher_message::Message::Lost(lost) = owner.next().await? else {
+        anyhow::bail!("expected the task lost");
+    };
+    assert_eq!(lost.task_id, "run-c/step");
+    assert!(lost.reason.contains("w-1"), "{}", lost.reason);
+    sandbox.stop().await
+}
+
+#[tokio::test]
+async fn an_owner_that_breaks_the_protocol_is_refused_naming_the_field() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start().await?;
+    let long = "x".repeat(5000);
+    let cases: Vec<(owner_message::Message, &str)> = vec![
+        (offer("", 1), "offer.task_id: required"),
+        (offer(&long, 1), "offer.task_id"),
+        (offer("r/s", 0), "offer.slots: 0 is out of range"),
+        (
+            owner_message::Message::Offer(pb::TaskOffer {
+                version_req: "not a version".into(),
+                ..match offer("r/s", 1) {
+                    owner_message::Message::Offer(o) => o,
+                    _ => unreachable!(),
+                }
+            }),
+            "offer.version_req",
+        ),
+        (
+            owner_message::Message::Held(pb::TaskHeld {
+                task_id: "r/s".into(),
+                attempt: 1,
+                instance_id: String::new(),
+                slots: 1,
+                concurrency_key: String::new(),
+            }),
+            "held.instance_id: required",
+        ),
+        (
+            owner_message::Message::ToWorker(pb::ToWorker {
+                instance_id: "w".into(),
+                message: Some(pb::ServerMessage {
+                    message: Some(server_message::Message::Drain(pb::Drain::default())),
+                }),
+            }),
+            "to_worker.message: must be an Assign, a Recorded or a Cancel",
+        ),
+        (
+            owner_message::Message::Hello(pb::OwnerHello::default()),
+            "hello: sent twice",
+        ),
+    ];
+    for (bad, expected) in cases {
+        let owner = RawOwner::attach(&sandbox.url()).await?;
+        owner.send(bad)?;
+        let status = owner.refusal().await?;
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains(expected),
+            "{expected:?} not in {status:?}"
+        );
+    }
+    // A stream that does not start with OwnerHello.
+    let (tx, rx) = mpsc::unbounded_channel();
+    tx.send(message(offer("r/s", 1)))?;
+    let refused = PeerServiceClient::new(channel(&sandbox.url()).await?)
+        .attach(UnboundedReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("OwnerHello"), "{refused:?}");
+    // The executor serves everyone else all along.
+    let applied = sandbox
+        .client()
+        .await?
+        .apply_workflow(workflow("after", vec![step("only", "echo", &[], &[])]))
+        .await?;
+    assert_eq!(applied.name, "after");
+    sandbox.stop().await
+}
