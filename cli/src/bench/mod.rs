@@ -80,6 +80,11 @@ pub struct BenchArgs {
     /// `replicas`: the executor counts to measure, e.g. `1,2,3` (the default).
     #[arg(long, value_delimiter = ',')]
     pub replicas: Vec<usize>,
+    /// `replicas`: the executors share the runs (`dagmesh executor --share-partitions`): each
+    /// drives a share of the partitions and one dispatches to the workers. Without it one
+    /// executor drives every run and the others forward to it.
+    #[arg(long)]
+    pub share_partitions: bool,
 }
 
 /// One result line; fields that do not apply to a scenario are null.
@@ -120,6 +125,9 @@ pub struct Report {
     /// `replicas` only: how many executor processes served.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replicas: Option<usize>,
+    /// `replicas` only: whether they shared the partitions (`--share-partitions`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub share_partitions: Option<bool>,
     /// `replicas` only: CPU seconds (user + system) each process spent on the scenario.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_s: Option<std::collections::BTreeMap<String, f64>>,
@@ -203,7 +211,14 @@ fn print_report(output: OutputFormat, report: &Report) -> anyhow::Result<()> {
             .iter()
             .map(|(name, s)| format!("{name} {s:.2}s"))
             .collect();
-        println!("        {replicas} executor(s); CPU: {}", cpu.join(", "));
+        let mode = match report.share_partitions {
+            Some(true) => ", sharing the partitions",
+            _ => "",
+        };
+        println!(
+            "        {replicas} executor(s){mode}; CPU: {}",
+            cpu.join(", ")
+        );
     }
     Ok(())
 }

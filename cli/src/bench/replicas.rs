@@ -108,7 +108,12 @@ struct Cluster {
 }
 
 impl Cluster {
-    async fn start(database: &str, replicas: usize, dir: &Path) -> anyhow::Result<Self> {
+    async fn start(
+        database: &str,
+        replicas: usize,
+        share: bool,
+        dir: &Path,
+    ) -> anyhow::Result<Self> {
         let metastore_addr = free_addr()?;
         let mut metastore = Process::spawn(
             "metastore",
@@ -127,17 +132,12 @@ impl Cluster {
         for index in 0..replicas {
             let addr = free_addr()?;
             let url = format!("http://{addr}");
-            let mut executor = Process::spawn(
-                &format!("executor-{index}"),
-                &[
-                    "executor",
-                    "--listen",
-                    &addr,
-                    "--metastore",
-                    &format!("http://{metastore_addr}"),
-                ],
-                dir,
-            )?;
+            let metastore = format!("http://{metastore_addr}");
+            let mut args = vec!["executor", "--listen", &addr, "--metastore", &metastore];
+            if share {
+                args.push("--share-partitions");
+            }
+            let mut executor = Process::spawn(&format!("executor-{index}"), &args, dir)?;
             wait_serving(&url, &mut executor).await?;
             if index == 0 {
                 // The first one drives: wait until it does before the standbys start.
@@ -150,6 +150,9 @@ impl Cluster {
             }
             processes.push(executor);
             urls.push(url);
+        }
+        if share {
+            wait_spread(database, replicas).await?;
         }
         // Two workers of 128 slots (as the in-process benchmarks), on different replicas.
         let workers = NoopWorkers::start(2, 128, &ClientSettings::default(), |i| {
@@ -209,6 +212,28 @@ impl Cluster {
     }
 }
 
+/// Waits until every partition is leased and each of the `replicas` executors holds a share
+/// (a reused database may still hold the leases of an earlier round's executors, which expire).
+async fn wait_spread(database: &str, replicas: usize) -> anyhow::Result<()> {
+    let store = dagmesh_metastore::connect(database).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut owners: BTreeMap<String, usize> = BTreeMap::new();
+        for lease in store.list_live_leases("executor/p-").await? {
+            *owners.entry(lease.holder).or_default() += 1;
+        }
+        let total: usize = owners.values().sum();
+        if owners.len() == replicas && total == dagmesh_executor::DEFAULT_PARTITIONS as usize {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the partitions did not spread over {replicas} executors: {owners:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn spent(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
     after
         .iter()
@@ -238,7 +263,7 @@ pub async fn replicas(args: &BenchArgs, output: OutputFormat) -> anyhow::Result<
             Some(url) => url.clone(),
             None => format!("sqlite://{}", dir.join("bench.db").display()),
         };
-        let cluster = Cluster::start(&database, replicas, &dir).await?;
+        let cluster = Cluster::start(&database, replicas, args.share_partitions, &dir).await?;
 
         // Fan-out: one run of `width` no-op steps and a join, submitted through the last replica
         // (a standby when there are several).
@@ -274,6 +299,7 @@ pub async fn replicas(args: &BenchArgs, output: OutputFormat) -> anyhow::Result<
                 per_step_ms: Some(wall.as_secs_f64() * 1000.0 / steps as f64),
                 steps_per_s: Some(steps as f64 / wall.as_secs_f64()),
                 replicas: Some(replicas),
+                share_partitions: Some(args.share_partitions),
                 cpu_s: Some(cpu),
                 ..Default::default()
             },
@@ -303,6 +329,7 @@ pub async fn replicas(args: &BenchArgs, output: OutputFormat) -> anyhow::Result<
                 p50_ms: percentile(&millis, 0.50),
                 p99_ms: percentile(&millis, 0.99),
                 replicas: Some(replicas),
+                share_partitions: Some(args.share_partitions),
                 cpu_s: Some(cpu),
                 ..Default::default()
             },

@@ -600,6 +600,27 @@ async fn watch(
                 if is_finished(run.state()) && run.last_seq <= cursor {
                     return Ok(());
                 }
+                // Another replica drives it (executors that share the partitions): follow that
+                // replica's live stream from the cursor, until it ends or breaks.
+                if let Some(events) = owners_watch(&executor, &run, cursor).await {
+                    tokio::pin!(events);
+                    while let Some(Ok(item)) = events.next().await {
+                        let Some(watch_run_response::Message::Event(event)) = &item.message else {
+                            continue;
+                        };
+                        if event.seq <= cursor {
+                            continue;
+                        }
+                        cursor = event.seq;
+                        let ended = matches!(&event.event,
+                            Some(run_event::Event::RunState(change)) if is_finished(change.state()));
+                        if tx.send(Ok(item)).await.is_err() || ended {
+                            return Ok(());
+                        }
+                    }
+                    updates = subscribe().await?;
+                    continue;
+                }
                 // Not active in this executor right now (it is recovering, or the run is
                 // between owners): look again shortly.
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -607,6 +628,25 @@ async fn watch(
             }
         }
     }
+}
+
+/// The live event stream of `run` from the replica that drives it, after `cursor`; `None` when
+/// this executor does not share the partitions, drives the run itself, or cannot reach the
+/// owner (the caller then polls the store).
+async fn owners_watch(
+    executor: &Executor,
+    run: &Run,
+    cursor: u64,
+) -> Option<ApiStream<WatchRunResponse>> {
+    let owner = executor
+        .owner_of(run.partition, &Caller::default(), String::new())
+        .await
+        .ok()?;
+    let request = WatchRunRequest {
+        run_id: run.run_id.clone(),
+        after_seq: Some(cursor),
+    };
+    owner.watch_run(request).await.ok()
 }
 
 #[cfg(test)]
