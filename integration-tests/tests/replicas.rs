@@ -846,3 +846,112 @@ async fn partition_lease_holders(
     }
     Ok(holders)
 }
+
+/// A run limit (`--limits`) counts the runs of every replica that shares the partitions: the
+/// dispatcher admits them all, so three replicas never run more than the limit together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_limit_counts_the_runs_of_every_replica_that_shares_the_partitions()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let limits = dir.path().join("limits.yaml");
+    std::fs::write(
+        &limits,
+        "runs:\n  - name: slowish\n    workflow: slowish\n    max: 2\n",
+    )?;
+    let database = format!("sqlite://{}", dir.path().join("meta.db").display());
+    let (metastore_addr, metastore) = start_metastore(&database, dir.path()).await?;
+    let mut replicas = Vec::new();
+    for n in 1..=3 {
+        let mut replica = Replica::new(&format!("executor-{n}"), &metastore_addr, "1s")?;
+        replica.args.extend([
+            "--share-partitions".to_owned(),
+            "--limits".to_owned(),
+            limits.display().to_string(),
+        ]);
+        replica.start(dir.path()).await?;
+        replicas.push(replica);
+    }
+    let store = dagmesh_metastore::connect(&database).await?;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let owners = partition_owners(&store).await?;
+        if owners.len() == 3 && owners.values().sum::<usize>() == 256 {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the partitions did not spread: {owners:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let clients: Vec<Client> = replicas
+        .iter()
+        .map(|replica| Client::connect_lazy(replica.url()))
+        .collect::<Result<_, _>>()?;
+    clients[0]
+        .apply_workflow(workflow(
+            "slowish",
+            vec![step(
+                "only",
+                "double@^1",
+                &[],
+                &[("x", "inputs.x"), ("ms", "300")],
+            )],
+        ))
+        .await?;
+    let executed = Arc::new(AtomicU64::new(0));
+    let _worker = dagmesh_integration_tests::spawn_worker(doubling_worker(
+        replicas[1].url(),
+        executed.clone(),
+    ))
+    .await?;
+    let mut ids = Vec::new();
+    for n in 0..12 {
+        let run = SubmitRun::workflow("slowish")
+            .inputs(json!({"x": n}))
+            .idempotency_key(format!("limited-{n}"));
+        ids.push(clients[n % 3].submit(run).await?.run_id);
+    }
+    // Never more than two RUNNING at once, across the replicas; all of them finish.
+    let mut most = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let runs = store
+            .list_runs(&dagmesh_proto::v1::ListRunsRequest {
+                workflow: "slowish".into(),
+                page_size: 100,
+                ..Default::default()
+            })
+            .await?
+            .runs;
+        let running = runs
+            .iter()
+            .filter(|run| run.state() == RunState::Running)
+            .count();
+        ensure!(running <= 2, "{running} runs RUNNING under a limit of 2");
+        most = most.max(running);
+        if runs.len() == 12 && runs.iter().all(|run| run.state() == RunState::Succeeded) {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the limited runs did not all finish"
+        );
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert_eq!(most, 2, "the limit's room was never used in full");
+    assert_eq!(executed.load(Ordering::Relaxed), 12);
+    // The runs were driven by more than one replica.
+    let owners = partition_lease_holders(&store).await?;
+    let mut drivers = std::collections::BTreeSet::new();
+    for id in &ids {
+        let run = store.get_run(id).await?;
+        drivers.extend(owners.get(&run.partition).cloned());
+    }
+    ensure!(
+        drivers.len() >= 2,
+        "one replica drove every run: {drivers:?}"
+    );
+    drop((replicas, metastore));
+    Ok(())
+}

@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use crate::plans::{Plan, PlanCache};
 use crate::{ExecError, ExecutorConfig};
 use admission::Admission;
-pub(crate) use relay::{PeerId, PeerOutbound, Relay, ToDispatcher, ToOwner};
+pub(crate) use relay::{OfferedRun, PeerId, PeerOutbound, Relay, ToDispatcher, ToOwner};
 use run::StepRef;
 pub(crate) use run::{Memo, Memoized, RunEntry};
 use timers::{Timer, Timers};
@@ -855,8 +855,13 @@ impl Engine {
                     (run::new_run_id(), partition)
                 };
                 // Straight in when nothing waits and there is room; otherwise behind the queue.
-                let admit =
-                    self.ctx.admission.queue_is_empty() && self.ctx.admission.fits(&buckets);
+                // On an owner the dispatcher counts the limits: a run that takes buckets waits
+                // for it.
+                let admit = if self.ctx.relay.is_owner() {
+                    buckets.is_empty()
+                } else {
+                    self.ctx.admission.queue_is_empty() && self.ctx.admission.fits(&buckets)
+                };
                 let mut entry = RunEntry::create(
                     run_id,
                     plan,
@@ -1399,14 +1404,21 @@ impl Engine {
             return;
         }
         for (key, run_id) in self.ctx.admission.queued() {
-            let Some(entry) = self.runs.get_mut(&run_id) else {
-                self.ctx.admission.dequeue(&key);
+            let Some(state) = self.runs.get(&run_id).map(|entry| entry.run.state()) else {
+                // Another executor's run (the dispatcher counts every replica's), or gone.
+                if !self.admit_remote(&key, &run_id) {
+                    self.ctx.admission.dequeue(&key);
+                }
                 continue;
             };
-            if entry.run.state() != RunState::Queued {
+            if state != RunState::Queued {
                 self.ctx.admission.dequeue(&key); // cancelled while queued
                 continue;
             }
+            if self.offer_run(&run_id) {
+                continue; // the dispatcher admits it
+            }
+            let entry = self.runs.get_mut(&run_id).expect("present");
             if !self.ctx.admission.fits(&entry.buckets) {
                 continue;
             }
@@ -2046,6 +2058,7 @@ impl Engine {
             }
             if finished {
                 let entry = self.runs.remove(&run_id).expect("present");
+                self.run_ended(&run_id, &entry.buckets);
                 self.watchers.remove(&run_id);
                 for waiter in self.waiters.remove(&run_id).unwrap_or_default() {
                     let _ = waiter.send(Some(entry.snapshot()));

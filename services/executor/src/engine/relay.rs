@@ -59,6 +59,24 @@ pub(crate) enum ToDispatcher {
         instance: Arc<str>,
         message: server_message::Message,
     },
+    /// A QUEUED run waiting for room in its limit buckets.
+    RunOffer(OfferedRun),
+    RunReleased {
+        run_id: Arc<str>,
+    },
+    /// Every admitted run of `partitions` that holds buckets.
+    AdmittedRuns {
+        partitions: Vec<u32>,
+        runs: Vec<OfferedRun>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct OfferedRun {
+    pub run_id: Arc<str>,
+    pub partition: u32,
+    pub buckets: Vec<String>,
+    pub priority: i32,
 }
 
 /// What the dispatcher tells an owner.
@@ -81,6 +99,9 @@ pub(crate) enum ToOwner {
         instance: Arc<str>,
         reason: String,
     },
+    RunAdmitted {
+        run_id: Arc<str>,
+    },
 }
 
 /// The dispatcher's end of an owner's stream (errors end it with that status).
@@ -102,6 +123,10 @@ pub(crate) struct Dispatching {
     offers: HashMap<(String, u32), PeerId>,
     /// Owners' tasks on workers here: (task id, attempt) → whose, on which worker.
     holds: HashMap<(String, u32), RemoteHold>,
+    /// Owners' runs waiting in the admission queue.
+    run_offers: HashMap<Arc<str>, (PeerId, OfferedRun)>,
+    /// Owners' runs admitted here, holding their buckets (the owner: None while detached).
+    admitted: HashMap<Arc<str>, (Option<PeerId>, OfferedRun)>,
 }
 
 struct RemoteHold {
@@ -117,6 +142,8 @@ pub(crate) struct Owning {
     to_dispatcher: mpsc::UnboundedSender<ToDispatcher>,
     /// Offered tasks by run (step, attempt): withdrawn when they stop being ready.
     offered: HashMap<Arc<str>, HashSet<(StepRef, u32)>>,
+    /// QUEUED runs offered for admission.
+    runs_offered: HashSet<Arc<str>>,
 }
 
 impl Relay {
@@ -124,6 +151,7 @@ impl Relay {
         Relay::Owner(Owning {
             to_dispatcher,
             offered: HashMap::new(),
+            runs_offered: HashSet::new(),
         })
     }
 
@@ -207,9 +235,17 @@ impl Engine {
         tracing::info!(peer, "an executor detached");
         // Its queued offers go stale; its tasks on workers wait for an owner to declare them.
         dispatching.offers.retain(|_, owner| *owner != peer);
+        dispatching
+            .run_offers
+            .retain(|_, (owner, _)| *owner != peer);
         for hold in dispatching.holds.values_mut() {
             if hold.peer == Some(peer) {
                 hold.peer = None;
+            }
+        }
+        for (owner, _) in dispatching.admitted.values_mut() {
+            if *owner == Some(peer) {
+                *owner = None;
             }
         }
         self.ctx.queues_touched = true;
@@ -344,6 +380,51 @@ impl Engine {
                     },
                 );
             }
+            ToDispatcher::RunOffer(run) => {
+                if dispatching.admitted.contains_key(&run.run_id) {
+                    return;
+                }
+                self.ctx.admission.enqueue(run.priority, run.run_id.clone());
+                dispatching
+                    .run_offers
+                    .insert(run.run_id.clone(), (peer, run));
+            }
+            ToDispatcher::RunReleased { run_id } => {
+                dispatching.run_offers.remove(&run_id);
+                if let Some((_, run)) = dispatching.admitted.remove(&run_id) {
+                    self.ctx.admission.release(&run.buckets);
+                }
+            }
+            ToDispatcher::AdmittedRuns { partitions, runs } => {
+                let listed: HashSet<&Arc<str>> = runs.iter().map(|run| &run.run_id).collect();
+                // Runs of these partitions the owner does not list ended while no owner was
+                // attached to say so.
+                let ended: Vec<Arc<str>> = dispatching
+                    .admitted
+                    .iter()
+                    .filter(|(id, (_, run))| {
+                        partitions.contains(&run.partition) && !listed.contains(id)
+                    })
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for run_id in ended {
+                    if let Some((_, run)) = dispatching.admitted.remove(&run_id) {
+                        self.ctx.admission.release(&run.buckets);
+                    }
+                }
+                for run in runs {
+                    match dispatching.admitted.get_mut(&run.run_id) {
+                        Some((owner, _)) => *owner = Some(peer),
+                        None => {
+                            self.ctx.admission.acquire(&run.buckets);
+                            dispatching.run_offers.remove(&run.run_id);
+                            dispatching
+                                .admitted
+                                .insert(run.run_id.clone(), (Some(peer), run));
+                        }
+                    }
+                }
+            }
             ToDispatcher::ToWorker { instance, message } => {
                 let about = match &message {
                     server_message::Message::Assign(m) => (&m.task_id, m.attempt),
@@ -419,6 +500,42 @@ impl Engine {
                 result: None,
             },
         );
+        true
+    }
+
+    /// Admits an owner's queued run (`run_id`, at `key` in the admission queue) when its
+    /// buckets have room. False: no owner offered it (a stale queue entry).
+    pub(super) fn admit_remote(
+        &mut self,
+        key: &super::admission::AdmissionKey,
+        run_id: &Arc<str>,
+    ) -> bool {
+        let Relay::Dispatcher(dispatching) = &mut self.ctx.relay else {
+            return false;
+        };
+        let Some((peer, run)) = dispatching.run_offers.get(run_id) else {
+            return false;
+        };
+        if !self.ctx.admission.fits(&run.buckets) {
+            return true; // waits for room
+        }
+        let (peer, run) = (*peer, run.clone());
+        dispatching.run_offers.remove(run_id);
+        self.ctx.admission.dequeue(key);
+        let Some(outbound) = dispatching.peers.get(&peer) else {
+            return true;
+        };
+        if outbound
+            .send(Ok(ToOwner::RunAdmitted {
+                run_id: run_id.clone(),
+            }))
+            .is_ok()
+        {
+            self.ctx.admission.acquire(&run.buckets);
+            dispatching
+                .admitted
+                .insert(run_id.clone(), (Some(peer), run));
+        }
         true
     }
 
@@ -697,6 +814,66 @@ impl Engine {
                     self.requeue_lost(&task_id, attempt, &reason);
                 }
             }
+            ToOwner::RunAdmitted { run_id } => self.run_admitted(run_id),
+        }
+    }
+
+    /// The dispatcher made room for a queued run: it starts (its buckets are counted here too,
+    /// for the day this replica dispatches). A run that no longer waits gives the room back.
+    fn run_admitted(&mut self, run_id: Arc<str>) {
+        if let Relay::Owner(owning) = &mut self.ctx.relay {
+            owning.runs_offered.remove(&run_id);
+        }
+        match self.runs.get_mut(&run_id) {
+            Some(entry) if entry.run.state() == pb::RunState::Queued => {
+                self.ctx.admission.acquire(&entry.buckets);
+                entry.admit(&mut self.ctx);
+            }
+            _ => self.send_to_dispatcher(ToDispatcher::RunReleased { run_id }),
+        }
+    }
+
+    fn send_to_dispatcher(&self, message: ToDispatcher) {
+        if let Relay::Owner(owning) = &self.ctx.relay {
+            let _ = owning.to_dispatcher.send(message);
+        }
+    }
+
+    /// On an owner: a queued run that needs room in limit buckets is offered to the dispatcher
+    /// (once); true when the dispatcher decides its admission.
+    pub(super) fn offer_run(&mut self, run_id: &Arc<str>) -> bool {
+        let Relay::Owner(owning) = &mut self.ctx.relay else {
+            return false;
+        };
+        let Some(entry) = self.runs.get(run_id) else {
+            return false;
+        };
+        if entry.buckets.is_empty() {
+            return false; // nothing to count: admitted here
+        }
+        if owning.runs_offered.insert(run_id.clone()) {
+            let _ = owning
+                .to_dispatcher
+                .send(ToDispatcher::RunOffer(OfferedRun {
+                    run_id: run_id.clone(),
+                    partition: entry.run.partition,
+                    buckets: entry.buckets.clone(),
+                    priority: entry.run.priority,
+                }));
+        }
+        true
+    }
+
+    /// On an owner: a run that held (or waited for) limit buckets ended.
+    pub(super) fn run_ended(&mut self, run_id: &Arc<str>, buckets: &[String]) {
+        let Relay::Owner(owning) = &mut self.ctx.relay else {
+            return;
+        };
+        owning.runs_offered.remove(run_id);
+        if !buckets.is_empty() {
+            let _ = owning.to_dispatcher.send(ToDispatcher::RunReleased {
+                run_id: run_id.clone(),
+            });
         }
     }
 
@@ -714,6 +891,26 @@ impl Engine {
         let Relay::Owner(owning) = &self.ctx.relay else {
             return;
         };
+        let declared: Vec<u32> = match partitions {
+            Some(partitions) => partitions.to_vec(),
+            None => self.driven.keys().copied().collect(),
+        };
+        let runs = self
+            .runs
+            .values()
+            .filter(|entry| entry.admitted && !entry.buckets.is_empty())
+            .filter(|entry| declared.contains(&entry.run.partition))
+            .map(|entry| OfferedRun {
+                run_id: entry.id.clone(),
+                partition: entry.run.partition,
+                buckets: entry.buckets.clone(),
+                priority: entry.run.priority,
+            })
+            .collect();
+        let _ = owning.to_dispatcher.send(ToDispatcher::AdmittedRuns {
+            partitions: declared,
+            runs,
+        });
         for session in self.ctx.workers.sessions.values() {
             for ((task_id, attempt), slots) in &session.held {
                 let Some((run_id, step_id)) = task_id.split_once('/') else {
@@ -748,6 +945,9 @@ impl Engine {
             return;
         };
         owning.offered.clear();
+        // Queued runs are offered for admission again.
+        owning.runs_offered.clear();
+        self.ctx.admission.dirty = true;
         for (run_id, entry) in &self.runs {
             for (step, _) in entry.ready_steps() {
                 let (attempt, _) = entry.attempt_state(step);

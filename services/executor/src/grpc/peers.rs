@@ -21,12 +21,18 @@ use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::engine::{Command, EngineHandle, Route, ToDispatcher, ToOwner};
+use crate::engine::{Command, EngineHandle, OfferedRun, Route, ToDispatcher, ToOwner};
 use crate::lease::EXECUTOR_LEASE;
 use crate::{ExecError, Executor};
 
 /// Most slots one task may take (a worker announces at most this many too).
 const MAX_TASK_SLOTS: u32 = 1 << 16;
+
+/// Most limit buckets one run takes (one per run limit that applies to it).
+const MAX_BUCKETS: usize = 64;
+
+/// Most admitted runs one declaration lists.
+const MAX_DECLARED_RUNS: usize = 100_000;
 
 pub(super) struct Peers {
     executor: Executor,
@@ -138,6 +144,44 @@ fn slots(field: &str, slots: u32) -> Result<u32, String> {
     Ok(slots)
 }
 
+fn offered_run(field: &str, run: pb::RunOffer) -> Result<OfferedRun, String> {
+    if run.run_id.is_empty() {
+        return Err(format!("{field}.run_id: required"));
+    }
+    check_len(&format!("{field}.run_id"), &run.run_id, MAX_VALUE_LEN)?;
+    if run.partition >= dagmesh_metastore::MAX_PARTITIONS {
+        return Err(format!(
+            "{field}.partition: {} is out of range (below {})",
+            run.partition,
+            dagmesh_metastore::MAX_PARTITIONS
+        ));
+    }
+    if run.buckets.len() > MAX_BUCKETS {
+        return Err(format!(
+            "{field}.buckets: {} entries, over the limit of {MAX_BUCKETS}",
+            run.buckets.len()
+        ));
+    }
+    for bucket in &run.buckets {
+        check_len(&format!("{field}.buckets"), bucket, MAX_VALUE_LEN)?;
+    }
+    Ok(OfferedRun {
+        run_id: Arc::from(run.run_id),
+        partition: run.partition,
+        buckets: run.buckets,
+        priority: run.priority,
+    })
+}
+
+fn run_offer(run: &OfferedRun) -> pb::RunOffer {
+    pb::RunOffer {
+        run_id: run.run_id.to_string(),
+        partition: run.partition,
+        buckets: run.buckets.clone(),
+        priority: run.priority,
+    }
+}
+
 /// Checks an owner's message, naming the field that breaks a rule. `None`: an empty message.
 fn decode_owner_message(message: OwnerMessage) -> Result<Option<ToDispatcher>, String> {
     use owner_message::Message;
@@ -223,6 +267,40 @@ fn decode_owner_message(message: OwnerMessage) -> Result<Option<ToDispatcher>, S
             };
             ToDispatcher::ToWorker { instance, message }
         }
+        Some(Message::RunOffer(run)) => ToDispatcher::RunOffer(offered_run("run_offer", run)?),
+        Some(Message::RunReleased(released)) => {
+            if released.run_id.is_empty() {
+                return Err("run_released.run_id: required".into());
+            }
+            check_len("run_released.run_id", &released.run_id, MAX_VALUE_LEN)?;
+            ToDispatcher::RunReleased {
+                run_id: Arc::from(released.run_id),
+            }
+        }
+        Some(Message::AdmittedRuns(declared)) => {
+            if declared.partitions.len() > dagmesh_metastore::MAX_PARTITIONS as usize {
+                return Err(format!(
+                    "admitted_runs.partitions: {} entries, over the limit of {}",
+                    declared.partitions.len(),
+                    dagmesh_metastore::MAX_PARTITIONS
+                ));
+            }
+            if declared.runs.len() > MAX_DECLARED_RUNS {
+                return Err(format!(
+                    "admitted_runs.runs: {} entries, over the limit of {MAX_DECLARED_RUNS}",
+                    declared.runs.len()
+                ));
+            }
+            let runs = declared
+                .runs
+                .into_iter()
+                .map(|run| offered_run("admitted_runs.runs", run))
+                .collect::<Result<_, _>>()?;
+            ToDispatcher::AdmittedRuns {
+                partitions: declared.partitions,
+                runs,
+            }
+        }
     }))
 }
 
@@ -258,6 +336,9 @@ fn encode_to_owner(message: ToOwner) -> DispatcherMessage {
             attempt,
             instance_id: instance.to_string(),
             reason,
+        }),
+        ToOwner::RunAdmitted { run_id } => Message::RunAdmitted(pb::RunAdmitted {
+            run_id: run_id.to_string(),
         }),
     };
     DispatcherMessage {
@@ -320,6 +401,16 @@ fn encode_to_dispatcher(message: ToDispatcher) -> OwnerMessage {
                 message: Some(message),
             }),
         }),
+        ToDispatcher::RunOffer(run) => Message::RunOffer(run_offer(&run)),
+        ToDispatcher::RunReleased { run_id } => Message::RunReleased(pb::RunReleased {
+            run_id: run_id.to_string(),
+        }),
+        ToDispatcher::AdmittedRuns { partitions, runs } => {
+            Message::AdmittedRuns(pb::AdmittedRuns {
+                partitions,
+                runs: runs.iter().map(run_offer).collect(),
+            })
+        }
     };
     OwnerMessage {
         message: Some(message),
@@ -349,6 +440,15 @@ fn decode_dispatcher_message(message: DispatcherMessage) -> Result<Option<ToOwne
                 return Err("from_worker.message: required".into());
             };
             ToOwner::FromWorker { instance, message }
+        }
+        Some(Message::RunAdmitted(admitted)) => {
+            if admitted.run_id.is_empty() {
+                return Err("run_admitted.run_id: required".into());
+            }
+            check_len("run_admitted.run_id", &admitted.run_id, MAX_VALUE_LEN)?;
+            ToOwner::RunAdmitted {
+                run_id: Arc::from(admitted.run_id),
+            }
         }
         Some(Message::Lost(lost)) => {
             task_ref("lost", &lost.task_id)?;

@@ -19,7 +19,13 @@
 //     task offered again;
 //  5. on every (re)attach, first tells the dispatcher every task it has on a worker (Held) and
 //     offers every ready task again, so a new dispatcher rebuilds its slot counts and queues
-//     from the owners (it keeps nothing durable of its own).
+//     from the owners (it keeps nothing durable of its own);
+//  6. leaves run admission under `--limits` to the dispatcher, so a limit counts the runs of
+//     every replica: a QUEUED run that holds limit buckets is offered (RunOffer), starts when
+//     the dispatcher admits it (RunAdmitted), and gives its buckets back when it ends
+//     (RunReleased). The admitted runs of its partitions are declared on every attach and after
+//     taking up partitions (AdmittedRuns): the dispatcher frees the buckets of any run of those
+//     partitions that is not listed (it ended while no owner was attached).
 // Only the internal principal (the services' shared token) may attach. Messages are checked
 // like any input: a field over its limit ends the stream with INVALID_ARGUMENT naming it.
 
@@ -37,7 +43,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file dagmesh/v1/peer.proto.
  */
 export const file_dagmesh_v1_peer: GenFile = /*@__PURE__*/
-  fileDesc("ChVkYWdtZXNoL3YxL3BlZXIucHJvdG8SCmRhZ21lc2gudjEilAIKDE93bmVyTWVzc2FnZRInCgVoZWxsbxgBIAEoCzIWLmRhZ21lc2gudjEuT3duZXJIZWxsb0gAEiYKBW9mZmVyGAIgASgLMhUuZGFnbWVzaC52MS5UYXNrT2ZmZXJIABIrCgh3aXRoZHJhdxgDIAEoCzIXLmRhZ21lc2gudjEuUGVlclRhc2tSZWZIABIqCgdkZWNsaW5lGAQgASgLMhcuZGFnbWVzaC52MS5QZWVyVGFza1JlZkgAEiQKBGhlbGQYBSABKAsyFC5kYWdtZXNoLnYxLlRhc2tIZWxkSAASKQoJdG9fd29ya2VyGAYgASgLMhQuZGFnbWVzaC52MS5Ub1dvcmtlckgAQgkKB21lc3NhZ2UimwEKEURpc3BhdGNoZXJNZXNzYWdlEiYKBWdyYW50GAEgASgLMhUuZGFnbWVzaC52MS5UYXNrR3JhbnRIABItCgtmcm9tX3dvcmtlchgCIAEoCzIWLmRhZ21lc2gudjEuRnJvbVdvcmtlckgAEiQKBGxvc3QYAyABKAsyFC5kYWdtZXNoLnYxLlRhc2tMb3N0SABCCQoHbWVzc2FnZSIbCgpPd25lckhlbGxvEg0KBW93bmVyGAEgASgJIvEBCglUYXNrT2ZmZXISDwoHdGFza19pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgNEhEKCXRhc2tfdHlwZRgDIAEoCRITCgt2ZXJzaW9uX3JlcRgEIAEoCRIxCgZsYWJlbHMYBSADKAsyIS5kYWdtZXNoLnYxLlRhc2tPZmZlci5MYWJlbHNFbnRyeRINCgVzbG90cxgGIAEoDRIXCg9jb25jdXJyZW5jeV9rZXkYByABKAkSEAoIcHJpb3JpdHkYCCABKAUaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJECgtQZWVyVGFza1JlZhIPCgd0YXNrX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKA0SEwoLaW5zdGFuY2VfaWQYAyABKAkiaQoIVGFza0hlbGQSDwoHdGFza19pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgNEhMKC2luc3RhbmNlX2lkGAMgASgJEg0KBXNsb3RzGAQgASgNEhcKD2NvbmN1cnJlbmN5X2tleRgFIAEoCSJLCghUb1dvcmtlchITCgtpbnN0YW5jZV9pZBgBIAEoCRIqCgdtZXNzYWdlGAIgASgLMhkuZGFnbWVzaC52MS5TZXJ2ZXJNZXNzYWdlImYKCVRhc2tHcmFudBIPCgd0YXNrX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKA0SEwoLaW5zdGFuY2VfaWQYAyABKAkSDwoHdmVyc2lvbhgEIAEoCRIRCglwcmluY2lwYWwYBSABKAkiTQoKRnJvbVdvcmtlchITCgtpbnN0YW5jZV9pZBgBIAEoCRIqCgdtZXNzYWdlGAIgASgLMhkuZGFnbWVzaC52MS5Xb3JrZXJNZXNzYWdlIlEKCFRhc2tMb3N0Eg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoDRITCgtpbnN0YW5jZV9pZBgDIAEoCRIOCgZyZWFzb24YBCABKAkyVAoLUGVlclNlcnZpY2USRQoGQXR0YWNoEhguZGFnbWVzaC52MS5Pd25lck1lc3NhZ2UaHS5kYWdtZXNoLnYxLkRpc3BhdGNoZXJNZXNzYWdlKAEwAWIGcHJvdG8z", [file_dagmesh_v1_worker]);
+  fileDesc("ChVkYWdtZXNoL3YxL3BlZXIucHJvdG8SCmRhZ21lc2gudjEiowMKDE93bmVyTWVzc2FnZRInCgVoZWxsbxgBIAEoCzIWLmRhZ21lc2gudjEuT3duZXJIZWxsb0gAEiYKBW9mZmVyGAIgASgLMhUuZGFnbWVzaC52MS5UYXNrT2ZmZXJIABIrCgh3aXRoZHJhdxgDIAEoCzIXLmRhZ21lc2gudjEuUGVlclRhc2tSZWZIABIqCgdkZWNsaW5lGAQgASgLMhcuZGFnbWVzaC52MS5QZWVyVGFza1JlZkgAEiQKBGhlbGQYBSABKAsyFC5kYWdtZXNoLnYxLlRhc2tIZWxkSAASKQoJdG9fd29ya2VyGAYgASgLMhQuZGFnbWVzaC52MS5Ub1dvcmtlckgAEikKCXJ1bl9vZmZlchgHIAEoCzIULmRhZ21lc2gudjEuUnVuT2ZmZXJIABIvCgxydW5fcmVsZWFzZWQYCCABKAsyFy5kYWdtZXNoLnYxLlJ1blJlbGVhc2VkSAASMQoNYWRtaXR0ZWRfcnVucxgJIAEoCzIYLmRhZ21lc2gudjEuQWRtaXR0ZWRSdW5zSABCCQoHbWVzc2FnZSLMAQoRRGlzcGF0Y2hlck1lc3NhZ2USJgoFZ3JhbnQYASABKAsyFS5kYWdtZXNoLnYxLlRhc2tHcmFudEgAEi0KC2Zyb21fd29ya2VyGAIgASgLMhYuZGFnbWVzaC52MS5Gcm9tV29ya2VySAASJAoEbG9zdBgDIAEoCzIULmRhZ21lc2gudjEuVGFza0xvc3RIABIvCgxydW5fYWRtaXR0ZWQYBCABKAsyFy5kYWdtZXNoLnYxLlJ1bkFkbWl0dGVkSABCCQoHbWVzc2FnZSIbCgpPd25lckhlbGxvEg0KBW93bmVyGAEgASgJIvEBCglUYXNrT2ZmZXISDwoHdGFza19pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgNEhEKCXRhc2tfdHlwZRgDIAEoCRITCgt2ZXJzaW9uX3JlcRgEIAEoCRIxCgZsYWJlbHMYBSADKAsyIS5kYWdtZXNoLnYxLlRhc2tPZmZlci5MYWJlbHNFbnRyeRINCgVzbG90cxgGIAEoDRIXCg9jb25jdXJyZW5jeV9rZXkYByABKAkSEAoIcHJpb3JpdHkYCCABKAUaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJECgtQZWVyVGFza1JlZhIPCgd0YXNrX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKA0SEwoLaW5zdGFuY2VfaWQYAyABKAkiaQoIVGFza0hlbGQSDwoHdGFza19pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgNEhMKC2luc3RhbmNlX2lkGAMgASgJEg0KBXNsb3RzGAQgASgNEhcKD2NvbmN1cnJlbmN5X2tleRgFIAEoCSJLCghUb1dvcmtlchITCgtpbnN0YW5jZV9pZBgBIAEoCRIqCgdtZXNzYWdlGAIgASgLMhkuZGFnbWVzaC52MS5TZXJ2ZXJNZXNzYWdlImYKCVRhc2tHcmFudBIPCgd0YXNrX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKA0SEwoLaW5zdGFuY2VfaWQYAyABKAkSDwoHdmVyc2lvbhgEIAEoCRIRCglwcmluY2lwYWwYBSABKAkiTQoKRnJvbVdvcmtlchITCgtpbnN0YW5jZV9pZBgBIAEoCRIqCgdtZXNzYWdlGAIgASgLMhkuZGFnbWVzaC52MS5Xb3JrZXJNZXNzYWdlIlEKCFRhc2tMb3N0Eg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoDRITCgtpbnN0YW5jZV9pZBgDIAEoCRIOCgZyZWFzb24YBCABKAkiUAoIUnVuT2ZmZXISDgoGcnVuX2lkGAEgASgJEhEKCXBhcnRpdGlvbhgCIAEoDRIPCgdidWNrZXRzGAMgAygJEhAKCHByaW9yaXR5GAQgASgFIh0KC1J1blJlbGVhc2VkEg4KBnJ1bl9pZBgBIAEoCSJGCgxBZG1pdHRlZFJ1bnMSEgoKcGFydGl0aW9ucxgBIAMoDRIiCgRydW5zGAIgAygLMhQuZGFnbWVzaC52MS5SdW5PZmZlciIdCgtSdW5BZG1pdHRlZBIOCgZydW5faWQYASABKAkyVAoLUGVlclNlcnZpY2USRQoGQXR0YWNoEhguZGFnbWVzaC52MS5Pd25lck1lc3NhZ2UaHS5kYWdtZXNoLnYxLkRpc3BhdGNoZXJNZXNzYWdlKAEwAWIGcHJvdG8z", [file_dagmesh_v1_worker]);
 
 /**
  * What an owner tells the dispatcher.
@@ -86,6 +92,24 @@ export type OwnerMessage = Message<"dagmesh.v1.OwnerMessage"> & {
      */
     value: ToWorker;
     case: "toWorker";
+  } | {
+    /**
+     * @generated from field: dagmesh.v1.RunOffer run_offer = 7;
+     */
+    value: RunOffer;
+    case: "runOffer";
+  } | {
+    /**
+     * @generated from field: dagmesh.v1.RunReleased run_released = 8;
+     */
+    value: RunReleased;
+    case: "runReleased";
+  } | {
+    /**
+     * @generated from field: dagmesh.v1.AdmittedRuns admitted_runs = 9;
+     */
+    value: AdmittedRuns;
+    case: "admittedRuns";
   } | { case: undefined; value?: undefined };
 };
 
@@ -123,6 +147,12 @@ export type DispatcherMessage = Message<"dagmesh.v1.DispatcherMessage"> & {
      */
     value: TaskLost;
     case: "lost";
+  } | {
+    /**
+     * @generated from field: dagmesh.v1.RunAdmitted run_admitted = 4;
+     */
+    value: RunAdmitted;
+    case: "runAdmitted";
   } | { case: undefined; value?: undefined };
 };
 
@@ -408,6 +438,112 @@ export type TaskLost = Message<"dagmesh.v1.TaskLost"> & {
  */
 export const TaskLostSchema: GenMessage<TaskLost> = /*@__PURE__*/
   messageDesc(file_dagmesh_v1_peer, 9);
+
+/**
+ * A QUEUED run that waits for room in its limit buckets.
+ *
+ * @generated from message dagmesh.v1.RunOffer
+ */
+export type RunOffer = Message<"dagmesh.v1.RunOffer"> & {
+  /**
+   * At most 1024 bytes.
+   *
+   * @generated from field: string run_id = 1;
+   */
+  runId: string;
+
+  /**
+   * The run's partition (below the cluster's partition count).
+   *
+   * @generated from field: uint32 partition = 2;
+   */
+  partition: number;
+
+  /**
+   * The limit buckets it takes (`Limits::buckets`; at most 64, each at most 1024 bytes). The
+   * dispatcher's `--limits` must be the owners'.
+   *
+   * @generated from field: repeated string buckets = 3;
+   */
+  buckets: string[];
+
+  /**
+   * Higher first; then first offered, first admitted.
+   *
+   * @generated from field: int32 priority = 4;
+   */
+  priority: number;
+};
+
+/**
+ * Describes the message dagmesh.v1.RunOffer.
+ * Use `create(RunOfferSchema)` to create a new message.
+ */
+export const RunOfferSchema: GenMessage<RunOffer> = /*@__PURE__*/
+  messageDesc(file_dagmesh_v1_peer, 10);
+
+/**
+ * A run admitted by the dispatcher ended, or no longer needs the room (it was cancelled while
+ * queued): its buckets are free again.
+ *
+ * @generated from message dagmesh.v1.RunReleased
+ */
+export type RunReleased = Message<"dagmesh.v1.RunReleased"> & {
+  /**
+   * @generated from field: string run_id = 1;
+   */
+  runId: string;
+};
+
+/**
+ * Describes the message dagmesh.v1.RunReleased.
+ * Use `create(RunReleasedSchema)` to create a new message.
+ */
+export const RunReleasedSchema: GenMessage<RunReleased> = /*@__PURE__*/
+  messageDesc(file_dagmesh_v1_peer, 11);
+
+/**
+ * Every admitted run of `partitions` that holds buckets, on this owner.
+ *
+ * @generated from message dagmesh.v1.AdmittedRuns
+ */
+export type AdmittedRuns = Message<"dagmesh.v1.AdmittedRuns"> & {
+  /**
+   * @generated from field: repeated uint32 partitions = 1;
+   */
+  partitions: number[];
+
+  /**
+   * @generated from field: repeated dagmesh.v1.RunOffer runs = 2;
+   */
+  runs: RunOffer[];
+};
+
+/**
+ * Describes the message dagmesh.v1.AdmittedRuns.
+ * Use `create(AdmittedRunsSchema)` to create a new message.
+ */
+export const AdmittedRunsSchema: GenMessage<AdmittedRuns> = /*@__PURE__*/
+  messageDesc(file_dagmesh_v1_peer, 12);
+
+/**
+ * The run may start: its buckets are counted at the dispatcher.
+ *
+ * @generated from message dagmesh.v1.RunAdmitted
+ */
+export type RunAdmitted = Message<"dagmesh.v1.RunAdmitted"> & {
+  /**
+   * @generated from field: string run_id = 1;
+   */
+  runId: string;
+};
+
+/**
+ * Describes the message dagmesh.v1.RunAdmitted.
+ * Use `create(RunAdmittedSchema)` to create a new message.
+ */
+export const RunAdmittedSchema: GenMessage<RunAdmitted> = /*@__PURE__*/
+  messageDesc(file_dagmesh_v1_peer, 13);
 
 /**
  * @generated from service dagmesh.v1.PeerService

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from dagmesh._proto.v1 import worker_pb2 as dagmesh_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64\x61gmesh/v1/peer.proto\x12\ndagmesh.v1\x1a\x17\x64\x61gmesh/v1/worker.proto\"\x94\x02\n\x0cOwnerMessage\x12\'\n\x05hello\x18\x01 \x01(\x0b\x32\x16.dagmesh.v1.OwnerHelloH\x00\x12&\n\x05offer\x18\x02 \x01(\x0b\x32\x15.dagmesh.v1.TaskOfferH\x00\x12+\n\x08withdraw\x18\x03 \x01(\x0b\x32\x17.dagmesh.v1.PeerTaskRefH\x00\x12*\n\x07\x64\x65\x63line\x18\x04 \x01(\x0b\x32\x17.dagmesh.v1.PeerTaskRefH\x00\x12$\n\x04held\x18\x05 \x01(\x0b\x32\x14.dagmesh.v1.TaskHeldH\x00\x12)\n\tto_worker\x18\x06 \x01(\x0b\x32\x14.dagmesh.v1.ToWorkerH\x00\x42\t\n\x07message\"\x9b\x01\n\x11\x44ispatcherMessage\x12&\n\x05grant\x18\x01 \x01(\x0b\x32\x15.dagmesh.v1.TaskGrantH\x00\x12-\n\x0b\x66rom_worker\x18\x02 \x01(\x0b\x32\x16.dagmesh.v1.FromWorkerH\x00\x12$\n\x04lost\x18\x03 \x01(\x0b\x32\x14.dagmesh.v1.TaskLostH\x00\x42\t\n\x07message\"\x1b\n\nOwnerHello\x12\r\n\x05owner\x18\x01 \x01(\t\"\xf1\x01\n\tTaskOffer\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x11\n\ttask_type\x18\x03 \x01(\t\x12\x13\n\x0bversion_req\x18\x04 \x01(\t\x12\x31\n\x06labels\x18\x05 \x03(\x0b\x32!.dagmesh.v1.TaskOffer.LabelsEntry\x12\r\n\x05slots\x18\x06 \x01(\r\x12\x17\n\x0f\x63oncurrency_key\x18\x07 \x01(\t\x12\x10\n\x08priority\x18\x08 \x01(\x05\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\x0bPeerTaskRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\"i\n\x08TaskHeld\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\r\n\x05slots\x18\x04 \x01(\r\x12\x17\n\x0f\x63oncurrency_key\x18\x05 \x01(\t\"K\n\x08ToWorker\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12*\n\x07message\x18\x02 \x01(\x0b\x32\x19.dagmesh.v1.ServerMessage\"f\n\tTaskGrant\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x11\n\tprincipal\x18\x05 \x01(\t\"M\n\nFromWorker\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12*\n\x07message\x18\x02 \x01(\x0b\x32\x19.dagmesh.v1.WorkerMessage\"Q\n\x08TaskLost\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t2T\n\x0bPeerService\x12\x45\n\x06\x41ttach\x12\x18.dagmesh.v1.OwnerMessage\x1a\x1d.dagmesh.v1.DispatcherMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64\x61gmesh/v1/peer.proto\x12\ndagmesh.v1\x1a\x17\x64\x61gmesh/v1/worker.proto\"\xa3\x03\n\x0cOwnerMessage\x12\'\n\x05hello\x18\x01 \x01(\x0b\x32\x16.dagmesh.v1.OwnerHelloH\x00\x12&\n\x05offer\x18\x02 \x01(\x0b\x32\x15.dagmesh.v1.TaskOfferH\x00\x12+\n\x08withdraw\x18\x03 \x01(\x0b\x32\x17.dagmesh.v1.PeerTaskRefH\x00\x12*\n\x07\x64\x65\x63line\x18\x04 \x01(\x0b\x32\x17.dagmesh.v1.PeerTaskRefH\x00\x12$\n\x04held\x18\x05 \x01(\x0b\x32\x14.dagmesh.v1.TaskHeldH\x00\x12)\n\tto_worker\x18\x06 \x01(\x0b\x32\x14.dagmesh.v1.ToWorkerH\x00\x12)\n\trun_offer\x18\x07 \x01(\x0b\x32\x14.dagmesh.v1.RunOfferH\x00\x12/\n\x0crun_released\x18\x08 \x01(\x0b\x32\x17.dagmesh.v1.RunReleasedH\x00\x12\x31\n\radmitted_runs\x18\t \x01(\x0b\x32\x18.dagmesh.v1.AdmittedRunsH\x00\x42\t\n\x07message\"\xcc\x01\n\x11\x44ispatcherMessage\x12&\n\x05grant\x18\x01 \x01(\x0b\x32\x15.dagmesh.v1.TaskGrantH\x00\x12-\n\x0b\x66rom_worker\x18\x02 \x01(\x0b\x32\x16.dagmesh.v1.FromWorkerH\x00\x12$\n\x04lost\x18\x03 \x01(\x0b\x32\x14.dagmesh.v1.TaskLostH\x00\x12/\n\x0crun_admitted\x18\x04 \x01(\x0b\x32\x17.dagmesh.v1.RunAdmittedH\x00\x42\t\n\x07message\"\x1b\n\nOwnerHello\x12\r\n\x05owner\x18\x01 \x01(\t\"\xf1\x01\n\tTaskOffer\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x11\n\ttask_type\x18\x03 \x01(\t\x12\x13\n\x0bversion_req\x18\x04 \x01(\t\x12\x31\n\x06labels\x18\x05 \x03(\x0b\x32!.dagmesh.v1.TaskOffer.LabelsEntry\x12\r\n\x05slots\x18\x06 \x01(\r\x12\x17\n\x0f\x63oncurrency_key\x18\x07 \x01(\t\x12\x10\n\x08priority\x18\x08 \x01(\x05\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\x0bPeerTaskRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\"i\n\x08TaskHeld\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\r\n\x05slots\x18\x04 \x01(\r\x12\x17\n\x0f\x63oncurrency_key\x18\x05 \x01(\t\"K\n\x08ToWorker\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12*\n\x07message\x18\x02 \x01(\x0b\x32\x19.dagmesh.v1.ServerMessage\"f\n\tTaskGrant\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x11\n\tprincipal\x18\x05 \x01(\t\"M\n\nFromWorker\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12*\n\x07message\x18\x02 \x01(\x0b\x32\x19.dagmesh.v1.WorkerMessage\"Q\n\x08TaskLost\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"P\n\x08RunOffer\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\r\x12\x0f\n\x07\x62uckets\x18\x03 \x03(\t\x12\x10\n\x08priority\x18\x04 \x01(\x05\"\x1d\n\x0bRunReleased\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"F\n\x0c\x41\x64mittedRuns\x12\x12\n\npartitions\x18\x01 \x03(\r\x12\"\n\x04runs\x18\x02 \x03(\x0b\x32\x14.dagmesh.v1.RunOffer\"\x1d\n\x0bRunAdmitted\x12\x0e\n\x06run_id\x18\x01 \x01(\t2T\n\x0bPeerService\x12\x45\n\x06\x41ttach\x12\x18.dagmesh.v1.OwnerMessage\x1a\x1d.dagmesh.v1.DispatcherMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,27 +35,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKOFFER_LABELSENTRY']._loaded_options = None
   _globals['_TASKOFFER_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_OWNERMESSAGE']._serialized_start=63
-  _globals['_OWNERMESSAGE']._serialized_end=339
-  _globals['_DISPATCHERMESSAGE']._serialized_start=342
-  _globals['_DISPATCHERMESSAGE']._serialized_end=497
-  _globals['_OWNERHELLO']._serialized_start=499
-  _globals['_OWNERHELLO']._serialized_end=526
-  _globals['_TASKOFFER']._serialized_start=529
-  _globals['_TASKOFFER']._serialized_end=770
-  _globals['_TASKOFFER_LABELSENTRY']._serialized_start=725
-  _globals['_TASKOFFER_LABELSENTRY']._serialized_end=770
-  _globals['_PEERTASKREF']._serialized_start=772
-  _globals['_PEERTASKREF']._serialized_end=840
-  _globals['_TASKHELD']._serialized_start=842
-  _globals['_TASKHELD']._serialized_end=947
-  _globals['_TOWORKER']._serialized_start=949
-  _globals['_TOWORKER']._serialized_end=1024
-  _globals['_TASKGRANT']._serialized_start=1026
-  _globals['_TASKGRANT']._serialized_end=1128
-  _globals['_FROMWORKER']._serialized_start=1130
-  _globals['_FROMWORKER']._serialized_end=1207
-  _globals['_TASKLOST']._serialized_start=1209
-  _globals['_TASKLOST']._serialized_end=1290
-  _globals['_PEERSERVICE']._serialized_start=1292
-  _globals['_PEERSERVICE']._serialized_end=1376
+  _globals['_OWNERMESSAGE']._serialized_end=482
+  _globals['_DISPATCHERMESSAGE']._serialized_start=485
+  _globals['_DISPATCHERMESSAGE']._serialized_end=689
+  _globals['_OWNERHELLO']._serialized_start=691
+  _globals['_OWNERHELLO']._serialized_end=718
+  _globals['_TASKOFFER']._serialized_start=721
+  _globals['_TASKOFFER']._serialized_end=962
+  _globals['_TASKOFFER_LABELSENTRY']._serialized_start=917
+  _globals['_TASKOFFER_LABELSENTRY']._serialized_end=962
+  _globals['_PEERTASKREF']._serialized_start=964
+  _globals['_PEERTASKREF']._serialized_end=1032
+  _globals['_TASKHELD']._serialized_start=1034
+  _globals['_TASKHELD']._serialized_end=1139
+  _globals['_TOWORKER']._serialized_start=1141
+  _globals['_TOWORKER']._serialized_end=1216
+  _globals['_TASKGRANT']._serialized_start=1218
+  _globals['_TASKGRANT']._serialized_end=1320
+  _globals['_FROMWORKER']._serialized_start=1322
+  _globals['_FROMWORKER']._serialized_end=1399
+  _globals['_TASKLOST']._serialized_start=1401
+  _globals['_TASKLOST']._serialized_end=1482
+  _globals['_RUNOFFER']._serialized_start=1484
+  _globals['_RUNOFFER']._serialized_end=1564
+  _globals['_RUNRELEASED']._serialized_start=1566
+  _globals['_RUNRELEASED']._serialized_end=1595
+  _globals['_ADMITTEDRUNS']._serialized_start=1597
+  _globals['_ADMITTEDRUNS']._serialized_end=1667
+  _globals['_RUNADMITTED']._serialized_start=1669
+  _globals['_RUNADMITTED']._serialized_end=1698
+  _globals['_PEERSERVICE']._serialized_start=1700
+  _globals['_PEERSERVICE']._serialized_end=1784
 # @@protoc_insertion_point(module_scope)

@@ -2,36 +2,44 @@ from dagmesh._proto.v1 import worker_pb2 as _worker_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class OwnerMessage(_message.Message):
-    __slots__ = ("hello", "offer", "withdraw", "decline", "held", "to_worker")
+    __slots__ = ("hello", "offer", "withdraw", "decline", "held", "to_worker", "run_offer", "run_released", "admitted_runs")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     OFFER_FIELD_NUMBER: _ClassVar[int]
     WITHDRAW_FIELD_NUMBER: _ClassVar[int]
     DECLINE_FIELD_NUMBER: _ClassVar[int]
     HELD_FIELD_NUMBER: _ClassVar[int]
     TO_WORKER_FIELD_NUMBER: _ClassVar[int]
+    RUN_OFFER_FIELD_NUMBER: _ClassVar[int]
+    RUN_RELEASED_FIELD_NUMBER: _ClassVar[int]
+    ADMITTED_RUNS_FIELD_NUMBER: _ClassVar[int]
     hello: OwnerHello
     offer: TaskOffer
     withdraw: PeerTaskRef
     decline: PeerTaskRef
     held: TaskHeld
     to_worker: ToWorker
-    def __init__(self, hello: _Optional[_Union[OwnerHello, _Mapping]] = ..., offer: _Optional[_Union[TaskOffer, _Mapping]] = ..., withdraw: _Optional[_Union[PeerTaskRef, _Mapping]] = ..., decline: _Optional[_Union[PeerTaskRef, _Mapping]] = ..., held: _Optional[_Union[TaskHeld, _Mapping]] = ..., to_worker: _Optional[_Union[ToWorker, _Mapping]] = ...) -> None: ...
+    run_offer: RunOffer
+    run_released: RunReleased
+    admitted_runs: AdmittedRuns
+    def __init__(self, hello: _Optional[_Union[OwnerHello, _Mapping]] = ..., offer: _Optional[_Union[TaskOffer, _Mapping]] = ..., withdraw: _Optional[_Union[PeerTaskRef, _Mapping]] = ..., decline: _Optional[_Union[PeerTaskRef, _Mapping]] = ..., held: _Optional[_Union[TaskHeld, _Mapping]] = ..., to_worker: _Optional[_Union[ToWorker, _Mapping]] = ..., run_offer: _Optional[_Union[RunOffer, _Mapping]] = ..., run_released: _Optional[_Union[RunReleased, _Mapping]] = ..., admitted_runs: _Optional[_Union[AdmittedRuns, _Mapping]] = ...) -> None: ...
 
 class DispatcherMessage(_message.Message):
-    __slots__ = ("grant", "from_worker", "lost")
+    __slots__ = ("grant", "from_worker", "lost", "run_admitted")
     GRANT_FIELD_NUMBER: _ClassVar[int]
     FROM_WORKER_FIELD_NUMBER: _ClassVar[int]
     LOST_FIELD_NUMBER: _ClassVar[int]
+    RUN_ADMITTED_FIELD_NUMBER: _ClassVar[int]
     grant: TaskGrant
     from_worker: FromWorker
     lost: TaskLost
-    def __init__(self, grant: _Optional[_Union[TaskGrant, _Mapping]] = ..., from_worker: _Optional[_Union[FromWorker, _Mapping]] = ..., lost: _Optional[_Union[TaskLost, _Mapping]] = ...) -> None: ...
+    run_admitted: RunAdmitted
+    def __init__(self, grant: _Optional[_Union[TaskGrant, _Mapping]] = ..., from_worker: _Optional[_Union[FromWorker, _Mapping]] = ..., lost: _Optional[_Union[TaskLost, _Mapping]] = ..., run_admitted: _Optional[_Union[RunAdmitted, _Mapping]] = ...) -> None: ...
 
 class OwnerHello(_message.Message):
     __slots__ = ("owner",)
@@ -131,3 +139,35 @@ class TaskLost(_message.Message):
     instance_id: str
     reason: str
     def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., instance_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RunOffer(_message.Message):
+    __slots__ = ("run_id", "partition", "buckets", "priority")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    partition: int
+    buckets: _containers.RepeatedScalarFieldContainer[str]
+    priority: int
+    def __init__(self, run_id: _Optional[str] = ..., partition: _Optional[int] = ..., buckets: _Optional[_Iterable[str]] = ..., priority: _Optional[int] = ...) -> None: ...
+
+class RunReleased(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class AdmittedRuns(_message.Message):
+    __slots__ = ("partitions", "runs")
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    partitions: _containers.RepeatedScalarFieldContainer[int]
+    runs: _containers.RepeatedCompositeFieldContainer[RunOffer]
+    def __init__(self, partitions: _Optional[_Iterable[int]] = ..., runs: _Optional[_Iterable[_Union[RunOffer, _Mapping]]] = ...) -> None: ...
+
+class RunAdmitted(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
