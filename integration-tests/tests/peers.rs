@@ -199,6 +199,40 @@ async fn an_owner_that_breaks_the_protocol_is_refused_naming_the_field() -> anyh
             owner_message::Message::Hello(pb::OwnerHello::default()),
             "hello: sent twice",
         ),
+        (
+            owner_message::Message::RunOffer(pb::RunOffer::default()),
+            "run_offer.run_id: required",
+        ),
+        (
+            owner_message::Message::RunOffer(pb::RunOffer {
+                run_id: "r".into(),
+                partition: 1 << 20,
+                ..pb::RunOffer::default()
+            }),
+            "run_offer.partition: 1048576 is out of range",
+        ),
+        (
+            owner_message::Message::RunOffer(pb::RunOffer {
+                run_id: "r".into(),
+                buckets: vec!["b".into(); 65],
+                ..pb::RunOffer::default()
+            }),
+            "run_offer.buckets: 65 entries, over the limit of 64",
+        ),
+        (
+            owner_message::Message::AdmittedRuns(pb::AdmittedRuns {
+                partitions: vec![0],
+                runs: vec![pb::RunOffer {
+                    run_id: long.clone(),
+                    ..pb::RunOffer::default()
+                }],
+            }),
+            "admitted_runs.runs.run_id",
+        ),
+        (
+            owner_message::Message::RunReleased(pb::RunReleased::default()),
+            "run_released.run_id: required",
+        ),
     ];
     for (bad, expected) in cases {
         let owner = RawOwner::attach(&sandbox.url()).await?;
