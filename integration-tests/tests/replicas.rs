@@ -1,7 +1,9 @@
-//! Several `dagmesh executor` replicas on one database: one drives the runs (it holds the
-//! executor lease), the others are standbys that forward every call and every worker stream to
-//! it, so clients and workers may use any replica. Real processes, real sockets; the chaos test
-//! runs on PostgreSQL with schedulers too.
+//! Several `dagmesh executor` replicas on one database, in both modes: one drives the runs (it
+//! holds the executor lease) and the others are standbys that forward every call and every
+//! worker stream to it; or, with `--share-partitions`, each drives its share of the partitions
+//! and the lease holder dispatches every task to the workers. Either way clients and workers
+//! may use any replica. Real processes, real sockets; the chaos tests run on PostgreSQL with
+//! schedulers too.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -284,8 +286,9 @@ async fn three_executors_and_two_schedulers_on_postgres_behave_as_one_under_kill
 }
 
 /// The same chaos with executors that share the partitions (`--share-partitions`): the
-/// replica killed and frozen each time is the dispatcher, which also drives its share of the
-/// runs, so each kill moves partitions and the dispatcher role at once.
+/// replicas killed are the dispatcher (which also drives its share of the runs, so the kill
+/// moves partitions and the dispatcher role at once) and, every other time, a replica that only
+/// drives its share; the one frozen is the dispatcher.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_executors_sharing_partitions_and_two_schedulers_behave_as_one_under_kills_and_pauses()
 -> anyhow::Result<()> {
@@ -388,12 +391,18 @@ async fn chaos(sharing: bool) -> anyhow::Result<()> {
         })
     };
 
-    // Chaos: kill whoever drives, four times, restarting it each time.
+    // Chaos: kill whoever drives, four times, restarting it each time. Sharing the partitions,
+    // every other kill takes a replica that does not dispatch but drives its share (its tasks
+    // on workers are declared to the dispatcher by the replicas that take its partitions).
     let index_of = |replicas: &[Replica], url: &str| replicas.iter().position(|r| r.url() == url);
-    for _ in 0..4 {
+    for round in 0..4 {
         tokio::time::sleep(Duration::from_millis(2500)).await;
         let holder = lease_holder(&store).await?;
-        let victim = index_of(&replicas, &holder).context("the lease holder is none of ours")?;
+        let mut victim =
+            index_of(&replicas, &holder).context("the lease holder is none of ours")?;
+        if sharing && round % 2 == 1 {
+            victim = (victim + 1) % replicas.len();
+        }
         replicas[victim].child()?.sigkill()?;
         tokio::time::sleep(Duration::from_millis(800)).await;
         replicas[victim].start(dir.path()).await?;
@@ -637,27 +646,7 @@ async fn executors_that_share_partitions_each_drive_a_share_and_one_dispatches()
     let dir = tempfile::tempdir()?;
     let database = format!("sqlite://{}", dir.path().join("meta.db").display());
     let (metastore_addr, metastore) = start_metastore(&database, dir.path()).await?;
-    let mut replicas = Vec::new();
-    for n in 1..=3 {
-        let mut replica = Replica::new(&format!("executor-{n}"), &metastore_addr, "1s")?;
-        replica.args.push("--share-partitions".into());
-        replica.start(dir.path()).await?;
-        replicas.push(replica);
-    }
-    let store = dagmesh_metastore::connect(&database).await?;
-    // Every partition is owned, and each replica owns a share.
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let owners = partition_owners(&store).await?;
-        if owners.len() == 3 && owners.values().sum::<usize>() == 256 {
-            break;
-        }
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the partitions did not spread over the replicas: {owners:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (mut replicas, store) = start_sharing(&database, &metastore_addr, &[], dir.path()).await?;
     let dispatcher = lease_holder(&store).await?;
 
     let clients: Vec<Client> = replicas
@@ -833,6 +822,39 @@ steps:
     Ok(())
 }
 
+/// Three replicas with `--share-partitions` (and `extra` arguments), serving once every
+/// partition is owned and each replica owns a share; with a store client of `database`.
+async fn start_sharing(
+    database: &str,
+    metastore_addr: &str,
+    extra: &[&str],
+    dir: &Path,
+) -> anyhow::Result<(Vec<Replica>, Arc<dyn MetadataStore>)> {
+    let mut replicas = Vec::new();
+    for n in 1..=3 {
+        let mut replica = Replica::new(&format!("executor-{n}"), metastore_addr, "1s")?;
+        replica.args.push("--share-partitions".into());
+        replica
+            .args
+            .extend(extra.iter().map(|arg| (*arg).to_owned()));
+        replica.start(dir).await?;
+        replicas.push(replica);
+    }
+    let store = dagmesh_metastore::connect(database).await?;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let owners = partition_owners(&store).await?;
+        if owners.len() == 3 && owners.values().sum::<usize>() == 256 {
+            return Ok((replicas, store));
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the partitions did not spread over the replicas: {owners:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Partition → the address of the replica that holds its lease.
 async fn partition_lease_holders(
     store: &Arc<dyn MetadataStore>,
@@ -860,30 +882,14 @@ async fn a_run_limit_counts_the_runs_of_every_replica_that_shares_the_partitions
     )?;
     let database = format!("sqlite://{}", dir.path().join("meta.db").display());
     let (metastore_addr, metastore) = start_metastore(&database, dir.path()).await?;
-    let mut replicas = Vec::new();
-    for n in 1..=3 {
-        let mut replica = Replica::new(&format!("executor-{n}"), &metastore_addr, "1s")?;
-        replica.args.extend([
-            "--share-partitions".to_owned(),
-            "--limits".to_owned(),
-            limits.display().to_string(),
-        ]);
-        replica.start(dir.path()).await?;
-        replicas.push(replica);
-    }
-    let store = dagmesh_metastore::connect(&database).await?;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let owners = partition_owners(&store).await?;
-        if owners.len() == 3 && owners.values().sum::<usize>() == 256 {
-            break;
-        }
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the partitions did not spread: {owners:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let limits = limits.display().to_string();
+    let (replicas, store) = start_sharing(
+        &database,
+        &metastore_addr,
+        &["--limits", &limits],
+        dir.path(),
+    )
+    .await?;
     let clients: Vec<Client> = replicas
         .iter()
         .map(|replica| Client::connect_lazy(replica.url()))

@@ -361,22 +361,32 @@ impl Executor {
             return Err(unavailable());
         }
         let name = format!("{}/p-{partition}", crate::partitions::GROUP);
-        let leases = self
-            .store()
-            .list_live_leases(&name)
-            .await
-            .map_err(ExecError::from)?;
-        let Some(url) = leases
-            .iter()
-            .find(|lease| lease.name == name)
-            .and_then(|lease| dagmesh_metastore::ownership::holder_address(&lease.holder))
-        else {
-            return Err(unavailable());
+        // In a handover the partition has no live lease for a moment (a refresh interval when
+        // it is handed back, the TTL when its owner died): wait that long for the next owner
+        // rather than fail the call.
+        let give_up = tokio::time::Instant::now() + self.config().executor_lease_ttl;
+        let url = loop {
+            let leases = self
+                .store()
+                .list_live_leases(&name)
+                .await
+                .map_err(ExecError::from)?;
+            let holder = leases
+                .iter()
+                .find(|lease| lease.name == name)
+                .and_then(|lease| dagmesh_metastore::ownership::holder_address(&lease.holder));
+            if let Some(url) = holder {
+                break url.to_owned();
+            }
+            if tokio::time::Instant::now() >= give_up {
+                return Err(unavailable());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         };
-        if Some(url) == self.config().advertise_url.as_deref() {
+        if Some(url.as_str()) == self.config().advertise_url.as_deref() {
             return Err(unavailable()); // this replica, which is taking it up right now
         }
-        self.replica(url)
+        self.replica(&url)
     }
 }
 

@@ -948,6 +948,13 @@ impl Engine {
         // Queued runs are offered for admission again.
         owning.runs_offered.clear();
         self.ctx.admission.dirty = true;
+        self.queue_ready_tasks();
+        self.send_offers(&[]);
+    }
+
+    /// Puts every ready task of every run into the ready queues again (an owner's queues are
+    /// drained into offers, so after an attach or a promotion they hold none).
+    fn queue_ready_tasks(&mut self) {
         for (run_id, entry) in &self.runs {
             for (step, _) in entry.ready_steps() {
                 let (attempt, _) = entry.attempt_state(step);
@@ -965,7 +972,6 @@ impl Engine {
                 );
             }
         }
-        self.send_offers(&[]);
     }
 
     /// This replica took the executor lease: it dispatches from now on. Mirror sessions become
@@ -994,23 +1000,7 @@ impl Engine {
             .sessions
             .retain(|_, session| !session.held.is_empty());
         self.ctx.workers.mirrored = false;
-        for (run_id, entry) in &self.runs {
-            for (step, _) in entry.ready_steps() {
-                let (attempt, _) = entry.attempt_state(step);
-                self.ctx.queues.push(
-                    entry.route(step),
-                    entry.plan.compiled.steps[step.spec()].priority,
-                    QueuedTask {
-                        origin: Origin::Local {
-                            run_id: run_id.clone(),
-                            step,
-                        },
-                        attempt,
-                        queued_at: now,
-                    },
-                );
-            }
-        }
+        self.queue_ready_tasks();
         self.ctx.queues_touched = true;
         tracing::info!("this executor dispatches to workers now (it took the executor lease)");
     }
