@@ -262,3 +262,94 @@ async fn an_owner_that_breaks_the_protocol_is_refused_naming_the_field() -> anyh
     assert_eq!(applied.name, "after");
     sandbox.stop().await
 }
+
+/// After the dispatcher changed (executors that share the partitions), a reconnecting worker's
+/// tasks that no owner has declared yet are kept for a lease instead of cancelled: the owner
+/// that declares one gets its result, and one nobody declares is cancelled after the lease.
+#[tokio::test]
+async fn a_new_dispatcher_keeps_a_workers_undeclared_tasks_for_their_owner() -> anyhow::Result<()> {
+    let config = dagmesh_executor::ExecutorConfig {
+        share_partitions: true,
+        advertise_url: Some("http://sandbox.invalid:7070".into()),
+        lease: Duration::from_secs(3),
+        ..fast_config()
+    };
+    let sandbox = Sandbox::start_with(Database::sqlite()?, config).await?;
+    let mut hello = RawWorker::hello("w-1", "echo", "1.0.0", 2);
+    hello.in_flight = ["elsewhere-1/a", "elsewhere-2/a"]
+        .map(|task_id| pb::TaskRef {
+            task_id: task_id.into(),
+            attempt: 1,
+        })
+        .to_vec();
+    let (mut worker, welcome) = RawWorker::connect(&sandbox.url(), hello).await?;
+    let mut resumed: Vec<&str> = welcome.resumed.iter().map(|t| t.task_id.as_str()).collect();
+    resumed.sort_unstable();
+    assert_eq!(resumed, ["elsewhere-1/a", "elsewhere-2/a"]);
+
+    let mut owner = RawOwner::attach(&sandbox.url()).await?;
+    owner.send(owner_message::Message::Held(pb::TaskHeld {
+        task_id: "elsewhere-1/a".into(),
+        attempt: 1,
+        instance_id: "w-1".into(),
+        slots: 1,
+        concurrency_key: String::new(),
+    }))?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    worker
+        .complete("elsewhere-1/a", 1, serde_json::json!({"done": true}))
+        .await?;
+    let dispatcher_message::Message::FromWorker(from) = owner.next().await? else {
+        anyhow::bail!("expected the worker's result");
+    };
+    let Some(worker_message::Message::Completed(done)) = from.message.and_then(|m| m.message)
+    else {
+        anyhow::bail!("expected Completed");
+    };
+    assert_eq!(done.task_id, "elsewhere-1/a");
+
+    // Nobody declares the other one: after the lease the worker is told to drop it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    worker.heartbeat().await?;
+    let server_message::Message::Cancel(cancel) = worker.next().await? else {
+        anyhow::bail!("expected a Cancel");
+    };
+    assert_eq!(cancel.task_id, "elsewhere-2/a");
+    assert!(cancel.reason.contains("no executor claimed"), "{cancel:?}");
+    sandbox.stop().await
+}
+
+/// A grant whose Assign never reached the dispatcher (the owner's stream broke first) is
+/// reported lost when the owner declares the task on its next stream: the worker never had it.
+#[tokio::test]
+async fn a_grant_whose_assign_was_lost_with_the_stream_is_lost() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start().await?;
+    let (_worker, _) =
+        RawWorker::connect(&sandbox.url(), RawWorker::hello("w-1", "echo", "1.0.0", 1)).await?;
+    let mut owner = RawOwner::attach(&sandbox.url()).await?;
+    owner.send(offer("run-a/step", 1))?;
+    let dispatcher_message::Message::Grant(grant) = owner.next().await? else {
+        anyhow::bail!("expected a grant");
+    };
+    drop(owner); // the stream breaks before the owner's Assign went out
+    let mut again = RawOwner::attach(&sandbox.url()).await?;
+    again.send(owner_message::Message::Held(pb::TaskHeld {
+        task_id: grant.task_id.clone(),
+        attempt: 1,
+        instance_id: "w-1".into(),
+        slots: 1,
+        concurrency_key: String::new(),
+    }))?;
+    let dispatcher_message::Message::Lost(lost) = again.next().await? else {
+        anyhow::bail!("expected the task lost");
+    };
+    assert_eq!(lost.task_id, grant.task_id);
+    assert!(lost.reason.contains("did not reach the worker"), "{lost:?}");
+    // Its slot is free: the next offer is granted to the same worker.
+    again.send(offer("run-b/step", 1))?;
+    let dispatcher_message::Message::Grant(next) = again.next().await? else {
+        anyhow::bail!("expected a grant");
+    };
+    assert_eq!(next.task_id, "run-b/step");
+    sandbox.stop().await
+}

@@ -385,7 +385,7 @@ impl Sim {
                         Timer::WaitDeadline { step, attempt, .. } => {
                             self.entry.wait_deadline(step, attempt, ctx);
                         }
-                        Timer::Lease { .. } | Timer::DrainDeadline => {}
+                        Timer::Lease { .. } | Timer::Parked { .. } | Timer::DrainDeadline => {}
                     }
                     ctx.apply_shared(); // as the engine does after each timer
                 }

@@ -1518,6 +1518,19 @@ impl Engine {
             .into_iter()
             .filter(|key| !resumed.contains(key))
             .collect();
+        // Another executor's tasks a new dispatcher has not heard of yet are kept for their
+        // owner to declare (see `relay`); the rest are cancelled below.
+        let mut cancelled = Vec::new();
+        for (task_id, attempt) in unknown {
+            if self.park_unknown(&instance, &task_id, attempt) {
+                resumed.push((task_id, attempt));
+            } else {
+                cancelled.push((task_id, attempt));
+            }
+        }
+        let Some(session) = self.ctx.workers.sessions.get(&instance) else {
+            return;
+        };
 
         session.send(server_message::Message::Welcome(pb::Welcome {
             session_id: format!("{instance}/{generation}"),
@@ -1569,7 +1582,7 @@ impl Engine {
             self.ctx.workers.release(&instance, &task_id, attempt);
             self.requeue_lost(&task_id, attempt, &reason);
         }
-        for (task_id, attempt) in unknown {
+        for (task_id, attempt) in cancelled {
             self.ctx.send(
                 instance.clone(),
                 cancel_message(&task_id, attempt, "the task is not assigned to this worker"),
@@ -1836,6 +1849,7 @@ impl Engine {
                 }
             }
             Timer::Lease { instance } => self.check_lease(instance),
+            Timer::Parked { task_id, attempt } => self.parked_expired(task_id, attempt),
             Timer::DrainDeadline => self.drain_expired = true,
         }
     }

@@ -136,6 +136,12 @@ struct RemoteHold {
     route: Arc<Route>,
     /// The worker's result, kept while no owner is attached to take it.
     result: Option<worker_message::Message>,
+    /// Whether the owner's Assign reached the worker (relayed here); a granted task whose
+    /// Assign was lost with the owner's stream is lost when the owner declares it.
+    assigned: bool,
+    /// Kept for a reconnecting worker that listed it before any owner declared it (one slot
+    /// counted until the owner says how many).
+    parked: bool,
 }
 
 pub(crate) struct Owning {
@@ -322,7 +328,43 @@ impl Engine {
                     if hold.instance != instance {
                         return;
                     }
+                    if !hold.assigned {
+                        // Granted, assigned by the owner, but its Assign went down with the
+                        // owner's previous stream: the worker never heard of the task.
+                        let hold = dispatching.holds.remove(&key).expect("present");
+                        self.ctx.workers.release(&instance, &key.0, attempt);
+                        self.ctx
+                            .admission
+                            .release_resource(&hold.route.concurrency_key);
+                        let _ = dispatching.peers[&peer].send(Ok(ToOwner::Lost {
+                            task_id: key.0,
+                            attempt,
+                            instance,
+                            reason: "the assignment did not reach the worker (the executor's \
+                                     stream to the dispatcher broke)"
+                                .into(),
+                        }));
+                        return;
+                    }
                     hold.peer = Some(peer);
+                    if std::mem::take(&mut hold.parked) {
+                        // The owner says what the task takes: its slots and its resource.
+                        let worker_slots = self.ctx.workers.sessions.get_mut(&instance);
+                        if let Some(session) = worker_slots
+                            && let Some(held) = session.held.get_mut(&key)
+                        {
+                            session.used_slots = session.used_slots.saturating_sub(*held) + slots;
+                            *held = slots;
+                        }
+                        self.ctx.admission.hold_resource(&concurrency_key);
+                        hold.route = Arc::new(Route {
+                            task_name: String::new(),
+                            version_req: semver::VersionReq::STAR,
+                            labels: Default::default(),
+                            slots,
+                            concurrency_key,
+                        });
+                    }
                     if let Some(result) = hold.result.take() {
                         // The worker answered while no owner was attached: deliver it now.
                         let outbound = &dispatching.peers[&peer];
@@ -377,6 +419,8 @@ impl Engine {
                         instance,
                         route,
                         result: None,
+                        assigned: true, // the worker says at its reconnect whether it has it
+                        parked: false,
                     },
                 );
             }
@@ -434,13 +478,14 @@ impl Engine {
                 };
                 // An Assign only for a task granted to that owner, on that worker.
                 if let server_message::Message::Assign(_) = &message {
-                    let granted = dispatching
+                    let hold = dispatching
                         .holds
-                        .get(&(about.0.clone(), about.1))
-                        .is_some_and(|hold| hold.peer == Some(peer) && hold.instance == instance);
-                    if !granted {
+                        .get_mut(&(about.0.clone(), about.1))
+                        .filter(|hold| hold.peer == Some(peer) && hold.instance == instance);
+                    let Some(hold) = hold else {
                         return;
-                    }
+                    };
+                    hold.assigned = true;
                 }
                 self.ctx.workers.send(&instance, message);
             }
@@ -498,6 +543,8 @@ impl Engine {
                 instance: instance.clone(),
                 route: route.clone(),
                 result: None,
+                assigned: false,
+                parked: false,
             },
         );
         true
@@ -666,6 +713,74 @@ impl Engine {
             }));
         }
         true
+    }
+
+    /// A reconnecting worker lists a task no run here has and no owner declared (executors that
+    /// share the partitions, after the dispatcher changed: its owner has not re-attached yet).
+    /// It is kept for a lease, waiting for the owner's `Held`, instead of being cancelled (and
+    /// redone) at once; true when kept.
+    pub(super) fn park_unknown(
+        &mut self,
+        instance: &Arc<str>,
+        task_id: &str,
+        attempt: u32,
+    ) -> bool {
+        if !self.ctx.config.share_partitions || self.locate(task_id).is_some() {
+            return false;
+        }
+        let deadline = self.ctx.after(self.ctx.config.lease);
+        let Relay::Dispatcher(dispatching) = &mut self.ctx.relay else {
+            return false;
+        };
+        let key = (task_id.to_owned(), attempt);
+        if dispatching.holds.contains_key(&key) {
+            return false; // held for another worker: not this one's
+        }
+        self.ctx
+            .workers
+            .hold(instance, task_id.to_owned(), attempt, 1);
+        dispatching.holds.insert(
+            key,
+            RemoteHold {
+                peer: None,
+                instance: instance.clone(),
+                route: Arc::new(Route {
+                    task_name: String::new(),
+                    version_req: semver::VersionReq::STAR,
+                    labels: Default::default(),
+                    slots: 1,
+                    concurrency_key: String::new(),
+                }),
+                result: None,
+                assigned: true,
+                parked: true,
+            },
+        );
+        self.ctx.timers.schedule(
+            deadline,
+            Timer::Parked {
+                task_id: task_id.to_owned(),
+                attempt,
+            },
+        );
+        true
+    }
+
+    /// No owner declared a parked task within a lease: the worker is told to drop it.
+    pub(super) fn parked_expired(&mut self, task_id: String, attempt: u32) {
+        let Relay::Dispatcher(dispatching) = &mut self.ctx.relay else {
+            return;
+        };
+        let key = (task_id, attempt);
+        if !dispatching.holds.get(&key).is_some_and(|hold| hold.parked) {
+            return;
+        }
+        let hold = dispatching.holds.remove(&key).expect("checked");
+        self.ctx.workers.release(&hold.instance, &key.0, attempt);
+        self.ctx.workers.send(
+            &hold.instance,
+            super::cancel_message(&key.0, attempt, "no executor claimed the task"),
+        );
     }
 
     /// Whether (task, attempt) is an owner's task held here.

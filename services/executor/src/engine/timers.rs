@@ -43,6 +43,9 @@ pub(crate) enum Timer {
     },
     /// Check whether a worker has been silent for a whole lease.
     Lease { instance: Arc<str> },
+    /// A task a reconnecting worker listed was kept for its owner to declare (see
+    /// `relay::park_unknown`); cancel it if none did.
+    Parked { task_id: String, attempt: u32 },
     /// Stop waiting for in-flight tasks during a drain.
     DrainDeadline,
 }
