@@ -19,7 +19,9 @@
 //     task offered again;
 //  5. on every (re)attach, first tells the dispatcher every task it has on a worker (Held) and
 //     offers every ready task again, so a new dispatcher rebuilds its slot counts and queues
-//     from the owners (it keeps nothing durable of its own);
+//     from the owners (it keeps nothing durable of its own). A task a reconnecting worker lists
+//     before any owner declared it is kept for a lease, then cancelled; a declared task whose
+//     Assign never reached the dispatcher is answered TaskLost;
 //  6. leaves run admission under `--limits` to the dispatcher, so a limit counts the runs of
 //     every replica: a QUEUED run that holds limit buckets is offered (RunOffer), starts when
 //     the dispatcher admits it (RunAdmitted), and gives its buckets back when it ends
