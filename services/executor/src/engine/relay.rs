@@ -619,6 +619,9 @@ impl Engine {
         let Relay::Dispatcher(dispatching) = &mut self.ctx.relay else {
             return false;
         };
+        if dispatching.holds.is_empty() {
+            return false; // no other executor's task here (always, for a lone executor)
+        }
         let Some(inner) = message.as_ref() else {
             return false;
         };
