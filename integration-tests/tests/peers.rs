@@ -353,3 +353,57 @@ async fn a_grant_whose_assign_was_lost_with_the_stream_is_lost() -> anyhow::Resu
     assert_eq!(next.task_id, "run-b/step");
     sandbox.stop().await
 }
+
+/// An owner that declares far more of a worker's slots than exist (65,536 per task, tens of
+/// thousands of tasks) cannot overflow the dispatcher's count: the executor goes on serving.
+#[tokio::test]
+async fn declarations_past_every_slot_count_do_not_break_the_dispatcher() -> anyhow::Result<()> {
+    // A lease long enough that the declared worker's session outlives the test.
+    let config = dagmesh_executor::ExecutorConfig {
+        lease: Duration::from_secs(120),
+        ..fast_config()
+    };
+    let sandbox = Sandbox::start_with(Database::sqlite()?, config).await?;
+    let owner = RawOwner::attach(&sandbox.url()).await?;
+    for n in 0..70_000 {
+        owner.send(owner_message::Message::Held(pb::TaskHeld {
+            task_id: format!("run-{n}/step"),
+            attempt: 1,
+            instance_id: "w-greedy".into(),
+            slots: 1 << 16,
+            concurrency_key: String::new(),
+        }))?;
+    }
+    // The engine read them all and still answers (a panic would have stopped it); the count
+    // stops at the most it can hold.
+    let mut cluster = dagmesh_proto::v1::cluster_service_client::ClusterServiceClient::new(
+        channel(&sandbox.url()).await?,
+    );
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let workers = cluster
+            .list_workers(pb::ListWorkersRequest::default())
+            .await?
+            .into_inner()
+            .workers;
+        let greedy = workers.iter().find(|w| w.instance_id == "w-greedy");
+        if let Some(greedy) = greedy.filter(|w| w.tasks.len() == 70_000) {
+            assert_eq!(greedy.used_slots, u32::MAX);
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the declarations never all arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let client = sandbox.client().await?;
+    let run = client
+        .submit(dagmesh_sdk::SubmitRun::inline(workflow(
+            "after",
+            vec![step("only", "echo", &[], &[])],
+        )))
+        .await?;
+    assert!(!run.run_id.is_empty());
+    sandbox.stop().await
+}

@@ -258,6 +258,21 @@ async fn submit_retrying(clients: &[Client], first: usize, run: SubmitRun) -> an
     }
 }
 
+/// Nothing recorded twice: each step of a `chain` run ended SUCCEEDED once in its stored log.
+fn each_step_succeeded_once(run_id: &str, events: &[RunEvent]) -> anyhow::Result<()> {
+    for step_id in ["a", "b", "c"] {
+        let ended = step_states(events, step_id)
+            .iter()
+            .filter(|state| state.as_str() == "SUCCEEDED")
+            .count();
+        ensure!(
+            ended == 1,
+            "run {run_id} step {step_id} SUCCEEDED {ended} times"
+        );
+    }
+    Ok(())
+}
+
 /// The events of one run straight from the store.
 async fn stored_events(
     store: &Arc<dyn MetadataStore>,
@@ -451,16 +466,7 @@ async fn chaos(sharing: bool) -> anyhow::Result<()> {
     // Nothing recorded twice: one end per step and per run in the stored event logs.
     for id in &ids {
         let events = stored_events(&store, id).await?;
-        for step_id in ["a", "b", "c"] {
-            let ended = step_states(&events, step_id)
-                .iter()
-                .filter(|state| state.as_str() == "SUCCEEDED")
-                .count();
-            ensure!(
-                ended == 1,
-                "run {id} step {step_id} SUCCEEDED {ended} times"
-            );
-        }
+        each_step_succeeded_once(id, &events)?;
         let run_ends = events
             .iter()
             .filter(|event| {
@@ -806,17 +812,7 @@ steps:
     // Each step ran once, and ended once in the stored log.
     assert_eq!(executed.load(Ordering::Relaxed), 129);
     for id in ids.iter().chain(&after) {
-        let events = stored_events(&store, id).await?;
-        for step_id in ["a", "b", "c"] {
-            let ended = step_states(&events, step_id)
-                .iter()
-                .filter(|state| state.as_str() == "SUCCEEDED")
-                .count();
-            ensure!(
-                ended == 1,
-                "run {id} step {step_id} SUCCEEDED {ended} times"
-            );
-        }
+        each_step_succeeded_once(id, &stored_events(&store, id).await?)?;
     }
     drop((workers, replicas, metastore));
     Ok(())

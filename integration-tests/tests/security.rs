@@ -1473,3 +1473,47 @@ async fn hostile_token_requests_are_refused_naming_the_field() -> anyhow::Result
     );
     secured.sandbox.stop().await
 }
+
+/// Only the services' internal token may name another caller (`dagmesh-on-behalf-of`, how an
+/// executor replica forwards a call to the replica that drives its run): from any other token
+/// the header is ignored and the run records who really called.
+#[tokio::test]
+async fn an_api_token_cannot_speak_on_behalf_of_another_caller() -> anyhow::Result<()> {
+    let secured = secured(None).await?;
+    let url = secured.sandbox.url();
+    let backend = create_token(
+        &url,
+        &secured.admin,
+        "backend",
+        &[Scope::Submit, Scope::Read],
+        &[],
+        &[],
+        None,
+    )
+    .await?;
+    let mut runs = RunServiceClient::new(channel_as(&url, &with_token(&backend)).await?);
+    let mut request = tonic::Request::new(SubmitRunRequest {
+        workflow_ref: Some(submit_run_request::WorkflowRef::Spec(echo_spec(
+            "nobody.serves@^1",
+        ))),
+        ..SubmitRunRequest::default()
+    });
+    request
+        .metadata_mut()
+        .insert("dagmesh-on-behalf-of", "token:ops-admin".parse()?);
+    let run = runs
+        .submit_run(request)
+        .await?
+        .into_inner()
+        .run
+        .expect("a run");
+    assert_eq!(run.submitted_by, "token:backend");
+    let stored = runs
+        .get_run(GetRunRequest {
+            run_id: run.run_id.clone(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(stored.submitted_by, "token:backend");
+    secured.sandbox.stop().await
+}

@@ -107,18 +107,15 @@ impl ExecutorApi for Executor {
         let again = self.config().share_partitions.then(|| request.clone());
         let submitted = self
             .submit_traced(request, &caller.actor, caller.traceparent.as_deref())
-            .await;
-        match (submitted, again) {
-            (Ok((run, created)), _) => Ok(SubmitRunResponse {
+            .await
+            .map(|(run, created)| SubmitRunResponse {
                 run: Some(run),
                 created,
-            }),
-            (Err(ExecError::Elsewhere { partition, message }), Some(request)) => {
-                let owner = self.owner_of(partition, caller, message).await?;
-                owner.submit_run(&forwarded(caller), request).await
-            }
-            (Err(error), _) => Err(error.into()),
-        }
+            });
+        self.here_or_at_owner(caller, submitted, |owner, caller| async move {
+            owner.submit_run(&caller, kept(again)?).await
+        })
+        .await
     }
 
     async fn get_run(&self, run_id: &str) -> Result<Run, ApiError> {
@@ -185,30 +182,24 @@ impl ExecutorApi for Executor {
         caller: &Caller,
         request: CancelRunRequest,
     ) -> Result<Run, ApiError> {
-        match self
+        let cancelled = self
             .cancel_as(&request.run_id, &request.reason, &caller.actor)
-            .await
-        {
-            Err(ExecError::Elsewhere { partition, message }) => {
-                let owner = self.owner_of(partition, caller, message).await?;
-                owner.cancel_run(&forwarded(caller), request).await
-            }
-            answer => Ok(answer?),
-        }
+            .await;
+        self.here_or_at_owner(caller, cancelled, |owner, caller| async move {
+            owner.cancel_run(&caller, request).await
+        })
+        .await
     }
 
     async fn retry_run(&self, caller: &Caller, request: RetryRunRequest) -> Result<Run, ApiError> {
         check_run_id(&request.run_id)?;
-        match self
+        let retried = self
             .retry_as(&request.run_id, &request.from_step, &caller.actor)
-            .await
-        {
-            Err(ExecError::Elsewhere { partition, message }) => {
-                let owner = self.owner_of(partition, caller, message).await?;
-                owner.retry_run(&forwarded(caller), request).await
-            }
-            answer => Ok(answer?),
-        }
+            .await;
+        self.here_or_at_owner(caller, retried, |owner, caller| async move {
+            owner.retry_run(&caller, request).await
+        })
+        .await
     }
 
     async fn approve_step(
@@ -217,13 +208,11 @@ impl ExecutorApi for Executor {
         request: ApproveStepRequest,
     ) -> Result<Run, ApiError> {
         let again = self.config().share_partitions.then(|| request.clone());
-        match (self.approve_step_as(request, &caller.actor).await, again) {
-            (Err(ExecError::Elsewhere { partition, message }), Some(request)) => {
-                let owner = self.owner_of(partition, caller, message).await?;
-                owner.approve_step(&forwarded(caller), request).await
-            }
-            (answer, _) => Ok(answer?),
-        }
+        let approved = self.approve_step_as(request, &caller.actor).await;
+        self.here_or_at_owner(caller, approved, |owner, caller| async move {
+            owner.approve_step(&caller, kept(again)?).await
+        })
+        .await
     }
 
     async fn suspend_run(
@@ -231,16 +220,13 @@ impl ExecutorApi for Executor {
         caller: &Caller,
         request: SuspendRunRequest,
     ) -> Result<Run, ApiError> {
-        match self
+        let suspended = self
             .suspend_as(&request.run_id, true, &request.reason, &caller.actor)
-            .await
-        {
-            Err(ExecError::Elsewhere { partition, message }) => {
-                let owner = self.owner_of(partition, caller, message).await?;
-                owner.suspend_run(&forwarded(caller), request).await
-            }
-            answer => Ok(answer?),
-        }
+            .await;
+        self.here_or_at_owner(caller, suspended, |owner, caller| async move {
+            owner.suspend_run(&caller, request).await
+        })
+        .await
     }
 
     async fn resume_run(
@@ -248,16 +234,13 @@ impl ExecutorApi for Executor {
         caller: &Caller,
         request: ResumeRunRequest,
     ) -> Result<Run, ApiError> {
-        match self
+        let resumed = self
             .suspend_as(&request.run_id, false, "", &caller.actor)
-            .await
-        {
-            Err(ExecError::Elsewhere { partition, message }) => {
-                let owner = self.owner_of(partition, caller, message).await?;
-                owner.resume_run(&forwarded(caller), request).await
-            }
-            answer => Ok(answer?),
-        }
+            .await;
+        self.here_or_at_owner(caller, resumed, |owner, caller| async move {
+            owner.resume_run(&caller, request).await
+        })
+        .await
     }
 
     async fn deliver_event(
@@ -301,7 +284,33 @@ fn forwarded(caller: &Caller) -> Caller {
     }
 }
 
+/// A request kept for another replica (`Some` whenever the partitions are shared, the only time
+/// `here_or_at_owner` forwards).
+fn kept<T>(request: Option<T>) -> Result<T, ApiError> {
+    request.ok_or_else(|| ApiError::unavailable("this executor does not share the partitions"))
+}
+
 impl Executor {
+    /// `local`'s answer to a call about a run, unless the run belongs to a partition another
+    /// replica drives: then `remote` makes the same call there, as forwarded (see `owner_of`).
+    async fn here_or_at_owner<T, Fut>(
+        &self,
+        caller: &Caller,
+        local: Result<T, ExecError>,
+        remote: impl FnOnce(std::sync::Arc<dagmesh_api::GrpcExecutor>, Caller) -> Fut,
+    ) -> Result<T, ApiError>
+    where
+        Fut: std::future::Future<Output = Result<T, ApiError>>,
+    {
+        match local {
+            Err(ExecError::Elsewhere { partition, message }) => {
+                let owner = self.owner_of(partition, caller, message).await?;
+                remote(owner, forwarded(caller)).await
+            }
+            answer => Ok(answer?),
+        }
+    }
+
     /// The other live replicas that share the partitions (their member leases), with clients.
     async fn other_replicas(
         &self,

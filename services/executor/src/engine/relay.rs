@@ -199,6 +199,18 @@ fn mirror(instance: Arc<str>, to_dispatcher: mpsc::UnboundedSender<ToDispatcher>
     tx
 }
 
+/// The route of a task known only from a declaration (`Held`, or a worker's reconnect): what
+/// it takes of the worker, not what it asked for (task type and labels stay empty).
+fn declared_route(slots: u32, concurrency_key: String) -> Arc<Route> {
+    Arc::new(Route {
+        task_name: String::new(),
+        version_req: semver::VersionReq::STAR,
+        labels: Default::default(),
+        slots,
+        concurrency_key,
+    })
+}
+
 /// The task id a worker message is about, if it is about one.
 fn task_of(message: &worker_message::Message) -> Option<(&str, u32)> {
     use worker_message::Message;
@@ -349,21 +361,11 @@ impl Engine {
                     hold.peer = Some(peer);
                     if std::mem::take(&mut hold.parked) {
                         // The owner says what the task takes: its slots and its resource.
-                        let worker_slots = self.ctx.workers.sessions.get_mut(&instance);
-                        if let Some(session) = worker_slots
-                            && let Some(held) = session.held.get_mut(&key)
-                        {
-                            session.used_slots = session.used_slots.saturating_sub(*held) + slots;
-                            *held = slots;
-                        }
+                        self.ctx
+                            .workers
+                            .hold(&instance, key.0.clone(), attempt, slots);
                         self.ctx.admission.hold_resource(&concurrency_key);
-                        hold.route = Arc::new(Route {
-                            task_name: String::new(),
-                            version_req: semver::VersionReq::STAR,
-                            labels: Default::default(),
-                            slots,
-                            concurrency_key,
-                        });
+                        hold.route = declared_route(slots, concurrency_key);
                     }
                     if let Some(result) = hold.result.take() {
                         // The worker answered while no owner was attached: deliver it now.
@@ -401,13 +403,7 @@ impl Engine {
                         },
                     );
                 }
-                let route = Arc::new(Route {
-                    task_name: String::new(),
-                    version_req: semver::VersionReq::STAR,
-                    labels: Default::default(),
-                    slots,
-                    concurrency_key,
-                });
+                let route = declared_route(slots, concurrency_key);
                 self.ctx
                     .workers
                     .hold(&instance, key.0.clone(), attempt, slots);
@@ -747,13 +743,7 @@ impl Engine {
             RemoteHold {
                 peer: None,
                 instance: instance.clone(),
-                route: Arc::new(Route {
-                    task_name: String::new(),
-                    version_req: semver::VersionReq::STAR,
-                    labels: Default::default(),
-                    slots: 1,
-                    concurrency_key: String::new(),
-                }),
+                route: declared_route(1, String::new()),
                 result: None,
                 assigned: true,
                 parked: true,

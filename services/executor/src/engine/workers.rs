@@ -275,8 +275,12 @@ impl Workers {
 
     pub fn hold(&mut self, instance: &str, task_id: String, attempt: u32, slots: u32) {
         if let Some(session) = self.sessions.get_mut(instance) {
-            session.held.insert((task_id, attempt), slots);
-            session.used_slots += slots;
+            // Saturating: a hostile owner's declarations must not overflow the count.
+            let before = session.held.insert((task_id, attempt), slots).unwrap_or(0);
+            session.used_slots = session
+                .used_slots
+                .saturating_sub(before)
+                .saturating_add(slots);
         }
     }
 

@@ -150,6 +150,21 @@ impl LeaseHolderRoute {
         upstream.channel.clone()
     }
 
+    /// Drops idle upstream connections now and then, for as long as the route is in use (the
+    /// standby's `services` do it with their readiness probe).
+    pub(crate) fn forget_idle_upstreams_while_used(self: &Arc<Self>) {
+        let route = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(UPSTREAM_IDLE / 4).await;
+                match route.upgrade() {
+                    Some(route) => route.forget_idle_upstreams(),
+                    None => return,
+                }
+            }
+        });
+    }
+
     fn forget_idle_upstreams(&self) {
         let mut upstreams = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
         upstreams.retain(|_, upstream| upstream.used.elapsed() < UPSTREAM_IDLE);

@@ -61,6 +61,7 @@ impl Executor {
             self.config().peers.clone(),
             self.config().advertise_url.clone().unwrap_or_default(),
         ));
+        route.forget_idle_upstreams_while_used();
         set.with(forward::WhileDispatching::new(
             workers,
             route.clone(),
