@@ -18,7 +18,6 @@ pub use dagmesh_auth::AuthLayer;
 use tls::ServerTls;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::server::NamedService;
 use tonic::service::{Routes, RoutesBuilder};
 use tonic_health::ServingStatus;
@@ -203,8 +202,12 @@ pub async fn serve(
                     .await
             }
             None => {
+                // No Nagle: a worker's next Assign must not wait for the ACK of the last
+                // (with delayed ACKs that was a 40 ms stall in a fan-out).
+                let incoming =
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
                 router
-                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                    .serve_with_incoming_shutdown(incoming, shutdown)
                     .await
             }
         }

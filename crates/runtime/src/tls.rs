@@ -190,6 +190,10 @@ pub fn incoming(
                     continue;
                 }
             };
+            // No Nagle (see `serve`): small messages go out at once.
+            if let Err(error) = socket.set_nodelay(true) {
+                tracing::debug!(%peer, %error, "cannot set TCP_NODELAY");
+            }
             let acceptor = TlsAcceptor::from(tls.current());
             let tx = tx.clone();
             tokio::spawn(async move {
