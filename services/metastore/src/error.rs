@@ -240,7 +240,7 @@ fn is_bad_value(db: &dyn sqlx::error::DatabaseError) -> bool {
 }
 
 /// SQLite TOOBIG (18), CONSTRAINT (19), MISMATCH (20) and RANGE (25).
-fn sqlite_code_is_bad_value(code: i32) -> bool {
+pub(crate) fn sqlite_code_is_bad_value(code: i32) -> bool {
     matches!(code & 0xff, 18 | 19 | 20 | 25)
 }
 
@@ -252,7 +252,7 @@ fn sqlstate_is_bad_value(code: &str) -> bool {
 }
 
 /// SQLite BUSY and LOCKED, whatever the extended code (its low byte is the primary code).
-fn sqlite_code_is_transient(code: i32) -> bool {
+pub(crate) fn sqlite_code_is_transient(code: i32) -> bool {
     matches!(code & 0xff, 5 | 6)
 }
 

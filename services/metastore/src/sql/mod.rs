@@ -11,7 +11,10 @@ mod records;
 
 pub use records::run_id_floor;
 mod sqlite;
+mod sqlite_commit;
 mod store;
+
+use sqlite_commit::SqliteCommitter;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -41,11 +44,20 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
     /// How many rows a statement changed (sqlx has no trait for it).
     fn rows_affected(result: &Self::QueryResult) -> u64;
 
+    /// What a store of this dialect holds besides its pools.
+    type Local: Send + Sync + 'static;
+
     /// Opens the database at `url`, creating it where the dialect can, and applies its
-    /// migrations. Returns the pool for writes and the pool for reads (they may be one).
+    /// migrations. Returns the pool for writes, the pool for reads (they may be one) and the
+    /// rest of the store.
+    #[allow(clippy::type_complexity)]
     fn connect(
         url: &str,
-    ) -> impl Future<Output = Result<(Pool<Self>, Pool<Self>), StoreError>> + Send;
+    ) -> impl Future<Output = Result<(Pool<Self>, Pool<Self>, Self::Local), StoreError>> + Send;
+
+    /// The thread that writes commit batches in one call, where the dialect has one (SQLite);
+    /// otherwise batches are written through the write pool.
+    fn committer(local: &Self::Local) -> Option<&SqliteCommitter>;
 
     /// Applies a validated commit batch inside the caller's transaction.
     fn apply<'a>(
@@ -79,6 +91,8 @@ pub struct SqlStore<D: Dialect> {
     write: Pool<D>,
     /// Readers (the write pool where the dialect has no separate readers).
     read: Pool<D>,
+    /// SQLite: the commit thread (and a `sqlite::memory:` database's directory).
+    local: D::Local,
 }
 
 /// The store on SQLite.
@@ -99,9 +113,9 @@ pub struct PgTls {
 impl<D: Dialect> SqlStore<D> {
     /// Opens (and migrates) the database at `url`.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let (write, read) = D::connect(url).await?;
+        let (write, read, local) = D::connect(url).await?;
         tracing::info!(backend = D::BACKEND, "metadata store ready");
-        Ok(SqlStore { write, read })
+        Ok(SqlStore { write, read, local })
     }
 
     /// `"sqlite"` or `"postgres"`.
@@ -118,6 +132,9 @@ impl<D: Dialect> SqlStore<D> {
     /// Closes the connections, waiting for operations in flight. Later calls fail with
     /// `Unavailable`. For SQLite this also checkpoints the write-ahead log into the database file.
     pub async fn close(&self) {
+        if let Some(committer) = D::committer(&self.local) {
+            committer.close().await;
+        }
         self.read.close().await;
         self.write.close().await;
     }
@@ -209,5 +226,50 @@ mod tests {
         let (wf, created) = store.put_workflow(spec, "h".into()).await.unwrap();
         assert!(created);
         assert_eq!(store.get_workflow("mem", None).await.unwrap(), wf);
+    }
+
+    /// Two `sqlite::memory:` stores are two databases, and each is gone with its store.
+    #[tokio::test]
+    async fn in_memory_sqlite_is_private_and_goes_with_the_store() {
+        let run = |id: &str| Mutation {
+            mutation: Some(dagmesh_proto::v1::mutation::Mutation::PutRun(
+                dagmesh_proto::v1::Run {
+                    run_id: id.into(),
+                    ..Default::default()
+                },
+            )),
+        };
+        let one = SqliteStore::connect("sqlite::memory:").await.unwrap();
+        let two = SqliteStore::connect("sqlite::memory:").await.unwrap();
+        one.commit(vec![run("r1")]).await.unwrap();
+        assert!(one.get_run("r1").await.is_ok());
+        assert!(matches!(
+            two.get_run("r1").await,
+            Err(StoreError::NotFound(_))
+        ));
+        let dir = one.local.scratch_dir().unwrap().to_path_buf();
+        assert!(dir.exists());
+        one.close().await;
+        drop(one);
+        assert!(!dir.exists(), "{} is left behind", dir.display());
+    }
+
+    /// After `close`, a commit is refused as retryable, not lost silently or panicking.
+    #[tokio::test]
+    async fn a_closed_sqlite_store_refuses_commits_as_unavailable() {
+        let store = SqliteStore::connect("sqlite::memory:").await.unwrap();
+        store.close().await;
+        let err = store
+            .commit(vec![Mutation {
+                mutation: Some(dagmesh_proto::v1::mutation::Mutation::PutRun(
+                    dagmesh_proto::v1::Run {
+                        run_id: "r".into(),
+                        ..Default::default()
+                    },
+                )),
+            }])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
     }
 }

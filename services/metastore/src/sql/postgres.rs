@@ -37,7 +37,9 @@ impl Dialect for Postgres {
     const CLOCK: Option<&'static str> =
         Some("SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::int8");
 
-    async fn connect(url: &str) -> Result<(Pool<Postgres>, Pool<Postgres>), StoreError> {
+    type Local = ();
+
+    async fn connect(url: &str) -> Result<(Pool<Postgres>, Pool<Postgres>, ()), StoreError> {
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -45,7 +47,11 @@ impl Dialect for Postgres {
             .await?;
         // The migrator holds an advisory lock, so replicas starting together migrate once.
         MIGRATOR.run(&pool).await?;
-        Ok((pool.clone(), pool))
+        Ok((pool.clone(), pool, ()))
+    }
+
+    fn committer((): &()) -> Option<&super::SqliteCommitter> {
+        None
     }
 
     /// Applies a validated commit batch inside the caller's transaction: one statement per

@@ -1,18 +1,20 @@
-//! SQLite: the dialect of the store in a file (or in memory).
+//! SQLite: the dialect of the store in a file.
 //!
-//! SQLite allows one writer at a time. All writes go through a pool of exactly one connection,
-//! so they queue in the pool instead of failing with SQLITE_BUSY, and a write transaction
-//! begins IMMEDIATE, taking the write lock (across processes too) before it reads: that lock is
-//! what makes read-decide-write atomic, so rows need no locks of their own. Reads use a
-//! separate pool and, in WAL mode, never wait for the writer. Statements are prepared once per
-//! connection (sqlx caches them), and SQLite runs in-process, so a commit is one cheap call per
-//! mutation; steps and events still go in multi-row statements, since each statement is a
-//! round trip to sqlx's SQLite thread.
+//! SQLite allows one writer at a time. Commit batches (the hot path) go to a thread of its own
+//! with its own connection ([`SqliteCommitter`]), which writes a batch in one call; the other
+//! writes go through a sqlx pool of exactly one connection, and the two take turns. A write
+//! transaction begins IMMEDIATE, taking the write lock (across processes too) before it reads:
+//! that lock is what makes read-decide-write atomic, so rows need no locks of their own. Reads
+//! use a separate pool and, in WAL mode, never wait for the writer.
+//!
+//! `sqlite::memory:` is a database in a temporary file, removed with the store: the commit
+//! thread needs a second connection to the same database, which an in-memory database cannot
+//! give.
 
 use std::str::FromStr;
 use std::time::Duration;
 
-use dagmesh_proto::v1::{Mutation, Run, RunEvent, Step, mutation};
+use dagmesh_proto::v1::{Mutation, Run, RunEvent, mutation};
 use prost::Message;
 use sqlx::Pool;
 use sqlx::sqlite::{
@@ -21,6 +23,7 @@ use sqlx::sqlite::{
 };
 
 use super::records::{encode_run, seq_bound};
+use super::sqlite_commit::SqliteCommitter;
 use super::{Dialect, PgTls, SqliteStore};
 use crate::StoreError;
 use crate::error::is_unique_violation;
@@ -43,33 +46,52 @@ impl Dialect for Sqlite {
     // SQLite has no clock of its own that other processes share any better.
     const CLOCK: Option<&'static str> = None;
 
-    async fn connect(url: &str) -> Result<(Pool<Sqlite>, Pool<Sqlite>), StoreError> {
-        let in_memory = is_in_memory(url);
+    type Local = SqliteLocal;
+
+    async fn connect(url: &str) -> Result<(Pool<Sqlite>, Pool<Sqlite>, SqliteLocal), StoreError> {
         let mut options = SqliteConnectOptions::from_str(url)
-            .map_err(|err| StoreError::InvalidArgument(format!("invalid SQLite URL: {err}")))?
-            .create_if_missing(true)
-            .busy_timeout(BUSY_TIMEOUT)
-            .foreign_keys(false);
-        if !in_memory {
-            // WAL: readers and the writer do not block each other. synchronous = NORMAL: no
-            // fsync per commit, so a commit survives a killed process but a power loss or OS
-            // crash may lose the last commits (the file itself stays consistent).
-            options = options
-                .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Normal);
-            if let Some(parent) = options.get_filename().parent()
-                && !parent.as_os_str().is_empty()
-            {
-                std::fs::create_dir_all(parent).map_err(|err| {
+            .map_err(|err| StoreError::InvalidArgument(format!("invalid SQLite URL: {err}")))?;
+        let scratch = if is_in_memory(url) {
+            let dir = tempfile::Builder::new()
+                .prefix("dagmesh-memory-")
+                .tempdir()
+                .map_err(|err| {
                     StoreError::Unavailable(format!(
-                        "cannot create directory {} for the SQLite database: {err}",
-                        parent.display()
+                        "cannot create a temporary file for sqlite::memory: {err}"
                     ))
                 })?;
-            }
+            options = SqliteConnectOptions::new().filename(dir.path().join("memory.db"));
+            Some(dir)
+        } else {
+            None
+        };
+        // WAL: readers and the writer do not block each other. synchronous = NORMAL: no fsync
+        // per commit, so a commit survives a killed process but a power loss or OS crash may
+        // lose the last commits (the file itself stays consistent). A scratch database
+        // (`sqlite::memory:`) need not survive anything.
+        let synchronous = if scratch.is_some() {
+            SqliteSynchronous::Off
+        } else {
+            SqliteSynchronous::Normal
+        };
+        options = options
+            .create_if_missing(true)
+            .busy_timeout(BUSY_TIMEOUT)
+            .foreign_keys(false)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(synchronous);
+        let path = options.get_filename().to_path_buf();
+        if let Some(parent) = path.parent()
+            && !parent.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(parent).map_err(|err| {
+                StoreError::Unavailable(format!(
+                    "cannot create directory {} for the SQLite database: {err}",
+                    parent.display()
+                ))
+            })?;
         }
 
-        // The writer connection is never recycled: an in-memory database would vanish with it.
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
@@ -78,16 +100,23 @@ impl Dialect for Sqlite {
             .connect_with(options.clone())
             .await?;
         MIGRATOR.run(&write).await?;
-        // An in-memory database lives and dies with its one connection: readers share it.
-        let read = if in_memory {
-            write.clone()
-        } else {
-            SqlitePoolOptions::new()
-                .max_connections(READERS)
-                .connect_with(options)
-                .await?
-        };
-        Ok((write, read))
+        let read = SqlitePoolOptions::new()
+            .max_connections(READERS)
+            .connect_with(options)
+            .await?;
+        let committer = SqliteCommitter::open(&path, BUSY_TIMEOUT, scratch.is_none())?;
+        Ok((
+            write,
+            read,
+            SqliteLocal {
+                committer,
+                _scratch: scratch,
+            },
+        ))
+    }
+
+    fn committer(local: &SqliteLocal) -> Option<&SqliteCommitter> {
+        Some(&local.committer)
     }
 
     fn rows_affected(result: &sqlx::sqlite::SqliteQueryResult) -> u64 {
@@ -106,145 +135,106 @@ impl Dialect for Sqlite {
     }
 }
 
+/// What a SQLite store holds besides its pools.
+pub struct SqliteLocal {
+    committer: SqliteCommitter,
+    /// The directory of a `sqlite::memory:` database, removed with the store.
+    _scratch: Option<tempfile::TempDir>,
+}
+
+impl SqliteLocal {
+    /// The directory of a `sqlite::memory:` database.
+    #[cfg(test)]
+    pub(super) fn scratch_dir(&self) -> Option<&std::path::Path> {
+        self._scratch.as_ref().map(tempfile::TempDir::path)
+    }
+}
+
 fn is_in_memory(url: &str) -> bool {
     let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
     rest.starts_with(":memory:") || rest.contains("mode=memory")
 }
 
-async fn put_run(conn: &mut SqliteConnection, run: &Run) -> Result<(), StoreError> {
-    let body = encode_run(run);
-    // Updates are the common case (state changes), inserts happen once per run; trying the
-    // update first keeps the common case at one statement and tells us when to write tags.
-    // The idempotency key, partition and tags are fixed at creation, so the update leaves them
-    // alone.
-    let updated =
-        sqlx::query("UPDATE runs SET workflow = $1, state = $2, body = $3 WHERE run_id = $4")
-            .bind(&run.workflow)
-            .bind(run.state)
-            .bind(&body)
-            .bind(&run.run_id)
-            .execute(&mut *conn)
-            .await?;
-    if updated.rows_affected() > 0 {
-        return Ok(());
-    }
-    let key = (!run.idempotency_key.is_empty()).then_some(run.idempotency_key.as_str());
-    sqlx::query(
-        "INSERT INTO runs (run_id, workflow, state, idempotency_key, body, partition_no) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(&run.run_id)
-    .bind(&run.workflow)
-    .bind(run.state)
-    .bind(key)
-    .bind(body)
-    .bind(i64::from(run.partition))
-    .execute(&mut *conn)
-    .await
-    .map_err(|err| match key {
-        Some(key) if is_unique_violation(&err) => StoreError::AlreadyExists(format!(
-            "idempotency key {key:?} is already used by another run"
-        )),
-        _ => err.into(),
-    })?;
-    for (key, value) in &run.tags {
-        sqlx::query("INSERT INTO run_tags (run_id, key, value) VALUES ($1, $2, $3)")
-            .bind(&run.run_id)
-            .bind(key)
-            .bind(value)
-            .execute(&mut *conn)
-            .await?;
-    }
-    Ok(())
+/// Updates a run's row (the common case: a state change); the idempotency key, partition and
+/// tags are fixed at creation, so an update leaves them alone.
+pub(super) const UPDATE_RUN: &str =
+    "UPDATE runs SET workflow = $1, state = $2, body = $3 WHERE run_id = $4";
+/// Inserts a new run's row.
+pub(super) const INSERT_RUN: &str = "INSERT INTO runs \
+     (run_id, workflow, state, idempotency_key, body, partition_no) \
+     VALUES ($1, $2, $3, $4, $5, $6)";
+/// Inserts one tag of a new run.
+pub(super) const INSERT_TAG: &str = "INSERT INTO run_tags (run_id, key, value) VALUES ($1, $2, $3)";
+/// Inserts or replaces a step row, keyed by (run_id, step_id); a step's position is kept.
+pub(super) const UPSERT_STEP: &str = "INSERT INTO steps (run_id, step_id, body) \
+     VALUES ($1, $2, $3) \
+     ON CONFLICT (run_id, step_id) DO UPDATE SET body = excluded.body";
+/// Appends one event of a run's log.
+pub(super) const INSERT_EVENT: &str = "INSERT INTO events (run_id, seq, body) VALUES ($1, $2, $3)";
+/// Inserts or replaces a step cache entry.
+pub(super) const UPSERT_CACHE_ENTRY: &str = "INSERT INTO step_cache (key, expires_at, body) \
+     VALUES ($1, $2, $3) \
+     ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at, body = excluded.body";
+
+/// The idempotency key's unique violation, named.
+pub(super) fn key_taken(key: &str) -> StoreError {
+    StoreError::AlreadyExists(format!(
+        "idempotency key {key:?} is already used by another run"
+    ))
 }
 
-/// Rows per multi-row statement: 3 parameters each stays far below SQLite's variable limit.
-const ROWS_PER_STATEMENT: usize = 500;
-
-/// Inserts or replaces step rows, keyed by (run_id, step_id); a step's position is kept.
-async fn put_steps(conn: &mut SqliteConnection, steps: &[&Step]) -> Result<(), StoreError> {
-    let mut query =
-        sqlx::QueryBuilder::<sqlx::Sqlite>::new("INSERT INTO steps (run_id, step_id, body) ");
-    query.push_values(steps, |mut row, step| {
-        row.push_bind(&step.run_id)
-            .push_bind(&step.step_id)
-            .push_bind(step.encode_to_vec());
-    });
-    query.push(" ON CONFLICT (run_id, step_id) DO UPDATE SET body = excluded.body");
-    query.build().execute(conn).await?;
-    Ok(())
+/// An event's unique violation, named.
+pub(super) fn event_exists(event: &RunEvent) -> StoreError {
+    StoreError::AlreadyExists(format!(
+        "event {} of run {:?} already exists",
+        event.seq, event.run_id
+    ))
 }
 
-async fn append_events(
-    conn: &mut SqliteConnection,
-    events: &[&RunEvent],
-) -> Result<(), StoreError> {
-    let mut query =
-        sqlx::QueryBuilder::<sqlx::Sqlite>::new("INSERT INTO events (run_id, seq, body) ");
-    query.push_values(events, |mut row, event| {
-        row.push_bind(&event.run_id)
-            .push_bind(seq_bound(event.seq))
-            .push_bind(event.encode_to_vec());
-    });
-    match query.build().execute(&mut *conn).await {
-        Ok(_) => Ok(()),
-        Err(err) if is_unique_violation(&err) => Err(duplicate_event(conn, events).await),
-        Err(err) => Err(err.into()),
-    }
-}
-
-/// Names the event that broke uniqueness (the error path only; the transaction rolls back).
-async fn duplicate_event(conn: &mut SqliteConnection, events: &[&RunEvent]) -> StoreError {
-    let mut seen = std::collections::HashSet::new();
-    for event in events {
-        let stored: Option<i64> =
-            sqlx::query_scalar("SELECT seq FROM events WHERE run_id = $1 AND seq = $2")
-                .bind(&event.run_id)
-                .bind(seq_bound(event.seq))
-                .fetch_optional(&mut *conn)
-                .await
-                .unwrap_or(None);
-        if stored.is_some() || !seen.insert((event.run_id.as_str(), event.seq)) {
-            return StoreError::AlreadyExists(format!(
-                "event {} of run {:?} already exists",
-                event.seq, event.run_id
-            ));
-        }
-    }
-    StoreError::AlreadyExists("an event of this batch already exists".into())
-}
-
-/// Applies a validated commit batch inside the caller's transaction.
+/// Applies a validated batch inside the caller's sqlx transaction, one row per statement.
+/// Only a quarantine takes this path, which reads the run in the same transaction; commit
+/// batches go to the [`SqliteCommitter`], which writes the same rows with the same statements.
 async fn apply_batch(
     conn: &mut SqliteConnection,
     mutations: &[Mutation],
 ) -> Result<(), StoreError> {
-    // Runs first (they carry the idempotency check), then steps and events in multi-row
-    // statements: each statement is a round trip to sqlx's SQLite thread, and a batch of a
-    // busy executor holds thousands of rows.
-    let mut steps = Vec::new();
-    let mut events = Vec::new();
     let mut cached = false;
     for m in mutations {
         match &m.mutation {
             Some(mutation::Mutation::PutRun(run)) => put_run(conn, run).await?,
-            Some(mutation::Mutation::PutStep(step)) => steps.push(step),
-            Some(mutation::Mutation::AppendEvent(event)) => events.push(event),
+            Some(mutation::Mutation::PutStep(step)) => {
+                sqlx::query(UPSERT_STEP)
+                    .bind(&step.run_id)
+                    .bind(&step.step_id)
+                    .bind(step.encode_to_vec())
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            Some(mutation::Mutation::AppendEvent(event)) => {
+                sqlx::query(INSERT_EVENT)
+                    .bind(&event.run_id)
+                    .bind(seq_bound(event.seq))
+                    .bind(event.encode_to_vec())
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|err| {
+                        if is_unique_violation(&err) {
+                            event_exists(event)
+                        } else {
+                            err.into()
+                        }
+                    })?;
+            }
             Some(mutation::Mutation::PutWebhookDelivery(delivery)) => {
                 SqliteStore::put_delivery(conn, delivery).await?;
             }
             Some(mutation::Mutation::PutCacheEntry(entry)) => {
-                let expires_at = entry.expires_at.as_ref().map_or(0, micros);
-                sqlx::query(
-                    "INSERT INTO step_cache (key, expires_at, body) VALUES ($1, $2, $3) \
-                     ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at, \
-                     body = excluded.body",
-                )
-                .bind(&entry.key)
-                .bind(expires_at)
-                .bind(entry.encode_to_vec())
-                .execute(&mut *conn)
-                .await?;
+                sqlx::query(UPSERT_CACHE_ENTRY)
+                    .bind(&entry.key)
+                    .bind(entry.expires_at.as_ref().map_or(0, micros))
+                    .bind(entry.encode_to_vec())
+                    .execute(&mut *conn)
+                    .await?;
                 cached = true;
             }
             None => {} // rejected by validate_mutations
@@ -253,11 +243,42 @@ async fn apply_batch(
     if cached {
         SqliteStore::drop_expired_cache(conn).await?;
     }
-    for chunk in steps.chunks(ROWS_PER_STATEMENT) {
-        put_steps(conn, chunk).await?;
+    Ok(())
+}
+
+async fn put_run(conn: &mut SqliteConnection, run: &Run) -> Result<(), StoreError> {
+    let body = encode_run(run);
+    let updated = sqlx::query(UPDATE_RUN)
+        .bind(&run.workflow)
+        .bind(run.state)
+        .bind(&body)
+        .bind(&run.run_id)
+        .execute(&mut *conn)
+        .await?;
+    if updated.rows_affected() > 0 {
+        return Ok(());
     }
-    for chunk in events.chunks(ROWS_PER_STATEMENT) {
-        append_events(conn, chunk).await?;
+    let key = (!run.idempotency_key.is_empty()).then_some(run.idempotency_key.as_str());
+    sqlx::query(INSERT_RUN)
+        .bind(&run.run_id)
+        .bind(&run.workflow)
+        .bind(run.state)
+        .bind(key)
+        .bind(body)
+        .bind(i64::from(run.partition))
+        .execute(&mut *conn)
+        .await
+        .map_err(|err| match key {
+            Some(key) if is_unique_violation(&err) => key_taken(key),
+            _ => err.into(),
+        })?;
+    for (key, value) in &run.tags {
+        sqlx::query(INSERT_TAG)
+            .bind(&run.run_id)
+            .bind(key)
+            .bind(value)
+            .execute(&mut *conn)
+            .await?;
     }
     Ok(())
 }

@@ -39,6 +39,18 @@ use crate::store::{
 /// writers of one workflow name, not the time.
 const PUT_WORKFLOW_ATTEMPTS: usize = 64;
 
+/// Inserts or replaces one webhook delivery of the outbox (parameters in order of appearance,
+/// which SQLite's own binding by position needs too).
+pub(super) const UPSERT_DELIVERY: &str = "INSERT INTO webhook_deliveries \
+     (delivery_id, run_id, state, next_attempt_at, created_at, body) \
+     VALUES ($1, $2, $3, $4, $5, $6) \
+     ON CONFLICT (delivery_id) DO UPDATE SET state = excluded.state, \
+     next_attempt_at = excluded.next_attempt_at, body = excluded.body";
+
+/// Removes up to 64 step cache entries that expired before `$1`.
+pub(super) const DELETE_EXPIRED_CACHE: &str = "DELETE FROM step_cache WHERE key IN \
+     (SELECT key FROM step_cache WHERE expires_at < $1 LIMIT 64)";
+
 /// The union rows of one run (see [`UnionRow`]), from one statement so that the run and its
 /// steps come from the same snapshot.
 const RUN_ROWS: &str = "SELECT run_id, 0 AS kind, CAST(0 AS BIGINT) AS position, \
@@ -68,6 +80,9 @@ fn active_rows_sql(only: Option<&[u32]>) -> String {
     )
 }
 
+/// See [`SqlStore::write_turn`].
+type WriteTurn = Option<tokio::sync::OwnedMutexGuard<()>>;
+
 /// A statement with a dialect's fragment in it (the fragments are constants of this crate).
 fn with_fragment(sql: String) -> AssertSqlSafe<String> {
     AssertSqlSafe(sql)
@@ -90,8 +105,18 @@ where
     /// Opens a write transaction (SQLite: holding the database's write lock from the start, so
     /// it cannot fail half-way because another process started writing). Dropping it on an
     /// error rolls back.
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, D>, StoreError> {
-        Ok(self.write.begin_with(D::BEGIN_WRITE).await?)
+    async fn begin_write(&self) -> Result<(WriteTurn, sqlx::Transaction<'static, D>), StoreError> {
+        let turn = self.write_turn().await;
+        Ok((turn, self.write.begin_with(D::BEGIN_WRITE).await?))
+    }
+
+    /// This process's turn to write, where the dialect has a commit thread beside the write
+    /// pool (SQLite): held across a write so that the two never wait on each other's lock.
+    async fn write_turn(&self) -> WriteTurn {
+        match D::committer(&self.local) {
+            Some(committer) => Some(committer.turn().await),
+            None => None,
+        }
     }
 
     /// The clock that lease expiries are judged by, in microseconds since the Unix epoch.
@@ -136,7 +161,7 @@ where
         spec: &WorkflowSpec,
         content_hash: &str,
     ) -> Result<(Workflow, bool), StoreError> {
-        let mut tx = self.begin_write().await?;
+        let (_turn, mut tx) = self.begin_write().await?;
         let latest: Option<(i64, String, Vec<u8>)> = sqlx::query_as(
             "SELECT version, content_hash, body FROM workflows WHERE name = $1 \
              ORDER BY version DESC LIMIT 1",
@@ -174,34 +199,25 @@ where
         conn: &mut D::Connection,
         delivery: &WebhookDelivery,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO webhook_deliveries \
-             (delivery_id, run_id, state, next_attempt_at, created_at, body) \
-             VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (delivery_id) DO UPDATE SET state = excluded.state, \
-             next_attempt_at = excluded.next_attempt_at, body = excluded.body",
-        )
-        .bind(delivery.delivery_id.as_str())
-        .bind(delivery.run_id.as_str())
-        .bind(delivery.state)
-        .bind(delivery.next_attempt_at.as_ref().map_or(0, micros))
-        .bind(delivery.created_at.as_ref().map_or(0, micros))
-        .bind(delivery.encode_to_vec())
-        .execute(conn)
-        .await?;
+        sqlx::query(UPSERT_DELIVERY)
+            .bind(delivery.delivery_id.as_str())
+            .bind(delivery.run_id.as_str())
+            .bind(delivery.state)
+            .bind(delivery.next_attempt_at.as_ref().map_or(0, micros))
+            .bind(delivery.created_at.as_ref().map_or(0, micros))
+            .bind(delivery.encode_to_vec())
+            .execute(conn)
+            .await?;
         Ok(())
     }
 
     /// Removes a few expired step cache entries, paid for by the commits that add entries.
     /// Part of both dialects' batch commit.
     pub(super) async fn drop_expired_cache(conn: &mut D::Connection) -> Result<(), StoreError> {
-        sqlx::query(
-            "DELETE FROM step_cache WHERE key IN \
-             (SELECT key FROM step_cache WHERE expires_at < $1 LIMIT 64)",
-        )
-        .bind(now_micros())
-        .execute(conn)
-        .await?;
+        sqlx::query(DELETE_EXPIRED_CACHE)
+            .bind(now_micros())
+            .execute(conn)
+            .await?;
         Ok(())
     }
 
@@ -213,6 +229,7 @@ where
         kind: &str,
         name: &str,
     ) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await;
         query.execute(&self.write).await.map_err(|err| {
             if is_unique_violation(&err) {
                 name_taken(kind, name)
@@ -230,6 +247,7 @@ where
         kind: &str,
         id_or_name: &str,
     ) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await;
         let deleted = sqlx::query(sql)
             .bind(id_or_name)
             .execute(&self.write)
@@ -333,7 +351,10 @@ where
         if mutations.is_empty() {
             return Ok(());
         }
-        let mut tx = self.begin_write().await?;
+        if let Some(committer) = D::committer(&self.local) {
+            return committer.commit(&[], mutations).await;
+        }
+        let (_turn, mut tx) = self.begin_write().await?;
         D::apply(&mut tx, &mutations).await?;
         tx.commit().await?;
         Ok(())
@@ -403,7 +424,7 @@ where
 
     async fn init_cluster(&self, partitions: u32) -> Result<u32, StoreError> {
         check_partition_count(partitions)?;
-        let mut tx = self.begin_write().await?;
+        let (_turn, mut tx) = self.begin_write().await?;
         // A concurrent first caller's uncommitted insert makes this one wait, then do nothing.
         sqlx::query(
             "INSERT INTO cluster (id, partitions) VALUES (1, $1) ON CONFLICT (id) DO NOTHING",
@@ -427,7 +448,7 @@ where
     }
 
     async fn quarantine_run(&self, run_id: &str, reason: &str) -> Result<Run, StoreError> {
-        let mut tx = self.begin_write().await?;
+        let (_turn, mut tx) = self.begin_write().await?;
         // Locks the run row first, so that two quarantines of one run do not both number
         // their events after the same seq.
         let exists: Option<i32> = sqlx::query_scalar(with_fragment(format!(
@@ -466,7 +487,7 @@ where
     ) -> Result<Lease, StoreError> {
         validate_lease(name, holder)?;
         let ttl = ttl_micros(ttl)?;
-        let mut tx = self.begin_write().await?;
+        let (_turn, mut tx) = self.begin_write().await?;
         // A free row to lock, so that concurrent first acquirers queue on it like later ones
         // (an acquirer that finds another's uncommitted insert waits for it, then does nothing).
         sqlx::query(
@@ -537,7 +558,7 @@ where
         if keep.is_empty() && take.is_empty() {
             return Ok(claimed);
         }
-        let mut tx = self.begin_write().await?;
+        let (_turn, mut tx) = self.begin_write().await?;
         // Rows to take are locked first, in name order (as `acquire_lease` locks one), so two
         // members taking overlapping sets queue instead of deadlocking.
         let mut take: Vec<&str> = take.iter().map(String::as_str).collect();
@@ -706,7 +727,10 @@ where
     ) -> Result<(), StoreError> {
         check_fences(fences)?;
         validate_mutations(&mutations)?;
-        let mut tx = self.begin_write().await?;
+        if let Some(committer) = D::committer(&self.local) {
+            return committer.commit(fences, mutations).await;
+        }
+        let (_turn, mut tx) = self.begin_write().await?;
         // PostgreSQL: FOR KEY SHARE lets concurrent commits and renewals go on together, but an
         // acquire (FOR UPDATE) waits for this transaction, and this check waits for an acquire
         // in flight and then reads the epoch it wrote. SQLite: the write lock already excludes
@@ -800,6 +824,7 @@ where
         id_or_name: &str,
         paused: bool,
     ) -> Result<Schedule, StoreError> {
+        let _turn = self.write_turn().await;
         let updated = sqlx::query("UPDATE schedules SET paused = $2 WHERE id = $1 OR name = $1")
             .bind(id_or_name)
             .bind(paused)
@@ -817,6 +842,7 @@ where
         expected: Option<Timestamp>,
         to: Timestamp,
     ) -> Result<bool, StoreError> {
+        let _turn = self.write_turn().await;
         let updated = sqlx::query(
             "UPDATE schedules SET last_tick = $2 WHERE id = $1 AND last_tick IS NOT DISTINCT FROM $3",
         )
@@ -867,7 +893,7 @@ where
                 "backfill.id: must not be empty".to_owned(),
             ));
         }
-        let mut tx = self.begin_write().await?;
+        let (_turn, mut tx) = self.begin_write().await?;
         let stored: Option<Vec<u8>> = sqlx::query_scalar(with_fragment(format!(
             "SELECT body FROM backfills WHERE id = $1{}",
             D::FOR_UPDATE
@@ -953,7 +979,7 @@ where
     }
 
     async fn revoke_token(&self, id_or_name: &str) -> Result<StoredToken, StoreError> {
-        let mut tx = self.begin_write().await?;
+        let (_turn, mut tx) = self.begin_write().await?;
         let row: Option<(String, Vec<u8>)> = sqlx::query_as(with_fragment(format!(
             "SELECT token_id, body FROM tokens WHERE token_id = $1 OR name = $1{}",
             D::FOR_UPDATE
