@@ -214,6 +214,14 @@ cargo test --workspace --locked
 
 $quick && exit 0
 
+# --- Hot-path regression check ----------------------------------------------------------------
+# Not a timed test: `dagmesh bench` on this (debug) build, reported, with bounds ~5x looser than
+# what the debug build measures on a 2-core machine (chain ~1 ms/step, fan-out ~5,600 steps/s,
+# 1,000 runs p99 ~1.1 s), so only a gross regression of the hot path fails it, not the noise of
+# a shared machine. Release numbers: docs/benchmarks.md.
+step "hot-path benchmark (debug build, generous bounds)"
+"$venv/bin/python" scripts/bench_check.py "$root/target/debug/dagmesh"
+
 # --- Web console ----------------------------------------------------------------------------
 step "web console: type check; src/gen and dist are what npm run generate and npm run build make"
 (cd console/web && quietly npm ci --no-audit --no-fund && quietly npm run generate &&
