@@ -254,6 +254,40 @@ mod tests {
         assert!(!dir.exists(), "{} is left behind", dir.display());
     }
 
+    /// The write-ahead log stays bounded under a stream of commits: the checkpoint thread alone
+    /// would never catch up with them, so a commit completes the checkpoint at 4,096 pages.
+    #[tokio::test]
+    async fn the_write_ahead_log_stays_bounded_under_a_stream_of_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal.db");
+        let store = SqliteStore::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        let wal = dir.path().join("wal.db-wal");
+        let mut largest = 0;
+        // 60 MB of rows, about four times the log's bound.
+        for batch in 0..1_500 {
+            let runs = (0..10)
+                .map(|i| Mutation {
+                    mutation: Some(dagmesh_proto::v1::mutation::Mutation::PutRun(
+                        dagmesh_proto::v1::Run {
+                            run_id: format!("r{batch}-{i}"),
+                            workflow: "w".repeat(4000),
+                            ..Default::default()
+                        },
+                    )),
+                })
+                .collect();
+            store.commit(runs).await.unwrap();
+            largest = largest.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
+        }
+        store.close().await;
+        assert!(
+            largest < 24 << 20,
+            "the write-ahead log grew to {largest} bytes"
+        );
+    }
+
     /// After `close`, a commit is refused as retryable, not lost silently or panicking.
     #[tokio::test]
     async fn a_closed_sqlite_store_refuses_commits_as_unavailable() {
