@@ -984,3 +984,46 @@ async fn cli_reads_like_a_finished_tool() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `bench chain --worker-command` runs the chain on another worker program (here the Rust
+/// conformance worker), as it would an SDK's, and a program that cannot start is named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_chain_runs_on_an_external_worker_program() -> anyhow::Result<()> {
+    let worker = env!("CARGO_BIN_EXE_dagmesh-conformance-worker");
+    let ran = dagmesh(&[
+        "bench",
+        "chain",
+        "--size",
+        "5",
+        "--repeat",
+        "1",
+        "--worker-command",
+        worker,
+        "--task",
+        "conformance.echo@^1",
+        "-o",
+        "json",
+    ])
+    .await?
+    .ok();
+    let report = ran.json();
+    assert_eq!(report["scenario"], "chain", "{report}");
+    assert_eq!(report["steps"], 5, "{report}");
+    assert!(
+        report["per_step_ms"].as_f64().is_some_and(|ms| ms > 0.0),
+        "{report}"
+    );
+
+    let ran = dagmesh(&[
+        "bench",
+        "chain",
+        "--worker-command",
+        "/nonexistent/worker",
+        "-o",
+        "json",
+    ])
+    .await?;
+    assert_ne!(ran.code, Some(0), "{ran:#?}");
+    assert!(ran.stderr.contains("/nonexistent/worker"), "{ran:#?}");
+    Ok(())
+}

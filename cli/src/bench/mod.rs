@@ -85,6 +85,15 @@ pub struct BenchArgs {
     /// executor drives every run and the others forward to it.
     #[arg(long)]
     pub share_partitions: bool,
+    /// `chain` only: run the steps on this worker program instead of the built-in Rust no-op
+    /// worker, to measure an SDK's own per-task overhead. It is started with `--server URL
+    /// --instance-id bench-external --slots 1` appended, as the conformance workers take them,
+    /// e.g. `--worker-command "python -m dagmesh.conformance" --task conformance.echo@^1`.
+    #[arg(long)]
+    pub worker_command: Option<String>,
+    /// `chain` with `--worker-command`: the task every step runs.
+    #[arg(long, default_value = "noop@^1")]
+    pub task: String,
 }
 
 /// One result line; fields that do not apply to a scenario are null.
@@ -404,13 +413,29 @@ fn median(mut values: Vec<Duration>) -> Duration {
 
 async fn chain(args: &BenchArgs) -> anyhow::Result<Report> {
     let length = args.size.unwrap_or(200);
-    let spec = chain_spec("bench-chain", length);
-    let bench = Bench::start(args, 1, 1).await?;
+    let mut spec = chain_spec("bench-chain", length);
+    let external = args.worker_command.as_deref();
+    anyhow::ensure!(
+        external.is_none() || !args.secure,
+        "--worker-command does not combine with --secure"
+    );
+    for step in &mut spec.steps {
+        step.task.clone_from(&args.task);
+    }
+    let bench = Bench::start(args, usize::from(external.is_none()), 1).await?;
+    // Killed when dropped, however the bench ends.
+    let worker = external
+        .map(|command| start_external_worker(command, &bench.mesh.url()))
+        .transpose()?;
     let spec = bench.register(spec).await?;
-    bench.run(spec.clone()).await?; // warm-up: caches hot
+    bench.run(spec.clone()).await?; // warm-up: caches hot, and the external worker connected
     let mut walls = Vec::new();
     for _ in 0..args.repeat.max(1) {
         walls.push(bench.run(spec.clone()).await?);
+    }
+    if let Some(mut worker) = worker {
+        // Before the mesh shuts down, which would otherwise wait for its stream to drain.
+        worker.kill().await?;
     }
     bench.stop().await?;
     let wall = median(walls);
@@ -422,6 +447,29 @@ async fn chain(args: &BenchArgs) -> anyhow::Result<Report> {
         steps_per_s: Some(length as f64 / wall.as_secs_f64()),
         ..Default::default()
     })
+}
+
+/// Starts `command` (split on whitespace) as a worker of one slot connecting to `url`.
+fn start_external_worker(command: &str, url: &str) -> anyhow::Result<tokio::process::Child> {
+    let mut words = command.split_whitespace();
+    let program = words
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("--worker-command is empty"))?;
+    tokio::process::Command::new(program)
+        .args(words)
+        .args([
+            "--server",
+            url,
+            "--instance-id",
+            "bench-external",
+            "--slots",
+            "1",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|err| anyhow::anyhow!("cannot start --worker-command {command:?}: {err}"))
 }
 
 async fn rpc(args: &BenchArgs) -> anyhow::Result<Report> {
