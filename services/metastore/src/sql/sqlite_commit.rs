@@ -240,9 +240,7 @@ fn commit(
     }
     if cached {
         // A few expired entries go, paid for by the commits that add entries.
-        tx.prepare_cached(DELETE_EXPIRED_CACHE)
-            .and_then(|mut statement| statement.execute([now_micros()]))
-            .map_err(store_error)?;
+        execute(&tx, DELETE_EXPIRED_CACHE, [now_micros()]).map_err(store_error)?;
     }
     tx.commit().map_err(store_error)
 }
@@ -272,31 +270,32 @@ fn put_run(tx: &Transaction<'_>, run: &Run) -> Result<(), StoreError> {
     let body = encode_run(run);
     // Updates are the common case; the idempotency key, partition and tags are fixed at
     // creation, so an update leaves them alone.
-    let updated = tx
-        .prepare_cached(UPDATE_RUN)
-        .and_then(|mut statement| {
-            statement.execute(rusqlite::params![run.workflow, run.state, body, run.run_id])
-        })
-        .map_err(store_error)?;
+    let updated = execute(
+        tx,
+        UPDATE_RUN,
+        rusqlite::params![run.workflow, run.state, body, run.run_id],
+    )
+    .map_err(store_error)?;
     if updated > 0 {
         return Ok(());
     }
     let key = (!run.idempotency_key.is_empty()).then_some(run.idempotency_key.as_str());
-    tx.prepare_cached(INSERT_RUN)
-        .and_then(|mut statement| {
-            statement.execute(rusqlite::params![
-                run.run_id,
-                run.workflow,
-                run.state,
-                key,
-                body,
-                i64::from(run.partition)
-            ])
-        })
-        .map_err(|err| match key {
-            Some(key) if is_unique_violation(&err) => key_taken(key),
-            _ => store_error(err),
-        })?;
+    execute(
+        tx,
+        INSERT_RUN,
+        rusqlite::params![
+            run.run_id,
+            run.workflow,
+            run.state,
+            key,
+            body,
+            i64::from(run.partition)
+        ],
+    )
+    .map_err(|err| match key {
+        Some(key) if is_unique_violation(&err) => key_taken(key),
+        _ => store_error(err),
+    })?;
     let mut statement = tx.prepare_cached(INSERT_TAG).map_err(store_error)?;
     for (key, value) in &run.tags {
         statement
@@ -307,64 +306,69 @@ fn put_run(tx: &Transaction<'_>, run: &Run) -> Result<(), StoreError> {
 }
 
 fn put_step(tx: &Transaction<'_>, step: &Step) -> Result<(), StoreError> {
-    tx.prepare_cached(UPSERT_STEP)
-        .and_then(|mut statement| {
-            statement.execute(rusqlite::params![
-                step.run_id,
-                step.step_id,
-                step.encode_to_vec()
-            ])
-        })
-        .map_err(store_error)?;
+    execute(
+        tx,
+        UPSERT_STEP,
+        rusqlite::params![step.run_id, step.step_id, step.encode_to_vec()],
+    )
+    .map_err(store_error)?;
     Ok(())
 }
 
 fn append_event(tx: &Transaction<'_>, event: &RunEvent) -> Result<(), StoreError> {
-    tx.prepare_cached(INSERT_EVENT)
-        .and_then(|mut statement| {
-            statement.execute(rusqlite::params![
-                event.run_id,
-                seq_bound(event.seq),
-                event.encode_to_vec()
-            ])
-        })
-        .map_err(|err| {
-            if is_unique_violation(&err) {
-                event_exists(event)
-            } else {
-                store_error(err)
-            }
-        })?;
+    execute(
+        tx,
+        INSERT_EVENT,
+        rusqlite::params![event.run_id, seq_bound(event.seq), event.encode_to_vec()],
+    )
+    .map_err(|err| {
+        if is_unique_violation(&err) {
+            event_exists(event)
+        } else {
+            store_error(err)
+        }
+    })?;
     Ok(())
 }
 
 fn put_delivery(tx: &Transaction<'_>, delivery: &WebhookDelivery) -> Result<(), StoreError> {
-    tx.prepare_cached(UPSERT_DELIVERY)
-        .and_then(|mut statement| {
-            statement.execute(rusqlite::params![
-                delivery.delivery_id,
-                delivery.run_id,
-                delivery.state,
-                delivery.next_attempt_at.as_ref().map_or(0, micros),
-                delivery.created_at.as_ref().map_or(0, micros),
-                delivery.encode_to_vec()
-            ])
-        })
-        .map_err(store_error)?;
+    execute(
+        tx,
+        UPSERT_DELIVERY,
+        rusqlite::params![
+            delivery.delivery_id,
+            delivery.run_id,
+            delivery.state,
+            delivery.next_attempt_at.as_ref().map_or(0, micros),
+            delivery.created_at.as_ref().map_or(0, micros),
+            delivery.encode_to_vec()
+        ],
+    )
+    .map_err(store_error)?;
     Ok(())
 }
 
 fn put_cache_entry(tx: &Transaction<'_>, entry: &CacheEntry) -> Result<(), StoreError> {
-    tx.prepare_cached(UPSERT_CACHE_ENTRY)
-        .and_then(|mut statement| {
-            statement.execute(rusqlite::params![
-                entry.key,
-                entry.expires_at.as_ref().map_or(0, micros),
-                entry.encode_to_vec()
-            ])
-        })
-        .map_err(store_error)?;
+    execute(
+        tx,
+        UPSERT_CACHE_ENTRY,
+        rusqlite::params![
+            entry.key,
+            entry.expires_at.as_ref().map_or(0, micros),
+            entry.encode_to_vec()
+        ],
+    )
+    .map_err(store_error)?;
     Ok(())
+}
+
+/// Runs one of the commit's statements, prepared once per connection.
+fn execute(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> rusqlite::Result<usize> {
+    tx.prepare_cached(sql)?.execute(params)
 }
 
 fn is_unique_violation(err: &rusqlite::Error) -> bool {
