@@ -116,6 +116,9 @@ pub(crate) struct Driver {
     executor_draining: bool,
     session_id: Option<String>,
     sessions: u64,
+    /// Entries of `tasks` that are Running (kept as they change: `publish` runs several times
+    /// per task and must not walk the table each time).
+    running: usize,
 }
 
 impl Drop for Driver {
@@ -142,6 +145,7 @@ impl Driver {
             executor_draining: false,
             session_id: None,
             sessions: 0,
+            running: 0,
         }
     }
 
@@ -456,12 +460,15 @@ impl Driver {
                 let error = refusal.unwrap_or_else(|| TaskError::retryable("refused"));
                 warn!(task_id = %key.0, attempt = key.1, error = %error.message, "assignment refused");
                 let result = failed(&key, error);
-                self.tasks.insert(
+                let before = self.tasks.insert(
                     key,
                     Entry::Finished {
                         result: result.clone(),
                     },
                 );
+                if matches!(before, Some(Entry::Running { .. })) {
+                    self.running -= 1;
+                }
                 self.publish();
                 send(out, result).await
             }
@@ -516,7 +523,7 @@ impl Driver {
             )
             .instrument(span),
         );
-        self.tasks.insert(
+        let before = self.tasks.insert(
             key,
             Entry::Running {
                 slots,
@@ -524,6 +531,9 @@ impl Driver {
                 pump: pump.abort_handle(),
             },
         );
+        if !matches!(before, Some(Entry::Running { .. })) {
+            self.running += 1;
+        }
     }
 
     fn on_recorded(&mut self, recorded: Recorded) {
@@ -602,6 +612,7 @@ impl Driver {
         match self.tasks.get_mut(&key) {
             Some(entry @ Entry::Running { .. }) => {
                 *entry = Entry::Finished { result };
+                self.running -= 1;
                 self.publish();
                 true
             }
@@ -638,32 +649,40 @@ impl Driver {
     }
 
     fn state(&self) -> WorkerState {
-        let running = self
-            .tasks
-            .values()
-            .filter(|e| matches!(e, Entry::Running { .. }))
-            .count();
         WorkerState {
             connected: self.session_id.is_some(),
             session_id: self.session_id.clone(),
             draining: self.draining,
             executor_draining: self.executor_draining,
-            running,
-            unacknowledged: self.tasks.len() - running,
+            running: self.running,
+            unacknowledged: self.tasks.len() - self.running,
             sessions: self.sessions,
         }
     }
 
+    /// Field by field, so that the common publish (a count moved) allocates nothing.
     fn publish(&self) {
-        let state = self.state();
         self.shared.state.send_if_modified(|current| {
-            let changed = *current != state;
-            if changed {
-                *current = state;
+            let mut changed = update(&mut current.connected, self.session_id.is_some());
+            changed |= update(&mut current.draining, self.draining);
+            changed |= update(&mut current.executor_draining, self.executor_draining);
+            changed |= update(&mut current.running, self.running);
+            changed |= update(&mut current.unacknowledged, self.tasks.len() - self.running);
+            changed |= update(&mut current.sessions, self.sessions);
+            if current.session_id != self.session_id {
+                current.session_id.clone_from(&self.session_id);
+                changed = true;
             }
             changed
         });
     }
+}
+
+/// Sets `field` to `value`; whether that changed it.
+fn update<T: PartialEq>(field: &mut T, value: T) -> bool {
+    let changed = *field != value;
+    *field = value;
+    changed
 }
 
 /// Dials the executor, sends Hello and waits for Welcome.
