@@ -18,12 +18,14 @@ if TYPE_CHECKING:
     from dagmesh.context import TaskContext
 
 try:
+    from opentelemetry import context as _context
     from opentelemetry import trace as _trace
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     _PROPAGATOR: Any = TraceContextTextMapPropagator()
     AVAILABLE = True
 except ImportError:  # pragma: no cover - exercised when the extra is not installed
+    _context = None  # type: ignore[assignment]
     _trace = None  # type: ignore[assignment]
     AVAILABLE = False
 
@@ -36,6 +38,18 @@ def task_span(ctx: TaskContext) -> Iterator[None]:
         yield
         return
     carrier = {"traceparent": ctx.traceparent} if ctx.traceparent else {}
+    if isinstance(_trace.get_tracer_provider(), _trace.ProxyTracerProvider):
+        # No tracer provider set: a span would not be recorded, so skip making one (a
+        # per-task cost a short task notices) and make the executor's span current directly.
+        if not carrier:
+            yield
+            return
+        token = _context.attach(_PROPAGATOR.extract(carrier))
+        try:
+            yield
+        finally:
+            _context.detach(token)
+        return
     parent = _PROPAGATOR.extract(carrier)
     tracer = _trace.get_tracer("dagmesh")
     span = tracer.start_span(
