@@ -94,6 +94,10 @@ pub struct BenchArgs {
     /// `chain` with `--worker-command`: the task every step runs.
     #[arg(long, default_value = "noop@^1")]
     pub task: String,
+    /// `fanout`, `map` and `runs`: slots of each of the two built-in workers, the tasks they
+    /// run at once.
+    #[arg(long, default_value_t = 128)]
+    pub slots: u32,
 }
 
 /// One result line; fields that do not apply to a scenario are null.
@@ -541,7 +545,7 @@ async fn map(args: &BenchArgs) -> anyhow::Result<Report> {
     throughput(args, "map", spec, Some(inputs), width + 1).await
 }
 
-/// Runs `spec` (with `inputs`) `--repeat` times on two workers of 128 slots; the median run
+/// Runs `spec` (with `inputs`) `--repeat` times on two workers of `--slots`; the median run
 /// over `steps` steps.
 async fn throughput(
     args: &BenchArgs,
@@ -550,7 +554,7 @@ async fn throughput(
     inputs: Option<prost_types::Struct>,
     steps: usize,
 ) -> anyhow::Result<Report> {
-    let bench = Bench::start(args, 2, 128).await?;
+    let bench = Bench::start(args, 2, args.slots).await?;
     let request = SubmitRunRequest {
         inputs,
         ..bench.register(spec).await?
@@ -574,7 +578,7 @@ async fn throughput(
 async fn runs(args: &BenchArgs) -> anyhow::Result<Report> {
     let count = args.size.unwrap_or(1000);
     let spec = chain_spec("bench-runs", 5);
-    let bench = Bench::start(args, 2, 128).await?;
+    let bench = Bench::start(args, 2, args.slots).await?;
     let spec = bench.register(spec).await?;
     bench.run(spec.clone()).await?; // warm-up
     let started = Instant::now();
