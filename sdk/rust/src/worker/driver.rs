@@ -662,6 +662,14 @@ impl Driver {
 
     /// Field by field, so that the common publish (a count moved) allocates nothing.
     fn publish(&self) {
+        debug_assert_eq!(
+            self.running,
+            self.tasks
+                .values()
+                .filter(|entry| matches!(entry, Entry::Running { .. }))
+                .count(),
+            "the running count follows the task table"
+        );
         self.shared.state.send_if_modified(|current| {
             let mut changed = update(&mut current.connected, self.session_id.is_some());
             changed |= update(&mut current.draining, self.draining);
