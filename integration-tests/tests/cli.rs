@@ -985,6 +985,27 @@ async fn cli_reads_like_a_finished_tool() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `bench --slots` takes what a worker may announce: past the executor's limit it is refused at
+/// once, naming the range, instead of a worker that is never let in and a bench that waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_slots_outside_the_executor_limit_are_refused() -> anyhow::Result<()> {
+    for slots in ["0", "10001", "4294967295"] {
+        let ran = dagmesh(&["bench", "fanout", "--size", "5", "--slots", slots]).await?;
+        assert_eq!(ran.code, Some(2), "--slots {slots}: {ran:#?}");
+        assert!(
+            ran.stderr.contains("--slots") && ran.stderr.contains("1..=10000"),
+            "--slots {slots}: {ran:#?}"
+        );
+    }
+    let ran = dagmesh(&[
+        "bench", "fanout", "--size", "5", "--repeat", "1", "--slots", "3", "-o", "json",
+    ])
+    .await?
+    .ok();
+    assert_eq!(ran.json()["steps"], 6, "{ran:#?}");
+    Ok(())
+}
+
 /// `bench chain --worker-command` runs the chain on another worker program (here the Rust
 /// conformance worker), as it would an SDK's, and a program that cannot start is named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -95,8 +95,9 @@ pub struct BenchArgs {
     #[arg(long, default_value = "noop@^1")]
     pub task: String,
     /// `fanout`, `map` and `runs`: slots of each of the two built-in workers, the tasks they
-    /// run at once.
-    #[arg(long, default_value_t = 128)]
+    /// run at once (1 to the executor's limit on a worker's slots).
+    #[arg(long, default_value_t = 128,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(dagmesh_proto::limits::MAX_SLOTS)))]
     pub slots: u32,
 }
 
