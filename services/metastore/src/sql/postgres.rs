@@ -13,7 +13,7 @@ use prost::Message;
 use sqlx::Pool;
 use sqlx::postgres::{PgConnection, PgDatabaseError, PgPoolOptions, Postgres};
 
-use super::records::{encode_run, seq_bound};
+use super::records::{encode_run, encode_shared_event, encode_shared_step, seq_bound};
 use super::{Dialect, PgTls, PostgresStore};
 use crate::StoreError;
 use crate::error::is_unique_violation;
@@ -213,7 +213,7 @@ async fn put_steps(conn: &mut PgConnection, steps: &[&Step]) -> Result<(), Store
     }
     let run_ids: Vec<&str> = steps.iter().map(|s| s.run_id.as_str()).collect();
     let step_ids: Vec<&str> = steps.iter().map(|s| s.step_id.as_str()).collect();
-    let bodies: Vec<Vec<u8>> = steps.iter().map(|s| s.encode_to_vec()).collect();
+    let bodies: Vec<Vec<u8>> = steps.iter().map(|s| encode_shared_step(s)).collect();
     // ORDER BY ord: new steps take identity values (their `position`) in batch order.
     sqlx::query(
         "INSERT INTO steps (run_id, step_id, body) \
@@ -237,7 +237,7 @@ async fn append_events(conn: &mut PgConnection, events: &[&RunEvent]) -> Result<
     }
     let run_ids: Vec<&str> = events.iter().map(|e| e.run_id.as_str()).collect();
     let seqs: Vec<i64> = events.iter().map(|e| seq_bound(e.seq)).collect();
-    let bodies: Vec<Vec<u8>> = events.iter().map(|e| e.encode_to_vec()).collect();
+    let bodies: Vec<Vec<u8>> = events.iter().map(|e| encode_shared_event(e)).collect();
     sqlx::query(
         "INSERT INTO events (run_id, seq, body) \
          SELECT * FROM UNNEST($1::text[], $2::int8[], $3::bytea[])",

@@ -60,6 +60,57 @@ pub(super) fn encode_run(run: &Run) -> Vec<u8> {
     }
 }
 
+/// The stored body of a step row: the record less what the row's key columns hold (the run
+/// id, the step id and the task id made of the two), which [`StoredRun::push_step`] puts back.
+/// Those strings were about half of a step row's bytes. The fields are taken out for the
+/// encoding and put back.
+pub(super) fn encode_step(step: &mut Step) -> Vec<u8> {
+    let derived_task_id = is_derived_task_id(step);
+    let run_id = std::mem::take(&mut step.run_id);
+    let step_id = std::mem::take(&mut step.step_id);
+    let task_id = if derived_task_id {
+        std::mem::take(&mut step.task_id)
+    } else {
+        String::new()
+    };
+    let body = step.encode_to_vec();
+    step.run_id = run_id;
+    step.step_id = step_id;
+    if derived_task_id {
+        step.task_id = task_id;
+    }
+    body
+}
+
+/// `encode_step` for a writer that holds the step shared.
+pub(super) fn encode_shared_step(step: &Step) -> Vec<u8> {
+    encode_step(&mut step.clone())
+}
+
+/// Whether `task_id` is `<run_id>/<step_id>`, which the reader can rebuild.
+fn is_derived_task_id(step: &Step) -> bool {
+    step.task_id
+        .strip_prefix(step.run_id.as_str())
+        .and_then(|rest| rest.strip_prefix('/'))
+        == Some(step.step_id.as_str())
+}
+
+/// The stored body of an event row: the record less its run id and sequence number, which the
+/// row's key columns hold and [`event_from_row`] puts back.
+pub(super) fn encode_event(event: &mut RunEvent) -> Vec<u8> {
+    let run_id = std::mem::take(&mut event.run_id);
+    let seq = std::mem::take(&mut event.seq);
+    let body = event.encode_to_vec();
+    event.run_id = run_id;
+    event.seq = seq;
+    body
+}
+
+/// `encode_event` for a writer that holds the event shared.
+pub(super) fn encode_shared_event(event: &RunEvent) -> Vec<u8> {
+    encode_event(&mut event.clone())
+}
+
 pub(super) fn new_workflow(spec: WorkflowSpec, content_hash: String, version: u32) -> Workflow {
     Workflow {
         name: spec.name.clone(),
@@ -139,8 +190,22 @@ impl StoredRun {
         }
     }
 
+    /// A step row; the key fields its body leaves out (see [`encode_step`]) come from the
+    /// columns. A body written before that keeps its own.
     fn push_step(&mut self, step_id: String, body: &[u8]) {
         let step = Step::decode(body)
+            .map(|mut step| {
+                if step.run_id.is_empty() {
+                    step.run_id.clone_from(&self.run_id);
+                }
+                if step.step_id.is_empty() {
+                    step.step_id.clone_from(&step_id);
+                }
+                if step.task_id.is_empty() {
+                    step.task_id = format!("{}/{}", step.run_id, step.step_id);
+                }
+                step
+            })
             .map_err(|err| unreadable(&format!("step {step_id:?} of run {:?}", self.run_id), &err));
         self.steps.push((step_id, step));
     }
@@ -287,9 +352,19 @@ pub(super) fn one_run(run_id: &str, rows: Vec<UnionRow>) -> Result<Run, StoreErr
         .ok_or_else(|| crate::store::run_not_found(run_id))
 }
 
-/// An event row for a reader: an undecodable one keeps its place with `unreadable` set.
+/// An event row for a reader, its run id and sequence number from the columns (see
+/// [`encode_event`]); an undecodable one keeps its place with `unreadable` set.
 pub(super) fn event_from_row(run_id: &str, seq: i64, body: &[u8]) -> RunEvent {
-    RunEvent::decode(body).unwrap_or_else(|err| RunEvent {
+    let decoded = RunEvent::decode(body).map(|mut event| {
+        if event.run_id.is_empty() {
+            run_id.clone_into(&mut event.run_id);
+        }
+        if event.seq == 0 {
+            event.seq = u64::try_from(seq).unwrap_or(0);
+        }
+        event
+    });
+    decoded.unwrap_or_else(|err| RunEvent {
         run_id: run_id.to_owned(),
         seq: u64::try_from(seq).unwrap_or(0),
         at: None,
@@ -513,6 +588,72 @@ pub(super) fn runs_page(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stored_step(run_id: &str, step_id: &str, body: &[u8]) -> Step {
+        let mut run = StoredRun::from_row(run_id.into(), "w".into(), 1, &[]);
+        run.push_step(step_id.into(), body);
+        run.steps.pop().expect("pushed").1.expect("decodes")
+    }
+
+    #[test]
+    fn step_rows_leave_their_keys_to_the_columns_and_read_back_whole() {
+        let mut step = Step {
+            run_id: "0f8e2b1c-run".into(),
+            step_id: "fetch[3]".into(),
+            task_id: "0f8e2b1c-run/fetch[3]".into(),
+            state: StepState::Running as i32,
+            attempt: 2,
+            worker: "w-1".into(),
+            ..Step::default()
+        };
+        let body = encode_step(&mut step);
+        assert_eq!(step.run_id, "0f8e2b1c-run", "the caller's step is left as it was");
+        assert_eq!(step.task_id, "0f8e2b1c-run/fetch[3]");
+        assert!(
+            !body.windows(12).any(|w| w == b"0f8e2b1c-run"),
+            "the run id is not in the body"
+        );
+        assert!(body.len() < step.encoded_len() / 2, "{} bytes", body.len());
+        assert_eq!(stored_step("0f8e2b1c-run", "fetch[3]", &body), step);
+        // A row written whole (by an earlier version) reads as it was written.
+        assert_eq!(
+            stored_step("0f8e2b1c-run", "fetch[3]", &step.encode_to_vec()),
+            step
+        );
+        // A task id that is not made of the keys is kept in the body.
+        let mut odd = Step {
+            task_id: "elsewhere".into(),
+            ..step.clone()
+        };
+        let body = encode_step(&mut odd);
+        assert_eq!(stored_step("0f8e2b1c-run", "fetch[3]", &body), odd);
+    }
+
+    #[test]
+    fn event_rows_leave_run_id_and_seq_to_the_columns_and_read_back_whole() {
+        let mut event = RunEvent {
+            run_id: "0f8e2b1c-run".into(),
+            seq: 41,
+            at: Some(Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 5,
+            }),
+            event: Some(run_event::Event::StepState(StepStateChanged {
+                step_id: "fetch".into(),
+                state: StepState::Succeeded as i32,
+                attempt: 1,
+                ..Default::default()
+            })),
+        };
+        let body = encode_event(&mut event);
+        assert_eq!((event.run_id.as_str(), event.seq), ("0f8e2b1c-run", 41));
+        assert!(!body.windows(12).any(|w| w == b"0f8e2b1c-run"));
+        assert_eq!(event_from_row("0f8e2b1c-run", 41, &body), event);
+        assert_eq!(
+            event_from_row("0f8e2b1c-run", 41, &event.encode_to_vec()),
+            event
+        );
+    }
 
     #[test]
     fn run_header_reads_the_fields_of_a_run() {

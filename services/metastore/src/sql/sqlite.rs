@@ -22,7 +22,7 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 
-use super::records::{encode_run, seq_bound};
+use super::records::{encode_run, encode_shared_event, encode_shared_step, seq_bound};
 use super::sqlite_commit::SqliteCommitter;
 use super::{Dialect, PgTls, SqliteStore};
 use crate::StoreError;
@@ -206,7 +206,7 @@ async fn apply_batch(
                 sqlx::query(UPSERT_STEP)
                     .bind(&step.run_id)
                     .bind(&step.step_id)
-                    .bind(step.encode_to_vec())
+                    .bind(encode_shared_step(step))
                     .execute(&mut *conn)
                     .await?;
             }
@@ -214,7 +214,7 @@ async fn apply_batch(
                 sqlx::query(INSERT_EVENT)
                     .bind(&event.run_id)
                     .bind(seq_bound(event.seq))
-                    .bind(event.encode_to_vec())
+                    .bind(encode_shared_event(event))
                     .execute(&mut *conn)
                     .await
                     .map_err(|err| {

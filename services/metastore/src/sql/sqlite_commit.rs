@@ -27,7 +27,7 @@ use rusqlite::{
 };
 use tokio::sync::{OwnedMutexGuard, oneshot};
 
-use super::records::{encode_run, seq_bound};
+use super::records::{encode_event, encode_run, encode_step, seq_bound};
 use super::sqlite::{
     INSERT_EVENT, INSERT_RUN, INSERT_TAG, UPDATE_RUN, UPSERT_CACHE_ENTRY, UPSERT_STEP,
     event_exists, key_taken,
@@ -116,7 +116,8 @@ impl SqliteCommitter {
             .spawn(move || {
                 let mut connection = connection;
                 while let Ok(request) = inbox.recv() {
-                    let outcome = commit(&mut connection, &request.fences, &request.mutations);
+                    let mut request = request;
+                    let outcome = commit(&mut connection, &request.fences, &mut request.mutations);
                     if outcome.is_ok() {
                         committed.fetch_add(1, Ordering::Relaxed);
                     }
@@ -223,7 +224,7 @@ fn closed() -> StoreError {
 fn commit(
     connection: &mut Connection,
     fences: &[Lease],
-    mutations: &[Mutation],
+    mutations: &mut [Mutation],
 ) -> Result<(), StoreError> {
     let tx = connection
         .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -235,7 +236,7 @@ fn commit(
     let mut upsert_step = None;
     let mut insert_event = None;
     for m in mutations {
-        match &m.mutation {
+        match &mut m.mutation {
             Some(mutation::Mutation::PutRun(run)) => put_run(&tx, run)?,
             Some(mutation::Mutation::PutStep(step)) => {
                 put_step(statement(&tx, &mut upsert_step, UPSERT_STEP)?, step)?;
@@ -332,24 +333,18 @@ fn statement<'a, 'tx>(
     Ok(held.as_mut().expect("just set"))
 }
 
-fn put_step(upsert: &mut CachedStatement<'_>, step: &Step) -> Result<(), StoreError> {
+fn put_step(upsert: &mut CachedStatement<'_>, step: &mut Step) -> Result<(), StoreError> {
+    let body = encode_step(step);
     upsert
-        .execute(rusqlite::params![
-            step.run_id,
-            step.step_id,
-            step.encode_to_vec()
-        ])
+        .execute(rusqlite::params![step.run_id, step.step_id, body])
         .map_err(store_error)?;
     Ok(())
 }
 
-fn append_event(insert: &mut CachedStatement<'_>, event: &RunEvent) -> Result<(), StoreError> {
+fn append_event(insert: &mut CachedStatement<'_>, event: &mut RunEvent) -> Result<(), StoreError> {
+    let body = encode_event(event);
     insert
-        .execute(rusqlite::params![
-            event.run_id,
-            seq_bound(event.seq),
-            event.encode_to_vec()
-        ])
+        .execute(rusqlite::params![event.run_id, seq_bound(event.seq), body])
         .map_err(|err| {
             if is_unique_violation(&err) {
                 event_exists(event)
