@@ -607,7 +607,10 @@ mod tests {
             ..Step::default()
         };
         let body = encode_step(&mut step);
-        assert_eq!(step.run_id, "0f8e2b1c-run", "the caller's step is left as it was");
+        assert_eq!(
+            step.run_id, "0f8e2b1c-run",
+            "the caller's step is left as it was"
+        );
         assert_eq!(step.task_id, "0f8e2b1c-run/fetch[3]");
         assert!(
             !body.windows(12).any(|w| w == b"0f8e2b1c-run"),
