@@ -670,7 +670,7 @@ impl Driver {
                 .count(),
             "the running count follows the task table"
         );
-        self.shared.state.send_if_modified(|current| {
+        self.shared.state.update(|current| {
             let mut changed = update(&mut current.connected, self.session_id.is_some());
             changed |= update(&mut current.draining, self.draining);
             changed |= update(&mut current.executor_draining, self.executor_draining);
@@ -687,7 +687,7 @@ impl Driver {
 }
 
 /// Sets `field` to `value`; whether that changed it.
-fn update<T: PartialEq>(field: &mut T, value: T) -> bool {
+pub(crate) fn update<T: PartialEq>(field: &mut T, value: T) -> bool {
     let changed = *field != value;
     *field = value;
     changed
