@@ -2,7 +2,7 @@
 //! The cache is bounded by the steps it holds (least recently used first out); a plan that is
 //! evicted lives on in the runs that use it and is compiled again when it is needed again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use dagmesh_metastore::MetadataStore;
@@ -29,17 +29,26 @@ impl Plan {
             .iter()
             .map(|step| (step.id.clone(), step.index))
             .collect();
+        // Equal routes share one `Arc`: one copy for a fan-out's thousands of alike steps, and
+        // the ready queues compare them by pointer.
+        let mut interned: HashSet<Arc<Route>> = HashSet::new();
         let routes = compiled
             .steps
             .iter()
             .map(|step| {
-                Arc::new(Route {
+                let route = Route {
                     task_name: step.task_name.clone(),
                     version_req: step.version_req.clone(),
                     labels: step.labels.clone(),
                     slots: step.slots,
                     concurrency_key: step.concurrency_key.clone(),
-                })
+                };
+                if let Some(shared) = interned.get(&route) {
+                    return shared.clone();
+                }
+                let shared = Arc::new(route);
+                interned.insert(shared.clone());
+                shared
             })
             .collect();
         Self {
@@ -182,6 +191,28 @@ mod tests {
             ..Workflow::default()
         };
         Arc::new(Plan::from_compiled(workflow, compiled))
+    }
+
+    #[test]
+    fn equal_routes_of_a_plan_share_one_arc() {
+        let spec = WorkflowSpec {
+            name: "w".into(),
+            steps: ["a", "b", "c"]
+                .iter()
+                .map(|id| StepSpec {
+                    id: (*id).into(),
+                    task: if *id == "c" { "other" } else { "echo" }.into(),
+                    ..StepSpec::default()
+                })
+                .collect(),
+            ..WorkflowSpec::default()
+        };
+        let compiled = dagmesh_spec::compile(&spec).expect("valid");
+        let plan = Plan::from_compiled(Workflow::default(), compiled);
+        let route = |id: &str| &plan.routes[plan.index[id]];
+        assert!(Arc::ptr_eq(route("a"), route("b")));
+        assert!(!Arc::ptr_eq(route("a"), route("c")));
+        assert_eq!(route("c").task_name, "other");
     }
 
     #[test]
