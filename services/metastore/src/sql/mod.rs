@@ -59,10 +59,11 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
     /// otherwise batches are written through the write pool.
     fn committer(local: &Self::Local) -> Option<&SqliteCommitter>;
 
-    /// Applies a validated commit batch inside the caller's transaction.
+    /// Applies a validated commit batch inside the caller's transaction. (Mutable: step and
+    /// event bodies are encoded without their key fields, taken out and put back.)
     fn apply<'a>(
         conn: &'a mut Self::Connection,
-        mutations: &'a [Mutation],
+        mutations: &'a mut [Mutation],
     ) -> impl Future<Output = Result<(), StoreError>> + Send + 'a;
 
     /// Whether the server offers TLS and the pool's connections use it; `None` where the

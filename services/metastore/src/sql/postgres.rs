@@ -13,7 +13,7 @@ use prost::Message;
 use sqlx::Pool;
 use sqlx::postgres::{PgConnection, PgDatabaseError, PgPoolOptions, Postgres};
 
-use super::records::{encode_run, encode_shared_event, encode_shared_step, seq_bound};
+use super::records::{encode_row_bodies, encode_run, seq_bound};
 use super::{Dialect, PgTls, PostgresStore};
 use crate::StoreError;
 use crate::error::is_unique_violation;
@@ -62,12 +62,13 @@ impl Dialect for Postgres {
 
     async fn apply<'a>(
         conn: &'a mut PgConnection,
-        mutations: &'a [Mutation],
+        mutations: &'a mut [Mutation],
     ) -> Result<(), StoreError> {
-        let batch = Batch::new(mutations);
+        let bodies = encode_row_bodies(mutations);
+        let batch = Batch::new(mutations, bodies);
         put_runs(conn, &batch.runs).await?;
-        put_steps(conn, &batch.steps).await?;
-        append_events(conn, &batch.events).await?;
+        put_steps(conn, batch.steps).await?;
+        append_events(conn, batch.events).await?;
         put_cache_entries(conn, &batch.cache).await?;
         for delivery in batch.deliveries {
             PostgresStore::put_delivery(conn, delivery).await?;
@@ -92,21 +93,23 @@ impl Dialect for Postgres {
 /// A commit batch split by table. Repeated writes of one row keep the last value (and the
 /// first one's place), which is what applying them one by one would leave, and is required:
 /// one upsert statement may not touch the same row twice.
+/// Steps and events come with their stored bodies (`encode_row_bodies`).
 #[derive(Default)]
 struct Batch<'a> {
     runs: Vec<&'a Run>,
-    steps: Vec<&'a Step>,
-    events: Vec<&'a RunEvent>,
+    steps: Vec<(&'a Step, Vec<u8>)>,
+    events: Vec<(&'a RunEvent, Vec<u8>)>,
     cache: Vec<&'a CacheEntry>,
     deliveries: Vec<&'a WebhookDelivery>,
 }
 
 impl<'a> Batch<'a> {
-    fn new(mutations: &'a [Mutation]) -> Self {
+    /// `bodies`: [`encode_row_bodies`] of `mutations`.
+    fn new(mutations: &'a [Mutation], bodies: Vec<Vec<u8>>) -> Self {
         let mut batch = Batch::default();
         let mut run_index: HashMap<&str, usize> = HashMap::new();
         let mut step_index: HashMap<(&str, &str), usize> = HashMap::new();
-        for m in mutations {
+        for (m, body) in mutations.iter().zip(bodies) {
             match &m.mutation {
                 Some(mutation::Mutation::PutRun(run)) => match run_index.get(run.run_id.as_str()) {
                     Some(&i) => batch.runs[i] = run,
@@ -118,15 +121,15 @@ impl<'a> Batch<'a> {
                 Some(mutation::Mutation::PutStep(step)) => {
                     let key = (step.run_id.as_str(), step.step_id.as_str());
                     match step_index.get(&key) {
-                        Some(&i) => batch.steps[i] = step,
+                        Some(&i) => batch.steps[i] = (step, body),
                         None => {
                             step_index.insert(key, batch.steps.len());
-                            batch.steps.push(step);
+                            batch.steps.push((step, body));
                         }
                     }
                 }
                 // Duplicates stay: the insert must fail on them.
-                Some(mutation::Mutation::AppendEvent(event)) => batch.events.push(event),
+                Some(mutation::Mutation::AppendEvent(event)) => batch.events.push((event, body)),
                 Some(mutation::Mutation::PutCacheEntry(entry)) => batch.cache.push(entry),
                 Some(mutation::Mutation::PutWebhookDelivery(delivery)) => {
                     batch.deliveries.push(delivery)
@@ -207,13 +210,16 @@ async fn put_runs(conn: &mut PgConnection, runs: &[&Run]) -> Result<(), StoreErr
     Ok(())
 }
 
-async fn put_steps(conn: &mut PgConnection, steps: &[&Step]) -> Result<(), StoreError> {
+async fn put_steps(
+    conn: &mut PgConnection,
+    steps: Vec<(&Step, Vec<u8>)>,
+) -> Result<(), StoreError> {
     if steps.is_empty() {
         return Ok(());
     }
-    let run_ids: Vec<&str> = steps.iter().map(|s| s.run_id.as_str()).collect();
-    let step_ids: Vec<&str> = steps.iter().map(|s| s.step_id.as_str()).collect();
-    let bodies: Vec<Vec<u8>> = steps.iter().map(|s| encode_shared_step(s)).collect();
+    let run_ids: Vec<&str> = steps.iter().map(|(s, _)| s.run_id.as_str()).collect();
+    let step_ids: Vec<&str> = steps.iter().map(|(s, _)| s.step_id.as_str()).collect();
+    let bodies: Vec<Vec<u8>> = steps.into_iter().map(|(_, body)| body).collect();
     // ORDER BY ord: new steps take identity values (their `position`) in batch order.
     sqlx::query(
         "INSERT INTO steps (run_id, step_id, body) \
@@ -231,13 +237,16 @@ async fn put_steps(conn: &mut PgConnection, steps: &[&Step]) -> Result<(), Store
     Ok(())
 }
 
-async fn append_events(conn: &mut PgConnection, events: &[&RunEvent]) -> Result<(), StoreError> {
+async fn append_events(
+    conn: &mut PgConnection,
+    events: Vec<(&RunEvent, Vec<u8>)>,
+) -> Result<(), StoreError> {
     if events.is_empty() {
         return Ok(());
     }
-    let run_ids: Vec<&str> = events.iter().map(|e| e.run_id.as_str()).collect();
-    let seqs: Vec<i64> = events.iter().map(|e| seq_bound(e.seq)).collect();
-    let bodies: Vec<Vec<u8>> = events.iter().map(|e| encode_shared_event(e)).collect();
+    let run_ids: Vec<&str> = events.iter().map(|(e, _)| e.run_id.as_str()).collect();
+    let seqs: Vec<i64> = events.iter().map(|(e, _)| seq_bound(e.seq)).collect();
+    let bodies: Vec<Vec<u8>> = events.into_iter().map(|(_, body)| body).collect();
     sqlx::query(
         "INSERT INTO events (run_id, seq, body) \
          SELECT * FROM UNNEST($1::text[], $2::int8[], $3::bytea[])",

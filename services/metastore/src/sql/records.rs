@@ -82,11 +82,6 @@ pub(super) fn encode_step(step: &mut Step) -> Vec<u8> {
     body
 }
 
-/// `encode_step` for a writer that holds the step shared.
-pub(super) fn encode_shared_step(step: &Step) -> Vec<u8> {
-    encode_step(&mut step.clone())
-}
-
 /// Whether `task_id` is `<run_id>/<step_id>`, which the reader can rebuild.
 fn is_derived_task_id(step: &Step) -> bool {
     step.task_id
@@ -106,9 +101,17 @@ pub(super) fn encode_event(event: &mut RunEvent) -> Vec<u8> {
     body
 }
 
-/// `encode_event` for a writer that holds the event shared.
-pub(super) fn encode_shared_event(event: &RunEvent) -> Vec<u8> {
-    encode_event(&mut event.clone())
+/// The stored bodies of a batch's step and event rows ([`encode_step`], [`encode_event`]), by
+/// position in the batch; empty for its other mutations.
+pub(super) fn encode_row_bodies(mutations: &mut [Mutation]) -> Vec<Vec<u8>> {
+    mutations
+        .iter_mut()
+        .map(|m| match &mut m.mutation {
+            Some(mutation::Mutation::PutStep(step)) => encode_step(step),
+            Some(mutation::Mutation::AppendEvent(event)) => encode_event(event),
+            _ => Vec::new(),
+        })
+        .collect()
 }
 
 pub(super) fn new_workflow(spec: WorkflowSpec, content_hash: String, version: u32) -> Workflow {

@@ -22,7 +22,7 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 
-use super::records::{encode_run, encode_shared_event, encode_shared_step, seq_bound};
+use super::records::{encode_event, encode_run, encode_step, seq_bound};
 use super::sqlite_commit::SqliteCommitter;
 use super::{Dialect, PgTls, SqliteStore};
 use crate::StoreError;
@@ -125,7 +125,7 @@ impl Dialect for Sqlite {
 
     async fn apply<'a>(
         conn: &'a mut SqliteConnection,
-        mutations: &'a [Mutation],
+        mutations: &'a mut [Mutation],
     ) -> Result<(), StoreError> {
         apply_batch(conn, mutations).await
     }
@@ -196,25 +196,27 @@ pub(super) fn event_exists(event: &RunEvent) -> StoreError {
 /// batches go to the [`SqliteCommitter`], which writes the same rows with the same statements.
 async fn apply_batch(
     conn: &mut SqliteConnection,
-    mutations: &[Mutation],
+    mutations: &mut [Mutation],
 ) -> Result<(), StoreError> {
     let mut cached = false;
     for m in mutations {
-        match &m.mutation {
+        match &mut m.mutation {
             Some(mutation::Mutation::PutRun(run)) => put_run(conn, run).await?,
             Some(mutation::Mutation::PutStep(step)) => {
+                let body = encode_step(step);
                 sqlx::query(UPSERT_STEP)
                     .bind(&step.run_id)
                     .bind(&step.step_id)
-                    .bind(encode_shared_step(step))
+                    .bind(body)
                     .execute(&mut *conn)
                     .await?;
             }
             Some(mutation::Mutation::AppendEvent(event)) => {
+                let body = encode_event(event);
                 sqlx::query(INSERT_EVENT)
                     .bind(&event.run_id)
                     .bind(seq_bound(event.seq))
-                    .bind(encode_shared_event(event))
+                    .bind(body)
                     .execute(&mut *conn)
                     .await
                     .map_err(|err| {

@@ -115,8 +115,7 @@ impl SqliteCommitter {
             .name("sqlite-commit".into())
             .spawn(move || {
                 let mut connection = connection;
-                while let Ok(request) = inbox.recv() {
-                    let mut request = request;
+                while let Ok(mut request) = inbox.recv() {
                     let outcome = commit(&mut connection, &request.fences, &mut request.mutations);
                     if outcome.is_ok() {
                         committed.fetch_add(1, Ordering::Relaxed);
@@ -233,17 +232,13 @@ fn commit(
     let mut cached = false;
     // A batch is mostly step rows and events: their statements are taken from the cache once
     // per batch rather than once per row.
-    let mut upsert_step = None;
-    let mut insert_event = None;
+    let mut upsert_step = tx.prepare_cached(UPSERT_STEP).map_err(store_error)?;
+    let mut insert_event = tx.prepare_cached(INSERT_EVENT).map_err(store_error)?;
     for m in mutations {
         match &mut m.mutation {
             Some(mutation::Mutation::PutRun(run)) => put_run(&tx, run)?,
-            Some(mutation::Mutation::PutStep(step)) => {
-                put_step(statement(&tx, &mut upsert_step, UPSERT_STEP)?, step)?;
-            }
-            Some(mutation::Mutation::AppendEvent(event)) => {
-                append_event(statement(&tx, &mut insert_event, INSERT_EVENT)?, event)?;
-            }
+            Some(mutation::Mutation::PutStep(step)) => put_step(&mut upsert_step, step)?,
+            Some(mutation::Mutation::AppendEvent(event)) => append_event(&mut insert_event, event)?,
             Some(mutation::Mutation::PutWebhookDelivery(delivery)) => put_delivery(&tx, delivery)?,
             Some(mutation::Mutation::PutCacheEntry(entry)) => {
                 put_cache_entry(&tx, entry)?;
@@ -319,18 +314,6 @@ fn put_run(tx: &Transaction<'_>, run: &Run) -> Result<(), StoreError> {
             .map_err(store_error)?;
     }
     Ok(())
-}
-
-/// The statement `sql`, taken from the connection's cache into `held` on first use.
-fn statement<'a, 'tx>(
-    tx: &'tx Transaction<'_>,
-    held: &'a mut Option<CachedStatement<'tx>>,
-    sql: &str,
-) -> Result<&'a mut CachedStatement<'tx>, StoreError> {
-    if held.is_none() {
-        *held = Some(tx.prepare_cached(sql).map_err(store_error)?);
-    }
-    Ok(held.as_mut().expect("just set"))
 }
 
 fn put_step(upsert: &mut CachedStatement<'_>, step: &mut Step) -> Result<(), StoreError> {

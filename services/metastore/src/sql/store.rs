@@ -346,7 +346,7 @@ where
         .await
     }
 
-    async fn commit(&self, mutations: Vec<Mutation>) -> Result<(), StoreError> {
+    async fn commit(&self, mut mutations: Vec<Mutation>) -> Result<(), StoreError> {
         validate_mutations(&mutations)?;
         if mutations.is_empty() {
             return Ok(());
@@ -355,7 +355,7 @@ where
             return committer.commit(&[], mutations).await;
         }
         let (_turn, mut tx) = self.begin_write().await?;
-        D::apply(&mut tx, &mutations).await?;
+        D::apply(&mut tx, &mut mutations).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -473,8 +473,8 @@ where
                 .bind(run_id)
                 .fetch_one(&mut *tx)
                 .await?;
-        let mutations = quarantine_mutations(stored, max_seq.unwrap_or(0), reason)?;
-        D::apply(&mut tx, &mutations).await?;
+        let mut mutations = quarantine_mutations(stored, max_seq.unwrap_or(0), reason)?;
+        D::apply(&mut tx, &mut mutations).await?;
         tx.commit().await?;
         self.get_run(run_id).await
     }
@@ -723,7 +723,7 @@ where
     async fn commit_fenced(
         &self,
         fences: &[Lease],
-        mutations: Vec<Mutation>,
+        mut mutations: Vec<Mutation>,
     ) -> Result<(), StoreError> {
         check_fences(fences)?;
         validate_mutations(&mutations)?;
@@ -766,7 +766,7 @@ where
         if let Some(error) = stale {
             return Err(error);
         }
-        D::apply(&mut tx, &mutations).await?;
+        D::apply(&mut tx, &mut mutations).await?;
         tx.commit().await?;
         Ok(())
     }
